@@ -1,0 +1,81 @@
+"""The agent's one error hierarchy, split by cause.
+
+- `UntrustedDataError`: something received (a bundle, metadata, a director document, a
+  message, an inference request) failed a check. Never retried as-is; reported.
+- `TransportError`: the network or broker failed. Retried with backoff.
+- `MisuseError`: the caller or the configuration is wrong. Fix the call or the config.
+- `RuntimeFailure`: the model runtime failed while loading or running a verified model.
+
+Every public function documents which of these it raises.
+"""
+
+from __future__ import annotations
+
+
+class EdgefleetError(Exception):
+    """Root of every error edgefleet raises on purpose."""
+
+
+# --- untrusted data -------------------------------------------------------------------
+class UntrustedDataError(EdgefleetError):
+    """Received data failed verification or validation; trusted state is unchanged."""
+
+
+class ManifestError(UntrustedDataError):
+    """A bundle manifest is malformed or inconsistent with the bundle."""
+
+
+class BundleError(UntrustedDataError):
+    """A bundle archive is malformed, unsafe to extract, over a limit or tampered."""
+
+
+class TrustError(UntrustedDataError):
+    """TUF verification of metadata or a target failed (signature, expiry, rollback, hash)."""
+
+
+class DirectorError(UntrustedDataError):
+    """A director document failed its signature, sequence, expiry or addressee check."""
+
+
+class MessageError(UntrustedDataError):
+    """A protocol message is malformed, oversized or not for this device."""
+
+
+class InputValidationError(UntrustedDataError):
+    """An inference request does not match the model's input schema."""
+
+
+# --- transport --------------------------------------------------------------------------
+class TransportError(EdgefleetError):
+    """The broker or network failed; the operation may succeed when retried."""
+
+
+class FetchTimeoutError(TransportError):
+    """An object requested over MQTT did not arrive in time."""
+
+
+class NotFoundError(TransportError):
+    """The publisher answered that an object does not exist (the 404 of the MQTT fetcher)."""
+
+
+# --- misuse -----------------------------------------------------------------------------
+class MisuseError(EdgefleetError):
+    """The caller or the configuration is wrong (bad argument, missing file, bad state)."""
+
+
+class ConfigError(MisuseError):
+    """A configuration file or value is invalid."""
+
+
+# --- runtime ----------------------------------------------------------------------------
+class RuntimeFailure(EdgefleetError):
+    """The model runtime could not load or run a model (crash, hang, resource limit)."""
+
+
+class HealthCheckFailed(RuntimeFailure):
+    """A model failed golden vectors or probation; carries the reason and measurements."""
+
+    def __init__(self, reason: str, measurements: dict[str, float] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.measurements = dict(measurements or {})

@@ -1,0 +1,1 @@
+"""edgefleet fleet service: registry, bundle pipeline, TUF repository, rollouts, telemetry."""

@@ -1,0 +1,1 @@
+"""Simulated device swarm, data generators, fault injection and scenarios."""
