@@ -29,6 +29,10 @@ class BundleError(UntrustedDataError):
     """A bundle archive is malformed, unsafe to extract, over a limit or tampered."""
 
 
+class BundleManifestError(BundleError, ManifestError):
+    """The manifest inside a bundle is malformed (catchable as either parent)."""
+
+
 class TrustError(UntrustedDataError):
     """TUF verification of metadata or a target failed (signature, expiry, rollback, hash)."""
 
@@ -79,3 +83,16 @@ class HealthCheckFailed(RuntimeFailure):
         super().__init__(reason)
         self.reason = reason
         self.measurements = dict(measurements or {})
+
+
+# --- local inference API (appended by the runtimes/inference-API helper) -------------
+class RequestTooLargeError(MessageError):
+    """An inference request is over a configured limit (body bytes, batch rows, header size)."""
+
+
+class NoModelLoadedError(RuntimeFailure):
+    """No model is active yet, so there is nothing to serve (HTTP 503); retry later."""
+
+
+class InferenceTimeoutError(RuntimeFailure):
+    """A load, warm-up, golden check or request did not finish within its deadline (a hang)."""
