@@ -1,0 +1,224 @@
+"""The device's TUF client: python-tuf's `Updater` with a pluggable fetcher and an injected clock.
+
+Why a wrapper: the agent needs (a) a new `Updater` per update cycle (`refresh()` runs once per
+instance), (b) the trust anchor read from the metadata directory (tuf 7 requires `bootstrap=`),
+(c) tuf's exceptions split into *untrusted data* (`TrustError`) and *network* (`TransportError`),
+(d) the director's trust anchor read from the verified root, and (e) a cross-check of a director
+document's target reference against the TUF-signed length and hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from agent.contract.director import DirectorTrust, TargetRef
+from agent.errors import MisuseError, NotFoundError, TransportError, TrustError
+from agent.logs import log_event
+
+logger = logging.getLogger("edgefleet.trust")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The default clock."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class TrustLimits:
+    """Upper bounds on downloaded metadata (python-tuf refuses anything longer: endless data)."""
+
+    root_max_bytes: int = 512_000
+    timestamp_max_bytes: int = 16_384
+    snapshot_max_bytes: int = 2_000_000
+    targets_max_bytes: int = 5_000_000
+    max_root_rotations: int = 32
+
+    def updater_config(self, prefix_targets_with_hash: bool = True) -> UpdaterConfig:
+        """The python-tuf configuration these limits describe."""
+        return UpdaterConfig(
+            max_root_rotations=self.max_root_rotations,
+            root_max_length=self.root_max_bytes,
+            timestamp_max_length=self.timestamp_max_bytes,
+            snapshot_max_length=self.snapshot_max_bytes,
+            targets_max_length=self.targets_max_bytes,
+            prefix_targets_with_hash=prefix_targets_with_hash,
+            app_user_agent="edgefleet",
+        )
+
+
+def _raise_wrapped(exc: Exception, what: str) -> NoReturn:
+    """Map a python-tuf/OS exception to the agent's hierarchy (untrusted vs transport)."""
+    if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
+        raise TrustError(f"{what}: more data than signed (endless data attack?): {exc}") from exc
+    if isinstance(exc, tuf_exc.DownloadHTTPError) and exc.status_code in (403, 404):
+        raise NotFoundError(f"{what}: not found on the repository ({exc.status_code}): {exc}") from exc
+    if isinstance(exc, tuf_exc.DownloadError):
+        raise TransportError(f"{what}: download failed: {exc!r}") from exc
+    if isinstance(exc, tuf_exc.RepositoryError):
+        raise TrustError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(exc, OSError):
+        raise MisuseError(f"{what}: local storage failed: {exc}") from exc
+    raise TrustError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+class TrustSession:
+    """One refreshed `Updater`: download any number of targets against one metadata snapshot."""
+
+    def __init__(self, updater: Updater, target_dir: Path) -> None:
+        self._updater = updater
+        self.target_dir = target_dir
+
+    def target_info(self, target_path: str) -> TargetFile:
+        """The TUF-signed info for `target_path`. Raises `TrustError` if it is not signed."""
+        try:
+            info = self._updater.get_targetinfo(target_path)
+        except Exception as exc:
+            _raise_wrapped(exc, f"looking up target {target_path!r}")
+        if info is None:
+            raise TrustError(f"target {target_path!r} is not listed in the signed targets metadata")
+        return info
+
+    def download_target(self, target_path: str, expected: TargetRef | None = None) -> Path:
+        """Download (or reuse a cached copy of) a TUF-verified target; return its local path.
+
+        If `expected` (a director document's reference) is given, its length and sha256 must
+        equal the TUF-signed ones. Raises `TrustError` (unsigned, mismatch, tampered, too long),
+        `TransportError`/`NotFoundError` (network), `MisuseError` (local storage).
+        """
+        info = self.target_info(target_path)
+        if expected is not None:
+            signed_sha = info.hashes.get("sha256")
+            if (
+                expected.path != target_path
+                or expected.length != info.length
+                or expected.sha256 != signed_sha
+            ):
+                raise TrustError(
+                    f"director reference for {target_path!r} (length {expected.length}, "
+                    f"sha256 {expected.sha256[:12]}) does not match the TUF-signed target "
+                    f"(length {info.length}, sha256 {(signed_sha or '-')[:12]})"
+                )
+        cached = self._updater.find_cached_target(info)
+        if cached is not None:
+            log_event(logger, "trust.target_cached", target=target_path)
+            return Path(cached)
+        try:
+            local = self._updater.download_target(info)
+        except Exception as exc:
+            _raise_wrapped(exc, f"downloading target {target_path!r}")
+        log_event(logger, "trust.target_downloaded", target=target_path, length=info.length)
+        return Path(local)
+
+
+class TrustClient:
+    """Trusted TUF state of one device: `metadata_dir` holds the trusted metadata.
+
+    `bootstrap_root` is the root shipped with the device; it is only used when `metadata_dir`
+    has no `root.json` yet (afterwards the stored root, updated by rotations, is the anchor).
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        target_dir: Path,
+        fetcher: FetcherInterface,
+        metadata_base_url: str,
+        targets_base_url: str,
+        bootstrap_root: bytes | None = None,
+        clock: Clock = utc_now,
+        limits: TrustLimits | None = None,
+        prefix_targets_with_hash: bool = True,
+    ) -> None:
+        self.metadata_dir = Path(metadata_dir)
+        self.target_dir = Path(target_dir)
+        self.fetcher = fetcher
+        self.metadata_base_url = metadata_base_url
+        self.targets_base_url = targets_base_url
+        self.bootstrap_root = bootstrap_root
+        self.clock = clock
+        self.limits = limits or TrustLimits()
+        self.prefix_targets_with_hash = prefix_targets_with_hash
+
+    def _anchor(self) -> bytes:
+        stored = self.metadata_dir / "root.json"
+        if stored.exists():
+            return stored.read_bytes()
+        if self.bootstrap_root is None:
+            raise MisuseError(f"no trusted root: {stored} is missing and no bootstrap root was given")
+        return self.bootstrap_root
+
+    def _updater(self) -> Updater:
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.target_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            updater = Updater(
+                str(self.metadata_dir),
+                self.metadata_base_url,
+                str(self.target_dir),
+                self.targets_base_url,
+                fetcher=self.fetcher,
+                config=self.limits.updater_config(self.prefix_targets_with_hash),
+                bootstrap=self._anchor(),
+            )
+        except Exception as exc:
+            _raise_wrapped(exc, "loading the trusted root")
+        # python-tuf takes its reference time at construction; the agent's clock decides instead
+        # (the tuf-conformance reference client sets the same attribute).
+        updater._trusted_set.reference_time = self.clock()
+        return updater
+
+    @contextmanager
+    def session(self) -> Iterator[TrustSession]:
+        """A refreshed session (new `Updater`). Raises as `refresh()` does."""
+        updater = self._updater()
+        try:
+            updater.refresh()
+        except Exception as exc:
+            log_event(logger, "trust.refresh_failed", level=logging.WARNING, error=str(exc))
+            _raise_wrapped(exc, "refreshing TUF metadata")
+        yield TrustSession(updater, self.target_dir)
+
+    def refresh(self) -> None:
+        """Update root (rotations), timestamp, snapshot and targets per the TUF client workflow.
+
+        Raises `TrustError` (bad signature, expired, rollback, mix-and-match, too long),
+        `TransportError`/`NotFoundError` (network), `MisuseError` (no trusted root, storage).
+        Trusted files in `metadata_dir` change only with metadata that verified.
+        """
+        with self.session():
+            pass
+        log_event(logger, "trust.refreshed", root_version=self.trusted_root().version)
+
+    def download_target(self, target_path: str, expected: TargetRef | None = None) -> Path:
+        """Refresh, then download a verified target (see `TrustSession.download_target`)."""
+        with self.session() as session:
+            return session.download_target(target_path, expected)
+
+    def trusted_root(self) -> Root:
+        """The currently trusted root (the anchor in `metadata_dir`, else the bootstrap root)."""
+        try:
+            md = Metadata[Root].from_bytes(self._anchor())
+        except Exception as exc:
+            raise TrustError(f"trusted root is unreadable: {exc}") from exc
+        return md.signed
+
+    def director_trust(self) -> DirectorTrust:
+        """The director's keys and threshold from the trusted root. Raises `DirectorError`."""
+        return DirectorTrust.from_root(self.trusted_root())
+
+    def clear_targets(self) -> None:
+        """Remove downloaded targets (the metadata stays trusted)."""
+        shutil.rmtree(self.target_dir, ignore_errors=True)

@@ -1,0 +1,114 @@
+"""Issues signed director documents with a persisted, strictly increasing sequence per addressee.
+
+The sequence lives in SQLite (one row per `device:<id>` / `cohort:<name>`, bumped inside a
+transaction) so it survives restarts and concurrent issuers: a device refuses any document whose
+sequence is not above the last it accepted, so the fleet must never reuse one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from agent.contract.director import DirectorDocument, TargetRef, sign_director
+from agent.logs import log_event
+from fleet.errors import FleetInputError
+from fleet.keys import KeyStore
+
+logger = logging.getLogger("edgefleet.director")
+DEFAULT_TTL = timedelta(days=7)
+MAX_TTL = timedelta(days=365)
+
+
+class DirectorSigner:
+    """Signs director documents with the key store's `director` keys.
+
+    Raises `FleetInputError` for a bad addressee/TTL and `SigningKeyError` if keys are missing.
+    """
+
+    def __init__(
+        self, keystore: KeyStore, state_dir: Path, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self.keystore = keystore
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.state_dir / "director.sqlite"
+        self.clock = clock
+        with closing(self._connect()) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS sequences (addressee TEXT PRIMARY KEY, sequence INTEGER)")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def _next_sequence(self, addressee: str) -> int:
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(
+                    "SELECT sequence FROM sequences WHERE addressee = ?", (addressee,)
+                ).fetchone()
+                seq = (row[0] if row else 0) + 1
+                db.execute(
+                    "INSERT INTO sequences (addressee, sequence) VALUES (?, ?) "
+                    "ON CONFLICT(addressee) DO UPDATE SET sequence = excluded.sequence",
+                    (addressee, seq),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return int(seq)
+
+    def last_sequence(self, device_id: str | None = None, cohort: str | None = None) -> int:
+        """The last sequence issued to an addressee (0 if none)."""
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT sequence FROM sequences WHERE addressee = ?", (_addressee(device_id, cohort),)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def issue(
+        self,
+        target: TargetRef,
+        device_id: str | None = None,
+        cohort: str | None = None,
+        shadow: TargetRef | None = None,
+        ttl: timedelta = DEFAULT_TTL,
+        rollout_id: str | None = None,
+        reason: str = "",
+    ) -> bytes:
+        """Sign a director document telling `device_id` (or `cohort`) to run `target`."""
+        if not timedelta(0) < ttl <= MAX_TTL:
+            raise FleetInputError(f"ttl {ttl} must be positive and at most {MAX_TTL}")
+        addressee = _addressee(device_id, cohort)
+        now = self.clock().astimezone(UTC).replace(microsecond=0)
+        try:
+            doc = DirectorDocument(
+                device_id=device_id,
+                cohort=cohort,
+                sequence=self._next_sequence(addressee),
+                issued_at=now,
+                expires=now + ttl,
+                target=target,
+                shadow=shadow,
+                rollout_id=rollout_id,
+                reason=reason,
+            )
+        except ValueError as exc:
+            raise FleetInputError(f"invalid director document: {exc}") from None
+        data = sign_director(doc, self.keystore.signers("director"))
+        log_event(logger, "director.issued", addressee=addressee, sequence=doc.sequence, target=target.path)
+        return data
+
+
+def _addressee(device_id: str | None, cohort: str | None) -> str:
+    if (device_id is None) == (cohort is None):
+        raise FleetInputError("give exactly one of device_id or cohort")
+    return f"device:{device_id}" if device_id is not None else f"cohort:{cohort}"
