@@ -1,0 +1,406 @@
+"""The paho-mqtt 2.x implementation of `Transport`: MQTT v5, persistent session, Last Will, TLS.
+
+Why our own reconnect loop: paho's built-in one doubles a fixed delay without jitter, so a
+fleet that lost its broker reconnects in lock-step. Here a supervisor thread reconnects with
+tenacity's jittered, capped exponential backoff, then lets paho's network thread
+(`loop_start`, with paho's own reconnect off) run the connection until it drops.
+Subscriptions are re-sent after every connect (idempotent on the broker), and the session
+(clean_start=False + SessionExpiryInterval) keeps QoS 1 messages queued while offline.
+
+paho does not check the broker's maximum packet size: an oversize publish gets the client
+disconnected in a loop, so `publish` refuses anything over the configured limit (and over
+the broker's Maximum Packet Size when the CONNACK announces one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Annotated, Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
+
+from agent.contract.protocol import validate_id
+from agent.errors import ConfigError, FetchTimeoutError, MisuseError, TransportError
+from agent.logs import log_event
+from agent.transport import Handler, Message
+
+logger = logging.getLogger(__name__)
+
+
+class MqttConfig(BaseModel):
+    """Broker connection settings with explicit limits (sizes in bytes, times in seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    client_id: str
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # client certificate (per-device identity)
+    key_file: Path | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 3600
+    clean_start: bool = False
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_message_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 256 * 1024
+    reconnect_min_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20
+    max_pending_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        validate_id(self.client_id, "client id")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if (self.cert_file or self.ca_file) and not self.tls:
+            raise ValueError("ca_file/cert_file need tls=true")
+        return self
+
+
+def _strip_share(topic_filter: str) -> str:
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+class MqttTransport:
+    """`Transport` over one paho client; thread-safe; handlers run on paho's network thread."""
+
+    def __init__(self, config: MqttConfig) -> None:
+        self.config = config
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        self._client.max_inflight_messages_set(config.max_inflight)
+        if config.username is not None:
+            pw = config.password.get_secret_value() if config.password else None
+            self._client.username_pw_set(config.username, pw)
+        if config.tls:
+            try:
+                self._client.tls_set(
+                    ca_certs=str(config.ca_file) if config.ca_file else None,
+                    certfile=str(config.cert_file) if config.cert_file else None,
+                    keyfile=str(config.key_file) if config.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"TLS setup failed: {exc}") from exc
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._subs: dict[str, tuple[Handler, int]] = {}
+        self._pending: dict[bytes, Future[Message]] = {}
+        self._on_connect_cbs: list[Callable[[bool], None]] = []
+        self._connected = threading.Event()
+        self._lost = threading.Event()
+        self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._broker_max_packet: int | None = None
+        self._last_refusal: str = ""
+        self.connects = 0  # successful CONNACKs, for tests and metrics
+
+    # --- connection ---------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def set_will(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Set the Last Will (QoS 1) the broker sends if this client vanishes; used from the next CONNECT."""
+        self._check_size(payload)
+        self._client.will_set(topic, payload, qos=1, retain=retain)
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Start the supervisor (idempotent) and wait up to `timeout` s for a CONNACK.
+
+        Raises TransportError if not connected in time (the supervisor keeps trying).
+        """
+        if self._closing.is_set():
+            raise MisuseError("transport was closed")
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"mqtt-{self.config.client_id}", daemon=True
+            )
+            self._supervisor.start()
+        wait = self.config.connect_timeout_s if timeout is None else timeout
+        if not self._connected.wait(wait):
+            why = f" (last refusal: {self._last_refusal})" if self._last_refusal else ""
+            raise TransportError(
+                f"not connected to {self.config.host}:{self.config.port} within {wait:.1f}s{why}"
+            )
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or `timeout` s pass; True when connected."""
+        return self._connected.wait(timeout)
+
+    def close(self) -> None:
+        """Disconnect cleanly (the broker discards the Last Will) and stop reconnecting."""
+        self._closing.set()
+        self._lost.set()
+        with contextlib.suppress(OSError, ValueError):
+            self._client.disconnect()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
+        self._client.loop_stop()
+        self._connected.clear()
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.cancel()
+
+    def _connect_once(self, first: bool) -> None:
+        if first:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.config.session_expiry_s
+            self._client.connect(
+                self.config.host,
+                self.config.port,
+                keepalive=self.config.keepalive_s,
+                clean_start=self.config.clean_start,
+                properties=props,
+            )
+        else:
+            self._client.reconnect()
+
+    def _interruptible_sleep(self, seconds: float) -> None:
+        self._closing.wait(seconds)
+
+    def _supervise(self) -> None:
+        first = True
+        while not self._closing.is_set():
+            retrying = Retrying(
+                wait=wait_random_exponential(
+                    multiplier=self.config.reconnect_min_s, max=self.config.reconnect_max_s
+                ),
+                stop=stop_when_event_set(self._closing),
+                retry=retry_if_exception_type(OSError),
+                sleep=self._interruptible_sleep,
+                reraise=True,
+            )
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        self._connect_once(first)
+            except OSError as exc:  # only when closing
+                log_event(logger, "mqtt.connect_abandoned", level=logging.DEBUG, error=str(exc))
+                return
+            if self._closing.is_set():
+                return
+            first = False
+            self._lost.clear()
+            started = time.monotonic()
+            self._client.loop_start()
+            while not self._closing.is_set():
+                if self._lost.wait(0.25):
+                    break
+                if (
+                    not self._connected.is_set()
+                    and time.monotonic() - started > self.config.connect_timeout_s
+                ):
+                    break  # no CONNACK in time
+            self._connected.clear()
+            self._client.loop_stop()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        if rc.is_failure:
+            self._last_refusal = str(rc)
+            log_event(
+                logger, "mqtt.refused", level=logging.WARNING, reason=str(rc), client=self.config.client_id
+            )
+            self._lost.set()
+            return
+        self._last_refusal = ""
+        self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props else None
+        with self._lock:
+            subs = list(self._subs.items())
+            callbacks = list(self._on_connect_cbs)
+        for flt, (_handler, qos) in subs:
+            client.subscribe(flt, qos=qos)
+        self.connects += 1
+        self._connected.set()
+        session_present = bool(getattr(flags, "session_present", False))
+        log_event(
+            logger,
+            "mqtt.connected",
+            level=logging.DEBUG,
+            client=self.config.client_id,
+            session_present=session_present,
+        )
+        for cb in callbacks:
+            try:
+                cb(session_present)
+            except Exception:  # a faulty callback must not kill the network thread
+                logger.exception("on-connect callback failed")
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._lost.set()
+        if was and not self._closing.is_set():
+            log_event(
+                logger, "mqtt.disconnected", level=logging.INFO, client=self.config.client_id, reason=str(rc)
+            )
+
+    def add_on_connect(self, callback: Callable[[bool], None]) -> None:
+        with self._lock:
+            self._on_connect_cbs.append(callback)
+
+    # --- publish / subscribe ------------------------------------------------------------
+    def _check_size(self, payload: bytes) -> None:
+        limit = self.config.max_message_bytes
+        if self._broker_max_packet:
+            limit = min(limit, int(self._broker_max_packet) - 512)
+        if len(payload) > limit:
+            raise MisuseError(f"message of {len(payload)} bytes is over the {limit} byte limit")
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        message_expiry_s: int | None = None,
+    ) -> None:
+        """Queue one message. Raises MisuseError (oversize) or TransportError (not connected)."""
+        self._check_size(payload)
+        if not self._connected.is_set():
+            raise TransportError(f"not connected; cannot publish to {topic}")
+        props: Properties | None = None
+        if response_topic or correlation_data or message_expiry_s:
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation_data:
+                props.CorrelationData = correlation_data
+            if message_expiry_s:
+                props.MessageExpiryInterval = int(message_expiry_s)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        with self._lock:
+            self._subs[topic_filter] = (handler, qos)
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None) if props else None
+        message = Message(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None) if props else None,
+            correlation_data=bytes(corr) if corr else None,
+            user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
+        )
+        if message.correlation_data is not None:
+            with self._lock:
+                fut = self._pending.pop(message.correlation_data, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(message)
+                return
+        with self._lock:
+            handlers = [
+                h
+                for flt, (h, _q) in self._subs.items()
+                if paho.topic_matches_sub(_strip_share(flt), msg.topic)
+            ]
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:  # one bad message must not stop the network thread
+                logger.exception("handler for %s failed", msg.topic)
+
+    # --- request / response -------------------------------------------------------------
+    def request_async(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        response_topic: str,
+        message_expiry_s: int | None = None,
+        correlation_data: bytes | None = None,
+    ) -> tuple[bytes, Future[Message]]:
+        """Publish a request; the future gets the first answer carrying the same correlation data.
+
+        Raises TransportError (not connected, too many pending) or MisuseError (oversize).
+        Late or duplicate answers after the future resolved or was cancelled are dropped.
+        """
+        corr = correlation_data or secrets.token_bytes(8)
+        fut: Future[Message] = Future()
+        with self._lock:
+            if len(self._pending) >= self.config.max_pending_requests:
+                raise TransportError(f"{len(self._pending)} requests pending; limit reached")
+            self._pending[corr] = fut
+            need_sub = response_topic not in self._subs
+            if need_sub:
+                self._subs[response_topic] = (lambda _m: None, 1)
+        if need_sub and self._connected.is_set():
+            self._client.subscribe(response_topic, qos=1)
+        try:
+            self.publish(
+                topic,
+                payload,
+                response_topic=response_topic,
+                correlation_data=corr,
+                message_expiry_s=message_expiry_s,
+            )
+        except Exception:
+            self.cancel_request(corr)
+            raise
+        return corr, fut
+
+    def cancel_request(self, correlation_data: bytes) -> None:
+        with self._lock:
+            fut = self._pending.pop(correlation_data, None)
+        if fut is not None:
+            fut.cancel()
+
+    def request(self, topic: str, payload: bytes, *, response_topic: str, timeout: float) -> Message:
+        """Blocking request/response. Raises FetchTimeoutError, TransportError or MisuseError."""
+        corr, fut = self.request_async(
+            topic, payload, response_topic=response_topic, message_expiry_s=max(1, int(timeout))
+        )
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            self.cancel_request(corr)
+            raise FetchTimeoutError(f"no answer on {response_topic} within {timeout:.1f}s") from None
