@@ -1,0 +1,78 @@
+"""`edgefleet bundle build/inspect/schema` as a subprocess, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.contract.manifest import json_schema
+from simulators.models import make_mlp_onnx
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bundle", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.integration
+def test_build_then_inspect(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
+    np.save(tmp_path / "ref.npy", np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"name": "mlp", "version": "2.0.0", "lineage": {"dataset_ref": "s3://data/v3"}})
+    )
+    built = _cli(
+        "build",
+        tmp_path / "m.onnx",
+        "--metadata",
+        tmp_path / "meta.json",
+        "--reference-data",
+        tmp_path / "ref.npy",
+        "--quantize",
+        "dynamic",
+        "-o",
+        tmp_path / "b.efb",
+    )
+    assert built.returncode == 0, built.stderr
+    assert "wrote" in built.stdout
+    text = _cli("inspect", tmp_path / "b.efb")
+    assert text.returncode == 0, text.stderr
+    assert "mlp-2.0.0  (verified)" in text.stdout and "int8-dynamic" in text.stdout
+    assert "dataset_ref=s3://data/v3" in text.stdout
+    as_json = _cli("inspect", tmp_path / "b.efb", "--json")
+    summary = json.loads(as_json.stdout)
+    assert summary["runtime"] == "onnx" and summary["quantization"]["scheme"] == "int8-dynamic"
+    assert summary["golden_vectors"] == 16 and summary["profiled_features"] == 32
+
+    data = bytearray((tmp_path / "b.efb").read_bytes())
+    data[data.index(b"model.onnx\x00") + 512 + 100] ^= 0x01  # inside the model member
+    (tmp_path / "bad.efb").write_bytes(bytes(data))
+    bad = _cli("inspect", tmp_path / "bad.efb")
+    assert bad.returncode == 1
+    assert "invalid bundle" in bad.stderr and "disagrees" in bad.stderr
+
+
+@pytest.mark.integration
+def test_build_with_bad_metadata_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "Bad Name!", "version": "1.0.0"}))
+    out = _cli("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "-o", tmp_path / "b.efb")
+    assert out.returncode == 1
+    assert "name must match" in out.stderr
+    assert not (tmp_path / "b.efb").exists()
+
+
+@pytest.mark.integration
+def test_schema_prints_the_manifest_schema() -> None:
+    out = _cli("schema")
+    assert out.returncode == 0
+    assert json.loads(out.stdout) == json.loads(json.dumps(json_schema()))
