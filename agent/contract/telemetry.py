@@ -246,7 +246,8 @@ def encode_report(report: TelemetryReport) -> bytes:
     ]
     raw = cbor2.dumps(body, canonical=True)
     if len(raw) >= ZSTD_MIN_BYTES:
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw)
+        packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True)
+        packed = packer.compress(raw)
         if len(packed) < len(raw):
             return bytes([FLAG_ZSTD]) + packed
     return b"\x00" + raw
@@ -305,13 +306,20 @@ def _feature_from_wire(v: Any, what: str) -> FeatureSketch:
 
 
 def _inflate(data: bytes, max_decompressed: int) -> bytes:
+    """Decompress one zstd frame whose header declares a size within the bound. zstd itself
+    refuses output beyond the declared size, so a lying header cannot inflate further."""
     try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as r:
-            raw = r.read(max_decompressed + 1)
+        declared = zstandard.frame_content_size(data)
+        if declared < 0:
+            raise MessageError("report: zstd frame without a declared content size")
+        if declared > max_decompressed:
+            raise MessageError(f"report: decompresses to more than {max_decompressed} bytes")
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        raw = dobj.decompress(data)
     except zstandard.ZstdError as exc:
         raise MessageError(f"report: corrupt zstd payload ({exc})") from None
-    if len(raw) > max_decompressed:
-        raise MessageError(f"report: decompresses to more than {max_decompressed} bytes")
+    if not dobj.eof or dobj.unused_data or len(raw) != declared:
+        raise MessageError("report: truncated zstd frame or trailing bytes after it")
     return raw
 
 

@@ -1,0 +1,151 @@
+"""The report's wire encoding: round trip, size, and every kind of bad payload."""
+
+from __future__ import annotations
+
+import cbor2
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.contract.telemetry import (
+    FLAG_ZSTD,
+    CategoricalSketch,
+    NumericSketch,
+    TelemetryReport,
+    check_report_shape,
+    decode_report,
+    encode_report,
+)
+from agent.errors import MessageError
+
+
+def _report(n_counts: int = 102, scale: int = 10, seed: int = 0) -> TelemetryReport:
+    rng = np.random.default_rng(seed)
+    feats: list[NumericSketch | CategoricalSketch] = [
+        NumericSketch(rng.poisson(scale, n_counts), 1, -3.5, 2.25, 12.5, 400.0) for _ in range(20)
+    ]
+    feats.append(CategoricalSketch(np.array([5, 0, 70000, 2]), 0, {"zz": 2}, 0))
+    return TelemetryReport(
+        device_id="dev-1", seq=42, model="mlp", version="1.2.0", interval_start=10.0, interval_end=70.0,
+        features=feats, outputs=[NumericSketch(rng.poisson(scale, n_counts))], requests=1000, errors=2,
+        cohort="canary", profile_id="abc", dropped_reports=3,
+    )
+
+
+def _same(a: TelemetryReport, b: TelemetryReport) -> None:
+    assert (a.device_id, a.seq, a.model, a.version, a.cohort, a.requests, a.errors, a.dropped_reports) == (
+        b.device_id, b.seq, b.model, b.version, b.cohort, b.requests, b.errors, b.dropped_reports)
+    for x, y in zip(a.features + a.outputs, b.features + b.outputs, strict=True):
+        assert type(x) is type(y) and np.array_equal(x.counts, y.counts) and x.nan_count == y.nan_count
+        if isinstance(x, NumericSketch) and isinstance(y, NumericSketch):
+            assert (x.min, x.max, x.sum, x.sum_sq) == (y.min, y.max, y.sum, y.sum_sq)
+        elif isinstance(x, CategoricalSketch) and isinstance(y, CategoricalSketch):
+            assert x.unseen == y.unseen
+
+
+@pytest.mark.unit
+def test_round_trip_and_compression_flag() -> None:
+    rep = _report()
+    data = encode_report(rep)
+    assert data[0] == FLAG_ZSTD and len(data) < 3000
+    _same(rep, decode_report(data))
+    empty = TelemetryReport("d", 0, "m", "1.0.0", 0.0, 0.0, [], [])
+    tiny = encode_report(empty)
+    assert tiny[0] == FLAG_ZSTD or len(tiny) < 200
+    _same(empty, decode_report(tiny))
+
+
+@pytest.mark.unit
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**40), st.integers(1, 300), st.floats(allow_nan=False, allow_infinity=False))
+def test_round_trip_any_count_width(top: int, bins: int, value: float) -> None:
+    counts = np.zeros(bins, dtype=np.int64)
+    counts[-1] = top
+    sketch = NumericSketch(counts, 0, value, value, value, 0.0)
+    rep = TelemetryReport("d", 1, "m", "1.0.0", 0.0, 1.0, [sketch], [])
+    _same(rep, decode_report(encode_report(rep)))
+
+
+@pytest.mark.unit
+def test_truncated_and_corrupted_payloads_are_refused() -> None:
+    data = encode_report(_report())
+    for cut in (1, 2, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(MessageError):
+            decode_report(data[:cut])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    with pytest.raises(MessageError):
+        decode_report(bytes(flipped))
+    with pytest.raises(MessageError, match="flags"):
+        decode_report(b"\x80" + data[1:])
+    raw = b"\x00" + cbor2.dumps([1, "d"])
+    with pytest.raises(MessageError, match="list of 18"):
+        decode_report(raw)
+    with pytest.raises(MessageError, match="trailing"):
+        decode_report(b"\x00" + zstandard.ZstdDecompressor().decompress(data[1:]) + b"\x00")
+
+
+@pytest.mark.unit
+def test_oversized_and_decompression_bombs_are_refused() -> None:
+    data = encode_report(_report())
+    with pytest.raises(MessageError, match="size"):
+        decode_report(data, max_bytes=len(data) - 1)
+    bomb = bytes([FLAG_ZSTD]) + zstandard.ZstdCompressor(level=19).compress(b"\x00" * (64 * 1024 * 1024))
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(MessageError, match="decompresses"):
+        decode_report(bomb)
+    # no content size in the frame header: refused before decompressing anything
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x00" * (8 * 1024 * 1024))
+    with pytest.raises(MessageError, match="declared content size"):
+        decode_report(bytes([FLAG_ZSTD]) + streamed)
+    # a header that under-declares the size: zstd stops at the declared size
+    honest = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x00" * 4096)
+    liar = bytearray(honest)
+    params = zstandard.get_frame_parameters(honest)
+    assert params.content_size == 4096
+    small = zstandard.ZstdCompressor(write_content_size=True).compress(b"\x00" * 16)
+    header = zstandard.frame_header_size(small)
+    liar[: zstandard.frame_header_size(honest)] = small[:header]
+    with pytest.raises(MessageError):
+        decode_report(bytes([FLAG_ZSTD]) + bytes(liar))
+    with pytest.raises(MessageError, match="trailing"):
+        decode_report(data + b"\x00")
+
+
+@pytest.mark.unit
+def test_wrong_types_and_values_are_refused() -> None:
+    body = cbor2.loads(zstandard.ZstdDecompressor().decompress(encode_report(_report())[1:]))
+    cases = {
+        0: 2,  # schema version
+        1: 7,  # device id
+        2: -1,  # seq
+        9: 1.5,  # requests
+        14: [[0, 3, b"\x00\x00\x00"]],  # feature layout / width
+    }
+    for index, bad in cases.items():
+        broken = list(body)
+        broken[index] = bad
+        with pytest.raises(MessageError):
+            decode_report(b"\x00" + cbor2.dumps(broken))
+    broken = list(body)
+    broken[14] = [[0, 1, b"\x00" * 5000, 0, 0.0, 0.0, 0.0, 0.0]]  # too many bins
+    with pytest.raises(MessageError, match="too many bins"):
+        decode_report(b"\x00" + cbor2.dumps(broken))
+    broken = list(body)
+    broken[14] = [[1, 1, b"\x01", 0, [f"k{i}" for i in range(100)], list(range(100)), 0]]
+    with pytest.raises(MessageError):
+        decode_report(b"\x00" + cbor2.dumps(broken))
+    broken = list(body)
+    broken[7], broken[8] = 10.0, 5.0
+    with pytest.raises(MessageError, match="interval"):
+        decode_report(b"\x00" + cbor2.dumps(broken))
+
+
+@pytest.mark.unit
+def test_shape_check_against_profile() -> None:
+    rep = _report()
+    check_report_shape(rep, [102] * 20 + [4], [102])
+    with pytest.raises(MessageError, match="profile"):
+        check_report_shape(rep, [101] * 20 + [4], [102])
