@@ -1,0 +1,24 @@
+"""Install / activate / rollback lifecycle of model bundles (see docs/lifecycle.md)."""
+
+from agent.lifecycle.install import EventSink, LifecycleConfig, LifecycleContext, TrustSource
+from agent.lifecycle.machine import STABLE_STATES, TRANSITIONS, Event, Machine, State
+from agent.lifecycle.runner import Lifecycle
+from agent.lifecycle.slots import Slots
+from agent.lifecycle.state_store import DesiredTarget, StateRecord, StateStore
+
+__all__ = [
+    "STABLE_STATES",
+    "TRANSITIONS",
+    "DesiredTarget",
+    "Event",
+    "EventSink",
+    "Lifecycle",
+    "LifecycleConfig",
+    "LifecycleContext",
+    "Machine",
+    "Slots",
+    "State",
+    "StateRecord",
+    "StateStore",
+    "TrustSource",
+]

@@ -1,0 +1,219 @@
+"""The lifecycle's durable state record, written atomically before every action.
+
+Why: the daemon can die at any instant (power cut, OOM kill, a native crash inside the
+runtime, the systemd watchdog). Like Mender's `SaveState`/`LoadStateFromDb`, the machine
+saves where it is *before* acting, so a restart resumes from a known state. The write is
+temp file in the same directory -> write -> flush -> `os.fsync` -> `os.replace` -> fsync of
+the directory; the previous good record is kept as `state.json.prev` so a torn or corrupt
+`state.json` falls back to the last good one instead of leaving the device without a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError, MisuseError
+from agent.logs import log_event
+
+log = logging.getLogger(__name__)
+
+STATE_SCHEMA_VERSION = 1
+MAX_RECORD_BYTES = 1 << 20  # a record is a few KB; anything larger is corruption
+
+
+@dataclass(frozen=True)
+class DesiredTarget:
+    """What the latest accepted director document asks this device to run.
+
+    A plain, serialisable copy of the director document's fields the lifecycle needs, so
+    the state record never depends on the trust module's classes.
+    """
+
+    sequence: int
+    path: str
+    length: int
+    sha256: str
+    name: str
+    version: str
+    shadow: DesiredTarget | None = None
+
+    @property
+    def bundle_id(self) -> str:
+        """`name-version`, the same identity as `Manifest.bundle_id`."""
+        return f"{self.name}-{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DesiredTarget:
+        shadow = doc.get("shadow")
+        return cls(
+            sequence=int(doc["sequence"]),
+            path=str(doc["path"]),
+            length=int(doc["length"]),
+            sha256=str(doc["sha256"]),
+            name=str(doc["name"]),
+            version=str(doc["version"]),
+            shadow=cls.from_dict(shadow) if shadow else None,
+        )
+
+    @classmethod
+    def from_director(cls, doc: Any) -> DesiredTarget:
+        """Copy from a verified `agent.contract.director.DirectorDocument` (duck-typed)."""
+
+        def ref(t: Any, seq: int) -> DesiredTarget:
+            return cls(seq, t.path, int(t.length), t.sha256, t.name, t.version)
+
+        base = ref(doc.target, int(doc.sequence))
+        shadow = getattr(doc, "shadow", None)
+        if shadow is None:
+            return base
+        return cls(**{**base.__dict__, "shadow": ref(shadow, int(doc.sequence))})
+
+
+@dataclass
+class StateRecord:
+    """Everything needed to resume: where the machine is and which bundle is where."""
+
+    schema_version: int = STATE_SCHEMA_VERSION
+    state: str = "idle"
+    active: str | None = None
+    previous: str | None = None
+    staged: str | None = None
+    candidate: str | None = None  # the bundle the current update is installing
+    shadow: str | None = None  # bundle running in shadow mode (never served)
+    desired: DesiredTarget | None = None
+    director_sequence: int = 0
+    attempts: dict[str, int] = field(default_factory=dict)  # "state:bundle" -> entries
+    crash_recoveries: int = 0  # consecutive restarts outside a stable state
+    download_failures: int = 0
+    retry_at: float = 0.0
+    quarantined: dict[str, int] = field(default_factory=dict)  # bundle -> director sequence
+    download_path: str | None = None
+    last_error: str | None = None
+    last_measurements: dict[str, float] = field(default_factory=dict)
+    updated_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["desired"] = self.desired.to_dict() if self.desired else None
+        return json.dumps(doc, sort_keys=True, indent=1).encode()
+
+    def fingerprint(self) -> bytes:
+        """The record's content without its timestamp (to skip no-op saves)."""
+        stamp, self.updated_at = self.updated_at, 0.0
+        try:
+            return self.to_json()
+        finally:
+            self.updated_at = stamp
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StateRecord:
+        """Parse a record. Raises `ConfigError` on an unknown schema, `ValueError` on garbage."""
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise ValueError("state record is not a JSON object")
+        version = doc.get("schema_version")
+        if version != STATE_SCHEMA_VERSION:
+            raise ConfigError(
+                f"state record schema_version {version!r} is not supported "
+                f"(this agent reads {STATE_SCHEMA_VERSION}); upgrade the agent or move the file away"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown fields in state record: {sorted(unknown)}")
+        desired = doc.get("desired")
+        doc["desired"] = DesiredTarget.from_dict(desired) if desired else None
+        return cls(**doc)
+
+
+class StateStore:
+    """Atomic, fsynced persistence of one `StateRecord` with a last-good fallback."""
+
+    def __init__(self, state_dir: Path, clock: Any = time.time) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / "state.json"
+        self.prev_path = self.dir / "state.json.prev"
+        self._clock = clock
+        self._last_good: bytes | None = None
+
+    def save(self, record: StateRecord) -> None:
+        """Write `record` atomically; the current file becomes `state.json.prev` first.
+
+        Raises `MisuseError` if the state directory cannot be written.
+        """
+        record.updated_at = float(self._clock())
+        data = record.to_json()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            previous = self._last_good if self._last_good is not None else self._current_if_valid()
+            if previous is not None:
+                self._atomic_write(self.prev_path, previous)
+            self._atomic_write(self.path, data)
+            self._last_good = data
+        except OSError as exc:
+            raise MisuseError(f"cannot write state record in {self.dir}: {exc}") from exc
+
+    def _atomic_write(self, target: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            Path(tmp).replace(target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink()
+            raise
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _current_if_valid(self) -> bytes | None:
+        """The bytes of `state.json` if they parse (never copy a torn file over `.prev`)."""
+        try:
+            data = self.path.read_bytes()
+            StateRecord.from_json(data)
+        except (OSError, ValueError, TypeError, KeyError, ConfigError):
+            return None
+        return data
+
+    def load(self) -> StateRecord:
+        """The last good record, or a fresh one if none was ever written.
+
+        A corrupt or truncated `state.json` falls back to `state.json.prev` (logged).
+        Raises `ConfigError` when a record has an unknown schema_version: silently
+        starting fresh would forget which bundle is verified and active.
+        """
+        for candidate in (self.path, self.prev_path):
+            if not candidate.exists():
+                continue
+            try:
+                if candidate.stat().st_size > MAX_RECORD_BYTES:
+                    raise ValueError("state record is larger than any real one")
+                record = StateRecord.from_json(candidate.read_bytes())
+            except ConfigError:
+                raise
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                log_event(
+                    log, "lifecycle.state_corrupt", logging.WARNING, file=str(candidate), error=str(exc)
+                )
+                continue
+            if candidate is self.prev_path:
+                log_event(log, "lifecycle.state_fallback", logging.WARNING, file=str(candidate))
+            self._last_good = record.to_json()
+            return record
+        return StateRecord()

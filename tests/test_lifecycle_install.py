@@ -1,0 +1,223 @@
+"""End-to-end lifecycle on real files: real TUF repository, real bundles, real onnxruntime."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lifecycle_world import FAST, Hammer, Repo, X, make_device, make_repo
+
+from agent.lifecycle import State
+from agent.runtimes import load_model
+from simulators.models import mlp_reference, mlp_weights
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    r = make_repo(tmp_path_factory.mktemp("repo"))
+    r.publish("1.0.0", model_seed=0)
+    r.publish("2.0.0", model_seed=1)
+    r.publish("3.0.0", model_seed=2, golden_seed=0)  # golden vectors of another model: fails
+    r.publish("4.0.0", model_seed=3, health={"latency_budget_ms": 1e-6, "probation_requests": 30,
+                                            "probation_seconds": 0.0, "inference_timeout_s": 2.0})
+    r.publish("5.0.0", model_seed=4, health={**FAST, "inference_timeout_s": 0.3})
+    return r
+
+
+def _serves(holder, seed: int) -> None:  # type: ignore[no-untyped-def]
+    out = holder.predict({"x": X})["logits"]
+    np.testing.assert_allclose(out, mlp_reference(X, mlp_weights(seed)), rtol=1e-4, atol=1e-5)
+
+
+def _installed(repo: Repo, tmp_path: Path, **kw):  # type: ignore[no-untyped-def]
+    dev = make_device(repo, tmp_path / "dev", **kw)
+    dev.lifecycle.offer_desired(repo.desired("mlp-1.0.0"))
+    assert dev.lifecycle.start() is State.IDLE
+    assert dev.lifecycle.record.active == "mlp-1.0.0"
+    return dev
+
+
+@pytest.mark.integration
+def test_install_then_commit(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    _serves(dev.holder, 0)
+    assert dev.names()[:1] == ["update_started"] and "committed" in dev.names()
+    dev.lifecycle.offer_desired(repo.desired("mlp-2.0.0"))
+    assert dev.lifecycle.run_until_stable() is State.IDLE
+    rec = dev.lifecycle.record
+    assert (rec.active, rec.previous, rec.staged, rec.candidate) == ("mlp-2.0.0", "mlp-1.0.0", None, None)
+    _serves(dev.holder, 1)
+    assert dev.holder.standby_id is None  # the old model was closed at commit
+    assert dev.lifecycle.ctx.slots.installed() == ["mlp-1.0.0", "mlp-2.0.0"]
+
+
+@pytest.mark.integration
+def test_golden_failure_rolls_back_and_quarantines(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    bad = repo.desired("mlp-3.0.0")
+    dev.lifecycle.offer_desired(bad)
+    dev.lifecycle.run_until_stable()
+    rec = dev.lifecycle.record
+    assert rec.active == "mlp-1.0.0" and rec.quarantined == {"mlp-3.0.0": bad.sequence}
+    ev = dev.event("rolled_back")
+    assert ev["bundle"] == "mlp-3.0.0" and ev["swapped"] is False
+    assert "golden" in ev["reason"] and ev["measurements"]["golden_max_abs_dev"] > 0.01
+    _serves(dev.holder, 0)
+    assert "mlp-3.0.0" not in dev.lifecycle.ctx.slots.installed()  # GC removed it
+    # the same document again (duplicate delivery) does not retry it
+    n = len(dev.events)
+    dev.lifecycle.offer_desired(bad)
+    dev.lifecycle.run_until_stable()
+    assert len(dev.events) == n
+    # a newer document naming it again does retry (and fails again)
+    dev.lifecycle.offer_desired(repo.desired("mlp-3.0.0"))
+    dev.lifecycle.run_until_stable()
+    assert [n for n in dev.names() if n == "rolled_back"] == ["rolled_back", "rolled_back"]
+
+
+@pytest.mark.integration
+def test_probation_latency_failure_rolls_back_without_failed_requests(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    dev.lifecycle.offer_desired(repo.desired("mlp-4.0.0"))
+    with Hammer(dev.holder) as hammer:
+        dev.lifecycle.run_until_stable()
+    assert hammer.failed == [] and hammer.ok > 30
+    rec = dev.lifecycle.record
+    assert rec.active == "mlp-1.0.0" and rec.previous is None and "mlp-4.0.0" in rec.quarantined
+    ev = dev.event("rolled_back")
+    assert ev["swapped"] is True and "p95 latency" in ev["reason"]
+    assert ev["measurements"]["p95_ms"] > ev["measurements"]["latency_budget_ms"]
+    assert ev["measurements"]["rollback_ms"] >= 0
+    _serves(dev.holder, 0)
+
+
+@pytest.mark.integration
+def test_hang_under_watchdog_rolls_back(repo: Repo, tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def hanging_loader(path, manifest, threads):  # type: ignore[no-untyped-def]
+        model = load_model(path, manifest, threads)
+        if manifest.version != "5.0.0":
+            return model
+
+        class Hangs:  # fault injection: the runtime wedges on every run
+            def predict(self, inputs):  # type: ignore[no-untyped-def]
+                release.wait(10)
+                return model.predict(inputs)
+
+            def close(self) -> None:
+                model.close()
+
+        return Hangs()
+
+    dev = _installed(repo, tmp_path, load=hanging_loader)
+    dev.lifecycle.offer_desired(repo.desired("mlp-5.0.0"))
+    dev.lifecycle.run_until_stable()
+    release.set()
+    ev = dev.event("rolled_back")
+    assert "hung" in ev["reason"] and dev.lifecycle.record.active == "mlp-1.0.0"
+    assert "mlp-5.0.0" in dev.lifecycle.record.quarantined
+    _serves(dev.holder, 0)
+
+
+@pytest.mark.integration
+def test_operator_rollback_uses_the_previous_slot_without_download(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    dev.lifecycle.offer_desired(repo.desired("mlp-2.0.0"))
+    dev.lifecycle.run_until_stable()
+
+    def no_download(path, expected=None):  # type: ignore[no-untyped-def]
+        raise AssertionError("operator rollback must not download")
+
+    dev.lifecycle.ctx.trust.download_target = no_download  # type: ignore[method-assign]
+    dev.lifecycle.offer_desired(repo.desired("mlp-1.0.0"))
+    dev.lifecycle.run_until_stable()
+    rec = dev.lifecycle.record
+    assert (rec.active, rec.previous) == ("mlp-1.0.0", "mlp-2.0.0")
+    started = [f for n, f in dev.events if n == "update_started"]
+    assert started[-1]["bundle"] == "mlp-1.0.0" and started[-1]["download"] is False
+    _serves(dev.holder, 0)
+
+
+@pytest.mark.integration
+def test_local_rollback_request_during_probation(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    slow = repo.publish("6.0.0", model_seed=5, health={**FAST, "probation_seconds": 30.0})
+    dev.lifecycle.offer_desired(repo.desired(slow))
+    t = threading.Timer(0.3, dev.lifecycle.request_rollback)
+    t.start()
+    dev.lifecycle.run_until_stable()
+    t.join()
+    assert dev.event("rolled_back")["reason"] == "operator requested rollback"
+    assert dev.lifecycle.record.active == "mlp-1.0.0"
+
+
+@pytest.mark.integration
+def test_tampered_target_is_refused_and_quarantined(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    d = repo.desired("mlp-2.0.0")
+    forged = type(d)(**{**d.__dict__, "sha256": "0" * 64})
+    dev.lifecycle.offer_desired(forged)
+    dev.lifecycle.run_until_stable()
+    ev = dev.event("rolled_back")
+    assert "refused" in ev["reason"] and ev["swapped"] is False
+    assert dev.lifecycle.record.active == "mlp-1.0.0" and "mlp-2.0.0" in dev.lifecycle.record.quarantined
+
+
+@pytest.mark.integration
+def test_transport_failure_backs_off_and_retries(repo: Repo, tmp_path: Path) -> None:
+    from agent.errors import TransportError
+
+    dev = _installed(repo, tmp_path)
+    real = dev.lifecycle.ctx.trust.download_target
+    calls = []
+
+    def flaky(path, expected=None):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 1:
+            raise TransportError("broker went away")
+        return real(path, expected)
+
+    dev.lifecycle.ctx.trust.download_target = flaky  # type: ignore[method-assign]
+    dev.lifecycle.offer_desired(repo.desired("mlp-2.0.0"))
+    dev.lifecycle.run_until_stable()
+    rec = dev.lifecycle.record
+    assert rec.active == "mlp-1.0.0" and rec.retry_at > time.time() and rec.quarantined == {}
+    assert dev.event("update_failed")["reason"].startswith("download failed")
+    rec.retry_at = 0.0  # the backoff has passed
+    dev.lifecycle.run_until_stable()
+    assert dev.lifecycle.record.active == "mlp-2.0.0" and len(calls) == 2
+
+
+@pytest.mark.integration
+def test_gc_keeps_disk_bounded(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    for bid in ("mlp-2.0.0", "mlp-3.0.0", "mlp-1.0.0", "mlp-2.0.0"):
+        dev.lifecycle.offer_desired(repo.desired(bid))
+        dev.lifecycle.run_until_stable()
+        assert len(dev.lifecycle.ctx.slots.installed()) <= 3
+    rec = dev.lifecycle.record
+    assert set(dev.lifecycle.ctx.slots.installed()) == {rec.active, rec.previous}
+    assert list((dev.dir / "state/bundles").glob(".tmp-*")) == []
+
+
+@pytest.mark.integration
+def test_shadow_runs_beside_serving_and_is_never_served(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+    dev.lifecycle.offer_desired(repo.desired("mlp-1.0.0", shadow="mlp-2.0.0"))
+    dev.lifecycle.run_until_stable()
+    assert dev.holder.shadow_id == "mlp-2.0.0" and dev.lifecycle.record.shadow == "mlp-2.0.0"
+    for _ in range(20):
+        _serves(dev.holder, 0)
+    deadline = time.monotonic() + 5
+    while dev.holder.shadow_report().compared < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rep = dev.holder.shadow_report()
+    assert rep.compared == 20 and rep.dropped == 0 and rep.mean_abs_diff is not None and rep.mean_abs_diff > 0
+    assert rep.label_agreement is not None and 0 <= rep.label_agreement <= 1
+    dev.lifecycle.offer_desired(repo.desired("mlp-1.0.0"))
+    dev.lifecycle.run_until_stable()
+    assert dev.holder.shadow_id is None
