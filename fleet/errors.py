@@ -36,3 +36,15 @@ class GateFailed(FleetError):
         super().__init__(reason)
         self.reason = reason
         self.figures = dict(figures or {})
+
+
+class NotFound(FleetInputError):
+    """The named resource (model, version, device, rollout, key, token) does not exist."""
+
+
+class Conflict(FleetInputError):
+    """The request conflicts with the stored state (duplicate, refused transition, reused key)."""
+
+
+class AuthError(FleetInputError):
+    """A credential (API key, enrollment token) is missing, unknown, expired, used or revoked."""

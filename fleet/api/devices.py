@@ -1,0 +1,49 @@
+"""Device inventory routes: list with label selectors, read, relabel, revoke."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from fleet.api.deps import Paging, SettingsDep, StoreDep
+from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn
+from fleet.auth import Operator, Viewer
+from fleet.enrollment import sync_broker_credentials
+from fleet.selector import MAX_SELECTOR_LEN, parse_selector
+from fleet.store import Row
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+@router.get("", response_model=PageOf[DeviceOut], summary="List devices, filtered by a label selector")
+def list_devices(
+    store: StoreDep,
+    page: Paging,
+    _: Viewer,
+    selector: Annotated[str, Query(max_length=MAX_SELECTOR_LEN, description=(
+        "Kubernetes-style: `env=prod,region in (eu,us),tier!=edge,gpu,!legacy` (comma = AND)"))] = "",
+    online: bool | None = None,
+    revoked: bool | None = None,
+) -> PageOf[Row]:
+    p = store.devices.list_devices(parse_selector(selector), page.cursor, page.limit, online, revoked)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+@router.get("/{device_id}", response_model=DeviceOut, summary="Read a device")
+def get_device(device_id: str, store: StoreDep, _: Viewer) -> Row:
+    return store.devices.get(device_id)
+
+
+@router.put("/{device_id}/labels", response_model=DeviceOut, summary="Replace a device's labels")
+def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -> Row:
+    return store.devices.set_labels(device_id, body.labels, who.actor)
+
+
+@router.post("/{device_id}/revoke", response_model=DeviceOut,
+             responses={409: {"description": "Already revoked"}},
+             summary="Revoke a device: its broker credentials are removed from the password file")
+def revoke(device_id: str, body: RevokeIn, store: StoreDep, settings: SettingsDep, who: Operator) -> Row:
+    row = store.devices.revoke(device_id, who.actor, body.reason)
+    sync_broker_credentials(store, settings.broker_passwd_path)
+    return row

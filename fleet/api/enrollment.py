@@ -1,0 +1,71 @@
+"""Enrollment routes: operators mint one-time tokens; devices exchange one at /v1/enroll."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+
+from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
+from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCreated, TokenOut
+from fleet.auth import Operator, bearer
+from fleet.enrollment import create_enrollment_token, enroll_device
+from fleet.errors import AuthError, FleetInputError
+from fleet.store import Row
+
+router = APIRouter(prefix="/v1", tags=["enrollment"])
+
+
+@router.post("/enrollment-tokens", response_model=TokenCreated, status_code=201,
+             summary="Create a one-time, expiring enrollment token (shown once)")
+def create_token(body: TokenCreate, request: Request, store: StoreDep, settings: SettingsDep,
+                 who: Operator) -> JSONResponse:
+    ttl = body.ttl_seconds or settings.limits.token_ttl_seconds
+    if ttl > settings.limits.max_token_ttl_seconds:
+        raise FleetInputError(f"ttl_seconds must be at most {settings.limits.max_token_ttl_seconds}")
+
+    def create() -> Row:
+        row, plaintext = create_enrollment_token(store, body.labels, ttl, who.actor)
+        return {**row, "token": plaintext}
+
+    return idempotent_create(request, who, body, TokenCreated, create)
+
+
+@router.get("/enrollment-tokens", response_model=PageOf[TokenOut], summary="List enrollment tokens")
+def list_tokens(_: Operator, store: StoreDep, page: Paging, unused_only: bool = False) -> PageOf[Row]:
+    p = store.access.list_tokens(page.cursor, page.limit, unused_only)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+@router.delete("/enrollment-tokens/{token_id}", status_code=204, summary="Withdraw an unused token")
+def delete_token(token_id: str, store: StoreDep, who: Operator) -> Response:
+    store.access.delete_token(token_id, who.actor)
+    return Response(status_code=204)
+
+
+def enrollment_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    """The presented enrollment token; 401 before the body is even looked at when absent."""
+    if creds is None:
+        raise HTTPException(401, "missing credentials: send 'Authorization: Bearer <enrollment token>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return creds.credentials
+
+
+@router.post("/enroll", response_model=EnrollOut, status_code=201,
+             responses={401: {"description": "Token missing, unknown, used or expired"}},
+             summary="Device: exchange an enrollment token (as Bearer) for identity and credentials")
+def enroll(
+    token: Annotated[str, Depends(enrollment_token)],
+    body: EnrollIn,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    try:
+        out = enroll_device(store, token, body.model_dump(), settings.broker_url,
+                            settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path)
+    except AuthError as exc:
+        # One answer for unknown, used and expired tokens, so callers cannot probe them.
+        raise AuthError("invalid, used or expired enrollment token") from exc
+    return JSONResponse(EnrollOut.model_validate(out).model_dump(mode="json"), 201)

@@ -1,0 +1,95 @@
+"""Model registry routes: models, immutable versions, stages, MLflow import."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
+from fleet.api.schemas import (
+    BundleTarget,
+    MlflowImport,
+    ModelCreate,
+    ModelOut,
+    PageOf,
+    StageChange,
+    StageHistoryOut,
+    StageName,
+    VersionCreate,
+    VersionOut,
+)
+from fleet.auth import Operator, Viewer
+from fleet.mlflow_import import import_mlflow_model, resolve_import_path
+from fleet.store import Row
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+   409: {"description": "Already exists / refused transition / idempotency key reused"},
+}
+
+
+@router.get("", response_model=PageOf[ModelOut], summary="List models")
+def list_models(_: Viewer, store: StoreDep, page: Paging) -> PageOf[Row]:
+    p = store.models.list_models(page.cursor, page.limit)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+@router.post("", response_model=ModelOut, status_code=201, responses=_CONFLICT, summary="Create a model")
+def create_model(body: ModelCreate, request: Request, store: StoreDep, who: Operator) -> JSONResponse:
+    return idempotent_create(request, who, body, ModelOut,
+                             lambda: store.models.create_model(body.name, body.description, who.actor))
+
+
+@router.post("/import-mlflow", response_model=VersionOut, status_code=201, responses=_CONFLICT,
+             summary="Register a version from an MLflow model directory on the server")
+def import_mlflow(body: MlflowImport, request: Request, store: StoreDep, settings: SettingsDep,
+                  who: Operator) -> JSONResponse:
+    path = resolve_import_path(settings.import_dir, body.path)
+    return idempotent_create(request, who, body, VersionOut,
+                             lambda: import_mlflow_model(store, path, body.model, body.version, who.actor))
+
+
+@router.get("/{name}", response_model=ModelOut, summary="Read a model")
+def get_model(name: str, store: StoreDep, _: Viewer) -> Row:
+    return store.models.get_model(name)
+
+
+@router.get("/{name}/versions", response_model=PageOf[VersionOut], summary="List a model's versions")
+def list_versions(name: str, _: Viewer, store: StoreDep, page: Paging,
+                  stage: StageName | None = None) -> PageOf[Row]:
+    p = store.models.list_versions(name, page.cursor, page.limit, stage)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+@router.post("/{name}/versions", response_model=VersionOut, status_code=201, responses=_CONFLICT,
+             summary="Register an immutable version")
+def create_version(name: str, body: VersionCreate, request: Request, store: StoreDep,
+                   who: Operator) -> JSONResponse:
+    return idempotent_create(request, who, body, VersionOut, lambda: store.models.register_version(
+        name, body.version, body.artifact_digest, body.runtime,
+        body.lineage.model_dump(mode="json", exclude_none=True), who.actor, body.bundle_target))
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionOut, summary="Read a version")
+def get_version(name: str, version: str, store: StoreDep, _: Viewer) -> Row:
+    return store.models.get_version(name, version)
+
+
+@router.post("/{name}/versions/{version}/stage", response_model=VersionOut, responses=_CONFLICT,
+             summary="Move a version to another stage (archived is final)")
+def set_stage(name: str, version: str, body: StageChange, store: StoreDep, who: Operator) -> Row:
+    return store.models.set_stage(name, version, body.stage, who.actor, body.note)
+
+
+@router.put("/{name}/versions/{version}/bundle-target", response_model=VersionOut, responses=_CONFLICT,
+            summary="Record the TUF target path of the version's bundle (once)")
+def set_bundle_target(name: str, version: str, body: BundleTarget, store: StoreDep, who: Operator) -> Row:
+    return store.models.set_bundle_target(name, version, body.bundle_target, who.actor)
+
+
+@router.get("/{name}/versions/{version}/history", response_model=list[StageHistoryOut],
+            summary="Stage history of a version")
+def stage_history(name: str, version: str, store: StoreDep, _: Viewer) -> list[Row]:
+    return store.models.stage_history(name, version)

@@ -1,0 +1,77 @@
+"""Rollout routes: create, read, status, and operator intent (pause/resume/abort).
+
+These routes store intent only. The rollout controller acts on it; until one runs, a
+rollout's `state` stays what the controller last wrote (`pending` at creation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from fleet.api.deps import Paging, StoreDep, idempotent_create
+from fleet.api.schemas import (
+    PageOf,
+    RolloutAction,
+    RolloutCreate,
+    RolloutDeviceOut,
+    RolloutOut,
+    RolloutStatus,
+)
+from fleet.auth import Operator, Viewer
+from fleet.store import Row
+from fleet.store_rollouts import STATES
+
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+   409: {"description": "Refused: finished rollout, same intent, or idempotency key reused"},
+}
+
+
+@router.get("", response_model=PageOf[RolloutOut], summary="List rollouts")
+def list_rollouts(_: Viewer, store: StoreDep, page: Paging, state: str | None = None) -> PageOf[Row]:
+    p = store.rollouts.list(page.cursor, page.limit, state)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+list_rollouts.__doc__ = f"`state` is one of {', '.join(STATES)}."
+
+
+@router.post("", response_model=RolloutOut, status_code=201, responses=_CONFLICT,
+             summary="Create a rollout (recorded as pending; the controller starts it)")
+def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, who: Operator) -> JSONResponse:
+    return idempotent_create(request, who, body, RolloutOut, lambda: store.rollouts.create(
+        body.model_version_id, body.selector, body.strategy, body.thresholds, who.actor))
+
+
+@router.get("/{rollout_id}", response_model=RolloutOut, summary="Read a rollout")
+def get_rollout(rollout_id: str, store: StoreDep, _: Viewer) -> Row:
+    return store.rollouts.get(rollout_id)
+
+
+@router.get("/{rollout_id}/status", response_model=RolloutStatus, summary="State and device counts")
+def rollout_status(rollout_id: str, store: StoreDep, _: Viewer) -> Row:
+    return store.rollouts.status(rollout_id)
+
+
+@router.get("/{rollout_id}/devices", response_model=PageOf[RolloutDeviceOut],
+            summary="Per-device progress (written by the controller)")
+def rollout_devices(rollout_id: str, _: Viewer, store: StoreDep, page: Paging,
+                    status: str | None = None) -> PageOf[Row]:
+    p = store.rollouts.devices(rollout_id, page.cursor, page.limit, status)
+    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+
+
+def _action(action: str) -> None:
+    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> Row:
+        return store.rollouts.request(rollout_id, action, who.actor, body.note)
+
+    route.__name__ = f"{action}_rollout"
+    router.add_api_route(f"/{{rollout_id}}/{action}", route, methods=["POST"], response_model=RolloutOut,
+                         responses=_CONFLICT, summary=f"Ask the controller to {action} the rollout")
+
+
+for _name in ("pause", "resume", "abort"):
+    _action(_name)

@@ -1,0 +1,259 @@
+"""Request and response bodies of the admin API (pydantic; extra fields are refused)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+T = TypeVar("T")
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+SemVer = Annotated[str, StringConstraints(
+    pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")]
+Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+TargetPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,254}$")]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=64)]
+Note = Annotated[str, StringConstraints(max_length=1000)]
+Scalar = str | int | float | bool | None
+StageName = Literal["registered", "staging", "canary", "production", "archived"]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PageOf(BaseModel, Generic[T]):
+    """One page; pass `next_cursor` back as `cursor` for the next one (null at the end)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+# -- models ----------------------------------------------------------------------
+class ModelCreate(_In):
+    name: Name
+    description: Annotated[str, StringConstraints(max_length=2000)] = ""
+
+
+class ModelOut(BaseModel):
+    name: str
+    description: str
+    created_at: str
+    created_by: str
+
+
+class Lineage(_In):
+    """Where a model version came from: enough to reproduce or audit it."""
+
+    training_code_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
+    dataset_ref: Annotated[str, StringConstraints(max_length=500)] | None = None
+    dataset_digest: Digest | None = None
+    hyperparameters: Annotated[dict[Annotated[str, StringConstraints(max_length=200)], Scalar],
+                               Field(max_length=500)] = {}
+    metrics: Annotated[dict[Annotated[str, StringConstraints(max_length=200)], float],
+                       Field(max_length=500)] = {}
+    source: Annotated[dict[Annotated[str, StringConstraints(max_length=200)], Scalar],
+                      Field(max_length=100)] = {}
+
+
+class VersionCreate(_In):
+    version: SemVer
+    artifact_digest: Digest
+    runtime: Literal["onnx", "tflite"]
+    lineage: Lineage = Lineage()
+    bundle_target: TargetPath | None = None
+
+
+class VersionOut(BaseModel):
+    id: str
+    model_name: str
+    version: str
+    artifact_digest: str
+    bundle_target: str | None
+    runtime: str
+    lineage: dict[str, Any]
+    stage: StageName
+    created_at: str
+    created_by: str
+
+
+class StageChange(_In):
+    stage: StageName
+    note: Note = ""
+
+
+class BundleTarget(_In):
+    bundle_target: TargetPath
+
+
+class StageHistoryOut(BaseModel):
+    id: int
+    version_id: str
+    from_stage: str | None
+    to_stage: str
+    actor: str
+    note: str
+    at: str
+
+
+class MlflowImport(_In):
+    """Import an MLflow model directory that lies under the server's import directory."""
+
+    path: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+    model: Name
+    version: SemVer
+
+
+# -- devices ---------------------------------------------------------------------
+class DeviceOut(BaseModel):
+    id: str
+    labels: dict[str, str]
+    agent_version: str | None
+    runtimes: list[str]
+    architecture: str | None
+    memory_mb: int | None
+    last_seen: str | None
+    online: bool
+    reported_state: dict[str, Any] | None
+    revoked: bool
+    revoked_at: str | None
+    enrolled_at: str
+    broker_username: str
+
+
+class LabelsIn(_In):
+    labels: Labels
+
+
+class RevokeIn(_In):
+    reason: Note = ""
+
+
+# -- enrollment ------------------------------------------------------------------
+class TokenCreate(_In):
+    labels: Labels = {}
+    ttl_seconds: Annotated[int, Field(ge=60)] | None = None
+
+
+class TokenOut(BaseModel):
+    id: str
+    labels: dict[str, str]
+    created_by: str
+    created_at: str
+    expires_at: str
+    used_at: str | None
+    device_id: str | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The one-time token; shown only in this response.")
+
+
+class EnrollIn(_In):
+    agent_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    architecture: Annotated[str, StringConstraints(max_length=64)] | None = None
+    runtimes: Annotated[list[Annotated[str, StringConstraints(max_length=32)]], Field(max_length=16)] = []
+    memory_mb: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+
+
+class BrokerCredentials(BaseModel):
+    url: str
+    username: str
+    password: str
+    client_id: str
+    topic_prefix: str
+
+
+class EnrollOut(BaseModel):
+    device_id: str
+    labels: dict[str, str]
+    broker: BrokerCredentials
+    tuf_root: dict[str, Any] | None = Field(
+        description="Trusted TUF root metadata; null if no repository yet.")
+
+
+# -- rollouts --------------------------------------------------------------------
+class RolloutCreate(_In):
+    model_version_id: Annotated[str, StringConstraints(min_length=3, max_length=200)] = Field(
+        description="`<model>:<version>`")
+    selector: Annotated[str, StringConstraints(max_length=1024)] = Field(
+        description="Kubernetes-style label selector for the cohort, e.g. `env=prod,region in (eu,us)`")
+    strategy: Annotated[dict[Annotated[str, StringConstraints(max_length=100)], Any],
+                        Field(max_length=50)] = {}
+    thresholds: Annotated[dict[Annotated[str, StringConstraints(max_length=100)], float],
+                          Field(max_length=50)] = {}
+
+
+class RolloutOut(BaseModel):
+    id: str
+    model_version_id: str
+    selector: str
+    strategy: dict[str, Any]
+    thresholds: dict[str, float]
+    state: str = Field(description="Written by the rollout controller; `pending` until one acts.")
+    desired: Literal["run", "pause", "abort"] = Field(description="The operator's recorded intent.")
+    stage: int
+    created_at: str
+    updated_at: str
+    created_by: str
+    history: list[dict[str, Any]]
+
+
+class RolloutAction(_In):
+    note: Note = ""
+
+
+class RolloutStatus(BaseModel):
+    id: str
+    state: str
+    desired: str
+    stage: int
+    updated_at: str
+    devices_total: int
+    devices_by_status: dict[str, int]
+
+
+class RolloutDeviceOut(BaseModel):
+    rollout_id: str
+    device_id: str
+    stage: int
+    status: str
+    updated_at: str
+
+
+# -- API keys, audit ---------------------------------------------------------------
+class ApiKeyCreate(_In):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"\S")]
+    role: Literal["admin", "operator", "viewer"]
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: str
+    created_by: str
+    revoked: bool
+    revoked_at: str | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The API key; shown only in this response.")
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: str
+    actor: str
+    action: str
+    resource: str
+    before: Any
+    after: Any
+
+
+class WhoAmI(BaseModel):
+    key_id: str
+    name: str
+    role: str

@@ -1,0 +1,113 @@
+"""`FleetService`: opens the store, starts the service's components, serves the API, stops cleanly.
+
+Components (the MQTT publisher and the rollout controller arrive later) implement the
+two-method `Component` protocol and are started in order before the API listens and
+stopped in reverse order after it stops, even when one of them fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Protocol
+
+import uvicorn
+from fastapi import FastAPI
+
+from agent.logs import log_event
+from fleet.api import create_app
+from fleet.enrollment import sync_broker_credentials
+from fleet.settings import FleetSettings
+from fleet.store import Clock, Store
+
+logger = logging.getLogger("edgefleet.fleet.service")
+
+
+class Component(Protocol):
+    """Something the service runs beside the API (publisher, rollout controller)."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class FleetService:
+    """The fleet process: store + components + HTTP API.
+
+    `run()` blocks until the server exits (SIGINT/SIGTERM); `start_background()` /
+    `stop()` run it in a thread for tests and benchmarks.
+    """
+
+    def __init__(self, settings: FleetSettings, components: list[Component] | None = None,
+                 clock: Clock | None = None) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = {"clock": clock} if clock is not None else {}
+        self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
+        self.components: list[Component] = list(components or [])
+        self.app: FastAPI = create_app(settings, self.store)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._started: list[Component] = []
+
+    def _start_components(self) -> None:
+        # The broker's password file follows the store, also after a crash between the two.
+        sync_broker_credentials(self.store, self.settings.broker_passwd_path)
+        for comp in self.components:
+            comp.start()
+            self._started.append(comp)
+            log_event(logger, "fleet.component.started", component=comp.name)
+
+    def _stop_components(self) -> None:
+        while self._started:
+            comp = self._started.pop()
+            try:
+                comp.stop()
+                log_event(logger, "fleet.component.stopped", component=comp.name)
+            except Exception as exc:  # keep stopping the others; the failure is logged
+                log_event(logger, "fleet.component.stop_failed", logging.ERROR, component=comp.name,
+                          error=str(exc))
+
+    def _make_server(self) -> uvicorn.Server:
+        config = uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port,
+                                log_level="warning", access_log=False, lifespan="on")
+        return uvicorn.Server(config)
+
+    def run(self) -> None:
+        """Start components, serve until interrupted, then stop everything."""
+        try:
+            self._start_components()
+            self._server = self._make_server()
+            log_event(logger, "fleet.api.listening", host=self.settings.host, port=self.settings.port,
+                      data_dir=str(self.settings.data_dir))
+            self._server.run()
+        finally:
+            self._stop_components()
+            self.store.close()
+
+    def start_background(self, ready_timeout: float = 10.0) -> None:
+        """Serve in a daemon thread; returns once the socket listens. Raises RuntimeError otherwise."""
+        self._start_components()
+        self._server = self._make_server()
+        self._thread = threading.Thread(target=self._server.run, name="fleet-api", daemon=True)
+        self._thread.start()
+        done = threading.Event()
+        for _ in range(int(ready_timeout / 0.02)):
+            if self._server.started or not self._thread.is_alive():
+                break
+            done.wait(0.02)
+        if not self._server.started:
+            self.stop()
+            raise RuntimeError(f"fleet API did not start on {self.settings.host}:{self.settings.port}")
+
+    def stop(self) -> None:
+        """Stop the server thread and the components (idempotent)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._stop_components()
+        self.store.close()
