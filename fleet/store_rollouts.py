@@ -92,10 +92,10 @@ class RolloutRepo:
                 raise Conflict(f"rollout {rollout_id} is {before['state']}; it cannot {action}")
             if before["desired"] == "abort":
                 raise Conflict(f"rollout {rollout_id} was asked to abort; it cannot {action}")
-            if before["desired"] == desired:
-                raise Conflict(f"rollout {rollout_id} is already asked to {desired}")
             if action == "resume" and before["desired"] != "pause":
                 raise Conflict(f"rollout {rollout_id} is not paused")
+            if before["desired"] == desired:
+                raise Conflict(f"rollout {rollout_id} is already asked to {desired}")
             now = self.store.now()
             entry = {"at": now, "actor": actor, "event": f"requested:{action}", "note": note}
             db.execute("UPDATE rollouts SET desired = ?, updated_at = ?, history = ? WHERE id = ?",
