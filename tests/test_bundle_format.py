@@ -11,10 +11,13 @@ import gzip
 import hashlib
 import io
 import lzma
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.contract.bundle import (
     BundleLimits,
@@ -303,3 +306,45 @@ def test_empty_and_non_tar_input() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(MisuseError, match="max_members"):
         BundleLimits(max_members=0)
+
+
+_GOOD = None
+
+
+def _good_bundle_bytes() -> bytes:
+    global _GOOD
+    if _GOOD is None:
+        buf = io.BytesIO()
+        with tarfile.TarFile(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for info, data in _good_members():
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(data))
+        _GOOD = buf.getvalue()
+    return _GOOD
+
+
+@pytest.mark.integration
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 3 * 512 + len(MODEL) + 1024), st.integers(1, 255)), max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 3 * 512 + len(MODEL) + 1024)),
+)
+def test_corrupted_bundles_fail_only_with_bundle_error(
+    tmp_path: Path, flips: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(_good_bundle_bytes())
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    if cut is not None:
+        data = data[:cut]
+    src = tmp_path / "fuzz.efb"
+    src.write_bytes(bytes(data))
+    dest = tmp_path / "fuzz-out"
+    try:
+        out = extract_bundle(src, dest, durable=False)
+    except BundleError:
+        assert not dest.exists()
+    else:  # a flip that only touched padding or header fields we do not use
+        assert out.model_path.read_bytes() == MODEL
+        shutil.rmtree(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fuzz.efb"]

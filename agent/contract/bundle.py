@@ -243,34 +243,32 @@ def _check_header(
 
 
 def _read_member(
-    tar: tarfile.TarFile,
+    reader: _HashingReader,
     info: tarfile.TarInfo,
     limits: BundleLimits,
     sink: BinaryIO | None,
     sha: hashlib._Hash | None,
 ) -> bytes:
-    """Copy a member's data in bounded chunks; return it only when `sink` is None (small members)."""
-    src = tar.extractfile(info)
-    if src is None:  # pragma: no cover - regular files always have a file object
-        raise BundleError(f"bundle member {info.name!r} has no data")
+    """Copy a member's data in bounded chunks; return it only when `sink` is None (small members).
+
+    Reads straight from the hashing reader (tarfile only framed the member), which saves a
+    buffered copy per byte; tarfile then seeks forward past the padding to the next header.
+    """
+    if reader.tell() != info.offset_data:
+        raise BundleError(f"bundle member {info.name!r} data does not follow its header")
     parts: list[bytes] = []
     remaining = info.size
-    try:
-        while remaining > 0:
-            data = src.read(min(remaining, limits.chunk_bytes))
-            if not data:
-                break
-            remaining -= len(data)
-            if sha is not None:
-                sha.update(data)
-            if sink is None:
-                parts.append(data)
-            else:
-                sink.write(data)
-    except tarfile.ReadError as exc:
-        raise BundleError(
-            f"bundle member {info.name!r} is truncated: header says {info.size} bytes ({exc})"
-        ) from None
+    while remaining > 0:
+        data = reader.read(min(remaining, limits.chunk_bytes))
+        if not data:
+            break
+        remaining -= len(data)
+        if sha is not None:
+            sha.update(data)
+        if sink is None:
+            parts.append(data)
+        else:
+            sink.write(data)
     if remaining:
         raise BundleError(
             f"bundle member {info.name!r} is truncated: header says {info.size} bytes, "
@@ -317,7 +315,7 @@ def read_manifest(bundle: Path | bytes, limits: BundleLimits = DEFAULT_LIMITS) -
         _check_header(info, 0, set(), limits, None)
         if info.name != MANIFEST_NAME:  # pragma: no cover - _check_header enforces it
             raise BundleError("bundle has no manifest")
-        return _parse_member_manifest(_read_member(tar, info, limits, None, None))
+        return _parse_member_manifest(_read_member(reader, info, limits, None, None))
 
 
 @contextlib.contextmanager
@@ -409,14 +407,14 @@ def _extract_members(
             if total > limits.max_total_bytes:
                 raise BundleError(f"bundle members total over the limit of {limits.max_total_bytes} bytes")
             if manifest is None:
-                data = _read_member(tar, info, limits, None, None)
+                data = _read_member(reader, info, limits, None, None)
                 manifest = _parse_member_manifest(data)
                 _write_small(tmp / MANIFEST_NAME, data, durable)
             else:
                 model_path = tmp / info.name
                 sha = hashlib.sha256()
                 with open(model_path, "xb") as out:
-                    _read_member(tar, info, limits, out, sha)
+                    _read_member(reader, info, limits, out, sha)
                     if durable:
                         out.flush()
                         os.fsync(out.fileno())
