@@ -164,10 +164,14 @@ def describe_model(model: bytes) -> tuple[Runtime, list[TensorSpec], list[Tensor
     return runtime, inputs, outputs
 
 
-def run_model(model: bytes, runtime: Runtime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the model once on `feeds` with the real runtime; outputs by name.
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+PROFILE_BATCH_ROWS = 4096
 
-    Raises `FleetInputError` if the runtime refuses the model or the inputs.
+
+def make_runner(model: bytes, runtime: Runtime) -> Runner:
+    """Load the model once with its real runtime; the runner maps feeds to outputs by name.
+
+    Raises `FleetInputError` if the runtime refuses the model (now) or the inputs (when run).
     """
     try:
         if runtime == "onnx":
@@ -175,16 +179,34 @@ def run_model(model: bytes, runtime: Runtime, feeds: dict[str, np.ndarray]) -> d
 
             sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
             names = [o.name for o in sess.get_outputs()]
-            return dict(zip(names, sess.run(names, feeds), strict=True))
-        return _run_tflite(model, feeds)
+
+            def run_onnx(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return dict(zip(names, sess.run(names, feeds), strict=True))
+
+            runner: Runner = run_onnx
+        else:
+            interp = _tflite_interpreter(model)
+            runner = lambda feeds: _run_tflite(interp, feeds)  # noqa: E731
     except FleetInputError:
         raise
     except Exception as exc:  # runtime errors on a model the operator supplied are input errors
-        raise FleetInputError(f"{runtime} runtime failed to run the model: {exc}") from None
+        raise FleetInputError(f"{runtime} runtime cannot load the model: {exc}") from None
+
+    def guarded(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return runner(feeds)
+        except Exception as exc:  # same: a model/input mismatch is the operator's input
+            raise FleetInputError(f"{runtime} runtime failed to run the model: {exc}") from None
+
+    return guarded
 
 
-def _run_tflite(model: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    interp = _tflite_interpreter(model)
+def run_model(model: bytes, runtime: Runtime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the model once on `feeds` with the real runtime. Raises `FleetInputError`."""
+    return make_runner(model, runtime)(feeds)
+
+
+def _run_tflite(interp: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = next(iter(feeds.values())).shape[0]
     for d in interp.get_input_details():
         interp.resize_tensor_input(d["index"], [n, *feeds[d["name"]].shape[1:]])
@@ -218,11 +240,11 @@ def golden_feeds(
 
 def _profile(
     meta: BundleMetadata,
-    model: bytes,
-    runtime: Runtime,
+    runner: Runner,
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     reference: np.ndarray,
+    report: Progress,
 ) -> Any:
     from fleet.profile import compute_reference_profile
 
@@ -231,18 +253,27 @@ def _profile(
     names = meta.feature_names or [f"f{i}" for i in range(reference.shape[1])]
     if len(names) != reference.shape[1]:
         raise FleetInputError(f"{len(names)} feature_names for {reference.shape[1]} reference columns")
-    out = run_model(model, runtime, {inputs[0].name: reference.astype(inputs[0].dtype)})[outputs[0].name]
+    chunks = []
+    for start in range(0, reference.shape[0], PROFILE_BATCH_ROWS):  # bounded memory per run
+        report("running reference data", 0.6 + 0.2 * start / reference.shape[0])
+        batch = reference[start : start + PROFILE_BATCH_ROWS].astype(inputs[0].dtype)
+        chunks.append(runner({inputs[0].name: batch})[outputs[0].name])
+    out = np.concatenate(chunks)
     out2 = out.reshape(out.shape[0], -1)
     out_names = meta.output_names or [
         outputs[0].name if out2.shape[1] == 1 else f"{outputs[0].name}_{i}" for i in range(out2.shape[1])
     ]
+    unknown = sorted(set(meta.categorical) - set(names) - set(out_names))
+    if unknown:
+        raise FleetInputError(f"categorical names {unknown} are neither features nor outputs")
+    report("computing reference profile", 0.8)
     return compute_reference_profile(
         reference,
         names,
         outputs=out2,
         output_names=out_names,
         bins=meta.bins,
-        categorical={k: v for k, v in meta.categorical.items() if k in names or k in out_names},
+        categorical=dict(meta.categorical),
         input_name=inputs[0].name,
     )
 
@@ -273,6 +304,10 @@ def build_bundle(
     report("detecting runtime and schema", 0.1)
     runtime, inputs, outputs = describe_model(model)
     reference = None if reference_data is None else np.asarray(reference_data)
+    if reference is not None and not (
+        np.issubdtype(reference.dtype, np.number) or np.issubdtype(reference.dtype, np.bool_)
+    ):
+        raise FleetInputError("reference data must be numeric (categorical columns as integer codes)")
     quantization = Quantization()
     if metadata.quantize != "none":
         if runtime != "onnx":
@@ -288,11 +323,11 @@ def build_bundle(
         feeds = {inputs[0].name: np.asarray(golden_inputs).astype(inputs[0].dtype)}
     else:
         feeds = golden_feeds(inputs, metadata.golden_count, metadata.seed, reference)
-    expected = run_model(model, runtime, feeds)
+    runner = make_runner(model, runtime)
+    expected = runner(feeds)
     profile = None
     if reference is not None:
-        report("computing reference profile", 0.7)
-        profile = _profile(metadata, model, runtime, inputs, outputs, reference)
+        profile = _profile(metadata, runner, inputs, outputs, reference, report)
     report("writing bundle", 0.9)
     fields: dict[str, Any] = {
         "name": metadata.name,

@@ -93,11 +93,29 @@ def test_bad_inputs_are_refused(models: dict[str, Path], tmp_path: Path) -> None
         build_bundle(models["tflite"], _meta(quantize="dynamic"), tmp_path / "x.efb")
     with pytest.raises(FleetInputError, match="static quantization needs"):
         build_bundle(models["onnx"], _meta(quantize="static"), tmp_path / "x.efb")
+    with pytest.raises(FleetInputError, match="categorical names \\['nope'\\]"):
+        build_bundle(models["onnx"], _meta(categorical={"nope": []}), tmp_path / "x.efb", reference_data=REF)
+    with pytest.raises(FleetInputError, match="must be numeric"):
+        build_bundle(models["onnx"], _meta(), tmp_path / "x.efb", reference_data=REF.astype(str))
     assert list(tmp_path.iterdir()) == []
     bad = tmp_path / "meta.json"
     bad.write_text(json.dumps({"name": "mlp", "version": "1.0.0", "colour": "red", "bins": 0}))
     with pytest.raises(FleetInputError, match=r"colour.*|bins"):
         BundleMetadata.from_json_file(bad)
+
+
+@pytest.mark.integration
+def test_categorical_feature_codes_are_profiled_as_categories(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    ref = REF.copy()
+    ref[:, 0] = np.arange(ref.shape[0]) % 3  # a categorical column carried as integer codes
+    m = read_manifest(
+        build_bundle(models["onnx"], _meta(categorical={"f0": []}), tmp_path / "c.efb", reference_data=ref)
+    )
+    f0 = m.reference_profile.features[0]
+    assert f0.name == "f0" and f0.kind == "categorical" and len(f0.vocabulary) == 3
+    assert m.reference_profile.features[1].kind == "numeric"
 
 
 @pytest.mark.unit

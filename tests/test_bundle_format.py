@@ -121,6 +121,12 @@ def test_destination_that_exists_is_misuse(tmp_path: Path) -> None:
     (tmp_path / "slot").mkdir()
     with pytest.raises(MisuseError, match="already exists"):
         extract_bundle(bundle, tmp_path / "slot")
+    with pytest.raises(MisuseError, match="not a directory"):
+        extract_bundle(bundle, tmp_path / "missing" / "slot")
+    with pytest.raises(MisuseError, match="cannot open bundle"):
+        extract_bundle(tmp_path / "nope.efb", tmp_path / "slot2")
+    with pytest.raises(MisuseError, match="does not exist"):
+        write_bundle(_manifest(), MODEL, tmp_path / "missing" / "b.efb")
 
 
 @pytest.mark.integration

@@ -360,6 +360,8 @@ def extract_bundle(
     dest = Path(dest)
     if dest.exists() or dest.is_symlink():
         raise MisuseError(f"extraction destination {dest} already exists")
+    if not dest.parent.is_dir():
+        raise MisuseError(f"extraction destination's parent {dest.parent} is not a directory")
     if expected_sha256 is not None:
         expected_sha256 = expected_sha256.removeprefix("sha256:").lower()
     with _open_raw(bundle, limits) as raw:
@@ -489,6 +491,8 @@ def write_bundle(manifest: Manifest, model: bytes | Path, out: Path) -> Path:
         )
     if manifest.model_size > DEFAULT_LIMITS.max_model_bytes:
         raise MisuseError(f"model is {manifest.model_size} bytes, over {DEFAULT_LIMITS.max_model_bytes}")
+    if not out.parent.is_dir():
+        raise MisuseError(f"bundle output directory {out.parent} does not exist")
     try:
         src: BinaryIO = io.BytesIO(model) if isinstance(model, bytes) else open(model, "rb")  # noqa: SIM115
     except OSError as exc:
