@@ -22,9 +22,10 @@ def available_runtimes() -> list[str]:
     found = []
     if importlib.util.find_spec("onnxruntime") is not None:
         found.append("onnx")
-    if importlib.util.find_spec("ai_edge_litert") is not None or importlib.util.find_spec(
-        "tflite_runtime"
-    ) is not None:
+    if (
+        importlib.util.find_spec("ai_edge_litert") is not None
+        or importlib.util.find_spec("tflite_runtime") is not None
+    ):
         found.append("tflite")
     return found
 
@@ -50,6 +51,12 @@ def load_model(model_path: Path, manifest: Manifest, threads: int = 1) -> Loaded
         runtime = LiteRtRuntime(threads=threads)
     t0 = time.perf_counter()
     runtime.load(model_path, manifest)
-    log_event(_log, "runtime.loaded", model=manifest.bundle_id, runtime=manifest.runtime,
-              threads=threads, load_ms=round((time.perf_counter() - t0) * 1000, 2))
+    log_event(
+        _log,
+        "runtime.loaded",
+        model=manifest.bundle_id,
+        runtime=manifest.runtime,
+        threads=threads,
+        load_ms=round((time.perf_counter() - t0) * 1000, 2),
+    )
     return LoadedModel(runtime, manifest, model_path)

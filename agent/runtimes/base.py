@@ -110,8 +110,11 @@ def validate_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> dict[str, 
     for spec in manifest.inputs:
         arr = _to_array(spec, inputs[spec.name])
         if arr.ndim != len(spec.shape):
-            hint = " (wrap a single example in a list to make a batch of 1)" if arr.ndim + 1 == len(
-                spec.shape) else ""
+            hint = (
+                " (wrap a single example in a list to make a batch of 1)"
+                if arr.ndim + 1 == len(spec.shape)
+                else ""
+            )
             raise InputValidationError(
                 f"input {spec.name!r}: expected rank {len(spec.shape)} with shape {_fmt_shape(spec.shape)}, "
                 f"got rank {arr.ndim} with shape {_fmt_shape(arr.shape)}{hint}"
@@ -172,8 +175,8 @@ class LoadedModel:
         return self.runtime.run(validate_inputs(self.manifest, inputs))
 
     def info(self) -> dict[str, Any]:
-        """Name, version, runtime and the input/output schema (a copy safe to mutate)."""
-        return {**self._info, "inputs": list(self._info["inputs"]), "outputs": list(self._info["outputs"])}
+        """Name, version, runtime and the input/output schema (a shallow copy; called per request)."""
+        return dict(self._info)
 
     def close(self) -> None:
         """Release the runtime."""
