@@ -7,6 +7,7 @@ parent exactly as it was (the temporary directory is removed).
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import hashlib
 import io
@@ -314,19 +315,9 @@ def test_limits_must_be_positive() -> None:
         BundleLimits(max_members=0)
 
 
-_GOOD = None
-
-
+@functools.cache
 def _good_bundle_bytes() -> bytes:
-    global _GOOD
-    if _GOOD is None:
-        buf = io.BytesIO()
-        with tarfile.TarFile(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for info, data in _good_members():
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(data))
-        _GOOD = buf.getvalue()
-    return _GOOD
+    return _craft(_good_members())
 
 
 @pytest.mark.integration
