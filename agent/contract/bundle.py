@@ -20,6 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -97,7 +98,7 @@ def read_manifest(bundle: Path | bytes, limits: BundleLimits = DEFAULT_LIMITS) -
 
 
 @contextlib.contextmanager
-def _open_raw(bundle: Path | bytes, limits: BundleLimits):  # type: ignore[no-untyped-def]
+def _open_raw(bundle: Path | bytes, limits: BundleLimits) -> Iterator[BinaryIO]:
     if isinstance(bundle, bytes | bytearray | memoryview):
         raw: BinaryIO = io.BytesIO(bytes(bundle))
         size = len(bundle)
