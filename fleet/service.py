@@ -8,7 +8,9 @@ stopped in reverse order after it stops, even when one of them fails.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from types import FrameType
 from typing import Protocol
 
 import uvicorn
@@ -31,6 +33,10 @@ class Component(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 class FleetService:
@@ -77,6 +83,10 @@ class FleetService:
 
     def run(self) -> None:
         """Start components, serve until interrupted, then stop everything."""
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the handler that
+        # was installed before it: make that handler a clean exit so `finally` below runs.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._start_components()
             self._server = self._make_server()
@@ -86,6 +96,7 @@ class FleetService:
         finally:
             self._stop_components()
             self.store.close()
+            log_event(logger, "fleet.stopped")
 
     def start_background(self, ready_timeout: float = 10.0) -> None:
         """Serve in a daemon thread; returns once the socket listens. Raises RuntimeError otherwise."""

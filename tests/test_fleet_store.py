@@ -96,22 +96,28 @@ def test_versions_are_immutable_and_stages_recorded(store: Store) -> None:
         store.models.set_stage("m", "1.0.0", "production", "bob")
     hist = store.models.stage_history("m", "1.0.0")
     assert [(h["from_stage"], h["to_stage"], h["actor"]) for h in hist] == [
-        (None, "registered", "alice"), ("registered", "canary", "bob"), ("canary", "archived", "bob")]
+        (None, "registered", "alice"),
+        ("registered", "canary", "bob"),
+        ("canary", "archived", "bob"),
+    ]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text,labels,expected", [
-    ("env=prod", {"env": "prod"}, True),
-    ("env==prod", {"env": "dev"}, False),
-    ("env!=prod", {}, True),
-    ("region in (eu, us)", {"region": "us"}, True),
-    ("region in (eu,us)", {"region": "ap"}, False),
-    ("region notin (eu)", {}, True),
-    ("gpu", {"gpu": ""}, True),
-    ("!legacy", {"legacy": "1"}, False),
-    ("env=prod,region in (eu,us),!legacy", {"env": "prod", "region": "eu"}, True),
-    ("", {"x": "y"}, True),
-])
+@pytest.mark.parametrize(
+    "text,labels,expected",
+    [
+        ("env=prod", {"env": "prod"}, True),
+        ("env==prod", {"env": "dev"}, False),
+        ("env!=prod", {}, True),
+        ("region in (eu, us)", {"region": "us"}, True),
+        ("region in (eu,us)", {"region": "ap"}, False),
+        ("region notin (eu)", {}, True),
+        ("gpu", {"gpu": ""}, True),
+        ("!legacy", {"legacy": "1"}, False),
+        ("env=prod,region in (eu,us),!legacy", {"env": "prod", "region": "eu"}, True),
+        ("", {"x": "y"}, True),
+    ],
+)
 def test_selector_matches(text: str, labels: dict[str, str], expected: bool) -> None:
     assert parse_selector(text).matches(labels) is expected
 
@@ -128,12 +134,25 @@ def test_selector_rejects_bad_input(bad: str) -> None:
 
 @pytest.mark.integration
 def test_selector_sql_agrees_with_python(store: Store) -> None:
-    label_sets = [{"env": "prod", "region": "eu"}, {"env": "prod", "region": "us", "gpu": "yes"},
-                  {"env": "dev"}, {}, {"env": "prod", "legacy": "1", "region": "ap"}]
+    label_sets = [
+        {"env": "prod", "region": "eu"},
+        {"env": "prod", "region": "us", "gpu": "yes"},
+        {"env": "dev"},
+        {},
+        {"env": "prod", "legacy": "1", "region": "ap"},
+    ]
     for i, labels in enumerate(label_sets):
         _device(store, f"dev-{i}", labels)
-    for text in ["env=prod", "env!=prod", "region in (eu,us)", "region notin (eu)", "gpu", "!legacy",
-                 "env=prod,region notin (us),!gpu", ""]:
+    for text in [
+        "env=prod",
+        "env!=prod",
+        "region in (eu,us)",
+        "region notin (eu)",
+        "gpu",
+        "!legacy",
+        "env=prod,region notin (us),!gpu",
+        "",
+    ]:
         sel = parse_selector(text)
         want = [f"dev-{i}" for i, labels in enumerate(label_sets) if sel.matches(labels)]
         got = [d["id"] for d in store.devices.list_devices(sel, None, 100).items]
@@ -165,8 +184,12 @@ def test_enrollment_token_single_use_and_expiry(store: Store, tmp_path: Path) ->
     clock = store.clock
     assert isinstance(clock, FakeClock)
     _, token = create_enrollment_token(store, {"env": "prod"}, 600, "op")
-    kw = {"broker_url": "mqtt://b", "topic_prefix": "edgefleet", "repo_dir": tmp_path / "repo",
-          "passwd_path": tmp_path / "passwd"}
+    kw = {
+        "broker_url": "mqtt://b",
+        "topic_prefix": "edgefleet",
+        "repo_dir": tmp_path / "repo",
+        "passwd_path": tmp_path / "passwd",
+    }
     out = enroll_device(store, token, {"agent_version": "1.0.0"}, **kw)
     assert store.devices.get(out["device_id"])["labels"] == {"env": "prod"}
     assert out["tuf_root"] is None
