@@ -156,3 +156,22 @@ def test_int8_gate_refuses_with_figures(models: dict[str, Path], tmp_path: Path)
     assert err.value.figures["mean_abs_delta"] > 1e-7
     assert 0.0 <= err.value.figures["label_agreement"] <= 1.0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("runtime", "quantize"), [("onnx", "none"), ("onnx", "static"), ("tflite", "none")])
+def test_agent_runtime_loads_the_bundle_and_meets_its_golden_vectors(
+    models: dict[str, Path], tmp_path: Path, runtime: str, quantize: str
+) -> None:
+    from agent.runtimes import load_model
+
+    out = build_bundle(models[runtime], _meta(quantize=quantize), tmp_path / "b.efb", reference_data=REF)
+    done = extract_bundle(out, tmp_path / "slot")
+    loaded = load_model(done.model_path, done.manifest)
+    try:
+        golden = done.manifest.golden
+        got = loaded.predict({k: np.asarray(v, dtype=np.float32) for k, v in golden.inputs.items()})
+        for name, expected in golden.expected.items():
+            np.testing.assert_allclose(got[name], np.asarray(expected), rtol=golden.rtol, atol=golden.atol)
+    finally:
+        loaded.close()
