@@ -1,0 +1,167 @@
+"""`edgefleet agent ...`: commands that run on the device.
+
+Each command is a plain function registered on `group`, so adding `run` or `status` is one
+more `@group.command` below without touching the others. Library errors become one-line
+click errors (exit 1) with the library's message; nothing here prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+
+from agent.contract.manifest import Manifest, parse_manifest
+from agent.errors import EdgefleetError, InputValidationError, ManifestError, MisuseError
+from agent.logs import log_event
+
+_log = logging.getLogger("edgefleet.cli.agent")
+
+
+@click.group(name="agent", context_settings={"help_option_names": ["-h", "--help"]})
+def group() -> None:
+    """Run the device agent, score files offline, inspect local state."""
+
+
+def _model_dir_manifest(model_dir: Path) -> tuple[Manifest, Path]:
+    """Manifest and model path of an extracted bundle directory, with the model's digest checked."""
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise MisuseError(f"{model_dir} has no manifest.json (is it an extracted bundle?)")
+    manifest = parse_manifest(manifest_path.read_bytes())
+    model_path = model_dir / manifest.model_file
+    if not model_path.is_file():
+        raise MisuseError(f"{model_dir} has no {manifest.model_file}")
+    digest = hashlib.sha256()
+    with model_path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if "sha256:" + digest.hexdigest() != manifest.model_digest:
+        raise ManifestError(f"{model_path.name} does not match the manifest's model_digest")
+    return manifest, model_path
+
+
+@contextlib.contextmanager
+def _open_model_source(bundle: Path | None, model_dir: Path | None) -> Iterator[tuple[Manifest, Path]]:
+    if (bundle is None) == (model_dir is None):
+        raise click.UsageError("give exactly one of --bundle or --model-dir")
+    if model_dir is not None:
+        yield _model_dir_manifest(model_dir)
+        return
+    assert bundle is not None
+    from agent.contract.bundle import extract_bundle
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
+        extracted = extract_bundle(bundle, Path(tmp) / "bundle", durable=False)
+        yield extracted.manifest, extracted.model_path
+
+
+@group.command("predict")
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A bundle file (.efb); verified and extracted to a temporary directory.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An extracted bundle: manifest.json plus the model file.",
+)
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write outputs (.npy, .csv or .jsonl); written atomically.",
+)
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 65536),
+    help="Examples per model call.",
+)
+@click.option(
+    "--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Runtime intra-op threads."
+)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+def predict(
+    bundle: Path | None,
+    model_dir: Path | None,
+    input_path: Path,
+    output_path: Path,
+    batch_size: int,
+    threads: int,
+    progress: bool,
+) -> None:
+    """Score INPUT (.npy, .csv or .jsonl) offline and write the model's outputs.
+
+    Rows are validated against the manifest's input schema; a bad row stops the run with its
+    row number and nothing is written.
+    """
+    from agent.runtimes import load_model
+    from agent.scoring_files import OutputWriter, count_rows, file_format, iter_batches
+
+    try:
+        file_format(input_path)
+        file_format(output_path)
+        with _open_model_source(bundle, model_dir) as (manifest, model_path):
+            model = load_model(model_path, manifest, threads=threads)
+            total = count_rows(input_path)
+            t0 = time.perf_counter()
+            with (
+                contextlib.closing(model),
+                OutputWriter(output_path, manifest, total) as writer,
+                _progress(progress, total) as advance,
+            ):
+                for first, inputs in iter_batches(input_path, manifest, batch_size):
+                    try:
+                        outputs = model.predict(inputs)
+                    except InputValidationError as exc:
+                        rows = len(next(iter(inputs.values())))
+                        raise InputValidationError(
+                            f"{input_path.name} rows {first}-{first + rows - 1}: {exc}"
+                        ) from None
+                    writer.write(outputs)
+                    advance(len(next(iter(outputs.values()))))
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    elapsed = time.perf_counter() - t0
+    log_event(
+        _log,
+        "predict.done",
+        model=manifest.bundle_id,
+        rows=total,
+        output=str(output_path),
+        seconds=round(elapsed, 3),
+    )
+    click.echo(f"scored {total} rows with {manifest.bundle_id} in {elapsed:.2f}s -> {output_path}", err=True)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], object]]:
+    """A rich progress bar on stderr (a no-op callable when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("scoring", total=total)
+        yield lambda n: bar.advance(task, n)

@@ -1,0 +1,156 @@
+"""What the local inference API adds on top of `session.run`, per transport, against echo baselines.
+
+The servers run in a separate process (as for a real application on the gateway). In the
+same run we measure: raw `InferenceSession.run` (batch 1), the agent's Unix-socket and HTTP
+APIs serving the model, the same server stacks with a no-op "echo" predictor, and a bare
+Unix-socket echo (no framing) as the kernel/process wake-up floor. Targets are interleaved in
+rounds so machine noise hits all of them alike; each figure is a median.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME = "agent_overhead"
+DESCRIPTION = "local inference API round trip minus raw session.run (MLP 32-64-64-4, batch 1), Unix and HTTP"
+
+ROUNDS = 12
+PER_ROUND = 150
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EchoPredictor:
+    """No-op handler: returns the input as the output, so only the server stack is timed."""
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"logits": inputs["x"]}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": "echo",
+            "version": "0.0.0",
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [None, 32]}],
+        }
+
+
+def serve(directory: str) -> None:
+    """Server process: agent and echo servers on both transports plus a bare socket echo."""
+    import threading
+
+    from agent.inference_server_http import HttpInferenceServer
+    from agent.inference_server_unix import UnixInferenceServer
+    from agent.runtimes import load_model
+    from simulators.models import make_mlp_onnx, mlp_manifest
+
+    d = Path(directory)
+    data = make_mlp_onnx(0)
+    (d / "model.onnx").write_bytes(data)
+    model = load_model(d / "model.onnx", mlp_manifest(data))
+    UnixInferenceServer(model, d / "agent.sock").start()
+    UnixInferenceServer(EchoPredictor(), d / "echo.sock").start()
+    http_agent = HttpInferenceServer(model).start()
+    http_echo = HttpInferenceServer(EchoPredictor()).start()
+    bare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bare.bind(str(d / "bare.sock"))
+    bare.listen(1)
+
+    def bare_echo() -> None:
+        conn, _ = bare.accept()
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    threading.Thread(target=bare_echo, daemon=True).start()
+    print(http_agent.port, http_echo.port, flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+
+
+def _timed(fn: Callable[[], object], n: int, sink: list[int]) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        sink.append(clock() - t0)
+
+
+def run() -> dict[str, float]:
+    import onnxruntime as ort
+
+    from agent.inference_client import HttpInferenceClient, UnixInferenceClient
+    from simulators.models import make_mlp_onnx
+
+    x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="ef-bench-", dir="/tmp") as tmp:
+        d = Path(tmp)
+        data = make_mlp_onnx(0)
+        (d / "local.onnx").write_bytes(data)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1  # as the agent's OnnxRuntime
+        session = ort.InferenceSession(str(d / "local.onnx"), opts, providers=["CPUExecutionProvider"])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"from benchmarks.bench_agent_overhead import serve; serve({tmp!r})"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            http_agent_port, http_echo_port = (int(p) for p in proc.stdout.readline().split())
+            ua, ue = UnixInferenceClient(d / "agent.sock"), UnixInferenceClient(d / "echo.sock")
+            ha, he = HttpInferenceClient(port=http_agent_port), HttpInferenceClient(port=http_echo_port)
+            bare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bare.connect(str(d / "bare.sock"))
+            frame = b"\0" * 200  # about the size of a framed batch-1 request
+
+            def bare_rtt() -> None:
+                bare.sendall(frame)
+                got = 0
+                while got < len(frame):
+                    got += len(bare.recv(65536))
+
+            targets: dict[str, Callable[[], object]] = {
+                "raw_run": lambda: session.run(None, {"x": x}),
+                "unix_agent": lambda: ua.predict({"x": x}),
+                "unix_echo": lambda: ue.predict({"x": x}),
+                "bare_socket_echo": bare_rtt,
+                "http_agent": lambda: ha.predict({"x": x}),
+                "http_echo": lambda: he.predict({"x": x}),
+                "http_npy_agent": lambda: ha.predict_npy(x),
+                "http_npy_echo": lambda: he.predict_npy(x),
+            }
+            samples: dict[str, list[int]] = {k: [] for k in targets}
+            for fn in targets.values():  # warm up connections, caches and the model
+                _timed(fn, 200, [])
+            for _ in range(ROUNDS):
+                for name, fn in targets.items():
+                    _timed(fn, PER_ROUND, samples[name])
+            for c in (ua, ue, ha, he):
+                c.close()
+            bare.close()
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=10)
+    med = {k: float(np.median(v)) / 1000.0 for k, v in samples.items()}
+    return {
+        "raw_run_us": med["raw_run"],
+        "agent_unix_rtt_us": med["unix_agent"],
+        "echo_unix_rtt_us": med["unix_echo"],
+        "bare_socket_echo_us": med["bare_socket_echo"],
+        "agent_overhead_unix_us": med["unix_agent"] - med["raw_run"],
+        "agent_unix_vs_echo_ratio": med["unix_agent"] / med["unix_echo"],
+        "agent_http_rtt_us": med["http_agent"],
+        "echo_http_rtt_us": med["http_echo"],
+        "agent_overhead_http_us": med["http_agent"] - med["raw_run"],
+        "agent_overhead_http_npy_us": med["http_npy_agent"] - med["raw_run"],
+        "echo_http_npy_rtt_us": med["http_npy_echo"],
+    }
