@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 
 class MqttConfig(BaseModel):
-    """Broker connection settings with explicit limits (sizes in bytes, times in seconds)."""
+    """Broker connection settings with explicit limits (sizes in bytes, times in seconds).
+
+    Invalid settings raise pydantic's `ValidationError` (a `ValueError`) at construction.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,7 +71,10 @@ class MqttConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttConfig:
-        validate_id(self.client_id, "client id")
+        try:
+            validate_id(self.client_id, "client id")
+        except MisuseError as exc:
+            raise ValueError(str(exc)) from None
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         if (self.cert_file is None) != (self.key_file is None):
