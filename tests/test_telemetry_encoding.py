@@ -129,14 +129,35 @@ def test_wrong_types_and_values_are_refused() -> None:
         broken[index] = bad
         with pytest.raises(MessageError):
             decode_report(b"\x00" + cbor2.dumps(broken))
+    def block(**changes: object) -> list[object]:
+        # one numeric sketch of 3 bins: kinds, lengths, counts, nan, min/max, sums, categorical
+        parts = {"kinds": b"\x00", "lengths": [1, b"\x03"], "counts": [1, b"\x01\x02\x03"],
+                 "nan": [1, b"\x00"], "minmax": [8, bytes(16)], "sums": bytes(16), "cat": []}
+        parts.update(changes)
+        return list(parts.values())
+
     broken = list(body)
-    broken[14] = [[0, 1, b"\x00" * 5000, 0, 0.0, 0.0, 0.0, 0.0]]  # too many bins
-    with pytest.raises(MessageError, match="too many bins"):
+    broken[14], broken[15] = block(), []
+    with pytest.raises(MessageError, match="list of 7"):
         decode_report(b"\x00" + cbor2.dumps(broken))
+    bad_blocks = [
+        (block(lengths=[2, b"\x00\x50"], counts=[1, b"\x00" * 0x5000]), "too many bins"),
+        (block(lengths=[1, b"\x04"]), "add up"),
+        (block(kinds=b"\x07"), "kinds"),
+        (block(minmax=[8, bytes(8)]), "packed floats"),
+        (block(sums=np.array([np.inf, 0.0]).tobytes()), "finite"),
+        (block(kinds=b"\x01", minmax=[8, b""], sums=b"",
+               cat=[[[f"k{i}" for i in range(100)], list(range(100)), 0]]), "unseen"),
+        (block(kinds=b"\x01", minmax=[8, b""], sums=b"", cat=[]), "categorical"),
+    ]
+    for bad, message in bad_blocks:
+        broken = list(body)
+        broken[14] = bad
+        with pytest.raises(MessageError, match=message):
+            decode_report(b"\x00" + cbor2.dumps(broken))
     broken = list(body)
-    broken[14] = [[1, 1, b"\x01", 0, [f"k{i}" for i in range(100)], list(range(100)), 0]]
-    with pytest.raises(MessageError):
-        decode_report(b"\x00" + cbor2.dumps(broken))
+    broken[14] = block()
+    decode_report(b"\x00" + cbor2.dumps(broken))  # the template itself is valid
     broken = list(body)
     broken[7], broken[8] = 10.0, 5.0
     with pytest.raises(MessageError, match="interval"):

@@ -173,7 +173,7 @@ def merge_frequent(
 def _merge_feature(a: FeatureSketch, b: FeatureSketch) -> FeatureSketch:
     if type(a) is not type(b) or a.counts.shape != b.counts.shape:
         raise MessageError("cannot merge sketches binned differently (profile mismatch)")
-    counts = a.counts.astype(np.int64) + b.counts.astype(np.int64)
+    counts = np.add(a.counts, b.counts, dtype=np.int64)
     if isinstance(a, NumericSketch) and isinstance(b, NumericSketch):
         return NumericSketch(
             counts, a.nan_count + b.nan_count, min(a.min, b.min), max(a.max, b.max),
@@ -201,7 +201,7 @@ def merge_reports(a: TelemetryReport, b: TelemetryReport) -> TelemetryReport:
         interval_end=max(a.interval_end, b.interval_end),
         features=[_merge_feature(x, y) for x, y in zip(a.features, b.features, strict=True)],
         outputs=[_merge_feature(x, y) for x, y in zip(a.outputs, b.outputs, strict=True)],
-        latency_counts=a.latency_counts.astype(np.int64) + b.latency_counts.astype(np.int64),
+        latency_counts=np.add(a.latency_counts, b.latency_counts, dtype=np.int64),
         latency_sum_s=a.latency_sum_s + b.latency_sum_s,
         latency_max_s=max(a.latency_max_s, b.latency_max_s),
         requests=a.requests + b.requests,
@@ -226,11 +226,31 @@ def _pack(counts: np.ndarray) -> list[Any]:
     return [width, counts.astype(_DTYPES[width]).tobytes()]
 
 
-def _feature_to_wire(s: FeatureSketch) -> list[Any]:
-    if isinstance(s, NumericSketch):
-        return [0, *_pack(s.counts), s.nan_count, s.min, s.max, s.sum, s.sum_sq]
-    items = sorted(s.unseen.items())
-    return [1, *_pack(s.counts), s.nan_count, [k for k, _ in items], [c for _, c in items], s.unseen_error]
+def _block_to_wire(sketches: list[FeatureSketch]) -> list[Any]:
+    """Column-wise layout: one byte per sketch kind, all counts in one packed array (split by
+    a packed length array), NaN counts packed, min/max as float32 when exact, sums float64,
+    then per categorical sketch its frequent unseen items. Few large byte strings compress
+    well and decode with a handful of `np.frombuffer` calls."""
+    nums = [x for x in sketches if isinstance(x, NumericSketch)]
+    cats = [x for x in sketches if isinstance(x, CategoricalSketch)]
+    counts = np.concatenate([x.counts for x in sketches]) if sketches else np.zeros(0, np.int64)
+    minmax = np.array([v for x in nums for v in (x.min, x.max)], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        narrow = minmax.astype(np.float32)
+    exact = bool(np.array_equal(narrow.astype(np.float64), minmax))
+    extras = []
+    for c in cats:
+        items = sorted(c.unseen.items())
+        extras.append([[k for k, _ in items], [v for _, v in items], c.unseen_error])
+    return [
+        bytes(0 if isinstance(x, NumericSketch) else 1 for x in sketches),
+        _pack(np.array([x.counts.size for x in sketches], dtype=np.int64)),
+        _pack(counts),
+        _pack(np.array([x.nan_count for x in sketches], dtype=np.int64)),
+        [4, narrow.tobytes()] if exact else [8, minmax.tobytes()],
+        np.array([v for x in nums for v in (x.sum, x.sum_sq)], dtype=np.float64).tobytes(),
+        extras,
+    ]
 
 
 def encode_report(report: TelemetryReport) -> bytes:
@@ -239,8 +259,8 @@ def encode_report(report: TelemetryReport) -> bytes:
         report.schema_version, report.device_id, report.seq, report.model, report.version,
         report.cohort, report.profile_id, report.interval_start, report.interval_end,
         report.requests, report.errors, report.rejected, report.dropped_reports, report.merged_reports,
-        [_feature_to_wire(s) for s in report.features],
-        [_feature_to_wire(s) for s in report.outputs],
+        _block_to_wire(report.features),
+        _block_to_wire(report.outputs),
         [*_pack(report.latency_counts), report.latency_sum_s, report.latency_max_s],
         [report.resources.rss_max_bytes, report.resources.cpu_user_s, report.resources.cpu_system_s],
     ]
@@ -277,32 +297,65 @@ def _list(v: Any, what: str, n: int | None = None, limit: int = MAX_FEATURES) ->
     return v
 
 
-def _unpack(width: Any, blob: Any, what: str) -> np.ndarray:
+def _unpack(width: Any, blob: Any, what: str, limit: int = MAX_BINS) -> np.ndarray:
     if width not in _DTYPES or not isinstance(blob, bytes) or len(blob) % width:
         raise MessageError(f"{what}: bad packed counts")
-    if len(blob) // width > MAX_BINS:
+    if len(blob) // width > limit:
         raise MessageError(f"{what}: too many bins")
     return np.frombuffer(blob, dtype=_DTYPES[width]).astype(np.int64)
 
 
-def _feature_from_wire(v: Any, what: str) -> FeatureSketch:
-    v = _list(v, what)
-    if v and v[0] == 0 and len(v) == 8:
-        return NumericSketch(
-            _unpack(v[1], v[2], what), _int(v[3], f"{what}.nan"),
-            _float(v[4], f"{what}.min"), _float(v[5], f"{what}.max"),
-            _float(v[6], f"{what}.sum"), _float(v[7], f"{what}.sum_sq"),
-        )
-    if v and v[0] == 1 and len(v) == 7:
-        keys = _list(v[4], f"{what}.unseen", limit=MAX_FREQUENT_ITEMS)
-        vals = _list(v[5], f"{what}.unseen", n=len(keys))
-        unseen = {
-            _text(k, f"{what}.unseen", MAX_LABEL_CHARS): _int(c, f"{what}.unseen")
-            for k, c in zip(keys, vals, strict=True)
-        }
-        counts = _unpack(v[1], v[2], what)
-        return CategoricalSketch(counts, _int(v[3], f"{what}.nan"), unseen, _int(v[6], what))
-    raise MessageError(f"{what}: unknown sketch layout")
+def _floats(v: Any, what: str, n: int) -> np.ndarray:
+    if isinstance(v, list) and len(v) == 2 and v[0] in (4, 8):
+        width, blob = v
+    else:
+        width, blob = 8, v
+    if not isinstance(blob, bytes) or len(blob) != n * width:
+        raise MessageError(f"{what}: expected {n} packed floats")
+    return np.frombuffer(blob, dtype=np.float32 if width == 4 else np.float64).astype(np.float64)
+
+
+def _block_from_wire(v: Any, what: str, limit: int) -> list[FeatureSketch]:
+    v = _list(v, what, n=7)
+    kinds = v[0]
+    if not isinstance(kinds, bytes) or len(kinds) > limit or kinds.strip(b"\x00\x01"):
+        raise MessageError(f"{what}: bad sketch kinds")
+    k = len(kinds)
+    packed = [_list(v[i], f"{what}[{i}]", n=2) for i in (1, 2, 3)]
+    lengths = _unpack(packed[0][0], packed[0][1], f"{what}.lengths", limit)
+    counts = _unpack(packed[1][0], packed[1][1], f"{what}.counts", limit * MAX_BINS)
+    nans = _unpack(packed[2][0], packed[2][1], f"{what}.nan", limit)
+    if (lengths > MAX_BINS).any():
+        raise MessageError(f"{what}: too many bins in one sketch")
+    if lengths.size != k or nans.size != k or int(lengths.sum()) != counts.size:
+        raise MessageError(f"{what}: sketch sizes do not add up")
+    n_num = kinds.count(0)
+    minmax = _floats(v[4], f"{what}.minmax", 2 * n_num)
+    sums = _floats(v[5], f"{what}.sums", 2 * n_num)
+    if not np.isfinite(sums).all():
+        raise MessageError(f"{what}: sums must be finite")
+    extras = _list(v[6], f"{what}.categorical", n=k - n_num)
+    ends = np.cumsum(lengths).tolist()
+    parts = [counts[e - n : e] for e, n in zip(ends, lengths.tolist(), strict=True)]
+    out: list[FeatureSketch] = []
+    num_i = cat_i = 0
+    for i, kind in enumerate(kinds):
+        if kind == 0:
+            j = 2 * num_i
+            out.append(NumericSketch(parts[i], int(nans[i]), float(minmax[j]), float(minmax[j + 1]),
+                                     float(sums[j]), float(sums[j + 1])))
+            num_i += 1
+        else:
+            x = _list(extras[cat_i], f"{what}.categorical", n=3)
+            keys = _list(x[0], f"{what}.unseen", limit=MAX_FREQUENT_ITEMS)
+            vals = _list(x[1], f"{what}.unseen", n=len(keys))
+            unseen = {
+                _text(key, f"{what}.unseen", MAX_LABEL_CHARS): _int(c, f"{what}.unseen")
+                for key, c in zip(keys, vals, strict=True)
+            }
+            out.append(CategoricalSketch(parts[i], int(nans[i]), unseen, _int(x[2], f"{what}.unseen_error")))
+            cat_i += 1
+    return out
 
 
 def _inflate(data: bytes, max_decompressed: int) -> bytes:
@@ -361,11 +414,8 @@ def decode_report(
         interval_end=_float(b[8], "interval_end", finite=True),
         requests=_int(b[9], "requests"), errors=_int(b[10], "errors"), rejected=_int(b[11], "rejected"),
         dropped_reports=_int(b[12], "dropped_reports"), merged_reports=_int(b[13], "merged_reports"),
-        features=[_feature_from_wire(v, f"features[{i}]") for i, v in enumerate(_list(b[14], "features"))],
-        outputs=[
-            _feature_from_wire(v, f"outputs[{i}]")
-            for i, v in enumerate(_list(b[15], "outputs", limit=MAX_OUTPUTS))
-        ],
+        features=_block_from_wire(b[14], "features", MAX_FEATURES),
+        outputs=_block_from_wire(b[15], "outputs", MAX_OUTPUTS),
         latency_counts=latency_counts,
         latency_sum_s=_float(lat[2], "latency.sum", finite=True),
         latency_max_s=_float(lat[3], "latency.max", finite=True),
