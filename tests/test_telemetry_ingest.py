@@ -61,7 +61,8 @@ def test_reports_merge_into_windows_and_replays_are_dropped(tmp_path: Path) -> N
 def test_bad_payloads_are_counted_and_never_stop_the_ingester(tmp_path: Path) -> None:
     store = _store(tmp_path / "t.db")
     good = _payloads("dev-a", 2)
-    other = compute_reference_profile(np.random.default_rng(2).normal(size=(500, 3)), ["a", "b", "c"], bins=10)
+    rng = np.random.default_rng(2)
+    other = compute_reference_profile(rng.normal(size=(500, 3)), ["a", "b", "c"], bins=10)
     bomb = bytes([FLAG_ZSTD]) + zstandard.ZstdCompressor().compress(b"\x00" * (16 * 1024 * 1024))
     bad = [b"", b"\x00garbage", good[0][: len(good[0]) // 2], bomb, b"\x00" * 300_000,
            _payloads("dev-x", 1, version="2.0.0")[0],  # no profile for this version
