@@ -97,7 +97,8 @@ def lineage_from_mlmodel(doc: dict[str, Any]) -> dict[str, Any]:
     return lineage
 
 
-def import_mlflow_model(store: Store, model_dir: Path, model: str, version: str, actor: str) -> Row:
+def import_mlflow_model(store: Store, model_dir: Path, model: str, version: str, actor: str,
+                        max_artifact_bytes: int = MAX_ARTIFACT_BYTES) -> Row:
     """Register `model`@`version` from an MLflow directory, creating the model if needed.
 
     Raises FleetInputError (bad directory, YAML, data path), Conflict (version exists).
@@ -107,7 +108,7 @@ def import_mlflow_model(store: Store, model_dir: Path, model: str, version: str,
     if model_dir.resolve() not in data.parents or not data.is_file():
         raise FleetInputError(f"flavors.onnx.data {doc['flavors']['onnx']['data']!r} is not a file "
                               f"inside {model_dir}")
-    digest = _sha256_file(data, MAX_ARTIFACT_BYTES)
+    digest = _sha256_file(data, max_artifact_bytes)
     lineage = lineage_from_mlmodel(doc)
     with store.tx():
         try:

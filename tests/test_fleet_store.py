@@ -252,3 +252,30 @@ def test_mosquitto_accepts_generated_password_file(tmp_path: Path) -> None:
         assert results == {"s3cret": False, "wrong": True}
     finally:
         broker.stop()
+
+
+@pytest.mark.integration
+def test_concurrent_use_from_threads(store: Store, tmp_path: Path) -> None:
+    """One token raced by 8 threads enrolls exactly one device; parallel writes all land."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, token = create_enrollment_token(store, {}, 600, "op")
+    kw = {
+        "broker_url": "mqtt://b",
+        "topic_prefix": "p",
+        "repo_dir": tmp_path / "repo",
+        "passwd_path": tmp_path / "pw",
+    }
+
+    def attempt(_: int) -> str:
+        try:
+            return str(enroll_device(store, token, {}, **kw)["device_id"])
+        except AuthError:
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, range(8)))
+        list(pool.map(lambda i: store.models.create_model(f"m{i}", "", "t"), range(40)))
+    assert outcomes.count("refused") == 7 and store.devices.count() == 1
+    assert len(store.models.list_models(None, 100).items) == 40
+    assert len(store.audit.list(None, 200, action="model.create").items) == 40

@@ -48,7 +48,8 @@ def import_mlflow(body: MlflowImport, request: Request, store: StoreDep, setting
                   who: Operator) -> JSONResponse:
     path = resolve_import_path(settings.import_dir, body.path)
     return idempotent_create(request, who, body, VersionOut,
-                             lambda: import_mlflow_model(store, path, body.model, body.version, who.actor))
+                             lambda: import_mlflow_model(store, path, body.model, body.version, who.actor,
+                                                         settings.limits.max_upload_bytes))
 
 
 @router.get("/{name}", response_model=ModelOut, summary="Read a model")
