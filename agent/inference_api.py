@@ -20,7 +20,6 @@ import logging
 import math
 import struct
 import sys
-import threading
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -158,7 +157,6 @@ class InferenceService:
     def __init__(self, predictor: Predictor, limits: ApiLimits | None = None) -> None:
         self.predictor = predictor
         self.limits = limits or ApiLimits()
-        self._lock = threading.Lock()
 
     def check_body_size(self, size: int) -> None:
         """Raises `RequestTooLargeError` if a body of `size` bytes is over the limit."""

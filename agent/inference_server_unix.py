@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from agent.errors import EdgefleetError, MessageError, MisuseError
+from agent.errors import MessageError, MisuseError
 from agent.inference_api import (
     FRAME,
     ApiLimits,
@@ -151,9 +151,9 @@ class UnixInferenceServer:
             keep_open = True
             header, arrays = decode_frame_body(head, payload)
             reply = self._dispatch(header, arrays)
+        except OSError:
+            raise  # the connection itself failed: nothing to reply to
         except Exception as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, EdgefleetError):
-                raise
             status, doc = error_body(exc)
             if not keep_open:
                 doc["close"] = True  # tells the client this connection is done
