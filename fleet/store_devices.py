@@ -141,28 +141,46 @@ class DeviceRepo:
         return after
 
     def record_reported_state(self, device_id: str, state: dict[str, Any]) -> Row:
-        """Fold a device's reported state into its inventory row and mark it online.
+        """Fold a device's reported state (`agent.contract.protocol.ReportedState` as a dict) into
+        its inventory row.
 
-        Known keys update their columns when present: `agent_version` (str), `runtimes`
-        (list of str), `architecture` (str), `memory_mb` (int); the whole document is kept.
-        Raises NotFound (unknown device), FleetInputError (revoked device, bad types, too big).
+        `device_id` is the broker-authenticated id; a different `device_id` inside the payload is
+        refused, never trusted. Non-empty `agent_version`, `architecture`, `runtimes` and
+        `memory_mb` update their columns; `online` (default True; False from a Last Will) sets the
+        flag; the whole document is kept. Labels a device reports are kept in the document only:
+        labels are the fleet's to set. Raises NotFound (unknown device), FleetInputError
+        (revoked device, wrong id, bad types, too big).
         """
         if not isinstance(state, dict):
             raise FleetInputError("reported state must be a JSON object")
+        claimed = state.get("device_id")
+        if claimed is not None and claimed != device_id:
+            raise FleetInputError(f"report from {device_id!r} claims to be from {claimed!r}")
         doc = dumps(state)
         if len(doc) > MAX_REPORTED_STATE_BYTES:
             raise FleetInputError(f"reported state of {device_id!r} exceeds {MAX_REPORTED_STATE_BYTES} bytes")
-        updates: dict[str, Any] = {"reported_state": doc, "last_seen": self.store.now(), "online": 1}
-        for key, kind in (("agent_version", str), ("architecture", str), ("memory_mb", int)):
-            if state.get(key) is not None:
-                if not isinstance(state[key], kind) or isinstance(state[key], bool):
-                    raise FleetInputError(f"reported state of {device_id!r}: {key} must be {kind.__name__}")
-                updates[key] = state[key]
+        online = state.get("online", True)
+        if not isinstance(online, bool):
+            raise FleetInputError(f"reported state of {device_id!r}: online must be a boolean")
+        now = self.store.now()
+        updates: dict[str, Any] = {"reported_state": doc, "last_seen": now, "online": int(online)}
+        for key in ("agent_version", "architecture"):
+            value = state.get(key)
+            if value is not None and not isinstance(value, str):
+                raise FleetInputError(f"reported state of {device_id!r}: {key} must be a string")
+            if value:
+                updates[key] = value
+        memory = state.get("memory_mb")
+        if memory is not None:
+            if isinstance(memory, bool) or not isinstance(memory, int | float) or memory < 0:
+                raise FleetInputError(f"reported state of {device_id!r}: memory_mb must be a number >= 0")
+            updates["memory_mb"] = round(memory)
         if state.get("runtimes") is not None:
             rts = state["runtimes"]
             if not isinstance(rts, list) or not all(isinstance(r, str) for r in rts):
                 raise FleetInputError(f"reported state of {device_id!r}: runtimes must be a list of str")
-            updates["runtimes"] = dumps(rts)
+            if rts:
+                updates["runtimes"] = dumps(rts)
         with self.store.tx() as db:
             current = self.get(device_id)
             if current["revoked"]:

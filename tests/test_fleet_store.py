@@ -171,6 +171,24 @@ def test_reported_state_and_offline(store: Store) -> None:
     row = store.devices.record_reported_state("dev-1", state)
     assert (row["architecture"], row["memory_mb"], row["online"]) == ("aarch64", 512, True)
     assert row["reported_state"]["slot"] == "a"
+    from agent.contract.protocol import ReportedState
+
+    report = ReportedState(
+        device_id="dev-1",
+        agent_version="0.3.0",
+        runtimes=["onnx", "tflite"],
+        memory_mb=300.4,
+        labels={"env": "evil"},
+        timestamp=1_800_000_000.0,
+    )
+    row = store.devices.record_reported_state("dev-1", report.model_dump(mode="json"))
+    assert (row["agent_version"], row["runtimes"], row["memory_mb"]) == ("0.3.0", ["onnx", "tflite"], 300)
+    assert row["architecture"] == "aarch64" and row["labels"] == {}  # empty fields and device labels ignored
+    with pytest.raises(FleetInputError, match="claims"):
+        store.devices.record_reported_state("dev-1", {"device_id": "dev-2"})
+    lwt = store.devices.record_reported_state("dev-1", {"online": False})
+    assert lwt["online"] is False
+    store.devices.record_reported_state("dev-1", {})
     store.devices.mark_offline("dev-1")
     assert store.devices.get("dev-1")["online"] is False
     store.devices.revoke("dev-1", "admin")
