@@ -42,7 +42,7 @@ def file_format(path: Path) -> str:
 def _single(specs: list[Any], kind: str, fmt: str) -> str:
     if len(specs) != 1:
         raise MisuseError(
-            f"{fmt} {kind} needs a single-{kind[:-1]} model; this one has {len(specs)}: use .jsonl"
+            f"{fmt} files need a single-{kind[:-1]} model; this one has {len(specs)} {kind}: use .jsonl"
         )
     return str(specs[0].name)
 
