@@ -174,9 +174,12 @@ class Publisher:
 
     # --- desired state and metadata -----------------------------------------------------
     def publish_desired(
-        self, document: bytes, device_id: str | None = None, cohort: str | None = None
+        self, device_id: str | None = None, cohort: str | None = None, *, document: bytes
     ) -> str:
-        """Publish a signed director document retained for one device or one cohort; return the topic."""
+        """Publish a signed director document retained for one device or one cohort; return the topic.
+
+        An empty `document` clears the retained message.
+        """
         if (device_id is None) == (cohort is None):
             raise FleetMisuseError("give exactly one of device_id or cohort")
         try:
@@ -238,6 +241,7 @@ class Publisher:
         except MessageError as exc:
             self.refused[400] += 1
             log_event(logger, "publisher.bad_request", level=logging.WARNING, topic=msg.topic, error=str(exc))
+            self._answer_bad_request(msg, str(exc))
             return
         with self._lock:
             if self._pending[device] >= self.settings.max_pending_per_device:
@@ -254,6 +258,23 @@ class Publisher:
             with self._lock:
                 self._pending[device] -= 1
             self._refuse(msg, req, 503, "publisher busy")
+
+    def _answer_bad_request(self, msg: Message, reason: str) -> None:
+        """Answer 400 only where the answer is safe to send: the requester's own response topic."""
+        try:
+            parsed = parse_topic(self.topics.prefix, msg.topic)
+        except MessageError:
+            return
+        corr = msg.correlation_data
+        if (
+            parsed.device_id is None
+            or msg.response_topic != self.topics.responses(parsed.device_id)
+            or corr is None
+            or not 4 <= len(corr) <= 32
+        ):
+            return
+        header = ChunkHeader(request_id=corr.hex(), path="", offset=0, status=400, reason=reason[:256])
+        self._answer(msg, encode_chunk(header))
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -324,3 +324,61 @@ def test_end_to_end_tuf_updater_over_mqtt(mosquitto: Broker, tmp_path: Path, pay
         asked = {p for _d, p, _o in pub.request_log}
         assert "metadata/2.root.json" in asked  # root rotation probe ended with a 404
         assert "metadata/timestamp.json" in asked
+
+
+@pytest.mark.integration
+def test_publisher_answers_400_to_a_malformed_request(mosquitto: Broker, repo: Path) -> None:
+    from agent.contract.protocol import decode_chunk
+
+    dev = _dev()
+    topics = Topics(PREFIX, dev)
+    with running(mosquitto, repo) as pub:
+        t = MqttTransport(MqttConfig(port=mosquitto.port, client_id=dev))
+        t.connect()
+        try:
+            answer = t.request(
+                topics.requests(),
+                b'{"schema_version": 1, "path": "../../etc/passwd"}',
+                response_topic=topics.responses(),
+                timeout=5,
+            )
+            header, payload = decode_chunk(answer.payload)
+            assert header.status == 400 and payload == b"" and "ObjectRequest" in header.reason
+            assert pub.refused[400] == 1
+            assert pub.request_log == type(pub.request_log)()  # nothing was served
+        finally:
+            t.close()
+
+
+@pytest.mark.integration
+def test_retained_desired_reaches_a_device_that_subscribes_later(mosquitto: Broker, repo: Path) -> None:
+    dev = _dev()
+    topics = Topics(PREFIX, dev)
+    with running(mosquitto, repo) as pub:
+        assert pub.publish_desired(device_id=dev, document=b"signed-director-doc") == topics.desired()
+        with pytest.raises(Exception, match="exactly one"):
+            pub.publish_desired(device_id=dev, cohort="eu", document=b"x")
+        got: list[bytes] = []
+        t = MqttTransport(MqttConfig(port=mosquitto.port, client_id=dev))
+        t.subscribe(topics.desired(), lambda m: got.append(m.payload))
+        t.connect()
+        try:
+            _wait_for(lambda: bool(got), 10)
+            assert got == [b"signed-director-doc"]
+        finally:
+            t.close()
+            pub.publish_desired(device_id=dev, document=b"")
+
+
+@pytest.mark.integration
+def test_second_process_on_the_same_spool_is_refused(mosquitto: Broker, repo: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    spool = tmp_path / "spool"
+    with running(mosquitto, repo), device(mosquitto, _dev(), spool) as fetcher:
+        key = hashlib.sha256(TARGET.encode()).hexdigest()[:40]
+        with (spool / f"{key}.lock").open("w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(DownloadError, match="another process"):
+                fetcher.download_bytes(f"mqtt://repo/{TARGET}", SIZE)
+        assert fetcher.chunk_requests == 0

@@ -39,6 +39,9 @@ class Transport(Protocol):
     def connect(self, timeout: float | None = None) -> None:
         """Start connecting (reconnecting with backoff); wait up to `timeout` s for a CONNACK."""
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or `timeout` s pass; True when connected."""
+
     def close(self) -> None:
         """Disconnect cleanly (no Last Will) and stop reconnecting."""
 

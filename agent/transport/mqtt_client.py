@@ -129,6 +129,8 @@ class MqttTransport:
         self._broker_max_packet: int | None = None
         self._last_refusal: str = ""
         self.connects = 0  # successful CONNACKs, for tests and metrics
+        self.messages_in = 0  # every message delivered by the broker, duplicates included
+        self.bytes_in = 0  # their payload bytes
 
     # --- connection ---------------------------------------------------------------------
     @property
@@ -326,6 +328,8 @@ class MqttTransport:
             self._client.unsubscribe(topic_filter)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.messages_in += 1
+        self.bytes_in += len(msg.payload)
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props else None
         message = Message(

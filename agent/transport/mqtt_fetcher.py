@@ -15,6 +15,7 @@ root rotation (`N+1.root.json` does not exist yet).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -199,6 +200,23 @@ class MqttFetcher(FetcherInterface):
         tmp.replace(state_file)
 
     def _download(self, path: str) -> Path:
+        """Hold a per-object lock so two processes never write one spool file."""
+        part, _ = self._paths(path)
+        lock = part.with_suffix(".lock")
+        lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            raise DownloadError(f"{path} is being fetched by another process into {self.spool_dir}") from None
+        try:
+            result = self._download_locked(path)
+            lock.unlink(missing_ok=True)
+            return result
+        finally:
+            os.close(lock_fd)
+
+    def _download_locked(self, path: str) -> Path:
         part, state_file = self._paths(path)
         state = self._load_resume(path, state_file, part)
         if state is None:
@@ -255,19 +273,8 @@ class MqttFetcher(FetcherInterface):
         return corr, fut
 
     def _wait_for_link(self) -> None:
-        if self.transport.connected:
-            return
-        wait_connected = getattr(self.transport, "wait_connected", None)
-        deadline = time.monotonic() + self.config.reconnect_wait_s
-        while time.monotonic() < deadline:
-            if wait_connected is not None:
-                if wait_connected(min(1.0, max(0.0, deadline - time.monotonic()))):
-                    return
-            elif self.transport.connected:
-                return
-            else:
-                time.sleep(0.1)
-        raise DownloadError(f"broker unreachable for {self.config.reconnect_wait_s:.0f}s")
+        if not self.transport.wait_connected(self.config.reconnect_wait_s):
+            raise DownloadError(f"broker unreachable for {self.config.reconnect_wait_s:.0f}s")
 
     def _fetch_chunks(
         self,
@@ -293,7 +300,8 @@ class MqttFetcher(FetcherInterface):
                     try:
                         corr, fut = self._send(path, index)
                     except TransportError:
-                        continue  # lost the link between the check and the publish: wait again
+                        time.sleep(0.05)  # lost the link between the check and the publish
+                        continue
                     todo.popleft()
                     inflight[corr] = _InFlight(index, attempts, time.monotonic() + cfg.chunk_timeout_s, fut)
                 timeout = max(0.0, min(f.deadline for f in inflight.values()) - time.monotonic())
@@ -345,6 +353,8 @@ class MqttFetcher(FetcherInterface):
         except MessageError as exc:
             raise DownloadError(f"malformed chunk for {path}: {exc}") from exc
         offset = index * self.config.chunk_size
+        if header.status == 400:
+            raise DownloadHTTPError(f"{path}: publisher refused the request: {header.reason}", 400)
         if header.path != path or header.offset != offset:
             raise DownloadError(f"answer for {header.path}@{header.offset}, asked {path}@{offset}")
         if header.status == 404:
