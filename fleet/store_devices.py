@@ -7,9 +7,12 @@ per device per minute would drown the log). Enrollment, label edits and revocati
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
+from agent.contract.protocol import ReportedState
+from agent.logs import log_event
 from fleet.errors import Conflict, FleetInputError, NotFound
 from fleet.selector import Selector, validate_labels
 from fleet.store import Page, Row, decode_row, dumps
@@ -23,6 +26,7 @@ PUBLIC_COLUMNS = (
     "reported_state, revoked, revoked_at, enrolled_at, broker_username"
 )
 MAX_REPORTED_STATE_BYTES = 64 * 1024
+logger = logging.getLogger("edgefleet.fleet.inventory")
 
 
 def _public(row: Row | None) -> Row | None:
@@ -188,6 +192,18 @@ class DeviceRepo:
             sets = ", ".join(f"{k} = ?" for k in updates)
             db.execute(f"UPDATE devices SET {sets} WHERE id = ?", [*updates.values(), device_id])  # noqa: S608
             return self.get(device_id)
+
+    def on_reported(self, device_id: str, report: ReportedState) -> None:
+        """Publisher callback (`Publisher.on_reported(store.devices.on_reported)`).
+
+        Records the report; a refused one (unknown or revoked device, wrong id) is logged and
+        dropped, because raising in the publisher's thread would help no one.
+        """
+        try:
+            self.record_reported_state(device_id, report.model_dump(mode="json"))
+        except FleetInputError as exc:
+            log_event(logger, "fleet.inventory.report_refused", logging.WARNING, device=device_id,
+                      error=str(exc))
 
     def mark_offline(self, device_id: str) -> None:
         """Record that the device went away (Last Will or timeout). Raises NotFound."""

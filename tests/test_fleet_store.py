@@ -186,6 +186,7 @@ def test_reported_state_and_offline(store: Store) -> None:
     assert row["architecture"] == "aarch64" and row["labels"] == {}  # empty fields and device labels ignored
     with pytest.raises(FleetInputError, match="claims"):
         store.devices.record_reported_state("dev-1", {"device_id": "dev-2"})
+    store.devices.on_reported("dev-nope", report)  # the publisher callback logs and drops refusals
     lwt = store.devices.record_reported_state("dev-1", {"online": False})
     assert lwt["online"] is False
     store.devices.record_reported_state("dev-1", {})
