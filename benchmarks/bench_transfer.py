@@ -3,8 +3,9 @@
 Agents are real `MqttFetcher`s (each with its own paho client) spread over a few processes;
 the fleet `Publisher` serves them from a repository directory. Baseline in the same run: one
 agent alone. Metrics: time until every agent holds bytes whose sha256 matches
-(`transfer_s`), payload bytes received per agent over the file size (`transfer_bytes_ratio`,
-mean; `_max` too), broker peak RSS sampled from /proc during the fleet run.
+(`transfer_s`); bytes the broker delivered per agent over the file size
+(`transfer_bytes_ratio`, mean, and `_max`; counted at the MQTT client, so chunk headers and
+duplicates count); broker peak RSS sampled from /proc during the fleet run.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _agents(
             ok = hashlib.sha256(data).hexdigest() == digest
         except Exception:
             ok = False
-        results[k] = (ok, fetchers[k].bytes_received, time.perf_counter() - t0)
+        # Everything the broker delivered to this agent (chunk headers and duplicates included).
+        results[k] = (ok, transports[k].bytes_in, time.perf_counter() - t0)
 
     threads = [threading.Thread(target=one, args=(k,)) for k in range(len(ids))]
     for th in threads:
