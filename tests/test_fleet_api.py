@@ -499,3 +499,61 @@ def test_schemathesis_finds_no_server_error(api: Api) -> None:
     # Authenticated everywhere; only /v1/enroll refuses the admin key (it wants an enrollment token).
     assert {path for path, code in statuses if code == 401} <= {"/v1/enroll"}
     assert sum(200 <= code < 300 for _, code in statuses) >= 10
+
+
+@dataclass
+class _Recorder:
+    """A component that records its lifecycle into a shared list."""
+
+    name: str
+    log: list[str]
+    fail_stop: bool = False
+
+    def start(self) -> None:
+        self.log.append(f"start:{self.name}")
+
+    def stop(self) -> None:
+        self.log.append(f"stop:{self.name}")
+        if self.fail_stop:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.integration
+def test_fleet_service_starts_and_stops_components_in_order(tmp_path: Path) -> None:
+    from fleet.service import FleetService
+
+    log: list[str] = []
+    settings = FleetSettings(data_dir=tmp_path, port=free_port())
+    comps = [_Recorder("publisher", log, fail_stop=True), _Recorder("controller", log)]
+    service = FleetService(settings, components=comps)
+    service.start_background()
+    try:
+        assert httpx.get(f"http://127.0.0.1:{settings.port}/health").status_code == 200
+        assert settings.broker_passwd_path.read_text() == ""  # synced from the (empty) store at start
+    finally:
+        service.stop()
+    assert log == ["start:publisher", "start:controller", "stop:controller", "stop:publisher"]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{settings.port}/health", timeout=1)
+
+
+@pytest.mark.integration
+def test_cli_create_token_validates_labels(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from fleet.cli_fleet import group
+
+    runner = CliRunner()
+    ok = runner.invoke(group, ["create-token", "--data-dir", str(tmp_path), "--labels", "env=prod,region=eu"])
+    assert ok.exit_code == 0, ok.output
+    token = ok.stdout.strip().splitlines()[-1]
+    assert token.startswith("eft_")
+    bad = runner.invoke(group, ["create-token", "--data-dir", str(tmp_path), "--labels", "env"])
+    assert bad.exit_code == 2 and "not key=value" in bad.output
+    store = Store(tmp_path / "fleet.db")
+    try:
+        tokens = store.access.list_tokens(None, 10).items
+        assert [t["labels"] for t in tokens] == [{"env": "prod", "region": "eu"}]
+        assert store.audit.list(None, 10).items[0]["actor"] == "cli:create-token"
+    finally:
+        store.close()
