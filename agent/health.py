@@ -190,6 +190,8 @@ class Probation:
         self.errors = 0
         self.peak_rss_mb = 0.0
         self._early: Verdict | None = None
+        self.rss_interval_s = 0.1
+        self._rss_at = float("-inf")
 
     def observe(self, latency_s: float, ok: bool) -> None:
         """Feed one served request (wire to `ModelHolder.add_observer`)."""
@@ -226,7 +228,10 @@ class Probation:
         with self._lock:
             if self._early is not None:
                 return self._early
-            self.peak_rss_mb = max(self.peak_rss_mb, self._rss())
+            now = self._clock()
+            if now - self._rss_at >= self.rss_interval_s:  # /proc reads are not free
+                self._rss_at = now
+                self.peak_rss_mb = max(self.peak_rss_mb, self._rss())
             m = self._measure()
             if p.max_memory_mb is not None and self.peak_rss_mb > p.max_memory_mb:
                 return Verdict(False, f"memory {self.peak_rss_mb:.1f} MB over {p.max_memory_mb} MB", m)

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.errors import RuntimeFailure
+from agent.errors import InputValidationError, NoModelLoadedError
 from agent.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -168,26 +168,38 @@ class ModelHolder:
         self._observers: list[Observer] = []
         self._token = 0
         self.drain_timeout_s = drain_timeout_s
+        self.last_swap_at = 0.0  # perf_counter() of the last reference swap (for rollback_ms)
         self.shadow_queue_size = shadow_queue_size
 
     # -- serving ---------------------------------------------------------------------------
     def predict(self, inputs: Tensors) -> Tensors:
-        """Run the serving model. Raises `RuntimeFailure` if no model is loaded; whatever
-        the runtime raises (e.g. `InputValidationError`) propagates and counts as an error."""
+        """Run the serving model.
+
+        Raises `NoModelLoadedError` if no model is served; whatever the runtime raises
+        propagates (`InputValidationError` is the caller's fault and is not counted as a
+        model error by observers; anything else is).
+        """
+        return self.predict_tagged(inputs)[1]
+
+    def predict_tagged(self, inputs: Tensors) -> tuple[str, Tensors]:
+        """Like `predict`, plus the bundle id that actually served this request (for telemetry)."""
         with self._lock:
             cur = self._current
             if cur is None:
-                raise RuntimeFailure("no model is being served")
+                raise NoModelLoadedError("no model is being served")
             self._token += 1
             token = self._token
             t0 = time.monotonic()
             cur.inflight += 1
             cur.started[token] = t0
             shadow = self._shadow
-        ok = False
+        ok: bool | None = False
         try:
             out = cur.model.predict(inputs)
             ok = True
+        except InputValidationError:
+            ok = None  # a bad request says nothing about the model
+            raise
         finally:
             latency = time.monotonic() - t0
             with self._lock:
@@ -195,11 +207,13 @@ class ModelHolder:
                 cur.started.pop(token, None)
                 if cur.inflight == 0:
                     self._drained.notify_all()
-            for obs in list(self._observers):
-                obs(cur.bundle_id, latency, ok)
+                observers = list(self._observers)
+            if ok is not None:
+                for obs in observers:
+                    obs(cur.bundle_id, latency, ok)
         if shadow is not None:
             shadow.offer(inputs, out)
-        return out
+        return cur.bundle_id, out
 
     @property
     def bundle_id(self) -> str | None:
@@ -236,6 +250,7 @@ class ModelHolder:
         """
         with self._lock:
             old, self._current = self._current, _Serving(model, bundle_id)
+            self.last_swap_at = time.perf_counter()
             retire = self._standby if keep_previous else old
             if keep_previous:
                 self._standby = old
@@ -253,6 +268,7 @@ class ModelHolder:
             if self._standby is None:
                 return False
             bad, self._current, self._standby = self._current, self._standby, None
+            self.last_swap_at = time.perf_counter()
         log_event(log, "serving.revert", bundle=self._current.bundle_id if self._current else None)
         if bad is not None:
             self._retire(bad)

@@ -11,7 +11,7 @@ import pytest
 from lifecycle_world import Hammer, X, manifest_for
 
 from agent.contract.manifest import HealthPolicy, Manifest
-from agent.errors import InferenceTimeoutError, InputValidationError, RuntimeFailure
+from agent.errors import InferenceTimeoutError, InputValidationError, NoModelLoadedError
 from agent.health import Probation, check_golden, run_with_deadline
 from agent.runtimes import LoadedModel, load_model
 from agent.serving import ModelHolder
@@ -113,7 +113,7 @@ def test_watchdog_returns_raises_and_times_out() -> None:
 @pytest.mark.integration
 def test_swap_and_revert_under_load_fail_no_request(tmp_path: Path) -> None:
     holder = ModelHolder()
-    with pytest.raises(RuntimeFailure, match="no model"):
+    with pytest.raises(NoModelLoadedError, match="no model"):
         holder.predict({"x": X[:1]})
     a, _ = _load(tmp_path, 0)
     holder.swap(a, "a")
@@ -137,10 +137,15 @@ def test_observers_see_every_request_and_errors(tmp_path: Path) -> None:
     holder.swap(a, "a", keep_previous=False)
     seen: list[tuple[str, bool]] = []
     holder.add_observer(lambda b, lat, ok: seen.append((b, ok)))
-    holder.predict({"x": X})
-    with pytest.raises(InputValidationError):
+    assert holder.predict_tagged({"x": X})[0] == "a"
+    with pytest.raises(InputValidationError):  # the caller's fault: not counted against the model
         holder.predict({"x": np.zeros((1, 3), np.float32)})
-    assert seen == [("a", True), ("a", False)]
+    broken, _ = _load(tmp_path, 1)
+    broken.close()  # a closed session fails inside the runtime: that counts
+    holder.swap(broken, "b", keep_previous=False)
+    with pytest.raises(Exception):
+        holder.predict({"x": X})
+    assert seen == [("a", True), ("b", False)]
     holder.close()
 
 

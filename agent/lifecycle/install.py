@@ -147,6 +147,13 @@ class LifecycleContext:
         self.record.last_measurements = fmt_measurements(measurements or {})
         self.health_failed_at = time.perf_counter()
 
+    def previous_serving(self) -> None:
+        """Record how long it took from the failure to the previous model serving again."""
+        if self.health_failed_at is not None:
+            served_at = max(self.holder.last_swap_at, self.health_failed_at)  # the reference swap
+            elapsed = (served_at - self.health_failed_at) * 1000.0
+            self.record.last_measurements["rollback_ms"] = round(elapsed, 3)
+
 
 def _load_checked(ctx: LifecycleContext, slot: SlotBundle) -> LoadedModel:
     """Re-hash, load and warm a slot's model under the watchdog."""
@@ -315,6 +322,7 @@ def handle_probation(ctx: LifecycleContext) -> Event:
             if stuck > policy.inference_timeout_s:
                 ctx.fail(f"a request hung for {stuck:.2f}s (timeout {policy.inference_timeout_s}s)",
                          {"stuck_s": stuck})
+                _fail_fast(ctx)
                 return Event.TIMEOUT
             verdict = probation.verdict()
             if verdict is not None:
@@ -322,11 +330,24 @@ def handle_probation(ctx: LifecycleContext) -> Event:
                     r.last_measurements = fmt_measurements(verdict.measurements)
                     return Event.HEALTH_OK
                 ctx.fail(f"probation failed: {verdict.reason}", verdict.measurements)
+                _fail_fast(ctx)
                 return Event.HEALTH_FAILED
             ctx.wake.wait(ctx.config.probation_poll_s)
             ctx.wake.clear()
     finally:
         ctx.holder.remove_observer(observe)
+
+
+def _fail_fast(ctx: LifecycleContext) -> None:
+    """Stop serving a model that just failed probation *now*: swap the warm standby back.
+
+    Only the in-memory reference moves; the record still says `probation` until
+    `rolling_back` runs (a crash in between resumes into `rolling_back` anyway), so the
+    time a failing model serves is one reference swap, not a state save plus a swap.
+    """
+    if ctx.holder.standby_id is not None and ctx.holder.standby_id == ctx.record.previous:
+        ctx.holder.revert()
+        ctx.previous_serving()
 
 
 def handle_committed(ctx: LifecycleContext) -> Event:
@@ -349,22 +370,21 @@ def handle_rolling_back(ctx: LifecycleContext) -> Event:
         quarantine(r, bad)
     if swapped:
         target = r.previous
-        if not (ctx.holder.bundle_id == bad and ctx.holder.standby_id == target and ctx.holder.revert()):
-            if target is None:
-                ctx.holder.clear()
-            else:
-                try:
-                    model = _load_checked(ctx, ctx.slots.open(target))
-                except EdgefleetError as exc:
-                    r.last_error = f"{r.last_error}; previous bundle {target} does not load either: {exc}"
-                    return Event.LOAD_FAILED
-                ctx.holder.swap(model, target, keep_previous=False)
+        if target is None:
+            ctx.holder.clear()
+        elif ctx.holder.bundle_id != target and not (ctx.holder.standby_id == target and ctx.holder.revert()):
+            try:
+                model = _load_checked(ctx, ctx.slots.open(target))
+            except EdgefleetError as exc:
+                r.last_error = f"{r.last_error}; previous bundle {target} does not load either: {exc}"
+                return Event.LOAD_FAILED
+            ctx.holder.swap(model, target, keep_previous=False)
+        ctx.previous_serving()
         r.active, r.previous = target, None
-    else:
-        ctx.holder.drop_standby()
+    ctx.holder.drop_standby()
     measurements = dict(r.last_measurements)
-    if ctx.health_failed_at is not None:
-        measurements["rollback_ms"] = round((time.perf_counter() - ctx.health_failed_at) * 1000.0, 3)
+    if ctx.health_failed_at is not None:  # failure seen -> record saved, quarantined, serving
+        measurements["rollback_complete_ms"] = round((time.perf_counter() - ctx.health_failed_at) * 1e3, 3)
         ctx.health_failed_at = None
     ctx.report("rolled_back", bundle=bad, swapped=swapped, reason=r.last_error or "",
                quarantined_at_sequence=r.quarantined.get(bad or "", 0), measurements=measurements)

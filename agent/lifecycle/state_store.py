@@ -146,9 +146,13 @@ class StateStore:
         self.prev_path = self.dir / "state.json.prev"
         self._clock = clock
         self._last_good: bytes | None = None
+        self._current_ok = False  # state.json holds a record this object wrote or parsed
 
     def save(self, record: StateRecord) -> None:
-        """Write `record` atomically; the current file becomes `state.json.prev` first.
+        """Write `record` atomically; the last good record stays as `state.json.prev`.
+
+        A crash between the two renames leaves no `state.json`; `load()` then returns
+        `state.json.prev`, the last good record, which is the right answer.
 
         Raises `MisuseError` if the state directory cannot be written.
         """
@@ -156,11 +160,17 @@ class StateStore:
         data = record.to_json()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            previous = self._last_good if self._last_good is not None else self._current_if_valid()
-            if previous is not None:
-                self._atomic_write(self.prev_path, previous)
+            if self._current_ok and self.path.exists():
+                # state.json is known good: it becomes the fallback by one rename (no copy, no
+                # extra fsync; the directory fsync after the new write covers both renames).
+                self.path.replace(self.prev_path)
+            else:
+                previous = self._last_good if self._last_good is not None else self._current_if_valid()
+                if previous is not None:
+                    self._atomic_write(self.prev_path, previous)
             self._atomic_write(self.path, data)
             self._last_good = data
+            self._current_ok = True
         except OSError as exc:
             raise MisuseError(f"cannot write state record in {self.dir}: {exc}") from exc
 
@@ -212,6 +222,7 @@ class StateStore:
                     log, "lifecycle.state_corrupt", logging.WARNING, file=str(candidate), error=str(exc)
                 )
                 continue
+            self._current_ok = candidate is self.path
             if candidate is self.prev_path:
                 log_event(log, "lifecycle.state_fallback", logging.WARNING, file=str(candidate))
             self._last_good = record.to_json()
