@@ -99,22 +99,23 @@ class Publisher:
 
     Pass either an `MqttConfig` (the publisher builds its own `MqttTransport`) or any
     `Transport`. `request_log` keeps `(device_id, path, offset)` of every served request.
+    Delivery is at-least-once: report/event/telemetry callbacks may see a message twice
+    (reported state is a snapshot, events carry `seq`), so they must be idempotent.
+    Raises FleetMisuseError for a bad prefix.
     """
 
     def __init__(
         self,
-        mqtt: Transport | object,
+        mqtt: MqttConfig | Transport,
         prefix: str,
         repo_dir: Path,
         settings: PublisherSettings | None = None,
     ) -> None:
-        if hasattr(mqtt, "request_async"):
-            self.transport: Transport = mqtt  # type: ignore[assignment]
-        else:
-            if not isinstance(mqtt, MqttConfig):
-                raise FleetMisuseError("mqtt must be an MqttConfig or a Transport")
-            self.transport = MqttTransport(mqtt)
-        self.topics = Topics(prefix)
+        self.transport: Transport = MqttTransport(mqtt) if isinstance(mqtt, MqttConfig) else mqtt
+        try:
+            self.topics = Topics(prefix)
+        except MisuseError as exc:
+            raise FleetMisuseError(str(exc)) from exc
         self.repo_dir = Path(repo_dir).resolve()
         self.settings = settings or PublisherSettings()
         self._bucket = TokenBucket(self.settings.bytes_per_s, self.settings.burst_bytes)
