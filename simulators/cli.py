@@ -1,0 +1,194 @@
+"""`edgefleet sim` (run / list scenarios against a swarm) and `edgefleet demo` (the end-to-end demo).
+
+Both build the same environment: a broker (the one given, or a private Mosquitto on a free
+port), a temporary data directory (fleet SQLite, keys, repository, device state), then run the
+chosen scenarios and write the terminal summary, the HTML report and the JSON verdicts.
+The exit code is 0 only when every scenario passed.
+
+Errors: usage problems (unknown scenario, bad broker URL, no broker available) are reported as
+`click.ClickException`s; a failing scenario is a verdict, not an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from fleet.errors import FleetError
+from simulators.broker import ManagedBroker, parse_broker_url, start_broker
+from simulators.report import print_summary, write_html, write_json
+from simulators.scenarios import NOT_AVAILABLE, ScenarioContext, Verdict, get_scenarios, run_scenario
+
+DEFAULT_DEVICES = 24
+DEMO_SCENARIOS_MAX = 3
+
+
+@contextlib.contextmanager
+def _broker(url: str | None, workdir: Path) -> Iterator[tuple[str, int, ManagedBroker | None]]:
+    if url:
+        host, port = parse_broker_url(url)
+        yield host, port, None
+        return
+    broker = start_broker(workdir / "broker")
+    try:
+        yield broker.host, broker.port, broker
+    finally:
+        broker.stop()
+
+
+def run_suite(
+    *,
+    names: Sequence[str] | None,
+    max_number: int | None,
+    devices: int,
+    processes: int,
+    broker_url: str | None,
+    json_path: Path | None,
+    html_path: Path | None,
+    keep_dir: Path | None = None,
+    console: Console | None = None,
+) -> list[Verdict]:
+    """Build the environment, run the scenarios, write the reports; returns the verdicts.
+
+    Raises FleetError subclasses for usage problems (see the module docstring).
+    """
+    console = console or Console()
+    scenarios = get_scenarios(list(names) if names else None, max_number)
+    started = time.monotonic()
+    verdicts: list[Verdict] = []
+    with contextlib.ExitStack() as stack:
+        if keep_dir is not None:
+            keep_dir.mkdir(parents=True, exist_ok=True)
+            workdir = keep_dir
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-sim-")))
+        host, port, managed = stack.enter_context(_broker(broker_url, workdir))
+        console.print(f"broker: mqtt://{host}:{port}" + (" (private Mosquitto)" if managed else ""))
+        for scenario in scenarios:
+            ctx = ScenarioContext(
+                broker_host=host,
+                broker_port=port,
+                data_dir=workdir / scenario.name,
+                devices=devices,
+                processes=processes,
+                options={"managed_broker": managed},
+            )
+            ctx.data_dir.mkdir(parents=True, exist_ok=True)
+            with console.status(f"scenario {scenario.number}: {scenario.name} ({devices} devices)"):
+                verdict = run_scenario(scenario, ctx)
+            verdicts.append(verdict)
+            mark = "[green]PASS[/green]" if verdict.passed else "[red]FAIL[/red]"
+            console.print(f"{mark} {scenario.name} in {verdict.elapsed_s:.1f}s: {verdict.details}")
+    elapsed = time.monotonic() - started
+    print_summary(verdicts, console)
+    notes = [f"{name}: not run ({why})" for name, why in NOT_AVAILABLE.items()]
+    extra = {"not_available": dict(NOT_AVAILABLE), "devices": devices}
+    if json_path is not None:
+        write_json(json_path, verdicts, elapsed, extra)
+        console.print(f"JSON verdicts: {json_path}")
+    if html_path is not None:
+        write_html(html_path, verdicts, elapsed, notes)
+        console.print(f"HTML report: {html_path}")
+    return verdicts
+
+
+@click.group(name="sim")
+def sim_group() -> None:
+    """Run the simulated device swarm and its scenarios (see docs/simulator.md)."""
+
+
+@sim_group.command(name="list")
+def sim_list() -> None:
+    """List the registered scenarios (and the planned ones whose components are missing)."""
+    for s in get_scenarios():
+        click.echo(f"{s.number}  {s.name:<22} {s.description}")
+    for name, why in NOT_AVAILABLE.items():
+        click.echo(f"-  {name:<22} not available: {why}")
+
+
+@sim_group.command(name="run")
+@click.option("--devices", type=click.IntRange(1, 100_000), default=DEFAULT_DEVICES, show_default=True)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    default=os.cpu_count() or 1,
+    show_default=True,
+    help="Worker processes for the swarm (one selector loop each).",
+)
+@click.option("--broker", "broker_url", default=None, help="mqtt://host:port; default: a private Mosquitto.")
+@click.option("--scenario", "names", multiple=True, help="Scenario name (repeatable); default: all.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--keep",
+    "keep_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the working directory (broker, fleet, devices) here instead of a temp dir.",
+)
+def sim_run(
+    devices: int,
+    processes: int,
+    broker_url: str | None,
+    names: tuple[str, ...],
+    json_path: Path | None,
+    html_path: Path | None,
+    keep_dir: Path | None,
+) -> None:
+    """Run scenarios against a swarm of simulated devices; exit 1 if any fails."""
+    try:
+        verdicts = run_suite(
+            names=names,
+            max_number=None,
+            devices=devices,
+            processes=processes,
+            broker_url=broker_url,
+            json_path=json_path,
+            html_path=html_path,
+            keep_dir=keep_dir,
+        )
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not verdicts or not all(v.passed for v in verdicts):
+        raise SystemExit(1)
+
+
+@click.command(name="demo")
+@click.option("--broker", "broker_url", default=None, help="mqtt://host:port; default: a private Mosquitto.")
+@click.option("--devices", type=click.IntRange(1, 100_000), default=DEFAULT_DEVICES, show_default=True)
+@click.option("--all", "run_all", is_flag=True, help="Run all scenarios, not only the first three.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the HTML report (default: ./edgefleet-demo-report.html).",
+)
+def demo_command(
+    broker_url: str | None, devices: int, run_all: bool, json_path: Path | None, html_path: Path | None
+) -> None:
+    """The end-to-end demo: broker, fleet, a swarm of devices, scenarios 1-3 (all with --all)."""
+    html_path = html_path or Path.cwd() / "edgefleet-demo-report.html"
+    try:
+        verdicts = run_suite(
+            names=None,
+            max_number=None if run_all else DEMO_SCENARIOS_MAX,
+            devices=devices,
+            processes=os.cpu_count() or 1,
+            broker_url=broker_url,
+            json_path=json_path,
+            html_path=html_path,
+        )
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("Fleet API docs: `edgefleet fleet serve` then open http://127.0.0.1:8000/docs")
+    if not verdicts or not all(v.passed for v in verdicts):
+        raise SystemExit(1)
