@@ -222,8 +222,7 @@ class IdempotencyRepo:
                     "status_code": status,
                     "response": dumps(response),
                     "created_at": self.store.now(),
-                },
-                replace=True,
+                }
             )
 
     def purge(self, older_than_seconds: float) -> int:

@@ -160,6 +160,25 @@ def test_idempotent_creates(api: Api) -> None:
 
 
 @pytest.mark.integration
+def test_concurrent_duplicates_create_once(api: Api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = api.h("operator", **{"Idempotency-Key": "race"})
+
+    def post(_: int) -> tuple[int, str]:
+        res = api.client.post(
+            "/v1/rollouts", json={"model_version_id": "m:1.0.0", "selector": "env=prod"}, headers=h
+        )
+        return res.status_code, res.json()["id"]
+
+    _seed(api)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, range(12)))
+    assert {code for code, _ in results} == {201} and len({rid for _, rid in results}) == 1
+    assert len(api.store.rollouts.list(None, 100).items) == 2  # the seeded one and this one
+
+
+@pytest.mark.integration
 def test_pagination(api: Api) -> None:
     for i in range(12):
         assert (

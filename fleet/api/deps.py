@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -60,16 +59,6 @@ def page_params(
 
 Paging = Annotated[PageParams, Depends(page_params)]
 
-_key_locks: dict[tuple[str, str], threading.Lock] = {}
-_key_locks_guard = threading.Lock()
-
-
-def _lock_for(actor: str, key: str) -> threading.Lock:
-    with _key_locks_guard:
-        if len(_key_locks) > 10_000:
-            _key_locks.clear()
-        return _key_locks.setdefault((actor, key), threading.Lock())
-
 
 def idempotent_create(
     request: Request,
@@ -82,8 +71,7 @@ def idempotent_create(
     """Run `create` once per (actor, Idempotency-Key); replay its first response afterwards.
 
     The same key with a different body or route answers 409. Failed creates are not stored,
-    so a client may retry them with the same key. A per-key lock serialises concurrent
-    duplicates within this process (the service runs as one process over one database).
+    so a client may retry them with the same key.
     """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
@@ -96,7 +84,9 @@ def idempotent_create(
     store = get_store(request)
     route = f"{request.method} {request.url.path}"
     request_hash = hashlib.sha256((route + "\n" + dumps(body.model_dump(mode="json"))).encode()).hexdigest()
-    with _lock_for(principal.actor, key):
+    # Look-up, create and stored response happen in one transaction under the store's lock:
+    # concurrent duplicates serialise, and a crash cannot keep a create without its response.
+    with store.tx():
         first = store.idempotency.get(principal.actor, key)
         if first is not None:
             if first["request_hash"] != request_hash:
