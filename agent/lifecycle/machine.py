@@ -262,3 +262,21 @@ class Machine:
                 self._persist()
                 return after
         raise MisuseError(f"lifecycle did not settle in {max_steps} steps (state {self.state.value})")
+
+
+def render_table() -> str:
+    """`TRANSITIONS` as a Markdown table (docs/lifecycle.md embeds it; a test keeps it current)."""
+    lines = ["| from | event | to |", "|---|---|---|"]
+    lines += [f"| `{s.value}` | `{e.value}` | `{d.value}` |" for (s, e), d in TRANSITIONS.items()]
+    return "\n".join(lines)
+
+
+def render_mermaid() -> str:
+    """`TRANSITIONS` as a Mermaid state diagram (events on the same edge are merged)."""
+    edges: dict[tuple[State, State], list[str]] = {}
+    for (src, ev), dst in TRANSITIONS.items():
+        edges.setdefault((src, dst), []).append(ev.value)
+    lines = ["stateDiagram-v2", "    [*] --> idle"]
+    lines += [f"    {s.value} --> {d.value}: {', '.join(evs)}" for (s, d), evs in edges.items()]
+    return "\n".join(lines)
+
