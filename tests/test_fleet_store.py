@@ -298,3 +298,38 @@ def test_concurrent_use_from_threads(store: Store, tmp_path: Path) -> None:
     assert outcomes.count("refused") == 7 and store.devices.count() == 1
     assert len(store.models.list_models(None, 100).items) == 40
     assert len(store.audit.list(None, 200, action="model.create").items) == 40
+
+
+@pytest.mark.unit
+def test_settings_from_env_and_overrides() -> None:
+    from pydantic import ValidationError
+
+    from fleet.settings import FleetSettings
+
+    env = {
+        "EDGEFLEET_DATA_DIR": "/srv/fleet",
+        "EDGEFLEET_PORT": "9000",
+        "EDGEFLEET_LIMIT_MAX_PAGE_SIZE": "200",
+    }
+    s = FleetSettings.from_env(env, port=9100, host=None)
+    assert (s.data_dir, s.port, s.host, s.limits.max_page_size) == (
+        Path("/srv/fleet"),
+        9100,
+        "127.0.0.1",
+        200,
+    )
+    assert s.db_path == Path("/srv/fleet/fleet.db") and s.import_dir == Path("/srv/fleet/imports")
+    with pytest.raises(ValidationError, match="port"):
+        FleetSettings.from_env({"EDGEFLEET_PORT": "99999"})
+
+
+@pytest.mark.unit
+def test_mlflow_lineage_rejects_bad_metadata() -> None:
+    from fleet.mlflow_import import lineage_from_mlmodel
+
+    doc = {"run_id": "r1", "metadata": {"git_commit": "abc", "metrics": {"acc": "0.9"}}}
+    assert lineage_from_mlmodel(doc)["metrics"] == {"acc": 0.9}
+    with pytest.raises(FleetInputError, match="metrics"):
+        lineage_from_mlmodel({"metadata": {"metrics": {"acc": "high"}}})
+    with pytest.raises(FleetInputError, match="hyperparameters"):
+        lineage_from_mlmodel({"metadata": {"hyperparameters": [1, 2]}})
