@@ -165,3 +165,70 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], object]]:
     ) as bar:
         task = bar.add_task("scoring", total=total)
         yield lambda n: bar.advance(task, n)
+
+
+# --- the daemon ------------------------------------------------------------------------------
+@group.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Agent config (JSON; see `edgefleet agent init-config`).")
+def run_command(config_path: Path) -> None:
+    """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
+    from agent.config import load_config
+    from agent.daemon import AgentDaemon
+
+    try:
+        daemon = AgentDaemon(load_config(config_path))
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    raise SystemExit(daemon.run())
+
+
+@group.command("status")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Agent config (JSON) whose state directory to read.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw state record as JSON.")
+def status_command(config_path: Path, as_json: bool) -> None:
+    """Show the lifecycle state record: state, active/previous/staged bundles, last error."""
+    import json as _json
+
+    from agent.config import load_config
+    from agent.lifecycle.slots import Slots
+    from agent.lifecycle.state_store import StateStore
+
+    try:
+        cfg = load_config(config_path)
+        record = StateStore(cfg.state_dir / "lifecycle").load()
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(record.to_json().decode())
+        return
+    lifecycle_dir = cfg.state_dir / "lifecycle"
+    installed = Slots(lifecycle_dir).installed() if lifecycle_dir.exists() else []
+    desired = record.desired.bundle_id if record.desired else None
+    rows = [
+        ("device", cfg.device_id), ("state", record.state), ("active", record.active),
+        ("previous", record.previous), ("staged", record.staged), ("candidate", record.candidate),
+        ("shadow", record.shadow), ("desired", desired), ("director_sequence", record.director_sequence),
+        ("quarantined", ", ".join(f"{b}@{s}" for b, s in record.quarantined.items()) or None),
+        ("installed", ", ".join(installed) or None), ("last_error", record.last_error),
+        ("measurements", _json.dumps(record.last_measurements) if record.last_measurements else None),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:18} {'-' if value is None else value}")
+
+
+@group.command("init-config")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def init_config_command(output: Path | None, force: bool) -> None:
+    """Write a commented example config to OUTPUT (or stdout)."""
+    from agent.config import EXAMPLE_CONFIG
+
+    if output is None:
+        click.echo(EXAMPLE_CONFIG, nl=False)
+        return
+    if output.exists() and not force:
+        raise click.ClickException(f"{output} exists (use --force to overwrite)")
+    output.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    click.echo(f"wrote {output}", err=True)

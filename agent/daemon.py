@@ -1,0 +1,467 @@
+"""`AgentDaemon`: the device agent process (`edgefleet agent run --config FILE`).
+
+It wires the pieces together and owns no policy of its own:
+- offline first: the state record is loaded and the active bundle served from disk before any
+  network is touched; the local API (HTTP on loopback and/or a Unix socket) is up at once;
+- MQTT in the background (`MqttTransport` reconnects by itself) with a retained Last Will
+  that marks the device offline; subscriptions to its own and its cohorts' desired topics;
+- every director document is verified (`DirectorGate`: signature against the director keys
+  in the trusted TUF root, per-addressee sequence, expiry, addressee) before the `Lifecycle`
+  sees it; a refused one is reported as an event and changes nothing;
+- the `Lifecycle` (main thread) downloads over the `MqttFetcher` through a fresh TUF
+  `Updater` per cycle, verifies, stages, activates, runs golden vectors and probation, and
+  commits or rolls back by itself;
+- reported state (retained) after every saved state change and on every (re)connect; events
+  for what the lifecycle reports; telemetry reports every interval through the on-disk queue;
+- `sd_notify` READY=1 once serving (or idle with nothing to serve), WATCHDOG=1 while the main
+  loop makes progress; SIGTERM/SIGINT stop it cleanly.
+
+Test hook: with `EDGEFLEET_TEST_KILL_AT=<state>` in its environment the daemon SIGKILLs itself
+right after the state record with that state reached the disk (see docs/agent.md). It exists
+so tests can prove crash recovery from every state with a real process; it is inert unless set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import platform
+import resource
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.contract.protocol import Event as EventMsg
+from agent.contract.protocol import ReportedState, Topics, encode_event, encode_reported
+from agent.daemon_director import DirectorGate
+from agent.daemon_serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError
+from agent.lifecycle import Lifecycle, LifecycleConfig
+from agent.lifecycle.machine import State
+from agent.lifecycle.state_store import StateRecord, StateStore
+from agent.logs import log_event
+from agent.serving import ModelHolder
+from agent.telemetry.queue import QueueConfig, ReportQueue
+from agent.transport import Message
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
+from agent.trust import TrustClient
+
+log = logging.getLogger("edgefleet.agent")
+
+KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
+#: States where `active` is the committed, verified bundle: safe to serve before resuming.
+_PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
+_EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
+MAX_PENDING_EVENTS = 256
+
+
+def _agent_version() -> str:
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "0"
+
+
+class _ObservedStore:
+    """The lifecycle's `StateStore` plus a callback after every successful save."""
+
+    def __init__(self, store: StateStore, after_save: Callable[[StateRecord], None]) -> None:
+        self._store = store
+        self._after = after_save
+
+    def save(self, record: StateRecord) -> None:
+        self._store.save(record)
+        self._after(record)
+
+    def load(self) -> StateRecord:
+        return self._store.load()
+
+
+class _Notifier:
+    """systemd notifications; a no-op when NOTIFY_SOCKET is unset (sdnotify ignores it then)."""
+
+    def __init__(self) -> None:
+        self._n: Any = None
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._n = sdnotify.SystemdNotifier()
+
+    def notify(self, state: str) -> None:
+        if self._n is not None:
+            self._n.notify(state)
+
+
+class AgentDaemon:
+    """One device agent. `run()` blocks until `stop()` (or SIGTERM/SIGINT in the main thread)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        c = config
+        self.state_dir = c.state_dir
+        self.topics = Topics(c.topic_prefix, c.device_id)
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._kill_at = os.environ.get(KILL_AT_ENV) or None
+        self._notifier = _Notifier()
+        self._heartbeat = time.monotonic()
+        self._event_seq = 0
+        self._events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
+        self._events_lock = threading.Lock()
+        self._reported_lock = threading.Lock()
+        self._started = False
+        try:
+            self._bootstrap = c.bootstrap_root.read_bytes()
+        except OSError as exc:
+            raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
+
+        self.transport = MqttTransport(c.mqtt)
+        self.fetcher = MqttFetcher(
+            self.transport,
+            self.topics,
+            self.state_dir / "spool",
+            FetcherConfig(
+                chunk_size=c.limits.chunk_size,
+                window=c.limits.fetch_window,
+                chunk_timeout_s=c.limits.chunk_timeout_s,
+                chunk_retries=c.limits.chunk_retries,
+                reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
+                max_object_bytes=c.limits.max_bundle_bytes,
+            ),
+        )
+        self.trust = TrustClient(
+            self.state_dir / "tuf" / "metadata",
+            self.state_dir / "tuf" / "targets",
+            self.fetcher,
+            "mqtt://repo/metadata/",
+            "mqtt://repo/targets/",
+            bootstrap_root=self._bootstrap,
+        )
+        self.catalog = ModelCatalog(c.model_threads)
+        self.holder = ModelHolder()
+        lo = c.lifecycle
+        self.lifecycle = Lifecycle(
+            LifecycleConfig(
+                state_dir=self.state_dir / "lifecycle",
+                runtime_threads=c.model_threads,
+                load_timeout_s=lo.load_timeout_s,
+                max_entries=lo.max_entries,
+                max_crash_recoveries=lo.max_crash_recoveries,
+                retry_base_s=lo.retry_base_s,
+                retry_max_s=lo.retry_max_s,
+                probation_max_wait_s=lo.probation_max_wait_s,
+            ),
+            self.holder,
+            self.trust,
+            emit=self._on_lifecycle_event,
+            load=self.catalog.load,
+        )
+        self.lifecycle.machine.store = _ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
+        self.gate = DirectorGate(
+            self.state_dir / "director.json", c.device_id, c.cohorts, self.trust.director_trust
+        )
+        self.queue = ReportQueue(
+            self.state_dir / "telemetry.sqlite",
+            QueueConfig(max_reports=c.telemetry_queue_reports, max_bytes=c.telemetry_queue_bytes),
+        )
+        self.tap = TelemetryTap(self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "")
+        self.served = ServedModel(self.holder, self.catalog, self.tap)
+        self._servers: list[Any] = []
+
+    # --- serving ------------------------------------------------------------------------
+    def _preload(self) -> None:
+        """Serve the committed bundle from disk before anything else (offline first)."""
+        rec = self.lifecycle.record
+        if rec.active is None or State(rec.state) not in _PRELOAD_STATES:
+            return
+        ctx = self.lifecycle.ctx
+        try:
+            slot = ctx.slots.open(rec.active)
+            ctx.slots.verify_model(slot)
+            model = self.catalog.load(slot.model_path, slot.manifest, self.config.model_threads)
+        except EdgefleetError as exc:  # the lifecycle's idle handler deals with it (rollback)
+            log_event(log, "agent.preload_failed", logging.WARNING, bundle=rec.active, error=str(exc))
+            return
+        self.holder.swap(model, rec.active, keep_previous=False)
+        log_event(log, "agent.serving_from_disk", bundle=rec.active, state=rec.state)
+
+    def _start_api(self) -> None:
+        from agent.inference_api import ApiLimits
+        from agent.inference_server_http import HttpInferenceServer
+        from agent.inference_server_unix import UnixInferenceServer
+
+        api = self.config.api
+        limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
+        if api.unix_enabled:
+            api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+            self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits).start())
+        if api.http_enabled:
+            self._servers.append(
+                HttpInferenceServer(self.served, api.http_host, api.http_port, limits).start()
+            )
+
+    @property
+    def http_port(self) -> int | None:
+        from agent.inference_server_http import HttpInferenceServer
+
+        for s in self._servers:
+            if isinstance(s, HttpInferenceServer):
+                return s.port
+        return None
+
+    # --- MQTT ---------------------------------------------------------------------------
+    def _start_mqtt(self) -> None:
+        offline = ReportedState(
+            device_id=self.config.device_id,
+            online=False,
+            timestamp=time.time(),
+            labels=dict(self.config.labels),
+        )
+        self.transport.set_will(self.topics.reported(), encode_reported(offline), retain=True)
+        self.transport.add_on_connect(self._on_connect)
+        self.transport.subscribe(
+            self.topics.desired(), self._desired_handler(f"device:{self.config.device_id}")
+        )
+        for cohort in self.config.cohorts:
+            self.transport.subscribe(
+                self.topics.cohort_desired(cohort), self._desired_handler(f"cohort:{cohort}")
+            )
+        with contextlib.suppress(TransportError):
+            self.transport.connect(timeout=0.01)  # starts the reconnecting supervisor; never blocks
+
+    def _on_connect(self, session_present: bool) -> None:
+        self.publish_reported()
+        self._flush_events()
+        self.lifecycle.ctx.wake.set()
+
+    def _desired_handler(self, addressee: str) -> Callable[[Message], None]:
+        def handle(msg: Message) -> None:
+            if not msg.payload:
+                return  # a cleared retained topic
+            try:
+                target = self.gate.accept(addressee, msg.payload, self.lifecycle.record.director_sequence)
+            except DirectorError as exc:
+                log_event(log, "agent.director_refused", logging.WARNING, addressee=addressee, error=str(exc))
+                self._event("director_refused", reason=str(exc))
+                return
+            except MisuseError as exc:
+                log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
+                return
+            if target is not None:
+                self._event(
+                    "director_accepted",
+                    bundle_id=target.bundle_id,
+                    measurements={"local_sequence": float(target.sequence)},
+                )
+                self.lifecycle.offer_desired(target)
+
+        return handle
+
+    def _after_save(self, record: StateRecord) -> None:
+        if self._kill_at is not None and record.state == self._kill_at:
+            log_event(log, "agent.test_kill", logging.WARNING, state=record.state)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.publish_reported(record)
+
+    def reported_state(self, record: StateRecord | None = None, online: bool = True) -> ReportedState:
+        rec = record or self.lifecycle.record
+        runtimes = [
+            name
+            for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"))
+            if importlib.util.find_spec(mod) is not None
+        ]
+        return ReportedState(
+            device_id=self.config.device_id,
+            agent_version=_agent_version(),
+            state=rec.state,
+            active_bundle=rec.active,
+            previous_bundle=rec.previous,
+            director_sequence=rec.director_sequence,
+            runtimes=runtimes,
+            architecture=platform.machine(),
+            memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            labels=dict(self.config.labels),
+            online=online,
+            timestamp=time.time(),
+        )
+
+    def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:
+        """Publish the retained reported state; False when offline (sent again on connect)."""
+        if not self.transport.connected:
+            return False
+        with self._reported_lock:
+            try:
+                self.transport.publish(
+                    self.topics.reported(),
+                    encode_reported(self.reported_state(record, online)),
+                    qos=1,
+                    retain=True,
+                )
+            except EdgefleetError as exc:
+                log_event(log, "agent.report_failed", logging.DEBUG, error=str(exc))
+                return False
+        return True
+
+    # --- events -------------------------------------------------------------------------
+    def _on_lifecycle_event(self, name: str, fields: dict[str, Any]) -> None:
+        measurements = {
+            k: float(v) for k, v in (fields.get("measurements") or {}).items() if isinstance(v, int | float)
+        }
+        for key in ("sequence", "quarantined_at_sequence"):
+            if isinstance(fields.get(key), int | float):
+                measurements[key] = float(fields[key])
+        if isinstance(fields.get("swapped"), bool):
+            measurements["swapped"] = float(fields["swapped"])
+        previous = fields.get("previous") or (self.lifecycle.record.previous if name == "activated" else None)
+        self._event(
+            _EVENT_NAMES.get(name, name),
+            bundle_id=fields.get("bundle"),
+            previous_bundle_id=previous,
+            reason=str(fields.get("reason") or ""),
+            measurements=measurements,
+        )
+
+    def _event(
+        self,
+        kind: str,
+        bundle_id: str | None = None,
+        previous_bundle_id: str | None = None,
+        reason: str = "",
+        measurements: dict[str, float] | None = None,
+    ) -> None:
+        with self._events_lock:
+            self._event_seq = max(self._event_seq + 1, time.time_ns() // 1000)
+            seq = self._event_seq
+        msg = EventMsg(
+            device_id=self.config.device_id,
+            type=kind,
+            bundle_id=bundle_id,
+            previous_bundle_id=previous_bundle_id,
+            reason=reason[:2048],
+            measurements=dict(list((measurements or {}).items())[:64]),
+            timestamp=time.time(),
+            seq=seq,
+        )
+        with self._events_lock:
+            self._events.append(encode_event(msg))
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        """Send queued events in order (kept in memory, bounded, while offline)."""
+        with self._events_lock:
+            while self._events and self.transport.connected:
+                try:
+                    self.transport.publish(self.topics.events(), self._events[0], qos=1)
+                except EdgefleetError:
+                    return
+                self._events.popleft()
+
+    # --- telemetry and ticking ------------------------------------------------------------
+    def _send_telemetry(self) -> int:
+        def send(seq: int, payload: bytes) -> bool:
+            if not self.transport.connected:
+                return False
+            try:
+                self.transport.publish(self.topics.telemetry(), payload, qos=1)
+            except EdgefleetError:
+                return False
+            return True
+
+        return self.queue.drain(send)
+
+    def _shadow_event(self) -> None:
+        rep = self.holder.shadow_report()
+        if rep.bundle_id is None or rep.offered == 0:
+            return
+        fields = {
+            "offered": rep.offered,
+            "compared": rep.compared,
+            "dropped": rep.dropped,
+            "errors": rep.errors,
+            "label_agreement": rep.label_agreement,
+            "mean_abs_diff": rep.mean_abs_diff,
+            "latency_p50_ms": rep.latency_p50_ms,
+            "latency_p95_ms": rep.latency_p95_ms,
+        }
+        self._event(
+            "shadow_report",
+            bundle_id=rep.bundle_id,
+            previous_bundle_id=self.holder.bundle_id,
+            measurements={k: float(v) for k, v in fields.items() if v is not None},
+        )
+
+    def _ticker(self) -> None:
+        interval = self.config.telemetry_interval_s
+        next_report = time.monotonic() + interval
+        while not self.stop_event.wait(self.config.report_interval_s):
+            if time.monotonic() - self._heartbeat < self.config.watchdog_stall_s:
+                self._notifier.notify("WATCHDOG=1")
+            try:
+                if time.monotonic() >= next_report:
+                    next_report += interval
+                    self.tap.flush(self.holder.bundle_id)
+                    self._shadow_event()
+                self._send_telemetry()
+                self._flush_events()
+            except Exception:  # the ticker must survive anything one interval throws
+                log.exception("agent ticker failed")
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    # --- run ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask `run()` to return (thread- and signal-safe)."""
+        self.stop_event.set()
+        self.lifecycle.ctx.wake.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _s, _f: self.stop())
+
+    def run(self) -> int:
+        """Serve, install, report until stopped. Returns the process exit code (0)."""
+        self._install_signals()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._preload()
+        self._start_api()
+        log_event(log, "agent.api_up", serving=self.holder.bundle_id, state=self.lifecycle.record.state)
+        self._start_mqtt()
+        ticker = threading.Thread(target=self._ticker, name="agent-ticker", daemon=True)
+        ticker.start()
+        try:
+            self.lifecycle.start()
+            self.publish_reported()
+            self.ready.set()
+            self._notifier.notify("READY=1")
+            log_event(log, "agent.ready", serving=self.holder.bundle_id, state=self.lifecycle.state.value)
+            self.lifecycle.run_forever(self.stop_event, poll_s=0.5, on_tick=self._beat)
+        finally:
+            self._shutdown(ticker)
+        return 0
+
+    def _shutdown(self, ticker: threading.Thread) -> None:
+        self._notifier.notify("STOPPING=1")
+        self.stop_event.set()
+        ticker.join(timeout=5)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        with contextlib.suppress(Exception):
+            self.tap.flush(self.holder.bundle_id)
+            self._send_telemetry()
+        self.publish_reported(online=False)
+        self.transport.close()
+        self.holder.close()
+        self.queue.close()
+        log_event(log, "agent.stopped")
