@@ -36,6 +36,7 @@ from agent.contract.telemetry import (
     decode_report,
     encode_report,
     latency_bucket_upper,
+    merge_into,
     merge_reports,
 )
 from agent.errors import MessageError
@@ -129,6 +130,7 @@ class TelemetryStore:
         self._lock = threading.RLock()
         self._pending: dict[tuple[str, str, str, float], _Window] = {}
         self._pending_seen: dict[tuple[str, int], float] = {}
+        self._max_seq: dict[str, int] = {}
         self._shapes: dict[tuple[str, str], tuple[list[int], list[int]] | None] = {}
         self.counters = IngestCounters()
         try:
@@ -161,11 +163,19 @@ class TelemetryStore:
         return self._shapes[key]
 
     def _seen(self, device: str, seq: int) -> bool:
+        """Devices send in sequence order, so a seq above the device's highest one is new
+        without a lookup; only replays and out-of-order reports reach the table."""
         if (device, seq) in self._pending_seen:
             return True
+        top = self._max_seq.get(device)
+        if top is None:
+            sql = f"SELECT MAX(seq) FROM {SEEN_TABLE} WHERE device_id = ?"  # noqa: S608 - constant name
+            found = self.db.execute(sql, [device]).fetchone()[0]
+            top = self._max_seq[device] = -1 if found is None else int(found)
+        if seq > top:
+            return False
         sql = f"SELECT 1 FROM {SEEN_TABLE} WHERE device_id = ? AND seq = ?"  # noqa: S608 - constant name
-        row = self.db.execute(sql, [device, seq])
-        return row.fetchone() is not None
+        return self.db.execute(sql, [device, seq]).fetchone() is not None
 
     def ingest(self, payload: bytes, cohort: str | None = None) -> str:
         """Ingest one payload; returns "accepted", "duplicate" or "rejected". Never raises for
@@ -196,7 +206,7 @@ class TelemetryStore:
                 window = self._pending[key] = _Window(report, 0, set(), kll_floats_sketch(KLL_K))
             else:
                 try:
-                    window.report = merge_reports(window.report, report)
+                    merge_into(window.report, report)  # the decoded first report owns its arrays
                 except MessageError as exc:
                     return self._reject("profile_mismatch", str(exc))
             window.reports += 1
@@ -205,6 +215,7 @@ class TelemetryStore:
             if report.requests:
                 window.kll.update(report.latency_sum_s / report.requests)
             self._pending_seen[(report.device_id, report.seq)] = now
+            self._max_seq[report.device_id] = max(self._max_seq.get(report.device_id, -1), report.seq)
             self.counters.accepted += 1
             if len(self._pending_seen) >= self.config.flush_every:
                 self.flush()
@@ -229,7 +240,9 @@ class TelemetryStore:
                     report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
                     if stored is not None:
                         try:
-                            report = merge_reports(decode_report(stored[0], max_bytes=2**31), report)
+                            older = decode_report(stored[0], max_bytes=2**31)
+                            merge_into(older, report)
+                            report = older
                         except MessageError as exc:  # a profile changed under a version: keep the new
                             log_event(log, "telemetry.window_reset", model=model, version=version,
                                       error=str(exc))

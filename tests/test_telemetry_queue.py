@@ -108,3 +108,18 @@ def test_a_file_that_is_not_a_database_is_a_misuse(tmp_path: Path) -> None:
     bad.write_bytes(b"not a database" * 100)
     with pytest.raises(MisuseError):
         ReportQueue(bad)
+
+
+@pytest.mark.integration
+def test_reports_handed_out_for_sending_are_never_merged(tmp_path: Path) -> None:
+    with ReportQueue(tmp_path / "q.db", QueueConfig(max_reports=3)) as q:
+        q.put(_rep(0, count=1))
+        q.put(_rep(1, count=2))
+        assert [s for s, _ in q.pending(limit=1)] == [0]  # 0 is in flight; its ack may get lost
+        q.put(_rep(2, count=3))
+        q.put(_rep(3, count=4))  # full: 1 and 2 merge, 0 stays as it was sent
+        pending = {s: decode_report(p) for s, p in q.pending()}
+        assert sorted(pending) == [0, 1, 3] and pending[0].requests == 1 and pending[1].requests == 5
+        q.put(_rep(4, count=5))
+        q.put(_rep(5, count=6))  # everything left was handed out: the oldest is dropped, counted
+        assert q.dropped_total() >= 1 and 0 not in [s for s, _ in q.pending()]

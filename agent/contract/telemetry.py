@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cbor2
@@ -39,7 +40,7 @@ MAX_FREQUENT_ITEMS = 64
 MAX_LABEL_CHARS = 128
 MAX_TEXT_CHARS = 256
 FREQUENT_ITEMS_K = 16
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 9
 ZSTD_MIN_BYTES = 128  # below this, compression rarely pays for its frame header
 
 # Latency histogram: bucket 0 is < LATENCY_MIN_S, bucket i (1..N-2) is
@@ -184,92 +185,150 @@ def _merge_feature(a: FeatureSketch, b: FeatureSketch) -> FeatureSketch:
     return CategoricalSketch(counts, a.nan_count + b.nan_count, unseen, a.unseen_error + b.unseen_error + err)
 
 
-def merge_reports(a: TelemetryReport, b: TelemetryReport) -> TelemetryReport:
-    """Merge two reports of the same model version and profile (counts add). The result keeps
-    `a`'s identity (device, seq) and spans both intervals. Raises `MessageError` when the
-    reports are binned differently."""
+def _check_mergeable(a: TelemetryReport, b: TelemetryReport) -> None:
     if (a.model, a.version) != (b.model, b.version) or len(a.features) != len(b.features) or len(
         a.outputs
     ) != len(b.outputs):
         raise MessageError("cannot merge reports of different models or profiles")
-    return TelemetryReport(
-        device_id=a.device_id,
-        seq=a.seq,
-        model=a.model,
-        version=a.version,
-        interval_start=min(a.interval_start, b.interval_start),
-        interval_end=max(a.interval_end, b.interval_end),
-        features=[_merge_feature(x, y) for x, y in zip(a.features, b.features, strict=True)],
-        outputs=[_merge_feature(x, y) for x, y in zip(a.outputs, b.outputs, strict=True)],
-        latency_counts=np.add(a.latency_counts, b.latency_counts, dtype=np.int64),
-        latency_sum_s=a.latency_sum_s + b.latency_sum_s,
-        latency_max_s=max(a.latency_max_s, b.latency_max_s),
-        requests=a.requests + b.requests,
-        errors=a.errors + b.errors,
-        rejected=a.rejected + b.rejected,
-        dropped_reports=a.dropped_reports + b.dropped_reports,
-        merged_reports=a.merged_reports + b.merged_reports,
-        cohort=a.cohort,
-        profile_id=a.profile_id,
-        resources=Resources(
-            max(a.resources.rss_max_bytes, b.resources.rss_max_bytes),
-            a.resources.cpu_user_s + b.resources.cpu_user_s,
-            a.resources.cpu_system_s + b.resources.cpu_system_s,
-        ),
+
+
+def merge_into(acc: TelemetryReport, b: TelemetryReport) -> None:
+    """Add `b` into the accumulator `acc` in place (what `merge_reports` computes, without
+    allocating new sketches: the fleet's windows fold thousands of reports). `acc` must own
+    its arrays (e.g. a decoded report, or one `merge_reports` returned). Raises
+    `MessageError` when the reports are binned differently; `acc` is unchanged then."""
+    _check_mergeable(acc, b)
+    pairs = list(zip(acc.features + acc.outputs, b.features + b.outputs, strict=True))
+    for x, y in pairs:
+        if type(x) is not type(y) or x.counts.shape != y.counts.shape:
+            raise MessageError("cannot merge sketches binned differently (profile mismatch)")
+    for x, y in pairs:
+        x.counts += y.counts
+        x.nan_count += y.nan_count
+        if isinstance(x, NumericSketch) and isinstance(y, NumericSketch):
+            x.min, x.max = min(x.min, y.min), max(x.max, y.max)
+            x.sum += y.sum
+            x.sum_sq += y.sum_sq
+        elif isinstance(x, CategoricalSketch) and isinstance(y, CategoricalSketch):
+            x.unseen, err = merge_frequent(x.unseen, y.unseen)
+            x.unseen_error += y.unseen_error + err
+    acc.interval_start = min(acc.interval_start, b.interval_start)
+    acc.interval_end = max(acc.interval_end, b.interval_end)
+    acc.latency_counts += b.latency_counts
+    acc.latency_sum_s += b.latency_sum_s
+    acc.latency_max_s = max(acc.latency_max_s, b.latency_max_s)
+    acc.requests += b.requests
+    acc.errors += b.errors
+    acc.rejected += b.rejected
+    acc.dropped_reports += b.dropped_reports
+    acc.merged_reports += b.merged_reports
+    acc.resources = Resources(
+        max(acc.resources.rss_max_bytes, b.resources.rss_max_bytes),
+        acc.resources.cpu_user_s + b.resources.cpu_user_s,
+        acc.resources.cpu_system_s + b.resources.cpu_system_s,
     )
 
 
+def merge_reports(a: TelemetryReport, b: TelemetryReport) -> TelemetryReport:
+    """Merge two reports of the same model version and profile (counts add) into a new one
+    that keeps `a`'s identity (device, seq) and spans both intervals. Raises `MessageError`
+    when the reports are binned differently."""
+    def own(x: FeatureSketch) -> FeatureSketch:
+        if isinstance(x, CategoricalSketch):
+            return replace(x, counts=x.counts.astype(np.int64), unseen=dict(x.unseen))
+        return replace(x, counts=x.counts.astype(np.int64))
+
+    acc = replace(a, features=[own(x) for x in a.features], outputs=[own(x) for x in a.outputs],
+                  latency_counts=a.latency_counts.astype(np.int64))
+    merge_into(acc, b)
+    return acc
+
+
 # ---------------------------------------------------------------------------- encoding
+# Body: one CBOR array, column-wise so that a few large byte strings carry the data.
+#  0 schema_version  1 device_id  2 seq  3 model  4 version  5 cohort  6 profile_id
+#  7 interval_start  8 interval_end  9 requests  10 errors  11 rejected  12 dropped_reports
+# 13 merged_reports  14 number of feature sketches (the rest are outputs)
+# 15 kinds (bytes, 0 numeric / 1 categorical per sketch)  16 lengths [width, bytes]
+# 17 counts [width, codec, bytes]: every sketch's counts, then the latency histogram, as
+#    little-endian unsigned integers of `width` bytes, byte-shuffled (the low bytes of all
+#    counts, then the next bytes...); codec 1 = in a zstd frame of its own (counts compress
+#    far better alone than mixed with floats)
+# 18 non-finite counts [width, bytes]  19 min/max [4|8, bytes] (float32 when exact)
+# 20 mean/M2 per numeric sketch [4|8, bytes] (float32 unless out of its range)
+# 21 per categorical sketch [unseen labels, their counts, error]
+# 22 latency [sum_s, max_s]  23 resources [rss_max_bytes, cpu_user_s, cpu_system_s]
+BODY_FIELDS = 24
+
+
 def _pack(counts: np.ndarray) -> list[Any]:
     top = int(counts.max()) if counts.size else 0
     width = 1 if top < 2**8 else 2 if top < 2**16 else 4 if top < 2**32 else 8
     return [width, counts.astype(_DTYPES[width]).tobytes()]
 
 
-def _block_to_wire(sketches: list[FeatureSketch]) -> list[Any]:
-    """Column-wise layout: one byte per sketch kind, all counts in one packed array (split by
-    a packed length array), NaN counts packed, min/max as float32 when exact, sums float64,
-    then per categorical sketch its frequent unseen items. Few large byte strings compress
-    well and decode with a handful of `np.frombuffer` calls."""
+_local = threading.local()
+
+
+def _zstd(raw: bytes) -> bytes:
+    """zstd frame with content size and checksum; one compressor per thread (creating one
+    costs more than compressing a report, and they are not thread-safe)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, write_content_size=True, write_checksum=True
+        )
+    return packer.compress(raw)
+
+
+def encode_report(report: TelemetryReport) -> bytes:
+    """Encode a report: flag byte + CBOR body (see the layout above), the whole zstd-compressed
+    when that is smaller. Means and M2 travel as float32 (relative precision ~6e-8) unless
+    they exceed its range. Pure."""
+    sketches = [*report.features, *report.outputs]
     nums = [x for x in sketches if isinstance(x, NumericSketch)]
-    cats = [x for x in sketches if isinstance(x, CategoricalSketch)]
-    counts = np.concatenate([x.counts for x in sketches]) if sketches else np.zeros(0, np.int64)
+    counts = np.concatenate([*(x.counts for x in sketches), report.latency_counts])
+    width, blob = _pack(counts)
+    # Byte-shuffled (all low bytes, then the next bytes...): one large count no longer makes
+    # every count cost `width` incompressible bytes, the high-byte planes are mostly zeros.
+    blob = np.frombuffer(blob, dtype=np.uint8).reshape(-1, width).T.tobytes()
+    packed = _zstd(blob) if len(blob) >= ZSTD_MIN_BYTES else blob
+    codec = 1 if len(packed) < len(blob) else 0
     minmax = np.array([v for x in nums for v in (x.min, x.max)], dtype=np.float64)
     with np.errstate(over="ignore"):
         narrow = minmax.astype(np.float32)
     exact = bool(np.array_equal(narrow.astype(np.float64), minmax))
+    moments = np.zeros(2 * len(nums), dtype=np.float64)
+    for i, num in enumerate(nums):
+        n = num.n
+        if n:
+            moments[2 * i : 2 * i + 2] = (num.sum / n, max(num.sum_sq - num.sum * num.sum / n, 0.0))
+    with np.errstate(over="ignore"):
+        moments32 = moments.astype(np.float32)
+    fits = bool(np.array_equal(np.isfinite(moments32), np.isfinite(moments)))
     extras = []
-    for c in cats:
-        items = sorted(c.unseen.items())
-        extras.append([[k for k, _ in items], [v for _, v in items], c.unseen_error])
-    return [
-        bytes(0 if isinstance(x, NumericSketch) else 1 for x in sketches),
-        _pack(np.array([x.counts.size for x in sketches], dtype=np.int64)),
-        _pack(counts),
-        _pack(np.array([x.nan_count for x in sketches], dtype=np.int64)),
-        [4, narrow.tobytes()] if exact else [8, minmax.tobytes()],
-        np.array([v for x in nums for v in (x.sum, x.sum_sq)], dtype=np.float64).tobytes(),
-        extras,
-    ]
-
-
-def encode_report(report: TelemetryReport) -> bytes:
-    """Encode a report: flag byte + CBOR, zstd-compressed when that is smaller. Pure."""
+    for x in sketches:
+        if isinstance(x, CategoricalSketch):
+            items = sorted(x.unseen.items())
+            extras.append([[k for k, _ in items], [v for _, v in items], x.unseen_error])
     body = [
         report.schema_version, report.device_id, report.seq, report.model, report.version,
         report.cohort, report.profile_id, report.interval_start, report.interval_end,
         report.requests, report.errors, report.rejected, report.dropped_reports, report.merged_reports,
-        _block_to_wire(report.features),
-        _block_to_wire(report.outputs),
-        [*_pack(report.latency_counts), report.latency_sum_s, report.latency_max_s],
+        len(report.features), bytes(0 if isinstance(x, NumericSketch) else 1 for x in sketches),
+        _pack(np.array([x.counts.size for x in sketches], dtype=np.int64)),
+        [width, codec, packed if codec else blob],
+        _pack(np.array([x.nan_count for x in sketches], dtype=np.int64)),
+        [4, narrow.tobytes()] if exact else [8, minmax.tobytes()],
+        [4, moments32.tobytes()] if fits else [8, moments.tobytes()],
+        extras, [report.latency_sum_s, report.latency_max_s],
         [report.resources.rss_max_bytes, report.resources.cpu_user_s, report.resources.cpu_system_s],
     ]
     raw = cbor2.dumps(body, canonical=True)
     if len(raw) >= ZSTD_MIN_BYTES:
-        packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True)
-        packed = packer.compress(raw)
-        if len(packed) < len(raw):
-            return bytes([FLAG_ZSTD]) + packed
+        whole = _zstd(raw)
+        if len(whole) < len(raw):
+            return bytes([FLAG_ZSTD]) + whole
     return b"\x00" + raw
 
 
@@ -297,65 +356,76 @@ def _list(v: Any, what: str, n: int | None = None, limit: int = MAX_FEATURES) ->
     return v
 
 
-def _unpack(width: Any, blob: Any, what: str, limit: int = MAX_BINS) -> np.ndarray:
+def _unpack(v: Any, what: str, limit: int) -> np.ndarray:
+    width, blob = _list(v, what, n=2)
     if width not in _DTYPES or not isinstance(blob, bytes) or len(blob) % width:
-        raise MessageError(f"{what}: bad packed counts")
+        raise MessageError(f"{what}: bad packed integers")
     if len(blob) // width > limit:
-        raise MessageError(f"{what}: too many bins")
+        raise MessageError(f"{what}: too many entries")
     return np.frombuffer(blob, dtype=_DTYPES[width]).astype(np.int64)
 
 
 def _floats(v: Any, what: str, n: int) -> np.ndarray:
-    if isinstance(v, list) and len(v) == 2 and v[0] in (4, 8):
-        width, blob = v
-    else:
-        width, blob = 8, v
-    if not isinstance(blob, bytes) or len(blob) != n * width:
+    width, blob = _list(v, what, n=2)
+    if width not in (4, 8) or not isinstance(blob, bytes) or len(blob) != n * width:
         raise MessageError(f"{what}: expected {n} packed floats")
     return np.frombuffer(blob, dtype=np.float32 if width == 4 else np.float64).astype(np.float64)
 
 
-def _block_from_wire(v: Any, what: str, limit: int) -> list[FeatureSketch]:
-    v = _list(v, what, n=7)
-    kinds = v[0]
-    if not isinstance(kinds, bytes) or len(kinds) > limit or kinds.strip(b"\x00\x01"):
-        raise MessageError(f"{what}: bad sketch kinds")
+def _counts(v: Any, total: int, max_decompressed: int) -> np.ndarray:
+    width, codec, blob = _list(v, "counts", n=3)
+    if width not in _DTYPES or codec not in (0, 1) or not isinstance(blob, bytes):
+        raise MessageError("counts: bad packed counts")
+    expected = total * width
+    if codec == 1:
+        blob = _inflate(blob, min(expected, max_decompressed))
+    if len(blob) != expected:
+        raise MessageError(f"counts: expected {total} counts of {width} bytes")
+    planes = np.frombuffer(blob, dtype=np.uint8).reshape(width, total)
+    return np.ascontiguousarray(planes.T).view(_DTYPES[width]).ravel().astype(np.int64)
+
+
+def _sketches(b: list[Any], max_decompressed: int) -> tuple[list[FeatureSketch], np.ndarray]:
+    kinds = b[15]
+    if not isinstance(kinds, bytes) or len(kinds) > MAX_FEATURES + MAX_OUTPUTS or kinds.strip(b"\x00\x01"):
+        raise MessageError("report: bad sketch kinds")
     k = len(kinds)
-    packed = [_list(v[i], f"{what}[{i}]", n=2) for i in (1, 2, 3)]
-    lengths = _unpack(packed[0][0], packed[0][1], f"{what}.lengths", limit)
-    counts = _unpack(packed[1][0], packed[1][1], f"{what}.counts", limit * MAX_BINS)
-    nans = _unpack(packed[2][0], packed[2][1], f"{what}.nan", limit)
+    lengths = _unpack(b[16], "lengths", k)
+    nans = _unpack(b[18], "nan counts", k)
     if (lengths > MAX_BINS).any():
-        raise MessageError(f"{what}: too many bins in one sketch")
-    if lengths.size != k or nans.size != k or int(lengths.sum()) != counts.size:
-        raise MessageError(f"{what}: sketch sizes do not add up")
+        raise MessageError("report: too many bins in one sketch")
+    if lengths.size != k or nans.size != k:
+        raise MessageError("report: sketch sizes do not add up")
+    counts = _counts(b[17], int(lengths.sum()) + LATENCY_BUCKETS, max_decompressed)
     n_num = kinds.count(0)
-    minmax = _floats(v[4], f"{what}.minmax", 2 * n_num)
-    sums = _floats(v[5], f"{what}.sums", 2 * n_num)
-    if not np.isfinite(sums).all():
-        raise MessageError(f"{what}: sums must be finite")
-    extras = _list(v[6], f"{what}.categorical", n=k - n_num)
-    ends = np.cumsum(lengths).tolist()
-    parts = [counts[e - n : e] for e, n in zip(ends, lengths.tolist(), strict=True)]
+    minmax = _floats(b[19], "min/max", 2 * n_num)
+    moments = _floats(b[20], "moments", 2 * n_num)  # may be non-finite for absurd inputs
+    extras = _list(b[21], "categorical", n=k - n_num)
+    ends_arr = np.cumsum(lengths)
+    running = np.concatenate([[0], np.cumsum(counts)])
+    totals = (running[ends_arr] - running[ends_arr - lengths]).tolist()  # per-sketch n
+    ends, nan_list, mm, mo = ends_arr.tolist(), nans.tolist(), minmax.tolist(), moments.tolist()
     out: list[FeatureSketch] = []
     num_i = cat_i = 0
-    for i, kind in enumerate(kinds):
+    for i, (kind, end, size) in enumerate(zip(kinds, ends, lengths.tolist(), strict=True)):
+        part = counts[end - size : end]
         if kind == 0:
             j = 2 * num_i
-            out.append(NumericSketch(parts[i], int(nans[i]), float(minmax[j]), float(minmax[j + 1]),
-                                     float(sums[j]), float(sums[j + 1])))
+            n, mean = totals[i], mo[j]
+            sketch = NumericSketch(part, nan_list[i], mm[j], mm[j + 1], mean * n, mo[j + 1] + mean * mean * n)
+            out.append(sketch)
             num_i += 1
         else:
-            x = _list(extras[cat_i], f"{what}.categorical", n=3)
-            keys = _list(x[0], f"{what}.unseen", limit=MAX_FREQUENT_ITEMS)
-            vals = _list(x[1], f"{what}.unseen", n=len(keys))
+            x = _list(extras[cat_i], "categorical", n=3)
+            keys = _list(x[0], "unseen", limit=MAX_FREQUENT_ITEMS)
+            vals = _list(x[1], "unseen", n=len(keys))
             unseen = {
-                _text(key, f"{what}.unseen", MAX_LABEL_CHARS): _int(c, f"{what}.unseen")
+                _text(key, "unseen", MAX_LABEL_CHARS): _int(c, "unseen")
                 for key, c in zip(keys, vals, strict=True)
             }
-            out.append(CategoricalSketch(parts[i], int(nans[i]), unseen, _int(x[2], f"{what}.unseen_error")))
+            out.append(CategoricalSketch(part, nan_list[i], unseen, _int(x[2], "unseen_error")))
             cat_i += 1
-    return out
+    return out, counts[counts.size - LATENCY_BUCKETS :]
 
 
 def _inflate(data: bytes, max_decompressed: int) -> bytes:
@@ -367,7 +437,10 @@ def _inflate(data: bytes, max_decompressed: int) -> bytes:
             raise MessageError("report: zstd frame without a declared content size")
         if declared > max_decompressed:
             raise MessageError(f"report: decompresses to more than {max_decompressed} bytes")
-        dobj = zstandard.ZstdDecompressor().decompressobj()
+        unpacker = getattr(_local, "unpacker", None)
+        if unpacker is None:
+            unpacker = _local.unpacker = zstandard.ZstdDecompressor()
+        dobj = unpacker.decompressobj()
         raw = dobj.decompress(data)
     except zstandard.ZstdError as exc:
         raise MessageError(f"report: corrupt zstd payload ({exc})") from None
@@ -399,14 +472,15 @@ def decode_report(
         raise MessageError(f"report: malformed CBOR ({type(exc).__name__})") from None
     if fp.tell() != len(raw):
         raise MessageError("report: trailing bytes after the CBOR body")
-    b = _list(body, "report", n=18)
+    b = _list(body, "report", n=BODY_FIELDS)
     if b[0] != TELEMETRY_SCHEMA_VERSION:
         raise MessageError(f"report: unsupported schema_version {b[0]!r}")
-    lat = _list(b[16], "latency", n=4)
-    res = _list(b[17], "resources", n=3)
-    latency_counts = _unpack(lat[0], lat[1], "latency")
-    if latency_counts.size != LATENCY_BUCKETS:
-        raise MessageError(f"latency: expected {LATENCY_BUCKETS} buckets")
+    sketches, latency_counts = _sketches(b, max_decompressed)
+    n_features = _int(b[14], "feature count", len(sketches))
+    if len(sketches) - n_features > MAX_OUTPUTS or n_features > MAX_FEATURES:
+        raise MessageError("report: too many features or outputs")
+    lat = _list(b[22], "latency", n=2)
+    res = _list(b[23], "resources", n=3)
     report = TelemetryReport(
         device_id=_text(b[1], "device_id"), seq=_int(b[2], "seq"), model=_text(b[3], "model"),
         version=_text(b[4], "version"), cohort=_text(b[5], "cohort"), profile_id=_text(b[6], "profile_id"),
@@ -414,11 +488,10 @@ def decode_report(
         interval_end=_float(b[8], "interval_end", finite=True),
         requests=_int(b[9], "requests"), errors=_int(b[10], "errors"), rejected=_int(b[11], "rejected"),
         dropped_reports=_int(b[12], "dropped_reports"), merged_reports=_int(b[13], "merged_reports"),
-        features=_block_from_wire(b[14], "features", MAX_FEATURES),
-        outputs=_block_from_wire(b[15], "outputs", MAX_OUTPUTS),
+        features=sketches[:n_features], outputs=sketches[n_features:],
         latency_counts=latency_counts,
-        latency_sum_s=_float(lat[2], "latency.sum", finite=True),
-        latency_max_s=_float(lat[3], "latency.max", finite=True),
+        latency_sum_s=_float(lat[0], "latency.sum", finite=True),
+        latency_max_s=_float(lat[1], "latency.max", finite=True),
         resources=Resources(
             _int(res[0], "resources.rss"), _float(res[1], "resources.cpu_user", finite=True),
             _float(res[2], "resources.cpu_system", finite=True),

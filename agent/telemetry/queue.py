@@ -55,7 +55,8 @@ class ReportQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS reports (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS reports (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL,"
+                " attempted INTEGER NOT NULL DEFAULT 0)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         except sqlite3.DatabaseError as exc:
@@ -132,13 +133,19 @@ class ReportQueue:
     def _enforce_bounds(self) -> None:
         n, size = self._size()
         while n > self.config.max_reports or size > self.config.max_bytes:
-            rows = self._db.execute("SELECT seq, payload FROM reports ORDER BY seq LIMIT 2").fetchall()
-            if len(rows) < 2:  # a single report over max_bytes: keep it, it is the newest
+            oldest = self._db.execute("SELECT seq FROM reports ORDER BY seq LIMIT 2").fetchall()
+            if len(oldest) < 2:  # a single report over max_bytes: keep it, it is the newest
                 return
-            (s1, p1), (s2, p2) = rows
-            if self.config.on_full == "drop":
-                self._drop(s1, "queue full")
+            # Never merge a report already handed out for sending: it may have arrived (and
+            # only its ack been lost), and the merged report would carry its seq and be
+            # discarded by the fleet as a duplicate, losing the other report's counts.
+            rows = self._db.execute(
+                "SELECT seq, payload FROM reports WHERE attempted = 0 ORDER BY seq LIMIT 2"
+            ).fetchall()
+            if self.config.on_full == "drop" or len(rows) < 2:
+                self._drop(int(oldest[0][0]), "queue full")
             else:
+                (s1, p1), (s2, p2) = rows
                 try:
                     merged = merge_reports(decode_report(p1), decode_report(p2))
                 except MessageError as exc:
@@ -151,11 +158,14 @@ class ReportQueue:
             n, size = self._size()
 
     def pending(self, limit: int | None = None) -> list[tuple[int, bytes]]:
-        """Queued (seq, encoded report) pairs, oldest first."""
+        """Queued (seq, encoded report) pairs, oldest first. They are marked as handed out:
+        from now on they are never merged (only dropped, and counted, if the queue fills)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, payload FROM reports ORDER BY seq LIMIT ?", (-1 if limit is None else limit,)
             ).fetchall()
+            if rows:
+                self._db.execute("UPDATE reports SET attempted = 1 WHERE seq <= ?", (rows[-1][0],))
         return [(int(s), bytes(p)) for s, p in rows]
 
     def ack(self, seq: int) -> bool:
