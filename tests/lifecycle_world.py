@@ -54,9 +54,9 @@ class Repo:
     refs: dict[str, DesiredTarget] = field(default_factory=dict)
 
     def publish(self, version: str, model_seed: int, golden_seed: int | None = None,
-                health: dict[str, Any] | None = None) -> str:
+                health: dict[str, Any] | None = None, model: bytes | None = None) -> str:
         """Build and publish `mlp-<version>`; returns its bundle id."""
-        model = make_mlp_onnx(model_seed)
+        model = model if model is not None else make_mlp_onnx(model_seed)
         manifest = manifest_for(version, model, model_seed if golden_seed is None else golden_seed, health)
         out = self.root / "built" / f"mlp-{version}.efb"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,3 +153,47 @@ class Hammer:
         self._stop.set()
         for t in self._threads:
             t.join(5)
+
+
+def make_spinning_mlp(trips: int) -> bytes:
+    """A valid x[batch,32] -> logits[batch,4] ONNX model whose every run spins an ONNX `Loop`
+    `trips` times inside onnxruntime (about 2-3 us per trip): a real, bounded native hang."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = mlp_weights(0, (32, 4))[0][0]
+    scalar = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+        ],
+        "spin",
+        [scalar("i", TensorProto.INT64, []), scalar("c_in", TensorProto.BOOL, []),
+         scalar("v_in", TensorProto.FLOAT, [])],
+        [scalar("c_out", TensorProto.BOOL, []), scalar("v_out", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    nodes = [
+        helper.make_node("Loop", ["M", "cond", "v0"], ["v"], body=body),
+        helper.make_node("MatMul", ["x", "W"], ["mm"]),
+        helper.make_node("Mul", ["v", "zero"], ["vz"]),
+        helper.make_node("Add", ["mm", "vz"], ["logits"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(trips, np.int64), "M"),
+        numpy_helper.from_array(np.array(True), "cond"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "v0"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(w, "W"),
+    ]
+    graph = helper.make_graph(
+        nodes, "spinning_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lifecycle_world import FAST, Hammer, Repo, X, make_device, make_repo
+from lifecycle_world import FAST, Hammer, Repo, X, make_device, make_repo, make_spinning_mlp
 
+from agent.health import hung_threads
 from agent.lifecycle import State
 from agent.runtimes import load_model
 from simulators.models import mlp_reference, mlp_weights
@@ -23,7 +24,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     r.publish("3.0.0", model_seed=2, golden_seed=0)  # golden vectors of another model: fails
     r.publish("4.0.0", model_seed=3, health={"latency_budget_ms": 1e-6, "probation_requests": 30,
                                             "probation_seconds": 0.0, "inference_timeout_s": 2.0})
-    r.publish("5.0.0", model_seed=4, health={**FAST, "inference_timeout_s": 0.3})
+    r.publish("5.0.0", model_seed=4, health={**FAST, "inference_timeout_s": 0.3, "probation_requests": 200})
+    r.publish("8.0.0", model_seed=0, model=make_spinning_mlp(300_000),
+              health={**FAST, "inference_timeout_s": 0.1})
     return r
 
 
@@ -95,31 +98,58 @@ def test_probation_latency_failure_rolls_back_without_failed_requests(repo: Repo
 
 
 @pytest.mark.integration
-def test_hang_under_watchdog_rolls_back(repo: Repo, tmp_path: Path) -> None:
+def test_real_runtime_hang_on_load_is_caught_by_the_watchdog(repo: Repo, tmp_path: Path) -> None:
+    """The model spins inside onnxruntime for about a second on every run (load warms it)."""
+    dev = _installed(repo, tmp_path, load_timeout_s=0.2)
+    dev.lifecycle.offer_desired(repo.desired("mlp-8.0.0"))
+    with Hammer(dev.holder) as hammer:
+        dev.lifecycle.run_until_stable()
+    assert hammer.failed == []
+    ev = dev.event("rolled_back")
+    assert "load hung" in ev["reason"] and ev["swapped"] is False
+    assert dev.lifecycle.record.active == "mlp-1.0.0" and "mlp-8.0.0" in dev.lifecycle.record.quarantined
+    assert hung_threads() >= 1
+    _serves(dev.holder, 0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("hang_at_call", [1, 40])
+def test_hang_in_golden_or_in_probation_rolls_back(repo: Repo, tmp_path: Path, hang_at_call: int) -> None:
+    """Fault injection around the real runtime: the n-th run of mlp-5.0.0 wedges."""
     release = threading.Event()
 
     def hanging_loader(path, manifest, threads):  # type: ignore[no-untyped-def]
         model = load_model(path, manifest, threads)
         if manifest.version != "5.0.0":
             return model
+        calls = [0]
 
-        class Hangs:  # fault injection: the runtime wedges on every run
+        class Wedges:
             def predict(self, inputs):  # type: ignore[no-untyped-def]
-                release.wait(10)
+                calls[0] += 1
+                if calls[0] >= hang_at_call:
+                    release.wait(10)
                 return model.predict(inputs)
 
             def close(self) -> None:
                 model.close()
 
-        return Hangs()
+        return Wedges()
 
     dev = _installed(repo, tmp_path, load=hanging_loader)
     dev.lifecycle.offer_desired(repo.desired("mlp-5.0.0"))
-    dev.lifecycle.run_until_stable()
-    release.set()
+    with Hammer(dev.holder, threads=2):
+        try:
+            dev.lifecycle.run_until_stable()
+        finally:
+            release.set()  # un-wedge the request threads before they are joined
     ev = dev.event("rolled_back")
-    assert "hung" in ev["reason"] and dev.lifecycle.record.active == "mlp-1.0.0"
-    assert "mlp-5.0.0" in dev.lifecycle.record.quarantined
+    if hang_at_call == 1:
+        assert "golden vectors hung" in ev["reason"] and ev["swapped"] is False
+    else:
+        assert "a request hung" in ev["reason"] and ev["swapped"] is True
+        assert ev["measurements"]["stuck_s"] > 0.3
+    assert dev.lifecycle.record.active == "mlp-1.0.0" and "mlp-5.0.0" in dev.lifecycle.record.quarantined
     _serves(dev.holder, 0)
 
 
@@ -153,6 +183,12 @@ def test_local_rollback_request_during_probation(repo: Repo, tmp_path: Path) -> 
     t.join()
     assert dev.event("rolled_back")["reason"] == "operator requested rollback"
     assert dev.lifecycle.record.active == "mlp-1.0.0"
+    # a request while nothing is being installed is dropped, not kept for the next probation
+    dev.lifecycle.request_rollback()
+    dev.lifecycle.run_until_stable()
+    dev.lifecycle.offer_desired(repo.desired("mlp-2.0.0"))
+    dev.lifecycle.run_until_stable()
+    assert dev.lifecycle.record.active == "mlp-2.0.0"
 
 
 @pytest.mark.integration

@@ -167,6 +167,7 @@ def _load_checked(ctx: LifecycleContext, slot: SlotBundle) -> LoadedModel:
 def handle_idle(ctx: LifecycleContext) -> Event:
     """Serve `active` (reload it after a restart); start an update if the target moved."""
     ctx.apply_pending()
+    ctx.rollback_flag.clear()  # a rollback request means "abort this update": none is running
     r = ctx.record
     if r.active and ctx.holder.bundle_id != r.active:
         try:
