@@ -1,0 +1,65 @@
+"""Fleet ingest throughput: reports decoded, validated, deduplicated, merged and persisted.
+
+5,000 reports (100 devices x 50 one-minute intervals, 20 features + 1 output, 100 inferences
+each) are encoded up front; the timed part is `TelemetryStore.ingest` for each payload plus
+the final `flush` into a fresh SQLite file (WAL, batched writes every 1,000 reports).
+Baseline in the same run: `decode_report` alone over the same payloads.
+Goal: `ingest_reports_per_s` >= 5,000.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.contract.telemetry import decode_report, encode_report
+from agent.telemetry import TelemetrySketch
+from fleet.profile import compute_reference_profile
+from fleet.telemetry_ingest import IngestConfig, TelemetryStore
+
+NAME = "ingest"
+DESCRIPTION = "telemetry reports decoded + checked + deduplicated + merged + persisted per second"
+DEVICES = 100
+INTERVALS = 50
+
+
+def run() -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(20_000, 20)).astype(np.float32)
+    prof = compute_reference_profile(ref, [f"f{i}" for i in range(20)], outputs=ref[:, :3].sum(axis=1))
+    payloads: list[bytes] = []
+    for d in range(DEVICES):
+        ticks = iter(np.arange(1_700_000_000.0, 1_700_000_000.0 + 60.0 * (INTERVALS + 1), 60.0).tolist())
+        sk = TelemetrySketch(prof, f"device-{d:04d}", "mlp", "1.0.0", clock=ticks.__next__,
+                             resource_probe=lambda: (40_000_000, 0.5, 0.1))
+        for _ in range(INTERVALS):
+            x = rng.normal(size=(100, 20)).astype(np.float32)
+            sk.update(x, x[:, :3].sum(axis=1), 0.002)
+            payloads.append(encode_report(sk.snapshot_and_reset()))
+    t0 = time.perf_counter()
+    for p in payloads:
+        decode_report(p)
+    decode_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = TelemetryStore(Path(tmp) / "telemetry.db", IngestConfig(window_s=60.0, flush_every=1000),
+                                   profiles=lambda m, v: prof, clock=lambda: 1_700_010_000.0)
+            t0 = time.perf_counter()
+            for p in payloads:
+                store.ingest(p)
+            store.flush()
+            rates.append(len(payloads) / (time.perf_counter() - t0))
+            merged = store.query_windows("mlp", "1.0.0")
+            assert merged is not None and merged.requests == len(payloads)
+            assert len(store.windows("mlp", "1.0.0")) == INTERVALS
+            store.close()
+    return {
+        "ingest_reports_per_s": float(max(rates)),
+        "ingest_reports_per_s_median": float(np.median(rates)),
+        "decode_only_reports_per_s": len(payloads) / decode_s,
+        "ingest_report_bytes_mean": float(np.mean([len(p) for p in payloads])),
+    }
