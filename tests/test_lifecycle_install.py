@@ -257,3 +257,42 @@ def test_shadow_runs_beside_serving_and_is_never_served(repo: Repo, tmp_path: Pa
     dev.lifecycle.offer_desired(repo.desired("mlp-1.0.0"))
     dev.lifecycle.run_until_stable()
     assert dev.holder.shadow_id is None
+
+
+@pytest.mark.integration
+def test_a_failing_shadow_is_quarantined_without_touching_serving(repo: Repo, tmp_path: Path) -> None:
+    dev = _installed(repo, tmp_path)
+
+    def refuse_shadow(path, manifest, threads):  # type: ignore[no-untyped-def]
+        if manifest.version == "2.0.0":
+            from agent.errors import RuntimeFailure
+
+            raise RuntimeFailure("runtime refuses this model")
+        return load_model(path, manifest, threads)
+
+    dev.lifecycle.ctx.load = refuse_shadow
+    d = repo.desired("mlp-1.0.0", shadow="mlp-2.0.0")
+    dev.lifecycle.offer_desired(d)
+    dev.lifecycle.run_until_stable()
+    assert dev.event("shadow_failed")["bundle"] == "mlp-2.0.0"
+    assert dev.holder.shadow_id is None and dev.lifecycle.record.quarantined == {"mlp-2.0.0": d.sequence}
+    n = len(dev.events)
+    dev.lifecycle.run_until_stable()  # not retried under the same document
+    assert len(dev.events) == n
+    _serves(dev.holder, 0)
+
+
+@pytest.mark.integration
+def test_on_save_sees_every_saved_state(repo: Repo, tmp_path: Path) -> None:
+    from agent.lifecycle import Lifecycle, LifecycleConfig
+    from agent.serving import ModelHolder
+
+    saved: list[str] = []
+    holder = ModelHolder()
+    lc = Lifecycle(LifecycleConfig(state_dir=tmp_path / "state"), holder, repo.trust(tmp_path),
+                   on_save=lambda rec: saved.append(rec.state))
+    lc.offer_desired(repo.desired("mlp-1.0.0"))
+    lc.start()
+    assert saved == ["idle", "downloading", "verifying", "staged", "activating", "probation", "committed",
+                     "idle"]
+    holder.close()

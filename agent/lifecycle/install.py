@@ -112,6 +112,7 @@ class LifecycleContext:
     wake: threading.Event = field(default_factory=threading.Event)
     rollback_flag: threading.Event = field(default_factory=threading.Event)
     health_failed_at: float | None = None  # perf_counter() when a failure was seen
+    shadow_retry_at: float = 0.0  # transport backoff for the shadow download (not persisted)
     _pending: DesiredTarget | None = None
     _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -416,6 +417,8 @@ def _sync_shadow(ctx: LifecycleContext) -> None:
         return
     if ctx.holder.shadow_id == want.bundle_id or is_quarantined(r, want.bundle_id, want.sequence):
         return
+    if ctx.clock() < ctx.shadow_retry_at:
+        return
     try:
         if not ctx.slots.has(want.bundle_id):
             path = ctx.trust.download_target(want.path, _target_ref(want))
@@ -432,6 +435,7 @@ def _sync_shadow(ctx: LifecycleContext) -> None:
         ctx.report("shadow_failed", bundle=want.bundle_id, reason=str(exc))
         return
     except (TransportError, MisuseError) as exc:
+        ctx.shadow_retry_at = ctx.clock() + ctx.config.retry_base_s
         ctx.report("shadow_deferred", bundle=want.bundle_id, reason=str(exc))
         return
     ctx.holder.set_shadow(model, want.bundle_id)

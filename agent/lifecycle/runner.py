@@ -40,8 +40,10 @@ class Lifecycle:
         load: ModelLoader = _default_loader,
         extract: ExtractFn = _default_extract,
         clock: Callable[[], float] = time.time,
+        on_save: Callable[[StateRecord], None] | None = None,
     ) -> None:
-        self.store = StateStore(config.state_dir, clock=clock)
+        """`on_save` is called after every successful record save (e.g. to publish state)."""
+        self.store = StateStore(config.state_dir, clock=clock, after_save=on_save)
         self.ctx = LifecycleContext(
             record=self.store.load(),
             config=config,

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,13 +141,19 @@ class StateRecord:
 class StateStore:
     """Atomic, fsynced persistence of one `StateRecord` with a last-good fallback."""
 
-    def __init__(self, state_dir: Path, clock: Any = time.time) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        clock: Any = time.time,
+        after_save: Callable[[StateRecord], None] | None = None,
+    ) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "state.json"
         self.prev_path = self.dir / "state.json.prev"
         self._clock = clock
         self._last_good: bytes | None = None
         self._current_ok = False  # state.json holds a record this object wrote or parsed
+        self._after_save = after_save  # e.g. the daemon publishes its reported state
 
     def save(self, record: StateRecord) -> None:
         """Write `record` atomically; the last good record stays as `state.json.prev`.
@@ -173,6 +180,8 @@ class StateStore:
             self._current_ok = True
         except OSError as exc:
             raise MisuseError(f"cannot write state record in {self.dir}: {exc}") from exc
+        if self._after_save is not None:
+            self._after_save(record)
 
     def _atomic_write(self, target: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.dir)
