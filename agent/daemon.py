@@ -440,6 +440,7 @@ class AgentDaemon:
         ticker = threading.Thread(target=self._ticker, name="agent-ticker", daemon=True)
         ticker.start()
         try:
+            self._note_crash()
             self.lifecycle.start()
             self.publish_reported()
             self.ready.set()
@@ -449,6 +450,17 @@ class AgentDaemon:
         finally:
             self._shutdown(ticker)
         return 0
+
+    def _note_crash(self) -> None:
+        """A record outside `idle` at start means the last run died mid-update: say so."""
+        rec = self.lifecycle.record
+        if rec.state == State.IDLE.value:
+            return
+        reason = f"agent restarted during {rec.state} (crash, kill or power loss)"
+        if not rec.last_error:
+            rec.last_error = reason  # the resumed handlers report it (e.g. as the rollback reason)
+        log_event(log, "agent.crash_recovered", logging.WARNING, state=rec.state, bundle=rec.candidate)
+        self._event("crash_recovered", bundle_id=rec.candidate, reason=reason)
 
     def _shutdown(self, ticker: threading.Thread) -> None:
         self._notifier.notify("STOPPING=1")
