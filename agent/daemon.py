@@ -103,7 +103,11 @@ class _Notifier:
 class AgentDaemon:
     """One device agent. `run()` blocks until `stop()` (or SIGTERM/SIGINT in the main thread)."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(
+        self, config: AgentConfig, transport: MqttTransport | None = None, catalog: ModelCatalog | None = None
+    ) -> None:
+        # `transport`/`catalog` let the swarm simulator run many agents on one selector loop
+        # and share loaded model sessions; a real device uses the defaults.
         self.config = config
         c = config
         self.state_dir = c.state_dir
@@ -123,7 +127,7 @@ class AgentDaemon:
         except OSError as exc:
             raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
 
-        self.transport = MqttTransport(c.mqtt)
+        self.transport = transport if transport is not None else MqttTransport(c.mqtt)
         self.fetcher = MqttFetcher(
             self.transport,
             self.topics,
@@ -145,7 +149,7 @@ class AgentDaemon:
             "mqtt://repo/targets/",
             bootstrap_root=self._bootstrap,
         )
-        self.catalog = ModelCatalog(c.model_threads)
+        self.catalog = catalog if catalog is not None else ModelCatalog(c.model_threads)
         self.holder = ModelHolder()
         lo = c.lifecycle
         self.lifecycle = Lifecycle(
