@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -196,9 +197,7 @@ class Repository:
         dirname, _, basename = target_path.rpartition("/")
         dest = self.targets_dir / dirname / f"{digest}.{basename}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(local_file, tmp)
-        tmp.replace(dest)
+        _copy_durably(local_file, dest)
         version = self._bump_targets(lambda t: t.targets.__setitem__(target_path, info))
         log_event(
             logger, "repo.target_added", target=target_path, length=info.length, targets_version=version
@@ -270,6 +269,16 @@ class Repository:
             for path, t in sorted(targets.items())
         }
         return out
+
+
+def _copy_durably(src: Path, dest: Path) -> None:
+    """Copy through a temp file, fsync, then rename: a client never sees a partial target."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with src.open("rb") as fin, tmp.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+    tmp.replace(dest)
 
 
 def sha256_file(path: Path) -> str:
