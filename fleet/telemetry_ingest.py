@@ -38,6 +38,7 @@ from agent.contract.telemetry import (
     latency_bucket_upper,
     merge_into,
     merge_reports,
+    profile_digest,
 )
 from agent.errors import MessageError
 from agent.logs import log_event
@@ -131,7 +132,7 @@ class TelemetryStore:
         self._pending: dict[tuple[str, str, str, float], _Window] = {}
         self._pending_seen: dict[tuple[str, int], float] = {}
         self._max_seq: dict[str, int] = {}
-        self._shapes: dict[tuple[str, str], tuple[list[int], list[int]] | None] = {}
+        self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
         self.counters = IngestCounters()
         try:
             self.db = sqlite_utils.Database(str(db_path))
@@ -152,13 +153,15 @@ class TelemetryStore:
         log_event(log, "telemetry.rejected", reason=reason, detail=detail[:200])
         return "rejected"
 
-    def _shape(self, model: str, version: str) -> tuple[list[int], list[int]] | None:
+    def _shape(self, model: str, version: str) -> tuple[list[int], list[int], str] | None:
+        """(feature bin counts, output bin counts, profile digest) of a version, cached."""
         key = (model, version)
         if key not in self._shapes:
             prof = self._profiles(model, version) if self._profiles else None
             self._shapes[key] = None if prof is None else (
                 [len(f.edges) + 1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in prof.features],
                 [len(f.edges) + 1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in prof.outputs],
+                profile_digest(prof),
             )
         return self._shapes[key]
 
@@ -191,9 +194,11 @@ class TelemetryStore:
                 if shape is None:
                     return self._reject("unknown_version", f"{report.model} {report.version}")
                 try:
-                    check_report_shape(report, *shape)
+                    check_report_shape(report, shape[0], shape[1])
                 except MessageError as exc:
                     return self._reject("profile_mismatch", str(exc))
+                if report.profile_id and report.profile_id != shape[2]:
+                    return self._reject("profile_mismatch", f"profile_id {report.profile_id} != {shape[2]}")
             if self._seen(report.device_id, report.seq):
                 self.counters.duplicates += 1
                 return "duplicate"

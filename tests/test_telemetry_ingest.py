@@ -63,14 +63,17 @@ def test_bad_payloads_are_counted_and_never_stop_the_ingester(tmp_path: Path) ->
     good = _payloads("dev-a", 2)
     rng = np.random.default_rng(2)
     other = compute_reference_profile(rng.normal(size=(500, 3)), ["a", "b", "c"], bins=10)
+    same_shape = compute_reference_profile(rng.normal(size=(2000, 3)), ["a", "b", "c"],
+                                           outputs=rng.normal(size=2000))
     bomb = bytes([FLAG_ZSTD]) + zstandard.ZstdCompressor().compress(b"\x00" * (16 * 1024 * 1024))
     bad = [b"", b"\x00garbage", good[0][: len(good[0]) // 2], bomb, b"\x00" * 300_000,
            _payloads("dev-x", 1, version="2.0.0")[0],  # no profile for this version
-           _payloads("dev-y", 1, profile=other)[0]]  # binned by another profile
+           _payloads("dev-y", 1, profile=other)[0],  # binned by another profile
+           _payloads("dev-z", 1, profile=same_shape)[0]]  # other edges, same shape: profile_id differs
     results = [store.ingest(p) for p in [good[0], *bad, good[1]]]
     assert results == ["accepted", *["rejected"] * len(bad), "accepted"]
     assert store.counters.rejected == len(bad)
-    assert store.counters.reasons == {"malformed": 5, "unknown_version": 1, "profile_mismatch": 1}
+    assert store.counters.reasons == {"malformed": 5, "unknown_version": 1, "profile_mismatch": 2}
     merged = store.query_windows("m", "1.0.0")
     assert merged is not None and merged.requests == 2
 

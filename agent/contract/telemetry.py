@@ -17,7 +17,9 @@ Pure: no I/O, no clock. Imported by both the agent and the fleet.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import threading
 from dataclasses import dataclass, field, replace
@@ -27,6 +29,7 @@ import cbor2
 import numpy as np
 import zstandard
 
+from agent.contract.manifest import ReferenceProfile
 from agent.errors import MessageError
 
 TELEMETRY_SCHEMA_VERSION = 1
@@ -69,6 +72,13 @@ def category_labels(values: np.ndarray) -> np.ndarray:
             f = float(v)
             out[i] = "" if math.isnan(f) else (str(int(f)) if f.is_integer() else repr(f))
     return out
+
+
+def profile_digest(profile: ReferenceProfile) -> str:
+    """Short digest of a reference profile (its canonical JSON): reports carry it as
+    `profile_id` so the fleet can tell counts binned by other edges of the same shape."""
+    canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def latency_bucket(latency_s: float) -> int:

@@ -34,6 +34,7 @@ from agent.contract.telemetry import (
     category_labels,
     latency_bucket,
     merge_frequent,
+    profile_digest,
 )
 from agent.errors import MisuseError
 
@@ -228,7 +229,8 @@ class _Tensor:
 class TelemetrySketch:
     """Mergeable per-interval telemetry of one model version on one device.
 
-    `profile` is the bundle's reference profile (its edges and vocabularies fix the bins);
+    `profile` is the bundle's reference profile (its edges and vocabularies fix the bins;
+    reports carry its digest as `profile_id` unless one is given, "" for none);
     `clock` returns epoch seconds and `resource_probe` returns (RSS bytes, user CPU s,
     system CPU s), both injectable for tests.
     """
@@ -240,7 +242,7 @@ class TelemetrySketch:
         model: str,
         version: str,
         cohort: str = "",
-        profile_id: str = "",
+        profile_id: str | None = None,
         first_seq: int = 0,
         frequent_k: int = FREQUENT_ITEMS_K,
         buffer_rows: int = 512,
@@ -253,7 +255,8 @@ class TelemetrySketch:
         self._inputs = _Tensor(list(profile.features), frequent_k, buffer_rows)
         self._outputs = _Tensor(list(profile.outputs), frequent_k, buffer_rows)
         self.device_id, self.model, self.version = device_id, model, version
-        self.cohort, self.profile_id = cohort, profile_id
+        self.cohort = cohort
+        self.profile_id = profile_id if profile_id is not None else profile_digest(profile)
         self._next_seq = first_seq
         self._clock = clock
         self._probe = resource_probe
