@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -131,8 +133,10 @@ class AlertManager:
         self.config = config or AlertConfig()
         self._clock = clock
         self._http = http
+        self._lock = threading.RLock()  # evaluate/redeliver may run on different threads
         try:
-            self.db = sqlite_utils.Database(str(db_path))
+            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
+            self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             ensure_schema(self.db)
         except Exception as exc:  # not a usable SQLite file
@@ -147,6 +151,13 @@ class AlertManager:
     ) -> list[Alert]:
         """Test each window not evaluated before (from `TelemetryStore.windows`, time order),
         update episodes, persist and deliver new alerts; returns them."""
+        with self._lock:
+            return self._evaluate(model, version, cohort, profile, windows, window_s)
+
+    def _evaluate(
+        self, model: str, version: str, cohort: str, profile: ReferenceProfile,
+        windows: list[dict[str, Any]], window_s: float,
+    ) -> list[Alert]:
         cursor = self.db.execute(
             f"SELECT last_window FROM {CURSOR_TABLE} WHERE model = ? AND version = ? AND cohort = ?",  # noqa: S608
             [model, version, cohort],
@@ -252,8 +263,9 @@ class AlertManager:
 
     def redeliver(self) -> int:
         """Retry every undelivered alert; returns how many got through."""
-        rows = list(self.db.table(ALERTS_TABLE).rows_where("delivered = 0", order_by="id"))
-        return sum(self._deliver(self._from_row(r)) for r in rows)
+        with self._lock:
+            rows = list(self.db.table(ALERTS_TABLE).rows_where("delivered = 0", order_by="id"))
+            return sum(self._deliver(self._from_row(r)) for r in rows)
 
     def alerts(self, model: str | None = None, kind: str | None = None) -> list[Alert]:
         """Persisted alerts, oldest first, optionally filtered by model and kind."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from agent.contract.telemetry import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
+from fleet.drift import DriftReport, DriftThresholds, Method, report_drift
 from fleet.errors import FleetInputError, FleetMisuseError
 
 log = logging.getLogger("edgefleet.fleet.telemetry")
@@ -135,7 +137,10 @@ class TelemetryStore:
         self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
         self.counters = IngestCounters()
         try:
-            self.db = sqlite_utils.Database(str(db_path))
+            # One connection shared by threads (MQTT callbacks, API handlers, gates), always
+            # used under `self._lock`.
+            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
+            self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             ensure_schema(self.db)
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
@@ -317,6 +322,23 @@ class TelemetryStore:
             except MessageError as exc:
                 raise FleetInputError(f"stored windows of {model} {version} do not merge: {exc}") from None
         return merged
+
+    def drift(
+        self, model: str, version: str, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+        thresholds: DriftThresholds | None = None, method: Method = "auto",
+    ) -> DriftReport | None:
+        """Drift of the merged windows against the version's reference profile (None when
+        there is no data or no profile lookup knows the version). For rollout gates,
+        `drifted_share` is the drift score in [0, 1]."""
+        profile = self._profiles(model, version) if self._profiles else None
+        merged = self.query_windows(model, version, cohort, since, until)
+        if profile is None or merged is None:
+            return None
+        try:
+            return report_drift(profile, merged, thresholds, method)
+        except FleetInputError:
+            return None
 
     def device_latency_quantiles(
         self, model: str, version: str, quantiles: list[float], cohort: str | None = None,

@@ -106,3 +106,32 @@ def test_latency_quantiles_from_histograms_and_across_devices(tmp_path: Path) ->
     q = store.device_latency_quantiles("m", "1.0.0", [0.5, 0.99])
     assert q == pytest.approx([0.002, 0.002])
     assert np.isnan(histogram_quantile(np.zeros(4), 0.5))
+
+
+@pytest.mark.integration
+def test_ingest_from_several_threads_and_drift_of_the_merged_windows(tmp_path: Path) -> None:
+    import threading
+
+    store = _store(tmp_path / "t.db", flush_every=7)
+    batches = [_payloads(f"dev-{i}", 8) for i in range(4)]
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def feed(payloads: list[bytes]) -> None:
+        for p in payloads:
+            r = store.ingest(p)
+            with lock:
+                results.append(r)
+            store.query_windows("m", "1.0.0")  # reads interleave with writes
+
+    threads = [threading.Thread(target=feed, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results.count("accepted") == 32
+    merged = store.query_windows("m", "1.0.0")
+    assert merged is not None and merged.requests == 32
+    verdict = store.drift("m", "1.0.0")
+    assert verdict is not None and not verdict.dataset_drift and 0.0 <= verdict.drifted_share <= 1.0
+    assert store.drift("m", "9.9.9") is None
