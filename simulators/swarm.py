@@ -1,0 +1,370 @@
+"""A swarm of real agents spread over worker processes, one selector loop per process.
+
+Why processes: one Python process is bound to one core by the GIL, and every device does
+real work (TUF verification, bundle extraction, golden vectors, inference for telemetry), so
+the swarm uses as many worker processes as cores. Inside a worker, every device is a
+`SwarmAgent` (the real `AgentDaemon`) on the worker's `SwarmLoop`; devices of one worker share
+loaded model sessions for identical model bytes; each device's state directory, slots,
+ledger, queue and decisions are its own. A traffic thread feeds every serving device batches
+from its `DataGenerator` (its cohort's drift applied), so telemetry flows as on a real site.
+
+The controller talks to workers over pipes: `stats`, `drift`, `traffic`, `stop`.
+`kill_worker` SIGKILLs one worker (every device in it crashes wherever it was, mid-install
+included) and `restart_worker` starts it again on the same state directories: the agents
+resume from their state records, as a rebooted gateway would.
+
+Errors: `Swarm.start` raises `fleet.errors.FleetTransportError` when a worker does not come
+up in time and `FleetMisuseError` for an inconsistent spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from agent.logs import log_event
+from fleet.errors import FleetMisuseError, FleetTransportError
+from simulators.datagen import DataGenerator, DriftSpec, Schema, default_schema, device_seed
+from simulators.swarm_device import DeviceProfile
+
+logger = logging.getLogger(__name__)
+THREAD_STACK_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class SwarmSpec:
+    """Where the swarm connects and how its devices behave (times in seconds)."""
+
+    broker_host: str
+    broker_port: int
+    prefix: str
+    bootstrap_root: Path
+    state_root: Path
+    schema: Schema = field(default_factory=default_schema)
+    telemetry_interval_s: float = 2.0
+    traffic_interval_s: float = 0.5
+    traffic_batch: int = 16
+    traffic: bool = True
+    seed: int = 0
+    agent_overrides: dict[str, Any] = field(default_factory=dict)
+    start_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    worker: int
+    pid: int
+    devices: int
+    connected: int
+    rss_mb: float
+    base_rss_mb: float  # the worker's RSS before its first device (imports, runtimes)
+    sessions: int  # distinct loaded model sessions
+    session_loads: int
+    predictions: int
+    setup_s: float
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+class _Traffic:
+    """Feeds every serving device a batch per interval (drift applied by cohort and time)."""
+
+    def __init__(self, spec: SwarmSpec, agents: list[Any], t0: float) -> None:
+        self.spec = spec
+        self.agents = agents
+        self.t0 = t0
+        self.enabled = threading.Event()
+        if spec.traffic:
+            self.enabled.set()
+        self.stop = threading.Event()
+        self.schema = spec.schema
+        self.gens = {
+            a.profile.device_id: DataGenerator(
+                spec.schema, a.profile.cohort, device_seed(spec.seed, a.profile.device_id)
+            )
+            for a in agents
+        }
+        self.predictions = 0
+
+    def set_drifts(self, drifts: Sequence[DriftSpec]) -> None:
+        self.schema = self.schema.with_drifts(*drifts)
+        for g in self.gens.values():
+            g.schema = self.schema
+
+    def run(self) -> None:
+        while not self.stop.wait(self.spec.traffic_interval_s):
+            if not self.enabled.is_set():
+                continue
+            t = time.monotonic() - self.t0
+            for a in self.agents:
+                if a.holder.bundle_id is None:
+                    continue
+                x = self.gens[a.profile.device_id].batch(self.spec.traffic_batch, t)
+                with contextlib.suppress(Exception):  # a device mid-swap or unhealthy: not ours to fix
+                    a.served.predict({"x": x})
+                    self.predictions += 1
+
+
+def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
+    """A worker process: build the devices, run them, answer the controller until `stop`."""
+    from agent.logs import configure_logging
+    from simulators.swarm_device import SESSION_POOL, SwarmAgent, agent_config
+    from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
+
+    configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "WARNING"))
+    threading.stack_size(THREAD_STACK_BYTES)
+    raise_nofile_limit(len(profiles) * 6 + 256)
+    base_rss = _rss_mb()
+    started = time.monotonic()
+    loop = SwarmLoop(seed=spec.seed + index).start()
+    agents: list[SwarmAgent] = []
+    for p in profiles:
+        cfg = agent_config(
+            p,
+            state_dir=spec.state_root / p.device_id,
+            bootstrap_root=spec.bootstrap_root,
+            broker_host=spec.broker_host,
+            broker_port=spec.broker_port,
+            prefix=spec.prefix,
+            telemetry_interval_s=spec.telemetry_interval_s,
+            overrides=spec.agent_overrides,
+        )
+        agent = SwarmAgent(cfg, loop, p)
+        threading.Thread(target=agent.run, name=f"agent-{p.device_id}", daemon=True).start()
+        agents.append(agent)
+    traffic = _Traffic(spec, agents, started)
+    threading.Thread(target=traffic.run, name="traffic", daemon=True).start()
+    setup_s = time.monotonic() - started
+
+    def stats() -> WorkerStats:
+        s = loop.stats()
+        return WorkerStats(
+            index,
+            os.getpid(),
+            len(agents),
+            s.connected,
+            _rss_mb(),
+            base_rss,
+            len(SESSION_POOL),
+            SESSION_POOL.loads,
+            traffic.predictions,
+            setup_s,
+        )
+
+    conn.send(("ready", stats()))
+    while True:
+        try:
+            cmd, arg = conn.recv()
+        except (EOFError, OSError):
+            cmd, arg = "stop", None
+        if cmd == "stats":
+            conn.send(("ok", stats()))
+        elif cmd == "drift":
+            traffic.set_drifts(arg)
+            conn.send(("ok", None))
+        elif cmd == "traffic":
+            (traffic.enabled.set if arg else traffic.enabled.clear)()
+            conn.send(("ok", None))
+        elif cmd == "stop":
+            traffic.stop.set()
+            for a in agents:
+                a.stop()
+            deadline = time.monotonic() + 10
+            for t in threading.enumerate():
+                if t.name.startswith("agent-"):
+                    t.join(max(0.0, deadline - time.monotonic()))
+            loop.stop()
+            with contextlib.suppress(OSError):
+                conn.send(("ok", None))
+            return
+
+
+@dataclass
+class _Worker:
+    index: int
+    profiles: list[DeviceProfile]
+    proc: Any = None
+    conn: Connection | None = None
+    last: WorkerStats | None = None
+
+
+class Swarm:
+    """Devices spread round-robin over `processes` workers (see the module docstring)."""
+
+    def __init__(self, spec: SwarmSpec, profiles: Sequence[DeviceProfile], processes: int = 0) -> None:
+        if not profiles:
+            raise FleetMisuseError("a swarm needs at least one device")
+        ids = [p.device_id for p in profiles]
+        if len(set(ids)) != len(ids):
+            raise FleetMisuseError("device ids must be unique")
+        n = max(1, min(processes or (os.cpu_count() or 1), len(profiles)))
+        self.spec = spec
+        self.profiles = list(profiles)
+        self.workers = [_Worker(i, self.profiles[i::n]) for i in range(n)]
+        self._ctx = mp.get_context("spawn")
+        self.connect_s = 0.0
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [p.device_id for p in self.profiles]
+
+    def _spawn(self, w: _Worker) -> None:
+        parent, child = self._ctx.Pipe()
+        w.proc = self._ctx.Process(
+            target=_worker_main,
+            args=(w.index, child, self.spec, w.profiles),
+            name=f"swarm-{w.index}",
+            daemon=True,
+        )
+        w.proc.start()
+        child.close()
+        w.conn = parent
+
+    def _await_ready(self, w: _Worker, deadline: float) -> None:
+        assert w.conn is not None
+        if not w.conn.poll(max(0.0, deadline - time.monotonic())):
+            raise FleetTransportError(
+                f"swarm worker {w.index} did not start within {self.spec.start_timeout_s}s"
+            )
+        try:
+            _tag, stats = w.conn.recv()
+        except (EOFError, OSError):
+            code = w.proc.exitcode if w.proc is not None else None
+            raise FleetTransportError(
+                f"swarm worker {w.index} died while starting (exit code {code})"
+            ) from None
+        w.last = stats
+
+    def start(self) -> Swarm:
+        """Start every worker and wait until each has built its devices (not until connected)."""
+        self.spec.state_root.mkdir(parents=True, exist_ok=True)
+        for w in self.workers:
+            self._spawn(w)
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        for w in self.workers:
+            self._await_ready(w, deadline)
+        log_event(logger, "swarm.started", devices=len(self.profiles), workers=len(self.workers))
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until every device is connected to the broker; records `connect_s`."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if sum(s.connected for s in self.stats()) == len(self.profiles):
+                self.connect_s = time.monotonic() - t0
+                return True
+            time.sleep(0.2)
+        return False
+
+    def _ask(self, w: _Worker, cmd: str, arg: Any = None, timeout: float = 30.0) -> Any:
+        if w.conn is None or w.proc is None or not w.proc.is_alive():
+            return None
+        try:
+            w.conn.send((cmd, arg))
+            if not w.conn.poll(timeout):
+                return None
+            _, value = w.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            return None
+        return value
+
+    def stats(self) -> list[WorkerStats]:
+        out = []
+        for w in self.workers:
+            s = self._ask(w, "stats")
+            if s is not None:
+                w.last = s
+                out.append(s)
+        return out
+
+    def set_drift(self, drifts: Sequence[DriftSpec]) -> None:
+        """Apply these drifts (times relative to each worker's start) to every device's data."""
+        for w in self.workers:
+            self._ask(w, "drift", list(drifts))
+
+    def set_traffic(self, on: bool) -> None:
+        for w in self.workers:
+            self._ask(w, "traffic", on)
+
+    def kill_worker(self, index: int) -> list[str]:
+        """SIGKILL one worker: its devices crash wherever they are. Returns their ids."""
+        w = self.workers[index]
+        if w.proc is not None and w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(10)
+        if w.conn is not None:
+            w.conn.close()
+            w.conn = None
+        log_event(logger, "swarm.worker_killed", worker=index, devices=len(w.profiles))
+        return [p.device_id for p in w.profiles]
+
+    def restart_worker(self, index: int) -> None:
+        """Start a killed worker again on the same devices and state directories."""
+        w = self.workers[index]
+        self._spawn(w)
+        self._await_ready(w, time.monotonic() + self.spec.start_timeout_s)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            self._ask(w, "stop", timeout=20)
+        for w in self.workers:
+            if w.proc is not None:
+                w.proc.join(10)
+                if w.proc.is_alive():
+                    w.proc.kill()
+                    w.proc.join(5)
+            if w.conn is not None:
+                w.conn.close()
+
+    def __enter__(self) -> Swarm:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def rss_per_device_mb(self) -> float:
+        """(worker RSS - its RSS before devices) summed over workers, per device."""
+        stats = self.stats()
+        extra = sum(s.rss_mb - s.base_rss_mb for s in stats)
+        return extra / max(1, sum(s.devices for s in stats))
+
+
+def make_profiles(
+    n: int,
+    cohorts: Sequence[str] = ("eu", "us"),
+    onnx_only_share: float = 0.0,
+    low_memory_share: float = 0.0,
+    old_agent_share: float = 0.0,
+    prefix: str = "dev",
+) -> list[DeviceProfile]:
+    """`n` device profiles, cohorts round-robin; the first shares of devices are heterogeneous
+    (deterministic: every k-th device), so scenarios know exactly which devices are which."""
+
+    def every(share: float, i: int, offset: int) -> bool:
+        return share > 0 and (i + offset) % max(1, round(1 / share)) == 0
+
+    out = []
+    for i in range(n):
+        out.append(
+            DeviceProfile(
+                device_id=f"{prefix}-{i:05d}",
+                cohort=cohorts[i % len(cohorts)],
+                runtimes=("onnx",) if every(onnx_only_share, i, 1) else ("onnx", "litert"),
+                memory_mb=128.0 if every(low_memory_share, i, 2) else 1024.0,
+                agent_version="0.0.9" if every(old_agent_share, i, 3) else "0.1.0",
+            )
+        )
+    return out
