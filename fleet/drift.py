@@ -270,13 +270,12 @@ def report_drift(
 def _pair_drift(
     p: FeatureProfile, a: FeatureSketch, b: FeatureSketch, t: DriftThresholds, method: Method
 ) -> FeatureDrift:
-    if a.counts.shape != b.counts.shape:
+    if a.counts.shape != b.counts.shape or type(a) is not type(b):
         raise FleetInputError(f"feature {p.name!r}: the two sketches are binned differently")
     if isinstance(a, NumericSketch) and isinstance(b, NumericSketch):
         n = a.n
         std = math.sqrt(max(a.sum_sq / n - (a.sum / n) ** 2, 0.0)) if n else 0.0
-        lo = min(a.min, b.min, p.edges[0]) if p.edges else min(a.min, b.min)
-        hi = max(a.max, b.max, p.edges[-1]) if p.edges else max(a.max, b.max)
+        lo, hi = min(a.min, b.min, p.edges[0]), max(a.max, b.max, p.edges[-1])
         delta = b.sum / b.n - a.sum / n if n and b.n else None
         return numeric_drift(p.name, np.asarray(p.edges), a.counts, b.counts, std or (p.std or 0.0), lo, hi,
                              t, method, delta)

@@ -113,5 +113,7 @@ def test_wrong_width_is_a_misuse() -> None:
     sk = _sketch(_profile(d=3))
     with pytest.raises(MisuseError, match="columns"):
         sk.update(np.zeros((2, 4)), None, 0.001)
+    with pytest.raises(MisuseError, match="numeric"):
+        sk.update(np.array([["a", "b", "c"]]), None, 0.001)
     with pytest.raises(MisuseError):
         TelemetrySketch(_profile(d=3), "", "m", "1.0.0")

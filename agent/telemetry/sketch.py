@@ -281,11 +281,16 @@ class TelemetrySketch:
         """Fold one inference call: its input rows, its output rows (skipped when `None` or on
         error), its latency and whether it failed. Raises `MisuseError` when the arrays do not
         match the profile's columns."""
+        x = np.asarray(batch_inputs)
+        y = None if batch_outputs is None or error else np.asarray(batch_outputs)
+        for what, arr in (("batch_inputs", x), ("batch_outputs", y)):
+            if arr is not None and arr.dtype.kind not in "biuf":
+                raise MisuseError(f"telemetry: {what} must be a numeric array, not {arr.dtype}")
         with self._lock:
             if self._inputs.width:
-                self._inputs.add(np.asarray(batch_inputs), "batch_inputs")
-            if batch_outputs is not None and not error and self._outputs.width:
-                self._outputs.add(np.asarray(batch_outputs), "batch_outputs")
+                self._inputs.add(x, "batch_inputs")
+            if y is not None and self._outputs.width:
+                self._outputs.add(y, "batch_outputs")
             self._requests += 1
             self._errors += int(error)
             self._latency[latency_bucket(latency_s)] += 1
