@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import cbor2
 import numpy as np
 import pytest
@@ -169,3 +171,28 @@ def test_shape_check_against_profile() -> None:
     check_report_shape(rep, [102] * 20 + [4], [102])
     with pytest.raises(MessageError, match="profile"):
         check_report_shape(rep, [101] * 20 + [4], [102])
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_payloads_raise_only_message_error(data: st.DataObject) -> None:
+    payload = bytearray(encode_report(_report(n_counts=12, seed=1)))
+    raw_body = b"\x00" + zstandard.ZstdDecompressor().decompress(bytes(payload[1:]))
+    base = bytearray(data.draw(st.sampled_from([bytes(payload), raw_body])))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(base) - 1))
+        base[i] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        base = base[: data.draw(st.integers(0, len(base)))]
+    with contextlib.suppress(MessageError):  # the only error a bad payload may raise
+        decode_report(bytes(base))
+
+
+@pytest.mark.unit
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_raise_only_message_error(blob: bytes) -> None:
+    for candidate in (blob, b"\x00" + blob, b"\x01" + blob):
+        with contextlib.suppress(MessageError):
+            decode_report(candidate)

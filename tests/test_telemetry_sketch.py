@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.contract.manifest import FeatureProfile, ReferenceProfile
 from agent.contract.telemetry import LATENCY_BUCKETS, latency_bucket, merge_reports
@@ -117,3 +119,31 @@ def test_wrong_width_is_a_misuse() -> None:
         sk.update(np.array([["a", "b", "c"]]), None, 0.001)
     with pytest.raises(MisuseError):
         TelemetrySketch(_profile(d=3), "", "m", "1.0.0")
+
+
+@pytest.mark.unit
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_counts_equal_exact_binning_for_any_values_and_batch_split(data: st.DataObject) -> None:
+    prof = _profile(seed=4, d=3)
+    values = st.one_of(st.floats(-6, 6), st.sampled_from([np.nan, np.inf, -np.inf, 0.0]),
+                       st.sampled_from([e for f in prof.features for e in f.edges[:5]]))
+    n = data.draw(st.integers(1, 700))
+    rows = np.array(data.draw(st.lists(st.tuples(values, values, values), min_size=n, max_size=n)))
+    sk = _sketch(prof)
+    start = 0
+    while start < n:
+        step = data.draw(st.integers(1, n - start))
+        sk.update(rows[start : start + step], None, 0.001)
+        start += step
+    rep = sk.snapshot_and_reset()
+    for j, f in enumerate(prof.features):
+        col = rows[:, j]
+        finite = col[np.isfinite(col)]
+        edges = np.asarray(f.edges)
+        exact = np.bincount(np.searchsorted(edges, finite, side="right"), minlength=len(edges) + 1)
+        s = rep.features[j]
+        assert np.array_equal(s.counts, exact) and s.nan_count == int((~np.isfinite(col)).sum())
+        if finite.size:
+            assert s.min == finite.min() and s.max == finite.max()
+            assert s.sum == pytest.approx(finite.sum(), abs=1e-9)
