@@ -250,3 +250,122 @@ def test_shared_subscription_for_publisher_workers(broker: AclBroker) -> None:
     finally:
         for t in (a, w1, w2):
             t.close()
+
+
+def _pki(work: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and client certificates CN=devA/devB."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        (work / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (work / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("edgefleet test CA"))
+        .issuer_name(name("edgefleet test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write("ca", ca_key, ca)
+    for stem, cn in (("server", "localhost"), ("devA", "devA"), ("devB", "devB")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        if stem == "server":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        write(stem, key, builder.sign(ca_key, hashes.SHA256()))
+    return {s: work / f"{s}.crt" for s in ("ca", "server", "devA", "devB")}
+
+
+@pytest.mark.integration
+def test_tls_listener_with_client_certificates(tmp_path: Path) -> None:
+    """The packaged TLS listener with require_certificate: the certificate's CN is the device id."""
+    _pki(tmp_path)
+    dev_port, fleet_port = free_port(), free_port()
+    conf = PKG.joinpath("mosquitto.conf").read_text()
+    # No device passwords: the certificate is the identity. The fleet keeps its password file.
+    conf = "\n".join(
+        ln for ln in conf.splitlines() if not ln.startswith("log_dest") and "edgefleet.passwd" not in ln
+    )
+    conf = conf.replace("listener 8883", f"listener {dev_port} 127.0.0.1")
+    conf = conf.replace("listener 1884 127.0.0.1", f"listener {fleet_port} 127.0.0.1")
+    conf = conf.replace("require_certificate false", "require_certificate true")
+    conf = conf.replace("use_identity_as_username false", "use_identity_as_username true")
+    conf = conf.replace("persistence true", "persistence false").replace(
+        "/var/lib/mosquitto/", f"{tmp_path}/"
+    )
+    conf = conf.replace("/etc/mosquitto/certs/", f"{tmp_path}/").replace("/etc/mosquitto/", f"{tmp_path}/")
+    (tmp_path / "edgefleet.acl").write_text(PKG.joinpath("acl").read_text())
+    _passwd(tmp_path / "edgefleet-fleet.passwd", {"fleet": FLEET_PW})
+    stay = "user root\n" if os.geteuid() == 0 else ""
+    (tmp_path / "mosquitto.conf").write_text(conf + "\nlog_dest stdout\n" + stay)
+    proc = _spawn(tmp_path / "mosquitto.conf", tmp_path / "mosquitto.log")
+    _wait_port("127.0.0.1", dev_port)
+    broker = AclBroker(dev_port, fleet_port, proc)
+    fleet = _client(broker, "fleet", FLEET_PW, fleet=True)
+
+    def device(cert: str | None, client_id: str) -> MqttTransport:
+        return MqttTransport(
+            MqttConfig(
+                port=dev_port,
+                client_id=client_id,
+                tls=True,
+                ca_file=tmp_path / "ca.crt",
+                cert_file=tmp_path / f"{cert}.crt" if cert else None,
+                key_file=tmp_path / f"{cert}.key" if cert else None,
+                connect_timeout_s=2.0,
+                reconnect_max_s=0.5,
+            )
+        )
+
+    seen = Inbox()
+    a = device("devA", "devA")
+    try:
+        fleet.subscribe(f"{PREFIX}/v1/devices/+/reported", seen)
+        a.connect(timeout=10)
+        _settle()
+        a.publish(Topics(PREFIX, "devB").reported(), b"forged")  # CN=devA may not write devB's topics
+        a.publish(Topics(PREFIX, "devA").reported(), b"own")
+        assert seen.event.wait(5)
+        _settle()
+        assert [(m.topic, m.payload) for m in seen.got] == [(Topics(PREFIX, "devA").reported(), b"own")]
+        no_cert = device(None, "devC")
+        with pytest.raises(TransportError):
+            no_cert.connect(timeout=2.0)
+        no_cert.close()
+    finally:
+        a.close()
+        fleet.close()
+        proc.terminate()
+        proc.wait(timeout=10)
