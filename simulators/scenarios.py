@@ -124,7 +124,7 @@ def register(number: int, name: str, description: str) -> Callable[[ScenarioFn],
     return deco
 
 
-_SCENARIO_MODULES: tuple[str, ...] = ()
+_SCENARIO_MODULES: tuple[str, ...] = ("simulators.scenario_install",)
 
 
 def _load_all() -> None:
@@ -154,7 +154,7 @@ def run_scenario(scenario: Scenario, ctx: ScenarioContext) -> Verdict:
     """Run one scenario; an exception becomes a failed verdict carrying the traceback's last line."""
     started = time.monotonic()
     ctx.recorder.take()
-    log_event(logger, "scenario.start", name=scenario.name)
+    log_event(logger, "scenario.start", scenario=scenario.name)
     try:
         verdict = scenario.run(ctx)
     except Exception as exc:
@@ -164,5 +164,7 @@ def run_scenario(scenario: Scenario, ctx: ScenarioContext) -> Verdict:
     recorded = ctx.recorder.take()
     for title, series in recorded.items():
         verdict.series.setdefault(title, series)
-    log_event(logger, "scenario.end", name=scenario.name, passed=verdict.passed, elapsed_s=verdict.elapsed_s)
+    log_event(
+        logger, "scenario.end", scenario=scenario.name, passed=verdict.passed, elapsed_s=verdict.elapsed_s
+    )
     return verdict

@@ -62,9 +62,11 @@ class SimFleet:
         prefix: str = "edgefleet",
         schema: Schema | None = None,
         publisher_settings: PublisherSettings | None = None,
+        window_s: float = 60.0,
     ) -> None:
         self.root = root
         self.prefix = prefix
+        self.window_s = window_s
         self.schema = schema or default_schema()
         self.keys = KeyStore(root / "keys")
         self.repo = Repository(root / "repo", self.keys)
@@ -110,7 +112,9 @@ class SimFleet:
 
     def _ingest_loop(self) -> None:
         self.telemetry = TelemetryStore(
-            self.root / "telemetry.sqlite", IngestConfig(), profiles=self._profile_lookup
+            self.root / "telemetry.sqlite",
+            IngestConfig(window_s=self.window_s),
+            profiles=self._profile_lookup,
         )
         self._store_ready.set()
         try:

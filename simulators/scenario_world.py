@@ -1,0 +1,127 @@
+"""What every scenario sets up: a fleet side, a swarm of real agents, and a progress sampler.
+
+Why one helper: each scenario needs the same sequence (start the fleet's components, start
+the swarm on the fleet's trusted root, wait until every device is connected and reporting,
+tear everything down even when a check fails), and the same time series for the report
+(devices per active bundle over time). Scenarios differ only in what they do in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from simulators.datagen import Schema, default_schema
+from simulators.scenarios import ScenarioContext
+from simulators.sim_fleet import SimFleet
+from simulators.swarm import Swarm, SwarmSpec, make_profiles
+from simulators.swarm_device import DeviceProfile
+
+COHORTS = ("eu", "us")
+
+
+@dataclass
+class World:
+    ctx: ScenarioContext
+    fleet: SimFleet
+    swarm: Swarm
+
+    @property
+    def ids(self) -> list[str]:
+        return self.swarm.device_ids
+
+    def cohort_ids(self, cohort: str) -> list[str]:
+        return [p.device_id for p in self.swarm.profiles if p.cohort == cohort]
+
+    def assign_all(self, bundle_id: str) -> None:
+        """One signed director document per cohort (the cohort documents every device follows)."""
+        for c in sorted({p.cohort for p in self.swarm.profiles}):
+            self.fleet.assign(bundle_id, cohort=c)
+
+    def wait_on(self, bundle_id: str, timeout: float, devices: Sequence[str] | None = None) -> bool:
+        """Until every device (of `devices`) reports idle with `bundle_id` active."""
+        ids = list(devices) if devices is not None else self.ids
+        return self.fleet.wait(lambda: len(self.fleet.devices_on(bundle_id, ids)) == len(ids), timeout, 0.2)
+
+    def sample(self, plot: str = "devices per active bundle") -> None:
+        for bundle, n in sorted(self.fleet.active_counts(self.ids).items()):
+            self.ctx.recorder.point(plot, bundle, float(n))
+
+
+class Sampler:
+    """Records `World.sample` every `period_s` on a background thread while in use."""
+
+    def __init__(self, world: World, period_s: float = 0.5, extra: Callable[[], None] | None = None) -> None:
+        self.world, self.period_s, self.extra = world, period_s, extra
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.world.sample()
+            if self.extra is not None:
+                self.extra()
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.world.sample()
+
+
+@contextlib.contextmanager
+def world(
+    ctx: ScenarioContext,
+    *,
+    prefix: str,
+    profiles: list[DeviceProfile] | None = None,
+    schema: Schema | None = None,
+    broker_port: int | None = None,
+    fleet_kwargs: dict[str, Any] | None = None,
+    spec_kwargs: dict[str, Any] | None = None,
+) -> Iterator[World]:
+    """Fleet + swarm for one scenario; devices connect to `broker_port` (default: the broker)."""
+    schema = schema or default_schema()
+    fleet = SimFleet(
+        ctx.data_dir / "fleet",
+        ctx.broker_host,
+        ctx.broker_port,
+        prefix=prefix,
+        schema=schema,
+        **(fleet_kwargs or {}),
+    ).start()
+    try:
+        spec = SwarmSpec(
+            broker_host=ctx.broker_host,
+            broker_port=broker_port or ctx.broker_port,
+            prefix=prefix,
+            bootstrap_root=fleet.bootstrap_root,
+            state_root=ctx.data_dir / "devices",
+            schema=schema,
+        )
+        if spec_kwargs:
+            spec = replace(spec, **spec_kwargs)
+        devices = profiles or make_profiles(ctx.devices, COHORTS)
+        swarm = Swarm(spec, devices, ctx.processes).start()
+        try:
+            w = World(ctx, fleet, swarm)
+            if not swarm.wait_connected(60):
+                raise RuntimeError("not every device connected to the broker within 60 s")
+            fleet.wait(lambda: fleet.online(w.ids) == len(w.ids), 30, 0.2)
+            ctx.recorder.take()
+            yield w
+        finally:
+            swarm.stop()
+    finally:
+        fleet.stop()
+
+
+def failures(checks: Iterable[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that did not hold."""
+    return [msg for ok, msg in checks if not ok]
