@@ -146,8 +146,77 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_rollout_controller(db: sqlite_utils.Database) -> None:
+    """The rollout controller's own durable state (fleet/rollouts.py) and A/B experiments."""
+    _script(
+        db,
+        """
+        CREATE TABLE rollout_runtime (              -- one row per rollout the controller has seen
+            rollout_id TEXT PRIMARY KEY REFERENCES rollouts(id) ON DELETE CASCADE,
+            phase TEXT NOT NULL,                    -- forward | rollback | done
+            target_bundle TEXT NOT NULL,            -- bundle id (name-version) being rolled out
+            target_path TEXT NOT NULL,              -- its TUF target path
+            started_at REAL NOT NULL,               -- clock seconds
+            stage_started_at REAL NOT NULL,
+            stage_done_at REAL,                     -- every device of the stage final (bake starts)
+            breach TEXT NOT NULL DEFAULT '[]',      -- JSON: last gate breaches
+            final_state TEXT                        -- state to reach once the rollback phase ends
+        );
+        CREATE TABLE rollout_progress (             -- per device, beside rollout_devices
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+            device_id TEXT NOT NULL,
+            ordinal TEXT NOT NULL,                  -- sha256(rollout:device): stable canary order
+            from_bundle TEXT,                       -- what the device ran when assigned
+            assigned_at REAL,                       -- forward document published
+            acked INTEGER NOT NULL DEFAULT 0,       -- device accepted the current document
+            outcome TEXT,                           -- succeeded | install_failed | local_rollback |
+                                                    -- timeout | reverted | revert_failed | skipped
+            revert_at REAL,                         -- rollback document published
+            detail TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (rollout_id, device_id)
+        );
+        CREATE INDEX rollout_progress_order ON rollout_progress(rollout_id, ordinal);
+        CREATE TABLE rollout_commands (             -- operator commands beyond `desired`
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+            command TEXT NOT NULL CHECK (command IN ('promote', 'rollback', 'cancel')),
+            actor TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            done_at TEXT
+        );
+        CREATE TABLE experiments (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            model_name TEXT NOT NULL,
+            version_a TEXT NOT NULL,                -- model version ids (<model>:<version>)
+            version_b TEXT NOT NULL,
+            selector TEXT NOT NULL,
+            split_b REAL NOT NULL,                  -- share of the cohort in arm B (0..1)
+            metrics TEXT NOT NULL DEFAULT '[]',     -- JSON list of metric names
+            min_samples INTEGER NOT NULL,
+            alpha REAL NOT NULL,
+            state TEXT NOT NULL,                    -- running | stopped
+            created_at TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            started_at REAL NOT NULL
+        );
+        CREATE TABLE experiment_observations (      -- per-arm samples pushed by telemetry or tools
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+            arm TEXT NOT NULL CHECK (arm IN ('a', 'b')),
+            metric TEXT NOT NULL,
+            value REAL NOT NULL,
+            weight INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE INDEX experiment_observations_arm ON experiment_observations(experiment_id, metric, arm);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
+    (2, "rollout controller and experiments", _m002_rollout_controller),
 ]
 
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from fleet.store import Store
 
 ROLLOUT_JSON = ("strategy", "thresholds", "history")
-STATES = ("pending", "running", "paused", "completed", "aborted", "failed")
-TERMINAL_STATES = ("completed", "aborted", "failed")
+STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")
+TERMINAL_STATES = ("completed", "aborted", "failed", "cancelled")
 ACTIONS = {"pause": "pause", "resume": "run", "abort": "abort"}
 DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
                    "failed", "rolled_back", "skipped")

@@ -1,0 +1,355 @@
+"""The rollout controller over a real SQLite store, TUF repository and director signer.
+
+Devices are played by the test: they write reported states into the store (as the
+publisher's callback would) and send events through `controller.on_event`. What the
+controller publishes is captured by a recorder standing in for the MQTT publisher (the
+end-to-end tests with real agents and a real broker are in test_rollouts_agents.py).
+Time is an injected clock: nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleet_helpers import DIGEST, FakeClock
+
+from agent.contract.protocol import Event
+from fleet.director import DirectorSigner
+from fleet.errors import Conflict
+from fleet.keys import KeyStore
+from fleet.repository import Repository
+from fleet.rollout_gates import VersionMetrics
+from fleet.rollout_records import RolloutRecords
+from fleet.rollouts import ControllerConfig, RolloutController
+from fleet.store import Store
+
+pytestmark = pytest.mark.integration
+V1, V2 = "mlp-1.0.0", "mlp-2.0.0"
+
+
+@dataclass
+class Recorder:
+    """Stands in for `Publisher.publish_desired`: keeps every document per device."""
+
+    docs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                        document: bytes) -> str:
+        assert device_id is not None
+        self.docs.setdefault(device_id, []).append(json.loads(document)["signed"])
+        return f"t/{device_id}"
+
+    def last_target(self, device: str) -> str | None:
+        docs = self.docs.get(device)
+        return f"{docs[-1]['target']['name']}-{docs[-1]['target']['version']}" if docs else None
+
+
+@dataclass
+class World:
+    root: Path
+    clock: FakeClock
+    store: Store
+    repo: Repository
+    signer: DirectorSigner
+    pub: Recorder
+    ctl: RolloutController
+    metrics: dict[str, VersionMetrics] = field(default_factory=dict)
+
+    def enroll(self, *devices: str, labels: dict[str, str] | None = None, on: str | None = V1) -> None:
+        for dev in devices:
+            self.store.devices.create(dev, labels or {"env": "prod"}, {}, dev, "$7$x", "test")
+            if on is not None:
+                self.report(dev, "idle", on)
+
+    def report(self, dev: str, state: str, active: str | None) -> None:
+        self.store.devices.record_reported_state(
+            dev, {"state": state, "active_bundle": active, "timestamp": self.clock.now})
+
+    def event(self, dev: str, kind: str, bundle: str, reason: str = "") -> None:
+        self.ctl.on_event(dev, Event(type=kind, bundle_id=bundle, reason=reason, timestamp=self.clock.now,
+                                     seq=int(self.clock.now * 1000)))
+
+    def rollout(self, strategy: dict[str, Any], thresholds: dict[str, float] | None = None,
+                selector: str = "env=prod") -> str:
+        return str(self.store.rollouts.create("mlp:2.0.0", selector, strategy, thresholds or {}, "op")["id"])
+
+    def devices(self, rid: str) -> dict[str, str]:
+        return {r["device_id"]: r["status"] for r in self.store.rollouts.devices(rid, None, 500).items}
+
+    def assigned(self, rid: str) -> list[str]:
+        return sorted(d for d, s in self.devices(rid).items() if s != "pending")
+
+    def state(self, rid: str) -> tuple[str, int]:
+        ro = self.store.rollouts.get(rid)
+        return ro["state"], ro["stage"]
+
+    def commit_all(self, devices: list[str], bundle: str = V2) -> None:
+        for d in devices:
+            self.report(d, "idle", bundle)
+
+    def new_controller(self) -> RolloutController:
+        return RolloutController(self.store, self.repo, self.signer, self.pub, self.clock,
+                                 ControllerConfig(tick_s=0.05), metrics=self)
+
+    def version_metrics(self, model: str, version: str, since: float,
+                        devices: object = None) -> VersionMetrics | None:
+        return self.metrics.get(f"{model}-{version}")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    clock = FakeClock()
+    store = Store(tmp_path / "fleet.db", clock=clock)
+    repo = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
+    repo.init(root_threshold=1, root_keys=1)
+    store.models.create_model("mlp", "", "test")
+    for version in ("1.0.0", "2.0.0"):
+        blob = tmp_path / f"mlp-{version}.efb"
+        blob.write_bytes(b"bundle " + version.encode())
+        path = f"models/mlp/mlp-{version}.efb"
+        repo.add_target(blob, path, {"name": "mlp", "version": version})
+        store.models.register_version("mlp", version, DIGEST, "onnx", {}, "test", bundle_target=path)
+    signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
+    w = World(tmp_path, clock, store, repo, signer, Recorder(), None)  # type: ignore[arg-type]
+    w.ctl = w.new_controller()
+    yield w
+    store.close()
+
+
+def test_canary_walks_its_stages_only_on_commits_and_bake_time(world: World) -> None:
+    devs = [f"d{i:02d}" for i in range(10)]
+    world.enroll(*devs)
+    world.enroll("other", labels={"env": "dev"})
+    rid = world.rollout({"kind": "canary", "stages": [10, 50, 100], "bake_s": 60})
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 0)
+    first = world.assigned(rid)
+    assert len(first) == 1 and "other" not in world.devices(rid)
+    assert world.pub.last_target(first[0]) == V2
+    # downloading and probation are progress, not success
+    world.report(first[0], "downloading", V1)
+    world.ctl.tick()
+    assert world.devices(rid)[first[0]] == "downloading"
+    world.report(first[0], "probation", V2)
+    world.clock.advance(600)
+    world.ctl.tick()
+    assert world.devices(rid)[first[0]] == "probation" and world.state(rid) == ("running", 0)
+    world.commit_all(first)
+    world.ctl.tick()
+    assert world.devices(rid)[first[0]] == "succeeded" and world.state(rid) == ("running", 0)  # baking
+    world.clock.advance(61)
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 1)
+    world.ctl.tick()
+    second = world.assigned(rid)
+    assert len(second) == 5 and first[0] in second
+    world.commit_all(second)
+    world.ctl.tick()
+    world.clock.advance(61)
+    world.ctl.tick()
+    world.ctl.tick()
+    assert len(world.assigned(rid)) == 10
+    world.commit_all(devs)
+    world.ctl.tick()
+    world.clock.advance(61)
+    world.ctl.tick()
+    assert world.state(rid) == ("completed", 2)
+    assert set(world.devices(rid).values()) == {"succeeded"}
+    states = [e["after"]["state"] for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}",
+                                                                   action="rollout.state").items]
+    assert states[::-1] == ["running", "running", "running", "completed"]
+
+
+def test_a_silent_device_times_out_trips_the_gate_and_is_upgraded_if_it_commits_late(world: World) -> None:
+    world.enroll("a", "b")
+    rid = world.rollout({"kind": "all_at_once", "bake_s": 0, "device_timeout_s": 300})
+    world.ctl.tick()
+    world.commit_all(["a"])
+    world.clock.advance(301)
+    world.ctl.tick()
+    devices = world.devices(rid)
+    assert devices == {"a": "succeeded", "b": "failed"}
+    ro = world.store.rollouts.get(rid)
+    assert (ro["state"], ro["desired"]) == ("paused", "pause")  # 1 of 2 failed > 20 %: paused
+    assert "1 of 2 devices failed" in ro["history"][-1]["note"]
+    breach = world.store.audit.list(None, 10, action="rollout.gate_breach").items[0]
+    assert breach["after"]["breaches"][0]["gate"] == "install_failure_pct"
+    world.commit_all(["b"])
+    world.ctl.tick()
+    assert world.devices(rid)["b"] == "succeeded"
+    world.store.rollouts.request(rid, "resume", "op")
+    world.ctl.tick()
+    assert world.state(rid)[0] == "completed"
+
+
+def test_local_rollbacks_abort_and_every_device_gets_a_new_document_for_its_previous_bundle(
+        world: World) -> None:
+    devs = ["a", "b", "c", "d"]
+    world.enroll(*devs)
+    rid = world.rollout({"kind": "canary", "stages": [50, 100], "on_breach": "abort", "bake_s": 0})
+    world.ctl.tick()
+    first = world.assigned(rid)
+    assert len(first) == 2
+    world.event(first[0], "director_accepted", V2)
+    world.event(first[0], "rolled_back", V2, "golden vectors failed")
+    world.ctl.tick()
+    assert world.state(rid)[0] == "rolling_back"
+    world.ctl.tick()
+    for d in first:  # assigned devices are told to return to v1 (a new, higher-sequence document)
+        assert world.pub.last_target(d) == V1
+        assert world.pub.docs[d][-1]["sequence"] > world.pub.docs[d][0]["sequence"]
+    untouched = [d for d in devs if d not in first]
+    assert all(d not in world.pub.docs for d in untouched)
+    assert world.state(rid)[0] == "rolling_back"  # until the devices say they are back
+    for d in first:
+        world.event(d, "director_accepted", V1)
+        world.report(d, "idle", V1)
+    world.ctl.tick()
+    assert world.state(rid)[0] == "aborted"
+    statuses = world.devices(rid)
+    assert all(statuses[d] == "rolled_back" for d in first) and all(statuses[d] == "skipped" for d in untouched)
+
+
+def test_operator_abort_and_revert_timeout(world: World) -> None:
+    world.enroll("a", "b")
+    rid = world.rollout({"kind": "all_at_once", "revert_timeout_s": 100})
+    world.ctl.tick()
+    world.commit_all(["a", "b"])
+    world.store.rollouts.request(rid, "abort", "op", "bad metrics")
+    world.ctl.tick()
+    world.ctl.tick()
+    assert world.pub.last_target("a") == V1 == world.pub.last_target("b")
+    world.report("a", "idle", V1)  # b never comes back
+    world.clock.advance(101)
+    world.ctl.tick()
+    assert world.state(rid)[0] == "aborted"
+    assert world.devices(rid) == {"a": "rolled_back", "b": "failed"}
+
+
+@pytest.mark.parametrize("where", ["pending", "running", "paused", "rolling_back"])
+def test_cancel_from_any_unfinished_state(world: World, where: str) -> None:
+    world.enroll("a", "b")
+    rid = world.rollout({"kind": "all_at_once"})
+    if where != "pending":
+        world.ctl.tick()
+    if where == "paused":
+        world.store.rollouts.request(rid, "pause", "op")
+        world.ctl.tick()
+    if where == "rolling_back":
+        world.store.rollouts.request(rid, "abort", "op")
+        world.ctl.tick()
+    assert world.state(rid)[0] == where
+    before = {d: len(v) for d, v in world.pub.docs.items()}
+    RolloutRecords(world.store).command(rid, "cancel", "op", "stop it")
+    world.ctl.tick()
+    assert world.state(rid)[0] == "cancelled"
+    world.clock.advance(10_000)
+    world.ctl.tick()
+    assert {d: len(v) for d, v in world.pub.docs.items()} == before  # nothing more was sent
+    with pytest.raises(Conflict, match="cancelled"):
+        RolloutRecords(world.store).command(rid, "cancel", "op")
+    actions = {e["action"] for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}").items}
+    assert {"rollout.cancel", "rollout.state"} <= actions
+
+
+def test_promote_skips_the_bake_and_rollback_works_after_completion(world: World) -> None:
+    world.enroll("a", "b", "c", "d")
+    rid = world.rollout({"kind": "canary", "stages": [25, 100], "bake_s": 86400})
+    world.ctl.tick()
+    world.commit_all(world.assigned(rid))
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 0)
+    records = RolloutRecords(world.store)
+    records.command(rid, "promote", "op", "looks good")
+    with pytest.raises(Conflict, match="pending promote"):
+        records.command(rid, "promote", "op")
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 1)
+    world.ctl.tick()
+    world.commit_all(["a", "b", "c", "d"])
+    world.ctl.tick()
+    records.command(rid, "promote", "op")  # last stage: completes without the bake
+    world.ctl.tick()
+    world.ctl.tick()
+    assert world.state(rid)[0] == "completed"
+    records.command(rid, "rollback", "op", "regret")
+    world.ctl.tick()
+    world.ctl.tick()
+    assert world.state(rid)[0] == "rolling_back"
+    assert {world.pub.last_target(d) for d in "abcd"} == {V1}
+    world.commit_all(list("abcd"), V1)
+    world.ctl.tick()
+    assert world.state(rid)[0] == "aborted"
+
+
+def test_a_restarted_controller_resumes_from_the_store(world: World) -> None:
+    world.enroll("a", "b", "c", "d")
+    rid = world.rollout({"kind": "canary", "stages": [25, 100], "bake_s": 30})
+    world.ctl.tick()
+    first = world.assigned(rid)
+    world.commit_all(first)
+    world.ctl.tick()
+    # the fleet process dies: a new store connection and a new controller
+    world.store.close()
+    world.store = Store(world.root / "fleet.db", clock=world.clock)
+    sent = {d: len(v) for d, v in world.pub.docs.items()}
+    world.ctl = world.new_controller()
+    world.clock.advance(31)
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 1)
+    world.ctl.tick()
+    assert len(world.pub.docs[first[0]]) == sent[first[0]]  # the canary is not sent again
+    world.commit_all(list("abcd"))
+    world.ctl.tick()
+    world.clock.advance(31)
+    world.ctl.tick()
+    assert world.state(rid)[0] == "completed"
+
+
+def test_late_enrolled_devices_join_and_an_unbuilt_version_fails_to_start(world: World) -> None:
+    world.enroll("a")
+    rid = world.rollout({"kind": "all_at_once", "bake_s": 0})
+    world.ctl.tick()
+    world.enroll("late")
+    world.ctl.tick()
+    assert world.pub.last_target("late") == V2
+    world.commit_all(["a", "late"])
+    world.ctl.tick()
+    assert world.state(rid)[0] == "completed"
+    world.store.models.register_version("mlp", "3.0.0", DIGEST, "onnx", {}, "test")
+    bad = world.store.rollouts.create("mlp:3.0.0", "env=prod", {}, {}, "op")["id"]
+    invalid = world.store.rollouts.create("mlp:2.0.0", "env=prod", {"stages": [50]}, {}, "op")["id"]
+    world.ctl.tick()
+    assert world.state(bad)[0] == "failed"
+    assert "no bundle" in world.store.rollouts.get(bad)["history"][-1]["note"]
+    assert world.state(invalid)[0] == "failed"
+
+
+def test_metric_and_shadow_gates_pause_the_rollout(world: World) -> None:
+    world.enroll("a", "b")
+    rid = world.rollout({"kind": "canary", "stages": [50, 100], "bake_s": 0},
+                        {"min_requests": 100, "max_latency_p95_ratio": 1.2})
+    world.metrics[V1] = VersionMetrics(requests=500, errors=1, latency_p95_ms=1.0)
+    world.metrics[V2] = VersionMetrics(requests=500, errors=1, latency_p95_ms=3.0)
+    world.ctl.tick()
+    world.commit_all(world.assigned(rid))
+    world.ctl.tick()
+    ro = world.store.rollouts.get(rid)
+    assert ro["state"] == "paused" and "latency p95" in ro["history"][-1]["note"]
+    # resuming acknowledges this stage's breach; the next stage is judged afresh
+    world.store.rollouts.request(rid, "resume", "op")
+    world.metrics[V2] = VersionMetrics(requests=500, errors=1, latency_p95_ms=1.0)
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 1)
+    canary = world.assigned(rid)[0]
+    world.event(canary, "shadow_report", "other-9.9.9")
+    world.ctl.on_event(canary, Event(type="shadow_report", bundle_id="x-1.0.0", timestamp=world.clock.now,
+                                  seq=1, measurements={"label_agreement": 0.5, "compared": 100}))
+    world.ctl.tick()
+    ro = world.store.rollouts.get(rid)
+    assert ro["state"] == "paused" and "shadow agreement" in ro["history"][-1]["note"]
