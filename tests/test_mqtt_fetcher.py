@@ -96,6 +96,7 @@ def test_missing_object_is_http_404(mosquitto: Broker, repo: Path, tmp_path: Pat
         with pytest.raises(DownloadHTTPError) as err:
             fetcher.download_bytes("mqtt://repo/metadata/2.root.json", 100_000)
         assert err.value.status_code == 404
+        assert list((tmp_path / "s").iterdir()) == []  # nothing left to resume
         assert fetcher.download_bytes("mqtt://repo/metadata/1.root.json", 100) == b'{"signed": {}}'
         with pytest.raises(DownloadError):
             fetcher.download_bytes("https://example.org/metadata/1.root.json", 100)

@@ -210,10 +210,9 @@ class MqttFetcher(FetcherInterface):
             os.close(lock_fd)
             raise DownloadError(f"{path} is being fetched by another process into {self.spool_dir}") from None
         try:
-            result = self._download_locked(path)
-            lock.unlink(missing_ok=True)
-            return result
+            return self._download_locked(path)
         finally:
+            lock.unlink(missing_ok=True)  # still held: a concurrent opener fails its LOCK_NB
             os.close(lock_fd)
 
     def _download_locked(self, path: str) -> Path:
@@ -238,13 +237,14 @@ class MqttFetcher(FetcherInterface):
                 self._fetch_chunks(path, missing, state, fd, state_file, first=False)
             os.ftruncate(fd, state.total_length)
             os.fsync(fd)
-        except _Restart:
+        except (_Restart, DownloadHTTPError, DownloadLengthMismatchError):
+            # Final answers (missing, refused, too big, changed): nothing worth resuming.
             os.close(fd)
             state_file.unlink(missing_ok=True)
             part.unlink(missing_ok=True)
             raise
         except BaseException:
-            os.close(fd)
+            os.close(fd)  # transient (timeouts, link lost): keep the spool for a resume
             raise
         os.close(fd)
         state_file.unlink(missing_ok=True)
