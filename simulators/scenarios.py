@@ -65,6 +65,10 @@ class Recorder:
     def point(self, plot: str, series: str, value: float) -> None:
         self.series.setdefault(plot, {}).setdefault(series, []).append((self._clock() - self._t0, value))
 
+    def point_at(self, plot: str, series: str, t: float, value: float) -> None:
+        """A point at an explicit time `t` (seconds on the scenario's own axis)."""
+        self.series.setdefault(plot, {}).setdefault(series, []).append((t, value))
+
     def take(self) -> dict[str, Series]:
         out, self.series = self.series, {}
         self._t0 = self._clock()
@@ -124,7 +128,7 @@ def register(number: int, name: str, description: str) -> Callable[[ScenarioFn],
     return deco
 
 
-_SCENARIO_MODULES: tuple[str, ...] = ("simulators.scenario_install",)
+_SCENARIO_MODULES: tuple[str, ...] = ("simulators.scenario_install", "simulators.scenario_drift")
 
 
 def _load_all() -> None:
