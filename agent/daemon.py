@@ -121,7 +121,11 @@ class AgentDaemon:
         self._events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
         self._events_lock = threading.Lock()
         self._reported_lock = threading.Lock()
-        self._started = False
+        self._runtimes = tuple(
+            name
+            for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"))
+            if importlib.util.find_spec(mod) is not None
+        )
         try:
             self._bootstrap = c.bootstrap_root.read_bytes()
         except OSError as exc:
@@ -277,11 +281,6 @@ class AgentDaemon:
 
     def reported_state(self, record: StateRecord | None = None, online: bool = True) -> ReportedState:
         rec = record or self.lifecycle.record
-        runtimes = [
-            name
-            for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"))
-            if importlib.util.find_spec(mod) is not None
-        ]
         return ReportedState(
             device_id=self.config.device_id,
             agent_version=_agent_version(),
@@ -289,7 +288,7 @@ class AgentDaemon:
             active_bundle=rec.active,
             previous_bundle=rec.previous,
             director_sequence=rec.director_sequence,
-            runtimes=runtimes,
+            runtimes=list(self._runtimes),
             architecture=platform.machine(),
             memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             labels=dict(self.config.labels),
