@@ -51,13 +51,18 @@ def group() -> None:
 @data_dir_option
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Listen port (default 8080).")
-@click.option("--broker", "broker_url", default=None, help="MQTT broker URL handed to enrolling devices.")
+@click.option("--broker", "broker_url", default=None,
+              help="MQTT broker URL (mqtt://[user:pass@]host:port): starts the publisher; also handed "
+                   "to enrolling devices.")
 def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None) -> None:
-    """Serve the admin API over the store in DATA_DIR until interrupted."""
+    """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
+    timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
+    from fleet.fleet_components import build_components
     from fleet.service import FleetService
 
     settings = _settings(data_dir, host=host, port=port, broker_url=broker_url)
-    FleetService(settings).run()
+    FleetService(settings, component_factory=lambda store: build_components(
+        settings, store, with_broker=broker_url is not None)).run()
 
 
 @group.command("create-admin-key")

@@ -214,9 +214,26 @@ def _m002_rollout_controller(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m003_experiment_devices(db: sqlite_utils.Database) -> None:
+    """Which arm each device of an A/B experiment runs, and when its document went out."""
+    _script(
+        db,
+        """
+        CREATE TABLE experiment_devices (
+            experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+            device_id TEXT NOT NULL,
+            arm TEXT NOT NULL CHECK (arm IN ('a', 'b')),
+            assigned_at REAL,
+            PRIMARY KEY (experiment_id, device_id)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
+    (3, "experiment devices", _m003_experiment_devices),
 ]
 
 

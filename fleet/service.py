@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Protocol
 
@@ -47,12 +48,15 @@ class FleetService:
     """
 
     def __init__(self, settings: FleetSettings, components: list[Component] | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 component_factory: Callable[[Store], list[Component]] | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {"clock": clock} if clock is not None else {}
         self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
         self.components: list[Component] = list(components or [])
+        if component_factory is not None:  # components that need the service's store
+            self.components += component_factory(self.store)
         self.app: FastAPI = create_app(settings, self.store)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

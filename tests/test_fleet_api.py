@@ -77,7 +77,15 @@ def _seed(api: Api) -> dict[str, str]:
     )
     tok = api.client.post("/v1/enrollment-tokens", json={}, headers=h).json()
     key = api.client.post("/v1/api-keys", json={"name": "k", "role": "viewer"}, headers=api.h("admin")).json()
+    for v in ("1.1.0", "1.2.0"):  # two versions with bundles for an A/B experiment
+        api.client.post("/v1/models/m/versions", headers=h, json={
+            "version": v, "artifact_digest": DIGEST, "runtime": "onnx",
+            "bundle_target": f"models/m/m-{v}.efb"})
+    ex = api.client.post("/v1/experiments", headers=h,
+                         json={"name": "ab", "version_a": "m:1.1.0", "version_b": "m:1.2.0"})
+    assert ex.status_code == 201, ex.text
     return {
+        "experiment_id": ex.json()["id"],
         "name": "m",
         "version": "1.0.0",
         "device_id": dev["device_id"],

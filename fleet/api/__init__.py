@@ -13,7 +13,18 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
-from fleet.api import audit, devices, enrollment, health, keys, models, rollouts
+from fleet.api import (
+    audit,
+    bundles,
+    devices,
+    enrollment,
+    experiments,
+    health,
+    keys,
+    models,
+    rollout_commands,
+    rollouts,
+)
 from fleet.api.deps import install_error_handlers
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
@@ -63,6 +74,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     install_error_handlers(app)
-    for module in (health, models, devices, enrollment, rollouts, keys, audit):
+    for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
+                   keys, audit):
         app.include_router(module.router)
     return app

@@ -1,0 +1,85 @@
+"""Bundle publishing routes: register a model version from a built bundle.
+
+`POST /v1/models/{name}/versions/from-bundle` takes a path on the server (inside the import
+directory, like the MLflow import); `POST /v1/models/{name}/versions/upload` takes the bundle
+as the raw request body (`application/octet-stream`, bounded by the body limit). Both check
+the bundle, add it to the TUF repository as a target and record the target in the version.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StringConstraints
+from starlette.concurrency import run_in_threadpool
+
+from fleet.api.deps import SettingsDep, StoreDep, idempotent_create
+from fleet.api.schemas import VersionOut
+from fleet.auth import Operator
+from fleet.bundle_publish import publish_bundle
+from fleet.errors import FleetInputError
+from fleet.keys import KeyStore
+from fleet.repository import Repository
+from fleet.settings import FleetSettings
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"description": "The version already exists"},
+    422: {"description": "Not a valid bundle, or a bundle of another model"},
+}
+
+
+class BundleImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
+
+
+def _repository(settings: FleetSettings) -> Repository:
+    repo = Repository(settings.repo_dir, KeyStore(settings.keys_dir))
+    if not repo.initialized:
+        raise FleetInputError("the fleet's TUF repository is not initialised (start `edgefleet fleet serve`)")
+    return repo
+
+
+def _confined(import_dir: Path, requested: str) -> Path:
+    root = import_dir.resolve()
+    path = (root / requested).resolve()
+    if root not in path.parents or not path.is_file():
+        raise FleetInputError(f"path {requested!r} is not a file inside the import directory")
+    return path
+
+
+@router.post("/{name}/versions/from-bundle", response_model=VersionOut, status_code=201,
+             responses=_RESPONSES, summary="Register a version from a bundle file on the server")
+def version_from_bundle(name: str, body: BundleImport, request: Request, store: StoreDep,
+                        settings: SettingsDep, who: Operator) -> JSONResponse:
+    path = _confined(settings.import_dir, body.path)
+    return idempotent_create(request, who, body, VersionOut,
+                             lambda: publish_bundle(store, _repository(settings), path, name, who.actor))
+
+
+@router.post("/{name}/versions/upload", response_model=VersionOut, status_code=201, responses=_RESPONSES,
+             summary="Register a version from an uploaded bundle (raw body)",
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}, "required": True}})
+async def version_from_upload(name: str, request: Request, store: StoreDep, settings: SettingsDep,
+                              who: Operator) -> JSONResponse:
+    limit = settings.limits.max_body_bytes
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.data_dir) as tmp:
+        dest, size = Path(tmp) / "bundle.efb", 0
+        with dest.open("wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise FleetInputError(f"bundle upload larger than {limit} bytes")
+                out.write(chunk)
+        if size == 0:
+            raise FleetInputError("empty upload: send the bundle as the request body")
+        row = await run_in_threadpool(publish_bundle, store, _repository(settings), dest, name, who.actor)
+    return JSONResponse(VersionOut.model_validate(row).model_dump(mode="json"), 201)

@@ -1,0 +1,44 @@
+"""Rollout commands beyond pause/resume/abort: promote, rollback and cancel.
+
+Like the intent routes they only record what the operator asked (queued in
+`rollout_commands`, audited); the rollout controller acts on its next tick:
+- `promote`: advance to the next stage now (skipping the bake, and a gate pause of this stage);
+- `rollback`: send every assigned device back to its previous bundle (also after completion);
+- `cancel`: stop at once from any unfinished state, leaving devices as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from fleet.api.deps import StoreDep
+from fleet.api.schemas import RolloutAction, RolloutOut
+from fleet.auth import Operator
+from fleet.rollout_records import COMMANDS, RolloutRecords
+from fleet.store import Row
+
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+_CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Refused: finished rollout, or the same command is already queued"},
+}
+_SUMMARIES = {
+    "promote": "Advance to the next stage now (skips the bake time)",
+    "rollback": "Send every assigned device back to the bundle it ran before",
+    "cancel": "Stop the rollout at once, from any unfinished state",
+}
+
+
+def _command(command: str) -> None:
+    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> Row:
+        RolloutRecords(store).command(rollout_id, command, who.actor, body.note)
+        return store.rollouts.get(rollout_id)
+
+    route.__name__ = f"{command}_rollout"
+    router.add_api_route(f"/{{rollout_id}}/{command}", route, methods=["POST"], response_model=RolloutOut,
+                         status_code=202, responses=_CONFLICT, summary=_SUMMARIES[command])
+
+
+for _name in COMMANDS:
+    _command(_name)
