@@ -128,7 +128,11 @@ def register(number: int, name: str, description: str) -> Callable[[ScenarioFn],
     return deco
 
 
-_SCENARIO_MODULES: tuple[str, ...] = ("simulators.scenario_install", "simulators.scenario_drift")
+_SCENARIO_MODULES: tuple[str, ...] = (
+    "simulators.scenario_install",
+    "simulators.scenario_drift",
+    "simulators.scenario_security",
+)
 
 
 def _load_all() -> None:

@@ -123,7 +123,7 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
     from simulators.swarm_device import SESSION_POOL, SwarmAgent, agent_config
     from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
 
-    configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "WARNING"))
+    configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "ERROR"))
     threading.stack_size(THREAD_STACK_BYTES)
     raise_nofile_limit(len(profiles) * 6 + 256)
     base_rss = _rss_mb()
