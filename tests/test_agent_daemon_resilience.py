@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import pytest
 from agent_daemon_world import Agent, Fleet, clone_state, make_agent, reference, start_fleet, wait_until
 from conftest import start_mosquitto
+
+from agent.lifecycle.state_store import StateRecord
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +33,15 @@ KILL_EXPECT = {
     "probation": "mlp-1.0.0",  # the new model may be what crashed us: roll back
     "committed": "mlp-2.0.0",
     "rolling_back": "mlp-1.0.0",  # dying while rolling back a bad v3 still ends on v1
+    "failed": "mlp-1.0.0",  # a download that fails (target file gone): keep v1, retry later
 }
+#: which bundle each kill scenario installs (default v2)
+KILL_TARGET = {"rolling_back": "mlp-3.0.0", "failed": "mlp-5.0.0"}
+
+
+def _idle_record(agent: Agent) -> StateRecord | None:
+    record = agent.record()
+    return record if record.state == "idle" else None
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +63,10 @@ def test_sigkill_in_every_lifecycle_state_ends_serving_a_verified_model(fleet: F
     fleet.wait_state(template.device, "mlp-1.0.0")
     assert template.stop() == 0
 
+    # v5 is signed in TUF but its file is missing on the repository: the publisher answers 404
+    fleet.repo.publish("5.0.0", model_seed=1)
+    next(fleet.repo.repo.repo_dir.glob("targets/models/mlp/*.mlp-5.0.0.efb")).unlink()
+
     agents: dict[str, Agent] = {}
     for state in KILL_EXPECT:
         device = f"dev-kill-{state.replace('_', '-')}"
@@ -59,7 +74,7 @@ def test_sigkill_in_every_lifecycle_state_ends_serving_a_verified_model(fleet: F
         agents[state] = make_agent(fleet, device, http=False, state_dir=fleet.root / "devices" / device)
         agents[state].start(kill_at=state)
     for state, agent in agents.items():
-        fleet.issue(agent.device, "mlp-3.0.0" if state == "rolling_back" else "mlp-2.0.0")
+        fleet.issue(agent.device, KILL_TARGET.get(state, "mlp-2.0.0"))
 
     for state, agent in agents.items():
         assert agent.proc is not None
@@ -74,13 +89,18 @@ def test_sigkill_in_every_lifecycle_state_ends_serving_a_verified_model(fleet: F
             want = KILL_EXPECT[state]
             fleet.wait_state(agent.device, want, timeout=60)
             agent.wait_serving(want)
-            record = agent.record()
-            assert record.state == "idle" and record.active == want
+            # (the "failed" device keeps retrying its download, so catch it between attempts)
+            record = wait_until(partial(_idle_record, agent), 30, f"{agent.device} idle")
+            assert record.active == want
             assert np.allclose(agent.predict_unix(), reference(want), atol=1e-4)
             if want == "mlp-2.0.0":
                 assert record.previous == "mlp-1.0.0" and not record.quarantined
+            elif state == "failed":
+                failed = fleet.wait_event(agent.device, "update_failed")
+                assert failed.bundle_id == "mlp-5.0.0" and "download failed" in failed.reason
+                assert not record.quarantined  # a transport failure is retried, not quarantined
             else:
-                bad = "mlp-3.0.0" if state == "rolling_back" else "mlp-2.0.0"
+                bad = KILL_TARGET.get(state, "mlp-2.0.0")
                 assert record.previous is None and bad in record.quarantined
                 rolled = fleet.wait_event(agent.device, "rolled_back")
                 assert rolled.bundle_id == bad and rolled.reason
