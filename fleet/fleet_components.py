@@ -152,22 +152,40 @@ class TimestampRefresher:
 
 
 class TelemetryComponent:
-    """The telemetry ingest store: written from the publisher thread, flushed and closed at stop."""
+    """The telemetry ingest store: written from the publisher thread, flushed every `flush_s`
+    (so readers with their own connection, such as the experiment routes, see recent windows)
+    and closed at stop."""
 
     name = "telemetry-ingest"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, flush_s: float = 5.0) -> None:
         from fleet.telemetry_ingest import TelemetryStore
 
         self.telemetry = TelemetryStore(path)
+        self.flush_s = flush_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def ingest(self, device_id: str, payload: bytes) -> None:
         self.telemetry.ingest(payload)
 
     def start(self) -> None:
-        return None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="telemetry-flush", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.telemetry.flush()
+            except Exception:
+                logger.exception("telemetry flush failed")
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
         self.telemetry.close()
 
 
