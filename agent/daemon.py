@@ -34,18 +34,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.contract.protocol import Event as EventMsg
 from agent.contract.protocol import ReportedState, Topics, encode_event, encode_reported
 from agent.daemon_director import DirectorGate
+from agent.daemon_process import Notifier, ObservedStore, agent_version
 from agent.daemon_serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError
 from agent.lifecycle import Lifecycle, LifecycleConfig
 from agent.lifecycle.machine import State
-from agent.lifecycle.state_store import StateRecord, StateStore
+from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
 from agent.serving import ModelHolder
 from agent.telemetry.queue import QueueConfig, ReportQueue
@@ -61,43 +61,8 @@ KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 _EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
 MAX_PENDING_EVENTS = 256
-
-
-def _agent_version() -> str:
-    try:
-        return version("edgefleet")
-    except PackageNotFoundError:
-        return "0"
-
-
-class _ObservedStore:
-    """The lifecycle's `StateStore` plus a callback after every successful save."""
-
-    def __init__(self, store: StateStore, after_save: Callable[[StateRecord], None]) -> None:
-        self._store = store
-        self._after = after_save
-
-    def save(self, record: StateRecord) -> None:
-        self._store.save(record)
-        self._after(record)
-
-    def load(self) -> StateRecord:
-        return self._store.load()
-
-
-class _Notifier:
-    """systemd notifications; a no-op when NOTIFY_SOCKET is unset (sdnotify ignores it then)."""
-
-    def __init__(self) -> None:
-        self._n: Any = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            import sdnotify
-
-            self._n = sdnotify.SystemdNotifier()
-
-    def notify(self, state: str) -> None:
-        if self._n is not None:
-            self._n.notify(state)
+#: How `verify_director` words "no signature by a key the trusted root knows".
+UNKNOWN_KEYS_MARK = "signed only by unknown key"
 
 
 class AgentDaemon:
@@ -115,11 +80,12 @@ class AgentDaemon:
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self._kill_at = os.environ.get(KILL_AT_ENV) or None
-        self._notifier = _Notifier()
+        self._notifier = Notifier()
         self._heartbeat = time.monotonic()
         self._event_seq = 0
         self._events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
         self._events_lock = threading.Lock()
+        self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
         self._reported_lock = threading.Lock()
         self._runtimes = tuple(
             name
@@ -172,7 +138,7 @@ class AgentDaemon:
             emit=self._on_lifecycle_event,
             load=self.catalog.load,
         )
-        self.lifecycle.machine.store = _ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
+        self.lifecycle.machine.store = ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
         self.gate = DirectorGate(
             self.state_dir / "director.json", c.device_id, c.cohorts, self.trust.director_trust
         )
@@ -252,26 +218,60 @@ class AgentDaemon:
 
     def _desired_handler(self, addressee: str) -> Callable[[Message], None]:
         def handle(msg: Message) -> None:
-            if not msg.payload:
-                return  # a cleared retained topic
-            try:
-                target = self.gate.accept(addressee, msg.payload, self.lifecycle.record.director_sequence)
-            except DirectorError as exc:
-                log_event(log, "agent.director_refused", logging.WARNING, addressee=addressee, error=str(exc))
-                self._event("director_refused", reason=str(exc))
-                return
-            except MisuseError as exc:
-                log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
-                return
-            if target is not None:
-                self._event(
-                    "director_accepted",
-                    bundle_id=target.bundle_id,
-                    measurements={"local_sequence": float(target.sequence)},
-                )
-                self.lifecycle.offer_desired(target)
+            if msg.payload:  # (an empty payload is a cleared retained topic)
+                self._consider(addressee, msg.payload, may_defer=True)
 
         return handle
+
+    def _consider(self, addressee: str, payload: bytes, may_defer: bool) -> None:
+        """Verify one director document and hand an accepted one to the lifecycle.
+
+        A document signed only by keys the trusted root does not know may be signed by
+        rotated director keys: it is kept and checked once more after a TUF refresh (done on
+        the lifecycle's thread, never on the MQTT network thread that the fetcher needs).
+        """
+        try:
+            target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
+        except DirectorError as exc:
+            if may_defer and UNKNOWN_KEYS_MARK in str(exc):
+                log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
+                with self._events_lock:
+                    self._deferred[addressee] = payload
+                self.lifecycle.ctx.wake.set()
+                return
+            log_event(log, "agent.director_refused", logging.WARNING, addressee=addressee, error=str(exc))
+            self._event("director_refused", reason=str(exc))
+            return
+        except MisuseError as exc:
+            log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
+            return
+        if target is not None:
+            self._event(
+                "director_accepted",
+                bundle_id=target.bundle_id,
+                measurements={"local_sequence": float(target.sequence)},
+            )
+            self.lifecycle.offer_desired(target)
+
+    def _retry_deferred(self) -> None:
+        """Refresh TUF metadata (a root rotation may bring new director keys), then re-check."""
+        with self._events_lock:
+            deferred, self._deferred = self._deferred, {}
+        if not deferred:
+            return
+        try:
+            self.trust.refresh()
+        except EdgefleetError as exc:
+            log_event(log, "agent.trust_refresh_failed", logging.WARNING, error=str(exc))
+            if not isinstance(exc, TransportError):
+                for addressee, payload in deferred.items():
+                    self._consider(addressee, payload, may_defer=False)
+                return
+            with self._events_lock:  # offline: try again on a later tick
+                self._deferred = {**deferred, **self._deferred}
+            return
+        for addressee, payload in deferred.items():
+            self._consider(addressee, payload, may_defer=False)
 
     def _after_save(self, record: StateRecord) -> None:
         if self._kill_at is not None and record.state == self._kill_at:
@@ -283,7 +283,7 @@ class AgentDaemon:
         rec = record or self.lifecycle.record
         return ReportedState(
             device_id=self.config.device_id,
-            agent_version=_agent_version(),
+            agent_version=agent_version(),
             state=rec.state,
             active_bundle=rec.active,
             previous_bundle=rec.previous,
@@ -419,6 +419,8 @@ class AgentDaemon:
 
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
+        if self._deferred and self.transport.connected:
+            self._retry_deferred()
 
     # --- run ------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -19,7 +19,9 @@ import pytest
 from agent_daemon_world import ROOT, Agent, Fleet, make_agent, reference, start_fleet, wait_until
 from conftest import start_mosquitto
 from lifecycle_world import X
+from securesystemslib.signer import CryptoSigner
 
+from agent.contract.director import canonical_bytes
 from agent.contract.telemetry import decode_report
 
 pytestmark = pytest.mark.integration
@@ -192,3 +194,29 @@ def test_replayed_foreign_and_tampered_inputs_are_refused_and_change_nothing(
     assert main_agent.record().active == "mlp-1.0.0"
     assert main_agent.serves("mlp-1.0.0")
     assert np.allclose(main_agent.predict_http(X[:1]), reference("mlp-1.0.0", X[:1]), atol=1e-4)
+
+
+def test_rotated_director_keys_are_learned_from_a_tuf_refresh(fleet: Fleet, main_agent: Agent) -> None:
+    """Runs last: it rotates the module's director keys (a new TUF root carries them)."""
+    from fleet.keys import KeyStore
+
+    ensure_active(fleet, main_agent, "mlp-1.0.0")
+    refused = len(fleet.events_of(MAIN, "director_refused"))
+    # a document signed by a key no root names: refused after one refresh finds nothing new
+    stranger = CryptoSigner.generate_ed25519()
+    forged = json.loads(fleet.issue(MAIN, "mlp-2.0.0", publish=False))
+    payload = canonical_bytes(forged["signed"])
+    forged["signatures"] = [stranger.sign(payload).to_dict()]
+    fleet.publisher.publish_desired(device_id=MAIN, document=json.dumps(forged).encode())
+    assert "unknown key" in fleet.wait_event(MAIN, "director_refused", refused + 1).reason
+    assert main_agent.record().active == "mlp-1.0.0"
+
+    # the fleet rotates its director key: root v2 names the new key, the device has only v1
+    KeyStore(fleet.root / "keys").rotate("director")
+    fleet.repo.repo.rotate_root()
+    fleet.issue(MAIN, "mlp-2.0.0")
+    fleet.wait_state(MAIN, "mlp-2.0.0")
+    main_agent.wait_serving("mlp-2.0.0")
+    root = json.loads((main_agent.state_dir / "tuf" / "metadata" / "root.json").read_text())
+    assert root["signed"]["version"] == 2
+    assert len(fleet.events_of(MAIN, "director_refused")) == refused + 1
