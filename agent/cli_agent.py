@@ -178,9 +178,12 @@ def run_command(config_path: Path) -> None:
 
     try:
         daemon = AgentDaemon(load_config(config_path))
+        code = daemon.run()
     except EdgefleetError as exc:
         raise click.ClickException(str(exc)) from None
-    raise SystemExit(daemon.run())
+    except OSError as exc:  # e.g. the HTTP port is taken or the socket directory is not writable
+        raise click.ClickException(f"cannot start the agent: {exc}") from None
+    raise SystemExit(code)
 
 
 @group.command("status")
