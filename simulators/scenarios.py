@@ -131,6 +131,7 @@ def register(number: int, name: str, description: str) -> Callable[[ScenarioFn],
 _SCENARIO_MODULES: tuple[str, ...] = (
     "simulators.scenario_install",
     "simulators.scenario_drift",
+    "simulators.scenario_faults",
     "simulators.scenario_security",
 )
 
