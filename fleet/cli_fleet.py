@@ -112,3 +112,37 @@ def migrate(data_dir: Path | None) -> None:
     finally:
         store.close()
     click.echo(f"schema at version {version}; applied now: {applied or 'none'}")
+
+
+@group.command("publish-bundle")
+@data_dir_option
+@click.option("--model", "model", default=None, help="Registry model name (default: the bundle's own name).")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -> None:
+    """Check BUNDLE, add it to the TUF repository and register it as a model version.
+
+    Works on DATA_DIR directly (keys and repository are created if absent); the API route
+    `POST /v1/models/{name}/versions/from-bundle|upload` does the same through the service.
+    """
+    from agent.contract.bundle import read_manifest
+    from agent.errors import EdgefleetError
+    from fleet.bundle_publish import publish_bundle
+    from fleet.errors import FleetError
+    from fleet.fleet_components import ensure_trust
+
+    settings = _settings(data_dir)
+    try:
+        name = model or read_manifest(bundle).name
+    except EdgefleetError as exc:
+        raise click.ClickException(f"{bundle} is not a bundle: {exc}") from exc
+    store = _store(settings)
+    try:
+        with console.status(f"checking and publishing {bundle.name}"):
+            _, repo = ensure_trust(settings)
+            row = publish_bundle(store, repo, bundle, name, "cli:publish-bundle")
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    console.print(f"registered {row['id']} -> target {row['bundle_target']}")
+    click.echo(row["id"])

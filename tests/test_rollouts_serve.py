@@ -1,0 +1,107 @@
+"""`edgefleet fleet serve` wiring: the real CLI process with a broker, `publish-bundle`, the
+timestamp refresher and the broker URL parsing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Broker, free_port
+from lifecycle_world import FAST, manifest_for
+
+from agent.contract.bundle import write_bundle
+from agent.contract.protocol import Topics
+from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from fleet.errors import FleetInputError
+from fleet.fleet_components import TimestampRefresher, broker_config, ensure_trust
+from fleet.settings import FleetSettings
+from simulators.models import make_mlp_onnx
+
+CLI = [sys.executable, "-m", "agent.cli", "fleet"]
+
+
+@pytest.mark.unit
+def test_broker_urls() -> None:
+    cfg = broker_config("mqtts://fleet:s%40cret@broker.local", "fleet-1")
+    assert (cfg.host, cfg.port, cfg.tls, cfg.username) == ("broker.local", 8883, True, "fleet")
+    assert cfg.password is not None and cfg.password.get_secret_value() == "s@cret"
+    assert broker_config("mqtt://127.0.0.1:1999", "f").port == 1999
+    for bad in ("http://x:1", "mqtt://", "mqtt://h:99999"):
+        with pytest.raises(FleetInputError):
+            broker_config(bad, "f")
+
+
+@pytest.mark.integration
+def test_timestamp_refresher_resigns_with_a_later_expiry(tmp_path: Path) -> None:
+    _, repo = ensure_trust(FleetSettings(data_dir=tmp_path))
+    before = repo.load("timestamp").signed
+    refresher = TimestampRefresher(repo, interval_s=0.05)
+    refresher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while refresher.refreshed < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        refresher.stop()
+    after = repo.load("timestamp").signed
+    assert refresher.refreshed >= 2 and after.version >= before.version + 2
+    assert after.expires >= before.expires and after.snapshot_meta.version == before.snapshot_meta.version
+
+
+@pytest.mark.integration
+def test_fleet_serve_with_a_broker_publishes_the_repository_and_stops_cleanly(
+        tmp_path: Path, mosquitto: Broker) -> None:
+    env = {**os.environ, "EDGEFLEET_DATA_DIR": str(tmp_path / "data"), "EDGEFLEET_TOPIC_PREFIX": "ef-serve"}
+    model = make_mlp_onnx(1)
+    bundle = write_bundle(manifest_for("1.0.0", model, 1, FAST), model, tmp_path / "mlp-1.0.0.efb")
+    out = subprocess.run([*CLI, "publish-bundle", str(bundle)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "mlp:1.0.0"
+    again = subprocess.run([*CLI, "publish-bundle", str(bundle)], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    junk = tmp_path / "junk.efb"
+    junk.write_bytes(b"not a bundle")
+    bad = subprocess.run([*CLI, "publish-bundle", str(junk)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "not a bundle" in bad.stderr
+
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port), "--broker", mosquitto.url], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: list[str] = []
+    watcher = MqttTransport(MqttConfig(port=mosquitto.port, client_id=f"watch-{os.getpid()}"))
+    topics = Topics("ef-serve")
+    watcher.subscribe(topics.metadata("timestamp.json"), lambda m: seen.append(m.topic))
+    try:
+        for _ in range(400):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            raise AssertionError(f"fleet serve did not start: {proc.communicate()[0]}")
+        watcher.connect(10)
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:  # retained: published by the publisher at start
+            time.sleep(0.05)
+        assert seen == [topics.metadata("timestamp.json")]
+    finally:
+        watcher.close()
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    log = proc.stdout.read() if proc.stdout else ""
+    assert code == 0, log
+    for name in ("publisher", "telemetry-ingest", "rollout-controller", "experiment-driver",
+                 "timestamp-refresher"):
+        assert f"fleet.component.started component={name}" in log, log[-3000:]
+        assert f"fleet.component.stopped component={name}" in log, log[-3000:]
+    assert (tmp_path / "data" / "repo" / "metadata" / "1.root.json").is_file()
