@@ -236,3 +236,22 @@ def test_a_fleet_restarted_mid_rollout_resumes_it_and_cancel_stops_one(world: Wo
         assert c.post(f"/v1/rollouts/{slow}/cancel", json={}).status_code == 409
     assert sorted(str(world.serving(d)) for d in DEVICES) == ["mlp-4.0.0"] + ["mlp-5.0.0"] * 3
 
+
+
+def test_an_ab_experiment_puts_each_device_on_its_arm(world: World) -> None:
+    from fleet.experiments import arm_of
+
+    with world.api as c:
+        res = c.post("/v1/experiments", json={"name": "v4-vs-v5", "version_a": "mlp:4.0.0",
+                                              "version_b": "mlp:5.0.0", "selector": "site=lab",
+                                              "split_b": 0.5})
+        assert res.status_code == 201, res.text
+        eid = res.json()["id"]
+        for d in DEVICES:
+            want = "mlp-5.0.0" if arm_of(eid, d, 0.5) == "b" else "mlp-4.0.0"
+            world.wait_all_serving(want, [d])
+        got = c.get(f"/v1/experiments/{eid}").json()["devices"]
+        assert got["a"] + got["b"] == len(DEVICES)
+        assert got["b"] == sum(arm_of(eid, d, 0.5) == "b" for d in DEVICES)
+        rec = c.get(f"/v1/experiments/{eid}/recommendation").json()
+        assert rec["verdict"] == "inconclusive"  # a few test requests prove nothing either way

@@ -354,3 +354,27 @@ def test_metric_and_shadow_gates_pause_the_rollout(world: World) -> None:
     world.ctl.tick()
     ro = world.store.rollouts.get(rid)
     assert ro["state"] == "paused" and "shadow agreement" in ro["history"][-1]["note"]
+
+
+def test_api_refuses_bad_plans_and_queues_commands_for_operators_only(world: World) -> None:
+    from fastapi.testclient import TestClient
+
+    from fleet.api import create_app
+    from fleet.auth import create_api_key
+    from fleet.settings import FleetSettings
+
+    op = {"Authorization": f"Bearer {create_api_key(world.store, 'op', 'operator', 't')[1]}"}
+    viewer = {"Authorization": f"Bearer {create_api_key(world.store, 'v', 'viewer', 't')[1]}"}
+    with TestClient(create_app(FleetSettings(data_dir=world.root), world.store)) as c:
+        bad = c.post("/v1/rollouts", headers=op, json={"model_version_id": "mlp:2.0.0", "selector": "",
+                                                       "strategy": {"stages": [50, 20, 100]}})
+        assert bad.status_code == 422 and "strictly increasing" in bad.json()["detail"]
+        bad = c.post("/v1/rollouts", headers=op, json={"model_version_id": "mlp:2.0.0", "selector": "",
+                                                       "thresholds": {"max_rollback_pct": 500}})
+        assert bad.status_code == 422 and "max_rollback_pct" in bad.json()["detail"]
+        rid = c.post("/v1/rollouts", headers=op,
+                     json={"model_version_id": "mlp:2.0.0", "selector": ""}).json()["id"]
+        assert c.post(f"/v1/rollouts/{rid}/promote", headers=viewer, json={}).status_code == 403
+        assert c.post(f"/v1/rollouts/{rid}/promote", headers=op, json={"note": "go"}).status_code == 202
+        assert c.post(f"/v1/rollouts/{rid}/promote", headers=op, json={}).status_code == 409
+        assert c.post("/v1/rollouts/ro-nope/cancel", headers=op, json={}).status_code == 404

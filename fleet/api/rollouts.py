@@ -21,6 +21,8 @@ from fleet.api.schemas import (
     RolloutStatus,
 )
 from fleet.auth import Operator, Viewer
+from fleet.rollout_gates import GateThresholds
+from fleet.rollout_strategies import StrategyConfig
 from fleet.store import Row
 from fleet.store_rollouts import STATES
 
@@ -42,6 +44,8 @@ list_rollouts.__doc__ = f"`state` is one of {', '.join(STATES)}."
 @router.post("", response_model=RolloutOut, status_code=201, responses=_CONFLICT,
              summary="Create a rollout (recorded as pending; the controller starts it)")
 def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, who: Operator) -> JSONResponse:
+    StrategyConfig.parse(body.strategy)  # refuse a plan the controller could not run (422)
+    GateThresholds.parse(body.thresholds)
     return idempotent_create(request, who, body, RolloutOut, lambda: store.rollouts.create(
         body.model_version_id, body.selector, body.strategy, body.thresholds, who.actor))
 
