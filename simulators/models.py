@@ -115,8 +115,14 @@ def make_mlp_tflite(
     buffers: list[Any] = [tfl.BufferT()]  # buffer 0 is the empty sentinel by convention
     tensors: list[Any] = []
 
-    def add_tensor(name: str, shape: list[int], ttype: int, data: np.ndarray | None = None,
-                   quant: Any = None, batch: bool = False) -> int:
+    def add_tensor(
+        name: str,
+        shape: list[int],
+        ttype: int,
+        data: np.ndarray | None = None,
+        quant: Any = None,
+        batch: bool = False,
+    ) -> int:
         buf = tfl.BufferT()
         if data is not None:
             buf.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
@@ -129,8 +135,16 @@ def make_mlp_tflite(
         tensors.append(t)
         return len(tensors) - 1
 
-    codes = {op: i for i, op in enumerate([tfl.BuiltinOperator.FULLY_CONNECTED, tfl.BuiltinOperator.QUANTIZE,
-                                           tfl.BuiltinOperator.DEQUANTIZE])}
+    codes = {
+        op: i
+        for i, op in enumerate(
+            [
+                tfl.BuiltinOperator.FULLY_CONNECTED,
+                tfl.BuiltinOperator.QUANTIZE,
+                tfl.BuiltinOperator.DEQUANTIZE,
+            ]
+        )
+    }
     operators: list[Any] = []
 
     def add_op(code: int, inputs: list[int], outputs: list[int], relu: bool | None = None) -> None:
@@ -149,8 +163,9 @@ def make_mlp_tflite(
             last = i == len(layers) - 1
             wt = add_tensor(f"W{i}", [w.shape[1], w.shape[0]], tfl.TensorType.FLOAT32, w.T)
             bt = add_tensor(f"B{i}", [b.shape[0]], tfl.TensorType.FLOAT32, b)
-            out = add_tensor(output_name if last else f"h{i}", [1, w.shape[1]], tfl.TensorType.FLOAT32,
-                             batch=True)
+            out = add_tensor(
+                output_name if last else f"h{i}", [1, w.shape[1]], tfl.TensorType.FLOAT32, batch=True
+            )
             add_op(tfl.BuiltinOperator.FULLY_CONNECTED, [prev, wt, bt], [out], relu=not last)
             prev = out
         graph_out = prev
@@ -158,11 +173,19 @@ def make_mlp_tflite(
         calib = np.random.default_rng(seed + 10_000).standard_normal((2048, sizes[0])).astype(np.float32)
         acts = [calib]
         for i in range(len(layers)):
-            acts.append(mlp_reference(calib, layers[: i + 1]) if i == len(layers) - 1
-                        else np.maximum(mlp_reference(calib, layers[: i + 1]), 0.0))
+            acts.append(
+                mlp_reference(calib, layers[: i + 1])
+                if i == len(layers) - 1
+                else np.maximum(mlp_reference(calib, layers[: i + 1]), 0.0)
+            )
         s_prev, zp_prev = _activation_qparams(float(calib.min()), float(calib.max()))
-        prev = add_tensor(f"{input_name}_int8", [1, sizes[0]], tfl.TensorType.INT8,
-                          quant=_tflite_quant(s_prev, zp_prev), batch=True)
+        prev = add_tensor(
+            f"{input_name}_int8",
+            [1, sizes[0]],
+            tfl.TensorType.INT8,
+            quant=_tflite_quant(s_prev, zp_prev),
+            batch=True,
+        )
         add_op(tfl.BuiltinOperator.QUANTIZE, [x_in], [prev])
         for i, (w, b) in enumerate(layers):
             last = i == len(layers) - 1
@@ -176,8 +199,13 @@ def make_mlp_tflite(
             bt = add_tensor(f"B{i}", [b.shape[0]], tfl.TensorType.INT32, b_q, _tflite_quant(s_b, 0))
             a = acts[i + 1]
             s_out, zp_out = _activation_qparams(float(a.min()), float(a.max()))
-            out = add_tensor(f"h{i}_int8", [1, w.shape[1]], tfl.TensorType.INT8,
-                             quant=_tflite_quant(s_out, zp_out), batch=True)
+            out = add_tensor(
+                f"h{i}_int8",
+                [1, w.shape[1]],
+                tfl.TensorType.INT8,
+                quant=_tflite_quant(s_out, zp_out),
+                batch=True,
+            )
             add_op(tfl.BuiltinOperator.FULLY_CONNECTED, [prev, wt, bt], [out], relu=not last)
             prev, s_prev = out, s_out
         graph_out = add_tensor(output_name, [1, sizes[-1]], tfl.TensorType.FLOAT32, batch=True)

@@ -1,12 +1,11 @@
-"""Scenarios 1 and 2 in their device-side form: a fleet-wide install, and a bad model rolled back.
+"""Scenarios 7 and 8: the device-side halves of 1 and 2, without the rollout controller.
 
-Until the rollout controller drives stages, the fleet assigns through signed cohort director
-documents (what the controller's last stage does). What these scenarios prove is the
+The fleet assigns through signed cohort director documents (what a rollout's last stage
+does), which isolates the devices' behaviour from the controller's. What these scenarios prove is the
 device's half: a good int8 bundle reaches *committed* (idle with it active, after golden
 vectors and probation) on every device; a bad bundle (golden vectors from another model) is
 refused at activation by every device, which rolls back by itself and keeps serving the
-previous version. Stage gates and the rollout abort belong to the canary scenarios, which
-are registered once `fleet.rollouts` is wired (see `scenarios.NOT_AVAILABLE`).
+previous version. Stage gates and the rollout abort are scenarios 1 and 2 (`scenario_rollout`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from simulators.scenarios import ScenarioContext, Verdict, register
 INSTALL_TIMEOUT_S = 90.0
 
 
-@register(1, "fanout_install", "an int8 bundle reaches every device through signed cohort documents")
+@register(7, "fanout_install", "an int8 bundle reaches every device through signed cohort documents")
 def fanout_install(ctx: ScenarioContext) -> Verdict:
     with world(ctx, prefix="s1") as w:
         v1 = w.fleet.publish_bundle("1.0.0", model_seed=1)
@@ -64,7 +63,7 @@ def fanout_install(ctx: ScenarioContext) -> Verdict:
         return Verdict("fanout_install", not problems, details, metrics)
 
 
-@register(2, "bad_model_rollback", "a bundle failing its golden vectors: every device rolls back by itself")
+@register(8, "bad_model_rollback", "a bundle failing its golden vectors: every device rolls back by itself")
 def bad_model_rollback(ctx: ScenarioContext) -> Verdict:
     with world(ctx, prefix="s2") as w:
         good = w.fleet.publish_bundle("1.0.0", model_seed=1)

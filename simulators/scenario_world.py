@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from simulators.datagen import Schema, default_schema
 from simulators.scenarios import ScenarioContext
 from simulators.sim_fleet import SimFleet
+from simulators.sim_service import ServiceFleet
 from simulators.swarm import Swarm, SwarmSpec, make_profiles
 from simulators.swarm_device import DeviceProfile
 
@@ -125,3 +127,72 @@ def world(
 def failures(checks: Iterable[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that did not hold."""
     return [msg for ok, msg in checks if not ok]
+
+
+@dataclass
+class ServiceWorld:
+    """The real fleet service (API + publisher + controller) and a swarm enrolled in it."""
+
+    ctx: ScenarioContext
+    fleet: ServiceFleet
+    swarm: Swarm
+
+    @property
+    def ids(self) -> list[str]:
+        return self.swarm.device_ids
+
+    def all_serving(self, bundle_id: str) -> bool:
+        return self.fleet.serving(self.ids).get(bundle_id, 0) == len(self.ids)
+
+    def wait(self, pred: Callable[[], bool], timeout: float, poll_s: float = 0.2) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(poll_s)
+        return pred()
+
+    def wait_rollout(
+        self, rollout_id: str, states: tuple[str, ...], timeout: float, plot: str
+    ) -> dict[str, Any]:
+        """Poll the rollout's status until it reaches one of `states`, recording its progress."""
+        deadline = time.monotonic() + timeout
+        st = self.fleet.status(rollout_id)
+        while time.monotonic() < deadline:
+            st = self.fleet.status(rollout_id)
+            for status, n in sorted(st.get("devices_by_status", {}).items()):
+                self.ctx.recorder.point(plot, status, float(n))
+            self.ctx.recorder.point(plot, "stage", float(st.get("stage", 0)))
+            if st["state"] in states:
+                return st
+            time.sleep(0.25)
+        return st
+
+
+@contextlib.contextmanager
+def service_world(
+    ctx: ScenarioContext, *, prefix: str, profiles: list[DeviceProfile] | None = None
+) -> Iterator[ServiceWorld]:
+    """`ServiceFleet` + enrolled swarm for one scenario (torn down in reverse order)."""
+    fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
+    try:
+        devices = profiles or make_profiles(ctx.devices, COHORTS)
+        fleet.enroll(devices)
+        spec = SwarmSpec(
+            broker_host=ctx.broker_host,
+            broker_port=ctx.broker_port,
+            prefix=prefix,
+            bootstrap_root=fleet.bootstrap_root,
+            state_root=ctx.data_dir / "devices",
+            schema=fleet.schema,
+        )
+        swarm = Swarm(spec, devices, ctx.processes).start()
+        try:
+            if not swarm.wait_connected(60):
+                raise RuntimeError("not every device connected to the broker within 60 s")
+            ctx.recorder.take()
+            yield ServiceWorld(ctx, fleet, swarm)
+        finally:
+            swarm.stop()
+    finally:
+        fleet.stop()

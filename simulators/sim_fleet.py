@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from agent.contract.bundle import read_manifest, write_bundle
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
@@ -202,51 +200,20 @@ class SimFleet:
         golden_seed: int | None = None,
         quantize: str = "none",
         health: dict[str, Any] | None = None,
-        reference_rows: int = 4000,
         compatibility: dict[str, Any] | None = None,
     ) -> PublishedBundle:
-        """Build `mlp-<version>` with the real bundle builder (profile from the schema's data) and
-        add it to the repository. `golden_seed` != `model_seed` builds a bundle whose golden
-        vectors come from another model (fails its golden check on every device)."""
-        work = self.root / "build"
-        work.mkdir(parents=True, exist_ok=True)
-        model_path = work / f"{MODEL_NAME}-{version}.onnx"
-        model_path.write_bytes(make_mlp_onnx(model_seed))
-        reference = DataGenerator(self.schema, seed=model_seed).batch(reference_rows)
-        meta_fields: dict[str, Any] = {
-            "name": MODEL_NAME,
-            "version": version,
-            "feature_names": self.schema.names,
-            "categorical": self.schema.categorical_vocabulary(),
-            "quantize": quantize,
-            "bins": 50,
-            "golden_count": 8,
-            "health": health or {"probation_requests": 0, "probation_seconds": 0.5},
-            "seed": model_seed,
-        }
-        if compatibility:
-            meta_fields["compatibility"] = compatibility
-        meta = BundleMetadata.model_validate(meta_fields)
-        out = work / f"{MODEL_NAME}-{version}.efb"
-        if golden_seed is not None and golden_seed != model_seed:
-            other = work / f"golden-{version}.onnx"
-            other.write_bytes(make_mlp_onnx(golden_seed))
-            return self._publish_with_foreign_golden(model_path, other, meta, out, reference)
-        build_bundle(model_path, meta, out, reference_data=reference)
+        """Build `mlp-<version>` (see `build_mlp_bundle`) and add it to the repository."""
+        out = build_mlp_bundle(
+            self.root / "build",
+            self.schema,
+            version,
+            model_seed,
+            golden_seed=golden_seed,
+            quantize=quantize,
+            health=health,
+            compatibility=compatibility,
+        )
         return self._add(out, version)
-
-    def _publish_with_foreign_golden(
-        self, model_path: Path, golden_model: Path, meta: BundleMetadata, out: Path, reference: np.ndarray
-    ) -> PublishedBundle:
-        """The model of `model_path` with golden vectors computed by `golden_model`: a bundle
-        that is correctly signed but fails its golden check on every device."""
-        donor = out.with_suffix(".donor.efb")
-        build_bundle(golden_model, meta, donor, reference_data=reference)
-        real = out.with_suffix(".real.efb")
-        build_bundle(model_path, meta, real, reference_data=reference)
-        manifest = read_manifest(real).model_copy(update={"golden": read_manifest(donor).golden})
-        write_bundle(manifest, model_path.read_bytes(), out)
-        return self._add(out, meta.version)
 
     def _add(self, bundle_file: Path, version: str) -> PublishedBundle:
         manifest = read_manifest(bundle_file)
@@ -283,3 +250,56 @@ class SimFleet:
                 return True
             time.sleep(poll_s)
         return pred()
+
+
+def build_mlp_bundle(
+    work: Path,
+    schema: Schema,
+    version: str,
+    model_seed: int,
+    *,
+    golden_seed: int | None = None,
+    quantize: str = "none",
+    health: dict[str, Any] | None = None,
+    compatibility: dict[str, Any] | None = None,
+    reference_rows: int = 4000,
+) -> Path:
+    """Build `work/mlp-<version>.efb` with the real bundle builder: the seeded MLP, a reference
+    profile from the schema's undrifted data, golden vectors, optional int8 quantization.
+
+    `golden_seed` != `model_seed` gives a correctly built bundle whose golden vectors come from
+    another model: it fails its golden check on every device (the cheapest bad model).
+    Raises the builder's errors (`FleetInputError`, `GateFailed`, `FleetMisuseError`).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    model_path = work / f"{MODEL_NAME}-{version}.onnx"
+    model_path.write_bytes(make_mlp_onnx(model_seed))
+    reference = DataGenerator(schema, seed=model_seed).batch(reference_rows)
+    fields: dict[str, Any] = {
+        "name": MODEL_NAME,
+        "version": version,
+        "feature_names": schema.names,
+        "categorical": schema.categorical_vocabulary(),
+        "quantize": quantize,
+        "bins": 50,
+        "golden_count": 8,
+        "health": health or {"probation_requests": 0, "probation_seconds": 0.5},
+        "seed": model_seed,
+    }
+    if compatibility:
+        fields["compatibility"] = compatibility
+    meta = BundleMetadata.model_validate(fields)
+    out = work / f"{MODEL_NAME}-{version}.efb"
+    if golden_seed is None or golden_seed == model_seed:
+        build_bundle(model_path, meta, out, reference_data=reference)
+        return out
+    donor_model = work / f"golden-{version}.onnx"
+    donor_model.write_bytes(make_mlp_onnx(golden_seed))
+    donor, real = out.with_suffix(".donor.tmp"), out.with_suffix(".real.tmp")
+    build_bundle(donor_model, meta, donor, reference_data=reference)
+    build_bundle(model_path, meta, real, reference_data=reference)
+    manifest = read_manifest(real).model_copy(update={"golden": read_manifest(donor).golden})
+    write_bundle(manifest, model_path.read_bytes(), out)
+    for tmp in (donor, real, donor_model):
+        tmp.unlink()
+    return out
