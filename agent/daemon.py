@@ -32,7 +32,6 @@ import resource
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from agent.config import AgentConfig
 from agent.contract.protocol import Event as EventMsg
 from agent.contract.protocol import ReportedState, Topics, encode_event, encode_reported
 from agent.daemon_director import DirectorGate
+from agent.daemon_events import EventOutbox
 from agent.daemon_process import Notifier, ObservedStore, agent_version
 from agent.daemon_serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError
@@ -60,7 +60,7 @@ KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 #: States where `active` is the committed, verified bundle: safe to serve before resuming.
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 _EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
-MAX_PENDING_EVENTS = 256
+MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 #: How `verify_director` words "no signature by a key the trusted root knows".
 UNKNOWN_KEYS_MARK = "signed only by unknown key"
 
@@ -83,7 +83,6 @@ class AgentDaemon:
         self._notifier = Notifier()
         self._heartbeat = time.monotonic()
         self._event_seq = 0
-        self._events: deque[bytes] = deque(maxlen=MAX_PENDING_EVENTS)
         self._events_lock = threading.Lock()
         self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
         self._reported_lock = threading.Lock()
@@ -94,6 +93,7 @@ class AgentDaemon:
         )
         try:
             self._bootstrap = c.bootstrap_root.read_bytes()
+            self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
 
@@ -142,6 +142,7 @@ class AgentDaemon:
         self.gate = DirectorGate(
             self.state_dir / "director.json", c.device_id, c.cohorts, self.trust.director_trust
         )
+        self.outbox = EventOutbox(self.state_dir / "events.sqlite", MAX_PENDING_EVENTS)
         self.queue = ReportQueue(
             self.state_dir / "telemetry.sqlite",
             QueueConfig(max_reports=c.telemetry_queue_reports, max_bytes=c.telemetry_queue_bytes),
@@ -353,19 +354,22 @@ class AgentDaemon:
             timestamp=time.time(),
             seq=seq,
         )
-        with self._events_lock:
-            self._events.append(encode_event(msg))
+        self.outbox.put(encode_event(msg))
         self._flush_events()
 
     def _flush_events(self) -> None:
-        """Send queued events in order (kept in memory, bounded, while offline)."""
-        with self._events_lock:
-            while self._events and self.transport.connected:
-                try:
-                    self.transport.publish(self.topics.events(), self._events[0], qos=1)
-                except EdgefleetError:
-                    return
-                self._events.popleft()
+        """Send stored events in order (kept on disk, bounded, while offline)."""
+
+        def send(payload: bytes) -> bool:
+            if not self.transport.connected:
+                return False
+            try:
+                self.transport.publish(self.topics.events(), payload, qos=1)
+            except EdgefleetError:
+                return False
+            return True
+
+        self.outbox.drain(send)
 
     # --- telemetry and ticking ------------------------------------------------------------
     def _send_telemetry(self) -> int:
@@ -481,4 +485,5 @@ class AgentDaemon:
         self.transport.close()
         self.holder.close()
         self.queue.close()
+        self.outbox.close()
         log_event(log, "agent.stopped")

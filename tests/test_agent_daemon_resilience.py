@@ -175,3 +175,37 @@ def test_broker_loss_keeps_serving_and_restart_serves_from_disk(fleet: Fleet) ->
         if fleet.broker.proc.poll() is not None:
             fleet.broker.restart()
         assert agent.stop() == 0, agent.tail()
+
+
+def test_events_made_offline_survive_a_crash_and_arrive_after_reconnect(fleet: Fleet) -> None:
+    """Runs after the broker-loss test (it stops and restarts the module's broker too)."""
+    agent = make_agent(fleet, "dev-outbox", http=False).start()
+    fleet.issue(agent.device, "mlp-1.0.0")
+    fleet.wait_state(agent.device, "mlp-1.0.0")
+    assert agent.stop() == 0
+    # die in probation of v2 while the broker is up...
+    agent.start(kill_at="probation")
+    fleet.issue(agent.device, "mlp-2.0.0")
+    assert agent.proc is not None and agent.proc.wait(60) == -signal.SIGKILL
+    # ...then recover with no broker: the rollback happens offline, and the agent dies again
+    fleet.broker.stop()
+    try:
+        agent.start()
+        agent.wait_serving("mlp-1.0.0")
+        wait_until(
+            lambda: (r := agent.record()).state == "idle" and "mlp-2.0.0" in r.quarantined, 30, "rollback"
+        )
+        agent.stop(signal.SIGKILL)
+        assert not fleet.events_of(agent.device, "rolled_back")
+    finally:
+        fleet.broker.restart()
+    agent.start()
+    try:
+        rolled = fleet.wait_event(agent.device, "rolled_back")
+        assert rolled.bundle_id == "mlp-2.0.0" and "probation" in rolled.reason
+        recovered = fleet.wait_event(agent.device, "crash_recovered")
+        kinds = fleet.event_types(agent.device)
+        assert kinds.index("crash_recovered") < kinds.index("rolled_back")  # sent in order
+        assert recovered.seq < rolled.seq
+    finally:
+        assert agent.stop() == 0, agent.tail()
