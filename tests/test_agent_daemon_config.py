@@ -21,7 +21,7 @@ from agent.cli_agent import group
 from agent.config import EXAMPLE_CONFIG, load_config, parse_config
 from agent.contract.director import DirectorDocument, DirectorTrust, TargetRef, sign_director
 from agent.daemon_director import DirectorGate
-from agent.errors import ConfigError, DirectorError
+from agent.errors import ConfigError, DirectorError, MisuseError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -221,3 +221,23 @@ def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(tmp_path: Path
             proc.kill()
         notify.close()
     assert not (short / "a.sock").exists()  # the socket file is removed on a clean stop
+
+
+@pytest.mark.integration
+def test_event_outbox_keeps_order_across_reopen_and_drops_oldest_past_its_bound(tmp_path: Path) -> None:
+    from agent.daemon_events import EventOutbox
+
+    box = EventOutbox(tmp_path / "events.sqlite", max_events=3)
+    for i in range(5):
+        box.put(f"e{i}".encode())
+    box.close()
+    box = EventOutbox(tmp_path / "events.sqlite", max_events=3)
+    assert len(box) == 3
+    sent: list[bytes] = []
+    assert box.drain(lambda p: sent.append(p) is None and len(sent) < 2) == 1  # stops at a failed send
+    assert sent == [b"e2", b"e3"] and len(box) == 2
+    assert box.drain(lambda p: sent.append(p) is None) == 2
+    assert sent[2:] == [b"e3", b"e4"] and len(box) == 0
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(MisuseError, match="event outbox"):
+        EventOutbox(tmp_path / "bad.sqlite").put(b"x")
