@@ -234,9 +234,18 @@ def test_event_outbox_keeps_order_across_reopen_and_drops_oldest_past_its_bound(
     box = EventOutbox(tmp_path / "events.sqlite", max_events=3)
     assert len(box) == 3
     sent: list[bytes] = []
-    assert box.drain(lambda p: sent.append(p) is None and len(sent) < 2) == 1  # stops at a failed send
+
+    def send_two(payload: bytes) -> bool:
+        sent.append(payload)
+        return len(sent) < 2  # the second send fails
+
+    def send_all(payload: bytes) -> bool:
+        sent.append(payload)
+        return True
+
+    assert box.drain(send_two) == 1  # stops at the failed send, which stays queued
     assert sent == [b"e2", b"e3"] and len(box) == 2
-    assert box.drain(lambda p: sent.append(p) is None) == 2
+    assert box.drain(send_all) == 2
     assert sent[2:] == [b"e3", b"e4"] and len(box) == 0
     (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(MisuseError, match="event outbox"):
