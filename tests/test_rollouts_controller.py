@@ -378,3 +378,41 @@ def test_api_refuses_bad_plans_and_queues_commands_for_operators_only(world: Wor
         assert c.post(f"/v1/rollouts/{rid}/promote", headers=op, json={"note": "go"}).status_code == 202
         assert c.post(f"/v1/rollouts/{rid}/promote", headers=op, json={}).status_code == 409
         assert c.post("/v1/rollouts/ro-nope/cancel", headers=op, json={}).status_code == 404
+
+
+def test_exponential_rate_paces_assignments_by_the_minute(world: World) -> None:
+    devs = [f"e{i}" for i in range(10)]
+    world.enroll(*devs)
+    rid = world.rollout({"kind": "exponential", "base_per_minute": 2, "increment_factor": 2.0,
+                         "increase_after_succeeded": 2, "max_per_minute": 3, "bake_s": 0})
+    world.ctl.tick()
+    first = world.assigned(rid)
+    assert len(first) == 2
+    world.clock.advance(30)
+    world.ctl.tick()
+    assert len(world.assigned(rid)) == 2  # the minute is not over
+    world.commit_all(first)
+    world.clock.advance(31)
+    world.ctl.tick()
+    assert len(world.assigned(rid)) == 5  # two successes doubled the rate, capped at 3 per minute
+    while world.state(rid)[0] != "completed":
+        world.commit_all(world.assigned(rid))
+        world.clock.advance(61)
+        world.ctl.tick()
+    assert set(world.devices(rid).values()) == {"succeeded"}
+
+
+def test_install_failures_and_refused_documents_fail_the_device(world: World) -> None:
+    world.enroll("a", "b", "c")
+    rid = world.rollout({"kind": "all_at_once"}, {"max_install_failure_pct": 100})
+    world.ctl.tick()
+    world.event("a", "update_failed", V2, "download refused: hash mismatch")
+    world.ctl.on_event("b", Event(type="director_refused", reason="bad signature", timestamp=world.clock.now,
+                                  seq=5))
+    world.event("c", "rolled_back", "other-1.0.0")  # about another bundle: ignored
+    world.ctl.tick()
+    assert world.devices(rid) == {"a": "failed", "b": "failed", "c": "assigned"}
+    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows["a"]["outcome"] == "install_failed" and "hash mismatch" in rows["a"]["detail"]
+    assert "director document refused" in rows["b"]["detail"]
+    assert world.state(rid)[0] == "running"  # thresholds allow it; c still decides
