@@ -31,13 +31,14 @@ from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from agent.logs import log_event
 from fleet.drift import DriftReport, DriftThresholds, FeatureDrift, Method, report_drift
-from fleet.errors import FleetMisuseError
+from fleet.errors import Conflict, FleetMisuseError, NotFound
 
 log = logging.getLogger("edgefleet.fleet.alerts")
 
 ALERTS_TABLE = "drift_alerts"
 EPISODES_TABLE = "drift_episodes"
 CURSOR_TABLE = "drift_cursor"
+ACKS_TABLE = "drift_alert_acks"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         db.table(CURSOR_TABLE).create(
             {"model": str, "version": str, "cohort": str, "last_window": float},
             pk=("model", "version", "cohort"),
+        )
+    if not db.table(ACKS_TABLE).exists():  # beside the alerts: an alert row itself never changes
+        db.table(ACKS_TABLE).create(
+            {"alert_id": int, "acked_by": str, "acked_at": float, "note": str}, pk="alert_id",
         )
 
 
@@ -287,3 +292,68 @@ class AlertManager:
     def delivery_state(self, alert_id: int) -> tuple[bool, str]:
         row = self.db.table(ALERTS_TABLE).get(alert_id)
         return bool(row["delivered"]), str(row["delivery_error"])
+
+    # -- listing and acknowledgement (the fleet API) -------------------------------------
+    def page(
+        self, before_id: int | None = None, limit: int = 50, model: str | None = None,
+        version: str | None = None, cohort: str | None = None, kind: str | None = None,
+        subject: str | None = None, acked: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Alerts newest first (keyset: ids below `before_id`), each with its delivery state
+        and acknowledgement (`acked_by`/`acked_at`/`ack_note`, None when not acknowledged)."""
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
+        for column, value in (("a.model", model), ("a.version", version), ("a.cohort", cohort),
+                              ("a.kind", kind), ("a.subject", subject)):
+            if value is not None:
+                where, args = [*where, f"{column} = ?"], [*args, value]
+        if acked is not None:
+            where.append("k.alert_id IS NOT NULL" if acked else "k.alert_id IS NULL")
+        if before_id is not None:
+            where, args = [*where, "a.id < ?"], [*args, before_id]
+        sql = (f"SELECT a.*, k.acked_by, k.acked_at, k.note AS ack_note FROM {ALERTS_TABLE} a "  # noqa: S608
+               f"LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id WHERE {' AND '.join(where)} "
+               "ORDER BY a.id DESC LIMIT ?")
+        with self._lock:
+            rows = list(self.db.query(sql, [*args, max(1, int(limit))]))
+        return [self._public(r) for r in rows]
+
+    def get(self, alert_id: int) -> dict[str, Any]:
+        """One alert as in `page`. Raises `NotFound`."""
+        with self._lock:
+            rows = list(self.db.query(
+                f"SELECT a.*, k.acked_by, k.acked_at, k.note AS ack_note FROM {ALERTS_TABLE} a "  # noqa: S608
+                f"LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id WHERE a.id = ?", [alert_id]))
+        if not rows:
+            raise NotFound(f"alert {alert_id} does not exist")
+        return self._public(rows[0])
+
+    def ack(self, alert_id: int, actor: str, note: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Acknowledge an alert once; returns (before, after). Raises `NotFound`, and
+        `Conflict` when it was already acknowledged."""
+        with self._lock:
+            before = self.get(alert_id)
+            if before["acked_at"] is not None:
+                raise Conflict(f"alert {alert_id} was already acknowledged by {before['acked_by']}")
+            with self.db.conn:
+                self.db.table(ACKS_TABLE).insert(
+                    {"alert_id": alert_id, "acked_by": actor, "acked_at": self._clock(), "note": note})
+            after = self.get(alert_id)
+        log_event(log, "drift.alert.acked", alert_id=alert_id, actor=actor)
+        return before, after
+
+    @staticmethod
+    def _public(r: dict[str, Any]) -> dict[str, Any]:
+        out = dict(r)
+        out["devices"] = json.loads(out["devices"])
+        out["delivered"] = bool(out["delivered"])
+        return out
+
+    def counts(self) -> list[dict[str, Any]]:
+        """Alerts per (kind, model, version, cohort): `total`, `undelivered`, `unacked` (metrics)."""
+        with self._lock:
+            return list(self.db.query(
+                f"SELECT a.kind, a.model, a.version, a.cohort, count(*) AS total, "  # noqa: S608
+                f"sum(a.delivered = 0) AS undelivered, sum(k.alert_id IS NULL) AS unacked "
+                f"FROM {ALERTS_TABLE} a LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id "
+                "GROUP BY a.kind, a.model, a.version, a.cohort"))

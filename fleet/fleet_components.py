@@ -8,6 +8,9 @@
    telemetry to the telemetry ingest;
 2. the telemetry ingest's store (flushed and closed at stop) whose merged windows feed the
    rollout gates (`TelemetryMetrics`);
+   then the drift monitor (`fleet/telemetry_component.py`), which times ingest, evaluates
+   closed windows for drift (alerts, retraining triggers, Prometheus gauges) and gives the
+   gates their drift score;
 3. the `RolloutController`, then the A/B `ExperimentDriver`;
 4. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
    repository nobody touches would otherwise freeze every device after a day) and
@@ -43,6 +46,7 @@ from fleet.rollouts import ControllerConfig, RolloutController
 from fleet.service import Component
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry_component import build_drift_monitor
 
 logger = logging.getLogger("edgefleet.fleet.components")
 
@@ -200,12 +204,14 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     publisher: Publisher | None = None
     metrics: MetricsSource | None = None
     telemetry = TelemetryComponent(settings.data_dir / "telemetry.db")
-    metrics = TelemetryMetrics(telemetry.telemetry)
+    monitor = build_drift_monitor(settings, store, telemetry.telemetry, clock)  # alerts, triggers, gauges
+    metrics = TelemetryMetrics(telemetry.telemetry, drift=monitor.drift_score)
     if with_broker:
         publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}"),
                               settings.topic_prefix, settings.repo_dir)
         components.append(PublisherComponent(publisher))
     components.append(telemetry)
+    components.append(monitor)
     kwargs = {"clock": clock} if clock is not None else {}
     controller = RolloutController(store, repo, signer, publisher,
                                    config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
@@ -214,7 +220,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_reported(store.devices.on_reported)
         publisher.on_reported(controller.on_reported)
         publisher.on_event(controller.on_event)
-        publisher.on_telemetry(telemetry.ingest)
+        publisher.on_telemetry(monitor.ingest)  # timed ingest into `telemetry`
     components.append(controller)
     components.append(ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2))
     components.append(TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher))

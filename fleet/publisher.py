@@ -127,6 +127,7 @@ class Publisher:
         self._workers: list[threading.Thread] = []
         self.request_log: deque[tuple[str, str, int]] = deque(maxlen=self.settings.request_log_size)
         self.bytes_sent = 0
+        self.chunks_sent = 0
         self.refused: Counter[int] = Counter()
         self._reported_cbs: list[Callable[[str, ReportedState], None]] = []
         self._event_cbs: list[Callable[[str, Event], None]] = []
@@ -323,6 +324,7 @@ class Publisher:
         )
         self._answer(msg, encode_chunk(header, payload))
         self.bytes_sent += len(payload)
+        self.chunks_sent += 1
 
     # --- reports ------------------------------------------------------------------------
     def _device_of(self, msg: Message, kind: TopicKind) -> str | None:

@@ -58,6 +58,7 @@ class FleetService:
         if component_factory is not None:  # components that need the service's store
             self.components += component_factory(self.store)
         self.app: FastAPI = create_app(settings, self.store)
+        self.app.state.components = self.components  # /metrics and telemetry routes read them
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._started: list[Component] = []

@@ -7,6 +7,7 @@ variables itself; the CLI passes explicit overrides on top. Every limit is expli
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,27 @@ class Limits(BaseModel):
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0, le=600_000)
 
 
+class TelemetrySettings(BaseModel):
+    """Periodic drift evaluation and retraining triggers (`fleet/telemetry_component.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    evaluate_interval_s: float = Field(default=60.0, ge=0.05, le=24 * 3600)
+    settle_s: float = Field(default=30.0, ge=0, le=3600,
+                            description="Wait after a window ends before evaluating it (late reports)")
+    lookback_s: float = Field(default=24 * 3600.0, ge=60, le=90 * 24 * 3600,
+                              description="Only (model, version, cohort) with windows written this recently")
+    persist_windows: int = Field(default=3, ge=1, le=10_000,
+                                 description="Consecutive drifted windows before a retraining trigger")
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
+    command: tuple[str, ...] = Field(default=(), max_length=64,
+                                     description="argv run with each alert's JSON on stdin")
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    command_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    max_drift_series: int = Field(default=5000, ge=1, le=1_000_000,
+                                  description="Cap on per-feature drift gauge series at /metrics")
+
+
 class FleetSettings(BaseModel):
     """Where the service keeps its state and how it listens.
 
@@ -46,6 +68,8 @@ class FleetSettings(BaseModel):
     topic_prefix: str = Field(default="edgefleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     import_dir_override: Path | None = Field(default=None, alias="import_dir")
     limits: Limits = Field(default_factory=Limits)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
 
     @property
     def db_path(self) -> Path:
@@ -68,10 +92,19 @@ class FleetSettings(BaseModel):
     def broker_passwd_path(self) -> Path:
         return self.data_dir / "broker" / "passwd"
 
+    @property
+    def telemetry_db_path(self) -> Path:
+        return self.data_dir / "telemetry.db"
+
+    @property
+    def alerts_db_path(self) -> Path:
+        return self.data_dir / "alerts.db"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
         """Build settings from `EDGEFLEET_DATA_DIR`, `_HOST`, `_PORT`, `_BROKER_URL`, `_TOPIC_PREFIX`
-        and `EDGEFLEET_LIMIT_<NAME>` variables, then apply non-None `overrides`.
+        and `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
+        `EDGEFLEET_METRICS_PUBLIC`), then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
         """
@@ -88,5 +121,16 @@ class FleetSettings(BaseModel):
         }
         if limits:
             values["limits"] = limits
+        telemetry: dict[str, Any] = {
+            name: env[ENV_PREFIX + "TELEMETRY_" + name.upper()]
+            for name in TelemetrySettings.model_fields
+            if ENV_PREFIX + "TELEMETRY_" + name.upper() in env
+        }
+        if "command" in telemetry:  # one shell-quoted string in the environment
+            telemetry["command"] = tuple(shlex.split(telemetry["command"]))
+        if telemetry:
+            values["telemetry"] = telemetry
+        if ENV_PREFIX + "METRICS_PUBLIC" in env:
+            values["metrics_public"] = env[ENV_PREFIX + "METRICS_PUBLIC"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

@@ -354,3 +354,46 @@ class TelemetryStore:
         if kll.is_empty():
             return [math.nan] * len(quantiles)
         return [float(kll.get_quantile(q)) for q in quantiles]
+
+    # -- listing (the fleet API and the periodic drift evaluator) -----------------------
+    def window_keys(self, updated_since: float | None = None) -> list[tuple[str, str, str]]:
+        """(model, version, cohort) of every stored window written at or after `updated_since`
+        (all when None), flushing first: what a periodic evaluator has to look at."""
+        self.flush()
+        sql = f"SELECT DISTINCT model, version, cohort FROM {WINDOWS_TABLE}"  # noqa: S608 - constant name
+        args: list[object] = []
+        if updated_since is not None:
+            sql, args = sql + " WHERE updated_at >= ?", [updated_since]
+        with self._lock:
+            return [(r[0], r[1], r[2]) for r in self.db.execute(sql + " ORDER BY 1, 2, 3", args)]
+
+    def window_page(
+        self, model: str | None = None, version: str | None = None, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+        after: tuple[float, str, str, str] | None = None, limit: int = 100,
+    ) -> list[dict[str, object]]:
+        """One page of stored windows ordered by (window_start, model, version, cohort), each
+        like `windows()` plus `model`, `version` and `updated_at`; `after` is the last key of
+        the previous page. Keyset pagination, so a page costs `limit` decodes at most."""
+        self.flush()
+        where: list[str] = ["1 = 1"]
+        args: list[object] = []
+        for column, value in (("model", model), ("version", version), ("cohort", cohort)):
+            if value is not None:
+                where, args = [*where, f"{column} = ?"], [*args, value]
+        if since is not None:
+            where, args = [*where, "window_start >= ?"], [*args, since]
+        if until is not None:
+            where, args = [*where, "window_start < ?"], [*args, until]
+        if after is not None:
+            where, args = [*where, "(window_start, model, version, cohort) > (?, ?, ?, ?)"], [*args, *after]
+        sql = (f"SELECT * FROM {WINDOWS_TABLE} WHERE {' AND '.join(where)} "  # noqa: S608 - fixed fragments
+               "ORDER BY window_start, model, version, cohort LIMIT ?")
+        with self._lock:
+            rows = list(self.db.query(sql, [*args, max(1, int(limit))]))
+        return [{
+            "model": r["model"], "version": r["version"], "cohort": r["cohort"],
+            "window_start": r["window_start"], "updated_at": r["updated_at"], "reports": r["reports"],
+            "report": decode_report(r["payload"], max_bytes=2**31),
+            "devices": json.loads(r["devices"]), "device_count": r["device_count"],
+        } for r in rows]

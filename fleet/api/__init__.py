@@ -21,9 +21,11 @@ from fleet.api import (
     experiments,
     health,
     keys,
+    metrics_route,
     models,
     rollout_commands,
     rollouts,
+    telemetry,
 )
 from fleet.api.deps import install_error_handlers
 from fleet.settings import FleetSettings
@@ -75,6 +77,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     install_error_handlers(app)
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit):
+                   keys, audit, telemetry):
         app.include_router(module.router)
+    metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app

@@ -1,0 +1,56 @@
+"""`GET /metrics` (Prometheus text format) and the API request metrics middleware.
+
+The endpoint needs a viewer API key by default (Prometheus sends it with
+`authorization: {type: Bearer, credentials_file: ...}`), because the exposition names models,
+versions, cohorts and rollouts. `metrics_public: true` in the settings
+(`EDGEFLEET_METRICS_PUBLIC=1`) serves it without a key, for a scraper on a trusted network.
+`install(app)` adds both the route and the middleware (one call in `create_app`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from fleet.auth import bearer, require
+from fleet.metrics import (
+    ApiMetrics,
+    ApiMetricsMiddleware,
+    FleetMetrics,
+    MetricSources,
+    sources_from_components,
+)
+from fleet.settings import FleetSettings
+
+router = APIRouter(tags=["metrics"])
+_viewer = require("viewer")
+
+
+def install(app: FastAPI) -> None:
+    """Serve `/metrics` on `app` and count its requests (route template, status, latency).
+
+    The collector finds the publisher, telemetry ingest and drift monitor in
+    `app.state.components` (set by `FleetService`); without them those families are empty.
+    """
+
+    def sources(api: ApiMetrics) -> MetricSources:
+        return sources_from_components(app.state.store, getattr(app.state, "components", []), api)
+
+    metrics = FleetMetrics(sources)
+    app.state.metrics = metrics
+    app.add_middleware(ApiMetricsMiddleware, metrics=metrics.api)
+    app.include_router(router)
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics (viewer key unless public)",
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Text exposition format"}})
+def metrics(request: Request,
+            creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Response:
+    settings: FleetSettings = request.app.state.settings
+    if not settings.metrics_public:
+        _viewer(request, creds)  # 401 / 403 like every other route
+    body = request.app.state.metrics.render()
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

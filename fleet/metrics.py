@@ -1,0 +1,394 @@
+"""Prometheus metrics of the fleet service, read at scrape time (prometheus_client).
+
+Most figures already live somewhere authoritative: devices and rollouts in the store, ingest
+counters in the `TelemetryStore`, alerts in the `AlertManager`'s database, publisher counters
+on the `Publisher`, the latest drift verdicts on the `DriftMonitor`. So `FleetCollector`, a
+custom `Collector`, reads them when Prometheus scrapes instead of mirroring every change into
+counters (which would drift from the store after a restart). Only two things are measured as
+they happen: API requests (`ApiMetrics`, fed by an ASGI middleware) and ingest latency
+(`IngestTimer`); their metric objects are unregistered and handed to the collector.
+
+A source that fails to answer (a locked database, a component mid-stop) does not fail the
+scrape: its families are left out and `edgefleet_scrape_errors_total{source}` counts it.
+Label cardinality is bounded: rollout series cover unfinished rollouts plus the
+`RECENT_ROLLOUTS` most recent finished ones; drift series are capped by the monitor.
+
+Metric names (every one is exported even when it has no samples yet):
+
+| family | type | labels |
+|---|---|---|
+| `edgefleet_devices` | gauge | `state` (reported lifecycle state), `online` |
+| `edgefleet_devices_revoked` | gauge | |
+| `edgefleet_device_agent_versions` | gauge | `agent_version` |
+| `edgefleet_rollouts` | gauge | `state` |
+| `edgefleet_rollout_devices` | gauge | `rollout`, `model_version`, `status` |
+| `edgefleet_rollout_stage` | gauge | `rollout`, `model_version`, `state` |
+| `edgefleet_rollout_outcomes` | gauge | `rollout`, `model_version`, `outcome` |
+| `edgefleet_telemetry_reports_total` | counter | `result` (accepted, duplicate, rejected) |
+| `edgefleet_telemetry_rejected_total` | counter | `reason` |
+| `edgefleet_telemetry_ingest_seconds` | histogram | |
+| `edgefleet_drift_statistic` / `_threshold` | gauge | `model`, `version`, `cohort`, `feature`, `statistic` |
+| `edgefleet_drift_detected` | gauge | `model`, `version`, `cohort`, `feature` |
+| `edgefleet_drift_share`, `edgefleet_dataset_drift` | gauge | `model`, `version`, `cohort` |
+| `edgefleet_prediction_drift`, `edgefleet_drift_window_start_seconds` | gauge | model, version, cohort |
+| `edgefleet_drift_evaluations_total`, `edgefleet_drift_evaluation_errors_total` | counter | |
+| `edgefleet_alerts_total` | counter | `kind` (drift, retrain), `model`, `version`, `cohort` |
+| `edgefleet_alerts_undelivered`, `edgefleet_alerts_unacknowledged` | gauge | `kind` |
+| `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
+| `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
+| `edgefleet_api_requests_total` | counter | `method`, `route` (template), `status` |
+| `edgefleet_api_request_duration_seconds` | histogram | `method`, `route` |
+| `edgefleet_scrape_errors_total` | counter | `source` |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter as TallyCounter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.logs import log_event
+
+if TYPE_CHECKING:
+    from fleet.alerts import AlertManager
+    from fleet.store import Store
+    from fleet.telemetry_component import DriftGauge
+    from fleet.telemetry_ingest import TelemetryStore
+
+log = logging.getLogger("edgefleet.fleet.metrics")
+
+RECENT_ROLLOUTS = 20
+REFUSAL_STATUSES = (400, 404, 416, 429, 503)
+INGEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, math.inf)
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf)
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+class IngestTimer:
+    """Times telemetry ingest calls into `edgefleet_telemetry_ingest_seconds` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.histogram = Histogram("edgefleet_telemetry_ingest_seconds",
+                                   "Time to decode, check, deduplicate and merge one telemetry report",
+                                   registry=None, buckets=INGEST_BUCKETS)
+
+    def time(self, fn: Callable[[], str]) -> str:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.histogram.observe(time.perf_counter() - start)
+
+
+class ApiMetrics:
+    """Request counts and latencies of the admin API, labelled by route template."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("edgefleet_api_requests", "API requests by method, route template and status",
+                                ["method", "route", "status"], registry=None)
+        self.duration = Histogram("edgefleet_api_request_duration_seconds",
+                                  "API request handling time by method and route template",
+                                  ["method", "route"], registry=None, buckets=API_BUCKETS)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.duration.labels(method, route).observe(seconds)
+
+
+class ApiMetricsMiddleware:
+    """Pure ASGI middleware: FastAPI puts the matched route in the scope while routing, so
+    the label is its path template (`/v1/rollouts/{rollout_id}`), never the raw path."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or getattr(route, "path", None) or UNMATCHED_ROUTE
+            elapsed = time.perf_counter() - start
+            self.metrics.observe(scope.get("method", "GET"), str(template), status, elapsed)
+
+
+class DriftSource(Protocol):
+    """What the collector needs of the drift monitor."""
+
+    def snapshot(self) -> list[DriftGauge]: ...
+
+    @property
+    def evaluations(self) -> int: ...
+
+    @property
+    def evaluation_errors(self) -> int: ...
+
+
+@dataclass
+class MetricSources:
+    """Everything the collector reads; any member may be absent (then its families are empty)."""
+
+    store: Store
+    telemetry: TelemetryStore | None = None
+    alerts: AlertManager | None = None
+    drift: DriftSource | None = None
+    publisher: Any | None = None  # fleet.publisher.Publisher: bytes_sent, chunks_sent, refused
+    ingest_timer: IngestTimer | None = None
+    api: ApiMetrics | None = None
+
+
+def sources_from_components(store: Store, components: Iterable[object], api: ApiMetrics | None = None
+                            ) -> MetricSources:
+    """Find the publisher, telemetry store, drift monitor and alert manager among the service's
+    components by what they hold (the components are built elsewhere; no registry of names)."""
+    from fleet.telemetry_component import DriftMonitor
+    from fleet.telemetry_ingest import TelemetryStore
+
+    src = MetricSources(store=store, api=api)
+    for comp in components:
+        if isinstance(comp, DriftMonitor):
+            src.drift, src.alerts, src.ingest_timer = comp, comp.alerts, comp.ingest_timer
+            src.telemetry = src.telemetry or comp.telemetry
+        publisher = getattr(comp, "publisher", None)
+        if publisher is not None and hasattr(publisher, "bytes_sent"):
+            src.publisher = publisher
+        telemetry = getattr(comp, "telemetry", None)
+        if isinstance(telemetry, TelemetryStore):
+            src.telemetry = telemetry
+    return src
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels or [])
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels or [])
+
+
+@dataclass
+class _Errors:
+    counts: TallyCounter[str] = field(default_factory=TallyCounter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class FleetCollector(Collector):
+    """Reads current values from `sources()` at every scrape (see the module docstring)."""
+
+    def __init__(self, sources: Callable[[], MetricSources]) -> None:
+        self._sources = sources
+        self._errors = _Errors()
+
+    def collect(self) -> Iterator[Metric]:
+        src = self._sources()
+        sections: list[tuple[str, Callable[[MetricSources], list[Metric]]]] = [
+            ("devices", _device_families), ("rollouts", _rollout_families),
+            ("telemetry", _telemetry_families), ("drift", _drift_families), ("alerts", _alert_families),
+            ("publisher", _publisher_families),
+        ]
+        for name, build in sections:
+            try:
+                families = build(src)
+            except Exception as exc:  # one bad source must not fail the whole scrape
+                with self._errors.lock:
+                    self._errors.counts[name] += 1
+                log_event(log, "metrics.source_failed", logging.WARNING, source=name,
+                          error=f"{type(exc).__name__}: {exc}")
+                continue
+            yield from families
+        if src.ingest_timer is not None:
+            yield from src.ingest_timer.histogram.collect()
+        else:
+            yield from IngestTimer().histogram.collect()  # exported empty, so the name always exists
+        if src.api is not None:
+            yield from src.api.requests.collect()
+            yield from src.api.duration.collect()
+        errors = _counter("edgefleet_scrape_errors", "Metric sources that failed to answer a scrape",
+                          ["source"])
+        with self._errors.lock:
+            for name, n in sorted(self._errors.counts.items()):
+                errors.add_metric([name], n)
+        yield errors
+
+
+def _device_families(src: MetricSources) -> list[Metric]:
+    devices = _gauge("edgefleet_devices", "Enrolled, unrevoked devices by reported lifecycle state and "
+                     "online flag", ["state", "online"])
+    revoked = _gauge("edgefleet_devices_revoked", "Revoked devices")
+    versions = _gauge("edgefleet_device_agent_versions", "Unrevoked devices by agent version",
+                      ["agent_version"])
+    with src.store.read() as db:
+        rows = db.execute(
+            "SELECT coalesce(json_extract(reported_state, '$.state'), 'unknown'), online, count(*) "
+            "FROM devices WHERE revoked = 0 GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        n_revoked = db.execute("SELECT count(*) FROM devices WHERE revoked = 1").fetchone()[0]
+        agent_rows = db.execute(
+            "SELECT coalesce(agent_version, 'unknown'), count(*) FROM devices WHERE revoked = 0 "
+            "GROUP BY 1 ORDER BY 1").fetchall()
+    for state, online, n in rows:
+        devices.add_metric([str(state), "true" if online else "false"], n)
+    revoked.add_metric([], n_revoked)
+    for version, n in agent_rows:
+        versions.add_metric([str(version)], n)
+    return [devices, revoked, versions]
+
+
+def _rollout_families(src: MetricSources) -> list[Metric]:
+    from fleet.store_rollouts import STATES, TERMINAL_STATES
+
+    by_state = _gauge("edgefleet_rollouts", "Rollouts by state", ["state"])
+    devices = _gauge("edgefleet_rollout_devices", "Devices of a rollout by progress status",
+                     ["rollout", "model_version", "status"])
+    stage = _gauge("edgefleet_rollout_stage", "Current stage index of a rollout",
+                   ["rollout", "model_version", "state"])
+    outcomes = _gauge("edgefleet_rollout_outcomes", "Devices of a rollout by final outcome "
+                      "(succeeded, install_failed, local_rollback, timeout, reverted, ...)",
+                      ["rollout", "model_version", "outcome"])
+    terminal = ",".join("?" * len(TERMINAL_STATES))
+    with src.store.read() as db:
+        counts = dict(db.execute("SELECT state, count(*) FROM rollouts GROUP BY state").fetchall())
+        shown = db.execute(
+            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({terminal}) "  # noqa: S608
+            f"UNION SELECT * FROM (SELECT id, model_version_id, state, stage FROM rollouts "
+            f"WHERE state IN ({terminal}) ORDER BY updated_at DESC LIMIT ?)",
+            [*TERMINAL_STATES, *TERMINAL_STATES, RECENT_ROLLOUTS]).fetchall()
+        ids = [r[0] for r in shown]
+        marks = ",".join("?" * len(ids))
+        status_rows = db.execute(
+            f"SELECT rollout_id, status, count(*) FROM rollout_devices WHERE rollout_id IN ({marks}) "  # noqa: S608
+            "GROUP BY 1, 2 ORDER BY 1, 2", ids).fetchall() if ids else []
+        has_progress = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rollout_progress'").fetchone()
+        outcome_rows = db.execute(
+            f"SELECT rollout_id, outcome, count(*) FROM rollout_progress WHERE outcome IS NOT NULL "  # noqa: S608
+            f"AND rollout_id IN ({marks}) GROUP BY 1, 2 ORDER BY 1, 2", ids).fetchall() \
+            if ids and has_progress else []
+    for state in STATES:
+        by_state.add_metric([state], counts.get(state, 0))
+    versions = {r[0]: r[1] for r in shown}
+    for rid, version, state, index in sorted(shown):
+        stage.add_metric([rid, version, state], index)
+    for rid, status, n in status_rows:
+        devices.add_metric([rid, versions[rid], status], n)
+    for rid, outcome, n in outcome_rows:
+        outcomes.add_metric([rid, versions[rid], outcome], n)
+    return [by_state, devices, stage, outcomes]
+
+
+def _telemetry_families(src: MetricSources) -> list[Metric]:
+    reports = _counter("edgefleet_telemetry_reports", "Telemetry reports by ingest result", ["result"])
+    rejected = _counter("edgefleet_telemetry_rejected", "Rejected telemetry reports by reason", ["reason"])
+    if src.telemetry is not None:
+        c = src.telemetry.counters
+        for result, n in (("accepted", c.accepted), ("duplicate", c.duplicates), ("rejected", c.rejected)):
+            reports.add_metric([result], n)
+        for reason, n in sorted(dict(c.reasons).items()):
+            rejected.add_metric([reason], n)
+    return [reports, rejected]
+
+
+def _drift_families(src: MetricSources) -> list[Metric]:
+    key = ["model", "version", "cohort"]
+    statistic = _gauge("edgefleet_drift_statistic", "Deciding drift statistic of a feature or output "
+                       "(`output:<name>`) in the latest evaluated window", [*key, "feature", "statistic"])
+    threshold = _gauge("edgefleet_drift_threshold", "Effective (widened) threshold of that statistic",
+                       [*key, "feature", "statistic"])
+    detected = _gauge("edgefleet_drift_detected", "1 when the feature drifted in the latest evaluated window",
+                      [*key, "feature"])
+    share = _gauge("edgefleet_drift_share", "Share of input features that drifted", key)
+    dataset = _gauge("edgefleet_dataset_drift", "1 when the share reaches the dataset drift threshold", key)
+    prediction = _gauge("edgefleet_prediction_drift", "1 when any model output drifted", key)
+    window = _gauge("edgefleet_drift_window_start_seconds", "Start of the latest evaluated window (Unix s)",
+                    key)
+    evaluations = _counter("edgefleet_drift_evaluations", "Windows evaluated for drift since start")
+    errors = _counter("edgefleet_drift_evaluation_errors", "Drift evaluations that failed since start")
+    if src.drift is not None:
+        for g in src.drift.snapshot():
+            labels = [g.model, g.version, g.cohort]
+            for f in [*g.report.features, *[_as_output(o) for o in g.report.outputs]]:
+                if f.method == "insufficient":
+                    continue
+                statistic.add_metric([*labels, f.name, f.method], f.statistic)
+                threshold.add_metric([*labels, f.name, f.method], f.threshold)
+                detected.add_metric([*labels, f.name], float(f.drifted))
+            share.add_metric(labels, g.report.drifted_share)
+            dataset.add_metric(labels, float(g.report.dataset_drift))
+            prediction.add_metric(labels, float(g.report.prediction_drift))
+            window.add_metric(labels, g.window_start)
+        evaluations.add_metric([], src.drift.evaluations)
+        errors.add_metric([], src.drift.evaluation_errors)
+    return [statistic, threshold, detected, share, dataset, prediction, window, evaluations, errors]
+
+
+def _as_output(o: Any) -> Any:
+    return replace(o, name=f"output:{o.name}")
+
+
+def _alert_families(src: MetricSources) -> list[Metric]:
+    total = _counter("edgefleet_alerts", "Drift alerts (kind=drift) and retraining triggers (kind=retrain)",
+                     ["kind", "model", "version", "cohort"])
+    undelivered = _gauge("edgefleet_alerts_undelivered",
+                         "Alerts whose webhook/command delivery failed so far", ["kind"])
+    unacked = _gauge("edgefleet_alerts_unacknowledged", "Alerts no operator acknowledged yet", ["kind"])
+    if src.alerts is not None:
+        pending: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
+        open_: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
+        for r in src.alerts.counts():
+            total.add_metric([r["kind"], r["model"], r["version"], r["cohort"]], r["total"])
+            pending[r["kind"]] += r["undelivered"] or 0
+            open_[r["kind"]] += r["unacked"] or 0
+        for kind in sorted(pending):
+            undelivered.add_metric([kind], pending[kind])
+            unacked.add_metric([kind], open_[kind])
+    return [total, undelivered, unacked]
+
+
+def _publisher_families(src: MetricSources) -> list[Metric]:
+    chunks = _counter("edgefleet_publisher_chunks", "Repository chunks served to devices over MQTT")
+    sent = _counter("edgefleet_publisher_bytes", "Repository bytes served to devices over MQTT")
+    refused = _counter("edgefleet_publisher_refusals", "Chunk requests refused, by status", ["status"])
+    p = src.publisher
+    if p is not None:
+        chunks.add_metric([], getattr(p, "chunks_sent", 0))
+        sent.add_metric([], p.bytes_sent)
+        counts = dict(p.refused)
+        for status in sorted({*REFUSAL_STATUSES, *counts}):
+            refused.add_metric([str(status)], counts.get(status, 0))
+    return [chunks, sent, refused]
+
+
+class FleetMetrics:
+    """One app's metrics: the API request metrics and a registry holding the collector."""
+
+    def __init__(self, sources: Callable[[ApiMetrics], MetricSources]) -> None:
+        self.api = ApiMetrics()
+        self.collector = FleetCollector(lambda: sources(self.api))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of one scrape."""
+        return generate_latest(self.registry)
