@@ -42,7 +42,7 @@ from agent.daemon_director import DirectorGate
 from agent.daemon_events import EventOutbox
 from agent.daemon_process import Notifier, ObservedStore, agent_version
 from agent.daemon_serving import ModelCatalog, ServedModel, TelemetryTap
-from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError
+from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError, UntrustedDataError
 from agent.lifecycle import Lifecycle, LifecycleConfig
 from agent.lifecycle.machine import State
 from agent.lifecycle.state_store import StateRecord
@@ -63,6 +63,7 @@ _EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event ty
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 #: How `verify_director` words "no signature by a key the trusted root knows".
 UNKNOWN_KEYS_MARK = "signed only by unknown key"
+TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
 
 
 class AgentDaemon:
@@ -85,6 +86,7 @@ class AgentDaemon:
         self._event_seq = 0
         self._events_lock = threading.Lock()
         self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
+        self._last_trust_refresh = -TRUST_REFRESH_MIN_S
         self._reported_lock = threading.Lock()
         self._runtimes = tuple(
             name
@@ -233,8 +235,8 @@ class AgentDaemon:
         """
         try:
             target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
-        except DirectorError as exc:
-            if may_defer and UNKNOWN_KEYS_MARK in str(exc):
+        except UntrustedDataError as exc:  # DirectorError, or a trusted root that no longer parses
+            if may_defer and isinstance(exc, DirectorError) and UNKNOWN_KEYS_MARK in str(exc):
                 log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
                 with self._events_lock:
                     self._deferred[addressee] = payload
@@ -256,10 +258,13 @@ class AgentDaemon:
 
     def _retry_deferred(self) -> None:
         """Refresh TUF metadata (a root rotation may bring new director keys), then re-check."""
+        if time.monotonic() - self._last_trust_refresh < TRUST_REFRESH_MIN_S:
+            return  # bounded: documents signed by strangers must not make us refresh in a loop
         with self._events_lock:
             deferred, self._deferred = self._deferred, {}
         if not deferred:
             return
+        self._last_trust_refresh = time.monotonic()
         try:
             self.trust.refresh()
         except EdgefleetError as exc:
