@@ -35,7 +35,7 @@ from fleet.publisher import Publisher, PublisherSettings
 from fleet.repository import Repository
 from fleet.telemetry_ingest import IngestConfig, TelemetryStore
 from simulators.datagen import DataGenerator, Schema, default_schema
-from simulators.models import make_mlp_onnx
+from simulators.models import make_mlp_onnx, make_mlp_tflite
 
 MODEL_NAME = "mlp"
 
@@ -201,6 +201,7 @@ class SimFleet:
         quantize: str = "none",
         health: dict[str, Any] | None = None,
         compatibility: dict[str, Any] | None = None,
+        runtime: str = "onnx",
     ) -> PublishedBundle:
         """Build `mlp-<version>` (see `build_mlp_bundle`) and add it to the repository."""
         out = build_mlp_bundle(
@@ -212,6 +213,7 @@ class SimFleet:
             quantize=quantize,
             health=health,
             compatibility=compatibility,
+            runtime=runtime,
         )
         return self._add(out, version)
 
@@ -263,17 +265,19 @@ def build_mlp_bundle(
     health: dict[str, Any] | None = None,
     compatibility: dict[str, Any] | None = None,
     reference_rows: int = 4000,
+    runtime: str = "onnx",
 ) -> Path:
     """Build `work/mlp-<version>.efb` with the real bundle builder: the seeded MLP, a reference
     profile from the schema's undrifted data, golden vectors, optional int8 quantization.
 
+    `runtime="tflite"` builds the TFLite twin of the model instead of the ONNX one.
     `golden_seed` != `model_seed` gives a correctly built bundle whose golden vectors come from
     another model: it fails its golden check on every device (the cheapest bad model).
     Raises the builder's errors (`FleetInputError`, `GateFailed`, `FleetMisuseError`).
     """
     work.mkdir(parents=True, exist_ok=True)
-    model_path = work / f"{MODEL_NAME}-{version}.onnx"
-    model_path.write_bytes(make_mlp_onnx(model_seed))
+    model_path = work / f"{MODEL_NAME}-{version}.{'tflite' if runtime == 'tflite' else 'onnx'}"
+    model_path.write_bytes(make_mlp_tflite(model_seed) if runtime == "tflite" else make_mlp_onnx(model_seed))
     reference = DataGenerator(schema, seed=model_seed).batch(reference_rows)
     fields: dict[str, Any] = {
         "name": MODEL_NAME,

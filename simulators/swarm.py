@@ -362,7 +362,7 @@ def make_profiles(
             DeviceProfile(
                 device_id=f"{prefix}-{i:05d}",
                 cohort=cohorts[i % len(cohorts)],
-                runtimes=("onnx",) if every(onnx_only_share, i, 1) else ("onnx", "litert"),
+                runtimes=("onnx",) if every(onnx_only_share, i, 1) else ("onnx", "tflite"),
                 memory_mb=128.0 if every(low_memory_share, i, 2) else 1024.0,
                 agent_version="0.0.9" if every(old_agent_share, i, 3) else "0.1.0",
             )

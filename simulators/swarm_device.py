@@ -34,8 +34,8 @@ from agent.errors import RuntimeFailure
 from agent.runtimes.base import LoadedModel
 from simulators.swarm_loop import SwarmLoop
 
-ALL_RUNTIMES = ("onnx", "litert")
-_REPORTED_RUNTIME = {"onnx": "onnxruntime", "litert": "litert"}
+ALL_RUNTIMES = ("onnx", "tflite")  # manifest runtime names
+_REPORTED_RUNTIME = {"onnx": "onnxruntime", "tflite": "litert"}
 
 
 @dataclass(frozen=True)
