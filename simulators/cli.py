@@ -192,7 +192,8 @@ def demo_command(
     click.echo(
         f"HTML report: {html_path}\n"
         "Fleet API docs: each rollout scenario ran the real fleet service (its API lived only for the run); "
-        "start one with `edgefleet fleet serve` and open http://127.0.0.1:8080/docs (reference: docs/fleet-api.md)"
+        "start one with `edgefleet fleet serve` and open http://127.0.0.1:8080/docs "
+        "(reference: docs/fleet-api.md)"
     )
     if not verdicts or not all(v.passed for v in verdicts):
         raise SystemExit(1)
