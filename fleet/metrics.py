@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -384,6 +384,9 @@ class FleetMetrics:
     """One app's metrics: the API request metrics and a registry holding the collector."""
 
     def __init__(self, sources: Callable[[ApiMetrics], MetricSources]) -> None:
+        # `<name>_created` series (process-wide switch in prometheus_client) would double every
+        # counter and histogram series for a timestamp nobody graphs.
+        disable_created_metrics()
         self.api = ApiMetrics()
         self.collector = FleetCollector(lambda: sources(self.api))
         self.registry = CollectorRegistry(auto_describe=False)
