@@ -185,6 +185,8 @@ class RolloutController:
             if ro["desired"] == "abort":
                 self._set_state(ro, "aborted", 0, "aborted before it started")
                 return
+            if self.publisher is None:  # no broker: it could assign no one, so it stays pending
+                return
             rt = self._begin(ro, now)
             if rt is None:
                 return

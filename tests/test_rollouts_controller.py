@@ -416,3 +416,13 @@ def test_install_failures_and_refused_documents_fail_the_device(world: World) ->
     assert rows["a"]["outcome"] == "install_failed" and "hash mismatch" in rows["a"]["detail"]
     assert "director document refused" in rows["b"]["detail"]
     assert world.state(rid)[0] == "running"  # thresholds allow it; c still decides
+
+
+def test_without_a_publisher_rollouts_wait_in_pending(world: World) -> None:
+    world.enroll("a")
+    rid = world.rollout({"kind": "all_at_once"})
+    idle = RolloutController(world.store, world.repo, world.signer, None, world.clock)
+    idle.tick()
+    assert world.state(rid) == ("pending", 0)
+    world.ctl.tick()
+    assert world.state(rid) == ("running", 0) and world.pub.last_target("a") == V2
