@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -60,6 +63,9 @@ def run_suite(
     Raises FleetError subclasses for usage problems (see the module docstring).
     """
     console = console or Console()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM must unwind like Ctrl-C so the broker and the swarm's workers are stopped.
+        signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(143))
     scenarios = get_scenarios(list(names) if names else None, max_number)
     started = time.monotonic()
     verdicts: list[Verdict] = []

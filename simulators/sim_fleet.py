@@ -38,6 +38,15 @@ from simulators.datagen import DataGenerator, Schema, default_schema
 from simulators.models import make_mlp_onnx, make_mlp_tflite
 
 MODEL_NAME = "mlp"
+# Health budgets of the simulator's bundles: generous latency and timeouts because hundreds of
+# agents share two cores here (a golden run may wait seconds for the GIL); the bad-model
+# scenarios rely on golden vectors, which fail whatever the load.
+SIM_HEALTH: dict[str, Any] = {
+    "probation_requests": 0,
+    "probation_seconds": 0.5,
+    "latency_budget_ms": 2000.0,
+    "inference_timeout_s": 20.0,
+}
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ def build_mlp_bundle(
         "quantize": quantize,
         "bins": 50,
         "golden_count": 8,
-        "health": health or {"probation_requests": 0, "probation_seconds": 0.5},
+        "health": health or SIM_HEALTH,
         "seed": model_seed,
     }
     if compatibility:
