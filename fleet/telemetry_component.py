@@ -139,6 +139,7 @@ class DriftMonitor:
         self.ingest_timer = IngestTimer()
         self._owns_alerts = owns_alerts
         self._gauges: dict[tuple[str, str, str], DriftGauge] = {}
+        self._done: dict[tuple[str, str, str], float] = {}  # latest window handed over, per key
         self._lock = threading.Lock()
         self._cycle_lock = threading.Lock()
         self._stop = threading.Event()
@@ -195,8 +196,12 @@ class DriftMonitor:
                       now: float, fired: list[Alert]) -> DriftGauge | None:
         """Hand the key's closed windows to the alert manager; the latest one's verdict."""
         window_s = self.telemetry.config.window_s
+        done = self._done.get((model, version, cohort))
+        # Only windows after the last one handed over are read (and decoded); the alert
+        # manager's own cursor still guards against evaluating one twice after a restart.
+        start = since - window_s if done is None else max(since - window_s, done + window_s / 2)
         closed: list[dict[str, Any]] = [
-            w for w in self.telemetry.windows(model, version, cohort, since=since - window_s)
+            w for w in self.telemetry.windows(model, version, cohort, since=start)
             if float(cast(float, w["window_start"])) + window_s + self.config.settle_s <= now
         ]
         if not closed:
@@ -204,6 +209,7 @@ class DriftMonitor:
         fired += self.alerts.evaluate(model, version, cohort, profile, closed, window_s)
         self.evaluations += len(closed)
         latest = closed[-1]
+        self._done[(model, version, cohort)] = float(cast(float, latest["window_start"]))
         previous = self._gauges.get((model, version, cohort))
         if previous is not None and previous.window_start == latest["window_start"]:
             return previous  # same window: the verdict cannot have changed

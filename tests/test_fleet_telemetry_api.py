@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from fleet_helpers import FakeClock
+from prometheus_client.parser import text_string_to_metric_families
 from telemetry_helpers import MLP_FEATURES, T0, column_shift, encoded_reports, mlp_outputs, publish_mlp
 
 from fleet.api import create_app
@@ -187,7 +189,11 @@ def test_alerts_triggers_and_acknowledgement(world: World) -> None:
     assert target not in [t["id"] for t in _walk(world, "/v1/alerts", acked="false")]
     audit = world.get("/v1/audit", action="alert.ack")["items"]
     assert [(e["resource"], e["after"]["note"]) for e in audit] == [(f"alerts/{target}", "retraining job 42")]
-
+    # /metrics reads the same alert database the routes opened (no drift monitor in this app)
+    text = world.client.get("/metrics", headers=world.h("viewer")).text
+    counted = {s.labels["cohort"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "edgefleet_alerts_total" and s.labels["kind"] == "retrain"}
+    assert counted == {c: float(n) for c, n in Counter(t["cohort"] for t in triggers).items()}
 
 @pytest.mark.integration
 def test_every_telemetry_route_needs_a_key(world: World) -> None:

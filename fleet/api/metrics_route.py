@@ -37,7 +37,11 @@ def install(app: FastAPI) -> None:
     """
 
     def sources(api: ApiMetrics) -> MetricSources:
-        return sources_from_components(app.state.store, getattr(app.state, "components", []), api)
+        src = sources_from_components(app.state.store, getattr(app.state, "components", []), api)
+        ctx = getattr(app.state, "telemetry_context", None)  # stores the telemetry routes opened
+        if ctx is not None and src.alerts is None:
+            src.alerts, src.telemetry = ctx.alerts, src.telemetry or ctx.telemetry
+        return src
 
     metrics = FleetMetrics(sources)
     app.state.metrics = metrics
