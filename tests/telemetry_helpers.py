@@ -82,13 +82,14 @@ def column_shift(n_cols: int, columns: Sequence[int], amount: float) -> np.ndarr
     return shift
 
 
-def publish_mlp(settings: FleetSettings, store: Store, version: str, tmp: Path) -> ReferenceProfile:
+def publish_mlp(settings: FleetSettings, store: Store, version: str, tmp: Path,
+                reference: np.ndarray = MLP_REFERENCE) -> ReferenceProfile:
     """Build the 32-64-64-4 MLP bundle with a 20-bin reference profile and publish it as
     `mlp:<version>` (TUF target + registry row); returns the bundle's reference profile."""
     model = tmp / f"mlp-{version}.onnx"
     model.write_bytes(make_mlp_onnx(0))
     meta = BundleMetadata(name="mlp", version=version, feature_names=MLP_FEATURES, bins=20)
-    bundle = build_bundle(model, meta, tmp / f"mlp-{version}.efb", reference_data=MLP_REFERENCE)
+    bundle = build_bundle(model, meta, tmp / f"mlp-{version}.efb", reference_data=reference)
     _, repo = ensure_trust(settings)
     publish_bundle(store, repo, bundle, "mlp", "test")
     from agent.contract.bundle import read_manifest

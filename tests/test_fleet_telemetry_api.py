@@ -11,7 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from fleet_helpers import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
-from telemetry_helpers import MLP_FEATURES, T0, column_shift, encoded_reports, mlp_outputs, publish_mlp
+from telemetry_helpers import (
+    MLP_FEATURES,
+    MLP_REFERENCE,
+    T0,
+    column_shift,
+    encoded_reports,
+    mlp_outputs,
+    publish_mlp,
+)
 
 from fleet.api import create_app
 from fleet.auth import create_api_key
@@ -50,6 +58,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     keys = {role: create_api_key(store, role, role, "test")[1] for role in ("admin", "operator", "viewer")}
     profile = publish_mlp(settings, store, "1.0.0", tmp)
     assert publish_mlp(settings, store, "1.1.0", tmp) == profile
+    publish_mlp(settings, store, "2.0.0", tmp, reference=MLP_REFERENCE * 2.0)  # other edges, no telemetry
     telemetry = TelemetryStore(settings.telemetry_db_path, profiles=BundleProfiles(
         store, settings.repo_dir, settings.keys_dir), clock=lambda: T0 + 100_000)
     plan = [("1.0.0", "a", 0.0), ("1.0.0", "b", column_shift(32, [3, 17], 1.5)),
@@ -140,6 +149,9 @@ def test_compare_two_arms_and_two_versions(world: World) -> None:
                                params={"model": "mlp", "baseline": "9.9.9", "candidate": "1.0.0"})
     assert unknown.status_code == 404 and "profile" in unknown.json()["detail"]
     assert world.client.get("/v1/drift/compare", headers=h, params={"model": "mlp"}).status_code == 422
+    rebinned = world.client.get("/v1/drift/compare", headers=h,
+                                params={"model": "mlp", "baseline": "1.0.0", "candidate": "2.0.0"})
+    assert rebinned.status_code == 422 and "different reference profiles" in rebinned.json()["detail"]
 
 
 @pytest.mark.integration

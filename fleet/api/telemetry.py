@@ -342,7 +342,7 @@ def drift(request: Request, _: Viewer, page: Paging, model: Label | None = None,
 
 @router.get("/v1/drift/compare", response_model=CompareOut,
             responses={404: {"description": "No windows for one side, or no reference profile"},
-                       422: {"description": "The two sides are binned by different profiles"}},
+                       422: {"description": "The two versions bin their inputs differently"}},
             summary="Compare two versions (or two A/B arms / cohorts) with each other")
 def compare(request: Request, _: Viewer, model: Label, baseline: Label, candidate: Label,
             baseline_cohort: Cohort | None = None, candidate_cohort: Cohort | None = None,
@@ -356,6 +356,11 @@ def compare(request: Request, _: Viewer, model: Label, baseline: Label, candidat
     profile = ctx.profiles(model, baseline)
     if profile is None:
         raise NotFound(f"no reference profile for {model} {baseline} (is its bundle published?)")
+    other = ctx.profiles(model, candidate) if candidate != baseline else profile
+    binning = [(f.kind, f.edges, f.vocabulary) for f in profile.features]
+    if other is not None and [(f.kind, f.edges, f.vocabulary) for f in other.features] != binning:
+        raise FleetInputError(f"{model} {baseline} and {candidate} bin their inputs by different reference "
+                              "profiles: their sketches cannot be compared")
     sides: list[tuple[TelemetryReport, int, int]] = []
     for version, cohort in ((baseline, baseline_cohort), (candidate, candidate_cohort)):
         merged, windows = _merged(ctx, model, version, cohort, since, until)
@@ -363,7 +368,6 @@ def compare(request: Request, _: Viewer, model: Label, baseline: Label, candidat
             raise NotFound(f"no telemetry windows for {model} {version}"
                            + (f" cohort {cohort!r}" if cohort is not None else "") + " in the range")
         sides.append((merged, len(windows), sum(_int(w["reports"]) for w in windows)))
-    other = ctx.profiles(model, candidate) if candidate != baseline else profile
     same_outputs = other is not None and other.outputs == profile.outputs
     verdict = compare_reports(profile, sides[0][0], sides[1][0], ctx.thresholds, statistic,
                               compare_outputs=same_outputs)
