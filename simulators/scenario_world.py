@@ -184,7 +184,11 @@ class ServiceWorld:
 
 @contextlib.contextmanager
 def service_world(
-    ctx: ScenarioContext, *, prefix: str, profiles: list[DeviceProfile] | None = None
+    ctx: ScenarioContext,
+    *,
+    prefix: str,
+    profiles: list[DeviceProfile] | None = None,
+    spec_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[ServiceWorld]:
     """`ServiceFleet` + enrolled swarm for one scenario (torn down in reverse order)."""
     fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
@@ -199,7 +203,9 @@ def service_world(
             state_root=ctx.data_dir / "devices",
             schema=fleet.schema,
         )
-        spec = replace(spec, **{**load_defaults(ctx.devices), **ctx.options.get("spec", {})})
+        spec = replace(
+            spec, **{**load_defaults(ctx.devices), **(spec_kwargs or {}), **ctx.options.get("spec", {})}
+        )
         swarm = Swarm(spec, devices, ctx.processes).start()
         try:
             if not swarm.wait_connected(60):

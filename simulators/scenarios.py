@@ -115,10 +115,7 @@ class Scenario:
 REGISTRY: dict[str, Scenario] = {}
 # The plan's scenarios whose components do not exist yet, with what is missing (shown by
 # `edgefleet sim list` so nobody mistakes an absent scenario for a passing one).
-NOT_AVAILABLE: dict[str, str] = {
-    "ab_experiment (6)": "not wired yet: the swarm does not yet push per-arm quality observations "
-    "to the experiments API",
-}
+NOT_AVAILABLE: dict[str, str] = {}
 
 
 def register(number: int, name: str, description: str) -> Callable[[ScenarioFn], ScenarioFn]:
@@ -137,6 +134,7 @@ _SCENARIO_MODULES: tuple[str, ...] = (
     "simulators.scenario_drift",
     "simulators.scenario_faults",
     "simulators.scenario_security",
+    "simulators.scenario_ab",
 )
 
 

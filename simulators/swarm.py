@@ -31,9 +31,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.logs import log_event
 from fleet.errors import FleetMisuseError, FleetTransportError
 from simulators.datagen import DataGenerator, DriftSpec, Schema, default_schema, device_seed
+from simulators.models import mlp_reference, mlp_weights
 from simulators.swarm_device import DeviceProfile
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,9 @@ class SwarmSpec:
     seed: int = 0
     agent_overrides: dict[str, Any] = field(default_factory=dict)
     start_timeout_s: float = 120.0
+    # Ground truth for quality: labels are the argmax of `simulators.models.mlp_reference` with
+    # this seed's weights; each served batch's accuracy is kept per bundle (A/B experiments).
+    truth_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,21 @@ class _Traffic:
             for a in agents
         }
         self.predictions = 0
+        self.truth = mlp_weights(spec.truth_seed) if spec.truth_seed is not None else None
+        self.quality: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take_quality(self) -> dict[str, list[float]]:
+        with self._lock:
+            out, self.quality = self.quality, {}
+        return out
+
+    def _score(self, bundle: str, x: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        assert self.truth is not None
+        labels = np.argmax(mlp_reference(x, self.truth), axis=1)
+        served = np.argmax(next(iter(out.values())), axis=1)
+        with self._lock:
+            self.quality.setdefault(bundle, []).append(float(np.mean(served == labels)))
 
     def set_drifts(self, drifts: Sequence[DriftSpec]) -> None:
         self.schema = self.schema.with_drifts(*drifts)
@@ -112,9 +133,14 @@ class _Traffic:
                 if a.holder.bundle_id is None:
                     continue
                 x = self.gens[a.profile.device_id].batch(self.spec.traffic_batch, t)
-                with contextlib.suppress(Exception):  # a device mid-swap or unhealthy: not ours to fix
-                    a.served.predict({"x": x})
-                    self.predictions += 1
+                bundle = a.holder.bundle_id
+                try:
+                    out = a.served.predict({"x": x})
+                except Exception:  # noqa: S112 - a device mid-swap or unhealthy: not ours to fix
+                    continue
+                self.predictions += 1
+                if self.truth is not None and bundle is not None:
+                    self._score(bundle, x, out)
 
 
 def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
@@ -174,6 +200,8 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
         elif cmd == "drift":
             traffic.set_drifts(arg)
             conn.send(("ok", None))
+        elif cmd == "quality":
+            conn.send(("ok", traffic.take_quality()))
         elif cmd == "traffic":
             (traffic.enabled.set if arg else traffic.enabled.clear)()
             conn.send(("ok", None))
@@ -294,6 +322,14 @@ class Swarm:
         """Apply these drifts (times relative to each worker's start) to every device's data."""
         for w in self.workers:
             self._ask(w, "drift", list(drifts))
+
+    def take_quality(self) -> dict[str, list[float]]:
+        """Per bundle, the accuracy of every batch served since the last call (needs `truth_seed`)."""
+        merged: dict[str, list[float]] = {}
+        for w in self.workers:
+            for bundle, values in (self._ask(w, "quality") or {}).items():
+                merged.setdefault(bundle, []).extend(values)
+        return merged
 
     def set_traffic(self, on: bool) -> None:
         for w in self.workers:

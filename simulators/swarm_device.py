@@ -135,6 +135,29 @@ class SharedModelCatalog(ModelCatalog):
         return model
 
 
+class _ThrottledTrust:
+    """The device's trust client, with at most N downloads at once per worker process.
+
+    On a real fleet every device has its own CPU; in the swarm hundreds of devices share two
+    cores, and hundreds of simultaneous TUF refreshes and chunk fetches only thrash the GIL
+    until timeouts fire. Queuing them keeps each device's work what it would be on its own
+    hardware (the order of installs changes, not their content or their checks).
+    """
+
+    def __init__(self, trust: Any, gate: threading.BoundedSemaphore) -> None:
+        self._trust, self._gate = trust, gate
+
+    def download_target(self, target_path: str, expected: Any = None) -> Path:
+        with self._gate:
+            return self._trust.download_target(target_path, expected)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trust, name)
+
+
+DOWNLOAD_GATE = threading.BoundedSemaphore(8)
+
+
 class SwarmAgent(AgentDaemon):
     """The real agent on a `SwarmLoop` transport, reporting its profile's facts."""
 
@@ -143,6 +166,7 @@ class SwarmAgent(AgentDaemon):
         transport = loop.transport(config.mqtt)
         catalog = SharedModelCatalog(config.model_threads, profile.runtimes)
         super().__init__(config, transport=transport, catalog=catalog)
+        self.lifecycle.ctx.trust = _ThrottledTrust(self.lifecycle.ctx.trust, DOWNLOAD_GATE)
 
     def reported_state(self, record: Any = None, online: bool = True) -> ReportedState:
         state = super().reported_state(record, online)

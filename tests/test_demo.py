@@ -44,9 +44,8 @@ def test_sim_list_and_usage_errors() -> None:
     listed = _cli("sim", "list", timeout=60)
     assert listed.returncode == 0
     for name in ("canary_rollout", "bad_model_abort", "drift_alert", "offline_and_broker_restart",
-                 "attacker_refused"):
+                 "attacker_refused", "ab_experiment"):
         assert name in listed.stdout
-    assert "not available" in listed.stdout  # the planned scenario not wired yet says so
     bad = _cli("sim", "run", "--scenario", "nope", timeout=60)
     assert bad.returncode != 0 and "unknown scenario" in bad.stderr
     url = _cli("sim", "run", "--broker", "http://x", "--scenario", "canary_rollout", timeout=60)

@@ -45,8 +45,8 @@ def test_profiles_are_heterogeneous_in_the_shares_asked() -> None:
 @pytest.mark.unit
 def test_registry_is_in_plan_order_and_refuses_unknown_names() -> None:
     names = [s.name for s in get_scenarios()]
-    assert names[:5] == ["canary_rollout", "bad_model_abort", "drift_alert", "offline_and_broker_restart",
-                         "attacker_refused"]
+    assert names[:6] == ["canary_rollout", "bad_model_abort", "drift_alert", "offline_and_broker_restart",
+                         "attacker_refused", "ab_experiment"]
     assert [s.number for s in get_scenarios(max_number=3)] == [1, 2, 3]
     with pytest.raises(FleetMisuseError, match="unknown scenario"):
         get_scenarios(["nope"])
