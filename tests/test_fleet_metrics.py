@@ -31,6 +31,7 @@ from fleet.api import create_app
 from fleet.auth import create_api_key
 from fleet.fleet_components import ServeConfig, build_components
 from fleet.publisher import Publisher
+from fleet.rollouts import RolloutController
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store
@@ -49,6 +50,8 @@ class Served:
     keys: dict[str, str]
     monitor: DriftMonitor
     publisher: Publisher
+    controller: RolloutController
+    start: float
 
     def h(self, role: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[role]}"}
@@ -110,7 +113,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, mosquitto: Broker) -> Itera
         _wait(lambda: counters.accepted == REPORTS and counters.rejected == 1, "telemetry ingest")
         _wait(lambda: publisher.chunks_sent >= 1 and publisher.refused[404] >= 1, "chunk requests")
         assert monitor.run_once()  # drift alerts for feat3 and feat17
-        yield Served(base, keys, monitor, publisher)
+        controller = next(c for c in service.components if isinstance(c, RolloutController))
+        yield Served(base, keys, monitor, publisher, controller, start)
     finally:
         device.close()
         service.stop()
@@ -167,6 +171,16 @@ def test_scrape_shows_fleet_rollouts_telemetry_drift_alerts_publisher_and_api(se
     created = _value(fam, "edgefleet_api_requests_total", method="POST", route="/v1/rollouts", status="201")
     assert created == 1
     assert not _samples(fam, "edgefleet_scrape_errors_total")
+
+
+@pytest.mark.integration
+def test_rollout_gates_read_drift_through_the_monitor(served: Served) -> None:
+    """`fleet serve` wires the gates' drift score to the monitor (bundle profile + merged windows)."""
+    assert served.controller.metrics is not None
+    seen = served.controller.metrics.version_metrics("mlp", "1.0.0", served.start)
+    assert seen is not None and seen.requests > 0
+    assert seen.drift_score == pytest.approx(2 / 32)
+    assert served.controller.metrics.version_metrics("mlp", "9.9.9", served.start) is None
 
 
 @pytest.mark.integration
