@@ -12,10 +12,13 @@ Errors: `RolloutRecords.command` raises NotFound, FleetInputError and Conflict.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from agent.contract.director import TargetRef
 from fleet.errors import Conflict, FleetInputError
+from fleet.rollout_gates import OutcomeCounts
 from fleet.store import Row, decode_row, dumps
 
 if TYPE_CHECKING:
@@ -29,6 +32,26 @@ FINAL_OUTCOMES = ("succeeded", "install_failed", "local_rollback", "timeout", "r
 def ordinal(rollout_id: str, device_id: str) -> str:
     """A stable pseudo-random position in the rollout (sha256), so canaries are a fair sample."""
     return hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()
+
+
+def outcome_counts(rows: list[Row]) -> OutcomeCounts:
+    """Forward outcomes of a rollout's progress rows, for the gates."""
+    c = Counter(r["outcome"] for r in rows if r["assigned_at"] is not None)
+    return OutcomeCounts(assigned=sum(r["assigned_at"] is not None for r in rows), succeeded=c["succeeded"],
+                         install_failed=c["install_failed"], timeout=c["timeout"],
+                         local_rollback=c["local_rollback"])
+
+
+def bundle_index(repository: Any) -> dict[str, TargetRef]:
+    """Bundle id (`name-version`) -> target, for every labelled target of a `Repository`."""
+    out: dict[str, TargetRef] = {}
+    for path, info in repository.load("targets").signed.targets.items():
+        custom = info.unrecognized_fields.get("custom") or {}
+        if custom.get("name") and custom.get("version") and "sha256" in info.hashes:
+            out[f"{custom['name']}-{custom['version']}"] = TargetRef(
+                path=path, length=info.length, sha256=info.hashes["sha256"],
+                name=str(custom["name"]), version=str(custom["version"]))
+    return out
 
 
 class RolloutRecords:

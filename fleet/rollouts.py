@@ -49,7 +49,7 @@ from fleet.rollout_gates import (
     VersionMetrics,
     evaluate,
 )
-from fleet.rollout_records import FINAL_OUTCOMES, RolloutRecords
+from fleet.rollout_records import FINAL_OUTCOMES, RolloutRecords, bundle_index, outcome_counts
 from fleet.rollout_strategies import (
     StrategyConfig,
     dispatch_quota,
@@ -226,7 +226,7 @@ class RolloutController:
         if cfg.include_late_devices and self.records.add_devices(
                 rid, self.store.devices.ids_matching(parse_selector(ro["selector"]))):
             rows = self.records.progress(rid)
-        counts = _counts(rows)
+        counts = outcome_counts(rows)
         acked = bool(breach.get("acked")) and breach.get("stage") == stage
         breaches = [] if acked else self._gates(ro, rt, counts, rows)
         if breaches:
@@ -292,7 +292,7 @@ class RolloutController:
     def _gates(self, ro: Row, rt: Row, counts: OutcomeCounts, rows: list[Row]) -> list[Breach]:
         t = GateThresholds.parse(ro["thresholds"])
         candidate = baseline = None
-        index = self._bundle_index()
+        index = bundle_index(self.repository)
         target = index.get(rt["target_bundle"])
         if self.metrics is not None and target is not None:
             candidate = self.metrics.version_metrics(target.name, target.version, rt["started_at"])
@@ -361,6 +361,11 @@ class RolloutController:
             rep = (reports.get(r["device_id"]) or {}).get("reported_state") or {}
             state, active = rep.get("state"), rep.get("active_bundle")
             fresh = float(rep.get("timestamp") or 0) >= r["assigned_at"] - self.config.clock_skew_s
+            if r["from_bundle"] is None:  # offline when assigned (its Last Will names no bundle)
+                known = rep.get("previous_bundle") if active == target else active
+                if known and known != target:
+                    self.records.update_device(rid, r["device_id"], from_bundle=known)
+                    changed = True
             if state == "idle" and active == target:
                 detail = "committed after the timeout" if r["outcome"] == "timeout" else "committed"
                 self.records.update_device(rid, r["device_id"], "succeeded", outcome="succeeded",
@@ -423,7 +428,7 @@ class RolloutController:
         rid, target = ro["id"], rt["target_bundle"]
         cfg = StrategyConfig.parse(ro["strategy"])
         rows = self.records.progress(rid)
-        index = self._bundle_index()
+        index = bundle_index(self.repository)
         reports = self.records.reported_states([r["device_id"] for r in rows if r["outcome"] == "reverting"])
         for r in rows:
             dev, prev = r["device_id"], r["from_bundle"]
@@ -478,25 +483,7 @@ class RolloutController:
         self.records.command_done(cmd["id"])
         self._set_state(ro, "cancelled", int(ro["stage"]), f"cancelled by {cmd['actor']}: {cmd['note']}")
 
-    def _bundle_index(self) -> dict[str, TargetRef]:
-        """Bundle id (`name-version`) -> target, for every target in the repository."""
-        targets = self.repository.load("targets").signed.targets
-        out: dict[str, TargetRef] = {}
-        for path, info in targets.items():
-            custom = info.unrecognized_fields.get("custom") or {}
-            if custom.get("name") and custom.get("version") and "sha256" in info.hashes:
-                out[f"{custom['name']}-{custom['version']}"] = TargetRef(
-                    path=path, length=info.length, sha256=info.hashes["sha256"],
-                    name=str(custom["name"]), version=str(custom["version"]))
-        return out
 
 
 def _bundle_id(ref: TargetRef) -> str:
     return f"{ref.name}-{ref.version}"
-
-
-def _counts(rows: list[Row]) -> OutcomeCounts:
-    c = Counter(r["outcome"] for r in rows if r["assigned_at"] is not None)
-    return OutcomeCounts(assigned=sum(r["assigned_at"] is not None for r in rows), succeeded=c["succeeded"],
-                         install_failed=c["install_failed"], timeout=c["timeout"],
-                         local_rollback=c["local_rollback"])

@@ -426,3 +426,21 @@ def test_without_a_publisher_rollouts_wait_in_pending(world: World) -> None:
     assert world.state(rid) == ("pending", 0)
     world.ctl.tick()
     assert world.state(rid) == ("running", 0) and world.pub.last_target("a") == V2
+
+
+def test_a_device_offline_at_assignment_still_learns_where_to_return(world: World) -> None:
+    world.enroll("a", "b")
+    # b's Last Will replaced its report: offline, no bundle named
+    world.store.devices.record_reported_state("b", {"online": False, "timestamp": world.clock.now})
+    rid = world.rollout({"kind": "all_at_once"})
+    world.ctl.tick()
+    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows["a"]["from_bundle"] == V1 and rows["b"]["from_bundle"] is None
+    world.clock.advance(5)
+    world.store.devices.record_reported_state(  # reconnects mid-install: active v2, previous v1
+        "b", {"state": "probation", "active_bundle": V2, "previous_bundle": V1, "timestamp": world.clock.now})
+    world.ctl.tick()
+    world.store.rollouts.request(rid, "abort", "op")
+    world.ctl.tick()
+    world.ctl.tick()
+    assert world.pub.last_target("b") == V1 == world.pub.last_target("a")
