@@ -105,3 +105,39 @@ def test_fleet_serve_with_a_broker_publishes_the_repository_and_stops_cleanly(
         assert f"fleet.component.started component={name}" in log, log[-3000:]
         assert f"fleet.component.stopped component={name}" in log, log[-3000:]
     assert (tmp_path / "data" / "repo" / "metadata" / "1.root.json").is_file()
+
+
+@pytest.mark.integration
+def test_bundle_upload_route_publishes_a_target_and_refuses_junk(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from fleet.api import create_app
+    from fleet.auth import create_api_key
+    from fleet.store import Store
+
+    settings = FleetSettings(data_dir=tmp_path / "data")
+    store = Store(settings.db_path)
+    key = create_api_key(store, "op", "operator", "t")[1]
+    h = {"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"}
+    model = make_mlp_onnx(2)
+    bundle = write_bundle(manifest_for("2.0.0", model, 2, FAST), model, tmp_path / "b.efb")
+    try:
+        with TestClient(create_app(settings, store)) as c:
+            early = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
+            assert early.status_code == 422 and "not initialised" in early.json()["detail"]
+            _, repo = ensure_trust(settings)
+            ok = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
+            assert ok.status_code == 201, ok.text
+            assert ok.json()["bundle_target"] == "models/mlp/mlp-2.0.0.efb"
+            ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")
+            assert (ref.name, ref.version, ref.length) == ("mlp", "2.0.0", bundle.stat().st_size)
+            junk = c.post("/v1/models/mlp/versions/upload", headers=h, content=b"junk" * 100)
+            assert junk.status_code == 422 and "not valid" in junk.json()["detail"]
+            wrong = c.post("/v1/models/other/versions/upload", headers=h, content=bundle.read_bytes())
+            assert wrong.status_code == 422 and "not 'other'" in wrong.json()["detail"]
+            empty = c.post("/v1/models/mlp/versions/upload", headers=h, content=b"")
+            assert empty.status_code == 422
+            dup = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
+            assert dup.status_code == 409
+    finally:
+        store.close()
