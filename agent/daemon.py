@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.contract.protocol import Event as EventMsg
@@ -51,8 +51,10 @@ from agent.serving import ModelHolder
 from agent.telemetry.queue import QueueConfig, ReportQueue
 from agent.transport import Message
 from agent.transport.mqtt_client import MqttTransport
-from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
 from agent.trust import TrustClient
+
+if TYPE_CHECKING:
+    from agent.transport.mqtt_fetcher import MqttFetcher
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -100,23 +102,10 @@ class AgentDaemon:
             raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
 
         self.transport = transport if transport is not None else MqttTransport(c.mqtt)
-        self.fetcher = MqttFetcher(
-            self.transport,
-            self.topics,
-            self.state_dir / "spool",
-            FetcherConfig(
-                chunk_size=c.limits.chunk_size,
-                window=c.limits.fetch_window,
-                chunk_timeout_s=c.limits.chunk_timeout_s,
-                chunk_retries=c.limits.chunk_retries,
-                reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
-                max_object_bytes=c.limits.max_bundle_bytes,
-            ),
-        )
         self.trust = TrustClient(
             self.state_dir / "tuf" / "metadata",
             self.state_dir / "tuf" / "targets",
-            self.fetcher,
+            self._make_fetcher,  # built at the first update cycle, see there
             "mqtt://repo/metadata/",
             "mqtt://repo/targets/",
             bootstrap_root=self._bootstrap,
@@ -152,6 +141,29 @@ class AgentDaemon:
         self.tap = TelemetryTap(self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "")
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self._servers: list[Any] = []
+
+    def _make_fetcher(self) -> MqttFetcher:
+        """The MQTT fetcher, built when the first update cycle needs it (`TrustClient` calls this).
+
+        Deferred because importing it loads python-tuf's client, securesystemslib's signer and
+        cryptography (~12 MB RSS): an idle agent serving its committed bundle needs none of them.
+        """
+        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
+
+        c = self.config
+        return MqttFetcher(
+            self.transport,
+            self.topics,
+            self.state_dir / "spool",
+            FetcherConfig(
+                chunk_size=c.limits.chunk_size,
+                window=c.limits.fetch_window,
+                chunk_timeout_s=c.limits.chunk_timeout_s,
+                chunk_retries=c.limits.chunk_retries,
+                reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
+                max_object_bytes=c.limits.max_bundle_bytes,
+            ),
+        )
 
     # --- serving ------------------------------------------------------------------------
     def _preload(self) -> None:

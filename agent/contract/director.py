@@ -22,13 +22,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from securesystemslib.exceptions import UnverifiedSignatureError
-from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import Key, Signature, Signer
 
 from agent.errors import DirectorError
 
+# securesystemslib is imported where keys and signatures are handled, not here: its signer
+# module loads cryptography (~8.5 MB RSS), which an idle agent that has already applied its
+# retained director document never needs.
 if TYPE_CHECKING:
+    from securesystemslib.signer import Key, Signer
     from tuf.api.metadata import Root
 
 DIRECTOR_SCHEMA_VERSION = 1
@@ -126,6 +127,8 @@ class DirectorTrust:
     @classmethod
     def from_dict(cls, data: Any) -> DirectorTrust:
         """Parse `{"keys": {keyid: key}, "threshold": n}`. Raises `DirectorError` if malformed."""
+        from securesystemslib.signer import Key
+
         try:
             keys = {keyid: Key.from_dict(keyid, dict(kd)) for keyid, kd in data["keys"].items()}
             threshold = int(data["threshold"])
@@ -153,6 +156,8 @@ class DirectorTrust:
 
 def canonical_bytes(signed: dict[str, Any]) -> bytes:
     """Canonical JSON (sorted keys, no whitespace) of `signed`: what signatures cover."""
+    from securesystemslib.formats import encode_canonical
+
     encoded = encode_canonical(signed)
     assert encoded is not None  # only None when writing to an output function
     return encoded.encode()
@@ -220,6 +225,9 @@ def verify_director(
 
 
 def _check_signatures(signed: dict[str, Any], raw_sigs: list[Any], trust: DirectorTrust) -> None:
+    from securesystemslib.exceptions import UnverifiedSignatureError
+    from securesystemslib.signer import Signature
+
     payload = canonical_bytes(signed)
     valid: set[str] = set()
     unknown: list[str] = []

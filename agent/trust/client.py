@@ -16,15 +16,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, Root, TargetFile
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from agent.contract.director import DirectorTrust, TargetRef
 from agent.errors import MisuseError, NotFoundError, TransportError, TrustError
 from agent.logs import log_event
+
+# python-tuf's metadata and client modules are imported where they are used: they load
+# securesystemslib's signer and cryptography (~12 MB RSS with urllib3), which an idle agent
+# does not need until its first update cycle (docs/agent.md, "Memory").
+if TYPE_CHECKING:
+    from tuf.api.metadata import Root, TargetFile
+    from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 logger = logging.getLogger("edgefleet.trust")
 
@@ -48,6 +53,8 @@ class TrustLimits:
 
     def updater_config(self, prefix_targets_with_hash: bool = True) -> UpdaterConfig:
         """The python-tuf configuration these limits describe."""
+        from tuf.ngclient import UpdaterConfig
+
         return UpdaterConfig(
             max_root_rotations=self.max_root_rotations,
             root_max_length=self.root_max_bytes,
@@ -128,13 +135,15 @@ class TrustClient:
 
     `bootstrap_root` is the root shipped with the device; it is only used when `metadata_dir`
     has no `root.json` yet (afterwards the stored root, updated by rotations, is the anchor).
+    `fetcher` is a python-tuf fetcher, or a zero-argument factory of one called at the first
+    update cycle (the daemon passes a factory so that an idle agent never loads python-tuf).
     """
 
     def __init__(
         self,
         metadata_dir: Path,
         target_dir: Path,
-        fetcher: FetcherInterface,
+        fetcher: FetcherInterface | Callable[[], FetcherInterface],
         metadata_base_url: str,
         targets_base_url: str,
         bootstrap_root: bytes | None = None,
@@ -160,7 +169,16 @@ class TrustClient:
             raise MisuseError(f"no trusted root: {stored} is missing and no bootstrap root was given")
         return self.bootstrap_root
 
+    def _fetcher(self) -> FetcherInterface:
+        from tuf.ngclient import FetcherInterface
+
+        if not isinstance(self.fetcher, FetcherInterface):
+            self.fetcher = self.fetcher()  # the factory runs once
+        return self.fetcher
+
     def _updater(self) -> Updater:
+        from tuf.ngclient import Updater
+
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.target_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -169,7 +187,7 @@ class TrustClient:
                 self.metadata_base_url,
                 str(self.target_dir),
                 self.targets_base_url,
-                fetcher=self.fetcher,
+                fetcher=self._fetcher(),
                 config=self.limits.updater_config(self.prefix_targets_with_hash),
                 bootstrap=self._anchor(),
             )
@@ -209,6 +227,8 @@ class TrustClient:
 
     def trusted_root(self) -> Root:
         """The currently trusted root (the anchor in `metadata_dir`, else the bootstrap root)."""
+        from tuf.api.metadata import Metadata, Root
+
         try:
             md = Metadata[Root].from_bytes(self._anchor())
         except Exception as exc:
