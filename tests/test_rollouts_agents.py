@@ -87,7 +87,7 @@ class World:
             out: dict[str, Any] = c.get(f"/v1/rollouts/{rid}/status").json()
             return out
 
-    def wait_rollout(self, rid: str, state: str, timeout: float = 40.0) -> dict[str, Any]:
+    def wait_rollout(self, rid: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             s = self.status(rid)
             return s if s["state"] == state else None
@@ -100,7 +100,7 @@ class World:
         state = (self.service.store.devices.get(device)["reported_state"] or {})
         return state.get("active_bundle") if state.get("state") == "idle" else None
 
-    def wait_all_serving(self, bundle: str, devices: list[str] | None = None, timeout: float = 40.0) -> None:
+    def wait_all_serving(self, bundle: str, devices: list[str] | None = None, timeout: float = 60.0) -> None:
         for d in devices or DEVICES:
             wait_until(lambda: self.serving(d) == bundle, timeout, f"{d} serving {bundle}\n{self.logs()}")  # noqa: B023
             self.agents[d].wait_serving_model(bundle)
@@ -259,3 +259,18 @@ def test_an_ab_experiment_puts_each_device_on_its_arm(world: World) -> None:
         by = {m["metric"]: m for m in rec["metrics"]}
         assert set(by) == {"error_rate", "latency_ms"} and by["error_rate"]["winner"] is None
         assert rec["verdict"] in ("a", "b", "inconclusive")
+
+
+def test_a_disagreeing_shadow_candidate_pauses_the_rollout(world: World) -> None:
+    plan = {"kind": "all_at_once", "bake_s": 60, "shadow_model_version_id": "mlp:4.0.0"}
+    rid = world.rollout("5.0.0", plan, {"min_shadow_agreement": 0.95})
+    world.wait_all_serving("mlp-5.0.0")
+
+    def paused() -> bool:
+        for agent in world.agents.values():  # traffic the shadow (v4, other weights) disagrees on
+            agent.predict_unix()
+        return bool(world.status(rid)["state"] == "paused")
+
+    wait_until(paused, 40, f"a shadow-agreement pause ({world.status(rid)})")
+    note = world.service.store.rollouts.get(rid)["history"][-1]["note"]
+    assert "shadow agreement" in note, note
