@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import Broker, free_port
 from fastapi.testclient import TestClient
+from fleet_helpers import DIGEST, FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 from telemetry_helpers import MLP_FEATURES, column_shift, encoded_reports, mlp_outputs, publish_mlp
 
@@ -30,7 +31,9 @@ from fleet.alerts import AlertManager
 from fleet.api import create_app
 from fleet.auth import create_api_key
 from fleet.fleet_components import ServeConfig, build_components
+from fleet.metrics import RECENT_ROLLOUTS, FleetMetrics, MetricSources
 from fleet.publisher import Publisher
+from fleet.rollout_records import RolloutRecords
 from fleet.rollouts import RolloutController
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
@@ -240,4 +243,39 @@ def test_public_metrics_route_templates_and_failing_sources(tmp_path: Path) -> N
     assert not _samples(fam, "edgefleet_alerts_total") and _samples(fam, "edgefleet_rollouts")
     assert _value(fam, "edgefleet_telemetry_reports_total", result="accepted") == 0
     telemetry.close()
+    store.close()
+
+
+@pytest.mark.integration
+def test_rollout_series_cover_unfinished_and_recent_finished_rollouts(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = Store(tmp_path / "fleet.db", clock=clock)
+    store.models.create_model("mlp", "", "test")
+    store.models.register_version("mlp", "1.0.0", DIGEST, "onnx", {}, "test")
+    for i in range(3):
+        store.devices.create(f"d{i}", {"env": "prod"}, {}, f"d{i}", "x", "test")
+    finished = []
+    for _ in range(RECENT_ROLLOUTS + 2):
+        rid = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test")["id"]
+        clock.advance(1)
+        store.rollouts.set_state(rid, "completed", 1, "test")
+        finished.append(rid)
+    running = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test")["id"]
+    store.rollouts.set_state(running, "running", 2, "test")
+    records = RolloutRecords(store)
+    records.add_devices(running, ["d0", "d1", "d2"])
+    records.update_device(running, "d0", "succeeded", outcome="succeeded")
+    records.update_device(running, "d1", "failed", outcome="install_failed")
+
+    fam = list(text_string_to_metric_families(
+        FleetMetrics(lambda api: MetricSources(store=store, api=api)).render().decode()))
+    assert _value(fam, "edgefleet_rollouts", state="completed") == RECENT_ROLLOUTS + 2
+    assert _value(fam, "edgefleet_rollouts", state="running") == 1
+    staged = {lab["rollout"]: v for lab, v in _samples(fam, "edgefleet_rollout_stage")}
+    assert set(staged) == {running, *finished[2:]} and staged[running] == 2  # the 2 oldest dropped
+    assert {lab["status"]: v for lab, v in _samples(fam, "edgefleet_rollout_devices")} == {
+        "succeeded": 1, "failed": 1, "pending": 1}
+    assert {lab["outcome"]: v for lab, v in _samples(fam, "edgefleet_rollout_outcomes")} == {
+        "succeeded": 1, "install_failed": 1}
+    assert not _samples(fam, "edgefleet_telemetry_reports_total")  # no ingest in this process
     store.close()
