@@ -86,12 +86,14 @@ class MetricVerdict:
     test: str
     n_a: int
     n_b: int
-    value_a: float | None
+    value_a: float | None  # error rate, or the median of the samples
     value_b: float | None
     p_value: float | None
     effect_size: float | None  # B - A for rates; rank-biserial r (P(B>A) - P(B<A)) otherwise
     winner: Literal["a", "b"] | None
     more_samples_needed: int
+    p95_a: float | None = None  # 95th percentile of the samples (distribution metrics)
+    p95_b: float | None = None
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,10 @@ def compare_metric(metric: str, goal: Goal, a: ArmData, b: ArmData, alpha: float
     enough = min(n_a, n_b) >= min_samples
     winner = _better(goal, effect) if enough and effect and p < alpha else None
     more = 0 if winner else max(0, max(need, min_samples) - min(n_a, n_b))
+    p95 = [None, None] if metric == "error_rate" else [
+        float(np.quantile(x, 0.95)) if x.size else None for x in (a.sample(metric), b.sample(metric))]
     return MetricVerdict(metric, goal, test, n_a, n_b, va, vb, None if effect is None else p, effect,
-                         winner, more)
+                         winner, more, p95[0], p95[1])
 
 
 def recommend(a: ArmData, b: ArmData, metrics: dict[str, Goal], alpha: float = 0.05,

@@ -203,3 +203,41 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
         assert c.post(f"/v1/experiments/{eid}/stop", headers=h).json()["state"] == "stopped"
     actions = {e["action"] for e in store.audit.list(None, 50, resource=f"experiments/{eid}").items}
     assert actions == {"experiment.create", "experiment.stop"}
+
+
+@pytest.mark.integration
+def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Repository, DirectorSigner],
+                                                    tmp_path: Path) -> None:
+    """Arm B (2.0.0) fails less and answers faster in device-built telemetry: B wins on both."""
+    from telemetry_helpers import T0, small_profile
+
+    from agent.contract.telemetry import encode_report
+    from agent.telemetry import TelemetrySketch
+    from fleet.telemetry_ingest import TelemetryStore
+
+    store, _, _ = setup
+    store.clock.now = T0  # type: ignore[attr-defined]
+    ex = ExperimentRepo(store).create("v2", "mlp:1.0.0", "mlp:2.0.0", "env=prod", 0.5,
+                                      {"error_rate": "min", "latency_ms": "min"}, 300, 0.01, "op")
+    telemetry = TelemetryStore(tmp_path / "telemetry.db", clock=lambda: T0 + 600)
+    profile = small_profile()
+    rng = np.random.default_rng(3)
+    for version, err, lat in (("1.0.0", 0.06, 0.004), ("2.0.0", 0.02, 0.002)):
+        for dev in range(3):
+            ticks = iter([T0 + 61.0, T0 + 119.0])
+            sketch = TelemetrySketch(profile, f"{version}-{dev}", "mlp", version, cohort="prod",
+                                     clock=ticks.__next__, resource_probe=lambda: (0, 0.0, 0.0))
+            for _ in range(400):
+                x = rng.normal(size=(1, 4))
+                sketch.update(x, x.sum(axis=1), float(rng.lognormal(np.log(lat), 0.2)),
+                              error=bool(rng.random() < err))
+            assert telemetry.ingest(encode_report(sketch.snapshot_and_reset())) == "accepted"
+    try:
+        rec = ExperimentRepo(store).recommendation(ex["id"], telemetry)
+    finally:
+        telemetry.close()
+    by = {m.metric: m for m in rec.metrics}
+    assert rec.verdict == "b", rec.summary
+    assert by["error_rate"].n_a == by["error_rate"].n_b == 1200
+    assert by["latency_ms"].p95_a is not None and by["latency_ms"].p95_b is not None
+    assert by["latency_ms"].p95_b < by["latency_ms"].p95_a

@@ -76,6 +76,8 @@ class MetricVerdictOut(BaseModel):
     effect_size: float | None
     winner: str | None
     more_samples_needed: int
+    p95_a: float | None = None
+    p95_b: float | None = None
 
 
 class RecommendationOut(BaseModel):
