@@ -187,6 +187,17 @@ def test_rollout_gates_read_drift_through_the_monitor(served: Served) -> None:
 
 
 @pytest.mark.integration
+def test_telemetry_routes_read_the_running_monitor(served: Served) -> None:
+    with httpx.Client(base_url=served.base, headers=served.h("viewer"), timeout=10) as api:
+        drift = api.get("/v1/drift", params={"model": "mlp", "version": "1.0.0", "cohort": "b"}).json()
+        assert drift["items"][0]["drifted_features"] == ["feat3", "feat17"]
+        alerts = api.get("/v1/alerts", params={"kind": "drift", "cohort": "b", "limit": 50}).json()["items"]
+        assert {a["subject"] for a in alerts if a["subject"].startswith("feat")} == {"feat3", "feat17"}
+        windows = api.get("/v1/telemetry/windows", params={"model": "mlp"}).json()["items"]
+        assert [w["reports"] for w in windows] == [2, 2, 2]
+
+
+@pytest.mark.integration
 def test_every_dashboard_query_uses_exported_metric_names(served: Served) -> None:
     httpx.get(f"{served.base}/v1/rollouts", headers=served.h("viewer"), timeout=10)  # an API sample
     exported: set[str] = set()
