@@ -33,6 +33,7 @@ from scipy import stats
 from agent.contract.telemetry import latency_bucket_upper
 from agent.logs import log_event
 from fleet.errors import Conflict, FleetError, FleetInputError, NotFound
+from fleet.rollout_records import RolloutRecords
 from fleet.selector import parse_selector
 from fleet.store import Row, decode_row, dumps
 
@@ -302,6 +303,7 @@ class ExperimentDriver:
                  publisher: DesiredPublisher | None, tick_s: float = 1.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.repo = ExperimentRepo(store)
+        self.records = RolloutRecords(store)
         self.store, self.repository, self.signer, self.publisher = store, repository, signer, publisher
         self.tick_s, self.clock = tick_s, clock
         self._stop = threading.Event()
@@ -320,7 +322,7 @@ class ExperimentDriver:
             refs = {arm: self.repository.target_ref(self.store.models.get_version_by_id(vid)["bundle_target"])
                     for arm, vid in (("a", exp["version_a"]), ("b", exp["version_b"]))}
             for dev in self.store.devices.ids_matching(parse_selector(exp["selector"])):
-                if dev in done:
+                if dev in done or self.records.open_entries_for(dev):  # a rollout holds it: wait
                     continue
                 arm = arm_of(eid, dev, exp["split_b"])
                 try:

@@ -241,3 +241,21 @@ def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Reposito
     assert by["error_rate"].n_a == by["error_rate"].n_b == 1200
     assert by["latency_ms"].p95_a is not None and by["latency_ms"].p95_b is not None
     assert by["latency_ms"].p95_b < by["latency_ms"].p95_a
+
+
+@pytest.mark.integration
+def test_the_driver_leaves_devices_held_by_a_running_rollout(
+        setup: tuple[Store, Repository, DirectorSigner]) -> None:
+    from fleet.rollouts import RolloutController
+
+    store, repo, signer = setup
+    rollout_pub, ab_pub = Recorder(), Recorder()
+    rid = store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "all_at_once"}, {}, "op")["id"]
+    RolloutController(store, repo, signer, rollout_pub, store.clock).tick()
+    ex = ExperimentRepo(store).create("ab", "mlp:1.0.0", "mlp:2.0.0", "", 0.5, {"error_rate": "min"}, 10,
+                                      0.05, "op")
+    driver = ExperimentDriver(store, repo, signer, ab_pub)
+    assert driver.tick() == 1 and set(ab_pub.sent) == {"lab"}  # the 40 prod devices are busy
+    store.rollouts.set_state(rid, "completed", 0, "test")
+    assert driver.tick() == 40
+    assert len(ExperimentRepo(store).devices(ex["id"])) == 41
