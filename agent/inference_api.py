@@ -5,7 +5,7 @@ Applications on the gateway reach the active model over HTTP on 127.0.0.1
 (`agent.inference_server_unix`); both decode requests into arrays, call one `Predictor`, and
 map errors to the same status codes here, so a bad request gets the same 4xx and message on
 either transport. The `Predictor` is deliberately tiny so the daemon can plug in a holder
-whose model is swapped under running servers (`ModelHolder` is one).
+whose model is swapped under running servers (`PredictorSlot` is one).
 
 Unix-socket framing (see docs/inference-api.md): every message is
 `magic "EFI1" | u32 header length | u32 payload length` (big-endian), a UTF-8 JSON header,
@@ -51,9 +51,9 @@ if sys.byteorder != "little":  # pragma: no cover - every supported edge target 
 
 @runtime_checkable
 class Predictor(Protocol):
-    """What the API serves: `agent.runtimes.LoadedModel` is one, `ModelHolder` wraps a swappable one.
+    """What the API serves: `agent.runtimes.LoadedModel` is one, `PredictorSlot` wraps a swappable one.
 
-    A swappable predictor should also offer `snapshot() -> Predictor` (see `ModelHolder`): the
+    A swappable predictor should also offer `snapshot() -> Predictor` (see `PredictorSlot`): the
     API then runs and reports one model per request even if a swap happens in between.
     """
 
@@ -66,8 +66,12 @@ class Predictor(Protocol):
         ...
 
 
-class ModelHolder:
-    """A hot-swappable `Predictor`: servers hold this, the daemon calls `set` on activation/rollback.
+class PredictorSlot:
+    """A minimal swappable `Predictor` for embedding the servers without the daemon.
+
+    The daemon serves through `agent.daemon_serving.ServedModel`, which wraps the lifecycle's
+    `agent.serving.ModelHolder` (standby, shadow, drain); this slot is for tools and tests that
+    only need "the model served right now".
 
     Swapping is one reference assignment, so a request in flight finishes on the model it
     started with and no request fails during a swap.

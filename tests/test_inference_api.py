@@ -26,7 +26,7 @@ from agent.errors import (
     RuntimeFailure,
     TransportError,
 )
-from agent.inference_api import ApiLimits, ModelHolder
+from agent.inference_api import ApiLimits, PredictorSlot
 from agent.inference_client import HttpInferenceClient, UnixInferenceClient
 from agent.inference_server_http import HttpInferenceServer
 from agent.inference_server_unix import UnixInferenceServer
@@ -54,12 +54,14 @@ def sockdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def holder(sockdir: Path) -> ModelHolder:
-    return ModelHolder(_load(sockdir))
+def holder(sockdir: Path) -> PredictorSlot:
+    return PredictorSlot(_load(sockdir))
 
 
 @pytest.fixture
-def servers(holder: ModelHolder, sockdir: Path) -> Iterator[tuple[HttpInferenceServer, UnixInferenceServer]]:
+def servers(
+    holder: PredictorSlot, sockdir: Path
+) -> Iterator[tuple[HttpInferenceServer, UnixInferenceServer]]:
     with (
         HttpInferenceServer(holder, limits=LIMITS) as http_srv,
         UnixInferenceServer(holder, sockdir / "api.sock", limits=LIMITS) as unix_srv,
@@ -189,7 +191,7 @@ def test_unix_bad_frames(servers: tuple[HttpInferenceServer, UnixInferenceServer
 
 @pytest.mark.integration
 def test_no_model_is_503_then_hot_swap(sockdir: Path) -> None:
-    holder = ModelHolder()
+    holder = PredictorSlot()
     with HttpInferenceServer(holder) as h, UnixInferenceServer(holder, sockdir / "s.sock") as u:
         status, doc = _raw(
             h.port, "POST", "/v1/predict", json.dumps({"inputs": {"x": X[:1].tolist()}}).encode()
@@ -239,7 +241,7 @@ def test_runtime_failure_is_500(sockdir: Path) -> None:
 
 @pytest.mark.integration
 def test_concurrent_clients_with_a_swap(
-    holder: ModelHolder, sockdir: Path, servers: tuple[HttpInferenceServer, UnixInferenceServer]
+    holder: PredictorSlot, sockdir: Path, servers: tuple[HttpInferenceServer, UnixInferenceServer]
 ) -> None:
     http_srv, unix_srv = servers
     refs = {"1.0.0": REF, "2.0.0": mlp_reference(X, mlp_weights(1))}
@@ -272,7 +274,7 @@ def test_concurrent_clients_with_a_swap(
 
 
 @pytest.mark.integration
-def test_connection_limit_and_socket_path_safety(holder: ModelHolder, sockdir: Path) -> None:
+def test_connection_limit_and_socket_path_safety(holder: PredictorSlot, sockdir: Path) -> None:
     with UnixInferenceServer(holder, sockdir / "one.sock", limits=ApiLimits(max_connections=1)) as u:
         with UnixInferenceClient(u.path) as first, UnixInferenceClient(u.path) as second:
             assert first.predict({"x": X[:1]})["logits"].shape == (1, 4)
