@@ -19,15 +19,19 @@ import time
 from simulators.scenario_world import ServiceWorld, failures, service_world
 from simulators.scenarios import ScenarioContext, Verdict, register
 
-ROLLOUT_TIMEOUT_S = 120.0
+ROLLOUT_TIMEOUT_S = 120.0  # at least; large swarms get 0.6 s per device (1,000 devices share 2 cores)
+
+
+def _timeout(ctx: ScenarioContext) -> float:
+    return max(ROLLOUT_TIMEOUT_S, 0.6 * ctx.devices)
+
+
 PROGRESS = "rollout progress (devices by status, stage)"
 
 
 def _provision(w: ServiceWorld, version: str) -> bool:
     rid = w.fleet.rollout(version, {"kind": "all_at_once", "bake_s": 0})
-    st = w.wait_rollout(
-        rid, ("completed", "aborted", "failed", "cancelled"), ROLLOUT_TIMEOUT_S, "provisioning"
-    )
+    st = w.wait_rollout(rid, ("completed", "aborted", "failed", "cancelled"), _timeout(w.ctx), "provisioning")
     return st["state"] == "completed" and w.wait(lambda: w.all_serving(f"mlp-{version}"), 30)
 
 
@@ -39,7 +43,7 @@ def canary_rollout(ctx: ScenarioContext) -> Verdict:
         provisioned = _provision(w, "1.0.0")
         t0 = time.monotonic()
         rid = w.fleet.rollout("2.0.0", {"kind": "canary", "stages": [10, 50, 100], "bake_s": 1.0})
-        st = w.wait_rollout(rid, ("completed", "aborted", "failed", "cancelled"), ROLLOUT_TIMEOUT_S, PROGRESS)
+        st = w.wait_rollout(rid, ("completed", "aborted", "failed", "cancelled"), _timeout(ctx), PROGRESS)
         elapsed = time.monotonic() - t0
         serving = w.wait(lambda: w.all_serving("mlp-2.0.0"), 30)
         stages = [h.get("stage") for h in w.fleet.history(rid) if h.get("event") == "state:running"]
@@ -80,7 +84,7 @@ def bad_model_abort(ctx: ScenarioContext) -> Verdict:
         rid = w.fleet.rollout(
             "3.0.0", {"kind": "canary", "stages": [20, 100], "bake_s": 0, "on_breach": "abort"}
         )
-        st = w.wait_rollout(rid, ("aborted", "completed", "failed", "cancelled"), ROLLOUT_TIMEOUT_S, PROGRESS)
+        st = w.wait_rollout(rid, ("aborted", "completed", "failed", "cancelled"), _timeout(ctx), PROGRESS)
         elapsed = time.monotonic() - t0
         back = w.wait(lambda: w.all_serving("mlp-2.0.0"), 60)
         by_status = st.get("devices_by_status", {})

@@ -9,10 +9,13 @@ tear everything down even when a check fails), and the same time series for the 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from simulators.datagen import Schema, default_schema
@@ -35,6 +38,31 @@ def load_defaults(devices: int) -> dict[str, Any]:
     if devices <= LARGE_SWARM:
         return {}
     return {"agent_overrides": {"report_interval_s": 2.0}, "traffic_interval_s": 2.0}
+
+
+MEMORY_FS = Path("/dev/shm")
+
+
+@contextlib.contextmanager
+def device_state_root(ctx: ScenarioContext) -> Iterator[Path]:
+    """Where the devices' state directories live.
+
+    Every agent writes its state record, ledger, slots and queues durably (fsync), which is
+    right for a device with its own flash; a thousand simulated devices doing it on one disk
+    turn the shared journal into the bottleneck (installs of 1,000 devices stalled for minutes
+    here, with hundreds of threads in uninterruptible I/O). Above `LARGE_SWARM` devices (or
+    with `options["state_in_memory"]`) the state goes to a tmpfs (`/dev/shm`), where fsync
+    is free, and is removed afterwards; smaller swarms keep it under the scenario directory.
+    """
+    in_memory = ctx.options.get("state_in_memory", ctx.devices > LARGE_SWARM)
+    if not in_memory or not MEMORY_FS.is_dir():
+        yield ctx.data_dir / "devices"
+        return
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-swarm-", dir=MEMORY_FS))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -89,6 +117,12 @@ class Sampler:
         self.world.sample()
 
 
+def _spec(ctx: ScenarioContext, base: SwarmSpec, spec_kwargs: dict[str, Any] | None) -> SwarmSpec:
+    return replace(
+        base, **{**load_defaults(ctx.devices), **(spec_kwargs or {}), **ctx.options.get("spec", {})}
+    )
+
+
 @contextlib.contextmanager
 def world(
     ctx: ScenarioContext,
@@ -102,39 +136,33 @@ def world(
 ) -> Iterator[World]:
     """Fleet + swarm for one scenario; devices connect to `broker_port` (default: the broker)."""
     schema = schema or default_schema()
-    fleet = SimFleet(
-        ctx.data_dir / "fleet",
-        ctx.broker_host,
-        ctx.broker_port,
-        prefix=prefix,
-        schema=schema,
-        **(fleet_kwargs or {}),
-    ).start()
-    try:
-        spec = SwarmSpec(
+    with contextlib.ExitStack() as stack:
+        fleet = SimFleet(
+            ctx.data_dir / "fleet",
+            ctx.broker_host,
+            ctx.broker_port,
+            prefix=prefix,
+            schema=schema,
+            **(fleet_kwargs or {}),
+        ).start()
+        stack.callback(fleet.stop)
+        base = SwarmSpec(
             broker_host=ctx.broker_host,
             broker_port=broker_port or ctx.broker_port,
             prefix=prefix,
             bootstrap_root=fleet.bootstrap_root,
-            state_root=ctx.data_dir / "devices",
+            state_root=stack.enter_context(device_state_root(ctx)),
             schema=schema,
         )
-        spec = replace(
-            spec, **{**load_defaults(ctx.devices), **(spec_kwargs or {}), **ctx.options.get("spec", {})}
-        )
         devices = profiles or make_profiles(ctx.devices, COHORTS)
-        swarm = Swarm(spec, devices, ctx.processes).start()
-        try:
-            w = World(ctx, fleet, swarm)
-            if not swarm.wait_connected(60):
-                raise RuntimeError("not every device connected to the broker within 60 s")
-            fleet.wait(lambda: fleet.online(w.ids) == len(w.ids), 30, 0.2)
-            ctx.recorder.take()
-            yield w
-        finally:
-            swarm.stop()
-    finally:
-        fleet.stop()
+        swarm = Swarm(_spec(ctx, base, spec_kwargs), devices, ctx.processes).start()
+        stack.callback(swarm.stop)
+        w = World(ctx, fleet, swarm)
+        if not swarm.wait_connected(60):
+            raise RuntimeError("not every device connected to the broker within 60 s")
+        fleet.wait(lambda: fleet.online(w.ids) == len(w.ids), 30, 0.2)
+        ctx.recorder.take()
+        yield w
 
 
 def failures(checks: Iterable[tuple[bool, str]]) -> list[str]:
@@ -191,28 +219,22 @@ def service_world(
     spec_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[ServiceWorld]:
     """`ServiceFleet` + enrolled swarm for one scenario (torn down in reverse order)."""
-    fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
-    try:
+    with contextlib.ExitStack() as stack:
+        fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
+        stack.callback(fleet.stop)
         devices = profiles or make_profiles(ctx.devices, COHORTS)
         fleet.enroll(devices)
-        spec = SwarmSpec(
+        base = SwarmSpec(
             broker_host=ctx.broker_host,
             broker_port=ctx.broker_port,
             prefix=prefix,
             bootstrap_root=fleet.bootstrap_root,
-            state_root=ctx.data_dir / "devices",
+            state_root=stack.enter_context(device_state_root(ctx)),
             schema=fleet.schema,
         )
-        spec = replace(
-            spec, **{**load_defaults(ctx.devices), **(spec_kwargs or {}), **ctx.options.get("spec", {})}
-        )
-        swarm = Swarm(spec, devices, ctx.processes).start()
-        try:
-            if not swarm.wait_connected(60):
-                raise RuntimeError("not every device connected to the broker within 60 s")
-            ctx.recorder.take()
-            yield ServiceWorld(ctx, fleet, swarm)
-        finally:
-            swarm.stop()
-    finally:
-        fleet.stop()
+        swarm = Swarm(_spec(ctx, base, spec_kwargs), devices, ctx.processes).start()
+        stack.callback(swarm.stop)
+        if not swarm.wait_connected(60):
+            raise RuntimeError("not every device connected to the broker within 60 s")
+        ctx.recorder.take()
+        yield ServiceWorld(ctx, fleet, swarm)
