@@ -71,8 +71,10 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + i * step for i in range(n)]
 
 
-def svg_line_chart(title: str, series: Series, width: int = 560, height: int = 260) -> str:
-    """An SVG line chart of `series` (name -> [(t, value)]) with axes, ticks and a legend."""
+def svg_line_chart(
+    title: str, series: Series, width: int = 560, height: int = 260, x_label: str = "seconds"
+) -> str:
+    """An SVG line chart of `series` (name -> [(x, value)]) with axes, ticks and a legend."""
     left, right, top, bottom = 56, 130, 28, 36
     pw, ph = width - left - right, height - top - bottom
     points = [p for pts in series.values() for p in pts]
@@ -108,7 +110,9 @@ def svg_line_chart(title: str, series: Series, width: int = 560, height: int = 2
     for t in _ticks(t_lo, t_hi):
         x = sx(t)
         out.append(f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{t:.1f}</text>')
-    out.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">seconds</text>')
+    out.append(
+        f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{html.escape(x_label)}</text>'
+    )
     for i, (name, pts) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         path = " ".join(f"{sx(t):.1f},{sy(v):.1f}" for t, v in sorted(pts))
@@ -137,7 +141,10 @@ def render_html(verdicts: Sequence[Verdict], elapsed_s: float, notes: Sequence[s
         metrics = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{_fmt(x)}</td></tr>" for k, x in v.metrics.items()
         )
-        charts = "\n".join(svg_line_chart(title, s) for title, s in v.series.items())
+        charts = "\n".join(
+            svg_line_chart(title, s, x_label=v.x_labels.get(title, "seconds"))
+            for title, s in v.series.items()
+        )
         sections.append(
             f"<h2>{html.escape(v.name)}</h2><p>{html.escape(v.details)}</p>"
             f"<table class=m>{metrics}</table><div>{charts}</div>"

@@ -15,7 +15,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from simulators.scenario_world import failures, service_world
+from agent.contract.telemetry import latency_bucket_upper
+from fleet.telemetry_ingest import TelemetryStore
+from simulators.scenario_world import ServiceWorld, failures, service_world
 from simulators.scenarios import ScenarioContext, Verdict, register
 from simulators.sim_fleet import MODEL_NAME
 
@@ -72,6 +74,7 @@ def ab_experiment(ctx: ScenarioContext) -> Verdict:
                 )
             posted[arm] = len(values)
         rec = f.api_call("GET", f"/v1/experiments/{eid}/recommendation")
+        latency_plot = _latency_by_version(w, {"A " + a: "1.0.0", "B " + b: "2.0.0"})
         mean = {
             arm: (sum(v) / len(v) if (v := quality.get(bundle)) else 0.0)
             for arm, bundle in (("a", a), ("b", b))
@@ -102,4 +105,31 @@ def ab_experiment(ctx: ScenarioContext) -> Verdict:
             if not problems
             else "; ".join(problems)
         )
-        return Verdict("ab_experiment", not problems, details, metrics)
+        verdict = Verdict("ab_experiment", not problems, details, metrics)
+        if latency_plot:
+            verdict.series[LATENCY_PLOT] = latency_plot
+            verdict.x_labels[LATENCY_PLOT] = "latency upper bound (ms, log buckets)"
+        return verdict
+
+
+LATENCY_PLOT = "served latency distribution per version (requests per bucket)"
+
+
+def _latency_by_version(w: ServiceWorld, versions: dict[str, str]) -> dict[str, list[tuple[float, float]]]:
+    """Each version's merged latency histogram from the fleet's telemetry store."""
+    store = TelemetryStore(w.fleet.settings.data_dir / "telemetry.db")
+    try:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for label, version in versions.items():
+            report = store.query_windows(MODEL_NAME, version)
+            if report is None:
+                continue
+            counts = report.latency_counts
+            nz = [i for i, c in enumerate(counts) if c]
+            if nz:
+                out[label] = [
+                    (latency_bucket_upper(i) * 1e3, float(counts[i])) for i in range(nz[0], nz[-1] + 1)
+                ]
+        return out
+    finally:
+        store.close()

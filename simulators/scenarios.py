@@ -39,6 +39,7 @@ class Verdict:
     metrics: dict[str, float] = field(default_factory=dict)
     series: dict[str, Series] = field(default_factory=dict)  # plot title -> series
     elapsed_s: float = 0.0
+    x_labels: dict[str, str] = field(default_factory=dict)  # plot title -> x axis (default: seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {

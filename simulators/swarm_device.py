@@ -202,7 +202,9 @@ def agent_config(
             "host": broker_host,
             "port": broker_port,
             "client_id": profile.device_id,
-            "keepalive_s": 30,
+            # long keepalive: a worker's loop thread may be starved for seconds on a loaded
+            # machine, and a missed PINGREQ costs a reconnect of the whole device
+            "keepalive_s": 120,
             "reconnect_min_s": 0.2,
             "reconnect_max_s": 3.0,
             "connect_timeout_s": 10.0,

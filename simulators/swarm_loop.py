@@ -85,6 +85,9 @@ class LoopTransport(MqttTransport):
         self._reconnect_due = False
         self._socket_opened_at = 0.0
         c = self._client
+        # paho's TCP connect blocks the loop thread: keep it short so that a broker with a
+        # full accept backlog cannot stall every other client for seconds per attempt.
+        c.connect_timeout = min(2.0, config.connect_timeout_s)
         c.on_socket_open = self._on_sock_open
         c.on_socket_close = self._on_sock_close
         c.on_socket_register_write = self._on_reg_write
@@ -150,9 +153,9 @@ class LoopTransport(MqttTransport):
 
     # --- driven by the loop thread -----------------------------------------------------------
     def _attempt_connect(self) -> None:
-        if self._closing.is_set() or self._sock is not None:
-            return
         self._reconnect_due = False
+        if self._closing.is_set() or self._sock is not None:
+            return  # closed, or an attempt is in progress (its CONNACK timeout covers it)
         try:
             if self._first:
                 props = Properties(PacketTypes.CONNECT)
@@ -189,8 +192,11 @@ class LoopTransport(MqttTransport):
         self._loop.call_later(delay, self._attempt_connect)
 
     def _tick(self, now: float) -> None:
-        """Keepalive and CONNACK timeout; also re-arms write interest paho may have missed."""
+        """Keepalive and CONNACK timeout; re-arms write interest paho may have missed, and
+        revives a client that lost its socket without a reconnect being scheduled."""
         if self._sock is None:
+            if self._started and not self._reconnect_due and not self._closing.is_set():
+                self._schedule_reconnect()
             return
         self._client.loop_misc()
         if self._sock is None:

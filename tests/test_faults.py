@@ -62,6 +62,11 @@ def _pair(
     dev.connect(timeout=10)
     pub = _client(loop, broker.port, f"pub-{topic.split('/')[0]}")
     pub.connect(timeout=10)
+    # the subscription is in place once a probe gets through (CONNACK comes before SUBACK)
+    probe = topic.replace("#", "probe")
+    assert _wait(lambda: (pub.publish(probe, b"probe"), time.sleep(0.1), bool(got))[2])
+    time.sleep(0.2)
+    got.clear()
     return pub, got
 
 
