@@ -12,6 +12,7 @@ Errors: usage problems (unknown scenario, bad broker URL, no broker available) a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -105,6 +106,19 @@ def run_suite(
     return verdicts
 
 
+def write_openapi(path: Path) -> None:
+    """Write the fleet API's OpenAPI document, built from the same app the scenarios serve."""
+    from fleet.api import create_app
+    from fleet.settings import FleetSettings
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-openapi-") as tmp:
+        app = create_app(FleetSettings(data_dir=Path(tmp)))
+        try:
+            path.write_text(json.dumps(app.openapi(), indent=2) + "\n")
+        finally:
+            app.state.store.close()
+
+
 @click.group(name="sim")
 def sim_group() -> None:
     """Run the simulated device swarm and its scenarios (see docs/simulator.md)."""
@@ -195,11 +209,11 @@ def demo_command(
         )
     except FleetError as exc:
         raise click.ClickException(str(exc)) from None
+    openapi_path = html_path.with_name(html_path.stem + "-openapi.json")
+    write_openapi(openapi_path)
     click.echo(
-        f"HTML report: {html_path}\n"
-        "Fleet API docs: each rollout scenario ran the real fleet service (its API lived only for the run); "
-        "start one with `edgefleet fleet serve` and open http://127.0.0.1:8080/docs "
-        "(reference: docs/fleet-api.md)"
+        f"Fleet API docs: {openapi_path} (OpenAPI document of the API each scenario ran); live at "
+        "http://127.0.0.1:8080/docs while `edgefleet fleet serve` runs (reference: docs/fleet-api.md)"
     )
     if not verdicts or not all(v.passed for v in verdicts):
         raise SystemExit(1)

@@ -50,3 +50,13 @@ def test_sim_list_and_usage_errors() -> None:
     assert bad.returncode != 0 and "unknown scenario" in bad.stderr
     url = _cli("sim", "run", "--broker", "http://x", "--scenario", "canary_rollout", timeout=60)
     assert url.returncode != 0 and "expected mqtt://host:port" in url.stderr
+
+
+def test_demo_writes_the_fleet_openapi_document(tmp_path: Path) -> None:
+    from simulators.cli import write_openapi
+
+    out = tmp_path / "edgefleet-demo-report-openapi.json"
+    write_openapi(out)
+    doc = json.loads(out.read_text())
+    assert doc["info"]["title"] == "edgefleet fleet API"
+    assert {"/v1/rollouts", "/v1/devices", "/v1/drift"} <= set(doc["paths"])
