@@ -41,6 +41,7 @@ from fleet.experiments import ExperimentDriver
 from fleet.keys import KeyStore
 from fleet.publisher import Publisher
 from fleet.repository import Repository
+from fleet.revocation import RevokedFilter
 from fleet.rollout_gates import MetricsSource, TelemetryMetrics
 from fleet.rollouts import ControllerConfig, RolloutController
 from fleet.service import Component
@@ -219,8 +220,10 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     if publisher is not None:
         publisher.on_reported(store.devices.on_reported)
         publisher.on_reported(controller.on_reported)
-        publisher.on_event(controller.on_event)
-        publisher.on_telemetry(monitor.ingest)  # timed ingest into `telemetry`
+        # Events and telemetry from revoked devices (in flight, or before the broker reload) are
+        # dropped and counted; reports are refused by `store.devices.on_reported` itself.
+        publisher.on_event(RevokedFilter(store, controller.on_event, "event"))
+        publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     components.append(controller)
     components.append(ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2))
     components.append(TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher))

@@ -105,6 +105,31 @@ class RolloutRecords:
                 added += 1
         return added
 
+    def drop_revoked(self, rollout_id: str, now: float, reverting: bool) -> int:
+        """Take revoked devices out of the rollout so they get no more director documents.
+
+        Never-assigned ones leave the cohort (as if revoked before the rollout started, when
+        the selector would not have picked them); assigned ones whose forward step (or, when
+        `reverting`, revert step) is still open are closed as `skipped`. Returns how many rows
+        changed.
+        """
+        still_open = ("p.revert_at IS NULL OR p.outcome = 'reverting'" if reverting else "p.outcome IS NULL")
+        with self.store.tx() as db:
+            rows = list(db.query(
+                "SELECT p.device_id, p.assigned_at FROM rollout_progress p "  # noqa: S608
+                "JOIN devices d ON d.id = p.device_id "
+                f"WHERE p.rollout_id = ? AND d.revoked = 1 AND (p.assigned_at IS NULL OR {still_open})",
+                [rollout_id]))
+            for r in rows:
+                key = [rollout_id, r["device_id"]]
+                if r["assigned_at"] is None:
+                    db.execute("DELETE FROM rollout_progress WHERE rollout_id = ? AND device_id = ?", key)
+                    db.execute("DELETE FROM rollout_devices WHERE rollout_id = ? AND device_id = ?", key)
+                else:
+                    self.update_device(rollout_id, r["device_id"], "skipped", outcome="skipped",
+                                       revert_at=now, detail="device revoked")
+        return len(rows)
+
     def progress(self, rollout_id: str) -> list[Row]:
         """Every device of the rollout with its status, in canary order."""
         with self.store.read() as db:

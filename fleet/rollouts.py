@@ -191,6 +191,8 @@ class RolloutController:
             if rt is None:
                 return
             ro = self.store.rollouts.get(rid)
+        # Revoked devices get no more documents (pending ones leave the cohort, open ones are skipped).
+        self.records.drop_revoked(rid, now, reverting=rt["phase"] == "rollback")
         rollback = cmds.get("rollback")
         if rt["phase"] == "rollback":
             self._drive_revert(ro, rt, now)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from agent.logs import log_event
 from fleet.api import create_app
-from fleet.enrollment import sync_broker_credentials
+from fleet.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
 
@@ -65,7 +65,7 @@ class FleetService:
 
     def _start_components(self) -> None:
         # The broker's password file follows the store, also after a crash between the two.
-        sync_broker_credentials(self.store, self.settings.broker_passwd_path)
+        apply_broker_credentials(self.store, self.settings)  # reload failures are logged
         for comp in self.components:
             comp.start()
             self._started.append(comp)

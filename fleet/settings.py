@@ -70,6 +70,12 @@ class FleetSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
+    broker_reload_command: tuple[str, ...] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="argv run after every password-file rewrite, e.g. systemctl reload mosquitto")
+    broker_pid_file: Path | None = Field(
+        default=None, description="Send SIGHUP to the pid in this file after every password-file rewrite")
+    broker_reload_timeout_s: float = Field(default=10.0, gt=0, le=120)
 
     @property
     def db_path(self) -> Path:
@@ -104,7 +110,8 @@ class FleetSettings(BaseModel):
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
         """Build settings from `EDGEFLEET_DATA_DIR`, `_HOST`, `_PORT`, `_BROKER_URL`, `_TOPIC_PREFIX`
         and `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
-        `EDGEFLEET_METRICS_PUBLIC`), then apply non-None `overrides`.
+        `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
+        `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`), then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
         """
@@ -132,5 +139,11 @@ class FleetSettings(BaseModel):
             values["telemetry"] = telemetry
         if ENV_PREFIX + "METRICS_PUBLIC" in env:
             values["metrics_public"] = env[ENV_PREFIX + "METRICS_PUBLIC"]
+        for field in ("broker_pid_file", "broker_reload_timeout_s"):
+            if ENV_PREFIX + field.upper() in env:
+                values[field] = env[ENV_PREFIX + field.upper()]
+        if ENV_PREFIX + "BROKER_RELOAD_COMMAND" in env:  # one shell-quoted string, like the telemetry command
+            argv = tuple(shlex.split(env[ENV_PREFIX + "BROKER_RELOAD_COMMAND"]))
+            values["broker_reload_command"] = argv or None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

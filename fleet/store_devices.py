@@ -43,6 +43,7 @@ class DeviceRepo:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.refused_reports = 0  # reports dropped by `on_reported` (unknown/revoked device, bad id)
 
     def create(
         self,
@@ -115,6 +116,14 @@ class DeviceRepo:
         sql = f"SELECT id FROM devices WHERE ({where})" + ("" if include_revoked else " AND revoked = 0")  # noqa: S608
         with self.store.read() as db:
             return [r["id"] for r in db.query(sql + " ORDER BY id", params)]
+
+    def is_revoked(self, device_id: str) -> bool:
+        """Whether the device is revoked (one primary-key read). Raises NotFound."""
+        with self.store.read() as db:
+            row = db.execute("SELECT revoked FROM devices WHERE id = ?", [device_id]).fetchone()
+        if row is None:
+            raise NotFound(f"device {device_id!r} not found")
+        return bool(row[0])
 
     def count(self) -> int:
         with self.store.read() as db:
@@ -202,8 +211,9 @@ class DeviceRepo:
         try:
             self.record_reported_state(device_id, report.model_dump(mode="json"))
         except FleetInputError as exc:
+            self.refused_reports += 1
             log_event(logger, "fleet.inventory.report_refused", logging.WARNING, device=device_id,
-                      error=str(exc))
+                      error=str(exc), refused=self.refused_reports)
 
     def mark_offline(self, device_id: str) -> None:
         """Record that the device went away (Last Will or timeout). Raises NotFound."""

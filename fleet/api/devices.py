@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from fleet.api.deps import Paging, SettingsDep, StoreDep
-from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn
+from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn, RevokeOut
 from fleet.auth import Operator, Viewer
-from fleet.enrollment import sync_broker_credentials
+from fleet.revocation import revoke_device, running_publisher
 from fleet.selector import MAX_SELECTOR_LEN, parse_selector
 from fleet.store import Row
 
@@ -40,10 +40,10 @@ def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -
     return store.devices.set_labels(device_id, body.labels, who.actor)
 
 
-@router.post("/{device_id}/revoke", response_model=DeviceOut,
+@router.post("/{device_id}/revoke", response_model=RevokeOut,
              responses={409: {"description": "Already revoked"}},
-             summary="Revoke a device: its broker credentials are removed from the password file")
-def revoke(device_id: str, body: RevokeIn, store: StoreDep, settings: SettingsDep, who: Operator) -> Row:
-    row = store.devices.revoke(device_id, who.actor, body.reason)
-    sync_broker_credentials(store, settings.broker_passwd_path)
-    return row
+             summary="Revoke a device: drop its broker login, reload the broker, clear its desired topic")
+def revoke(device_id: str, body: RevokeIn, store: StoreDep, settings: SettingsDep, who: Operator,
+           request: Request) -> dict[str, Any]:
+    publisher = running_publisher(getattr(request.app.state, "components", []))
+    return revoke_device(store, settings, device_id, who.actor, body.reason, publisher).to_dict()

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCreated, TokenOut
 from fleet.auth import Operator, bearer
+from fleet.broker_reload import reload_broker
 from fleet.enrollment import create_enrollment_token, enroll_device
 from fleet.errors import AuthError, FleetInputError
 from fleet.store import Row
@@ -68,4 +69,7 @@ def enroll(
     except AuthError as exc:
         # One answer for unknown, used and expired tokens, so callers cannot probe them.
         raise AuthError("invalid, used or expired enrollment token") from exc
-    return JSONResponse(EnrollOut.model_validate(out).model_dump(mode="json"), 201)
+    # The new login works only once the broker re-reads the file: logged, and told in a header.
+    reload = reload_broker(settings)
+    return JSONResponse(EnrollOut.model_validate(out).model_dump(mode="json"), 201,
+                        headers={"Edgefleet-Broker-Reloaded": "true" if reload.reloaded else "false"})

@@ -123,6 +123,15 @@ class DeviceOut(BaseModel):
     broker_username: str
 
 
+class RevokeOut(DeviceOut):
+    """The revoked device plus what the broker and publisher did about it (`fleet/revocation.py`)."""
+
+    broker_reloaded: bool
+    broker_detail: str
+    desired_cleared: bool
+    desired_detail: str
+
+
 class LabelsIn(_In):
     labels: Labels
 
