@@ -73,13 +73,13 @@ def start_packaged_broker(work: Path, device_passwd: Path) -> PackagedBroker:
     fleet_pw.write_text(f"fleet:{mosquitto_password_hash(FLEET_PW)}\n")
     fleet_pw.chmod(0o600)
     stay = "user root\n" if os.geteuid() == 0 else ""  # root would drop to "mosquitto", locked out of tmp
-    (work / "mosquitto.conf").write_text(conf + "\nlog_dest stdout\nlog_type all\n" + stay)
+    pid_file = work / "mosquitto.pid"  # written by Mosquitto (Debian: /run/mosquitto/mosquitto.pid)
+    (work / "mosquitto.conf").write_text(conf + f"\nlog_dest stdout\npid_file {pid_file}\n" + stay)
     log = work / "mosquitto.log"
     proc = _spawn(work / "mosquitto.conf", log)
     _wait_port("127.0.0.1", dev_port)
     _wait_port("127.0.0.1", fleet_port)
-    pid_file = work / "mosquitto.pid"
-    pid_file.write_text(f"{proc.pid}\n")
+    assert pid_file.read_text().strip() == str(proc.pid)
     return PackagedBroker(dev_port, fleet_port, pid_file, log, proc)
 
 
