@@ -1,9 +1,10 @@
 """`edgefleet sim` (run / list scenarios against a swarm) and `edgefleet demo` (the end-to-end demo).
 
 Both build the same environment: a broker (the one given, or a private Mosquitto on a free
-port), a temporary data directory (fleet SQLite, keys, repository, device state), then run the
-chosen scenarios and write the terminal summary, the HTML report and the JSON verdicts.
-The exit code is 0 only when every scenario passed.
+port, else the embedded iotcore broker: `simulators.broker.start_broker`), a temporary data
+directory (fleet SQLite, keys, repository, device state), then run the chosen scenarios and
+write the terminal summary, the HTML report and the JSON verdicts. The exit code is 0 only
+when every scenario passed.
 
 Errors: usage problems (unknown scenario, bad broker URL, no broker available) are reported as
 `click.ClickException`s; a failing scenario is a verdict, not an error.
@@ -25,8 +26,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from fleet.errors import FleetError
-from simulators.broker import ManagedBroker, parse_broker_url, start_broker
+from fleet.errors import FleetError, FleetMisuseError
+from simulators.broker import AnyBroker, BrokerSettings, parse_broker_url, start_broker
 from simulators.report import print_summary, write_html, write_json
 from simulators.scenarios import NOT_AVAILABLE, ScenarioContext, Verdict, get_scenarios, run_scenario
 
@@ -35,12 +36,16 @@ DEMO_SCENARIOS_MAX = 3
 
 
 @contextlib.contextmanager
-def _broker(url: str | None, workdir: Path) -> Iterator[tuple[str, int, ManagedBroker | None]]:
+def _broker(
+    url: str | None, workdir: Path, devices: int, prefer_embedded: bool | None
+) -> Iterator[tuple[str, int, AnyBroker | None]]:
     if url:
         host, port = parse_broker_url(url)
         yield host, port, None
         return
-    broker = start_broker(workdir / "broker")
+    # Room for every device plus the fleet's clients and the readiness probes.
+    settings = BrokerSettings(max_connections=max(1024, 2 * devices + 64))
+    broker = start_broker(workdir / "broker", settings, prefer_embedded=prefer_embedded)
     try:
         yield broker.host, broker.port, broker
     finally:
@@ -58,11 +63,15 @@ def run_suite(
     html_path: Path | None,
     keep_dir: Path | None = None,
     console: Console | None = None,
+    prefer_embedded: bool | None = None,
 ) -> list[Verdict]:
     """Build the environment, run the scenarios, write the reports; returns the verdicts.
 
+    `prefer_embedded` None follows `EDGEFLEET_EMBEDDED_BROKER` (see `simulators.broker`).
     Raises FleetError subclasses for usage problems (see the module docstring).
     """
+    if broker_url and prefer_embedded:
+        raise FleetMisuseError("--broker and --embedded-broker exclude each other")
     console = console or Console()
     if threading.current_thread() is threading.main_thread():
         # SIGTERM must unwind like Ctrl-C so the broker and the swarm's workers are stopped.
@@ -76,8 +85,8 @@ def run_suite(
             workdir = keep_dir
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-sim-")))
-        host, port, managed = stack.enter_context(_broker(broker_url, workdir))
-        console.print(f"broker: mqtt://{host}:{port}" + (" (private Mosquitto)" if managed else ""))
+        host, port, managed = stack.enter_context(_broker(broker_url, workdir, devices, prefer_embedded))
+        console.print(f"broker: mqtt://{host}:{port}" + (f" (private {managed.kind})" if managed else ""))
         for scenario in scenarios:
             ctx = ScenarioContext(
                 broker_host=host,
@@ -142,7 +151,16 @@ def sim_list() -> None:
     show_default=True,
     help="Worker processes for the swarm (one selector loop each).",
 )
-@click.option("--broker", "broker_url", default=None, help="mqtt://host:port; default: a private Mosquitto.")
+@click.option(
+    "--broker", "broker_url", default=None, help="mqtt://host:port; default: Mosquitto, else iotcore."
+)
+@click.option(
+    "--embedded-broker",
+    "prefer_embedded",
+    is_flag=True,
+    default=None,
+    help="Start the embedded iotcore broker instead of Mosquitto (also EDGEFLEET_EMBEDDED_BROKER=1).",
+)
 @click.option("--scenario", "names", multiple=True, help="Scenario name (repeatable); default: all.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -161,6 +179,7 @@ def sim_run(
     json_path: Path | None,
     html_path: Path | None,
     keep_dir: Path | None,
+    prefer_embedded: bool | None,
 ) -> None:
     """Run scenarios against a swarm of simulated devices; exit 1 if any fails."""
     try:
@@ -173,6 +192,7 @@ def sim_run(
             json_path=json_path,
             html_path=html_path,
             keep_dir=keep_dir,
+            prefer_embedded=prefer_embedded,
         )
     except FleetError as exc:
         raise click.ClickException(str(exc)) from None
@@ -181,7 +201,16 @@ def sim_run(
 
 
 @click.command(name="demo")
-@click.option("--broker", "broker_url", default=None, help="mqtt://host:port; default: a private Mosquitto.")
+@click.option(
+    "--broker", "broker_url", default=None, help="mqtt://host:port; default: Mosquitto, else iotcore."
+)
+@click.option(
+    "--embedded-broker",
+    "prefer_embedded",
+    is_flag=True,
+    default=None,
+    help="Start the embedded iotcore broker instead of Mosquitto (also EDGEFLEET_EMBEDDED_BROKER=1).",
+)
 @click.option("--devices", type=click.IntRange(1, 100_000), default=DEFAULT_DEVICES, show_default=True)
 @click.option("--all", "run_all", is_flag=True, help="Run all scenarios, not only the first three.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -193,7 +222,12 @@ def sim_run(
     help="Where to write the HTML report (default: ./edgefleet-demo-report.html).",
 )
 def demo_command(
-    broker_url: str | None, devices: int, run_all: bool, json_path: Path | None, html_path: Path | None
+    broker_url: str | None,
+    prefer_embedded: bool | None,
+    devices: int,
+    run_all: bool,
+    json_path: Path | None,
+    html_path: Path | None,
 ) -> None:
     """The end-to-end demo: broker, fleet, a swarm of devices, scenarios 1-3 (all with --all)."""
     html_path = html_path or Path.cwd() / "edgefleet-demo-report.html"
@@ -206,6 +240,7 @@ def demo_command(
             broker_url=broker_url,
             json_path=json_path,
             html_path=html_path,
+            prefer_embedded=prefer_embedded,
         )
     except FleetError as exc:
         raise click.ClickException(str(exc)) from None

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 
-from simulators.broker import ManagedBroker
+from simulators.broker import ManagedBroker, find_mosquitto
 from simulators.faults import FaultProxy
 from simulators.scenario_world import Sampler, failures, world
 from simulators.scenarios import ScenarioContext, Verdict, register
@@ -28,6 +28,11 @@ from simulators.scenarios import ScenarioContext, Verdict, register
 CHUNK = 4096
 WINDOW = 2
 WAIT_S = 90.0
+NEEDS_MOSQUITTO = (
+    "refused: this scenario restarts its own persistent Mosquitto mid-transfer and Mosquitto is not "
+    "installed; the embedded iotcore broker keeps no sessions or retained messages across a restart, "
+    "so it cannot stand in (apt-get install mosquitto)"
+)
 
 
 @register(
@@ -36,6 +41,8 @@ WAIT_S = 90.0
     "offline devices catch up; a broker restart mid-transfer re-sends no chunk",
 )
 def offline_and_broker_restart(ctx: ScenarioContext) -> Verdict:
+    if find_mosquitto() is None:  # refuse plainly rather than fail deep inside (docs/simulator.md, Broker)
+        return Verdict("offline_and_broker_restart", False, NEEDS_MOSQUITTO)
     broker = ManagedBroker(ctx.data_dir / "broker").start()
     proxy = FaultProxy(broker.host, broker.port, seed=7).start()
     own = replace(ctx, broker_port=broker.port)
