@@ -12,9 +12,11 @@ variable `EDGEFLEET_EMBEDDED_BROKER=1`), `start_broker` runs the embedded `iotco
 only through a generated TOML file (a `[v5.1]` listener); its default payload limit of 20,480 B
 would disconnect a 64 KiB chunk, so the limit is raised above the largest chunk plus headers,
 and commit-log segments are bounded. It keeps nothing on disk: a restart loses sessions and
-retained messages, so the broker-restart scenario needs Mosquitto. Its accept path can wedge on
-a client id holding `+ $ # /` (rumqtt#1062); every id we generate passes `validate_id`
-(`[A-Za-z0-9._-]`), and readiness is a real MQTT v5 CONNECT/CONNACK.
+retained messages, so the broker-restart scenario needs Mosquitto. Its accept path wedges for
+every new client (rumqtt#1062) after a client id holding `+ $ # /`, or after a reset before
+CONNACK followed by a CONNECT with the same id; every id we generate passes `validate_id`
+(`[A-Za-z0-9._-]`), readiness is a real MQTT v5 CONNECT/CONNACK under a fresh id, and
+`accepting()` tells whether it has wedged.
 
 Errors: `start_broker` raises `fleet.errors.FleetMisuseError` when no broker can be started
 and `FleetTransportError` when it does not accept an MQTT CONNECT in time.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -77,11 +80,17 @@ def find_mosquitto() -> str | None:
 
 
 def mqtt_ready(host: str, port: int, timeout: float) -> bool:
-    """True once the broker answers a real MQTT v5 CONNECT with a CONNACK (not just a TCP accept)."""
+    """True once the broker answers a real MQTT v5 CONNECT with a CONNACK (not just a TCP accept).
+
+    Each attempt uses a fresh client id: rumqttd wedges when an id whose connection was reset
+    before its CONNACK connects again (rumqtt#1062), and a timed-out probe can be such a reset.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id="edgefleet-ready-probe", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-ready-{secrets.token_hex(6)}",
+            protocol=paho.MQTTv5,
         )
         try:
             client.connect(host, port, keepalive=10)
@@ -138,6 +147,10 @@ class ManagedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def accepting(self, timeout: float = 2.0) -> bool:
+        """True when a new client still gets a CONNACK."""
+        return mqtt_ready(self.host, self.port, timeout)
 
     def start(self) -> ManagedBroker:
         """Start and wait for a CONNACK. Raises FleetTransportError when it does not come up."""
@@ -241,6 +254,10 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    def accepting(self, timeout: float = 2.0) -> bool:
+        """True when a new client still gets a CONNACK (False once rumqtt#1062 has wedged it)."""
+        return mqtt_ready(self.host, self.port, timeout)
 
     def start(self) -> EmbeddedBroker:
         """Start and wait for a CONNACK. Raises FleetTransportError when it does not come up."""
