@@ -7,7 +7,11 @@ published for real (`build_bundle`, TUF repository, `publish_bundle`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +99,33 @@ def publish_mlp(settings: FleetSettings, store: Store, version: str, tmp: Path,
     from agent.contract.bundle import read_manifest
 
     return read_manifest(bundle).reference_profile
+
+
+class WebhookRecorder(BaseHTTPRequestHandler):
+    """Records every JSON body POSTed to it; answers `status` (set it to test failed delivery)."""
+
+    received: list[dict[str, object]] = []
+    status = 200
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(json.loads(body))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def webhook_server(path: str) -> Iterator[tuple[str, type[WebhookRecorder]]]:
+    """A real local HTTP webhook receiver: yields its URL (ending in `path`) and its recorder class."""
+    handler = type("Hook", (WebhookRecorder,), {"received": [], "status": 200})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}{path}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

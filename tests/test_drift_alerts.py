@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from telemetry_helpers import WebhookRecorder, webhook_server
 
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
@@ -24,29 +22,10 @@ REF = RNG.normal(size=(6000, 4))
 PROFILE = compute_reference_profile(REF, list("abcd"), outputs=REF.sum(axis=1))
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, object]] = []
-    status = 200
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(type(self).status)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def webhook() -> Iterator[tuple[str, type[_Hook]]]:
-    handler = type("Hook", (_Hook,), {"received": [], "status": 200})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/alerts", handler
-    server.shutdown()
-    server.server_close()
+def webhook() -> Iterator[tuple[str, type[WebhookRecorder]]]:
+    with webhook_server("/alerts") as hook:
+        yield hook
 
 
 def _windows(tmp_path: Path, shifts: list[float]) -> TelemetryStore:
@@ -65,7 +44,7 @@ def _windows(tmp_path: Path, shifts: list[float]) -> TelemetryStore:
 
 @pytest.mark.integration
 def test_alerts_once_per_episode_and_retrain_after_persistent_drift(
-    tmp_path: Path, webhook: tuple[str, type[_Hook]]
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
 ) -> None:
     url, hook = webhook
     out = tmp_path / "command.jsonl"
@@ -98,7 +77,9 @@ def test_alerts_once_per_episode_and_retrain_after_persistent_drift(
 
 
 @pytest.mark.integration
-def test_failed_delivery_is_recorded_and_retried(tmp_path: Path, webhook: tuple[str, type[_Hook]]) -> None:
+def test_failed_delivery_is_recorded_and_retried(
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
+) -> None:
     url, hook = webhook
     hook.status = 503
     store = _windows(tmp_path, [0.6])

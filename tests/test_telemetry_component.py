@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +13,14 @@ from pydantic import ValidationError
 from telemetry_helpers import (
     MLP_FEATURES,
     T0,
+    WebhookRecorder,
     column_shift,
     difference_output,
     encoded_reports,
     mlp_outputs,
     publish_mlp,
     small_profile,
+    webhook_server,
 )
 
 from agent.contract.manifest import ReferenceProfile
@@ -34,29 +34,10 @@ PROFILE = small_profile(difference_output)  # inputs a..d, output a - b
 SHIFTED = [0.0, 0.0, 0.8, 0.8, 0.8, 0.8]  # windows 1..6: drift from window 3 on, every feature
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict[str, object]] = []
-    status = 200
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(json.loads(body))
-        self.send_response(type(self).status)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def webhook() -> Iterator[tuple[str, type[_Hook]]]:
-    handler = type("Hook", (_Hook,), {"received": [], "status": 200})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/drift", handler
-    server.shutdown()
-    server.server_close()
+def webhook() -> Iterator[tuple[str, type[WebhookRecorder]]]:
+    with webhook_server("/hooks/drift") as hook:
+        yield hook
 
 
 def _store(tmp_path: Path, profiles: dict[tuple[str, str], ReferenceProfile]) -> TelemetryStore:
@@ -75,7 +56,7 @@ def _closed_after(k: int, settle_s: float = 30.0) -> float:
 
 @pytest.mark.integration
 def test_persisting_episode_fires_exactly_one_trigger_to_the_webhook(
-    tmp_path: Path, webhook: tuple[str, type[_Hook]]
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
 ) -> None:
     url, hook = webhook
     clock = FakeClock(_closed_after(4))
@@ -113,7 +94,7 @@ def test_persisting_episode_fires_exactly_one_trigger_to_the_webhook(
 
 @pytest.mark.integration
 def test_failed_deliveries_are_retried_on_the_next_cycle(
-    tmp_path: Path, webhook: tuple[str, type[_Hook]]
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
 ) -> None:
     url, hook = webhook
     hook.status = 500
