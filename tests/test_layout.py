@@ -52,7 +52,7 @@ def test_fleet_imports_only_the_agent_contract() -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("group", ["keys", "bundle", "repo", "fleet", "agent", "sim", "demo"])
+@pytest.mark.parametrize("group", ["keys", "bundle", "repo", "fleet", "agent", "sim", "demo", "telemetry"])
 def test_every_cli_group_has_help(group: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "agent.cli", group, "--help"], capture_output=True, text=True, timeout=60
