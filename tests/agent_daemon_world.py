@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from conftest import Broker, free_port
+from conftest import Broker, free_port, start_mosquitto
 from lifecycle_world import Repo, X, make_repo
 
 from agent.contract.protocol import Event, ReportedState
@@ -272,3 +273,15 @@ def make_agent(
 def clone_state(src: Path, dest: Path) -> None:
     """Copy a stopped agent's state directory (a device provisioned with the same bundles)."""
     shutil.copytree(src, dest, symlinks=True)
+
+
+@contextmanager
+def running_fleet(root: Path) -> Iterator[Fleet]:
+    """A private Mosquitto plus the fleet side (repository, signer, publisher), stopped after."""
+    broker = start_mosquitto(root / "broker")
+    fleet = start_fleet(root, broker)
+    try:
+        yield fleet
+    finally:
+        fleet.publisher.stop()
+        broker.stop()

@@ -16,8 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_daemon_world import ROOT, Agent, Fleet, make_agent, reference, start_fleet, wait_until
-from conftest import start_mosquitto
+from agent_daemon_world import (
+    ROOT,
+    Agent,
+    Fleet,
+    make_agent,
+    reference,
+    running_fleet,
+    wait_until,
+)
 from lifecycle_world import X
 from securesystemslib.signer import CryptoSigner
 
@@ -30,14 +37,8 @@ MAIN = "dev-main"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("agent-daemon")
-    broker = start_mosquitto(root / "broker")
-    fleet = start_fleet(root, broker)
-    try:
+    with running_fleet(tmp_path_factory.mktemp("agent-daemon")) as fleet:
         yield fleet
-    finally:
-        fleet.publisher.stop()
-        broker.stop()
 
 
 @pytest.fixture(scope="module")

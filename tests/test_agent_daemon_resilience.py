@@ -17,8 +17,15 @@ from functools import partial
 
 import numpy as np
 import pytest
-from agent_daemon_world import Agent, Fleet, clone_state, make_agent, reference, start_fleet, wait_until
-from conftest import start_mosquitto
+from agent_daemon_world import (
+    Agent,
+    Fleet,
+    clone_state,
+    make_agent,
+    reference,
+    running_fleet,
+    wait_until,
+)
 
 from agent.lifecycle.state_store import StateRecord
 
@@ -46,14 +53,8 @@ def _idle_record(agent: Agent) -> StateRecord | None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("agent-resilience")
-    broker = start_mosquitto(root / "broker")
-    fleet = start_fleet(root, broker)
-    try:
+    with running_fleet(tmp_path_factory.mktemp("agent-resilience")) as fleet:
         yield fleet
-    finally:
-        fleet.publisher.stop()
-        broker.stop()
 
 
 def test_sigkill_in_every_lifecycle_state_ends_serving_a_verified_model(fleet: Fleet) -> None:
