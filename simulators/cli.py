@@ -20,8 +20,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -134,6 +135,23 @@ def write_openapi(path: Path) -> None:
             app.state.store.close()
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _broker_options(command: F) -> F:
+    """`--broker` and `--embedded-broker`, shared by `sim run` and `demo`."""
+    command = click.option(
+        "--embedded-broker",
+        "prefer_embedded",
+        is_flag=True,
+        default=None,
+        help="Start the embedded iotcore broker instead of Mosquitto (also EDGEFLEET_EMBEDDED_BROKER=1).",
+    )(command)
+    return click.option(
+        "--broker", "broker_url", default=None, help="mqtt://host:port; default: Mosquitto, else iotcore."
+    )(command)
+
+
 @click.group(name="sim")
 def sim_group() -> None:
     """Run the simulated device swarm and its scenarios (see docs/simulator.md)."""
@@ -157,16 +175,7 @@ def sim_list() -> None:
     show_default=True,
     help="Worker processes for the swarm (one selector loop each).",
 )
-@click.option(
-    "--broker", "broker_url", default=None, help="mqtt://host:port; default: Mosquitto, else iotcore."
-)
-@click.option(
-    "--embedded-broker",
-    "prefer_embedded",
-    is_flag=True,
-    default=None,
-    help="Start the embedded iotcore broker instead of Mosquitto (also EDGEFLEET_EMBEDDED_BROKER=1).",
-)
+@_broker_options
 @click.option("--scenario", "names", multiple=True, help="Scenario name (repeatable); default: all.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -207,16 +216,7 @@ def sim_run(
 
 
 @click.command(name="demo")
-@click.option(
-    "--broker", "broker_url", default=None, help="mqtt://host:port; default: Mosquitto, else iotcore."
-)
-@click.option(
-    "--embedded-broker",
-    "prefer_embedded",
-    is_flag=True,
-    default=None,
-    help="Start the embedded iotcore broker instead of Mosquitto (also EDGEFLEET_EMBEDDED_BROKER=1).",
-)
+@_broker_options
 @click.option("--devices", type=click.IntRange(1, 100_000), default=DEFAULT_DEVICES, show_default=True)
 @click.option("--all", "run_all", is_flag=True, help="Run all scenarios, not only the first three.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
