@@ -8,6 +8,7 @@ state, event and telemetry report by device. Agents are real subprocesses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ import numpy as np
 from conftest import Broker, free_port, start_mosquitto
 from lifecycle_world import Repo, X, make_repo
 
-from agent.contract.protocol import Event, ReportedState
+from agent.contract.protocol import Event, ReportedState, Topics, encode_event
+from agent.errors import EdgefleetError
 from agent.inference_client import HttpInferenceClient, UnixInferenceClient
 from agent.lifecycle.state_store import StateRecord, StateStore
 from agent.transport.mqtt_client import MqttConfig
@@ -114,6 +116,27 @@ class Fleet:
             f"{count} {kind!r} event(s) from {device} (got {self.event_types(device)})",
         )
         return self.events_of(device, kind)[count - 1]
+
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Block until the fleet's subscriptions are live again (after a broker restart).
+
+        The test broker keeps no sessions across a restart, so an event published before the
+        fleet has re-subscribed is dropped by the broker: that is the broker's behaviour, not
+        the agent's, and tests that restart the broker must not race it. Publishes a probe
+        event as a made-up device until the fleet's own subscription hands it back.
+        """
+        probe = f"probe-{time.monotonic_ns()}"
+        topic = Topics(PREFIX).events(probe)
+        payload = encode_event(Event(device_id=probe, type="probe", timestamp=time.time(), seq=1))
+        deadline = time.monotonic() + timeout
+        while not self.events_of(probe, "probe"):
+            if time.monotonic() > deadline:
+                raise AssertionError("fleet did not re-subscribe after the broker restart")
+            if self.publisher.transport.connected:
+                with contextlib.suppress(EdgefleetError):
+                    self.publisher.transport.publish(topic, payload, qos=1)
+            time.sleep(0.2)
 
 
 def start_fleet(root: Path, broker: Broker) -> Fleet:

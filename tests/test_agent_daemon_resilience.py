@@ -200,6 +200,7 @@ def test_events_made_offline_survive_a_crash_and_arrive_after_reconnect(fleet: F
         assert not fleet.events_of(agent.device, "rolled_back")
     finally:
         fleet.broker.restart()
+        fleet.wait_listening()  # else the broker drops events sent before the fleet re-subscribes
     agent.start()
     try:
         rolled = fleet.wait_event(agent.device, "rolled_back")
