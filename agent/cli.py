@@ -3,13 +3,16 @@
 Subcommand groups are discovered through the `edgefleet.commands` entry-point group so
 that this module (installed with the agent) never imports `fleet` or `simulators`: a group
 whose extra is not installed is listed with a hint instead of crashing the whole CLI.
+
+The `agent` group ships in this package, so `edgefleet agent ...` (the device daemon included)
+resolves it directly instead of scanning every installed distribution's entry points (a
+start-up cost the daemon does not need); `--help` listings and the other groups still scan.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -32,6 +35,8 @@ class _PluginGroup(click.Group):
     """A click group whose subcommands are loaded lazily from entry points."""
 
     def _entry_points(self) -> dict[str, Any]:
+        from importlib.metadata import entry_points
+
         return {ep.name: ep for ep in entry_points(group="edgefleet.commands")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -41,10 +46,14 @@ class _PluginGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.commands:
             return self.commands[cmd_name]
-        ep = self._entry_points().get(cmd_name)
-        if ep is None:
-            return None
         try:
+            if cmd_name == "agent":  # our own group (also the `agent` entry point): no scan needed
+                from agent.cli_agent import group
+
+                return group
+            ep = self._entry_points().get(cmd_name)
+            if ep is None:
+                return None
             command = ep.load()
         except ImportError as exc:
             return _missing_extra(cmd_name, exc)
