@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from agent.contract.director import DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
 from fleet.errors import FleetInputError
-from fleet.keys import KeyStore
+from fleet.keys import KEYS_FILE, KeyStore
 
 logger = logging.getLogger("edgefleet.director")
 DEFAULT_TTL = timedelta(days=7)
@@ -27,6 +28,9 @@ MAX_TTL = timedelta(days=365)
 class DirectorSigner:
     """Signs director documents with the key store's `director` keys.
 
+    A rollout signs one document per device, so the signer keeps one SQLite connection (each
+    sequence is still its own durable transaction) and reuses the loaded signers until the key
+    store's file changes (a rotation replaces it). Thread-safe.
     Raises `FleetInputError` for a bad addressee/TTL and `SigningKeyError` if keys are missing.
     """
 
@@ -38,17 +42,42 @@ class DirectorSigner:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.state_dir / "director.sqlite"
         self.clock = clock
-        with closing(self._connect()) as db, db:
-            db.execute("CREATE TABLE IF NOT EXISTS sequences (addressee TEXT PRIMARY KEY, sequence INTEGER)")
+        self._lock = threading.Lock()
+        self._db = self._connect()
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS sequences (addressee TEXT PRIMARY KEY, sequence INTEGER)"
+        )
+        self._signers: tuple[tuple[int, int, int], list[Any]] | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         return db
 
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _director_signers(self) -> list[Any]:
+        """The director role's signers, reloaded only when the key store file was replaced."""
+        try:
+            st = (self.keystore.keys_dir / KEYS_FILE).stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = (0, 0, 0)  # no key store: `signers` raises the real error below
+        with self._lock:
+            cached = self._signers
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        signers = self.keystore.signers("director")
+        with self._lock:
+            self._signers = (stamp, signers)
+        return signers
+
     def _next_sequence(self, addressee: str) -> int:
-        with closing(self._connect()) as db:
+        with self._lock:
+            db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute(
@@ -68,8 +97,8 @@ class DirectorSigner:
 
     def last_sequence(self, device_id: str | None = None, cohort: str | None = None) -> int:
         """The last sequence issued to an addressee (0 if none)."""
-        with closing(self._connect()) as db:
-            row = db.execute(
+        with self._lock:
+            row = self._db.execute(
                 "SELECT sequence FROM sequences WHERE addressee = ?", (_addressee(device_id, cohort),)
             ).fetchone()
         return int(row[0]) if row else 0
@@ -103,7 +132,7 @@ class DirectorSigner:
             )
         except ValueError as exc:
             raise FleetInputError(f"invalid director document: {exc}") from None
-        data = sign_director(doc, self.keystore.signers("director"))
+        data = sign_director(doc, self._director_signers())
         log_event(logger, "director.issued", addressee=addressee, sequence=doc.sequence, target=target.path)
         return data
 

@@ -11,6 +11,9 @@ Pacing keeps the broker's memory flat (Mosquitto silently drops QoS 1 messages p
 `max_pending_per_device` requests queued (beyond that it gets 429 and retries), and the
 request queue is bounded (beyond it: 503). The fetcher's own window already bounds what one
 device asks for. Several publisher workers can split the load with a shared subscription.
+Reported states, events and telemetry are handed to their callbacks on one inbound thread
+(bounded queue, arrival order kept), never on the MQTT network thread, so ingest never
+delays chunk requests.
 
 Errors: `start` raises FleetTransportError when the broker is unreachable;
 `publish_desired` raises FleetMisuseError for a bad addressee and FleetTransportError when
@@ -67,6 +70,7 @@ class PublisherSettings(BaseModel):
     response_expiry_s: Annotated[int, Field(ge=1, le=3600)] = 60
     share_group: str | None = None  # e.g. "fleet": subscribe via $share/fleet/...
     request_log_size: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
+    inbound_queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
 
 class TokenBucket:
@@ -132,17 +136,27 @@ class Publisher:
         self._reported_cbs: list[Callable[[str, ReportedState], None]] = []
         self._event_cbs: list[Callable[[str, Event], None]] = []
         self._telemetry_cbs: list[Callable[[str, bytes], None]] = []
+        # Device -> fleet messages are handled off the MQTT network thread (see `_inbound_loop`).
+        self._inbound: queue.Queue[tuple[Callable[[Message], None], Message] | None] = queue.Queue(
+            self.settings.inbound_queue_size
+        )
+        self._inbound_thread: threading.Thread | None = None
+        self.inbound_stalls = 0  # times the network thread waited for room in the inbound queue
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
         """Subscribe to requests (and reports if callbacks are set) and start the workers."""
         self.transport.subscribe(self.topics.all_requests(self.settings.share_group), self._on_request)
         if self._reported_cbs:
-            self.transport.subscribe(self.topics.all_devices("reported"), self._on_reported)
+            self.transport.subscribe(self.topics.all_devices("reported"), self._deferred(self._on_reported))
         if self._event_cbs:
-            self.transport.subscribe(self.topics.all_devices("events"), self._on_event)
+            self.transport.subscribe(self.topics.all_devices("events"), self._deferred(self._on_event))
         if self._telemetry_cbs:
-            self.transport.subscribe(self.topics.all_devices("telemetry"), self._on_telemetry)
+            self.transport.subscribe(self.topics.all_devices("telemetry"), self._deferred(self._on_telemetry))
+        self._inbound_thread = threading.Thread(
+            target=self._inbound_loop, name="publisher-inbound", daemon=True
+        )
+        self._inbound_thread.start()
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._work, name=f"publisher-{i}", daemon=True)
             t.start()
@@ -161,6 +175,10 @@ class Publisher:
             t.join(timeout=10)
         self._workers.clear()
         self.transport.close()
+        if self._inbound_thread is not None:
+            self._inbound.put(None)
+            self._inbound_thread.join(timeout=10)
+            self._inbound_thread = None
 
     def on_reported(self, cb: Callable[[str, ReportedState], None]) -> None:
         """Call `cb(device_id, state)` for every valid reported state (register before `start`)."""
@@ -327,6 +345,33 @@ class Publisher:
         self.chunks_sent += 1
 
     # --- reports ------------------------------------------------------------------------
+    # --- device -> fleet messages -------------------------------------------------------
+    def _deferred(self, handler: Callable[[Message], None]) -> Callable[[Message], None]:
+        """Wrap `handler` to run on the inbound thread instead of the MQTT network thread."""
+
+        def enqueue(msg: Message) -> None:
+            try:
+                self._inbound.put_nowait((handler, msg))
+            except queue.Full:  # ingest is far behind: hold the network thread (backpressure)
+                self.inbound_stalls += 1
+                self._inbound.put((handler, msg))
+
+        return enqueue
+
+    def _inbound_loop(self) -> None:
+        """Run report, event and telemetry callbacks in arrival order, one at a time.
+
+        Why a thread of its own: the callbacks write SQLite and merge sketches; on the network
+        thread, a thousand devices' reports would delay every chunk request behind them, and
+        devices waiting for chunks time out and ask again (congestion collapse).
+        """
+        while (item := self._inbound.get()) is not None:
+            handler, msg = item
+            try:
+                handler(msg)
+            except Exception:  # a failing callback must not stop the others
+                logger.exception("publisher inbound handler failed on %s", msg.topic)
+
     def _device_of(self, msg: Message, kind: TopicKind) -> str | None:
         try:
             parsed = parse_topic(self.topics.prefix, msg.topic)

@@ -177,3 +177,28 @@ def test_signer_sequence_persists_and_increases(tmp_path: Path) -> None:
         restarted.issue(REF)
     with pytest.raises(FleetInputError, match="ttl"):
         restarted.issue(REF, device_id="dev-1", ttl=timedelta(0))
+
+
+@pytest.mark.integration
+def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(tmp_path: Path) -> None:
+    """The signer caches its keys; a rotation (the key file replaced) must take effect at once."""
+    store = KeyStore(tmp_path / "keys")
+    store.init(root_keys=1, root_threshold=1)
+
+    def trust() -> DirectorTrust:
+        return DirectorTrust(keys={k.keyid: k.public for k in store.role("director").keys}, threshold=1)
+
+    old_trust = trust()
+    signer = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    verify_director(signer.issue(REF, device_id="dev-1"), old_trust, "dev-1", [], 0, NOW)
+    store.rotate("director")
+    doc = signer.issue(REF, device_id="dev-1")
+    assert verify_director(doc, trust(), "dev-1", [], 1, NOW).sequence == 2
+    with pytest.raises(DirectorError):
+        verify_director(doc, old_trust, "dev-1", [], 1, NOW)
+    # a second signer on the same state (another fleet worker) never reuses a sequence
+    other = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    assert verify_director(other.issue(REF, device_id="dev-1"), trust(), "dev-1", [], 2, NOW).sequence == 3
+    assert signer.last_sequence(device_id="dev-1") == 3
+    signer.close()
+    other.close()

@@ -391,3 +391,40 @@ def test_second_process_on_the_same_spool_is_refused(mosquitto: Broker, repo: Pa
             with pytest.raises(DownloadError, match="another process"):
                 fetcher.download_bytes(f"mqtt://repo/{TARGET}", SIZE)
         assert fetcher.chunk_requests == 0
+
+
+@pytest.mark.integration
+def test_slow_telemetry_ingest_never_delays_chunk_answers(
+    mosquitto: Broker, repo: Path, tmp_path: Path
+) -> None:
+    """Device -> fleet callbacks run off the MQTT network thread: a stuck ingest (a long SQLite
+    write, a thousand reports at once) must not hold back the chunks devices are waiting for."""
+    release = threading.Event()
+    seen: list[bytes] = []
+
+    def stuck_ingest(device_id: str, data: bytes) -> None:
+        release.wait(60)
+        seen.append(data)
+
+    pub = Publisher(MqttConfig(port=mosquitto.port, client_id=f"pub-{uuid.uuid4().hex[:8]}"), PREFIX, repo)
+    pub.on_telemetry(stuck_ingest)
+    pub.start()
+    dev = _dev()
+    cfg = FetcherConfig(chunk_timeout_s=2.0, chunk_retries=1)
+    try:
+        with device(mosquitto, dev, tmp_path / "s", cfg) as fetcher:
+            topic = Topics(PREFIX, dev).telemetry()
+            for i in range(5):
+                fetcher.transport.publish(topic, b"report-%d" % i, qos=1)
+            deadline = time.monotonic() + 30
+            while pub._inbound.qsize() < 4 and time.monotonic() < deadline:  # 1 stuck, 4 queued
+                time.sleep(0.01)
+            assert fetcher.download_bytes("mqtt://repo/metadata/1.root.json", 100) == b'{"signed": {}}'
+            assert seen == []  # the answer came while the ingest was still stuck
+            release.set()
+            while len(seen) < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert seen == [b"report-%d" % i for i in range(5)]  # all of them, in arrival order
+    finally:
+        release.set()
+        pub.stop()
