@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,16 @@ from agent.health import hung_threads
 from agent.lifecycle import State
 from agent.runtimes import load_model
 from simulators.models import mlp_reference, mlp_weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _join_abandoned_runs() -> Iterator[None]:
+    """Wait for the runs the watchdog abandoned (the spinning model ends by itself in seconds):
+    onnxruntime aborts the interpreter at exit if a session is still running in a thread."""
+    yield
+    for t in threading.enumerate():
+        if t.name.startswith("watchdog-"):
+            t.join(60)
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +308,53 @@ def test_on_save_sees_every_saved_state(repo: Repo, tmp_path: Path) -> None:
     assert saved == ["idle", "downloading", "verifying", "staged", "activating", "probation", "committed",
                      "idle"]
     holder.close()
+
+
+@pytest.mark.integration
+def test_run_forever_rests_in_idle_until_woken_or_a_backoff_runs_out(repo: Repo, tmp_path: Path) -> None:
+    """Idle costs nothing per poll (no step, no record fingerprint); new work still starts at once."""
+    from agent.errors import TransportError
+
+    dev = _installed(repo, tmp_path, retry_base_s=0.2, retry_max_s=0.2)
+    lc = dev.lifecycle
+    steps = []
+    real_step = lc.machine.step
+
+    def counting_step() -> State:
+        steps.append(lc.state)
+        return real_step()
+
+    lc.machine.step = counting_step  # type: ignore[method-assign]
+    real_download = lc.ctx.trust.download_target
+    calls: list[str] = []
+
+    def flaky(path, expected=None):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 1:
+            raise TransportError("broker went away")
+        return real_download(path, expected)
+
+    lc.ctx.trust.download_target = flaky  # type: ignore[method-assign]
+    lc.ctx.wake.clear()  # (set by the offer in `_installed`)
+    stop = threading.Event()
+    ticks: list[float] = []
+    runner = threading.Thread(
+        target=lc.run_forever, args=(stop, 0.005, lambda: ticks.append(time.monotonic()), 3600.0)
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(ticks) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ticks) >= 40 and steps == [State.IDLE]  # one settle, then rest: heartbeats only
+        lc.offer_desired(repo.desired("mlp-2.0.0"))  # the wake starts it; the download fails once
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # ...and the retry starts when the backoff runs out, with nobody waking the machine
+        while lc.record.active != "mlp-2.0.0" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lc.record.active == "mlp-2.0.0" and len(calls) == 2
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()

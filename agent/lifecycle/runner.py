@@ -23,6 +23,9 @@ from agent.lifecycle.slots import Slots
 from agent.lifecycle.state_store import DesiredTarget, StateRecord, StateStore
 from agent.serving import ModelHolder
 
+#: Longest rest in `idle` without stepping the machine (see `Lifecycle.run_forever`).
+IDLE_RECHECK_S = 30.0
+
 
 class Lifecycle:
     """Install/activate/rollback for one device; resumes from its state record.
@@ -88,13 +91,38 @@ class Lifecycle:
     def run_until_stable(self) -> State:
         return self.machine.run_until_stable()
 
+    def _timer_due(self) -> bool:
+        """A backoff (update retry or shadow download) has run out: idle has work to do."""
+        now = self.ctx.clock()
+        return 0 < self.record.retry_at <= now or 0 < self.ctx.shadow_retry_at <= now
+
     def run_forever(
-        self, stop: threading.Event, poll_s: float = 1.0, on_tick: Callable[[], None] | None = None
+        self,
+        stop: threading.Event,
+        poll_s: float = 1.0,
+        on_tick: Callable[[], None] | None = None,
+        idle_recheck_s: float = IDLE_RECHECK_S,
     ) -> None:
-        """Settle, then wait for a new target (or `poll_s`), until `stop` is set."""
+        """Settle, then wait for a new target (or `poll_s`), until `stop` is set.
+
+        Resting in `idle` with nothing new, the machine is not stepped on every poll (each
+        step fingerprints the record): only when woken (a new target, a rollback request, a
+        reconnect), when a backoff ran out, or every `idle_recheck_s` as a safety net.
+        `on_tick` (the watchdog heartbeat) still runs on every poll.
+        """
+        woken, last_step = True, float("-inf")
         while not stop.is_set():
-            self.machine.run_until_stable()
+            now = time.monotonic()
+            if (
+                woken
+                or self.machine.state is not State.IDLE
+                or self._timer_due()
+                or now - last_step >= idle_recheck_s
+            ):
+                self.machine.run_until_stable()
+                last_step = now
             if on_tick is not None:
                 on_tick()
-            self.ctx.wake.wait(poll_s)
-            self.ctx.wake.clear()
+            woken = self.ctx.wake.wait(poll_s)
+            if woken:  # cleared only when seen: a set after a timed-out wait is kept
+                self.ctx.wake.clear()
