@@ -444,3 +444,42 @@ def test_a_device_offline_at_assignment_still_learns_where_to_return(world: Worl
     world.ctl.tick()
     world.ctl.tick()
     assert world.pub.last_target("b") == V1 == world.pub.last_target("a")
+
+
+def test_a_flood_of_wake_ups_is_coalesced_into_spaced_ticks(world: World) -> None:
+    """A thousand devices reporting wake the controller all the time: it must still pause
+    `min_tick_gap_s` between ticks instead of ticking back to back, and lose no event."""
+    import itertools
+    import threading
+    import time
+
+    ctl = RolloutController(world.store, world.repo, world.signer, world.pub, world.clock,
+                            ControllerConfig(tick_s=1.0, min_tick_gap_s=0.2), metrics=world)
+    starts: list[float] = []
+    real_tick = ctl.tick
+
+    def counting_tick() -> None:
+        starts.append(time.monotonic())
+        real_tick()
+
+    ctl.tick = counting_tick  # type: ignore[method-assign]
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            ctl.on_reported("a", None)  # type: ignore[arg-type]
+            time.sleep(0.001)
+
+    flooder = threading.Thread(target=flood)
+    ctl.start()
+    flooder.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(starts) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        flooder.join()
+        ctl.stop()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) >= 3 and min(gaps) >= 0.19  # woken ~200 times per gap, ticked once
