@@ -49,7 +49,7 @@ from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
 from agent.serving import ModelHolder
 from agent.telemetry.queue import QueueConfig, ReportQueue
-from agent.transport import Message
+from agent.transport import Delivery, Message
 from agent.transport.mqtt_client import MqttTransport
 from agent.trust import TrustClient
 
@@ -63,6 +63,7 @@ KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 _EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
+EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
 #: How `verify_director` words "no signature by a key the trusted root knows".
 UNKNOWN_KEYS_MARK = "signed only by unknown key"
 TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
@@ -375,16 +376,19 @@ class AgentDaemon:
         self._flush_events()
 
     def _flush_events(self) -> None:
-        """Send stored events in order (kept on disk, bounded, while offline)."""
+        """Send stored events in order; each stays on disk until the broker's PUBACK (at least once).
 
-        def send(payload: bytes) -> bool:
+        Runs on any thread, the MQTT network thread included (on connect, director events), so
+        it never waits for an acknowledgement: a later flush forgets the acknowledged ones.
+        """
+
+        def send(payload: bytes) -> Delivery | None:
             if not self.transport.connected:
-                return False
+                return None
             try:
-                self.transport.publish(self.topics.events(), payload, qos=1)
+                return self.transport.publish(self.topics.events(), payload, qos=1)
             except EdgefleetError:
-                return False
-            return True
+                return None
 
         self.outbox.drain(send)
 
@@ -498,6 +502,10 @@ class AgentDaemon:
         with contextlib.suppress(Exception):
             self.tap.flush(self.holder.bundle_id)
             self._send_telemetry()
+        with contextlib.suppress(Exception):  # unacknowledged events are sent again at the next start
+            self._flush_events()
+            if self.transport.connected:
+                self.outbox.wait_acknowledged(EVENT_ACK_WAIT_S)
         self.publish_reported(online=False)
         self.transport.close()
         self.holder.close()

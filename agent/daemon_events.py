@@ -4,9 +4,20 @@ Why on disk: the events that matter most (a rollback and its reason, a crash rec
 happen exactly when the device is offline or about to die, and the fleet gates rollouts on
 them. Reported state is retained and re-sent on every connect, so it needs no queue; events
 do. Encoded events go into SQLite (stdlib `sqlite3`, WAL, one statement per operation) and are
-sent oldest first when connected, then deleted. The outbox is bounded: past `max_events` the
-oldest are dropped and the drop is logged (events carry their own sequence numbers, so the
-fleet sees the gap).
+sent oldest first when connected. The outbox is bounded: past `max_events` the oldest are
+dropped and the drop is logged (events carry their own sequence numbers, so the fleet sees the
+gap).
+
+Delivery is at least once, across crashes too: an event leaves the outbox when the broker has
+acknowledged it (QoS 1 PUBACK), not when the MQTT client has queued it. `drain` hands stored
+events to `send` and keeps each one's `Delivery` handle in memory; a later `drain` (the daemon
+drains every `report_interval_s` and after each new event) deletes those whose PUBACK came. An
+event handed over and not yet acknowledged is not handed over again by this process: paho
+itself sends it again after a reconnect, under the same handle. After a restart every stored
+event is sent again, including ones the broker got but whose PUBACK never reached the agent;
+the fleet drops such duplicates by (device_id, seq). Nothing here waits for an acknowledgement
+except `wait_acknowledged`, which must not run on the MQTT client's network thread (the
+acknowledgements arrive there; the daemon calls it only on shutdown, from its main thread).
 
 Errors: the constructor raises `agent.errors.MisuseError` when the file is not a usable database.
 """
@@ -16,17 +27,19 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agent.errors import MisuseError
 from agent.logs import log_event
+from agent.transport import Delivery
 
 log = logging.getLogger(__name__)
 
 
 class EventOutbox:
-    """Bounded FIFO of encoded events that survives restarts; thread-safe."""
+    """Bounded FIFO of encoded events that survives restarts until acknowledged; thread-safe."""
 
     def __init__(self, path: Path, max_events: int = 1000) -> None:
         if max_events < 1:
@@ -34,6 +47,7 @@ class EventOutbox:
         self.path = Path(path)
         self.max_events = max_events
         self._lock = threading.Lock()
+        self._in_flight: dict[int, Delivery] = {}  # row id -> handle of the publish not yet acked
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -45,32 +59,85 @@ class EventOutbox:
             raise MisuseError(f"event outbox: cannot open {self.path}: {exc}") from None
 
     def put(self, payload: bytes) -> None:
-        """Store one encoded event, dropping the oldest past the bound."""
+        """Store one encoded event, dropping the oldest (sent or not) past the bound."""
         with self._lock:
             self._db.execute("INSERT INTO events (payload) VALUES (?)", (payload,))
-            cur = self._db.execute(
-                "DELETE FROM events WHERE id NOT IN (SELECT id FROM events ORDER BY id DESC LIMIT ?)",
-                (self.max_events,),
-            )
-            if cur.rowcount:
-                log_event(log, "agent.events_dropped", logging.WARNING, dropped=cur.rowcount)
+            row = self._db.execute(
+                "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (self.max_events,)
+            ).fetchone()
+            if row is None:
+                return
+            cur = self._db.execute("DELETE FROM events WHERE id <= ?", (row[0],))
+            for row_id in [i for i in self._in_flight if i <= row[0]]:
+                del self._in_flight[row_id]
+            log_event(log, "agent.events_dropped", logging.WARNING, dropped=cur.rowcount)
 
-    def drain(self, send: Callable[[bytes], bool]) -> int:
-        """Send stored events oldest first until `send` returns False; returns how many were sent."""
-        sent = 0
+    def drain(self, send: Callable[[bytes], Delivery | None]) -> int:
+        """Forget the events the broker acknowledged, then hand the others to `send`, oldest first.
+
+        `send` publishes one event and returns its `Delivery`, or None when it cannot send now
+        (offline); draining stops there, which keeps the order. Events already handed over and
+        awaiting their PUBACK are skipped. Returns how many events were handed over.
+        """
+        handed = 0
         with self._lock:  # one drainer at a time keeps the order
-            rows = self._db.execute("SELECT id, payload FROM events ORDER BY id").fetchall()
-            for row_id, payload in rows:
-                if not send(bytes(payload)):
+            self._forget_acknowledged()
+            ids = [int(r[0]) for r in self._db.execute("SELECT id FROM events ORDER BY id")]
+            for row_id in ids:
+                if row_id in self._in_flight:
+                    continue
+                (payload,) = self._db.execute("SELECT payload FROM events WHERE id = ?", (row_id,)).fetchone()
+                delivery = send(bytes(payload))
+                if delivery is None:
                     break
-                self._db.execute("DELETE FROM events WHERE id = ?", (row_id,))
-                sent += 1
-        return sent
+                self._in_flight[row_id] = delivery
+                handed += 1
+        return handed
+
+    def wait_acknowledged(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every handed-over event's PUBACK, forgetting them as they come.
+
+        True when none is left in flight. Never call it on the MQTT client's network thread.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._forget_acknowledged()
+                if not self._in_flight:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def _forget_acknowledged(self) -> None:
+        """Delete acknowledged events (caller holds the lock)."""
+        done: list[int] = []
+        for row_id, delivery in list(self._in_flight.items()):
+            try:
+                acked = delivery.is_published()
+            except (ValueError, RuntimeError):  # the client will never send it: hand it over again
+                del self._in_flight[row_id]
+                continue
+            if acked:
+                done.append(row_id)
+        if done:
+            self._db.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in done])
+            for row_id in done:
+                del self._in_flight[row_id]
+
+    @property
+    def in_flight(self) -> int:
+        """Events handed to the transport whose PUBACK has not been seen yet."""
+        with self._lock:
+            return len(self._in_flight)
 
     def __len__(self) -> int:
+        """Stored events: not yet sent, or sent and not yet known to be acknowledged."""
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def close(self) -> None:
+        """Close the database; events not acknowledged stay in it and are sent at the next start."""
         with self._lock:
+            self._in_flight.clear()
             self._db.close()

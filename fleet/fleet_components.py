@@ -37,6 +37,7 @@ from agent.transport.mqtt_client import MqttConfig
 from fleet.bundle_publish import REPO_LOCK
 from fleet.director import DirectorSigner
 from fleet.errors import FleetError, FleetInputError
+from fleet.event_dedupe import EventDeduper
 from fleet.experiments import ExperimentDriver
 from fleet.keys import KeyStore
 from fleet.publisher import Publisher
@@ -222,7 +223,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_reported(controller.on_reported)
         # Events and telemetry from revoked devices (in flight, or before the broker reload) are
         # dropped and counted; reports are refused by `store.devices.on_reported` itself.
-        publisher.on_event(RevokedFilter(store, controller.on_event, "event"))
+        # Agents send events at least once: a redelivery (same device and seq) is dropped first.
+        publisher.on_event(EventDeduper(RevokedFilter(store, controller.on_event, "event")))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     components.append(controller)
     components.append(ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2))

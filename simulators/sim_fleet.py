@@ -30,6 +30,7 @@ from agent.transport.mqtt_client import MqttConfig
 from fleet.bundle_builder import BundleMetadata, build_bundle
 from fleet.director import DirectorSigner
 from fleet.errors import FleetTransportError
+from fleet.event_dedupe import EventDeduper
 from fleet.keys import KeyStore
 from fleet.publisher import Publisher, PublisherSettings
 from fleet.repository import Repository
@@ -101,7 +102,7 @@ class SimFleet:
             publisher_settings or PublisherSettings(workers=4, max_pending_per_device=16),
         )
         self.publisher.on_reported(self._on_reported)
-        self.publisher.on_event(self._on_event)
+        self.publisher.on_event(EventDeduper(self._on_event))  # agents send events at least once
         self.publisher.on_telemetry(self._on_telemetry)
 
     @property

@@ -35,6 +35,7 @@ from agent.inference_client import HttpInferenceClient, UnixInferenceClient
 from agent.lifecycle.state_store import StateRecord, StateStore
 from agent.transport.mqtt_client import MqttConfig
 from fleet.director import DirectorSigner
+from fleet.event_dedupe import EventDeduper
 from fleet.keys import KeyStore
 from fleet.publisher import Publisher
 from simulators.models import mlp_reference, mlp_weights
@@ -166,7 +167,7 @@ def start_fleet(root: Path, broker: Broker) -> Fleet:
             fleet.telemetry[device].append(payload)
 
     publisher.on_reported(on_reported)
-    publisher.on_event(on_event)
+    publisher.on_event(EventDeduper(on_event))  # as `fleet serve`: events come at least once
     publisher.on_telemetry(on_telemetry)
     publisher.start()
     return fleet

@@ -235,18 +235,23 @@ def test_event_outbox_keeps_order_across_reopen_and_drops_oldest_past_its_bound(
     assert len(box) == 3
     sent: list[bytes] = []
 
-    def send_two(payload: bytes) -> bool:
-        sent.append(payload)
-        return len(sent) < 2  # the second send fails
+    class Acked:  # a delivery the broker has acknowledged (see tests/test_agent_event_delivery.py)
+        def is_published(self) -> bool:
+            return True
 
-    def send_all(payload: bytes) -> bool:
+    def send_two(payload: bytes) -> Acked | None:
         sent.append(payload)
-        return True
+        return Acked() if len(sent) < 2 else None  # the second send fails
+
+    def send_all(payload: bytes) -> Acked | None:
+        sent.append(payload)
+        return Acked()
 
     assert box.drain(send_two) == 1  # stops at the failed send, which stays queued
-    assert sent == [b"e2", b"e3"] and len(box) == 2
+    assert sent == [b"e2", b"e3"] and len(box) == 3  # e2 leaves at the next drain (acknowledged)
     assert box.drain(send_all) == 2
-    assert sent[2:] == [b"e3", b"e4"] and len(box) == 0
+    assert sent[2:] == [b"e3", b"e4"] and len(box) == 2
+    assert box.drain(send_all) == 0 and len(box) == 0
     (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(MisuseError, match="event outbox"):
         EventOutbox(tmp_path / "bad.sqlite").put(b"x")

@@ -27,6 +27,17 @@ class Message:
 Handler = Callable[[Message], None]
 
 
+class Delivery(Protocol):
+    """What `Transport.publish` returns: has the broker acknowledged the message yet?
+
+    For QoS 1 that is the broker's PUBACK. A message still unacknowledged when the connection
+    drops is sent again by the client after it reconnects (same handle); one unacknowledged
+    when the process dies is lost unless the caller kept it (the agent's event outbox does).
+    """
+
+    def is_published(self) -> bool: ...
+
+
 class Transport(Protocol):
     """Publish/subscribe with request/response on top; every handler must be idempotent.
 
@@ -55,8 +66,9 @@ class Transport(Protocol):
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         message_expiry_s: int | None = None,
-    ) -> None:
-        """Queue one message; raise TransportError when not connected, MisuseError when oversize."""
+    ) -> Delivery:
+        """Queue one message and return its `Delivery`; raise TransportError when not connected,
+        MisuseError when oversize."""
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route matching messages to `handler`; kept across reconnects."""
@@ -85,4 +97,4 @@ class Transport(Protocol):
         """Blocking request/response; raise FetchTimeoutError when no answer arrives in time."""
 
 
-__all__ = ["Handler", "Message", "Transport"]
+__all__ = ["Delivery", "Handler", "Message", "Transport"]

@@ -297,8 +297,12 @@ class MqttTransport:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         message_expiry_s: int | None = None,
-    ) -> None:
-        """Queue one message. Raises MisuseError (oversize) or TransportError (not connected)."""
+    ) -> paho.MQTTMessageInfo:
+        """Queue one message. Raises MisuseError (oversize) or TransportError (not connected).
+
+        Returns paho's handle (`agent.transport.Delivery`): `is_published()` turns True when the
+        broker's PUBACK arrives (QoS 1), also when paho had to send it again after a reconnect.
+        """
         self._check_size(payload)
         if not self._connected.is_set():
             raise TransportError(f"not connected; cannot publish to {topic}")
@@ -314,6 +318,7 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
