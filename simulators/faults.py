@@ -304,15 +304,18 @@ class SkewedClock:
 def tiny_disk(path: Path, size_bytes: int) -> Iterator[Path]:
     """Mount a tmpfs of `size_bytes` on `path` (a full disk for a device's state directory).
 
-    Needs root (the simulator's sandbox runs as root). Raises FleetMisuseError otherwise.
+    Needs root and `mount` (the simulator's sandbox runs as root). Raises FleetMisuseError otherwise.
     """
     path.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={max(4096, size_bytes)}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    try:
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={max(4096, size_bytes)}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:  # no `mount` on this system
+        raise FleetMisuseError(f"cannot mount a {size_bytes} byte tmpfs on {path}: {exc}") from exc
     if res.returncode != 0:
         raise FleetMisuseError(f"cannot mount a {size_bytes} byte tmpfs on {path}: {res.stderr.strip()}")
     log_event(logger, "fault.tiny_disk", path=str(path), size_bytes=size_bytes)

@@ -136,6 +136,7 @@ _SCENARIO_MODULES: tuple[str, ...] = (
     "simulators.scenario_faults",
     "simulators.scenario_security",
     "simulators.scenario_ab",
+    "simulators.scenario_hostile",
 )
 
 

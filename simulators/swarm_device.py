@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from agent.daemon import AgentDaemon
 from agent.daemon_serving import ModelCatalog
 from agent.errors import RuntimeFailure
 from agent.runtimes.base import LoadedModel
+from simulators.faults import SkewedClock
 from simulators.swarm_loop import SwarmLoop
 
 ALL_RUNTIMES = ("onnx", "tflite")  # manifest runtime names
@@ -48,6 +50,7 @@ class DeviceProfile:
     memory_mb: float = 1024.0
     agent_version: str = "0.1.0"
     labels: dict[str, str] = field(default_factory=dict)
+    clock_offset_s: float = 0.0  # the device's wall clock ahead (+) of or behind (-) real time
 
 
 class _PooledRuntime:
@@ -167,6 +170,10 @@ class SwarmAgent(AgentDaemon):
         catalog = SharedModelCatalog(config.model_threads, profile.runtimes)
         super().__init__(config, transport=transport, catalog=catalog)
         self.lifecycle.ctx.trust = _ThrottledTrust(self.lifecycle.ctx.trust, DOWNLOAD_GATE)
+        if profile.clock_offset_s:  # what judges validity: director expiry and TUF metadata expiry
+            clock = SkewedClock(timedelta(seconds=profile.clock_offset_s))
+            self.trust.clock = clock
+            self.gate._clock = clock
 
     def reported_state(self, record: Any = None, online: bool = True) -> ReportedState:
         state = super().reported_state(record, online)

@@ -241,6 +241,30 @@ def test_transport_failure_backs_off_and_retries(repo: Repo, tmp_path: Path) -> 
 
 
 @pytest.mark.integration
+def test_a_disk_too_small_fails_before_any_byte_is_written_and_retries(repo: Repo, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    dev = _installed(repo, tmp_path)
+    ctx = dev.lifecycle.ctx
+    roomy = ctx.config
+    # a reserve of the whole disk: never free, whatever else runs on this machine
+    ctx.config = dataclasses.replace(roomy, disk_reserve_bytes=shutil.disk_usage(tmp_path).total)
+    dev.lifecycle.offer_desired(repo.desired("mlp-2.0.0"))
+    assert dev.lifecycle.run_until_stable() is State.IDLE
+    rec = dev.lifecycle.record
+    reason = dev.event("update_failed")["reason"]
+    assert "disk full: mlp-2.0.0 needs" in reason and "free on the state directory's disk" in reason
+    assert rec.active == "mlp-1.0.0" and rec.retry_at > time.time() and rec.quarantined == {}
+    assert dev.holder.bundle_id == "mlp-1.0.0"  # still serving the old bundle
+    assert [p for p in dev.dir.rglob("*") if "2.0.0" in p.name] == []  # nothing fetched or staged
+    ctx.config = roomy  # space freed: the retry installs it
+    rec.retry_at = 0.0
+    dev.lifecycle.run_until_stable()
+    assert dev.lifecycle.record.active == "mlp-2.0.0"
+
+
+@pytest.mark.integration
 def test_gc_keeps_disk_bounded(repo: Repo, tmp_path: Path) -> None:
     dev = _installed(repo, tmp_path)
     for bid in ("mlp-2.0.0", "mlp-3.0.0", "mlp-1.0.0", "mlp-2.0.0"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -76,6 +77,8 @@ class LifecycleConfig:
     retry_max_s: float = 600.0
     probation_poll_s: float = 0.01
     probation_max_wait_s: float | None = None  # default: max(10 x probation_seconds, 60 s)
+    # Left free beyond an update's own peak, for the state record, events and telemetry.
+    disk_reserve_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if self.runtime_threads < 1 or self.load_timeout_s <= 0 or self.max_entries < 1:
@@ -200,6 +203,27 @@ def _target_ref(d: DesiredTarget) -> TargetRef:
     return TargetRef(path=d.path, length=d.length, sha256=d.sha256, name=d.name, version=d.version)
 
 
+def disk_shortfall(ctx: LifecycleContext, d: DesiredTarget) -> str | None:
+    """Why `d` cannot fit on the disk of the state directory, or None when it can.
+
+    Checked before the first byte is written: an install holds the bundle twice at its peak
+    (the spool file and TUF's copy while downloading, TUF's copy and the extracted slot while
+    staging), and a disk filled by a half-written bundle would leave no room for what the
+    fleet must hear about it (the state record, the event outbox, telemetry).
+    """
+    need = 2 * d.length + ctx.config.disk_reserve_bytes
+    try:
+        free = shutil.disk_usage(ctx.config.state_dir).free
+    except OSError:
+        return None  # no answer: the download's own errors decide
+    if free >= need:
+        return None
+    return (
+        f"disk full: {d.bundle_id} needs {need} bytes free (2 x {d.length} + "
+        f"{ctx.config.disk_reserve_bytes} reserve), {free} free on the state directory's disk"
+    )
+
+
 def handle_downloading(ctx: LifecycleContext) -> Event:
     ctx.apply_pending()
     r = ctx.record
@@ -208,6 +232,9 @@ def handle_downloading(ctx: LifecycleContext) -> Event:
         r.last_error = "superseded by a newer desired target"
         return Event.SUPERSEDED
     try:
+        short = disk_shortfall(ctx, d)
+        if short is not None:  # retried like a transport failure: space may be freed meanwhile
+            raise MisuseError(short)
         path = ctx.trust.download_target(d.path, _target_ref(d))
     except UntrustedDataError as exc:
         ctx.fail(f"download refused: {exc}")
