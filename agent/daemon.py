@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import os
 import platform
+import random
 import resource
 import signal
 import threading
@@ -427,8 +428,12 @@ class AgentDaemon:
         )
 
     def _ticker(self) -> None:
+        # A random phase: agents started together (a site powered up, a fleet restarted) must
+        # not all report, and hit the fleet and the broker, in the same instant forever after.
         interval = self.config.telemetry_interval_s
-        next_report = time.monotonic() + interval
+        next_report = time.monotonic() + interval * random.uniform(0.5, 1.0)
+        if self.stop_event.wait(self.config.report_interval_s * random.random()):
+            return
         while not self.stop_event.wait(self.config.report_interval_s):
             if time.monotonic() - self._heartbeat < self.config.watchdog_stall_s:
                 self._notifier.notify("WATCHDOG=1")
@@ -476,7 +481,9 @@ class AgentDaemon:
             self.ready.set()
             self._notifier.notify("READY=1")
             log_event(log, "agent.ready", serving=self.holder.bundle_id, state=self.lifecycle.state.value)
-            self.lifecycle.run_forever(self.stop_event, poll_s=0.5, on_tick=self._beat)
+            # the heartbeat (and deferred documents' retry) runs every poll; new work wakes it
+            poll_s = min(max(0.5, self.config.report_interval_s), 5.0)
+            self.lifecycle.run_forever(self.stop_event, poll_s=poll_s, on_tick=self._beat)
         finally:
             self._shutdown(ticker)
         return 0

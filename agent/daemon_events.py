@@ -48,6 +48,9 @@ class EventOutbox:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._in_flight: dict[int, Delivery] = {}  # row id -> handle of the publish not yet acked
+        # False once a drain found nothing left to hand over; `put` sets it again. An idle
+        # agent drains every `report_interval_s`: this keeps those drains off the database.
+        self._maybe_unsent = True
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -62,6 +65,7 @@ class EventOutbox:
         """Store one encoded event, dropping the oldest (sent or not) past the bound."""
         with self._lock:
             self._db.execute("INSERT INTO events (payload) VALUES (?)", (payload,))
+            self._maybe_unsent = True
             row = self._db.execute(
                 "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (self.max_events,)
             ).fetchone()
@@ -82,16 +86,18 @@ class EventOutbox:
         handed = 0
         with self._lock:  # one drainer at a time keeps the order
             self._forget_acknowledged()
+            if not self._maybe_unsent:
+                return 0
             ids = [int(r[0]) for r in self._db.execute("SELECT id FROM events ORDER BY id")]
-            for row_id in ids:
-                if row_id in self._in_flight:
-                    continue
+            unsent = [i for i in ids if i not in self._in_flight]
+            for row_id in unsent:
                 (payload,) = self._db.execute("SELECT payload FROM events WHERE id = ?", (row_id,)).fetchone()
                 delivery = send(bytes(payload))
                 if delivery is None:
-                    break
+                    return handed
                 self._in_flight[row_id] = delivery
                 handed += 1
+            self._maybe_unsent = False  # every stored event is in flight (or acknowledged)
         return handed
 
     def wait_acknowledged(self, timeout: float) -> bool:
@@ -117,6 +123,7 @@ class EventOutbox:
                 acked = delivery.is_published()
             except (ValueError, RuntimeError):  # the client will never send it: hand it over again
                 del self._in_flight[row_id]
+                self._maybe_unsent = True
                 continue
             if acked:
                 done.append(row_id)

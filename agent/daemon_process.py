@@ -5,6 +5,7 @@ Kept apart from `agent.daemon` so the daemon module stays about wiring.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -13,7 +14,9 @@ from typing import Any
 from agent.lifecycle.state_store import StateRecord, StateStore
 
 
+@functools.cache
 def agent_version() -> str:
+    """The installed distribution's version (read once: it is in every reported state)."""
     try:
         return version("edgefleet")
     except PackageNotFoundError:

@@ -79,6 +79,25 @@ def test_an_event_stays_until_its_puback_and_is_handed_over_once() -> None:
 
 
 @pytest.mark.unit
+def test_an_idle_outbox_is_drained_without_touching_the_database() -> None:
+    box = memory_outbox()
+    box.put(b"e0")
+    send = Sender()
+    assert box.drain(send) == 1
+    statements: list[str] = []
+    box._db.set_trace_callback(statements.append)
+    assert box.drain(send) == 0 and statements == []  # in flight, nothing unsent: no query
+    send.handles[0].acked = True
+    box.drain(send)
+    assert statements == ["DELETE FROM events WHERE id = 1"]  # forgets the acknowledged one
+    assert len(box) == 0
+    statements.clear()
+    assert box.drain(send) == 0 and statements == []
+    box.put(b"e1")
+    assert box.drain(send) == 1 and send.sent == [b"e0", b"e1"]
+
+
+@pytest.mark.unit
 def test_offline_stops_the_drain_and_order_is_kept() -> None:
     box = memory_outbox()
     box.put(b"a")

@@ -196,3 +196,17 @@ def test_random_bytes_raise_only_message_error(blob: bytes) -> None:
     for candidate in (blob, b"\x00" + blob, b"\x01" + blob):
         with contextlib.suppress(MessageError):
             decode_report(candidate)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("field", [16, 17])  # the packed sketch sizes, then the packed counts
+def test_an_unhashable_width_is_a_message_error_not_a_type_error(field: int) -> None:
+    """Found by the fuzz test: a list where a packed width belongs used to raise TypeError."""
+    import cbor2
+
+    payload = encode_report(_report(n_counts=12, seed=1))
+    raw = zstandard.ZstdDecompressor().decompress(payload[1:]) if payload[0] else payload[1:]
+    body = cbor2.loads(raw)
+    body[field][0] = [8]
+    with pytest.raises(MessageError):
+        decode_report(b"\x00" + cbor2.dumps(body, canonical=True))

@@ -43,6 +43,20 @@ def test_reports_are_sent_in_order_and_removed_on_ack(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_an_idle_queue_is_drained_without_touching_the_database(tmp_path: Path) -> None:
+    """An idle agent drains every `report_interval_s`: once empty, no query until the next put."""
+    with ReportQueue(tmp_path / "q.db") as q:
+        q.put(_rep(0))
+        assert q.drain(lambda seq, payload: True) == 1
+        assert q.drain(lambda seq, payload: True) == 0  # finds the queue empty
+        statements: list[str] = []
+        q._db.set_trace_callback(statements.append)
+        assert q.drain(lambda seq, payload: True) == 0 and statements == []
+        q.put(_rep(1))
+        assert [s for s, _ in q.pending()] == [1]  # a put is seen at once
+
+
+@pytest.mark.integration
 def test_full_queue_merges_oldest_reports_so_counts_survive(tmp_path: Path) -> None:
     with ReportQueue(tmp_path / "q.db", QueueConfig(max_reports=4)) as q:
         for s in range(10):

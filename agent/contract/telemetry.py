@@ -368,7 +368,7 @@ def _list(v: Any, what: str, n: int | None = None, limit: int = MAX_FEATURES) ->
 
 def _unpack(v: Any, what: str, limit: int) -> np.ndarray:
     width, blob = _list(v, what, n=2)
-    if width not in _DTYPES or not isinstance(blob, bytes) or len(blob) % width:
+    if type(width) is not int or width not in _DTYPES or not isinstance(blob, bytes) or len(blob) % width:
         raise MessageError(f"{what}: bad packed integers")
     if len(blob) // width > limit:
         raise MessageError(f"{what}: too many entries")
@@ -384,7 +384,7 @@ def _floats(v: Any, what: str, n: int) -> np.ndarray:
 
 def _counts(v: Any, total: int, max_decompressed: int) -> np.ndarray:
     width, codec, blob = _list(v, "counts", n=3)
-    if width not in _DTYPES or codec not in (0, 1) or not isinstance(blob, bytes):
+    if type(width) is not int or width not in _DTYPES or codec not in (0, 1) or not isinstance(blob, bytes):
         raise MessageError("counts: bad packed counts")
     expected = total * width
     if codec == 1:

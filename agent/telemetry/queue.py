@@ -50,6 +50,9 @@ class ReportQueue:
         self.config = config or QueueConfig()
         self.path = Path(path)
         self._lock = threading.Lock()
+        # False once `pending` found the queue empty; `put` sets it again. An idle agent
+        # drains every `report_interval_s`: this keeps those drains off the database.
+        self._maybe_pending = True
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -114,6 +117,7 @@ class ReportQueue:
                 self._set_meta("next_seq", report.seq + 1)
                 self._enforce_bounds()
                 self._db.execute("COMMIT")
+                self._maybe_pending = True
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -161,9 +165,12 @@ class ReportQueue:
         """Queued (seq, encoded report) pairs, oldest first. They are marked as handed out:
         from now on they are never merged (only dropped, and counted, if the queue fills)."""
         with self._lock:
+            if not self._maybe_pending:
+                return []
             rows = self._db.execute(
                 "SELECT seq, payload FROM reports ORDER BY seq LIMIT ?", (-1 if limit is None else limit,)
             ).fetchall()
+            self._maybe_pending = bool(rows)
             if rows:
                 self._db.execute("UPDATE reports SET attempted = 1 WHERE seq <= ?", (rows[-1][0],))
         return [(int(s), bytes(p)) for s, p in rows]
