@@ -345,10 +345,9 @@ class RolloutController:
         ref = self.repository.target_ref(rt["target_path"])
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r["device_id"] for r in rows])
-        done: list[Row] = []
+        published: list[Row] = []
         for r in rows:
             dev = r["device_id"]
-            rep = (reports.get(dev) or {}).get("reported_state") or {}
             try:
                 doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
                                         rollout_id=rid, reason=f"rollout {rid} stage {stage}")
@@ -357,10 +356,18 @@ class RolloutController:
                 log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
                           error=str(exc))
                 break
-            self.records.supersede(dev, rid)
-            self.records.update_device(rid, dev, "assigned", stage=stage, assigned_at=now,
-                                       from_bundle=rep.get("active_bundle"), acked=0, detail="")
-            done.append({**r, "assigned_at": now})
+            published.append(r)
+        # One transaction for the batch (a stage can be a thousand devices). A crash before it
+        # commits leaves them pending: the next tick sends newer documents, which is harmless.
+        done: list[Row] = []
+        with self.store.tx():
+            for r in published:
+                dev = r["device_id"]
+                rep = (reports.get(dev) or {}).get("reported_state") or {}
+                self.records.supersede(dev, rid)
+                self.records.update_device(rid, dev, "assigned", stage=stage, assigned_at=now,
+                                           from_bundle=rep.get("active_bundle"), acked=0, detail="")
+                done.append({**r, "assigned_at": now})
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(done))
         return done
 

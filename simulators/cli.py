@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -170,10 +169,11 @@ def sim_list() -> None:
 @click.option("--devices", type=click.IntRange(1, 100_000), default=DEFAULT_DEVICES, show_default=True)
 @click.option(
     "--processes",
-    type=click.IntRange(1, 256),
-    default=os.cpu_count() or 1,
+    type=click.IntRange(0, 256),
+    default=0,
     show_default=True,
-    help="Worker processes for the swarm (one selector loop each).",
+    help="Worker processes for the swarm (one selector loop each); 0: one per core, "
+    "and one per 200 devices for large swarms.",
 )
 @_broker_options
 @click.option("--scenario", "names", multiple=True, help="Scenario name (repeatable); default: all.")
@@ -242,7 +242,7 @@ def demo_command(
             names=None,
             max_number=None if run_all else DEMO_SCENARIOS_MAX,
             devices=devices,
-            processes=os.cpu_count() or 1,
+            processes=0,
             broker_url=broker_url,
             json_path=json_path,
             html_path=html_path,

@@ -81,3 +81,15 @@ def test_reports_json_html_and_svg(tmp_path: Path) -> None:
     assert "no data" in svg_line_chart("empty", {})
     page = render_html([ok, bad], 3.0, ["note"])
     assert "broken &lt;tag&gt;" in page and page.count("<svg") == 1 and "FAIL" in page
+
+
+@pytest.mark.unit
+def test_large_swarms_get_a_worker_per_200_devices_and_small_ones_one_per_core() -> None:
+    import os
+
+    from simulators.swarm import DEVICES_PER_WORKER, auto_processes
+
+    cores = os.cpu_count() or 1
+    assert auto_processes(1) == cores
+    assert auto_processes(1000) == max(cores, 1000 // DEVICES_PER_WORKER)
+    assert auto_processes(DEVICES_PER_WORKER * 40 + 1) == max(cores, 41)
