@@ -87,6 +87,7 @@ class AgentDaemon:
         self._kill_at = os.environ.get(KILL_AT_ENV) or None
         self._notifier = Notifier()
         self._heartbeat = time.monotonic()
+        self._next_report: float | None = None  # when `tick` closes the next telemetry interval
         self._event_seq = 0
         self._events_lock = threading.Lock()
         self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
@@ -428,24 +429,39 @@ class AgentDaemon:
         )
 
     def _ticker(self) -> None:
-        # A random phase: agents started together (a site powered up, a fleet restarted) must
-        # not all report, and hit the fleet and the broker, in the same instant forever after.
-        interval = self.config.telemetry_interval_s
-        next_report = time.monotonic() + interval * random.uniform(0.5, 1.0)
+        """The ticker thread: `tick()` every `report_interval_s`, from a random phase."""
         if self.stop_event.wait(self.config.report_interval_s * random.random()):
             return
         while not self.stop_event.wait(self.config.report_interval_s):
-            if time.monotonic() - self._heartbeat < self.config.watchdog_stall_s:
-                self._notifier.notify("WATCHDOG=1")
-            try:
-                if time.monotonic() >= next_report:
-                    next_report += interval
-                    self.tap.flush(self.holder.bundle_id)
-                    self._shadow_event()
-                self._send_telemetry()
-                self._flush_events()
-            except Exception:  # the ticker must survive anything one interval throws
-                log.exception("agent ticker failed")
+            self.tick()
+
+    def _start_ticker(self) -> threading.Thread | None:
+        """Start the ticker thread (a host running many agents may drive `tick` itself)."""
+        ticker = threading.Thread(target=self._ticker, name="agent-ticker", daemon=True)
+        ticker.start()
+        return ticker
+
+    def tick(self) -> None:
+        """One ticker period: watchdog, closing a telemetry interval, sending what is queued.
+
+        Never raises (the ticker must survive anything one period throws).
+        """
+        now = time.monotonic()
+        if self._next_report is None:
+            # A random phase: agents started together (a site powered up, a fleet restarted)
+            # must not all report, and hit the fleet and the broker, in the same instant forever.
+            self._next_report = now + self.config.telemetry_interval_s * random.uniform(0.5, 1.0)
+        if now - self._heartbeat < self.config.watchdog_stall_s:
+            self._notifier.notify("WATCHDOG=1")
+        try:
+            if now >= self._next_report:
+                self._next_report += self.config.telemetry_interval_s
+                self.tap.flush(self.holder.bundle_id)
+                self._shadow_event()
+            self._send_telemetry()
+            self._flush_events()
+        except Exception:
+            log.exception("agent ticker failed")
 
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
@@ -472,8 +488,7 @@ class AgentDaemon:
         self._start_api()
         log_event(log, "agent.api_up", serving=self.holder.bundle_id, state=self.lifecycle.record.state)
         self._start_mqtt()
-        ticker = threading.Thread(target=self._ticker, name="agent-ticker", daemon=True)
-        ticker.start()
+        ticker = self._start_ticker()
         try:
             self._note_crash()
             self.lifecycle.start()
@@ -499,10 +514,11 @@ class AgentDaemon:
         log_event(log, "agent.crash_recovered", logging.WARNING, state=rec.state, bundle=rec.candidate)
         self._event("crash_recovered", bundle_id=rec.candidate, reason=reason)
 
-    def _shutdown(self, ticker: threading.Thread) -> None:
+    def _shutdown(self, ticker: threading.Thread | None) -> None:
         self._notifier.notify("STOPPING=1")
         self.stop_event.set()
-        ticker.join(timeout=5)
+        if ticker is not None:
+            ticker.join(timeout=5)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 server.stop()

@@ -147,7 +147,7 @@ class _Traffic:
 def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
     """A worker process: build the devices, run them, answer the controller until `stop`."""
     from agent.logs import configure_logging
-    from simulators.swarm_device import SESSION_POOL, SwarmAgent, agent_config
+    from simulators.swarm_device import SESSION_POOL, SharedTicker, SwarmAgent, agent_config
     from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
 
     configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "ERROR"))
@@ -171,6 +171,9 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
         agent = SwarmAgent(cfg, loop, p)
         threading.Thread(target=agent.run, name=f"agent-{p.device_id}", daemon=True).start()
         agents.append(agent)
+    ticker = SharedTicker(agents, seed=spec.seed + index)
+    ticker_thread = threading.Thread(target=ticker.run, name="swarm-ticker", daemon=True)
+    ticker_thread.start()
     traffic = _Traffic(spec, agents, started)
     threading.Thread(target=traffic.run, name="traffic", daemon=True).start()
     setup_s = time.monotonic() - started
@@ -208,6 +211,8 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
             conn.send(("ok", None))
         elif cmd == "stop":
             traffic.stop.set()
+            ticker.stop.set()
+            ticker_thread.join(10)  # no tick while the agents close their queues
             for a in agents:
                 a.stop()
             deadline = time.monotonic() + 10

@@ -93,3 +93,40 @@ def test_large_swarms_get_a_worker_per_200_devices_and_small_ones_one_per_core()
     assert auto_processes(1) == cores
     assert auto_processes(1000) == max(cores, 1000 // DEVICES_PER_WORKER)
     assert auto_processes(DEVICES_PER_WORKER * 40 + 1) == max(cores, 41)
+
+
+@pytest.mark.unit
+def test_one_shared_ticker_ticks_every_ready_device_in_turn_and_stops() -> None:
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from simulators.swarm_device import SharedTicker
+
+    class Dev(SimpleNamespace):
+        def tick(self) -> None:
+            self.ticks += 1
+
+    def dev(ready: bool) -> Dev:
+        d = Dev(config=SimpleNamespace(report_interval_s=0.02), ready=threading.Event(),
+                stop_event=threading.Event(), ticks=0)
+        if ready:
+            d.ready.set()
+        return d
+
+    devs = [dev(True), dev(True), dev(False)]
+    ticker = SharedTicker(devs, resolution_s=0.01)  # type: ignore[arg-type]
+    thread = threading.Thread(target=ticker.run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while min(devs[0].ticks, devs[1].ticks) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    devs[1].stop_event.set()  # a stopping device is no longer ticked
+    time.sleep(0.05)  # (a tick already under way finishes)
+    stopped_at = devs[1].ticks
+    time.sleep(0.2)
+    ticker.stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert devs[0].ticks >= 5 and devs[1].ticks == stopped_at >= 5
+    assert devs[2].ticks == 0  # not ready (still starting): never ticked
