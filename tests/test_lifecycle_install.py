@@ -382,3 +382,27 @@ def test_run_forever_rests_in_idle_until_woken_or_a_backoff_runs_out(repo: Repo,
         stop.set()
         runner.join(10)
     assert not runner.is_alive()
+
+
+@pytest.mark.integration
+def test_a_slot_references_the_bundles_manifest_and_old_slots_still_open(repo: Repo, tmp_path: Path) -> None:
+    import json
+
+    from agent.errors import EdgefleetError
+    from agent.lifecycle.slots import SLOT_FILE
+
+    dev = _installed(repo, tmp_path)
+    slots = dev.lifecycle.ctx.slots
+    slot = slots.open("mlp-1.0.0")
+    doc = json.loads((slot.root / SLOT_FILE).read_text())
+    assert "manifest" not in doc and (slot.root / doc["manifest_path"]).is_file()
+    # a slot written by an earlier agent embeds the manifest: it must still open the same
+    old = {k: v for k, v in doc.items() if k != "manifest_path"}
+    old["manifest"] = json.loads(slot.manifest.to_json())
+    (slot.root / SLOT_FILE).write_text(json.dumps(old))
+    assert slots.open("mlp-1.0.0").manifest == slot.manifest
+    # a damaged manifest file is refused, not served
+    (slot.root / SLOT_FILE).write_text(json.dumps(doc))
+    (slot.root / doc["manifest_path"]).write_text("{not json")
+    with pytest.raises(EdgefleetError):
+        slots.open("mlp-1.0.0")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.contract.bundle_checks import MANIFEST_NAME
 from agent.contract.manifest import Manifest, parse_manifest
 from agent.errors import BundleError, MisuseError
 from agent.lifecycle.state_store import StateRecord
@@ -105,11 +106,17 @@ class Slots:
             model_path = Path(extracted.model_path).resolve()
             if not model_path.is_relative_to(tmp.resolve()) or not model_path.is_file():
                 raise BundleError(f"extracted model {model_path} is not inside the bundle")
-            doc = {
+            doc: dict[str, Any] = {
                 "bundle_id": bundle_id,
-                "manifest": json.loads(manifest.to_json()),
                 "model_path": str(model_path.relative_to(tmp.resolve())),
             }
+            # The bundle's own manifest bytes (verified with the archive) are referenced, not
+            # re-serialised: with golden vectors and a profile that was a third of an install.
+            manifest_file = (content / MANIFEST_NAME).resolve()
+            if manifest_file.is_relative_to(tmp.resolve()) and manifest_file.is_file():
+                doc["manifest_path"] = str(manifest_file.relative_to(tmp.resolve()))
+            else:  # an extractor that keeps no manifest file
+                doc["manifest"] = json.loads(manifest.to_json())
             (tmp / SLOT_FILE).write_text(json.dumps(doc, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)
@@ -125,7 +132,13 @@ class Slots:
         root = self.path(bundle_id)
         try:
             doc: dict[str, Any] = json.loads((root / SLOT_FILE).read_text())
-            manifest = parse_manifest(doc["manifest"])
+            if "manifest_path" in doc:
+                manifest_file = (root / doc["manifest_path"]).resolve()
+                if not manifest_file.is_relative_to(root.resolve()):
+                    raise ValueError("manifest path outside the slot")
+                manifest = parse_manifest(manifest_file.read_bytes())
+            else:  # slots written before manifests were referenced
+                manifest = parse_manifest(doc["manifest"])
             model_path = (root / doc["model_path"]).resolve()
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"slot {bundle_id!r} is missing or damaged: {exc}") from exc
