@@ -406,3 +406,39 @@ def test_a_slot_references_the_bundles_manifest_and_old_slots_still_open(repo: R
     (slot.root / doc["manifest_path"]).write_text("{not json")
     with pytest.raises(EdgefleetError):
         slots.open("mlp-1.0.0")
+
+
+@pytest.mark.integration
+def test_a_state_that_cannot_be_saved_backs_off_and_the_lifecycle_thread_survives(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """Disk full at the worst moment: the record cannot be saved. The lifecycle must not act
+    without it, must not die either (it is the thread that installs updates), and must go on
+    once the disk has room again."""
+    import errno
+
+    dev = _installed(repo, tmp_path)
+    lc = dev.lifecycle
+    real_save = lc.machine.store.save
+    failures: list[str] = []
+
+    def full_disk_save(record):  # type: ignore[no-untyped-def]
+        if len(failures) < 2:
+            failures.append(record.state)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(record)
+
+    lc.machine.store.save = full_disk_save  # type: ignore[method-assign]
+    stop = threading.Event()
+    runner = threading.Thread(target=lc.run_forever, args=(stop, 0.01))
+    runner.start()
+    try:
+        lc.offer_desired(repo.desired("mlp-2.0.0"))
+        deadline = time.monotonic() + 30
+        while lc.record.active != "mlp-2.0.0" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.is_alive() and len(failures) == 2
+        assert lc.record.active == "mlp-2.0.0"
+    finally:
+        stop.set()
+        runner.join(10)

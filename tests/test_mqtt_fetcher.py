@@ -428,3 +428,25 @@ def test_slow_telemetry_ingest_never_delays_chunk_answers(
     finally:
         release.set()
         pub.stop()
+
+
+@pytest.mark.integration
+def test_a_full_disk_frees_the_spool_instead_of_keeping_it_for_a_resume(
+    mosquitto: Broker, repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool kept for a resume would keep the disk full (and the agent could not even record
+    the failure): on ENOSPC the fetcher deletes it and fails with a clear reason."""
+    import errno
+
+    import agent.transport.mqtt_fetcher as fetcher_module
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool = tmp_path / "spool"
+    with running(mosquitto, repo), device(mosquitto, _dev(), spool) as fetcher:
+        monkeypatch.setattr(fetcher_module.os, "pwrite", full)
+        with pytest.raises(DownloadError, match="disk full"):
+            fetcher.download_bytes(f"mqtt://repo/{TARGET}", SIZE)
+        monkeypatch.undo()
+        assert [p.name for p in spool.iterdir()] == []  # nothing left to fill the disk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +22,14 @@ from agent.lifecycle.install import (
 from agent.lifecycle.machine import LoopLimits, Machine, State
 from agent.lifecycle.slots import Slots
 from agent.lifecycle.state_store import DesiredTarget, StateRecord, StateStore
+from agent.logs import log_event
 from agent.serving import ModelHolder
 
 #: Longest rest in `idle` without stepping the machine (see `Lifecycle.run_forever`).
 IDLE_RECHECK_S = 30.0
+#: Longest wait before retrying after a step failed (the state could not be saved, ...).
+MAX_STEP_BACKOFF_S = 60.0
+log = logging.getLogger(__name__)
 
 
 class Lifecycle:
@@ -110,7 +115,7 @@ class Lifecycle:
         reconnect), when a backoff ran out, or every `idle_recheck_s` as a safety net.
         `on_tick` (the watchdog heartbeat) still runs on every poll.
         """
-        woken, last_step = True, float("-inf")
+        woken, last_step, failures = True, float("-inf"), 0
         while not stop.is_set():
             now = time.monotonic()
             if (
@@ -119,7 +124,18 @@ class Lifecycle:
                 or self._timer_due()
                 or now - last_step >= idle_recheck_s
             ):
-                self.machine.run_until_stable()
+                try:
+                    self.machine.run_until_stable()
+                    failures = 0
+                except Exception as exc:  # e.g. the state record cannot be saved (disk full)
+                    # Never act without a saved state; keep serving what is loaded and retry
+                    # with backoff instead of losing the thread that installs updates.
+                    failures += 1
+                    log_event(log, "lifecycle.step_failed", logging.ERROR,
+                              error=f"{type(exc).__name__}: {exc}", failures=failures)
+                    if stop.wait(min(poll_s * 2**failures, MAX_STEP_BACKOFF_S)):
+                        return
+                    continue
                 last_step = now
             if on_tick is not None:
                 on_tick()

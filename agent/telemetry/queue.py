@@ -119,7 +119,8 @@ class ReportQueue:
                 self._db.execute("COMMIT")
                 self._maybe_pending = True
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) has already rolled back
+                    self._db.execute("ROLLBACK")
                 raise
             return report.seq
 

@@ -15,6 +15,7 @@ root rotation (`N+1.root.json` does not exist yet).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -243,6 +244,15 @@ class MqttFetcher(FetcherInterface):
             state_file.unlink(missing_ok=True)
             part.unlink(missing_ok=True)
             raise
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Disk full: a spool kept for a resume would keep the disk full, and the agent
+            # could then not even record the failure. Free it; the retry starts over.
+            state_file.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"disk full while fetching {path}: {exc.strerror}") from None
         except BaseException:
             os.close(fd)  # transient (timeouts, link lost): keep the spool for a resume
             raise
