@@ -28,6 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class EventOutbox:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._in_flight: dict[int, Delivery] = {}  # row id -> handle of the publish not yet acked
+        self._unstored: deque[bytes] = deque(maxlen=max_events)  # refused by the database (see `put`)
         # False once a drain found nothing left to hand over; `put` sets it again. An idle
         # agent drains every `report_interval_s`: this keeps those drains off the database.
         self._maybe_unsent = True
@@ -62,19 +64,41 @@ class EventOutbox:
             raise MisuseError(f"event outbox: cannot open {self.path}: {exc}") from None
 
     def put(self, payload: bytes) -> None:
-        """Store one encoded event, dropping the oldest (sent or not) past the bound."""
+        """Store one encoded event, dropping the oldest (sent or not) past the bound.
+
+        When the database refuses the write (typically a full disk: exactly when the event
+        says an update failed), the event is kept in memory, stored at a later drain if it
+        can be, and otherwise sent from memory (not durable until then).
+        """
         with self._lock:
-            self._db.execute("INSERT INTO events (payload) VALUES (?)", (payload,))
-            self._maybe_unsent = True
-            row = self._db.execute(
-                "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (self.max_events,)
-            ).fetchone()
-            if row is None:
+            if self._unstored or not self._insert(payload):
+                self._unstored.append(payload)
                 return
+            self._maybe_unsent = True
+            self._enforce_bound()
+
+    def _insert(self, payload: bytes) -> bool:
+        try:
+            self._db.execute("INSERT INTO events (payload) VALUES (?)", (payload,))
+        except sqlite3.Error as exc:  # disk full, I/O error: keep it in memory (see `put`)
+            log_event(log, "agent.event_not_stored", logging.WARNING, error=str(exc))
+            return False
+        return True
+
+    def _enforce_bound(self) -> None:
+        row = self._db.execute(
+            "SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (self.max_events,)
+        ).fetchone()
+        if row is None:
+            return
+        try:
             cur = self._db.execute("DELETE FROM events WHERE id <= ?", (row[0],))
-            for row_id in [i for i in self._in_flight if i <= row[0]]:
-                del self._in_flight[row_id]
-            log_event(log, "agent.events_dropped", logging.WARNING, dropped=cur.rowcount)
+        except sqlite3.Error as exc:  # retried at the next put
+            log_event(log, "agent.events_bound_failed", logging.WARNING, error=str(exc))
+            return
+        for row_id in [i for i in self._in_flight if i <= row[0]]:
+            del self._in_flight[row_id]
+        log_event(log, "agent.events_dropped", logging.WARNING, dropped=cur.rowcount)
 
     def drain(self, send: Callable[[bytes], Delivery | None]) -> int:
         """Forget the events the broker acknowledged, then hand the others to `send`, oldest first.
@@ -86,7 +110,13 @@ class EventOutbox:
         handed = 0
         with self._lock:  # one drainer at a time keeps the order
             self._forget_acknowledged()
-            if not self._maybe_unsent:
+            if self._unstored and self._insert(self._unstored[0]):  # room again: make them durable
+                self._unstored.popleft()
+                while self._unstored and self._insert(self._unstored[0]):
+                    self._unstored.popleft()
+                self._maybe_unsent = True
+                self._enforce_bound()
+            if not self._maybe_unsent and not self._unstored:
                 return 0
             ids = [int(r[0]) for r in self._db.execute("SELECT id FROM events ORDER BY id")]
             unsent = [i for i in ids if i not in self._in_flight]
@@ -98,6 +128,11 @@ class EventOutbox:
                 self._in_flight[row_id] = delivery
                 handed += 1
             self._maybe_unsent = False  # every stored event is in flight (or acknowledged)
+            while self._unstored:  # still not storable: send from memory, after the stored ones
+                if send(self._unstored[0]) is None:
+                    return handed
+                self._unstored.popleft()
+                handed += 1
         return handed
 
     def wait_acknowledged(self, timeout: float) -> bool:

@@ -276,3 +276,55 @@ def test_an_event_whose_puback_never_came_is_delivered_after_the_agent_is_killed
             finally:
                 if agent.proc is not None and agent.proc.poll() is None:
                     assert agent.stop() == 0, agent.tail()
+
+
+class _FullDisk:
+    """The outbox's connection, refusing writes while `full` (SQLite's "database or disk is full")."""
+
+    def __init__(self, db: object) -> None:
+        self.db = db
+        self.full = True
+
+    def execute(self, sql: str, *args: object) -> object:
+        if self.full and sql.startswith("INSERT"):
+            import sqlite3
+
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+@pytest.mark.unit
+def test_an_event_the_full_disk_refused_is_sent_from_memory_then_stored_when_room_returns() -> None:
+    box = memory_outbox()
+    box.put(b"stored")
+    disk = _FullDisk(box._db)
+    box._db = disk  # type: ignore[assignment]
+    box.put(b"update_failed")  # the disk is full right when the update fails
+    box.put(b"next")
+    assert len(box) == 1  # only the first reached the database
+    send = Sender(online=False)
+    assert box.drain(send) == 0  # offline: kept (in memory), order kept
+    send.online = True
+    assert box.drain(send) == 3 and send.sent == [b"stored", b"update_failed", b"next"]
+    # room again: later events are stored (durable) as usual
+    disk.full = False
+    box.put(b"later")
+    assert len(box) == 2 and box.drain(send) == 1 and send.sent[-1] == b"later"
+
+
+@pytest.mark.unit
+def test_events_kept_in_memory_are_stored_in_order_once_the_disk_has_room() -> None:
+    box = memory_outbox()
+    disk = _FullDisk(box._db)
+    box._db = disk  # type: ignore[assignment]
+    box.put(b"a")
+    box.put(b"b")
+    disk.full = False
+    send = Sender(online=False)
+    box.drain(send)  # offline, but the drain makes them durable
+    assert len(box) == 2
+    send.online = True
+    assert box.drain(send) == 2 and send.sent == [b"a", b"b"]
