@@ -160,7 +160,7 @@ def test_hang_in_golden_or_in_probation_rolls_back(repo: Repo, tmp_path: Path, h
         assert "golden vectors hung" in ev["reason"] and ev["swapped"] is False
     else:
         assert "a request hung" in ev["reason"] and ev["swapped"] is True
-        assert ev["measurements"]["stuck_s"] > 0.3
+        assert ev["measurements"]["stuck_s"] >= 0.3  # over the 0.3 s timeout, rounded to 4 places
     assert dev.lifecycle.record.active == "mlp-1.0.0" and "mlp-5.0.0" in dev.lifecycle.record.quarantined
     _serves(dev.holder, 0)
 
