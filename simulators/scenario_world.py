@@ -20,7 +20,7 @@ from typing import Any
 
 from simulators.datagen import Schema, default_schema
 from simulators.scenarios import ScenarioContext
-from simulators.sim_fleet import SimFleet
+from simulators.sim_fleet import SimFleet, wait_for
 from simulators.sim_service import ServiceFleet
 from simulators.swarm import Swarm, SwarmSpec, make_profiles
 from simulators.swarm_device import DeviceProfile
@@ -186,12 +186,7 @@ class ServiceWorld:
         return self.fleet.serving(self.ids).get(bundle_id, 0) == len(self.ids)
 
     def wait(self, pred: Callable[[], bool], timeout: float, poll_s: float = 0.2) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(poll_s)
-        return pred()
+        return wait_for(pred, timeout, poll_s)
 
     def wait_rollout(
         self, rollout_id: str, states: tuple[str, ...], timeout: float, plot: str

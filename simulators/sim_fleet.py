@@ -256,12 +256,17 @@ class SimFleet:
         return docs
 
     def wait(self, pred: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(poll_s)
-        return pred()
+        return wait_for(pred, timeout, poll_s)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
+    """Poll `pred` until it holds or `timeout` s pass; its last answer (checked once more at the end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(poll_s)
+    return pred()
 
 
 def build_mlp_bundle(
