@@ -131,7 +131,19 @@ class FeatureDriftOut(BaseModel):
     stats: dict[str, float | None]
 
 
-class DriftOut(BaseModel):
+class _DriftVerdictOut(BaseModel):
+    """The per-feature verdicts and their summary, shared by drift and compare answers."""
+
+    features: list[FeatureDriftOut]
+    outputs: list[FeatureDriftOut]
+    drifted_features: list[str]
+    drifted_outputs: list[str]
+    drifted_share: float
+    dataset_drift: bool
+    prediction_drift: bool
+
+
+class DriftOut(_DriftVerdictOut):
     model: str
     version: str
     cohort: str | None = Field(description="null: every cohort merged")
@@ -142,13 +154,6 @@ class DriftOut(BaseModel):
     reports: int
     first_window: float | None
     last_window: float | None
-    features: list[FeatureDriftOut]
-    outputs: list[FeatureDriftOut]
-    drifted_features: list[str]
-    drifted_outputs: list[str]
-    drifted_share: float
-    dataset_drift: bool
-    prediction_drift: bool
     thresholds: dict[str, float]
 
 
@@ -164,19 +169,12 @@ class SideOut(BaseModel):
     reports: int
 
 
-class CompareOut(BaseModel):
+class CompareOut(_DriftVerdictOut):
     model: str
     baseline: SideOut
     candidate: SideOut
     statistic: str
     outputs_compared: bool
-    features: list[FeatureDriftOut]
-    outputs: list[FeatureDriftOut]
-    drifted_features: list[str]
-    drifted_outputs: list[str]
-    drifted_share: float
-    dataset_drift: bool
-    prediction_drift: bool
 
 
 class AlertOut(BaseModel):
