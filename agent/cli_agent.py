@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ import click
 from agent.errors import EdgefleetError, InputValidationError, ManifestError, MisuseError
 from agent.logs import log_event
 
-if TYPE_CHECKING:  # imported where used, so `agent run` can set up pydantic before any model exists
+if TYPE_CHECKING:  # imported where used: `--help` and `init-config` need no model machinery
     from agent.contract.manifest import Manifest
 
 _log = logging.getLogger("edgefleet.cli.agent")
@@ -180,11 +179,6 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], object]]:
               help="Agent config (JSON; see `edgefleet agent init-config`).")
 def run_command(config_path: Path) -> None:
     """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
-    # The daemon uses no pydantic plugins: without this, pydantic's plugin loader scans every
-    # installed distribution's entry points when the first model is built (~15 ms at start).
-    # Set before the first agent model is built; a value the user set is kept. Only this
-    # process: the fleet and `agent predict`/`status` are untouched.
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     from agent.config import load_config
     from agent.daemon import AgentDaemon
 

@@ -17,9 +17,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from agent.contract.protocol import DEFAULT_CHUNK_SIZE, ID_RE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from agent.contract.protocol import DEFAULT_CHUNK_SIZE, ID_RE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, validate_prefix
+from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
 from agent.errors import ConfigError, MisuseError
 from agent.transport.mqtt_client import MqttConfig
 
@@ -27,24 +26,19 @@ MAX_CONFIG_BYTES = 256 * 1024
 _COMMENT_LINE = re.compile(r"^\s*//.*$", re.MULTILINE)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LocalApiConfig(_Strict):
+class LocalApiConfig(StrictStruct, frozen=True, kw_only=True):
     """The local inference API. HTTP binds to loopback only unless `allow_remote` is set."""
 
     http_enabled: bool = True
     http_host: str = "127.0.0.1"  # only 127.0.0.1/::1/localhost unless allow_remote
-    http_port: Annotated[int, Field(ge=0, le=65535)] = 8780  # 0 = any free port
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 8780  # 0 = any free port
     allow_remote: bool = False  # explicitly opt in to binding a non-loopback address
     unix_enabled: bool = True
     unix_socket: Path = Path("/run/edgefleet/agent.sock")
-    max_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
-    max_batch: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
+    max_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
 
-    @model_validator(mode="after")
-    def _loopback(self) -> LocalApiConfig:
+    def _check(self) -> None:
         if (
             self.http_enabled
             and not self.allow_remote
@@ -53,82 +47,63 @@ class LocalApiConfig(_Strict):
             raise ValueError(
                 f"http_host {self.http_host!r} is not loopback; set allow_remote=true to bind it"
             )
-        return self
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictStruct, frozen=True, kw_only=True):
     """Bounds on what an update may cost the device (bytes and seconds)."""
 
-    max_bundle_bytes: Annotated[int, Field(ge=1024, le=2**40)] = 512 * 1024 * 1024
-    chunk_size: Annotated[int, Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] = DEFAULT_CHUNK_SIZE
-    fetch_window: Annotated[int, Field(ge=1, le=64)] = 4  # chunk requests in flight
-    chunk_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
-    chunk_retries: Annotated[int, Field(ge=0, le=100)] = 5
-    fetch_reconnect_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0  # wait for the broker mid-fetch
+    max_bundle_bytes: Annotated[int, Meta(ge=1024, le=2**40)] = 512 * 1024 * 1024
+    chunk_size: Annotated[int, Meta(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] = DEFAULT_CHUNK_SIZE
+    fetch_window: Annotated[int, Meta(ge=1, le=64)] = 4  # chunk requests in flight
+    chunk_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    chunk_retries: Annotated[int, Meta(ge=0, le=100)] = 5
+    fetch_reconnect_wait_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0  # wait for the broker mid-fetch
     # (the largest MQTT message is `mqtt.max_message_bytes`; it must exceed chunk_size + 2 KiB)
 
 
-class LifecycleOverrides(_Strict):
+class LifecycleOverrides(StrictStruct, frozen=True, kw_only=True):
     """Overrides of the lifecycle's limits (`agent.lifecycle.LifecycleConfig`)."""
 
-    load_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    max_entries: Annotated[int, Field(ge=1, le=100)] = 3
-    max_crash_recoveries: Annotated[int, Field(ge=1, le=100)] = 3
-    retry_base_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
-    retry_max_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
-    probation_max_wait_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    load_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    max_entries: Annotated[int, Meta(ge=1, le=100)] = 3
+    max_crash_recoveries: Annotated[int, Meta(ge=1, le=100)] = 3
+    retry_base_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    retry_max_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+    probation_max_wait_s: Annotated[float, Meta(gt=0, le=86400)] | None = None
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictStruct, frozen=True, kw_only=True):
     """One device's agent (see docs/agent.md for every field)."""
 
     device_id: str  # also the MQTT client id unless mqtt.client_id says otherwise
-    cohorts: Annotated[list[str], Field(max_length=32)] = Field(default_factory=list)
-    labels: Annotated[dict[str, str], Field(max_length=64)] = Field(default_factory=dict)
+    cohorts: Annotated[list[str], Meta(max_length=32)] = field(default_factory=list)
+    labels: Annotated[dict[str, str], Meta(max_length=64)] = field(default_factory=dict)
     state_dir: Path = Path("/var/lib/edgefleet")
     bootstrap_root: Path = Path("/etc/edgefleet/root.json")  # trusted TUF root shipped at enrollment
     topic_prefix: str = "edgefleet"
     mqtt: MqttConfig
-    api: LocalApiConfig = Field(default_factory=LocalApiConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    lifecycle: LifecycleOverrides = Field(default_factory=LifecycleOverrides)
-    model_threads: Annotated[int, Field(ge=1, le=64)] = 1
-    telemetry_interval_s: Annotated[float, Field(ge=1, le=86400)] = 60.0
-    telemetry_queue_reports: Annotated[int, Field(ge=2, le=1_000_000)] = 1440
-    telemetry_queue_bytes: Annotated[int, Field(ge=1024, le=1 << 32)] = 8 * 1024 * 1024
-    report_interval_s: Annotated[float, Field(ge=0.1, le=3600)] = 1.0  # state/telemetry ticker period
-    watchdog_stall_s: Annotated[float, Field(ge=1, le=86400)] = 600.0  # longest main-loop step tolerated
+    api: LocalApiConfig = field(default_factory=LocalApiConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    lifecycle: LifecycleOverrides = field(default_factory=LifecycleOverrides)
+    model_threads: Annotated[int, Meta(ge=1, le=64)] = 1
+    telemetry_interval_s: Annotated[float, Meta(ge=1, le=86400)] = 60.0
+    telemetry_queue_reports: Annotated[int, Meta(ge=2, le=1_000_000)] = 1440
+    telemetry_queue_bytes: Annotated[int, Meta(ge=1024, le=1 << 32)] = 8 * 1024 * 1024
+    report_interval_s: Annotated[float, Meta(ge=0.1, le=3600)] = 1.0  # state/telemetry ticker period
+    watchdog_stall_s: Annotated[float, Meta(ge=1, le=86400)] = 600.0  # longest main-loop step tolerated
 
-    @field_validator("device_id")
-    @classmethod
-    def _device_id(cls, v: str) -> str:
-        if not ID_RE.fullmatch(v):
+    def _check(self) -> None:
+        if not ID_RE.fullmatch(self.device_id):
             raise ValueError("device_id: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
-        return v
-
-    @field_validator("cohorts")
-    @classmethod
-    def _cohorts(cls, v: list[str]) -> list[str]:
-        for c in v:
+        for c in self.cohorts:
             if not ID_RE.fullmatch(c):
                 raise ValueError(f"cohort {c!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
-        return v
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        from agent.contract.protocol import validate_prefix
-
         try:
-            return validate_prefix(v)
+            validate_prefix(self.topic_prefix)
         except MisuseError as exc:
             raise ValueError(str(exc)) from None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> AgentConfig:
         if self.mqtt.max_message_bytes < self.limits.chunk_size + 2048:
             raise ValueError("mqtt.max_message_bytes must exceed limits.chunk_size by at least 2 KiB")
-        return self
 
 
 def strip_comments(text: str) -> str:
@@ -144,16 +119,16 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         raise ConfigError(f"{source}: not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object")
+    device_id = raw.get("device_id")
+    if isinstance(device_id, str) and not ID_RE.fullmatch(device_id):  # before mqtt.client_id inherits it
+        raise ConfigError(f"{source}: device_id: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
     mqtt = raw.get("mqtt")
     if isinstance(mqtt, dict) and "client_id" not in mqtt and isinstance(raw.get("device_id"), str):
         raw["mqtt"] = {**mqtt, "client_id": raw["device_id"]}
     try:
         return AgentConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {describe(exc)}") from None
 
 
 def load_config(path: Path) -> AgentConfig:

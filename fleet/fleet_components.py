@@ -76,7 +76,7 @@ def broker_config(url: str, client_id: str) -> MqttConfig:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         return MqttConfig(host=parts.hostname, port=port, client_id=client_id,
                           username=unquote(parts.username) if parts.username else None,
-                          password=unquote(parts.password) if parts.password else None,  # type: ignore[arg-type]
+                          password=unquote(parts.password) if parts.password else None,
                           tls=parts.scheme == "mqtts", reconnect_max_s=5.0)
     except ValueError as exc:
         raise FleetInputError(f"broker URL {url!r}: {exc}") from None

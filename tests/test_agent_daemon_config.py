@@ -51,7 +51,7 @@ def test_comment_lines_only_whole_lines() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"bogus": 1}, "bogus: Extra inputs are not permitted"),
+        ({"bogus": 1}, "bogus: unknown field"),
         ({"device_id": "a/b"}, "device_id"),
         ({"cohorts": ["ok", "no#"]}, "cohort 'no#'"),
         ({"topic_prefix": "a/+/b"}, "invalid topic prefix"),

@@ -142,8 +142,12 @@ def test_device_reads_only_its_own_desired_and_responses(broker: AclBroker) -> N
         assert b"chunk-for-B" not in {m.payload for m in inbox_a.got}
         assert {b"doc-for-A", b"cohort-doc", b"ts"} <= {m.payload for m in inbox_a.got}
     finally:
-        for topic in (tb.desired(), ta.desired(), ta.cohort_desired("eu"), ta.metadata("timestamp.json")):
+        clears = [
             fleet.publish(topic, b"", retain=True)
+            for topic in (tb.desired(), ta.desired(), ta.cohort_desired("eu"), ta.metadata("timestamp.json"))
+        ]
+        for delivery in clears:  # acknowledged before close, so the next test sees no retained docs
+            delivery.wait_for_publish(5)
         for t in (a, b, fleet):
             t.close()
 

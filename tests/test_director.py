@@ -127,7 +127,7 @@ def test_below_threshold_refused(keys: list[Signer]) -> None:
         (b"{not json", "not JSON"),
         (b"[]", "exactly 'signed' and 'signatures'"),
         (b'{"signed": [], "signatures": []}', "'signed' must be an object"),
-        (b'{"signed": {"sequence": 1}, "signatures": []}', "invalid director document: .*target"),
+        (b'{"signed": {"sequence": 1}, "signatures": []}', "invalid director document: issued_at: required"),
         (b" " * (MAX_DIRECTOR_BYTES + 1), "over the 65536 limit"),
     ],
 )

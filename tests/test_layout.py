@@ -60,3 +60,29 @@ def test_every_cli_group_has_help(group: str) -> None:
     assert out.returncode == 0, out.stderr
     assert "Usage:" in out.stdout
     assert "unavailable" not in out.stdout
+
+
+@pytest.mark.unit
+def test_agent_code_never_imports_pydantic() -> None:
+    # pydantic costs an idle daemon ~10 MB of RSS (docs/benchmarks.md, agent_footprint); only
+    # the hook that lets the fleet's pydantic models hold agent structs names pydantic_core.
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(_imports(p) & {"pydantic", "pydantic_core", "pydantic_settings"})
+        for p in (ROOT / "agent").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {"agent/contract/strict.py": ["pydantic_core"]}
+
+
+@pytest.mark.integration
+def test_the_daemon_and_its_config_load_without_pydantic(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from agent.config import parse_config\n"
+        "import agent.daemon, agent.cli_agent, agent.contract.director, agent.contract.manifest\n"
+        "cfg = parse_config('{\"device_id\": \"gw-1\", \"mqtt\": {\"port\": 1884}}')\n"
+        "assert cfg.mqtt.client_id == 'gw-1'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pydantic')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -237,4 +237,7 @@ def test_event_round_trip_and_refusals() -> None:
         with pytest.raises(MessageError):
             decode_event(json.dumps(bad).encode(), "d")
     with pytest.raises(MisuseError):
-        encode_event(ev.model_copy(update={"measurements": {f"k{i}": 1.0 for i in range(2000)}}))
+        # valid field by field (64 measurements of 250-character names), over 16 KiB in all
+        encode_event(ev.model_copy(update={"measurements": {f"{i:02d}" + "k" * 248: 1.0 for i in range(64)}}))
+    with pytest.raises(ValueError, match="length <= 64"):  # a copy is validated like a construction
+        ev.model_copy(update={"measurements": {f"k{i}": 1.0 for i in range(65)}})

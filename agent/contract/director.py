@@ -19,10 +19,9 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
+from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, utc_timestamp
 from agent.errors import DirectorError
 
 # securesystemslib is imported where keys and signatures are handled, not here: its signer
@@ -41,69 +40,46 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ADDRESSEE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TargetRef(_Strict):
+class TargetRef(StrictStruct, frozen=True, kw_only=True):
     """A TUF target the device should install: path, signed length and sha256, plus labels."""
 
-    path: str = Field(min_length=1, max_length=512)
-    length: int = Field(ge=1)
+    path: Annotated[str, Meta(min_length=1, max_length=512)]
+    length: Annotated[int, Meta(ge=1)]
     sha256: str
-    name: str = Field(default="", max_length=128)
-    version: str = Field(default="", max_length=64)
+    name: Annotated[str, Meta(max_length=128)] = ""
+    version: Annotated[str, Meta(max_length=64)] = ""
 
-    @field_validator("sha256")
-    @classmethod
-    def _hex(cls, v: str) -> str:
-        if not _HEX64.match(v):
+    def _check(self) -> None:
+        if not _HEX64.fullmatch(self.sha256):
             raise ValueError("sha256 must be 64 lowercase hex digits")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        if v.startswith("/") or ".." in v.split("/") or "\\" in v:
+        if self.path.startswith("/") or ".." in self.path.split("/") or "\\" in self.path:
             raise ValueError("target path must be relative, without '..' or backslashes")
-        return v
 
 
-class DirectorDocument(_Strict):
+class DirectorDocument(StrictStruct, frozen=True, kw_only=True):
     """The signed part of a director document (see docs/trust.md)."""
 
     schema_version: Literal[1] = 1
     device_id: str | None = None
     cohort: str | None = None
-    sequence: int = Field(ge=1)
+    sequence: Annotated[int, Meta(ge=1)]
     issued_at: datetime
     expires: datetime
     target: TargetRef
     shadow: TargetRef | None = None
-    rollout_id: str | None = Field(default=None, max_length=128)
-    reason: str = Field(default="", max_length=1024)
+    rollout_id: Annotated[str, Meta(max_length=128)] | None = None
+    reason: Annotated[str, Meta(max_length=1024)] = ""
 
-    @field_validator("device_id", "cohort")
-    @classmethod
-    def _addressee(cls, v: str | None) -> str | None:
-        if v is not None and not _ADDRESSEE.match(v):
-            raise ValueError("addressee must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-        return v
-
-    @field_validator("issued_at", "expires")
-    @classmethod
-    def _utc(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("timestamps must carry a timezone (UTC)")
-        return v.astimezone(UTC).replace(microsecond=0)
-
-    @model_validator(mode="after")
-    def _one_addressee(self) -> DirectorDocument:
+    def _check(self) -> None:
+        for addressee in (self.device_id, self.cohort):
+            if addressee is not None and not _ADDRESSEE.fullmatch(addressee):
+                raise ValueError("addressee must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        self._normalise("issued_at", utc_timestamp(self.issued_at))
+        self._normalise("expires", utc_timestamp(self.expires))
         if (self.device_id is None) == (self.cohort is None):
             raise ValueError("exactly one of device_id or cohort must be set")
         if self.expires <= self.issued_at:
             raise ValueError("expires must be after issued_at")
-        return self
 
     def to_signed_dict(self) -> dict[str, Any]:
         """JSON-ready dict with `Z` timestamps and no nulls (canonical JSON has no floats)."""
@@ -202,10 +178,7 @@ def verify_director(
     try:
         doc = DirectorDocument.model_validate(signed)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
-        raise DirectorError(f"invalid director document: {problems}") from None
+        raise DirectorError(f"invalid director document: {describe(exc)}") from None
 
     _check_signatures(signed, raw_sigs, trust)
     if doc.sequence <= last_sequence:

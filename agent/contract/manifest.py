@@ -1,6 +1,7 @@
 """The bundle manifest: everything a device needs to know about a model before running it.
 
-Validated with pydantic (strict, extra fields forbidden) because it arrives from outside;
+Validated strictly (`agent.contract.strict`: unknown fields refused, constraints checked)
+because it arrives from outside;
 `docs/manifest.schema.json` is generated from these models (`python -m agent.contract.manifest`).
 """
 
@@ -11,8 +12,7 @@ import re
 import sys
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
+from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
 from agent.errors import ManifestError
 
 MANIFEST_SCHEMA_VERSION: Literal[1] = 1
@@ -25,157 +25,132 @@ DType = Literal["float32", "float16", "float64", "int8", "uint8", "int16", "int3
 Runtime = Literal["onnx", "tflite"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Name = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
-class TensorSpec(_Strict):
+def _fullmatch(rx: re.Pattern[str], value: str, message: str) -> None:
+    if not rx.fullmatch(value):
+        raise ValueError(message)
+
+
+class TensorSpec(StrictStruct, frozen=True, kw_only=True):
     """One named input or output: dtype and shape; `None` marks a dynamic axis (axis 0 = batch)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    name: _Name
     dtype: DType
-    shape: list[int | None] = Field(min_length=1, max_length=8)
+    shape: Annotated[list[int | None], Meta(min_length=1, max_length=8)]
 
-    @field_validator("shape")
-    @classmethod
-    def _dims_positive(cls, shape: list[int | None]) -> list[int | None]:
-        if any(d is not None and d <= 0 for d in shape):
+    def _check(self) -> None:
+        if any(d is not None and d <= 0 for d in self.shape):
             raise ValueError("fixed dimensions must be positive")
-        return shape
 
 
-class Quantization(_Strict):
+class Quantization(StrictStruct, frozen=True, kw_only=True):
     """How the model was quantized and what it cost against the float model."""
 
     scheme: Literal["none", "int8-dynamic", "int8-static", "tflite-int8", "tflite-float"] = "none"
-    calibration: dict[str, Any] = Field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     accuracy_delta: float | None = None
-    agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    agreement: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
 
 
-class FeatureProfile(_Strict):
+class FeatureProfile(StrictStruct, frozen=True, kw_only=True):
     """Reference binning for one feature or output: numeric bin edges or a vocabulary."""
 
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    name: _Name
     kind: Literal["numeric", "categorical"]
-    edges: list[float] = Field(default_factory=list, max_length=1025)
-    vocabulary: list[str] = Field(default_factory=list, max_length=4096)
+    edges: Annotated[list[float], Meta(max_length=1025)] = field(default_factory=list)
+    vocabulary: Annotated[list[str], Meta(max_length=4096)] = field(default_factory=list)
     mean: float | None = None
     std: float | None = None
-    reference_counts: list[int] = Field(default_factory=list)
+    reference_counts: list[int] = field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> FeatureProfile:
+    def _check(self) -> None:
         if self.kind == "numeric":
             if len(self.edges) < 2 or any(b < a for a, b in zip(self.edges, self.edges[1:], strict=False)):
                 raise ValueError(f"feature {self.name!r}: numeric edges must be >= 2 and non-decreasing")
         elif not self.vocabulary:
             raise ValueError(f"feature {self.name!r}: categorical feature needs a vocabulary")
-        return self
 
 
-class ReferenceProfile(_Strict):
+class ReferenceProfile(StrictStruct, frozen=True, kw_only=True):
     """Per-feature and per-output binning the agent's telemetry sketches are keyed to."""
 
     input_name: str | None = None
-    features: list[FeatureProfile] = Field(default_factory=list, max_length=4096)
-    outputs: list[FeatureProfile] = Field(default_factory=list, max_length=256)
+    features: Annotated[list[FeatureProfile], Meta(max_length=4096)] = field(default_factory=list)
+    outputs: Annotated[list[FeatureProfile], Meta(max_length=256)] = field(default_factory=list)
     sample_count: int = 0
 
 
-class GoldenVectors(_Strict):
+class GoldenVectors(StrictStruct, frozen=True, kw_only=True):
     """Inputs with expected outputs, checked after activation within a tolerance."""
 
-    inputs: dict[str, list[Any]] = Field(default_factory=dict)
-    expected: dict[str, list[Any]] = Field(default_factory=dict)
-    rtol: float = Field(default=1e-3, ge=0)
-    atol: float = Field(default=1e-4, ge=0)
-    label_agreement_min: float | None = Field(default=None, ge=0.0, le=1.0)
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
+    expected: dict[str, list[Any]] = field(default_factory=dict)
+    rtol: Annotated[float, Meta(ge=0)] = 1e-3
+    atol: Annotated[float, Meta(ge=0)] = 1e-4
+    label_agreement_min: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
 
 
-class HealthPolicy(_Strict):
+class HealthPolicy(StrictStruct, frozen=True, kw_only=True):
     """What probation checks after activation, and how long it lasts."""
 
-    latency_budget_ms: float = Field(default=50.0, gt=0)
-    max_error_rate: float = Field(default=0.01, ge=0, le=1)
-    probation_requests: int = Field(default=100, ge=0)
-    probation_seconds: float = Field(default=30.0, ge=0)
-    max_memory_mb: float | None = Field(default=None, gt=0)
-    inference_timeout_s: float = Field(default=2.0, gt=0)
+    latency_budget_ms: Annotated[float, Meta(gt=0)] = 50.0
+    max_error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.01
+    probation_requests: Annotated[int, Meta(ge=0)] = 100
+    probation_seconds: Annotated[float, Meta(ge=0)] = 30.0
+    max_memory_mb: Annotated[float, Meta(gt=0)] | None = None
+    inference_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
 
 
-class Lineage(_Strict):
+class Lineage(StrictStruct, frozen=True, kw_only=True):
     """Where the model came from (training code, data, hyperparameters, metrics)."""
 
     training_code_ref: str = ""
     dataset_ref: str = ""
     dataset_digest: str = ""
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-class Compatibility(_Strict):
+class Compatibility(StrictStruct, frozen=True, kw_only=True):
     """What a device needs to run the bundle."""
 
     min_agent_version: str = "0.1.0"
-    runtimes: list[Runtime] = Field(default_factory=list)
-    architectures: list[str] = Field(default_factory=list)
-    min_memory_mb: int = Field(default=0, ge=0)
+    runtimes: list[Runtime] = field(default_factory=list)
+    architectures: list[str] = field(default_factory=list)
+    min_memory_mb: Annotated[int, Meta(ge=0)] = 0
 
-    @field_validator("min_agent_version")
-    @classmethod
-    def _semver(cls, v: str) -> str:
-        if not SEMVER_RE.match(v):
-            raise ValueError("min_agent_version must be a semantic version")
-        return v
+    def _check(self) -> None:
+        _fullmatch(SEMVER_RE, self.min_agent_version, "min_agent_version must be a semantic version")
 
 
-class Manifest(_Strict):
+class Manifest(StrictStruct, frozen=True, kw_only=True):
     """The signed description of one model bundle (see docs/bundle.md)."""
 
     schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
     name: str
     version: str
     runtime: Runtime
-    model_file: str = Field(pattern=r"^model\.(onnx|tflite)$")
+    model_file: Annotated[str, Meta(pattern=r"^model\.(onnx|tflite)$")]
     model_digest: str
-    model_size: int = Field(ge=1)
-    inputs: list[TensorSpec] = Field(min_length=1, max_length=64)
-    outputs: list[TensorSpec] = Field(min_length=1, max_length=64)
-    quantization: Quantization = Field(default_factory=Quantization)
-    reference_profile: ReferenceProfile = Field(default_factory=ReferenceProfile)
-    golden: GoldenVectors = Field(default_factory=GoldenVectors)
-    health: HealthPolicy = Field(default_factory=HealthPolicy)
-    lineage: Lineage = Field(default_factory=Lineage)
-    compatibility: Compatibility = Field(default_factory=Compatibility)
+    model_size: Annotated[int, Meta(ge=1)]
+    inputs: Annotated[list[TensorSpec], Meta(min_length=1, max_length=64)]
+    outputs: Annotated[list[TensorSpec], Meta(min_length=1, max_length=64)]
+    quantization: Quantization = field(default_factory=Quantization)
+    reference_profile: ReferenceProfile = field(default_factory=ReferenceProfile)
+    golden: GoldenVectors = field(default_factory=GoldenVectors)
+    health: HealthPolicy = field(default_factory=HealthPolicy)
+    lineage: Lineage = field(default_factory=Lineage)
+    compatibility: Compatibility = field(default_factory=Compatibility)
     created_at: str = ""
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("name must match [a-z0-9][a-z0-9._-]{0,63}")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: str) -> str:
-        if not SEMVER_RE.match(v):
-            raise ValueError("version must be a semantic version such as 1.2.3")
-        return v
-
-    @field_validator("model_digest")
-    @classmethod
-    def _digest(cls, v: str) -> str:
-        if not DIGEST_RE.match(v):
-            raise ValueError("model_digest must be 'sha256:' + 64 lowercase hex digits")
-        return v
-
-    @model_validator(mode="after")
-    def _runtime_matches_file(self) -> Manifest:
-        if not self.model_file.endswith("." + self.runtime):
+    def _check(self) -> None:
+        _fullmatch(NAME_RE, self.name, "name must match [a-z0-9][a-z0-9._-]{0,63}")
+        _fullmatch(SEMVER_RE, self.version, "version must be a semantic version such as 1.2.3")
+        _fullmatch(DIGEST_RE, self.model_digest, "model_digest must be 'sha256:' + 64 lowercase hex digits")
+        if self.model_file != "model." + self.runtime:
             raise ValueError(f"model_file {self.model_file!r} does not match runtime {self.runtime!r}")
-        return self
 
     @property
     def bundle_id(self) -> str:
@@ -188,16 +163,13 @@ class Manifest(_Strict):
 
 
 def parse_manifest(data: bytes | str | dict[str, Any]) -> Manifest:
-    """Validate untrusted manifest bytes/JSON/dict. Raises `ManifestError` with every problem."""
+    """Validate untrusted manifest bytes/JSON/dict. Raises `ManifestError` naming the first problem."""
     try:
         if isinstance(data, dict):
             return Manifest.model_validate(data)
         return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ManifestError(f"invalid manifest: {problems}") from None
+        raise ManifestError(f"invalid manifest: {describe(exc)}") from None
 
 
 def semver_key(version: str) -> tuple[int, int, int, int, str]:

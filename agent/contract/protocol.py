@@ -19,8 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
+from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
 from agent.errors import MessageError, MisuseError
 
 PROTOCOL_VERSION = "v1"
@@ -175,34 +174,39 @@ class Topics:
 
 
 # --- message models ----------------------------------------------------------------------
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _whole(rx: re.Pattern[str] | str) -> str:
+    """A `Meta(pattern=...)` for the whole string (msgspec searches; `$` allows a trailing newline)."""
+    pattern = rx if isinstance(rx, str) else rx.pattern
+    return pattern.removesuffix("$") + r"\Z"
 
+
+class _Msg(StrictStruct, frozen=True, kw_only=True):
     schema_version: Literal[1] = 1
 
 
-Timestamp = Annotated[float, Field(ge=0, le=1e11)]
-ShortText = Annotated[str, Field(max_length=256)]
+Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
+ShortText = Annotated[str, Meta(max_length=256)]
+RequestId = Annotated[str, Meta(pattern=_whole(REQUEST_ID_RE))]
+DeviceId = Annotated[str, Meta(pattern=_whole(ID_RE))]
+ByteOffset = Annotated[int, Meta(ge=0, le=2**40)]
 
 
-class ObjectRequest(_Msg):
+class ObjectRequest(_Msg, frozen=True, kw_only=True):
     """Device -> publisher: send `length` bytes of `path` from `offset` (one chunk)."""
 
-    request_id: Annotated[str, Field(pattern=REQUEST_ID_RE.pattern)]
+    request_id: RequestId
     path: str
-    offset: Annotated[int, Field(ge=0, le=2**40)]
-    length: Annotated[int, Field(ge=1, le=MAX_CHUNK_SIZE)]
+    offset: ByteOffset
+    length: Annotated[int, Meta(ge=1, le=MAX_CHUNK_SIZE)]
 
-    @field_validator("path")
-    @classmethod
-    def _path_ok(cls, path: str) -> str:
+    def _check(self) -> None:
         try:
-            return validate_object_path(path)
+            validate_object_path(self.path)
         except MessageError as exc:
             raise ValueError(str(exc)) from None
 
 
-class ChunkHeader(_Msg):
+class ChunkHeader(_Msg, frozen=True, kw_only=True):
     """Publisher -> device: the header of one chunk frame (payload follows it raw).
 
     `status` borrows HTTP codes: 200 data, 400 bad request, 404 no such object, 413 over
@@ -210,48 +214,48 @@ class ChunkHeader(_Msg):
     `etag` changes when the object at `path` changes, so a resumed download never mixes versions.
     """
 
-    request_id: Annotated[str, Field(pattern=REQUEST_ID_RE.pattern)]
-    path: Annotated[str, Field(max_length=512)]
-    offset: Annotated[int, Field(ge=0, le=2**40)]
-    total_length: Annotated[int, Field(ge=0, le=2**40)] = 0
+    request_id: RequestId
+    path: Annotated[str, Meta(max_length=512)]
+    offset: ByteOffset
+    total_length: ByteOffset = 0
     status: Literal[200, 400, 404, 413, 416, 429, 500, 503]
     final: bool = False
-    etag: Annotated[str, Field(max_length=128)] = ""
+    etag: Annotated[str, Meta(max_length=128)] = ""
     reason: ShortText = ""
 
 
-class ReportedState(_Msg):
+class ReportedState(_Msg, frozen=True, kw_only=True):
     """Device -> fleet (retained): what the device runs now; the Last Will sets `online=False`."""
 
-    device_id: Annotated[str, Field(pattern=ID_RE.pattern)] | None = None
+    device_id: DeviceId | None = None
     agent_version: ShortText = ""
-    state: Annotated[str, Field(max_length=64)] = "idle"
+    state: Annotated[str, Meta(max_length=64)] = "idle"
     active_bundle: ShortText | None = None
     previous_bundle: ShortText | None = None
-    director_sequence: Annotated[int, Field(ge=0)] | None = None
-    runtimes: Annotated[list[ShortText], Field(max_length=16)] = Field(default_factory=list)
+    director_sequence: Annotated[int, Meta(ge=0)] | None = None
+    runtimes: Annotated[list[ShortText], Meta(max_length=16)] = field(default_factory=list)
     architecture: ShortText = ""
-    memory_mb: Annotated[float, Field(ge=0)] | None = None
-    labels: Annotated[dict[ShortText, ShortText], Field(max_length=64)] = Field(default_factory=dict)
+    memory_mb: Annotated[float, Meta(ge=0)] | None = None
+    labels: Annotated[dict[ShortText, ShortText], Meta(max_length=64)] = field(default_factory=dict)
     online: bool = True
     timestamp: Timestamp
 
 
-class Event(_Msg):
+class Event(_Msg, frozen=True, kw_only=True):
     """Device -> fleet: something happened (installed, rolled_back, health_failed, ...)."""
 
-    device_id: Annotated[str, Field(pattern=ID_RE.pattern)] | None = None
-    type: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
+    device_id: DeviceId | None = None
+    type: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_.]{0,63}\Z")]
     bundle_id: ShortText | None = None
     previous_bundle_id: ShortText | None = None
-    reason: Annotated[str, Field(max_length=2048)] = ""
-    measurements: Annotated[dict[ShortText, float], Field(max_length=64)] = Field(default_factory=dict)
+    reason: Annotated[str, Meta(max_length=2048)] = ""
+    measurements: Annotated[dict[ShortText, float], Meta(max_length=64)] = field(default_factory=dict)
     timestamp: Timestamp
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Meta(ge=0)]
 
 
 # --- encoding ----------------------------------------------------------------------------
-def _dump(model: BaseModel, limit: int) -> bytes:
+def _dump(model: StrictStruct, limit: int) -> bytes:
     data = model.model_dump_json(exclude_none=True).encode()
     if len(data) > limit:
         raise MisuseError(f"{type(model).__name__} encodes to {len(data)} bytes, over the {limit} limit")
@@ -274,9 +278,7 @@ def _load(cls: type[Any], data: bytes, limit: int) -> Any:
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise MessageError(f"{cls.__name__}: {where}: {first['msg']}") from None
+        raise MessageError(f"{cls.__name__}: {describe(exc)}") from None
 
 
 def _check_addressee(model: ReportedState | Event, device_id: str) -> None:

@@ -31,10 +31,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
 
 from agent.contract.protocol import validate_id
+from agent.contract.strict import Meta, StrictStruct
 from agent.errors import ConfigError, FetchTimeoutError, MisuseError, TransportError
 from agent.logs import log_event
 from agent.transport import Handler, Message
@@ -42,35 +42,33 @@ from agent.transport import Handler, Message
 logger = logging.getLogger(__name__)
 
 
-class MqttConfig(BaseModel):
+class MqttConfig(StrictStruct, frozen=True, kw_only=True):
     """Broker connection settings with explicit limits (sizes in bytes, times in seconds).
 
-    Invalid settings raise pydantic's `ValidationError` (a `ValueError`) at construction.
+    Invalid settings raise `agent.contract.strict.ValidationError` (a `ValueError`) at
+    construction. `repr()` masks the password.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str
     username: str | None = None
-    password: SecretStr | None = None
+    password: str | None = None
     tls: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None  # client certificate (per-device identity)
     key_file: Path | None = None
-    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
-    session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 3600
+    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 3600
     clean_start: bool = False
-    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    max_message_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 256 * 1024
-    reconnect_min_s: Annotated[float, Field(gt=0, le=60)] = 0.2
-    reconnect_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20
-    max_pending_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    connect_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    max_message_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024 * 1024)] = 256 * 1024
+    reconnect_min_s: Annotated[float, Meta(gt=0, le=60)] = 0.2
+    reconnect_max_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20
+    max_pending_requests: Annotated[int, Meta(ge=1, le=100_000)] = 1024
 
-    @model_validator(mode="after")
-    def _consistent(self) -> MqttConfig:
+    def _check(self) -> None:
         try:
             validate_id(self.client_id, "client id")
         except MisuseError as exc:
@@ -81,7 +79,13 @@ class MqttConfig(BaseModel):
             raise ValueError("cert_file and key_file go together")
         if (self.cert_file or self.ca_file) and not self.tls:
             raise ValueError("ca_file/cert_file need tls=true")
-        return self
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={'**********' if name == 'password' and self.password else repr(getattr(self, name))}"
+            for name in self.__struct_fields__
+        )
+        return f"MqttConfig({fields})"
 
 
 def _strip_share(topic_filter: str) -> str:
@@ -103,8 +107,7 @@ class MqttTransport:
         )
         self._client.max_inflight_messages_set(config.max_inflight)
         if config.username is not None:
-            pw = config.password.get_secret_value() if config.password else None
-            self._client.username_pw_set(config.username, pw)
+            self._client.username_pw_set(config.username, config.password)
         if config.tls:
             try:
                 self._client.tls_set(
