@@ -37,10 +37,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
-from agent.contract.protocol import Event as EventMsg
-from agent.contract.protocol import ReportedState, Topics, encode_event, encode_reported
+from agent.contract.protocol import ReportedState, Topics, encode_reported
 from agent.daemon_director import DirectorGate
-from agent.daemon_events import EventOutbox
+from agent.daemon_events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon_process import Notifier, ObservedStore, agent_version
 from agent.daemon_serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError, UntrustedDataError
@@ -62,7 +61,6 @@ log = logging.getLogger("edgefleet.agent")
 KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 #: States where `active` is the committed, verified bundle: safe to serve before resuming.
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
-_EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
 #: How `verify_director` words "no signature by a key the trusted root knows".
@@ -336,45 +334,15 @@ class AgentDaemon:
 
     # --- events -------------------------------------------------------------------------
     def _on_lifecycle_event(self, name: str, fields: dict[str, Any]) -> None:
-        measurements = {
-            k: float(v) for k, v in (fields.get("measurements") or {}).items() if isinstance(v, int | float)
-        }
-        for key in ("sequence", "quarantined_at_sequence"):
-            if isinstance(fields.get(key), int | float):
-                measurements[key] = float(fields[key])
-        if isinstance(fields.get("swapped"), bool):
-            measurements["swapped"] = float(fields["swapped"])
-        previous = fields.get("previous") or (self.lifecycle.record.previous if name == "activated" else None)
-        self._event(
-            _EVENT_NAMES.get(name, name),
-            bundle_id=fields.get("bundle"),
-            previous_bundle_id=previous,
-            reason=str(fields.get("reason") or ""),
-            measurements=measurements,
-        )
+        previous = self.lifecycle.record.previous if name == "activated" else None
+        self._event(**lifecycle_event(name, fields, previous))
 
-    def _event(
-        self,
-        kind: str,
-        bundle_id: str | None = None,
-        previous_bundle_id: str | None = None,
-        reason: str = "",
-        measurements: dict[str, float] | None = None,
-    ) -> None:
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Store one event (fields: `encode_event_bounded`'s) and send what is stored."""
         with self._events_lock:
             self._event_seq = max(self._event_seq + 1, time.time_ns() // 1000)
             seq = self._event_seq
-        msg = EventMsg(
-            device_id=self.config.device_id,
-            type=kind,
-            bundle_id=bundle_id,
-            previous_bundle_id=previous_bundle_id,
-            reason=reason[:2048],
-            measurements=dict(list((measurements or {}).items())[:64]),
-            timestamp=time.time(),
-            seq=seq,
-        )
-        self.outbox.put(encode_event(msg))
+        self.outbox.put(encode_event_bounded(self.config.device_id, kind, seq, **fields))
         self._flush_events()
 
     def _flush_events(self) -> None:
@@ -411,21 +379,11 @@ class AgentDaemon:
         rep = self.holder.shadow_report()
         if rep.bundle_id is None or rep.offered == 0:
             return
-        fields = {
-            "offered": rep.offered,
-            "compared": rep.compared,
-            "dropped": rep.dropped,
-            "errors": rep.errors,
-            "label_agreement": rep.label_agreement,
-            "mean_abs_diff": rep.mean_abs_diff,
-            "latency_p50_ms": rep.latency_p50_ms,
-            "latency_p95_ms": rep.latency_p95_ms,
-        }
         self._event(
             "shadow_report",
             bundle_id=rep.bundle_id,
             previous_bundle_id=self.holder.bundle_id,
-            measurements={k: float(v) for k, v in fields.items() if v is not None},
+            measurements=shadow_measurements(rep),
         )
 
     def _ticker(self) -> None:

@@ -31,10 +31,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from agent.contract.protocol import Event, encode_event
 from agent.errors import MisuseError
 from agent.logs import log_event
 from agent.transport import Delivery
+
+if TYPE_CHECKING:
+    from agent.serving import ShadowReport
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +188,75 @@ class EventOutbox:
         with self._lock:
             self._in_flight.clear()
             self._db.close()
+
+
+# --- what goes into an event ------------------------------------------------------------------
+_EVENT_NAMES = {"staged": "installed"}  # lifecycle report name -> wire event type
+_MAX_REASON = 2048  # the protocol's bounds (`agent.contract.protocol.Event`)
+_MAX_MEASUREMENTS = 64
+
+
+def lifecycle_event(name: str, fields: dict[str, Any], previous_active: str | None) -> dict[str, Any]:
+    """A lifecycle report (`Lifecycle.emit`) as keyword arguments for an event.
+
+    Numeric fields become measurements (booleans as 0/1); `previous_active` is the bundle an
+    activation replaced, used when the report does not name one.
+    """
+    measurements = {
+        k: float(v) for k, v in (fields.get("measurements") or {}).items() if isinstance(v, int | float)
+    }
+    for key in ("sequence", "quarantined_at_sequence"):
+        if isinstance(fields.get(key), int | float):
+            measurements[key] = float(fields[key])
+    if isinstance(fields.get("swapped"), bool):
+        measurements["swapped"] = float(fields["swapped"])
+    return {
+        "kind": _EVENT_NAMES.get(name, name),
+        "bundle_id": fields.get("bundle"),
+        "previous_bundle_id": fields.get("previous") or previous_active,
+        "reason": str(fields.get("reason") or ""),
+        "measurements": measurements,
+    }
+
+
+def shadow_measurements(rep: ShadowReport) -> dict[str, float]:
+    """The numeric fields of a shadow report (agreement, distance, latency, counts)."""
+    fields = {
+        "offered": rep.offered,
+        "compared": rep.compared,
+        "dropped": rep.dropped,
+        "errors": rep.errors,
+        "label_agreement": rep.label_agreement,
+        "mean_abs_diff": rep.mean_abs_diff,
+        "latency_p50_ms": rep.latency_p50_ms,
+        "latency_p95_ms": rep.latency_p95_ms,
+    }
+    return {k: float(v) for k, v in fields.items() if v is not None}
+
+
+def encode_event_bounded(
+    device_id: str,
+    kind: str,
+    seq: int,
+    bundle_id: str | None = None,
+    previous_bundle_id: str | None = None,
+    reason: str = "",
+    measurements: dict[str, float] | None = None,
+) -> bytes:
+    """An event's wire bytes, its reason and measurements cut to the protocol's bounds.
+
+    Cutting instead of refusing: an event about a failure must be sent even when the failure's
+    message is long. A bad `kind` or `device_id` (a bug) raises `ValidationError`
+    (`agent.contract.strict`), an event over `MAX_CONTROL_MESSAGE` raises `MisuseError`.
+    """
+    msg = Event(
+        device_id=device_id,
+        type=kind,
+        bundle_id=bundle_id,
+        previous_bundle_id=previous_bundle_id,
+        reason=reason[:_MAX_REASON],
+        measurements=dict(list((measurements or {}).items())[:_MAX_MEASUREMENTS]),
+        timestamp=time.time(),
+        seq=seq,
+    )
+    return encode_event(msg)
