@@ -204,6 +204,38 @@ def test_local_rollback_request_during_probation(repo: Repo, tmp_path: Path) -> 
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("newer", ["mlp-1.0.0", "mlp-2.0.0"])  # the operator's rollback; another version
+def test_a_newer_order_ends_probation_at_once(repo: Repo, tmp_path: Path, newer: str) -> None:
+    dev = _installed(repo, tmp_path)
+    slow = repo.publish("6.0.0", model_seed=5, health={**FAST, "probation_seconds": 3600.0})
+    dev.lifecycle.offer_desired(repo.desired(slow))
+    order = repo.desired(newer)
+    t = threading.Timer(0.3, dev.lifecycle.offer_desired, args=(order,))
+    t.start()
+    dev.lifecycle.run_until_stable()  # without the supersede this waits out the hour's window
+    t.join()
+    ev = dev.event("rolled_back")
+    assert ev["bundle"] == "mlp-6.0.0" and ev["reason"].startswith("superseded during probation")
+    rec = dev.lifecycle.record
+    assert (rec.active, rec.director_sequence) == (newer, order.sequence)
+    assert not any(n == "committed" and f.get("bundle") == "mlp-6.0.0" for n, f in dev.events)
+    # a newer order naming the bundle under probation (a re-issued document) does not end it
+    before = sum(1 for n, _ in dev.events if n == "rolled_back")
+    dev.lifecycle.offer_desired(repo.desired(slow))  # newer than the quarantine: installs again
+    same, last = repo.desired(slow), repo.desired("mlp-1.0.0")
+    timers = [threading.Timer(0.3, dev.lifecycle.offer_desired, args=(same,)),
+              threading.Timer(1.0, dev.lifecycle.offer_desired, args=(last,))]
+    for timer in timers:
+        timer.start()
+    dev.lifecycle.run_until_stable()
+    for timer in timers:
+        timer.join()
+    rolled = [f for n, f in dev.events if n == "rolled_back"][before:]
+    assert len(rolled) == 1 and f"sequence {last.sequence} " in rolled[0]["reason"]
+    assert dev.lifecycle.record.active == "mlp-1.0.0"
+
+
+@pytest.mark.integration
 def test_tampered_target_is_refused_and_quarantined(repo: Repo, tmp_path: Path) -> None:
     dev = _installed(repo, tmp_path)
     d = repo.desired("mlp-2.0.0")

@@ -126,6 +126,14 @@ class LifecycleContext:
                 self._pending = target
         self.wake.set()
 
+    def superseding(self, bundle_id: str) -> DesiredTarget | None:
+        """The pending desired target if it is newer than the applied one and names another bundle."""
+        with self._pending_lock:
+            target = self._pending
+        if target is None or target.sequence <= self.record.director_sequence:
+            return None
+        return None if target.bundle_id == bundle_id else target
+
     def apply_pending(self) -> None:
         with self._pending_lock:
             target, self._pending = self._pending, None
@@ -347,6 +355,11 @@ def handle_probation(ctx: LifecycleContext) -> Event:
                 ctx.rollback_flag.clear()
                 ctx.fail("operator requested rollback")
                 return Event.ROLLBACK_REQUESTED
+            newer = ctx.superseding(bid)
+            if newer is not None:  # e.g. the operator's rollback order: it must not wait for the window
+                ctx.fail(f"superseded during probation by director sequence {newer.sequence} "
+                         f"({newer.bundle_id})")
+                return Event.SUPERSEDED
             stuck = ctx.holder.oldest_inflight_s()
             if stuck > policy.inference_timeout_s:
                 ctx.fail(f"a request hung for {stuck:.2f}s (timeout {policy.inference_timeout_s}s)",

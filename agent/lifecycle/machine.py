@@ -101,6 +101,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType(
         (S.PROBATION, E.HEALTH_FAILED): S.ROLLING_BACK,
         (S.PROBATION, E.TIMEOUT): S.ROLLING_BACK,
         (S.PROBATION, E.ROLLBACK_REQUESTED): S.ROLLING_BACK,
+        (S.PROBATION, E.SUPERSEDED): S.ROLLING_BACK,  # a newer order names another bundle
         (S.PROBATION, E.CRASH_RECOVERED): S.ROLLING_BACK,  # the new model may be what crashed us
         (S.PROBATION, E.LOOP_DETECTED): S.ROLLING_BACK,
         # make it permanent
