@@ -86,7 +86,12 @@ class World:
     def wait_on(self, bundle_id: str, timeout: float, devices: Sequence[str] | None = None) -> bool:
         """Until every device (of `devices`) reports idle with `bundle_id` active."""
         ids = list(devices) if devices is not None else self.ids
-        return self.fleet.wait(lambda: len(self.fleet.devices_on(bundle_id, ids)) == len(ids), timeout, 0.2)
+
+        def done() -> bool:
+            self.swarm.check_alive()
+            return len(self.fleet.devices_on(bundle_id, ids)) == len(ids)
+
+        return self.fleet.wait(done, timeout, 0.2)
 
     def sample(self, plot: str = "devices per active bundle") -> None:
         for bundle, n in sorted(self.fleet.active_counts(self.ids).items()):
@@ -186,15 +191,25 @@ class ServiceWorld:
         return self.fleet.serving(self.ids).get(bundle_id, 0) == len(self.ids)
 
     def wait(self, pred: Callable[[], bool], timeout: float, poll_s: float = 0.2) -> bool:
-        return wait_for(pred, timeout, poll_s)
+        """`pred()` until true or timeout; raises `FleetTransportError` if a swarm worker crashed."""
+
+        def checked() -> bool:
+            self.swarm.check_alive()
+            return pred()
+
+        return wait_for(checked, timeout, poll_s)
 
     def wait_rollout(
         self, rollout_id: str, states: tuple[str, ...], timeout: float, plot: str
     ) -> dict[str, Any]:
-        """Poll the rollout's status until it reaches one of `states`, recording its progress."""
+        """Poll the rollout's status until it reaches one of `states`, recording its progress.
+
+        Raises `FleetTransportError` if a swarm worker crashed meanwhile.
+        """
         deadline = time.monotonic() + timeout
         st = self.fleet.status(rollout_id)
         while time.monotonic() < deadline:
+            self.swarm.check_alive()
             st = self.fleet.status(rollout_id)
             for status, n in sorted(st.get("devices_by_status", {}).items()):
                 self.ctx.recorder.point(plot, status, float(n))

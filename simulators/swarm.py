@@ -357,6 +357,20 @@ class Swarm:
         for w in self.workers:
             self._ask(w, "traffic", on)
 
+    def check_alive(self) -> None:
+        """Raise `FleetTransportError` if a worker died without `kill_worker` (a crash).
+
+        Scenarios call it while they wait, so a crashed worker fails the run at once with its
+        exit code instead of leaving its devices silent until every timeout has run out.
+        """
+        for w in self.workers:
+            if w.conn is not None and w.proc is not None and w.proc.exitcode is not None:
+                ids = ", ".join(p.device_id for p in w.profiles[:5])
+                raise FleetTransportError(
+                    f"swarm worker {w.index} died (exit code {w.proc.exitcode}) with devices {ids}"
+                    + (" ..." if len(w.profiles) > 5 else "")
+                )
+
     def kill_worker(self, index: int) -> list[str]:
         """SIGKILL one worker: its devices crash wherever they are. Returns their ids."""
         w = self.workers[index]
