@@ -84,7 +84,7 @@ class DirectorGate:
         self.device_id = device_id
         self.cohorts = frozenset(cohorts)
         self._trust = trust
-        self._clock = clock
+        self.clock = clock  # judges expiry; public so a host can skew it (the swarm's clock faults)
         self._lock = threading.Lock()
         self.entries, self.local = self._load()
 
@@ -159,7 +159,7 @@ class DirectorGate:
         return desired_from(doc, local)
 
     def _verify(self, data: bytes, last_sequence: int, topic_addressee: str) -> DirectorDocument:
-        doc = verify_director(data, self._trust(), self.device_id, self.cohorts, last_sequence, self._clock())
+        doc = verify_director(data, self._trust(), self.device_id, self.cohorts, last_sequence, self.clock())
         if addressee_of(doc) != topic_addressee:
             raise DirectorError(
                 f"director document for {addressee_of(doc)} arrived on the desired topic of {topic_addressee}"

@@ -176,7 +176,7 @@ class SwarmAgent(AgentDaemon):
         if profile.clock_offset_s:  # what judges validity: director expiry and TUF metadata expiry
             clock = SkewedClock(timedelta(seconds=profile.clock_offset_s))
             self.trust.clock = clock
-            self.gate._clock = clock
+            self.gate.clock = clock
 
     def _start_ticker(self) -> threading.Thread | None:
         return None  # the worker's `SharedTicker` calls `tick()`: no thread per device
