@@ -232,6 +232,9 @@ def test_event_round_trip_and_refusals() -> None:
         seq=7,
     )
     assert decode_event(encode_event(ev), "d").seq == 7
+    assert decode_event(encode_event(ev), "d").device_id == "d"  # the topic's id is filled in
+    with pytest.raises(MessageError, match="names device 'e' but arrived for 'd'"):
+        decode_event(encode_event(ev.model_copy(update={"device_id": "e"})), "d")
     raw = json.loads(encode_event(ev))
     for bad in ({**raw, "type": "Bad Type"}, {**raw, "seq": -1}, {**raw, "schema_version": "1"}):
         with pytest.raises(MessageError):

@@ -262,7 +262,8 @@ def _dump(model: StrictStruct, limit: int) -> bytes:
     return data
 
 
-def _load(cls: type[Any], data: bytes, limit: int) -> Any:
+def _load(cls: type[Any], data: bytes, limit: int, device_id: str | None = None) -> Any:
+    """Validate one message; with `device_id` (its topic's), the payload is bound to that device."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MessageError(f"{cls.__name__}: payload must be bytes")
     if len(data) > limit:
@@ -275,15 +276,15 @@ def _load(cls: type[Any], data: bytes, limit: int) -> Any:
         raise MessageError(f"{cls.__name__}: expected a JSON object")
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise MessageError(f"{cls.__name__}: unsupported schema_version {raw.get('schema_version')!r}")
+    if device_id is not None:  # the topic's device id counts; a payload naming another is refused
+        named = raw.get("device_id")
+        if named is not None and named != device_id:
+            raise MessageError(f"payload names device {named!r} but arrived for {device_id!r}")
+        raw["device_id"] = device_id
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
         raise MessageError(f"{cls.__name__}: {describe(exc)}") from None
-
-
-def _check_addressee(model: ReportedState | Event, device_id: str) -> None:
-    if model.device_id is not None and model.device_id != device_id:
-        raise MessageError(f"payload names device {model.device_id!r} but arrived for {device_id!r}")
 
 
 def encode_request(req: ObjectRequest) -> bytes:
@@ -352,9 +353,8 @@ def encode_reported(state: ReportedState) -> bytes:
 
 def decode_reported(data: bytes, device_id: str) -> ReportedState:
     """Parse a reported state that arrived on `device_id`'s topic; raise MessageError on mismatch."""
-    state: ReportedState = _load(ReportedState, data, MAX_CONTROL_MESSAGE)
-    _check_addressee(state, device_id)
-    return state.model_copy(update={"device_id": device_id})
+    state: ReportedState = _load(ReportedState, data, MAX_CONTROL_MESSAGE, device_id)
+    return state
 
 
 def encode_event(event: Event) -> bytes:
@@ -364,6 +364,5 @@ def encode_event(event: Event) -> bytes:
 
 def decode_event(data: bytes, device_id: str) -> Event:
     """Parse an event that arrived on `device_id`'s topic; raise MessageError on mismatch."""
-    event: Event = _load(Event, data, MAX_CONTROL_MESSAGE)
-    _check_addressee(event, device_id)
-    return event.model_copy(update={"device_id": device_id})
+    event: Event = _load(Event, data, MAX_CONTROL_MESSAGE, device_id)
+    return event

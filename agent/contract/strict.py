@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import re
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 import msgspec
 import msgspec.json
@@ -148,8 +148,7 @@ class StrictStruct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
         data = _python(self, exclude_none)
         if mode == "json":
             data = msgspec.to_builtins(data, enc_hook=_enc_hook)
-        assert isinstance(data, dict)
-        return data
+        return cast(dict[str, Any], data)
 
     def model_dump_json(self, *, exclude_none: bool = False, indent: int | None = None) -> str:
         """JSON in field order: compact, or indented by `indent` spaces for files people read."""
@@ -204,8 +203,6 @@ def describe(exc: msgspec.ValidationError) -> str:
 
 def utc_timestamp(value: datetime) -> datetime:
     """Refuse naive datetimes; return `value` in UTC, whole seconds (canonical JSON has no fractions)."""
-    from datetime import UTC
-
     if value.tzinfo is None:
         raise ValueError("timestamps must carry a timezone (UTC)")
     return value.astimezone(UTC).replace(microsecond=0)
