@@ -366,3 +366,40 @@ def decode_event(data: bytes, device_id: str) -> Event:
     """Parse an event that arrived on `device_id`'s topic; raise MessageError on mismatch."""
     event: Event = _load(Event, data, MAX_CONTROL_MESSAGE, device_id)
     return event
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every JSON message (written to docs/protocol.schema.json).
+
+    The rules `_check` adds (object paths, addressees) are in the docstrings, not the schema.
+    """
+    import msgspec.json
+
+    types = (ObjectRequest, ChunkHeader, ReportedState, Event)
+    _, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://edgefleet.dev/schemas/protocol-{PROTOCOL_VERSION}.json",
+        "oneOf": [{"$ref": f"#/$defs/{t.__name__}"} for t in types],
+        "$defs": _ecma_patterns(components),
+    }
+
+
+def _ecma_patterns(node: Any) -> Any:
+    """Python's end-of-string `\\Z` (see `_whole`) as JSON Schema's `$`, which means the same there."""
+    if isinstance(node, dict):
+        return {
+            k: v.removesuffix("\\Z") + "$" if k == "pattern" and isinstance(v, str) and v.endswith("\\Z")
+            else _ecma_patterns(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_ecma_patterns(v) for v in node]
+    return node
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates the docs file
+    import sys
+
+    json.dump(json_schemas(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
