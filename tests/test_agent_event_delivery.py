@@ -60,6 +60,15 @@ def memory_outbox(max_events: int = 1000) -> EventOutbox:
     return EventOutbox(Path(":memory:"), max_events)
 
 
+def one_in_flight(max_events: int = 1000) -> tuple[EventOutbox, Sender]:
+    """An outbox whose one event, b"a", was handed to a sender and is not acknowledged yet."""
+    box = memory_outbox(max_events)
+    box.put(b"a")
+    send = Sender()
+    box.drain(send)
+    return box, send
+
+
 # --- the outbox's bookkeeping (in-memory SQLite) ------------------------------------------------
 @pytest.mark.unit
 def test_an_event_stays_until_its_puback_and_is_handed_over_once() -> None:
@@ -99,10 +108,7 @@ def test_an_idle_outbox_is_drained_without_touching_the_database() -> None:
 
 @pytest.mark.unit
 def test_offline_stops_the_drain_and_order_is_kept() -> None:
-    box = memory_outbox()
-    box.put(b"a")
-    send = Sender()
-    box.drain(send)
+    box, send = one_in_flight()
     box.put(b"b")
     box.put(b"c")
     send.online = False
@@ -113,10 +119,7 @@ def test_offline_stops_the_drain_and_order_is_kept() -> None:
 
 @pytest.mark.unit
 def test_the_bound_drops_the_oldest_events_in_flight_or_not() -> None:
-    box = memory_outbox(max_events=2)
-    send = Sender()
-    box.put(b"a")
-    box.drain(send)  # "a" in flight
+    box, send = one_in_flight(max_events=2)  # "a" in flight
     box.put(b"b")
     box.put(b"c")  # "a" dropped although in flight
     assert len(box) == 2 and box.in_flight == 0
@@ -125,20 +128,14 @@ def test_the_bound_drops_the_oldest_events_in_flight_or_not() -> None:
 
 @pytest.mark.unit
 def test_a_handle_the_client_gave_up_on_is_handed_over_again() -> None:
-    box = memory_outbox()
-    box.put(b"a")
-    send = Sender()
-    box.drain(send)
+    box, send = one_in_flight()
     send.handles[0].broken = True
     assert box.drain(send) == 1 and send.sent == [b"a", b"a"]
 
 
 @pytest.mark.unit
 def test_wait_acknowledged_times_out_then_succeeds() -> None:
-    box = memory_outbox()
-    box.put(b"a")
-    send = Sender()
-    box.drain(send)
+    box, send = one_in_flight()
     assert box.wait_acknowledged(0.05) is False and len(box) == 1
     threading.Timer(0.05, lambda: setattr(send.handles[0], "acked", True)).start()
     assert box.wait_acknowledged(10.0) is True and len(box) == 0
