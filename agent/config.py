@@ -23,6 +23,7 @@ from agent.errors import ConfigError, MisuseError
 from agent.transport.mqtt_client import MqttConfig
 
 MAX_CONFIG_BYTES = 256 * 1024
+_ID_RULE = "use 1-64 of [A-Za-z0-9._-], starting alphanumeric"  # device ids and cohorts
 _COMMENT_LINE = re.compile(r"^\s*//.*$", re.MULTILINE)
 
 
@@ -94,10 +95,10 @@ class AgentConfig(StrictStruct, frozen=True, kw_only=True):
 
     def _check(self) -> None:
         if not ID_RE.fullmatch(self.device_id):
-            raise ValueError("device_id: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
+            raise ValueError(f"device_id: {_ID_RULE}")
         for c in self.cohorts:
             if not ID_RE.fullmatch(c):
-                raise ValueError(f"cohort {c!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
+                raise ValueError(f"cohort {c!r}: {_ID_RULE}")
         try:
             validate_prefix(self.topic_prefix)
         except MisuseError as exc:
@@ -121,7 +122,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         raise ConfigError(f"{source}: expected a JSON object")
     device_id = raw.get("device_id")
     if isinstance(device_id, str) and not ID_RE.fullmatch(device_id):  # before mqtt.client_id inherits it
-        raise ConfigError(f"{source}: device_id: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
+        raise ConfigError(f"{source}: device_id: {_ID_RULE}")
     mqtt = raw.get("mqtt")
     if isinstance(mqtt, dict) and "client_id" not in mqtt and isinstance(raw.get("device_id"), str):
         raw["mqtt"] = {**mqtt, "client_id": raw["device_id"]}
