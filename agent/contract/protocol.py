@@ -19,7 +19,14 @@ import struct
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
+from agent.contract.strict import (
+    Meta,
+    StrictStruct,
+    ValidationError,
+    clean_schema_descriptions,
+    describe,
+    field,
+)
 from agent.errors import MessageError, MisuseError
 
 PROTOCOL_VERSION = "v1"
@@ -381,7 +388,7 @@ def json_schemas() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"https://edgefleet.dev/schemas/protocol-{PROTOCOL_VERSION}.json",
         "oneOf": [{"$ref": f"#/$defs/{t.__name__}"} for t in types],
-        "$defs": _ecma_patterns(components),
+        "$defs": _ecma_patterns(clean_schema_descriptions(components)),
     }
 
 

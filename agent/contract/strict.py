@@ -21,6 +21,7 @@ Semantics:
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 from datetime import UTC, datetime
@@ -163,7 +164,7 @@ class StrictStruct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     def model_json_schema(cls) -> dict[str, Any]:
         """JSON Schema of this type (constraints included; `_check` rules are in docstrings)."""
         _prepare(cls)
-        schema: dict[str, Any] = msgspec.json.schema(cls)
+        schema: dict[str, Any] = clean_schema_descriptions(msgspec.json.schema(cls))
         return schema
 
     # The fleet's pydantic models hold these structs as fields (a bundle's metadata holds its
@@ -183,6 +184,23 @@ class StrictStruct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     @classmethod
     def __get_pydantic_json_schema__(cls, schema: Any, handler: Any) -> dict[str, Any]:
         return {"type": "object", "title": cls.__name__, "description": (cls.__doc__ or "").strip()}
+
+
+def clean_schema_descriptions(node: Any) -> Any:
+    """Every `description` in a JSON Schema as `inspect.cleandoc` leaves it.
+
+    msgspec copies docstrings into schemas verbatim up to 0.22 and dedented from 0.23; cleaning
+    them here makes the published schema a function of our code, not of msgspec's version.
+    """
+    if isinstance(node, dict):
+        return {
+            k: inspect.cleandoc(v) if k == "description" and isinstance(v, str)
+            else clean_schema_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [clean_schema_descriptions(v) for v in node]
+    return node
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
