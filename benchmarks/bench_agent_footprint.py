@@ -109,7 +109,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _predict_once(sock: Path) -> bool:
-    from agent.inference_client import UnixInferenceClient
+    from agent.serving.client import UnixInferenceClient
 
     client = UnixInferenceClient(sock, timeout=2.0)
     try:
@@ -124,10 +124,10 @@ def _predict_once(sock: Path) -> bool:
 def run() -> dict[str, float]:
     from agent.contract.bundle import write_bundle
     from agent.transport.mqtt_client import MqttConfig
-    from fleet.director import DirectorSigner
-    from fleet.keys import KeyStore
-    from fleet.publisher import Publisher
-    from fleet.repository import Repository
+    from fleet.delivery.publisher import Publisher
+    from fleet.trust.director_signer import DirectorSigner
+    from fleet.trust.keys import KeyStore
+    from fleet.trust.repository import Repository
     from simulators.models import make_mlp_onnx, mlp_manifest
 
     work = Path(tempfile.mkdtemp(prefix="efbench-"))

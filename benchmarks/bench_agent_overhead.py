@@ -46,9 +46,9 @@ def serve(directory: str) -> None:
     """Server process: agent and echo servers on both transports plus a bare socket echo."""
     import threading
 
-    from agent.inference_server_http import HttpInferenceServer
-    from agent.inference_server_unix import UnixInferenceServer
     from agent.runtimes import load_model
+    from agent.serving.http_server import HttpInferenceServer
+    from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest
 
     d = Path(directory)
@@ -84,7 +84,7 @@ def _timed(fn: Callable[[], object], n: int, sink: list[int]) -> None:
 def run() -> dict[str, float]:
     import onnxruntime as ort
 
-    from agent.inference_client import HttpInferenceClient, UnixInferenceClient
+    from agent.serving.client import HttpInferenceClient, UnixInferenceClient
     from simulators.models import make_mlp_onnx
 
     x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)

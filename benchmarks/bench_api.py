@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.auth import create_api_key
+from fleet.access.auth import create_api_key
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 
@@ -100,6 +100,6 @@ def run() -> dict[str, float]:
 
 
 def _cursor(last_id: str) -> str:
-    from fleet.store import encode_cursor
+    from fleet.db.store import encode_cursor
 
     return encode_cursor(last_id)

@@ -25,14 +25,14 @@ import numpy as np
 
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
-from fleet.alerts import AlertManager
-from fleet.drift import report_drift
+from fleet.db.store import Store
 from fleet.metrics import FleetMetrics, MetricSources
-from fleet.profile import compute_reference_profile
+from fleet.registry.profile import compute_reference_profile
 from fleet.settings import TelemetrySettings
-from fleet.store import Store
-from fleet.telemetry_component import DriftMonitor
-from fleet.telemetry_ingest import IngestConfig, TelemetryStore
+from fleet.telemetry.alerts import AlertManager
+from fleet.telemetry.drift import report_drift
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from fleet.telemetry.monitor import DriftMonitor
 
 NAME = "fleet_metrics"
 DESCRIPTION = "drift monitor cycle per window and /metrics scrape time over a populated fleet"

@@ -17,8 +17,8 @@ import numpy as np
 
 from agent.contract.telemetry import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
-from fleet.profile import compute_reference_profile
-from fleet.telemetry_ingest import IngestConfig, TelemetryStore
+from fleet.registry.profile import compute_reference_profile
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 
 NAME = "ingest"
 DESCRIPTION = "telemetry reports decoded + checked + deduplicated + merged + persisted per second"

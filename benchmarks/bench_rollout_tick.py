@@ -12,12 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet.director import DirectorSigner
-from fleet.keys import KeyStore
-from fleet.repository import Repository
-from fleet.rollout_records import RolloutRecords
-from fleet.rollouts import RolloutController
-from fleet.store import Store
+from fleet.db.store import Store
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.records import RolloutRecords
+from fleet.trust.director_signer import DirectorSigner
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 
 NAME = "rollout_tick"
 DESCRIPTION = "rollout controller: assign / idle / commit ticks over 500 devices vs signing and query floors"

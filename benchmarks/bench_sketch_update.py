@@ -15,7 +15,7 @@ import numpy as np
 from datasketches import kll_floats_sketch
 
 from agent.telemetry import TelemetrySketch
-from fleet.profile import compute_reference_profile
+from fleet.registry.profile import compute_reference_profile
 
 NAME = "sketch_update"
 DESCRIPTION = "us per 21-value row folded (batches of 1000, and 1 row per call) vs KLL k=200 vectorised"

@@ -24,10 +24,10 @@ from agent.contract.bundle import write_bundle
 from agent.contract.manifest import Manifest
 from agent.lifecycle import DesiredTarget, Lifecycle, LifecycleConfig
 from agent.runtimes import load_model
-from agent.serving import ModelHolder
+from agent.serving.model_holder import ModelHolder
 from agent.trust import DirectoryFetcher, TrustClient
-from fleet.keys import KeyStore
-from fleet.repository import Repository
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
 
 NAME = "swap"

@@ -15,8 +15,8 @@ from scipy import stats
 
 from agent.contract.telemetry import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
-from fleet.drift import PSI_FLOOR, report_drift
-from fleet.profile import compute_reference_profile
+from fleet.registry.profile import compute_reference_profile
+from fleet.telemetry.drift import PSI_FLOOR, report_drift
 
 NAME = "telemetry_accuracy"
 DESCRIPTION = "KS / Wasserstein / PSI from sketches vs exact on raw values (3 shapes x 3 shifts x 2 sizes)"

@@ -15,7 +15,7 @@ from datasketches import kll_floats_sketch
 
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
-from fleet.profile import compute_reference_profile
+from fleet.registry.profile import compute_reference_profile
 
 NAME = "telemetry_size"
 DESCRIPTION = "bytes per report (20 features + 1 output) at 1/100/1000 inferences; KLL k=200 baseline"

@@ -116,7 +116,7 @@ def _worker(port: int, ids: list[str], spool: str, digest: str, go: MpEvent, out
 
 def run() -> dict[str, float]:
     from agent.transport.mqtt_client import MqttConfig
-    from fleet.publisher import Publisher, PublisherSettings
+    from fleet.delivery.publisher import Publisher, PublisherSettings
 
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
     broker, port = _start_broker(work)

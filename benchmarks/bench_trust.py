@@ -21,8 +21,8 @@ from securesystemslib.signer import CryptoSigner
 
 from agent.contract.director import DirectorDocument, DirectorTrust, TargetRef, sign_director, verify_director
 from agent.trust import DirectoryFetcher, TrustClient
-from fleet.keys import KeyStore
-from fleet.repository import Repository
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 
 NAME = "trust"
 DESCRIPTION = "director verify vs json+ed25519 floor; TUF refresh/download vs read+sha256 floor"

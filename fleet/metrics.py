@@ -60,10 +60,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.logs import log_event
 
 if TYPE_CHECKING:
-    from fleet.alerts import AlertManager
-    from fleet.store import Store
-    from fleet.telemetry_component import DriftGauge
-    from fleet.telemetry_ingest import TelemetryStore
+    from fleet.db.store import Store
+    from fleet.telemetry.alerts import AlertManager
+    from fleet.telemetry.ingest import TelemetryStore
+    from fleet.telemetry.monitor import DriftGauge
 
 log = logging.getLogger("edgefleet.fleet.metrics")
 
@@ -155,7 +155,7 @@ class MetricSources:
     telemetry: TelemetryStore | None = None
     alerts: AlertManager | None = None
     drift: DriftSource | None = None
-    publisher: Any | None = None  # fleet.publisher.Publisher: bytes_sent, chunks_sent, refused
+    publisher: Any | None = None  # fleet.delivery.publisher.Publisher: bytes_sent, chunks_sent, refused
     ingest_timer: IngestTimer | None = None
     api: ApiMetrics | None = None
 
@@ -164,8 +164,8 @@ def sources_from_components(store: Store, components: Iterable[object], api: Api
                             ) -> MetricSources:
     """Find the publisher, telemetry store, drift monitor and alert manager among the service's
     components by what they hold (the components are built elsewhere; no registry of names)."""
-    from fleet.telemetry_component import DriftMonitor
-    from fleet.telemetry_ingest import TelemetryStore
+    from fleet.telemetry.ingest import TelemetryStore
+    from fleet.telemetry.monitor import DriftMonitor
 
     src = MetricSources(store=store, api=api)
     for comp in components:
@@ -257,7 +257,7 @@ def _device_families(src: MetricSources) -> list[Metric]:
 
 
 def _rollout_families(src: MetricSources) -> list[Metric]:
-    from fleet.store_rollouts import STATES, TERMINAL_STATES
+    from fleet.rollouts.store import STATES, TERMINAL_STATES
 
     by_state = _gauge("edgefleet_rollouts", "Rollouts by state", ["state"])
     devices = _gauge("edgefleet_rollout_devices", "Devices of a rollout by progress status",

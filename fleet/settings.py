@@ -32,7 +32,7 @@ class Limits(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    """Periodic drift evaluation and retraining triggers (`fleet/telemetry_component.py`)."""
+    """Periodic drift evaluation and retraining triggers (`fleet/telemetry/monitor.py`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

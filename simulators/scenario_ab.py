@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from agent.contract.telemetry import latency_bucket_upper
-from fleet.telemetry_ingest import TelemetryStore
+from fleet.telemetry.ingest import TelemetryStore
 from simulators.scenario_world import ServiceWorld, failures, service_world
 from simulators.scenarios import ScenarioContext, Verdict, register
 from simulators.sim_fleet import MODEL_NAME

@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.contract.telemetry import TelemetryReport
-from fleet.alerts import Alert, AlertConfig, AlertManager
-from fleet.drift import DriftThresholds, report_drift
+from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
+from fleet.telemetry.drift import DriftThresholds, report_drift
 from simulators.datagen import DriftSpec, default_schema
 from simulators.scenario_world import COHORTS, Sampler, failures, world
 from simulators.scenarios import ScenarioContext, Verdict, register

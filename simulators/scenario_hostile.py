@@ -37,9 +37,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fleet.bundle_builder import BundleMetadata, build_bundle
 from fleet.errors import FleetMisuseError
-from fleet.rollout_records import RolloutRecords
+from fleet.registry.builder import BundleMetadata, build_bundle
+from fleet.rollouts.records import RolloutRecords
 from simulators.datagen import DataGenerator, Schema
 from simulators.faults import tiny_disk
 from simulators.models import make_mlp_onnx

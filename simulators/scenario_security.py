@@ -22,7 +22,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from agent.contract.director import DirectorDocument, sign_director
-from fleet.keys import KeyStore
+from fleet.trust.keys import KeyStore
 from simulators.scenario_world import Sampler, World, failures, world
 from simulators.scenarios import ScenarioContext, Verdict, register
 

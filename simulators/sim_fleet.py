@@ -27,14 +27,14 @@ from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
 from agent.contract.protocol import Event, ReportedState
 from agent.transport.mqtt_client import MqttConfig
-from fleet.bundle_builder import BundleMetadata, build_bundle
-from fleet.director import DirectorSigner
+from fleet.delivery.dedupe import EventDeduper
+from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.errors import FleetTransportError
-from fleet.event_dedupe import EventDeduper
-from fleet.keys import KeyStore
-from fleet.publisher import Publisher, PublisherSettings
-from fleet.repository import Repository
-from fleet.telemetry_ingest import IngestConfig, TelemetryStore
+from fleet.registry.builder import BundleMetadata, build_bundle
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from fleet.trust.director_signer import DirectorSigner
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 from simulators.datagen import DataGenerator, Schema, default_schema
 from simulators.models import make_mlp_onnx, make_mlp_tflite
 

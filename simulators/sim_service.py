@@ -1,7 +1,7 @@
 """The real fleet service for a simulation: API, publisher, rollout controller over SQLite.
 
 Why the whole service: the rollout scenarios must exercise what an operator uses, so the
-simulator starts `fleet.service.FleetService` with `fleet.fleet_components.build_components`
+simulator starts `fleet.service.FleetService` with `fleet.components.build_components`
 exactly as `edgefleet fleet serve` wires them (SQLite in the scenario's directory, keys and
 TUF repository created on first start), registers bundles through the HTTP API
 (`from-bundle`), enrolls the swarm's devices in the store (the enrollment handshake itself
@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 
-from fleet.auth import create_api_key
+from fleet.access.auth import create_api_key
+from fleet.components import ServeConfig, build_components
 from fleet.errors import FleetTransportError
-from fleet.fleet_components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.datagen import Schema, default_schema

@@ -32,8 +32,8 @@ import numpy as np
 from agent.config import AgentConfig
 from agent.contract.manifest import Manifest
 from agent.contract.protocol import ReportedState
-from agent.daemon import AgentDaemon
-from agent.daemon_serving import ModelCatalog
+from agent.daemon.core import AgentDaemon
+from agent.daemon.serving import ModelCatalog
 from agent.errors import RuntimeFailure
 from agent.runtimes.base import LoadedModel
 from simulators.faults import SkewedClock

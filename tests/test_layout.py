@@ -78,7 +78,8 @@ def test_the_daemon_and_its_config_load_without_pydantic(tmp_path: Path) -> None
     code = (
         "import sys\n"
         "from agent.config import parse_config\n"
-        "import agent.daemon, agent.cli_agent, agent.contract.director, agent.contract.manifest\n"
+        "import agent.daemon.core, agent.cli.agent_commands\n"
+        "import agent.contract.director, agent.contract.manifest\n"
         "cfg = parse_config('{\"device_id\": \"gw-1\", \"mqtt\": {\"port\": 1884}}')\n"
         "assert cfg.mqtt.client_id == 'gw-1'\n"
         "print(sorted(m for m in sys.modules if m.startswith('pydantic')))\n"

@@ -23,7 +23,7 @@ from agent.lifecycle.install import HANDLERS, LifecycleConfig
 from agent.lifecycle.machine import Event, State
 from agent.lifecycle.runner import Lifecycle
 from agent.lifecycle.state_store import DesiredTarget
-from agent.serving import ModelHolder
+from agent.serving.model_holder import ModelHolder
 from agent.trust import DirectoryFetcher, TrustClient
 
 PAUSE_ENV = "EDGEFLEET_HARNESS_PAUSE_AT"

@@ -30,12 +30,12 @@ from agent.errors import (
     TransportError,
     UntrustedDataError,
 )
-from agent.health import Probation, check_golden, fmt_measurements, run_with_deadline
+from agent.lifecycle.health import Probation, check_golden, fmt_measurements, run_with_deadline
 from agent.lifecycle.machine import Event, Handler, State
 from agent.lifecycle.slots import Extracted, SlotBundle, Slots, is_quarantined, quarantine
 from agent.lifecycle.state_store import DesiredTarget, StateRecord
 from agent.logs import log_event
-from agent.serving import LoadedModel, ModelHolder
+from agent.serving.model_holder import LoadedModel, ModelHolder
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from agent.lifecycle.machine import LoopLimits, Machine, State
 from agent.lifecycle.slots import Slots
 from agent.lifecycle.state_store import DesiredTarget, StateRecord, StateStore
 from agent.logs import log_event
-from agent.serving import ModelHolder
+from agent.serving.model_holder import ModelHolder
 
 #: Longest rest in `idle` without stepping the machine (see `Lifecycle.run_forever`).
 IDLE_RECHECK_S = 30.0

@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from fleet.access.auth import Viewer
 from fleet.api.deps import Paging, StoreDep
 from fleet.api.schemas import AuditOut, PageOf
-from fleet.auth import Viewer
-from fleet.store import Row
+from fleet.db.store import Row
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 Filter = Annotated[str | None, Query(max_length=300)]

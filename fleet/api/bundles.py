@@ -17,14 +17,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
+from fleet.access.auth import Operator
 from fleet.api.deps import SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import VersionOut
-from fleet.auth import Operator
-from fleet.bundle_publish import publish_bundle
 from fleet.errors import FleetInputError
-from fleet.keys import KeyStore
-from fleet.repository import Repository
+from fleet.registry.publish import publish_bundle
 from fleet.settings import FleetSettings
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _RESPONSES: dict[int | str, dict[str, Any]] = {

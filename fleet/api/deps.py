@@ -12,10 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fleet.auth import Principal
+from fleet.access.auth import Principal
+from fleet.db.store import Store, dumps
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
-from fleet.store import Store, dumps
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep
 from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn, RevokeOut
-from fleet.auth import Operator, Viewer
-from fleet.revocation import revoke_device, running_publisher
-from fleet.selector import MAX_SELECTOR_LEN, parse_selector
-from fleet.store import Row
+from fleet.db.store import Row
+from fleet.devices.revocation import revoke_device, running_publisher
+from fleet.devices.selector import MAX_SELECTOR_LEN, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
+from fleet.access.auth import Operator, bearer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCreated, TokenOut
-from fleet.auth import Operator, bearer
-from fleet.broker_reload import reload_broker
-from fleet.enrollment import create_enrollment_token, enroll_device
+from fleet.db.store import Row
+from fleet.devices.broker_reload import reload_broker
+from fleet.devices.enrollment import create_enrollment_token, enroll_device
 from fleet.errors import AuthError, FleetInputError
-from fleet.store import Row
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import PageOf
-from fleet.auth import Operator, Viewer
-from fleet.experiments import DEFAULT_METRICS, ExperimentRepo
-from fleet.store import Row
+from fleet.db.store import Row
+from fleet.rollouts.experiments import DEFAULT_METRICS, ExperimentRepo
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 MetricName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
@@ -128,7 +128,7 @@ def recommendation(experiment_id: str, store: StoreDep, settings: SettingsDep, _
     telemetry = None
     path = settings.data_dir / "telemetry.db"
     if path.exists():
-        from fleet.telemetry_ingest import TelemetryStore
+        from fleet.telemetry.ingest import TelemetryStore
 
         telemetry = TelemetryStore(path)
     try:

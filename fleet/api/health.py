@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from fleet.access.auth import Viewer
 from fleet.api.schemas import WhoAmI
-from fleet.auth import Viewer
 
 router = APIRouter(tags=["health"])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from fleet.access.auth import Admin, create_api_key
 from fleet.api.deps import Paging, StoreDep, idempotent_create
 from fleet.api.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, PageOf
-from fleet.auth import Admin, create_api_key
-from fleet.store import Row
+from fleet.db.store import Row
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"])
 

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fleet.auth import bearer, require
+from fleet.access.auth import bearer, require
 from fleet.metrics import (
     ApiMetrics,
     ApiMetricsMiddleware,

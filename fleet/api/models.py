@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import (
     BundleTarget,
@@ -20,9 +21,8 @@ from fleet.api.schemas import (
     VersionCreate,
     VersionOut,
 )
-from fleet.auth import Operator, Viewer
-from fleet.mlflow_import import import_mlflow_model, resolve_import_path
-from fleet.store import Row
+from fleet.db.store import Row
+from fleet.registry.mlflow_import import import_mlflow_model, resolve_import_path
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {

@@ -13,11 +13,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from fleet.access.auth import Operator
 from fleet.api.deps import StoreDep
 from fleet.api.schemas import RolloutAction, RolloutOut
-from fleet.auth import Operator
-from fleet.rollout_records import COMMANDS, RolloutRecords
-from fleet.store import Row
+from fleet.db.store import Row
+from fleet.rollouts.records import COMMANDS, RolloutRecords
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {

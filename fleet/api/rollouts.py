@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, StoreDep, idempotent_create
 from fleet.api.schemas import (
     PageOf,
@@ -20,11 +21,10 @@ from fleet.api.schemas import (
     RolloutOut,
     RolloutStatus,
 )
-from fleet.auth import Operator, Viewer
-from fleet.rollout_gates import GateThresholds
-from fleet.rollout_strategies import StrategyConfig
-from fleet.store import Row
-from fleet.store_rollouts import STATES
+from fleet.db.store import Row
+from fleet.rollouts.gates import GateThresholds
+from fleet.rollouts.store import STATES
+from fleet.rollouts.strategies import StrategyConfig
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {

@@ -124,7 +124,7 @@ class DeviceOut(BaseModel):
 
 
 class RevokeOut(DeviceOut):
-    """The revoked device plus what the broker and publisher did about it (`fleet/revocation.py`)."""
+    """The revoked device plus what the broker and publisher did about it (`fleet/devices/revocation.py`)."""
 
     broker_reloaded: bool
     broker_detail: str

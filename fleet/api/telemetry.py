@@ -23,15 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
-from fleet.alerts import AlertManager
+from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, StoreDep
 from fleet.api.schemas import PageOf
-from fleet.auth import Operator, Viewer
-from fleet.drift import DriftReport, DriftThresholds, FeatureDrift, compare_reports, report_drift
+from fleet.db.store import decode_cursor, encode_cursor
 from fleet.errors import FleetInputError, NotFound
 from fleet.settings import FleetSettings
-from fleet.store import decode_cursor, encode_cursor
-from fleet.telemetry_ingest import TelemetryStore, histogram_quantile
+from fleet.telemetry.alerts import AlertManager
+from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, compare_reports, report_drift
+from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
 
 _CONTEXT_LOCK = threading.Lock()
 
@@ -64,7 +64,7 @@ class TelemetryContext:
 
 def telemetry_context(request: Request) -> TelemetryContext:
     """The drift monitor's stores when the service runs one, else stores opened from settings."""
-    from fleet.telemetry_component import BundleProfiles, DriftMonitor
+    from fleet.telemetry.monitor import BundleProfiles, DriftMonitor
 
     app = request.app
     with _CONTEXT_LOCK:

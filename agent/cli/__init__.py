@@ -1,0 +1,1 @@
+"""The `edgefleet` command-line root and the `edgefleet agent` group."""

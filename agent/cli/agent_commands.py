@@ -1,0 +1,262 @@
+"""`edgefleet agent ...`: commands that run on the device.
+
+Each command is a plain function registered on `group`, so adding `run` or `status` is one
+more `@group.command` below without touching the others. Library errors become one-line
+click errors (exit 1) with the library's message; nothing here prints a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from agent.errors import EdgefleetError, InputValidationError, ManifestError, MisuseError
+from agent.logs import log_event
+
+if TYPE_CHECKING:  # imported where used: `--help` and `init-config` need no model machinery
+    from agent.contract.manifest import Manifest
+
+_log = logging.getLogger("edgefleet.cli.agent")
+
+
+@click.group(name="agent", context_settings={"help_option_names": ["-h", "--help"]})
+def group() -> None:
+    """Run the device agent, score files offline, inspect local state."""
+
+
+def _model_dir_manifest(model_dir: Path) -> tuple[Manifest, Path]:
+    """Manifest and model path of an extracted bundle directory, with the model's digest checked."""
+    from agent.contract.manifest import parse_manifest
+
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise MisuseError(f"{model_dir} has no manifest.json (is it an extracted bundle?)")
+    manifest = parse_manifest(manifest_path.read_bytes())
+    model_path = model_dir / manifest.model_file
+    if not model_path.is_file():
+        raise MisuseError(f"{model_dir} has no {manifest.model_file}")
+    digest = hashlib.sha256()
+    with model_path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    if "sha256:" + digest.hexdigest() != manifest.model_digest:
+        raise ManifestError(f"{model_path.name} does not match the manifest's model_digest")
+    return manifest, model_path
+
+
+@contextlib.contextmanager
+def _open_model_source(bundle: Path | None, model_dir: Path | None) -> Iterator[tuple[Manifest, Path]]:
+    if (bundle is None) == (model_dir is None):
+        raise click.UsageError("give exactly one of --bundle or --model-dir")
+    if model_dir is not None:
+        yield _model_dir_manifest(model_dir)
+        return
+    assert bundle is not None
+    from agent.contract.bundle import extract_bundle
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
+        extracted = extract_bundle(bundle, Path(tmp) / "bundle", durable=False)
+        yield extracted.manifest, extracted.model_path
+
+
+@group.command("predict")
+@click.option(
+    "--bundle",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A bundle file (.efb); verified and extracted to a temporary directory.",
+)
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="An extracted bundle: manifest.json plus the model file.",
+)
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write outputs (.npy, .csv or .jsonl); written atomically.",
+)
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 65536),
+    help="Examples per model call.",
+)
+@click.option(
+    "--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Runtime intra-op threads."
+)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+def predict(
+    bundle: Path | None,
+    model_dir: Path | None,
+    input_path: Path,
+    output_path: Path,
+    batch_size: int,
+    threads: int,
+    progress: bool,
+) -> None:
+    """Score INPUT (.npy, .csv or .jsonl) offline and write the model's outputs.
+
+    Rows are validated against the manifest's input schema; a bad row stops the run with its
+    row number and nothing is written.
+    """
+    from agent.runtimes import load_model
+    from agent.serving.scoring_files import OutputWriter, count_rows, file_format, iter_batches
+
+    try:
+        file_format(input_path)
+        file_format(output_path)
+        with _open_model_source(bundle, model_dir) as (manifest, model_path):
+            model = load_model(model_path, manifest, threads=threads)
+            total = count_rows(input_path)
+            t0 = time.perf_counter()
+            with (
+                contextlib.closing(model),
+                OutputWriter(output_path, manifest, total) as writer,
+                _progress(progress, total) as advance,
+            ):
+                for first, inputs in iter_batches(input_path, manifest, batch_size):
+                    try:
+                        outputs = model.predict(inputs)
+                    except InputValidationError as exc:
+                        rows = len(next(iter(inputs.values())))
+                        raise InputValidationError(
+                            f"{input_path.name} rows {first}-{first + rows - 1}: {exc}"
+                        ) from None
+                    writer.write(outputs)
+                    advance(len(next(iter(outputs.values()))))
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    elapsed = time.perf_counter() - t0
+    log_event(
+        _log,
+        "predict.done",
+        model=manifest.bundle_id,
+        rows=total,
+        output=str(output_path),
+        seconds=round(elapsed, 3),
+    )
+    click.echo(f"scored {total} rows with {manifest.bundle_id} in {elapsed:.2f}s -> {output_path}", err=True)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], object]]:
+    """A rich progress bar on stderr (a no-op callable when disabled)."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("scoring", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# --- the daemon ------------------------------------------------------------------------------
+@group.command("run")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Agent config (JSON; see `edgefleet agent init-config`).")
+def run_command(config_path: Path) -> None:
+    """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
+    from agent.config import load_config
+    from agent.daemon.core import AgentDaemon
+
+    try:
+        daemon = AgentDaemon(load_config(config_path))
+        threading.Thread(
+            target=_trim_heap_when_ready, args=(daemon.ready,), name="agent-heap-trim", daemon=True
+        ).start()
+        code = daemon.run()
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # e.g. the HTTP port is taken or the socket directory is not writable
+        raise click.ClickException(f"cannot start the agent: {exc}") from None
+    raise SystemExit(code)
+
+
+def _trim_heap_when_ready(ready: threading.Event) -> None:
+    """Once the daemon serves, hand the heap that start-up freed back to the OS (glibc only).
+
+    Start-up (imports, compiling modules, parsing config and manifest, loading the model) leaves
+    freed but still mapped malloc memory behind that an idle agent never reuses; `malloc_trim`
+    returns it (~0.5 MB RSS in `agent_footprint`, docs/benchmarks.md). Elsewhere (musl) a no-op.
+    """
+    ready.wait()
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@group.command("status")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Agent config (JSON) whose state directory to read.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw state record as JSON.")
+def status_command(config_path: Path, as_json: bool) -> None:
+    """Show the lifecycle state record: state, active/previous/staged bundles, last error."""
+    import json as _json
+
+    from agent.config import load_config
+    from agent.lifecycle.slots import Slots
+    from agent.lifecycle.state_store import StateStore
+
+    try:
+        cfg = load_config(config_path)
+        record = StateStore(cfg.state_dir / "lifecycle").load()
+    except EdgefleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(record.to_json().decode())
+        return
+    lifecycle_dir = cfg.state_dir / "lifecycle"
+    installed = Slots(lifecycle_dir).installed() if lifecycle_dir.exists() else []
+    desired = record.desired.bundle_id if record.desired else None
+    rows = [
+        ("device", cfg.device_id), ("state", record.state), ("active", record.active),
+        ("previous", record.previous), ("staged", record.staged), ("candidate", record.candidate),
+        ("shadow", record.shadow), ("desired", desired), ("director_sequence", record.director_sequence),
+        ("quarantined", ", ".join(f"{b}@{s}" for b, s in record.quarantined.items()) or None),
+        ("installed", ", ".join(installed) or None), ("last_error", record.last_error),
+        ("measurements", _json.dumps(record.last_measurements) if record.last_measurements else None),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:18} {'-' if value is None else value}")
+
+
+@group.command("init-config")
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+def init_config_command(output: Path | None, force: bool) -> None:
+    """Write a commented example config to OUTPUT (or stdout)."""
+    from agent.config import EXAMPLE_CONFIG
+
+    if output is None:
+        click.echo(EXAMPLE_CONFIG, nl=False)
+        return
+    if output.exists() and not force:
+        raise click.ClickException(f"{output} exists (use --force to overwrite)")
+    output.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+    click.echo(f"wrote {output}", err=True)

@@ -1,0 +1,1 @@
+"""The device daemon: wiring of transport, trust, lifecycle, serving and telemetry."""

@@ -1,0 +1,495 @@
+"""`AgentDaemon`: the device agent process (`edgefleet agent run --config FILE`).
+
+It wires the pieces together and owns no policy of its own:
+- offline first: the state record is loaded and the active bundle served from disk before any
+  network is touched; the local API (HTTP on loopback and/or a Unix socket) is up at once;
+- MQTT in the background (`MqttTransport` reconnects by itself) with a retained Last Will
+  that marks the device offline; subscriptions to its own and its cohorts' desired topics;
+- every director document is verified (`DirectorGate`: signature against the director keys
+  in the trusted TUF root, per-addressee sequence, expiry, addressee) before the `Lifecycle`
+  sees it; a refused one is reported as an event and changes nothing;
+- the `Lifecycle` (main thread) downloads over the `MqttFetcher` through a fresh TUF
+  `Updater` per cycle, verifies, stages, activates, runs golden vectors and probation, and
+  commits or rolls back by itself;
+- reported state (retained) after every saved state change and on every (re)connect; events
+  for what the lifecycle reports; telemetry reports every interval through the on-disk queue;
+- `sd_notify` READY=1 once serving (or idle with nothing to serve), WATCHDOG=1 while the main
+  loop makes progress; SIGTERM/SIGINT stop it cleanly.
+
+Test hook: with `EDGEFLEET_TEST_KILL_AT=<state>` in its environment the daemon SIGKILLs itself
+right after the state record with that state reached the disk (see docs/agent.md). It exists
+so tests can prove crash recovery from every state with a real process; it is inert unless set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import platform
+import random
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from agent.config import AgentConfig
+from agent.contract.protocol import ReportedState, Topics, encode_reported
+from agent.daemon.director_gate import DirectorGate
+from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
+from agent.daemon.process import Notifier, ObservedStore, agent_version
+from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError, UntrustedDataError
+from agent.lifecycle import Lifecycle, LifecycleConfig
+from agent.lifecycle.machine import State
+from agent.lifecycle.state_store import StateRecord
+from agent.logs import log_event
+from agent.serving.model_holder import ModelHolder
+from agent.telemetry.queue import QueueConfig, ReportQueue
+from agent.transport import Delivery, Message
+from agent.transport.mqtt_client import MqttTransport
+from agent.trust import TrustClient
+
+if TYPE_CHECKING:
+    from agent.transport.mqtt_fetcher import MqttFetcher
+
+log = logging.getLogger("edgefleet.agent")
+
+KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
+#: States where `active` is the committed, verified bundle: safe to serve before resuming.
+_PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
+MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
+EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
+#: How `verify_director` words "no signature by a key the trusted root knows".
+UNKNOWN_KEYS_MARK = "signed only by unknown key"
+TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
+
+
+class AgentDaemon:
+    """One device agent. `run()` blocks until `stop()` (or SIGTERM/SIGINT in the main thread)."""
+
+    def __init__(
+        self, config: AgentConfig, transport: MqttTransport | None = None, catalog: ModelCatalog | None = None
+    ) -> None:
+        # `transport`/`catalog` let the swarm simulator run many agents on one selector loop
+        # and share loaded model sessions; a real device uses the defaults.
+        self.config = config
+        c = config
+        self.state_dir = c.state_dir
+        self.topics = Topics(c.topic_prefix, c.device_id)
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._kill_at = os.environ.get(KILL_AT_ENV) or None
+        self._notifier = Notifier()
+        self._heartbeat = time.monotonic()
+        self._next_report: float | None = None  # when `tick` closes the next telemetry interval
+        self._event_seq = 0
+        self._events_lock = threading.Lock()
+        self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
+        self._last_trust_refresh = -TRUST_REFRESH_MIN_S
+        self._reported_lock = threading.Lock()
+        self._runtimes = tuple(
+            name
+            for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"))
+            if importlib.util.find_spec(mod) is not None
+        )
+        try:
+            self._bootstrap = c.bootstrap_root.read_bytes()
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
+
+        self.transport = transport if transport is not None else MqttTransport(c.mqtt)
+        self.trust = TrustClient(
+            self.state_dir / "tuf" / "metadata",
+            self.state_dir / "tuf" / "targets",
+            self._make_fetcher,  # built at the first update cycle, see there
+            "mqtt://repo/metadata/",
+            "mqtt://repo/targets/",
+            bootstrap_root=self._bootstrap,
+        )
+        self.catalog = catalog if catalog is not None else ModelCatalog(c.model_threads)
+        self.holder = ModelHolder()
+        lo = c.lifecycle
+        self.lifecycle = Lifecycle(
+            LifecycleConfig(
+                state_dir=self.state_dir / "lifecycle",
+                runtime_threads=c.model_threads,
+                load_timeout_s=lo.load_timeout_s,
+                max_entries=lo.max_entries,
+                max_crash_recoveries=lo.max_crash_recoveries,
+                retry_base_s=lo.retry_base_s,
+                retry_max_s=lo.retry_max_s,
+                probation_max_wait_s=lo.probation_max_wait_s,
+            ),
+            self.holder,
+            self.trust,
+            emit=self._on_lifecycle_event,
+            load=self.catalog.load,
+        )
+        self.lifecycle.machine.store = ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
+        self.gate = DirectorGate(
+            self.state_dir / "director.json", c.device_id, c.cohorts, self.trust.director_trust
+        )
+        self.outbox = EventOutbox(self.state_dir / "events.sqlite", MAX_PENDING_EVENTS)
+        self.queue = ReportQueue(
+            self.state_dir / "telemetry.sqlite",
+            QueueConfig(max_reports=c.telemetry_queue_reports, max_bytes=c.telemetry_queue_bytes),
+        )
+        self.tap = TelemetryTap(self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "")
+        self.served = ServedModel(self.holder, self.catalog, self.tap)
+        self._servers: list[Any] = []
+
+    def _make_fetcher(self) -> MqttFetcher:
+        """The MQTT fetcher, built when the first update cycle needs it (`TrustClient` calls this).
+
+        Deferred because importing it loads python-tuf's client, securesystemslib's signer and
+        cryptography (~12 MB RSS): an idle agent serving its committed bundle needs none of them.
+        """
+        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
+
+        c = self.config
+        return MqttFetcher(
+            self.transport,
+            self.topics,
+            self.state_dir / "spool",
+            FetcherConfig(
+                chunk_size=c.limits.chunk_size,
+                window=c.limits.fetch_window,
+                chunk_timeout_s=c.limits.chunk_timeout_s,
+                chunk_retries=c.limits.chunk_retries,
+                reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
+                max_object_bytes=c.limits.max_bundle_bytes,
+            ),
+        )
+
+    # --- serving ------------------------------------------------------------------------
+    def _preload(self) -> None:
+        """Serve the committed bundle from disk before anything else (offline first)."""
+        rec = self.lifecycle.record
+        if rec.active is None or State(rec.state) not in _PRELOAD_STATES:
+            return
+        ctx = self.lifecycle.ctx
+        try:
+            slot = ctx.slots.open(rec.active)
+            ctx.slots.verify_model(slot)
+            model = self.catalog.load(slot.model_path, slot.manifest, self.config.model_threads)
+        except EdgefleetError as exc:  # the lifecycle's idle handler deals with it (rollback)
+            log_event(log, "agent.preload_failed", logging.WARNING, bundle=rec.active, error=str(exc))
+            return
+        self.holder.swap(model, rec.active, keep_previous=False)
+        log_event(log, "agent.serving_from_disk", bundle=rec.active, state=rec.state)
+
+    def _start_api(self) -> None:
+        from agent.serving.api import ApiLimits
+        from agent.serving.http_server import HttpInferenceServer
+        from agent.serving.unix_server import UnixInferenceServer
+
+        api = self.config.api
+        limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
+        if api.unix_enabled:
+            api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
+            self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits).start())
+        if api.http_enabled:
+            self._servers.append(
+                HttpInferenceServer(self.served, api.http_host, api.http_port, limits).start()
+            )
+
+    @property
+    def http_port(self) -> int | None:
+        from agent.serving.http_server import HttpInferenceServer
+
+        for s in self._servers:
+            if isinstance(s, HttpInferenceServer):
+                return s.port
+        return None
+
+    # --- MQTT ---------------------------------------------------------------------------
+    def _start_mqtt(self) -> None:
+        offline = ReportedState(
+            device_id=self.config.device_id,
+            online=False,
+            timestamp=time.time(),
+            labels=dict(self.config.labels),
+        )
+        self.transport.set_will(self.topics.reported(), encode_reported(offline), retain=True)
+        self.transport.add_on_connect(self._on_connect)
+        self.transport.subscribe(
+            self.topics.desired(), self._desired_handler(f"device:{self.config.device_id}")
+        )
+        for cohort in self.config.cohorts:
+            self.transport.subscribe(
+                self.topics.cohort_desired(cohort), self._desired_handler(f"cohort:{cohort}")
+            )
+        with contextlib.suppress(TransportError):
+            self.transport.connect(timeout=0.01)  # starts the reconnecting supervisor; never blocks
+
+    def _on_connect(self, session_present: bool) -> None:
+        self.publish_reported()
+        self._flush_events()
+        self.lifecycle.ctx.wake.set()
+
+    def _desired_handler(self, addressee: str) -> Callable[[Message], None]:
+        def handle(msg: Message) -> None:
+            if msg.payload:  # (an empty payload is a cleared retained topic)
+                self._consider(addressee, msg.payload, may_defer=True)
+
+        return handle
+
+    def _consider(self, addressee: str, payload: bytes, may_defer: bool) -> None:
+        """Verify one director document and hand an accepted one to the lifecycle.
+
+        A document signed only by keys the trusted root does not know may be signed by
+        rotated director keys: it is kept and checked once more after a TUF refresh (done on
+        the lifecycle's thread, never on the MQTT network thread that the fetcher needs).
+        """
+        try:
+            target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
+        except UntrustedDataError as exc:  # DirectorError, or a trusted root that no longer parses
+            if may_defer and isinstance(exc, DirectorError) and UNKNOWN_KEYS_MARK in str(exc):
+                log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
+                with self._events_lock:
+                    self._deferred[addressee] = payload
+                self.lifecycle.ctx.wake.set()
+                return
+            log_event(log, "agent.director_refused", logging.WARNING, addressee=addressee, error=str(exc))
+            self._event("director_refused", reason=str(exc))
+            return
+        except MisuseError as exc:
+            log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
+            return
+        if target is not None:
+            self._event(
+                "director_accepted",
+                bundle_id=target.bundle_id,
+                measurements={"local_sequence": float(target.sequence)},
+            )
+            self.lifecycle.offer_desired(target)
+
+    def _retry_deferred(self) -> None:
+        """Refresh TUF metadata (a root rotation may bring new director keys), then re-check."""
+        if time.monotonic() - self._last_trust_refresh < TRUST_REFRESH_MIN_S:
+            return  # bounded: documents signed by strangers must not make us refresh in a loop
+        with self._events_lock:
+            deferred, self._deferred = self._deferred, {}
+        if not deferred:
+            return
+        self._last_trust_refresh = time.monotonic()
+        try:
+            self.trust.refresh()
+        except EdgefleetError as exc:
+            log_event(log, "agent.trust_refresh_failed", logging.WARNING, error=str(exc))
+            if not isinstance(exc, TransportError):
+                for addressee, payload in deferred.items():
+                    self._consider(addressee, payload, may_defer=False)
+                return
+            with self._events_lock:  # offline: try again on a later tick
+                self._deferred = {**deferred, **self._deferred}
+            return
+        for addressee, payload in deferred.items():
+            self._consider(addressee, payload, may_defer=False)
+
+    def _after_save(self, record: StateRecord) -> None:
+        if self._kill_at is not None and record.state == self._kill_at:
+            log_event(log, "agent.test_kill", logging.WARNING, state=record.state)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.publish_reported(record)
+
+    def reported_state(self, record: StateRecord | None = None, online: bool = True) -> ReportedState:
+        rec = record or self.lifecycle.record
+        return ReportedState(
+            device_id=self.config.device_id,
+            agent_version=agent_version(),
+            state=rec.state,
+            active_bundle=rec.active,
+            previous_bundle=rec.previous,
+            director_sequence=rec.director_sequence,
+            runtimes=list(self._runtimes),
+            architecture=platform.machine(),
+            memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            labels=dict(self.config.labels),
+            online=online,
+            timestamp=time.time(),
+        )
+
+    def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:
+        """Publish the retained reported state; False when offline (sent again on connect)."""
+        if not self.transport.connected:
+            return False
+        with self._reported_lock:
+            try:
+                self.transport.publish(
+                    self.topics.reported(),
+                    encode_reported(self.reported_state(record, online)),
+                    qos=1,
+                    retain=True,
+                )
+            except EdgefleetError as exc:
+                log_event(log, "agent.report_failed", logging.DEBUG, error=str(exc))
+                return False
+        return True
+
+    # --- events -------------------------------------------------------------------------
+    def _on_lifecycle_event(self, name: str, fields: dict[str, Any]) -> None:
+        previous = self.lifecycle.record.previous if name == "activated" else None
+        self._event(**lifecycle_event(name, fields, previous))
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Store one event (fields: `encode_event_bounded`'s) and send what is stored."""
+        with self._events_lock:
+            self._event_seq = max(self._event_seq + 1, time.time_ns() // 1000)
+            seq = self._event_seq
+        self.outbox.put(encode_event_bounded(self.config.device_id, kind, seq, **fields))
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        """Send stored events in order; each stays on disk until the broker's PUBACK (at least once).
+
+        Runs on any thread, the MQTT network thread included (on connect, director events), so
+        it never waits for an acknowledgement: a later flush forgets the acknowledged ones.
+        """
+
+        def send(payload: bytes) -> Delivery | None:
+            if not self.transport.connected:
+                return None
+            try:
+                return self.transport.publish(self.topics.events(), payload, qos=1)
+            except EdgefleetError:
+                return None
+
+        self.outbox.drain(send)
+
+    # --- telemetry and ticking ------------------------------------------------------------
+    def _send_telemetry(self) -> int:
+        def send(seq: int, payload: bytes) -> bool:
+            if not self.transport.connected:
+                return False
+            try:
+                self.transport.publish(self.topics.telemetry(), payload, qos=1)
+            except EdgefleetError:
+                return False
+            return True
+
+        return self.queue.drain(send)
+
+    def _shadow_event(self) -> None:
+        rep = self.holder.shadow_report()
+        if rep.bundle_id is None or rep.offered == 0:
+            return
+        self._event(
+            "shadow_report",
+            bundle_id=rep.bundle_id,
+            previous_bundle_id=self.holder.bundle_id,
+            measurements=shadow_measurements(rep),
+        )
+
+    def _ticker(self) -> None:
+        """The ticker thread: `tick()` every `report_interval_s`, from a random phase."""
+        if self.stop_event.wait(self.config.report_interval_s * random.random()):
+            return
+        while not self.stop_event.wait(self.config.report_interval_s):
+            self.tick()
+
+    def _start_ticker(self) -> threading.Thread | None:
+        """Start the ticker thread (a host running many agents may drive `tick` itself)."""
+        ticker = threading.Thread(target=self._ticker, name="agent-ticker", daemon=True)
+        ticker.start()
+        return ticker
+
+    def tick(self) -> None:
+        """One ticker period: watchdog, closing a telemetry interval, sending what is queued.
+
+        Never raises (the ticker must survive anything one period throws).
+        """
+        now = time.monotonic()
+        if self._next_report is None:
+            # A random phase: agents started together (a site powered up, a fleet restarted)
+            # must not all report, and hit the fleet and the broker, in the same instant forever.
+            self._next_report = now + self.config.telemetry_interval_s * random.uniform(0.5, 1.0)
+        if now - self._heartbeat < self.config.watchdog_stall_s:
+            self._notifier.notify("WATCHDOG=1")
+        try:
+            if now >= self._next_report:
+                self._next_report += self.config.telemetry_interval_s
+                self.tap.flush(self.holder.bundle_id)
+                self._shadow_event()
+            self._send_telemetry()
+            self._flush_events()
+        except Exception:
+            log.exception("agent ticker failed")
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+        if self._deferred and self.transport.connected:
+            self._retry_deferred()
+
+    # --- run ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask `run()` to return (thread- and signal-safe)."""
+        self.stop_event.set()
+        self.lifecycle.ctx.wake.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _s, _f: self.stop())
+
+    def run(self) -> int:
+        """Serve, install, report until stopped. Returns the process exit code (0)."""
+        self._install_signals()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._preload()
+        self._start_api()
+        log_event(log, "agent.api_up", serving=self.holder.bundle_id, state=self.lifecycle.record.state)
+        self._start_mqtt()
+        ticker = self._start_ticker()
+        try:
+            self._note_crash()
+            self.lifecycle.start()
+            self.publish_reported()
+            self.ready.set()
+            self._notifier.notify("READY=1")
+            log_event(log, "agent.ready", serving=self.holder.bundle_id, state=self.lifecycle.state.value)
+            # the heartbeat (and deferred documents' retry) runs every poll; new work wakes it
+            poll_s = min(max(0.5, self.config.report_interval_s), 5.0)
+            self.lifecycle.run_forever(self.stop_event, poll_s=poll_s, on_tick=self._beat)
+        finally:
+            self._shutdown(ticker)
+        return 0
+
+    def _note_crash(self) -> None:
+        """A record outside `idle` at start means the last run died mid-update: say so."""
+        rec = self.lifecycle.record
+        if rec.state == State.IDLE.value:
+            return
+        reason = f"agent restarted during {rec.state} (crash, kill or power loss)"
+        if not rec.last_error:
+            rec.last_error = reason  # the resumed handlers report it (e.g. as the rollback reason)
+        log_event(log, "agent.crash_recovered", logging.WARNING, state=rec.state, bundle=rec.candidate)
+        self._event("crash_recovered", bundle_id=rec.candidate, reason=reason)
+
+    def _shutdown(self, ticker: threading.Thread | None) -> None:
+        self._notifier.notify("STOPPING=1")
+        self.stop_event.set()
+        if ticker is not None:
+            ticker.join(timeout=5)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+        with contextlib.suppress(Exception):
+            self.tap.flush(self.holder.bundle_id)
+            self._send_telemetry()
+        with contextlib.suppress(Exception):  # unacknowledged events are sent again at the next start
+            self._flush_events()
+            if self.transport.connected:
+                self.outbox.wait_acknowledged(EVENT_ACK_WAIT_S)
+        self.publish_reported(online=False)
+        self.transport.close()
+        self.holder.close()
+        self.queue.close()
+        self.outbox.close()
+        log_event(log, "agent.stopped")

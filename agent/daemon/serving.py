@@ -1,0 +1,175 @@
+"""The daemon's serving glue: the local API's `Predictor` over the lifecycle's holder, and telemetry.
+
+Why glue and not a change to either side: the lifecycle swaps models in
+`agent.serving.model_holder.ModelHolder` (hot swap, standby, shadow), the local API servers want a
+`agent.serving.api.Predictor` (`predict` + `info`), and telemetry wants every served
+request's inputs, outputs and latency folded into the sketch of the bundle that served it.
+`ServedModel` is that adapter; `TelemetryTap` keeps one `TelemetrySketch` per served bundle
+and moves finished intervals into the store-and-forward `ReportQueue`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.contract.manifest import Manifest
+from agent.errors import EdgefleetError, InputValidationError, MisuseError, NoModelLoadedError
+from agent.logs import log_event
+from agent.serving.model_holder import LoadedModel, ModelHolder
+from agent.telemetry.queue import ReportQueue
+from agent.telemetry.sketch import TelemetrySketch
+
+log = logging.getLogger(__name__)
+
+
+class ModelCatalog:
+    """What the daemon learned about each bundle it loaded: manifest and model info.
+
+    Filled by `load` (passed to the `Lifecycle` as its loader), so `info()` never reads disk.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.manifests: dict[str, Manifest] = {}
+        self.infos: dict[str, dict[str, Any]] = {}
+
+    def load(self, model_path: Path, manifest: Manifest, threads: int) -> LoadedModel:
+        """Load with the real runtime; raises as `agent.runtimes.load_model`."""
+        from agent.runtimes import load_model
+
+        model = load_model(model_path, manifest, threads=threads)
+        bid = f"{manifest.name}-{manifest.version}"
+        self.manifests[bid] = manifest
+        self.infos[bid] = dict(model.info())
+        return model
+
+
+class TelemetryTap:
+    """Folds served requests into the sketch of the serving bundle; bounded, thread-safe."""
+
+    def __init__(self, queue: ReportQueue, catalog: ModelCatalog, device_id: str, cohort: str) -> None:
+        self.queue = queue
+        self.catalog = catalog
+        self.device_id = device_id
+        self.cohort = cohort
+        self._lock = threading.Lock()
+        self._bundle: str | None = None
+        self._sketch: TelemetrySketch | None = None
+        self._warned: set[str] = set()
+
+    def _sketch_for(self, bundle_id: str) -> TelemetrySketch | None:
+        """The sketch of `bundle_id` (rotating out the previous bundle's interval). Lock held."""
+        if bundle_id == self._bundle:
+            return self._sketch
+        self._flush_locked()
+        manifest = self.catalog.manifests.get(bundle_id)
+        self._bundle = bundle_id
+        self._sketch = None
+        if manifest is not None:
+            self._sketch = TelemetrySketch(
+                manifest.reference_profile,
+                self.device_id,
+                manifest.name,
+                manifest.version,
+                cohort=self.cohort,
+                first_seq=self.queue.next_seq(),
+            )
+        return self._sketch
+
+    def fold(
+        self,
+        bundle_id: str,
+        inputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+        latency_s: float,
+        error: bool,
+    ) -> None:
+        with self._lock:
+            sketch = self._sketch_for(bundle_id)
+            if sketch is None:
+                return
+            x = _single(inputs)
+            if x is None:  # several input tensors: count the request, fold no rows
+                manifest = self.catalog.manifests[bundle_id]
+                x = np.empty((0, len(manifest.reference_profile.features)), np.float32)
+            y = _single(outputs) if outputs is not None else None
+            try:
+                sketch.update(x, y, latency_s, error)
+            except MisuseError as exc:  # inputs outside the profile's columns: count, do not fail
+                if bundle_id not in self._warned:
+                    self._warned.add(bundle_id)
+                    log_event(
+                        log, "telemetry.fold_skipped", logging.WARNING, bundle=bundle_id, error=str(exc)
+                    )
+                sketch.record_rejected()
+
+    def rejected(self, bundle_id: str) -> None:
+        with self._lock:
+            sketch = self._sketch_for(bundle_id)
+            if sketch is not None:
+                sketch.record_rejected()
+
+    def _flush_locked(self) -> int | None:
+        if self._sketch is None:
+            return None
+        report = self._sketch.snapshot_and_reset()
+        report.seq = max(report.seq, self.queue.next_seq())  # the queue owns the numbering
+        return self.queue.put(report)
+
+    def flush(self, serving: str | None) -> int | None:
+        """Close the current interval into the queue; returns its sequence (None: nothing served)."""
+        with self._lock:
+            if serving is not None:
+                self._sketch_for(serving)
+            return self._flush_locked()
+
+
+def _single(tensors: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    """The one tensor of a single-tensor model as rows (sketches are keyed to one table)."""
+    if not tensors or len(tensors) != 1:
+        return None
+    arr = np.asarray(next(iter(tensors.values())))
+    return arr.reshape(arr.shape[0], -1) if arr.ndim >= 1 else arr.reshape(1, 1)
+
+
+class ServedModel:
+    """`Predictor` for the local API: the lifecycle holder's model, with telemetry."""
+
+    def __init__(self, holder: ModelHolder, catalog: ModelCatalog, tap: TelemetryTap | None) -> None:
+        self.holder = holder
+        self.catalog = catalog
+        self.tap = tap
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Raises `NoModelLoadedError`, `InputValidationError`, `RuntimeFailure`."""
+        bid = self.holder.bundle_id
+        if bid is None:
+            raise NoModelLoadedError("no verified model is installed yet")
+        t0 = time.perf_counter()
+        try:
+            out = self.holder.predict(inputs)
+        except InputValidationError:
+            if self.tap is not None:
+                self.tap.rejected(bid)
+            raise
+        except EdgefleetError:
+            if self.tap is not None:
+                self.tap.fold(bid, inputs, None, time.perf_counter() - t0, True)
+            raise
+        if self.tap is not None:
+            self.tap.fold(bid, inputs, out, time.perf_counter() - t0, False)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """The served model's info (name, version, inputs, outputs) plus its bundle id."""
+        bid = self.holder.bundle_id
+        info = self.catalog.infos.get(bid or "")
+        if bid is None or info is None:
+            raise NoModelLoadedError("no verified model is installed yet")
+        return {**info, "bundle_id": bid}

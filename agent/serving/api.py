@@ -1,0 +1,368 @@
+"""The local inference API's transport-independent core.
+
+Applications on the gateway reach the active model over HTTP on 127.0.0.1
+(`agent.serving.http_server`) or a Unix domain socket with a small length-prefixed framing
+(`agent.serving.unix_server`); both decode requests into arrays, call one `Predictor`, and
+map errors to the same status codes here, so a bad request gets the same 4xx and message on
+either transport. The `Predictor` is deliberately tiny so the daemon can plug in a holder
+whose model is swapped under running servers (`PredictorSlot` is one).
+
+Unix-socket framing (see docs/inference-api.md): every message is
+`magic "EFI1" | u32 header length | u32 payload length` (big-endian), a UTF-8 JSON header,
+then the payload: the arrays listed in the header, raw C-order little-endian bytes, back to back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import struct
+import sys
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from agent.errors import (
+    EdgefleetError,
+    InputValidationError,
+    MessageError,
+    NoModelLoadedError,
+    RequestTooLargeError,
+    RuntimeFailure,
+)
+from agent.logs import log_event
+
+_log = logging.getLogger("edgefleet.inference_api")
+
+FRAME = struct.Struct("!4sII")
+MAGIC = b"EFI1"
+# dtypes a request may carry: numeric and bool only, never object (no pickles, no pointers).
+WIRE_DTYPES = frozenset(
+    ["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", "bool"]
+)
+_DTYPES = {name: np.dtype(name) for name in WIRE_DTYPES}
+if sys.byteorder != "little":  # pragma: no cover - every supported edge target is little-endian
+    raise ImportError("the inference API's raw framing assumes a little-endian host")
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What the API serves: `agent.runtimes.LoadedModel` is one, `PredictorSlot` wraps a swappable one.
+
+    A swappable predictor should also offer `snapshot() -> Predictor` (see `PredictorSlot`): the
+    API then runs and reports one model per request even if a swap happens in between.
+    """
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name. Raises `InputValidationError`, `NoModelLoadedError` or `RuntimeFailure`."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """At least `name`, `version`, `inputs` (list of {name, dtype, shape}) and `outputs`."""
+        ...
+
+
+class PredictorSlot:
+    """A minimal swappable `Predictor` for embedding the servers without the daemon.
+
+    The daemon serves through `agent.daemon.serving.ServedModel`, which wraps the lifecycle's
+    `agent.serving.model_holder.ModelHolder` (standby, shadow, drain); this slot is for tools and tests that
+    only need "the model served right now".
+
+    Swapping is one reference assignment, so a request in flight finishes on the model it
+    started with and no request fails during a swap.
+    """
+
+    def __init__(self, predictor: Predictor | None = None) -> None:
+        self._current = predictor
+
+    def set(self, predictor: Predictor | None) -> Predictor | None:
+        """Serve `predictor` from now on (None = no model); returns the one it replaced."""
+        old, self._current = self._current, predictor
+        return old
+
+    def get(self) -> Predictor | None:
+        """The predictor currently served, if any."""
+        return self._current
+
+    def snapshot(self) -> Predictor:
+        """The current model, pinned for one request so its outputs and reported version agree.
+
+        Raises `NoModelLoadedError` if there is none.
+        """
+        current = self._current
+        if current is None:
+            raise NoModelLoadedError("no model is loaded yet")
+        return current
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Delegate to the current model. Raises `NoModelLoadedError` if there is none."""
+        current = self._current
+        if current is None:
+            raise NoModelLoadedError("no model is loaded yet")
+        return current.predict(inputs)
+
+    def info(self) -> dict[str, Any]:
+        """The current model's info. Raises `NoModelLoadedError` if there is none."""
+        current = self._current
+        if current is None:
+            raise NoModelLoadedError("no model is loaded yet")
+        return current.info()
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """Bounds on what one request may cost the device."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_batch: int = 4096
+    max_connections: int = 64
+    idle_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_body_bytes, self.max_header_bytes, self.max_batch, self.max_connections) < 1:
+            raise ValueError("API limits must be positive")
+        if self.idle_timeout_s <= 0:
+            raise ValueError("idle_timeout_s must be positive")
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """HTTP-style status and a short error code for an exception raised while serving."""
+    if isinstance(exc, RequestTooLargeError):
+        return 413, "too_large"
+    if isinstance(exc, InputValidationError):
+        return 400, "invalid_input"
+    if isinstance(exc, MessageError):
+        return 400, "bad_request"
+    if isinstance(exc, NoModelLoadedError):
+        return 503, "no_model"
+    if isinstance(exc, RuntimeFailure):
+        return 500, "runtime_failure"
+    return 500, "internal"
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """Status and the JSON error document for `exc`; unexpected errors are logged, not echoed."""
+    status, code = status_for(exc)
+    message = str(exc) if isinstance(exc, EdgefleetError) else "internal error"
+    if status >= 500:
+        log_event(_log, "inference.error", level=logging.ERROR, code=code, error=repr(exc))
+    return status, {"error": {"code": code, "message": message}}
+
+
+class InferenceService:
+    """Decode, bound, predict, encode: the part of a request both transports share."""
+
+    def __init__(self, predictor: Predictor, limits: ApiLimits | None = None) -> None:
+        self.predictor = predictor
+        self.limits = limits or ApiLimits()
+
+    def check_body_size(self, size: int) -> None:
+        """Raises `RequestTooLargeError` if a body of `size` bytes is over the limit."""
+        if size > self.limits.max_body_bytes:
+            raise RequestTooLargeError(
+                f"request body is {size} bytes, the limit is {self.limits.max_body_bytes}"
+            )
+
+    def _check_batch(self, name: str, rows: int) -> None:
+        if rows > self.limits.max_batch:
+            raise RequestTooLargeError(
+                f"input {name!r} has a batch of {rows} rows, the limit is {self.limits.max_batch}"
+            )
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Run the predictor after the batch limit; returns outputs and `{name, version}`.
+
+        Raises `RequestTooLargeError`, `InputValidationError`, `NoModelLoadedError`, `RuntimeFailure`.
+        """
+        for name, arr in inputs.items():
+            if arr.ndim:
+                self._check_batch(name, arr.shape[0])
+        snapshot = getattr(self.predictor, "snapshot", None)  # a swappable holder pins one model
+        target: Predictor = snapshot() if snapshot is not None else self.predictor
+        outputs = target.predict(inputs)
+        info = target.info()
+        return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model's info. Raises `NoModelLoadedError` if there is none."""
+        return self.predictor.info()
+
+    def health(self) -> dict[str, Any]:
+        """Liveness plus whether a model is ready (never raises)."""
+        try:
+            info = self.predictor.info()
+        except EdgefleetError:
+            return {"status": "ok", "ready": False, "model": None}
+        return {
+            "status": "ok",
+            "ready": True,
+            "model": {"name": info.get("name"), "version": info.get("version")},
+        }
+
+    # --- JSON ----------------------------------------------------------------------------
+    def decode_json(self, body: bytes) -> dict[str, np.ndarray]:
+        """`{"inputs": {name: nested lists}}` to arrays. Raises `MessageError`/`InputValidationError`."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MessageError(f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), dict):
+            raise MessageError('body must be a JSON object {"inputs": {"<name>": [[...], ...]}}')
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in doc["inputs"].items():
+            if isinstance(value, list):
+                self._check_batch(name, len(value))
+            try:
+                arrays[name] = np.asarray(value)
+            except (ValueError, TypeError) as exc:
+                raise InputValidationError(
+                    f"input {name!r}: not a rectangular numeric array ({exc})"
+                ) from None
+        return arrays
+
+    @staticmethod
+    def encode_json(outputs: Mapping[str, np.ndarray], model: dict[str, str]) -> bytes:
+        """The JSON response `{"outputs": {...}, "model": {name, version}}`."""
+        return json.dumps(
+            {"outputs": {k: v.tolist() for k, v in outputs.items()}, "model": model}, separators=(",", ":")
+        ).encode()
+
+    # --- npy -----------------------------------------------------------------------------
+    def single_input_name(self) -> str:
+        """The only input's name. Raises `MessageError` for multi-input models, `NoModelLoadedError`."""
+        inputs = self.predictor.info().get("inputs", [])
+        if len(inputs) != 1:
+            raise MessageError(
+                f"an application/x-npy body needs a single-input model; this one has {len(inputs)}: use JSON"
+            )
+        return str(inputs[0]["name"])
+
+    @staticmethod
+    def decode_npy(body: bytes) -> np.ndarray:
+        """One `.npy` array (no pickles). Raises `MessageError` if the body is not one."""
+        try:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise MessageError(f"body is not a valid .npy array: {exc}") from None
+        if not isinstance(arr, np.ndarray):
+            raise MessageError("body must be a single .npy array, not an archive")
+        return arr
+
+    @staticmethod
+    def encode_npy(outputs: Mapping[str, np.ndarray]) -> tuple[bytes, str]:
+        """One output as `.npy`, several as `.npz`; returns (body, content type)."""
+        buf = io.BytesIO()
+        if len(outputs) == 1:
+            np.save(buf, next(iter(outputs.values())), allow_pickle=False)
+            return buf.getvalue(), "application/x-npy"
+        np.savez(buf, **dict(outputs))  # type: ignore[arg-type]
+        return buf.getvalue(), "application/x-npz"
+
+
+# --- Unix-socket framing (shared by server and client) ---------------------------------------
+# Hot-path caches: a client sends the same header for every same-shaped request and the server
+# answers with the same header, so JSON work is done once per (shape, model) rather than per call.
+_HEAD_CACHE_MAX = 1024
+_encoded_heads: dict[Hashable, bytes] = {}
+_decoded_heads: dict[bytes, tuple[dict[str, Any], list[tuple[str, np.dtype[Any], tuple[int, ...], int]]]] = {}
+
+
+def encode_frame(
+    header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None, cache_key: Hashable | None = None
+) -> bytes:
+    """One framed message: prefix, JSON header (with array descriptors added) and raw payload.
+
+    `cache_key` must identify `header` completely (without its arrays); headers are then
+    encoded once per key and array layout.
+    """
+    parts: list[bytes] = []
+    descs: list[tuple[str, str, tuple[int, ...]]] = []
+    if arrays:
+        for name, arr in arrays.items():
+            descs.append((name, arr.dtype.name, arr.shape))
+            parts.append(arr.tobytes())  # C order whatever the array's layout
+    key = (cache_key, tuple(descs)) if cache_key is not None else None
+    head = _encoded_heads.get(key) if key is not None else None
+    if head is None:
+        full = (
+            {**header, "arrays": [{"name": n, "dtype": d, "shape": s} for n, d, s in descs]}
+            if descs
+            else header
+        )
+        head = json.dumps(full, separators=(",", ":")).encode()
+        if key is not None:
+            if len(_encoded_heads) >= _HEAD_CACHE_MAX:
+                _encoded_heads.clear()
+            _encoded_heads[key] = head
+    payload = parts[0] if len(parts) == 1 else b"".join(parts)
+    return FRAME.pack(MAGIC, len(head), len(payload)) + head + payload
+
+
+def parse_prefix(prefix: bytes, limits: ApiLimits) -> tuple[int, int]:
+    """Header and payload lengths from a frame prefix. Raises `MessageError`/`RequestTooLargeError`."""
+    magic, head_len, payload_len = FRAME.unpack(prefix)
+    if magic != MAGIC:
+        raise MessageError(f"bad frame magic {magic!r}, expected {MAGIC!r}")
+    if head_len > limits.max_header_bytes:
+        raise RequestTooLargeError(
+            f"frame header is {head_len} bytes, the limit is {limits.max_header_bytes}"
+        )
+    if payload_len > limits.max_body_bytes:
+        raise RequestTooLargeError(
+            f"frame payload is {payload_len} bytes, the limit is {limits.max_body_bytes}"
+        )
+    return head_len, payload_len
+
+
+def _parse_head(head: bytes) -> tuple[dict[str, Any], list[tuple[str, np.dtype[Any], tuple[int, ...], int]]]:
+    try:
+        header = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"frame header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise MessageError("frame header must be a JSON object")
+    layout = []
+    for desc in header.pop("arrays", None) or []:
+        try:
+            name, dtype, shape = str(desc["name"]), str(desc["dtype"]), tuple(int(d) for d in desc["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MessageError('each array needs "name", "dtype" and an integer "shape"') from None
+        dt = _DTYPES.get(dtype)
+        if dt is None:
+            raise MessageError(f"array {name!r}: dtype {dtype!r} is not one of {sorted(WIRE_DTYPES)}")
+        if any(d < 0 for d in shape):
+            raise MessageError(f"array {name!r}: negative dimension in shape {list(shape)}")
+        layout.append((name, dt, shape, math.prod(shape)))
+    return header, layout
+
+
+def decode_frame_body(head: bytes, payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The JSON header (a fresh dict) and its arrays (read-only views of `payload`).
+
+    Raises `MessageError` for a malformed header or a payload that does not match it.
+    """
+    cached = _decoded_heads.get(head)
+    if cached is None:
+        cached = _parse_head(head)
+        if len(head) <= 4096:  # only small headers are worth keeping
+            if len(_decoded_heads) >= _HEAD_CACHE_MAX:
+                _decoded_heads.clear()
+            _decoded_heads[head] = cached
+    header, layout = cached
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, dt, shape, count in layout:
+        end = offset + count * dt.itemsize
+        if end > len(payload):
+            raise MessageError(f"array {name!r}: shape {list(shape)} needs more bytes than the payload holds")
+        arrays[name] = np.frombuffer(payload, dtype=dt, count=count, offset=offset).reshape(shape)
+        offset = end
+    if offset != len(payload):
+        raise MessageError(f"payload has {len(payload) - offset} bytes not described by the header")
+    return dict(header), arrays

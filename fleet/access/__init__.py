@@ -1,0 +1,1 @@
+"""API keys, enrollment tokens, roles and the API's authentication."""

@@ -1,0 +1,1 @@
+"""The fleet's `edgefleet` command groups (bundle, fleet, telemetry, keys, repo)."""

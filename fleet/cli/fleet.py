@@ -1,0 +1,148 @@
+"""`edgefleet fleet ...`: serve the fleet service, bootstrap keys and tokens, migrate the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from fleet.access.auth import create_api_key
+from fleet.db.store import Store
+from fleet.devices.enrollment import create_enrollment_token
+from fleet.devices.selector import validate_labels
+from fleet.errors import FleetInputError
+from fleet.settings import FleetSettings
+
+console = Console(stderr=True)
+data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                               help="State directory (fleet.db, keys/, repo/); env EDGEFLEET_DATA_DIR.")
+
+
+def _settings(data_dir: Path | None, **overrides: Any) -> FleetSettings:
+    return FleetSettings.from_env(data_dir=data_dir, **overrides)
+
+
+def _store(settings: FleetSettings) -> Store:
+    return Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` to a dict; raises click.BadParameter naming the bad pair."""
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--labels")
+        labels[key.strip()] = value.strip()
+    try:
+        return validate_labels(labels)
+    except FleetInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--labels") from exc
+
+
+@click.group(name="fleet")
+def group() -> None:
+    """Run the fleet service (admin API, publisher, rollout controller)."""
+
+
+@group.command()
+@data_dir_option
+@click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Listen port (default 8080).")
+@click.option("--broker", "broker_url", default=None,
+              help="MQTT broker URL (mqtt://[user:pass@]host:port): starts the publisher; also handed "
+                   "to enrolling devices.")
+def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None) -> None:
+    """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
+    timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
+    from fleet.components import build_components
+    from fleet.service import FleetService
+
+    settings = _settings(data_dir, host=host, port=port, broker_url=broker_url)
+    FleetService(settings, component_factory=lambda store: build_components(
+        settings, store, with_broker=broker_url is not None)).run()
+
+
+@group.command("create-admin-key")
+@data_dir_option
+@click.option("--name", default="bootstrap-admin", show_default=True, help="Name recorded with the key.")
+def create_admin_key(data_dir: Path | None, name: str) -> None:
+    """Create an admin API key and print it once (store it now: only its hash is kept)."""
+    settings = _settings(data_dir)
+    store = _store(settings)
+    try:
+        row, plaintext = create_api_key(store, name, "admin", "cli:create-admin-key")
+    finally:
+        store.close()
+    console.print(f"created admin key {row['id']} ({name}); it is shown only once:")
+    click.echo(plaintext)
+
+
+@group.command("create-token")
+@data_dir_option
+@click.option("--labels", default="", help="Labels the enrolled device gets, e.g. env=prod,region=eu.")
+@click.option("--ttl", "ttl_seconds", type=int, default=None, help="Seconds until the token expires.")
+def create_token(data_dir: Path | None, labels: str, ttl_seconds: int | None) -> None:
+    """Create a one-time enrollment token and print it once."""
+    settings = _settings(data_dir)
+    ttl = ttl_seconds or settings.limits.token_ttl_seconds
+    if not 0 < ttl <= settings.limits.max_token_ttl_seconds:
+        raise click.BadParameter(f"must be 1..{settings.limits.max_token_ttl_seconds}", param_hint="--ttl")
+    parsed = parse_labels(labels)
+    store = _store(settings)
+    try:
+        row, plaintext = create_enrollment_token(store, parsed, ttl, "cli:create-token")
+    finally:
+        store.close()
+    console.print(f"created enrollment token {row['id']} (expires {row['expires_at']}); shown only once:")
+    click.echo(plaintext)
+
+
+@group.command()
+@data_dir_option
+def migrate(data_dir: Path | None) -> None:
+    """Create or upgrade the fleet database schema (also done at every start)."""
+    settings = _settings(data_dir)
+    store = _store(settings)
+    try:
+        applied = store.applied_migrations
+        version = max(int(r["version"]) for r in store.db.query("SELECT version FROM schema_migrations"))
+    finally:
+        store.close()
+    click.echo(f"schema at version {version}; applied now: {applied or 'none'}")
+
+
+@group.command("publish-bundle")
+@data_dir_option
+@click.option("--model", "model", default=None, help="Registry model name (default: the bundle's own name).")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -> None:
+    """Check BUNDLE, add it to the TUF repository and register it as a model version.
+
+    Works on DATA_DIR directly (keys and repository are created if absent); the API route
+    `POST /v1/models/{name}/versions/from-bundle|upload` does the same through the service.
+    """
+    from agent.contract.bundle import read_manifest
+    from agent.errors import EdgefleetError
+    from fleet.components import ensure_trust
+    from fleet.errors import FleetError
+    from fleet.registry.publish import publish_bundle
+
+    settings = _settings(data_dir)
+    try:
+        name = model or read_manifest(bundle).name
+    except EdgefleetError as exc:
+        raise click.ClickException(f"{bundle} is not a bundle: {exc}") from exc
+    store = _store(settings)
+    try:
+        with console.status(f"checking and publishing {bundle.name}"):
+            _, repo = ensure_trust(settings)
+            row = publish_bundle(store, repo, bundle, name, "cli:publish-bundle")
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    console.print(f"registered {row['id']} -> target {row['bundle_target']}")
+    click.echo(row["id"])

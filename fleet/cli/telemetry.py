@@ -1,0 +1,189 @@
+"""`edgefleet telemetry ...`: profiles, merged windows, drift and single reports, for operators.
+
+Also runnable as `python -m fleet.cli.telemetry` (the same click group).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from agent.contract.manifest import ReferenceProfile
+from agent.contract.telemetry import NumericSketch, TelemetryReport, decode_report
+from agent.errors import MessageError
+from fleet.errors import FleetInputError
+from fleet.registry.profile import compute_reference_profile
+from fleet.telemetry.drift import report_drift
+from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _load_profile(path: Path) -> ReferenceProfile:
+    """A profile JSON file, or a manifest JSON whose `reference_profile` is used."""
+    try:
+        doc = json.loads(path.read_text())
+        return ReferenceProfile.model_validate(doc.get("reference_profile", doc))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise click.ClickException(f"{path}: not a reference profile or manifest ({exc})") from None
+
+
+def _store(db: Path) -> TelemetryStore:
+    if not db.exists():
+        raise click.ClickException(f"{db}: no such telemetry database")
+    return TelemetryStore(db)
+
+
+def _since(hours: float | None) -> float | None:
+    return None if hours is None else time.time() - hours * 3600.0
+
+
+db_option = click.option("--db", type=click.Path(dir_okay=False, path_type=Path), required=True,
+                         help="Telemetry database (the ingest's SQLite file).")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+@click.group(name="telemetry")
+def group() -> None:
+    """Reference profiles, merged telemetry windows and drift."""
+
+
+@group.command()
+@click.argument("features", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--names", required=True, help="Comma-separated feature names, one per column.")
+@click.option("--outputs", "outputs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Model outputs on the same rows (.npy).")
+@click.option("--bins", type=int, default=100, show_default=True, help="Percentile bins per numeric column.")
+@click.option("--categorical", multiple=True, help="A categorical column (repeatable).")
+@click.option("-o", "--output", "dest", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the profile JSON.")
+def profile(features: Path, names: str, outputs_path: Path | None, bins: int, categorical: tuple[str, ...],
+            dest: Path) -> None:
+    """Compute a reference profile from FEATURES (.npy, rows x columns)."""
+    try:
+        x = np.load(features, allow_pickle=False)
+        y = np.load(outputs_path, allow_pickle=False) if outputs_path else None
+        prof = compute_reference_profile(x, [n.strip() for n in names.split(",")], outputs=y, bins=bins,
+                                         categorical={c: [] for c in categorical})
+    except (FleetInputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    dest.write_text(prof.model_dump_json(indent=1))
+    err.print(f"profile: {len(prof.features)} features, {len(prof.outputs)} outputs, "
+              f"{prof.sample_count} rows -> {dest}")
+
+
+@group.command()
+@db_option
+@click.option("--model", required=True)
+@click.option("--version", "version", required=True)
+@click.option("--cohort", default=None, help="Only this cohort (default: all).")
+@click.option("--since-hours", type=float, default=None, help="Only windows of the last N hours.")
+def windows(db: Path, model: str, version: str, cohort: str | None, since_hours: float | None) -> None:
+    """List merged windows: reports, devices, requests, errors, latency p50/p95."""
+    store = _store(db)
+    table = Table("window (UTC)", "cohort", "reports", "devices", "requests", "errors", "p50 ms", "p95 ms")
+    for w in store.windows(model, version, cohort, _since(since_hours)):
+        rep = w["report"]
+        assert isinstance(rep, TelemetryReport)
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(str(w["window_start"]))))
+        p50, p95 = (histogram_quantile(rep.latency_counts, q) * 1e3 for q in (0.5, 0.95))
+        table.add_row(stamp, str(w["cohort"]) or "-", str(w["reports"]), str(w["device_count"]),
+                      str(rep.requests), str(rep.errors), f"{p50:.2f}", f"{p95:.2f}")
+    store.close()
+    out.print(table)
+
+
+@group.command()
+@db_option
+@click.option("--profile", "profile_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="The version's profile JSON or manifest JSON.")
+@click.option("--model", required=True)
+@click.option("--version", "version", required=True)
+@click.option("--cohort", default=None, help="Only this cohort (default: all).")
+@click.option("--since-hours", type=float, default=None, help="Only windows of the last N hours.")
+@click.option("--method", type=click.Choice(["auto", "ks", "wasserstein", "psi"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--fail-on-drift", is_flag=True, help="Exit with status 3 on dataset or prediction drift.")
+def drift(db: Path, profile_path: Path, model: str, version: str, cohort: str | None,
+          since_hours: float | None, method: str, as_json: bool, fail_on_drift: bool) -> None:
+    """Drift of the merged windows against the reference profile, per feature and output."""
+    prof = _load_profile(profile_path)
+    store = _store(db)
+    merged = store.query_windows(model, version, cohort, _since(since_hours))
+    store.close()
+    if merged is None:
+        raise click.ClickException(f"no telemetry for {model} {version}")
+    try:
+        verdict = report_drift(prof, merged, method=method)  # type: ignore[arg-type]
+    except FleetInputError as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = [("output" if i >= len(verdict.features) else "feature", f)
+            for i, f in enumerate(verdict.features + verdict.outputs)]
+    if as_json:
+        doc: dict[str, Any] = {
+            "dataset_drift": verdict.dataset_drift, "prediction_drift": verdict.prediction_drift,
+            "drifted_share": verdict.drifted_share,
+            "columns": [{"role": role, "name": f.name, "method": f.method, "statistic": f.statistic,
+                         "threshold": f.threshold, "p_value": f.p_value, "drifted": f.drifted,
+                         "n_reference": f.n_reference, "n_current": f.n_current, "stats": f.stats}
+                        for role, f in rows],
+        }
+        out.print_json(json.dumps(_clean(doc)))
+    else:
+        table = Table("role", "column", "test", "statistic", "threshold", "p-value", "n", "drift")
+        for role, f in rows:
+            table.add_row(role, f.name, f.method, f"{f.statistic:.4f}", f"{f.threshold:.4f}",
+                          "-" if f.p_value is None else f"{f.p_value:.3g}", str(f.n_current),
+                          "[red]yes[/red]" if f.drifted else "no")
+        out.print(table)
+        out.print(f"dataset drift: {verdict.dataset_drift} (share {verdict.drifted_share:.2f}); "
+                  f"prediction drift: {verdict.prediction_drift}")
+    if fail_on_drift and (verdict.dataset_drift or verdict.prediction_drift):
+        sys.exit(3)
+
+
+@group.command()
+@click.argument("payload", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def decode(payload: Path) -> None:
+    """Decode one encoded report (as sent by a device) and print a summary."""
+    data = payload.read_bytes()
+    try:
+        rep = decode_report(data)
+    except MessageError as exc:
+        raise click.ClickException(f"{payload}: {exc}") from None
+    summary = {
+        "bytes": len(data), "device_id": rep.device_id, "seq": rep.seq, "model": rep.model,
+        "version": rep.version, "cohort": rep.cohort, "profile_id": rep.profile_id,
+        "interval": [rep.interval_start, rep.interval_end], "requests": rep.requests, "errors": rep.errors,
+        "rejected": rep.rejected, "dropped_reports": rep.dropped_reports,
+        "merged_reports": rep.merged_reports,
+        "features": [{"n": s.n, "nan": s.nan_count, **({"min": s.min, "max": s.max} if isinstance(
+            s, NumericSketch) and s.n else {})} for s in rep.features],
+        "outputs": len(rep.outputs),
+    }
+    out.print_json(json.dumps(_clean(summary)))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m fleet.cli.telemetry`
+    group()

@@ -1,0 +1,1 @@
+"""The fleet's database layer: connection, transactions, paging, migrations."""

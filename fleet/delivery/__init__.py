@@ -1,0 +1,1 @@
+"""Getting bytes to devices: the MQTT publisher and event deduplication."""

@@ -1,0 +1,1 @@
+"""Device inventory, enrollment, revocation, broker credentials and label selectors."""

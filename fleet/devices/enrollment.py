@@ -1,0 +1,128 @@
+"""Device enrollment: one-time token in, identity + broker credentials + trusted TUF root out.
+
+Broker credentials are written for Mosquitto: `data_dir/broker/passwd` holds one
+`username:$7$<iterations>$<salt>$<hash>` line per device that is not revoked — the
+PBKDF2-SHA512 format `mosquitto_passwd` (Mosquitto 2.x) writes — regenerated after every
+enrollment and revocation. Point Mosquitto's `password_file` at it and send SIGHUP (or
+`systemctl reload mosquitto`) to apply; a revoked device can no longer connect.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
+from fleet.db.store import Row, Store
+from fleet.errors import AuthError, FleetInputError, FleetMisuseError
+
+MOSQUITTO_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ format
+MOSQUITTO_SALT_BYTES = 12
+_ROOT_NAME_RE = re.compile(r"^(\d+)\.root\.json$")
+MAX_ROOT_BYTES = 1024 * 1024
+
+
+def mosquitto_password_hash(password: str, salt: bytes | None = None,
+                            iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """The `$7$` PBKDF2-SHA512 hash Mosquitto 2.x reads from a password file."""
+    salt = salt if salt is not None else secrets.token_bytes(MOSQUITTO_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def write_password_file(path: Path, credentials: list[tuple[str, str]]) -> None:
+    """Atomically replace the Mosquitto password file (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(f"{user}:{pw_hash}\n" for user, pw_hash in credentials)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".passwd.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).chmod(0o600)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sync_broker_credentials(store: Store, path: Path) -> int:
+    """Rewrite the password file from the store; returns the number of device lines."""
+    creds = store.devices.broker_credentials()
+    write_password_file(path, creds)
+    return len(creds)
+
+
+def load_trusted_root(repo_dir: Path) -> dict[str, Any] | None:
+    """The newest root metadata in the repository (`metadata/` or top level), or None if absent.
+
+    Looks for the highest `N.root.json`, then `root.json`. Raises FleetMisuseError when the
+    file exists but is not JSON (a broken repository should not hand devices garbage).
+    """
+    candidates: list[tuple[int, Path]] = []
+    for folder in (repo_dir / "metadata", repo_dir):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                m = _ROOT_NAME_RE.match(p.name)
+                if m:
+                    candidates.append((int(m.group(1)), p))
+            if (folder / "root.json").is_file():
+                candidates.append((-1, folder / "root.json"))
+    if not candidates:
+        return None
+    path = max(candidates, key=lambda c: c[0])[1]
+    raw = path.read_bytes()
+    if len(raw) > MAX_ROOT_BYTES:
+        raise FleetMisuseError(f"{path} is larger than {MAX_ROOT_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise FleetMisuseError(f"trusted root {path} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise FleetMisuseError(f"trusted root {path} is not a JSON object")
+    return doc
+
+
+def create_enrollment_token(store: Store, labels: dict[str, str], ttl_seconds: float,
+                            actor: str) -> tuple[Row, str]:
+    """A one-time token; returns (public record, plaintext shown once). Raises FleetInputError."""
+    token_id, plaintext, digest = new_secret(TOKEN_PREFIX)
+    return store.access.insert_token(token_id, digest, labels, ttl_seconds, actor), plaintext
+
+
+def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: str, topic_prefix: str,
+                  repo_dir: Path, passwd_path: Path) -> dict[str, Any]:
+    """Exchange a one-time token for a device identity, broker credentials and the TUF root.
+
+    The token is consumed and the device created in one transaction, so a token yields at
+    most one device. Raises AuthError (token unknown/used/expired), FleetInputError (facts),
+    FleetMisuseError (broken repository root).
+    """
+    if not token.startswith(TOKEN_PREFIX):
+        raise AuthError("not an enrollment token")
+    for key in ("agent_version", "architecture"):
+        if facts.get(key) is not None and not isinstance(facts[key], str):
+            raise FleetInputError(f"{key} must be a string")
+    root = load_trusted_root(repo_dir)
+    device_id = "dev-" + secrets.token_hex(8)
+    password = secrets.token_urlsafe(24)
+    with store.tx():
+        tok = store.access.consume_token(hash_secret(token), device_id)
+        device = store.devices.create(device_id, tok["labels"], facts, device_id,
+                                      mosquitto_password_hash(password), f"enrollment-token:{tok['id']}")
+    sync_broker_credentials(store, passwd_path)
+    return {
+        "device_id": device_id,
+        "labels": device["labels"],
+        "broker": {"url": broker_url, "username": device_id, "password": password, "client_id": device_id,
+                   "topic_prefix": f"{topic_prefix}/v1/devices/{device_id}"},
+        "tuf_root": root,
+    }

@@ -1,0 +1,231 @@
+"""Device inventory: identity and labels from enrollment, facts from reported state.
+
+Reported state arrives from devices (untrusted) through the publisher's callbacks; it
+updates inventory columns but is not an operator change, so it is not audited (a heartbeat
+per device per minute would drown the log). Enrollment, label edits and revocation are.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+from agent.contract.protocol import ReportedState
+from agent.logs import log_event
+from fleet.db.store import Page, Row, decode_row, dumps
+from fleet.devices.selector import Selector, validate_labels
+from fleet.errors import Conflict, FleetInputError, NotFound
+
+if TYPE_CHECKING:
+    from fleet.db.store import Store
+
+DEVICE_JSON = ("labels", "runtimes", "reported_state")
+PUBLIC_COLUMNS = (
+    "id, labels, agent_version, runtimes, architecture, memory_mb, last_seen, online, "
+    "reported_state, revoked, revoked_at, enrolled_at, broker_username"
+)
+MAX_REPORTED_STATE_BYTES = 64 * 1024
+logger = logging.getLogger("edgefleet.fleet.inventory")
+
+
+def _public(row: Row | None) -> Row | None:
+    out = decode_row(row, DEVICE_JSON)
+    if out is not None:
+        out.pop("broker_password_hash", None)
+        out["online"] = bool(out["online"])
+        out["revoked"] = bool(out["revoked"])
+    return out
+
+
+class DeviceRepo:
+    """Inventory operations; `record_reported_state` and `mark_offline` are the publisher's hooks."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.refused_reports = 0  # reports dropped by `on_reported` (unknown/revoked device, bad id)
+
+    def create(
+        self,
+        device_id: str,
+        labels: dict[str, str],
+        facts: dict[str, Any],
+        broker_username: str,
+        broker_password_hash: str,
+        actor: str,
+    ) -> Row:
+        """Insert an enrolled device. Raises FleetInputError (labels), Conflict (duplicate id)."""
+        now = self.store.now()
+        row = {
+            "id": device_id,
+            "labels": dumps(validate_labels(labels)),
+            "agent_version": facts.get("agent_version"),
+            "runtimes": dumps(list(facts.get("runtimes") or [])),
+            "architecture": facts.get("architecture"),
+            "memory_mb": facts.get("memory_mb"),
+            "last_seen": now,
+            "online": 0,
+            "reported_state": None,
+            "revoked": 0,
+            "enrolled_at": now,
+            "broker_username": broker_username,
+            "broker_password_hash": broker_password_hash,
+        }
+        with self.store.tx() as db:
+            try:
+                db.table("devices").insert(row)
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"device {device_id!r} already exists") from exc
+            out = self.get(device_id)
+            self.store.audit.record(actor, "device.enroll", f"devices/{device_id}", None, out)
+        return out
+
+    def get(self, device_id: str) -> Row:
+        """Raises NotFound."""
+        with self.store.read() as db:
+            rows = list(db.query(f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE id = ?", [device_id]))  # noqa: S608
+        out = _public(rows[0]) if rows else None
+        if out is None:
+            raise NotFound(f"device {device_id!r} not found")
+        return out
+
+    def list_devices(
+        self,
+        selector: Selector,
+        cursor: str | None,
+        limit: int,
+        online: bool | None = None,
+        revoked: bool | None = None,
+    ) -> Page:
+        """Devices matching the label selector (and flags), ordered by id."""
+        where, params = selector.to_sql("labels")
+        sql = f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE ({where})"  # noqa: S608
+        if online is not None:
+            sql += " AND online = ?"
+            params.append(int(online))  # type: ignore[arg-type]
+        if revoked is not None:
+            sql += " AND revoked = ?"
+            params.append(int(revoked))  # type: ignore[arg-type]
+        page = self.store.page(sql, list(params), "id", cursor, limit)
+        page.items = [r for r in (_public(i) for i in page.items) if r is not None]
+        return page
+
+    def ids_matching(self, selector: Selector, include_revoked: bool = False) -> list[str]:
+        """Every matching device id (for the rollout controller's cohort expansion)."""
+        where, params = selector.to_sql("labels")
+        sql = f"SELECT id FROM devices WHERE ({where})" + ("" if include_revoked else " AND revoked = 0")  # noqa: S608
+        with self.store.read() as db:
+            return [r["id"] for r in db.query(sql + " ORDER BY id", params)]
+
+    def is_revoked(self, device_id: str) -> bool:
+        """Whether the device is revoked (one primary-key read). Raises NotFound."""
+        with self.store.read() as db:
+            row = db.execute("SELECT revoked FROM devices WHERE id = ?", [device_id]).fetchone()
+        if row is None:
+            raise NotFound(f"device {device_id!r} not found")
+        return bool(row[0])
+
+    def count(self) -> int:
+        with self.store.read() as db:
+            return int(db.execute("SELECT count(*) FROM devices").fetchone()[0])
+
+    def set_labels(self, device_id: str, labels: dict[str, str], actor: str) -> Row:
+        """Replace a device's labels. Raises NotFound, FleetInputError."""
+        labels = validate_labels(labels)
+        with self.store.tx() as db:
+            before = self.get(device_id)
+            db.execute("UPDATE devices SET labels = ? WHERE id = ?", [dumps(labels), device_id])
+            after = self.get(device_id)
+            self.store.audit.record(actor, "device.labels", f"devices/{device_id}",
+                                    {"labels": before["labels"]}, {"labels": labels})
+        return after
+
+    def revoke(self, device_id: str, actor: str, reason: str = "") -> Row:
+        """Revoke a device: it loses its broker credentials. Raises NotFound, Conflict (already)."""
+        with self.store.tx() as db:
+            before = self.get(device_id)
+            if before["revoked"]:
+                raise Conflict(f"device {device_id!r} is already revoked")
+            db.execute("UPDATE devices SET revoked = 1, revoked_at = ?, online = 0 WHERE id = ?",
+                       [self.store.now(), device_id])
+            after = self.get(device_id)
+            self.store.audit.record(actor, "device.revoke", f"devices/{device_id}",
+                                    {"revoked": False}, {"revoked": True, "reason": reason})
+        return after
+
+    def record_reported_state(self, device_id: str, state: dict[str, Any]) -> Row:
+        """Fold a device's reported state (`agent.contract.protocol.ReportedState` as a dict) into
+        its inventory row.
+
+        `device_id` is the broker-authenticated id; a different `device_id` inside the payload is
+        refused, never trusted. Non-empty `agent_version`, `architecture`, `runtimes` and
+        `memory_mb` update their columns; `online` (default True; False from a Last Will) sets the
+        flag; the whole document is kept. Labels a device reports are kept in the document only:
+        labels are the fleet's to set. Raises NotFound (unknown device), FleetInputError
+        (revoked device, wrong id, bad types, too big).
+        """
+        if not isinstance(state, dict):
+            raise FleetInputError("reported state must be a JSON object")
+        claimed = state.get("device_id")
+        if claimed is not None and claimed != device_id:
+            raise FleetInputError(f"report from {device_id!r} claims to be from {claimed!r}")
+        doc = dumps(state)
+        if len(doc) > MAX_REPORTED_STATE_BYTES:
+            raise FleetInputError(f"reported state of {device_id!r} exceeds {MAX_REPORTED_STATE_BYTES} bytes")
+        online = state.get("online", True)
+        if not isinstance(online, bool):
+            raise FleetInputError(f"reported state of {device_id!r}: online must be a boolean")
+        now = self.store.now()
+        updates: dict[str, Any] = {"reported_state": doc, "last_seen": now, "online": int(online)}
+        for key in ("agent_version", "architecture"):
+            value = state.get(key)
+            if value is not None and not isinstance(value, str):
+                raise FleetInputError(f"reported state of {device_id!r}: {key} must be a string")
+            if value:
+                updates[key] = value
+        memory = state.get("memory_mb")
+        if memory is not None:
+            if isinstance(memory, bool) or not isinstance(memory, int | float) or memory < 0:
+                raise FleetInputError(f"reported state of {device_id!r}: memory_mb must be a number >= 0")
+            updates["memory_mb"] = round(memory)
+        if state.get("runtimes") is not None:
+            rts = state["runtimes"]
+            if not isinstance(rts, list) or not all(isinstance(r, str) for r in rts):
+                raise FleetInputError(f"reported state of {device_id!r}: runtimes must be a list of str")
+            if rts:
+                updates["runtimes"] = dumps(rts)
+        with self.store.tx() as db:
+            current = self.get(device_id)
+            if current["revoked"]:
+                raise FleetInputError(f"device {device_id!r} is revoked; its report is ignored")
+            sets = ", ".join(f"{k} = ?" for k in updates)
+            db.execute(f"UPDATE devices SET {sets} WHERE id = ?", [*updates.values(), device_id])  # noqa: S608
+            return self.get(device_id)
+
+    def on_reported(self, device_id: str, report: ReportedState) -> None:
+        """Publisher callback (`Publisher.on_reported(store.devices.on_reported)`).
+
+        Records the report; a refused one (unknown or revoked device, wrong id) is logged and
+        dropped, because raising in the publisher's thread would help no one.
+        """
+        try:
+            self.record_reported_state(device_id, report.model_dump(mode="json"))
+        except FleetInputError as exc:
+            self.refused_reports += 1
+            log_event(logger, "fleet.inventory.report_refused", logging.WARNING, device=device_id,
+                      error=str(exc), refused=self.refused_reports)
+
+    def mark_offline(self, device_id: str) -> None:
+        """Record that the device went away (Last Will or timeout). Raises NotFound."""
+        with self.store.tx() as db:
+            self.get(device_id)
+            db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
+
+    def broker_credentials(self) -> list[tuple[str, str]]:
+        """(username, password hash) of every device that is not revoked, for the broker file."""
+        with self.store.read() as db:
+            rows = db.query(
+                "SELECT broker_username, broker_password_hash FROM devices WHERE revoked = 0 "
+                "ORDER BY broker_username"
+            )
+            return [(r["broker_username"], r["broker_password_hash"]) for r in rows]

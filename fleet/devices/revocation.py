@@ -1,0 +1,104 @@
+"""Revoking a device end to end: store, broker, retained desired state, inbound traffic.
+
+`revoke_device` is what `POST /v1/devices/{id}/revoke` runs: mark the device revoked
+(audited), rewrite the password file and reload the broker (`fleet/devices/broker_reload.py`), and
+clear the device's retained `desired` topic so no director document waits there for it.
+Each step after the store's is reported back instead of raised, because the revocation
+itself is already durable and the operator needs to see which parts the broker applied.
+
+`RevokedFilter` guards the publisher callbacks (telemetry, events): a message that was in
+flight, or sent before the broker reload, from a revoked device is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from agent.logs import log_event
+from fleet.db.store import Row, Store
+from fleet.devices.broker_reload import BrokerReload, apply_broker_credentials
+from fleet.errors import FleetError, NotFound
+from fleet.rollouts.controller import DesiredPublisher
+from fleet.settings import FleetSettings
+
+logger = logging.getLogger("edgefleet.fleet.revocation")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What a revocation did beyond the store: broker reload and retained-document clearing."""
+
+    device: Row
+    broker: BrokerReload
+    desired_cleared: bool
+    desired_detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.device, "broker_reloaded": self.broker.reloaded, "broker_detail": self.broker.detail,
+                "desired_cleared": self.desired_cleared, "desired_detail": self.desired_detail}
+
+
+def running_publisher(components: Iterable[object]) -> DesiredPublisher | None:
+    """The publisher among the service's components (duck-typed: `.publisher.publish_desired`)."""
+    for comp in components:
+        pub = getattr(comp, "publisher", None)
+        if pub is not None and callable(getattr(pub, "publish_desired", None)):
+            return pub
+    return None
+
+
+def clear_desired(publisher: DesiredPublisher | None, device_id: str) -> tuple[bool, str]:
+    """Publish an empty retained payload on the device's desired topic; never raises."""
+    if publisher is None:
+        return False, "no publisher running (service started without a broker)"
+    try:
+        topic = publisher.publish_desired(device_id=device_id, document=b"")
+    except FleetError as exc:
+        log_event(logger, "fleet.revocation.clear_failed", logging.WARNING, device=device_id, error=str(exc))
+        return False, f"could not clear the retained desired document: {exc}"
+    return True, f"cleared retained {topic}"
+
+
+def revoke_device(store: Store, settings: FleetSettings, device_id: str, actor: str, reason: str = "",
+                  publisher: DesiredPublisher | None = None) -> Revocation:
+    """Revoke `device_id`, apply it at the broker and clear its retained desired document.
+
+    Raises NotFound, Conflict (already revoked) from the store, OSError when the password
+    file cannot be written. Broker-reload and publish failures are returned in the result.
+    """
+    row = store.devices.revoke(device_id, actor, reason)
+    broker = apply_broker_credentials(store, settings)
+    cleared, detail = clear_desired(publisher, device_id)
+    log_event(logger, "fleet.revocation.done", device=device_id, broker_reloaded=broker.reloaded,
+              desired_cleared=cleared)
+    return Revocation(row, broker, cleared, detail)
+
+
+class RevokedFilter(Generic[T]):
+    """Publisher callback wrapper: passes `(device_id, payload)` on unless the device is revoked.
+
+    Unknown devices pass (the broker's ACL already confines them to their own topics, and
+    tests feed synthetic devices); revoked ones are dropped, logged and counted in `refused`.
+    """
+
+    def __init__(self, store: Store, callback: Callable[[str, T], None], kind: str) -> None:
+        self.store = store
+        self.callback = callback
+        self.kind = kind
+        self.refused = 0
+
+    def __call__(self, device_id: str, payload: T) -> None:
+        try:
+            revoked = self.store.devices.is_revoked(device_id)
+        except NotFound:
+            revoked = False
+        if revoked:
+            self.refused += 1
+            log_event(logger, "fleet.revocation.refused", logging.WARNING, device=device_id, kind=self.kind,
+                      refused=self.refused)
+            return
+        self.callback(device_id, payload)

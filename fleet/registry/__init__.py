@@ -1,0 +1,1 @@
+"""Model registry: versions, bundle build, quantization, profiles, publish, MLflow import."""

@@ -1,0 +1,375 @@
+"""Build a bundle from a trained model: detect, describe, (quantize), profile, sign-ready.
+
+The builder turns an operator's model file plus `BundleMetadata` into a bundle whose manifest
+says everything a device needs: the runtime (detected from the bytes, not the file name), the
+tensor schema read from the model itself, golden vectors produced by actually running the
+model that ships (onnxruntime or LiteRT), and the reference profile the drift telemetry is keyed
+to. Writing goes through `agent.contract.bundle.write_bundle`, so the agent reads exactly what
+the fleet wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.contract.bundle import DEFAULT_LIMITS, write_bundle
+from agent.contract.manifest import (
+    Compatibility,
+    GoldenVectors,
+    HealthPolicy,
+    Lineage,
+    Manifest,
+    Quantization,
+    Runtime,
+    TensorSpec,
+    parse_manifest,
+)
+from agent.errors import ManifestError, MisuseError
+from agent.logs import log_event
+from fleet.errors import FleetInputError, FleetMisuseError
+
+log = logging.getLogger("edgefleet.fleet.bundle_builder")
+
+Progress = Callable[[str, float], None]
+"""`progress(step, fraction_done)`: called at the start of each step and with 1.0 at the end."""
+
+QuantizeMode = Literal["none", "dynamic", "static"]
+_ONNX_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+
+
+class QuantizationGate(BaseModel):
+    """How far an int8 model may stray from the float one on held-out data before the build fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_label_agreement: float = Field(default=0.97, ge=0.0, le=1.0)
+    max_abs_delta: float = Field(default=1.0, gt=0)
+    max_mean_abs_delta: float = Field(default=0.1, gt=0)
+    holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    max_calibration_rows: int = Field(default=512, ge=1)
+
+
+class BundleMetadata(BaseModel):
+    """What the operator says about a model; everything else is derived from the model itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    lineage: Lineage = Field(default_factory=Lineage)
+    health: HealthPolicy = Field(default_factory=HealthPolicy)
+    compatibility: Compatibility = Field(default_factory=Compatibility)
+    rtol: float = Field(default=1e-3, ge=0, description="golden-vector relative tolerance")
+    atol: float = Field(default=1e-4, ge=0, description="golden-vector absolute tolerance")
+    label_agreement_min: float | None = Field(default=None, ge=0.0, le=1.0)
+    feature_names: list[str] = Field(default_factory=list, max_length=4096)
+    output_names: list[str] = Field(default_factory=list, max_length=256)
+    categorical: dict[str, list[str]] = Field(default_factory=dict)
+    bins: int = Field(default=100, ge=1, le=1024)
+    golden_count: int = Field(default=16, ge=1, le=1024)
+    seed: int = 0
+    quantize: QuantizeMode = "none"
+    quantization_gate: QuantizationGate = Field(default_factory=QuantizationGate)
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> BundleMetadata:
+        """Load metadata JSON. Raises `FleetInputError` naming every problem."""
+        try:
+            return cls.model_validate_json(Path(path).read_bytes())
+        except OSError as exc:
+            raise FleetInputError(f"cannot read metadata {path}: {exc.strerror}") from None
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+            )
+            raise FleetInputError(f"invalid bundle metadata {path}: {problems}") from None
+
+
+def detect_runtime(model: bytes) -> Runtime:
+    """`tflite` if the flatbuffer identifier says so, `onnx` if it parses and checks as ONNX.
+
+    Raises `FleetInputError` when it is neither.
+    """
+    if len(model) >= 8 and model[4:8] == b"TFL3":
+        return "tflite"
+    import onnx
+
+    try:
+        proto = onnx.load_model_from_string(model)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...: all mean "not a model"
+        raise FleetInputError(f"model is neither TFLite nor a valid ONNX model: {exc}") from None
+    if not proto.graph.node:
+        raise FleetInputError("model is neither TFLite nor a valid ONNX model (empty graph)")
+    return "onnx"
+
+
+def _onnx_specs(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load_model_from_string(model).graph
+    inits = {i.name for i in graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        ttype = value.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)).name
+        if dtype not in _ONNX_DTYPES:
+            raise FleetInputError(f"tensor {value.name!r} has unsupported dtype {dtype}")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+        return TensorSpec.model_validate({"name": value.name, "dtype": dtype, "shape": dims or [1]})
+
+    return [spec(v) for v in graph.input if v.name not in inits], [spec(v) for v in graph.output]
+
+
+def _tflite_interpreter(model: bytes) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        return Interpreter(model_content=model)
+    except Exception as exc:  # LiteRT raises ValueError/RuntimeError on a bad flatbuffer
+        raise FleetInputError(f"LiteRT cannot load the model: {exc}") from None
+
+
+def _tflite_specs(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    interp = _tflite_interpreter(model)
+
+    def spec(d: dict[str, Any]) -> TensorSpec:
+        dtype = np.dtype(d["dtype"]).name
+        if dtype not in _ONNX_DTYPES:
+            raise FleetInputError(f"tensor {d['name']!r} has unsupported dtype {dtype}")
+        sig = d.get("shape_signature")
+        dims = list(sig if sig is not None and len(sig) else d["shape"])
+        shape: list[int | None] = [int(x) if x > 0 else None for x in dims] or [1]
+        return TensorSpec.model_validate({"name": d["name"], "dtype": dtype, "shape": shape})
+
+    return [spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()]
+
+
+def describe_model(model: bytes) -> tuple[Runtime, list[TensorSpec], list[TensorSpec]]:
+    """Runtime and input/output specs (dynamic axes as `None`). Raises `FleetInputError`."""
+    runtime = detect_runtime(model)
+    inputs, outputs = _onnx_specs(model) if runtime == "onnx" else _tflite_specs(model)
+    if not inputs or not outputs:
+        raise FleetInputError("model declares no inputs or no outputs")
+    return runtime, inputs, outputs
+
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+PROFILE_BATCH_ROWS = 4096
+
+
+def make_runner(model: bytes, runtime: Runtime) -> Runner:
+    """Load the model once with its real runtime; the runner maps feeds to outputs by name.
+
+    Raises `FleetInputError` if the runtime refuses the model (now) or the inputs (when run).
+    """
+    try:
+        if runtime == "onnx":
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            names = [o.name for o in sess.get_outputs()]
+
+            def run_onnx(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return dict(zip(names, sess.run(names, feeds), strict=True))
+
+            runner: Runner = run_onnx
+        else:
+            interp = _tflite_interpreter(model)
+            runner = lambda feeds: _run_tflite(interp, feeds)  # noqa: E731
+    except FleetInputError:
+        raise
+    except Exception as exc:  # runtime errors on a model the operator supplied are input errors
+        raise FleetInputError(f"{runtime} runtime cannot load the model: {exc}") from None
+
+    def guarded(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return runner(feeds)
+        except Exception as exc:  # same: a model/input mismatch is the operator's input
+            raise FleetInputError(f"{runtime} runtime failed to run the model: {exc}") from None
+
+    return guarded
+
+
+def run_model(model: bytes, runtime: Runtime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the model once on `feeds` with the real runtime. Raises `FleetInputError`."""
+    return make_runner(model, runtime)(feeds)
+
+
+def _run_tflite(interp: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = next(iter(feeds.values())).shape[0]
+    for d in interp.get_input_details():
+        interp.resize_tensor_input(d["index"], [n, *feeds[d["name"]].shape[1:]])
+    interp.allocate_tensors()
+    for d in interp.get_input_details():
+        interp.set_tensor(d["index"], feeds[d["name"]].astype(d["dtype"]))
+    interp.invoke()
+    return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()}
+
+
+def _concrete(shape: list[int | None], batch: int) -> list[int]:
+    return [batch if i == 0 and d is None else (d if d is not None else 1) for i, d in enumerate(shape)]
+
+
+def golden_feeds(
+    inputs: list[TensorSpec], count: int, seed: int, reference: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Seeded golden inputs: `count` rows of the reference data, else seeded normal values."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        if reference is not None and len(inputs) == 1:
+            rows = rng.choice(reference.shape[0], size=min(count, reference.shape[0]), replace=False)
+            feeds[spec.name] = np.asarray(reference[np.sort(rows)]).astype(spec.dtype)
+        elif spec.dtype == "bool":
+            feeds[spec.name] = rng.random(_concrete(spec.shape, count)) < 0.5
+        else:
+            feeds[spec.name] = rng.standard_normal(_concrete(spec.shape, count)).astype(spec.dtype)
+    return feeds
+
+
+def _profile(
+    meta: BundleMetadata,
+    runner: Runner,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    reference: np.ndarray,
+    report: Progress,
+) -> Any:
+    from fleet.registry.profile import compute_reference_profile
+
+    if len(inputs) != 1 or reference.ndim != 2:
+        raise FleetInputError("reference data must be a 2-D array for a single-input model")
+    names = meta.feature_names or [f"f{i}" for i in range(reference.shape[1])]
+    if len(names) != reference.shape[1]:
+        raise FleetInputError(f"{len(names)} feature_names for {reference.shape[1]} reference columns")
+    chunks = []
+    for start in range(0, reference.shape[0], PROFILE_BATCH_ROWS):  # bounded memory per run
+        report("running reference data", 0.6 + 0.2 * start / reference.shape[0])
+        batch = reference[start : start + PROFILE_BATCH_ROWS].astype(inputs[0].dtype)
+        chunks.append(runner({inputs[0].name: batch})[outputs[0].name])
+    out = np.concatenate(chunks)
+    out2 = out.reshape(out.shape[0], -1)
+    out_names = meta.output_names or [
+        outputs[0].name if out2.shape[1] == 1 else f"{outputs[0].name}_{i}" for i in range(out2.shape[1])
+    ]
+    unknown = sorted(set(meta.categorical) - set(names) - set(out_names))
+    if unknown:
+        raise FleetInputError(f"categorical names {unknown} are neither features nor outputs")
+    report("computing reference profile", 0.8)
+    return compute_reference_profile(
+        reference,
+        names,
+        outputs=out2,
+        output_names=out_names,
+        bins=meta.bins,
+        categorical=dict(meta.categorical),
+        input_name=inputs[0].name,
+    )
+
+
+def build_bundle(
+    model_path: Path,
+    metadata: BundleMetadata,
+    out: Path,
+    *,
+    reference_data: np.ndarray | None = None,
+    golden_inputs: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Describe, optionally quantize, run, profile and write the bundle `out`.
+
+    Raises `FleetInputError` (unreadable/invalid model or data, bad metadata),
+    `fleet.errors.GateFailed` (quantized model too far from the float one, figures attached)
+    or `FleetMisuseError` (the assembled manifest or bundle would be invalid).
+    """
+    report = progress or (lambda step, frac: None)
+    report("reading model", 0.0)
+    try:
+        model = Path(model_path).read_bytes()
+    except OSError as exc:
+        raise FleetInputError(f"cannot read model {model_path}: {exc.strerror}") from None
+    if len(model) > DEFAULT_LIMITS.max_model_bytes:
+        raise FleetInputError(f"model is {len(model)} bytes, over {DEFAULT_LIMITS.max_model_bytes}")
+    report("detecting runtime and schema", 0.1)
+    runtime, inputs, outputs = describe_model(model)
+    reference = None if reference_data is None else np.asarray(reference_data)
+    if reference is not None and not (
+        np.issubdtype(reference.dtype, np.number) or np.issubdtype(reference.dtype, np.bool_)
+    ):
+        raise FleetInputError("reference data must be numeric (categorical columns as integer codes)")
+    quantization = Quantization()
+    if metadata.quantize != "none":
+        if runtime != "onnx":
+            raise FleetInputError("int8 quantization is available for ONNX models only")
+        report(f"quantizing ({metadata.quantize})", 0.2)
+        from fleet.registry.quantize import quantize_onnx
+
+        model, quantization = quantize_onnx(model, inputs, outputs, metadata, reference)
+    report("running golden vectors", 0.5)
+    if golden_inputs is not None:
+        if len(inputs) != 1:
+            raise FleetInputError("--golden-inputs works for single-input models only")
+        feeds = {inputs[0].name: np.asarray(golden_inputs).astype(inputs[0].dtype)}
+    else:
+        feeds = golden_feeds(inputs, metadata.golden_count, metadata.seed, reference)
+    runner = make_runner(model, runtime)
+    expected = runner(feeds)
+    profile = None
+    if reference is not None:
+        profile = _profile(metadata, runner, inputs, outputs, reference, report)
+    report("writing bundle", 0.9)
+    fields: dict[str, Any] = {
+        "name": metadata.name,
+        "version": metadata.version,
+        "runtime": runtime,
+        "model_file": f"model.{runtime}",
+        "model_digest": "sha256:" + hashlib.sha256(model).hexdigest(),
+        "model_size": len(model),
+        "inputs": [s.model_dump() for s in inputs],
+        "outputs": [s.model_dump() for s in outputs],
+        "quantization": quantization.model_dump(),
+        "golden": GoldenVectors(
+            inputs={k: v.tolist() for k, v in feeds.items()},
+            expected={k: v.tolist() for k, v in expected.items()},
+            rtol=metadata.rtol,
+            atol=metadata.atol,
+            label_agreement_min=metadata.label_agreement_min,
+        ).model_dump(),
+        "health": metadata.health.model_dump(),
+        "lineage": metadata.lineage.model_dump(),
+        "compatibility": metadata.compatibility.model_copy(
+            update={"runtimes": metadata.compatibility.runtimes or [runtime]}
+        ).model_dump(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if profile is not None:
+        fields["reference_profile"] = profile.model_dump()
+    try:
+        manifest: Manifest = parse_manifest(json.loads(json.dumps(fields)))
+    except ManifestError as exc:
+        raise FleetInputError(f"metadata does not make a valid manifest: {exc}") from None
+    try:
+        path = write_bundle(manifest, model, Path(out))
+    except (MisuseError, OSError) as exc:
+        raise FleetMisuseError(f"cannot write bundle {out}: {exc}") from exc
+    report("done", 1.0)
+    log_event(
+        log,
+        "bundle.built",
+        bundle_id=manifest.bundle_id,
+        runtime=runtime,
+        path=str(path),
+        quantization=quantization.scheme,
+    )
+    return path

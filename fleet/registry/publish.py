@@ -1,0 +1,70 @@
+"""Register a model version from a built bundle: check it, add it to the TUF repository, record it.
+
+The bundle is checked the way a device will check it (`extract_bundle` into a scratch
+directory verifies the manifest, member digests and limits) before anything is published,
+so a broken bundle never reaches the repository. Its manifest names the model and the
+version; the registry's model must have the same name, because devices identify a bundle
+as `name-version` (director documents, reported state, events). The TUF target is
+`models/<name>/<name>-<version>.efb` with custom `{name, version}` labels.
+
+Errors: `publish_bundle` raises FleetInputError (bad or mismatched bundle), NotFound
+(unknown model when `create_model` is false) and Conflict (version already registered).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.contract.bundle import extract_bundle
+from agent.errors import EdgefleetError
+from fleet.db.store import Row, Store
+from fleet.errors import Conflict, FleetInputError, NotFound
+from fleet.trust.repository import Repository, sha256_file
+
+#: Serialises writers of the repository in this process (bundle publishing, timestamp refresh):
+#: each bumps metadata versions read from disk, so two at once could reuse a version.
+REPO_LOCK = threading.Lock()
+
+
+def target_path_for(name: str, version: str) -> str:
+    return f"models/{name}/{name}-{version}.efb"
+
+
+def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, actor: str,
+                   create_model: bool = True) -> Row:
+    """Check `bundle`, publish it as a TUF target and register it as a version of `model`."""
+    with tempfile.TemporaryDirectory(prefix="efb-check-") as scratch:
+        try:
+            manifest = extract_bundle(Path(bundle), Path(scratch) / "b", durable=False).manifest
+        except EdgefleetError as exc:
+            raise FleetInputError(f"bundle {Path(bundle).name} is not valid: {exc}") from None
+    if manifest.name != model:
+        raise FleetInputError(f"bundle is for model {manifest.name!r}, not {model!r}")
+    try:
+        store.models.get_model(model)
+    except NotFound:
+        if not create_model:
+            raise
+        store.models.create_model(model, f"registered from bundle {manifest.bundle_id}", actor)
+    try:
+        store.models.get_version(model, manifest.version)
+    except NotFound:
+        pass
+    else:
+        raise Conflict(f"version {manifest.version!r} of model {model!r} already exists")
+    path = target_path_for(model, manifest.version)
+    with REPO_LOCK:
+        repo.add_target(Path(bundle), path, {"name": manifest.name, "version": manifest.version})
+    lineage: dict[str, Any] = {
+        "source": {"bundle_sha256": sha256_file(Path(bundle)), "bundle_target": path},
+        "metrics": dict(manifest.lineage.metrics),
+    }
+    for key in ("training_code_ref", "dataset_ref", "dataset_digest"):
+        value = getattr(manifest.lineage, key)
+        if value:
+            lineage[key] = value
+    return store.models.register_version(model, manifest.version, manifest.model_digest, manifest.runtime,
+                                         lineage, actor, bundle_target=path)

@@ -1,0 +1,1 @@
+"""Rollouts: the controller, strategies, gates, durable records and A/B experiments."""

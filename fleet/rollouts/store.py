@@ -1,0 +1,150 @@
+"""Rollouts: the operator's intent (`desired`) and the controller's view (`state`, `stage`).
+
+The API only records intent: `desired` is `run`, `pause` or `abort`. The rollout controller
+(a separate component) reads intent, acts on devices, and writes `state`, `stage` and
+`rollout_devices` through `set_state` / `set_device_status`. Until a controller runs, a
+rollout honestly stays `pending` whatever the operator asked.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fleet.db.store import Page, Row, decode_row, dumps
+from fleet.devices.selector import parse_selector
+from fleet.errors import Conflict, FleetInputError, NotFound
+
+if TYPE_CHECKING:
+    from fleet.db.store import Store
+
+ROLLOUT_JSON = ("strategy", "thresholds", "history")
+STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")
+TERMINAL_STATES = ("completed", "aborted", "failed", "cancelled")
+ACTIONS = {"pause": "pause", "resume": "run", "abort": "abort"}
+DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
+                   "failed", "rolled_back", "skipped")
+MAX_HISTORY = 500
+
+
+class RolloutRepo:
+    """Rollout records; intent from the API, progress from the controller."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def create(self, model_version_id: str, selector: str, strategy: dict[str, Any],
+               thresholds: dict[str, Any], actor: str) -> Row:
+        """Record a new rollout in state `pending`.
+
+        Raises NotFound (version), FleetInputError (selector), Conflict (archived version).
+        """
+        parsed = parse_selector(selector)
+        now = self.store.now()
+        rid = "ro-" + secrets.token_hex(8)
+        with self.store.tx() as db:
+            version = self.store.models.get_version_by_id(model_version_id)
+            if version["stage"] == "archived":
+                raise Conflict(f"{model_version_id} is archived and cannot be rolled out")
+            row = {"id": rid, "model_version_id": model_version_id, "selector": str(parsed),
+                   "strategy": dumps(strategy), "thresholds": dumps(thresholds), "state": "pending",
+                   "desired": "run", "stage": 0, "created_at": now, "updated_at": now, "created_by": actor,
+                   "history": dumps([{"at": now, "actor": actor, "event": "created"}])}
+            db.table("rollouts").insert(row)
+            out = self.get(rid)
+            self.store.audit.record(actor, "rollout.create", f"rollouts/{rid}", None, out)
+        return out
+
+    def get(self, rollout_id: str) -> Row:
+        """Raises NotFound."""
+        with self.store.read() as db:
+            rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
+        out = decode_row(rows[0], ROLLOUT_JSON) if rows else None
+        if out is None:
+            raise NotFound(f"rollout {rollout_id!r} not found")
+        return out
+
+    def list(self, cursor: str | None, limit: int, state: str | None = None) -> Page:
+        sql, params = "SELECT * FROM rollouts WHERE 1", []
+        if state is not None:
+            if state not in STATES:
+                raise FleetInputError(f"state {state!r} must be one of {', '.join(STATES)}")
+            sql += " AND state = ?"
+            params.append(state)
+        return self.store.page(sql, params, "id", cursor, limit, ROLLOUT_JSON)
+
+    def _append_history(self, row: Row, entry: dict[str, Any]) -> str:
+        history = [*row["history"], entry][-MAX_HISTORY:]
+        return dumps(history)
+
+    def request(self, rollout_id: str, action: str, actor: str, note: str = "") -> Row:
+        """Record operator intent `pause`, `resume` or `abort`.
+
+        Raises NotFound, FleetInputError (unknown action), Conflict (finished rollout, or the
+        intent is already that, or resuming something not paused).
+        """
+        if action not in ACTIONS:
+            raise FleetInputError(f"action {action!r} must be one of {', '.join(ACTIONS)}")
+        desired = ACTIONS[action]
+        with self.store.tx() as db:
+            before = self.get(rollout_id)
+            if before["state"] in TERMINAL_STATES:
+                raise Conflict(f"rollout {rollout_id} is {before['state']}; it cannot {action}")
+            if before["desired"] == "abort":
+                raise Conflict(f"rollout {rollout_id} was asked to abort; it cannot {action}")
+            if action == "resume" and before["desired"] != "pause":
+                raise Conflict(f"rollout {rollout_id} is not paused")
+            if before["desired"] == desired:
+                raise Conflict(f"rollout {rollout_id} is already asked to {desired}")
+            now = self.store.now()
+            entry = {"at": now, "actor": actor, "event": f"requested:{action}", "note": note}
+            db.execute("UPDATE rollouts SET desired = ?, updated_at = ?, history = ? WHERE id = ?",
+                       [desired, now, self._append_history(before, entry), rollout_id])
+            after = self.get(rollout_id)
+            self.store.audit.record(actor, f"rollout.{action}", f"rollouts/{rollout_id}",
+                                    {"desired": before["desired"]}, {"desired": desired, "note": note})
+        return after
+
+    def status(self, rollout_id: str) -> Row:
+        """The rollout plus device counts per status (from `rollout_devices`). Raises NotFound."""
+        rollout = self.get(rollout_id)
+        with self.store.read() as db:
+            counts = {r["status"]: r["n"] for r in db.query(
+                "SELECT status, count(*) AS n FROM rollout_devices WHERE rollout_id = ? GROUP BY status",
+                [rollout_id])}
+        return {"id": rollout_id, "state": rollout["state"], "desired": rollout["desired"],
+                "stage": rollout["stage"], "updated_at": rollout["updated_at"],
+                "devices_total": sum(counts.values()), "devices_by_status": counts}
+
+    # -- controller side (round 2 writes through these) -------------------------
+    def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Row:
+        """The controller reports progress. Raises NotFound, FleetInputError (unknown state)."""
+        if state not in STATES:
+            raise FleetInputError(f"state {state!r} must be one of {', '.join(STATES)}")
+        with self.store.tx() as db:
+            before = self.get(rollout_id)
+            now = self.store.now()
+            entry = {"at": now, "actor": actor, "event": f"state:{state}", "stage": stage, "note": note}
+            db.execute("UPDATE rollouts SET state = ?, stage = ?, updated_at = ?, history = ? WHERE id = ?",
+                       [state, stage, now, self._append_history(before, entry), rollout_id])
+            self.store.audit.record(actor, "rollout.state", f"rollouts/{rollout_id}",
+                                    {"state": before["state"], "stage": before["stage"]},
+                                    {"state": state, "stage": stage, "note": note})
+            return self.get(rollout_id)
+
+    def set_device_status(self, rollout_id: str, device_id: str, stage: int, status: str) -> None:
+        """Upsert one device's progress in a rollout. Raises FleetInputError (unknown status)."""
+        if status not in DEVICE_STATUSES:
+            raise FleetInputError(f"device status {status!r} must be one of {', '.join(DEVICE_STATUSES)}")
+        with self.store.tx() as db:
+            db.table("rollout_devices").upsert(
+                {"rollout_id": rollout_id, "device_id": device_id, "stage": stage, "status": status,
+                 "updated_at": self.store.now()}, pk=("rollout_id", "device_id"))
+
+    def devices(self, rollout_id: str, cursor: str | None, limit: int, status: str | None = None) -> Page:
+        self.get(rollout_id)
+        sql, params = "SELECT * FROM rollout_devices WHERE rollout_id = ?", [rollout_id]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        return self.store.page(sql, params, "device_id", cursor, limit)

@@ -1,0 +1,1 @@
+"""Telemetry: ingest, drift statistics, alerts and the drift monitor."""

@@ -1,0 +1,399 @@
+"""Telemetry ingest: decode, validate, deduplicate and merge device reports into windows.
+
+Every payload is decoded with the bounded decoder and checked against the model version's
+reference profile; a bad one is counted, logged and dropped, and never stops the ingester.
+Reports are deduplicated by (device, sequence) (devices replay their offline queue, MQTT
+QoS 1 redelivers) and merged into one sketch per (model, version, cohort, window), where
+the window is `window_s` seconds of device time (the report's `interval_end`, clamped to
+the server clock). Merged windows are buffered in memory and written in batches (one
+transaction per `flush`) to SQLite through sqlite-utils, WAL.
+
+Across devices, quantiles of per-device figures (each report's mean latency) have no
+reference edges, so each window also keeps a datasketches KLL sketch of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+from datasketches import kll_floats_sketch
+
+from agent.contract.manifest import ReferenceProfile
+from agent.contract.telemetry import (
+    MAX_DECOMPRESSED_BYTES,
+    MAX_REPORT_BYTES,
+    TelemetryReport,
+    check_report_shape,
+    decode_report,
+    encode_report,
+    latency_bucket_upper,
+    merge_into,
+    merge_reports,
+    profile_digest,
+)
+from agent.errors import MessageError
+from agent.logs import log_event
+from fleet.errors import FleetInputError, FleetMisuseError
+from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
+
+log = logging.getLogger("edgefleet.fleet.telemetry")
+
+WINDOWS_TABLE = "telemetry_windows"
+SEEN_TABLE = "telemetry_seen"
+WINDOW_KEY = ("model", "version", "cohort", "window_start")
+MAX_WINDOW_DEVICES = 1000  # device ids listed per window (the count stays exact up to this)
+KLL_K = 200
+
+ProfileLookup = Callable[[str, str], ReferenceProfile | None]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Window length, payload bounds, batch size and how long (device, seq) pairs are kept."""
+
+    window_s: float = 60.0
+    max_report_bytes: int = MAX_REPORT_BYTES
+    max_decompressed: int = MAX_DECOMPRESSED_BYTES
+    flush_every: int = 1000
+    seen_retention_s: float = 14 * 24 * 3600.0
+    max_clock_skew_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or self.flush_every < 1:
+            raise FleetMisuseError("ingest: window_s must be > 0 and flush_every >= 1")
+
+
+@dataclass
+class IngestCounters:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Window:
+    report: TelemetryReport
+    reports: int
+    devices: set[str]
+    kll: kll_floats_sketch
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Create this module's tables and indexes if missing (idempotent)."""
+    if not db.table(WINDOWS_TABLE).exists():
+        db.table(WINDOWS_TABLE).create(
+            {"model": str, "version": str, "cohort": str, "window_start": float, "payload": bytes,
+             "reports": int, "devices": str, "device_count": int, "latency_kll": bytes, "updated_at": float},
+            pk=WINDOW_KEY,
+        )
+    if not db.table(SEEN_TABLE).exists():
+        seen = db.table(SEEN_TABLE)
+        seen.create({"device_id": str, "seq": int, "received_at": float}, pk=("device_id", "seq"))
+        seen.create_index(["received_at"], if_not_exists=True)
+
+
+def histogram_quantile(counts: np.ndarray, q: float) -> float:
+    """Quantile (upper bucket bound, seconds) of a merged latency histogram; NaN when empty."""
+    total = int(counts.sum())
+    if total == 0:
+        return math.nan
+    i = int(np.searchsorted(np.cumsum(counts), q * total, side="left"))
+    return latency_bucket_upper(min(i, counts.size - 1))
+
+
+class TelemetryStore:
+    """Ingest and query merged telemetry windows in the SQLite file at `db_path`.
+
+    `profiles(model, version)` returns the version's reference profile (reports that do not
+    match it, or name an unknown version, are rejected); without it only the encoding is
+    checked. Thread-safe. Raises `FleetMisuseError` when the file is not a database.
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        config: IngestConfig | None = None,
+        profiles: ProfileLookup | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config or IngestConfig()
+        self._profiles = profiles
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._pending: dict[tuple[str, str, str, float], _Window] = {}
+        self._pending_seen: dict[tuple[str, int], float] = {}
+        self._max_seq: dict[str, int] = {}
+        self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
+        self.counters = IngestCounters()
+        try:
+            # One connection shared by threads (MQTT callbacks, API handlers, gates), always
+            # used under `self._lock`.
+            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
+            self.db = sqlite_utils.Database(conn)
+            self.db.enable_wal()
+            ensure_schema(self.db)
+        except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
+            raise FleetMisuseError(f"telemetry store: cannot open {db_path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self.flush()
+            self.db.close()
+
+    # -- ingest -----------------------------------------------------------------------
+    def _reject(self, reason: str, detail: str) -> str:
+        self.counters.rejected += 1
+        self.counters.reasons[reason] = self.counters.reasons.get(reason, 0) + 1
+        log_event(log, "telemetry.rejected", reason=reason, detail=detail[:200])
+        return "rejected"
+
+    def _shape(self, model: str, version: str) -> tuple[list[int], list[int], str] | None:
+        """(feature bin counts, output bin counts, profile digest) of a version, cached."""
+        key = (model, version)
+        if key not in self._shapes:
+            prof = self._profiles(model, version) if self._profiles else None
+            self._shapes[key] = None if prof is None else (
+                [len(f.edges) + 1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in prof.features],
+                [len(f.edges) + 1 if f.kind == "numeric" else len(f.vocabulary) + 1 for f in prof.outputs],
+                profile_digest(prof),
+            )
+        return self._shapes[key]
+
+    def _seen(self, device: str, seq: int) -> bool:
+        """Devices send in sequence order, so a seq above the device's highest one is new
+        without a lookup; only replays and out-of-order reports reach the table."""
+        if (device, seq) in self._pending_seen:
+            return True
+        top = self._max_seq.get(device)
+        if top is None:
+            sql = f"SELECT MAX(seq) FROM {SEEN_TABLE} WHERE device_id = ?"  # noqa: S608 - constant name
+            found = self.db.execute(sql, [device]).fetchone()[0]
+            top = self._max_seq[device] = -1 if found is None else int(found)
+        if seq > top:
+            return False
+        sql = f"SELECT 1 FROM {SEEN_TABLE} WHERE device_id = ? AND seq = ?"  # noqa: S608 - constant name
+        return self.db.execute(sql, [device, seq]).fetchone() is not None
+
+    def ingest(self, payload: bytes, cohort: str | None = None) -> str:
+        """Ingest one payload; returns "accepted", "duplicate" or "rejected". Never raises for
+        bad input. `cohort` overrides the report's own cohort (e.g. the rollout arm the fleet
+        assigned the device to)."""
+        try:
+            report = decode_report(payload, self.config.max_report_bytes, self.config.max_decompressed)
+        except MessageError as exc:
+            return self._reject("malformed", str(exc))
+        with self._lock:
+            if self._profiles is not None:
+                shape = self._shape(report.model, report.version)
+                if shape is None:
+                    return self._reject("unknown_version", f"{report.model} {report.version}")
+                try:
+                    check_report_shape(report, shape[0], shape[1])
+                except MessageError as exc:
+                    return self._reject("profile_mismatch", str(exc))
+                if report.profile_id and report.profile_id != shape[2]:
+                    return self._reject("profile_mismatch", f"profile_id {report.profile_id} != {shape[2]}")
+            if self._seen(report.device_id, report.seq):
+                self.counters.duplicates += 1
+                return "duplicate"
+            now = self._clock()
+            stamp = min(report.interval_end, now + self.config.max_clock_skew_s)
+            start = math.floor(stamp / self.config.window_s) * self.config.window_s
+            key = (report.model, report.version, cohort if cohort is not None else report.cohort, start)
+            window = self._pending.get(key)
+            if window is None:
+                window = self._pending[key] = _Window(report, 0, set(), kll_floats_sketch(KLL_K))
+            else:
+                try:
+                    merge_into(window.report, report)  # the decoded first report owns its arrays
+                except MessageError as exc:
+                    return self._reject("profile_mismatch", str(exc))
+            window.reports += 1
+            if len(window.devices) < MAX_WINDOW_DEVICES:
+                window.devices.add(report.device_id)
+            if report.requests:
+                window.kll.update(report.latency_sum_s / report.requests)
+            self._pending_seen[(report.device_id, report.seq)] = now
+            self._max_seq[report.device_id] = max(self._max_seq.get(report.device_id, -1), report.seq)
+            self.counters.accepted += 1
+            if len(self._pending_seen) >= self.config.flush_every:
+                self.flush()
+            return "accepted"
+
+    def flush(self) -> int:
+        """Write buffered windows (merged with what is stored) and seen pairs in one
+        transaction; returns the number of windows written."""
+        with self._lock:
+            if not self._pending:
+                self._pending_seen.clear()
+                return 0
+            now = self._clock()
+            rows = []
+            with self.db.conn:
+                for (model, version, cohort, start), w in self._pending.items():
+                    stored = self.db.execute(
+                        f"SELECT payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
+                        "WHERE model = ? AND version = ? AND cohort = ? AND window_start = ?",
+                        [model, version, cohort, start],
+                    ).fetchone()
+                    report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
+                    if stored is not None:
+                        try:
+                            older = decode_report(stored[0], max_bytes=2**31)
+                            merge_into(older, report)
+                            report = older
+                        except MessageError as exc:  # a profile changed under a version: keep the new
+                            log_event(log, "telemetry.window_reset", model=model, version=version,
+                                      error=str(exc))
+                        else:
+                            reports += stored[1]
+                            devices |= set(json.loads(stored[2]))
+                            kll.merge(kll_floats_sketch.deserialize(stored[3]))
+                    listed = sorted(devices)[:MAX_WINDOW_DEVICES]
+                    rows.append({
+                        "model": model, "version": version, "cohort": cohort, "window_start": start,
+                        "payload": encode_report(report), "reports": reports,
+                        "devices": json.dumps(listed), "device_count": len(devices),
+                        "latency_kll": kll.serialize(), "updated_at": now,
+                    })
+                self.db.table(WINDOWS_TABLE).upsert_all(rows, pk=WINDOW_KEY)
+                seen = self._pending_seen.items()
+                self.db.table(SEEN_TABLE).insert_all(
+                    ({"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen),
+                    pk=("device_id", "seq"), ignore=True, batch_size=500,
+                )
+                self.db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < ?",  # noqa: S608
+                                [now - self.config.seen_retention_s])
+            self._pending.clear()
+            self._pending_seen.clear()
+            return len(rows)
+
+    # -- queries ----------------------------------------------------------------------
+    def windows(
+        self, model: str, version: str, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> list[dict[str, object]]:
+        """Stored windows in time order (flushes first): each a dict with `window_start`,
+        `cohort`, `report` (decoded merged report), `reports`, `devices`, `device_count`."""
+        self.flush()
+        sql = f"SELECT * FROM {WINDOWS_TABLE} WHERE model = ? AND version = ?"  # noqa: S608
+        args: list[object] = [model, version]
+        if cohort is not None:
+            sql, args = sql + " AND cohort = ?", [*args, cohort]
+        if since is not None:
+            sql, args = sql + " AND window_start >= ?", [*args, since]
+        if until is not None:
+            sql, args = sql + " AND window_start < ?", [*args, until]
+        with self._lock:
+            rows = list(self.db.query(sql + " ORDER BY window_start, cohort", args))
+        out: list[dict[str, object]] = []
+        for r in rows:
+            out.append({
+                "window_start": r["window_start"], "cohort": r["cohort"], "reports": r["reports"],
+                "report": decode_report(r["payload"], max_bytes=2**31),
+                "devices": json.loads(r["devices"]), "device_count": r["device_count"],
+                "latency_kll": r["latency_kll"],
+            })
+        return out
+
+    def query_windows(
+        self, model: str, version: str, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> TelemetryReport | None:
+        """The merged sketch of every matching window (all cohorts when `cohort` is None), or
+        None when there is none. Raises `FleetInputError` if stored windows cannot merge."""
+        merged: TelemetryReport | None = None
+        for w in self.windows(model, version, cohort, since, until):
+            rep = w["report"]
+            assert isinstance(rep, TelemetryReport)
+            try:
+                merged = rep if merged is None else merge_reports(merged, rep)
+            except MessageError as exc:
+                raise FleetInputError(f"stored windows of {model} {version} do not merge: {exc}") from None
+        return merged
+
+    def drift(
+        self, model: str, version: str, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+        thresholds: DriftThresholds | None = None, method: Method = "auto",
+    ) -> DriftReport | None:
+        """Drift of the merged windows against the version's reference profile (None when
+        there is no data or no profile lookup knows the version). For rollout gates,
+        `drifted_share` is the drift score in [0, 1]."""
+        profile = self._profiles(model, version) if self._profiles else None
+        merged = self.query_windows(model, version, cohort, since, until)
+        if profile is None or merged is None:
+            return None
+        try:
+            return report_drift(profile, merged, thresholds, method)
+        except FleetInputError:
+            return None
+
+    def device_latency_quantiles(
+        self, model: str, version: str, quantiles: list[float], cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> list[float]:
+        """Quantiles across reports of the per-report mean latency (seconds), from the merged
+        KLL sketches; NaN when no report had requests."""
+        kll = kll_floats_sketch(KLL_K)
+        for w in self.windows(model, version, cohort, since, until):
+            blob = w["latency_kll"]
+            assert isinstance(blob, bytes)
+            kll.merge(kll_floats_sketch.deserialize(blob))
+        if kll.is_empty():
+            return [math.nan] * len(quantiles)
+        return [float(kll.get_quantile(q)) for q in quantiles]
+
+    # -- listing (the fleet API and the periodic drift evaluator) -----------------------
+    def window_keys(self, updated_since: float | None = None) -> list[tuple[str, str, str]]:
+        """(model, version, cohort) of every stored window written at or after `updated_since`
+        (all when None), flushing first: what a periodic evaluator has to look at."""
+        self.flush()
+        sql = f"SELECT DISTINCT model, version, cohort FROM {WINDOWS_TABLE}"  # noqa: S608 - constant name
+        args: list[object] = []
+        if updated_since is not None:
+            sql, args = sql + " WHERE updated_at >= ?", [updated_since]
+        with self._lock:
+            return [(r[0], r[1], r[2]) for r in self.db.execute(sql + " ORDER BY 1, 2, 3", args)]
+
+    def window_page(
+        self, model: str | None = None, version: str | None = None, cohort: str | None = None,
+        since: float | None = None, until: float | None = None,
+        after: tuple[float, str, str, str] | None = None, limit: int = 100,
+    ) -> list[dict[str, object]]:
+        """One page of stored windows ordered by (window_start, model, version, cohort), each
+        like `windows()` plus `model`, `version` and `updated_at`; `after` is the last key of
+        the previous page. Keyset pagination, so a page costs `limit` decodes at most."""
+        self.flush()
+        where: list[str] = ["1 = 1"]
+        args: list[object] = []
+        for column, value in (("model", model), ("version", version), ("cohort", cohort)):
+            if value is not None:
+                where, args = [*where, f"{column} = ?"], [*args, value]
+        if since is not None:
+            where, args = [*where, "window_start >= ?"], [*args, since]
+        if until is not None:
+            where, args = [*where, "window_start < ?"], [*args, until]
+        if after is not None:
+            where, args = [*where, "(window_start, model, version, cohort) > (?, ?, ?, ?)"], [*args, *after]
+        sql = (f"SELECT * FROM {WINDOWS_TABLE} WHERE {' AND '.join(where)} "  # noqa: S608 - fixed fragments
+               "ORDER BY window_start, model, version, cohort LIMIT ?")
+        with self._lock:
+            rows = list(self.db.query(sql, [*args, max(1, int(limit))]))
+        return [{
+            "model": r["model"], "version": r["version"], "cohort": r["cohort"],
+            "window_start": r["window_start"], "updated_at": r["updated_at"], "reports": r["reports"],
+            "report": decode_report(r["payload"], max_bytes=2**31),
+            "devices": json.loads(r["devices"]), "device_count": r["device_count"],
+        } for r in rows]

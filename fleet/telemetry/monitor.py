@@ -1,0 +1,274 @@
+"""The drift monitor: a fleet service component that evaluates drift, fires alerts and triggers.
+
+Every `evaluate_interval_s` it looks for (model, version, cohort) whose telemetry windows were
+written within `lookback_s`, takes the windows that are *closed* (ended at least `settle_s`
+ago, so late and replayed reports have landed; `AlertManager` evaluates a window only once,
+so a half-filled window must not be handed over) and passes them to `AlertManager.evaluate`,
+which keeps one episode per drifting subject, sends one `drift` alert per episode and one
+`retrain` trigger once the dataset/prediction episode persists (webhook and/or command).
+Deliveries that failed are retried every cycle (`AlertManager.redeliver`). The latest closed
+window's verdict per key is kept for the Prometheus drift gauges (`snapshot()`).
+
+Reference profiles come from the published bundles (`BundleProfiles`: version row -> TUF
+target -> bundle manifest), cached because versions are immutable.
+
+The monitor also times telemetry ingest (`ingest(device_id, payload)`), so the publisher's
+telemetry callback can go through it.
+
+Errors: `build_drift_monitor` raises `FleetMisuseError` when the alert database cannot be
+opened. A failing evaluation is logged and counted (`evaluation_errors`), never raised from
+the background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from agent.contract.bundle import read_manifest
+from agent.contract.manifest import ReferenceProfile
+from agent.errors import EdgefleetError
+from agent.logs import log_event
+from fleet.db.store import Store
+from fleet.errors import FleetError
+from fleet.metrics import IngestTimer
+from fleet.settings import FleetSettings, TelemetrySettings
+from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
+from fleet.telemetry.drift import DriftReport, report_drift
+from fleet.telemetry.ingest import TelemetryStore
+
+log = logging.getLogger("edgefleet.fleet.drift_monitor")
+
+ProfileLookup = Callable[[str, str], ReferenceProfile | None]
+
+
+class BundleProfiles:
+    """`(model, version) -> ReferenceProfile | None` from the version's published bundle.
+
+    None when the version is unknown, has no bundle target, or its bundle cannot be read
+    (logged). Found profiles are cached; misses are retried (the bundle may arrive later).
+    """
+
+    def __init__(self, store: Store, repo_dir: Path, keys_dir: Path) -> None:
+        self.store = store
+        self.repo_dir = Path(repo_dir)
+        self.keys_dir = Path(keys_dir)
+        self._cache: dict[tuple[str, str], ReferenceProfile] = {}
+        self._lock = threading.Lock()
+
+    def bundle_path(self, model: str, version: str) -> Path | None:
+        """The content-addressed file of the version's TUF target, or None."""
+        from fleet.trust.keys import KeyStore
+        from fleet.trust.repository import Repository
+
+        try:
+            target = self.store.models.get_version(model, version).get("bundle_target")
+            if not target:
+                return None
+            ref = Repository(self.repo_dir, KeyStore(self.keys_dir)).target_ref(str(target))
+        except FleetError:
+            return None
+        dirname, _, basename = ref.path.rpartition("/")
+        path = self.repo_dir / "targets" / dirname / f"{ref.sha256}.{basename}"
+        return path if path.is_file() else None
+
+    def __call__(self, model: str, version: str) -> ReferenceProfile | None:
+        with self._lock:
+            hit = self._cache.get((model, version))
+        if hit is not None:
+            return hit
+        path = self.bundle_path(model, version)
+        if path is None:
+            return None
+        try:
+            profile = read_manifest(path).reference_profile
+        except EdgefleetError as exc:
+            log_event(log, "drift.profile_unreadable", logging.WARNING, model=model, version=version,
+                      error=str(exc))
+            return None
+        if profile is None or not (profile.features or profile.outputs):
+            return None
+        with self._lock:
+            self._cache[(model, version)] = profile
+        return profile
+
+
+@dataclass(frozen=True)
+class DriftGauge:
+    """The verdict of the latest closed window of one (model, version, cohort)."""
+
+    model: str
+    version: str
+    cohort: str
+    window_start: float
+    report: DriftReport
+
+    @property
+    def series(self) -> int:
+        return len(self.report.features) + len(self.report.outputs)
+
+
+class DriftMonitor:
+    """Periodic drift evaluation over a `TelemetryStore` into an `AlertManager` (module docstring).
+
+    `clock` decides which windows are closed; the wait between cycles is real time
+    (`config.evaluate_interval_s`). `run_once()` does one cycle synchronously.
+    """
+
+    name = "drift-monitor"
+
+    def __init__(
+        self,
+        telemetry: TelemetryStore,
+        alerts: AlertManager,
+        profiles: ProfileLookup,
+        config: TelemetrySettings | None = None,
+        clock: Callable[[], float] = time.time,
+        owns_alerts: bool = True,
+    ) -> None:
+        self.telemetry = telemetry
+        self.alerts = alerts
+        self.profiles = profiles
+        self.config = config or TelemetrySettings()
+        self.clock = clock
+        self.ingest_timer = IngestTimer()
+        self._owns_alerts = owns_alerts
+        self._gauges: dict[tuple[str, str, str], DriftGauge] = {}
+        self._done: dict[tuple[str, str, str], float] = {}  # latest window handed over, per key
+        self._lock = threading.Lock()
+        self._cycle_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.evaluations = 0
+        self.evaluation_errors = 0
+        self.cycles = 0
+        self.unprofiled: set[tuple[str, str]] = set()
+
+    # -- ingest ----------------------------------------------------------------------------
+    def ingest(self, device_id: str, payload: bytes) -> None:
+        """Publisher telemetry callback: ingest one report, timed for `/metrics`."""
+        self.ingest_timer.time(lambda: self.telemetry.ingest(payload))
+
+    # -- evaluation --------------------------------------------------------------------------
+    def run_once(self) -> list[Alert]:
+        """One cycle: evaluate every key with fresh closed windows, redeliver, refresh gauges.
+        Returns the alerts fired in this cycle."""
+        with self._cycle_lock:
+            now = self.clock()
+            cfg = self.config
+            since = now - cfg.lookback_s
+            fired: list[Alert] = []
+            gauges: dict[tuple[str, str, str], DriftGauge] = {}
+            series = 0
+            for model, version, cohort in self.telemetry.window_keys(updated_since=since):
+                profile = self.profiles(model, version)
+                if profile is None:
+                    if (model, version) not in self.unprofiled:
+                        self.unprofiled.add((model, version))
+                        log_event(log, "drift.no_profile", logging.WARNING, model=model, version=version)
+                    continue
+                try:
+                    found = self._evaluate_key(model, version, cohort, profile, since, now, fired)
+                except (FleetError, EdgefleetError) as exc:  # bad stored window or profile mismatch
+                    self.evaluation_errors += 1
+                    log_event(log, "drift.evaluation_failed", logging.WARNING, model=model, version=version,
+                              cohort=cohort, error=str(exc))
+                    continue
+                gauge = found or self._gauges.get((model, version, cohort))  # nothing newly closed
+                if gauge is None:
+                    continue
+                if series + gauge.series <= cfg.max_drift_series:
+                    gauges[(model, version, cohort)] = gauge
+                    series += gauge.series
+            redelivered = self.alerts.redeliver()
+            with self._lock:
+                self._gauges = gauges
+            self.cycles += 1
+            log_event(log, "drift.cycle", keys=len(gauges), alerts=len(fired), redelivered=redelivered)
+            return fired
+
+    def _evaluate_key(self, model: str, version: str, cohort: str, profile: ReferenceProfile, since: float,
+                      now: float, fired: list[Alert]) -> DriftGauge | None:
+        """Hand the key's closed windows to the alert manager; the latest one's verdict."""
+        window_s = self.telemetry.config.window_s
+        done = self._done.get((model, version, cohort))
+        # Only windows after the last one handed over are read (and decoded); the alert
+        # manager's own cursor still guards against evaluating one twice after a restart.
+        start = since - window_s if done is None else max(since - window_s, done + window_s / 2)
+        closed: list[dict[str, Any]] = [
+            w for w in self.telemetry.windows(model, version, cohort, since=start)
+            if float(cast(float, w["window_start"])) + window_s + self.config.settle_s <= now
+        ]
+        if not closed:
+            return None
+        fired += self.alerts.evaluate(model, version, cohort, profile, closed, window_s)
+        self.evaluations += len(closed)
+        latest = closed[-1]
+        self._done[(model, version, cohort)] = float(cast(float, latest["window_start"]))
+        previous = self._gauges.get((model, version, cohort))
+        if previous is not None and previous.window_start == latest["window_start"]:
+            return previous  # same window: the verdict cannot have changed
+        cfg = self.alerts.config
+        verdict = report_drift(profile, latest["report"], cfg.thresholds, cfg.method)
+        return DriftGauge(model, version, cohort, float(latest["window_start"]), verdict)
+
+    def drift_score(self, model: str, version: str, since: float) -> float | None:
+        """Share of drifted input features over the windows since `since` (rollout gates'
+        `max_drift_score`); None without data or profile."""
+        profile = self.profiles(model, version)
+        merged = self.telemetry.query_windows(model, version, since=since) if profile is not None else None
+        if profile is None or merged is None:
+            return None
+        try:
+            return report_drift(profile, merged, self.alerts.config.thresholds,
+                                self.alerts.config.method).drifted_share
+        except FleetError:
+            return None
+
+    def snapshot(self) -> list[DriftGauge]:
+        """The latest verdict per key (for the Prometheus drift gauges)."""
+        with self._lock:
+            return list(self._gauges.values())
+
+    # -- component ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="drift-monitor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.evaluate_interval_s):
+            try:
+                self.run_once()
+            except Exception:  # keep evaluating: a missed cycle is logged, the next one retries
+                self.evaluation_errors += 1
+                log.exception("drift monitor cycle failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self._owns_alerts:
+            self.alerts.close()
+
+
+def alert_config(settings: TelemetrySettings) -> AlertConfig:
+    """The `AlertConfig` the settings describe."""
+    return AlertConfig(persist_windows=settings.persist_windows, webhook_url=settings.webhook_url,
+                       command=tuple(settings.command), webhook_timeout_s=settings.webhook_timeout_s,
+                       command_timeout_s=settings.command_timeout_s)
+
+
+def build_drift_monitor(settings: FleetSettings, store: Store, telemetry: TelemetryStore,
+                        clock: Callable[[], float] | None = None) -> DriftMonitor:
+    """The monitor `fleet serve` runs: alerts in `<data_dir>/alerts.db`, profiles from the bundles."""
+    now = clock or time.time
+    alerts = AlertManager(settings.alerts_db_path, alert_config(settings.telemetry), clock=now)
+    profiles = BundleProfiles(store, settings.repo_dir, settings.keys_dir)
+    return DriftMonitor(telemetry, alerts, profiles, settings.telemetry, clock=now)

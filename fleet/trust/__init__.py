@@ -1,0 +1,1 @@
+"""Signing keys, the TUF repository and the director document signer."""

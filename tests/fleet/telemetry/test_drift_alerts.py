@@ -1,0 +1,108 @@
+"""Drift alerts: one per episode, retraining after persistent drift, webhook and command delivery."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.contract.telemetry import encode_report
+from agent.telemetry import TelemetrySketch
+from fleet.errors import FleetMisuseError
+from fleet.registry.profile import compute_reference_profile
+from fleet.telemetry.alerts import AlertConfig, AlertManager
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from tests.support.telemetry import WebhookRecorder, webhook_server
+
+RNG = np.random.default_rng(11)
+REF = RNG.normal(size=(6000, 4))
+PROFILE = compute_reference_profile(REF, list("abcd"), outputs=REF.sum(axis=1))
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, type[WebhookRecorder]]]:
+    with webhook_server("/alerts") as hook:
+        yield hook
+
+
+def _windows(tmp_path: Path, shifts: list[float]) -> TelemetryStore:
+    store = TelemetryStore(tmp_path / "telemetry.db", IngestConfig(window_s=60.0),
+                           profiles=lambda m, v: PROFILE, clock=lambda: 1e6)
+    for d in range(3):
+        ticks = iter([60.0 * i + 1.0 for i in range(len(shifts) + 1)])
+        sk = TelemetrySketch(PROFILE, f"dev-{d}", "m", "1.0.0", clock=ticks.__next__,
+                             resource_probe=lambda: (0, 0.0, 0.0))
+        for shift in shifts:
+            x = RNG.normal(shift, 1.0, size=(700, 4))
+            sk.update(x, x.sum(axis=1), 0.001)
+            assert store.ingest(encode_report(sk.snapshot_and_reset())) == "accepted"
+    return store
+
+
+@pytest.mark.integration
+def test_alerts_once_per_episode_and_retrain_after_persistent_drift(
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
+) -> None:
+    url, hook = webhook
+    out = tmp_path / "command.jsonl"
+    command = (sys.executable, "-c", f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')")
+    store = _windows(tmp_path, [0.0, 0.0, 0.6, 0.6, 0.6, 0.6, 0.0, 0.6])
+    config = AlertConfig(persist_windows=3, webhook_url=url, command=command)
+    mgr = AlertManager(tmp_path / "alerts.db", config, clock=lambda: 5.0)
+    windows = store.windows("m", "1.0.0", cohort="")
+    assert len(windows) == 8
+    fired = mgr.evaluate("m", "1.0.0", "", PROFILE, windows, 60.0)
+    drift = [a for a in fired if a.kind == "drift"]
+    retrain = [a for a in fired if a.kind == "retrain"]
+    subjects = {"a", "b", "c", "d", "output:output_0", "dataset", "prediction"}
+    # two episodes (windows 2-5 and 7): one alert per subject and episode, not one per window
+    assert sorted(a.subject for a in drift) == sorted([*subjects, *subjects])
+    assert {a.window_start for a in drift} == {180.0, 480.0}  # intervals end at 61, 121, 181 ... s
+    assert sorted((a.subject, a.window_start, a.windows) for a in retrain) == [
+        ("dataset", 300.0, 3), ("prediction", 300.0, 3)]
+    assert all(a.devices == ["dev-0", "dev-1", "dev-2"] and a.device_count == 3 for a in fired)
+    dataset = next(a for a in drift if a.subject == "dataset")
+    assert dataset.statistic == "drift_share" and dataset.value == 1.0 and dataset.threshold == 0.5
+    assert len(hook.received) == len(fired) and {r["kind"] for r in hook.received} == {"drift", "retrain"}
+    assert len(out.read_text().splitlines()) == len(fired)
+    assert all(mgr.delivery_state(a.id or 0) == (True, "") for a in fired)
+    # windows already evaluated are not evaluated again; the state survives a reopen
+    mgr.close()
+    again = AlertManager(tmp_path / "alerts.db", AlertConfig(persist_windows=3), clock=lambda: 6.0)
+    assert again.evaluate("m", "1.0.0", "", PROFILE, windows, 60.0) == []
+    assert len(again.alerts(kind="retrain")) == 2 and len(again.alerts(model="m")) == len(fired)
+
+
+@pytest.mark.integration
+def test_failed_delivery_is_recorded_and_retried(
+    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
+) -> None:
+    url, hook = webhook
+    hook.status = 503
+    store = _windows(tmp_path, [0.6])
+    failing = (sys.executable, "-c", "import sys; sys.exit(3)")
+    mgr = AlertManager(tmp_path / "alerts.db", AlertConfig(webhook_url=url, command=failing))
+    fired = mgr.evaluate("m", "1.0.0", "", PROFILE, store.windows("m", "1.0.0"), 60.0)
+    assert fired and all(a.kind == "drift" for a in fired)
+    delivered, error = mgr.delivery_state(fired[0].id or 0)
+    assert not delivered and "503" in error and "exited 3" in error
+    hook.status = 200
+    mgr.config = AlertConfig(webhook_url=url)
+    assert mgr.redeliver() == len(fired) and mgr.redeliver() == 0
+    unreachable = AlertManager(tmp_path / "b.db", AlertConfig(webhook_url="http://127.0.0.1:9/x",
+                                                              webhook_timeout_s=2.0))
+    got = unreachable.evaluate("m", "1.0.0", "", PROFILE, store.windows("m", "1.0.0"), 60.0)
+    assert not unreachable.delivery_state(got[0].id or 0)[0]
+
+
+@pytest.mark.integration
+def test_bad_configuration_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FleetMisuseError):
+        AlertConfig(persist_windows=0)
+    bad = tmp_path / "x.db"
+    bad.write_bytes(b"not sqlite" * 200)
+    with pytest.raises(FleetMisuseError):
+        AlertManager(bad)
