@@ -307,5 +307,5 @@ def running_fleet(root: Path) -> Iterator[Fleet]:
     try:
         yield fleet
     finally:
-        fleet.delivery.publisher.stop()
+        fleet.publisher.stop()
         broker.stop()

@@ -116,8 +116,8 @@ def test_update_then_bad_update_rolls_back_and_stays_quarantined(fleet: Fleet, m
     # the barrier proving the agent has processed the duplicate without starting an update
     started = len(fleet.events_of(MAIN, "update_started"))
     n_refused = len(fleet.events_of(MAIN, "director_refused"))
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=bad_doc)
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=b'{"signed": {}, "signatures": []}')
+    fleet.publisher.publish_desired(device_id=MAIN, document=bad_doc)
+    fleet.publisher.publish_desired(device_id=MAIN, document=b'{"signed": {}, "signatures": []}')
     fleet.wait_event(MAIN, "director_refused", n_refused + 1)
     assert len(fleet.events_of(MAIN, "update_started")) == started
     assert main_agent.serves("mlp-2.0.0")
@@ -157,7 +157,7 @@ def test_replayed_foreign_and_tampered_inputs_are_refused_and_change_nothing(
 
     refused = len(fleet.events_of(MAIN, "director_refused"))
     # 1. a replay of an older, genuinely signed document
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=old)
+    fleet.publisher.publish_desired(device_id=MAIN, document=old)
     replay = fleet.wait_event(MAIN, "director_refused", refused + 1)
     assert "replayed or stale" in replay.reason
     # 2. a valid document for another device, published on this device's topic
@@ -165,12 +165,12 @@ def test_replayed_foreign_and_tampered_inputs_are_refused_and_change_nothing(
     foreign = fleet.issue("dev-other", "mlp-2.0.0", publish=False)
     while fleet.signer.last_sequence(device_id="dev-other") <= fleet.signer.last_sequence(device_id=MAIN):
         foreign = fleet.issue("dev-other", "mlp-2.0.0", publish=False)
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=foreign)
+    fleet.publisher.publish_desired(device_id=MAIN, document=foreign)
     assert "addressed to device 'dev-other'" in fleet.wait_event(MAIN, "director_refused", refused + 2).reason
     # 3. a document whose signed part was modified after signing
     doc = json.loads(fleet.issue("dev-x", "mlp-2.0.0", publish=False))
     doc["signed"]["device_id"] = MAIN
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=json.dumps(doc).encode())
+    fleet.publisher.publish_desired(device_id=MAIN, document=json.dumps(doc).encode())
     assert "signature" in fleet.wait_event(MAIN, "director_refused", refused + 3).reason
 
     after = main_agent.record()
@@ -208,7 +208,7 @@ def test_rotated_director_keys_are_learned_from_a_tuf_refresh(fleet: Fleet, main
     forged = json.loads(fleet.issue(MAIN, "mlp-2.0.0", publish=False))
     payload = canonical_bytes(forged["signed"])
     forged["signatures"] = [stranger.sign(payload).to_dict()]
-    fleet.delivery.publisher.publish_desired(device_id=MAIN, document=json.dumps(forged).encode())
+    fleet.publisher.publish_desired(device_id=MAIN, document=json.dumps(forged).encode())
     assert "unknown key" in fleet.wait_event(MAIN, "director_refused", refused + 1).reason
     assert main_agent.record().active == "mlp-1.0.0"
 

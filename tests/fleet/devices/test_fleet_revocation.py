@@ -192,7 +192,7 @@ def test_revocation_cuts_the_session_refuses_reconnects_and_clears_desired(fleet
     assert reloaded == "true"  # the new login was applied by SIGHUP through the pid file
     dev, pw = enrolled["device_id"], enrolled["broker"]["password"]
     desired = f"{PREFIX}/v1/devices/{dev}/desired"
-    fleet.delivery.publisher.publish_desired(device_id=dev, document=b"signed director document")
+    fleet.publisher.publish_desired(device_id=dev, document=b"signed director document")
     assert _fleet_sees_retained(fleet, desired) == [b"signed director document"]
 
     device = DeviceClient(fleet.broker.device_port, dev, pw)
