@@ -121,8 +121,10 @@ def windows(db: Path, model: str, version: str, cohort: str | None, since_hours:
 @click.option("--version", "version", required=True)
 @click.option("--cohort", default=None, help="Only this cohort (default: all).")
 @click.option("--since-hours", type=float, default=None, help="Only windows of the last N hours.")
-@click.option("--method", type=click.Choice(["auto", "ks", "wasserstein", "psi"]), default="auto",
-              show_default=True)
+@click.option("--method", type=click.Choice(["auto", "budget", "evidently", "ks", "wasserstein", "psi"]),
+              default="auto", show_default=True,
+              help="auto/budget: KS and chi-square under the false-alarm budget; "
+              "evidently: Evidently's rule.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--fail-on-drift", is_flag=True, help="Exit with status 3 on dataset or prediction drift.")
 def drift(db: Path, profile_path: Path, model: str, version: str, cohort: str | None,

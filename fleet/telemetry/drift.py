@@ -1,6 +1,27 @@
 """Drift statistics over binned counts: reference profile vs merged device sketches.
 
-Pure functions over counts. Both sides are binned by the same edges (the reference profile's),
+The default decision rule (`method="auto"`) is a test with a false-alarm budget: the operator
+says how many windows of one (model, version, cohort) should pass on average between false
+alarms (`windows_per_false_alarm`); each window tests every feature and output, so each
+column is tested at `alpha = 1 / (windows_per_false_alarm x columns)` (Bonferroni: the
+family-wise rate per window is at most 1 / windows_per_false_alarm, whatever the correlation
+between columns). Numeric columns use the two-sample KS statistic at the profile's edges,
+which is a lower bound of the raw-data KS (the sketch's own error can only make the test
+more conservative), against the exact null distribution (scipy `kstwo`, effective size
+n m / (n + m)): its sensitivity grows with the sample (the critical D shrinks like
+1 / sqrt(n_eff)) with no switch of method. An effect-size floor (`min_effect_ks`, on the KS
+lower bound) keeps a huge window from alarming on a negligible shift; the effect sizes (KS,
+Wasserstein / std) are reported beside every verdict. Categorical columns use chi-square at
+the same alpha with a Jensen-Shannon floor. The minimum window follows from the budget: the
+rows needed before a KS effect of `detectable_ks` could reach significance at that alpha
+(`min_rows_for_budget`). Reference: Bonferroni (Dunn 1961); the KS null distribution (Simard
+& L'Ecuyer 2011, as in scipy.stats.kstwo). Assumption: rows within a window are exchangeable
+with the reference under no drift; strongly autocorrelated streams alarm more often.
+
+The rules below are also available by name (`method=`):
+
+- `"evidently"`: Evidently's defaults, the rule before the budget (kept for comparison).
+  Pure functions over counts. Both sides are binned by the same edges (the reference profile's),
 so every statistic is either exact on those bins (PSI, Jensen-Shannon, chi-square) or comes
 with a bound on what binning can hide (KS, Wasserstein), and decisions use the bound so that
 undrifted data does not alarm:
@@ -24,7 +45,7 @@ else Wasserstein/std >= 0.1; JS >= 0.1; PSI >= 0.1; chi-square p < 0.05; share 0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -35,7 +56,7 @@ from agent.contract.manifest import FeatureProfile, ReferenceProfile
 from agent.contract.telemetry import CategoricalSketch, FeatureSketch, NumericSketch, TelemetryReport
 from fleet.errors import FleetInputError
 
-Method = Literal["auto", "ks", "wasserstein", "psi"]
+Method = Literal["auto", "budget", "evidently", "ks", "wasserstein", "psi"]
 PSI_FLOOR = 1e-4  # Evidently's `get_binned_data` floor for empty bins
 
 
@@ -53,6 +74,23 @@ class DriftThresholds:
     wasserstein_sampling_q: float = 2.5
     js_null_quantile: float = 0.999
     min_samples: int = 30
+    # The false-alarm budget of the default rule (see the module docstring).
+    windows_per_false_alarm: float = 1000.0
+    min_effect_ks: float = 0.02
+    min_effect_js: float = 0.01
+    detectable_ks: float = 0.25
+
+    def column_alpha(self, columns: int) -> float:
+        """The per-column significance level that keeps one window's false-alarm rate at most
+        1 / windows_per_false_alarm over `columns` tests (Bonferroni)."""
+        return 1.0 / (max(self.windows_per_false_alarm, 1.0) * max(columns, 1))
+
+
+def min_rows_for_budget(t: DriftThresholds, columns: int) -> int:
+    """Rows a window needs before a KS effect of `t.detectable_ks` could be significant at the
+    budget's per-column alpha (the asymptotic bound D > sqrt(-ln(alpha / 2) / (2 n_eff)))."""
+    alpha = t.column_alpha(columns)
+    return max(t.min_samples, math.ceil(-math.log(alpha / 2) / (2 * t.detectable_ks**2)))
 
 
 @dataclass(frozen=True)
@@ -118,11 +156,13 @@ def numeric_drift(
     thresholds: DriftThresholds | None = None,
     method: Method = "auto",
     mean_delta: float | None = None,
+    alpha: float | None = None,
 ) -> FeatureDrift:
     """Drift of one numeric feature. Both count arrays are `[underflow, bins.., overflow]`
     over `edges` (len(edges) + 1); `lo`/`hi` bound the observed values (for the outer bins);
     `ref_std` normalises Wasserstein; `mean_delta` (exact, from the sums) tightens its lower
-    bound, since W1 >= |mean difference|. Raises `FleetInputError` on inconsistent sizes."""
+    bound, since W1 >= |mean difference|. `alpha` is the budget rule's per-column level (default:
+    the budget over one column). Raises `FleetInputError` on inconsistent sizes."""
     t = thresholds or DriftThresholds()
     edges = np.asarray(edges, dtype=np.float64)
     a = np.asarray(ref_counts, dtype=np.float64)
@@ -164,7 +204,15 @@ def numeric_drift(
     all_stats = {"ks": ks, "ks_lower": ks_lo, "ks_error": ks_err, "ks_p_value": ks_p,
                  "wasserstein_norm": w, "wasserstein_lower": w_lower, "wasserstein_error": w_err,
                  "wasserstein_sampling": w_sampling, "psi": psi}
-    chosen = method if method != "auto" else ("ks" if min(n, m) <= t.small_sample else "wasserstein")
+    if method in ("auto", "budget"):
+        a_col = alpha if alpha is not None else t.column_alpha(1)
+        # The tested statistic is the lower bound at the edges, so the verdict is
+        # `statistic > threshold` with the effect floor folded into the threshold.
+        critical = max(float(stats.kstwo.isf(a_col, max(1, round(en)))), t.min_effect_ks)
+        all_stats["ks_critical"] = critical
+        return FeatureDrift(name, "numeric", "ks_budget", ks_lo, critical, ks_lo > critical, int(n), int(m),
+                            p_value=ks_p, error=ks_err, stats=all_stats)
+    chosen = method if method != "evidently" else ("ks" if min(n, m) <= t.small_sample else "wasserstein")
     if chosen == "ks":
         return FeatureDrift(name, "numeric", "ks", ks, t.ks_p_value, ks_p < t.ks_p_value, int(n), int(m),
                             p_value=ks_p, error=ks_err, stats=all_stats)
@@ -179,10 +227,12 @@ def numeric_drift(
 
 # ---------------------------------------------------------------------------- categorical
 def categorical_drift(
-    name: str, ref_counts: np.ndarray, cur_counts: np.ndarray, thresholds: DriftThresholds | None = None
+    name: str, ref_counts: np.ndarray, cur_counts: np.ndarray, thresholds: DriftThresholds | None = None,
+    method: Method = "auto", alpha: float | None = None,
 ) -> FeatureDrift:
-    """Drift of one categorical feature over the same categories (vocabulary + unseen).
-    Raises `FleetInputError` on inconsistent sizes."""
+    """Drift of one categorical feature over the same categories (vocabulary + unseen): the
+    budget rule (chi-square at `alpha` with a Jensen-Shannon floor) by default, Evidently's for
+    any other method. Raises `FleetInputError` on inconsistent sizes."""
     t = thresholds or DriftThresholds()
     a = np.asarray(ref_counts, dtype=np.float64)
     b = np.asarray(cur_counts, dtype=np.float64)
@@ -202,6 +252,11 @@ def categorical_drift(
         chi2, chi_p = 0.0, 1.0
     all_stats = {"jensen_shannon": js, "js_null": js_null, "chi2": float(chi2), "chi2_p_value": float(chi_p),
                  "psi": _psi(a / n, b / m)}
+    if method in ("auto", "budget"):
+        a_col = alpha if alpha is not None else t.column_alpha(1)
+        drifted = chi_p < a_col and js >= t.min_effect_js
+        return FeatureDrift(name, "categorical", "chisquare_budget", float(chi2), a_col, drifted,
+                            int(n), int(m), p_value=float(chi_p), stats=all_stats)
     if min(n, m) <= t.small_sample:
         return FeatureDrift(name, "categorical", "chisquare", float(chi2), t.chi2_p_value,
                             chi_p < t.chi2_p_value, int(n), int(m), p_value=float(chi_p), stats=all_stats)
@@ -223,7 +278,8 @@ def _reference_counts(p: FeatureProfile) -> np.ndarray:
 
 
 def sketch_drift(
-    p: FeatureProfile, s: FeatureSketch, thresholds: DriftThresholds | None = None, method: Method = "auto"
+    p: FeatureProfile, s: FeatureSketch, thresholds: DriftThresholds | None = None, method: Method = "auto",
+    alpha: float | None = None,
 ) -> FeatureDrift:
     """Drift of one merged sketch against the profile's reference counts.
     Raises `FleetInputError` when the sketch was binned by another profile."""
@@ -233,7 +289,7 @@ def sketch_drift(
     if p.kind == "categorical":
         if not isinstance(s, CategoricalSketch):
             raise FleetInputError(f"feature {p.name!r}: expected a categorical sketch")
-        return categorical_drift(p.name, ref, s.counts, thresholds)
+        return categorical_drift(p.name, ref, s.counts, thresholds, method, alpha)
     if not isinstance(s, NumericSketch):
         raise FleetInputError(f"feature {p.name!r}: expected a numeric sketch")
     edges = np.asarray(p.edges)
@@ -241,7 +297,7 @@ def sketch_drift(
     hi = s.max if math.isfinite(s.max) else edges[-1]
     n = s.n  # finite values: all of them are in `sum`
     delta = s.sum / n - p.mean if n and p.mean is not None else None
-    return numeric_drift(p.name, edges, ref, s.counts, p.std or 0.0, lo, hi, thresholds, method, delta)
+    return numeric_drift(p.name, edges, ref, s.counts, p.std or 0.0, lo, hi, thresholds, method, delta, alpha)
 
 
 def _verdict(features: list[FeatureDrift], outputs: list[FeatureDrift], t: DriftThresholds) -> DriftReport:
@@ -258,17 +314,30 @@ def report_drift(
     method: Method = "auto",
 ) -> DriftReport:
     """Data drift (inputs) and prediction drift (outputs) of a merged report against the
-    reference profile. Raises `FleetInputError` when the report does not match the profile."""
-    t = thresholds or DriftThresholds()
+    reference profile. Under the budget rule every column is tested at the window's Bonferroni
+    level and a window below `min_rows_for_budget` rows is "insufficient". Raises
+    `FleetInputError` when the report does not match the profile."""
+    columns = len(profile.features) + len(profile.outputs)
+    t, alpha = _budgeted(thresholds or DriftThresholds(), method, columns)
     if len(report.features) != len(profile.features) or len(report.outputs) != len(profile.outputs):
         raise FleetInputError("report and profile have different features or outputs")
-    feats = [sketch_drift(p, s, t, method) for p, s in zip(profile.features, report.features, strict=True)]
-    outs = [sketch_drift(p, s, t, method) for p, s in zip(profile.outputs, report.outputs, strict=True)]
+    feats = [sketch_drift(p, s, t, method, alpha)
+             for p, s in zip(profile.features, report.features, strict=True)]
+    outs = [sketch_drift(p, s, t, method, alpha)
+            for p, s in zip(profile.outputs, report.outputs, strict=True)]
     return _verdict(feats, outs, t)
 
 
+def _budgeted(t: DriftThresholds, method: Method, columns: int) -> tuple[DriftThresholds, float | None]:
+    """The thresholds and per-column alpha one window is judged with under `method`."""
+    if method not in ("auto", "budget"):
+        return t, None
+    return replace(t, min_samples=min_rows_for_budget(t, columns)), t.column_alpha(columns)
+
+
 def _pair_drift(
-    p: FeatureProfile, a: FeatureSketch, b: FeatureSketch, t: DriftThresholds, method: Method
+    p: FeatureProfile, a: FeatureSketch, b: FeatureSketch, t: DriftThresholds, method: Method,
+    alpha: float | None,
 ) -> FeatureDrift:
     if a.counts.shape != b.counts.shape or type(a) is not type(b):
         raise FleetInputError(f"feature {p.name!r}: the two sketches are binned differently")
@@ -278,8 +347,8 @@ def _pair_drift(
         lo, hi = min(a.min, b.min, p.edges[0]), max(a.max, b.max, p.edges[-1])
         delta = b.sum / b.n - a.sum / n if n and b.n else None
         return numeric_drift(p.name, np.asarray(p.edges), a.counts, b.counts, std or (p.std or 0.0), lo, hi,
-                             t, method, delta)
-    return categorical_drift(p.name, a.counts, b.counts, t)
+                             t, method, delta, alpha)
+    return categorical_drift(p.name, a.counts, b.counts, t, method, alpha)
 
 
 def compare_reports(
@@ -294,17 +363,18 @@ def compare_reports(
     traffic, or two A/B arms. `baseline` plays the reference (its std normalises Wasserstein).
     Outputs are compared only when both versions share the output profile
     (`compare_outputs`). Raises `FleetInputError` on mismatched binning."""
-    t = thresholds or DriftThresholds()
+    columns = len(profile.features) + (len(profile.outputs) if compare_outputs else 0)
+    t, alpha = _budgeted(thresholds or DriftThresholds(), method, columns)
     if len(baseline.features) != len(profile.features) or len(candidate.features) != len(profile.features):
         raise FleetInputError("reports and profile have different features")
     feats = [
-        _pair_drift(p, a, b, t, method)
+        _pair_drift(p, a, b, t, method, alpha)
         for p, a, b in zip(profile.features, baseline.features, candidate.features, strict=True)
     ]
     outs: list[FeatureDrift] = []
     if compare_outputs and len(baseline.outputs) == len(candidate.outputs) == len(profile.outputs):
         outs = [
-            _pair_drift(p, a, b, t, method)
+            _pair_drift(p, a, b, t, method, alpha)
             for p, a, b in zip(profile.outputs, baseline.outputs, candidate.outputs, strict=True)
         ]
     return _verdict(feats, outs, t)

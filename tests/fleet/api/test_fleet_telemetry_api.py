@@ -96,7 +96,7 @@ def test_drift_names_exactly_the_drifted_features(world: World) -> None:
     assert (b["cohort"], b["windows"], b["reports"]) == ("b", WINDOWS, 2 * WINDOWS)
     assert [f["name"] for f in b["features"]] == MLP_FEATURES
     for f in b["features"]:
-        assert f["method"] == "wasserstein" and f["n_current"] == 2 * WINDOWS * 700
+        assert f["method"] == "ks_budget" and f["n_current"] == 2 * WINDOWS * 700
         assert f["drifted"] == (f["statistic"] > f["threshold"]) == (f["name"] in DRIFTED)
     assert b["thresholds"]["dataset_drift_share"] == 0.5
 

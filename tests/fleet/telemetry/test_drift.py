@@ -18,6 +18,7 @@ from fleet.telemetry.drift import (
     DriftThresholds,
     categorical_drift,
     compare_reports,
+    min_rows_for_budget,
     numeric_drift,
     report_drift,
 )
@@ -52,7 +53,7 @@ def test_estimates_match_exact_statistics_on_raw_values(kind: str, shift: float,
     rng = np.random.default_rng(zlib.crc32(f"{kind}/{shift}/{m}".encode()))
     ref, cur = _draw(rng, kind, 20000, 0.0), _draw(rng, kind, m, shift)
     prof = compute_reference_profile(ref.reshape(-1, 1), ["x"])
-    f = report_drift(prof, _fold(prof, cur.reshape(-1, 1))).features[0]
+    f = report_drift(prof, _fold(prof, cur.reshape(-1, 1)), method="evidently").features[0]
     exact_ks = stats.ks_2samp(ref, cur).statistic
     assert f.stats["ks_lower"] <= exact_ks + 1e-12 <= f.stats["ks_lower"] + f.stats["ks_error"] + 1e-12
     assert abs(f.stats["ks"] - exact_ks) < 0.006
@@ -104,8 +105,10 @@ def test_categorical_shift_by_chi_square_and_jensen_shannon() -> None:
     ref = rng.choice(4, 20000, p=p_ref).astype(float)
     prof = compute_reference_profile(ref.reshape(-1, 1), ["c"], categorical={"c": []})
     for m, method in ((500, "chisquare"), (20000, "jensenshannon")):
-        same = report_drift(prof, _fold(prof, rng.choice(4, m, p=p_ref).reshape(-1, 1).astype(float)))
-        moved = report_drift(prof, _fold(prof, rng.choice(4, m, p=p_new).reshape(-1, 1).astype(float)))
+        same = report_drift(prof, _fold(prof, rng.choice(4, m, p=p_ref).reshape(-1, 1).astype(float)),
+                            method="evidently")
+        moved = report_drift(prof, _fold(prof, rng.choice(4, m, p=p_new).reshape(-1, 1).astype(float)),
+                             method="evidently")
         assert same.features[0].method == method and not same.features[0].drifted
         assert moved.features[0].drifted
     cur = rng.choice(4, 3000, p=p_new)
@@ -129,8 +132,10 @@ def test_prediction_drift_and_two_arm_comparison() -> None:
     arm_b = _fold(prof, xb, xb.sum(axis=1) + 1.0)  # candidate model's outputs moved
     verdict = report_drift(prof, arm_b)
     assert not verdict.dataset_drift and verdict.prediction_drift
-    ab = compare_reports(prof, arm_a, arm_b)
+    ab = compare_reports(prof, arm_a, arm_b, method="evidently")
     assert not ab.dataset_drift and ab.prediction_drift and ab.outputs[0].method == "wasserstein"
+    budget = compare_reports(prof, arm_a, arm_b)
+    assert not budget.dataset_drift and budget.prediction_drift and budget.outputs[0].method == "ks_budget"
     assert not compare_reports(prof, arm_a, _fold(prof, xb, xb.sum(axis=1))).prediction_drift
 
 
@@ -159,3 +164,44 @@ def test_mismatched_inputs_are_refused() -> None:
     with pytest.raises(FleetInputError, match="different"):
         report_drift(prof, TelemetryReport("d", 0, "m", "1.0.0", 0.0, 1.0, [], []))
     assert DriftThresholds().dataset_drift_share == 0.5
+
+
+@pytest.mark.unit
+def test_the_budget_rule_keeps_its_false_alarm_rate_over_many_columns() -> None:
+    rng = np.random.default_rng(21)
+    ref = np.column_stack([rng.normal(size=20000), rng.standard_t(3, 20000), rng.lognormal(size=20000)] * 7)
+    prof = compute_reference_profile(ref, [f"f{j}" for j in range(21)])
+    budget = DriftThresholds()
+    assert budget.column_alpha(21) == pytest.approx(1 / (1000 * 21))
+    alarms = 0
+    for _ in range(60):  # Evidently's per-column p < 0.05 alarms on about 2 windows in 3 here
+        cur = np.column_stack([rng.normal(size=500), rng.standard_t(3, 500), rng.lognormal(size=500)] * 7)
+        verdict = report_drift(prof, _fold(prof, cur))
+        assert all(f.method == "ks_budget" for f in verdict.features)
+        alarms += any(f.drifted for f in verdict.features)
+    assert alarms <= 1
+    shifted = rng.normal(size=(10000, 21))
+    shifted[:, 0] += 0.1  # a 0.1 sd location shift in one normal feature
+    moved = report_drift(prof, _fold(prof, np.column_stack([shifted[:, 0], ref[:10000, 1:]])))
+    assert [f.name for f in moved.features if f.drifted] == ["f0"]
+    f0 = moved.features[0]
+    assert f0.statistic > f0.threshold and f0.stats["ks"] >= f0.statistic and f0.p_value is not None
+
+
+@pytest.mark.unit
+def test_the_budget_sets_the_minimum_window_and_the_effect_floor() -> None:
+    rng = np.random.default_rng(22)
+    prof = compute_reference_profile(rng.normal(size=(20000, 2)), ["x", "y"])
+    floor = min_rows_for_budget(DriftThresholds(), 2)
+    assert 30 < floor < 200  # follows from the budget: more columns or a longer run time, more rows
+    assert min_rows_for_budget(DriftThresholds(windows_per_false_alarm=1e6), 2) > floor
+    tiny = report_drift(prof, _fold(prof, rng.normal(3.0, 1.0, (floor - 1, 2))))
+    assert {f.method for f in tiny.features} == {"insufficient"} and not tiny.dataset_drift
+    assert all(f.drifted for f in report_drift(prof, _fold(prof, rng.normal(3.0, 1.0, (floor, 2)))).features)
+    # Large samples make a 0.03 sd shift (KS about 0.012) significant; the floor keeps it quiet
+    big_prof = compute_reference_profile(rng.normal(size=(200000, 1)), ["x"])
+    big = _fold(big_prof, rng.normal(0.03, 1.0, (400000, 1)))
+    f = report_drift(big_prof, big).features[0]
+    assert f.threshold == DriftThresholds().min_effect_ks and not f.drifted
+    strict = report_drift(big_prof, big, DriftThresholds(min_effect_ks=0.0)).features[0]
+    assert strict.threshold < 0.01 and strict.drifted

@@ -51,7 +51,7 @@ def test_profile_windows_drift_and_decode(tmp_path: Path) -> None:
     assert verdict.returncode == 3, verdict.stderr
     doc = json.loads(verdict.stdout)
     assert doc["dataset_drift"] and doc["prediction_drift"] and len(doc["columns"]) == 4
-    assert all(c["method"] == "ks" and c["drifted"] for c in doc["columns"])
+    assert all(c["method"] == "ks_budget" and c["drifted"] for c in doc["columns"])
     table = _cli("drift", "--db", str(tmp_path / "t.db"), "--profile", str(tmp_path / "profile.json"),
                  "--model", "m", "--version", "1.0.0")
     assert table.returncode == 0 and "dataset drift: True" in table.stdout
