@@ -175,22 +175,14 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, kill_at: str | None = None) -> Agent:
-        env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_TEST_KILL_AT"}
-        env["PYTHONPATH"] = str(ROOT)
-        if kill_at:
-            env["EDGEFLEET_TEST_KILL_AT"] = kill_at
+        """Run `agent run`; with `kill_at`, through `tests.support.kill_at`, which SIGKILLs the
+        process right after a record in that lifecycle state is saved."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        launcher = ["tests.support.kill_at", kill_at] if kill_at else ["agent.cli"]
+        run = ["--log-json", "agent", "run", "--config", str(self.config_path)]
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--log-json",
-                "agent",
-                "run",
-                "--config",
-                str(self.config_path),
-            ],
+            [sys.executable, "-m", *launcher, *run],
             cwd=ROOT,
             env=env,
             stdout=out,
