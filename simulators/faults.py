@@ -12,9 +12,9 @@ closes every connection (no DISCONNECT: the broker publishes Last Wills), `block
 named client ids offline until `unblock`.
 
 Other faults live where they act: broker restarts in `simulators.broker.ManagedBroker`
-(`restart`, `kill`), agent crashes by killing a swarm worker or `EDGEFLEET_TEST_KILL_AT`
-(`simulators.swarm`), a full disk with `tiny_disk` (a size-limited tmpfs mount; needs root),
-clock skew with `SkewedClock` passed to the agent's injectable clocks.
+(`restart`, `kill`), agent crashes by killing a swarm worker (`simulators.swarm`), a full
+disk with `tiny_disk` (a size-limited tmpfs mount; needs root), clock skew with `SkewedClock`
+passed to the agent's injectable clocks.
 
 Errors: `tiny_disk` raises `fleet.errors.FleetMisuseError` when the mount is not possible.
 """

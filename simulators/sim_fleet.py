@@ -6,6 +6,10 @@ device) and to act as an operator or an attacker would (build and publish bundle
 director documents for devices or cohorts, replay an old one). Every piece is the fleet's own
 code; nothing here decides what a device does.
 
+The agent daemon tests use the same class (through `tests.support.agent_world`) with
+`ingest_telemetry=False`: they check what one device sent, payload by payload, rather than
+the store's windows, so every payload is kept by device instead.
+
 Errors: methods raise the fleet's errors (`FleetInputError` for a bad bundle,
 `FleetTransportError` when the broker is unreachable).
 """
@@ -20,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.contract.bundle import read_manifest, write_bundle
 from agent.contract.director import TargetRef
@@ -39,6 +43,7 @@ from simulators.datagen import DataGenerator, Schema, default_schema
 from simulators.models import make_mlp_onnx, make_mlp_tflite
 
 MODEL_NAME = "mlp"
+T = TypeVar("T")
 # Health budgets of the simulator's bundles: generous latency and timeouts because hundreds of
 # agents share two cores here (a golden run may wait seconds for the GIL); the bad-model
 # scenarios rely on golden vectors, which fail whatever the load.
@@ -71,7 +76,12 @@ class SimFleet:
         schema: Schema | None = None,
         publisher_settings: PublisherSettings | None = None,
         window_s: float = 60.0,
+        *,
+        reconnect_max_s: float = 1.0,
+        ingest_telemetry: bool = True,
     ) -> None:
+        """`ingest_telemetry=False`: no telemetry store (no SQLite, no ingest thread); every
+        payload is kept in `payloads` by device, for a caller that decodes them itself."""
         self.root = root
         self.prefix = prefix
         self.window_s = window_s
@@ -85,17 +95,23 @@ class SimFleet:
         self.reported: dict[str, ReportedState] = {}
         self.events: dict[str, list[Event]] = defaultdict(list)
         self.telemetry_payloads = 0
+        self.payloads: dict[str, list[bytes]] = defaultdict(list)  # only without ingestion
         # The telemetry store's SQLite connection belongs to the thread that opened it, so one
         # ingest thread owns it; the MQTT thread only queues payloads (and never blocks on disk).
         self.ingest_results: Counter[str] = Counter()
         self._ingest_q: queue.Queue[Any] = queue.Queue(maxsize=100_000)
         self._store_ready = threading.Event()
-        self._ingest_thread = threading.Thread(target=self._ingest_loop, name="sim-ingest", daemon=True)
-        self._ingest_thread.start()
-        self._store_ready.wait(30)
+        self._ingest_thread: threading.Thread | None = None
+        if ingest_telemetry:
+            self._ingest_thread = threading.Thread(target=self._ingest_loop, name="sim-ingest", daemon=True)
+            self._ingest_thread.start()
+            self._store_ready.wait(30)
         self.publisher = Publisher(
             MqttConfig(
-                host=broker_host, port=broker_port, client_id=f"simfleet-{os.getpid()}", reconnect_max_s=1.0
+                host=broker_host,
+                port=broker_port,
+                client_id=f"simfleet-{os.getpid()}",
+                reconnect_max_s=reconnect_max_s,
             ),
             prefix,
             self.repo.repo_dir,
@@ -115,8 +131,9 @@ class SimFleet:
 
     def stop(self) -> None:
         self.publisher.stop()
-        self._ingest_q.put(None)
-        self._ingest_thread.join(30)
+        if self._ingest_thread is not None:
+            self._ingest_q.put(None)
+            self._ingest_thread.join(30)
 
     def _ingest_loop(self) -> None:
         self.telemetry = TelemetryStore(
@@ -169,6 +186,9 @@ class SimFleet:
     def _on_telemetry(self, device: str, payload: bytes) -> None:
         with self.lock:
             self.telemetry_payloads += 1
+            if self._ingest_thread is None:
+                self.payloads[device].append(payload)
+                return
         self._ingest_q.put((device, payload))
 
     def _profile_lookup(self, model: str, version: str) -> Any:
@@ -261,10 +281,19 @@ class SimFleet:
 
 def wait_for(pred: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
     """Poll `pred` until it holds or `timeout` s pass; its last answer (checked once more at the end)."""
+    return poll_until(pred, timeout, poll_s)
+
+
+def poll_until(pred: Callable[[], T], timeout: float, poll_s: float = 0.1) -> T:
+    """Call `pred` every `poll_s` s until it returns a truthy value or `timeout` s pass.
+
+    Returns that value, else `pred`'s answer once more at the end (falsy unless it just
+    turned): callers that want what the condition found (a state, an event) get it back.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():
-            return True
+        if value := pred():
+            return value
         time.sleep(poll_s)
     return pred()
 

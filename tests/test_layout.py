@@ -1,4 +1,9 @@
-"""The package boundaries the brief fixes: agent never imports fleet; CLI groups exist."""
+"""The package boundaries the brief fixes: agent never imports fleet; CLI groups exist.
+
+Also the tests' own layout: tests mirror the source below `tests/`, share code only through
+`tests/support` (never by importing another test module or a conftest), and the product
+package ships no test hooks or drivers (those live in `tests/support`).
+"""
 
 from __future__ import annotations
 
@@ -87,3 +92,38 @@ def test_the_daemon_and_its_config_load_without_pydantic(tmp_path: Path) -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.unit
+def test_the_top_of_tests_holds_only_session_wide_files() -> None:
+    top = {p.name for p in (ROOT / "tests").glob("*.py")}
+    assert top == {"__init__.py", "conftest.py", "test_layout.py", "test_lock.py"}
+
+
+@pytest.mark.unit
+def test_no_test_module_imports_another_test_module_or_a_conftest() -> None:
+    bad: list[str] = []
+    for p in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            if isinstance(node, ast.ImportFrom):
+                mods = [node.module or "", *(a.name for a in node.names)]  # `from . import test_x`
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            parts = {part for m in mods for part in m.split(".")}
+            if any(part == "conftest" or part.startswith("test_") for part in parts):
+                bad.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert bad == []
+
+
+@pytest.mark.unit
+def test_the_product_carries_no_test_hooks() -> None:
+    # a test that must crash the daemon at a state uses tests.support.kill_at; the lifecycle's
+    # kill-the-process driver is tests.support.lifecycle_process
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "agent").rglob("*.py")
+        if "EDGEFLEET_TEST" in p.read_text() or p.stem.startswith("_harness")
+    ]
+    assert offenders == []

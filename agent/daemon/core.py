@@ -15,10 +15,6 @@ It wires the pieces together and owns no policy of its own:
   for what the lifecycle reports; telemetry reports every interval through the on-disk queue;
 - `sd_notify` READY=1 once serving (or idle with nothing to serve), WATCHDOG=1 while the main
   loop makes progress; SIGTERM/SIGINT stop it cleanly.
-
-Test hook: with `EDGEFLEET_TEST_KILL_AT=<state>` in its environment the daemon SIGKILLs itself
-right after the state record with that state reached the disk (see docs/agent.md). It exists
-so tests can prove crash recovery from every state with a real process; it is inert unless set.
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import os
 import platform
 import random
 import resource
@@ -58,7 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgefleet.agent")
 
-KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 #: States where `active` is the committed, verified bundle: safe to serve before resuming.
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
@@ -82,7 +76,6 @@ class AgentDaemon:
         self.topics = Topics(c.topic_prefix, c.device_id)
         self.stop_event = threading.Event()
         self.ready = threading.Event()
-        self._kill_at = os.environ.get(KILL_AT_ENV) or None
         self._notifier = Notifier()
         self._heartbeat = time.monotonic()
         self._next_report: float | None = None  # when `tick` closes the next telemetry interval
@@ -293,9 +286,6 @@ class AgentDaemon:
             self._consider(addressee, payload, may_defer=False)
 
     def _after_save(self, record: StateRecord) -> None:
-        if self._kill_at is not None and record.state == self._kill_at:
-            log_event(log, "agent.test_kill", logging.WARNING, state=record.state)
-            os.kill(os.getpid(), signal.SIGKILL)
         self.publish_reported(record)
 
     def reported_state(self, record: StateRecord | None = None, online: bool = True) -> ReportedState:

@@ -1,9 +1,13 @@
 """Shared setup for the agent daemon tests: a real fleet side and real agent processes.
 
-The fleet side runs in the test process: a TUF `Repository`, a `DirectorSigner` and a
-`Publisher` serving the repository over a private Mosquitto, collecting every reported
-state, event and telemetry report by device. Agents are real subprocesses
-(`python -m agent.cli agent run --config ...`) reached through their local API.
+The fleet side runs in the test process: `simulators.sim_fleet.SimFleet` (the swarm's and
+the demo's fleet side: keys, TUF repository, `DirectorSigner`, a `Publisher` serving the
+repository over a private Mosquitto, every reported state and event collected by device),
+wrapped by `Fleet` for what these tests need on top: the lifecycle tests' fast bundles
+(`tests.support.lifecycle_world.Repo`, golden vectors on `X`), raw telemetry payloads by
+device, and waits that fail with a message. Agents are real subprocesses
+(`python -m agent.cli agent run --config ...`) reached through their local API; a kill at a
+lifecycle state goes through `tests.support.kill_at`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,11 @@ from agent.contract.protocol import Event, ReportedState, Topics, encode_event
 from agent.errors import EdgefleetError
 from agent.lifecycle.state_store import StateRecord, StateStore
 from agent.serving.client import HttpInferenceClient, UnixInferenceClient
-from agent.transport.mqtt_client import MqttConfig
-from fleet.delivery.dedupe import EventDeduper
-from fleet.delivery.publisher import Publisher
-from fleet.trust.director_signer import DirectorSigner
-from fleet.trust.keys import KeyStore
+from fleet.delivery.publisher import PublisherSettings
 from simulators.models import mlp_reference, mlp_weights
+from simulators.sim_fleet import SimFleet, poll_until
 from tests.support.broker import Broker, free_port, start_mosquitto
-from tests.support.lifecycle_world import Repo, X, make_repo
+from tests.support.lifecycle_world import Repo, X
 
 PREFIX = "ef-agent"
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,29 +51,42 @@ def reference(bundle_id: str, x: np.ndarray = X) -> np.ndarray:
 
 def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll `pred` until it returns a truthy value; raise AssertionError with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    value = poll_until(pred, timeout, poll_s=0.05)
+    if not value:
+        raise AssertionError(f"timed out waiting for {what}")
+    return value
 
 
-@dataclass
 class Fleet:
-    """The fleet side of the tests; `reported`/`events`/`telemetry` are filled by callbacks."""
+    """`SimFleet` as the daemon tests see it; `reported`/`events`/`telemetry` are its records.
 
-    root: Path
-    broker: Broker
-    repo: Repo
-    signer: DirectorSigner
-    publisher: Publisher
-    reported: dict[str, ReportedState] = field(default_factory=dict)
-    events: dict[str, list[Event]] = field(default_factory=lambda: defaultdict(list))
-    telemetry: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    A layer, not a copy: keys, repository, signer, publisher and the collected reports are the
+    `SimFleet`'s own objects (`telemetry` is its `payloads`: raw reports by device). Bundles
+    come from `repo` (`Repo.publish`: the lifecycle tests' bundles, whose golden vectors run
+    on `X`), not from `SimFleet.publish_bundle`, whose builder makes reference profiles the
+    daemon tests do not need.
+    """
+
+    def __init__(self, root: Path, broker: Broker) -> None:
+        self.root = root
+        self.broker = broker
+        # the tests' broker restarts fast: reconnect within 0.5 s, as the agents do
+        self.sim = SimFleet(
+            root,
+            broker.host,
+            broker.port,
+            prefix=PREFIX,
+            publisher_settings=PublisherSettings(),
+            reconnect_max_s=0.5,
+            ingest_telemetry=False,
+        )
+        self.repo = Repo(root, self.sim.repo)
+        self.signer = self.sim.signer
+        self.publisher = self.sim.publisher
+        self.lock = self.sim.lock
+        self.reported = self.sim.reported
+        self.events = self.sim.events
+        self.telemetry = self.sim.payloads
 
     def issue(self, device: str, bundle_id: str, shadow: str | None = None, publish: bool = True) -> bytes:
         """Sign (and publish, retained) a director document naming `bundle_id` for `device`."""
@@ -90,8 +102,7 @@ class Fleet:
             return [e.type for e in self.events[device]]
 
     def events_of(self, device: str, kind: str) -> list[Event]:
-        with self.lock:
-            return [e for e in self.events[device] if e.type == kind]
+        return self.sim.events_of(kind, [device])
 
     def state(self, device: str) -> ReportedState | None:
         with self.lock:
@@ -118,7 +129,6 @@ class Fleet:
         )
         return self.events_of(device, kind)[count - 1]
 
-
     def wait_listening(self, timeout: float = 30.0) -> None:
         """Block until the fleet's subscriptions are live again (after a broker restart).
 
@@ -141,35 +151,14 @@ class Fleet:
 
 
 def start_fleet(root: Path, broker: Broker) -> Fleet:
-    repo = make_repo(root)
-    repo.publish("1.0.0", model_seed=1)
-    repo.publish("2.0.0", model_seed=2)
-    repo.publish("3.0.0", model_seed=3, golden_seed=2)  # golden vectors of v2: fails activation
-    repo.publish("4.0.0", model_seed=4)
-    signer = DirectorSigner(KeyStore(root / "keys"), root / "director")
-    publisher = Publisher(
-        MqttConfig(port=broker.port, client_id=f"fleet-{os.getpid()}", reconnect_max_s=0.5),
-        PREFIX,
-        repo.repo.repo_dir,
-    )
-    fleet = Fleet(root, broker, repo, signer, publisher)
-
-    def on_reported(device: str, state: ReportedState) -> None:
-        with fleet.lock:
-            fleet.reported[device] = state
-
-    def on_event(device: str, event: Event) -> None:
-        with fleet.lock:
-            fleet.events[device].append(event)
-
-    def on_telemetry(device: str, payload: bytes) -> None:
-        with fleet.lock:
-            fleet.telemetry[device].append(payload)
-
-    publisher.on_reported(on_reported)
-    publisher.on_event(EventDeduper(on_event))  # as `fleet serve`: events come at least once
-    publisher.on_telemetry(on_telemetry)
-    publisher.start()
+    """The fleet side with bundles v1-v4 published (v3 carries v2's golden vectors: it fails
+    activation), listening on `broker`."""
+    fleet = Fleet(root, broker)
+    fleet.repo.publish("1.0.0", model_seed=1)
+    fleet.repo.publish("2.0.0", model_seed=2)
+    fleet.repo.publish("3.0.0", model_seed=3, golden_seed=2)  # golden vectors of v2: fails activation
+    fleet.repo.publish("4.0.0", model_seed=4)
+    fleet.sim.start()
     return fleet
 
 
@@ -186,22 +175,14 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, kill_at: str | None = None) -> Agent:
-        env = {k: v for k, v in os.environ.items() if k != "EDGEFLEET_TEST_KILL_AT"}
-        env["PYTHONPATH"] = str(ROOT)
-        if kill_at:
-            env["EDGEFLEET_TEST_KILL_AT"] = kill_at
+        """Run `agent run`; with `kill_at`, through `tests.support.kill_at`, which SIGKILLs the
+        process right after a record in that lifecycle state is saved."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        launcher = ["tests.support.kill_at", kill_at] if kill_at else ["agent.cli"]
+        run = ["--log-json", "agent", "run", "--config", str(self.config_path)]
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--log-json",
-                "agent",
-                "run",
-                "--config",
-                str(self.config_path),
-            ],
+            [sys.executable, "-m", *launcher, *run],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -307,5 +288,5 @@ def running_fleet(root: Path) -> Iterator[Fleet]:
     try:
         yield fleet
     finally:
-        fleet.publisher.stop()
+        fleet.sim.stop()
         broker.stop()

@@ -1,8 +1,8 @@
 """The agent daemon under crashes, broker loss and shadow mode (real processes, real broker).
 
-- SIGKILL at every lifecycle state of an install (the daemon's `EDGEFLEET_TEST_KILL_AT` hook
-  kills it right after the record with that state is on disk); after a restart it always
-  ends up serving a verified model: the new one committed, or the previous one.
+- SIGKILL at every lifecycle state of an install (started through `tests.support.kill_at`,
+  the daemon kills itself right after the record with that state is on disk); after a
+  restart it always ends up serving a verified model: the new one committed, or the previous one.
 - Broker gone: the agent keeps serving, a restarted agent serves from disk, the Last Will
   marks a killed agent offline, and it reports again once the broker is back.
 - Shadow mode: the candidate runs on copies of requests, agreement is reported, its outputs

@@ -120,7 +120,7 @@ def _harness(cfg: Path, pause_at: str | None) -> subprocess.Popen[str]:
     env.pop("EDGEFLEET_HARNESS_PAUSE_AT", None)
     if pause_at:
         env["EDGEFLEET_HARNESS_PAUSE_AT"] = pause_at
-    return subprocess.Popen([sys.executable, "-m", "agent.lifecycle._harness", str(cfg)],
+    return subprocess.Popen([sys.executable, "-m", "tests.support.lifecycle_process", str(cfg)],
                             stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 

@@ -1,11 +1,12 @@
 """A small process that runs the real lifecycle, for kill-the-process tests.
 
-`python -m agent.lifecycle._harness CONFIG.json` builds a `Lifecycle` from a JSON config
-(state dir, TUF paths of a `DirectoryFetcher` repository, an optional desired target, a
-probe input), runs it until stable and prints one JSON line: the final state, the record's
-pointers and the served model's output for the probe. With `EDGEFLEET_HARNESS_PAUSE_AT=<state>`
-it prints `paused <state>` when it *enters* that state (after the record was saved) and
-sleeps, so a test can SIGKILL it there exactly as a crash would. Not part of the daemon.
+`python -m tests.support.lifecycle_process CONFIG.json` (cwd at the repository root) builds a
+`Lifecycle` from a JSON config (state dir, TUF paths of a `DirectoryFetcher` repository, an
+optional desired target, a probe input), runs it until stable and prints one JSON line: the
+final state, the record's pointers and the served model's output for the probe. With
+`EDGEFLEET_HARNESS_PAUSE_AT=<state>` it prints `paused <state>` when it *enters* that state
+(after the record was saved) and sleeps, so a test can SIGKILL it there exactly as a crash
+would. A test driver, so it lives with the tests: the product package ships none.
 """
 
 from __future__ import annotations
