@@ -47,12 +47,13 @@ class Record:
     """
 
     __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # set by @dataclass on each subclass
     JSON_COLUMNS: ClassVar[tuple[str, ...]] = ()
     FLAG_COLUMNS: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Self:
-        values = {f.name: row[f.name] for f in fields(cls)}  # type: ignore[arg-type]
+        values = {f.name: row[f.name] for f in fields(cls)}
         for col in cls.JSON_COLUMNS:
             if values[col] is not None:
                 values[col] = json.loads(values[col])
@@ -61,4 +62,4 @@ class Record:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(self)
