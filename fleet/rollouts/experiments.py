@@ -222,9 +222,10 @@ class ExperimentRepo:
             if not v.bundle_target:
                 raise Conflict(f"{v.id} has no bundle in the repository")
         row: Row = {"id": "ex-" + secrets.token_hex(8), "name": name, "model_name": va.model_name,
-               "version_a": va.id, "version_b": vb.id, "selector": str(parsed), "split_b": split_b,
-               "metrics": dumps(metrics), "min_samples": min_samples, "alpha": alpha, "state": "running",
-               "created_at": self.store.now(), "created_by": actor, "started_at": self.store.clock()}
+                    "version_a": va.id, "version_b": vb.id, "selector": str(parsed), "split_b": split_b,
+                    "metrics": dumps(metrics), "min_samples": min_samples, "alpha": alpha,
+                    "state": "running", "created_at": self.store.now(), "created_by": actor,
+                    "started_at": self.store.clock()}
         with self.store.tx() as db:
             db.table("experiments").insert(row)
             out = self.get(row["id"])
