@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from fleet.access.auth import create_api_key
+from fleet.db.paging import encode_cursor
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 
@@ -100,6 +101,4 @@ def run() -> dict[str, float]:
 
 
 def _cursor(last_id: str) -> str:
-    from fleet.db.store import encode_cursor
-
     return encode_cursor(last_id)

@@ -25,10 +25,10 @@ import numpy as np
 
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
-from fleet.db.store import Store
 from fleet.metrics import FleetMetrics, MetricSources
 from fleet.registry.profile import compute_reference_profile
 from fleet.settings import TelemetrySettings
+from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.drift import report_drift
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore

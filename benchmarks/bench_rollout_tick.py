@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleet.db.store import Store
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.records import RolloutRecords
+from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository

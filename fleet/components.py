@@ -34,7 +34,6 @@ from urllib.parse import unquote, urlsplit
 
 from agent.logs import log_event
 from agent.transport.mqtt_client import MqttConfig
-from fleet.db.store import Store
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher
 from fleet.devices.revocation import RevokedFilter
@@ -45,6 +44,7 @@ from fleet.rollouts.experiments import ExperimentDriver
 from fleet.rollouts.gates import MetricsSource, TelemetryMetrics
 from fleet.service import Component
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from fleet.telemetry.monitor import build_drift_monitor
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore

@@ -60,7 +60,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.logs import log_event
 
 if TYPE_CHECKING:
-    from fleet.db.store import Store
+    from fleet.store import Store
     from fleet.telemetry.alerts import AlertManager
     from fleet.telemetry.ingest import TelemetryStore
     from fleet.telemetry.monitor import DriftGauge

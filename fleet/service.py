@@ -19,9 +19,9 @@ from fastapi import FastAPI
 
 from agent.logs import log_event
 from fleet.api import create_app
-from fleet.db.store import Clock, Store
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
+from fleet.store import Clock, Store
 
 logger = logging.getLogger("edgefleet.fleet.service")
 

@@ -152,8 +152,7 @@ class ServiceFleet:
 
     # --- what the fleet knows about devices ---------------------------------------------------
     def reported(self, device_id: str) -> dict[str, Any]:
-        row = self.service.store.devices.get(device_id)
-        return dict(row.get("reported_state") or {})
+        return dict(self.service.store.devices.get(device_id).reported_state or {})
 
     def serving(self, devices: Iterable[str]) -> Counter[str]:
         """Devices per committed bundle (`idle` with it active); others counted by their state."""

@@ -28,7 +28,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fleet.db.store import Row, Store
+from fleet.access.credentials import ApiKey
+from fleet.store import Store
 
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 API_KEY_PREFIX = "efk_"
@@ -66,7 +67,7 @@ class Principal:
         return ROLE_RANK[self.role] >= ROLE_RANK[role]
 
 
-def create_api_key(store: Store, name: str, role: str, actor: str) -> tuple[Row, str]:
+def create_api_key(store: Store, name: str, role: str, actor: str) -> tuple[ApiKey, str]:
     """Create a key; returns (public record, plaintext shown once). Raises FleetInputError."""
     key_id, plaintext, digest = new_secret(API_KEY_PREFIX)
     return store.access.insert_api_key(key_id, digest, name, role, actor), plaintext
@@ -76,10 +77,10 @@ def authenticate(store: Store, presented: str | None) -> Principal | None:
     """The principal for a presented API key, or None when missing, unknown or revoked."""
     if not presented or not presented.startswith(API_KEY_PREFIX) or len(presented) > 128:
         return None
-    row = store.access.find_api_key(hash_secret(presented))
-    if row is None:
+    key = store.access.find_api_key(hash_secret(presented))
+    if key is None:
         return None
-    return Principal(row["id"], row["name"], row["role"])
+    return Principal(key.id, key.name, key.role)
 
 
 def _unauthorized(detail: str) -> HTTPException:

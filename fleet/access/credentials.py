@@ -7,155 +7,170 @@ token races to exactly one device even with concurrent enrollments.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
-from fleet.db.store import Page, Row, decode_row, dumps, iso
+from fleet.db.audit import AuditRepo
+from fleet.db.database import FleetDatabase
+from fleet.db.paging import Page
+from fleet.db.rows import Record, dumps, iso
 from fleet.devices.selector import validate_labels
 from fleet.errors import AuthError, Conflict, FleetInputError, NotFound
-
-if TYPE_CHECKING:
-    from fleet.db.store import Store
 
 ROLES = ("admin", "operator", "viewer")
 KEY_PUBLIC = "id, name, role, created_at, created_by, revoked, revoked_at"
 TOKEN_PUBLIC = "id, labels, created_by, created_at, expires_at, used_at, device_id"  # noqa: S105
 
 
-def _key_public(row: Row) -> Row:
-    out = dict(row)
-    out.pop("key_hash", None)
-    out["revoked"] = bool(out["revoked"])
-    return out
+@dataclass(frozen=True, slots=True)
+class ApiKey(Record):
+    """An `api_keys` row without its hash: the public record of a key."""
+
+    FLAG_COLUMNS = ("revoked",)
+
+    id: str
+    name: str
+    role: str
+    created_at: str
+    created_by: str
+    revoked: bool
+    revoked_at: str | None
 
 
-def _token_public(row: Row) -> Row:
-    out = decode_row(row, ("labels",))
-    assert out is not None
-    out.pop("token_hash", None)
-    return out
+@dataclass(frozen=True, slots=True)
+class EnrollmentToken(Record):
+    """An `enrollment_tokens` row without its hash; `labels` go to the device it enrolls."""
+
+    JSON_COLUMNS = ("labels",)
+
+    id: str
+    labels: dict[str, str]
+    created_by: str
+    created_at: str
+    expires_at: str
+    used_at: str | None
+    device_id: str | None
 
 
 class AccessRepo:
     """API keys and enrollment tokens."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, database: FleetDatabase, audit: AuditRepo) -> None:
+        self.database = database
+        self.audit = audit
 
     # -- API keys -------------------------------------------------------------
-    def insert_api_key(self, key_id: str, key_hash: str, name: str, role: str, actor: str) -> Row:
+    def insert_api_key(self, key_id: str, key_hash: str, name: str, role: str, actor: str) -> ApiKey:
         """Store a new key's hash. Raises FleetInputError for an unknown role or empty name."""
         if role not in ROLES:
             raise FleetInputError(f"role {role!r} must be one of {', '.join(ROLES)}")
         if not name.strip():
             raise FleetInputError("an API key needs a non-empty name")
         row = {"id": key_id, "key_hash": key_hash, "name": name, "role": role,
-               "created_at": self.store.now(), "created_by": actor, "revoked": 0, "revoked_at": None}
-        with self.store.tx() as db:
+               "created_at": self.database.now(), "created_by": actor, "revoked": 0, "revoked_at": None}
+        with self.database.tx() as db:
             db.table("api_keys").insert(row)
-            out = _key_public(row)
-            self.store.audit.record(actor, "api_key.create", f"api-keys/{key_id}", None, out)
+            out = ApiKey.from_row(row)
+            self.audit.record(actor, "api_key.create", f"api-keys/{key_id}", None, out.to_dict())
         return out
 
-    def find_api_key(self, key_hash: str) -> Row | None:
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
         """The active key with this hash, or None (unknown or revoked)."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             rows = list(db.query(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE key_hash = ? AND revoked = 0",  # noqa: S608
                                  [key_hash]))
-        return _key_public(rows[0]) if rows else None
+        return ApiKey.from_row(rows[0]) if rows else None
 
-    def get_api_key(self, key_id: str) -> Row:
-        with self.store.read() as db:
+    def get_api_key(self, key_id: str) -> ApiKey:
+        with self.database.read() as db:
             rows = list(db.query(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE id = ?", [key_id]))  # noqa: S608
         if not rows:
             raise NotFound(f"API key {key_id!r} not found")
-        return _key_public(rows[0])
+        return ApiKey.from_row(rows[0])
 
-    def list_api_keys(self, cursor: str | None, limit: int) -> Page:
-        page = self.store.page(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE 1", [], "id", cursor, limit)  # noqa: S608
-        page.items = [_key_public(r) for r in page.items]
-        return page
+    def list_api_keys(self, cursor: str | None, limit: int) -> Page[ApiKey]:
+        return self.database.page_of(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE 1", [], "id",  # noqa: S608
+                                     cursor, limit, ApiKey.from_row)
 
     def count_active_admins(self) -> int:
-        with self.store.read() as db:
+        with self.database.read() as db:
             return int(db.execute("SELECT count(*) FROM api_keys WHERE role = 'admin' AND revoked = 0")
                        .fetchone()[0])
 
-    def revoke_api_key(self, key_id: str, actor: str) -> Row:
+    def revoke_api_key(self, key_id: str, actor: str) -> ApiKey:
         """Raises NotFound, Conflict (already revoked, or the last active admin key)."""
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get_api_key(key_id)
-            if before["revoked"]:
+            if before.revoked:
                 raise Conflict(f"API key {key_id!r} is already revoked")
-            if before["role"] == "admin" and self.count_active_admins() <= 1:
+            if before.role == "admin" and self.count_active_admins() <= 1:
                 raise Conflict("refusing to revoke the last active admin key (create another admin first)")
             db.execute("UPDATE api_keys SET revoked = 1, revoked_at = ? WHERE id = ?",
-                       [self.store.now(), key_id])
+                       [self.database.now(), key_id])
             after = self.get_api_key(key_id)
-            self.store.audit.record(actor, "api_key.revoke", f"api-keys/{key_id}", before, after)
+            self.audit.record(actor, "api_key.revoke", f"api-keys/{key_id}", before.to_dict(),
+                              after.to_dict())
         return after
 
     # -- enrollment tokens ----------------------------------------------------
     def insert_token(self, token_id: str, token_hash: str, labels: dict[str, str], ttl_seconds: float,
-                     actor: str) -> Row:
+                     actor: str) -> EnrollmentToken:
         """Store a one-time enrollment token's hash. Raises FleetInputError (labels, ttl)."""
         if ttl_seconds <= 0:
             raise FleetInputError("token TTL must be positive")
-        now = self.store.clock()
+        now = self.database.clock()
         row = {"id": token_id, "token_hash": token_hash, "labels": dumps(validate_labels(labels)),
                "created_by": actor, "created_at": iso(now), "expires_at": iso(now + ttl_seconds),
                "used_at": None, "device_id": None}
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             db.table("enrollment_tokens").insert(row)
-            out = _token_public(row)
-            self.store.audit.record(actor, "enrollment_token.create", f"enrollment-tokens/{token_id}",
-                                    None, out)
+            out = EnrollmentToken.from_row(row)
+            self.audit.record(actor, "enrollment_token.create", f"enrollment-tokens/{token_id}",
+                              None, out.to_dict())
         return out
 
-    def get_token(self, token_id: str) -> Row:
-        with self.store.read() as db:
+    def get_token(self, token_id: str) -> EnrollmentToken:
+        with self.database.read() as db:
             rows = list(db.query(f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE id = ?", [token_id]))  # noqa: S608
         if not rows:
             raise NotFound(f"enrollment token {token_id!r} not found")
-        return _token_public(rows[0])
+        return EnrollmentToken.from_row(rows[0])
 
-    def list_tokens(self, cursor: str | None, limit: int, unused_only: bool = False) -> Page:
+    def list_tokens(self, cursor: str | None, limit: int, unused_only: bool = False) -> Page[EnrollmentToken]:
         sql = f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE 1"  # noqa: S608
         if unused_only:
             sql += " AND used_at IS NULL"
-        page = self.store.page(sql, [], "id", cursor, limit)
-        page.items = [_token_public(r) for r in page.items]
-        return page
+        return self.database.page_of(sql, [], "id", cursor, limit, EnrollmentToken.from_row)
 
     def delete_token(self, token_id: str, actor: str) -> None:
         """Withdraw an unused token. Raises NotFound, Conflict (already used)."""
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get_token(token_id)
-            if before["used_at"] is not None:
-                raise Conflict(f"enrollment token {token_id!r} was already used by {before['device_id']}")
+            if before.used_at is not None:
+                raise Conflict(f"enrollment token {token_id!r} was already used by {before.device_id}")
             db.execute("DELETE FROM enrollment_tokens WHERE id = ?", [token_id])
-            self.store.audit.record(actor, "enrollment_token.delete", f"enrollment-tokens/{token_id}",
-                                    before, None)
+            self.audit.record(actor, "enrollment_token.delete", f"enrollment-tokens/{token_id}",
+                              before.to_dict(), None)
 
-    def consume_token(self, token_hash: str, device_id: str) -> Row:
+    def consume_token(self, token_hash: str, device_id: str) -> EnrollmentToken:
         """Mark the token used by `device_id` and return it; call inside the enrollment transaction.
 
         Raises AuthError when the token is unknown, already used or expired (the message says which,
         but the API maps all three to the same 401 so a caller cannot probe tokens).
         """
-        now = self.store.now()
-        with self.store.tx() as db:
+        now = self.database.now()
+        with self.database.tx() as db:
             rows = list(db.query("SELECT * FROM enrollment_tokens WHERE token_hash = ?", [token_hash]))
             if not rows:
                 raise AuthError("unknown enrollment token")
-            tok = rows[0]
-            if tok["used_at"] is not None:
-                raise AuthError(f"enrollment token {tok['id']} was already used")
-            if tok["expires_at"] <= now:
-                raise AuthError(f"enrollment token {tok['id']} expired at {tok['expires_at']}")
+            tok = EnrollmentToken.from_row(rows[0])
+            if tok.used_at is not None:
+                raise AuthError(f"enrollment token {tok.id} was already used")
+            if tok.expires_at <= now:
+                raise AuthError(f"enrollment token {tok.id} expired at {tok.expires_at}")
             cur = db.execute(
                 "UPDATE enrollment_tokens SET used_at = ?, device_id = ? WHERE id = ? AND used_at IS NULL",
-                [now, device_id, tok["id"]],
+                [now, device_id, tok.id],
             )
             if cur.rowcount != 1:
-                raise AuthError(f"enrollment token {tok['id']} was already used")
-            return _token_public({**tok, "used_at": now, "device_id": device_id})
+                raise AuthError(f"enrollment token {tok.id} was already used")
+            return replace(tok, used_at=now, device_id=device_id)

@@ -28,8 +28,8 @@ from fleet.api import (
     telemetry,
 )
 from fleet.api.deps import install_error_handlers
-from fleet.db.store import Clock, Store
 from fleet.settings import FleetSettings
+from fleet.store import Clock, Store
 
 API_VERSION = "1.0.0"
 

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query
 from fleet.access.auth import Viewer
 from fleet.api.deps import Paging, StoreDep
 from fleet.api.schemas import AuditOut, PageOf
-from fleet.db.store import Row
+from fleet.db.audit import AuditEntry
+from fleet.db.paging import Page
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 Filter = Annotated[str | None, Query(max_length=300)]
@@ -17,6 +18,5 @@ Filter = Annotated[str | None, Query(max_length=300)]
 
 @router.get("", response_model=PageOf[AuditOut], summary="Read the audit log, newest first")
 def list_audit(_: Viewer, store: StoreDep, page: Paging, resource: Filter = None, actor: Filter = None,
-               action: Filter = None) -> PageOf[Row]:
-    p = store.audit.list(page.cursor, page.limit, resource, actor, action)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+               action: Filter = None) -> Page[AuditEntry]:
+    return store.audit.list(page.cursor, page.limit, resource, actor, action)

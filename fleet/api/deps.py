@@ -13,9 +13,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from fleet.access.auth import Principal
-from fleet.db.store import Store, dumps
+from fleet.db.rows import dumps
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
+from fleet.store import Store
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
@@ -89,10 +90,10 @@ def idempotent_create(
     with store.tx():
         first = store.idempotency.get(principal.actor, key)
         if first is not None:
-            if first["request_hash"] != request_hash:
+            if first.request_hash != request_hash:
                 raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different request "
-                               f"({first['route']})")
-            return JSONResponse(first["response"], first["status_code"],
+                               f"({first.route})")
+            return JSONResponse(first.response, first.status_code,
                                 headers={"Idempotent-Replayed": "true"})
         payload = response_model.model_validate(create()).model_dump(mode="json")
         store.idempotency.save(principal.actor, key, route, request_hash, status_code, payload)

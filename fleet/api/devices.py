@@ -9,7 +9,8 @@ from fastapi import APIRouter, Query, Request
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep
 from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn, RevokeOut
-from fleet.db.store import Row
+from fleet.db.paging import Page
+from fleet.devices.inventory import Device
 from fleet.devices.revocation import revoke_device, running_publisher
 from fleet.devices.selector import MAX_SELECTOR_LEN, parse_selector
 
@@ -25,18 +26,17 @@ def list_devices(
         "Kubernetes-style: `env=prod,region in (eu,us),tier!=edge,gpu,!legacy` (comma = AND)"))] = "",
     online: bool | None = None,
     revoked: bool | None = None,
-) -> PageOf[Row]:
-    p = store.devices.list_devices(parse_selector(selector), page.cursor, page.limit, online, revoked)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+) -> Page[Device]:
+    return store.devices.list_devices(parse_selector(selector), page.cursor, page.limit, online, revoked)
 
 
 @router.get("/{device_id}", response_model=DeviceOut, summary="Read a device")
-def get_device(device_id: str, store: StoreDep, _: Viewer) -> Row:
+def get_device(device_id: str, store: StoreDep, _: Viewer) -> Device:
     return store.devices.get(device_id)
 
 
 @router.put("/{device_id}/labels", response_model=DeviceOut, summary="Replace a device's labels")
-def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -> Row:
+def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -> Device:
     return store.devices.set_labels(device_id, body.labels, who.actor)
 
 

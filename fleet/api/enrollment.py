@@ -9,9 +9,11 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from fleet.access.auth import Operator, bearer
+from fleet.access.credentials import EnrollmentToken
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCreated, TokenOut
-from fleet.db.store import Row
+from fleet.db.paging import Page
+from fleet.db.rows import Row
 from fleet.devices.broker_reload import reload_broker
 from fleet.devices.enrollment import create_enrollment_token, enroll_device
 from fleet.errors import AuthError, FleetInputError
@@ -29,15 +31,15 @@ def create_token(body: TokenCreate, request: Request, store: StoreDep, settings:
 
     def create() -> Row:
         row, plaintext = create_enrollment_token(store, body.labels, ttl, who.actor)
-        return {**row, "token": plaintext}
+        return {**row.to_dict(), "token": plaintext}
 
     return idempotent_create(request, who, body, TokenCreated, create)
 
 
 @router.get("/enrollment-tokens", response_model=PageOf[TokenOut], summary="List enrollment tokens")
-def list_tokens(_: Operator, store: StoreDep, page: Paging, unused_only: bool = False) -> PageOf[Row]:
-    p = store.access.list_tokens(page.cursor, page.limit, unused_only)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+def list_tokens(_: Operator, store: StoreDep, page: Paging,
+                unused_only: bool = False) -> Page[EnrollmentToken]:
+    return store.access.list_tokens(page.cursor, page.limit, unused_only)
 
 
 @router.delete("/enrollment-tokens/{token_id}", status_code=204, summary="Withdraw an unused token")

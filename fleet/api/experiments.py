@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import PageOf
-from fleet.db.store import Row
+from fleet.db.rows import Row
 from fleet.rollouts.experiments import DEFAULT_METRICS, ExperimentRepo
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])

@@ -21,8 +21,9 @@ from fleet.api.schemas import (
     VersionCreate,
     VersionOut,
 )
-from fleet.db.store import Row
+from fleet.db.paging import Page
 from fleet.registry.mlflow_import import import_mlflow_model, resolve_import_path
+from fleet.registry.versions import Model, ModelVersion, StageHistoryEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {
@@ -31,9 +32,8 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("", response_model=PageOf[ModelOut], summary="List models")
-def list_models(_: Viewer, store: StoreDep, page: Paging) -> PageOf[Row]:
-    p = store.models.list_models(page.cursor, page.limit)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+def list_models(_: Viewer, store: StoreDep, page: Paging) -> Page[Model]:
+    return store.models.list_models(page.cursor, page.limit)
 
 
 @router.post("", response_model=ModelOut, status_code=201, responses=_CONFLICT, summary="Create a model")
@@ -53,15 +53,14 @@ def import_mlflow(body: MlflowImport, request: Request, store: StoreDep, setting
 
 
 @router.get("/{name}", response_model=ModelOut, summary="Read a model")
-def get_model(name: str, store: StoreDep, _: Viewer) -> Row:
+def get_model(name: str, store: StoreDep, _: Viewer) -> Model:
     return store.models.get_model(name)
 
 
 @router.get("/{name}/versions", response_model=PageOf[VersionOut], summary="List a model's versions")
 def list_versions(name: str, _: Viewer, store: StoreDep, page: Paging,
-                  stage: StageName | None = None) -> PageOf[Row]:
-    p = store.models.list_versions(name, page.cursor, page.limit, stage)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+                  stage: StageName | None = None) -> Page[ModelVersion]:
+    return store.models.list_versions(name, page.cursor, page.limit, stage)
 
 
 @router.post("/{name}/versions", response_model=VersionOut, status_code=201, responses=_CONFLICT,
@@ -74,23 +73,24 @@ def create_version(name: str, body: VersionCreate, request: Request, store: Stor
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionOut, summary="Read a version")
-def get_version(name: str, version: str, store: StoreDep, _: Viewer) -> Row:
+def get_version(name: str, version: str, store: StoreDep, _: Viewer) -> ModelVersion:
     return store.models.get_version(name, version)
 
 
 @router.post("/{name}/versions/{version}/stage", response_model=VersionOut, responses=_CONFLICT,
              summary="Move a version to another stage (archived is final)")
-def set_stage(name: str, version: str, body: StageChange, store: StoreDep, who: Operator) -> Row:
+def set_stage(name: str, version: str, body: StageChange, store: StoreDep, who: Operator) -> ModelVersion:
     return store.models.set_stage(name, version, body.stage, who.actor, body.note)
 
 
 @router.put("/{name}/versions/{version}/bundle-target", response_model=VersionOut, responses=_CONFLICT,
             summary="Record the TUF target path of the version's bundle (once)")
-def set_bundle_target(name: str, version: str, body: BundleTarget, store: StoreDep, who: Operator) -> Row:
+def set_bundle_target(name: str, version: str, body: BundleTarget, store: StoreDep,
+                      who: Operator) -> ModelVersion:
     return store.models.set_bundle_target(name, version, body.bundle_target, who.actor)
 
 
 @router.get("/{name}/versions/{version}/history", response_model=list[StageHistoryOut],
             summary="Stage history of a version")
-def stage_history(name: str, version: str, store: StoreDep, _: Viewer) -> list[Row]:
+def stage_history(name: str, version: str, store: StoreDep, _: Viewer) -> list[StageHistoryEntry]:
     return store.models.stage_history(name, version)

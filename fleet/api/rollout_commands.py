@@ -16,7 +16,7 @@ from fastapi import APIRouter
 from fleet.access.auth import Operator
 from fleet.api.deps import StoreDep
 from fleet.api.schemas import RolloutAction, RolloutOut
-from fleet.db.store import Row
+from fleet.db.rows import Row
 from fleet.rollouts.records import COMMANDS, RolloutRecords
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])

@@ -21,7 +21,7 @@ from fleet.api.schemas import (
     RolloutOut,
     RolloutStatus,
 )
-from fleet.db.store import Row
+from fleet.db.rows import Row
 from fleet.rollouts.gates import GateThresholds
 from fleet.rollouts.store import STATES
 from fleet.rollouts.strategies import StrategyConfig

@@ -24,6 +24,12 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Record(BaseModel):
+    """A response read from a store record (a dataclass): fields are taken by attribute."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
 class PageOf(BaseModel, Generic[T]):
     """One page; pass `next_cursor` back as `cursor` for the next one (null at the end)."""
 
@@ -37,7 +43,7 @@ class ModelCreate(_In):
     description: Annotated[str, StringConstraints(max_length=2000)] = ""
 
 
-class ModelOut(BaseModel):
+class ModelOut(_Record):
     name: str
     description: str
     created_at: str
@@ -66,7 +72,7 @@ class VersionCreate(_In):
     bundle_target: TargetPath | None = None
 
 
-class VersionOut(BaseModel):
+class VersionOut(_Record):
     id: str
     model_name: str
     version: str
@@ -88,7 +94,7 @@ class BundleTarget(_In):
     bundle_target: TargetPath
 
 
-class StageHistoryOut(BaseModel):
+class StageHistoryOut(_Record):
     id: int
     version_id: str
     from_stage: str | None
@@ -107,7 +113,7 @@ class MlflowImport(_In):
 
 
 # -- devices ---------------------------------------------------------------------
-class DeviceOut(BaseModel):
+class DeviceOut(_Record):
     id: str
     labels: dict[str, str]
     agent_version: str | None
@@ -146,7 +152,7 @@ class TokenCreate(_In):
     ttl_seconds: Annotated[int, Field(ge=60)] | None = None
 
 
-class TokenOut(BaseModel):
+class TokenOut(_Record):
     id: str
     labels: dict[str, str]
     created_by: str
@@ -238,7 +244,7 @@ class ApiKeyCreate(_In):
     role: Literal["admin", "operator", "viewer"]
 
 
-class ApiKeyOut(BaseModel):
+class ApiKeyOut(_Record):
     id: str
     name: str
     role: str
@@ -252,7 +258,7 @@ class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="The API key; shown only in this response.")
 
 
-class AuditOut(BaseModel):
+class AuditOut(_Record):
     id: int
     at: str
     actor: str

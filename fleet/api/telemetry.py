@@ -26,7 +26,7 @@ from agent.contract.telemetry import TelemetryReport
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, StoreDep
 from fleet.api.schemas import PageOf
-from fleet.db.store import decode_cursor, encode_cursor
+from fleet.db.paging import decode_cursor, encode_cursor
 from fleet.errors import FleetInputError, NotFound
 from fleet.settings import FleetSettings
 from fleet.telemetry.alerts import AlertManager

@@ -9,11 +9,11 @@ import click
 from rich.console import Console
 
 from fleet.access.auth import create_api_key
-from fleet.db.store import Store
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
 from fleet.errors import FleetInputError
 from fleet.settings import FleetSettings
+from fleet.store import Store
 
 console = Console(stderr=True)
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -73,10 +73,10 @@ def create_admin_key(data_dir: Path | None, name: str) -> None:
     settings = _settings(data_dir)
     store = _store(settings)
     try:
-        row, plaintext = create_api_key(store, name, "admin", "cli:create-admin-key")
+        key, plaintext = create_api_key(store, name, "admin", "cli:create-admin-key")
     finally:
         store.close()
-    console.print(f"created admin key {row['id']} ({name}); it is shown only once:")
+    console.print(f"created admin key {key.id} ({name}); it is shown only once:")
     click.echo(plaintext)
 
 
@@ -93,10 +93,10 @@ def create_token(data_dir: Path | None, labels: str, ttl_seconds: int | None) ->
     parsed = parse_labels(labels)
     store = _store(settings)
     try:
-        row, plaintext = create_enrollment_token(store, parsed, ttl, "cli:create-token")
+        token, plaintext = create_enrollment_token(store, parsed, ttl, "cli:create-token")
     finally:
         store.close()
-    console.print(f"created enrollment token {row['id']} (expires {row['expires_at']}); shown only once:")
+    console.print(f"created enrollment token {token.id} (expires {token.expires_at}); shown only once:")
     click.echo(plaintext)
 
 
@@ -139,10 +139,10 @@ def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -
     try:
         with console.status(f"checking and publishing {bundle.name}"):
             _, repo = ensure_trust(settings)
-            row = publish_bundle(store, repo, bundle, name, "cli:publish-bundle")
+            version = publish_bundle(store, repo, bundle, name, "cli:publish-bundle")
     except FleetError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         store.close()
-    console.print(f"registered {row['id']} -> target {row['bundle_target']}")
-    click.echo(row["id"])
+    console.print(f"registered {version.id} -> target {version.bundle_target}")
+    click.echo(version.id)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.logs import log_event
-from fleet.db.store import Store
 from fleet.devices.enrollment import sync_broker_credentials
 from fleet.settings import FleetSettings
+from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.broker")
 MAX_PID_FILE_BYTES = 64

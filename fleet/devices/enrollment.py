@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
-from fleet.db.store import Row, Store
+from fleet.access.credentials import EnrollmentToken
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
+from fleet.store import Store
 
 MOSQUITTO_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ format
 MOSQUITTO_SALT_BYTES = 12
@@ -92,7 +93,7 @@ def load_trusted_root(repo_dir: Path) -> dict[str, Any] | None:
 
 
 def create_enrollment_token(store: Store, labels: dict[str, str], ttl_seconds: float,
-                            actor: str) -> tuple[Row, str]:
+                            actor: str) -> tuple[EnrollmentToken, str]:
     """A one-time token; returns (public record, plaintext shown once). Raises FleetInputError."""
     token_id, plaintext, digest = new_secret(TOKEN_PREFIX)
     return store.access.insert_token(token_id, digest, labels, ttl_seconds, actor), plaintext
@@ -116,12 +117,12 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     password = secrets.token_urlsafe(24)
     with store.tx():
         tok = store.access.consume_token(hash_secret(token), device_id)
-        device = store.devices.create(device_id, tok["labels"], facts, device_id,
-                                      mosquitto_password_hash(password), f"enrollment-token:{tok['id']}")
+        device = store.devices.create(device_id, tok.labels, facts, device_id,
+                                      mosquitto_password_hash(password), f"enrollment-token:{tok.id}")
     sync_broker_credentials(store, passwd_path)
     return {
         "device_id": device_id,
-        "labels": device["labels"],
+        "labels": device.labels,
         "broker": {"url": broker_url, "username": device_id, "password": password, "client_id": device_id,
                    "topic_prefix": f"{topic_prefix}/v1/devices/{device_id}"},
         "tuf_root": root,

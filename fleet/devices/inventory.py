@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from agent.contract.protocol import ReportedState
 from agent.logs import log_event
-from fleet.db.store import Page, Row, decode_row, dumps
+from fleet.db.audit import AuditRepo
+from fleet.db.database import FleetDatabase
+from fleet.db.paging import Page
+from fleet.db.rows import Record, dumps
 from fleet.devices.selector import Selector, validate_labels
 from fleet.errors import Conflict, FleetInputError, NotFound
 
-if TYPE_CHECKING:
-    from fleet.db.store import Store
-
-DEVICE_JSON = ("labels", "runtimes", "reported_state")
 PUBLIC_COLUMNS = (
     "id, labels, agent_version, runtimes, architecture, memory_mb, last_seen, online, "
     "reported_state, revoked, revoked_at, enrolled_at, broker_username"
@@ -29,20 +29,37 @@ MAX_REPORTED_STATE_BYTES = 64 * 1024
 logger = logging.getLogger("edgefleet.fleet.inventory")
 
 
-def _public(row: Row | None) -> Row | None:
-    out = decode_row(row, DEVICE_JSON)
-    if out is not None:
-        out.pop("broker_password_hash", None)
-        out["online"] = bool(out["online"])
-        out["revoked"] = bool(out["revoked"])
-    return out
+@dataclass(frozen=True, slots=True)
+class Device(Record):
+    """A `devices` row without its broker password hash (which never leaves `broker_credentials`).
+
+    `reported_state` is the device's last report as it sent it (None before the first one).
+    """
+
+    JSON_COLUMNS = ("labels", "runtimes", "reported_state")
+    FLAG_COLUMNS = ("online", "revoked")
+
+    id: str
+    labels: dict[str, str]
+    agent_version: str | None
+    runtimes: list[str]
+    architecture: str | None
+    memory_mb: int | None
+    last_seen: str | None
+    online: bool
+    reported_state: dict[str, Any] | None
+    revoked: bool
+    revoked_at: str | None
+    enrolled_at: str
+    broker_username: str
 
 
 class DeviceRepo:
     """Inventory operations; `record_reported_state` and `mark_offline` are the publisher's hooks."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, database: FleetDatabase, audit: AuditRepo) -> None:
+        self.database = database
+        self.audit = audit
         self.refused_reports = 0  # reports dropped by `on_reported` (unknown/revoked device, bad id)
 
     def create(
@@ -53,9 +70,9 @@ class DeviceRepo:
         broker_username: str,
         broker_password_hash: str,
         actor: str,
-    ) -> Row:
+    ) -> Device:
         """Insert an enrolled device. Raises FleetInputError (labels), Conflict (duplicate id)."""
-        now = self.store.now()
+        now = self.database.now()
         row = {
             "id": device_id,
             "labels": dumps(validate_labels(labels)),
@@ -71,23 +88,22 @@ class DeviceRepo:
             "broker_username": broker_username,
             "broker_password_hash": broker_password_hash,
         }
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             try:
                 db.table("devices").insert(row)
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"device {device_id!r} already exists") from exc
             out = self.get(device_id)
-            self.store.audit.record(actor, "device.enroll", f"devices/{device_id}", None, out)
+            self.audit.record(actor, "device.enroll", f"devices/{device_id}", None, out.to_dict())
         return out
 
-    def get(self, device_id: str) -> Row:
+    def get(self, device_id: str) -> Device:
         """Raises NotFound."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             rows = list(db.query(f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE id = ?", [device_id]))  # noqa: S608
-        out = _public(rows[0]) if rows else None
-        if out is None:
+        if not rows:
             raise NotFound(f"device {device_id!r} not found")
-        return out
+        return Device.from_row(rows[0])
 
     def list_devices(
         self,
@@ -96,7 +112,7 @@ class DeviceRepo:
         limit: int,
         online: bool | None = None,
         revoked: bool | None = None,
-    ) -> Page:
+    ) -> Page[Device]:
         """Devices matching the label selector (and flags), ordered by id."""
         where, params = selector.to_sql("labels")
         sql = f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE ({where})"  # noqa: S608
@@ -106,54 +122,52 @@ class DeviceRepo:
         if revoked is not None:
             sql += " AND revoked = ?"
             params.append(int(revoked))  # type: ignore[arg-type]
-        page = self.store.page(sql, list(params), "id", cursor, limit)
-        page.items = [r for r in (_public(i) for i in page.items) if r is not None]
-        return page
+        return self.database.page_of(sql, list(params), "id", cursor, limit, Device.from_row)
 
     def ids_matching(self, selector: Selector, include_revoked: bool = False) -> list[str]:
         """Every matching device id (for the rollout controller's cohort expansion)."""
         where, params = selector.to_sql("labels")
         sql = f"SELECT id FROM devices WHERE ({where})" + ("" if include_revoked else " AND revoked = 0")  # noqa: S608
-        with self.store.read() as db:
+        with self.database.read() as db:
             return [r["id"] for r in db.query(sql + " ORDER BY id", params)]
 
     def is_revoked(self, device_id: str) -> bool:
         """Whether the device is revoked (one primary-key read). Raises NotFound."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             row = db.execute("SELECT revoked FROM devices WHERE id = ?", [device_id]).fetchone()
         if row is None:
             raise NotFound(f"device {device_id!r} not found")
         return bool(row[0])
 
     def count(self) -> int:
-        with self.store.read() as db:
+        with self.database.read() as db:
             return int(db.execute("SELECT count(*) FROM devices").fetchone()[0])
 
-    def set_labels(self, device_id: str, labels: dict[str, str], actor: str) -> Row:
+    def set_labels(self, device_id: str, labels: dict[str, str], actor: str) -> Device:
         """Replace a device's labels. Raises NotFound, FleetInputError."""
         labels = validate_labels(labels)
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get(device_id)
             db.execute("UPDATE devices SET labels = ? WHERE id = ?", [dumps(labels), device_id])
             after = self.get(device_id)
-            self.store.audit.record(actor, "device.labels", f"devices/{device_id}",
-                                    {"labels": before["labels"]}, {"labels": labels})
+            self.audit.record(actor, "device.labels", f"devices/{device_id}",
+                                    {"labels": before.labels}, {"labels": labels})
         return after
 
-    def revoke(self, device_id: str, actor: str, reason: str = "") -> Row:
+    def revoke(self, device_id: str, actor: str, reason: str = "") -> Device:
         """Revoke a device: it loses its broker credentials. Raises NotFound, Conflict (already)."""
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get(device_id)
-            if before["revoked"]:
+            if before.revoked:
                 raise Conflict(f"device {device_id!r} is already revoked")
             db.execute("UPDATE devices SET revoked = 1, revoked_at = ?, online = 0 WHERE id = ?",
-                       [self.store.now(), device_id])
+                       [self.database.now(), device_id])
             after = self.get(device_id)
-            self.store.audit.record(actor, "device.revoke", f"devices/{device_id}",
+            self.audit.record(actor, "device.revoke", f"devices/{device_id}",
                                     {"revoked": False}, {"revoked": True, "reason": reason})
         return after
 
-    def record_reported_state(self, device_id: str, state: dict[str, Any]) -> Row:
+    def record_reported_state(self, device_id: str, state: dict[str, Any]) -> Device:
         """Fold a device's reported state (`agent.contract.protocol.ReportedState` as a dict) into
         its inventory row.
 
@@ -175,7 +189,7 @@ class DeviceRepo:
         online = state.get("online", True)
         if not isinstance(online, bool):
             raise FleetInputError(f"reported state of {device_id!r}: online must be a boolean")
-        now = self.store.now()
+        now = self.database.now()
         updates: dict[str, Any] = {"reported_state": doc, "last_seen": now, "online": int(online)}
         for key in ("agent_version", "architecture"):
             value = state.get(key)
@@ -194,9 +208,9 @@ class DeviceRepo:
                 raise FleetInputError(f"reported state of {device_id!r}: runtimes must be a list of str")
             if rts:
                 updates["runtimes"] = dumps(rts)
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             current = self.get(device_id)
-            if current["revoked"]:
+            if current.revoked:
                 raise FleetInputError(f"device {device_id!r} is revoked; its report is ignored")
             sets = ", ".join(f"{k} = ?" for k in updates)
             db.execute(f"UPDATE devices SET {sets} WHERE id = ?", [*updates.values(), device_id])  # noqa: S608
@@ -217,13 +231,13 @@ class DeviceRepo:
 
     def mark_offline(self, device_id: str) -> None:
         """Record that the device went away (Last Will or timeout). Raises NotFound."""
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             self.get(device_id)
             db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
 
     def broker_credentials(self) -> list[tuple[str, str]]:
         """(username, password hash) of every device that is not revoked, for the broker file."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             rows = db.query(
                 "SELECT broker_username, broker_password_hash FROM devices WHERE revoked = 0 "
                 "ORDER BY broker_username"

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from agent.logs import log_event
-from fleet.db.store import Row, Store
 from fleet.devices.broker_reload import BrokerReload, apply_broker_credentials
+from fleet.devices.inventory import Device
 from fleet.errors import FleetError, NotFound
 from fleet.rollouts.controller import DesiredPublisher
 from fleet.settings import FleetSettings
+from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.revocation")
 T = TypeVar("T")
@@ -32,14 +33,15 @@ T = TypeVar("T")
 class Revocation:
     """What a revocation did beyond the store: broker reload and retained-document clearing."""
 
-    device: Row
+    device: Device
     broker: BrokerReload
     desired_cleared: bool
     desired_detail: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.device, "broker_reloaded": self.broker.reloaded, "broker_detail": self.broker.detail,
-                "desired_cleared": self.desired_cleared, "desired_detail": self.desired_detail}
+        return {**self.device.to_dict(), "broker_reloaded": self.broker.reloaded,
+                "broker_detail": self.broker.detail, "desired_cleared": self.desired_cleared,
+                "desired_detail": self.desired_detail}
 
 
 def running_publisher(components: Iterable[object]) -> DesiredPublisher | None:
@@ -70,12 +72,12 @@ def revoke_device(store: Store, settings: FleetSettings, device_id: str, actor: 
     Raises NotFound, Conflict (already revoked) from the store, OSError when the password
     file cannot be written. Broker-reload and publish failures are returned in the result.
     """
-    row = store.devices.revoke(device_id, actor, reason)
+    device = store.devices.revoke(device_id, actor, reason)
     broker = apply_broker_credentials(store, settings)
     cleared, detail = clear_desired(publisher, device_id)
     log_event(logger, "fleet.revocation.done", device=device_id, broker_reloaded=broker.reloaded,
               desired_cleared=cleared)
-    return Revocation(row, broker, cleared, detail)
+    return Revocation(device, broker, cleared, detail)
 
 
 class RevokedFilter(Generic[T]):

@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
-from fleet.db.store import Row, Store
 from fleet.errors import FleetInputError, NotFound
+from fleet.registry.versions import ModelVersion
+from fleet.store import Store
 
 MAX_MLMODEL_BYTES = 1024 * 1024
 MAX_ARTIFACT_BYTES = 2 * 1024 * 1024 * 1024
@@ -98,7 +99,7 @@ def lineage_from_mlmodel(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def import_mlflow_model(store: Store, model_dir: Path, model: str, version: str, actor: str,
-                        max_artifact_bytes: int = MAX_ARTIFACT_BYTES) -> Row:
+                        max_artifact_bytes: int = MAX_ARTIFACT_BYTES) -> ModelVersion:
     """Register `model`@`version` from an MLflow directory, creating the model if needed.
 
     Raises FleetInputError (bad directory, YAML, data path), Conflict (version exists).

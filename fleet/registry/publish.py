@@ -20,8 +20,9 @@ from typing import Any
 
 from agent.contract.bundle import extract_bundle
 from agent.errors import EdgefleetError
-from fleet.db.store import Row, Store
 from fleet.errors import Conflict, FleetInputError, NotFound
+from fleet.registry.versions import ModelVersion
+from fleet.store import Store
 from fleet.trust.repository import Repository, sha256_file
 
 #: Serialises writers of the repository in this process (bundle publishing, timestamp refresh):
@@ -34,7 +35,7 @@ def target_path_for(name: str, version: str) -> str:
 
 
 def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, actor: str,
-                   create_model: bool = True) -> Row:
+                   create_model: bool = True) -> ModelVersion:
     """Check `bundle`, publish it as a TUF target and register it as a version of `model`."""
     with tempfile.TemporaryDirectory(prefix="efb-check-") as scratch:
         try:

@@ -9,55 +9,106 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from agent.contract.manifest import DIGEST_RE, NAME_RE, SEMVER_RE
-from fleet.db.store import Page, Row, decode_row, dumps
+from fleet.db.audit import AuditRepo
+from fleet.db.database import FleetDatabase
+from fleet.db.paging import Page
+from fleet.db.rows import Record, dumps
 from fleet.errors import Conflict, FleetInputError, NotFound
-
-if TYPE_CHECKING:
-    from fleet.db.store import Store
 
 Stage = Literal["registered", "staging", "canary", "production", "archived"]
 STAGES: tuple[str, ...] = ("registered", "staging", "canary", "production", "archived")
 TARGET_RE = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._/-]{0,254}$")
-VERSION_JSON = ("lineage",)
 
 
 def version_id(model: str, version: str) -> str:
     return f"{model}:{version}"
 
 
+@dataclass(frozen=True, slots=True)
+class Model(Record):
+    """A `models` row: a name that versions are registered under."""
+
+    name: str
+    description: str
+    created_at: str
+    created_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion(Record):
+    """A `model_versions` row; `id` is `<model>:<version>`, `lineage` the decoded JSON document."""
+
+    JSON_COLUMNS = ("lineage",)
+
+    id: str
+    model_name: str
+    version: str
+    artifact_digest: str
+    bundle_target: str | None
+    runtime: str
+    lineage: dict[str, Any]
+    stage: Stage
+    created_at: str
+    created_by: str
+
+    def __getitem__(self, key: Literal["stage"]) -> Stage:
+        """`version["stage"]` for `fleet.rollouts.store`, which still reads versions as dict rows
+        (it is converted to records separately); drop this once it reads `version.stage`."""
+        if key != "stage":
+            raise KeyError(key)
+        return self.stage
+
+
+@dataclass(frozen=True, slots=True)
+class StageHistoryEntry(Record):
+    """A `stage_history` row: one move of a version between stages."""
+
+    id: int
+    version_id: str
+    from_stage: str | None
+    to_stage: str
+    actor: str
+    note: str
+    at: str
+
+
 class ModelRepo:
     """Registry operations; every mutator takes the acting principal for the audit log."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, database: FleetDatabase, audit: AuditRepo) -> None:
+        self.database = database
+        self.audit = audit
 
     # -- models ---------------------------------------------------------------
-    def create_model(self, name: str, description: str, actor: str) -> Row:
+    def create_model(self, name: str, description: str, actor: str) -> Model:
         """Raises FleetInputError for a bad name, Conflict if it exists."""
         if not NAME_RE.match(name):
             raise FleetInputError(f"model name {name!r} must match {NAME_RE.pattern}")
-        row = {"name": name, "description": description, "created_at": self.store.now(), "created_by": actor}
-        with self.store.tx() as db:
+        row = {"name": name, "description": description, "created_at": self.database.now(),
+               "created_by": actor}
+        with self.database.tx() as db:
             try:
                 db.table("models").insert(row)
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"model {name!r} already exists") from exc
-            self.store.audit.record(actor, "model.create", f"models/{name}", None, row)
-        return row
+            self.audit.record(actor, "model.create", f"models/{name}", None, row)
+        return Model.from_row(row)
 
-    def get_model(self, name: str) -> Row:
+    def get_model(self, name: str) -> Model:
         """Raises NotFound."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             rows = list(db.query("SELECT * FROM models WHERE name = ?", [name]))
         if not rows:
             raise NotFound(f"model {name!r} not found")
-        return rows[0]
+        return Model.from_row(rows[0])
 
-    def list_models(self, cursor: str | None, limit: int) -> Page:
-        return self.store.page("SELECT * FROM models WHERE 1", [], "name", cursor, limit)
+    def list_models(self, cursor: str | None, limit: int) -> Page[Model]:
+        return self.database.page_of("SELECT * FROM models WHERE 1", [], "name", cursor, limit,
+                                     Model.from_row)
 
     # -- versions -------------------------------------------------------------
     def register_version(
@@ -69,7 +120,7 @@ class ModelRepo:
         lineage: dict[str, Any],
         actor: str,
         bundle_target: str | None = None,
-    ) -> Row:
+    ) -> ModelVersion:
         """Add an immutable version. Raises FleetInputError, NotFound (model), Conflict."""
         if not SEMVER_RE.match(version):
             raise FleetInputError(f"version {version!r} is not semantic (MAJOR.MINOR.PATCH)")
@@ -88,10 +139,10 @@ class ModelRepo:
             "runtime": runtime,
             "lineage": dumps(lineage),
             "stage": "registered",
-            "created_at": self.store.now(),
+            "created_at": self.database.now(),
             "created_by": actor,
         }
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             self.get_model(model)
             try:
                 db.table("model_versions").insert(row)
@@ -101,28 +152,26 @@ class ModelRepo:
                 {"version_id": row["id"], "from_stage": None, "to_stage": "registered", "actor": actor,
                  "note": "registered", "at": row["created_at"]}
             )
-            out = decode_row(row, VERSION_JSON)
-            self.store.audit.record(actor, "model_version.create", f"models/{model}/versions/{version}",
-                                    None, out)
-        assert out is not None
+            out = ModelVersion.from_row(row)
+            self.audit.record(actor, "model_version.create", f"models/{model}/versions/{version}",
+                              None, out.to_dict())
         return out
 
-    def get_version(self, model: str, version: str) -> Row:
+    def get_version(self, model: str, version: str) -> ModelVersion:
         """Raises NotFound."""
-        with self.store.read() as db:
+        with self.database.read() as db:
             rows = list(db.query("SELECT * FROM model_versions WHERE id = ?", [version_id(model, version)]))
         if not rows:
             raise NotFound(f"version {version!r} of model {model!r} not found")
-        out = decode_row(rows[0], VERSION_JSON)
-        assert out is not None
-        return out
+        return ModelVersion.from_row(rows[0])
 
-    def get_version_by_id(self, vid: str) -> Row:
+    def get_version_by_id(self, vid: str) -> ModelVersion:
         """Look up `<model>:<version>`; raises NotFound."""
         model, _, version = vid.partition(":")
         return self.get_version(model, version)
 
-    def list_versions(self, model: str, cursor: str | None, limit: int, stage: str | None = None) -> Page:
+    def list_versions(self, model: str, cursor: str | None, limit: int,
+                      stage: str | None = None) -> Page[ModelVersion]:
         """Raises NotFound for an unknown model, FleetInputError for an unknown stage."""
         self.get_model(model)
         sql, params = "SELECT * FROM model_versions WHERE model_name = ?", [model]
@@ -131,47 +180,47 @@ class ModelRepo:
                 raise FleetInputError(f"stage {stage!r} must be one of {', '.join(STAGES)}")
             sql += " AND stage = ?"
             params.append(stage)
-        return self.store.page(sql, params, "id", cursor, limit, VERSION_JSON)
+        return self.database.page_of(sql, params, "id", cursor, limit, ModelVersion.from_row)
 
-    def set_stage(self, model: str, version: str, to_stage: str, actor: str, note: str = "") -> Row:
+    def set_stage(self, model: str, version: str, to_stage: str, actor: str, note: str = "") -> ModelVersion:
         """Move a version to `to_stage`. Archived is final; moving to the current stage is refused.
 
         Raises NotFound, FleetInputError (unknown stage), Conflict (refused transition).
         """
         if to_stage not in STAGES:
             raise FleetInputError(f"stage {to_stage!r} must be one of {', '.join(STAGES)}")
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get_version(model, version)
-            if before["stage"] == "archived":
-                raise Conflict(f"{before['id']} is archived; register a new version instead")
-            if before["stage"] == to_stage:
-                raise Conflict(f"{before['id']} is already in stage {to_stage!r}")
-            db.execute("UPDATE model_versions SET stage = ? WHERE id = ?", [to_stage, before["id"]])
+            if before.stage == "archived":
+                raise Conflict(f"{before.id} is archived; register a new version instead")
+            if before.stage == to_stage:
+                raise Conflict(f"{before.id} is already in stage {to_stage!r}")
+            db.execute("UPDATE model_versions SET stage = ? WHERE id = ?", [to_stage, before.id])
             db.table("stage_history").insert(
-                {"version_id": before["id"], "from_stage": before["stage"], "to_stage": to_stage,
-                 "actor": actor, "note": note, "at": self.store.now()}
+                {"version_id": before.id, "from_stage": before.stage, "to_stage": to_stage,
+                 "actor": actor, "note": note, "at": self.database.now()}
             )
             after = self.get_version(model, version)
-            self.store.audit.record(actor, "model_version.stage", f"models/{model}/versions/{version}",
-                                    {"stage": before["stage"]}, {"stage": to_stage, "note": note})
+            self.audit.record(actor, "model_version.stage", f"models/{model}/versions/{version}",
+                              {"stage": before.stage}, {"stage": to_stage, "note": note})
         return after
 
-    def set_bundle_target(self, model: str, version: str, target: str, actor: str) -> Row:
+    def set_bundle_target(self, model: str, version: str, target: str, actor: str) -> ModelVersion:
         """Record the TUF target path once the bundle is built; set only once (Conflict)."""
         if not TARGET_RE.match(target):
             raise FleetInputError(f"bundle target {target!r} is not a valid target path")
-        with self.store.tx() as db:
+        with self.database.tx() as db:
             before = self.get_version(model, version)
             try:
-                db.execute("UPDATE model_versions SET bundle_target = ? WHERE id = ?", [target, before["id"]])
+                db.execute("UPDATE model_versions SET bundle_target = ? WHERE id = ?", [target, before.id])
             except sqlite3.IntegrityError as exc:
-                raise Conflict(f"{before['id']} already has bundle target {before['bundle_target']!r}") \
-                    from exc
-            self.store.audit.record(actor, "model_version.bundle", f"models/{model}/versions/{version}",
-                                    {"bundle_target": before["bundle_target"]}, {"bundle_target": target})
+                raise Conflict(f"{before.id} already has bundle target {before.bundle_target!r}") from exc
+            self.audit.record(actor, "model_version.bundle", f"models/{model}/versions/{version}",
+                              {"bundle_target": before.bundle_target}, {"bundle_target": target})
             return self.get_version(model, version)
 
-    def stage_history(self, model: str, version: str) -> list[Row]:
-        vid = self.get_version(model, version)["id"]
-        with self.store.read() as db:
-            return list(db.query("SELECT * FROM stage_history WHERE version_id = ? ORDER BY id", [vid]))
+    def stage_history(self, model: str, version: str) -> list[StageHistoryEntry]:
+        vid = self.get_version(model, version).id
+        with self.database.read() as db:
+            rows = list(db.query("SELECT * FROM stage_history WHERE version_id = ? ORDER BY id", [vid]))
+        return [StageHistoryEntry.from_row(r) for r in rows]

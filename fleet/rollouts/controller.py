@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
 from agent.logs import log_event
-from fleet.db.store import Row, Store
+from fleet.db.rows import Row
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.rollouts.gates import (
@@ -59,6 +59,7 @@ from fleet.rollouts.strategies import (
     stage_ready_to_advance,
     stage_target,
 )
+from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.rollouts")
 PROGRESS_STATUS = {"downloading": "downloading", "verifying": "downloading", "staged": "installed",
@@ -294,9 +295,9 @@ class RolloutController:
 
     def _version_ref(self, version_id: str) -> TargetRef:
         version = self.store.models.get_version_by_id(version_id)
-        if not version["bundle_target"]:
+        if not version.bundle_target:
             raise FleetInputError(f"{version_id} has no bundle in the repository (register it from a bundle)")
-        return self.repository.target_ref(version["bundle_target"])
+        return self.repository.target_ref(version.bundle_target)
 
     def _advance(self, ro: Row, stage: int, now: float, note: str) -> None:
         self.records.update_runtime(ro["id"], stage_started_at=now, stage_done_at=None)

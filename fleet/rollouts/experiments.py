@@ -32,14 +32,14 @@ from scipy import stats
 
 from agent.contract.telemetry import latency_bucket_upper
 from agent.logs import log_event
-from fleet.db.store import Row, decode_row, dumps
+from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetError, FleetInputError, NotFound
 from fleet.rollouts.records import RolloutRecords
 
 if TYPE_CHECKING:
-    from fleet.db.store import Store
     from fleet.rollouts.controller import DesiredPublisher, DirectorIssuer, TargetSource
+    from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.experiments")
 BUCKETS = 10_000
@@ -216,15 +216,16 @@ class ExperimentRepo:
             raise FleetInputError("metrics must map at least one name to 'min' or 'max'")
         parsed = parse_selector(selector)
         va, vb = (self.store.models.get_version_by_id(v) for v in (version_a, version_b))
-        if va["model_name"] != vb["model_name"] or va["id"] == vb["id"]:
+        if va.model_name != vb.model_name or va.id == vb.id:
             raise Conflict("an experiment compares two different versions of the same model")
         for v in (va, vb):
-            if not v["bundle_target"]:
-                raise Conflict(f"{v['id']} has no bundle in the repository")
-        row = {"id": "ex-" + secrets.token_hex(8), "name": name, "model_name": va["model_name"],
-               "version_a": va["id"], "version_b": vb["id"], "selector": str(parsed), "split_b": split_b,
-               "metrics": dumps(metrics), "min_samples": min_samples, "alpha": alpha, "state": "running",
-               "created_at": self.store.now(), "created_by": actor, "started_at": self.store.clock()}
+            if not v.bundle_target:
+                raise Conflict(f"{v.id} has no bundle in the repository")
+        row: Row = {"id": "ex-" + secrets.token_hex(8), "name": name, "model_name": va.model_name,
+                    "version_a": va.id, "version_b": vb.id, "selector": str(parsed), "split_b": split_b,
+                    "metrics": dumps(metrics), "min_samples": min_samples, "alpha": alpha,
+                    "state": "running", "created_at": self.store.now(), "created_by": actor,
+                    "started_at": self.store.clock()}
         with self.store.tx() as db:
             db.table("experiments").insert(row)
             out = self.get(row["id"])
@@ -319,7 +320,8 @@ class ExperimentDriver:
         for eid in running:
             exp = self.repo.get(eid)
             done = self.repo.devices(eid)
-            refs = {arm: self.repository.target_ref(self.store.models.get_version_by_id(vid)["bundle_target"])
+            refs = {arm: self.repository.target_ref(
+                        str(self.store.models.get_version_by_id(vid).bundle_target))
                     for arm, vid in (("a", exp["version_a"]), ("b", exp["version_b"]))}
             for dev in self.store.devices.ids_matching(parse_selector(exp["selector"])):
                 if dev in done or self.records.open_entries_for(dev):  # a rollout holds it: wait

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.director import TargetRef
-from fleet.db.store import Row, decode_row, dumps
+from fleet.db.rows import Row, decode_row, dumps
 from fleet.errors import Conflict, FleetInputError
 from fleet.rollouts.gates import OutcomeCounts
 
 if TYPE_CHECKING:
-    from fleet.db.store import Store
+    from fleet.store import Store
 
 COMMANDS = ("promote", "rollback", "cancel")
 FINAL_OUTCOMES = ("succeeded", "install_failed", "local_rollback", "timeout", "reverted",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from fleet.db.store import Page, Row, decode_row, dumps
+from fleet.db.paging import Page
+from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetInputError, NotFound
 
 if TYPE_CHECKING:
-    from fleet.db.store import Store
+    from fleet.store import Store
 
 ROLLOUT_JSON = ("strategy", "thresholds", "history")
 STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ import sqlite_utils
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from agent.logs import log_event
+from fleet.db.connection import open_sqlite
 from fleet.errors import Conflict, FleetMisuseError, NotFound
 from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, Method, report_drift
 
@@ -140,9 +140,7 @@ class AlertManager:
         self._http = http
         self._lock = threading.RLock()  # evaluate/redeliver may run on different threads
         try:
-            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
-            self.db = sqlite_utils.Database(conn)
-            self.db.enable_wal()
+            self.db = sqlite_utils.Database(open_sqlite(db_path))
             ensure_schema(self.db)
         except Exception as exc:  # not a usable SQLite file
             raise FleetMisuseError(f"alerts: cannot open {db_path}: {exc}") from None

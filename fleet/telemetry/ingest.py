@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from agent.contract.telemetry import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
+from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError, FleetMisuseError
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
 
@@ -139,9 +139,7 @@ class TelemetryStore:
         try:
             # One connection shared by threads (MQTT callbacks, API handlers, gates), always
             # used under `self._lock`.
-            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
-            self.db = sqlite_utils.Database(conn)
-            self.db.enable_wal()
+            self.db = sqlite_utils.Database(open_sqlite(db_path))
             ensure_schema(self.db)
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
             raise FleetMisuseError(f"telemetry store: cannot open {db_path}: {exc}") from None

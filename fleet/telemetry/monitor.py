@@ -34,13 +34,15 @@ from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
 from agent.errors import EdgefleetError
 from agent.logs import log_event
-from fleet.db.store import Store
 from fleet.errors import FleetError
 from fleet.metrics import IngestTimer
 from fleet.settings import FleetSettings, TelemetrySettings
+from fleet.store import Store
 from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
 from fleet.telemetry.drift import DriftReport, report_drift
 from fleet.telemetry.ingest import TelemetryStore
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 
 log = logging.getLogger("edgefleet.fleet.drift_monitor")
 
@@ -63,11 +65,8 @@ class BundleProfiles:
 
     def bundle_path(self, model: str, version: str) -> Path | None:
         """The content-addressed file of the version's TUF target, or None."""
-        from fleet.trust.keys import KeyStore
-        from fleet.trust.repository import Repository
-
         try:
-            target = self.store.models.get_version(model, version).get("bundle_target")
+            target = self.store.models.get_version(model, version).bundle_target
             if not target:
                 return None
             ref = Repository(self.repo_dir, KeyStore(self.keys_dir)).target_ref(str(target))

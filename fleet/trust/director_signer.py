@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.contract.director import DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
+from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError
 from fleet.trust.keys import KEYS_FILE, KeyStore
 
@@ -50,10 +51,8 @@ class DirectorSigner:
         self._signers: tuple[tuple[int, int, int], list[Any]] | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        # Autocommit: `_next_sequence` issues its own BEGIN IMMEDIATE / COMMIT.
+        return open_sqlite(self.db_path, synchronous_full=True, autocommit=True)
 
     def close(self) -> None:
         with self._lock:

@@ -23,9 +23,9 @@ import pytest
 from agent.contract.bundle import write_bundle
 from fleet.access.auth import create_api_key
 from fleet.components import ServeConfig, build_components
-from fleet.db.store import Store
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
 from tests.support.agent_world import Agent, wait_until
 from tests.support.broker import Broker, free_port, start_mosquitto
@@ -97,7 +97,7 @@ class World:
         return out
 
     def serving(self, device: str) -> str | None:
-        state = (self.service.store.devices.get(device)["reported_state"] or {})
+        state = (self.service.store.devices.get(device).reported_state or {})
         return state.get("active_bundle") if state.get("state") == "idle" else None
 
     def wait_all_serving(self, bundle: str, devices: list[str] | None = None, timeout: float = 60.0) -> None:
@@ -202,13 +202,13 @@ def test_a_bundle_failing_health_aborts_and_every_device_ends_on_the_previous_ve
     world.wait_all_serving("mlp-2.0.0")
     breach = world.service.store.audit.list(None, 10, resource=f"rollouts/{rid}",
                                             action="rollout.gate_breach")
-    assert breach.items and breach.items[0]["after"]["action"] == "abort"
+    assert breach.items and breach.items[0].after["action"] == "abort"
 
 
 def test_an_offline_device_catches_up_when_it_reconnects(world: World) -> None:
     world.wait_all_serving("mlp-2.0.0")
     world.agents["gw-d"].stop()
-    wait_until(lambda: not world.service.store.devices.get("gw-d")["online"], 20, "gw-d offline")
+    wait_until(lambda: not world.service.store.devices.get("gw-d").online, 20, "gw-d offline")
     rid = world.rollout("4.0.0", {"kind": "all_at_once", "bake_s": 0, "device_timeout_s": 120})
     world.wait_all_serving("mlp-4.0.0", ["gw-a", "gw-b", "gw-c"])
     st = world.status(rid)

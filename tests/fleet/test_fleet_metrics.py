@@ -27,13 +27,13 @@ from agent.transport.mqtt_client import MqttConfig, MqttTransport
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import ServeConfig, build_components
-from fleet.db.store import Store
 from fleet.delivery.publisher import Publisher
 from fleet.metrics import RECENT_ROLLOUTS, FleetMetrics, MetricSources
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.records import RolloutRecords
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from agent.contract.protocol import Event
-from fleet.db.store import Store
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.gates import VersionMetrics
+from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository

@@ -20,11 +20,11 @@ from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.components import ensure_trust
-from fleet.db.store import Store
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.profile import compute_reference_profile
 from fleet.registry.publish import publish_bundle
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
 
 T0 = 1_800_000_000.0  # a multiple of 60: windows start at T0 + 60 k

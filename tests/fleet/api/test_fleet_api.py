@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
-from fleet.db.store import Store
 from fleet.settings import FleetSettings, Limits
+from fleet.store import Store
 from tests.support.broker import free_port
 from tests.support.fakes import DIGEST, FakeClock
 
@@ -326,7 +326,7 @@ def test_audit_records_before_and_after(api: Api) -> None:
     assert stage["before"] == {"stage": "registered"} and stage["after"] == {"stage": "canary", "note": "go"}
     assert stage["actor"].startswith("key:") and stage["actor"].endswith(":operator")
     assert entries[1]["before"] is None and entries[1]["after"]["artifact_digest"] == DIGEST
-    actions = {e["action"] for e in api.store.audit.list(None, 100).items}
+    actions = {e.action for e in api.store.audit.list(None, 100).items}
     assert {
         "model.create",
         "device.enroll",
@@ -583,7 +583,7 @@ def test_cli_create_token_validates_labels(tmp_path: Path) -> None:
     store = Store(tmp_path / "fleet.db")
     try:
         tokens = store.access.list_tokens(None, 10).items
-        assert [t["labels"] for t in tokens] == [{"env": "prod", "region": "eu"}]
-        assert store.audit.list(None, 10).items[0]["actor"] == "cli:create-token"
+        assert [t.labels for t in tokens] == [{"env": "prod", "region": "eu"}]
+        assert store.audit.list(None, 10).items[0].actor == "cli:create-token"
     finally:
         store.close()

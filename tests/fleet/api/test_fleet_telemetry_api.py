@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
-from fleet.db.store import Store
 from fleet.settings import FleetSettings, Limits
+from fleet.store import Store
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, build_drift_monitor
 from tests.support.fakes import FakeClock

@@ -12,10 +12,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.access.auth import hash_secret
 from fleet.db.migrations import MIGRATIONS, migrate
-from fleet.db.store import Store
 from fleet.devices.enrollment import create_enrollment_token, enroll_device, mosquitto_password_hash
 from fleet.devices.selector import parse_selector
 from fleet.errors import AuthError, Conflict, FleetInputError, NotFound
+from fleet.store import Store
 from tests.support.broker import start_mosquitto
 from tests.support.fakes import DIGEST, FakeClock
 
@@ -64,9 +64,9 @@ def test_restart_loses_nothing(tmp_path: Path) -> None:
     r = s.rollouts.create("m:1.0.0", "env=prod", {"stages": [1, 10]}, {"max_failure_rate": 0.1}, "alice")
     s.close()
     s2 = Store(tmp_path / "fleet.db")
-    assert s2.models.get_version("m", "1.0.0")["lineage"] == {"metrics": {"acc": 0.9}}
+    assert s2.models.get_version("m", "1.0.0").lineage == {"metrics": {"acc": 0.9}}
     dev = s2.devices.get("dev-1")
-    assert (dev["agent_version"], dev["runtimes"], dev["online"]) == ("0.2.0", ["onnx"], True)
+    assert (dev.agent_version, dev.runtimes, dev.online) == ("0.2.0", ["onnx"], True)
     assert s2.rollouts.get(r["id"])["strategy"] == {"stages": [1, 10]}
     assert len(s2.audit.list(None, 100).items) == 4  # model, version, device, rollout
     s2.close()
@@ -95,7 +95,7 @@ def test_versions_are_immutable_and_stages_recorded(store: Store) -> None:
     with pytest.raises(Conflict, match="archived"):
         store.models.set_stage("m", "1.0.0", "production", "bob")
     hist = store.models.stage_history("m", "1.0.0")
-    assert [(h["from_stage"], h["to_stage"], h["actor"]) for h in hist] == [
+    assert [(h.from_stage, h.to_stage, h.actor) for h in hist] == [
         (None, "registered", "alice"),
         ("registered", "canary", "bob"),
         ("canary", "archived", "bob"),
@@ -155,7 +155,7 @@ def test_selector_sql_agrees_with_python(store: Store) -> None:
     ]:
         sel = parse_selector(text)
         want = [f"dev-{i}" for i, labels in enumerate(label_sets) if sel.matches(labels)]
-        got = [d["id"] for d in store.devices.list_devices(sel, None, 100).items]
+        got = [d.id for d in store.devices.list_devices(sel, None, 100).items]
         assert got == want, text
         assert store.devices.ids_matching(sel) == want
 
@@ -169,8 +169,8 @@ def test_reported_state_and_offline(store: Store) -> None:
         store.devices.record_reported_state("dev-1", {"memory_mb": "lots"})
     state = {"architecture": "aarch64", "memory_mb": 512, "slot": "a"}
     row = store.devices.record_reported_state("dev-1", state)
-    assert (row["architecture"], row["memory_mb"], row["online"]) == ("aarch64", 512, True)
-    assert row["reported_state"]["slot"] == "a"
+    assert (row.architecture, row.memory_mb, row.online) == ("aarch64", 512, True)
+    assert row.reported_state is not None and row.reported_state["slot"] == "a"
     from agent.contract.protocol import ReportedState
 
     report = ReportedState(
@@ -182,16 +182,16 @@ def test_reported_state_and_offline(store: Store) -> None:
         timestamp=1_800_000_000.0,
     )
     row = store.devices.record_reported_state("dev-1", report.model_dump(mode="json"))
-    assert (row["agent_version"], row["runtimes"], row["memory_mb"]) == ("0.3.0", ["onnx", "tflite"], 300)
-    assert row["architecture"] == "aarch64" and row["labels"] == {}  # empty fields and device labels ignored
+    assert (row.agent_version, row.runtimes, row.memory_mb) == ("0.3.0", ["onnx", "tflite"], 300)
+    assert row.architecture == "aarch64" and row.labels == {}  # empty fields and device labels ignored
     with pytest.raises(FleetInputError, match="claims"):
         store.devices.record_reported_state("dev-1", {"device_id": "dev-2"})
     store.devices.on_reported("dev-nope", report)  # the publisher callback logs and drops refusals
     lwt = store.devices.record_reported_state("dev-1", {"online": False})
-    assert lwt["online"] is False
+    assert lwt.online is False
     store.devices.record_reported_state("dev-1", {})
     store.devices.mark_offline("dev-1")
-    assert store.devices.get("dev-1")["online"] is False
+    assert store.devices.get("dev-1").online is False
     store.devices.revoke("dev-1", "admin")
     with pytest.raises(FleetInputError, match="revoked"):
         store.devices.record_reported_state("dev-1", {})
@@ -210,7 +210,7 @@ def test_enrollment_token_single_use_and_expiry(store: Store, tmp_path: Path) ->
         "passwd_path": tmp_path / "passwd",
     }
     out = enroll_device(store, token, {"agent_version": "1.0.0"}, **kw)
-    assert store.devices.get(out["device_id"])["labels"] == {"env": "prod"}
+    assert store.devices.get(out["device_id"]).labels == {"env": "prod"}
     assert out["tuf_root"] is None
     with pytest.raises(AuthError, match="already used"):
         enroll_device(store, token, {}, **kw)

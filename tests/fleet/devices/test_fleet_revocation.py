@@ -28,13 +28,13 @@ from agent.transport.mqtt_client import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import PublisherComponent
-from fleet.db.store import Store
 from fleet.delivery.publisher import Publisher
 from fleet.devices.broker_reload import NOT_CONFIGURED, reload_broker
 from fleet.devices.enrollment import mosquitto_password_hash, sync_broker_credentials
 from fleet.devices.revocation import RevokedFilter
 from fleet.rollouts.records import RolloutRecords
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from tests.support.broker import free_port, spawn_mosquitto, wait_port
 from tests.support.fakes import FakeClock
 from tests.support.rollout_world import V1, V2, World
@@ -321,7 +321,7 @@ def test_a_device_revoked_mid_rollout_gets_no_more_documents(world: World) -> No
     world.store.devices.on_reported(first[0], ReportedState(state="idle", active_bundle=V2,
                                                             timestamp=world.clock.now))
     assert world.store.devices.refused_reports == before + 1
-    assert (world.store.devices.get(first[0])["reported_state"] or {}).get("active_bundle") == V1
+    assert (world.store.devices.get(first[0]).reported_state or {}).get("active_bundle") == V1
 
 
 @pytest.mark.integration

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 
 from agent.contract.protocol import Event
-from fleet.db.store import Store
 from fleet.errors import Conflict
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.gates import VersionMetrics
 from fleet.rollouts.records import RolloutRecords
+from fleet.store import Store
 from tests.support.fakes import DIGEST
 from tests.support.rollout_world import V1, V2, World
 from tests.support.rollout_world import world as world  # the fixture
@@ -63,7 +63,7 @@ def test_canary_walks_its_stages_only_on_commits_and_bake_time(world: World) -> 
     world.ctl.tick()
     assert world.state(rid) == ("completed", 2)
     assert set(world.devices(rid).values()) == {"succeeded"}
-    states = [e["after"]["state"] for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}",
+    states = [e.after["state"] for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}",
                                                                    action="rollout.state").items]
     assert states[::-1] == ["running", "running", "running", "completed"]
 
@@ -81,7 +81,7 @@ def test_a_silent_device_times_out_trips_the_gate_and_is_upgraded_if_it_commits_
     assert (ro["state"], ro["desired"]) == ("paused", "pause")  # 1 of 2 failed > 20 %: paused
     assert "1 of 2 devices failed" in ro["history"][-1]["note"]
     breach = world.store.audit.list(None, 10, action="rollout.gate_breach").items[0]
-    assert breach["after"]["breaches"][0]["gate"] == "install_failure_pct"
+    assert breach.after["breaches"][0]["gate"] == "install_failure_pct"
     world.commit_all(["b"])
     world.ctl.tick()
     assert world.devices(rid)["b"] == "succeeded"
@@ -157,7 +157,7 @@ def test_cancel_from_any_unfinished_state(world: World, where: str) -> None:
     assert {d: len(v) for d, v in world.pub.docs.items()} == before  # nothing more was sent
     with pytest.raises(Conflict, match="cancelled"):
         RolloutRecords(world.store).command(rid, "cancel", "op")
-    actions = {e["action"] for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}").items}
+    actions = {e.action for e in world.store.audit.list(None, 100, resource=f"rollouts/{rid}").items}
     assert {"rollout.cancel", "rollout.state"} <= actions
 
 

@@ -14,7 +14,6 @@ from scipy import stats
 
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
-from fleet.db.store import Store
 from fleet.errors import Conflict, FleetInputError
 from fleet.rollouts.experiments import (
     ArmData,
@@ -27,6 +26,7 @@ from fleet.rollouts.experiments import (
     two_proportion_z,
 )
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -201,7 +201,7 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
                      json={"arm": "c", "metric": "accuracy", "values": [1.0]})
         assert bad.status_code == 422
         assert c.post(f"/v1/experiments/{eid}/stop", headers=h).json()["state"] == "stopped"
-    actions = {e["action"] for e in store.audit.list(None, 50, resource=f"experiments/{eid}").items}
+    actions = {e.action for e in store.audit.list(None, 50, resource=f"experiments/{eid}").items}
     assert actions == {"experiment.create", "experiment.stop"}
 
 

@@ -15,9 +15,12 @@ import pytest
 from agent.contract.bundle import write_bundle
 from agent.contract.protocol import Topics
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from fleet.access.auth import create_api_key
+from fleet.api import create_app
 from fleet.components import TimestampRefresher, broker_config, ensure_trust
 from fleet.errors import FleetInputError
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from simulators.models import make_mlp_onnx
 from tests.support.broker import Broker, free_port
 from tests.support.lifecycle_world import FAST, manifest_for
@@ -110,10 +113,6 @@ def test_fleet_serve_with_a_broker_publishes_the_repository_and_stops_cleanly(
 @pytest.mark.integration
 def test_bundle_upload_route_publishes_a_target_and_refuses_junk(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
-
-    from fleet.access.auth import create_api_key
-    from fleet.api import create_app
-    from fleet.db.store import Store
 
     settings = FleetSettings(data_dir=tmp_path / "data")
     store = Store(settings.db_path)

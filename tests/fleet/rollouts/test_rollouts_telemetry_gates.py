@@ -18,12 +18,12 @@ from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.components import ensure_trust
-from fleet.db.store import Store
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.publish import publish_bundle
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.gates import TelemetryMetrics
 from fleet.settings import FleetSettings
+from fleet.store import Store
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import build_drift_monitor
 from fleet.trust.director_signer import DirectorSigner

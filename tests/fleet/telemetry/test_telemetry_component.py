@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from agent.contract.manifest import ReferenceProfile
-from fleet.db.store import Store
 from fleet.settings import FleetSettings, TelemetrySettings
+from fleet.store import Store
 from fleet.telemetry.alerts import AlertConfig, AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, DriftMonitor, alert_config, build_drift_monitor

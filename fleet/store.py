@@ -1,0 +1,40 @@
+"""The fleet's durable state: one SQLite file (WAL), and a repository per resource over it.
+
+`Store` opens the database (`fleet.db.database.FleetDatabase`: connection, lock,
+transactions, paging, migrations) and hands out the repositories: `store.models`,
+`store.devices`, `store.access`, `store.rollouts`, `store.audit`, `store.idempotency`. It
+sits above the feature slices so that none of them imports it: each slice's repository
+builds on `fleet.db` alone, and this module is the one place that puts them together.
+Every write that an operator causes records an audit row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fleet.access.credentials import AccessRepo
+from fleet.db.audit import AuditRepo
+from fleet.db.database import Clock, FleetDatabase
+from fleet.db.idempotency import IdempotencyRepo
+from fleet.devices.inventory import DeviceRepo
+from fleet.registry.versions import ModelRepo
+from fleet.rollouts.store import RolloutRepo
+
+__all__ = ["Clock", "Store"]
+
+
+class Store(FleetDatabase):
+    """Open (creating and migrating as needed) the fleet database at `path`, with its repositories.
+
+    Raises FleetMisuseError if the file cannot be opened as a SQLite database.
+    """
+
+    def __init__(self, path: Path | str, clock: Clock = time.time, busy_timeout_ms: int = 5000) -> None:
+        super().__init__(path, clock, busy_timeout_ms)
+        self.audit = AuditRepo(self)
+        self.idempotency = IdempotencyRepo(self)
+        self.models = ModelRepo(self, self.audit)
+        self.devices = DeviceRepo(self, self.audit)
+        self.access = AccessRepo(self, self.audit)
+        self.rollouts = RolloutRepo(self)
