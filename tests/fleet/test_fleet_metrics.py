@@ -159,7 +159,7 @@ def test_scrape_shows_fleet_rollouts_telemetry_drift_alerts_publisher_and_api(se
     assert {f for f, v in detected.items() if v == 1 and not f.startswith("output:")} == {"feat3", "feat17"}
     assert set(MLP_FEATURES) <= set(detected)
     stats = _samples(fam, "edgefleet_drift_statistic")
-    assert {lab["statistic"] for lab, _ in stats} == {"wasserstein"}
+    assert {lab["statistic"] for lab, _ in stats} == {"ks_budget"}
     feat3 = next(v for lab, v in stats if lab["feature"] == "feat3")
     assert feat3 > _value(fam, "edgefleet_drift_threshold", feature="feat3")
     assert _value(fam, "edgefleet_dataset_drift", model="mlp", version="1.0.0", cohort="b") == 0
