@@ -42,7 +42,13 @@ from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon.process import Notifier, ObservedStore, agent_version
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
-from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError, UntrustedDataError
+from agent.errors import (
+    EdgefleetError,
+    MisuseError,
+    TransportError,
+    UnknownDirectorKeyError,
+    UntrustedDataError,
+)
 from agent.lifecycle import Lifecycle, LifecycleConfig
 from agent.lifecycle.machine import State
 from agent.lifecycle.state_store import StateRecord
@@ -63,8 +69,6 @@ KILL_AT_ENV = "EDGEFLEET_TEST_KILL_AT"
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
-#: How `verify_director` words "no signature by a key the trusted root knows".
-UNKNOWN_KEYS_MARK = "signed only by unknown key"
 TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
 
 
@@ -249,7 +253,7 @@ class AgentDaemon:
         try:
             target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
         except UntrustedDataError as exc:  # DirectorError, or a trusted root that no longer parses
-            if may_defer and isinstance(exc, DirectorError) and UNKNOWN_KEYS_MARK in str(exc):
+            if may_defer and isinstance(exc, UnknownDirectorKeyError):
                 log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
                 with self._events_lock:
                     self._deferred[addressee] = payload

@@ -174,7 +174,7 @@ class DriftMonitor:
                     continue
                 try:
                     found = self._evaluate_key(model, version, cohort, profile, since, now, fired)
-                except (FleetError, EdgefleetError) as exc:  # bad stored window or profile mismatch
+                except EdgefleetError as exc:  # bad stored window (fleet) or profile mismatch (agent)
                     self.evaluation_errors += 1
                     log_event(log, "drift.evaluation_failed", logging.WARNING, model=model, version=version,
                               cohort=cohort, error=str(exc))
