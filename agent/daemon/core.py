@@ -153,7 +153,7 @@ class AgentDaemon:
         Deferred because importing it loads python-tuf's client, securesystemslib's signer and
         cryptography (~12 MB RSS): an idle agent serving its committed bundle needs none of them.
         """
-        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
+        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher  # lazy: tuf+cryptography, ~12 MB
 
         c = self.config
         return MqttFetcher(
@@ -188,9 +188,9 @@ class AgentDaemon:
         log_event(log, "agent.serving_from_disk", bundle=rec.active, state=rec.state)
 
     def _start_api(self) -> None:
-        from agent.serving.api import ApiLimits
-        from agent.serving.http_server import HttpInferenceServer
-        from agent.serving.unix_server import UnixInferenceServer
+        from agent.serving.api import ApiLimits  # lazy: the API's modules load when it starts
+        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server only when enabled
+        from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
 
         api = self.config.api
         limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
@@ -204,7 +204,7 @@ class AgentDaemon:
 
     @property
     def http_port(self) -> int | None:
-        from agent.serving.http_server import HttpInferenceServer
+        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server stays out unless asked
 
         for s in self._servers:
             if isinstance(s, HttpInferenceServer):

@@ -74,7 +74,7 @@ def build_command(
     """Build a bundle from MODEL (ONNX or TFLite, detected from the bytes)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fleet.registry.builder import BundleMetadata, build_bundle
+    from fleet.registry.builder import BundleMetadata, build_bundle  # lazy: pydantic, onnx: `build` only
 
     try:
         meta = BundleMetadata.from_json_file(metadata_path)
