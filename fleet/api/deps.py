@@ -109,6 +109,9 @@ def idempotent_create(
 
     The same key with a different body or route answers 409. Failed creates are not stored,
     so a client may retry them with the same key.
+
+    Raises `Conflict` (the key was used for another request), `RequestValidationError` (a malformed key)
+    and whatever `create` raises.
     """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
