@@ -1,10 +1,20 @@
-"""The agent's one error hierarchy, split by cause.
+"""The product's one error hierarchy (agent and fleet), split by cause.
+
+`EdgefleetError` is the root of every error edgefleet raises on purpose. It lives here, in the
+bottom layer, because the agent never imports the fleet while the fleet imports the agent's
+contract: `fleet.errors` derives each fleet error from the cause classes below, so
+`except EdgefleetError` catches both sides and `except TransportError` catches the agent's and
+the fleet's network failures alike (see docs/errors.md for the whole tree).
 
 - `UntrustedDataError`: something received (a bundle, metadata, a director document, a
-  message, an inference request) failed a check. Never retried as-is; reported.
+  message, an inference request, an operator's input) failed a check. Never retried as-is;
+  reported.
 - `TransportError`: the network or broker failed. Retried with backoff.
+- `LocalResourceError`: this machine ran out of something (disk space, file handles) or a
+  local file cannot be written. May succeed once the resource is freed.
 - `MisuseError`: the caller or the configuration is wrong. Fix the call or the config.
-- `RuntimeFailure`: the model runtime failed while loading or running a verified model.
+- `RuntimeFailure`: the model runtime failed while loading or running a verified model, or
+  the model's measured behaviour failed a check.
 
 Every public function documents which of these it raises.
 """
@@ -41,6 +51,15 @@ class DirectorError(UntrustedDataError):
     """A director document failed its signature, sequence, expiry or addressee check."""
 
 
+class UnknownDirectorKeyError(DirectorError):
+    """A director document carries signatures only by keys the trusted root does not know.
+
+    Its own type because the daemon treats it differently from every other refusal: the
+    document may be signed by rotated director keys, so it is held until the TUF metadata
+    has been refreshed once (a new root brings the new keys) and then checked again.
+    """
+
+
 class MessageError(UntrustedDataError):
     """A protocol message is malformed, oversized or not for this device."""
 
@@ -60,6 +79,11 @@ class FetchTimeoutError(TransportError):
 
 class NotFoundError(TransportError):
     """The publisher answered that an object does not exist (the 404 of the MQTT fetcher)."""
+
+
+# --- local resource ---------------------------------------------------------------------
+class LocalResourceError(EdgefleetError):
+    """A local resource is exhausted or unwritable (full disk, file handles); retry once freed."""
 
 
 # --- misuse -----------------------------------------------------------------------------

@@ -1,13 +1,19 @@
-"""The components `edgefleet fleet serve` runs beside the API, and the trust bootstrap.
+"""The composition root of `edgefleet fleet serve`: every collaborator built once, and the trust
+bootstrap.
 
-`build_components(settings, store, ...)` returns, in start order:
+`build_components(settings, store, ...)` builds each collaborator exactly once (key store, TUF
+repository, director signer, publisher, telemetry store, alert manager, drift monitor, rollout
+controller, experiment driver) and returns them as `FleetParts`: the API gets its share
+(`FleetParts.api`, handed to `create_app` by `FleetService`) and the components get theirs as
+constructor arguments. Nothing is looked up later among running components. The components, in
+start order:
 
 1. the MQTT publisher (only when a broker is given): serves the TUF repository in chunks,
    publishes director documents, and hands reported states to the inventory
    (`store.devices.on_reported`) and to the controller, events to the controller, and
    telemetry to the telemetry ingest;
-2. the telemetry ingest's store (flushed and closed at stop) whose merged windows feed the
-   rollout gates (`TelemetryMetrics`);
+2. the telemetry ingest's store (flushed periodically, closed at stop) whose merged windows
+   feed the rollout gates (`TelemetryMetrics`);
    then the drift monitor (`fleet/telemetry/monitor.py`), which times ingest, evaluates
    closed windows for drift (alerts, retraining triggers, Prometheus gauges) and gives the
    gates their drift score;
@@ -16,36 +22,43 @@
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
+The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
+`fleet.periodic.PeriodicRunner`.
+
 `ensure_trust(settings)` creates the keys and the TUF repository under the data directory on
 first start (root: 2 of 3 keys; move them offline afterwards, see docs/trust.md).
 
-Errors: `broker_config` raises FleetInputError for a bad URL; `build_components` raises
-FleetMisuseError when keys are unreadable.
+Errors: `broker_config` and `ServeConfig` raise `FleetInputError` for a bad URL or period;
+`ensure_trust` and `build_components` raise `FleetMisuseError` when keys are unreadable or the
+alert database cannot be opened.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from agent.logs import log_event
 from agent.transport.mqtt_client import MqttConfig
+from fleet.api.deps import ApiCollaborators
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
+from fleet.periodic import PeriodicRunner
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.experiments import ExperimentDriver
-from fleet.rollouts.gates import MetricsSource, TelemetryMetrics
+from fleet.rollouts.gates import TelemetryMetrics
 from fleet.service import Component
 from fleet.settings import FleetSettings
 from fleet.store import Store
-from fleet.telemetry.monitor import build_drift_monitor
+from fleet.telemetry.alerts import AlertManager
+from fleet.telemetry.ingest import TelemetryStore
+from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -83,7 +96,9 @@ def broker_config(url: str, client_id: str) -> MqttConfig:
 
 
 def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> tuple[KeyStore, Repository]:
-    """Open the key store and TUF repository under the data directory, creating them if absent."""
+    """Open the key store and TUF repository under the data directory, creating them if absent.
+
+    Raises `FleetMisuseError` (keys unreadable or incomplete)."""
     cfg = config or ServeConfig()
     keystore = KeyStore(settings.keys_dir)
     repo = Repository(settings.repo_dir, keystore)
@@ -114,7 +129,7 @@ class PublisherComponent:
 
 
 class TimestampRefresher:
-    """Re-sign the TUF timestamp every `interval_s` (and once at start if it is old)."""
+    """Re-sign the TUF timestamp every `interval_s` (job `timestamp-refresher` of its runner)."""
 
     name = "timestamp-refresher"
 
@@ -123,11 +138,15 @@ class TimestampRefresher:
         self.interval_s = interval_s
         self.publisher = publisher
         self.refreshed = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # a failed refresh is logged and retried next period: an expired timestamp freezes the fleet
+        self._runner = PeriodicRunner(logger)
+        self._runner.add(self.name, self.refresh, interval_s)
 
     def refresh(self) -> int:
-        """One refresh (and publish); returns the new timestamp version."""
+        """One refresh (and publish); returns the new timestamp version.
+
+        Raises what `Repository.refresh_timestamp` raises (`FleetMisuseError`: not initialised,
+        keys missing); a failed publish is logged, not raised."""
         with REPO_LOCK:
             version = self.repo.refresh_timestamp()
         self.refreshed += 1
@@ -139,85 +158,81 @@ class TimestampRefresher:
         return version
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="timestamp-refresher", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.refresh()
-            except Exception:  # keep trying: an expired timestamp freezes the whole fleet
-                logger.exception("timestamp refresh failed")
+        self._runner.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._runner.stop()
 
 
 class TelemetryComponent:
-    """The telemetry ingest store: written from the publisher thread, flushed every `flush_s`
-    (so readers with their own connection, such as the experiment routes, see recent windows)
-    and closed at stop."""
+    """The telemetry ingest store as a component: written from the publisher thread, flushed
+    every `flush_s` (job `telemetry-flush`, so readers with their own connection, such as the
+    experiment routes, see recent windows) and closed at stop."""
 
     name = "telemetry-ingest"
 
-    def __init__(self, path: Path, flush_s: float = 5.0) -> None:
-        from fleet.telemetry.ingest import TelemetryStore
-
-        self.telemetry = TelemetryStore(path)
+    def __init__(self, telemetry: TelemetryStore, flush_s: float = 5.0) -> None:
+        self.telemetry = telemetry
         self.flush_s = flush_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._runner = PeriodicRunner(logger)
+        self._runner.add("telemetry-flush", telemetry.flush, flush_s)
 
     def ingest(self, device_id: str, payload: bytes) -> None:
         self.telemetry.ingest(payload)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="telemetry-flush", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            try:
-                self.telemetry.flush()
-            except Exception:
-                logger.exception("telemetry flush failed")
+        self._runner.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._runner.stop()
         self.telemetry.close()
+
+
+@dataclass
+class FleetParts:
+    """Every collaborator `fleet serve` builds, once, and its components in start order."""
+
+    keystore: KeyStore
+    repository: Repository
+    signer: DirectorSigner
+    publisher: Publisher | None
+    telemetry: TelemetryStore
+    alerts: AlertManager
+    monitor: DriftMonitor
+    controller: RolloutController
+    experiments: ExperimentDriver
+    refresher: TimestampRefresher
+    components: list[Component]
+
+    @property
+    def api(self) -> ApiCollaborators:
+        """The API's share (handed to `create_app`)."""
+        return ApiCollaborators(repository=self.repository, publisher=self.publisher, monitor=self.monitor)
 
 
 def build_components(settings: FleetSettings, store: Store, with_broker: bool,
                      config: ServeConfig | None = None,
-                     clock: Callable[[], float] | None = None) -> list[Component]:
-    """Everything `fleet serve` runs beside the API, in start order (see the module docstring)."""
+                     clock: Callable[[], float] | None = None) -> FleetParts:
+    """Everything `fleet serve` runs beside the API, each built once (see the module docstring).
+
+    Raises `FleetInputError` (bad broker URL) and `FleetMisuseError` (keys, alert database).
+    """
     cfg = config or ServeConfig()
     keystore, repo = ensure_trust(settings, cfg)
     signer = DirectorSigner(keystore, settings.data_dir / "director")
-    components: list[Component] = []
     publisher: Publisher | None = None
-    metrics: MetricsSource | None = None
-    telemetry = TelemetryComponent(settings.data_dir / "telemetry.db")
-    monitor = build_drift_monitor(settings, store, telemetry.telemetry, clock)  # alerts, triggers, gauges
-    metrics = TelemetryMetrics(telemetry.telemetry, drift=monitor.drift_score)
+    telemetry = TelemetryStore(settings.telemetry_db_path)
+    ingest = TelemetryComponent(telemetry)
+    monitor = build_drift_monitor(settings, store, telemetry, clock, repository=repo)  # alerts, gauges
+    metrics = TelemetryMetrics(telemetry, drift=monitor.drift_score)
+    components: list[Component] = []
     if with_broker:
         publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}"),
                               settings.topic_prefix, settings.repo_dir)
         components.append(PublisherComponent(publisher))
-    components.append(telemetry)
-    components.append(monitor)
-    kwargs = {"clock": clock} if clock is not None else {}
-    controller = RolloutController(store, repo, signer, publisher,
-                                   config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
-                                   **kwargs)
+    components += [ingest, monitor]
+    controller = RolloutController(store, repo, signer, publisher, clock=clock or time.time,
+                                   config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics)
     if publisher is not None:
         publisher.on_reported(store.devices.on_reported)
         publisher.on_reported(controller.on_reported)
@@ -226,7 +241,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         # Agents send events at least once: a redelivery (same device and seq) is dropped first.
         publisher.on_event(EventDeduper(RevokedFilter(store, controller.on_event, "event")))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
-    components.append(controller)
-    components.append(ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2))
-    components.append(TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher))
-    return components
+    experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
+    refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher)
+    components += [controller, experiments, refresher]
+    return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
+                      experiments, refresher, components)

@@ -1,27 +1,52 @@
-"""The fleet's one error hierarchy, split by cause (mirrors `agent.errors`).
+"""The fleet's errors: the product hierarchy's cause classes, marked as the fleet's own.
 
-- `FleetInputError`: an operator's or device's input is invalid (bad model, bad report).
-- `FleetTransportError`: the broker or a webhook failed; retried.
-- `FleetMisuseError`: wrong call or configuration (missing key, repository not initialised).
-- `GateFailed`: a quality or rollout gate refused (carries the figures).
+Every fleet error derives from `FleetError` *and* from the cause class of `agent.errors` it
+stands for, so there is one root for the whole product (`agent.errors.EdgefleetError`):
+
+- `FleetInputError` (`UntrustedDataError`): an operator's or a device's input is invalid (bad
+  model, bad report, unknown name, conflicting request, bad credential); nothing was changed.
+- `FleetTransportError` (`TransportError`): the broker, a webhook or another peer failed;
+  retried.
+- `FleetResourceError` (`LocalResourceError`): the fleet host ran out of something (a full
+  disk while writing a bundle).
+- `FleetMisuseError` (`MisuseError`): wrong call or configuration (missing key, repository not
+  initialised).
+- `GateFailed` (`RuntimeFailure`, like the agent's `HealthCheckFailed`): the model ran and its
+  measured behaviour failed a quality gate (carries the figures).
+
+Callers that handle agent and fleet errors alike catch `EdgefleetError` (or one cause class);
+`except FleetError` still means "only the fleet's own". See docs/errors.md for the whole tree.
 """
 
 from __future__ import annotations
 
+from agent.errors import (
+    EdgefleetError,
+    LocalResourceError,
+    MisuseError,
+    RuntimeFailure,
+    TransportError,
+    UntrustedDataError,
+)
 
-class FleetError(Exception):
-    """Root of every error the fleet raises on purpose."""
+
+class FleetError(EdgefleetError):
+    """Root of every error the fleet raises on purpose (a branch of `EdgefleetError`)."""
 
 
-class FleetInputError(FleetError):
+class FleetInputError(FleetError, UntrustedDataError):
     """Input from an operator or a device is invalid; nothing was changed."""
 
 
-class FleetTransportError(FleetError):
+class FleetTransportError(FleetError, TransportError):
     """The broker, a webhook or another network peer failed."""
 
 
-class FleetMisuseError(FleetError):
+class FleetResourceError(FleetError, LocalResourceError):
+    """A local resource of the fleet host is exhausted or unwritable (e.g. a full disk)."""
+
+
+class FleetMisuseError(FleetError, MisuseError):
     """The call or configuration is wrong (e.g. keys missing, repository not initialised)."""
 
 
@@ -29,7 +54,7 @@ class SigningKeyError(FleetMisuseError):
     """A signing key is missing, unreadable or does not match the role it signs for."""
 
 
-class GateFailed(FleetError):
+class GateFailed(FleetError, RuntimeFailure):
     """A validation or rollout gate refused; `figures` holds the measurements."""
 
     def __init__(self, reason: str, figures: dict[str, float] | None = None) -> None:

@@ -6,7 +6,9 @@ on the `Publisher`, the latest drift verdicts on the `DriftMonitor`. So `FleetCo
 custom `Collector`, reads them when Prometheus scrapes instead of mirroring every change into
 counters (which would drift from the store after a restart). Only two things are measured as
 they happen: API requests (`ApiMetrics`, fed by an ASGI middleware) and ingest latency
-(`IngestTimer`); their metric objects are unregistered and handed to the collector.
+(`fleet.telemetry.monitor.IngestTimer`, owned by the drift monitor that times ingest); their
+metric objects are unregistered and handed to the collector. The sources are the collaborators
+`fleet serve` built once (`sources_of`), never found by scanning the running components.
 
 A source that fails to answer (a locked database, a component mid-stop) does not fail the
 scrape: its families are left out and `edgefleet_scrape_errors_total{source}` counts it.
@@ -48,7 +50,7 @@ import math
 import threading
 import time
 from collections import Counter as TallyCounter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,36 +60,20 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
+from fleet.rollouts.store import STATES, TERMINAL_STATES
+from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
 
 if TYPE_CHECKING:
     from fleet.store import Store
     from fleet.telemetry.alerts import AlertManager
     from fleet.telemetry.ingest import TelemetryStore
-    from fleet.telemetry.monitor import DriftGauge
 
 log = logging.getLogger("edgefleet.fleet.metrics")
 
 RECENT_ROLLOUTS = 20
 REFUSAL_STATUSES = (400, 404, 416, 429, 503)
-INGEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, math.inf)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf)
 UNMATCHED_ROUTE = "<unmatched>"
-
-
-class IngestTimer:
-    """Times telemetry ingest calls into `edgefleet_telemetry_ingest_seconds` (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.histogram = Histogram("edgefleet_telemetry_ingest_seconds",
-                                   "Time to decode, check, deduplicate and merge one telemetry report",
-                                   registry=None, buckets=INGEST_BUCKETS)
-
-    def time(self, fn: Callable[[], str]) -> str:
-        start = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.histogram.observe(time.perf_counter() - start)
 
 
 class ApiMetrics:
@@ -160,25 +146,16 @@ class MetricSources:
     api: ApiMetrics | None = None
 
 
-def sources_from_components(store: Store, components: Iterable[object], api: ApiMetrics | None = None
-                            ) -> MetricSources:
-    """Find the publisher, telemetry store, drift monitor and alert manager among the service's
-    components by what they hold (the components are built elsewhere; no registry of names)."""
-    from fleet.telemetry.ingest import TelemetryStore
-    from fleet.telemetry.monitor import DriftMonitor
-
-    src = MetricSources(store=store, api=api)
-    for comp in components:
-        if isinstance(comp, DriftMonitor):
-            src.drift, src.alerts, src.ingest_timer = comp, comp.alerts, comp.ingest_timer
-            src.telemetry = src.telemetry or comp.telemetry
-        publisher = getattr(comp, "publisher", None)
-        if publisher is not None and hasattr(publisher, "bytes_sent"):
-            src.publisher = publisher
-        telemetry = getattr(comp, "telemetry", None)
-        if isinstance(telemetry, TelemetryStore):
-            src.telemetry = telemetry
-    return src
+def sources_of(store: Store, api: ApiMetrics | None = None, publisher: Any | None = None,
+               monitor: DriftMonitor | None = None, telemetry: TelemetryStore | None = None,
+               alerts: AlertManager | None = None) -> MetricSources:
+    """The collector's sources from the service's collaborators: the drift monitor brings its
+    telemetry store, alert manager and ingest timer; `telemetry`/`alerts` (the stores the API
+    opened itself when it runs alone) fill in only without a monitor."""
+    if monitor is not None:
+        return MetricSources(store=store, telemetry=monitor.telemetry, alerts=monitor.alerts, drift=monitor,
+                             publisher=publisher, ingest_timer=monitor.ingest_timer, api=api)
+    return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -257,8 +234,6 @@ def _device_families(src: MetricSources) -> list[Metric]:
 
 
 def _rollout_families(src: MetricSources) -> list[Metric]:
-    from fleet.rollouts.store import STATES, TERMINAL_STATES
-
     by_state = _gauge("edgefleet_rollouts", "Rollouts by state", ["state"])
     devices = _gauge("edgefleet_rollout_devices", "Devices of a rollout by progress status",
                      ["rollout", "model_version", "status"])

@@ -1,8 +1,11 @@
 """`FleetService`: opens the store, starts the service's components, serves the API, stops cleanly.
 
-Components (the MQTT publisher and the rollout controller arrive later) implement the
-two-method `Component` protocol and are started in order before the API listens and
-stopped in reverse order after it stops, even when one of them fails.
+Components (the MQTT publisher, the telemetry ingest, the drift monitor, the rollout
+controller, ...) implement the two-method `Component` protocol and are started in order before
+the API listens and stopped in reverse order after it stops, even when one of them fails.
+A `component_factory` (`fleet.components.build_components`) builds them over the service's
+store together with the collaborators the API shares (`ServiceParts.api`), which are handed
+to `create_app` once: the routes never search the running components for a collaborator.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Protocol
 
@@ -19,6 +22,7 @@ from fastapi import FastAPI
 
 from agent.logs import log_event
 from fleet.api import create_app
+from fleet.api.deps import ApiCollaborators
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
@@ -36,6 +40,20 @@ class Component(Protocol):
     def stop(self) -> None: ...
 
 
+class ServiceParts(Protocol):
+    """What a component factory builds over the service's store (`fleet.components.FleetParts`)."""
+
+    @property
+    def components(self) -> Sequence[Component]:
+        """The components, in start order."""
+        ...
+
+    @property
+    def api(self) -> ApiCollaborators:
+        """The collaborators the API routes use (built once, shared with the components)."""
+        ...
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
@@ -44,21 +62,25 @@ class FleetService:
     """The fleet process: store + components + HTTP API.
 
     `run()` blocks until the server exits (SIGINT/SIGTERM); `start_background()` /
-    `stop()` run it in a thread for tests and benchmarks.
+    `stop()` run it in a thread for tests and benchmarks. `components` run as given;
+    `component_factory(store)` builds more over the service's store, and the API gets the
+    collaborators it returns (`parts`).
     """
 
     def __init__(self, settings: FleetSettings, components: list[Component] | None = None,
                  clock: Clock | None = None,
-                 component_factory: Callable[[Store], list[Component]] | None = None) -> None:
+                 component_factory: Callable[[Store], ServiceParts] | None = None) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         kwargs = {"clock": clock} if clock is not None else {}
         self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
         self.components: list[Component] = list(components or [])
+        self.parts: ServiceParts | None = None
         if component_factory is not None:  # components that need the service's store
-            self.components += component_factory(self.store)
-        self.app: FastAPI = create_app(settings, self.store)
-        self.app.state.components = self.components  # /metrics and telemetry routes read them
+            self.parts = component_factory(self.store)
+            self.components += self.parts.components
+        api = self.parts.api if self.parts is not None else None
+        self.app: FastAPI = create_app(settings, self.store, collaborators=api)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._started: list[Component] = []

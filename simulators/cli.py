@@ -123,8 +123,8 @@ def run_suite(
 
 def write_openapi(path: Path) -> None:
     """Write the fleet API's OpenAPI document, built from the same app the scenarios serve."""
-    from fleet.api import create_app
-    from fleet.settings import FleetSettings
+    from fleet.api import create_app  # lazy: FastAPI and the fleet: `sim --help` starts without
+    from fleet.settings import FleetSettings  # lazy: pydantic-settings: CLI start-up
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-openapi-") as tmp:
         app = create_app(FleetSettings(data_dir=Path(tmp)))

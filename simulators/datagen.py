@@ -151,7 +151,10 @@ class DataGenerator:
         self.rng = np.random.default_rng(seed)
 
     def batch(self, n: int, t: float = 0.0) -> np.ndarray:
-        """`(n, len(features))` float32 rows (categorical columns hold integer codes)."""
+        """`(n, len(features))` float32 rows (categorical columns hold integer codes).
+
+        Raises `FleetMisuseError` when `n` < 0.
+        """
         if n < 0:
             raise FleetMisuseError("batch size must be >= 0")
         cols = [self._column(f, n, t) for f in self.schema.features]

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.contract.manifest import Manifest
+
 
 def mlp_weights(
     seed: int = 0, sizes: tuple[int, ...] = (32, 64, 64, 4)
@@ -236,8 +238,6 @@ def mlp_manifest(
 ) -> Any:
     """A minimal valid `Manifest` for an MLP made here (input `x`, output `logits`, dynamic batch)."""
     import hashlib
-
-    from agent.contract.manifest import Manifest
 
     return Manifest.model_validate(
         {

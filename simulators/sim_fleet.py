@@ -156,7 +156,10 @@ class SimFleet:
             self.telemetry.close()
 
     def on_store(self, fn: Callable[[TelemetryStore], Any], timeout: float = 60.0) -> Any:
-        """Run `fn(store)` on the ingest thread (after everything queued before it); its result."""
+        """Run `fn(store)` on the ingest thread (after everything queued before it); its result.
+
+        Raises `FleetTransportError` after `timeout`, or what `fn` raised.
+        """
         done = threading.Event()
         box: list[Any] = []
 

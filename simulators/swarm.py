@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.logs import log_event
+from agent.logs import configure_logging, log_event
 from fleet.errors import FleetMisuseError, FleetTransportError
 from simulators.datagen import DataGenerator, DriftSpec, Schema, default_schema, device_seed
 from simulators.models import mlp_reference, mlp_weights
-from simulators.swarm_device import DeviceProfile
+from simulators.swarm_device import SESSION_POOL, DeviceProfile, SharedTicker, SwarmAgent, agent_config
+from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
 
 logger = logging.getLogger(__name__)
 THREAD_STACK_BYTES = 512 * 1024
@@ -146,10 +147,6 @@ class _Traffic:
 
 def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
     """A worker process: build the devices, run them, answer the controller until `stop`."""
-    from agent.logs import configure_logging
-    from simulators.swarm_device import SESSION_POOL, SharedTicker, SwarmAgent, agent_config
-    from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
-
     configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "ERROR"))
     threading.stack_size(THREAD_STACK_BYTES)
     raise_nofile_limit(len(profiles) * 6 + 256)

@@ -35,6 +35,7 @@ from agent.contract.protocol import ReportedState
 from agent.daemon.core import AgentDaemon
 from agent.daemon.serving import ModelCatalog
 from agent.errors import RuntimeFailure
+from agent.runtimes import load_model
 from agent.runtimes.base import LoadedModel
 from simulators.faults import SkewedClock
 from simulators.swarm_loop import SwarmLoop
@@ -84,8 +85,6 @@ class _SessionPool:
         self.loads = 0  # real engine loads, for tests and the benchmark
 
     def acquire(self, model_path: Path, manifest: Manifest, threads: int) -> _PooledRuntime:
-        from agent.runtimes import load_model
-
         key = (manifest.model_digest, threads)
         with self._lock:
             entry = self._entries.get(key)

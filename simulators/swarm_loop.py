@@ -95,7 +95,10 @@ class LoopTransport(MqttTransport):
 
     # --- the Transport connection API ------------------------------------------------------
     def connect(self, timeout: float | None = None) -> None:
-        """Start connecting on the loop (idempotent); wait up to `timeout` s (0 = do not wait)."""
+        """Start connecting on the loop (idempotent); wait up to `timeout` s (0 = do not wait).
+
+        Raises `MisuseError` (closed) or `TransportError` (no CONNACK in time, refused).
+        """
         if self._closing.is_set():
             raise MisuseError("transport was closed")
         if not self._started:
@@ -283,7 +286,10 @@ class SwarmLoop:
         self.stop()
 
     def transport(self, config: MqttConfig) -> LoopTransport:
-        """A new client on this loop (not yet connecting: call `connect`)."""
+        """A new client on this loop (not yet connecting: call `connect`).
+
+        Raises `MisuseError` when the loop is stopped.
+        """
         if self._stop.is_set():
             raise MisuseError("the swarm loop is stopped")
         t = LoopTransport(config, self)

@@ -1,4 +1,5 @@
-"""The package boundaries the brief fixes: agent never imports fleet; CLI groups exist.
+"""The package boundaries the brief fixes: agent never imports fleet; CLI groups exist; no
+import circles between project modules, and no unexplained function-local imports.
 
 Also the tests' own layout: tests mirror the source below `tests/`, share code only through
 `tests/support` (never by importing another test module or a conftest), and the product
@@ -8,11 +9,14 @@ package ships no test hooks or drivers (those live in `tests/support`).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.import_graph import ImportEdge, circles, cycles, import_edges
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +131,35 @@ def test_the_product_carries_no_test_hooks() -> None:
         if "EDGEFLEET_TEST" in p.read_text() or p.stem.startswith("_harness")
     ]
     assert offenders == []
+
+
+@pytest.mark.unit
+def test_no_import_cycle_between_project_modules() -> None:
+    """agent/, fleet/ and simulators/ form no import circle, counting imports inside functions
+    (a function-local import only hides a circle). Imports under `if TYPE_CHECKING:` are left
+    out: they never run, so they cannot make a module see a half-initialised one."""
+    found = circles(e for e in import_edges() if not e.type_checking)
+    assert not found, "import circles:\n" + "\n".join(c.describe() for c in found)
+
+
+@pytest.mark.unit
+def test_function_local_imports_of_project_modules_say_why() -> None:
+    """An import of a project module inside a function is either a lazy import whose line says
+    why (`# lazy: <what it keeps out of memory or start-up>`) or belongs at the top of the file."""
+    unexplained = [
+        f"{e.where()}: {e.text.strip()}" for e in import_edges()
+        if e.in_function and not re.search(r"#\s*lazy:\s*\S", e.text)
+    ]
+    assert not unexplained, "function-local imports without `# lazy: why`:\n" + "\n".join(unexplained)
+
+
+@pytest.mark.unit
+def test_the_import_graph_sees_function_local_and_type_checking_imports() -> None:
+    edges = import_edges()
+    local = {(e.source, e.target) for e in edges if e.in_function}
+    assert ("agent.daemon.core", "agent.transport.mqtt_fetcher") in local
+    assert ("agent.trust", "agent.trust.fetchers") in local  # `from agent.trust import fetchers`
+    typing_only = {(e.source, e.target) for e in edges if e.type_checking}
+    assert ("agent.daemon.core", "agent.transport.mqtt_fetcher") in typing_only
+    assert cycles([ImportEdge("a", "b", "a.py", 1, True, False, ""),
+                   ImportEdge("b", "a", "b.py", 1, False, False, "")]) == [({"a", "b"}, ["a", "b", "a"])]

@@ -35,7 +35,7 @@ def group() -> None:
 
 def _model_dir_manifest(model_dir: Path) -> tuple[Manifest, Path]:
     """Manifest and model path of an extracted bundle directory, with the model's digest checked."""
-    from agent.contract.manifest import parse_manifest
+    from agent.contract.manifest import parse_manifest  # lazy: CLI start-up (see above)
 
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -61,7 +61,7 @@ def _open_model_source(bundle: Path | None, model_dir: Path | None) -> Iterator[
         yield _model_dir_manifest(model_dir)
         return
     assert bundle is not None
-    from agent.contract.bundle import extract_bundle
+    from agent.contract.bundle import extract_bundle  # lazy: CLI start-up
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
         extracted = extract_bundle(bundle, Path(tmp) / "bundle", durable=False)
@@ -113,8 +113,13 @@ def predict(
     Rows are validated against the manifest's input schema; a bad row stops the run with its
     row number and nothing is written.
     """
-    from agent.runtimes import load_model
-    from agent.serving.scoring_files import OutputWriter, count_rows, file_format, iter_batches
+    from agent.runtimes import load_model  # lazy: CLI start-up
+    from agent.serving.scoring_files import (  # lazy: CLI start-up
+        OutputWriter,
+        count_rows,
+        file_format,
+        iter_batches,
+    )
 
     try:
         file_format(input_path)
@@ -179,8 +184,8 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], object]]:
               help="Agent config (JSON; see `edgefleet agent init-config`).")
 def run_command(config_path: Path) -> None:
     """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
-    from agent.config import load_config
-    from agent.daemon.core import AgentDaemon
+    from agent.config import load_config  # lazy: CLI start-up
+    from agent.daemon.core import AgentDaemon  # lazy: CLI start-up
 
     try:
         daemon = AgentDaemon(load_config(config_path))
@@ -219,9 +224,9 @@ def status_command(config_path: Path, as_json: bool) -> None:
     """Show the lifecycle state record: state, active/previous/staged bundles, last error."""
     import json as _json
 
-    from agent.config import load_config
-    from agent.lifecycle.slots import Slots
-    from agent.lifecycle.state_store import StateStore
+    from agent.config import load_config  # lazy: CLI start-up
+    from agent.lifecycle.slots import Slots  # lazy: CLI start-up
+    from agent.lifecycle.state_store import StateStore  # lazy: CLI start-up
 
     try:
         cfg = load_config(config_path)
@@ -251,7 +256,7 @@ def status_command(config_path: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def init_config_command(output: Path | None, force: bool) -> None:
     """Write a commented example config to OUTPUT (or stdout)."""
-    from agent.config import EXAMPLE_CONFIG
+    from agent.config import EXAMPLE_CONFIG  # lazy: CLI start-up
 
     if output is None:
         click.echo(EXAMPLE_CONFIG, nl=False)

@@ -48,7 +48,7 @@ class _PluginGroup(click.Group):
             return self.commands[cmd_name]
         try:
             if cmd_name == "agent":  # our own group (also the `agent` entry point): no scan needed
-                from agent.cli.agent_commands import group
+                from agent.cli.agent_commands import group  # lazy: only `edgefleet agent` loads its group
 
                 return group
             ep = self._entry_points().get(cmd_name)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, utc_timestamp
-from agent.errors import DirectorError
+from agent.errors import DirectorError, UnknownDirectorKeyError
 
 # securesystemslib is imported where keys and signatures are handled, not here: its signer
 # module loads cryptography (~8.5 MB RSS), which an idle agent that has already applied its
@@ -163,6 +163,8 @@ def verify_director(
     a trusted key refused, threshold of distinct trusted keys), sequence strictly greater than
     `last_sequence`, expiry against `now`, addressee (this device or one of `cohorts`).
     Raises `DirectorError` naming the failed check; the caller's state must not change then.
+    Signatures only by keys `trust` does not know raise its subclass `UnknownDirectorKeyError`
+    (the trusted root may be behind a director key rotation).
     """
     if len(data) > MAX_DIRECTOR_BYTES:
         raise DirectorError(f"director document is {len(data)} bytes, over the {MAX_DIRECTOR_BYTES} limit")
@@ -221,7 +223,7 @@ def _check_signatures(signed: dict[str, Any], raw_sigs: list[Any], trust: Direct
             ) from None
         valid.add(sig.keyid)
     if not valid and unknown:
-        raise DirectorError(f"director document signed only by unknown key(s) {', '.join(unknown)}")
+        raise UnknownDirectorKeyError(f"director document signed only by unknown key(s) {', '.join(unknown)}")
     if len(valid) < trust.threshold:
         raise DirectorError(
             f"director document has {len(valid)} valid signature(s), below the threshold {trust.threshold}"

@@ -37,7 +37,13 @@ from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon.process import Notifier, ObservedStore, agent_version
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
-from agent.errors import DirectorError, EdgefleetError, MisuseError, TransportError, UntrustedDataError
+from agent.errors import (
+    EdgefleetError,
+    MisuseError,
+    TransportError,
+    UnknownDirectorKeyError,
+    UntrustedDataError,
+)
 from agent.lifecycle import Lifecycle, LifecycleConfig
 from agent.lifecycle.machine import State
 from agent.lifecycle.state_store import StateRecord
@@ -57,8 +63,6 @@ log = logging.getLogger("edgefleet.agent")
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
-#: How `verify_director` words "no signature by a key the trusted root knows".
-UNKNOWN_KEYS_MARK = "signed only by unknown key"
 TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
 
 
@@ -142,7 +146,7 @@ class AgentDaemon:
         Deferred because importing it loads python-tuf's client, securesystemslib's signer and
         cryptography (~12 MB RSS): an idle agent serving its committed bundle needs none of them.
         """
-        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
+        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher  # lazy: tuf+cryptography, ~12 MB
 
         c = self.config
         return MqttFetcher(
@@ -177,9 +181,9 @@ class AgentDaemon:
         log_event(log, "agent.serving_from_disk", bundle=rec.active, state=rec.state)
 
     def _start_api(self) -> None:
-        from agent.serving.api import ApiLimits
-        from agent.serving.http_server import HttpInferenceServer
-        from agent.serving.unix_server import UnixInferenceServer
+        from agent.serving.api import ApiLimits  # lazy: the API's modules load when it starts
+        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server only when enabled
+        from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
 
         api = self.config.api
         limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
@@ -193,7 +197,7 @@ class AgentDaemon:
 
     @property
     def http_port(self) -> int | None:
-        from agent.serving.http_server import HttpInferenceServer
+        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server stays out unless asked
 
         for s in self._servers:
             if isinstance(s, HttpInferenceServer):
@@ -242,7 +246,7 @@ class AgentDaemon:
         try:
             target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
         except UntrustedDataError as exc:  # DirectorError, or a trusted root that no longer parses
-            if may_defer and isinstance(exc, DirectorError) and UNKNOWN_KEYS_MARK in str(exc):
+            if may_defer and isinstance(exc, UnknownDirectorKeyError):
                 log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
                 with self._events_lock:
                     self._deferred[addressee] = payload

@@ -14,7 +14,8 @@ if the lifecycle never saw it because the agent died in between), anything older
 with different bytes is a replay and refused.
 
 Errors: `DirectorGate.accept` raises `agent.errors.DirectorError` (refuse and report; nothing
-changed) and `MisuseError` when the ledger cannot be written.
+changed; `UnknownDirectorKeyError` when no signature is by a key the trusted root knows) and
+`MisuseError` when the ledger cannot be written.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class DirectorGate:
 
         Returns the target to hand to the lifecycle, or None for a duplicate it already has.
         `lifecycle_sequence` is the state record's `director_sequence` (local numbering).
-        Raises `DirectorError` (bad signature, replay, expired, foreign, wrong topic).
+        Raises `DirectorError` (bad signature, replay, expired, foreign, wrong topic), or its
+        subclass `UnknownDirectorKeyError` when only keys unknown to the trusted root signed.
         """
         digest = hashlib.sha256(data).hexdigest()
         with self._lock:

@@ -21,6 +21,7 @@ import numpy as np
 from agent.contract.manifest import Manifest
 from agent.errors import EdgefleetError, InputValidationError, MisuseError, NoModelLoadedError
 from agent.logs import log_event
+from agent.runtimes import load_model
 from agent.serving.model_holder import LoadedModel, ModelHolder
 from agent.telemetry.queue import ReportQueue
 from agent.telemetry.sketch import TelemetrySketch
@@ -41,8 +42,6 @@ class ModelCatalog:
 
     def load(self, model_path: Path, manifest: Manifest, threads: int) -> LoadedModel:
         """Load with the real runtime; raises as `agent.runtimes.load_model`."""
-        from agent.runtimes import load_model
-
         model = load_model(model_path, manifest, threads=threads)
         bid = f"{manifest.name}-{manifest.version}"
         self.manifests[bid] = manifest

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.contract.bundle import extract_bundle
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
 from agent.errors import (
@@ -35,6 +36,7 @@ from agent.lifecycle.machine import Event, Handler, State
 from agent.lifecycle.slots import Extracted, SlotBundle, Slots, is_quarantined, quarantine
 from agent.lifecycle.state_store import DesiredTarget, StateRecord
 from agent.logs import log_event
+from agent.runtimes import load_model
 from agent.serving.model_holder import LoadedModel, ModelHolder
 
 log = logging.getLogger(__name__)
@@ -86,16 +88,12 @@ class LifecycleConfig:
 
 
 def _default_loader(model_path: Path, manifest: Manifest, threads: int) -> LoadedModel:
-    from agent.runtimes import load_model
-
     return load_model(model_path, manifest, threads=threads)
 
 
 def _default_extract(
     bundle: Path, dest: Path, *, expected_sha256: str | None = None, expected_length: int | None = None
 ) -> Extracted:
-    from agent.contract.bundle import extract_bundle
-
     return extract_bundle(bundle, dest, expected_sha256=expected_sha256, expected_length=expected_length)
 
 

@@ -42,11 +42,11 @@ def load_model(model_path: Path, manifest: Manifest, threads: int = 1) -> Loaded
     if manifest.runtime == "onnx":
         if importlib.util.find_spec("onnxruntime") is None:
             raise RuntimeFailure("onnxruntime is not installed (pip install 'edgefleet[agent]')")
-        from agent.runtimes.onnx import OnnxRuntime
+        from agent.runtimes.onnx import OnnxRuntime  # lazy: the engine in use only
 
         runtime = OnnxRuntime(threads=threads)
     else:
-        from agent.runtimes.litert import LiteRtRuntime
+        from agent.runtimes.litert import LiteRtRuntime  # lazy: the engine in use only
 
         runtime = LiteRtRuntime(threads=threads)
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ _FETCHERS = {"DirectoryFetcher", "MemoryFetcher", "http_fetcher"}
 def __getattr__(name: str) -> Any:
     """The fetchers load lazily: they subclass python-tuf's client (~12 MB RSS with its deps)."""
     if name in _FETCHERS:
-        from agent.trust import fetchers
+        from agent.trust import fetchers  # lazy: python-tuf's client, ~12 MB RSS
 
         return getattr(fetchers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

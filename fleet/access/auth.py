@@ -88,7 +88,10 @@ def _unauthorized(detail: str) -> HTTPException:
 
 
 def require(role: str) -> Callable[..., Principal]:
-    """FastAPI dependency: 401 without a valid API key, 403 when its role is below `role`."""
+    """FastAPI dependency: 401 without a valid API key, 403 when its role is below `role`.
+
+    Raises `ValueError` for an unknown role (a programming error, at import time).
+    """
     if role not in ROLE_RANK:
         raise ValueError(f"unknown role {role!r}")
 

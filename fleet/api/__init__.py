@@ -27,9 +27,11 @@ from fleet.api import (
     rollouts,
     telemetry,
 )
-from fleet.api.deps import install_error_handlers
+from fleet.api.deps import ApiCollaborators, install_error_handlers
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 
 API_VERSION = "1.0.0"
 
@@ -48,11 +50,14 @@ class BodyLimit(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock | None = None) -> FastAPI:
+def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock | None = None,
+               collaborators: ApiCollaborators | None = None) -> FastAPI:
     """Build the API over `store` (opened from `settings.db_path` when not given).
 
     A store the app opened itself is closed when the app shuts down; a store passed in
-    belongs to the caller (the `FleetService` or a test).
+    belongs to the caller (the `FleetService` or a test). `collaborators` are the objects
+    `fleet serve` built once (`fleet/components.py`); without them the TUF repository is
+    opened here from the settings, once for the app's lifetime.
     """
     owned = store is None
     if store is None:
@@ -74,6 +79,9 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     )
     app.state.store = store
     app.state.settings = settings
+    app.state.collaborators = collaborators or ApiCollaborators()
+    app.state.repository = app.state.collaborators.repository or Repository(settings.repo_dir,
+                                                                            KeyStore(settings.keys_dir))
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     install_error_handlers(app)
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,

@@ -18,12 +18,10 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from fleet.access.auth import Operator
-from fleet.api.deps import SettingsDep, StoreDep, idempotent_create
+from fleet.api.deps import RepositoryDep, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import VersionOut
 from fleet.errors import FleetInputError
 from fleet.registry.publish import publish_bundle
-from fleet.settings import FleetSettings
-from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -39,8 +37,7 @@ class BundleImport(BaseModel):
     path: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
 
 
-def _repository(settings: FleetSettings) -> Repository:
-    repo = Repository(settings.repo_dir, KeyStore(settings.keys_dir))
+def _initialised(repo: Repository) -> Repository:
     if not repo.initialized:
         raise FleetInputError("the fleet's TUF repository is not initialised (start `edgefleet fleet serve`)")
     return repo
@@ -57,10 +54,10 @@ def _confined(import_dir: Path, requested: str) -> Path:
 @router.post("/{name}/versions/from-bundle", response_model=VersionOut, status_code=201,
              responses=_RESPONSES, summary="Register a version from a bundle file on the server")
 def version_from_bundle(name: str, body: BundleImport, request: Request, store: StoreDep,
-                        settings: SettingsDep, who: Operator) -> JSONResponse:
+                        settings: SettingsDep, repo: RepositoryDep, who: Operator) -> JSONResponse:
     path = _confined(settings.import_dir, body.path)
     return idempotent_create(request, who, body, VersionOut,
-                             lambda: publish_bundle(store, _repository(settings), path, name, who.actor))
+                             lambda: publish_bundle(store, _initialised(repo), path, name, who.actor))
 
 
 @router.post("/{name}/versions/upload", response_model=VersionOut, status_code=201, responses=_RESPONSES,
@@ -68,7 +65,7 @@ def version_from_bundle(name: str, body: BundleImport, request: Request, store: 
              openapi_extra={"requestBody": {"content": {"application/octet-stream": {
                  "schema": {"type": "string", "format": "binary"}}}, "required": True}})
 async def version_from_upload(name: str, request: Request, store: StoreDep, settings: SettingsDep,
-                              who: Operator) -> JSONResponse:
+                              repo: RepositoryDep, who: Operator) -> JSONResponse:
     limit = settings.limits.max_body_bytes
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.data_dir) as tmp:
@@ -81,5 +78,5 @@ async def version_from_upload(name: str, request: Request, store: StoreDep, sett
                 out.write(chunk)
         if size == 0:
             raise FleetInputError("empty upload: send the bundle as the request body")
-        row = await run_in_threadpool(publish_bundle, store, _repository(settings), dest, name, who.actor)
+        row = await run_in_threadpool(publish_bundle, store, _initialised(repo), dest, name, who.actor)
     return JSONResponse(VersionOut.model_validate(row).model_dump(mode="json"), 201)

@@ -1,4 +1,11 @@
-"""Shared pieces of the routers: store access, pagination, idempotent creates, error mapping."""
+"""Shared pieces of the routers: store and collaborator access, pagination, idempotent creates,
+error mapping.
+
+The routes get the service's collaborators (TUF repository, publisher, drift monitor) from
+`ApiCollaborators`, which `fleet serve` fills with the objects it built once
+(`fleet/components.py`) and `create_app` keeps in the app's state; nothing is looked up among
+running components or rebuilt per request.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +21,12 @@ from pydantic import BaseModel
 
 from fleet.access.auth import Principal
 from fleet.db.rows import dumps
+from fleet.delivery.publisher import Publisher
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry.monitor import DriftMonitor
+from fleet.trust.repository import Repository
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
@@ -32,8 +42,35 @@ def get_settings(request: Request) -> FleetSettings:
     return settings
 
 
+@dataclass(frozen=True)
+class ApiCollaborators:
+    """What the routes use beyond the store and the settings, built once by `fleet serve`.
+
+    The API alone (tests, the OpenAPI export) gets none: `create_app` then opens the TUF
+    repository from the settings once, the telemetry routes open their stores on first use,
+    and routes that need the publisher report that none runs.
+    """
+
+    repository: Repository | None = None
+    publisher: Publisher | None = None
+    monitor: DriftMonitor | None = None  # also brings the telemetry store and the alert manager
+
+
+def get_collaborators(request: Request) -> ApiCollaborators:
+    collaborators: ApiCollaborators = request.app.state.collaborators
+    return collaborators
+
+
+def get_repository(request: Request) -> Repository:
+    """The app's one TUF repository object (the service's, or opened once by `create_app`)."""
+    repository: Repository = request.app.state.repository
+    return repository
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[FleetSettings, Depends(get_settings)]
+CollaboratorsDep = Annotated[ApiCollaborators, Depends(get_collaborators)]
+RepositoryDep = Annotated[Repository, Depends(get_repository)]
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,9 @@ def idempotent_create(
 
     The same key with a different body or route answers 409. Failed creates are not stored,
     so a client may retry them with the same key.
+
+    Raises `Conflict` (the key was used for another request), `RequestValidationError` (a malformed key)
+    and whatever `create` raises.
     """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
 from fleet.access.auth import Operator, Viewer
-from fleet.api.deps import Paging, SettingsDep, StoreDep
+from fleet.api.deps import CollaboratorsDep, Paging, SettingsDep, StoreDep
 from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn, RevokeOut
 from fleet.db.paging import Page
 from fleet.devices.inventory import Device
-from fleet.devices.revocation import revoke_device, running_publisher
+from fleet.devices.revocation import revoke_device
 from fleet.devices.selector import MAX_SELECTOR_LEN, parse_selector
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
@@ -44,6 +44,5 @@ def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -
              responses={409: {"description": "Already revoked"}},
              summary="Revoke a device: drop its broker login, reload the broker, clear its desired topic")
 def revoke(device_id: str, body: RevokeIn, store: StoreDep, settings: SettingsDep, who: Operator,
-           request: Request) -> dict[str, Any]:
-    publisher = running_publisher(getattr(request.app.state, "components", []))
-    return revoke_device(store, settings, device_id, who.actor, body.reason, publisher).to_dict()
+           parts: CollaboratorsDep) -> dict[str, Any]:
+    return revoke_device(store, settings, device_id, who.actor, body.reason, parts.publisher).to_dict()

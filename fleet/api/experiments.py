@@ -18,6 +18,7 @@ from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import PageOf
 from fleet.db.rows import Row
 from fleet.rollouts.experiments import DEFAULT_METRICS, ExperimentRepo
+from fleet.telemetry.ingest import TelemetryStore
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
 MetricName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
@@ -128,8 +129,6 @@ def recommendation(experiment_id: str, store: StoreDep, settings: SettingsDep, _
     telemetry = None
     path = settings.data_dir / "telemetry.db"
     if path.exists():
-        from fleet.telemetry.ingest import TelemetryStore
-
         telemetry = TelemetryStore(path)
     try:
         return ExperimentRepo(store).recommendation(experiment_id, telemetry).to_dict()

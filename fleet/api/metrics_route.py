@@ -16,13 +16,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from fleet.access.auth import bearer, require
-from fleet.metrics import (
-    ApiMetrics,
-    ApiMetricsMiddleware,
-    FleetMetrics,
-    MetricSources,
-    sources_from_components,
-)
+from fleet.api.deps import ApiCollaborators
+from fleet.metrics import ApiMetrics, ApiMetricsMiddleware, FleetMetrics, MetricSources, sources_of
 from fleet.settings import FleetSettings
 
 router = APIRouter(tags=["metrics"])
@@ -32,16 +27,16 @@ _viewer = require("viewer")
 def install(app: FastAPI) -> None:
     """Serve `/metrics` on `app` and count its requests (route template, status, latency).
 
-    The collector finds the publisher, telemetry ingest and drift monitor in
-    `app.state.components` (set by `FleetService`); without them those families are empty.
+    The collector reads the publisher and the drift monitor (with its telemetry store and alert
+    manager) that `fleet serve` handed to the app (`ApiCollaborators`); without them those
+    families are empty, or come from the stores the telemetry routes opened.
     """
 
     def sources(api: ApiMetrics) -> MetricSources:
-        src = sources_from_components(app.state.store, getattr(app.state, "components", []), api)
+        parts: ApiCollaborators = app.state.collaborators
         ctx = getattr(app.state, "telemetry_context", None)  # stores the telemetry routes opened
-        if ctx is not None and src.alerts is None:
-            src.alerts, src.telemetry = ctx.alerts, src.telemetry or ctx.telemetry
-        return src
+        return sources_of(app.state.store, api, parts.publisher, parts.monitor,
+                          ctx.telemetry if ctx is not None else None, ctx.alerts if ctx is not None else None)
 
     metrics = FleetMetrics(sources)
     app.state.metrics = metrics

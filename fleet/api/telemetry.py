@@ -1,8 +1,9 @@
 """Telemetry, drift and alert routes: merged windows, drift reports, comparisons, alerts, triggers.
 
 Reads go through the drift monitor's own `TelemetryStore` and `AlertManager` when the service
-runs one (so windows still buffered in memory are visible); otherwise (the API alone, tests)
-the files under the data directory are opened on first use and closed with the app.
+hands its monitor to the app (`ApiCollaborators`; windows still buffered in memory are then
+visible); otherwise (the API alone, tests) the files under the data directory are opened on
+first use and closed with the app.
 Reference profiles come from the published bundles. Times are Unix seconds; a window is
 `[window_start, window_start + window_s)`; `since`/`until` filter on `window_start`.
 """
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from fleet.access.auth import Operator, Viewer
-from fleet.api.deps import Paging, StoreDep
+from fleet.api.deps import ApiCollaborators, Paging, StoreDep
 from fleet.api.schemas import PageOf
 from fleet.db.paging import decode_cursor, encode_cursor
 from fleet.errors import FleetInputError, NotFound
@@ -32,6 +33,7 @@ from fleet.settings import FleetSettings
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, compare_reports, report_drift
 from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
+from fleet.telemetry.monitor import BundleProfiles
 
 _CONTEXT_LOCK = threading.Lock()
 
@@ -63,15 +65,14 @@ class TelemetryContext:
 
 
 def telemetry_context(request: Request) -> TelemetryContext:
-    """The drift monitor's stores when the service runs one, else stores opened from settings."""
-    from fleet.telemetry.monitor import BundleProfiles, DriftMonitor
-
+    """The drift monitor's stores when the service handed one over, else stores opened from settings."""
     app = request.app
     with _CONTEXT_LOCK:
         ctx: TelemetryContext | None = getattr(app.state, "telemetry_context", None)
         if ctx is not None:
             return ctx
-        monitor = next((c for c in getattr(app.state, "components", []) if isinstance(c, DriftMonitor)), None)
+        collaborators: ApiCollaborators = app.state.collaborators
+        monitor = collaborators.monitor
         if monitor is not None:
             ctx = TelemetryContext(monitor.telemetry, monitor.alerts, monitor.profiles,
                                    monitor.alerts.config.thresholds, owned=False)
@@ -80,7 +81,7 @@ def telemetry_context(request: Request) -> TelemetryContext:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             ctx = TelemetryContext(TelemetryStore(settings.telemetry_db_path),
                                    AlertManager(settings.alerts_db_path),
-                                   BundleProfiles(app.state.store, settings.repo_dir, settings.keys_dir),
+                                   BundleProfiles(app.state.store, app.state.repository),
                                    DriftThresholds(), owned=True)
         app.state.telemetry_context = ctx
         return ctx

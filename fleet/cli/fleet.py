@@ -8,10 +8,12 @@ from typing import Any
 import click
 from rich.console import Console
 
+from agent.contract.bundle import read_manifest
+from agent.errors import EdgefleetError
 from fleet.access.auth import create_api_key
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
-from fleet.errors import FleetInputError
+from fleet.errors import FleetError, FleetInputError
 from fleet.settings import FleetSettings
 from fleet.store import Store
 
@@ -57,8 +59,8 @@ def group() -> None:
 def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None) -> None:
     """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
     timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
-    from fleet.components import build_components
-    from fleet.service import FleetService
+    from fleet.components import build_components  # lazy: uvicorn and the service: `serve` only
+    from fleet.service import FleetService  # lazy: uvicorn: `serve` only
 
     settings = _settings(data_dir, host=host, port=port, broker_url=broker_url)
     FleetService(settings, component_factory=lambda store: build_components(
@@ -124,11 +126,8 @@ def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -
     Works on DATA_DIR directly (keys and repository are created if absent); the API route
     `POST /v1/models/{name}/versions/from-bundle|upload` does the same through the service.
     """
-    from agent.contract.bundle import read_manifest
-    from agent.errors import EdgefleetError
-    from fleet.components import ensure_trust
-    from fleet.errors import FleetError
-    from fleet.registry.publish import publish_bundle
+    from fleet.components import ensure_trust  # lazy: the service's modules: CLI start-up
+    from fleet.registry.publish import publish_bundle  # lazy: CLI start-up
 
     settings = _settings(data_dir)
     try:

@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
+from agent.contract.bundle import read_manifest
 from agent.errors import UntrustedDataError
 from fleet.errors import FleetError
 from fleet.trust.director_signer import DirectorSigner
@@ -151,10 +152,6 @@ def _bundle_labels(bundle: Path, required: bool) -> dict[str, Any] | None:
     The bundle is otherwise opaque here: with an explicit target path, a file that is not a
     bundle is published without labels; without one, its manifest is needed to name it.
     """
-    try:
-        from agent.contract.bundle import read_manifest  # type: ignore[attr-defined,import-not-found,unused-ignore]
-    except ImportError:
-        return None
     try:
         manifest = read_manifest(bundle)
     except UntrustedDataError as exc:

@@ -34,6 +34,7 @@ class EventDeduper:
     """Publisher event callback wrapper: passes each (device_id, seq) on once; thread-safe."""
 
     def __init__(self, callback: Callable[[str, Event], None], capacity: int = DEFAULT_CAPACITY) -> None:
+        """Raises `ValueError` when `capacity` < 1."""
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.callback = callback

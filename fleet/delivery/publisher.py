@@ -145,7 +145,10 @@ class Publisher:
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
-        """Subscribe to requests (and reports if callbacks are set) and start the workers."""
+        """Subscribe to requests (and reports if callbacks are set) and start the workers.
+
+        Raises `FleetTransportError` when the broker cannot be reached within `timeout`.
+        """
         self.transport.subscribe(self.topics.all_requests(self.settings.share_group), self._on_request)
         if self._reported_cbs:
             self.transport.subscribe(self.topics.all_devices("reported"), self._deferred(self._on_reported))
@@ -199,6 +202,9 @@ class Publisher:
         """Publish a signed director document retained for one device or one cohort; return the topic.
 
         An empty `document` clears the retained message.
+
+        Raises `FleetMisuseError` (neither or both addressees, bad topic) or `FleetTransportError`
+        (the broker refused or is unreachable).
         """
         if (device_id is None) == (cohort is None):
             raise FleetMisuseError("give exactly one of device_id or cohort")
@@ -211,7 +217,11 @@ class Publisher:
         return topic
 
     def publish_metadata(self, name: str = "timestamp.json") -> str:
-        """Publish `metadata/<name>` retained, so devices learn of a new repository version at once."""
+        """Publish `metadata/<name>` retained, so devices learn of a new repository version at once.
+
+        Raises `FleetMisuseError` (the file cannot be read: repository not initialised) or
+        `FleetTransportError` (the broker refused or is unreachable).
+        """
         try:
             data = (self.repo_dir / "metadata" / name).read_bytes()
             topic = self.topics.metadata(name)

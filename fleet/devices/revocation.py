@@ -13,7 +13,7 @@ flight, or sent before the broker reload, from a revoked device is dropped and c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -42,15 +42,6 @@ class Revocation:
         return {**self.device.to_dict(), "broker_reloaded": self.broker.reloaded,
                 "broker_detail": self.broker.detail, "desired_cleared": self.desired_cleared,
                 "desired_detail": self.desired_detail}
-
-
-def running_publisher(components: Iterable[object]) -> DesiredPublisher | None:
-    """The publisher among the service's components (duck-typed: `.publisher.publish_desired`)."""
-    for comp in components:
-        pub = getattr(comp, "publisher", None)
-        if pub is not None and callable(getattr(pub, "publish_desired", None)):
-            return pub
-    return None
 
 
 def clear_desired(publisher: DesiredPublisher | None, device_id: str) -> tuple[bool, str]:

@@ -6,6 +6,9 @@ tensor schema read from the model itself, golden vectors produced by actually ru
 model that ships (onnxruntime or LiteRT), and the reference profile the drift telemetry is keyed
 to. Writing goes through `agent.contract.bundle.write_bundle`, so the agent reads exactly what
 the fleet wrote.
+
+Running the model is `fleet.registry.model_runner`'s job and int8 quantization with its gate is
+`fleet.registry.quantize`'s; both sit below this module (neither imports the builder).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,33 +32,20 @@ from agent.contract.manifest import (
     Lineage,
     Manifest,
     Quantization,
-    Runtime,
     TensorSpec,
     parse_manifest,
 )
 from agent.errors import ManifestError, MisuseError
 from agent.logs import log_event
-from fleet.errors import FleetInputError, FleetMisuseError
+from fleet.errors import FleetInputError, FleetMisuseError, FleetResourceError
+from fleet.registry.model_runner import Runner, describe_model, make_runner
+from fleet.registry.profile import compute_reference_profile
+from fleet.registry.quantize import QuantizationGate, QuantizeMode, quantize_onnx
 
 log = logging.getLogger("edgefleet.fleet.bundle_builder")
 
 Progress = Callable[[str, float], None]
 """`progress(step, fraction_done)`: called at the start of each step and with 1.0 at the end."""
-
-QuantizeMode = Literal["none", "dynamic", "static"]
-_ONNX_DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
-
-
-class QuantizationGate(BaseModel):
-    """How far an int8 model may stray from the float one on held-out data before the build fails."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_label_agreement: float = Field(default=0.97, ge=0.0, le=1.0)
-    max_abs_delta: float = Field(default=1.0, gt=0)
-    max_mean_abs_delta: float = Field(default=0.1, gt=0)
-    holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
-    max_calibration_rows: int = Field(default=512, ge=1)
 
 
 class BundleMetadata(BaseModel):
@@ -94,127 +84,7 @@ class BundleMetadata(BaseModel):
             raise FleetInputError(f"invalid bundle metadata {path}: {problems}") from None
 
 
-def detect_runtime(model: bytes) -> Runtime:
-    """`tflite` if the flatbuffer identifier says so, `onnx` if it parses and checks as ONNX.
-
-    Raises `FleetInputError` when it is neither.
-    """
-    if len(model) >= 8 and model[4:8] == b"TFL3":
-        return "tflite"
-    import onnx
-
-    try:
-        proto = onnx.load_model_from_string(model)
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # onnx raises DecodeError, ValidationError, ...: all mean "not a model"
-        raise FleetInputError(f"model is neither TFLite nor a valid ONNX model: {exc}") from None
-    if not proto.graph.node:
-        raise FleetInputError("model is neither TFLite nor a valid ONNX model (empty graph)")
-    return "onnx"
-
-
-def _onnx_specs(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
-    from onnx import helper
-
-    graph = onnx.load_model_from_string(model).graph
-    inits = {i.name for i in graph.initializer}
-
-    def spec(value: Any) -> TensorSpec:
-        ttype = value.type.tensor_type
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(ttype.elem_type)).name
-        if dtype not in _ONNX_DTYPES:
-            raise FleetInputError(f"tensor {value.name!r} has unsupported dtype {dtype}")
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
-        return TensorSpec.model_validate({"name": value.name, "dtype": dtype, "shape": dims or [1]})
-
-    return [spec(v) for v in graph.input if v.name not in inits], [spec(v) for v in graph.output]
-
-
-def _tflite_interpreter(model: bytes) -> Any:
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        return Interpreter(model_content=model)
-    except Exception as exc:  # LiteRT raises ValueError/RuntimeError on a bad flatbuffer
-        raise FleetInputError(f"LiteRT cannot load the model: {exc}") from None
-
-
-def _tflite_specs(model: bytes) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    interp = _tflite_interpreter(model)
-
-    def spec(d: dict[str, Any]) -> TensorSpec:
-        dtype = np.dtype(d["dtype"]).name
-        if dtype not in _ONNX_DTYPES:
-            raise FleetInputError(f"tensor {d['name']!r} has unsupported dtype {dtype}")
-        sig = d.get("shape_signature")
-        dims = list(sig if sig is not None and len(sig) else d["shape"])
-        shape: list[int | None] = [int(x) if x > 0 else None for x in dims] or [1]
-        return TensorSpec.model_validate({"name": d["name"], "dtype": dtype, "shape": shape})
-
-    return [spec(d) for d in interp.get_input_details()], [spec(d) for d in interp.get_output_details()]
-
-
-def describe_model(model: bytes) -> tuple[Runtime, list[TensorSpec], list[TensorSpec]]:
-    """Runtime and input/output specs (dynamic axes as `None`). Raises `FleetInputError`."""
-    runtime = detect_runtime(model)
-    inputs, outputs = _onnx_specs(model) if runtime == "onnx" else _tflite_specs(model)
-    if not inputs or not outputs:
-        raise FleetInputError("model declares no inputs or no outputs")
-    return runtime, inputs, outputs
-
-
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 PROFILE_BATCH_ROWS = 4096
-
-
-def make_runner(model: bytes, runtime: Runtime) -> Runner:
-    """Load the model once with its real runtime; the runner maps feeds to outputs by name.
-
-    Raises `FleetInputError` if the runtime refuses the model (now) or the inputs (when run).
-    """
-    try:
-        if runtime == "onnx":
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-            names = [o.name for o in sess.get_outputs()]
-
-            def run_onnx(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-                return dict(zip(names, sess.run(names, feeds), strict=True))
-
-            runner: Runner = run_onnx
-        else:
-            interp = _tflite_interpreter(model)
-            runner = lambda feeds: _run_tflite(interp, feeds)  # noqa: E731
-    except FleetInputError:
-        raise
-    except Exception as exc:  # runtime errors on a model the operator supplied are input errors
-        raise FleetInputError(f"{runtime} runtime cannot load the model: {exc}") from None
-
-    def guarded(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            return runner(feeds)
-        except Exception as exc:  # same: a model/input mismatch is the operator's input
-            raise FleetInputError(f"{runtime} runtime failed to run the model: {exc}") from None
-
-    return guarded
-
-
-def run_model(model: bytes, runtime: Runtime, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the model once on `feeds` with the real runtime. Raises `FleetInputError`."""
-    return make_runner(model, runtime)(feeds)
-
-
-def _run_tflite(interp: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    n = next(iter(feeds.values())).shape[0]
-    for d in interp.get_input_details():
-        interp.resize_tensor_input(d["index"], [n, *feeds[d["name"]].shape[1:]])
-    interp.allocate_tensors()
-    for d in interp.get_input_details():
-        interp.set_tensor(d["index"], feeds[d["name"]].astype(d["dtype"]))
-    interp.invoke()
-    return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()}
 
 
 def _concrete(shape: list[int | None], batch: int) -> list[int]:
@@ -246,8 +116,6 @@ def _profile(
     reference: np.ndarray,
     report: Progress,
 ) -> Any:
-    from fleet.registry.profile import compute_reference_profile
-
     if len(inputs) != 1 or reference.ndim != 2:
         raise FleetInputError("reference data must be a 2-D array for a single-input model")
     names = meta.feature_names or [f"f{i}" for i in range(reference.shape[1])]
@@ -290,8 +158,9 @@ def build_bundle(
     """Describe, optionally quantize, run, profile and write the bundle `out`.
 
     Raises `FleetInputError` (unreadable/invalid model or data, bad metadata),
-    `fleet.errors.GateFailed` (quantized model too far from the float one, figures attached)
-    or `FleetMisuseError` (the assembled manifest or bundle would be invalid).
+    `fleet.errors.GateFailed` (quantized model too far from the float one, figures attached),
+    `FleetMisuseError` (the assembled bundle would be invalid) or `FleetResourceError` (the
+    bundle file cannot be written, e.g. a full disk).
     """
     report = progress or (lambda step, frac: None)
     report("reading model", 0.0)
@@ -313,9 +182,8 @@ def build_bundle(
         if runtime != "onnx":
             raise FleetInputError("int8 quantization is available for ONNX models only")
         report(f"quantizing ({metadata.quantize})", 0.2)
-        from fleet.registry.quantize import quantize_onnx
-
-        model, quantization = quantize_onnx(model, inputs, outputs, metadata, reference)
+        model, quantization = quantize_onnx(model, inputs, outputs, metadata.quantize,
+                                            metadata.quantization_gate, metadata.seed, reference)
     report("running golden vectors", 0.5)
     if golden_inputs is not None:
         if len(inputs) != 1:
@@ -361,8 +229,10 @@ def build_bundle(
         raise FleetInputError(f"metadata does not make a valid manifest: {exc}") from None
     try:
         path = write_bundle(manifest, model, Path(out))
-    except (MisuseError, OSError) as exc:
+    except MisuseError as exc:
         raise FleetMisuseError(f"cannot write bundle {out}: {exc}") from exc
+    except OSError as exc:
+        raise FleetResourceError(f"cannot write bundle {out}: {exc}") from exc
     report("done", 1.0)
     log_event(
         log,

@@ -71,7 +71,10 @@ def read_mlmodel(model_dir: Path) -> dict[str, Any]:
 
 
 def lineage_from_mlmodel(doc: dict[str, Any]) -> dict[str, Any]:
-    """The lineage record for a version, from an `MLmodel` document."""
+    """The lineage record for a version, from an `MLmodel` document.
+
+    Raises `FleetInputError` for malformed metadata.
+    """
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
     source = {k: str(doc[k]) for k in ("run_id", "model_uuid", "mlflow_version", "utc_time_created",

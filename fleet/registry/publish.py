@@ -36,7 +36,11 @@ def target_path_for(name: str, version: str) -> str:
 
 def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, actor: str,
                    create_model: bool = True) -> ModelVersion:
-    """Check `bundle`, publish it as a TUF target and register it as a version of `model`."""
+    """Check `bundle`, publish it as a TUF target and register it as a version of `model`.
+
+    Raises `FleetInputError` (not a valid bundle, bundle of another model), `NotFound` (no such model and
+    `create_model` is false) and `Conflict` (the version exists).
+    """
     with tempfile.TemporaryDirectory(prefix="efb-check-") as scratch:
         try:
             manifest = extract_bundle(Path(bundle), Path(scratch) / "b", durable=False).manifest

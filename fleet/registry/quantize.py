@@ -5,6 +5,9 @@
 which avoids needing sympy). The gate then runs the float and the int8 model on held-out rows
 the calibration never saw and refuses the build (`GateFailed`, figures attached) when label
 agreement or the output deltas exceed the metadata's `QuantizationGate`.
+
+The gate's settings live here (the builder's `BundleMetadata` holds one) and the model runner
+is `fleet.registry.model_runner`, so this module never imports the builder that calls it.
 """
 
 from __future__ import annotations
@@ -12,30 +15,42 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.contract.manifest import Quantization, TensorSpec
 from agent.logs import log_event
 from fleet.errors import FleetInputError, GateFailed
-
-if TYPE_CHECKING:
-    from fleet.registry.builder import BundleMetadata
+from fleet.registry.model_runner import run_model
 
 log = logging.getLogger("edgefleet.fleet.quantize")
 _BATCH = 32
 _SYNTHETIC_ROWS = 256
 
+QuantizeMode = Literal["none", "dynamic", "static"]
+
+
+class QuantizationGate(BaseModel):
+    """How far an int8 model may stray from the float one on held-out data before the build fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_label_agreement: float = Field(default=0.97, ge=0.0, le=1.0)
+    max_abs_delta: float = Field(default=1.0, gt=0)
+    max_mean_abs_delta: float = Field(default=0.1, gt=0)
+    holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
+    max_calibration_rows: int = Field(default=512, ge=1)
+
 
 def _split(
-    reference: np.ndarray | None, spec: TensorSpec, meta: BundleMetadata
+    reference: np.ndarray | None, spec: TensorSpec, mode: QuantizeMode, gate: QuantizationGate, seed: int
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """(calibration rows, held-out rows); seeded so the same inputs give the same bundle."""
-    rng = np.random.default_rng(meta.seed)
-    gate = meta.quantization_gate
+    rng = np.random.default_rng(seed)
     if reference is None:
-        if meta.quantize == "static":
+        if mode == "static":
             raise FleetInputError("static quantization needs --reference-data for calibration")
         shape = [_SYNTHETIC_ROWS if i == 0 and d is None else (d or 1) for i, d in enumerate(spec.shape)]
         return None, rng.standard_normal(shape).astype(spec.dtype)
@@ -86,10 +101,15 @@ def quantize_onnx(
     model: bytes,
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
-    meta: BundleMetadata,
+    mode: QuantizeMode,
+    gate: QuantizationGate,
+    seed: int,
     reference: np.ndarray | None,
 ) -> tuple[bytes, Quantization]:
-    """Quantize to int8 (`meta.quantize` = dynamic|static) and gate it against the float model.
+    """Quantize to int8 (`mode` = dynamic|static) and gate it against the float model.
+
+    `seed` fixes the calibration/hold-out split (and the synthetic hold-out rows without
+    reference data), so the same inputs give the same bundle.
 
     Raises `FleetInputError` (multi-input model, missing/too little calibration data,
     quantizer failure) or `GateFailed` (figures: label_agreement, max/mean abs delta).
@@ -97,17 +117,15 @@ def quantize_onnx(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from fleet.registry.builder import run_model
-
     if len(inputs) != 1 or inputs[0].dtype != "float32":
         raise FleetInputError("int8 quantization supports single float32-input models")
-    calib, hold = _split(reference, inputs[0], meta)
+    calib, hold = _split(reference, inputs[0], mode, gate, seed)
     with tempfile.TemporaryDirectory(prefix="edgefleet-quant-") as tmp:
         src, pre, dst = Path(tmp) / "float.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
         try:
             quant_pre_process(src, pre, skip_symbolic_shape=True)
-            if meta.quantize == "dynamic":
+            if mode == "dynamic":
                 quantize_dynamic(pre, dst, weight_type=QuantType.QInt8)
             else:
                 assert calib is not None  # _split refuses static without reference data
@@ -127,7 +145,6 @@ def quantize_onnx(
         run_model(model, "onnx", feeds)[outputs[0].name], run_model(quantized, "onnx", feeds)[outputs[0].name]
     )
     figures.update(float_bytes=float(len(model)), int8_bytes=float(len(quantized)))
-    gate = meta.quantization_gate
     problems = []
     if figures.get("label_agreement", 1.0) < gate.min_label_agreement:
         problems.append(f"label agreement {figures['label_agreement']:.4f} < {gate.min_label_agreement}")
@@ -135,15 +152,15 @@ def quantize_onnx(
         problems.append(f"max abs delta {figures['max_abs_delta']:.4g} > {gate.max_abs_delta}")
     if figures["mean_abs_delta"] > gate.max_mean_abs_delta:
         problems.append(f"mean abs delta {figures['mean_abs_delta']:.4g} > {gate.max_mean_abs_delta}")
-    log_event(log, "bundle.quantized", logging.INFO, mode=meta.quantize, passed=not problems, **figures)
+    log_event(log, "bundle.quantized", logging.INFO, mode=mode, passed=not problems, **figures)
     if problems:
         raise GateFailed("int8 model too far from the float model: " + "; ".join(problems), figures)
     agreement = figures.get("label_agreement")
     return quantized, Quantization(
-        scheme="int8-dynamic" if meta.quantize == "dynamic" else "int8-static",
+        scheme="int8-dynamic" if mode == "dynamic" else "int8-static",
         calibration={
-            "method": "none" if meta.quantize == "dynamic" else "minmax",
-            "calibration_rows": 0 if calib is None or meta.quantize == "dynamic" else int(calib.shape[0]),
+            "method": "none" if mode == "dynamic" else "minmax",
+            "calibration_rows": 0 if calib is None or mode == "dynamic" else int(calib.shape[0]),
             "holdout_rows": int(hold.shape[0]),
             "holdout": "synthetic-normal" if reference is None else "reference-holdout",
             **{k: v for k, v in figures.items() if k != "rows"},

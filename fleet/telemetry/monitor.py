@@ -12,17 +12,20 @@ window's verdict per key is kept for the Prometheus drift gauges (`snapshot()`).
 Reference profiles come from the published bundles (`BundleProfiles`: version row -> TUF
 target -> bundle manifest), cached because versions are immutable.
 
-The monitor also times telemetry ingest (`ingest(device_id, payload)`), so the publisher's
-telemetry callback can go through it.
+The monitor also times telemetry ingest (`ingest(device_id, payload)`, `IngestTimer`), so the
+publisher's telemetry callback can go through it; `/metrics` exports the timer's histogram.
+The background cycle is a job of a `fleet.periodic.PeriodicRunner`.
 
 Errors: `build_drift_monitor` raises `FleetMisuseError` when the alert database cannot be
-opened. A failing evaluation is logged and counted (`evaluation_errors`), never raised from
-the background thread.
+opened. A key whose evaluation fails (`EdgefleetError`: a bad stored window, a profile
+mismatch) is logged, counted (`evaluation_errors`) and skipped; a cycle that fails as a whole
+is logged and counted by the runner, never raised from the background thread.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import Histogram
+
 from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
 from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.errors import FleetError
-from fleet.metrics import IngestTimer
+from fleet.periodic import PeriodicRunner
 from fleet.settings import FleetSettings, TelemetrySettings
 from fleet.store import Store
 from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
@@ -47,6 +52,26 @@ from fleet.trust.repository import Repository
 log = logging.getLogger("edgefleet.fleet.drift_monitor")
 
 ProfileLookup = Callable[[str, str], ReferenceProfile | None]
+INGEST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, math.inf)
+
+
+class IngestTimer:
+    """Times telemetry ingest calls into `edgefleet_telemetry_ingest_seconds` (thread-safe).
+
+    The histogram is unregistered: `fleet.metrics.FleetCollector` exports it at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.histogram = Histogram("edgefleet_telemetry_ingest_seconds",
+                                   "Time to decode, check, deduplicate and merge one telemetry report",
+                                   registry=None, buckets=INGEST_BUCKETS)
+
+    def time(self, fn: Callable[[], str]) -> str:
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.histogram.observe(time.perf_counter() - start)
 
 
 class BundleProfiles:
@@ -54,12 +79,12 @@ class BundleProfiles:
 
     None when the version is unknown, has no bundle target, or its bundle cannot be read
     (logged). Found profiles are cached; misses are retried (the bundle may arrive later).
+    `repository` is the service's one TUF repository (read-only use here).
     """
 
-    def __init__(self, store: Store, repo_dir: Path, keys_dir: Path) -> None:
+    def __init__(self, store: Store, repository: Repository) -> None:
         self.store = store
-        self.repo_dir = Path(repo_dir)
-        self.keys_dir = Path(keys_dir)
+        self.repository = repository
         self._cache: dict[tuple[str, str], ReferenceProfile] = {}
         self._lock = threading.Lock()
 
@@ -69,11 +94,11 @@ class BundleProfiles:
             target = self.store.models.get_version(model, version).bundle_target
             if not target:
                 return None
-            ref = Repository(self.repo_dir, KeyStore(self.keys_dir)).target_ref(str(target))
+            ref = self.repository.target_ref(str(target))
         except FleetError:
             return None
         dirname, _, basename = ref.path.rpartition("/")
-        path = self.repo_dir / "targets" / dirname / f"{ref.sha256}.{basename}"
+        path = self.repository.targets_dir / dirname / f"{ref.sha256}.{basename}"
         return path if path.is_file() else None
 
     def __call__(self, model: str, version: str) -> ReferenceProfile | None:
@@ -116,7 +141,8 @@ class DriftMonitor:
     """Periodic drift evaluation over a `TelemetryStore` into an `AlertManager` (module docstring).
 
     `clock` decides which windows are closed; the wait between cycles is real time
-    (`config.evaluate_interval_s`). `run_once()` does one cycle synchronously.
+    (`config.evaluate_interval_s`). `run_once()` does one cycle synchronously; `start()` runs
+    it in the background (job `drift-monitor` of its `PeriodicRunner`).
     """
 
     name = "drift-monitor"
@@ -141,8 +167,9 @@ class DriftMonitor:
         self._done: dict[tuple[str, str, str], float] = {}  # latest window handed over, per key
         self._lock = threading.Lock()
         self._cycle_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._runner = PeriodicRunner(log)
+        self._runner.add(self.name, self.run_once, self.config.evaluate_interval_s,
+                         on_error=self._cycle_failed, join_timeout_s=30)
         self.evaluations = 0
         self.evaluation_errors = 0
         self.cycles = 0
@@ -173,7 +200,7 @@ class DriftMonitor:
                     continue
                 try:
                     found = self._evaluate_key(model, version, cohort, profile, since, now, fired)
-                except (FleetError, EdgefleetError) as exc:  # bad stored window or profile mismatch
+                except EdgefleetError as exc:  # bad stored window (fleet) or profile mismatch (agent)
                     self.evaluation_errors += 1
                     log_event(log, "drift.evaluation_failed", logging.WARNING, model=model, version=version,
                               cohort=cohort, error=str(exc))
@@ -236,23 +263,13 @@ class DriftMonitor:
 
     # -- component ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="drift-monitor", daemon=True)
-        self._thread.start()
+        self._runner.start()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.config.evaluate_interval_s):
-            try:
-                self.run_once()
-            except Exception:  # keep evaluating: a missed cycle is logged, the next one retries
-                self.evaluation_errors += 1
-                log.exception("drift monitor cycle failed")
+    def _cycle_failed(self, exc: Exception) -> None:
+        self.evaluation_errors += 1  # keep evaluating: the runner logged it, the next cycle retries
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._runner.stop()
         if self._owns_alerts:
             self.alerts.close()
 
@@ -265,9 +282,12 @@ def alert_config(settings: TelemetrySettings) -> AlertConfig:
 
 
 def build_drift_monitor(settings: FleetSettings, store: Store, telemetry: TelemetryStore,
-                        clock: Callable[[], float] | None = None) -> DriftMonitor:
-    """The monitor `fleet serve` runs: alerts in `<data_dir>/alerts.db`, profiles from the bundles."""
+                        clock: Callable[[], float] | None = None,
+                        repository: Repository | None = None) -> DriftMonitor:
+    """The monitor `fleet serve` runs: its alert manager over `<data_dir>/alerts.db` (closed when
+    the monitor stops) and profiles from the bundles of `repository` (the service passes its
+    own; opened from the settings when not given). Raises `FleetMisuseError` (alert database)."""
     now = clock or time.time
     alerts = AlertManager(settings.alerts_db_path, alert_config(settings.telemetry), clock=now)
-    profiles = BundleProfiles(store, settings.repo_dir, settings.keys_dir)
-    return DriftMonitor(telemetry, alerts, profiles, settings.telemetry, clock=now)
+    repo = repository or Repository(settings.repo_dir, KeyStore(settings.keys_dir))
+    return DriftMonitor(telemetry, alerts, BundleProfiles(store, repo), settings.telemetry, clock=now)

@@ -112,7 +112,10 @@ class DirectorSigner:
         rollout_id: str | None = None,
         reason: str = "",
     ) -> bytes:
-        """Sign a director document telling `device_id` (or `cohort`) to run `target`."""
+        """Sign a director document telling `device_id` (or `cohort`) to run `target`.
+
+        Raises `FleetInputError` (bad ttl or addressee, invalid document).
+        """
         if not timedelta(0) < ttl <= MAX_TTL:
             raise FleetInputError(f"ttl {ttl} must be positive and at most {MAX_TTL}")
         addressee = _addressee(device_id, cohort)

@@ -123,7 +123,10 @@ class KeyStore:
         return KeyEntry(keyid=keyid, uri=f"file2:{path}", public=signer.public_key)
 
     def init(self, root_keys: int = 3, root_threshold: int = 2, overwrite: bool = False) -> None:
-        """Create keys for every role: root `root_threshold` of `root_keys`, one key for others."""
+        """Create keys for every role: root `root_threshold` of `root_keys`, one key for others.
+
+        Raises `FleetMisuseError` (the key store exists without `overwrite`, bad threshold).
+        """
         if self.exists and not overwrite:
             raise FleetMisuseError(f"key store {self.keys_dir} already exists (use overwrite)")
         if not 1 <= root_threshold <= root_keys:
@@ -148,7 +151,10 @@ class KeyStore:
         return self._load()[self._check_role(role)]
 
     def rotate(self, role: str, count: int | None = None, threshold: int | None = None) -> RoleKeys:
-        """Replace `role`'s keys by `count` new ones (default: same count); old keys are retired."""
+        """Replace `role`'s keys by `count` new ones (default: same count); old keys are retired.
+
+        Raises `FleetMisuseError` (unknown role, bad threshold, key store not initialised).
+        """
         roles = self._load()
         current = roles[self._check_role(role)]
         count = count or len(current.keys)

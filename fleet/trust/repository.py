@@ -98,7 +98,10 @@ class Repository:
         return max(versions)
 
     def load(self, role: str) -> Metadata[Any]:
-        """The latest published metadata of a top-level role."""
+        """The latest published metadata of a top-level role.
+
+        Raises `FleetMisuseError` when the repository is not initialised.
+        """
         if role == Timestamp.type:
             path = self.metadata_dir / "timestamp.json"
             if not path.exists():
@@ -137,7 +140,10 @@ class Repository:
         return root
 
     def init(self, root_threshold: int = 2, root_keys: int = 3) -> None:
-        """Create version 1 of every role (and the key store, if it does not exist yet)."""
+        """Create version 1 of every role (and the key store, if it does not exist yet).
+
+        Raises `FleetMisuseError` when already initialised.
+        """
         if self.initialized:
             raise FleetMisuseError(f"repository {self.repo_dir} is already initialised")
         if not self.keystore.exists:
@@ -205,13 +211,19 @@ class Repository:
         return self.target_ref(target_path)
 
     def remove_target(self, target_path: str) -> None:
-        """Stop listing `target_path` (its content-addressed file stays for in-flight clients)."""
+        """Stop listing `target_path` (its content-addressed file stays for in-flight clients).
+
+        Raises `FleetInputError` when the target is not listed.
+        """
         if target_path not in self.load(Targets.type).signed.targets:
             raise FleetInputError(f"target {target_path!r} is not in the repository")
         self._bump_targets(lambda t: t.targets.pop(target_path))
 
     def target_ref(self, target_path: str) -> TargetRef:
-        """A `TargetRef` (path, length, sha256, name/version labels) for a published target."""
+        """A `TargetRef` (path, length, sha256, name/version labels) for a published target.
+
+        Raises `FleetInputError` when the target is not listed.
+        """
         info = self.load(Targets.type).signed.targets.get(target_path)
         if info is None:
             raise FleetInputError(f"target {target_path!r} is not in the repository")

@@ -26,6 +26,7 @@ from agent.contract.protocol import ObjectRequest, Topics, encode_request
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
+from fleet.api.deps import ApiCollaborators
 from fleet.components import ServeConfig, build_components
 from fleet.delivery.publisher import Publisher
 from fleet.metrics import RECENT_ROLLOUTS, FleetMetrics, MetricSources
@@ -235,8 +236,7 @@ def test_public_metrics_route_templates_and_failing_sources(tmp_path: Path) -> N
     telemetry = TelemetryStore(tmp_path / "telemetry.db")
     alerts = AlertManager(tmp_path / "alerts.db")
     monitor = DriftMonitor(telemetry, alerts, lambda m, v: None)
-    app = create_app(settings, store)
-    app.state.components = [monitor]
+    app = create_app(settings, store, collaborators=ApiCollaborators(monitor=monitor))
     alerts.close()  # the alert database is gone: its families drop out, the rest is served
     with TestClient(app) as client:
         h = {"Authorization": f"Bearer {key}"}

@@ -17,6 +17,8 @@ from fleet.settings import FleetSettings, Limits
 from fleet.store import Store
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, build_drift_monitor
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 from tests.support.fakes import FakeClock
 from tests.support.telemetry import (
     MLP_FEATURES,
@@ -60,7 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     assert publish_mlp(settings, store, "1.1.0", tmp) == profile
     publish_mlp(settings, store, "2.0.0", tmp, reference=MLP_REFERENCE * 2.0)  # other edges, no telemetry
     telemetry = TelemetryStore(settings.telemetry_db_path, profiles=BundleProfiles(
-        store, settings.repo_dir, settings.keys_dir), clock=lambda: T0 + 100_000)
+        store, Repository(settings.repo_dir, KeyStore(settings.keys_dir))), clock=lambda: T0 + 100_000)
     plan = [("1.0.0", "a", 0.0), ("1.0.0", "b", column_shift(32, [3, 17], 1.5)),
             ("1.0.0", "c", column_shift(32, range(32), 1.5)), ("1.1.0", "a", 0.0)]
     for seed, (version, cohort, shift) in enumerate(plan):

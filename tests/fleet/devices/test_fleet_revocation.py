@@ -27,7 +27,7 @@ from agent.contract.protocol import ReportedState
 from agent.transport.mqtt_client import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
-from fleet.components import PublisherComponent
+from fleet.api.deps import ApiCollaborators
 from fleet.delivery.publisher import Publisher
 from fleet.devices.broker_reload import NOT_CONFIGURED, reload_broker
 from fleet.devices.enrollment import mosquitto_password_hash, sync_broker_credentials
@@ -153,8 +153,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
                                      password=FLEET_PW, clean_start=True), PREFIX,  # type: ignore[arg-type]
                           settings.repo_dir)
     publisher.start()
-    app = create_app(settings, store)
-    app.state.components = [PublisherComponent(publisher)]
+    app = create_app(settings, store, collaborators=ApiCollaborators(publisher=publisher))
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             yield Fleet(client, store, settings, broker, publisher, operator)

@@ -16,6 +16,8 @@ from fleet.store import Store
 from fleet.telemetry.alerts import AlertConfig, AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, DriftMonitor, alert_config, build_drift_monitor
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
 from tests.support.telemetry import (
     MLP_FEATURES,
@@ -167,7 +169,7 @@ def test_profiles_come_from_published_bundles_and_feed_the_gate_score(tmp_path: 
     store = Store(settings.db_path)
     profile = publish_mlp(settings, store, "1.0.0", tmp_path)
     store.models.register_version("mlp", "2.0.0", DIGEST, "onnx", {}, "test")  # no bundle target
-    profiles = BundleProfiles(store, settings.repo_dir, settings.keys_dir)
+    profiles = BundleProfiles(store, Repository(settings.repo_dir, KeyStore(settings.keys_dir)))
     assert profiles("mlp", "1.0.0") == profile and [f.name for f in profile.features] == MLP_FEATURES
     assert profiles("mlp", "2.0.0") is None and profiles("nope", "1.0.0") is None
 

@@ -18,7 +18,7 @@ from agent.contract.director import (
     sign_director,
     verify_director,
 )
-from agent.errors import DirectorError
+from agent.errors import DirectorError, UnknownDirectorKeyError
 from fleet.errors import FleetInputError
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
@@ -102,8 +102,9 @@ def test_modified_document_refused(keys: list[Signer]) -> None:
 @pytest.mark.unit
 def test_signature_by_unknown_key_refused(keys: list[Signer]) -> None:
     data = sign_director(_doc(), [CryptoSigner.generate_ed25519()])
-    with pytest.raises(DirectorError, match="signed only by unknown key"):
+    with pytest.raises(DirectorError, match="signed only by unknown key") as err:
         verify_director(data, _trust(keys[:1]), "dev-1", [], 0, NOW)
+    assert err.type is UnknownDirectorKeyError  # the daemon defers exactly these (rotated keys)
 
 
 @pytest.mark.unit
