@@ -58,6 +58,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
+from fleet.rollouts.store import FINISHED_STATES, STATES
 
 if TYPE_CHECKING:
     from fleet.db.store import Store
@@ -257,8 +258,6 @@ def _device_families(src: MetricSources) -> list[Metric]:
 
 
 def _rollout_families(src: MetricSources) -> list[Metric]:
-    from fleet.rollouts.store import STATES, TERMINAL_STATES
-
     by_state = _gauge("edgefleet_rollouts", "Rollouts by state", ["state"])
     devices = _gauge("edgefleet_rollout_devices", "Devices of a rollout by progress status",
                      ["rollout", "model_version", "status"])
@@ -267,14 +266,14 @@ def _rollout_families(src: MetricSources) -> list[Metric]:
     outcomes = _gauge("edgefleet_rollout_outcomes", "Devices of a rollout by final outcome "
                       "(succeeded, install_failed, local_rollback, timeout, reverted, ...)",
                       ["rollout", "model_version", "outcome"])
-    terminal = ",".join("?" * len(TERMINAL_STATES))
+    finished = ",".join("?" * len(FINISHED_STATES))
     with src.store.read() as db:
         counts = dict(db.execute("SELECT state, count(*) FROM rollouts GROUP BY state").fetchall())
         shown = db.execute(
-            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({terminal}) "  # noqa: S608
+            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({finished}) "  # noqa: S608
             f"UNION SELECT * FROM (SELECT id, model_version_id, state, stage FROM rollouts "
-            f"WHERE state IN ({terminal}) ORDER BY updated_at DESC LIMIT ?)",
-            [*TERMINAL_STATES, *TERMINAL_STATES, RECENT_ROLLOUTS]).fetchall()
+            f"WHERE state IN ({finished}) ORDER BY updated_at DESC LIMIT ?)",
+            [*FINISHED_STATES, *FINISHED_STATES, RECENT_ROLLOUTS]).fetchall()
         ids = [r[0] for r in shown]
         marks = ",".join("?" * len(ids))
         status_rows = db.execute(

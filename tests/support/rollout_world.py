@@ -71,17 +71,17 @@ class World:
 
     def rollout(self, strategy: dict[str, Any], thresholds: dict[str, float] | None = None,
                 selector: str = "env=prod") -> str:
-        return str(self.store.rollouts.create("mlp:2.0.0", selector, strategy, thresholds or {}, "op")["id"])
+        return str(self.store.rollouts.create("mlp:2.0.0", selector, strategy, thresholds or {}, "op").id)
 
     def devices(self, rid: str) -> dict[str, str]:
-        return {r["device_id"]: r["status"] for r in self.store.rollouts.devices(rid, None, 500).items}
+        return {r.device_id: r.status for r in self.store.rollouts.devices(rid, None, 500).items}
 
     def assigned(self, rid: str) -> list[str]:
         return sorted(d for d, s in self.devices(rid).items() if s != "pending")
 
     def state(self, rid: str) -> tuple[str, int]:
         ro = self.store.rollouts.get(rid)
-        return ro["state"], ro["stage"]
+        return ro.state, ro.stage
 
     def commit_all(self, devices: list[str], bundle: str = V2) -> None:
         for d in devices:
