@@ -2,13 +2,14 @@
 
 Devices are played by the test: they write reported states into the store and send events
 through `controller.on_event`; a recorder stands in for the MQTT publisher. Time is an
-injected clock.
+injected clock. Every state change the controller computes through the transition table
+(`machine.run_events`) is kept in `World.transitions`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,18 @@ import pytest
 
 from agent.contract.protocol import Event
 from fleet.db.store import Store
+from fleet.rollouts import machine
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.gates import VersionMetrics
+from fleet.rollouts.machine import RolloutEvent, RolloutState
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
 
 V1, V2 = "mlp-1.0.0", "mlp-2.0.0"
+#: One `machine.run_events` call: from, the events in order, to.
+Run = tuple[RolloutState, tuple[RolloutEvent, ...], RolloutState]
 
 
 @dataclass
@@ -54,6 +59,7 @@ class World:
     pub: Recorder
     ctl: RolloutController
     metrics: dict[str, VersionMetrics] = field(default_factory=dict)
+    transitions: list[Run] = field(default_factory=list)
 
     def enroll(self, *devices: str, labels: dict[str, str] | None = None, on: str | None = V1) -> None:
         for dev in devices:
@@ -97,7 +103,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     clock = FakeClock()
     store = Store(tmp_path / "fleet.db", clock=clock)
     repo = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
@@ -112,5 +118,14 @@ def world(tmp_path: Path) -> Iterator[World]:
     signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
     w = World(tmp_path, clock, store, repo, signer, Recorder(), None)  # type: ignore[arg-type]
     w.ctl = w.new_controller()
+    run_events = machine.run_events
+
+    def recording(state: RolloutState, events: Iterable[RolloutEvent]) -> RolloutState:
+        fired = tuple(events)
+        after = run_events(state, fired)
+        w.transitions.append((state, fired, after))
+        return after
+
+    monkeypatch.setattr(machine, "run_events", recording)
     yield w
     store.close()
