@@ -1,23 +1,20 @@
 """`RolloutController`: drives every active rollout from the store, one tick at a time.
 
 Each tick (every `tick_s`, or sooner when a device reports) it applies the device events
-queued since the last tick, then for each rollout that is not finished: starts it (resolves
-the version's TUF target, snapshots the cohort from the label selector, orders it by a
-stable hash); follows operator intent (`desired` pause / resume / abort, queued promote /
-rollback / cancel); folds the devices' reports, events and timeouts into their outcomes (a
-device *succeeds only* once it runs the new bundle committed); evaluates the gates
-(`fleet.rollouts.gates`) and pauses or aborts on a breach; assigns the next devices the
-strategy allows (`fleet.rollouts.strategies`) a new signed director document each,
-published retained so an offline device gets it on reconnect; and advances the stage once
-all its devices have an outcome and the bake time has passed. Abort sends every assigned
-device a NEW document naming the bundle it ran before, then waits until each reports it
-(or `revert_timeout_s` passes); cancel stops at once and leaves devices as they are.
+queued since the last tick, then for each unfinished rollout: starts it (TUF target, cohort
+from the label selector in a stable hash order); follows operator intent (`desired`
+pause / resume / abort, queued promote / rollback / cancel); folds the devices' reports,
+events and timeouts into their outcomes (a device *succeeds only* once it runs the new
+bundle committed); evaluates the gates and pauses or aborts on a breach; sends the next
+devices the strategy allows a new signed director document each (retained, so an offline
+device gets it on reconnect); and advances the stage once all its devices have an outcome
+and the bake time has passed. Abort sends every assigned device a NEW document naming the
+bundle it ran before and waits for each (or `revert_timeout_s`); cancel stops at once.
 
 Why this shape: the pure functions of `fleet.rollouts.machine` (and, per device,
 `fleet.rollouts.device_verdicts`) decide; this module does the I/O. Every state change goes
-through the table and is written with the bookkeeping it implies (runtime phase, stage
-clock, consumed command) in one transaction, before the work it leads to. All progress
-lives in SQLite, so a restarted fleet resumes where it was.
+through the table and is written with what it implies (runtime phase, stage clock, consumed
+command) in one transaction, before the work it leads to, so a restarted fleet resumes.
 """
 
 from __future__ import annotations
@@ -173,8 +170,7 @@ class RolloutController:
                 try:
                     self._drive(ro)
                 except FleetError as exc:
-                    log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id,
-                              error=str(exc))
+                    log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id, error=str(exc))
 
     def _snapshot(self, ro: Rollout, rt: RolloutRuntime | None,
                   queued: list[RolloutCommand]) -> RolloutSnapshot:
