@@ -52,9 +52,9 @@ def _seed(service: FleetService) -> str:
     statuses = ("assigned", "downloading", "succeeded", "failed")
     with store.tx() as db:
         db.table("rollout_devices").insert_all(
-            ({"rollout_id": rollout["id"], "device_id": r["id"], "stage": 1, "status": statuses[i % 4],
+            ({"rollout_id": rollout.id, "device_id": r["id"], "stage": 1, "status": statuses[i % 4],
               "updated_at": now} for i, r in enumerate(rows)), batch_size=1000)
-    return str(rollout["id"])
+    return str(rollout.id)
 
 
 def _measure(client: httpx.Client, url: str, headers: dict[str, str]) -> tuple[float, float]:

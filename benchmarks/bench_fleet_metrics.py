@@ -52,7 +52,7 @@ def _fleet(store: Store) -> None:
     store.models.create_model("mlp", "", "bench")
     store.models.register_version("mlp", "1.0.0", "sha256:" + "ab" * 32, "onnx", {}, "bench")
     for r in range(ROLLOUTS):
-        rid = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "bench")["id"]
+        rid = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "bench").id
         for d in range(50):
             store.rollouts.set_device_status(rid, f"dev-{(r * 50 + d) % DEVICES:05d}", 0,
                                              ("assigned", "succeeded", "failed")[d % 3])

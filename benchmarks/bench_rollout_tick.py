@@ -65,7 +65,7 @@ def run() -> dict[str, float]:
         sign_s = time.perf_counter() - t0
 
         plan = {"kind": "all_at_once", "bake_s": 0}
-        rid = store.rollouts.create("mlp:2.0.0", "env=bench", plan, {}, "bench")["id"]
+        rid = store.rollouts.create("mlp:2.0.0", "env=bench", plan, {}, "bench").id
         t0 = time.perf_counter()
         ctl.tick()  # starts the rollout and assigns all devices
         assign_s = time.perf_counter() - t0
@@ -88,7 +88,7 @@ def run() -> dict[str, float]:
         ctl.tick()
         commit_s = time.perf_counter() - t0
         ctl.tick()
-        assert store.rollouts.get(rid)["state"] == "completed", store.rollouts.status(rid)
+        assert store.rollouts.get(rid).state == "completed", store.rollouts.status(rid)
         store.close()
     return {
         "rollout_assign_tick_s": assign_s,

@@ -60,7 +60,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
-from fleet.rollouts.store import STATES, TERMINAL_STATES
+from fleet.rollouts.store import FINISHED_STATES, STATES
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
 
 if TYPE_CHECKING:
@@ -242,14 +242,14 @@ def _rollout_families(src: MetricSources) -> list[Metric]:
     outcomes = _gauge("edgefleet_rollout_outcomes", "Devices of a rollout by final outcome "
                       "(succeeded, install_failed, local_rollback, timeout, reverted, ...)",
                       ["rollout", "model_version", "outcome"])
-    terminal = ",".join("?" * len(TERMINAL_STATES))
+    finished = ",".join("?" * len(FINISHED_STATES))
     with src.store.read() as db:
         counts = dict(db.execute("SELECT state, count(*) FROM rollouts GROUP BY state").fetchall())
         shown = db.execute(
-            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({terminal}) "  # noqa: S608
+            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({finished}) "  # noqa: S608
             f"UNION SELECT * FROM (SELECT id, model_version_id, state, stage FROM rollouts "
-            f"WHERE state IN ({terminal}) ORDER BY updated_at DESC LIMIT ?)",
-            [*TERMINAL_STATES, *TERMINAL_STATES, RECENT_ROLLOUTS]).fetchall()
+            f"WHERE state IN ({finished}) ORDER BY updated_at DESC LIMIT ?)",
+            [*FINISHED_STATES, *FINISHED_STATES, RECENT_ROLLOUTS]).fetchall()
         ids = [r[0] for r in shown]
         marks = ",".join("?" * len(ids))
         status_rows = db.execute(

@@ -39,7 +39,7 @@ from typing import Any
 
 from fleet.errors import FleetMisuseError
 from fleet.registry.builder import BundleMetadata, build_bundle
-from fleet.rollouts.records import RolloutRecords
+from fleet.rollouts.records import DeviceProgress, RolloutRecords
 from simulators.datagen import DataGenerator, Schema
 from simulators.faults import tiny_disk
 from simulators.models import make_mlp_onnx
@@ -137,11 +137,11 @@ class _Outcomes:
         self.w = w
         self.records = RolloutRecords(w.fleet.service.store)
 
-    def settle(self, rid: str, timeout: float) -> dict[str, dict[str, Any]]:
+    def settle(self, rid: str, timeout: float) -> dict[str, DeviceProgress]:
         """Every device's row once each has an outcome (or what there is at the timeout)."""
         n = len(self.w.ids)
-        self.w.wait(lambda: sum(1 for r in self.records.progress(rid) if r["outcome"]) >= n, timeout)
-        return {r["device_id"]: r for r in self.records.progress(rid)}
+        self.w.wait(lambda: sum(1 for r in self.records.progress(rid) if r.outcome) >= n, timeout)
+        return {r.device_id: r for r in self.records.progress(rid)}
 
 
 def _rollout(
@@ -151,14 +151,14 @@ def _rollout(
     return rid, w.wait_rollout(rid, FINISHED, ROLLOUT_TIMEOUT_S, plot)
 
 
-def _bad_rows(rows: dict[str, dict[str, Any]], ids: list[str], outcome: str, *marks: str) -> list[str]:
+def _bad_rows(rows: dict[str, DeviceProgress], ids: list[str], outcome: str, *marks: str) -> list[str]:
     """Devices of `ids` whose record is not `outcome` with every mark in its detail."""
     out = []
     for d in ids:
-        r = rows.get(d, {})
-        detail = str(r.get("detail") or "")
-        if r.get("outcome") != outcome or not all(m in detail for m in marks):
-            out.append(f"{d}: {r.get('outcome')} {detail[:160]!r}")
+        r = rows.get(d)
+        detail, got = (r.detail, r.outcome) if r is not None else ("", None)
+        if got != outcome or not all(m in detail for m in marks):
+            out.append(f"{d}: {got} {detail[:160]!r}")
     return out
 
 
@@ -254,9 +254,9 @@ def _run(ctx: ScenarioContext, roles: dict[str, str], state_root: Path) -> Verdi
             (st2["state"] == "paused" and bool(breach), f"v2 rollout {st2['state']}, no gate breach"),
         ]
     )
-    disk_detail = str(rows2.get(disk[0], {}).get("detail") or "")
+    disk_detail = rows2[disk[0]].detail if disk[0] in rows2 else ""
     disk_reason = disk_detail[disk_detail.find("disk full") :].split(" (")[0]
-    clock_detail = str(rows2.get(ahead[0], {}).get("detail") or "")
+    clock_detail = rows2[ahead[0]].detail if ahead[0] in rows2 else ""
     clock_reason = clock_detail[clock_detail.find("expired") :]
     metrics = {
         "devices": float(len(roles)),
@@ -266,8 +266,8 @@ def _run(ctx: ScenarioContext, roles: dict[str, str], state_root: Path) -> Verdi
         "disk_free_before_v2_bytes": float(free),
         "provision_s": t1 - t0,
         "v2_outcomes_s": t2 - t1,
-        "v2_failed": float(sum(1 for r in rows2.values() if r.get("outcome") == "install_failed")),
-        "v2_succeeded": float(sum(1 for r in rows2.values() if r.get("outcome") == "succeeded")),
+        "v2_failed": float(sum(1 for r in rows2.values() if r.outcome == "install_failed")),
+        "v2_succeeded": float(sum(1 for r in rows2.values() if r.outcome == "succeeded")),
     }
     details = (
         f"{len(disk)} devices with a {DISK_BYTES // 1024} KiB disk refused the "

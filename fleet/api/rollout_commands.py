@@ -16,7 +16,6 @@ from fastapi import APIRouter
 from fleet.access.auth import Operator
 from fleet.api.deps import StoreDep
 from fleet.api.schemas import RolloutAction, RolloutOut
-from fleet.db.rows import Row
 from fleet.rollouts.records import COMMANDS, RolloutRecords
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
@@ -31,9 +30,9 @@ _SUMMARIES = {
 
 
 def _command(command: str) -> None:
-    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> Row:
+    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> RolloutOut:
         RolloutRecords(store).command(rollout_id, command, who.actor, body.note)
-        return store.rollouts.get(rollout_id)
+        return RolloutOut.model_validate(store.rollouts.get(rollout_id))
 
     route.__name__ = f"{command}_rollout"
     router.add_api_route(f"/{{rollout_id}}/{command}", route, methods=["POST"], response_model=RolloutOut,

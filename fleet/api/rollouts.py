@@ -21,7 +21,6 @@ from fleet.api.schemas import (
     RolloutOut,
     RolloutStatus,
 )
-from fleet.db.rows import Row
 from fleet.rollouts.gates import GateThresholds
 from fleet.rollouts.store import STATES
 from fleet.rollouts.strategies import StrategyConfig
@@ -33,9 +32,9 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("", response_model=PageOf[RolloutOut], summary="List rollouts")
-def list_rollouts(_: Viewer, store: StoreDep, page: Paging, state: str | None = None) -> PageOf[Row]:
+def list_rollouts(_: Viewer, store: StoreDep, page: Paging, state: str | None = None) -> PageOf[RolloutOut]:
     p = store.rollouts.list(page.cursor, page.limit, state)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+    return PageOf[RolloutOut].model_validate(p, from_attributes=True)
 
 
 list_rollouts.__doc__ = f"`state` is one of {', '.join(STATES)}."
@@ -51,26 +50,26 @@ def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, who: 
 
 
 @router.get("/{rollout_id}", response_model=RolloutOut, summary="Read a rollout")
-def get_rollout(rollout_id: str, store: StoreDep, _: Viewer) -> Row:
-    return store.rollouts.get(rollout_id)
+def get_rollout(rollout_id: str, store: StoreDep, _: Viewer) -> RolloutOut:
+    return RolloutOut.model_validate(store.rollouts.get(rollout_id))
 
 
 @router.get("/{rollout_id}/status", response_model=RolloutStatus, summary="State and device counts")
-def rollout_status(rollout_id: str, store: StoreDep, _: Viewer) -> Row:
-    return store.rollouts.status(rollout_id)
+def rollout_status(rollout_id: str, store: StoreDep, _: Viewer) -> RolloutStatus:
+    return RolloutStatus.model_validate(store.rollouts.status(rollout_id))
 
 
 @router.get("/{rollout_id}/devices", response_model=PageOf[RolloutDeviceOut],
             summary="Per-device progress (written by the controller)")
 def rollout_devices(rollout_id: str, _: Viewer, store: StoreDep, page: Paging,
-                    status: str | None = None) -> PageOf[Row]:
+                    status: str | None = None) -> PageOf[RolloutDeviceOut]:
     p = store.rollouts.devices(rollout_id, page.cursor, page.limit, status)
-    return PageOf[Row](items=p.items, next_cursor=p.next_cursor)
+    return PageOf[RolloutDeviceOut].model_validate(p, from_attributes=True)
 
 
 def _action(action: str) -> None:
-    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> Row:
-        return store.rollouts.request(rollout_id, action, who.actor, body.note)
+    def route(rollout_id: str, body: RolloutAction, store: StoreDep, who: Operator) -> RolloutOut:
+        return RolloutOut.model_validate(store.rollouts.request(rollout_id, action, who.actor, body.note))
 
     route.__name__ = f"{action}_rollout"
     router.add_api_route(f"/{{rollout_id}}/{action}", route, methods=["POST"], response_model=RolloutOut,

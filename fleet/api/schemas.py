@@ -202,6 +202,8 @@ class RolloutCreate(_In):
 
 
 class RolloutOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # takes the fleet.rollouts.store records
+
     id: str
     model_version_id: str
     selector: str
@@ -221,6 +223,8 @@ class RolloutAction(_In):
 
 
 class RolloutStatus(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # takes the fleet.rollouts.store records
+
     id: str
     state: str
     desired: str
@@ -231,6 +235,8 @@ class RolloutStatus(BaseModel):
 
 
 class RolloutDeviceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # takes the fleet.rollouts.store records
+
     rollout_id: str
     device_id: str
     stage: int

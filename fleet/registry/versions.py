@@ -55,13 +55,6 @@ class ModelVersion(Record):
     created_at: str
     created_by: str
 
-    def __getitem__(self, key: Literal["stage"]) -> Stage:
-        """`version["stage"]` for `fleet.rollouts.store`, which still reads versions as dict rows
-        (it is converted to records separately); drop this once it reads `version.stage`."""
-        if key != "stage":
-            raise KeyError(key)
-        return self.stage
-
 
 @dataclass(frozen=True, slots=True)
 class StageHistoryEntry(Record):

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import math
 import secrets
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from agent.logs import log_event
 from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetError, FleetInputError, NotFound
+from fleet.periodic import PeriodicRunner
 from fleet.rollouts.records import RolloutRecords
 
 if TYPE_CHECKING:
@@ -307,8 +307,8 @@ class ExperimentDriver:
         self.records = RolloutRecords(store)
         self.store, self.repository, self.signer, self.publisher = store, repository, signer, publisher
         self.tick_s, self.clock = tick_s, clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._runner = PeriodicRunner(logger)
+        self._runner.add(self.name, self.tick, tick_s)
 
     def tick(self) -> int:
         """Assign every not-yet-assigned matching device; returns how many documents went out."""
@@ -342,19 +342,7 @@ class ExperimentDriver:
         return sent
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="experiment-driver", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.tick_s):
-            try:
-                self.tick()
-            except Exception:
-                logger.exception("experiment driver tick failed")
+        self._runner.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._runner.stop()

@@ -18,13 +18,15 @@ Errors: `GateThresholds.parse` raises `FleetInputError` naming the bad field.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.contract.director import TargetRef
 from agent.contract.telemetry import latency_bucket_upper
 from fleet.errors import FleetInputError
 
@@ -103,6 +105,33 @@ class MetricsSource(Protocol):
     def version_metrics(
         self, model: str, version: str, since: float, devices: Collection[str] | None = None
     ) -> VersionMetrics | None: ...
+
+
+def rollout_evidence(
+    metrics: MetricsSource | None,
+    index: Mapping[str, TargetRef],
+    target_bundle: str,
+    since: float,
+    from_bundles: Iterable[str | None],
+    shadow_agreement: float | None = None,
+) -> tuple[VersionMetrics | None, VersionMetrics | None]:
+    """The candidate's metrics and the baseline's, for `evaluate`.
+
+    The baseline is the version most of the assigned devices ran before (`from_bundles`);
+    `index` maps bundle ids to targets (names and versions); both since `since`. A shadow
+    agreement (from the devices' `shadow_report` events) joins the candidate's metrics.
+    """
+    candidate = baseline = None
+    target = index.get(target_bundle)
+    if metrics is not None and target is not None:
+        candidate = metrics.version_metrics(target.name, target.version, since)
+        previous = Counter(b for b in from_bundles if b and b != target_bundle).most_common(1)
+        if previous and previous[0][0] in index:
+            prev = index[previous[0][0]]
+            baseline = metrics.version_metrics(prev.name, prev.version, since)
+    if shadow_agreement is not None:
+        candidate = replace(candidate or VersionMetrics(), shadow_agreement=shadow_agreement)
+    return candidate, baseline
 
 
 def evaluate(

@@ -4,29 +4,171 @@ Everything the controller needs to pick a rollout up again after a restart lives
 the fleet database, tables from migration 2), next to what the API shows (`rollouts`,
 `rollout_devices`, written through `store.rollouts`). Operator commands that go beyond the
 `desired` field (promote, rollback, cancel) are queued in `rollout_commands` and audited
-when recorded; the controller marks them done when it acts.
+when recorded; the controller marks them done when it acts. Reads return typed records
+(`RolloutRuntime`, `DeviceProgress`, `OpenEntry`, `RolloutCommand`, `DeviceReport`), so
+the controller's decisions work on fields, not on row keys.
 
 Errors: `RolloutRecords.command` raises NotFound, FleetInputError and Conflict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.director import TargetRef
 from fleet.db.rows import Row, decode_row, dumps
 from fleet.errors import Conflict, FleetInputError
 from fleet.rollouts.gates import OutcomeCounts
+from fleet.rollouts.machine import Command, RolloutEvent, RolloutState, transition
+from fleet.rollouts.store import FINISHED_STATES, Rollout, record_from_row
 
 if TYPE_CHECKING:
     from fleet.store import Store
 
-COMMANDS = ("promote", "rollback", "cancel")
+COMMANDS = tuple(c.value for c in Command)
 FINAL_OUTCOMES = ("succeeded", "install_failed", "local_rollback", "timeout", "reverted",
                   "revert_failed", "skipped")
+
+
+class RuntimePhase(StrEnum):
+    """`rollout_runtime.phase`: which half of the lifecycle the devices are in."""
+
+    FORWARD = "forward"  # running or paused: devices go to the target bundle
+    ROLLBACK = "rollback"  # rolling back: assigned devices go back to their previous bundle
+    DONE = "done"  # completed, aborted or cancelled: nothing is sent
+
+
+#: The runtime phase each state the controller enters implies (the rest have no runtime yet).
+PHASE_OF_STATE: Mapping[RolloutState, RuntimePhase] = MappingProxyType({
+    RolloutState.RUNNING: RuntimePhase.FORWARD, RolloutState.PAUSED: RuntimePhase.FORWARD,
+    RolloutState.ROLLING_BACK: RuntimePhase.ROLLBACK, RolloutState.COMPLETED: RuntimePhase.DONE,
+    RolloutState.ABORTED: RuntimePhase.DONE, RolloutState.CANCELLED: RuntimePhase.DONE})
+
+
+@dataclass(frozen=True, slots=True)
+class GateBreach:
+    """The last gate breach of a rollout (`rollout_runtime.breach`): its stage and the gates."""
+
+    stage: int
+    acked: bool  # the operator resumed since: this stage's gates are not judged again
+    items: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRuntime:
+    """`rollout_runtime`: what the controller resolved at the start and its stage clock."""
+
+    rollout_id: str
+    phase: RuntimePhase
+    target_bundle: str  # bundle id (name-version) being rolled out
+    target_path: str  # its TUF target path
+    started_at: float
+    stage_started_at: float
+    stage_done_at: float | None  # every device of the stage final (the bake starts)
+    breach: GateBreach | None
+    final_state: str | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> RolloutRuntime:
+        raw = row["breach"]  # JSON: `[]` until a first breach, then an object
+        breach = GateBreach(int(raw["stage"]), bool(raw.get("acked")), list(raw.get("items") or [])) \
+            if isinstance(raw, dict) else None
+        return record_from_row(cls, row, phase=RuntimePhase(row["phase"]), breach=breach)
+
+    def on_entry(self, state: RolloutState) -> dict[str, Any]:
+        """The columns entering `state` changes: the phase, and for a rollback where it ends."""
+        phase = PHASE_OF_STATE.get(state)
+        fields: dict[str, Any] = {}
+        if phase is not None and phase is not self.phase:
+            fields["phase"] = phase.value
+        if phase is RuntimePhase.ROLLBACK:
+            fields["final_state"] = transition(state, RolloutEvent.REVERT_FINISHED).value
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProgress:
+    """One device of a rollout: `rollout_progress` with its API-visible status and stage."""
+
+    rollout_id: str
+    device_id: str
+    ordinal: str
+    from_bundle: str | None  # what the device ran when assigned
+    assigned_at: float | None  # forward document published
+    acked: bool  # the device accepted the current document
+    outcome: str | None
+    revert_at: float | None  # rollback document published
+    detail: str
+    status: str
+    stage: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> DeviceProgress:
+        return record_from_row(cls, row, acked=bool(row["acked"]))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenEntry:
+    """A device's assigned entry in a rollout that is still active (where its events go)."""
+
+    rollout_id: str
+    device_id: str
+    from_bundle: str | None
+    assigned_at: float
+    acked: bool
+    outcome: str | None
+    phase: RuntimePhase
+    target_bundle: str
+
+    @classmethod
+    def from_row(cls, row: Row) -> OpenEntry:
+        return record_from_row(cls, row, acked=bool(row["acked"]), phase=RuntimePhase(row["phase"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutCommand:
+    """One queued operator command (`rollout_commands`); `done_at` once the controller acted."""
+
+    id: int
+    rollout_id: str
+    command: Command
+    actor: str
+    note: str
+    created_at: str
+    done_at: str | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> RolloutCommand:
+        return record_from_row(cls, row, command=Command(row["command"]))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReport:
+    """The parts of a device's stored reported state the controller reads (absent = None)."""
+
+    state: str | None = None
+    active_bundle: str | None = None
+    previous_bundle: str | None = None
+    timestamp: float = 0.0  # 0 when the report carries none
+    online: bool = False
+
+    @classmethod
+    def from_row(cls, row: Row) -> DeviceReport:
+        rep = row.get("reported_state") or {}
+        return cls(state=rep.get("state"), active_bundle=rep.get("active_bundle"),
+                   previous_bundle=rep.get("previous_bundle"), timestamp=float(rep.get("timestamp") or 0),
+                   online=bool(row.get("online")))
+
+
+#: A device with no stored report (or not in the inventory).
+NO_REPORT = DeviceReport()
 
 
 def ordinal(rollout_id: str, device_id: str) -> str:
@@ -34,10 +176,10 @@ def ordinal(rollout_id: str, device_id: str) -> str:
     return hashlib.sha256(f"{rollout_id}:{device_id}".encode()).hexdigest()
 
 
-def outcome_counts(rows: list[Row]) -> OutcomeCounts:
+def outcome_counts(rows: list[DeviceProgress]) -> OutcomeCounts:
     """Forward outcomes of a rollout's progress rows, for the gates."""
-    c = Counter(r["outcome"] for r in rows if r["assigned_at"] is not None)
-    return OutcomeCounts(assigned=sum(r["assigned_at"] is not None for r in rows), succeeded=c["succeeded"],
+    c = Counter(r.outcome for r in rows if r.assigned_at is not None)
+    return OutcomeCounts(assigned=sum(r.assigned_at is not None for r in rows), succeeded=c["succeeded"],
                          install_failed=c["install_failed"], timeout=c["timeout"],
                          local_rollback=c["local_rollback"])
 
@@ -61,12 +203,14 @@ class RolloutRecords:
         self.store = store
 
     # -- runtime ----------------------------------------------------------------------------
-    def runtime(self, rollout_id: str) -> Row | None:
+    def runtime(self, rollout_id: str) -> RolloutRuntime | None:
         with self.store.read() as db:
             rows = list(db.query("SELECT * FROM rollout_runtime WHERE rollout_id = ?", [rollout_id]))
-        return decode_row(rows[0], ("breach",)) if rows else None
+        row = decode_row(rows[0], ("breach",)) if rows else None
+        return RolloutRuntime.from_row(row) if row is not None else None
 
-    def init_runtime(self, rollout_id: str, target_bundle: str, target_path: str, now: float) -> Row:
+    def init_runtime(self, rollout_id: str, target_bundle: str, target_path: str,
+                     now: float) -> RolloutRuntime:
         with self.store.tx() as db:
             db.table("rollout_runtime").insert(
                 {"rollout_id": rollout_id, "phase": "forward", "target_bundle": target_bundle,
@@ -77,8 +221,9 @@ class RolloutRecords:
         return out
 
     def update_runtime(self, rollout_id: str, **fields: Any) -> None:
+        """Set `rollout_runtime` columns; `breach` takes a `GateBreach`."""
         if "breach" in fields:
-            fields["breach"] = dumps(fields["breach"])
+            fields["breach"] = dumps(dataclasses.asdict(fields["breach"]))
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self.store.tx() as db:
             db.execute(f"UPDATE rollout_runtime SET {sets} WHERE rollout_id = ?",  # noqa: S608
@@ -130,13 +275,13 @@ class RolloutRecords:
                                        revert_at=now, detail="device revoked")
         return len(rows)
 
-    def progress(self, rollout_id: str) -> list[Row]:
+    def progress(self, rollout_id: str) -> list[DeviceProgress]:
         """Every device of the rollout with its status, in canary order."""
         with self.store.read() as db:
-            return list(db.query(
+            return [DeviceProgress.from_row(r) for r in db.query(
                 "SELECT p.*, d.status, d.stage FROM rollout_progress p JOIN rollout_devices d "
                 "ON d.rollout_id = p.rollout_id AND d.device_id = p.device_id "
-                "WHERE p.rollout_id = ? ORDER BY p.ordinal", [rollout_id]))
+                "WHERE p.rollout_id = ? ORDER BY p.ordinal", [rollout_id])]
 
     def update_device(self, rollout_id: str, device_id: str, status: str | None = None,
                       stage: int | None = None, **fields: Any) -> None:
@@ -153,26 +298,26 @@ class RolloutRecords:
                     stage = int(row[0]) if row else 0
                 self.store.rollouts.set_device_status(rollout_id, device_id, stage, status)
 
-    def open_entries_for(self, device_id: str) -> list[Row]:
+    def open_entries_for(self, device_id: str) -> list[OpenEntry]:
         """This device's unfinished (or timed-out) entries in rollouts that are still active."""
         with self.store.read() as db:
-            return list(db.query(
+            return [OpenEntry.from_row(r) for r in db.query(
                 "SELECT p.*, rt.phase, rt.target_bundle FROM rollout_progress p "
                 "JOIN rollout_runtime rt ON rt.rollout_id = p.rollout_id "
                 "JOIN rollouts r ON r.id = p.rollout_id "
                 "WHERE p.device_id = ? AND r.state IN ('running', 'paused', 'rolling_back') "
-                "AND (p.assigned_at IS NOT NULL)", [device_id]))
+                "AND (p.assigned_at IS NOT NULL)", [device_id])]
 
-    def reported_states(self, device_ids: list[str]) -> dict[str, Row]:
-        """The stored reported state (dict) and online flag of each listed device."""
-        out: dict[str, Row] = {}
+    def reported_states(self, device_ids: list[str]) -> dict[str, DeviceReport]:
+        """The stored reported state and online flag of each listed device (absent if unknown)."""
+        out: dict[str, DeviceReport] = {}
         with self.store.read() as db:
             for i in range(0, len(device_ids), 500):
                 part = device_ids[i:i + 500]
                 marks = ", ".join("?" for _ in part)
                 for r in db.query(f"SELECT id, reported_state, online FROM devices WHERE id IN ({marks})",  # noqa: S608
                                   part):
-                    out[r["id"]] = decode_row(r, ("reported_state",)) or {}
+                    out[r["id"]] = DeviceReport.from_row(decode_row(r, ("reported_state",)) or {})
         return out
 
     def supersede(self, device_id: str, by_rollout: str) -> None:
@@ -187,7 +332,7 @@ class RolloutRecords:
                                detail=f"superseded by {by_rollout}")
 
     # -- commands ---------------------------------------------------------------------------
-    def command(self, rollout_id: str, command: str, actor: str, note: str = "") -> Row:
+    def command(self, rollout_id: str, command: str, actor: str, note: str = "") -> RolloutCommand:
         """Queue `promote`, `rollback` or `cancel` for the controller (audited).
 
         Raises NotFound (rollout), FleetInputError (unknown command), Conflict (finished rollout,
@@ -197,12 +342,12 @@ class RolloutRecords:
             raise FleetInputError(f"command {command!r} must be one of {', '.join(COMMANDS)}")
         with self.store.tx() as db:
             ro = self.store.rollouts.get(rollout_id)
-            terminal = ro["state"] in ("completed", "aborted", "failed", "cancelled")
-            if terminal and not (command == "rollback" and ro["state"] == "completed"):
-                raise Conflict(f"rollout {rollout_id} is {ro['state']}; it cannot {command}")
-            if command == "promote" and ro["state"] == "rolling_back":
+            finished = ro.state in FINISHED_STATES
+            if finished and not (command == "rollback" and ro.state is RolloutState.COMPLETED):
+                raise Conflict(f"rollout {rollout_id} is {ro.state}; it cannot {command}")
+            if command == "promote" and ro.state is RolloutState.ROLLING_BACK:
                 raise Conflict(f"rollout {rollout_id} is rolling back; it cannot be promoted")
-            if command == "rollback" and ro["state"] == "rolling_back":
+            if command == "rollback" and ro.state is RolloutState.ROLLING_BACK:
                 raise Conflict(f"rollout {rollout_id} is already rolling back")
             queued = db.execute("SELECT 1 FROM rollout_commands WHERE rollout_id = ? AND command = ? "
                                 "AND done_at IS NULL", [rollout_id, command]).fetchone()
@@ -210,21 +355,22 @@ class RolloutRecords:
                 raise Conflict(f"rollout {rollout_id} already has a pending {command}")
             row = {"rollout_id": rollout_id, "command": command, "actor": actor, "note": note,
                    "created_at": self.store.now(), "done_at": None}
-            db.table("rollout_commands").insert(row)
+            command_id = db.table("rollout_commands").insert(row).last_pk
             self.store.audit.record(actor, f"rollout.{command}", f"rollouts/{rollout_id}",
-                                    {"state": ro["state"]}, {"command": command, "note": note})
-        return row
+                                    {"state": ro.state}, {"command": command, "note": note})
+        return RolloutCommand.from_row({**row, "id": command_id})
 
-    def pending_commands(self, rollout_id: str) -> list[Row]:
+    def pending_commands(self, rollout_id: str) -> list[RolloutCommand]:
         with self.store.read() as db:
-            return list(db.query("SELECT * FROM rollout_commands WHERE rollout_id = ? AND done_at IS NULL "
-                                 "ORDER BY id", [rollout_id]))
+            return [RolloutCommand.from_row(r) for r in db.query(
+                "SELECT * FROM rollout_commands WHERE rollout_id = ? AND done_at IS NULL ORDER BY id",
+                [rollout_id])]
 
     def command_done(self, command_id: int) -> None:
         with self.store.tx() as db:
             db.execute("UPDATE rollout_commands SET done_at = ? WHERE id = ?", [self.store.now(), command_id])
 
-    def active_rollouts(self) -> list[Row]:
+    def active_rollouts(self) -> list[Rollout]:
         with self.store.read() as db:
             ids = [r["id"] for r in db.query(
                 "SELECT id FROM rollouts WHERE state IN ('pending', 'running', 'paused', 'rolling_back') "

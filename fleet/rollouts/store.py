@@ -4,28 +4,101 @@ The API only records intent: `desired` is `run`, `pause` or `abort`. The rollout
 (a separate component) reads intent, acts on devices, and writes `state`, `stage` and
 `rollout_devices` through `set_state` / `set_device_status`. Until a controller runs, a
 rollout honestly stays `pending` whatever the operator asked.
+
+Reads return typed records (`Rollout`, `RolloutDeviceStatus`, `RolloutStatusSummary`), not
+rows: the states and intents are the enums of `fleet.rollouts.machine`, so a caller cannot
+compare against a misspelt state, and the API's response models take them as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from fleet.db.paging import Page
 from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetInputError, NotFound
+from fleet.rollouts import machine
+from fleet.rollouts.machine import Desired, RolloutState
 
 if TYPE_CHECKING:
     from fleet.store import Store
 
 ROLLOUT_JSON = ("strategy", "thresholds", "history")
-STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")
-TERMINAL_STATES = ("completed", "aborted", "failed", "cancelled")
-ACTIONS = {"pause": "pause", "resume": "run", "abort": "abort"}
+STATES = tuple(s.value for s in RolloutState)
+#: Finished rollouts refuse intent; the metrics keep only the most recent of them.
+FINISHED_STATES = tuple(s.value for s in RolloutState if s in machine.FINISHED_STATES)
+ACTIONS = {"pause": Desired.PAUSE, "resume": Desired.RUN, "abort": Desired.ABORT}
 DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
                    "failed", "rolled_back", "skipped")
 MAX_HISTORY = 500
+
+T = TypeVar("T")
+
+
+def record_from_row(cls: type[T], row: Row, **typed: Any) -> T:
+    """A dataclass record from a row: its fields' columns, with `typed` values overriding.
+
+    Columns that are not fields are left out, so a migration that adds one breaks no read.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: typed[n] if n in typed else row[n] for n in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """One `rollouts` row, JSON columns decoded: the plan, the intent and the controller's view."""
+
+    id: str
+    model_version_id: str
+    selector: str
+    strategy: dict[str, Any]
+    thresholds: dict[str, Any]
+    state: RolloutState
+    desired: Desired
+    stage: int
+    created_at: str
+    updated_at: str
+    created_by: str
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def from_row(cls, row: Row) -> Rollout:
+        return record_from_row(cls, row, state=RolloutState(row["state"]), desired=Desired(row["desired"]))
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutDeviceStatus:
+    """One `rollout_devices` row: a device's stage and API-visible status in a rollout."""
+
+    rollout_id: str
+    device_id: str
+    stage: int
+    status: str
+    updated_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutStatusSummary:
+    """A rollout's state and intent with its devices counted per status."""
+
+    id: str
+    state: RolloutState
+    desired: Desired
+    stage: int
+    updated_at: str
+    devices_total: int
+    devices_by_status: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage(Generic[T]):
+    """One page of typed records plus the cursor of the next page (None at the end)."""
+
+    items: list[T]
+    next_cursor: str | None = None
 
 
 class RolloutRepo:
@@ -35,7 +108,7 @@ class RolloutRepo:
         self.store = store
 
     def create(self, model_version_id: str, selector: str, strategy: dict[str, Any],
-               thresholds: dict[str, Any], actor: str) -> Row:
+               thresholds: dict[str, Any], actor: str) -> Rollout:
         """Record a new rollout in state `pending`.
 
         Raises NotFound (version), FleetInputError (selector), Conflict (archived version).
@@ -45,7 +118,7 @@ class RolloutRepo:
         rid = "ro-" + secrets.token_hex(8)
         with self.store.tx() as db:
             version = self.store.models.get_version_by_id(model_version_id)
-            if version["stage"] == "archived":
+            if version.stage == "archived":
                 raise Conflict(f"{model_version_id} is archived and cannot be rolled out")
             row = {"id": rid, "model_version_id": model_version_id, "selector": str(parsed),
                    "strategy": dumps(strategy), "thresholds": dumps(thresholds), "state": "pending",
@@ -53,32 +126,33 @@ class RolloutRepo:
                    "history": dumps([{"at": now, "actor": actor, "event": "created"}])}
             db.table("rollouts").insert(row)
             out = self.get(rid)
-            self.store.audit.record(actor, "rollout.create", f"rollouts/{rid}", None, out)
+            self.store.audit.record(actor, "rollout.create", f"rollouts/{rid}", None, dataclasses.asdict(out))
         return out
 
-    def get(self, rollout_id: str) -> Row:
+    def get(self, rollout_id: str) -> Rollout:
         """Raises NotFound."""
         with self.store.read() as db:
             rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
         out = decode_row(rows[0], ROLLOUT_JSON) if rows else None
         if out is None:
             raise NotFound(f"rollout {rollout_id!r} not found")
-        return out
+        return Rollout.from_row(out)
 
-    def list(self, cursor: str | None, limit: int, state: str | None = None) -> Page:
+    def list(self, cursor: str | None, limit: int, state: str | None = None) -> RecordPage[Rollout]:
         sql, params = "SELECT * FROM rollouts WHERE 1", []
         if state is not None:
             if state not in STATES:
                 raise FleetInputError(f"state {state!r} must be one of {', '.join(STATES)}")
             sql += " AND state = ?"
             params.append(state)
-        return self.store.page(sql, params, "id", cursor, limit, ROLLOUT_JSON)
+        page = self.store.page(sql, params, "id", cursor, limit, ROLLOUT_JSON)
+        return RecordPage([Rollout.from_row(r) for r in page.items], page.next_cursor)
 
-    def _append_history(self, row: Row, entry: dict[str, Any]) -> str:
-        history = [*row["history"], entry][-MAX_HISTORY:]
+    def _append_history(self, rollout: Rollout, entry: dict[str, Any]) -> str:
+        history = [*rollout.history, entry][-MAX_HISTORY:]
         return dumps(history)
 
-    def request(self, rollout_id: str, action: str, actor: str, note: str = "") -> Row:
+    def request(self, rollout_id: str, action: str, actor: str, note: str = "") -> Rollout:
         """Record operator intent `pause`, `resume` or `abort`.
 
         Raises NotFound, FleetInputError (unknown action), Conflict (finished rollout, or the
@@ -89,48 +163,49 @@ class RolloutRepo:
         desired = ACTIONS[action]
         with self.store.tx() as db:
             before = self.get(rollout_id)
-            if before["state"] in TERMINAL_STATES:
-                raise Conflict(f"rollout {rollout_id} is {before['state']}; it cannot {action}")
-            if before["desired"] == "abort":
+            if before.state in FINISHED_STATES:
+                raise Conflict(f"rollout {rollout_id} is {before.state}; it cannot {action}")
+            if before.desired is Desired.ABORT:
                 raise Conflict(f"rollout {rollout_id} was asked to abort; it cannot {action}")
-            if action == "resume" and before["desired"] != "pause":
+            if action == "resume" and before.desired is not Desired.PAUSE:
                 raise Conflict(f"rollout {rollout_id} is not paused")
-            if before["desired"] == desired:
+            if before.desired is desired:
                 raise Conflict(f"rollout {rollout_id} is already asked to {desired}")
             now = self.store.now()
             entry = {"at": now, "actor": actor, "event": f"requested:{action}", "note": note}
             db.execute("UPDATE rollouts SET desired = ?, updated_at = ?, history = ? WHERE id = ?",
-                       [desired, now, self._append_history(before, entry), rollout_id])
+                       [desired.value, now, self._append_history(before, entry), rollout_id])
             after = self.get(rollout_id)
             self.store.audit.record(actor, f"rollout.{action}", f"rollouts/{rollout_id}",
-                                    {"desired": before["desired"]}, {"desired": desired, "note": note})
+                                    {"desired": before.desired}, {"desired": desired, "note": note})
         return after
 
-    def status(self, rollout_id: str) -> Row:
+    def status(self, rollout_id: str) -> RolloutStatusSummary:
         """The rollout plus device counts per status (from `rollout_devices`). Raises NotFound."""
         rollout = self.get(rollout_id)
         with self.store.read() as db:
             counts = {r["status"]: r["n"] for r in db.query(
                 "SELECT status, count(*) AS n FROM rollout_devices WHERE rollout_id = ? GROUP BY status",
                 [rollout_id])}
-        return {"id": rollout_id, "state": rollout["state"], "desired": rollout["desired"],
-                "stage": rollout["stage"], "updated_at": rollout["updated_at"],
-                "devices_total": sum(counts.values()), "devices_by_status": counts}
+        return RolloutStatusSummary(id=rollout_id, state=rollout.state, desired=rollout.desired,
+                                    stage=rollout.stage, updated_at=rollout.updated_at,
+                                    devices_total=sum(counts.values()), devices_by_status=counts)
 
     # -- controller side (round 2 writes through these) -------------------------
-    def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Row:
+    def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Rollout:
         """The controller reports progress. Raises NotFound, FleetInputError (unknown state)."""
         if state not in STATES:
             raise FleetInputError(f"state {state!r} must be one of {', '.join(STATES)}")
+        new = RolloutState(state)
         with self.store.tx() as db:
             before = self.get(rollout_id)
             now = self.store.now()
-            entry = {"at": now, "actor": actor, "event": f"state:{state}", "stage": stage, "note": note}
+            entry = {"at": now, "actor": actor, "event": f"state:{new}", "stage": stage, "note": note}
             db.execute("UPDATE rollouts SET state = ?, stage = ?, updated_at = ?, history = ? WHERE id = ?",
-                       [state, stage, now, self._append_history(before, entry), rollout_id])
+                       [new.value, stage, now, self._append_history(before, entry), rollout_id])
             self.store.audit.record(actor, "rollout.state", f"rollouts/{rollout_id}",
-                                    {"state": before["state"], "stage": before["stage"]},
-                                    {"state": state, "stage": stage, "note": note})
+                                    {"state": before.state, "stage": before.stage},
+                                    {"state": new, "stage": stage, "note": note})
             return self.get(rollout_id)
 
     def set_device_status(self, rollout_id: str, device_id: str, stage: int, status: str) -> None:
@@ -142,10 +217,12 @@ class RolloutRepo:
                 {"rollout_id": rollout_id, "device_id": device_id, "stage": stage, "status": status,
                  "updated_at": self.store.now()}, pk=("rollout_id", "device_id"))
 
-    def devices(self, rollout_id: str, cursor: str | None, limit: int, status: str | None = None) -> Page:
+    def devices(self, rollout_id: str, cursor: str | None, limit: int,
+                status: str | None = None) -> RecordPage[RolloutDeviceStatus]:
         self.get(rollout_id)
         sql, params = "SELECT * FROM rollout_devices WHERE rollout_id = ?", [rollout_id]
         if status is not None:
             sql += " AND status = ?"
             params.append(status)
-        return self.store.page(sql, params, "device_id", cursor, limit)
+        page = self.store.page(sql, params, "device_id", cursor, limit)
+        return RecordPage([record_from_row(RolloutDeviceStatus, r) for r in page.items], page.next_cursor)

@@ -110,7 +110,7 @@ class World:
         store = Store(self.settings.db_path)
         try:
             ro = store.rollouts.get(rid)
-            return ro["state"], ro["stage"]
+            return ro.state, ro.stage
         finally:
             store.close()
 
@@ -183,7 +183,7 @@ def test_a_good_bundle_reaches_every_device_through_canary_stages(world: World) 
     st = world.wait_rollout(rid, "completed")
     assert st["devices_by_status"] == {"succeeded": 4}
     world.wait_all_serving("mlp-2.0.0")
-    history = world.service.store.rollouts.get(rid)["history"]
+    history = world.service.store.rollouts.get(rid).history
     stages = [h["stage"] for h in history if h["event"] == "state:running"]
     assert stages == [0, 1, 2]  # every stage was walked, none skipped
     # the canary device committed before the second stage was assigned
@@ -278,5 +278,5 @@ def test_a_disagreeing_shadow_candidate_pauses_the_rollout(world: World) -> None
         return bool(world.status(rid)["state"] == "paused")
 
     wait_until(paused, 40, f"a shadow-agreement pause ({world.status(rid)})")
-    note = world.service.store.rollouts.get(rid)["history"][-1]["note"]
+    note = world.service.store.rollouts.get(rid).history[-1]["note"]
     assert "shadow agreement" in note, note

@@ -267,11 +267,11 @@ def test_rollout_series_cover_unfinished_and_recent_finished_rollouts(tmp_path: 
         store.devices.create(f"d{i}", {"env": "prod"}, {}, f"d{i}", "x", "test")
     finished = []
     for _ in range(RECENT_ROLLOUTS + 2):
-        rid = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test")["id"]
+        rid = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test").id
         clock.advance(1)
         store.rollouts.set_state(rid, "completed", 1, "test")
         finished.append(rid)
-    running = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test")["id"]
+    running = store.rollouts.create("mlp:1.0.0", "env=prod", {}, {}, "test").id
     store.rollouts.set_state(running, "running", 2, "test")
     records = RolloutRecords(store)
     records.add_devices(running, ["d0", "d1", "d2"])

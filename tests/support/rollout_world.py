@@ -2,13 +2,14 @@
 
 Devices are played by the test: they write reported states into the store and send events
 through `controller.on_event`; a recorder stands in for the MQTT publisher. Time is an
-injected clock.
+injected clock. Every state change the controller computes through the transition table
+(`machine.run_events`) is kept in `World.transitions`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 
 from agent.contract.protocol import Event
+from fleet.rollouts import machine
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.gates import VersionMetrics
+from fleet.rollouts.machine import RolloutEvent, RolloutState
 from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
@@ -25,6 +28,8 @@ from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
 
 V1, V2 = "mlp-1.0.0", "mlp-2.0.0"
+#: One `machine.run_events` call: from, the events in order, to.
+Run = tuple[RolloutState, tuple[RolloutEvent, ...], RolloutState]
 
 
 @dataclass
@@ -54,6 +59,7 @@ class World:
     pub: Recorder
     ctl: RolloutController
     metrics: dict[str, VersionMetrics] = field(default_factory=dict)
+    transitions: list[Run] = field(default_factory=list)
 
     def enroll(self, *devices: str, labels: dict[str, str] | None = None, on: str | None = V1) -> None:
         for dev in devices:
@@ -71,17 +77,17 @@ class World:
 
     def rollout(self, strategy: dict[str, Any], thresholds: dict[str, float] | None = None,
                 selector: str = "env=prod") -> str:
-        return str(self.store.rollouts.create("mlp:2.0.0", selector, strategy, thresholds or {}, "op")["id"])
+        return str(self.store.rollouts.create("mlp:2.0.0", selector, strategy, thresholds or {}, "op").id)
 
     def devices(self, rid: str) -> dict[str, str]:
-        return {r["device_id"]: r["status"] for r in self.store.rollouts.devices(rid, None, 500).items}
+        return {r.device_id: r.status for r in self.store.rollouts.devices(rid, None, 500).items}
 
     def assigned(self, rid: str) -> list[str]:
         return sorted(d for d, s in self.devices(rid).items() if s != "pending")
 
     def state(self, rid: str) -> tuple[str, int]:
         ro = self.store.rollouts.get(rid)
-        return ro["state"], ro["stage"]
+        return ro.state, ro.stage
 
     def commit_all(self, devices: list[str], bundle: str = V2) -> None:
         for d in devices:
@@ -97,7 +103,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     clock = FakeClock()
     store = Store(tmp_path / "fleet.db", clock=clock)
     repo = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
@@ -112,5 +118,14 @@ def world(tmp_path: Path) -> Iterator[World]:
     signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
     w = World(tmp_path, clock, store, repo, signer, Recorder(), None)  # type: ignore[arg-type]
     w.ctl = w.new_controller()
+    run_events = machine.run_events
+
+    def recording(state: RolloutState, events: Iterable[RolloutEvent]) -> RolloutState:
+        fired = tuple(events)
+        after = run_events(state, fired)
+        w.transitions.append((state, fired, after))
+        return after
+
+    monkeypatch.setattr(machine, "run_events", recording)
     yield w
     store.close()

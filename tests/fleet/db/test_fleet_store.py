@@ -67,7 +67,7 @@ def test_restart_loses_nothing(tmp_path: Path) -> None:
     assert s2.models.get_version("m", "1.0.0").lineage == {"metrics": {"acc": 0.9}}
     dev = s2.devices.get("dev-1")
     assert (dev.agent_version, dev.runtimes, dev.online) == ("0.2.0", ["onnx"], True)
-    assert s2.rollouts.get(r["id"])["strategy"] == {"stages": [1, 10]}
+    assert s2.rollouts.get(r.id).strategy == {"stages": [1, 10]}
     assert len(s2.audit.list(None, 100).items) == 4  # model, version, device, rollout
     s2.close()
 
@@ -228,19 +228,19 @@ def test_rollout_intent_transitions(store: Store) -> None:
     store.models.create_model("m", "", "a")
     store.models.register_version("m", "1.0.0", DIGEST, "onnx", {}, "a")
     r = store.rollouts.create("m:1.0.0", "env = prod", {}, {}, "a")
-    assert (r["state"], r["desired"], r["selector"]) == ("pending", "run", "env=prod")
+    assert (r.state, r.desired, r.selector) == ("pending", "run", "env=prod")
     with pytest.raises(Conflict, match="not paused"):
-        store.rollouts.request(r["id"], "resume", "a")
-    assert store.rollouts.request(r["id"], "pause", "a")["desired"] == "pause"
-    assert store.rollouts.request(r["id"], "resume", "a")["desired"] == "run"
-    assert store.rollouts.request(r["id"], "abort", "a")["state"] == "pending"  # nothing acted yet
+        store.rollouts.request(r.id, "resume", "a")
+    assert store.rollouts.request(r.id, "pause", "a").desired == "pause"
+    assert store.rollouts.request(r.id, "resume", "a").desired == "run"
+    assert store.rollouts.request(r.id, "abort", "a").state == "pending"  # nothing acted yet
     with pytest.raises(Conflict):
-        store.rollouts.request(r["id"], "pause", "a")
+        store.rollouts.request(r.id, "pause", "a")
     _device(store, "dev-1", {"env": "prod"})
-    store.rollouts.set_device_status(r["id"], "dev-1", 1, "downloading")
-    store.rollouts.set_state(r["id"], "aborted", 1, "controller")
-    st = store.rollouts.status(r["id"])
-    assert (st["state"], st["devices_total"], st["devices_by_status"]) == ("aborted", 1, {"downloading": 1})
+    store.rollouts.set_device_status(r.id, "dev-1", 1, "downloading")
+    store.rollouts.set_state(r.id, "aborted", 1, "controller")
+    st = store.rollouts.status(r.id)
+    assert (st.state, st.devices_total, st.devices_by_status) == ("aborted", 1, {"downloading": 1})
     store.models.set_stage("m", "1.0.0", "archived", "a")
     with pytest.raises(Conflict, match="archived"):
         store.rollouts.create("m:1.0.0", "", {}, {}, "a")

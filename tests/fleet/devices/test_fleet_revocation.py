@@ -305,8 +305,8 @@ def test_a_device_revoked_mid_rollout_gets_no_more_documents(world: World) -> No
     world.store.devices.revoke(first[0], "op")     # assigned, not committed
     world.store.devices.revoke(pending[0], "op")   # still pending
     world.ctl.tick()
-    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
-    assert rows[first[0]]["outcome"] == "skipped" and rows[first[0]]["detail"] == "device revoked"
+    rows = {r.device_id: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows[first[0]].outcome == "skipped" and rows[first[0]].detail == "device revoked"
     assert pending[0] not in rows  # left the cohort before any document reached it
     for _ in range(3):
         world.ctl.tick()
@@ -335,8 +335,8 @@ def test_a_rollback_sends_no_revert_document_to_a_revoked_device(world: World) -
     for _ in range(3):
         world.ctl.tick()
     assert world.pub.last_target("a") == V1 and world.pub.last_target("b") == V2  # b got no revert
-    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
-    assert rows["b"]["outcome"] == "skipped" and rows["b"]["detail"] == "device revoked"
+    rows = {r.device_id: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows["b"].outcome == "skipped" and rows["b"].detail == "device revoked"
 
 
 @pytest.mark.integration

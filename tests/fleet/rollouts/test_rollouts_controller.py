@@ -78,8 +78,8 @@ def test_a_silent_device_times_out_trips_the_gate_and_is_upgraded_if_it_commits_
     devices = world.devices(rid)
     assert devices == {"a": "succeeded", "b": "failed"}
     ro = world.store.rollouts.get(rid)
-    assert (ro["state"], ro["desired"]) == ("paused", "pause")  # 1 of 2 failed > 20 %: paused
-    assert "1 of 2 devices failed" in ro["history"][-1]["note"]
+    assert (ro.state, ro.desired) == ("paused", "pause")  # 1 of 2 failed > 20 %: paused
+    assert "1 of 2 devices failed" in ro.history[-1]["note"]
     breach = world.store.audit.list(None, 10, action="rollout.gate_breach").items[0]
     assert breach.after["breaches"][0]["gate"] == "install_failure_pct"
     world.commit_all(["b"])
@@ -226,11 +226,11 @@ def test_late_enrolled_devices_join_and_an_unbuilt_version_fails_to_start(world:
     world.ctl.tick()
     assert world.state(rid)[0] == "completed"
     world.store.models.register_version("mlp", "3.0.0", DIGEST, "onnx", {}, "test")
-    bad = world.store.rollouts.create("mlp:3.0.0", "env=prod", {}, {}, "op")["id"]
-    invalid = world.store.rollouts.create("mlp:2.0.0", "env=prod", {"stages": [50]}, {}, "op")["id"]
+    bad = world.store.rollouts.create("mlp:3.0.0", "env=prod", {}, {}, "op").id
+    invalid = world.store.rollouts.create("mlp:2.0.0", "env=prod", {"stages": [50]}, {}, "op").id
     world.ctl.tick()
     assert world.state(bad)[0] == "failed"
-    assert "no bundle" in world.store.rollouts.get(bad)["history"][-1]["note"]
+    assert "no bundle" in world.store.rollouts.get(bad).history[-1]["note"]
     assert world.state(invalid)[0] == "failed"
 
 
@@ -244,7 +244,7 @@ def test_metric_and_shadow_gates_pause_the_rollout(world: World) -> None:
     world.commit_all(world.assigned(rid))
     world.ctl.tick()
     ro = world.store.rollouts.get(rid)
-    assert ro["state"] == "paused" and "latency p95" in ro["history"][-1]["note"]
+    assert ro.state == "paused" and "latency p95" in ro.history[-1]["note"]
     # resuming acknowledges this stage's breach; the next stage is judged afresh
     world.store.rollouts.request(rid, "resume", "op")
     world.metrics[V2] = VersionMetrics(requests=500, errors=1, latency_p95_ms=1.0)
@@ -256,7 +256,7 @@ def test_metric_and_shadow_gates_pause_the_rollout(world: World) -> None:
                                   seq=1, measurements={"label_agreement": 0.5, "compared": 100}))
     world.ctl.tick()
     ro = world.store.rollouts.get(rid)
-    assert ro["state"] == "paused" and "shadow agreement" in ro["history"][-1]["note"]
+    assert ro.state == "paused" and "shadow agreement" in ro.history[-1]["note"]
 
 
 def test_api_refuses_bad_plans_and_queues_commands_for_operators_only(world: World) -> None:
@@ -315,9 +315,9 @@ def test_install_failures_and_refused_documents_fail_the_device(world: World) ->
     world.event("c", "rolled_back", "other-1.0.0")  # about another bundle: ignored
     world.ctl.tick()
     assert world.devices(rid) == {"a": "failed", "b": "failed", "c": "assigned"}
-    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
-    assert rows["a"]["outcome"] == "install_failed" and "hash mismatch" in rows["a"]["detail"]
-    assert "director document refused" in rows["b"]["detail"]
+    rows = {r.device_id: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows["a"].outcome == "install_failed" and "hash mismatch" in rows["a"].detail
+    assert "director document refused" in rows["b"].detail
     assert world.state(rid)[0] == "running"  # thresholds allow it; c still decides
 
 
@@ -337,8 +337,8 @@ def test_a_device_offline_at_assignment_still_learns_where_to_return(world: Worl
     world.store.devices.record_reported_state("b", {"online": False, "timestamp": world.clock.now})
     rid = world.rollout({"kind": "all_at_once"})
     world.ctl.tick()
-    rows = {r["device_id"]: r for r in RolloutRecords(world.store).progress(rid)}
-    assert rows["a"]["from_bundle"] == V1 and rows["b"]["from_bundle"] is None
+    rows = {r.device_id: r for r in RolloutRecords(world.store).progress(rid)}
+    assert rows["a"].from_bundle == V1 and rows["b"].from_bundle is None
     world.clock.advance(5)
     world.store.devices.record_reported_state(  # reconnects mid-install: active v2, previous v1
         "b", {"state": "probation", "active_bundle": V2, "previous_bundle": V1, "timestamp": world.clock.now})

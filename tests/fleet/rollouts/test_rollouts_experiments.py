@@ -249,7 +249,7 @@ def test_the_driver_leaves_devices_held_by_a_running_rollout(
 
     store, repo, signer = setup
     rollout_pub, ab_pub = Recorder(), Recorder()
-    rid = store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "all_at_once"}, {}, "op")["id"]
+    rid = store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "all_at_once"}, {}, "op").id
     RolloutController(store, repo, signer, rollout_pub, store.clock).tick()
     ex = ExperimentRepo(store).create("ab", "mlp:1.0.0", "mlp:2.0.0", "", 0.5, {"error_rate": "min"}, 10,
                                       0.05, "op")

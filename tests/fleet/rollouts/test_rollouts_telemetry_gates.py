@@ -111,7 +111,7 @@ def _reports(profile: ReferenceProfile, version: str, latency_s: float, requests
 
 def _run_canary(g: Gates, thresholds: dict[str, float]) -> str:
     rid = str(g.store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "canary", "stages": [50, 100],
-                                                                  "bake_s": 0}, thresholds, "op")["id"])
+                                                                  "bake_s": 0}, thresholds, "op").id)
     g.ctl.tick()
     canary = next(iter(g.pub.sent))
     g.store.devices.record_reported_state(canary, {"state": "idle", "active_bundle": "mlp-2.0.0",
@@ -127,8 +127,8 @@ def test_a_latency_regression_in_telemetry_pauses_the_rollout(gates: Gates) -> N
     gates.clock.advance(180)
     gates.ctl.tick()
     ro = gates.store.rollouts.get(rid)
-    assert ro["state"] == "paused", ro["history"]
-    assert "latency p95" in ro["history"][-1]["note"]
+    assert ro.state == "paused", ro.history
+    assert "latency p95" in ro.history[-1]["note"]
     assert len(gates.pub.sent) == 1  # the second device was never told to update
 
 
@@ -139,7 +139,7 @@ def test_error_rate_increase_pauses_and_equal_telemetry_passes(gates: Gates) -> 
     rid = _run_canary(gates, {"min_requests": 200})
     gates.clock.advance(180)
     gates.ctl.tick()
-    assert "error rate" in gates.store.rollouts.get(rid)["history"][-1]["note"]
+    assert "error rate" in gates.store.rollouts.get(rid).history[-1]["note"]
 
 
 def test_drift_of_the_candidate_pauses_the_rollout(gates: Gates) -> None:
@@ -151,7 +151,7 @@ def test_drift_of_the_candidate_pauses_the_rollout(gates: Gates) -> None:
     gates.clock.advance(180)
     gates.ctl.tick()
     ro = gates.store.rollouts.get(rid)
-    assert ro["state"] == "paused" and "drift score" in ro["history"][-1]["note"], ro["history"]
+    assert ro.state == "paused" and "drift score" in ro.history[-1]["note"], ro.history
 
 
 def test_healthy_telemetry_lets_the_rollout_complete(gates: Gates) -> None:
@@ -168,4 +168,4 @@ def test_healthy_telemetry_lets_the_rollout_complete(gates: Gates) -> None:
         gates.store.devices.record_reported_state(dev, {"state": "idle", "active_bundle": "mlp-2.0.0",
                                                         "timestamp": gates.clock.now})
     gates.ctl.tick()
-    assert gates.store.rollouts.get(rid)["state"] == "completed"
+    assert gates.store.rollouts.get(rid).state == "completed"

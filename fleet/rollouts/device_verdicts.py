@@ -1,0 +1,129 @@
+"""What a device's report, event or silence means for its entry in a rollout: pure verdicts.
+
+The rollout controller reads the devices' stored reported states and the events they send;
+these functions say which progress columns and which API-visible status change (a
+`DeviceUpdate`), and the controller writes them. Why apart from the controller: they are
+the rollout's contract with the agent (success is only "committed", a timeout is upgraded
+by a late commit, a report older than the document never counts, a device goes back only
+to a bundle the repository still has) and they are tested without a database. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.contract.protocol import Event
+from fleet.rollouts.records import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
+from fleet.rollouts.strategies import StrategyConfig
+
+#: Agent lifecycle state -> the device's status while its outcome is open.
+PROGRESS_STATUS = {"downloading": "downloading", "verifying": "downloading", "staged": "installed",
+                   "activating": "installed", "probation": "probation", "committed": "probation"}
+
+
+@dataclass(frozen=True)
+class DeviceUpdate:
+    """`RolloutRecords.update_device` arguments: the new status (None: unchanged) and columns."""
+
+    status: str | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def forward_update(row: DeviceProgress, report: DeviceReport, target: str, now: float,
+                   cfg: StrategyConfig, clock_skew_s: float) -> DeviceUpdate | None:
+    """Fold an assigned device's reported state (or its silence) into its forward outcome.
+
+    `row` has no outcome yet or a `timeout` (which a late commit upgrades); an unassigned
+    device has nothing to fold.
+    """
+    assigned_at = row.assigned_at
+    if assigned_at is None:
+        return None
+    fields: dict[str, Any] = {}
+    if row.from_bundle is None:  # offline when assigned (its Last Will names no bundle)
+        known = report.previous_bundle if report.active_bundle == target else report.active_bundle
+        if known and known != target:
+            fields["from_bundle"] = known
+    if report.state == "idle" and report.active_bundle == target:
+        detail = "committed after the timeout" if row.outcome == "timeout" else "committed"
+        return DeviceUpdate("succeeded", {**fields, "outcome": "succeeded", "detail": detail})
+    if row.outcome is None and now - assigned_at > cfg.device_timeout_s:
+        detail = f"no commit within {cfg.device_timeout_s:.0f}s (last state {report.state or 'unknown'})"
+        return DeviceUpdate("failed", {**fields, "outcome": "timeout", "detail": detail})
+    status = None
+    if row.outcome is None and report.timestamp >= assigned_at - clock_skew_s:  # a report since
+        progress = PROGRESS_STATUS.get(str(report.state))
+        status = progress if progress and progress != row.status else None
+    return DeviceUpdate(status, fields) if status or fields else None
+
+
+def event_update(entry: OpenEntry, ev: Event, clock_skew_s: float) -> DeviceUpdate | None:
+    """What one device event means for its entry (shadow reports are the controller's)."""
+    if entry.phase is RuntimePhase.ROLLBACK:
+        if ev.type == "director_accepted" and ev.bundle_id == entry.from_bundle:
+            return DeviceUpdate(fields={"acked": 1})
+        return None
+    if ev.bundle_id != entry.target_bundle and ev.type != "director_refused":
+        return None  # about another bundle
+    if ev.type == "committed":
+        return DeviceUpdate("succeeded", {"outcome": "succeeded", "detail": "committed"})
+    if entry.outcome is not None:
+        return None
+    if ev.type == "director_accepted":
+        return DeviceUpdate(fields={"acked": 1})
+    if ev.type == "rolled_back":
+        return DeviceUpdate("rolled_back", {"outcome": "local_rollback",
+                                            "detail": f"rolled back on the device: {ev.reason}"[:1000]})
+    if ev.type == "update_failed":
+        return DeviceUpdate("failed", {"outcome": "install_failed",
+                                       "detail": f"install failed: {ev.reason}"[:1000]})
+    if ev.type == "director_refused" and not entry.acked and ev.timestamp >= entry.assigned_at - clock_skew_s:
+        return DeviceUpdate("failed", {"outcome": "install_failed",
+                                       "detail": f"director document refused: {ev.reason}"[:1000]})
+    return None
+
+
+@dataclass(frozen=True)
+class RevertVerdict:
+    """One device during a rollback: send it a document naming `send_to` first (if set), then
+    record `update`."""
+
+    update: DeviceUpdate
+    send_to: str | None = None
+
+
+def revert_verdict(row: DeviceProgress, report: DeviceReport, target: str, known_bundles: Collection[str],
+                   now: float, cfg: StrategyConfig, clock_skew_s: float) -> RevertVerdict | None:
+    """Send an assigned device back to the bundle it ran before, then watch it return.
+
+    Devices never assigned, with nothing to return to, or that ran the target before are
+    skipped; a previous bundle the repository no longer has fails; a device not back within
+    `revert_timeout_s` fails.
+    """
+    prev = row.from_bundle
+    if row.revert_at is None:
+        why = ("never assigned" if row.assigned_at is None else
+               "no previous bundle to return to" if prev is None else
+               "ran this bundle before the rollout" if prev == target else None)
+        if why is not None:
+            return RevertVerdict(DeviceUpdate("skipped", {"outcome": "skipped", "revert_at": now,
+                                                          "detail": f"not reverted: {why}"}))
+        if prev not in known_bundles:
+            return RevertVerdict(DeviceUpdate("failed", {
+                "outcome": "revert_failed", "revert_at": now,
+                "detail": f"previous bundle {prev} is not in the repository"}))
+        return RevertVerdict(DeviceUpdate(fields={
+            "outcome": "reverting", "revert_at": now, "acked": 0,
+            "detail": f"returning to {prev} ({row.outcome or 'in flight'})"}), send_to=prev)
+    if row.outcome != "reverting":
+        return None
+    fresh = report.timestamp >= row.revert_at - clock_skew_s
+    if report.state == "idle" and report.active_bundle == prev and (row.acked or fresh):
+        return RevertVerdict(DeviceUpdate("rolled_back", {"outcome": "reverted",
+                                                          "detail": f"back on {prev}"}))
+    if now - row.revert_at > cfg.revert_timeout_s:
+        return RevertVerdict(DeviceUpdate("failed", {
+            "outcome": "revert_failed", "detail": f"not back on {prev} within {cfg.revert_timeout_s:.0f}s"}))
+    return None
