@@ -64,3 +64,7 @@ def ack(s: Session, alert_id: int, note: str) -> None:
     """Acknowledge ALERT_ID (an alert or a retraining trigger)."""
     row = s.client.post(f"/v1/alerts/{alert_id}/ack", {"note": note})
     s.show_record(row, [*ALERT_COLUMNS, ("acked at", _when("acked_at")), ("note", "ack_note")])
+
+
+if __name__ == "__main__":  # `python -m fleet.cli.alerts ...`, also without the installed entry point
+    group(prog_name="edgefleet alerts")

@@ -125,3 +125,7 @@ def withdraw_token(s: Session, token_id: str) -> None:
         s.json({"id": token_id, "withdrawn": True})
     else:
         s.note(f"withdrew enrollment token {token_id}")
+
+
+if __name__ == "__main__":  # `python -m fleet.cli.devices ...`, also without the installed entry point
+    group(prog_name="edgefleet devices")

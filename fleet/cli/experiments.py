@@ -94,3 +94,7 @@ def recommend(s: Session, experiment_id: str) -> None:
 def stop(s: Session, experiment_id: str) -> None:
     """Stop EXPERIMENT_ID: no more devices are assigned to its arms."""
     s.show_record(s.client.post(f"/v1/experiments/{quote(experiment_id)}/stop"), EXPERIMENT_COLUMNS)
+
+
+if __name__ == "__main__":  # `python -m fleet.cli.experiments ...`, also without the installed entry point
+    group(prog_name="edgefleet experiments")

@@ -123,3 +123,7 @@ def publish(s: Session, bundle: Path, model: str | None) -> None:
         return
     s.note(f"registered {row['id']} -> target {row['bundle_target']}")
     click.echo(row["id"])
+
+
+if __name__ == "__main__":  # `python -m fleet.cli.models ...`, also without the installed entry point
+    group(prog_name="edgefleet models")

@@ -133,3 +133,7 @@ def _verb(verb: str) -> None:
 
 for _name in _VERBS:
     _verb(_name)
+
+
+if __name__ == "__main__":  # `python -m fleet.cli.rollouts ...`, also without the installed entry point
+    group(prog_name="edgefleet rollouts")
