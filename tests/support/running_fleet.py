@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -35,10 +36,13 @@ class RunningFleet:
 
 
 @contextmanager
-def running_fleet(data_dir: Path, page_size: int = 2) -> Iterator[RunningFleet]:
-    """Serve a fresh fleet; a small default page size makes every list page through cursors."""
+def running_fleet(data_dir: Path, page_size: int = 2, **overrides: Any) -> Iterator[RunningFleet]:
+    """Serve a fresh fleet; a small default page size makes every list page through cursors.
+
+    `overrides` are further `FleetSettings` fields (e.g. `broker_url` handed to enrolling devices).
+    """
     settings = FleetSettings(data_dir=data_dir, port=free_port(),
-                             limits=Limits(default_page_size=page_size, max_page_size=50))
+                             limits=Limits(default_page_size=page_size, max_page_size=50), **overrides)
     ensure_trust(settings)
     service = FleetService(settings)
     admin = create_api_key(service.store, "bootstrap-admin", "admin", "cli:create-admin-key")[1]
