@@ -62,8 +62,8 @@ def as_json(group: click.Group, *args: str, env: dict[str, str]) -> Any:
     return json.loads(cli(group, *args, "--json", env=env).stdout)
 
 
-def bundle(tmp_path: Path, version: str, seed: int = 1) -> Path:
-    model = make_mlp_onnx(seed)
+def bundle(tmp_path: Path, version: str, seed: int = 1, hidden: int = 64) -> Path:
+    model = make_mlp_onnx(seed, sizes=(32, hidden, hidden, 4))
     return write_bundle(manifest_for(version, model, seed, FAST), model, tmp_path / f"mlp-{version}.efb")
 
 
@@ -91,6 +91,10 @@ def test_models_publish_list_show_and_stage(fleet: RunningFleet, tmp_path: Path)
     assert [h["to_stage"] for h in version["history"]] == ["registered", "staging"]
     assert [v["id"] for v in as_json(models.group, "versions", "mlp", "--stage", "staging", env=env)] \
         == ["mlp:1.0.0"]
+    # Larger than the 1 MiB JSON body limit: uploads stream to disk under the artifact limit.
+    big = bundle(tmp_path, "2.0.0", hidden=640)
+    assert big.stat().st_size > fleet.settings.limits.max_body_bytes
+    assert cli(models.group, "publish", str(big), env=env).stdout.strip() == "mlp:2.0.0"
     again = cli(models.group, "publish", str(bundle(tmp_path, "1.0.0")), env=env, code=EXIT_CONFLICT)
     one_line_error(again, "409", "already exists")
     junk = tmp_path / "junk.efb"
