@@ -265,5 +265,5 @@ def _report(doc: dict[str, Any], config_path: Path, root_path: Path | None, relo
             click.echo(f"wrote {root_path} (0600): the trusted TUF root")
         click.echo(f"start the agent with: edgefleet agent run --config {config_path}")
     if reloaded is False:
-        click.echo("warning: the fleet could not reload the broker, so this login works only after an "
-                   "operator reloads Mosquitto (the agent keeps retrying until then)", err=True)
+        click.echo("warning: the fleet did not reload the broker: if Mosquitto uses the fleet's password "
+                   "file, this login works only after it is reloaded (the agent keeps retrying)", err=True)
