@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,7 +29,33 @@ if TYPE_CHECKING:  # imported where used: `--help` and `init-config` need no mod
 _log = logging.getLogger("edgefleet.cli.agent")
 
 
-@click.group(name="agent", context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose commands in `lazy` (`name -> module:attribute`) load on first use.
+
+    Why: `agent enroll` needs the config schema, the runtime probe and an HTTP client, which
+    `agent --help`, `predict` and the daemon's start do not; loaded by name like the root's
+    entry-point plugins, its module is imported only when it is run or listed.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):  # pragma: no cover - wiring error
+                raise click.ClickException(f"{self.lazy[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(name="agent", cls=_LazyGroup, lazy={"enroll": "agent.cli.enroll:enroll_command"},
+             context_settings={"help_option_names": ["-h", "--help"]})
 def group() -> None:
     """Run the device agent, score files offline, inspect local state."""
 

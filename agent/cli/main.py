@@ -27,8 +27,14 @@ _GROUP_HELP = {
     "fleet": "Run the fleet service (admin API, publisher, rollout controller).",
     "sim": "Run the simulated device swarm and its scenarios.",
     "demo": "Run the end-to-end demo on this machine.",
+    "models": "Model registry over the fleet API: list, show, create, publish bundles, move stages.",
+    "devices": "Device inventory over the fleet API: list, show, relabel, revoke, enrollment tokens.",
+    "rollouts": "Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback.",
+    "experiments": "A/B experiments over the fleet API: list, show, create, recommend, stop.",
+    "alerts": "Alerts and retraining triggers over the fleet API: list, ack.",
 }
-_ORDER = ["keys", "bundle", "repo", "fleet", "agent", "sim", "demo"]
+_ORDER = ["keys", "bundle", "repo", "fleet", "models", "devices", "rollouts", "experiments", "alerts",
+          "agent", "sim", "demo"]
 
 
 class _PluginGroup(click.Group):

@@ -37,16 +37,23 @@ API_VERSION = "1.0.0"
 
 
 class BodyLimit(BaseHTTPMiddleware):
-    """Refuse request bodies above the configured limit before reading them (413)."""
+    """Refuse request bodies above the configured limit before reading them (413).
 
-    def __init__(self, app: object, max_bytes: int) -> None:
+    Bundle uploads (`.../versions/upload`) stream to disk, not memory, so they get the
+    artifact limit (`max_upload_bytes`) instead of the JSON body limit: a real model is
+    larger than 1 MiB, and `edgefleet models publish` must work for it.
+    """
+
+    def __init__(self, app: object, max_bytes: int, upload_max_bytes: int | None = None) -> None:
         super().__init__(app)  # type: ignore[arg-type]
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes or max_bytes
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        limit = self.upload_max_bytes if request.url.path.endswith("/versions/upload") else self.max_bytes
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, 413)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
         return await call_next(request)
 
 
@@ -82,7 +89,8 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     app.state.collaborators = collaborators or ApiCollaborators()
     app.state.repository = app.state.collaborators.repository or Repository(settings.repo_dir,
                                                                             KeyStore(settings.keys_dir))
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes,
+                       upload_max_bytes=settings.limits.max_upload_bytes)
     install_error_handlers(app)
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
                    keys, audit, telemetry):

@@ -2,7 +2,7 @@
 
 `POST /v1/models/{name}/versions/from-bundle` takes a path on the server (inside the import
 directory, like the MLflow import); `POST /v1/models/{name}/versions/upload` takes the bundle
-as the raw request body (`application/octet-stream`, bounded by the body limit). Both check
+as the raw request body (`application/octet-stream`, bounded by `max_upload_bytes`). Both check
 the bundle, add it to the TUF repository as a target and record the target in the version.
 """
 
@@ -66,7 +66,7 @@ def version_from_bundle(name: str, body: BundleImport, request: Request, store: 
                  "schema": {"type": "string", "format": "binary"}}}, "required": True}})
 async def version_from_upload(name: str, request: Request, store: StoreDep, settings: SettingsDep,
                               repo: RepositoryDep, who: Operator) -> JSONResponse:
-    limit = settings.limits.max_body_bytes
+    limit = settings.limits.max_upload_bytes  # streamed to disk: the artifact limit, not the JSON one
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.data_dir) as tmp:
         dest, size = Path(tmp) / "bundle.efb", 0

@@ -178,7 +178,9 @@ class BrokerCredentials(BaseModel):
     username: str
     password: str
     client_id: str
-    topic_prefix: str
+    topic_prefix: str = Field(description=(
+        "Topic root, the agent config's `topic_prefix`: the device's topics are "
+        "`<topic_prefix>/v1/devices/<device_id>/...`"))
 
 
 class EnrollOut(BaseModel):

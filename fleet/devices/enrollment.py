@@ -18,6 +18,7 @@ import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
@@ -123,7 +124,17 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     return {
         "device_id": device_id,
         "labels": device.labels,
-        "broker": {"url": broker_url, "username": device_id, "password": password, "client_id": device_id,
-                   "topic_prefix": f"{topic_prefix}/v1/devices/{device_id}"},
+        # `topic_prefix` is the topic root, as in the agent's config (`<prefix>/v1/devices/<id>/...`
+        # is derived from it); the URL never carries the fleet's own broker login to a device.
+        "broker": {"url": public_broker_url(broker_url), "username": device_id, "password": password,
+                   "client_id": device_id, "topic_prefix": topic_prefix},
         "tuf_root": root,
     }
+
+
+def public_broker_url(url: str) -> str:
+    """`url` without user info: `fleet serve --broker mqtt://fleet:secret@host` is the fleet's login."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -269,6 +269,7 @@ def test_enrollment_single_use_expiry_and_root(api: Api) -> None:
     body = res.json()
     assert body["tuf_root"] == root and body["labels"] == {"site": "lab"}
     assert body["broker"]["username"] == body["device_id"] and len(body["broker"]["password"]) >= 24
+    assert body["broker"]["topic_prefix"] == api.settings.topic_prefix  # the root, as in the agent config
     passwd = api.settings.broker_passwd_path.read_text()
     assert passwd.startswith(f"{body['device_id']}:$7$101$") and body["broker"]["password"] not in passwd
     again = api.client.post("/v1/enroll", json={}, headers=auth)
