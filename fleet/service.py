@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from agent.logs import log_event
 from fleet.api import create_app
+from fleet.db.files import secure_dir
 from fleet.db.store import Clock, Store
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
@@ -51,7 +52,7 @@ class FleetService:
                  clock: Clock | None = None,
                  component_factory: Callable[[Store], list[Component]] | None = None) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_dir(settings.data_dir)  # 0700 whatever the umask; a looser one is tightened
         kwargs = {"clock": clock} if clock is not None else {}
         self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
         self.components: list[Component] = list(components or [])

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.access.auth import Operator
 from fleet.api.deps import SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import VersionOut
+from fleet.db.files import secure_dir
 from fleet.errors import FleetInputError
 from fleet.registry.publish import publish_bundle
 from fleet.settings import FleetSettings
@@ -70,7 +71,7 @@ def version_from_bundle(name: str, body: BundleImport, request: Request, store: 
 async def version_from_upload(name: str, request: Request, store: StoreDep, settings: SettingsDep,
                               who: Operator) -> JSONResponse:
     limit = settings.limits.max_body_bytes
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secure_dir(settings.data_dir)
     with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.data_dir) as tmp:
         dest, size = Path(tmp) / "bundle.efb", 0
         with dest.open("wb") as out:

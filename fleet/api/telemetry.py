@@ -26,6 +26,7 @@ from agent.contract.telemetry import TelemetryReport
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, StoreDep
 from fleet.api.schemas import PageOf
+from fleet.db.files import secure_dir
 from fleet.db.store import decode_cursor, encode_cursor
 from fleet.errors import FleetInputError, NotFound
 from fleet.settings import FleetSettings
@@ -77,7 +78,7 @@ def telemetry_context(request: Request) -> TelemetryContext:
                                    monitor.alerts.config.thresholds, owned=False)
         else:
             settings: FleetSettings = app.state.settings
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            secure_dir(settings.data_dir)
             ctx = TelemetryContext(TelemetryStore(settings.telemetry_db_path),
                                    AlertManager(settings.alerts_db_path),
                                    BundleProfiles(app.state.store, settings.repo_dir, settings.keys_dir),

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from fleet.access.auth import create_api_key
+from fleet.db.files import secure_dir
 from fleet.db.store import Store
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
@@ -25,6 +26,7 @@ def _settings(data_dir: Path | None, **overrides: Any) -> FleetSettings:
 
 
 def _store(settings: FleetSettings) -> Store:
+    secure_dir(settings.data_dir)  # 0700 whatever the umask, as `serve` does
     return Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
 
 

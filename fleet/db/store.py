@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlite_utils
 
+from fleet.db.files import secure_file
 from fleet.db.migrations import migrate
 from fleet.errors import FleetInputError, FleetMisuseError
 
@@ -87,7 +88,7 @@ class Store:
     def __init__(self, path: Path | str, clock: Clock = time.time, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self.clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        secure_file(self.path)  # 0600 (and so its WAL) whatever the umask; new parents 0700
         self._lock = threading.RLock()
         try:
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000)

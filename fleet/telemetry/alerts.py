@@ -30,6 +30,7 @@ import sqlite_utils
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from agent.logs import log_event
+from fleet.db.files import secure_file
 from fleet.errors import Conflict, FleetMisuseError, NotFound
 from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, Method, report_drift
 
@@ -140,7 +141,7 @@ class AlertManager:
         self._http = http
         self._lock = threading.RLock()  # evaluate/redeliver may run on different threads
         try:
-            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
+            conn = sqlite3.connect(str(secure_file(db_path)), check_same_thread=False, timeout=10.0)
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             ensure_schema(self.db)

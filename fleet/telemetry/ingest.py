@@ -43,6 +43,7 @@ from agent.contract.telemetry import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
+from fleet.db.files import secure_file
 from fleet.errors import FleetInputError, FleetMisuseError
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
 
@@ -139,7 +140,7 @@ class TelemetryStore:
         try:
             # One connection shared by threads (MQTT callbacks, API handlers, gates), always
             # used under `self._lock`.
-            conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=10.0)
+            conn = sqlite3.connect(str(secure_file(db_path)), check_same_thread=False, timeout=10.0)
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             ensure_schema(self.db)

@@ -17,6 +17,7 @@ from typing import Any
 
 from agent.contract.director import DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
+from fleet.db.files import secure_file
 from fleet.errors import FleetInputError
 from fleet.trust.keys import KEYS_FILE, KeyStore
 
@@ -50,7 +51,8 @@ class DirectorSigner:
         self._signers: tuple[tuple[int, int, int], list[Any]] | None = None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(secure_file(self.db_path), timeout=10, isolation_level=None,
+                             check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         return db
