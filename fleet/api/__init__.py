@@ -27,7 +27,7 @@ from fleet.api import (
     rollouts,
     telemetry,
 )
-from fleet.api.deps import install_error_handlers
+from fleet.api.deps import forget_stored_secrets, install_error_handlers
 from fleet.db.store import Clock, Store
 from fleet.settings import FleetSettings
 
@@ -62,6 +62,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.idempotency.purge(settings.limits.idempotency_ttl_seconds)
+        forget_stored_secrets(store)  # plaintext an older version kept in replay records
         yield
         if owned:
             store.close()

@@ -12,13 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fleet.access.auth import Principal
+from fleet.access.auth import API_KEY_PREFIX, TOKEN_PREFIX, Principal
 from fleet.db.store import Store, dumps
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
+REPLAY_NOTE = ("this is a replay: the {field} was shown once, in the response that created it, and is not "
+               "stored, so it cannot be shown again (create a new one if it was lost)")
 
 
 def get_store(request: Request) -> Store:
@@ -67,11 +69,14 @@ def idempotent_create(
     response_model: type[BaseModel],
     create: Callable[[], Any],
     status_code: int = 201,
+    shown_once: str | None = None,
 ) -> JSONResponse:
     """Run `create` once per (actor, Idempotency-Key); replay its first response afterwards.
 
     The same key with a different body or route answers 409. Failed creates are not stored,
-    so a client may retry them with the same key.
+    so a client may retry them with the same key. `shown_once` names the response field
+    holding a secret shown once (an API key, an enrollment token): it is never stored, so a
+    replay answers the record with that field null and `secret_note` saying why.
     """
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
@@ -92,11 +97,26 @@ def idempotent_create(
             if first["request_hash"] != request_hash:
                 raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different request "
                                f"({first['route']})")
-            return JSONResponse(first["response"], first["status_code"],
-                                headers={"Idempotent-Replayed": "true"})
+            replay = dict(first["response"])
+            if shown_once is not None:
+                replay |= {shown_once: None, "secret_note": REPLAY_NOTE.format(field=shown_once)}
+            return JSONResponse(replay, first["status_code"], headers={"Idempotent-Replayed": "true"})
         payload = response_model.model_validate(create()).model_dump(mode="json")
-        store.idempotency.save(principal.actor, key, route, request_hash, status_code, payload)
+        kept = {k: v for k, v in payload.items() if k != shown_once}
+        if any(map(is_secret, kept.values())):  # a route that forgot its shown_once
+            raise FleetMisuseError(f"{route}: refusing to store a secret in an idempotency record")
+        store.idempotency.save(principal.actor, key, route, request_hash, status_code, kept)
     return JSONResponse(payload, status_code)
+
+
+def is_secret(value: Any) -> bool:
+    """Whether `value` is a plaintext API key or enrollment token (their prefixes say so)."""
+    return isinstance(value, str) and value.startswith((API_KEY_PREFIX, TOKEN_PREFIX))
+
+
+def forget_stored_secrets(store: Store) -> int:
+    """Remove plaintext secrets older versions stored in replay records (run at start-up)."""
+    return store.idempotency.scrub(is_secret)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -31,7 +31,7 @@ def create_token(body: TokenCreate, request: Request, store: StoreDep, settings:
         row, plaintext = create_enrollment_token(store, body.labels, ttl, who.actor)
         return {**row, "token": plaintext}
 
-    return idempotent_create(request, who, body, TokenCreated, create)
+    return idempotent_create(request, who, body, TokenCreated, create, shown_once="token")
 
 
 @router.get("/enrollment-tokens", response_model=PageOf[TokenOut], summary="List enrollment tokens")

@@ -157,7 +157,10 @@ class TokenOut(BaseModel):
 
 
 class TokenCreated(TokenOut):
-    token: str = Field(description="The one-time token; shown only in this response.")
+    token: str | None = Field(description="The one-time token; shown only in the response that created it "
+                              "(null in an idempotent replay: it is never stored).")
+    secret_note: str | None = Field(default=None,
+                                    description="Set in an idempotent replay: why `token` is null.")
 
 
 class EnrollIn(_In):
@@ -249,7 +252,10 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str = Field(description="The API key; shown only in this response.")
+    key: str | None = Field(description="The API key; shown only in the response that created it "
+                            "(null in an idempotent replay: it is never stored).")
+    secret_note: str | None = Field(default=None,
+                                    description="Set in an idempotent replay: why `key` is null.")
 
 
 class AuditOut(BaseModel):
