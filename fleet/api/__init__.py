@@ -6,12 +6,12 @@ and `/openapi.json`; `/v1/enroll` takes an enrollment token instead. See docs/fl
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from fastapi import FastAPI, HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.api import (
     audit,
@@ -28,24 +28,48 @@ from fleet.api import (
     telemetry,
 )
 from fleet.api.deps import forget_stored_secrets, install_error_handlers
+from fleet.api.error_shape import document_errors, error_response
 from fleet.db.store import Clock, Store
 from fleet.settings import FleetSettings
 
 API_VERSION = "1.0.0"
+UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/upload$")  # bundles: streamed to disk
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """Refuse request bodies above the configured limit before reading them (413)."""
+class BodyLimit:
+    """Refuse request bodies above the limit with 413: by `Content-Length` before reading, and
+    by counting a body sent without one (chunked) as it arrives, so no route reads more.
 
-    def __init__(self, app: object, max_bytes: int) -> None:
-        super().__init__(app)  # type: ignore[arg-type]
+    Bundle uploads (`UPLOAD_PATH`) may take `upload_bytes` (the route streams them to disk);
+    every other body, JSON read into memory, `max_bytes`.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int) -> None:
+        self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, 413)
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_bytes if UPLOAD_PATH.match(scope["path"]) else self.max_bytes
+        message = f"request body larger than {limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await error_response(413, message, ("body",))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > limit:  # raised inside the route: its handler answers 413 in the one shape
+                raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock | None = None) -> FastAPI:
@@ -75,8 +99,10 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     )
     app.state.store = store
     app.state.settings = settings
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes,
+                       upload_bytes=settings.limits.max_upload_bytes)
     install_error_handlers(app)
+    document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
                    keys, audit, telemetry):
         app.include_router(module.router)

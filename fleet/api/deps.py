@@ -11,8 +11,10 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleet.access.auth import API_KEY_PREFIX, TOKEN_PREFIX, Principal
+from fleet.api.error_shape import error_response
 from fleet.db.store import Store, dumps
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
@@ -120,15 +122,29 @@ def forget_stored_secrets(store: Store) -> int:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map the fleet's error hierarchy to HTTP: the message is the detail, never a traceback."""
+    """Map the fleet's error hierarchy to HTTP: the message is the detail, never a traceback.
 
-    def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
+    Every error has the one shape of `fleet/api/error_shape.py`, HTTP exceptions (401, 403,
+    404 for unknown routes, 405, 413) included.
+    """
+
+    def handler(status: int, headers: dict[str, str] | None = None,
+                loc: tuple[str, ...] = ()) -> Callable[..., Any]:
         async def _h(request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status, headers=headers)
+            return error_response(status, str(exc), loc, headers=headers)
         return _h
 
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, list):  # already in the shape
+            return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+        loc = {401: ("header", "Authorization"), 403: ("header", "Authorization"),
+               400: ("body",), 413: ("body",)}.get(exc.status_code, ())
+        return error_response(exc.status_code, str(exc.detail), loc, headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(Conflict, handler(409))
-    app.add_exception_handler(AuthError, handler(401, {"WWW-Authenticate": "Bearer"}))
+    app.add_exception_handler(AuthError, handler(401, {"WWW-Authenticate": "Bearer"},
+                                                ("header", "Authorization")))
     app.add_exception_handler(FleetInputError, handler(422))
     app.add_exception_handler(FleetMisuseError, handler(503))
