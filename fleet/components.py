@@ -67,8 +67,9 @@ class ServeConfig:
             raise FleetInputError("timestamp_refresh_s must be within 1 s .. 12 h (timestamp lives 1 day)")
 
 
-def broker_config(url: str, client_id: str) -> MqttConfig:
-    """`mqtt://[user:pass@]host[:port]` or `mqtts://...` to an `MqttConfig`. Raises FleetInputError."""
+def broker_config(url: str, client_id: str, password: str | None = None) -> MqttConfig:
+    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` to an `MqttConfig`; `password` (from the
+    environment or a file, see `FleetSettings`) is used instead of one in the URL. Raises FleetInputError."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise FleetInputError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
@@ -76,7 +77,7 @@ def broker_config(url: str, client_id: str) -> MqttConfig:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         return MqttConfig(host=parts.hostname, port=port, client_id=client_id,
                           username=unquote(parts.username) if parts.username else None,
-                          password=unquote(parts.password) if parts.password else None,
+                          password=password or (unquote(parts.password) if parts.password else None),
                           tls=parts.scheme == "mqtts", reconnect_max_s=5.0)
     except ValueError as exc:
         raise FleetInputError(f"broker URL {url!r}: {exc}") from None
@@ -209,7 +210,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     monitor = build_drift_monitor(settings, store, telemetry.telemetry, clock)  # alerts, triggers, gauges
     metrics = TelemetryMetrics(telemetry.telemetry, drift=monitor.drift_score)
     if with_broker:
-        publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}"),
+        password = settings.broker_password.get_secret_value() if settings.broker_password else None
+        publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}", password),
                               settings.topic_prefix, settings.repo_dir)
         components.append(PublisherComponent(publisher))
     components.append(telemetry)

@@ -52,6 +52,9 @@ class FleetService:
                  clock: Clock | None = None,
                  component_factory: Callable[[Store], list[Component]] | None = None) -> None:
         self.settings = settings
+        if settings.device_broker_url is None:  # derived from broker_url: the fleet's listener, likely
+            log_event(logger, "fleet.device_broker_url.derived", logging.WARNING, url=settings.device_broker,
+                      hint="set --device-broker / EDGEFLEET_DEVICE_BROKER_URL to the devices' listener")
         secure_dir(settings.data_dir)  # 0700 whatever the umask; a looser one is tightened
         kwargs = {"clock": clock} if clock is not None else {}
         self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)

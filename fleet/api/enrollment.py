@@ -64,7 +64,7 @@ def enroll(
     settings: SettingsDep,
 ) -> JSONResponse:
     try:
-        out = enroll_device(store, token, body.model_dump(), settings.broker_url,
+        out = enroll_device(store, token, body.model_dump(), settings.device_broker,  # no fleet login
                             settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path)
     except AuthError as exc:
         # One answer for unknown, used and expired tokens, so callers cannot probe them.
