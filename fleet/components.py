@@ -80,8 +80,9 @@ class ServeConfig:
             raise FleetInputError("timestamp_refresh_s must be within 1 s .. 12 h (timestamp lives 1 day)")
 
 
-def broker_config(url: str, client_id: str) -> MqttConfig:
-    """`mqtt://[user:pass@]host[:port]` or `mqtts://...` to an `MqttConfig`. Raises FleetInputError."""
+def broker_config(url: str, client_id: str, password: str | None = None) -> MqttConfig:
+    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` to an `MqttConfig`; `password` (from the
+    environment or a file, see `FleetSettings`) is used instead of one in the URL. Raises FleetInputError."""
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise FleetInputError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
@@ -89,7 +90,7 @@ def broker_config(url: str, client_id: str) -> MqttConfig:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         return MqttConfig(host=parts.hostname, port=port, client_id=client_id,
                           username=unquote(parts.username) if parts.username else None,
-                          password=unquote(parts.password) if parts.password else None,
+                          password=password or (unquote(parts.password) if parts.password else None),
                           tls=parts.scheme == "mqtts", reconnect_max_s=5.0)
     except ValueError as exc:
         raise FleetInputError(f"broker URL {url!r}: {exc}") from None
@@ -227,7 +228,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     metrics = TelemetryMetrics(telemetry, drift=monitor.drift_score)
     components: list[Component] = []
     if with_broker:
-        publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}"),
+        password = settings.broker_password.get_secret_value() if settings.broker_password else None
+        publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}", password),
                               settings.topic_prefix, settings.repo_dir)
         components.append(PublisherComponent(publisher))
     components += [ingest, monitor]

@@ -38,6 +38,7 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_alerts_undelivered`, `edgefleet_alerts_unacknowledged` | gauge | `kind` |
 | `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
 | `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
+| `edgefleet_mqtt_malformed_total` | counter | `kind` (report, event, request): dropped device messages |
 | `edgefleet_api_requests_total` | counter | `method`, `route` (template), `status` |
 | `edgefleet_api_request_duration_seconds` | histogram | `method`, `route` |
 | `edgefleet_scrape_errors_total` | counter | `source` |
@@ -345,6 +346,7 @@ def _publisher_families(src: MetricSources) -> list[Metric]:
     chunks = _counter("edgefleet_publisher_chunks", "Repository chunks served to devices over MQTT")
     sent = _counter("edgefleet_publisher_bytes", "Repository bytes served to devices over MQTT")
     refused = _counter("edgefleet_publisher_refusals", "Chunk requests refused, by status", ["status"])
+    malformed = _counter("edgefleet_mqtt_malformed", "Malformed device messages dropped, by kind", ["kind"])
     p = src.publisher
     if p is not None:
         chunks.add_metric([], getattr(p, "chunks_sent", 0))
@@ -352,7 +354,9 @@ def _publisher_families(src: MetricSources) -> list[Metric]:
         counts = dict(p.refused)
         for status in sorted({*REFUSAL_STATUSES, *counts}):
             refused.add_metric([str(status)], counts.get(status, 0))
-    return [chunks, sent, refused]
+        for kind, n in (p.malformed.counts() if hasattr(p, "malformed") else {}).items():
+            malformed.add_metric([kind], n)
+    return [chunks, sent, refused, malformed]
 
 
 class FleetMetrics:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from agent.logs import log_event
 from fleet.api import create_app
 from fleet.api.deps import ApiCollaborators
+from fleet.db.files import secure_dir
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
@@ -71,7 +72,10 @@ class FleetService:
                  clock: Clock | None = None,
                  component_factory: Callable[[Store], ServiceParts] | None = None) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.device_broker_url is None:  # derived from broker_url: the fleet's listener, likely
+            log_event(logger, "fleet.device_broker_url.derived", logging.WARNING, url=settings.device_broker,
+                      hint="set --device-broker / EDGEFLEET_DEVICE_BROKER_URL to the devices' listener")
+        secure_dir(settings.data_dir)  # 0700 whatever the umask; a looser one is tightened
         kwargs = {"clock": clock} if clock is not None else {}
         self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
         self.components: list[Component] = list(components or [])

@@ -2,18 +2,32 @@
 
 pydantic-settings is not a dependency, so `FleetSettings.from_env()` reads `EDGEFLEET_*`
 variables itself; the CLI passes explicit overrides on top. Every limit is explicit here.
+
+Two broker URLs, because they are for different parties: `broker_url` is the fleet's own
+connection (user `fleet`, read/write on the whole topic tree, on the loopback listener), and
+`device_broker_url` is what enrolling devices are told, without credentials (each device logs
+in with the username and password its enrollment returns, on the device listener). The
+fleet's password comes from `EDGEFLEET_BROKER_PASSWORD` or a file rather than the URL, so it
+is not in `/proc/<pid>/cmdline` for every local user to read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from agent.logs import log_event
+from fleet.db.files import is_private
 
 ENV_PREFIX = "EDGEFLEET_"
+MAX_PASSWORD_FILE_BYTES = 4096
+logger = logging.getLogger("edgefleet.fleet.settings")
 
 
 class Limits(BaseModel):
@@ -65,6 +79,13 @@ class FleetSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     broker_url: str = "mqtt://127.0.0.1:1883"
+    device_broker_url: str | None = Field(
+        default=None, description="Broker URL enrolling devices are told (no credentials); default: "
+        "broker_url without its user and password")
+    broker_password: SecretStr | None = Field(
+        default=None, description="The fleet's broker password (for broker_url's user)")
+    broker_password_file: Path | None = Field(
+        default=None, description="File whose first line is the fleet's broker password")
     topic_prefix: str = Field(default="edgefleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     import_dir_override: Path | None = Field(default=None, alias="import_dir")
     limits: Limits = Field(default_factory=Limits)
@@ -76,6 +97,44 @@ class FleetSettings(BaseModel):
     broker_pid_file: Path | None = Field(
         default=None, description="Send SIGHUP to the pid in this file after every password-file rewrite")
     broker_reload_timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("device_broker_url")
+    @classmethod
+    def _device_url_has_no_credentials(cls, url: str | None) -> str | None:
+        """Refuse to start rather than hand every device a login (see the module docstring)."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{url!r} must look like mqtt://host:port or mqtts://host:port")
+        if "@" in parts.netloc:
+            raise ValueError("must not carry credentials: every enrolled device would receive them "
+                             "(devices log in with the username and password their enrollment returns)")
+        return url
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> FleetSettings:
+        """The fleet's password from exactly one place; a file is read now, so a bad one stops the start."""
+        given = {"the broker URL": urlsplit(self.broker_url).password is not None,
+                 "broker_password": self.broker_password is not None,
+                 "broker_password_file": self.broker_password_file is not None}
+        sources = [name for name, present in given.items() if present]
+        if len(sources) > 1:
+            raise ValueError(f"the broker password is given twice ({' and '.join(sources)}): give it once")
+        if (self.broker_password is not None or self.broker_password_file is not None) and \
+                not urlsplit(self.broker_url).username:
+            raise ValueError("a broker password needs a user in the broker URL, e.g. mqtt://fleet@127.0.0.1:1884")
+        if self.broker_password_file is not None:
+            self.broker_password = SecretStr(_read_password_file(self.broker_password_file))
+        return self
+
+    @property
+    def device_broker(self) -> str:
+        """What enrolling devices are told: `device_broker_url`, else `broker_url` without its userinfo."""
+        if self.device_broker_url is not None:
+            return self.device_broker_url
+        parts = urlsplit(self.broker_url)
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
     @property
     def db_path(self) -> Path:
@@ -108,8 +167,9 @@ class FleetSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
-        """Build settings from `EDGEFLEET_DATA_DIR`, `_HOST`, `_PORT`, `_BROKER_URL`, `_TOPIC_PREFIX`
-        and `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
+        """Build settings from `EDGEFLEET_DATA_DIR`, `_HOST`, `_PORT`, `_BROKER_URL`,
+        `_DEVICE_BROKER_URL`, `_BROKER_PASSWORD`, `_BROKER_PASSWORD_FILE`, `_TOPIC_PREFIX` and
+        `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
         `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`), then apply non-None `overrides`.
 
@@ -117,7 +177,8 @@ class FleetSettings(BaseModel):
         """
         env = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
-        for field in ("data_dir", "host", "port", "broker_url", "topic_prefix", "import_dir"):
+        for field in ("data_dir", "host", "port", "broker_url", "device_broker_url", "topic_prefix",
+                      "import_dir", "broker_password", "broker_password_file"):
             raw = env.get(ENV_PREFIX + field.upper())
             if raw is not None:
                 values[field] = raw
@@ -147,3 +208,19 @@ class FleetSettings(BaseModel):
             values["broker_reload_command"] = argv or None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
+
+
+def _read_password_file(path: Path) -> str:
+    """The first line of `path`; warns when group or others may read it (a secret the fleet only reads)."""
+    try:
+        raw = path.read_bytes()[:MAX_PASSWORD_FILE_BYTES]
+        private = is_private(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read broker password file {path}: {exc.strerror or exc}") from None
+    if not private:
+        log_event(logger, "fleet.broker_password_file.readable", logging.WARNING, path=str(path),
+                  hint="chmod 600 it: group or others can read the fleet's broker password")
+    password = raw.decode("utf-8", "replace").splitlines()[0] if raw.strip() else ""
+    if not password:
+        raise ValueError(f"broker password file {path} is empty")
+    return password

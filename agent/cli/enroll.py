@@ -103,7 +103,10 @@ def _detail(raw: bytes) -> str:
         doc = json.loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace").strip()[:300] or "no detail"
-    return str(doc.get("detail", doc)) if isinstance(doc, dict) else str(doc)
+    detail = doc.get("detail", doc) if isinstance(doc, dict) else doc
+    if isinstance(detail, list):  # the API's one error shape: [{"loc", "msg", "type"}, ...]
+        return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail)
 
 
 def broker_settings(url: str) -> dict[str, Any]:

@@ -6,12 +6,12 @@ and `/openapi.json`; `/v1/enroll` takes an enrollment token instead. See docs/fl
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from fastapi import FastAPI, HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.api import (
     audit,
@@ -27,34 +27,51 @@ from fleet.api import (
     rollouts,
     telemetry,
 )
-from fleet.api.deps import ApiCollaborators, install_error_handlers
+from fleet.api.deps import ApiCollaborators, forget_stored_secrets, install_error_handlers
+from fleet.api.error_shape import document_errors, error_response
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 
 API_VERSION = "1.0.0"
+UPLOAD_PATH = re.compile(r"^/v1/models/[^/]+/versions/upload$")  # bundles: streamed to disk
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """Refuse request bodies above the configured limit before reading them (413).
+class BodyLimit:
+    """Refuse request bodies above the limit with 413: by `Content-Length` before reading, and
+    by counting a body sent without one (chunked) as it arrives, so no route reads more.
 
-    Bundle uploads (`.../versions/upload`) stream to disk, not memory, so they get the
-    artifact limit (`max_upload_bytes`) instead of the JSON body limit: a real model is
-    larger than 1 MiB, and `edgefleet models publish` must work for it.
+    Bundle uploads (`UPLOAD_PATH`) may take `upload_bytes` (the route streams them to disk);
+    every other body, JSON read into memory, `max_bytes`.
     """
 
-    def __init__(self, app: object, max_bytes: int, upload_max_bytes: int | None = None) -> None:
-        super().__init__(app)  # type: ignore[arg-type]
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int) -> None:
+        self.app = app
         self.max_bytes = max_bytes
-        self.upload_max_bytes = upload_max_bytes or max_bytes
+        self.upload_bytes = upload_bytes
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        limit = self.upload_max_bytes if request.url.path.endswith("/versions/upload") else self.max_bytes
-        length = request.headers.get("content-length")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_bytes if UPLOAD_PATH.match(scope["path"]) else self.max_bytes
+        message = f"request body larger than {limit} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, 413)
-        return await call_next(request)
+            await error_response(413, message, ("body",))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > limit:  # raised inside the route: its handler answers 413 in the one shape
+                raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock | None = None,
@@ -74,6 +91,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.idempotency.purge(settings.limits.idempotency_ttl_seconds)
+        forget_stored_secrets(store)  # plaintext an older version kept in replay records
         yield
         if owned:
             store.close()
@@ -90,8 +108,9 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     app.state.repository = app.state.collaborators.repository or Repository(settings.repo_dir,
                                                                             KeyStore(settings.keys_dir))
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes,
-                       upload_max_bytes=settings.limits.max_upload_bytes)
+                       upload_bytes=settings.limits.max_upload_bytes)
     install_error_handlers(app)
+    document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
                    keys, audit, telemetry):
         app.include_router(module.router)

@@ -2,8 +2,9 @@
 
 `POST /v1/models/{name}/versions/from-bundle` takes a path on the server (inside the import
 directory, like the MLflow import); `POST /v1/models/{name}/versions/upload` takes the bundle
-as the raw request body (`application/octet-stream`, bounded by `max_upload_bytes`). Both check
-the bundle, add it to the TUF repository as a target and record the target in the version.
+as the raw request body (`application/octet-stream`), streamed to a file under the data
+directory and bounded by `max_upload_bytes` (413 above it, chunked or not). Both check the
+bundle, add it to the TUF repository as a target and record the target in the version.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.concurrency import run_in_threadpool
 
 from fleet.access.auth import Operator
 from fleet.api.deps import RepositoryDep, SettingsDep, StoreDep, idempotent_create
+from fleet.api.error_shape import field_error
 from fleet.api.schemas import VersionOut
+from fleet.db.files import secure_dir
 from fleet.errors import FleetInputError
 from fleet.registry.publish import publish_bundle
 from fleet.trust.repository import Repository
@@ -44,10 +47,18 @@ def _initialised(repo: Repository) -> Repository:
 
 
 def _confined(import_dir: Path, requested: str) -> Path:
+    """`requested` inside the import directory; any invalid path is a 422 naming `body.path`."""
     root = import_dir.resolve()
-    path = (root / requested).resolve()
-    if root not in path.parents or not path.is_file():
-        raise FleetInputError(f"path {requested!r} is not a file inside the import directory")
+    try:
+        path = (root / requested).resolve()
+        inside = root in path.parents and path.is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise field_error(("body", "path"), f"path {requested!r} is not a usable path: {reason}",
+                          requested) from None
+    if not inside:
+        raise field_error(("body", "path"), f"path {requested!r} is not a file inside the import directory",
+                          requested)
     return path
 
 
@@ -66,15 +77,15 @@ def version_from_bundle(name: str, body: BundleImport, request: Request, store: 
                  "schema": {"type": "string", "format": "binary"}}}, "required": True}})
 async def version_from_upload(name: str, request: Request, store: StoreDep, settings: SettingsDep,
                               repo: RepositoryDep, who: Operator) -> JSONResponse:
-    limit = settings.limits.max_upload_bytes  # streamed to disk: the artifact limit, not the JSON one
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    limit = settings.limits.max_upload_bytes  # the body limit middleware allows this route as much
+    secure_dir(settings.data_dir)
     with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.data_dir) as tmp:
         dest, size = Path(tmp) / "bundle.efb", 0
         with dest.open("wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise FleetInputError(f"bundle upload larger than {limit} bytes")
+                    raise HTTPException(413, f"bundle upload larger than {limit} bytes")
                 out.write(chunk)
         if size == 0:
             raise FleetInputError("empty upload: send the bundle as the request body")

@@ -18,8 +18,10 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleet.access.auth import Principal
+from fleet.access.auth import API_KEY_PREFIX, TOKEN_PREFIX, Principal
+from fleet.api.error_shape import error_response
 from fleet.db.rows import dumps
 from fleet.delivery.publisher import Publisher
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
@@ -30,6 +32,8 @@ from fleet.trust.repository import Repository
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 200
+REPLAY_NOTE = ("this is a replay: the {field} was shown once, in the response that created it, and is not "
+               "stored, so it cannot be shown again (create a new one if it was lost)")
 
 
 def get_store(request: Request) -> Store:
@@ -105,11 +109,14 @@ def idempotent_create(
     response_model: type[BaseModel],
     create: Callable[[], Any],
     status_code: int = 201,
+    shown_once: str | None = None,
 ) -> JSONResponse:
     """Run `create` once per (actor, Idempotency-Key); replay its first response afterwards.
 
     The same key with a different body or route answers 409. Failed creates are not stored,
-    so a client may retry them with the same key.
+    so a client may retry them with the same key. `shown_once` names the response field
+    holding a secret shown once (an API key, an enrollment token): it is never stored, so a
+    replay answers the record with that field null and `secret_note` saying why.
 
     Raises `Conflict` (the key was used for another request), `RequestValidationError` (a malformed key)
     and whatever `create` raises.
@@ -133,23 +140,52 @@ def idempotent_create(
             if first.request_hash != request_hash:
                 raise Conflict(f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different request "
                                f"({first.route})")
-            return JSONResponse(first.response, first.status_code,
-                                headers={"Idempotent-Replayed": "true"})
+            replay = dict(first.response)
+            if shown_once is not None:
+                replay |= {shown_once: None, "secret_note": REPLAY_NOTE.format(field=shown_once)}
+            return JSONResponse(replay, first.status_code, headers={"Idempotent-Replayed": "true"})
         payload = response_model.model_validate(create()).model_dump(mode="json")
-        store.idempotency.save(principal.actor, key, route, request_hash, status_code, payload)
+        kept = {k: v for k, v in payload.items() if k != shown_once}
+        if any(map(is_secret, kept.values())):  # a route that forgot its shown_once
+            raise FleetMisuseError(f"{route}: refusing to store a secret in an idempotency record")
+        store.idempotency.save(principal.actor, key, route, request_hash, status_code, kept)
     return JSONResponse(payload, status_code)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map the fleet's error hierarchy to HTTP: the message is the detail, never a traceback."""
+def is_secret(value: Any) -> bool:
+    """Whether `value` is a plaintext API key or enrollment token (their prefixes say so)."""
+    return isinstance(value, str) and value.startswith((API_KEY_PREFIX, TOKEN_PREFIX))
 
-    def handler(status: int, headers: dict[str, str] | None = None) -> Callable[..., Any]:
+
+def forget_stored_secrets(store: Store) -> int:
+    """Remove plaintext secrets older versions stored in replay records (run at start-up)."""
+    return store.idempotency.scrub(is_secret)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map the fleet's error hierarchy to HTTP: the message is the detail, never a traceback.
+
+    Every error has the one shape of `fleet/api/error_shape.py`, HTTP exceptions (401, 403,
+    404 for unknown routes, 405, 413) included.
+    """
+
+    def handler(status: int, headers: dict[str, str] | None = None,
+                loc: tuple[str, ...] = ()) -> Callable[..., Any]:
         async def _h(request: Request, exc: Exception) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status, headers=headers)
+            return error_response(status, str(exc), loc, headers=headers)
         return _h
 
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, list):  # already in the shape
+            return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+        loc = {401: ("header", "Authorization"), 403: ("header", "Authorization"),
+               400: ("body",), 413: ("body",)}.get(exc.status_code, ())
+        return error_response(exc.status_code, str(exc.detail), loc, headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(Conflict, handler(409))
-    app.add_exception_handler(AuthError, handler(401, {"WWW-Authenticate": "Bearer"}))
+    app.add_exception_handler(AuthError, handler(401, {"WWW-Authenticate": "Bearer"},
+                                                ("header", "Authorization")))
     app.add_exception_handler(FleetInputError, handler(422))
     app.add_exception_handler(FleetMisuseError, handler(503))

@@ -33,7 +33,7 @@ def create_token(body: TokenCreate, request: Request, store: StoreDep, settings:
         row, plaintext = create_enrollment_token(store, body.labels, ttl, who.actor)
         return {**row.to_dict(), "token": plaintext}
 
-    return idempotent_create(request, who, body, TokenCreated, create)
+    return idempotent_create(request, who, body, TokenCreated, create, shown_once="token")
 
 
 @router.get("/enrollment-tokens", response_model=PageOf[TokenOut], summary="List enrollment tokens")
@@ -66,7 +66,7 @@ def enroll(
     settings: SettingsDep,
 ) -> JSONResponse:
     try:
-        out = enroll_device(store, token, body.model_dump(), settings.broker_url,
+        out = enroll_device(store, token, body.model_dump(), settings.device_broker,  # no fleet login
                             settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path)
     except AuthError as exc:
         # One answer for unknown, used and expired tokens, so callers cannot probe them.

@@ -21,7 +21,7 @@ def create_key(body: ApiKeyCreate, request: Request, store: StoreDep, who: Admin
         row, plaintext = create_api_key(store, body.name, body.role, who.actor)
         return {**row.to_dict(), "key": plaintext}
 
-    return idempotent_create(request, who, body, ApiKeyCreated, create)
+    return idempotent_create(request, who, body, ApiKeyCreated, create, shown_once="key")
 
 
 @router.get("", response_model=PageOf[ApiKeyOut], summary="List API keys (never their secrets)")

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
+from fleet.api.error_shape import field_error
 from fleet.api.schemas import (
     BundleTarget,
     MlflowImport,
@@ -22,6 +23,7 @@ from fleet.api.schemas import (
     VersionOut,
 )
 from fleet.db.paging import Page
+from fleet.errors import FleetInputError
 from fleet.registry.mlflow_import import import_mlflow_model, resolve_import_path
 from fleet.registry.versions import Model, ModelVersion, StageHistoryEntry
 
@@ -46,7 +48,10 @@ def create_model(body: ModelCreate, request: Request, store: StoreDep, who: Oper
              summary="Register a version from an MLflow model directory on the server")
 def import_mlflow(body: MlflowImport, request: Request, store: StoreDep, settings: SettingsDep,
                   who: Operator) -> JSONResponse:
-    path = resolve_import_path(settings.import_dir, body.path)
+    try:
+        path = resolve_import_path(settings.import_dir, body.path)
+    except FleetInputError as exc:  # every refusal here is about that one field: name it
+        raise field_error(("body", "path"), str(exc), body.path) from None
     return idempotent_create(request, who, body, VersionOut,
                              lambda: import_mlflow_model(store, path, body.model, body.version, who.actor,
                                                          settings.limits.max_upload_bytes))

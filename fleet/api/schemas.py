@@ -163,7 +163,10 @@ class TokenOut(_Record):
 
 
 class TokenCreated(TokenOut):
-    token: str = Field(description="The one-time token; shown only in this response.")
+    token: str | None = Field(description="The one-time token; shown only in the response that created it "
+                              "(null in an idempotent replay: it is never stored).")
+    secret_note: str | None = Field(default=None,
+                                    description="Set in an idempotent replay: why `token` is null.")
 
 
 class EnrollIn(_In):
@@ -263,7 +266,10 @@ class ApiKeyOut(_Record):
 
 
 class ApiKeyCreated(ApiKeyOut):
-    key: str = Field(description="The API key; shown only in this response.")
+    key: str | None = Field(description="The API key; shown only in the response that created it "
+                            "(null in an idempotent replay: it is never stored).")
+    secret_note: str | None = Field(default=None,
+                                    description="Set in an idempotent replay: why `key` is null.")
 
 
 class AuditOut(_Record):

@@ -27,6 +27,7 @@ from agent.contract.telemetry import TelemetryReport
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import ApiCollaborators, Paging, StoreDep
 from fleet.api.schemas import PageOf
+from fleet.db.files import secure_dir
 from fleet.db.paging import decode_cursor, encode_cursor
 from fleet.errors import FleetInputError, NotFound
 from fleet.settings import FleetSettings
@@ -78,7 +79,7 @@ def telemetry_context(request: Request) -> TelemetryContext:
                                    monitor.alerts.config.thresholds, owned=False)
         else:
             settings: FleetSettings = app.state.settings
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            secure_dir(settings.data_dir)
             ctx = TelemetryContext(TelemetryStore(settings.telemetry_db_path),
                                    AlertManager(settings.alerts_db_path),
                                    BundleProfiles(app.state.store, app.state.repository),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 
 from agent.contract.bundle import read_manifest
 from agent.errors import EdgefleetError
+from agent.logs import log_event
 from fleet.access.auth import create_api_key
+from fleet.db.files import secure_dir
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
 from fleet.errors import FleetError, FleetInputError
@@ -18,15 +23,23 @@ from fleet.settings import FleetSettings
 from fleet.store import Store
 
 console = Console(stderr=True)
+logger = logging.getLogger("edgefleet.fleet.cli")
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                                help="State directory (fleet.db, keys/, repo/); env EDGEFLEET_DATA_DIR.")
 
 
 def _settings(data_dir: Path | None, **overrides: Any) -> FleetSettings:
-    return FleetSettings.from_env(data_dir=data_dir, **overrides)
+    """Settings from the environment and options; a bad value is a one-line error, not a traceback."""
+    try:
+        return FleetSettings.from_env(data_dir=data_dir, **overrides)
+    except ValidationError as exc:  # the messages only: `input` could hold a password
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise click.ClickException(f"invalid settings: {problems}") from None
 
 
 def _store(settings: FleetSettings) -> Store:
+    secure_dir(settings.data_dir)  # 0700 whatever the umask, as `serve` does
     return Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
 
 
@@ -54,15 +67,27 @@ def group() -> None:
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Listen port (default 8080).")
 @click.option("--broker", "broker_url", default=None,
-              help="MQTT broker URL (mqtt://[user:pass@]host:port): starts the publisher; also handed "
-                   "to enrolling devices.")
-def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None) -> None:
+              help="The fleet's own MQTT broker URL (mqtt://user@host:port, password in "
+                   "EDGEFLEET_BROKER_PASSWORD or --broker-password-file): starts the publisher.")
+@click.option("--device-broker", "device_broker_url", default=None,
+              help="Broker URL enrolling devices are told, without credentials (e.g. mqtts://broker:8883); "
+                   "env EDGEFLEET_DEVICE_BROKER_URL; default: --broker without user and password.")
+@click.option("--broker-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File whose first line is the fleet's broker password; "
+                   "env EDGEFLEET_BROKER_PASSWORD_FILE.")
+def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None,
+          device_broker_url: str | None, broker_password_file: Path | None) -> None:
     """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
     timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
     from fleet.components import build_components  # lazy: uvicorn and the service: `serve` only
     from fleet.service import FleetService  # lazy: uvicorn: `serve` only
 
-    settings = _settings(data_dir, host=host, port=port, broker_url=broker_url)
+    if broker_url is not None and urlsplit(broker_url).password is not None:
+        log_event(logger, "fleet.broker_password_on_command_line", logging.WARNING,
+                  hint="every local user can read it in /proc/<pid>/cmdline: pass it in "
+                       "EDGEFLEET_BROKER_PASSWORD or --broker-password-file instead")
+    settings = _settings(data_dir, host=host, port=port, broker_url=broker_url,
+                         device_broker_url=device_broker_url, broker_password_file=broker_password_file)
     FleetService(settings, component_factory=lambda store: build_components(
         settings, store, with_broker=broker_url is not None)).run()
 

@@ -39,11 +39,11 @@ class FleetDatabase:
     def __init__(self, path: Path | str, clock: Clock = time.time, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self.clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         try:
             self.db = sqlite_utils.Database(open_sqlite(
-                self.path, busy_timeout_ms=busy_timeout_ms, foreign_keys=True, synchronous_full=True))
+                self.path, busy_timeout_ms=busy_timeout_ms, foreign_keys=True, synchronous_full=True,
+                secure_delete=True))
             self.applied_migrations = migrate(self.db)
         except sqlite3.DatabaseError as exc:
             raise FleetMisuseError(f"cannot open fleet database {self.path}: {exc}") from exc

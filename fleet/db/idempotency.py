@@ -7,6 +7,8 @@ create and saves its response in one transaction. Keys expire after a retention 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,11 @@ class StoredResponse(Record):
 
 
 class IdempotencyRepo:
-    """Stored first responses of create requests, keyed by (actor, Idempotency-Key)."""
+    """Stored first responses of create requests, keyed by (actor, Idempotency-Key).
+
+    Never a secret: a replay record lives for `idempotency_ttl_seconds` in a file that backups
+    copy, so the caller stores the response without its one-time key or token.
+    """
 
     def __init__(self, database: FleetDatabase) -> None:
         self.database = database
@@ -53,6 +59,28 @@ class IdempotencyRepo:
                     "created_at": self.database.now(),
                 }
             )
+
+    def scrub(self, is_secret: Callable[[Any], bool]) -> int:
+        """Drop the top-level response fields `is_secret` flags from every stored record (rows an
+        older version wrote with the plaintext in them); returns how many rows changed.
+
+        The WAL is checkpointed and truncated afterwards (and `secure_delete` zeroes freed
+        space), so the plaintext does not linger in the files either.
+        """
+        changed = 0
+        with self.database.tx() as db:
+            for row in list(db.query("SELECT actor, key, response FROM idempotency_keys")):
+                response = json.loads(row["response"])
+                if not isinstance(response, dict) or not any(map(is_secret, response.values())):
+                    continue
+                kept = {k: v for k, v in response.items() if not is_secret(v)}
+                db.execute("UPDATE idempotency_keys SET response = ? WHERE actor = ? AND key = ?",
+                           [dumps(kept), row["actor"], row["key"]])
+                changed += 1
+        if changed:
+            with self.database.read() as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return changed
 
     def purge(self, older_than_seconds: float) -> int:
         """Forget keys older than the retention window; returns how many were removed."""

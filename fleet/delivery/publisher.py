@@ -52,6 +52,7 @@ from agent.errors import EdgefleetError, MessageError, MisuseError
 from agent.logs import log_event
 from agent.transport import Message, Transport
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from fleet.delivery.malformed import MalformedLog
 from fleet.errors import FleetMisuseError, FleetTransportError
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Publisher:
         self.bytes_sent = 0
         self.chunks_sent = 0
         self.refused: Counter[int] = Counter()
+        self.malformed = MalformedLog(logger)  # counted for /metrics, logged with a rate limit
         self._reported_cbs: list[Callable[[str, ReportedState], None]] = []
         self._event_cbs: list[Callable[[str, Event], None]] = []
         self._telemetry_cbs: list[Callable[[str, bytes], None]] = []
@@ -270,7 +272,7 @@ class Publisher:
                 raise MessageError(f"{device}: request id and correlation data differ")
         except MessageError as exc:
             self.refused[400] += 1
-            log_event(logger, "publisher.bad_request", level=logging.WARNING, topic=msg.topic, error=str(exc))
+            self.malformed.note("request", str(exc), topic=msg.topic)
             self._answer_bad_request(msg, str(exc))
             return
         with self._lock:
@@ -396,7 +398,7 @@ class Publisher:
         try:
             state = decode_reported(msg.payload, device)
         except MessageError as exc:
-            log_event(logger, "publisher.bad_report", level=logging.WARNING, device=device, error=str(exc))
+            self.malformed.note("report", str(exc), device=device)
             return
         for cb in self._reported_cbs:
             cb(device, state)
@@ -408,7 +410,7 @@ class Publisher:
         try:
             event = decode_event(msg.payload, device)
         except MessageError as exc:
-            log_event(logger, "publisher.bad_event", level=logging.WARNING, device=device, error=str(exc))
+            self.malformed.note("event", str(exc), device=device)
             return
         for cb in self._event_cbs:
             cb(device, event)

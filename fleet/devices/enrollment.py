@@ -105,9 +105,12 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     """Exchange a one-time token for a device identity, broker credentials and the TUF root.
 
     The token is consumed and the device created in one transaction, so a token yields at
-    most one device. Raises AuthError (token unknown/used/expired), FleetInputError (facts),
-    FleetMisuseError (broken repository root).
+    most one device. `broker_url` is the device-facing URL and must carry no credentials (the
+    device logs in with its own). Raises AuthError (token unknown/used/expired),
+    FleetInputError (facts), FleetMisuseError (broken repository root, credentials in the URL).
     """
+    if "@" in urlsplit(broker_url).netloc:
+        raise FleetMisuseError("the device-facing broker URL carries credentials: refusing to hand them out")
     if not token.startswith(TOKEN_PREFIX):
         raise AuthError("not an enrollment token")
     for key in ("agent_version", "architecture"):

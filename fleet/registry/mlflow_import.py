@@ -30,10 +30,15 @@ def resolve_import_path(import_dir: Path, requested: str) -> Path:
     chose: a caller must not make the service read arbitrary files.
     """
     root = import_dir.resolve()
-    path = (root / requested).resolve()
+    try:
+        path = (root / requested).resolve()
+        has_mlmodel = (path / "MLmodel").is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise FleetInputError(f"path {requested!r} is not a usable path: {reason}") from None
     if path != root and root not in path.parents:
         raise FleetInputError(f"path {requested!r} is outside the import directory")
-    if not (path / "MLmodel").is_file():
+    if not has_mlmodel:
         raise FleetInputError(f"path {requested!r} is not an MLflow model directory (no MLmodel file)")
     return path
 
@@ -108,8 +113,12 @@ def import_mlflow_model(store: Store, model_dir: Path, model: str, version: str,
     Raises FleetInputError (bad directory, YAML, data path), Conflict (version exists).
     """
     doc = read_mlmodel(model_dir)
-    data = (model_dir / doc["flavors"]["onnx"]["data"]).resolve()
-    if model_dir.resolve() not in data.parents or not data.is_file():
+    try:
+        data = (model_dir / doc["flavors"]["onnx"]["data"]).resolve()
+        usable = model_dir.resolve() in data.parents and data.is_file()
+    except (OSError, ValueError):  # a NUL byte or an overlong name in the MLmodel file
+        usable = False
+    if not usable:
         raise FleetInputError(f"flavors.onnx.data {doc['flavors']['onnx']['data']!r} is not a file "
                               f"inside {model_dir}")
     digest = _sha256_file(data, max_artifact_bytes)

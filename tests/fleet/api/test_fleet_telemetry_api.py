@@ -146,14 +146,15 @@ def test_compare_two_arms_and_two_versions(world: World) -> None:
     missing = world.client.get("/v1/drift/compare", headers=h,
                                params={"model": "mlp", "baseline": "1.0.0", "candidate": "1.0.0",
                                        "candidate_cohort": "zz"})
-    assert missing.status_code == 404 and "cohort 'zz'" in missing.json()["detail"]
+    assert missing.status_code == 404 and "cohort 'zz'" in missing.json()["detail"][0]["msg"]
     unknown = world.client.get("/v1/drift/compare", headers=h,
                                params={"model": "mlp", "baseline": "9.9.9", "candidate": "1.0.0"})
-    assert unknown.status_code == 404 and "profile" in unknown.json()["detail"]
+    assert unknown.status_code == 404 and "profile" in unknown.json()["detail"][0]["msg"]
     assert world.client.get("/v1/drift/compare", headers=h, params={"model": "mlp"}).status_code == 422
     rebinned = world.client.get("/v1/drift/compare", headers=h,
                                 params={"model": "mlp", "baseline": "1.0.0", "candidate": "2.0.0"})
-    assert rebinned.status_code == 422 and "different reference profiles" in rebinned.json()["detail"]
+    assert rebinned.status_code == 422
+    assert "different reference profiles" in rebinned.json()["detail"][0]["msg"]
 
 
 @pytest.mark.integration
@@ -197,7 +198,7 @@ def test_alerts_triggers_and_acknowledgement(world: World) -> None:
     assert done.status_code == 200, done.text
     assert done.json()["acked_by"].endswith(":operator") and done.json()["ack_note"] == "retraining job 42"
     again = world.client.post(url, json={}, headers=world.h("operator"))
-    assert again.status_code == 409 and "already acknowledged" in again.json()["detail"]
+    assert again.status_code == 409 and "already acknowledged" in again.json()["detail"][0]["msg"]
     assert world.client.post("/v1/alerts/999999/ack", json={}, headers=world.h("operator")).status_code == 404
     assert [t["id"] for t in world.get("/v1/triggers", acked="true")["items"]] == [target]
     assert target not in [t["id"] for t in _walk(world, "/v1/alerts", acked="false")]

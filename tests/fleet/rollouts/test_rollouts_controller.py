@@ -271,10 +271,10 @@ def test_api_refuses_bad_plans_and_queues_commands_for_operators_only(world: Wor
     with TestClient(create_app(FleetSettings(data_dir=world.root), world.store)) as c:
         bad = c.post("/v1/rollouts", headers=op, json={"model_version_id": "mlp:2.0.0", "selector": "",
                                                        "strategy": {"stages": [50, 20, 100]}})
-        assert bad.status_code == 422 and "strictly increasing" in bad.json()["detail"]
+        assert bad.status_code == 422 and "strictly increasing" in bad.json()["detail"][0]["msg"]
         bad = c.post("/v1/rollouts", headers=op, json={"model_version_id": "mlp:2.0.0", "selector": "",
                                                        "thresholds": {"max_rollback_pct": 500}})
-        assert bad.status_code == 422 and "max_rollback_pct" in bad.json()["detail"]
+        assert bad.status_code == 422 and "max_rollback_pct" in bad.json()["detail"][0]["msg"]
         rid = c.post("/v1/rollouts", headers=op,
                      json={"model_version_id": "mlp:2.0.0", "selector": ""}).json()["id"]
         assert c.post(f"/v1/rollouts/{rid}/promote", headers=viewer, json={}).status_code == 403

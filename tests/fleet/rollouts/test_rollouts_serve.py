@@ -123,7 +123,7 @@ def test_bundle_upload_route_publishes_a_target_and_refuses_junk(tmp_path: Path)
     try:
         with TestClient(create_app(settings, store)) as c:
             early = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
-            assert early.status_code == 422 and "not initialised" in early.json()["detail"]
+            assert early.status_code == 422 and "not initialised" in early.json()["detail"][0]["msg"]
             _, repo = ensure_trust(settings)
             ok = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
             assert ok.status_code == 201, ok.text
@@ -131,9 +131,9 @@ def test_bundle_upload_route_publishes_a_target_and_refuses_junk(tmp_path: Path)
             ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")
             assert (ref.name, ref.version, ref.length) == ("mlp", "2.0.0", bundle.stat().st_size)
             junk = c.post("/v1/models/mlp/versions/upload", headers=h, content=b"junk" * 100)
-            assert junk.status_code == 422 and "not valid" in junk.json()["detail"]
+            assert junk.status_code == 422 and "not valid" in junk.json()["detail"][0]["msg"]
             wrong = c.post("/v1/models/other/versions/upload", headers=h, content=bundle.read_bytes())
-            assert wrong.status_code == 422 and "not 'other'" in wrong.json()["detail"]
+            assert wrong.status_code == 422 and "not 'other'" in wrong.json()["detail"][0]["msg"]
             empty = c.post("/v1/models/mlp/versions/upload", headers=h, content=b"")
             assert empty.status_code == 422
             dup = c.post("/v1/models/mlp/versions/upload", headers=h, content=bundle.read_bytes())
