@@ -19,12 +19,9 @@ changed) and `MisuseError` when the ledger cannot be written.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.director import DirectorDocument, DirectorTrust, verify_director
+from agent.durable_io import write_durably
 from agent.errors import DirectorError, MisuseError
 from agent.lifecycle.state_store import DesiredTarget
 from agent.logs import log_event
@@ -113,17 +111,7 @@ class DirectorGate:
         ).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".director.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                Path(tmp).replace(self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
-                raise
+            write_durably(self.path, data)  # the directory too: a power cut must not undo it
         except OSError as exc:
             raise MisuseError(f"cannot write director ledger {self.path}: {exc}") from exc
 

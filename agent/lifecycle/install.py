@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
+from agent.durable_io import fsync_dir, fsync_file
 from agent.errors import (
     EdgefleetError,
     InferenceTimeoutError,
@@ -244,6 +245,13 @@ def handle_downloading(ctx: LifecycleContext) -> Event:
         if short is not None:  # retried like a transport failure: space may be freed meanwhile
             raise MisuseError(short)
         path = ctx.trust.download_target(d.path, _target_ref(d))
+        # python-tuf writes it without an fsync: durable before the record names it, or a power
+        # cut leaves `verifying` a torn file that fails its hash and quarantines a good bundle.
+        try:
+            fsync_file(path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise MisuseError(f"cannot make the download durable: {exc}") from exc
     except UntrustedDataError as exc:
         ctx.fail(f"download refused: {exc}")
         return Event.VERIFY_FAILED
