@@ -41,8 +41,10 @@ from simulators.models import make_mlp_onnx, make_mlp_tflite
 MODEL_NAME = "mlp"
 # Health budgets of the simulator's bundles: generous latency and timeouts because hundreds of
 # agents share two cores here (a golden run may wait seconds for the GIL); the bad-model
-# scenarios rely on golden vectors, which fail whatever the load.
+# scenarios rely on golden vectors, which fail whatever the load (and commit on them alone:
+# traffic "none", since a scenario may pause the swarm's traffic during a rollout).
 SIM_HEALTH: dict[str, Any] = {
+    "traffic": "none",
     "probation_requests": 0,
     "probation_seconds": 0.5,
     "latency_budget_ms": 2000.0,

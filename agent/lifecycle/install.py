@@ -356,7 +356,12 @@ def handle_probation(ctx: LifecycleContext) -> Event:
         if bundle == bid:
             probation.observe(latency_s, ok)
 
+    def rejected(bundle: str) -> None:  # a client-visible 400 from the new model counts against it
+        if bundle == bid:
+            probation.observe_rejected()
+
     ctx.holder.add_observer(observe)
+    ctx.holder.add_reject_observer(rejected)
     try:
         while True:
             if ctx.rollback_flag.is_set():
@@ -386,6 +391,7 @@ def handle_probation(ctx: LifecycleContext) -> Event:
             ctx.wake.clear()
     finally:
         ctx.holder.remove_observer(observe)
+        ctx.holder.remove_reject_observer(rejected)
 
 
 def _fail_fast(ctx: LifecycleContext) -> None:
