@@ -114,11 +114,11 @@ def predict(
     row number and nothing is written.
     """
     from agent.runtimes import load_model
-    from agent.serving.scoring_files import OutputWriter, count_rows, file_format, iter_batches
+    from agent.serving.scoring_files import OutputWriter, check_output, count_rows, file_format, iter_batches
 
     try:
         file_format(input_path)
-        file_format(output_path)
+        check_output(output_path)
         with _open_model_source(bundle, model_dir) as (manifest, model_path):
             model = load_model(model_path, manifest, threads=threads)
             total = count_rows(input_path)
@@ -140,6 +140,8 @@ def predict(
                     advance(len(next(iter(outputs.values()))))
     except EdgefleetError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # e.g. the input vanished or became unreadable while scoring
+        raise click.ClickException(f"{exc.filename or input_path}: {exc.strerror or exc}") from None
     elapsed = time.perf_counter() - t0
     log_event(
         _log,
