@@ -218,10 +218,12 @@ def _trim_heap_when_ready(ready: threading.Event) -> None:
               help="Agent config (JSON) whose state directory to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw state record as JSON.")
 def status_command(config_path: Path, as_json: bool) -> None:
-    """Show the lifecycle state record: state, active/previous/staged bundles, last error."""
+    """Show the lifecycle state record (state, active/previous/staged bundles, last error) and
+    the broker connection as the running agent last saw it."""
     import json as _json
 
     from agent.config import load_config
+    from agent.daemon.broker_link import BrokerStatus
     from agent.lifecycle.slots import Slots
     from agent.lifecycle.state_store import StateStore
 
@@ -236,8 +238,10 @@ def status_command(config_path: Path, as_json: bool) -> None:
     lifecycle_dir = cfg.state_dir / "lifecycle"
     installed = Slots(lifecycle_dir).installed() if lifecycle_dir.exists() else []
     desired = record.desired.bundle_id if record.desired else None
+    link = BrokerStatus.read(cfg.state_dir)
+    broker = link.describe(time.time()) if link else "unknown (no agent has run with this state directory)"
     rows = [
-        ("device", cfg.device_id), ("state", record.state), ("active", record.active),
+        ("device", cfg.device_id), ("broker", broker), ("state", record.state), ("active", record.active),
         ("previous", record.previous), ("staged", record.staged), ("candidate", record.candidate),
         ("shadow", record.shadow), ("desired", desired), ("director_sequence", record.director_sequence),
         ("quarantined", ", ".join(f"{b}@{s}" for b, s in record.quarantined.items()) or None),
