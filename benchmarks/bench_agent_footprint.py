@@ -128,7 +128,7 @@ def run() -> dict[str, float]:
     from fleet.trust.director_signer import DirectorSigner
     from fleet.trust.keys import KeyStore
     from fleet.trust.repository import Repository
-    from simulators.models import make_mlp_onnx, mlp_manifest
+    from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
 
     work = Path(tempfile.mkdtemp(prefix="efbench-"))
     broker, port = _start_broker(work)
@@ -141,11 +141,17 @@ def run() -> dict[str, float]:
         repo.init(root_threshold=1, root_keys=1)
         model = make_mlp_onnx(0)
         (work / "model.onnx").write_bytes(model)
-        from agent.contract.manifest import HealthPolicy, Manifest
+        from agent.contract.manifest import GoldenVectors, HealthPolicy, Manifest
 
         manifest = mlp_manifest(model, version="1.0.0")
-        fast = HealthPolicy(probation_requests=0, probation_seconds=0.0)  # commit at once
-        manifest = Manifest.model_validate({**manifest.model_dump(), "health": fast.model_dump()})
+        # commit at once, on golden vectors alone (the benchmark sends no traffic in probation)
+        fast = HealthPolicy(probation_requests=0, probation_seconds=0.0, traffic="none")
+        x = np.ones((2, 32), np.float32)
+        reference = mlp_reference(x, mlp_weights(0)).tolist()
+        golden = GoldenVectors(inputs={"x": x.tolist()}, expected={"logits": reference})
+        manifest = Manifest.model_validate(
+            {**manifest.model_dump(), "health": fast.model_dump(), "golden": golden.model_dump()}
+        )
         write_bundle(manifest, model, work / "mlp.efb")
         ref = repo.add_target(
             work / "mlp.efb", "models/mlp/mlp-1.0.0.efb", {"name": "mlp", "version": "1.0.0"}

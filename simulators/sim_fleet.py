@@ -46,8 +46,10 @@ MODEL_NAME = "mlp"
 T = TypeVar("T")
 # Health budgets of the simulator's bundles: generous latency and timeouts because hundreds of
 # agents share two cores here (a golden run may wait seconds for the GIL); the bad-model
-# scenarios rely on golden vectors, which fail whatever the load.
+# scenarios rely on golden vectors, which fail whatever the load (and commit on them alone:
+# traffic "none", since a scenario may pause the swarm's traffic during a rollout).
 SIM_HEALTH: dict[str, Any] = {
+    "traffic": "none",
     "probation_requests": 0,
     "probation_seconds": 0.5,
     "latency_budget_ms": 2000.0,

@@ -143,6 +143,7 @@ def predict(
     from agent.runtimes import load_model  # lazy: CLI start-up
     from agent.serving.scoring_files import (  # lazy: CLI start-up
         OutputWriter,
+        check_output,
         count_rows,
         file_format,
         iter_batches,
@@ -150,7 +151,7 @@ def predict(
 
     try:
         file_format(input_path)
-        file_format(output_path)
+        check_output(output_path)
         with _open_model_source(bundle, model_dir) as (manifest, model_path):
             model = load_model(model_path, manifest, threads=threads)
             total = count_rows(input_path)
@@ -172,6 +173,8 @@ def predict(
                     advance(len(next(iter(outputs.values()))))
     except EdgefleetError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # e.g. the input vanished or became unreadable while scoring
+        raise click.ClickException(f"{exc.filename or input_path}: {exc.strerror or exc}") from None
     elapsed = time.perf_counter() - t0
     log_event(
         _log,
@@ -248,10 +251,12 @@ def _trim_heap_when_ready(ready: threading.Event) -> None:
               help="Agent config (JSON) whose state directory to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw state record as JSON.")
 def status_command(config_path: Path, as_json: bool) -> None:
-    """Show the lifecycle state record: state, active/previous/staged bundles, last error."""
+    """Show the lifecycle state record (state, active/previous/staged bundles, last error) and
+    the broker connection as the running agent last saw it."""
     import json as _json
 
     from agent.config import load_config  # lazy: CLI start-up
+    from agent.daemon.broker_link import BrokerStatus  # lazy: CLI start-up
     from agent.lifecycle.slots import Slots  # lazy: CLI start-up
     from agent.lifecycle.state_store import StateStore  # lazy: CLI start-up
 
@@ -266,8 +271,10 @@ def status_command(config_path: Path, as_json: bool) -> None:
     lifecycle_dir = cfg.state_dir / "lifecycle"
     installed = Slots(lifecycle_dir).installed() if lifecycle_dir.exists() else []
     desired = record.desired.bundle_id if record.desired else None
+    link = BrokerStatus.read(cfg.state_dir)
+    broker = link.describe(time.time()) if link else "unknown (no agent has run with this state directory)"
     rows = [
-        ("device", cfg.device_id), ("state", record.state), ("active", record.active),
+        ("device", cfg.device_id), ("broker", broker), ("state", record.state), ("active", record.active),
         ("previous", record.previous), ("staged", record.staged), ("candidate", record.candidate),
         ("shadow", record.shadow), ("desired", desired), ("director_sequence", record.director_sequence),
         ("quarantined", ", ".join(f"{b}@{s}" for b, s in record.quarantined.items()) or None),

@@ -37,6 +37,7 @@ from agent.contract.bundle_checks import (
     refuse_compressed,
 )
 from agent.contract.manifest import Manifest, parse_manifest
+from agent.durable_io import fsync_dir, fsync_fd
 from agent.errors import BundleError, BundleManifestError, ManifestError, MisuseError
 from agent.logs import log_event
 
@@ -161,6 +162,8 @@ def extract_bundle(
             if expected_sha256 is not None and digest != expected_sha256:
                 raise BundleError("bundle sha256 disagrees with the signed hash (tampered or wrong file)")
             tmp.chmod(0o755)
+            if durable:  # the members' names: an fsync of the parent below covers only `dest`
+                fsync_dir(tmp)
             tmp.replace(dest)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,7 +171,7 @@ def extract_bundle(
                 log_event(log, "bundle.refused", logging.WARNING, bundle=str(bundle), reason=str(exc))
             raise
     if durable:
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     log_event(log, "bundle.extracted", bundle_id=manifest.bundle_id, dest=str(dest), sha256=digest)
     return ExtractedBundle(manifest, dest, dest / model_path.name, digest, reader.pos)
 
@@ -198,7 +201,7 @@ def _extract_members(
                     read_member(reader, info, limits, out, sha)
                     if durable:
                         out.flush()
-                        os.fsync(out.fileno())
+                        fsync_fd(out.fileno())
                 if "sha256:" + sha.hexdigest() != manifest.model_digest:
                     raise BundleError("bundle model sha256 disagrees with the manifest's model_digest")
             index += 1
@@ -214,15 +217,7 @@ def _write_small(path: Path, data: bytes, durable: bool) -> None:
         out.write(data)
         if durable:
             out.flush()
-            os.fsync(out.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_fd(out.fileno())
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -296,12 +291,12 @@ def write_bundle(manifest: Manifest, model: bytes | Path, out: Path) -> Path:
             if "sha256:" + digesting.sha.hexdigest() != manifest.model_digest:
                 raise MisuseError("manifest model_digest does not match the model bytes")
             f.flush()
-            os.fsync(f.fileno())
+            fsync_fd(f.fileno())
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     log_event(log, "bundle.written", bundle_id=manifest.bundle_id, path=str(out), size=out.stat().st_size)
     return out
 

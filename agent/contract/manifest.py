@@ -93,7 +93,13 @@ class GoldenVectors(StrictStruct, frozen=True, kw_only=True):
 
 
 class HealthPolicy(StrictStruct, frozen=True, kw_only=True):
-    """What probation checks after activation, and how long it lasts."""
+    """What probation checks after activation, and how long it lasts.
+
+    A commit needs evidence: `min_successful_requests` client requests the new model answered
+    (a device whose clients all fail, or that sees no traffic at all, proves nothing), unless
+    `traffic` is "none": the device may see no traffic in probation and the golden vectors
+    alone justify the commit (such a manifest must carry golden vectors).
+    """
 
     latency_budget_ms: Annotated[float, Meta(gt=0)] = 50.0
     max_error_rate: Annotated[float, Meta(ge=0, le=1)] = 0.01
@@ -101,6 +107,16 @@ class HealthPolicy(StrictStruct, frozen=True, kw_only=True):
     probation_seconds: Annotated[float, Meta(ge=0)] = 30.0
     max_memory_mb: Annotated[float, Meta(gt=0)] | None = None
     inference_timeout_s: Annotated[float, Meta(gt=0)] = 2.0
+    min_successful_requests: Annotated[
+        int,
+        Meta(ge=1, description="client requests the new model must answer before a commit "
+                               "(rejected or failed ones do not count); ignored when traffic is 'none'"),
+    ] = 10
+    traffic: Annotated[
+        Literal["required", "none"],
+        Meta(description="'none': no traffic is needed in probation, the golden vectors alone "
+                         "justify the commit (needs golden vectors)"),
+    ] = "required"
 
 
 class Lineage(StrictStruct, frozen=True, kw_only=True):
@@ -151,6 +167,8 @@ class Manifest(StrictStruct, frozen=True, kw_only=True):
         _fullmatch(DIGEST_RE, self.model_digest, "model_digest must be 'sha256:' + 64 lowercase hex digits")
         if self.model_file != "model." + self.runtime:
             raise ValueError(f"model_file {self.model_file!r} does not match runtime {self.runtime!r}")
+        if self.health.traffic == "none" and not self.golden.inputs:
+            raise ValueError("health.traffic 'none' needs golden vectors: nothing else would be checked")
 
     @property
     def bundle_id(self) -> str:

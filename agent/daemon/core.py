@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.contract.protocol import ReportedState, Topics, encode_reported
+from agent.daemon.broker_link import BrokerLink
 from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon.process import Notifier, ObservedStore, agent_version
@@ -100,6 +101,7 @@ class AgentDaemon:
             raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
 
         self.transport = transport if transport is not None else MqttTransport(c.mqtt)
+        self.link = BrokerLink(self.state_dir, f"{c.mqtt.host}:{c.mqtt.port}")  # logs + `agent status`
         self.trust = TrustClient(
             self.state_dir / "tuf" / "metadata",
             self.state_dir / "tuf" / "targets",
@@ -214,6 +216,8 @@ class AgentDaemon:
         )
         self.transport.set_will(self.topics.reported(), encode_reported(offline), retain=True)
         self.transport.add_on_connect(self._on_connect)
+        self.transport.add_on_link_down(self.link.down)
+        self.link.connecting()
         self.transport.subscribe(
             self.topics.desired(), self._desired_handler(f"device:{self.config.device_id}")
         )
@@ -225,6 +229,7 @@ class AgentDaemon:
             self.transport.connect(timeout=0.01)  # starts the reconnecting supervisor; never blocks
 
     def _on_connect(self, session_present: bool) -> None:
+        self.link.connected(session_present)
         self.publish_reported()
         self._flush_events()
         self.lifecycle.ctx.wake.set()
@@ -483,6 +488,7 @@ class AgentDaemon:
                 self.outbox.wait_acknowledged(EVENT_ACK_WAIT_S)
         self.publish_reported(online=False)
         self.transport.close()
+        self.link.stopped()
         self.holder.close()
         self.queue.close()
         self.outbox.close()

@@ -20,12 +20,9 @@ changed; `UnknownDirectorKeyError` when no signature is by a key the trusted roo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -34,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.director import DirectorDocument, DirectorTrust, verify_director
+from agent.durable_io import write_durably
 from agent.errors import DirectorError, MisuseError
 from agent.lifecycle.state_store import DesiredTarget
 from agent.logs import log_event
@@ -114,17 +112,7 @@ class DirectorGate:
         ).encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".director.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                Path(tmp).replace(self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    Path(tmp).unlink()
-                raise
+            write_durably(self.path, data)  # the directory too: a power cut must not undo it
         except OSError as exc:
             raise MisuseError(f"cannot write director ledger {self.path}: {exc}") from exc
 

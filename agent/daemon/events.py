@@ -4,9 +4,11 @@ Why on disk: the events that matter most (a rollback and its reason, a crash rec
 happen exactly when the device is offline or about to die, and the fleet gates rollouts on
 them. Reported state is retained and re-sent on every connect, so it needs no queue; events
 do. Encoded events go into SQLite (stdlib `sqlite3`, WAL, one statement per operation) and are
-sent oldest first when connected. The outbox is bounded: past `max_events` the oldest are
-dropped and the drop is logged (events carry their own sequence numbers, so the fleet sees the
-gap).
+sent oldest first when connected. `synchronous=FULL` makes every stored event durable when its
+statement returns: with WAL, NORMAL keeps the database consistent but a power cut may take
+back the last commits, exactly the rollback or crash report written just before it. The
+outbox is bounded: past `max_events` the oldest are dropped and the drop is logged (events
+carry their own sequence numbers, so the fleet sees the gap).
 
 Delivery is at least once, across crashes too: an event leaves the outbox when the broker has
 acknowledged it (QoS 1 PUBACK), not when the MQTT client has queued it. `drain` hands stored
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.contract.protocol import Event, encode_event
+from agent.durable_io import fsync_dir
 from agent.errors import MisuseError
 from agent.logs import log_event
 from agent.transport import Delivery
@@ -61,11 +64,12 @@ class EventOutbox:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)"
             )
-        except sqlite3.DatabaseError as exc:
+            fsync_dir(self.path.parent)  # SQLite does not fsync the directory of a new database
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise MisuseError(f"event outbox: cannot open {self.path}: {exc}") from None
 
     def put(self, payload: bytes) -> None:

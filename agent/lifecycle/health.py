@@ -165,9 +165,14 @@ class Probation:
     """Watches served requests after activation; decides commit or rollback.
 
     The window closes when at least `probation_requests` requests were seen *and*
-    `probation_seconds` passed; if traffic is too thin, `max_wait_s` closes it anyway and
-    judges what was seen. Error rate and memory fail early (as soon as the window can no
-    longer pass); p95 latency is judged when the window closes. Thread-safe.
+    `probation_seconds` passed *and* the policy's evidence is there (`min_successful_requests`
+    answered requests, unless `traffic` is "none"); if traffic is too thin, `max_wait_s` closes
+    it anyway and judges what was seen: without the evidence that is a failure, so a device
+    nobody (successfully) uses does not commit silently. Requests the model refused as invalid
+    input count as failures like errors: after a swap they are what the clients see (e.g. clients
+    built for another input schema), and probation cannot tell them from the candidate's fault.
+    Error rate and memory fail early (as soon as the window can no longer pass); p95 latency
+    is judged when the window closes. Thread-safe.
     """
 
     def __init__(
@@ -188,6 +193,7 @@ class Probation:
         self._max_samples = max_samples
         self.requests = 0
         self.errors = 0
+        self.rejected = 0
         self.peak_rss_mb = 0.0
         self._early: Verdict | None = None
         self.rss_interval_s = 0.1
@@ -204,16 +210,25 @@ class Probation:
             if self.requests % 32 == 1:
                 self.peak_rss_mb = max(self.peak_rss_mb, self._rss())
 
+    def observe_rejected(self) -> None:
+        """Feed one request the model refused as invalid input (`ModelHolder.add_reject_observer`)."""
+        with self._lock:
+            self.requests += 1
+            self.rejected += 1
+
     def fail(self, reason: str, **measurements: float) -> None:
         """Force a failure (e.g. the watchdog saw a hung request)."""
         with self._lock:
             self._early = Verdict(False, reason, self._measure() | measurements)
 
     def _measure(self) -> dict[str, float]:
+        failures = self.errors + self.rejected
         m = {
             "requests": float(self.requests),
             "errors": float(self.errors),
-            "error_rate": self.errors / self.requests if self.requests else 0.0,
+            "rejected": float(self.rejected),
+            "successful": float(self.requests - failures),
+            "error_rate": failures / self.requests if self.requests else 0.0,
             "elapsed_s": self._clock() - self.started,
             "latency_budget_ms": self.policy.latency_budget_ms,
             "peak_rss_mb": self.peak_rss_mb,
@@ -236,20 +251,34 @@ class Probation:
             if p.max_memory_mb is not None and self.peak_rss_mb > p.max_memory_mb:
                 return Verdict(False, f"memory {self.peak_rss_mb:.1f} MB over {p.max_memory_mb} MB", m)
             # the error budget of the whole window is spent: no need to wait
+            failures = self.errors + self.rejected
             allowed = p.max_error_rate * max(p.probation_requests, self.requests)
-            if self.errors > allowed and self.errors > 0:
-                return Verdict(False, f"error rate {m['error_rate']:.3f} over {p.max_error_rate}", m)
+            if failures > allowed and failures > 0:
+                return Verdict(False, self._error_reason(m), m)
             elapsed = m["elapsed_s"]
-            enough = self.requests >= p.probation_requests and elapsed >= p.probation_seconds
+            evidence = p.traffic == "none" or m["successful"] >= p.min_successful_requests
+            enough = self.requests >= p.probation_requests and elapsed >= p.probation_seconds and evidence
             if not enough and elapsed < self.max_wait_s:
                 return None
             if "p95_ms" in m and m["p95_ms"] > p.latency_budget_ms:
                 reason = f"p95 latency {m['p95_ms']:.3f} ms over budget {p.latency_budget_ms} ms"
                 return Verdict(False, reason, m)
             if self.requests and m["error_rate"] > p.max_error_rate:
-                return Verdict(False, f"error rate {m['error_rate']:.3f} over {p.max_error_rate}", m)
+                return Verdict(False, self._error_reason(m), m)
+            if not evidence:
+                return Verdict(False, (
+                    f"no evidence: {m['successful']:.0f} successful requests in {elapsed:.0f}s, the health "
+                    f"policy needs {p.min_successful_requests} (health.traffic 'none' commits on golden "
+                    "vectors alone)"), m)
             note = "" if enough else f"window closed after {elapsed:.0f}s with {self.requests} requests"
             return Verdict(True, note or "healthy", m)
+
+    def _error_reason(self, m: dict[str, float]) -> str:
+        reason = f"error rate {m['error_rate']:.3f} over {self.policy.max_error_rate}"
+        if self.rejected:
+            reason += (f": {self.rejected} of {self.requests} requests rejected as invalid input "
+                       "since the swap (do the clients send what this model takes?)")
+        return reason
 
 
 def fmt_measurements(m: dict[str, float]) -> dict[str, float]:

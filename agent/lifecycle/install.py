@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from agent.contract.bundle import extract_bundle
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
+from agent.durable_io import fsync_dir, fsync_file
 from agent.errors import (
     EdgefleetError,
     InferenceTimeoutError,
@@ -242,6 +243,13 @@ def handle_downloading(ctx: LifecycleContext) -> Event:
         if short is not None:  # retried like a transport failure: space may be freed meanwhile
             raise MisuseError(short)
         path = ctx.trust.download_target(d.path, _target_ref(d))
+        # python-tuf writes it without an fsync: durable before the record names it, or a power
+        # cut leaves `verifying` a torn file that fails its hash and quarantines a good bundle.
+        try:
+            fsync_file(path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            raise MisuseError(f"cannot make the download durable: {exc}") from exc
     except UntrustedDataError as exc:
         ctx.fail(f"download refused: {exc}")
         return Event.VERIFY_FAILED
@@ -346,7 +354,12 @@ def handle_probation(ctx: LifecycleContext) -> Event:
         if bundle == bid:
             probation.observe(latency_s, ok)
 
+    def rejected(bundle: str) -> None:  # a client-visible 400 from the new model counts against it
+        if bundle == bid:
+            probation.observe_rejected()
+
     ctx.holder.add_observer(observe)
+    ctx.holder.add_reject_observer(rejected)
     try:
         while True:
             if ctx.rollback_flag.is_set():
@@ -376,6 +389,7 @@ def handle_probation(ctx: LifecycleContext) -> Event:
             ctx.wake.clear()
     finally:
         ctx.holder.remove_observer(observe)
+        ctx.holder.remove_reject_observer(rejected)
 
 
 def _fail_fast(ctx: LifecycleContext) -> None:

@@ -5,6 +5,9 @@ with the state it belongs to, so "which bundle is active" and "where the machine
 can never disagree after a crash. A slot becomes visible only by an atomic rename of a
 fully extracted, verified directory that carries a `slot.json` (the manifest and the
 model file's relative path), so a half-extracted bundle is never mistaken for a good one.
+Power cuts: the slot's files and directories are fsynced before the rename and its parent
+after it (`agent.durable_io`), so a state record saved afterwards never names a slot that a
+power cut can take back.
 `gc()` keeps disk bounded: active, previous, one staged (plus the shadow, if any).
 """
 
@@ -24,6 +27,7 @@ from typing import Any, Protocol
 
 from agent.contract.bundle_checks import MANIFEST_NAME
 from agent.contract.manifest import Manifest, parse_manifest
+from agent.durable_io import fsync_dir, fsync_tree, makedirs_durably, write_durably
 from agent.errors import BundleError, MisuseError
 from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
@@ -79,8 +83,8 @@ class Slots:
     def __init__(self, state_dir: Path) -> None:
         self.root = Path(state_dir) / "bundles"
         self.downloads = Path(state_dir) / "downloads"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.downloads.mkdir(parents=True, exist_ok=True)
+        makedirs_durably(self.root)
+        makedirs_durably(self.downloads)
 
     def path(self, bundle_id: str) -> Path:
         return self.root / check_bundle_id(bundle_id)
@@ -117,10 +121,12 @@ class Slots:
                 doc["manifest_path"] = str(manifest_file.relative_to(tmp.resolve()))
             else:  # an extractor that keeps no manifest file
                 doc["manifest"] = json.loads(manifest.to_json())
-            (tmp / SLOT_FILE).write_text(json.dumps(doc, sort_keys=True))
+            write_durably(tmp / SLOT_FILE, json.dumps(doc, sort_keys=True).encode())
+            fsync_tree(tmp)  # whatever the extractor wrote, durable before the name is
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            fsync_dir(self.root)  # the rename itself: without it a power cut can undo it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -4,23 +4,22 @@ Why: the daemon can die at any instant (power cut, OOM kill, a native crash insi
 runtime, the systemd watchdog). Like Mender's `SaveState`/`LoadStateFromDb`, the machine
 saves where it is *before* acting, so a restart resumes from a known state. The write is
 temp file in the same directory -> write -> flush -> `os.fsync` -> `os.replace` -> fsync of
-the directory; the previous good record is kept as `state.json.prev` so a torn or corrupt
-`state.json` falls back to the last good one instead of leaving the device without a model.
+the directory (`agent.durable_io.write_durably`, the seam the power-cut test records); the
+previous good record is kept as `state.json.prev` so a torn or corrupt `state.json` falls
+back to the last good one instead of leaving the device without a model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.durable_io import makedirs_durably, write_durably
 from agent.errors import ConfigError, MisuseError
 from agent.logs import log_event
 
@@ -166,7 +165,7 @@ class StateStore:
         record.updated_at = float(self._clock())
         data = record.to_json()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            makedirs_durably(self.dir)
             if self._current_ok and self.path.exists():
                 # state.json is known good: it becomes the fallback by one rename (no copy, no
                 # extra fsync; the directory fsync after the new write covers both renames).
@@ -174,32 +173,14 @@ class StateStore:
             else:
                 previous = self._last_good if self._last_good is not None else self._current_if_valid()
                 if previous is not None:
-                    self._atomic_write(self.prev_path, previous)
-            self._atomic_write(self.path, data)
+                    write_durably(self.prev_path, previous)
+            write_durably(self.path, data)
             self._last_good = data
             self._current_ok = True
         except OSError as exc:
             raise MisuseError(f"cannot write state record in {self.dir}: {exc}") from exc
         if self._after_save is not None:
             self._after_save(record)
-
-    def _atomic_write(self, target: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            Path(tmp).replace(target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def _current_if_valid(self) -> bytes | None:
         """The bytes of `state.json` if they parse (never copy a torn file over `.prev`)."""

@@ -43,6 +43,8 @@ class LoadedModel(Protocol):
 
 #: Called after every served request: (bundle_id, latency_seconds, ok).
 Observer = Callable[[str, float, bool], None]
+#: Called for every request the serving model refused as invalid input: (bundle_id,).
+RejectObserver = Callable[[str], None]
 
 
 @dataclass
@@ -166,6 +168,7 @@ class ModelHolder:
         self._standby: _Serving | None = None
         self._shadow: _Shadow | None = None
         self._observers: list[Observer] = []
+        self._reject_observers: list[RejectObserver] = []
         self._token = 0
         self.drain_timeout_s = drain_timeout_s
         self.last_swap_at = 0.0  # perf_counter() of the last reference swap (for rollback_ms)
@@ -177,7 +180,9 @@ class ModelHolder:
 
         Raises `NoModelLoadedError` if no model is served; whatever the runtime raises
         propagates (`InputValidationError` is the caller's fault and is not counted as a
-        model error by observers; anything else is).
+        model error by observers; anything else is). Reject observers see the
+        `InputValidationError`s: right after a swap they are what the clients see of the new
+        model (probation counts them against it).
         """
         return self.predict_tagged(inputs)[1]
 
@@ -198,7 +203,7 @@ class ModelHolder:
             out = cur.model.predict(inputs)
             ok = True
         except InputValidationError:
-            ok = None  # a bad request says nothing about the model
+            ok = None  # a bad request says nothing about the model's health (see above)
             raise
         finally:
             latency = time.monotonic() - t0
@@ -208,9 +213,13 @@ class ModelHolder:
                 if cur.inflight == 0:
                     self._drained.notify_all()
                 observers = list(self._observers)
+                rejecters = list(self._reject_observers)
             if ok is not None:
                 for obs in observers:
                     obs(cur.bundle_id, latency, ok)
+            else:
+                for rej in rejecters:
+                    rej(cur.bundle_id)
         if shadow is not None:
             shadow.offer(inputs, out)
         return cur.bundle_id, out
@@ -240,6 +249,15 @@ class ModelHolder:
         with self._lock:
             if observer in self._observers:
                 self._observers.remove(observer)
+
+    def add_reject_observer(self, observer: RejectObserver) -> None:
+        with self._lock:
+            self._reject_observers.append(observer)
+
+    def remove_reject_observer(self, observer: RejectObserver) -> None:
+        with self._lock:
+            if observer in self._reject_observers:
+                self._reject_observers.remove(observer)
 
     # -- swapping -------------------------------------------------------------------------
     def swap(self, model: LoadedModel, bundle_id: str, keep_previous: bool = True) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +38,24 @@ def file_format(path: Path) -> str:
             f"{path.name}: unsupported format {suffix or '(none)'}; use one of {', '.join(FORMATS)}"
         )
     return suffix
+
+
+def check_output(path: Path) -> str:
+    """The output's format, once its directory is known to take the file.
+
+    Checked before the model loads and the first row is scored: a typo in `-o` must cost a
+    one-line error, not a run (or a traceback from deep inside numpy at its first batch).
+    Raises `MisuseError`.
+    """
+    fmt = file_format(path)
+    parent = path.parent
+    if path.is_dir():
+        raise MisuseError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise MisuseError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MisuseError(f"cannot write {path}: directory {parent} is not writable")
+    return fmt
 
 
 def _single(specs: list[Any], kind: str, fmt: str) -> str:
@@ -172,10 +191,19 @@ class OutputWriter:
         self._text: TextIO | None = None
         self._csv: Any = None
         if self.fmt != ".npy":
-            self._text = self.tmp.open("w", encoding="utf-8", newline="")
+            try:
+                self._text = self.tmp.open("w", encoding="utf-8", newline="")
+            except OSError as exc:
+                raise MisuseError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def write(self, outputs: dict[str, np.ndarray]) -> None:
-        """Append one batch of outputs (rows on axis 0)."""
+        """Append one batch of outputs (rows on axis 0). Raises `MisuseError` if it cannot."""
+        try:
+            self._write(outputs)
+        except OSError as exc:  # the directory vanished, the disk is full, ...
+            raise MisuseError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _write(self, outputs: dict[str, np.ndarray]) -> None:
         rows = int(next(iter(outputs.values())).shape[0])
         if self.fmt == ".npy":
             arr = outputs[self.names[0]]
@@ -211,7 +239,11 @@ class OutputWriter:
         if keep and self._rows == self.total_rows:
             if self.fmt == ".npy" and self._rows == 0:
                 raise MisuseError("no rows to write")
-            self.tmp.replace(self.path)
+            try:
+                self.tmp.replace(self.path)
+            except OSError as exc:
+                self.tmp.unlink(missing_ok=True)
+                raise MisuseError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         else:
             self.tmp.unlink(missing_ok=True)
 

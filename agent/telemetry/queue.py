@@ -1,8 +1,11 @@
 """Store-and-forward for telemetry reports: a bounded on-disk queue that survives restarts.
 
 Reports made while the device is offline are encoded and stored in SQLite (stdlib `sqlite3`,
-WAL, one transaction per operation) keyed by their sequence number; on reconnect they are
-sent oldest first (`pending()` / `drain()`) and removed when acknowledged (`ack(seq)`).
+WAL, one transaction per operation, `synchronous=FULL` so that a commit is durable when it
+returns: with NORMAL a power cut could take back `next_seq`, and the restarted agent would
+reuse sequence numbers the fleet has already seen and drops as duplicates) keyed by their
+sequence number; on reconnect they are sent oldest first (`pending()` / `drain()`) and
+removed when acknowledged (`ack(seq)`).
 
 When the queue is full (`max_reports` or `max_bytes`), the two oldest reports are merged
 into one (sketches are mergeable, so the counts survive and only time resolution is lost);
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.contract.telemetry import TelemetryReport, decode_report, encode_report, merge_reports
+from agent.durable_io import fsync_dir
 from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 
@@ -56,13 +60,14 @@ class ReportQueue:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS reports (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL,"
                 " attempted INTEGER NOT NULL DEFAULT 0)"
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        except sqlite3.DatabaseError as exc:
+            fsync_dir(self.path.parent)  # SQLite does not fsync the directory of a new database
+        except (sqlite3.DatabaseError, OSError) as exc:
             raise MisuseError(f"queue: cannot open {self.path}: {exc}") from None
 
     def close(self) -> None:

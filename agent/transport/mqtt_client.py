@@ -31,7 +31,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_random_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_random_exponential,
+)
 
 from agent.contract.protocol import validate_id
 from agent.contract.strict import Meta, StrictStruct
@@ -125,6 +131,7 @@ class MqttTransport:
         self._subs: dict[str, tuple[Handler, int]] = {}
         self._pending: dict[bytes, Future[Message]] = {}
         self._on_connect_cbs: list[Callable[[bool], None]] = []
+        self._on_link_down_cbs: list[Callable[[str, bool], None]] = []
         self._connected = threading.Event()
         self._lost = threading.Event()
         self._closing = threading.Event()
@@ -210,6 +217,7 @@ class MqttTransport:
                 stop=stop_when_event_set(self._closing),
                 retry=retry_if_exception_type(OSError),
                 sleep=self._interruptible_sleep,
+                before_sleep=self._attempt_failed,
                 reraise=True,
             )
             try:
@@ -232,6 +240,7 @@ class MqttTransport:
                     not self._connected.is_set()
                     and time.monotonic() - started > self.config.connect_timeout_s
                 ):
+                    self._link_down(f"no CONNACK within {self.config.connect_timeout_s:g}s", False)
                     break  # no CONNACK in time
             self._connected.clear()
             self._client.loop_stop()
@@ -243,6 +252,7 @@ class MqttTransport:
                 logger, "mqtt.refused", level=logging.WARNING, reason=str(rc), client=self.config.client_id
             )
             self._lost.set()
+            self._link_down(f"refused by the broker: {rc}", False)
             return
         self._last_refusal = ""
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props else None
@@ -277,10 +287,32 @@ class MqttTransport:
             log_event(
                 logger, "mqtt.disconnected", level=logging.INFO, client=self.config.client_id, reason=str(rc)
             )
+            self._link_down(str(rc), True)
 
     def add_on_connect(self, callback: Callable[[bool], None]) -> None:
         with self._lock:
             self._on_connect_cbs.append(callback)
+
+    def add_on_link_down(self, callback: Callable[[str, bool], None]) -> None:
+        """Call `callback(reason, was_connected)` when the connection is lost (`was_connected`)
+        or an attempt to connect fails (refused, unreachable, no CONNACK in time); never on `close()`."""
+        with self._lock:
+            self._on_link_down_cbs.append(callback)
+
+    def _attempt_failed(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        self._link_down(f"cannot connect: {error}" if error else "cannot connect", False)
+
+    def _link_down(self, reason: str, was_connected: bool) -> None:
+        if self._closing.is_set():
+            return
+        with self._lock:
+            callbacks = list(self._on_link_down_cbs)
+        for cb in callbacks:
+            try:
+                cb(reason, was_connected)
+            except Exception:  # a faulty callback must not kill the network or supervisor thread
+                logger.exception("link-down callback failed")
 
     # --- publish / subscribe ------------------------------------------------------------
     def _check_size(self, payload: bytes) -> None:

@@ -9,6 +9,7 @@ document's target reference against the TUF-signed length and hash.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 from tuf.api import exceptions as tuf_exc
 
 from agent.contract.director import DirectorTrust, TargetRef
+from agent.durable_io import write_durably
 from agent.errors import MisuseError, NotFoundError, TransportError, TrustError
 from agent.logs import log_event
 
@@ -79,6 +81,25 @@ def _raise_wrapped(exc: Exception, what: str) -> NoReturn:
     if isinstance(exc, OSError):
         raise MisuseError(f"{what}: local storage failed: {exc}") from exc
     raise TrustError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+@functools.cache
+def _durable_updater() -> type[Updater]:
+    """python-tuf's `Updater`, with metadata writes that survive a power cut.
+
+    python-tuf persists metadata atomically (temp file, `os.replace`) but never fsyncs it: after
+    a power cut the trusted `root.json` can be an empty file under its name, every later refresh
+    then fails with "loading the trusted root", and each update is refused as untrusted (and
+    quarantined) forever. `write_durably` fsyncs the file before the rename and the directory
+    after it (tests/agent/lifecycle/test_lifecycle_power_cut.py).
+    """
+    from tuf.ngclient import Updater
+
+    class DurableUpdater(Updater):
+        def _persist_file(self, filename: str, data: bytes) -> None:
+            write_durably(Path(filename), data)
+
+    return DurableUpdater
 
 
 class TrustSession:
@@ -177,12 +198,10 @@ class TrustClient:
         return self.fetcher
 
     def _updater(self) -> Updater:
-        from tuf.ngclient import Updater
-
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.target_dir.mkdir(parents=True, exist_ok=True)
         try:
-            updater = Updater(
+            updater = _durable_updater()(
                 str(self.metadata_dir),
                 self.metadata_base_url,
                 str(self.target_dir),

@@ -34,7 +34,8 @@ from tests.support.lifecycle_world import X, manifest_for
 pytestmark = pytest.mark.integration
 DEVICES = ["gw-a", "gw-b", "gw-c", "gw-d"]
 PREFIX = "ef-ro"
-FAST_HEALTH = {"probation_requests": 0, "probation_seconds": 0.3, "inference_timeout_s": 2.0}
+FAST_HEALTH = {"probation_requests": 0, "probation_seconds": 0.3, "inference_timeout_s": 2.0,
+               "traffic": "none"}  # the agents see no traffic in probation: golden vectors decide
 # version -> (model seed, golden seed): 3.0.0 carries the golden vectors of another model
 BUNDLES = {"1.0.0": (1, 1), "2.0.0": (2, 2), "3.0.0": (3, 2), "4.0.0": (4, 4), "5.0.0": (5, 5)}
 

@@ -26,7 +26,8 @@ from fleet.trust.repository import Repository
 from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
 
 X = np.random.default_rng(3).standard_normal((8, 32)).astype(np.float32)
-FAST = {"probation_requests": 0, "probation_seconds": 0.0, "inference_timeout_s": 2.0}
+#: commit at once on the golden vectors alone (most tests send no traffic in probation)
+FAST = {"probation_requests": 0, "probation_seconds": 0.0, "inference_timeout_s": 2.0, "traffic": "none"}
 
 
 def manifest_for(

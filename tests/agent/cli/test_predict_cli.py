@@ -103,3 +103,15 @@ def test_refuses_tampered_model_and_bad_usage(tmp_path: Path) -> None:
     assert res.returncode == 2 and "exactly one of --bundle or --model-dir" in res.stderr
     res = _cli("--model-dir", model_dir, tmp_path / "in.npy", "-o", tmp_path / "out.txt")
     assert res.returncode == 1 and "unsupported format .txt" in res.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("out", ["/nonexistent/dir/out.npy", "/nonexistent/dir/out.csv"])
+def test_an_output_directory_that_does_not_exist_is_a_one_line_error(tmp_path: Path, out: str) -> None:
+    np.save(tmp_path / "in.npy", X[:3])
+    res = _cli("--model-dir", _model_dir(tmp_path), tmp_path / "in.npy", "-o", out)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr and "Error:" in res.stderr
+    errors = [line for line in res.stderr.splitlines() if "Error:" in line]
+    assert errors == [f"Error: cannot write {out}: directory /nonexistent/dir does not exist"]
+    assert "runtime.loaded" not in res.stderr  # refused before the model was even loaded

@@ -95,7 +95,12 @@ def test_probation_closes_on_a_time_cap_without_traffic() -> None:
     now[0] = 4.0
     assert p.verdict() is None
     now[0] = 5.0
-    v = p.verdict()
+    v = p.verdict()  # the default policy needs answered requests: no traffic is no evidence
+    assert v is not None and not v.ok and "no evidence" in v.reason
+    golden_only = Probation(HealthPolicy(probation_requests=100, probation_seconds=1.0, traffic="none"),
+                            clock=lambda: now[0], rss_mb=lambda: 1.0, max_wait_s=5.0)
+    now[0] = 10.0
+    v = golden_only.verdict()
     assert v is not None and v.ok and "window closed" in v.reason
 
 
@@ -136,10 +141,13 @@ def test_observers_see_every_request_and_errors(tmp_path: Path) -> None:
     a, _ = _load(tmp_path, 0)
     holder.swap(a, "a", keep_previous=False)
     seen: list[tuple[str, bool]] = []
+    rejected: list[str] = []
     holder.add_observer(lambda b, lat, ok: seen.append((b, ok)))
+    holder.add_reject_observer(rejected.append)
     assert holder.predict_tagged({"x": X})[0] == "a"
-    with pytest.raises(InputValidationError):  # the caller's fault: not counted against the model
+    with pytest.raises(InputValidationError):  # not a model error; reject observers see it
         holder.predict({"x": np.zeros((1, 3), np.float32)})
+    assert rejected == ["a"]
     broken, _ = _load(tmp_path, 1)
     broken.close()  # a closed session fails inside the runtime: that counts
     holder.swap(broken, "b", keep_previous=False)

@@ -10,7 +10,7 @@ import pytest
 
 from agent.contract.manifest import Manifest
 from agent.errors import InputValidationError, MisuseError
-from agent.serving.scoring_files import OutputWriter, count_rows, iter_batches
+from agent.serving.scoring_files import OutputWriter, check_output, count_rows, iter_batches
 from simulators.models import mlp_manifest
 
 MANIFEST = mlp_manifest(b"unused")
@@ -80,3 +80,18 @@ def test_writers_are_atomic_and_check_shapes(tmp_path: Path) -> None:
     short.write({"logits": np.zeros((2, 4), dtype=np.float32)})
     short.close()  # fewer rows than announced: nothing is published
     assert not (tmp_path / "short.npy").exists()
+
+
+@pytest.mark.unit
+def test_unwritable_outputs_are_misuse_errors_not_os_errors(tmp_path: Path) -> None:
+    with pytest.raises(MisuseError, match=r"directory .*missing does not exist"):
+        check_output(tmp_path / "missing" / "out.npy")
+    (tmp_path / "dir.npy").mkdir()
+    with pytest.raises(MisuseError, match="it is a directory"):
+        check_output(tmp_path / "dir.npy")
+    assert check_output(tmp_path / "out.jsonl") == ".jsonl"
+    with pytest.raises(MisuseError, match="cannot write"):  # the check passed, the directory went away
+        OutputWriter(tmp_path / "gone" / "out.csv", MANIFEST, 1)
+    writer = OutputWriter(tmp_path / "gone" / "out.npy", MANIFEST, 1)
+    with pytest.raises(MisuseError, match="cannot write"):
+        writer.write({"logits": np.zeros((1, 4), np.float32)})
