@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import click
 
 from agent import __version__
 from agent.config import parse_config
+from agent.durable_io import write_durably
 from agent.errors import ConfigError
 from agent.runtimes import available_runtimes
 
@@ -156,22 +156,8 @@ def build_config(body: dict[str, Any], root_path: Path, state_dir: Path, api: di
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data`, mode 0600 from the first byte, fsynced."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Atomically and durably replace `path` with `data`, mode 0600 from the first byte."""
+    write_durably(path, data, mode=0o600)
 
 
 def private_dir(path: Path) -> None:
