@@ -61,6 +61,7 @@ class ServeConfig:
     timestamp_refresh_s: float = 6 * 3600.0  # the timestamp expires after a day by default
     root_keys: int = 3
     root_threshold: int = 2
+    telemetry_window_s: float = 60.0  # merged telemetry window (shorter in demos and tests)
 
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
@@ -164,10 +165,10 @@ class TelemetryComponent:
 
     name = "telemetry-ingest"
 
-    def __init__(self, path: Path, flush_s: float = 5.0) -> None:
-        from fleet.telemetry.ingest import TelemetryStore
+    def __init__(self, path: Path, flush_s: float = 5.0, window_s: float = 60.0) -> None:
+        from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 
-        self.telemetry = TelemetryStore(path)
+        self.telemetry = TelemetryStore(path, IngestConfig(window_s=window_s))
         self.flush_s = flush_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -205,7 +206,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     components: list[Component] = []
     publisher: Publisher | None = None
     metrics: MetricsSource | None = None
-    telemetry = TelemetryComponent(settings.data_dir / "telemetry.db")
+    telemetry = TelemetryComponent(settings.data_dir / "telemetry.db", window_s=cfg.telemetry_window_s)
     monitor = build_drift_monitor(settings, store, telemetry.telemetry, clock)  # alerts, triggers, gauges
     metrics = TelemetryMetrics(telemetry.telemetry, drift=monitor.drift_score)
     if with_broker:

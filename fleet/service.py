@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from agent.logs import log_event
 from fleet.api import create_app
+from fleet.dashboard.mount import install_dashboard
 from fleet.db.store import Clock, Store
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
@@ -59,6 +60,7 @@ class FleetService:
             self.components += component_factory(self.store)
         self.app: FastAPI = create_app(settings, self.store)
         self.app.state.components = self.components  # /metrics and telemetry routes read them
+        install_dashboard(self.app)  # the operator's web dashboard at /ui/ (docs/dashboard.md)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._started: list[Component] = []
