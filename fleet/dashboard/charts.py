@@ -83,10 +83,11 @@ def heat_map(rows: Sequence[tuple[str, str]], cols: Sequence[str], values: dict[
         for i, (name, _) in enumerate(rows) for j, col in enumerate(cols)
         if (v := values.get((name, col))) is not None
     ]
-    legend = [(left + k * 46.0, severity_fill(s), label) for k, (s, label) in enumerate(
+    legend = [(left + k * 72.0 - 100, severity_fill(s), label) for k, (s, label) in enumerate(
         ((0.0, "0"), (0.5, "0.5"), (1.0, "1 = limit"), (1.5, "1.5"), (2.0, "≥ 2"), (None, "not tested")))]
     return HeatMap(
-        width=left + max(len(cols), 1) * cell + 20, height=top + max(len(rows), 1) * cell + 50,
+        width=max(left + max(len(cols), 1) * cell + 20, left + 6 * 72.0 - 60),
+        height=top + max(len(rows), 1) * cell + 50,
         left=left, top=top,
         rows=[(top + i * cell + cell * 0.7, name, link) for i, (name, link) in enumerate(rows)],
         cols=[(left + j * cell + cell / 2, col) for j, col in enumerate(cols) if j % label_every == 0],
@@ -136,7 +137,7 @@ def histogram_pair(labels: Sequence[str], reference: Sequence[float], live: Sequ
                            f"{labels[i]}: {name} {share:.1%}"))
         return out
 
-    every = max(1, math.ceil(n / 10))
+    every = max(1, math.ceil(n / 7))
     return Histogram(width, height, base, bars(ref_share, 0, "reference"), bars(live_share, slot / 2, "live"),
                      [(30 + i * slot + slot / 2, lab) for i, lab in enumerate(labels) if i % every == 0],
                      top_share)

@@ -83,8 +83,8 @@ def _title(f: FeatureDrift, when: str) -> str:
 def _bin_labels(p: FeatureProfile) -> list[str]:
     if p.kind == "categorical":
         return [*p.vocabulary, "(unseen)"]
-    e = p.edges
-    return [f"< {e[0]:.3g}", *(f"{a:.3g} to {b:.3g}" for a, b in itertools.pairwise(e)), f"≥ {e[-1]:.3g}"]
+    e = p.edges  # a bin is named by its lower edge (the tooltip says the same)
+    return [f"< {e[0]:.3g}", *(f"{a:.3g}" for a, _ in itertools.pairwise(e)), f"≥ {e[-1]:.3g}"]
 
 
 def _reference_counts(p: FeatureProfile) -> list[float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse
@@ -61,8 +62,10 @@ def drift(request: Request, session: Dash, model: Label = "", version: Label = "
         view = heat_view(ctx, _cache(request), *chosen, feature or None)
         alerts = telemetry_api.list_alerts(request, principal, PageParams(50, None), model=chosen[0],
                                            version=chosen[1], cohort=chosen[2]).items
+    series = dict(zip(("model", "version", "cohort"), chosen, strict=True)) if chosen else {}
+    here = PREFIX + "/drift" + ("?" + urlencode(series) if series else "")  # an ack comes back here
     page = {"page": "drift", "keys": keys, "chosen": chosen, "summary": summary, "alerts": alerts,
-            "next_url": request.url.path + ("?" + request.url.query if request.url.query else ""), **view}
+            "next_url": here, **view}
     return render(request, "drift.html", page, session=session)
 
 

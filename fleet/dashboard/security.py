@@ -143,7 +143,10 @@ async def read_form(request: Request) -> dict[str, str]:
 
 async def checked_form(request: Request, session: Session, role: str = "operator") -> dict[str, str]:
     """The form of an action, after the CSRF and role checks. Raises Forbidden, FleetInputError."""
-    form = await read_form(request)
+    try:
+        form = await read_form(request)
+    except FleetInputError:
+        form = {}  # not a dashboard form: refused below like a missing token
     if not session.csrf_ok(form.get("csrf")):
         raise Forbidden("This form did not come from your dashboard session (CSRF token missing or stale); "
                         "reload the page and try again.")
@@ -167,9 +170,16 @@ def render(request: Request, template: str, context: dict[str, Any], status: int
     page = context.get("page", "")
     base = {"session": session, "csrf": session.csrf if session else "", "nav": NAV, "page": page,
             "can_act": session is not None and ROLE_RANK[session.role] >= ROLE_RANK["operator"],
-            "next_page": _next_page(page), "now": time.strftime("%H:%M:%S UTC", time.gmtime())}
+            "next_page": _next_page(page), "now": time.strftime("%H:%M:%S UTC", time.gmtime()),
+            "alert_destinations": _alert_destinations(request)}
     html = templates.get_template(template).render({**base, **context})
     return secure(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
+
+
+def _alert_destinations(request: Request) -> bool:
+    """Whether alerts go anywhere (a webhook or a command): else "delivered" would mislead."""
+    telemetry = request.app.state.settings.telemetry
+    return bool(telemetry.webhook_url or telemetry.command)
 
 
 def _next_page(page: str) -> tuple[str, str] | None:
