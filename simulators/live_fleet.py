@@ -92,7 +92,7 @@ class LiveFleet:
             found.update(self.fleet.status(rollout_id))
             return found["state"] in states
 
-        if not wait_for(reached, timeout, 0.25):
+        if not wait_for(reached, timeout, 1.0):
             raise FleetTransportError(f"rollout {rollout_id} still {found.get('state')} after {timeout:.0f}s")
         return found
 
