@@ -17,6 +17,7 @@ and styles, no inline script), `X-Frame-Options: DENY` and `Cache-Control: no-st
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -78,8 +79,8 @@ def _fmt_num(value: Any, digits: int = 3) -> str:
         return "—"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
     return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e6 else f"{value:.{digits}f}"
 
 
@@ -87,6 +88,9 @@ templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
                         undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 templates.filters["ts"] = _fmt_time
 templates.filters["num"] = _fmt_num
+# Plain JSON for display (autoescaping then makes it HTML-safe); `tojson` escapes for scripts.
+templates.filters["json"] = lambda value, indent=None: json.dumps(value, sort_keys=True, indent=indent,
+                                                                   default=str, ensure_ascii=False)
 
 
 def sessions_of(request: Request) -> SessionStore:
