@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from fleet.access.auth import Principal, create_api_key
@@ -24,6 +25,7 @@ from fleet.dashboard.sessions import SessionStore
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.telemetry.drift import FeatureDrift
+from simulators.cli import demo_command
 
 
 @pytest.fixture
@@ -184,3 +186,9 @@ def test_severity_puts_every_method_on_one_scale_with_one_at_the_threshold() -> 
     assert [(c.row, c.col, c.drifted, c.fill) for c in hm.cells] == [("f", "t1", True, "#7f0000")]
     bar = status_bar({"succeeded": 3, "failed": 1}, width=400)
     assert [(s.title, s.w) for s in bar] == [("succeeded: 3", 300.0), ("failed: 1", 100.0)]
+
+
+@pytest.mark.unit
+def test_the_demo_offers_serve() -> None:
+    res = CliRunner().invoke(demo_command, ["--help"])
+    assert res.exit_code == 0 and "--serve" in res.output and "login key" in res.output
