@@ -12,6 +12,7 @@ browser is ever downloaded: a missing /usr/bin/chromium fails the tests (CI must
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -60,9 +61,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     chosen = os.environ.get("EDGEFLEET_SCREENSHOT_DIR")  # pytest keeps only its last three tmp dirs
     shots = Path(chosen) if chosen else tmp_path_factory.mktemp("dashboard-screenshots")
     shots.mkdir(parents=True, exist_ok=True)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"dashboard screenshots: {shots}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print(f"\ndashboard screenshots: {shots}", flush=True)  # shown whatever pytest captures
     broker = start_mosquitto(root / "broker")
     live = LiveFleet(root, broker.host, broker.port, DEVICES, prefix="dash", window_s=3.0)
     try:
