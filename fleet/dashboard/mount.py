@@ -18,12 +18,18 @@ from fleet.dashboard.drift_views import VerdictCache
 from fleet.dashboard.security import HERE, PREFIX, install_error_pages
 from fleet.dashboard.sessions import SessionStore
 from fleet.dashboard.views import BundleInfo
+from fleet.store import Store
+from fleet.telemetry.monitor import BundleProfiles
+from fleet.trust.repository import Repository
 
 
 def install_dashboard(app: FastAPI, sessions: SessionStore | None = None) -> None:
-    """Mount the dashboard on `app` (whose `state` holds the store and settings)."""
+    """Mount the dashboard on `app`, an app of `create_app` (whose `state` holds the store, the
+    settings, the collaborators and the one TUF repository, which the bundle pages read)."""
+    store: Store = app.state.store
+    repository: Repository = app.state.repository
     app.state.dashboard_sessions = sessions or SessionStore()
-    app.state.dashboard_bundles = BundleInfo(app.state.store, app.state.settings)
+    app.state.dashboard_bundles = BundleInfo(BundleProfiles(store, repository))
     app.state.dashboard_verdicts = VerdictCache()
     for module in (routes_auth, routes_fleet, routes_rollouts, routes_drift, routes_misc):
         app.include_router(module.router)

@@ -9,22 +9,23 @@ audit log records them the same way and the same transitions are refused (Confli
 Gate evidence comes from three places, all written by the controller: the stage's outcome
 counts (install failures, local rollbacks) evaluated here with the rollout's own thresholds
 by `fleet.rollouts.gates.evaluate`, the breach it recorded for the current stage
-(`rollout_runtime.breach`), and every `rollout.gate_breach` entry of the audit log. Metric
+(`RolloutRuntime.breach`, a `GateBreach`), and every `rollout.gate_breach` entry of the audit log. Metric
 gates (error rate, latency, drift, shadow agreement) are evaluated by the controller on each
 tick; their figures appear here when they crossed a threshold.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fleet.dashboard.charts import status_bar
-from fleet.db.rows import Row
 from fleet.errors import FleetInputError
 from fleet.rollouts.gates import GateThresholds, evaluate
-from fleet.rollouts.records import COMMANDS, RolloutRecords, outcome_counts
+from fleet.rollouts.machine import FINISHED_STATES, Desired, RolloutState
+from fleet.rollouts.records import RolloutRecords, outcome_counts
 from fleet.rollouts.store import ACTIONS as INTENTS
-from fleet.rollouts.store import STATES, TERMINAL_STATES
+from fleet.rollouts.store import STATES, Rollout, RolloutStatusSummary
 from fleet.rollouts.strategies import StrategyConfig
 from fleet.store import Store
 
@@ -42,44 +43,54 @@ ACTION_TEXT = {
 }
 
 
-def allowed_actions(rollout: Row, pending: set[str]) -> list[str]:
+@dataclass(frozen=True)
+class RolloutSummary:
+    """A rollout of the rollouts list with its devices counted per status."""
+
+    rollout: Rollout
+    status: RolloutStatusSummary
+
+
+def allowed_actions(rollout: Rollout, pending: set[str]) -> list[str]:
     """The actions worth offering in this state (mirrors the store's refusal rules)."""
-    state, desired = rollout["state"], rollout["desired"]
-    terminal = state in TERMINAL_STATES
+    state, desired = rollout.state, rollout.desired
+    finished = state in FINISHED_STATES
     out: list[str] = []
-    if not terminal and desired == "run":
+    if not finished and desired is Desired.RUN:
         out.append("pause")
-    if not terminal and desired == "pause":
+    if not finished and desired is Desired.PAUSE:
         out.append("resume")
-    if not terminal and state != "rolling_back" and "promote" not in pending and desired != "abort":
+    if not finished and state is not RolloutState.ROLLING_BACK and "promote" not in pending \
+            and desired is not Desired.ABORT:
         out.append("promote")
-    if not terminal and desired != "abort":
+    if not finished and desired is not Desired.ABORT:
         out.append("abort")
-    if (not terminal or state == "completed") and state != "rolling_back" and "rollback" not in pending:
+    if (not finished or state is RolloutState.COMPLETED) and state is not RolloutState.ROLLING_BACK \
+            and "rollback" not in pending:
         out.append("rollback")
     return out
 
 
 def perform(store: Store, rollout_id: str, action: str, actor: str, note: str) -> None:
     """Run `action` through the API's own calls. Raises NotFound, Conflict, FleetInputError."""
+    if action not in ACTIONS:
+        raise FleetInputError(f"action {action!r} must be one of {', '.join(ACTIONS)}")
     if action in INTENTS:
         store.rollouts.request(rollout_id, action, actor, note)
-    elif action in COMMANDS:
+    else:  # promote, rollback: commands queued for the controller
         RolloutRecords(store).command(rollout_id, action, actor, note)
-    else:
-        raise FleetInputError(f"action {action!r} must be one of {', '.join(ACTIONS)}")
 
 
 def rollout_list(store: Store, state: str | None, cursor: str | None, limit: int) -> dict[str, Any]:
     """A page of rollouts, each with its device counts. Raises FleetInputError (state)."""
     page = store.rollouts.list(cursor, limit, state or None)
-    items = [{**r, "status": store.rollouts.status(r["id"])} for r in reversed(page.items)]
+    items = [RolloutSummary(r, store.rollouts.status(r.id)) for r in reversed(page.items)]
     return {"items": items, "next_cursor": page.next_cursor, "states": STATES}
 
 
-def _stages(strategy: StrategyConfig, current: int, state: str) -> list[dict[str, Any]]:
+def _stages(strategy: StrategyConfig, current: int, state: RolloutState) -> list[dict[str, Any]]:
     shares = list(strategy.stages) if strategy.kind == "canary" else [100.0]
-    done_all = state == "completed"
+    done_all = state is RolloutState.COMPLETED
     return [{"index": i, "percent": pct,
              "state": "done" if done_all or i < current else ("current" if i == current else "todo")}
             for i, pct in enumerate(shares)]
@@ -90,30 +101,30 @@ def rollout_detail(store: Store, rollout_id: str) -> dict[str, Any]:
     rollout = store.rollouts.get(rollout_id)
     status = store.rollouts.status(rollout_id)
     records = RolloutRecords(store)
-    strategy = StrategyConfig.parse(rollout["strategy"])
-    thresholds = GateThresholds.parse(rollout["thresholds"])
+    strategy = StrategyConfig.parse(rollout.strategy)
+    thresholds = GateThresholds.parse(rollout.thresholds)
     counts = outcome_counts(records.progress(rollout_id))
     live = [b.to_dict() for b in evaluate(thresholds, counts)]
-    runtime = records.runtime(rollout_id) or {}
-    breach = runtime.get("breach") if isinstance(runtime.get("breach"), dict) else None
-    pending = {c["command"] for c in records.pending_commands(rollout_id)}
+    runtime = records.runtime(rollout_id)
+    pending = {c.command.value for c in records.pending_commands(rollout_id)}
     finished = counts.finished
     failed = counts.install_failed + counts.timeout
     return {
         "rollout": rollout, "status": status, "strategy": strategy,
-        "stages": _stages(strategy, rollout["stage"], rollout["state"]),
-        "segments": status_bar(status["devices_by_status"]),
+        "stages": _stages(strategy, rollout.stage, rollout.state),
+        "segments": status_bar(status.devices_by_status),
         "thresholds": thresholds.model_dump(), "counts": counts,
         "outcome_figures": {
             "finished": finished,
             "install_failure_pct": 100.0 * failed / finished if finished else None,
             "rollback_pct": 100.0 * counts.local_rollback / finished if finished else None,
         },
-        "live_breaches": live, "breach": breach,
+        "live_breaches": live, "breach": runtime.breach if runtime is not None else None,
         "breach_log": store.audit.list(None, 20, resource=f"rollouts/{rollout_id}",
                                        action="rollout.gate_breach").items,
-        "history": list(reversed(rollout["history"])),
+        "history": list(reversed(rollout.history)),
         "devices": store.rollouts.devices(rollout_id, None, 100).items,
         "pending": sorted(pending), "actions": allowed_actions(rollout, pending),
-        "target_bundle": runtime.get("target_bundle"), "phase": runtime.get("phase"),
+        "target_bundle": runtime.target_bundle if runtime is not None else None,
+        "phase": runtime.phase.value if runtime is not None else None,
     }

@@ -9,7 +9,9 @@
 - Forms are parsed here (`application/x-www-form-urlencoded`, under the API's body limit)
   rather than with python-multipart: the dashboard posts a handful of short text fields.
 - Errors on `/ui/` paths become HTML pages with a sentence and a way back, never a stack
-  trace or JSON; other paths keep the API's JSON handlers (`install_error_pages`).
+  trace or JSON; other paths keep the API's JSON handlers (`install_error_pages`). The
+  dashboard's own refusals (`LoginRequired`, `Forbidden`) are `AuthError`s of the fleet's one
+  error hierarchy (docs/errors.md), answered by their own handlers (a redirect, a 403 page).
 
 Every dashboard response carries a strict Content-Security-Policy (only this origin's scripts
 and styles, no inline script), `X-Frame-Options: DENY` and `Cache-Control: no-store`.
@@ -34,7 +36,7 @@ from starlette.exceptions import HTTPException
 
 from fleet.access.auth import ROLE_RANK
 from fleet.dashboard.sessions import Session, SessionStore
-from fleet.errors import Conflict, FleetInputError, FleetMisuseError, NotFound
+from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.store import Store
 
 PREFIX = "/ui"
@@ -50,7 +52,7 @@ NAV = [("overview", "Fleet overview", "/ui/"), ("devices", "Devices", "/ui/devic
        ("audit", "Audit log", "/ui/audit")]
 
 
-class LoginRequired(Exception):
+class LoginRequired(AuthError):
     """No live session: the browser goes to the login page (with `message` when there is one)."""
 
     def __init__(self, message: str = "") -> None:
@@ -58,7 +60,7 @@ class LoginRequired(Exception):
         self.message = message
 
 
-class Forbidden(Exception):
+class Forbidden(AuthError):
     """The session may not do this (role too low, or the form's CSRF token is wrong): 403."""
 
 
@@ -111,10 +113,10 @@ def current_session(request: Request) -> Session:
     if session is None:
         raise LoginRequired("Your session has ended; log in again." if token else "")
     try:
-        key = store_of(request).access.get_api_key(session.key_id)
+        revoked = store_of(request).access.get_api_key(session.key_id).revoked
     except NotFound:
-        key = {"revoked": True}
-    if key["revoked"]:
+        revoked = True
+    if revoked:
         sessions.delete(token)
         raise LoginRequired("The API key of this session was revoked.")
     request.state.principal = session.principal

@@ -1,9 +1,11 @@
 """View models of the fleet overview, the device pages and the model registry pages.
 
 Each function reads what the store (and, for bundles, the TUF repository) already holds and
-returns plain dicts for the templates; nothing here writes. Counts over devices run in SQLite
-(`json_extract` over the reported state and labels, one GROUP BY each), so the overview costs
-the same few queries whatever the fleet's size.
+returns the store's typed records, or small frozen records of this module that pair one with
+the figures a page adds (`DeviceSummary`, `ModelSummary`, ...), inside the templates' context
+dicts; nothing here writes. Counts over devices run in SQLite (`json_extract` over the
+reported state and labels, one GROUP BY each), so the overview costs the same few queries
+whatever the fleet's size.
 
 What the store does not keep is said, not invented: device events (installed, rolled_back,
 ...) are consumed by the rollout controller and not stored, so "recent events" are the audit
@@ -14,21 +16,68 @@ never per device; a reported state names the active and previous bundle, not a s
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.contract.bundle import read_manifest
-from agent.contract.manifest import Manifest
+from agent.contract.manifest import Manifest, Quantization
 from agent.errors import EdgefleetError
-from fleet.db.rows import Row
+from fleet.db.audit import AuditEntry
+from fleet.db.rows import decode_row
+from fleet.devices.inventory import Device
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError
-from fleet.settings import FleetSettings
+from fleet.registry.versions import Model, ModelVersion
+from fleet.rollouts.machine import RolloutState
+from fleet.rollouts.store import ROLLOUT_JSON, Rollout, record_from_row
 from fleet.store import Store
 from fleet.telemetry.monitor import BundleProfiles
 
 MAX_LIST = 200
 RECENT_EVENTS = 15
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    """A device of the devices list with the two facts of its last report the list shows."""
+
+    device: Device
+    state: str | None
+    active_bundle: str | None
+
+
+@dataclass(frozen=True)
+class DeviceRollout:
+    """A device's row in one rollout: its status there, the rollout's state, the controller's outcome."""
+
+    rollout_id: str
+    stage: int
+    status: str
+    updated_at: str
+    model_version_id: str
+    state: RolloutState
+    outcome: str | None
+    detail: str | None
+    from_bundle: str | None
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """A model version with its bundle's size and quantization and how many devices run it."""
+
+    version: ModelVersion
+    running: int
+    bundle_bytes: int | None
+    quantization: Quantization | None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model with its versions, newest first."""
+
+    model: Model
+    versions: list[VersionSummary]
 
 
 def _grouped(store: Store, expr: str, where: str = "revoked = 0") -> list[dict[str, Any]]:
@@ -69,7 +118,7 @@ def fleet_counts(store: Store) -> dict[str, Any]:
     }
 
 
-def recent_events(store: Store, limit: int = RECENT_EVENTS) -> list[Row]:
+def recent_events(store: Store, limit: int = RECENT_EVENTS) -> list[AuditEntry]:
     """The newest audit entries: every change an operator, the CLI or the controller made."""
     return store.audit.list(None, limit).items
 
@@ -78,23 +127,24 @@ def device_page(store: Store, selector: str, online: bool | None, cursor: str | 
                 limit: int) -> dict[str, Any]:
     """One page of devices matching a label selector (the API's syntax). Raises FleetInputError."""
     page = store.devices.list_devices(parse_selector(selector), cursor, limit, online, None)
-    return {"items": [_device_summary(d) for d in page.items], "next_cursor": page.next_cursor}
+    return {"items": [device_summary(d) for d in page.items], "next_cursor": page.next_cursor}
 
 
-def _device_summary(d: Row) -> Row:
-    reported = d.get("reported_state") or {}
-    return {**d, "state": reported.get("state"), "active_bundle": reported.get("active_bundle")}
+def device_summary(d: Device) -> DeviceSummary:
+    reported = d.reported_state or {}
+    return DeviceSummary(d, reported.get("state"), reported.get("active_bundle"))
 
 
-def device_rollouts(store: Store, device_id: str) -> list[Row]:
+def device_rollouts(store: Store, device_id: str) -> list[DeviceRollout]:
     """The device's rows in every rollout it was part of, newest rollout first."""
     with store.read() as db:
-        return list(db.query(
+        rows = list(db.query(
             "SELECT d.rollout_id, d.stage, d.status, d.updated_at, r.model_version_id, r.state, "
             "p.outcome, p.detail, p.from_bundle FROM rollout_devices d "
             "JOIN rollouts r ON r.id = d.rollout_id "
             "LEFT JOIN rollout_progress p ON p.rollout_id = d.rollout_id AND p.device_id = d.device_id "
             "WHERE d.device_id = ? ORDER BY r.created_at DESC LIMIT 50", [device_id]))
+    return [record_from_row(DeviceRollout, r, state=RolloutState(r["state"])) for r in rows]
 
 
 def device_detail(store: Store, device_id: str) -> dict[str, Any]:
@@ -102,7 +152,7 @@ def device_detail(store: Store, device_id: str) -> dict[str, Any]:
 
     Raises NotFound."""
     device = store.devices.get(device_id)
-    reported = device.get("reported_state") or {}
+    reported = device.reported_state or {}
     versions = bundle_versions(store)
     return {
         "device": device, "reported": reported,
@@ -111,15 +161,18 @@ def device_detail(store: Store, device_id: str) -> dict[str, Any]:
         "previous_version": versions.get(reported.get("previous_bundle") or ""),
         "rollouts": device_rollouts(store, device_id),
         "audit": store.audit.list(None, 20, resource=f"devices/{device_id}").items,
-        "cohort": device["labels"].get("cohort"),
+        "cohort": device.labels.get("cohort"),
     }
 
 
 class BundleInfo:
-    """Manifests of published bundles, read from the repository once (versions are immutable)."""
+    """Manifests of published bundles, read from the repository once (versions are immutable).
 
-    def __init__(self, store: Store, settings: FleetSettings) -> None:
-        self.profiles = BundleProfiles(store, settings.repo_dir, settings.keys_dir)
+    `profiles` locates a version's bundle in the app's one TUF repository (built once, by
+    `install_dashboard`)."""
+
+    def __init__(self, profiles: BundleProfiles) -> None:
+        self.profiles = profiles
         self._cache: dict[tuple[str, str], tuple[Manifest, int, Path] | None] = {}
         self._lock = threading.Lock()
 
@@ -146,20 +199,28 @@ def _running(store: Store) -> dict[str, int]:
     return {r["key"]: r["count"] for r in rows}
 
 
-def models_page(store: Store, bundles: BundleInfo) -> list[dict[str, Any]]:
+def models_page(store: Store, bundles: BundleInfo) -> list[ModelSummary]:
     """Every model with its versions (newest first): stage, runtime, bundle size, quantization,
     and how many devices report it active."""
     running = _running(store)
     out = []
     for model in store.models.list_models(None, MAX_LIST).items:
         versions = []
-        for v in reversed(store.models.list_versions(model["name"], None, MAX_LIST).items):
-            info = bundles.get(model["name"], v["version"])
-            versions.append({**v, "running": running.get(f"{model['name']}-{v['version']}", 0),
-                             "bundle_bytes": info[1] if info else None,
-                             "quantization": info[0].quantization if info else None})
-        out.append({**model, "versions": versions})
+        for v in reversed(store.models.list_versions(model.name, None, MAX_LIST).items):
+            info = bundles.get(model.name, v.version)
+            versions.append(VersionSummary(v, running.get(f"{model.name}-{v.version}", 0),
+                                           info[1] if info else None,
+                                           info[0].quantization if info else None))
+        out.append(ModelSummary(model, versions))
     return out
+
+
+def version_rollouts(store: Store, version_id: str) -> list[Rollout]:
+    """The rollouts of a model version, newest first."""
+    with store.read() as db:
+        rows = list(db.query("SELECT * FROM rollouts WHERE model_version_id = ? "
+                             "ORDER BY created_at DESC LIMIT 50", [version_id]))
+    return [Rollout.from_row(decode_row(r, ROLLOUT_JSON) or r) for r in rows]
 
 
 def version_detail(store: Store, bundles: BundleInfo, model: str, version: str) -> dict[str, Any]:
@@ -169,19 +230,16 @@ def version_detail(store: Store, bundles: BundleInfo, model: str, version: str) 
     row = store.models.get_version(model, version)
     info = bundles.get(model, version)
     manifest = info[0] if info else None
-    with store.read() as db:
-        rollouts = list(db.query("SELECT id, state, stage, created_at FROM rollouts "
-                                 "WHERE model_version_id = ? ORDER BY created_at DESC LIMIT 50", [row["id"]]))
     return {
-        "version": row, "lineage": row["lineage"], "manifest": manifest,
+        "version": row, "lineage": row.lineage, "manifest": manifest,
         "bundle_bytes": info[1] if info else None,
         "quantization": manifest.quantization if manifest else None,
-        "history": store.models.stage_history(model, version), "rollouts": rollouts,
+        "history": store.models.stage_history(model, version), "rollouts": version_rollouts(store, row.id),
         "running": _running(store).get(f"{model}-{version}", 0),
     }
 
 
-def safe_models_page(store: Store, bundles: BundleInfo) -> tuple[list[dict[str, Any]], str]:
+def safe_models_page(store: Store, bundles: BundleInfo) -> tuple[list[ModelSummary], str]:
     """`models_page`, or an empty list and the reason when the repository cannot be read."""
     try:
         return models_page(store, bundles), ""

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from fleet.db.audit import AuditEntry
 from simulators.live_fleet import LiveFleet
 from tests.support.broker import Broker, start_mosquitto
 
@@ -51,7 +52,7 @@ class World:
         page.screenshot(path=str(path), full_page=True)
         return path
 
-    def audit(self, action: str) -> list[dict[str, object]]:
+    def audit(self, action: str) -> list[AuditEntry]:
         return self.live.fleet.service.store.audit.list(None, 100, action=action).items
 
 
@@ -155,7 +156,7 @@ def test_a_rollout_progresses_and_the_operator_pauses_and_resumes_it(world: Worl
     expect(page.locator('[data-field="desired"]')).to_have_text("run")
     expect(state).to_have_text("running")
     world.shot(page, "rollout-resumed")
-    actors = {(e["action"], e["actor"]) for e in world.audit("rollout.pause") + world.audit("rollout.resume")}
+    actors = {(e.action, e.actor) for e in world.audit("rollout.pause") + world.audit("rollout.resume")}
     operator = next(a for _, a in actors)
     assert str(operator).endswith(":alice")
     assert actors == {("rollout.pause", operator), ("rollout.resume", operator)}
@@ -179,8 +180,8 @@ def test_the_drift_heat_map_shows_injected_drift_and_an_alert_is_acked(world: Wo
     expect(page.locator(f'tr[data-alert="{alert_id}"]')).to_contain_text("by key:")
     world.shot(page, "drift-alert-acked")
     acks = world.audit("alert.ack")
-    assert [e["resource"] for e in acks] == [f"alerts/{alert_id}"]
-    assert str(acks[0]["actor"]).endswith(":alice")
+    assert [e.resource for e in acks] == [f"alerts/{alert_id}"]
+    assert acks[0].actor.endswith(":alice")
 
 
 def test_devices_models_experiments_and_the_audit_log_link_on(world: World, page: Page) -> None:
