@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fleet.access.auth import create_api_key
-from fleet.errors import FleetTransportError
+from fleet.errors import FleetMisuseError, FleetTransportError
+from fleet.rollouts.store import FINISHED_STATES
 from fleet.settings import TelemetrySettings
 from fleet.telemetry.monitor import DriftMonitor
 from simulators.scenario_drift import drift_specs
@@ -30,7 +31,7 @@ from simulators.sim_fleet import MODEL_NAME, wait_for
 from simulators.sim_service import ServiceFleet
 from simulators.swarm import Swarm, SwarmSpec, make_profiles
 
-FINAL = ("completed", "aborted", "failed", "cancelled")
+FINAL = FINISHED_STATES  # the states a rollout stops in by itself
 
 
 class LiveFleet:
@@ -115,7 +116,18 @@ class LiveFleet:
         assert self.swarm is not None, "start() first"
         self.swarm.set_drift(drift_specs())
 
+    @property
+    def monitor(self) -> DriftMonitor:
+        """The service's drift monitor (the one the composition root built and the API shares).
+
+        Raises FleetMisuseError when the service was built without one."""
+        parts = self.fleet.service.parts
+        monitor = parts.api.monitor if parts is not None else None
+        if monitor is None:
+            raise FleetMisuseError("the live fleet's service has no drift monitor")
+        return monitor
+
     def wait_alert(self, timeout: float = 60.0) -> bool:
         """Until the drift monitor has raised at least one drift alert."""
-        monitor = next(c for c in self.fleet.service.components if isinstance(c, DriftMonitor))
+        monitor = self.monitor
         return wait_for(lambda: bool(monitor.alerts.alerts(MODEL_NAME, "drift")), timeout, 0.5)

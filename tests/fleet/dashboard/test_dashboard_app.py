@@ -22,6 +22,7 @@ from fleet.components import build_components
 from fleet.dashboard.charts import HeatValue, heat_map, severity_fill, status_bar
 from fleet.dashboard.drift_views import severity
 from fleet.dashboard.sessions import SessionStore
+from fleet.rollouts.records import GateBreach, RolloutRecords
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.telemetry.drift import FeatureDrift
@@ -149,6 +150,51 @@ def test_errors_on_dashboard_paths_are_pages_and_the_api_keeps_json(service: Fle
     api = client.get("/v1/rollouts/ro-nope")
     assert api.status_code == 401 and api.json()["detail"][0]["msg"].startswith("missing credentials")
     assert not [p for p in service.app.openapi()["paths"] if p.startswith("/ui") or p == "/"]
+
+
+@pytest.mark.integration
+def test_every_page_renders_the_stores_records(service: FleetService) -> None:
+    store = service.store
+    rid = _rollout(service)
+    store.devices.create("dev-1", {"cohort": "eu"}, {"agent_version": "1.2.3", "runtimes": ["onnx"]},
+                         "dev-1", "hash", "test")
+    store.devices.record_reported_state("dev-1", {"state": "serving", "active_bundle": "m-1.0.0",
+                                                  "previous_bundle": None})
+    records = RolloutRecords(store)
+    records.add_devices(rid, ["dev-1"])
+    records.init_runtime(rid, "m-1.0.0", "m/m-1.0.0.tar", 1000.0)
+    records.update_runtime(rid, breach=GateBreach(0, False, [
+        {"gate": "install_failure_pct", "value": 50.0, "limit": 10.0, "message": "install failures 50 %"}]))
+    store.rollouts.set_state(rid, "running", 0, "controller")
+    store.rollouts.set_device_status(rid, "dev-1", 0, "succeeded")
+    records.command(rid, "promote", "test", "go on")
+    client = TestClient(service.app)
+    _login(client, create_api_key(store, "op", "operator", "test")[1])
+
+    def page(path: str, *texts: str) -> str:
+        res = client.get(path)
+        assert res.status_code == 200, (path, res.status_code, res.text[-500:])
+        for text in texts:
+            assert text in res.text, (path, text)
+        return res.text
+
+    page("/ui/", "m-1.0.0", "rollout.create")
+    page("/ui/fragments/counts", 'data-count="total">1<')
+    page("/ui/devices", "dev-1", "serving", "cohort=eu")
+    page("/ui/devices/dev-1", "1.2.3", "/ui/models/m/versions/1.0.0", rid, "succeeded", "device.enroll")
+    page("/ui/models", "/ui/models/m/versions/1.0.0", "bundle not in the repository")
+    page("/ui/models/m/versions/1.0.0", "m:1.0.0", rid, "registered")
+    page("/ui/rollouts", rid, "running", "succeeded 1")
+    detail = page(f"/ui/rollouts/{rid}", "m-1.0.0 (forward phase)", "queued: promote", "install failures 50 %",
+                  'data-table="breach"')
+    assert 'data-action="pause"' in detail and 'data-action="promote"' not in detail  # promote is queued
+    page(f"/ui/rollouts/{rid}/progress", 'data-status="succeeded">1<')
+    page(f"/ui/rollouts/{rid}/confirm/abort", "Abort rollout")
+    page("/ui/rollouts?state=running", rid)
+    page("/ui/experiments", "No experiment yet")
+    page("/ui/audit?action=rollout.promote", rid)
+    page("/ui/alerts", "No alerts")
+    page("/ui/drift", "none yet")
 
 
 @pytest.mark.unit
