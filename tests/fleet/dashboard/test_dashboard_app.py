@@ -185,8 +185,8 @@ def test_every_page_renders_the_stores_records(service: FleetService) -> None:
     page("/ui/models", "/ui/models/m/versions/1.0.0", "bundle not in the repository")
     page("/ui/models/m/versions/1.0.0", "m:1.0.0", rid, "registered")
     page("/ui/rollouts", rid, "running", "succeeded 1")
-    detail = page(f"/ui/rollouts/{rid}", "m-1.0.0 (forward phase)", "queued: promote", "install failures 50 %",
-                  'data-table="breach"')
+    detail = page(f"/ui/rollouts/{rid}", "m-1.0.0 (forward phase)", "queued: promote",
+                  "install failures 50 %", 'data-table="breach"')
     assert 'data-action="pause"' in detail and 'data-action="promote"' not in detail  # promote is queued
     page(f"/ui/rollouts/{rid}/progress", 'data-status="succeeded">1<')
     page(f"/ui/rollouts/{rid}/confirm/abort", "Abort rollout")
