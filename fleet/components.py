@@ -57,7 +57,7 @@ from fleet.service import Component
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
-from fleet.telemetry.ingest import TelemetryStore
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
@@ -74,6 +74,7 @@ class ServeConfig:
     timestamp_refresh_s: float = 6 * 3600.0  # the timestamp expires after a day by default
     root_keys: int = 3
     root_threshold: int = 2
+    telemetry_window_s: float = 60.0  # merged telemetry window (shorter in demos and tests)
 
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
@@ -222,7 +223,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     keystore, repo = ensure_trust(settings, cfg)
     signer = DirectorSigner(keystore, settings.data_dir / "director")
     publisher: Publisher | None = None
-    telemetry = TelemetryStore(settings.telemetry_db_path)
+    telemetry = TelemetryStore(settings.telemetry_db_path, IngestConfig(window_s=cfg.telemetry_window_s))
     ingest = TelemetryComponent(telemetry)
     monitor = build_drift_monitor(settings, store, telemetry, clock, repository=repo)  # alerts, gauges
     metrics = TelemetryMetrics(telemetry, drift=monitor.drift_score)

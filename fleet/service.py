@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from agent.logs import log_event
 from fleet.api import create_app
 from fleet.api.deps import ApiCollaborators
+from fleet.dashboard.mount import install_dashboard
 from fleet.db.files import secure_dir
 from fleet.devices.broker_reload import apply_broker_credentials
 from fleet.settings import FleetSettings
@@ -85,6 +86,7 @@ class FleetService:
             self.components += self.parts.components
         api = self.parts.api if self.parts is not None else None
         self.app: FastAPI = create_app(settings, self.store, collaborators=api)
+        install_dashboard(self.app)  # the operator's web dashboard at /ui/ (docs/dashboard.md)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._started: list[Component] = []

@@ -13,6 +13,7 @@ Errors: usage problems (unknown scenario, bad broker URL, no broker available) a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import signal
 import sys
@@ -227,6 +228,8 @@ def sim_run(
     default=None,
     help="Where to write the HTML report (default: ./edgefleet-demo-report.html).",
 )
+@click.option("--serve", is_flag=True, help="Afterwards keep a fleet and the swarm running and print the "
+              "dashboard URL and a login key (until Ctrl-C).")
 def demo_command(
     broker_url: str | None,
     prefer_embedded: bool | None,
@@ -234,6 +237,7 @@ def demo_command(
     run_all: bool,
     json_path: Path | None,
     html_path: Path | None,
+    serve: bool,
 ) -> None:
     """The end-to-end demo: broker, fleet, a swarm of devices, scenarios 1-3 (all with --all)."""
     html_path = html_path or Path.cwd() / "edgefleet-demo-report.html"
@@ -256,5 +260,13 @@ def demo_command(
         f"Fleet API docs: {openapi_path} (OpenAPI document of the API each scenario ran); live at "
         "http://127.0.0.1:8080/docs while `edgefleet fleet serve` runs (reference: docs/fleet-api.md)"
     )
+    if serve:
+        # Imported when asked for, like the scenario modules: it brings the whole fleet service,
+        # which `sim list` and `--help` should not pay for.
+        serve_live = importlib.import_module("simulators.demo_serve").serve_live
+        try:
+            serve_live(broker_url, prefer_embedded, devices, click.echo)
+        except FleetError as exc:
+            raise click.ClickException(str(exc)) from None
     if not verdicts or not all(v.passed for v in verdicts):
         raise SystemExit(1)

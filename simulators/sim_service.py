@@ -26,7 +26,7 @@ from fleet.access.auth import create_api_key
 from fleet.components import ServeConfig, build_components
 from fleet.errors import FleetTransportError
 from fleet.service import FleetService
-from fleet.settings import FleetSettings
+from fleet.settings import FleetSettings, TelemetrySettings
 from simulators.datagen import Schema, default_schema
 from simulators.sim_fleet import MODEL_NAME, build_mlp_bundle
 from simulators.swarm_device import DeviceProfile
@@ -49,16 +49,21 @@ class ServiceFleet:
         prefix: str,
         schema: Schema | None = None,
         tick_s: float = 0.2,
+        port: int | None = None,
+        window_s: float = 60.0,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
         self.schema = schema or default_schema()
         self.settings = FleetSettings(
             data_dir=root,
-            port=_free_port(),
+            port=port or _free_port(),
             broker_url=f"mqtt://{broker_host}:{broker_port}",
             topic_prefix=prefix,
+            telemetry=telemetry or TelemetrySettings(),
         )
         self.settings.import_dir.mkdir(parents=True, exist_ok=True)
-        cfg = ServeConfig(controller_tick_s=tick_s, timestamp_refresh_s=3600, root_keys=1, root_threshold=1)
+        cfg = ServeConfig(controller_tick_s=tick_s, timestamp_refresh_s=3600, root_keys=1, root_threshold=1,
+                          telemetry_window_s=window_s)
         self.service = FleetService(
             self.settings,
             component_factory=lambda store: build_components(
