@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -21,28 +20,16 @@ from agent.lifecycle.machine import (
     transition,
 )
 from agent.lifecycle.state_store import StateRecord, StateStore
+from tests.support.state_graph import graph, reachable
 
 
 def _graph() -> dict[State, set[State]]:
-    g: dict[State, set[State]] = {s: set() for s in State}
-    for (src, _), dst in TRANSITIONS.items():
-        g[src].add(dst)
-    return g
-
-
-def _reachable(start: State, g: dict[State, set[State]]) -> set[State]:
-    seen, todo = {start}, deque([start])
-    while todo:
-        for nxt in g[todo.popleft()]:
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return seen
+    return graph(State, TRANSITIONS)
 
 
 @pytest.mark.unit
 def test_every_state_is_reachable_from_idle() -> None:
-    assert _reachable(State.IDLE, _graph()) == set(State)
+    assert reachable(State.IDLE, _graph()) == set(State)
 
 
 @pytest.mark.unit
@@ -50,7 +37,7 @@ def test_every_state_has_a_way_back_to_serving_and_no_dead_ends() -> None:
     g = _graph()
     for state in State:
         assert g[state], f"{state} is a dead end"
-        assert State.IDLE in _reachable(state, g), f"{state} cannot get back to idle"
+        assert State.IDLE in reachable(state, g), f"{state} cannot get back to idle"
 
 
 @pytest.mark.unit

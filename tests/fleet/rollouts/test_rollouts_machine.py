@@ -8,8 +8,6 @@ every pair of the table and checks that each state change it wrote went through 
 
 from __future__ import annotations
 
-from collections import deque
-
 import pytest
 
 from fleet.errors import FleetMisuseError
@@ -41,32 +39,20 @@ from fleet.rollouts.strategies import StrategyConfig
 from tests.support.fakes import DIGEST
 from tests.support.rollout_world import V1, Run, World
 from tests.support.rollout_world import world as world  # the fixture
+from tests.support.state_graph import graph, reachable
 
 S, E = RolloutState, RolloutEvent
 CANARY = StrategyConfig.parse({"kind": "canary", "stages": [25, 50, 100], "bake_s": 60})
 
 
 def _graph() -> dict[RolloutState, set[RolloutState]]:
-    g: dict[RolloutState, set[RolloutState]] = {s: set() for s in RolloutState}
-    for (src, _), dst in TRANSITIONS.items():
-        g[src].add(dst)
-    return g
-
-
-def _reachable(start: RolloutState, g: dict[RolloutState, set[RolloutState]]) -> set[RolloutState]:
-    seen, todo = {start}, deque([start])
-    while todo:
-        for nxt in g[todo.popleft()]:
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return seen
+    return graph(RolloutState, TRANSITIONS)
 
 
 @pytest.mark.unit
 def test_every_state_is_reachable_from_pending() -> None:
     assert INITIAL_STATE is S.PENDING
-    assert _reachable(S.PENDING, _graph()) == set(RolloutState)
+    assert reachable(S.PENDING, _graph()) == set(RolloutState)
 
 
 @pytest.mark.unit
@@ -74,7 +60,7 @@ def test_every_unfinished_state_has_a_path_to_a_terminal_state() -> None:
     g = _graph()
     for state in set(RolloutState) - TERMINAL_STATES:
         assert g[state], f"{state} is a dead end"
-        assert _reachable(state, g) & TERMINAL_STATES, f"{state} can never end"
+        assert reachable(state, g) & TERMINAL_STATES, f"{state} can never end"
 
 
 @pytest.mark.unit
