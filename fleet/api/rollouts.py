@@ -51,7 +51,7 @@ def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, who: 
 
 @router.get("/{rollout_id}", response_model=RolloutOut, summary="Read a rollout")
 def get_rollout(rollout_id: str, store: StoreDep, _: Viewer) -> RolloutOut:
-    return RolloutOut.model_validate(store.rollouts.get(rollout_id))
+    return RolloutOut.model_validate(store.rollouts.with_warnings(store.rollouts.get(rollout_id)))
 
 
 @router.get("/{rollout_id}/status", response_model=RolloutStatus, summary="State and device counts")

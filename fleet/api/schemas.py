@@ -221,6 +221,9 @@ class RolloutOut(BaseModel):
     updated_at: str
     created_by: str
     history: list[dict[str, Any]]
+    warnings: list[str] = Field(default=[], description=(
+        "What the operator should know, e.g. `cohort matches no device` (set on create, read "
+        "and status; empty in lists)."))
 
 
 class RolloutAction(_In):
@@ -237,6 +240,7 @@ class RolloutStatus(BaseModel):
     updated_at: str
     devices_total: int
     devices_by_status: dict[str, int]
+    warnings: list[str] = Field(default=[], description="As in the rollout, e.g. `cohort matches no device`.")
 
 
 class RolloutDeviceOut(BaseModel):

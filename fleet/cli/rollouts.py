@@ -63,12 +63,15 @@ def show(s: Session, rollout_id: str) -> None:
     row = s.client.get(base)
     status = s.client.get(f"{base}/status")
     combined = {**row, "devices_total": status["devices_total"],
-                "devices_by_status": status["devices_by_status"]}
+                "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", [])}
     if s.as_json:
         s.json(combined)
         return
+    for warning in combined["warnings"]:
+        s.note(f"warning: {warning}")
     s.show_record(combined, [*ROLLOUT_COLUMNS, ("strategy", "strategy"), ("thresholds", "thresholds"),
                              ("devices", "devices_total"), ("by status", "devices_by_status"),
+                             ("warnings", "warnings"),
                              ("created", "created_at"), ("by", "created_by")])
     s.show_list(row.get("history", []), [("at", "at"), ("event", "event"), ("by", "actor"),
                                          ("note", "note")], "history")
@@ -100,7 +103,11 @@ def create(s: Session, model_version_id: str, selector: str, kind: str | None, s
                 raise click.BadParameter(f"{name}={value!r} is not a number",
                                          param_hint="--threshold") from None
     body = {"model_version_id": model_version_id, "selector": selector, "strategy": plan, "thresholds": gates}
-    s.show_record(s.client.post("/v1/rollouts", body, idempotency_key), ROLLOUT_COLUMNS)
+    row = s.client.post("/v1/rollouts", body, idempotency_key)
+    if not s.as_json:
+        for warning in row.get("warnings", []):
+            s.note(f"warning: {warning} (selector {row['selector']!r})")
+    s.show_record(row, ROLLOUT_COLUMNS)
 
 
 @group.command("devices")
