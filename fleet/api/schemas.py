@@ -204,6 +204,9 @@ class RolloutCreate(_In):
                         Field(max_length=50)] = {}
     thresholds: Annotated[dict[Annotated[str, StringConstraints(max_length=100)], float],
                           Field(max_length=50)] = {}
+    allow_model_change: bool = Field(default=False, description=(
+        "Allow moving devices that serve another model, or another input/output schema, to this "
+        "version (refused with 409 otherwise)."))
 
 
 class RolloutOut(BaseModel):

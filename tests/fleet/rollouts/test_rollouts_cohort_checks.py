@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,11 +12,18 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from agent.contract.bundle import write_bundle
+from agent.contract.manifest import Manifest, TensorSpec
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
+from fleet.errors import Conflict
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
+
+MODEL = bytes(range(256)) * 4  # the format does not look inside
 
 
 @dataclass
@@ -80,3 +89,41 @@ def test_a_stored_unparsable_selector_is_reported_not_raised(api: Api) -> None:
     assert res.status_code == 200
     assert res.json()["warnings"][0] == "cohort matches no device"
     assert "cannot be parsed" in res.json()["warnings"][1]
+
+
+def _publish(api: Api, repo: Repository, name: str, version: str, inputs: int) -> None:
+    manifest = Manifest(name=name, version=version, runtime="onnx", model_file="model.onnx",
+                        model_digest="sha256:" + hashlib.sha256(MODEL).hexdigest(), model_size=len(MODEL),
+                        inputs=[TensorSpec(name="x", dtype="float32", shape=[None, inputs])],
+                        outputs=[TensorSpec(name="probs", dtype="float32", shape=[None, 2])])
+    blob = write_bundle(manifest, MODEL, api.settings.data_dir / f"{name}-{version}.efb")
+    path = f"models/{name}/{name}-{version}.efb"
+    repo.add_target(blob, path, {"name": name, "version": version})
+    with contextlib.suppress(Conflict):  # a later version of the same model
+        api.store.models.create_model(name, "", "test")
+    api.store.models.register_version(name, version, DIGEST, "onnx", {}, "test", bundle_target=path)
+
+
+@pytest.mark.integration
+def test_a_rollout_that_changes_the_cohorts_model_or_schema_is_refused(api: Api) -> None:
+    repo = Repository(api.settings.repo_dir, KeyStore(api.settings.keys_dir))
+    repo.init(root_threshold=1, root_keys=1)
+    _publish(api, repo, "sensor-clf", "1.0.0", inputs=6)
+    _publish(api, repo, "sensor-clf", "1.1.0", inputs=6)
+    _publish(api, repo, "sensor-clf", "2.0.0", inputs=8)
+    _publish(api, repo, "mlp", "1.0.0", inputs=32)
+    for dev in ("dev-2", "dev-3"):
+        api.store.devices.create(dev, {"site": "plant"}, {}, dev, "$7$x", "test")
+        api.store.devices.record_reported_state(dev, {"state": "idle", "active_bundle": "sensor-clf-1.0.0"})
+
+    code, body = api.create("site=plant", "mlp:1.0.0")
+    assert code == 409, body
+    assert "2 device(s) (dev-2, dev-3) serve sensor-clf-1.0.0: model 'sensor-clf', not 'mlp'" \
+        in body["detail"][0]["msg"]
+    code, body = api.create("site=plant", "sensor-clf:2.0.0")
+    assert code == 409 and "inputs x:float32[?,6]" in body["detail"][0]["msg"], body
+    assert api.store.rollouts.list(None, 10).items == []
+
+    assert api.create("site=plant", "sensor-clf:1.1.0")[0] == 201  # same model, same schema
+    code, body = api.create("site=plant", "mlp:1.0.0", allow_model_change=True)
+    assert code == 201, body
