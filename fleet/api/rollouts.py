@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fleet.access.auth import Operator, Viewer
-from fleet.api.deps import Paging, StoreDep, idempotent_create
+from fleet.api.deps import Paging, RepositoryDep, StoreDep, idempotent_create
 from fleet.api.schemas import (
     PageOf,
     RolloutAction,
@@ -21,13 +21,15 @@ from fleet.api.schemas import (
     RolloutOut,
     RolloutStatus,
 )
+from fleet.rollouts.compatibility import check_cohort
 from fleet.rollouts.gates import GateThresholds
 from fleet.rollouts.store import STATES
 from fleet.rollouts.strategies import StrategyConfig
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {
-   409: {"description": "Refused: finished rollout, same intent, or idempotency key reused"},
+   409: {"description": "Refused: finished rollout, same intent, idempotency key reused, or the cohort "
+                        "serves another model or schema (without `allow_model_change`)"},
 }
 
 
@@ -42,16 +44,19 @@ list_rollouts.__doc__ = f"`state` is one of {', '.join(STATES)}."
 
 @router.post("", response_model=RolloutOut, status_code=201, responses=_CONFLICT,
              summary="Create a rollout (recorded as pending; the controller starts it)")
-def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, who: Operator) -> JSONResponse:
+def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, repository: RepositoryDep,
+                   who: Operator) -> JSONResponse:
     StrategyConfig.parse(body.strategy)  # refuse a plan the controller could not run (422)
     GateThresholds.parse(body.thresholds)
+    if not body.allow_model_change:  # 409 when the cohort serves another model or schema
+        check_cohort(store, repository, body.model_version_id, body.selector)
     return idempotent_create(request, who, body, RolloutOut, lambda: store.rollouts.create(
         body.model_version_id, body.selector, body.strategy, body.thresholds, who.actor))
 
 
 @router.get("/{rollout_id}", response_model=RolloutOut, summary="Read a rollout")
 def get_rollout(rollout_id: str, store: StoreDep, _: Viewer) -> RolloutOut:
-    return RolloutOut.model_validate(store.rollouts.get(rollout_id))
+    return RolloutOut.model_validate(store.rollouts.with_warnings(store.rollouts.get(rollout_id)))
 
 
 @router.get("/{rollout_id}/status", response_model=RolloutStatus, summary="State and device counts")

@@ -204,6 +204,9 @@ class RolloutCreate(_In):
                         Field(max_length=50)] = {}
     thresholds: Annotated[dict[Annotated[str, StringConstraints(max_length=100)], float],
                           Field(max_length=50)] = {}
+    allow_model_change: bool = Field(default=False, description=(
+        "Allow moving devices that serve another model, or another input/output schema, to this "
+        "version (refused with 409 otherwise)."))
 
 
 class RolloutOut(BaseModel):
@@ -221,6 +224,9 @@ class RolloutOut(BaseModel):
     updated_at: str
     created_by: str
     history: list[dict[str, Any]]
+    warnings: list[str] = Field(default=[], description=(
+        "What the operator should know, e.g. `cohort matches no device` (set on create, read "
+        "and status; empty in lists)."))
 
 
 class RolloutAction(_In):
@@ -237,6 +243,7 @@ class RolloutStatus(BaseModel):
     updated_at: str
     devices_total: int
     devices_by_status: dict[str, int]
+    warnings: list[str] = Field(default=[], description="As in the rollout, e.g. `cohort matches no device`.")
 
 
 class RolloutDeviceOut(BaseModel):

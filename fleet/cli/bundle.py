@@ -45,6 +45,11 @@ def _load_npy(path: Path | None, what: str) -> np.ndarray | None:
     help="Reference rows (.npy, rows x features): profile, golden inputs, calibration.",
 )
 @click.option(
+    "--no-profile",
+    is_flag=True,
+    help="Build without --reference-data: no reference profile, so drift monitoring is OFF for this bundle.",
+)
+@click.option(
     "--golden-inputs",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Golden input rows (.npy); default: seeded rows of the reference data.",
@@ -67,11 +72,18 @@ def build_command(
     model: Path,
     metadata_path: Path,
     reference_data: Path | None,
+    no_profile: bool,
     golden_inputs: Path | None,
     quantize: str | None,
     out: Path,
 ) -> None:
-    """Build a bundle from MODEL (ONNX or TFLite, detected from the bytes)."""
+    """Build a bundle from MODEL (ONNX or TFLite, detected from the bytes).
+
+    Refused without --reference-data unless --no-profile is given (then loudly): a bundle without
+    a reference profile is invisible to drift monitoring, which must not happen by omission.
+    """
+    if no_profile and reference_data is not None:
+        raise click.UsageError("--no-profile and --reference-data exclude each other")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fleet.registry.builder import BundleMetadata, build_bundle  # lazy: pydantic, onnx: `build` only
@@ -90,13 +102,17 @@ def build_command(
             def progress(step: str, fraction: float) -> None:
                 bar.update(task, description=step, completed=fraction)
 
-            path = build_bundle(model, meta, out, reference_data=ref, golden_inputs=golden, progress=progress)
+            path = build_bundle(model, meta, out, reference_data=ref, golden_inputs=golden, progress=progress,
+                                no_profile=no_profile)
     except GateFailed as exc:
         figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(exc.figures.items()))
         raise click.ClickException(f"{exc.reason} ({figures})") from None
     except EdgefleetError as exc:  # the fleet's errors and the agent's (bundle writing)
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {path} ({path.stat().st_size} bytes, sha256 {bundle_digest(path)})")
+    if no_profile:
+        click.secho(f"WARNING: {path.name} has no reference profile (--no-profile): drift monitoring is OFF "
+                    "for this bundle", err=True, fg="red", bold=True)
 
 
 def _summary(manifest: Manifest, sha256: str, size: int) -> dict[str, Any]:

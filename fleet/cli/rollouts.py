@@ -63,12 +63,15 @@ def show(s: Session, rollout_id: str) -> None:
     row = s.client.get(base)
     status = s.client.get(f"{base}/status")
     combined = {**row, "devices_total": status["devices_total"],
-                "devices_by_status": status["devices_by_status"]}
+                "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", [])}
     if s.as_json:
         s.json(combined)
         return
+    for warning in combined["warnings"]:
+        s.note(f"warning: {warning}")
     s.show_record(combined, [*ROLLOUT_COLUMNS, ("strategy", "strategy"), ("thresholds", "thresholds"),
                              ("devices", "devices_total"), ("by status", "devices_by_status"),
+                             ("warnings", "warnings"),
                              ("created", "created_at"), ("by", "created_by")])
     s.show_list(row.get("history", []), [("at", "at"), ("event", "event"), ("by", "actor"),
                                          ("note", "note")], "history")
@@ -83,10 +86,12 @@ def show(s: Session, rollout_id: str) -> None:
               help="Strategy document, e.g. '{\"kind\": \"canary\", \"stages\": [10, 100], \"bake_s\": 60}'.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="A gate threshold, e.g. max_install_failure_pct=10 (repeatable).")
+@click.option("--allow-model-change", is_flag=True,
+              help="Also move devices that serve another model or input/output schema (refused otherwise).")
 @click.option("--idempotency-key", default=None, help="Retry-safe create: the same key replays the answer.")
 @api_command
 def create(s: Session, model_version_id: str, selector: str, kind: str | None, strategy: str | None,
-           thresholds: tuple[str, ...], idempotency_key: str | None) -> None:
+           thresholds: tuple[str, ...], allow_model_change: bool, idempotency_key: str | None) -> None:
     """Create a rollout of MODEL:VERSION to the devices SELECTOR matches (the controller starts it)."""
     plan = json_argument(strategy, "--strategy")
     if kind is not None:
@@ -99,8 +104,13 @@ def create(s: Session, model_version_id: str, selector: str, kind: str | None, s
             except ValueError:
                 raise click.BadParameter(f"{name}={value!r} is not a number",
                                          param_hint="--threshold") from None
-    body = {"model_version_id": model_version_id, "selector": selector, "strategy": plan, "thresholds": gates}
-    s.show_record(s.client.post("/v1/rollouts", body, idempotency_key), ROLLOUT_COLUMNS)
+    body = {"model_version_id": model_version_id, "selector": selector, "strategy": plan, "thresholds": gates,
+            "allow_model_change": allow_model_change}
+    row = s.client.post("/v1/rollouts", body, idempotency_key)
+    if not s.as_json:
+        for warning in row.get("warnings", []):
+            s.note(f"warning: {warning} (selector {row['selector']!r})")
+    s.show_record(row, ROLLOUT_COLUMNS)
 
 
 @group.command("devices")

@@ -230,10 +230,23 @@ def _m003_experiment_devices(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_shadow_agreement(db: sqlite_utils.Database) -> None:
+    """A rollout's shadow agreement (weighted sum and count), so the shadow gate's evidence
+    survives a fleet restart like every other gate's (it used to live in the controller's memory)."""
+    _script(
+        db,
+        """
+        ALTER TABLE rollout_runtime ADD COLUMN shadow_agreement_sum REAL NOT NULL DEFAULT 0;
+        ALTER TABLE rollout_runtime ADD COLUMN shadow_compared REAL NOT NULL DEFAULT 0;
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
     (3, "experiment devices", _m003_experiment_devices),
+    (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
 ]
 
 

@@ -3,6 +3,10 @@
 Grammar (comma = AND): `key=value`, `key==value`, `key!=value`, `key in (a,b)`,
 `key notin (a,b)`, `key` (label exists), `!key` (label absent). Keys and values use the
 Kubernetes character set, which also makes them safe to place in a JSON path.
+
+Unlike Kubernetes, a comparison needs a value: `site=` and `site==` are refused. They are
+almost always a typo (a rollout to `site==` reached no device and ran forever), and "has the
+label" / "lacks the label" are written `site` / `!site`.
 """
 
 from __future__ import annotations
@@ -147,6 +151,11 @@ def parse_selector(text: str) -> Selector:
             reqs.append(Requirement(_check_key(m["key"], clause), m["op"], vals))  # type: ignore[arg-type]
         elif m := _CMP_RE.match(clause):
             op: Op = "ne" if m["op"] == "!=" else "eq"
+            if not m["val"]:
+                raise FleetInputError(
+                    f"label selector clause {clause!r}: no value after {m['op']!r} (write "
+                    f"{m['key'] + m['op']}VALUE, {m['key']!r} for 'has the label' or "
+                    f"'!{m['key']}' for 'lacks it')")
             reqs.append(Requirement(_check_key(m["key"], clause), op, (_check_value(m["val"], clause),)))
         elif clause.startswith("!"):
             reqs.append(Requirement(_check_key(clause[1:].strip(), clause), "absent"))

@@ -154,8 +154,13 @@ def build_bundle(
     reference_data: np.ndarray | None = None,
     golden_inputs: np.ndarray | None = None,
     progress: Progress | None = None,
+    no_profile: bool = False,
 ) -> Path:
     """Describe, optionally quantize, run, profile and write the bundle `out`.
+
+    Without `reference_data` the build is refused unless `no_profile` says so: the bundle then
+    has no reference profile (drift monitoring does nothing for it) and cannot be quantized (a
+    gate on random rows proves nothing about real inputs).
 
     Raises `FleetInputError` (unreadable/invalid model or data, bad metadata),
     `fleet.errors.GateFailed` (quantized model too far from the float one, figures attached),
@@ -182,8 +187,14 @@ def build_bundle(
         if runtime != "onnx":
             raise FleetInputError("int8 quantization is available for ONNX models only")
         report(f"quantizing ({metadata.quantize})", 0.2)
+        if reference is None:
+            raise FleetInputError(f"{metadata.quantize} quantization needs reference data "
+                                  "(--reference-data): its gate compares int8 and float outputs on real rows")
         model, quantization = quantize_onnx(model, inputs, outputs, metadata.quantize,
                                             metadata.quantization_gate, metadata.seed, reference)
+    if reference is None and not no_profile:
+        raise FleetInputError("no reference data: pass --reference-data (reference profile for drift, golden "
+                              "inputs, quantization gate), or --no-profile to build without drift monitoring")
     report("running golden vectors", 0.5)
     if golden_inputs is not None:
         if len(inputs) != 1:

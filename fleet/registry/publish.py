@@ -5,7 +5,9 @@ directory verifies the manifest, member digests and limits) before anything is p
 so a broken bundle never reaches the repository. Its manifest names the model and the
 version; the registry's model must have the same name, because devices identify a bundle
 as `name-version` (director documents, reported state, events). The TUF target is
-`models/<name>/<name>-<version>.efb` with custom `{name, version}` labels.
+`models/<name>/<name>-<version>.efb` with custom `{name, version}` labels. The version's lineage
+is the manifest's (`lineage`: refs, hyperparameters, metrics) plus its `quantization` block
+(scheme, calibration figures, accuracy delta, agreement) and the bundle's `source`.
 
 Errors: `publish_bundle` raises FleetInputError (bad or mismatched bundle), NotFound
 (unknown model when `create_model` is false) and Conflict (version already registered).
@@ -63,9 +65,13 @@ def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, act
     path = target_path_for(model, manifest.version)
     with REPO_LOCK:
         repo.add_target(Path(bundle), path, {"name": manifest.name, "version": manifest.version})
+    # Everything the manifest says about lineage and quantization (the gate's figures included):
+    # versions are immutable, so what is not copied now is lost to the registry for good.
     lineage: dict[str, Any] = {
         "source": {"bundle_sha256": sha256_file(Path(bundle)), "bundle_target": path},
         "metrics": dict(manifest.lineage.metrics),
+        "hyperparameters": dict(manifest.lineage.hyperparameters),
+        "quantization": manifest.quantization.model_dump(mode="json"),
     }
     for key in ("training_code_ref", "dataset_ref", "dataset_digest"):
         value = getattr(manifest.lineage, key)

@@ -116,7 +116,6 @@ class RolloutController:
         self.config = config or ControllerConfig()
         self.metrics = metrics
         self._events: deque[tuple[str, Event]] = deque(maxlen=self.config.max_events)
-        self._shadow: dict[str, tuple[float, float]] = {}  # rollout -> (sum agreement*n, n)
         self._wake = threading.Event()
         self._tick_lock = threading.Lock()
         # Coalesced wake-ups: with a thousand devices reporting, a wake arrives before every tick
@@ -280,10 +279,9 @@ class RolloutController:
 
     def _gates(self, ro: Rollout, rt: RolloutRuntime, counts: OutcomeCounts,
                rows: list[DeviceProgress]) -> list[Breach]:
-        agree = self._shadow.get(ro.id)
-        candidate, baseline = gate_evidence(
+        candidate, baseline = gate_evidence(  # shadow agreement: durable in the runtime record
             self.metrics, bundle_index(self.repository), rt.target_bundle, rt.started_at,
-            [r.from_bundle for r in rows], agree[0] / agree[1] if agree and agree[1] > 0 else None)
+            [r.from_bundle for r in rows], rt.shadow_agreement)
         return evaluate(GateThresholds.parse(ro.thresholds), counts, candidate, baseline)
 
     def _breach(self, ro: Rollout, rt: RolloutRuntime, cfg: StrategyConfig, breaches: list[Breach],
@@ -365,8 +363,7 @@ class RolloutController:
         if e.phase is not RuntimePhase.ROLLBACK and ev.type == "shadow_report" \
                 and "label_agreement" in ev.measurements:
             n = max(1.0, ev.measurements.get("compared", 1.0))
-            total, count = self._shadow.get(e.rollout_id, (0.0, 0.0))
-            self._shadow[e.rollout_id] = (total + ev.measurements["label_agreement"] * n, count + n)
+            self.records.add_shadow_agreement(e.rollout_id, ev.measurements["label_agreement"], n)
             return
         update = event_update(e, ev, self.config.clock_skew_s)
         if update is not None:

@@ -74,6 +74,13 @@ class RolloutRuntime:
     stage_done_at: float | None  # every device of the stage final (the bake starts)
     breach: GateBreach | None
     final_state: str | None
+    shadow_agreement_sum: float = 0.0  # sum of label agreement x rows compared (migration 4)
+    shadow_compared: float = 0.0  # rows compared by the devices' shadow reports
+
+    @property
+    def shadow_agreement(self) -> float | None:
+        """Mean label agreement of the shadow model over every compared row (None before any)."""
+        return self.shadow_agreement_sum / self.shadow_compared if self.shadow_compared > 0 else None
 
     @classmethod
     def from_row(cls, row: Row) -> RolloutRuntime:
@@ -228,6 +235,13 @@ class RolloutRecords:
         with self.store.tx() as db:
             db.execute(f"UPDATE rollout_runtime SET {sets} WHERE rollout_id = ?",  # noqa: S608
                        [*fields.values(), rollout_id])
+
+    def add_shadow_agreement(self, rollout_id: str, agreement: float, compared: float) -> None:
+        """Fold one shadow report into the rollout's agreement (durable: the gate reads it back)."""
+        with self.store.tx() as db:
+            db.execute("UPDATE rollout_runtime SET shadow_agreement_sum = shadow_agreement_sum + ?, "
+                       "shadow_compared = shadow_compared + ? WHERE rollout_id = ?",
+                       [agreement * compared, compared, rollout_id])
 
     # -- progress ---------------------------------------------------------------------------
     def add_devices(self, rollout_id: str, device_ids: Iterable[str]) -> int:

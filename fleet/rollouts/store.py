@@ -8,15 +8,22 @@ rollout honestly stays `pending` whatever the operator asked.
 Reads return typed records (`Rollout`, `RolloutDeviceStatus`, `RolloutStatusSummary`), not
 rows: the states and intents are the enums of `fleet.rollouts.machine`, so a caller cannot
 compare against a misspelt state, and the API's response models take them as they are.
+
+Warnings: a rollout whose cohort is empty (no device in it and none matching its selector)
+would otherwise run for ever with 0 devices and look healthy. `with_warnings` and `status`
+say so (`EMPTY_COHORT`), and `create` logs `rollout.empty_cohort`; it is a warning, not a
+refusal, because devices enrolled later join (`include_late_devices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from agent.logs import log_event
 from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetInputError, NotFound
@@ -34,6 +41,8 @@ ACTIONS = {"pause": Desired.PAUSE, "resume": Desired.RUN, "abort": Desired.ABORT
 DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
                    "failed", "rolled_back", "skipped")
 MAX_HISTORY = 500
+EMPTY_COHORT = "cohort matches no device"
+logger = logging.getLogger("edgefleet.fleet.rollouts")
 
 T = TypeVar("T")
 
@@ -63,10 +72,12 @@ class Rollout:
     updated_at: str
     created_by: str
     history: list[dict[str, Any]]
+    warnings: tuple[str, ...] = ()  # filled by `RolloutRepo.with_warnings` for the API, not stored
 
     @classmethod
     def from_row(cls, row: Row) -> Rollout:
-        return record_from_row(cls, row, state=RolloutState(row["state"]), desired=Desired(row["desired"]))
+        return record_from_row(cls, row, state=RolloutState(row["state"]), desired=Desired(row["desired"]),
+                               warnings=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +102,7 @@ class RolloutStatusSummary:
     updated_at: str
     devices_total: int
     devices_by_status: dict[str, int]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +139,10 @@ class RolloutRepo:
             db.table("rollouts").insert(row)
             out = self.get(rid)
             self.store.audit.record(actor, "rollout.create", f"rollouts/{rid}", None, dataclasses.asdict(out))
+        out = self.with_warnings(out)
+        if EMPTY_COHORT in out.warnings:
+            log_event(logger, "rollout.empty_cohort", logging.WARNING, rollout=rid, selector=out.selector,
+                      model_version_id=model_version_id)
         return out
 
     def get(self, rollout_id: str) -> Rollout:
@@ -137,6 +153,26 @@ class RolloutRepo:
         if out is None:
             raise NotFound(f"rollout {rollout_id!r} not found")
         return Rollout.from_row(out)
+
+    def with_warnings(self, rollout: Rollout) -> Rollout:
+        """`rollout` with what an operator should know about it (for the API's answers)."""
+        with self.store.read() as db:
+            total = db.execute("SELECT count(*) FROM rollout_devices WHERE rollout_id = ?",
+                               [rollout.id]).fetchone()[0]
+        return dataclasses.replace(rollout, warnings=self._warnings(rollout, int(total)))
+
+    def _warnings(self, rollout: Rollout, devices_total: int) -> tuple[str, ...]:
+        """`EMPTY_COHORT` while an unfinished rollout has no device and its selector matches none.
+
+        A selector stored before parsing got stricter (`site=`) is reported, not raised.
+        """
+        if rollout.state in FINISHED_STATES or devices_total:
+            return ()
+        try:
+            matching = self.store.devices.ids_matching(parse_selector(rollout.selector))
+        except FleetInputError as exc:
+            return (EMPTY_COHORT, f"selector cannot be parsed: {exc}")
+        return () if matching else (EMPTY_COHORT,)
 
     def list(self, cursor: str | None, limit: int, state: str | None = None) -> RecordPage[Rollout]:
         sql, params = "SELECT * FROM rollouts WHERE 1", []
@@ -187,9 +223,11 @@ class RolloutRepo:
             counts = {r["status"]: r["n"] for r in db.query(
                 "SELECT status, count(*) AS n FROM rollout_devices WHERE rollout_id = ? GROUP BY status",
                 [rollout_id])}
+        total = sum(counts.values())
         return RolloutStatusSummary(id=rollout_id, state=rollout.state, desired=rollout.desired,
                                     stage=rollout.stage, updated_at=rollout.updated_at,
-                                    devices_total=sum(counts.values()), devices_by_status=counts)
+                                    devices_total=total, devices_by_status=counts,
+                                    warnings=self._warnings(rollout, total))
 
     # -- controller side (round 2 writes through these) -------------------------
     def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Rollout:

@@ -399,6 +399,7 @@ def test_rollout_routes_store_intent_only(api: Api) -> None:
         "updated_at": status["updated_at"],
         "devices_total": 0,
         "devices_by_status": {},
+        "warnings": [],  # not started, but its selector matches the enrolled device
     }
     bad = api.client.post("/v1/rollouts", json={"model_version_id": "m:9.9.9", "selector": ""}, headers=h)
     assert bad.status_code == 404

@@ -125,11 +125,16 @@ def test_selector_matches(text: str, labels: dict[str, str], expected: bool) -> 
 @pytest.mark.unit
 @pytest.mark.parametrize("bad", ["env=", "=x", "region in ()", "a in (b", "a)", "env=pr od", ",", "k=v,,k2"])
 def test_selector_rejects_bad_input(bad: str) -> None:
-    if bad == "env=":  # an empty value is legal in Kubernetes: it matches an empty label
-        assert parse_selector(bad).matches({"env": ""})
-        return
     with pytest.raises(FleetInputError):
         parse_selector(bad)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("typo", ["site==", "site=", "site!=", "env=prod, site=="])
+def test_selector_refuses_a_comparison_without_value(typo: str) -> None:
+    # Legal in Kubernetes (an empty label), but a rollout to `site==` reached no device: refused.
+    with pytest.raises(FleetInputError, match=r"no value after '(==|=|!=)'"):
+        parse_selector(typo)
 
 
 @pytest.mark.integration

@@ -70,12 +70,13 @@ def test_build_records_schema_golden_vectors_and_profile(
 def test_build_without_reference_uses_seeded_inputs_and_explicit_golden(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    a = read_manifest(build_bundle(models["onnx"], _meta(seed=3), tmp_path / "a.efb"))
-    b = read_manifest(build_bundle(models["onnx"], _meta(seed=3), tmp_path / "b.efb"))
+    a = read_manifest(build_bundle(models["onnx"], _meta(seed=3), tmp_path / "a.efb", no_profile=True))
+    b = read_manifest(build_bundle(models["onnx"], _meta(seed=3), tmp_path / "b.efb", no_profile=True))
     assert a.golden.inputs == b.golden.inputs and len(a.golden.inputs["x"]) == 16
     assert a.reference_profile.features == []
     rows = REF[:5]
-    c = read_manifest(build_bundle(models["onnx"], _meta(), tmp_path / "c.efb", golden_inputs=rows))
+    c = read_manifest(build_bundle(models["onnx"], _meta(), tmp_path / "c.efb", golden_inputs=rows,
+                                   no_profile=True))
     np.testing.assert_array_equal(np.asarray(c.golden.inputs["x"], dtype=np.float32), rows)
 
 
@@ -88,7 +89,7 @@ def test_bad_inputs_are_refused(models: dict[str, Path], tmp_path: Path) -> None
             models["onnx"], _meta(feature_names=["a", "b", "c"]), tmp_path / "x.efb", reference_data=REF
         )
     with pytest.raises(FleetInputError, match=r"valid manifest: .*version"):
-        build_bundle(models["onnx"], _meta(version="one"), tmp_path / "x.efb")
+        build_bundle(models["onnx"], _meta(version="one"), tmp_path / "x.efb", no_profile=True)
     with pytest.raises(FleetInputError, match="ONNX models only"):
         build_bundle(models["tflite"], _meta(quantize="dynamic"), tmp_path / "x.efb")
     with pytest.raises(FleetInputError, match="static quantization needs"):
@@ -97,6 +98,10 @@ def test_bad_inputs_are_refused(models: dict[str, Path], tmp_path: Path) -> None
         build_bundle(models["onnx"], _meta(categorical={"nope": []}), tmp_path / "x.efb", reference_data=REF)
     with pytest.raises(FleetInputError, match="must be numeric"):
         build_bundle(models["onnx"], _meta(), tmp_path / "x.efb", reference_data=REF.astype(str))
+    with pytest.raises(FleetInputError, match=r"no reference data: pass --reference-data .* or --no-profile"):
+        build_bundle(models["onnx"], _meta(), tmp_path / "x.efb")
+    with pytest.raises(FleetInputError, match="dynamic quantization needs reference data"):
+        build_bundle(models["onnx"], _meta(quantize="dynamic"), tmp_path / "x.efb", no_profile=True)
     assert list(tmp_path.iterdir()) == []
     bad = tmp_path / "meta.json"
     bad.write_text(json.dumps({"name": "mlp", "version": "1.0.0", "colour": "red", "bins": 0}))

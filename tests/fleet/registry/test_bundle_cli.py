@@ -65,10 +65,27 @@ def test_build_then_inspect(tmp_path: Path) -> None:
 def test_build_with_bad_metadata_exits_1(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
     (tmp_path / "meta.json").write_text(json.dumps({"name": "Bad Name!", "version": "1.0.0"}))
-    out = _cli("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "-o", tmp_path / "b.efb")
+    out = _cli("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "-o", tmp_path / "b.efb",
+               "--no-profile")
     assert out.returncode == 1
     assert "name must match" in out.stderr
     assert not (tmp_path / "b.efb").exists()
+
+
+@pytest.mark.integration
+def test_build_without_reference_data_needs_no_profile_and_warns(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "mlp", "version": "1.0.0"}))
+    args = ("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "-o", tmp_path / "b.efb")
+    refused = _cli(*args)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "no reference data" in refused.stderr and "--no-profile" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.efb").exists()
+    built = _cli(*args, "--no-profile")
+    assert built.returncode == 0, built.stderr
+    assert "drift monitoring is OFF" in built.stderr
+    quantized = _cli(*args, "--no-profile", "--quantize", "dynamic")
+    assert quantized.returncode == 1 and "quantization needs reference data" in quantized.stderr
 
 
 @pytest.mark.integration

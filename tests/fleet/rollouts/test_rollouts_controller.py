@@ -386,3 +386,24 @@ def test_a_flood_of_wake_ups_is_coalesced_into_spaced_ticks(world: World) -> Non
         ctl.stop()
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) >= 3 and min(gaps) >= 0.19  # woken ~200 times per gap, ticked once
+
+
+def test_shadow_agreement_survives_a_controller_restart(world: World) -> None:
+    world.enroll("a", "b")
+    rid = world.rollout({"kind": "canary", "stages": [50, 100], "bake_s": 3600})
+    world.ctl.tick()
+    canary = world.assigned(rid)[0]
+
+    def shadow(ctl: RolloutController, agreement: float, seq: int) -> None:
+        ctl.on_event(canary, Event(type="shadow_report", bundle_id=V2, timestamp=world.clock.now, seq=seq,
+                                   measurements={"label_agreement": agreement, "compared": 100}))
+        ctl.tick()
+
+    shadow(world.ctl, 1.0, 1)
+    assert world.state(rid) == ("running", 0)
+    restarted = world.new_controller()  # a fleet restart: a new instance over the same store
+    rt = RolloutRecords(world.store).runtime(rid)
+    assert rt is not None and rt.shadow_agreement == 1.0
+    shadow(restarted, 0.7, 2)  # 200 rows compared in all: (100 x 1.0 + 100 x 0.7) / 200
+    ro = world.store.rollouts.get(rid)
+    assert ro.state == "paused" and "shadow agreement 0.850" in ro.history[-1]["note"]
