@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
@@ -26,6 +27,7 @@ from fleet.api.deps import ApiCollaborators
 from fleet.dashboard.mount import install_dashboard
 from fleet.db.files import secure_dir
 from fleet.devices.broker_reload import apply_broker_credentials
+from fleet.errors import FleetResourceError
 from fleet.settings import FleetSettings
 from fleet.store import Clock, Store
 
@@ -60,6 +62,25 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before keys, databases or components are touched, so a
+    busy port fails at once with a sentence instead of after a start-up (and a traceback).
+
+    Raises `FleetResourceError` when the address is in use or cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise FleetResourceError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 class FleetService:
     """The fleet process: store + components + HTTP API.
 
@@ -71,8 +92,10 @@ class FleetService:
 
     def __init__(self, settings: FleetSettings, components: list[Component] | None = None,
                  clock: Clock | None = None,
-                 component_factory: Callable[[Store], ServiceParts] | None = None) -> None:
+                 component_factory: Callable[[Store], ServiceParts] | None = None,
+                 listener: socket.socket | None = None) -> None:
         self.settings = settings
+        self.listener = listener  # bound by `bind_listener` before anything else (see `serve`)
         if settings.device_broker_url is None:  # derived from broker_url: the fleet's listener, likely
             log_event(logger, "fleet.device_broker_url.derived", logging.WARNING, url=settings.device_broker,
                       hint="set --device-broker / EDGEFLEET_DEVICE_BROKER_URL to the devices' listener")
@@ -125,7 +148,7 @@ class FleetService:
             self._server = self._make_server()
             log_event(logger, "fleet.api.listening", host=self.settings.host, port=self.settings.port,
                       data_dir=str(self.settings.data_dir))
-            self._server.run()
+            self._server.run(sockets=[self.listener] if self.listener is not None else None)
         finally:
             self._stop_components()
             self.store.close()

@@ -80,7 +80,7 @@ def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url:
     """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
     timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
     from fleet.components import build_components  # lazy: uvicorn and the service: `serve` only
-    from fleet.service import FleetService  # lazy: uvicorn: `serve` only
+    from fleet.service import FleetService, bind_listener  # lazy: uvicorn: `serve` only
 
     if broker_url is not None and urlsplit(broker_url).password is not None:
         log_event(logger, "fleet.broker_password_on_command_line", logging.WARNING,
@@ -88,8 +88,13 @@ def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url:
                        "EDGEFLEET_BROKER_PASSWORD or --broker-password-file instead")
     settings = _settings(data_dir, host=host, port=port, broker_url=broker_url,
                          device_broker_url=device_broker_url, broker_password_file=broker_password_file)
-    FleetService(settings, component_factory=lambda store: build_components(
-        settings, store, with_broker=broker_url is not None)).run()
+    try:
+        # The port first: a busy one fails before keys, databases or components are touched.
+        listener = bind_listener(settings.host, settings.port)
+        FleetService(settings, listener=listener, component_factory=lambda store: build_components(
+            settings, store, with_broker=broker_url is not None)).run()
+    except EdgefleetError as exc:  # an unreachable broker, a busy port, unreadable keys: one line
+        raise click.ClickException(str(exc)) from exc
 
 
 @group.command("create-admin-key")
