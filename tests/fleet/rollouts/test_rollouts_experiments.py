@@ -27,6 +27,7 @@ from fleet.rollouts.experiments import (
 )
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry.device_totals import DeviceVersionTotals
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -56,14 +57,23 @@ def test_two_proportion_z_matches_the_textbook_and_the_sample_size_formula() -> 
     assert 1700 < samples_for_proportions(0.10, 0.13, 0.05) < 1850
 
 
-def _arms(seed: int, n: int, err_a: float, err_b: float, lat_a: float,
-          lat_b: float) -> tuple[ArmData, ArmData]:
+def _arms(seed: int, n: int, err_a: float, err_b: float, lat_a: float, lat_b: float,
+          devices: int = 40) -> tuple[ArmData, ArmData]:
+    """`n` requests per arm spread over `devices` devices, as telemetry gives them: each device
+    with its own error rate (Beta around the arm's, sd 0.005) and its own typical latency
+    (lognormal around the arm's, sigma 0.15), requests around it (sigma 0.3)."""
     rng = np.random.default_rng(seed)
     out = []
-    for err, lat in ((err_a, lat_a), (err_b, lat_b)):
-        errors = int(rng.binomial(n, err))
-        lats = rng.lognormal(np.log(lat), 0.3, n)
-        out.append(ArmData(requests=n, errors=errors, samples={"latency_ms": [(float(v), 1) for v in lats]}))
+    for arm, (err, lat) in enumerate(((err_a, lat_a), (err_b, lat_b))):
+        k = err * (1 - err) / 0.005**2 - 1
+        rates, typical = rng.beta(err * k, (1 - err) * k, devices), lat * rng.lognormal(0, 0.15, devices)
+        devs = []
+        for i, (m, rate, t) in enumerate(zip(rng.multinomial(n, [1 / devices] * devices), rates, typical,
+                                             strict=True)):
+            lats = rng.lognormal(np.log(t), 0.3, int(m))
+            devs.append(DeviceVersionTotals(f"{arm}-{i}", "mlp", str(arm), int(m), int(rng.binomial(m, rate)),
+                                            int(m), float(lats.sum()), 1, 0.0, 0.0))
+        out.append(ArmData(requests=n, errors=sum(d.errors for d in devs), devices=devs))
     return out[0], out[1]
 
 
@@ -208,7 +218,9 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
 @pytest.mark.integration
 def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Repository, DirectorSigner],
                                                     tmp_path: Path) -> None:
-    """Arm B (2.0.0) fails less and answers faster in device-built telemetry: B wins on both."""
+    """Arm B (2.0.0) fails less and answers faster in device-built telemetry, but on 3 devices
+    per arm: no verdict before `min_devices` (10) per arm, and the summary names the devices
+    still needed (the per-request tests declared B from these 3 devices)."""
     from agent.contract.telemetry import encode_report
     from agent.telemetry import TelemetrySketch
     from fleet.telemetry.ingest import TelemetryStore
@@ -236,7 +248,10 @@ def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Reposito
     finally:
         telemetry.close()
     by = {m.metric: m for m in rec.metrics}
-    assert rec.verdict == "b", rec.summary
+    assert rec.verdict == "inconclusive", rec.summary
+    assert rec.summary.startswith("inconclusive: need 7 more devices per arm"), rec.summary
+    assert by["error_rate"].devices_a == by["error_rate"].devices_b == 3
+    assert by["error_rate"].devices_needed >= 10 and by["error_rate"].winner is None
     assert by["error_rate"].n_a == by["error_rate"].n_b == 1200
     assert by["latency_ms"].p95_a is not None and by["latency_ms"].p95_b is not None
     assert by["latency_ms"].p95_b < by["latency_ms"].p95_a
