@@ -212,8 +212,9 @@ def compare_metric(metric: str, goal: Goal, a: ArmData, b: ArmData, alpha: float
     p, lo, hi = (v.p_value, v.ci_low, v.ci_high) if counted else (1.0, -math.inf, math.inf)
     if previous is not None:  # carry what earlier reads established: never forget a rejection
         p = min(p, previous.p_value)
-        if max(lo, previous.ci_low) <= min(hi, previous.ci_high):  # empty only if the model is off
-            lo, hi = max(lo, previous.ci_low), min(hi, previous.ci_high)
+        lo, hi = max(lo, previous.ci_low), min(hi, previous.ci_high)
+        if lo > hi:  # the data contradict earlier reads (the effect moved): keep the established
+            lo, hi = previous.ci_low, previous.ci_high
     effect = v.effect if math.isfinite(v.effect) else None
     side = 1.0 if lo > 0 else -1.0 if hi < 0 else (effect or 0.0)
     winner = _better(goal, side) if p < v.alpha and side else None

@@ -15,6 +15,7 @@ from scipy import stats
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.errors import Conflict, FleetInputError
+from fleet.rollouts.experiment_verdicts import compare_metric
 from fleet.rollouts.experiments import (
     ArmData,
     ExperimentDriver,
@@ -105,6 +106,29 @@ def test_no_difference_or_too_few_samples_is_inconclusive_with_a_sample_estimate
     assert small.verdict == "inconclusive" and small.metrics[0].more_samples_needed > 40
     empty = recommend(ArmData(), ArmData(), {"error_rate": "min", "latency_ms": "min"}, min_samples=50)
     assert empty.verdict == "inconclusive" and "need" in empty.summary
+
+
+@pytest.mark.unit
+def test_the_sequential_state_carries_a_reached_verdict_and_only_tightens() -> None:
+    a, b = _arms(5, 8000, err_a=0.06, err_b=0.03, lat_a=3.0, lat_b=3.0)
+    first = compare_metric("error_rate", "min", a, b, alpha=0.05, metrics=2, min_samples=100)
+    state = first.state()
+    assert first.winner == "b" and state is not None and state.tau == 0.01 and first.level == 0.025
+    # a later read that does not count (too few samples asked for) keeps what was established
+    held = compare_metric("error_rate", "min", a, b, 0.05, 2, min_samples=10**6, previous=state)
+    assert held.winner == "b" and held.p_value == state.p_value and held.state() is None
+    # later reads can only lower the p-value and narrow the confidence sequence (its running
+    # intersection); data that contradict the established interval leave it, and the verdict, be
+    more_a, more_b = _arms(5, 32000, err_a=0.06, err_b=0.03, lat_a=3.0, lat_b=3.0)
+    same_a, same_b = _arms(6, 8000, err_a=0.05, err_b=0.05, lat_a=3.0, lat_b=3.0)
+    for arms in ((more_a, more_b), (same_a, same_b)):
+        later = compare_metric("error_rate", "min", *arms, 0.05, 2, 100, previous=state)
+        after = later.state()
+        assert later.winner == "b" and after is not None and after.p_value <= state.p_value
+        assert state.ci_low <= after.ci_low <= after.ci_high <= state.ci_high < 0
+    # no evidence at all: no p-value, and the summary names the devices a verdict needs
+    empty = recommend(ArmData(), ArmData(), {"error_rate": "min"}, min_devices=12)
+    assert empty.metrics[0].p_value is None and empty.summary.startswith("inconclusive: need 12 more devices")
 
 
 @pytest.mark.unit
@@ -207,6 +231,9 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
             assert res.status_code == 202 and res.json() == {"accepted": 800}
         rec = c.get(f"/v1/experiments/{eid}/recommendation", headers=h).json()
         assert rec["verdict"] == "b" and rec["metrics"][0]["p_value"] < 1e-6
+        # pushed observations carry no device: judged, and labelled, per observation
+        assert rec["metrics"][0]["unit"] == "observation" and rec["metrics"][0]["devices_a"] == 0
+        assert "per observation for accuracy" in rec["summary"]
         bad = c.post(f"/v1/experiments/{eid}/observations", headers=h,
                      json={"arm": "c", "metric": "accuracy", "values": [1.0]})
         assert bad.status_code == 422
