@@ -2,7 +2,9 @@
 
 The experiment driver (a fleet component) sends each matching device the director document
 of its arm; these routes record and read. The recommendation reads pushed observations and,
-when the fleet keeps telemetry (`<data_dir>/telemetry.db`), each version's merged windows.
+when the fleet keeps telemetry (`<data_dir>/telemetry.db`), each device's totals of its arm's
+version, and judges by device with always-valid tests (docs/rollouts.md, "A/B statistics"):
+reading it is safe at any time, and it stores each metric's running test state.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
 from fleet.api.schemas import PageOf
 from fleet.db.rows import Row
-from fleet.rollouts.experiments import DEFAULT_METRICS, ExperimentRepo
+from fleet.rollouts.experiments import DEFAULT_METRICS, DEFAULT_MIN_DEVICES, ExperimentRepo
 from fleet.telemetry.ingest import TelemetryStore
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
@@ -36,8 +38,16 @@ class ExperimentCreate(BaseModel):
     split_b: float = Field(default=0.5, gt=0, lt=1, description="Share of the cohort that runs B")
     metrics: Annotated[dict[MetricName, Literal["min", "max"]], Field(min_length=1, max_length=20)] = \
         Field(default_factory=lambda: dict(DEFAULT_METRICS))
-    min_samples: int = Field(default=100, ge=1, le=10**9)
-    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    min_samples: int = Field(default=100, ge=1, le=10**9, description="Requests or observations per arm "
+                             "before a verdict")
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="Family-wise level: each of k metrics "
+                         "is tested at alpha / k (Bonferroni)")
+    min_devices: int = Field(default=DEFAULT_MIN_DEVICES, ge=2, le=10**6,
+                             description="Devices per arm before any verdict")
+    taus: Annotated[dict[MetricName, Annotated[float, Field(gt=0, allow_inf_nan=False)]],
+                    Field(max_length=20)] = Field(
+        default_factory=dict, description="Effect of interest per metric (the sequential test's mixing "
+        "scale); defaults: 0.01 for error_rate, 10 % of arm A's mean otherwise")
 
 
 class ExperimentOut(BaseModel):
@@ -51,6 +61,8 @@ class ExperimentOut(BaseModel):
     metrics: dict[str, str]
     min_samples: int
     alpha: float
+    min_devices: int = DEFAULT_MIN_DEVICES
+    taus: dict[str, float] = Field(default_factory=dict)
     state: str
     created_at: str
     created_by: str
@@ -68,17 +80,31 @@ class Observations(BaseModel):
 class MetricVerdictOut(BaseModel):
     metric: str
     goal: str
-    test: str
-    n_a: int
+    test: str = Field(description="The test and its unit, e.g. device-level ratio of sums")
+    n_a: int = Field(description="Requests (error_rate), timed requests (latency_ms) or observations")
     n_b: int
-    value_a: float | None
+    value_a: float | None = Field(description="The tested estimate: error rate, mean of per-device means, "
+                                  "or mean of the observations")
     value_b: float | None
-    p_value: float | None
-    effect_size: float | None
+    p_value: float | None = Field(description="Always-valid p-value, the running minimum over reads")
+    effect_size: float | None = Field(description="B - A for error_rate; rank-biserial r over the units "
+                                      "(devices or observations) otherwise")
     winner: str | None
     more_samples_needed: int
     p95_a: float | None = None
     p95_b: float | None = None
+    unit: Literal["device", "observation"] = Field(
+        default="device", description="What one sample is: a device, or a pushed observation (no device)")
+    effect: float | None = Field(default=None, description="B - A on the metric's scale")
+    ci_low: float | None = Field(default=None, description="Always-valid confidence sequence for the effect "
+                                 "at `level` (running intersection over reads)")
+    ci_high: float | None = None
+    level: float | None = Field(default=None, description="The level this metric is tested at: alpha / k")
+    tau: float | None = Field(default=None, description="Mixing scale of the mSPRT (effect of interest)")
+    devices_a: int = Field(default=0, description="Devices with evidence (0 for per-observation metrics)")
+    devices_b: int = 0
+    devices_needed: int = Field(default=0, description="Devices per arm the sequential design needs to "
+                                "detect an effect of `tau` with 80 % power (at least `min_devices`)")
 
 
 class RecommendationOut(BaseModel):
@@ -107,7 +133,7 @@ def create_experiment(body: ExperimentCreate, request: Request, store: StoreDep,
     repo = ExperimentRepo(store)
     return idempotent_create(request, who, body, ExperimentOut, lambda: _out(repo, repo.create(
         body.name, body.version_a, body.version_b, body.selector, body.split_b, dict(body.metrics),
-        body.min_samples, body.alpha, who.actor)))
+        body.min_samples, body.alpha, who.actor, min_devices=body.min_devices, taus=dict(body.taus))))
 
 
 @router.get("/{experiment_id}", response_model=ExperimentOut, summary="Read an experiment")
@@ -124,7 +150,8 @@ def add_observations(experiment_id: str, body: Observations, store: StoreDep,
 
 
 @router.get("/{experiment_id}/recommendation", response_model=RecommendationOut,
-            summary="Compare the arms: winner, p-values, effect sizes, or how many more samples")
+            summary="Compare the arms by device: winner, always-valid p-values, effects with confidence "
+                    "sequences, or how many more devices")
 def recommendation(experiment_id: str, store: StoreDep, settings: SettingsDep, _: Viewer) -> dict[str, Any]:
     telemetry = None
     path = settings.data_dir / "telemetry.db"

@@ -242,11 +242,36 @@ def _m004_shadow_agreement(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m005_experiment_sequential(db: sqlite_utils.Database) -> None:
+    """Device-level, always-valid A/B tests (issue 19): devices per arm before any verdict, the
+    effect of interest per metric, and each metric's sequential test state. The state is what
+    makes reading an experiment again harmless: the always-valid p-value is the running minimum
+    over reads and the confidence sequence their intersection, so a verdict never flips back."""
+    _script(
+        db,
+        """
+        ALTER TABLE experiments ADD COLUMN min_devices INTEGER NOT NULL DEFAULT 10;
+        ALTER TABLE experiments ADD COLUMN taus TEXT NOT NULL DEFAULT '{}';  -- JSON metric -> tau
+        CREATE TABLE experiment_sequential (
+            experiment_id TEXT NOT NULL REFERENCES experiments(id) ON DELETE CASCADE,
+            metric TEXT NOT NULL,
+            p_value REAL NOT NULL,                  -- running minimum of the always-valid p-value
+            ci_low REAL NOT NULL,                   -- running intersection of the confidence sequence
+            ci_high REAL NOT NULL,
+            tau REAL NOT NULL,                      -- the mixing scale, fixed at the first counted read
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (experiment_id, metric)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
     (3, "experiment devices", _m003_experiment_devices),
     (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
+    (5, "experiment sequential tests", _m005_experiment_sequential),
 ]
 
 

@@ -1,14 +1,18 @@
-"""A/B experiments: two versions split across a cohort, compared with a statistical test.
+"""A/B experiments: two versions split across a cohort, judged by device, valid at any read.
 
 - Assignment is a stable hash: `sha256("<experiment>:<device>")` -> bucket 0..9999; buckets
   below `split_b x 10000` run version B. The same device always lands in the same arm, with
   no table needed to decide it (the table only records what was sent).
-- Evidence per arm: requests and errors (error rate: two-proportion z-test), the latency
-  histogram from telemetry (expanded to a representative sample: Mann-Whitney U), and any
-  metric pushed as observations (Mann-Whitney U). Each metric has a goal (min or max).
-- Recommendation: a winner when every significant metric (p < alpha, both arms at or above
-  `min_samples`) favours the same arm; "conflicting" when they disagree; otherwise
-  "inconclusive" with how many more samples per arm a test of the observed effect needs.
+- Evidence per arm: each device's requests, errors and latency from telemetry (per-device
+  totals of the arm's version since the start; once devices are assigned, only the devices of
+  that arm count), plus any metric pushed as observations (which carry no device). Each metric
+  has a goal (min or max).
+- Verdicts (fleet/rollouts/experiment_verdicts.py): device-level always-valid tests, Bonferroni
+  across the metrics, no verdict below `min_devices` per arm. The running state of each
+  metric's sequential test is kept in `experiment_sequential` (migration 5), so a verdict
+  reached once never flips back however often the experiment is read.
+- The per-request two-proportion z-test below is no longer used for verdicts: it stays as the
+  baseline the calibration benchmark compares against (benchmarks/bench_ab_calibration.py).
 
 `ExperimentDriver` is the component that sends each device of a running experiment the
 director document for its arm. Errors: `ExperimentRepo.create` raises FleetInputError,
@@ -23,8 +27,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from scipy import stats
@@ -35,7 +38,9 @@ from fleet.db.rows import Row, decode_row, dumps
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetError, FleetInputError, NotFound
 from fleet.periodic import PeriodicRunner
+from fleet.rollouts.experiment_verdicts import ArmData, Goal, Recommendation, SequentialState, recommend
 from fleet.rollouts.records import RolloutRecords
+from fleet.telemetry.device_totals import DeviceVersionTotals
 
 if TYPE_CHECKING:
     from fleet.rollouts.controller import DesiredPublisher, DirectorIssuer, TargetSource
@@ -43,9 +48,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("edgefleet.fleet.experiments")
 BUCKETS = 10_000
-MAX_SAMPLE = 5000  # per arm and metric, for the rank test
-Goal = Literal["min", "max"]
 DEFAULT_METRICS: dict[str, Goal] = {"error_rate": "min", "latency_ms": "min"}
+DEFAULT_MIN_DEVICES = 10
+
+
+class ExperimentTelemetry(Protocol):
+    """What the recommendation reads from telemetry (`fleet.telemetry.ingest.TelemetryStore`)."""
+
+    def device_totals(self, model: str, version: str, since: float | None = None
+                      ) -> list[DeviceVersionTotals]: ...
+
+    def query_windows(self, model: str, version: str, cohort: str | None = None,
+                      since: float | None = None, until: float | None = None) -> Any: ...
 
 
 def arm_of(experiment_id: str, device_id: str, split_b: float) -> Literal["a", "b"]:
@@ -54,62 +68,9 @@ def arm_of(experiment_id: str, device_id: str, split_b: float) -> Literal["a", "
     return "b" if int.from_bytes(digest[:8], "big") % BUCKETS < round(split_b * BUCKETS) else "a"
 
 
-@dataclass
-class ArmData:
-    """Evidence for one arm: request/error counts and weighted samples per metric."""
-
-    requests: int = 0
-    errors: int = 0
-    samples: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-
-    def sample(self, metric: str) -> np.ndarray:
-        """A representative sample (evenly spaced order statistics when the data is large)."""
-        pairs = self.samples.get(metric) or []
-        if not pairs:
-            return np.zeros(0)
-        values = np.repeat([v for v, _ in pairs], [max(0, w) for _, w in pairs]).astype(float)
-        values.sort()
-        if values.size > MAX_SAMPLE:
-            idx = np.linspace(0, values.size - 1, MAX_SAMPLE).round().astype(int)
-            values = values[idx]
-        return values
-
-    def count(self, metric: str) -> int:
-        if metric == "error_rate":
-            return self.requests
-        return sum(max(0, w) for _, w in self.samples.get(metric) or [])
-
-
-@dataclass(frozen=True)
-class MetricVerdict:
-    metric: str
-    goal: Goal
-    test: str
-    n_a: int
-    n_b: int
-    value_a: float | None  # error rate, or the median of the samples
-    value_b: float | None
-    p_value: float | None
-    effect_size: float | None  # B - A for rates; rank-biserial r (P(B>A) - P(B<A)) otherwise
-    winner: Literal["a", "b"] | None
-    more_samples_needed: int
-    p95_a: float | None = None  # 95th percentile of the samples (distribution metrics)
-    p95_b: float | None = None
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    verdict: Literal["a", "b", "conflicting", "inconclusive"]
-    summary: str
-    metrics: list[MetricVerdict]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "summary": self.summary,
-                "metrics": [asdict(m) for m in self.metrics]}
-
-
 def two_proportion_z(x_a: int, n_a: int, x_b: int, n_b: int) -> tuple[float, float]:
-    """(z, two-sided p) of H0: the two rates are equal (pooled standard error)."""
+    """(z, two-sided p) of H0: the two rates are equal (pooled standard error). Per request:
+    the baseline the benchmark measures, not a valid test of an experiment's arms."""
     if n_a == 0 or n_b == 0:
         return 0.0, 1.0
     pooled = (x_a + x_b) / (n_a + n_b)
@@ -130,90 +91,37 @@ def samples_for_proportions(p_a: float, p_b: float, alpha: float, power: float =
     return math.ceil(n / (p_a - p_b) ** 2)
 
 
-def samples_for_rank_test(r: float, alpha: float, power: float = 0.8) -> int:
-    """Per-arm sample size for a rank test to detect rank-biserial `r` (Noether's formula)."""
-    p = (r + 1) / 2  # P(B > A)
-    if abs(p - 0.5) < 1e-9:
-        return 10**9
-    za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
-    return math.ceil((za + zb) ** 2 / (6 * (p - 0.5) ** 2))
-
-
-def _better(goal: Goal, diff_b_minus_a: float) -> Literal["a", "b"]:
-    return "b" if (diff_b_minus_a < 0) == (goal == "min") else "a"
-
-
-def compare_metric(metric: str, goal: Goal, a: ArmData, b: ArmData, alpha: float,
-                   min_samples: int) -> MetricVerdict:
-    """Test one metric between the arms."""
-    n_a, n_b = a.count(metric), b.count(metric)
-    if metric == "error_rate":
-        ra = a.errors / a.requests if a.requests else None
-        rb = b.errors / b.requests if b.requests else None
-        _z, p = two_proportion_z(a.errors, a.requests, b.errors, b.requests)
-        effect = None if ra is None or rb is None else rb - ra
-        need = samples_for_proportions(ra or 0.0, rb or 0.0, alpha) if effect is not None else min_samples
-        test, va, vb = "two-proportion z", ra, rb
-    else:
-        xa, xb = a.sample(metric), b.sample(metric)
-        va = float(np.median(xa)) if xa.size else None
-        vb = float(np.median(xb)) if xb.size else None
-        if xa.size and xb.size and not (np.all(xa == xa[0]) and np.all(xb == xa[0])):
-            res = stats.mannwhitneyu(xb, xa, alternative="two-sided")
-            p = float(res.pvalue)
-            effect = 2 * float(res.statistic) / (xa.size * xb.size) - 1
-        else:
-            p, effect = 1.0, (0.0 if xa.size and xb.size else None)
-        need = samples_for_rank_test(effect, alpha) if effect is not None else min_samples
-        test = "Mann-Whitney U"
-    enough = min(n_a, n_b) >= min_samples
-    winner = _better(goal, effect) if enough and effect and p < alpha else None
-    more = 0 if winner else max(0, max(need, min_samples) - min(n_a, n_b))
-    p95 = [None, None] if metric == "error_rate" else [
-        float(np.quantile(x, 0.95)) if x.size else None for x in (a.sample(metric), b.sample(metric))]
-    return MetricVerdict(metric, goal, test, n_a, n_b, va, vb, None if effect is None else p, effect,
-                         winner, more, p95[0], p95[1])
-
-
-def recommend(a: ArmData, b: ArmData, metrics: dict[str, Goal], alpha: float = 0.05,
-              min_samples: int = 100) -> Recommendation:
-    """Compare the arms on every metric and say which one to keep (or why not yet)."""
-    verdicts = [compare_metric(m, g, a, b, alpha, min_samples) for m, g in metrics.items()]
-    winners = {v.winner for v in verdicts if v.winner}
-    if len(winners) == 1:
-        w = winners.pop()
-        why = ", ".join(f"{v.metric} p={v.p_value:.3g} effect={v.effect_size:+.4g}"
-                        for v in verdicts if v.winner and v.p_value is not None and v.effect_size is not None)
-        return Recommendation(w, f"keep {w.upper()}: {why}", verdicts)
-    if winners:
-        return Recommendation("conflicting", "metrics disagree: " + ", ".join(
-            f"{v.metric} favours {v.winner.upper()}" for v in verdicts if v.winner), verdicts)
-    need = max((v.more_samples_needed for v in verdicts), default=min_samples)
-    return Recommendation("inconclusive", f"inconclusive: need {need} more samples per arm", verdicts)
-
-
 def latency_samples(counts: Sequence[int] | np.ndarray) -> list[tuple[float, int]]:
     """A telemetry latency histogram as (upper bound in ms, count) pairs."""
     return [(latency_bucket_upper(i) * 1e3, int(c)) for i, c in enumerate(np.asarray(counts)) if c]
 
 
 class ExperimentRepo:
-    """Experiments in the fleet database (migration 2 and 3 tables); every change audited."""
+    """Experiments in the fleet database (migrations 2 to 4); every change audited."""
 
-    JSON = ("metrics",)
+    JSON = ("metrics", "taus")
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def create(self, name: str, version_a: str, version_b: str, selector: str, split_b: float,
-               metrics: dict[str, Goal], min_samples: int, alpha: float, actor: str) -> Row:
-        """Raises FleetInputError (bad split/alpha/metrics/selector), NotFound (version), Conflict."""
+               metrics: dict[str, Goal], min_samples: int, alpha: float, actor: str, *,
+               min_devices: int = DEFAULT_MIN_DEVICES, taus: dict[str, float] | None = None) -> Row:
+        """`min_devices`: devices per arm before any verdict (a variance needs at least 2);
+        `taus`: the effect of interest per metric (the sequential test's mixing scale; defaults
+        in experiment_verdicts.default_tau). Raises FleetInputError (bad split/alpha/metrics/
+        selector/min_devices/taus), NotFound (version), Conflict."""
         if not 0 < split_b < 1:
             raise FleetInputError("split_b must be strictly between 0 and 1")
         if not 0 < alpha < 0.5 or min_samples < 1:
             raise FleetInputError("alpha must be in (0, 0.5) and min_samples >= 1")
         if not metrics or any(g not in ("min", "max") for g in metrics.values()):
             raise FleetInputError("metrics must map at least one name to 'min' or 'max'")
+        if min_devices < 2:
+            raise FleetInputError("min_devices must be at least 2 (a variance needs two devices)")
+        taus = dict(taus or {})
+        if any(m not in metrics or not (math.isfinite(t) and t > 0) for m, t in taus.items()):
+            raise FleetInputError("taus must give a positive finite effect for metrics of the experiment")
         parsed = parse_selector(selector)
         va, vb = (self.store.models.get_version_by_id(v) for v in (version_a, version_b))
         if va.model_name != vb.model_name or va.id == vb.id:
@@ -224,6 +132,7 @@ class ExperimentRepo:
         row: Row = {"id": "ex-" + secrets.token_hex(8), "name": name, "model_name": va.model_name,
                     "version_a": va.id, "version_b": vb.id, "selector": str(parsed), "split_b": split_b,
                     "metrics": dumps(metrics), "min_samples": min_samples, "alpha": alpha,
+                    "min_devices": min_devices, "taus": dumps(taus),
                     "state": "running", "created_at": self.store.now(), "created_by": actor,
                     "started_at": self.store.clock()}
         with self.store.tx() as db:
@@ -272,27 +181,54 @@ class ExperimentRepo:
             return {r["device_id"]: r["arm"] for r in db.query(
                 "SELECT device_id, arm FROM experiment_devices WHERE experiment_id = ?", [experiment_id])}
 
-    def data(self, exp: Row, telemetry: Any | None = None) -> tuple[ArmData, ArmData]:
-        """Evidence per arm: pushed observations plus, when given, telemetry windows of each version."""
+    def data(self, exp: Row, telemetry: ExperimentTelemetry | None = None) -> tuple[ArmData, ArmData]:
+        """Evidence per arm: pushed observations plus, when given, each device's telemetry totals
+        of the arm's version since the start. Once the experiment has assigned devices, an arm
+        counts only its own devices (a device of arm B reporting A's version before it switched
+        is not evidence for A). The merged windows give the arms' latency histograms (p95)."""
         arms = {"a": ArmData(), "b": ArmData()}
         with self.store.read() as db:
             for r in db.query("SELECT arm, metric, value, weight FROM experiment_observations "
                               "WHERE experiment_id = ?", [exp["id"]]):
                 arms[r["arm"]].samples.setdefault(r["metric"], []).append((r["value"], r["weight"]))
-        if telemetry is not None:
-            for arm, vid in (("a", exp["version_a"]), ("b", exp["version_b"])):
-                model, _, version = vid.partition(":")
-                rep = telemetry.query_windows(model, version, since=exp["started_at"])
-                if rep is not None:
-                    arms[arm].requests += int(rep.requests)
-                    arms[arm].errors += int(rep.errors)
-                    arms[arm].samples.setdefault("latency_ms", []).extend(latency_samples(rep.latency_counts))
+        if telemetry is None:
+            return arms["a"], arms["b"]
+        assigned = self.devices(exp["id"])
+        for arm, vid in (("a", exp["version_a"]), ("b", exp["version_b"])):
+            model, _, version = vid.partition(":")
+            data = arms[arm]
+            data.devices = [d for d in telemetry.device_totals(model, version, since=exp["started_at"])
+                            if not assigned or assigned.get(d.device_id) == arm]
+            data.requests = sum(d.requests for d in data.devices)
+            data.errors = sum(d.errors for d in data.devices)
+            rep = telemetry.query_windows(model, version, since=exp["started_at"])
+            if rep is not None:
+                data.latency_histogram = latency_samples(rep.latency_counts)
         return arms["a"], arms["b"]
 
-    def recommendation(self, experiment_id: str, telemetry: Any | None = None) -> Recommendation:
+    def sequential_state(self, experiment_id: str) -> dict[str, SequentialState]:
+        """Each metric's running always-valid p-value, confidence sequence and tau so far."""
+        with self.store.read() as db:
+            return {r["metric"]: SequentialState(r["p_value"], r["ci_low"], r["ci_high"], r["tau"])
+                    for r in db.query("SELECT * FROM experiment_sequential WHERE experiment_id = ?",
+                                      [experiment_id])}
+
+    def recommendation(self, experiment_id: str, telemetry: ExperimentTelemetry | None = None
+                       ) -> Recommendation:
+        """Read the evidence, continue each metric's sequential test from its stored state and
+        store the new state, in one transaction so that concurrent reads cannot lose a step."""
         exp = self.get(experiment_id)
         a, b = self.data(exp, telemetry)
-        return recommend(a, b, exp["metrics"], exp["alpha"], exp["min_samples"])
+        with self.store.tx() as db:
+            rec = recommend(a, b, exp["metrics"], exp["alpha"], exp["min_samples"],
+                            exp.get("min_devices") or DEFAULT_MIN_DEVICES, exp.get("taus") or {},
+                            self.sequential_state(experiment_id))
+            db.table("experiment_sequential").upsert_all(
+                ({"experiment_id": experiment_id, "metric": v.metric, "p_value": st.p_value,
+                  "ci_low": st.ci_low, "ci_high": st.ci_high, "tau": st.tau, "updated_at": self.store.clock()}
+                 for v in rec.metrics if (st := v.state()) is not None),
+                pk=("experiment_id", "metric"))
+        return rec
 
 
 class ExperimentDriver:

@@ -6,7 +6,8 @@ Reports are deduplicated by (device, sequence) (devices replay their offline que
 QoS 1 redelivers) and merged into one sketch per (model, version, cohort, window), where
 the window is `window_s` seconds of device time (the report's `interval_end`, clamped to
 the server clock). Merged windows are buffered in memory and written in batches (one
-transaction per `flush`) to SQLite through sqlite-utils, WAL.
+transaction per `flush`, which also adds each device's totals: fleet/telemetry/device_totals.py,
+since A/B experiments judge by device) to SQLite through sqlite-utils, WAL.
 
 Across devices, quantiles of per-device figures (each report's mean latency) have no
 reference edges, so each window also keeps a datasketches KLL sketch of them.
@@ -44,6 +45,7 @@ from agent.errors import MessageError
 from agent.logs import log_event
 from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError, FleetMisuseError
+from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
 
 log = logging.getLogger("edgefleet.fleet.telemetry")
@@ -141,6 +143,7 @@ class TelemetryStore:
             # used under `self._lock`.
             self.db = sqlite_utils.Database(open_sqlite(db_path))
             ensure_schema(self.db)
+            self._device_totals = DeviceTotalsTable(self.db)  # written with the windows, in `flush`
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
             raise FleetMisuseError(f"telemetry store: cannot open {db_path}: {exc}") from None
 
@@ -218,6 +221,7 @@ class TelemetryStore:
                 except MessageError as exc:
                     return self._reject("profile_mismatch", str(exc))
             window.reports += 1
+            self._device_totals.add(report, start)  # past the dedup and merge checks: once per report
             if len(window.devices) < MAX_WINDOW_DEVICES:
                 window.devices.add(report.device_id)
             if report.requests:
@@ -238,7 +242,7 @@ class TelemetryStore:
                 return 0
             now = self._clock()
             rows = []
-            with self.db.conn:
+            with self.db.atomic():  # not `with conn`: sqlite-utils would commit each write on its own
                 for (model, version, cohort, start), w in self._pending.items():
                     stored = self.db.execute(
                         f"SELECT payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
@@ -266,6 +270,7 @@ class TelemetryStore:
                         "latency_kll": kll.serialize(), "updated_at": now,
                     })
                 self.db.table(WINDOWS_TABLE).upsert_all(rows, pk=WINDOW_KEY)
+                self._device_totals.write()
                 seen = self._pending_seen.items()
                 self.db.table(SEEN_TABLE).insert_all(
                     ({"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen),
@@ -275,6 +280,7 @@ class TelemetryStore:
                                 [now - self.config.seen_retention_s])
             self._pending.clear()
             self._pending_seen.clear()
+            self._device_totals.clear()
             return len(rows)
 
     # -- queries ----------------------------------------------------------------------
@@ -295,15 +301,12 @@ class TelemetryStore:
             sql, args = sql + " AND window_start < ?", [*args, until]
         with self._lock:
             rows = list(self.db.query(sql + " ORDER BY window_start, cohort", args))
-        out: list[dict[str, object]] = []
-        for r in rows:
-            out.append({
-                "window_start": r["window_start"], "cohort": r["cohort"], "reports": r["reports"],
-                "report": decode_report(r["payload"], max_bytes=2**31),
-                "devices": json.loads(r["devices"]), "device_count": r["device_count"],
-                "latency_kll": r["latency_kll"],
-            })
-        return out
+        return [{
+            "window_start": r["window_start"], "cohort": r["cohort"], "reports": r["reports"],
+            "report": decode_report(r["payload"], max_bytes=2**31),
+            "devices": json.loads(r["devices"]), "device_count": r["device_count"],
+            "latency_kll": r["latency_kll"],
+        } for r in rows]
 
     def query_windows(
         self, model: str, version: str, cohort: str | None = None,
@@ -320,6 +323,13 @@ class TelemetryStore:
             except MessageError as exc:
                 raise FleetInputError(f"stored windows of {model} {version} do not merge: {exc}") from None
         return merged
+
+    def device_totals(self, model: str, version: str, since: float | None = None
+                      ) -> list[DeviceVersionTotals]:
+        """Per-device sums of a version since `since` (flushes first): experiments judge by device."""
+        self.flush()
+        with self._lock:
+            return self._device_totals.query(model, version, since)
 
     def drift(
         self, model: str, version: str, cohort: str | None = None,

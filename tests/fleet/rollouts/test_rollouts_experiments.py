@@ -15,6 +15,7 @@ from scipy import stats
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.errors import Conflict, FleetInputError
+from fleet.rollouts.experiment_verdicts import compare_metric
 from fleet.rollouts.experiments import (
     ArmData,
     ExperimentDriver,
@@ -27,6 +28,7 @@ from fleet.rollouts.experiments import (
 )
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry.device_totals import DeviceVersionTotals
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -56,14 +58,23 @@ def test_two_proportion_z_matches_the_textbook_and_the_sample_size_formula() -> 
     assert 1700 < samples_for_proportions(0.10, 0.13, 0.05) < 1850
 
 
-def _arms(seed: int, n: int, err_a: float, err_b: float, lat_a: float,
-          lat_b: float) -> tuple[ArmData, ArmData]:
+def _arms(seed: int, n: int, err_a: float, err_b: float, lat_a: float, lat_b: float,
+          devices: int = 40) -> tuple[ArmData, ArmData]:
+    """`n` requests per arm spread over `devices` devices, as telemetry gives them: each device
+    with its own error rate (Beta around the arm's, sd 0.005) and its own typical latency
+    (lognormal around the arm's, sigma 0.15), requests around it (sigma 0.3)."""
     rng = np.random.default_rng(seed)
     out = []
-    for err, lat in ((err_a, lat_a), (err_b, lat_b)):
-        errors = int(rng.binomial(n, err))
-        lats = rng.lognormal(np.log(lat), 0.3, n)
-        out.append(ArmData(requests=n, errors=errors, samples={"latency_ms": [(float(v), 1) for v in lats]}))
+    for arm, (err, lat) in enumerate(((err_a, lat_a), (err_b, lat_b))):
+        k = err * (1 - err) / 0.005**2 - 1
+        rates, typical = rng.beta(err * k, (1 - err) * k, devices), lat * rng.lognormal(0, 0.15, devices)
+        devs = []
+        for i, (m, rate, t) in enumerate(zip(rng.multinomial(n, [1 / devices] * devices), rates, typical,
+                                             strict=True)):
+            lats = rng.lognormal(np.log(t), 0.3, int(m))
+            devs.append(DeviceVersionTotals(f"{arm}-{i}", "mlp", str(arm), int(m), int(rng.binomial(m, rate)),
+                                            int(m), float(lats.sum()), 1, 0.0, 0.0))
+        out.append(ArmData(requests=n, errors=sum(d.errors for d in devs), devices=devs))
     return out[0], out[1]
 
 
@@ -95,6 +106,29 @@ def test_no_difference_or_too_few_samples_is_inconclusive_with_a_sample_estimate
     assert small.verdict == "inconclusive" and small.metrics[0].more_samples_needed > 40
     empty = recommend(ArmData(), ArmData(), {"error_rate": "min", "latency_ms": "min"}, min_samples=50)
     assert empty.verdict == "inconclusive" and "need" in empty.summary
+
+
+@pytest.mark.unit
+def test_the_sequential_state_carries_a_reached_verdict_and_only_tightens() -> None:
+    a, b = _arms(5, 8000, err_a=0.06, err_b=0.03, lat_a=3.0, lat_b=3.0)
+    first = compare_metric("error_rate", "min", a, b, alpha=0.05, metrics=2, min_samples=100)
+    state = first.state()
+    assert first.winner == "b" and state is not None and state.tau == 0.01 and first.level == 0.025
+    # a later read that does not count (too few samples asked for) keeps what was established
+    held = compare_metric("error_rate", "min", a, b, 0.05, 2, min_samples=10**6, previous=state)
+    assert held.winner == "b" and held.p_value == state.p_value and held.state() is None
+    # later reads can only lower the p-value and narrow the confidence sequence (its running
+    # intersection); data that contradict the established interval leave it, and the verdict, be
+    more_a, more_b = _arms(5, 32000, err_a=0.06, err_b=0.03, lat_a=3.0, lat_b=3.0)
+    same_a, same_b = _arms(6, 8000, err_a=0.05, err_b=0.05, lat_a=3.0, lat_b=3.0)
+    for arms in ((more_a, more_b), (same_a, same_b)):
+        later = compare_metric("error_rate", "min", *arms, 0.05, 2, 100, previous=state)
+        after = later.state()
+        assert later.winner == "b" and after is not None and after.p_value <= state.p_value
+        assert state.ci_low <= after.ci_low <= after.ci_high <= state.ci_high < 0
+    # no evidence at all: no p-value, and the summary names the devices a verdict needs
+    empty = recommend(ArmData(), ArmData(), {"error_rate": "min"}, min_devices=12)
+    assert empty.metrics[0].p_value is None and empty.summary.startswith("inconclusive: need 12 more devices")
 
 
 @pytest.mark.unit
@@ -197,6 +231,9 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
             assert res.status_code == 202 and res.json() == {"accepted": 800}
         rec = c.get(f"/v1/experiments/{eid}/recommendation", headers=h).json()
         assert rec["verdict"] == "b" and rec["metrics"][0]["p_value"] < 1e-6
+        # pushed observations carry no device: judged, and labelled, per observation
+        assert rec["metrics"][0]["unit"] == "observation" and rec["metrics"][0]["devices_a"] == 0
+        assert "per observation for accuracy" in rec["summary"]
         bad = c.post(f"/v1/experiments/{eid}/observations", headers=h,
                      json={"arm": "c", "metric": "accuracy", "values": [1.0]})
         assert bad.status_code == 422
@@ -208,7 +245,9 @@ def test_api_recommendation_from_observations(setup: tuple[Store, Repository, Di
 @pytest.mark.integration
 def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Repository, DirectorSigner],
                                                     tmp_path: Path) -> None:
-    """Arm B (2.0.0) fails less and answers faster in device-built telemetry: B wins on both."""
+    """Arm B (2.0.0) fails less and answers faster in device-built telemetry, but on 3 devices
+    per arm: no verdict before `min_devices` (10) per arm, and the summary names the devices
+    still needed (the per-request tests declared B from these 3 devices)."""
     from agent.contract.telemetry import encode_report
     from agent.telemetry import TelemetrySketch
     from fleet.telemetry.ingest import TelemetryStore
@@ -236,7 +275,10 @@ def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Reposito
     finally:
         telemetry.close()
     by = {m.metric: m for m in rec.metrics}
-    assert rec.verdict == "b", rec.summary
+    assert rec.verdict == "inconclusive", rec.summary
+    assert rec.summary.startswith("inconclusive: need 7 more devices per arm"), rec.summary
+    assert by["error_rate"].devices_a == by["error_rate"].devices_b == 3
+    assert by["error_rate"].devices_needed >= 10 and by["error_rate"].winner is None
     assert by["error_rate"].n_a == by["error_rate"].n_b == 1200
     assert by["latency_ms"].p95_a is not None and by["latency_ms"].p95_b is not None
     assert by["latency_ms"].p95_b < by["latency_ms"].p95_a
