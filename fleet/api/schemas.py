@@ -244,6 +244,8 @@ class RolloutStatus(BaseModel):
     devices_total: int
     devices_by_status: dict[str, int]
     warnings: list[str] = Field(default=[], description="As in the rollout, e.g. `cohort matches no device`.")
+    baking_until: str | None = Field(default=None, description="While the current stage bakes (every "
+                                     "device final, `bake_s` not over): when the bake ends, ISO-8601 UTC")
 
 
 class RolloutDeviceOut(BaseModel):

@@ -42,7 +42,8 @@ def show(s: Session, experiment_id: str) -> None:
     """Show EXPERIMENT_ID: arms, cohort, metrics and their goals, devices per arm."""
     row = s.client.get(f"/v1/experiments/{quote(experiment_id)}")
     s.show_record(row, [*EXPERIMENT_COLUMNS, ("metrics", "metrics"), ("min samples", "min_samples"),
-                        ("alpha", "alpha"), ("created", "created_at"), ("by", "created_by")])
+                        ("alpha", "alpha"), ("min devices", "min_devices"), ("taus", "taus"),
+                        ("created", "created_at"), ("by", "created_by")])
 
 
 @group.command("create")
@@ -56,20 +57,39 @@ def show(s: Session, experiment_id: str) -> None:
               help="A metric and its goal, e.g. latency_ms=min (repeatable; server defaults otherwise).")
 @click.option("--min-samples", type=click.IntRange(1), default=None, help="Samples per arm before a verdict.")
 @click.option("--alpha", type=float, default=None, help="Significance level (server default 0.05).")
+@click.option("--min-devices", type=click.IntRange(2), default=None,
+              help="Devices per arm before any verdict (server default).")
+@click.option("--tau", "taus", multiple=True, metavar="METRIC=VALUE",
+              help="Effect of interest for a metric, e.g. latency_ms=2.5 (repeatable; server defaults: "
+                   "0.01 for error_rate, 10 %% of arm A's mean otherwise).")
 @click.option("--idempotency-key", default=None, help="Retry-safe create: the same key replays the answer.")
 @api_command
 def create(s: Session, name: str, version_a: str, version_b: str, selector: str, split_b: float | None,
            metrics: tuple[str, ...], min_samples: int | None, alpha: float | None,
-           idempotency_key: str | None) -> None:
+           min_devices: int | None, taus: tuple[str, ...], idempotency_key: str | None) -> None:
     """Create experiment NAME comparing --a and --b on the cohort and start assigning devices."""
     goals: dict[str, str] = {}
     for text in metrics:
         goals.update(parse_pairs(text, "--metric"))
     body: dict[str, object] = {"name": name, "version_a": version_a, "version_b": version_b,
                                "selector": selector}
-    optional = {"split_b": split_b, "metrics": goals or None, "min_samples": min_samples, "alpha": alpha}
+    scales = _taus(taus)
+    optional = {"split_b": split_b, "metrics": goals or None, "min_samples": min_samples, "alpha": alpha,
+                "min_devices": min_devices, "taus": scales or None}
     body.update({k: v for k, v in optional.items() if v is not None})
     s.show_record(s.client.post("/v1/experiments", body, idempotency_key), EXPERIMENT_COLUMNS)
+
+
+def _taus(texts: tuple[str, ...]) -> dict[str, float]:
+    """`--tau METRIC=VALUE` options as a dict; raises click.BadParameter for a value that is no number."""
+    scales: dict[str, float] = {}
+    for text in texts:
+        for metric, value in parse_pairs(text, "--tau").items():
+            try:
+                scales[metric] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"{value!r} is not a number", param_hint="--tau") from None
+    return scales
 
 
 @group.command("recommend")
@@ -84,8 +104,10 @@ def recommend(s: Session, experiment_id: str) -> None:
     s.note(f"verdict: {row['verdict']}: {row['summary']}")
     s.show_list(row.get("metrics", []), [
         ("metric", "metric"), ("goal", "goal"), ("test", "test"), ("n a", "n_a"), ("n b", "n_b"),
-        ("a", "value_a"), ("b", "value_b"), ("p-value", "p_value"), ("effect", "effect_size"),
-        ("winner", "winner"), ("more samples", "more_samples_needed")], "metrics")
+        ("a", "value_a"), ("b", "value_b"), ("p-value", "p_value"), ("effect", "effect"),
+        ("ci low", "ci_low"), ("ci high", "ci_high"), ("r", "effect_size"), ("devices a", "devices_a"),
+        ("devices b", "devices_b"), ("devices needed", "devices_needed"), ("winner", "winner"),
+        ("more samples", "more_samples_needed")], "metrics")
 
 
 @group.command("stop")

@@ -63,15 +63,18 @@ def show(s: Session, rollout_id: str) -> None:
     row = s.client.get(base)
     status = s.client.get(f"{base}/status")
     combined = {**row, "devices_total": status["devices_total"],
-                "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", [])}
+                "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", []),
+                "baking_until": status.get("baking_until")}
     if s.as_json:
         s.json(combined)
         return
     for warning in combined["warnings"]:
         s.note(f"warning: {warning}")
+    if combined["baking_until"]:
+        s.note(f"stage {combined.get('stage')} baking until {combined['baking_until']}")
     s.show_record(combined, [*ROLLOUT_COLUMNS, ("strategy", "strategy"), ("thresholds", "thresholds"),
                              ("devices", "devices_total"), ("by status", "devices_by_status"),
-                             ("warnings", "warnings"),
+                             ("warnings", "warnings"), ("baking until", "baking_until"),
                              ("created", "created_at"), ("by", "created_by")])
     s.show_list(row.get("history", []), [("at", "at"), ("event", "event"), ("by", "actor"),
                                          ("note", "note")], "history")

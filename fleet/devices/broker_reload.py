@@ -10,6 +10,12 @@ Two hooks, from `FleetSettings`: `broker_pid_file` (SIGHUP to the pid it holds) 
 `broker_reload_command` (an argv such as `systemctl reload mosquitto`). Both run when both
 are set. A failure is logged and returned, never raised: the store already holds the
 revocation, and the operator must learn that the broker has not applied it yet.
+
+The warning (`fleet.broker.reload_failed`) names what it means in practice (`IMPACT`). It is
+logged at DEBUG instead when the fleet logs in to the broker without a password
+(`broker_password_file`, `broker_password` or a password in `broker_url`) and no hook is
+configured: a broker that takes the fleet without a password does not use the password file
+(a development broker), so there is nothing for the operator to do.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agent.logs import log_event
 from fleet.devices.enrollment import sync_broker_credentials
@@ -29,6 +36,8 @@ from fleet.store import Store
 logger = logging.getLogger("edgefleet.fleet.broker")
 MAX_PID_FILE_BYTES = 64
 NOT_CONFIGURED = "no broker reload hook configured (set broker_pid_file or broker_reload_command)"
+IMPACT = ("devices enrolled since the last broker restart cannot connect until Mosquitto reloads its "
+          "password file, and revoked devices can")
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,14 @@ def reload_broker(settings: FleetSettings) -> BrokerReload:
     if result.reloaded:
         log_event(logger, "fleet.broker.reloaded", detail=result.detail)
     else:
-        log_event(logger, "fleet.broker.reload_failed", logging.WARNING, detail=result.detail)
+        level = logging.WARNING if errors or password_file_in_use(settings) else logging.DEBUG
+        log_event(logger, "fleet.broker.reload_failed", level, detail=result.detail, impact=IMPACT)
     return result
+
+
+def password_file_in_use(settings: FleetSettings) -> bool:
+    """Whether the broker checks passwords: the fleet logs in with one (from a file, a setting or the URL)."""
+    return settings.broker_password is not None or urlsplit(settings.broker_url).password is not None
 
 
 def apply_broker_credentials(store: Store, settings: FleetSettings) -> BrokerReload:

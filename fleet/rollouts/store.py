@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.logs import log_event
-from fleet.db.rows import Row, decode_row, dumps
+from fleet.db.rows import Row, decode_row, dumps, iso
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict, FleetInputError, NotFound
 from fleet.rollouts import machine
 from fleet.rollouts.machine import Desired, RolloutState
+from fleet.rollouts.strategies import StrategyConfig
 
 if TYPE_CHECKING:
     from fleet.store import Store
@@ -103,6 +104,7 @@ class RolloutStatusSummary:
     devices_total: int
     devices_by_status: dict[str, int]
     warnings: tuple[str, ...] = ()
+    baking_until: str | None = None  # ISO time the current stage's bake ends (None when not baking)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +229,25 @@ class RolloutRepo:
         return RolloutStatusSummary(id=rollout_id, state=rollout.state, desired=rollout.desired,
                                     stage=rollout.stage, updated_at=rollout.updated_at,
                                     devices_total=total, devices_by_status=counts,
-                                    warnings=self._warnings(rollout, total))
+                                    warnings=self._warnings(rollout, total),
+                                    baking_until=self._baking_until(rollout))
+
+    def _baking_until(self, rollout: Rollout) -> str | None:
+        """When the bake of a running rollout's current stage ends: its devices are all final
+        (the controller's `stage_done_at`) and `bake_s` has not passed yet; None otherwise."""
+        if rollout.state is not RolloutState.RUNNING:
+            return None
+        with self.store.read() as db:
+            row = db.execute("SELECT stage_done_at FROM rollout_runtime WHERE rollout_id = ? AND phase = ?",
+                             [rollout.id, "forward"]).fetchone()
+        if row is None or row[0] is None:
+            return None
+        try:
+            bake_s = StrategyConfig.parse(rollout.strategy).bake_s
+        except FleetInputError:  # a plan stored before a bound got stricter: no bake to report
+            return None
+        until = float(row[0]) + bake_s
+        return iso(until) if bake_s > 0 and until > self.store.clock() else None
 
     # -- controller side (round 2 writes through these) -------------------------
     def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Rollout:

@@ -2,7 +2,8 @@
 
 Three strategies, all functions of the cohort size and an injected clock (no I/O):
 
-- `all_at_once`: one stage with the whole cohort.
+- `all_at_once`: one stage with the whole cohort; no bake unless `bake_s` is given (there is
+  no next stage to protect, so the default 600 s would only delay `completed`).
 - `canary`: cumulative percentages (default 5 % -> 25 % -> 100 %), each stage baked for
   `bake_s` once all its devices have a final outcome and its gates pass (hawkBit groups).
 - `exponential`: AWS IoT Jobs' rollout rate: start at `base_per_minute`, multiply by
@@ -38,7 +39,7 @@ class StrategyConfig(BaseModel):
     kind: Literal["all_at_once", "canary", "exponential"] = "canary"
     stages: Annotated[list[Annotated[float, Field(gt=0, le=100)]], Field(min_length=1, max_length=20)] = \
         Field(default_factory=lambda: list(DEFAULT_CANARY_STAGES))
-    bake_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0
+    bake_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 600.0  # all_at_once: 0 unless given
     # exponential rate (AWS IoT Jobs names)
     base_per_minute: Annotated[int, Field(ge=1, le=1000)] = 10
     increment_factor: Annotated[float, Field(ge=1.1, le=5.0)] = 2.0
@@ -60,6 +61,8 @@ class StrategyConfig(BaseModel):
             raise ValueError("the last stage must be 100 (the whole cohort)")
         if self.max_per_minute < self.base_per_minute:
             raise ValueError("max_per_minute must be at least base_per_minute")
+        if self.kind == "all_at_once" and "bake_s" not in self.model_fields_set:
+            return self.model_copy(update={"bake_s": 0.0})  # one stage: nothing to bake before
         if self.kind == "exponential" and self.increase_after_succeeded is None \
                 and self.increase_after_notified is None:
             return self.model_copy(update={"increase_after_notified": self.base_per_minute})

@@ -194,8 +194,28 @@ def test_experiments_create_show_recommend_stop(fleet: RunningFleet, tmp_path: P
     assert "latency_ms" in cli(experiments.group, "show", eid, env=env).stdout
     verdict = cli(experiments.group, "recommend", eid, env=env)
     assert "verdict: inconclusive" in verdict.stderr
+    for column in ("effect", "ci low", "ci high", "devices a", "devices b", "devices needed"):
+        assert column in verdict.stdout, (column, verdict.stdout)
     assert as_json(experiments.group, "stop", eid, env=env)["state"] == "stopped"
     one_line_error(cli(experiments.group, "show", "exp-nope", env=env, code=EXIT_NOT_FOUND), "404")
+
+
+@pytest.mark.integration
+def test_experiments_create_with_min_devices_and_taus(fleet: RunningFleet, tmp_path: Path) -> None:
+    env = fleet.env()
+    for version, seed in (("1.0.0", 1), ("1.1.0", 2)):
+        cli(models.group, "publish", str(bundle(tmp_path, version, seed)), env=env)
+    created = as_json(experiments.group, "create", "ab", "--a", "mlp:1.0.0", "--b", "mlp:1.1.0",
+                      "--min-devices", "7", "--tau", "latency_ms=2.5", "--tau", "error_rate=0.02", env=env)
+    assert created["min_devices"] == 7
+    assert created["taus"] == {"latency_ms": 2.5, "error_rate": 0.02}
+    shown = as_json(experiments.group, "show", created["id"], env=env)
+    assert (shown["min_devices"], shown["taus"]) == (7, created["taus"])
+    bad = cli(experiments.group, "create", "ab2", "--a", "mlp:1.0.0", "--b", "mlp:1.1.0",
+              "--tau", "latency_ms=fast", env=env, code=2)
+    assert "not a number" in bad.output
+    one_line_error(cli(experiments.group, "create", "ab3", "--a", "mlp:1.0.0", "--b", "mlp:1.1.0",
+                       "--tau", "latency_ms=-1", env=env, code=EXIT_INVALID), "422")
 
 
 @pytest.mark.integration

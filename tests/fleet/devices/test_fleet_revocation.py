@@ -9,6 +9,7 @@ controller over the real store with an injected clock (`test_rollouts_controller
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.api.deps import ApiCollaborators
 from fleet.delivery.publisher import Publisher
-from fleet.devices.broker_reload import NOT_CONFIGURED, reload_broker
+from fleet.devices.broker_reload import IMPACT, NOT_CONFIGURED, reload_broker
 from fleet.devices.enrollment import mosquitto_password_hash, sync_broker_credentials
 from fleet.devices.revocation import RevokedFilter
 from fleet.rollouts.records import RolloutRecords
@@ -185,6 +186,31 @@ def test_reload_command_runs_and_both_hooks_must_succeed(tmp_path: Path) -> None
     both = reload_broker(FleetSettings(data_dir=tmp_path, broker_reload_command=("true",),
                                        broker_pid_file=tmp_path / "absent.pid"))
     assert both.reloaded is False and "ran true" in both.detail and "absent.pid" in both.detail
+
+
+@pytest.mark.integration
+def test_reload_warning_is_quiet_without_a_password_file_and_says_what_it_means_with_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def reload_records(settings: FleetSettings) -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="edgefleet.fleet.broker"):
+            assert reload_broker(settings).reloaded is False
+        return [r for r in caplog.records if r.getMessage() == "fleet.broker.reload_failed"]
+
+    quiet = reload_records(FleetSettings(data_dir=tmp_path))  # no password: the broker is anonymous
+    assert [r.levelno for r in quiet] == [logging.DEBUG]
+    secret = tmp_path / "fleet.pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    with_file = FleetSettings(data_dir=tmp_path, broker_url="mqtt://fleet@127.0.0.1:1884",
+                              broker_password_file=secret)
+    loud = reload_records(with_file)
+    assert [r.levelno for r in loud] == [logging.WARNING]
+    assert loud[0].__dict__["impact"] == IMPACT
+    assert "devices enrolled since the last broker restart cannot connect until Mosquitto reloads its " \
+           "password file" in IMPACT
+    failing_hook = reload_records(FleetSettings(data_dir=tmp_path, broker_reload_command=("false",)))
+    assert [r.levelno for r in failing_hook] == [logging.WARNING]  # a configured hook that fails is news
 
 
 @pytest.mark.unit
