@@ -40,24 +40,24 @@ class BundleImport(BaseModel):
     path: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
 
 
-def _initialised(repo: Repository) -> Repository:
+def initialised(repo: Repository) -> Repository:
     if not repo.initialized:
         raise FleetInputError("the fleet's TUF repository is not initialised (start `edgefleet fleet serve`)")
     return repo
 
 
-def _confined(import_dir: Path, requested: str) -> Path:
-    """`requested` inside the import directory; any invalid path is a 422 naming `body.path`."""
+def confined_file(import_dir: Path, requested: str, field: str = "path") -> Path:
+    """`requested` inside the import directory; any invalid path is a 422 naming `body.<field>`."""
     root = import_dir.resolve()
     try:
         path = (root / requested).resolve()
         inside = root in path.parents and path.is_file()
     except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise field_error(("body", "path"), f"path {requested!r} is not a usable path: {reason}",
+        raise field_error(("body", field), f"{field} {requested!r} is not a usable path: {reason}",
                           requested) from None
     if not inside:
-        raise field_error(("body", "path"), f"path {requested!r} is not a file inside the import directory",
+        raise field_error(("body", field), f"{field} {requested!r} is not a file inside the import directory",
                           requested)
     return path
 
@@ -66,9 +66,9 @@ def _confined(import_dir: Path, requested: str) -> Path:
              responses=_RESPONSES, summary="Register a version from a bundle file on the server")
 def version_from_bundle(name: str, body: BundleImport, request: Request, store: StoreDep,
                         settings: SettingsDep, repo: RepositoryDep, who: Operator) -> JSONResponse:
-    path = _confined(settings.import_dir, body.path)
+    path = confined_file(settings.import_dir, body.path)
     return idempotent_create(request, who, body, VersionOut,
-                             lambda: publish_bundle(store, _initialised(repo), path, name, who.actor))
+                             lambda: publish_bundle(store, initialised(repo), path, name, who.actor))
 
 
 @router.post("/{name}/versions/upload", response_model=VersionOut, status_code=201, responses=_RESPONSES,
@@ -89,5 +89,5 @@ async def version_from_upload(name: str, request: Request, store: StoreDep, sett
                 out.write(chunk)
         if size == 0:
             raise FleetInputError("empty upload: send the bundle as the request body")
-        row = await run_in_threadpool(publish_bundle, store, _initialised(repo), dest, name, who.actor)
+        row = await run_in_threadpool(publish_bundle, store, initialised(repo), dest, name, who.actor)
     return JSONResponse(VersionOut.model_validate(row).model_dump(mode="json"), 201)

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from fleet.access.auth import Operator, Viewer
-from fleet.api.deps import Paging, SettingsDep, StoreDep, idempotent_create
+from fleet.api.bundles import confined_file, initialised
+from fleet.api.deps import Paging, RepositoryDep, SettingsDep, StoreDep, idempotent_create
 from fleet.api.error_shape import field_error
 from fleet.api.schemas import (
     BundleTarget,
@@ -24,7 +25,7 @@ from fleet.api.schemas import (
 )
 from fleet.db.paging import Page
 from fleet.errors import FleetInputError
-from fleet.registry.mlflow_import import import_mlflow_model, resolve_import_path
+from fleet.registry.mlflow_import import import_mlflow_model, load_reference, resolve_import_path
 from fleet.registry.versions import Model, ModelVersion, StageHistoryEntry
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -47,14 +48,26 @@ def create_model(body: ModelCreate, request: Request, store: StoreDep, who: Oper
 @router.post("/import-mlflow", response_model=VersionOut, status_code=201, responses=_CONFLICT,
              summary="Register a version from an MLflow model directory on the server")
 def import_mlflow(body: MlflowImport, request: Request, store: StoreDep, settings: SettingsDep,
-                  who: Operator) -> JSONResponse:
+                  repo: RepositoryDep, who: Operator) -> JSONResponse:
     try:
         path = resolve_import_path(settings.import_dir, body.path)
     except FleetInputError as exc:  # every refusal here is about that one field: name it
         raise field_error(("body", "path"), str(exc), body.path) from None
-    return idempotent_create(request, who, body, VersionOut,
-                             lambda: import_mlflow_model(store, path, body.model, body.version, who.actor,
-                                                         settings.limits.max_upload_bytes))
+    if body.reference_data is not None and body.no_profile:
+        raise field_error(("body", "no_profile"), "no_profile and reference_data exclude each other", True)
+    build = body.reference_data is not None or body.no_profile
+    ref_path = (None if body.reference_data is None
+                else confined_file(settings.import_dir, body.reference_data, "reference_data"))
+
+    def run() -> ModelVersion:
+        reference = None if ref_path is None else load_reference(ref_path)
+        return import_mlflow_model(store, path, body.model, body.version, who.actor,
+                                   settings.limits.max_upload_bytes,
+                                   repo=initialised(repo) if build else None,
+                                   reference=reference, no_profile=body.no_profile,
+                                   root=settings.import_dir, scratch=settings.data_dir)
+
+    return idempotent_create(request, who, body, VersionOut, run)
 
 
 @router.get("/{name}", response_model=ModelOut, summary="Read a model")

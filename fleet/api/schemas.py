@@ -105,11 +105,18 @@ class StageHistoryOut(_Record):
 
 
 class MlflowImport(_In):
-    """Import an MLflow model directory that lies under the server's import directory."""
+    """Import an MLflow model directory that lies under the server's import directory.
+
+    With `reference_data` (a `.npy` file there too) or `no_profile`, the bundle is built from the
+    MLflow model and published, so the version is deployable at once; with neither, the version
+    waits for a bundle whose model digest is MLflow's artifact (`models publish` attaches it).
+    """
 
     path: Annotated[str, StringConstraints(min_length=1, max_length=1000)]
     model: Name
     version: SemVer
+    reference_data: Annotated[str, StringConstraints(min_length=1, max_length=1000)] | None = None
+    no_profile: bool = False
 
 
 # -- devices ---------------------------------------------------------------------

@@ -8,17 +8,28 @@ directory could reuse a metadata version. `models publish` uploads the bundle to
 Routes: list `GET /v1/models`, show `GET /v1/models/{name}` (+ versions) or
 `GET .../versions/{version}` (+ history), create `POST /v1/models`, versions
 `GET .../versions`, stage `POST .../versions/{version}/stage`, publish `POST .../versions/upload`.
+
+`import-mlflow` reads an MLflow model (a local directory, or `models:/name/version` through
+MLflow's client) on the operator's machine, builds its bundle here, registers the version with
+MLflow's lineage (`POST .../versions`, artifact digest = MLflow's ONNX file) and uploads the
+bundle, which the service attaches to that version because the digests match.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
 from agent.contract.bundle import read_manifest
 from agent.errors import EdgefleetError
+from fleet.cli.api_client import EXIT_CONFLICT, EXIT_NOT_FOUND, ApiError
 from fleet.cli.api_output import CONTEXT, Column, Session, api_command, limit_option, quote
+from fleet.errors import NotFound
 
 STAGES = ("registered", "staging", "canary", "production", "archived")
 PUBLISH_TIMEOUT_S = 600.0  # the service checks the whole bundle before answering
@@ -114,15 +125,123 @@ def publish(s: Session, bundle: Path, model: str | None) -> None:
         name = model or read_manifest(bundle).name
     except EdgefleetError as exc:
         raise click.ClickException(f"{bundle} is not a bundle: {exc}") from None
+    _show_published(s, _upload(s, bundle, name))
+
+
+def _upload(s: Session, bundle: Path, name: str) -> dict[str, Any]:
     with bundle.open("rb") as fh:
-        row = s.client.request("POST", f"/v1/models/{quote(name)}/versions/upload", content=fh,
-                               headers={"Content-Type": "application/octet-stream"},
-                               timeout=max(PUBLISH_TIMEOUT_S, s.client.target.timeout_s))
+        row: dict[str, Any] = s.client.request(
+            "POST", f"/v1/models/{quote(name)}/versions/upload", content=fh,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=max(PUBLISH_TIMEOUT_S, s.client.target.timeout_s))
+    return row
+
+
+def _show_published(s: Session, row: dict[str, Any]) -> None:
     if s.as_json:
         s.json(row)
         return
     s.note(f"registered {row['id']} -> target {row['bundle_target']}")
     click.echo(row["id"])
+
+
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _api_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
+    """MLflow lineage in the API's shape: a dataset digest that is not sha256 moves to `source`."""
+    out = {k: v for k, v in lineage.items() if k in ("training_code_ref", "dataset_ref", "hyperparameters",
+                                                      "metrics", "source")}
+    digest = lineage.get("dataset_digest")
+    if digest is not None and _SHA256.match(str(digest)):
+        out["dataset_digest"] = digest
+    elif digest is not None:
+        out["source"] = {**out.get("source", {}), "dataset_digest": str(digest)}
+    return out
+
+
+def _register_for_attach(s: Session, name: str, version: str, digest: str, lineage: dict[str, Any]) -> None:
+    """Create the model if absent and register the version, or accept one waiting for this artifact."""
+    base = f"/v1/models/{quote(name)}"
+    try:
+        s.client.get(base)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+        run = lineage.get("source", {}).get("run_id", "?")
+        s.client.post("/v1/models", {"name": name, "description": f"imported from MLflow run {run}"})
+    body = {"version": version, "artifact_digest": digest, "runtime": "onnx",
+            "lineage": _api_lineage(lineage)}
+    try:
+        s.client.post(f"{base}/versions", body)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        row = s.client.get(f"{base}/versions/{quote(version)}")
+        if row["bundle_target"] is not None or row["artifact_digest"] != digest:
+            raise ApiError(f"version {row['id']} exists with artifact {row['artifact_digest']} and bundle "
+                           f"{row['bundle_target'] or '-'}: it cannot take this MLflow model ({digest})",
+                           EXIT_CONFLICT, 409) from None
+        s.note(f"{row['id']} is registered without a bundle: attaching this one")
+
+
+@group.command("import-mlflow")
+@click.argument("source")
+@click.option("--model", "model", required=True, help="Registry model name.")
+@click.option("--version", "version", required=True, help="Registry version (MAJOR.MINOR.PATCH).")
+@click.option("--reference-data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reference rows (.npy, rows x features): drift profile and golden inputs of the bundle.")
+@click.option("--no-profile", is_flag=True,
+              help="Build without --reference-data: drift monitoring is OFF for this version.")
+@click.option("--run-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The mlruns run directory (params/, metrics/, tags/); default: found from SOURCE.")
+@click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="BundleMetadata JSON (health, tolerances, feature_names; name, version and lineage "
+              "come from the options and MLflow).")
+@api_command
+def import_mlflow(s: Session, source: str, model: str, version: str, reference_data: Path | None,
+                  no_profile: bool, run_dir: Path | None, metadata_path: Path | None) -> None:
+    """Import SOURCE (an MLflow model directory, or models:/NAME/VERSION with the `mlflow` extra)
+    as a deployable version: bundle built here, version registered with MLflow's run lineage."""
+    if no_profile == (reference_data is not None):
+        raise click.UsageError("give --reference-data (drift profile, golden inputs) or --no-profile")
+    from fleet.registry.builder import BundleMetadata  # lazy: onnx, pydantic: for this command only
+    from fleet.registry.mlflow_import import (  # lazy: the builder, as above
+        build_mlflow_bundle,
+        load_mlflow_model,
+        load_reference,
+    )
+    from fleet.registry.mlflow_runs import download_models_uri  # lazy: yaml, MLflow: this command only
+
+    base = None
+    if metadata_path is not None:
+        try:
+            doc = json.loads(metadata_path.read_text(encoding="utf-8"))
+            base = BundleMetadata.model_validate({**doc, "name": model, "version": version})
+        except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, not valid metadata
+            raise click.ClickException(f"invalid --metadata {metadata_path}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="edgefleet-mlflow-") as tmp:
+        try:
+            run = None
+            if source.startswith("models:/"):
+                local, run = download_models_uri(source, Path(tmp) / "download")
+            else:
+                local = Path(source)
+                if not local.is_dir():
+                    raise click.ClickException(f"{source} is neither an MLflow model directory nor "
+                                               "a models:/ reference")
+            mm = load_mlflow_model(local, run=run, run_dir=run_dir)
+            reference = None if reference_data is None else load_reference(reference_data)
+            bundle = build_mlflow_bundle(mm, model, version, Path(tmp) / f"{model}-{version}.efb",
+                                         reference=reference, no_profile=no_profile, base=base)
+        except EdgefleetError as exc:
+            raise ApiError(str(exc), EXIT_NOT_FOUND if isinstance(exc, NotFound) else 1) from None
+        s.note(f"built {bundle.name} from {source} (model {mm.digest})")
+        _register_for_attach(s, model, version, mm.digest, mm.lineage)
+        _show_published(s, _upload(s, bundle, model))
+        if no_profile:
+            click.secho(f"WARNING: {model} {version} has no reference profile (--no-profile): drift "
+                        "monitoring is OFF for it", err=True, fg="red", bold=True)
 
 
 if __name__ == "__main__":  # `python -m fleet.cli.models ...`, also without the installed entry point

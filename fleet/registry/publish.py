@@ -9,8 +9,14 @@ as `name-version` (director documents, reported state, events). The TUF target i
 is the manifest's (`lineage`: refs, hyperparameters, metrics) plus its `quantization` block
 (scheme, calibration figures, accuracy delta, agreement) and the bundle's `source`.
 
+A version registered without a bundle (an MLflow import, `POST /v1/models/{name}/versions`)
+gets one attached instead: the bundle's model digest and runtime must be the ones the version
+recorded (versions are immutable, so the lineage stays as registered), and the target is then
+recorded in the version. Without that, such a version could never be deployed.
+
 Errors: `publish_bundle` raises FleetInputError (bad or mismatched bundle), NotFound
-(unknown model when `create_model` is false) and Conflict (version already registered).
+(unknown model when `create_model` is false) and Conflict (version already has a bundle, or
+its recorded artifact is not the bundle's model).
 """
 
 from __future__ import annotations
@@ -37,11 +43,15 @@ def target_path_for(name: str, version: str) -> str:
 
 
 def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, actor: str,
-                   create_model: bool = True) -> ModelVersion:
-    """Check `bundle`, publish it as a TUF target and register it as a version of `model`.
+                   create_model: bool = True, *, source: dict[str, Any] | None = None,
+                   description: str | None = None) -> ModelVersion:
+    """Check `bundle`, publish it as a TUF target and register it as a version of `model`
+    (or attach it to that version when it was registered without a bundle).
 
-    Raises `FleetInputError` (not a valid bundle, bundle of another model), `NotFound` (no such model and
-    `create_model` is false) and `Conflict` (the version exists).
+    `source` adds to the lineage's `source` record (an MLflow run), `description` is the
+    model's when it is created here. Raises `FleetInputError` (not a valid bundle, bundle of
+    another model), `NotFound` (no such model and `create_model` is false) and `Conflict` (the
+    version has a bundle, or records another artifact).
     """
     with tempfile.TemporaryDirectory(prefix="efb-check-") as scratch:
         try:
@@ -55,20 +65,29 @@ def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, act
     except NotFound:
         if not create_model:
             raise
-        store.models.create_model(model, f"registered from bundle {manifest.bundle_id}", actor)
+        store.models.create_model(model, description or f"registered from bundle {manifest.bundle_id}", actor)
     try:
-        store.models.get_version(model, manifest.version)
+        existing = store.models.get_version(model, manifest.version)
     except NotFound:
-        pass
-    else:
-        raise Conflict(f"version {manifest.version!r} of model {model!r} already exists")
+        existing = None
+    if existing is not None and existing.bundle_target is not None:
+        raise Conflict(f"version {manifest.version!r} of model {model!r} already exists "
+                       f"(bundle {existing.bundle_target})")
+    if existing is not None and (existing.artifact_digest, existing.runtime) != (manifest.model_digest,
+                                                                                   manifest.runtime):
+        raise Conflict(f"version {existing.id} was registered with {existing.runtime} artifact "
+                       f"{existing.artifact_digest}, but this bundle's model is {manifest.runtime} "
+                       f"{manifest.model_digest}: a version is immutable, publish this bundle as a new "
+                       "version")
     path = target_path_for(model, manifest.version)
     with REPO_LOCK:
         repo.add_target(Path(bundle), path, {"name": manifest.name, "version": manifest.version})
+    if existing is not None:
+        return store.models.set_bundle_target(model, manifest.version, path, actor)
     # Everything the manifest says about lineage and quantization (the gate's figures included):
     # versions are immutable, so what is not copied now is lost to the registry for good.
     lineage: dict[str, Any] = {
-        "source": {"bundle_sha256": sha256_file(Path(bundle)), "bundle_target": path},
+        "source": {**(source or {}), "bundle_sha256": sha256_file(Path(bundle)), "bundle_target": path},
         "metrics": dict(manifest.lineage.metrics),
         "hyperparameters": dict(manifest.lineage.hyperparameters),
         "quantization": manifest.quantization.model_dump(mode="json"),
