@@ -145,9 +145,16 @@ def _tensors(specs: list[dict[str, Any]]) -> str:
 
 @group.command("inspect")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: the summary, the whole `manifest` and its `reference_profile` (feed it to "
+              "`telemetry drift --profile -`).")
 def inspect_command(bundle: Path, as_json: bool) -> None:
-    """Fully verify BUNDLE (safe extraction with limits, model digest) and summarise it."""
+    """Fully verify BUNDLE (safe extraction with limits, model digest) and summarise it.
+
+    `--json` carries the verified manifest and its reference profile, so drift can be computed
+    against exactly what the devices were given:
+    `edgefleet bundle inspect B.efb --json | edgefleet telemetry drift --profile - ...`.
+    """
     try:
         with tempfile.TemporaryDirectory(prefix="edgefleet-inspect-") as tmp:
             done = extract_bundle(bundle, Path(tmp) / "bundle", BundleLimits(), durable=False)
@@ -156,7 +163,9 @@ def inspect_command(bundle: Path, as_json: bool) -> None:
         raise SystemExit(1) from None
     summary = _summary(done.manifest, done.bundle_sha256, done.bundle_size)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        manifest = done.manifest.model_dump(mode="json")
+        doc = {**summary, "manifest": manifest, "reference_profile": manifest["reference_profile"]}
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
     q = summary["quantization"]
     lines = [

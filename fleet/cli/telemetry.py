@@ -30,12 +30,23 @@ err = Console(stderr=True)
 
 
 def _load_profile(path: Path) -> ReferenceProfile:
-    """A profile JSON file, or a manifest JSON whose `reference_profile` is used."""
+    """A profile JSON, or a JSON with a `reference_profile` (a manifest, `bundle inspect --json`).
+
+    `-` reads standard input, so `bundle inspect B.efb --json | telemetry drift --profile -`
+    works. An empty profile (a bundle built with `--no-profile`) is refused: there is nothing
+    to compare the telemetry with.
+    """
+    where = "standard input" if str(path) == "-" else str(path)
     try:
-        doc = json.loads(path.read_text())
-        return ReferenceProfile.model_validate(doc.get("reference_profile", doc))
+        doc = json.loads(sys.stdin.read() if str(path) == "-" else path.read_text())
+        prof = ReferenceProfile.model_validate(doc.get("reference_profile", doc))
     except (OSError, ValueError, AttributeError) as exc:
-        raise click.ClickException(f"{path}: not a reference profile or manifest ({exc})") from None
+        raise click.ClickException(f"{where}: not a reference profile, manifest or `bundle inspect --json` "
+                                   f"output ({exc})") from None
+    if not prof.features and not prof.outputs:
+        raise click.ClickException(f"{where}: the reference profile is empty (a bundle built with "
+                                   "--no-profile has no drift reference)")
+    return prof
 
 
 def _store(db: Path) -> TelemetryStore:
@@ -115,8 +126,10 @@ def windows(db: Path, model: str, version: str, cohort: str | None, since_hours:
 
 @group.command()
 @db_option
-@click.option("--profile", "profile_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="The version's profile JSON or manifest JSON.")
+@click.option("--profile", "profile_path",
+              type=click.Path(exists=True, dir_okay=False, allow_dash=True, path_type=Path), required=True,
+              help="The version's profile JSON, manifest JSON or `bundle inspect --json` output "
+              "(- reads stdin).")
 @click.option("--model", required=True)
 @click.option("--version", "version", required=True)
 @click.option("--cohort", default=None, help="Only this cohort (default: all).")

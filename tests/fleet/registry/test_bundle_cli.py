@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.manifest import json_schema
-from simulators.models import make_mlp_onnx
+from agent.contract.manifest import ReferenceProfile, json_schema
+from agent.contract.telemetry import encode_report
+from agent.telemetry import TelemetrySketch
+from fleet.telemetry.ingest import TelemetryStore
+from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -93,3 +96,41 @@ def test_schema_prints_the_manifest_schema() -> None:
     out = _cli("schema")
     assert out.returncode == 0
     assert json.loads(out.stdout) == json.loads(json.dumps(json_schema()))
+
+
+@pytest.mark.integration
+def test_inspect_json_feeds_telemetry_drift_through_a_pipe(tmp_path: Path) -> None:
+    """`bundle inspect --json | telemetry drift --profile -`: drift against the profile the devices got."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
+    np.save(tmp_path / "ref.npy", rng.standard_normal((600, 32)).astype(np.float32))
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "mlp", "version": "2.0.0"}))
+    built = _cli("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json",
+                 "--reference-data", tmp_path / "ref.npy", "-o", tmp_path / "b.efb")
+    assert built.returncode == 0, built.stderr
+    doc = json.loads(_cli("inspect", tmp_path / "b.efb", "--json").stdout)
+    assert doc["manifest"]["name"] == "mlp" and doc["manifest"]["model_digest"] == doc["model_digest"]
+    prof = ReferenceProfile.model_validate(doc["reference_profile"])
+    assert len(prof.features) == 32 and prof.outputs
+    store = TelemetryStore(tmp_path / "t.db")
+    sk = TelemetrySketch(prof, "dev-1", "mlp", "2.0.0", resource_probe=lambda: (0, 0.0, 0.0))
+    shifted = rng.normal(1.5, 1.0, size=(2000, 32)).astype(np.float32)
+    sk.update(shifted, mlp_reference(shifted, mlp_weights(0)), 0.002)
+    assert store.ingest(encode_report(sk.snapshot_and_reset())) == "accepted"
+    store.close()
+    py = sys.executable
+    drift = (f"{py} -m fleet.cli.telemetry drift --db {tmp_path / 't.db'} --profile - "
+             "--model mlp --version 2.0.0")
+    piped = subprocess.run(f"{py} -m agent.cli bundle inspect {tmp_path / 'b.efb'} --json | {drift} --json",
+                           shell=True, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    verdict = json.loads(piped.stdout)
+    assert verdict["dataset_drift"] and sum(c["role"] == "feature" for c in verdict["columns"]) == 32
+    # A bundle without a profile has nothing to compare with: refused in one line, no traceback.
+    _cli("build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "--no-profile",
+         "-o", tmp_path / "n.efb")
+    empty = subprocess.run(f"{py} -m agent.cli bundle inspect {tmp_path / 'n.efb'} --json | {drift}",
+                           shell=True, capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1 and "profile is empty" in empty.stderr and "Traceback" not in empty.stderr
+    junk = subprocess.run(f"echo '[1, 2]' | {drift}", shell=True, capture_output=True, text=True, timeout=120)
+    assert junk.returncode == 1 and "standard input: not a reference profile" in junk.stderr
