@@ -45,8 +45,9 @@ def make_mlp_onnx(
     input_name: str = "x",
     output_name: str = "logits",
     opset: int = 17,
+    softmax: bool = False,
 ) -> bytes:
-    """Serialized ONNX model of a float32 MLP with a dynamic batch axis."""
+    """Serialized ONNX model of a float32 MLP with a dynamic batch axis (`softmax`: probabilities out)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -59,8 +60,10 @@ def make_mlp_onnx(
         inits += [numpy_helper.from_array(w, wn), numpy_helper.from_array(b, bn)]
         nodes.append(helper.make_node("MatMul", [prev, wn], [mm]))
         last = i == len(layers) - 1
-        out = output_name if last else add
+        out = (f"{output_name}_logits" if softmax else output_name) if last else add
         nodes.append(helper.make_node("Add", [mm, bn], [out]))
+        if last and softmax:
+            nodes.append(helper.make_node("Softmax", [out], [output_name], axis=-1))
         if not last:
             nodes.append(helper.make_node("Relu", [add], [f"relu{i}"]))
             prev = f"relu{i}"

@@ -10,7 +10,7 @@ from typing import Any
 import click
 import numpy as np
 
-from agent.contract.bundle import BundleLimits, bundle_digest, extract_bundle
+from agent.contract.bundle import BundleLimits, bundle_digest, extract_bundle, read_manifest
 from agent.contract.manifest import Manifest, json_schema
 from agent.errors import EdgefleetError
 from fleet.errors import GateFailed
@@ -61,6 +61,17 @@ def _load_npy(path: Path | None, what: str) -> np.ndarray | None:
     help="Int8 quantization (ONNX); overrides the metadata's `quantize`.",
 )
 @click.option(
+    "--output-kind",
+    type=click.Choice(["auto", "probabilities", "logits", "regression"]),
+    default=None,
+    help="What the model outputs, for the int8 gate's limits (default: the metadata's, else detected).",
+)
+@click.option(
+    "--allow-larger-int8",
+    is_flag=True,
+    help="Keep an int8 model even when it is larger than the float one (refused by default).",
+)
+@click.option(
     "-o",
     "--output",
     "out",
@@ -75,6 +86,8 @@ def build_command(
     no_profile: bool,
     golden_inputs: Path | None,
     quantize: str | None,
+    output_kind: str | None,
+    allow_larger_int8: bool,
     out: Path,
 ) -> None:
     """Build a bundle from MODEL (ONNX or TFLite, detected from the bytes).
@@ -86,12 +99,22 @@ def build_command(
         raise click.UsageError("--no-profile and --reference-data exclude each other")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fleet.registry.builder import BundleMetadata, build_bundle  # lazy: pydantic, onnx: `build` only
+    from fleet.registry.builder import (  # lazy: pydantic, onnx: `build` only
+        BundleMetadata,
+        QuantizationGate,
+        build_bundle,
+    )
 
     try:
         meta = BundleMetadata.from_json_file(metadata_path)
         if quantize is not None:
             meta = meta.model_copy(update={"quantize": quantize})
+        gate: dict[str, Any] = {"output_kind": output_kind} if output_kind else {}
+        if allow_larger_int8:
+            gate["allow_larger"] = True
+        if gate:
+            merged = QuantizationGate.model_validate({**meta.quantization_gate.model_dump(), **gate})
+            meta = meta.model_copy(update={"quantization_gate": merged})
         ref = _load_npy(reference_data, "reference data")
         golden = _load_npy(golden_inputs, "golden inputs")
         with Progress(
@@ -110,6 +133,12 @@ def build_command(
     except EdgefleetError as exc:  # the fleet's errors and the agent's (bundle writing)
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {path} ({path.stat().st_size} bytes, sha256 {bundle_digest(path)})")
+    calibration = read_manifest(path).quantization.calibration
+    if calibration:
+        figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(calibration.items()) if isinstance(v, float))
+        click.echo(f"int8 gate ({calibration.get('output_kind')} output): {figures}")
+    for warning in calibration.get("warnings", []):
+        click.secho(f"WARNING: {warning}", err=True, fg="yellow", bold=True)
     if no_profile:
         click.secho(f"WARNING: {path.name} has no reference profile (--no-profile): drift monitoring is OFF "
                     "for this bundle", err=True, fg="red", bold=True)

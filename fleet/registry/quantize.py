@@ -3,11 +3,15 @@
 `onnxruntime.quantization` does the work (`quantize_dynamic`, or `quantize_static` with a
 `CalibrationDataReader` over reference rows after `quant_pre_process(skip_symbolic_shape=True)`,
 which avoids needing sympy). The gate then runs the float and the int8 model on held-out rows
-the calibration never saw and refuses the build (`GateFailed`, figures attached) when label
-agreement or the output deltas exceed the metadata's `QuantizationGate`.
+the calibration never saw and refuses the build (`GateFailed`, figures attached) when top-1
+agreement or the output deltas exceed the metadata's `QuantizationGate` for the output's kind
+(probabilities, logits, regression: `fleet.registry.quant_gate`), or when the int8 model is
+larger than the float one (unless the gate allows it). The kind, limits, figures and any
+warning (int8 not smaller) are recorded in the manifest's `quantization.calibration`.
 
-The gate's settings live here (the builder's `BundleMetadata` holds one) and the model runner
-is `fleet.registry.model_runner`, so this module never imports the builder that calls it.
+The gate's settings and decisions live in `quant_gate` (the builder's `BundleMetadata` holds a
+`QuantizationGate`) and the model runner is `fleet.registry.model_runner`, so this module never
+imports the builder that calls it.
 """
 
 from __future__ import annotations
@@ -18,30 +22,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from agent.contract.manifest import Quantization, TensorSpec
 from agent.logs import log_event
 from fleet.errors import FleetInputError, GateFailed
 from fleet.registry.model_runner import run_model
+from fleet.registry.quant_gate import QuantizationGate, judge, resolve_kind
 
 log = logging.getLogger("edgefleet.fleet.quantize")
 _BATCH = 32
 _SYNTHETIC_ROWS = 256
 
 QuantizeMode = Literal["none", "dynamic", "static"]
-
-
-class QuantizationGate(BaseModel):
-    """How far an int8 model may stray from the float one on held-out data before the build fails."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_label_agreement: float = Field(default=0.97, ge=0.0, le=1.0)
-    max_abs_delta: float = Field(default=1.0, gt=0)
-    max_mean_abs_delta: float = Field(default=0.1, gt=0)
-    holdout_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
-    max_calibration_rows: int = Field(default=512, ge=1)
 
 
 def _split(
@@ -82,19 +74,19 @@ def _reader(input_name: str, rows: np.ndarray) -> Any:
     return _Rows()
 
 
-def gate_figures(float_out: np.ndarray, int8_out: np.ndarray) -> dict[str, float]:
-    """Label agreement (argmax, when there are >= 2 output columns) and abs deltas."""
-    f = float_out.reshape(float_out.shape[0], -1).astype(np.float64)
-    q = int8_out.reshape(int8_out.shape[0], -1).astype(np.float64)
-    delta = np.abs(f - q)
-    figures = {
-        "max_abs_delta": float(delta.max()),
-        "mean_abs_delta": float(delta.mean()),
-        "rows": float(f.shape[0]),
-    }
-    if f.shape[1] >= 2:
-        figures["label_agreement"] = float(np.mean(f.argmax(axis=1) == q.argmax(axis=1)))
-    return figures
+def output_op(model: bytes, output_name: str) -> str | None:
+    """The op type producing `output_name` in the float graph (through Identity nodes), if any."""
+    import onnx  # heavy, needed by quantization only
+
+    try:
+        graph = onnx.load_from_string(model).graph
+    except Exception:  # onnx raises several types for bytes it cannot parse; the quantizer reports those
+        return None
+    producers = {out: node for node in graph.node for out in node.output}
+    node = producers.get(output_name)
+    while node is not None and node.op_type == "Identity" and node.input:
+        node = producers.get(node.input[0])
+    return None if node is None else str(node.op_type)
 
 
 def quantize_onnx(
@@ -141,20 +133,17 @@ def quantize_onnx(
             raise FleetInputError(f"onnxruntime quantization failed: {exc}") from None
         quantized = dst.read_bytes()
     feeds = {inputs[0].name: hold}
-    figures = gate_figures(
-        run_model(model, "onnx", feeds)[outputs[0].name], run_model(quantized, "onnx", feeds)[outputs[0].name]
-    )
-    figures.update(float_bytes=float(len(model)), int8_bytes=float(len(quantized)))
-    problems = []
-    if figures.get("label_agreement", 1.0) < gate.min_label_agreement:
-        problems.append(f"label agreement {figures['label_agreement']:.4f} < {gate.min_label_agreement}")
-    if figures["max_abs_delta"] > gate.max_abs_delta:
-        problems.append(f"max abs delta {figures['max_abs_delta']:.4g} > {gate.max_abs_delta}")
-    if figures["mean_abs_delta"] > gate.max_mean_abs_delta:
-        problems.append(f"mean abs delta {figures['mean_abs_delta']:.4g} > {gate.max_mean_abs_delta}")
-    log_event(log, "bundle.quantized", logging.INFO, mode=mode, passed=not problems, **figures)
-    if problems:
-        raise GateFailed("int8 model too far from the float model: " + "; ".join(problems), figures)
+    float_out = run_model(model, "onnx", feeds)[outputs[0].name]
+    kind = resolve_kind(gate.output_kind, output_op(model, outputs[0].name), float_out)
+    verdict = judge(gate, kind, float_out, run_model(quantized, "onnx", feeds)[outputs[0].name],
+                    len(model), len(quantized))
+    figures = verdict.figures
+    log_event(log, "bundle.quantized", logging.INFO, mode=mode, kind=kind, passed=not verdict.problems,
+              **figures)
+    for warning in verdict.warnings:
+        log_event(log, "bundle.quantization_warning", logging.WARNING, mode=mode, warning=warning)
+    if verdict.problems:
+        raise GateFailed(f"int8 model refused ({kind} output): " + "; ".join(verdict.problems), figures)
     agreement = figures.get("label_agreement")
     return quantized, Quantization(
         scheme="int8-dynamic" if mode == "dynamic" else "int8-static",
@@ -163,8 +152,14 @@ def quantize_onnx(
             "calibration_rows": 0 if calib is None or mode == "dynamic" else int(calib.shape[0]),
             "holdout_rows": int(hold.shape[0]),
             "holdout": "synthetic-normal" if reference is None else "reference-holdout",
+            "output_kind": kind,
+            "limits": verdict.limits,
+            "warnings": verdict.warnings,
             **{k: v for k, v in figures.items() if k != "rows"},
         },
         accuracy_delta=None if agreement is None else 1.0 - agreement,
         agreement=agreement,
     )
+
+
+__all__ = ["QuantizationGate", "QuantizeMode", "output_op", "quantize_onnx"]
