@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -43,13 +44,19 @@ class _Formatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Install one stderr handler on the root logger (idempotent)."""
+def configure_logging(level: str = "INFO", json_lines: bool = False, path: str | Path | None = None) -> None:
+    """Install one handler on the root logger (idempotent): stderr, or appending to `path`.
+
+    A file is for long runs whose terminal shows something else (the simulator's progress view).
+    """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_edgefleet", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    for old in list(root.handlers):
+        if getattr(old, "_edgefleet", False):
+            root.removeHandler(old)
+            if isinstance(old, logging.FileHandler):
+                old.close()
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if path is None
+                                else logging.FileHandler(path, encoding="utf-8"))
     handler.setFormatter(_Formatter(json_lines))
     handler._edgefleet = True  # type: ignore[attr-defined]
     root.addHandler(handler)

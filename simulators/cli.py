@@ -6,6 +6,11 @@ directory (fleet SQLite, keys, repository, device state), then run the chosen sc
 write the terminal summary, the HTML report and the JSON verdicts. The exit code is 0 only
 when every scenario passed.
 
+While they run, the logs go to a file named on start (`demo.log` beside the demo's report,
+`sim.log` beside `sim run`'s reports or in `--keep`, else in the current directory; `--log-file`
+chooses) and the terminal shows a live view of the scenario, its stage and the devices done, or
+a few plain lines when it is not a terminal (`simulators.progress`).
+
 Errors: usage problems (unknown scenario, bad broker URL, no broker available) are reported as
 `click.ClickException`s; a failing scenario is a verdict, not an error.
 """
@@ -29,6 +34,7 @@ from rich.console import Console
 
 from fleet.errors import FleetError, FleetMisuseError
 from simulators.broker import AnyBroker, BrokerSettings, EmbeddedBroker, parse_broker_url, start_broker
+from simulators.progress import log_to_file, make_view
 from simulators.report import print_summary, write_html, write_json
 from simulators.scenarios import NOT_AVAILABLE, ScenarioContext, Verdict, get_scenarios, run_scenario
 
@@ -69,10 +75,12 @@ def run_suite(
     keep_dir: Path | None = None,
     console: Console | None = None,
     prefer_embedded: bool | None = None,
+    log_path: Path | None = None,
 ) -> list[Verdict]:
     """Build the environment, run the scenarios, write the reports; returns the verdicts.
 
     `prefer_embedded` None follows `EDGEFLEET_EMBEDDED_BROKER` (see `simulators.broker`).
+    With `log_path` the logs go there while the scenarios run, and the console shows progress.
     Raises FleetError subclasses for usage problems (see the module docstring).
     """
     if broker_url and prefer_embedded:
@@ -85,14 +93,19 @@ def run_suite(
     started = time.monotonic()
     verdicts: list[Verdict] = []
     with contextlib.ExitStack() as stack:
+        if log_path is not None:
+            stack.enter_context(log_to_file(log_path))
+            console.print(f"logs: {log_path}", soft_wrap=True)
+        view = make_view(console, len(scenarios))
+        stack.callback(view.close)
         if keep_dir is not None:
             keep_dir.mkdir(parents=True, exist_ok=True)
             workdir = keep_dir
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgefleet-sim-")))
         host, port, managed = stack.enter_context(_broker(broker_url, workdir, devices, prefer_embedded))
-        console.print(f"broker: mqtt://{host}:{port}" + (f" (private {managed.kind})" if managed else ""))
-        for scenario in scenarios:
+        view.note(f"broker: mqtt://{host}:{port}" + (f" (private {managed.kind})" if managed else ""))
+        for index, scenario in enumerate(scenarios, 1):
             ctx = ScenarioContext(
                 broker_host=host,
                 broker_port=port,
@@ -100,15 +113,16 @@ def run_suite(
                 devices=devices,
                 processes=processes,
                 options={"managed_broker": managed},
+                progress=view.stage,
             )
             ctx.data_dir.mkdir(parents=True, exist_ok=True)
-            with console.status(f"scenario {scenario.number}: {scenario.name} ({devices} devices)"):
-                verdict = run_scenario(scenario, ctx)
+            view.scenario(index, len(scenarios), scenario.name, devices)
+            verdict = run_scenario(scenario, ctx)
             if not verdict.passed and isinstance(managed, EmbeddedBroker) and not managed.accepting():
                 verdict.details += f" [{WEDGED_NOTE}]"
             verdicts.append(verdict)
             mark = "[green]PASS[/green]" if verdict.passed else "[red]FAIL[/red]"
-            console.print(f"{mark} {scenario.name} in {verdict.elapsed_s:.1f}s: {verdict.details}")
+            view.result(verdict, f"{mark} {scenario.name} in {verdict.elapsed_s:.1f}s: {verdict.details}")
     elapsed = time.monotonic() - started
     print_summary(verdicts, console)
     notes = [f"{name}: not run ({why})" for name, why in NOT_AVAILABLE.items()]
@@ -136,6 +150,13 @@ def write_openapi(path: Path) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _log_option(default_help: str) -> Callable[[F], F]:
+    return click.option(
+        "--log-file", "log_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help=f"Where the run's logs go (the terminal shows progress); default: {default_help}.",
+    )
 
 
 def _broker_options(command: F) -> F:
@@ -187,6 +208,7 @@ def sim_list() -> None:
     default=None,
     help="Keep the working directory (broker, fleet, devices) here instead of a temp dir.",
 )
+@_log_option("sim.log in --keep, else beside --html/--json, else in the current directory")
 def sim_run(
     devices: int,
     processes: int,
@@ -196,8 +218,10 @@ def sim_run(
     html_path: Path | None,
     keep_dir: Path | None,
     prefer_embedded: bool | None,
+    log_file: Path | None,
 ) -> None:
     """Run scenarios against a swarm of simulated devices; exit 1 if any fails."""
+    report = keep_dir or next((p.parent for p in (html_path, json_path) if p is not None), Path.cwd())
     try:
         verdicts = run_suite(
             names=names,
@@ -209,6 +233,7 @@ def sim_run(
             html_path=html_path,
             keep_dir=keep_dir,
             prefer_embedded=prefer_embedded,
+            log_path=log_file or report / "sim.log",
         )
     except FleetError as exc:
         raise click.ClickException(str(exc)) from None
@@ -230,6 +255,7 @@ def sim_run(
 )
 @click.option("--serve", is_flag=True, help="Afterwards keep a fleet and the swarm running and print the "
               "dashboard URL and a login key (until Ctrl-C).")
+@_log_option("demo.log beside the HTML report")
 def demo_command(
     broker_url: str | None,
     prefer_embedded: bool | None,
@@ -238,6 +264,7 @@ def demo_command(
     json_path: Path | None,
     html_path: Path | None,
     serve: bool,
+    log_file: Path | None,
 ) -> None:
     """The end-to-end demo: broker, fleet, a swarm of devices, scenarios 1-3 (all with --all)."""
     html_path = html_path or Path.cwd() / "edgefleet-demo-report.html"
@@ -251,6 +278,7 @@ def demo_command(
             json_path=json_path,
             html_path=html_path,
             prefer_embedded=prefer_embedded,
+            log_path=log_file or html_path.parent / "demo.log",
         )
     except FleetError as exc:
         raise click.ClickException(str(exc)) from None

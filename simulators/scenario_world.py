@@ -89,7 +89,9 @@ class World:
 
         def done() -> bool:
             self.swarm.check_alive()
-            return len(self.fleet.devices_on(bundle_id, ids)) == len(ids)
+            on = len(self.fleet.devices_on(bundle_id, ids))
+            self.ctx.progress(f"devices on {bundle_id}", on, len(ids))
+            return on == len(ids)
 
         return self.fleet.wait(done, timeout, 0.2)
 
@@ -142,6 +144,7 @@ def world(
     """Fleet + swarm for one scenario; devices connect to `broker_port` (default: the broker)."""
     schema = schema or default_schema()
     with contextlib.ExitStack() as stack:
+        ctx.progress("starting the fleet", 0, ctx.devices)
         fleet = SimFleet(
             ctx.data_dir / "fleet",
             ctx.broker_host,
@@ -160,12 +163,15 @@ def world(
             schema=schema,
         )
         devices = profiles or make_profiles(ctx.devices, COHORTS)
+        ctx.progress(f"starting {len(devices)} devices", 0, len(devices))
         swarm = Swarm(_spec(ctx, base, spec_kwargs), devices, ctx.processes).start()
         stack.callback(swarm.stop)
         w = World(ctx, fleet, swarm)
+        ctx.progress("connecting devices to the broker", 0, len(devices))
         if not swarm.wait_connected(60):
             raise RuntimeError("not every device connected to the broker within 60 s")
         fleet.wait(lambda: fleet.online(w.ids) == len(w.ids), 30, 0.2)
+        ctx.progress("devices online", len(w.ids), len(w.ids))
         ctx.recorder.take()
         yield w
 
@@ -211,7 +217,10 @@ class ServiceWorld:
         while time.monotonic() < deadline:
             self.swarm.check_alive()
             st = self.fleet.status(rollout_id)
-            for status, n in sorted(st.get("devices_by_status", {}).items()):
+            by_status = st.get("devices_by_status", {})
+            self.ctx.progress(f"rollout {st['state']}, stage {st.get('stage', 0)}",
+                              int(by_status.get("succeeded", 0)), len(self.ids))
+            for status, n in sorted(by_status.items()):
                 self.ctx.recorder.point(plot, status, float(n))
             self.ctx.recorder.point(plot, "stage", float(st.get("stage", 0)))
             if st["state"] in states:
@@ -230,9 +239,11 @@ def service_world(
 ) -> Iterator[ServiceWorld]:
     """`ServiceFleet` + enrolled swarm for one scenario (torn down in reverse order)."""
     with contextlib.ExitStack() as stack:
+        ctx.progress("starting the fleet service", 0, ctx.devices)
         fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
         stack.callback(fleet.stop)
         devices = profiles or make_profiles(ctx.devices, COHORTS)
+        ctx.progress(f"enrolling {len(devices)} devices", 0, len(devices))
         fleet.enroll(devices)
         base = SwarmSpec(
             broker_host=ctx.broker_host,
@@ -242,9 +253,12 @@ def service_world(
             state_root=stack.enter_context(device_state_root(ctx)),
             schema=fleet.schema,
         )
+        ctx.progress(f"starting {len(devices)} devices", 0, len(devices))
         swarm = Swarm(_spec(ctx, base, spec_kwargs), devices, ctx.processes).start()
         stack.callback(swarm.stop)
+        ctx.progress("connecting devices to the broker", 0, len(devices))
         if not swarm.wait_connected(60):
             raise RuntimeError("not every device connected to the broker within 60 s")
+        ctx.progress("devices connected", len(devices), len(devices))
         ctx.recorder.take()
         yield ServiceWorld(ctx, fleet, swarm)

@@ -76,12 +76,21 @@ class Recorder:
         return out
 
 
+def no_progress(stage: str, done: int | None = None, total: int | None = None) -> None:
+    """The default progress sink: a scenario run without a view (tests, benchmarks)."""
+
+
+ProgressFn = Callable[[str, "int | None", "int | None"], None]
+
+
 @dataclass
 class ScenarioContext:
     """Everything a scenario may use: the broker, a data directory, the clock, a recorder.
 
     `fleet` and `swarm` are handles the environment built (or None when the scenario builds
-    its own); `devices` is the swarm size asked for on the command line.
+    its own); `devices` is the swarm size asked for on the command line. `progress(stage, done,
+    total)` tells the person watching what the scenario does and how many devices are done
+    (`simulators.progress` shows it; the default drops it).
     """
 
     broker_host: str
@@ -94,6 +103,7 @@ class ScenarioContext:
     fleet: Any = None
     swarm: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    progress: ProgressFn = no_progress
 
     @property
     def broker_url(self) -> str:

@@ -147,7 +147,9 @@ class _Traffic:
 
 def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
     """A worker process: build the devices, run them, answer the controller until `stop`."""
-    configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "ERROR"))
+    # Beside a progress view the parent logs to a file (simulators.progress); so do its workers.
+    configure_logging(level=os.environ.get("EDGEFLEET_SWARM_LOG", "ERROR"),
+                      path=os.environ.get("EDGEFLEET_SWARM_LOG_FILE") or None)
     threading.stack_size(THREAD_STACK_BYTES)
     raise_nofile_limit(len(profiles) * 6 + 256)
     base_rss = _rss_mb()

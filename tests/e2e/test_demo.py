@@ -4,6 +4,7 @@ asserting the JSON verdicts; `sim list`; usage errors."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,11 @@ def test_sim_run_rollout_scenarios_writes_passing_verdicts(tmp_path: Path) -> No
     page = html.read_text()
     assert "canary_rollout" in page and "<svg" in page
     assert "PASS" in res.stdout
+    # Not a terminal: a few plain lines and the summary; the logs went to the file named first.
+    logfile = tmp_path / "sim.log"
+    assert res.stdout.splitlines()[0] == f"logs: {logfile}" and logfile.is_file()
+    assert "[1/2] canary_rollout (6 devices) ..." in res.stdout and len(res.stdout.splitlines()) < 40
+    assert not re.search(r"^\d\d:\d\d:\d\d [DIWE] ", res.stdout + res.stderr, re.M)  # no log line
 
 
 def test_sim_list_and_usage_errors() -> None:
