@@ -101,7 +101,7 @@ def test_the_daemon_and_its_config_load_without_pydantic(tmp_path: Path) -> None
 @pytest.mark.unit
 def test_the_top_of_tests_holds_only_session_wide_files() -> None:
     top = {p.name for p in (ROOT / "tests").glob("*.py")}
-    assert top == {"__init__.py", "conftest.py", "test_layout.py", "test_lock.py"}
+    assert top == {"__init__.py", "conftest.py", "test_docs.py", "test_layout.py", "test_lock.py"}
 
 
 @pytest.mark.unit
