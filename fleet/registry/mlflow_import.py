@@ -5,7 +5,8 @@ lineage from what MLflow keeps: run id, model uuid, MLflow version, creation tim
 params (as `hyperparameters`), latest metrics and git commit (`training_code_ref`) from its run
 directory (`fleet.registry.mlflow_runs`); and, when the training code logged them in
 `metadata`, `training_code_ref` (or `git_commit`), `dataset_ref`, `dataset_digest`,
-`hyperparameters` and `metrics` (the run's own records win on a shared key: MLflow wrote them).
+`hyperparameters` and `metrics` (the run's params and metrics win on a shared key: MLflow wrote
+them; a `training_code_ref` in `metadata` wins over the git tag: it was written on purpose).
 
 A version with no bundle cannot be rolled out, so an import either builds the bundle from the
 MLflow model right away (`fleet.registry.builder` with the operator's reference data, published
