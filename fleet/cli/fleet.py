@@ -16,6 +16,7 @@ from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.access.auth import create_api_key
 from fleet.db.files import secure_dir
+from fleet.db.migrate import current
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
 from fleet.errors import FleetError, FleetInputError
@@ -140,10 +141,11 @@ def migrate(data_dir: Path | None) -> None:
     store = _store(settings)
     try:
         applied = store.applied_migrations
-        version = max(int(r["version"]) for r in store.db.query("SELECT version FROM schema_migrations"))
+        with store.read() as db:
+            version = current(db.conn, "store")
     finally:
         store.close()
-    click.echo(f"schema at version {version}; applied now: {applied or 'none'}")
+    click.echo(f"schema at revision {version}; applied now: {', '.join(applied) or 'none'}")
 
 
 @group.command("publish-bundle")

@@ -147,7 +147,7 @@ def test_a_real_lift_over_35_devices_per_arm_picks_b_and_the_verdict_never_flips
     b = _arm(rng, "2.0.0", "b", 35, 0.05, 0.02, 0.003)  # 3 points fewer errors, 25 % faster
     fleet, repo, eid = Fleet(tmp_path / "telemetry.db"), ExperimentRepo(store), _experiment(store)
     with store.tx() as db:  # as the driver records them; arm B's devices ran A's version before
-        db.table("experiment_devices").insert_all(
+        db.insert("experiment_devices",
             [{"experiment_id": eid, "device_id": d, "arm": "a", "assigned_at": T0} for d in a.devices]
             + [{"experiment_id": eid, "device_id": d, "arm": "b", "assigned_at": T0} for d in b.devices])
     fleet.run_window(rng, a, replace(b, version="1.0.0"))  # not yet switched: no evidence for A
