@@ -55,6 +55,8 @@ class Database:
         self.path = Path(location) if not engines.is_url(location) else None
         self._lock = threading.RLock()
         self._local = threading.local()
+        self._closed = False
+        self.what = what
         shown = engines.redact(location)
         try:
             self.engine = engines.create(location, busy_timeout_ms=busy_timeout_ms, foreign_keys=foreign_keys,
@@ -97,6 +99,8 @@ class Database:
 
     @contextmanager
     def _connection(self, write: bool) -> Iterator[Db]:
+        if self._closed:
+            raise FleetMisuseError(f"the {self.what} is closed")
         conn = self.engine.connect()
         if write:
             conn = conn.execution_options(**{engines.IMMEDIATE: True})
@@ -120,6 +124,9 @@ class Database:
             raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
+        """Release every connection; the database refuses use afterwards (as a closed SQLite
+        connection did), instead of quietly reconnecting."""
+        self._closed = True
         self.engine.dispose()
 
 
