@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasketches import kll_floats_sketch
@@ -44,6 +45,7 @@ from agent.contract.telemetry import (
 from agent.errors import MessageError
 from agent.logs import log_event
 from fleet.db.database import Database
+from fleet.db.session import Db
 from fleet.errors import FleetInputError, FleetMisuseError
 from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
@@ -227,13 +229,9 @@ class TelemetryStore:
             now = self._clock()
             rows = []
             with self.database.tx() as db:
+                known = self._stored_windows(db)
                 for (model, version, cohort, start), w in self._pending.items():
-                    stored = db.execute(
-                        f"SELECT payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
-                        "WHERE model = :model AND version = :version AND cohort = :cohort "
-                        "AND window_start = :start",
-                        {"model": model, "version": version, "cohort": cohort, "start": start},
-                    ).fetchone()
+                    stored = known.get((model, version, cohort, start))
                     report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
                     if stored is not None:
                         try:
@@ -265,6 +263,22 @@ class TelemetryStore:
             self._pending_seen.clear()
             self._device_totals.clear()
             return len(rows)
+
+    def _stored_windows(self, db: Db) -> dict[tuple[str, str, str, float], tuple[Any, ...]]:
+        """The stored rows of the buffered windows, one query per (model, version, cohort)
+        rather than one per window: on PostgreSQL each statement is a network round trip."""
+        groups: dict[tuple[str, str, str], list[float]] = {}
+        for model, version, cohort, start in self._pending:
+            groups.setdefault((model, version, cohort), []).append(start)
+        out: dict[tuple[str, str, str, float], tuple[Any, ...]] = {}
+        sql = (f"SELECT window_start, payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
+               "WHERE model = :model AND version = :version AND cohort = :cohort AND window_start IN :starts")
+        for (model, version, cohort), starts in groups.items():
+            for i in range(0, len(starts), 500):  # bounded IN lists, whatever flush_every is
+                part = {"model": model, "version": version, "cohort": cohort, "starts": starts[i:i + 500]}
+                for r in db.execute(sql, part):
+                    out[(model, version, cohort, float(r[0]))] = tuple(r[1:])
+        return out
 
     # -- queries ----------------------------------------------------------------------
     def windows(
