@@ -12,6 +12,13 @@ Adoption of a fleet.db made by the old hand-written runner (a `schema_migrations
 versions 1..N): its highest version N is stamped as Alembic revision `store_000N` (the
 revisions reproduce the old migrations one for one), then the missing ones run; no row is
 touched. `schema_migrations` is left in place, unused.
+
+Adding a schema change: a new file in `fleet/db/alembic/versions/` whose `revision` is
+`<group>_<NNNN>` (the prefix is how `current` tells the branches apart) and whose
+`down_revision` is the group's current head; write it with `op.*` (portable) and branch on
+`op.get_bind().dialect.name` only where the dialects differ (see store_0001's triggers); then
+declare the same change in `fleet.db.schema`. The store tests check that a migrated database
+and the declarations agree on both backends. Released revisions are never edited.
 """
 
 from __future__ import annotations

@@ -24,12 +24,17 @@ Params = Mapping[str, Any]
 
 
 def statement(sql: str | Executable, params: Params | None = None) -> Executable:
-    """`sql` as an executable: text gets its list/tuple binds expanded into IN lists."""
+    """`sql` as an executable: text gets its list/tuple binds expanded into IN lists.
+
+    An empty list matches nothing; PostgreSQL needs a type even then, so an empty list binds
+    as text (every IN list of the fleet is of text ids; guard an empty integer list yourself).
+    """
     if not isinstance(sql, str):
         return sql
     stmt = sa.text(sql)
-    expanding: list[sa.BindParameter[Any]] = [sa.bindparam(k, expanding=True) for k,
-                                              v in (params or {}).items() if isinstance(v, list | tuple)]
+    expanding: list[sa.BindParameter[Any]] = [
+        sa.bindparam(k, expanding=True, type_=None if v else sa.Text())
+        for k, v in (params or {}).items() if isinstance(v, list | tuple)]
     return stmt.bindparams(*expanding) if expanding else stmt
 
 

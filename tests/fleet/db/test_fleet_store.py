@@ -443,3 +443,58 @@ def test_mlflow_lineage_rejects_bad_metadata() -> None:
         lineage_from_mlmodel({"metadata": {"metrics": {"acc": "high"}}})
     with pytest.raises(FleetInputError, match="hyperparameters"):
         lineage_from_mlmodel({"metadata": {"hyperparameters": [1, 2]}})
+
+
+OPEN_STORE = """
+import sys
+from fleet.store import Store
+store = Store(sys.argv[1])
+print(",".join(store.applied_migrations) or "-")
+store.close()
+"""
+
+
+@pytest.mark.integration
+def test_processes_that_start_together_migrate_once(backend: Backend) -> None:
+    """Three fleet processes open a fresh database at once: one applies the revisions, the others
+    wait (advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite) and find it current."""
+    import subprocess
+    import sys
+
+    location = str(backend.location())
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, location], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    applied = sorted(out.strip() for out, _ in outs)
+    assert applied == ["-", "-", ",".join(STORE_REVISIONS)]
+
+
+@pytest.mark.integration
+def test_the_repository_api_binds_lists_returns_ids_and_upserts(store: Store) -> None:
+    """`fleet.db.session.Db` as repositories use it, the same on both dialects."""
+    store.models.create_model("m", "", "a")  # audit row 1
+    with store.tx() as db:
+        assert db.insert_id("audit_log", {"at": "t", "actor": "a", "action": "x", "resource": "r"}) == 2
+        with pytest.raises(Conflict, match="integrity"), store.tx() as inner:  # a savepoint
+            inner.insert_id("stage_history", {"version_id": "nope", "to_stage": "s", "actor": "a", "at": "t"})
+        assert db.insert_id("audit_log", {"at": "t", "actor": "a", "action": "y", "resource": "r"}) == 3
+    _device(store, "d1", {"env": "prod"})
+    _device(store, "d2", {"env": "dev"})
+    with store.read() as db:
+        assert db.scalar("SELECT count(*) FROM devices WHERE id IN :ids", {"ids": ["d1", "d2", "d9"]}) == 2
+        assert db.query("SELECT id FROM devices WHERE id IN :ids", {"ids": []}) == []
+        row = db.one("SELECT id, online FROM devices WHERE id = :id", {"id": "d1"})
+        assert row == {"id": "d1", "online": 0}
+    rows = [{"experiment_id": "e", "metric": "m", "p_value": 0.5, "ci_low": -1.0, "ci_high": 1.0, "tau": 1.0,
+             "updated_at": 1.0}]
+    with store.tx() as db:
+        db.insert("experiments", {"id": "e", "name": "n", "model_name": "m", "version_a": "a",
+                                  "version_b": "b", "selector": "", "split_b": 0.5, "min_samples": 1,
+                                  "alpha": 0.05, "state": "running", "created_at": "t", "created_by": "a",
+                                  "started_at": 1.0})
+        db.upsert("experiment_sequential", rows, key=("experiment_id", "metric"))
+        db.upsert("experiment_sequential", [{**rows[0], "p_value": 0.1}], key=("experiment_id", "metric"))
+        db.upsert("experiment_sequential", [{**rows[0], "p_value": 0.9}], key=("experiment_id", "metric"),
+                  update=())
+        assert db.scalar("SELECT p_value FROM experiment_sequential WHERE experiment_id = 'e'") == 0.1
