@@ -45,15 +45,15 @@ def _seed(service: FleetService) -> str:
              "revoked": 0, "enrolled_at": now, "broker_username": f"dev-{i:06d}",
              "broker_password_hash": "$7$101$x$y"} for i in range(DEVICES)]
     with store.tx() as db:
-        db.table("devices").insert_all(rows, batch_size=1000)
+        db.insert("devices", rows)
     store.models.create_model("bench", "", "bench")
     store.models.register_version("bench", "1.0.0", "sha256:" + "0" * 64, "onnx", {}, "bench")
     rollout = store.rollouts.create("bench:1.0.0", "env=prod", {}, {}, "bench")
     statuses = ("assigned", "downloading", "succeeded", "failed")
     with store.tx() as db:
-        db.table("rollout_devices").insert_all(
-            ({"rollout_id": rollout.id, "device_id": r["id"], "stage": 1, "status": statuses[i % 4],
-              "updated_at": now} for i, r in enumerate(rows)), batch_size=1000)
+        db.insert("rollout_devices",
+                  [{"rollout_id": rollout.id, "device_id": r["id"], "stage": 1, "status": statuses[i % 4],
+                    "updated_at": now} for i, r in enumerate(rows)])
     return str(rollout.id)
 
 

@@ -221,9 +221,9 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     """
     cfg = config or ServeConfig()
     keystore, repo = ensure_trust(settings, cfg)
-    signer = DirectorSigner(keystore, settings.data_dir / "director")
+    signer = DirectorSigner(keystore, settings.data_dir / "director", database=settings.director_database)
     publisher: Publisher | None = None
-    telemetry = TelemetryStore(settings.telemetry_db_path, IngestConfig(window_s=cfg.telemetry_window_s))
+    telemetry = TelemetryStore(settings.telemetry_database, IngestConfig(window_s=cfg.telemetry_window_s))
     ingest = TelemetryComponent(telemetry)
     monitor = build_drift_monitor(settings, store, telemetry, clock, repository=repo)  # alerts, gauges
     metrics = TelemetryMetrics(telemetry, drift=monitor.drift_score)

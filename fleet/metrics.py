@@ -61,6 +61,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
+from fleet.db.sql import json_field
 from fleet.rollouts.store import FINISHED_STATES, STATES
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
 
@@ -219,10 +220,11 @@ def _device_families(src: MetricSources) -> list[Metric]:
     versions = _gauge("edgefleet_device_agent_versions", "Unrevoked devices by agent version",
                       ["agent_version"])
     with src.store.read() as db:
+        state = json_field(db.dialect, "reported_state", "state")
         rows = db.execute(
-            "SELECT coalesce(json_extract(reported_state, '$.state'), 'unknown'), online, count(*) "
+            f"SELECT coalesce({state}, 'unknown'), online, count(*) "  # noqa: S608
             "FROM devices WHERE revoked = 0 GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
-        n_revoked = db.execute("SELECT count(*) FROM devices WHERE revoked = 1").fetchone()[0]
+        n_revoked = db.scalar("SELECT count(*) FROM devices WHERE revoked = 1")
         agent_rows = db.execute(
             "SELECT coalesce(agent_version, 'unknown'), count(*) FROM devices WHERE revoked = 0 "
             "GROUP BY 1 ORDER BY 1").fetchall()
@@ -243,25 +245,22 @@ def _rollout_families(src: MetricSources) -> list[Metric]:
     outcomes = _gauge("edgefleet_rollout_outcomes", "Devices of a rollout by final outcome "
                       "(succeeded, install_failed, local_rollback, timeout, reverted, ...)",
                       ["rollout", "model_version", "outcome"])
-    finished = ",".join("?" * len(FINISHED_STATES))
+    finished = {"finished": list(FINISHED_STATES), "recent": RECENT_ROLLOUTS}
     with src.store.read() as db:
-        counts = dict(db.execute("SELECT state, count(*) FROM rollouts GROUP BY state").fetchall())
+        counts: dict[str, int] = {r[0]: int(r[1]) for r in db.execute(
+            "SELECT state, count(*) FROM rollouts GROUP BY state")}
         shown = db.execute(
-            f"SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN ({finished}) "  # noqa: S608
-            f"UNION SELECT * FROM (SELECT id, model_version_id, state, stage FROM rollouts "
-            f"WHERE state IN ({finished}) ORDER BY updated_at DESC LIMIT ?)",
-            [*FINISHED_STATES, *FINISHED_STATES, RECENT_ROLLOUTS]).fetchall()
+            "SELECT id, model_version_id, state, stage FROM rollouts WHERE state NOT IN :finished "
+            "UNION SELECT * FROM (SELECT id, model_version_id, state, stage FROM rollouts "
+            "WHERE state IN :finished ORDER BY updated_at DESC LIMIT :recent) AS recent",
+            finished).fetchall()
         ids = [r[0] for r in shown]
-        marks = ",".join("?" * len(ids))
         status_rows = db.execute(
-            f"SELECT rollout_id, status, count(*) FROM rollout_devices WHERE rollout_id IN ({marks}) "  # noqa: S608
-            "GROUP BY 1, 2 ORDER BY 1, 2", ids).fetchall() if ids else []
-        has_progress = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rollout_progress'").fetchone()
+            "SELECT rollout_id, status, count(*) FROM rollout_devices WHERE rollout_id IN :ids "
+            "GROUP BY 1, 2 ORDER BY 1, 2", {"ids": ids}).fetchall() if ids else []
         outcome_rows = db.execute(
-            f"SELECT rollout_id, outcome, count(*) FROM rollout_progress WHERE outcome IS NOT NULL "  # noqa: S608
-            f"AND rollout_id IN ({marks}) GROUP BY 1, 2 ORDER BY 1, 2", ids).fetchall() \
-            if ids and has_progress else []
+            "SELECT rollout_id, outcome, count(*) FROM rollout_progress WHERE outcome IS NOT NULL "
+            "AND rollout_id IN :ids GROUP BY 1, 2 ORDER BY 1, 2", {"ids": ids}).fetchall() if ids else []
     for state in STATES:
         by_state.add_metric([state], counts.get(state, 0))
     versions = {r[0]: r[1] for r in shown}

@@ -101,7 +101,9 @@ class FleetService:
                       hint="set --device-broker / EDGEFLEET_DEVICE_BROKER_URL to the devices' listener")
         secure_dir(settings.data_dir)  # 0700 whatever the umask; a looser one is tightened
         kwargs = {"clock": clock} if clock is not None else {}
-        self.store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
+        self.store = Store(settings.database, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms,
+                           **kwargs)
+        log_event(logger, "fleet.database", database=settings.database_shown, dialect=self.store.dialect)
         self.components: list[Component] = list(components or [])
         self.parts: ServiceParts | None = None
         if component_factory is not None:  # components that need the service's store

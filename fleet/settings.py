@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.logs import log_event
+from fleet.db.engine import redact
 from fleet.db.files import is_private
 
 ENV_PREFIX = "EDGEFLEET_"
@@ -70,7 +71,12 @@ class FleetSettings(BaseModel):
     """Where the service keeps its state and how it listens.
 
     `data_dir` holds everything: `fleet.db` (SQLite), `keys/` (signing keys), `repo/` (TUF
-    repository) and `broker/passwd` (Mosquitto password file written at enrollment).
+    repository) and `broker/passwd` (Mosquitto password file written at enrollment). With
+    `database_url` (`postgresql://user:pass@host/db`, `--database`, `EDGEFLEET_DATABASE_URL`)
+    every table (store, telemetry, alerts, director sequences) lives in that one PostgreSQL
+    database instead of the SQLite files `fleet.db`, `telemetry.db`, `alerts.db` and
+    `director/director.sqlite`; keys, the TUF repository and the broker file stay in `data_dir`.
+    The URL is a secret (it may carry the password): it is never printed or logged whole.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -87,6 +93,9 @@ class FleetSettings(BaseModel):
     broker_password_file: Path | None = Field(
         default=None, description="File whose first line is the fleet's broker password")
     topic_prefix: str = Field(default="edgefleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql:// URL of the fleet's database; default: SQLite files in data_dir")
     import_dir_override: Path | None = Field(default=None, alias="import_dir")
     limits: Limits = Field(default_factory=Limits)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
@@ -111,6 +120,18 @@ class FleetSettings(BaseModel):
             raise ValueError("must not carry credentials: every enrolled device would receive them "
                              "(devices log in with the username and password their enrollment returns)")
         return url
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, url: SecretStr | None) -> SecretStr | None:
+        """Only PostgreSQL is a database URL (SQLite is the default, its files in data_dir)."""
+        if url is None:
+            return None
+        scheme = urlsplit(url.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(f"must be a postgresql:// URL (got scheme {scheme!r}); unset means SQLite")
+        return SecretStr(url.get_secret_value().replace("postgres://", "postgresql://", 1)
+                         if scheme == "postgres" else url.get_secret_value())
 
     @model_validator(mode="after")
     def _one_password_source(self) -> FleetSettings:
@@ -141,6 +162,33 @@ class FleetSettings(BaseModel):
         return self.data_dir / "fleet.db"
 
     @property
+    def database(self) -> Path | str:
+        """Where the fleet store lives: the PostgreSQL URL, else `data_dir/fleet.db`."""
+        return self.database_url.get_secret_value() if self.database_url is not None else self.db_path
+
+    @property
+    def telemetry_database(self) -> Path | str:
+        """The telemetry windows: the same PostgreSQL database, else `data_dir/telemetry.db`."""
+        url = self.database_url
+        return url.get_secret_value() if url is not None else self.telemetry_db_path
+
+    @property
+    def alerts_database(self) -> Path | str:
+        """The drift alerts: the same PostgreSQL database, else `data_dir/alerts.db`."""
+        return self.database_url.get_secret_value() if self.database_url is not None else self.alerts_db_path
+
+    @property
+    def director_database(self) -> Path | str | None:
+        """The director's sequences: the PostgreSQL database, else None (its SQLite file in
+        `data_dir/director`)."""
+        return self.database_url.get_secret_value() if self.database_url is not None else None
+
+    @property
+    def database_shown(self) -> str:
+        """The database for logs and messages: the URL without its password, or the file path."""
+        return redact(self.database)
+
+    @property
     def keys_dir(self) -> Path:
         return self.data_dir / "keys"
 
@@ -167,7 +215,7 @@ class FleetSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> FleetSettings:
-        """Build settings from `EDGEFLEET_DATA_DIR`, `_HOST`, `_PORT`, `_BROKER_URL`,
+        """Build settings from `EDGEFLEET_DATA_DIR`, `_DATABASE_URL`, `_HOST`, `_PORT`, `_BROKER_URL`,
         `_DEVICE_BROKER_URL`, `_BROKER_PASSWORD`, `_BROKER_PASSWORD_FILE`, `_TOPIC_PREFIX` and
         `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
@@ -178,7 +226,7 @@ class FleetSettings(BaseModel):
         env = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
         for field in ("data_dir", "host", "port", "broker_url", "device_broker_url", "topic_prefix",
-                      "import_dir", "broker_password", "broker_password_file"):
+                      "import_dir", "broker_password", "broker_password_file", "database_url"):
             raw = env.get(ENV_PREFIX + field.upper())
             if raw is not None:
                 values[field] = raw

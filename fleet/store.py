@@ -1,4 +1,4 @@
-"""The fleet's durable state: one SQLite file (WAL), and a repository per resource over it.
+"""The fleet's durable state: one database (a SQLite file or PostgreSQL), a repository per resource.
 
 `Store` opens the database (`fleet.db.database.FleetDatabase`: connection, lock,
 transactions, paging, migrations) and hands out the repositories: `store.models`,
@@ -25,13 +25,14 @@ __all__ = ["Clock", "Store"]
 
 
 class Store(FleetDatabase):
-    """Open (creating and migrating as needed) the fleet database at `path`, with its repositories.
+    """Open (creating and migrating as needed) the fleet database at `location` (a SQLite file
+    path or a `postgresql://` URL), with its repositories.
 
-    Raises FleetMisuseError if the file cannot be opened as a SQLite database.
+    Raises FleetMisuseError if the database cannot be opened.
     """
 
-    def __init__(self, path: Path | str, clock: Clock = time.time, busy_timeout_ms: int = 5000) -> None:
-        super().__init__(path, clock, busy_timeout_ms)
+    def __init__(self, location: Path | str, clock: Clock = time.time, busy_timeout_ms: int = 5000) -> None:
+        super().__init__(location, clock, busy_timeout_ms)
         self.audit = AuditRepo(self)
         self.idempotency = IdempotencyRepo(self)
         self.models = ModelRepo(self, self.audit)

@@ -68,7 +68,7 @@ class AccessRepo:
         row = {"id": key_id, "key_hash": key_hash, "name": name, "role": role,
                "created_at": self.database.now(), "created_by": actor, "revoked": 0, "revoked_at": None}
         with self.database.tx() as db:
-            db.table("api_keys").insert(row)
+            db.insert("api_keys", row)
             out = ApiKey.from_row(row)
             self.audit.record(actor, "api_key.create", f"api-keys/{key_id}", None, out.to_dict())
         return out
@@ -76,25 +76,24 @@ class AccessRepo:
     def find_api_key(self, key_hash: str) -> ApiKey | None:
         """The active key with this hash, or None (unknown or revoked)."""
         with self.database.read() as db:
-            rows = list(db.query(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE key_hash = ? AND revoked = 0",  # noqa: S608
-                                 [key_hash]))
-        return ApiKey.from_row(rows[0]) if rows else None
+            row = db.one(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE key_hash = :h AND revoked = 0",  # noqa: S608
+                         {"h": key_hash})
+        return ApiKey.from_row(row) if row else None
 
     def get_api_key(self, key_id: str) -> ApiKey:
         with self.database.read() as db:
-            rows = list(db.query(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE id = ?", [key_id]))  # noqa: S608
-        if not rows:
+            row = db.one(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE id = :id", {"id": key_id})  # noqa: S608
+        if not row:
             raise NotFound(f"API key {key_id!r} not found")
-        return ApiKey.from_row(rows[0])
+        return ApiKey.from_row(row)
 
     def list_api_keys(self, cursor: str | None, limit: int) -> Page[ApiKey]:
-        return self.database.page_of(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE 1", [], "id",  # noqa: S608
+        return self.database.page_of(f"SELECT {KEY_PUBLIC} FROM api_keys WHERE TRUE", {}, "id",  # noqa: S608
                                      cursor, limit, ApiKey.from_row)
 
     def count_active_admins(self) -> int:
         with self.database.read() as db:
-            return int(db.execute("SELECT count(*) FROM api_keys WHERE role = 'admin' AND revoked = 0")
-                       .fetchone()[0])
+            return int(db.scalar("SELECT count(*) FROM api_keys WHERE role = 'admin' AND revoked = 0"))
 
     def revoke_api_key(self, key_id: str, actor: str) -> ApiKey:
         """Raises NotFound, Conflict (already revoked, or the last active admin key)."""
@@ -104,8 +103,8 @@ class AccessRepo:
                 raise Conflict(f"API key {key_id!r} is already revoked")
             if before.role == "admin" and self.count_active_admins() <= 1:
                 raise Conflict("refusing to revoke the last active admin key (create another admin first)")
-            db.execute("UPDATE api_keys SET revoked = 1, revoked_at = ? WHERE id = ?",
-                       [self.database.now(), key_id])
+            db.execute("UPDATE api_keys SET revoked = 1, revoked_at = :at WHERE id = :id",
+                       {"at": self.database.now(), "id": key_id})
             after = self.get_api_key(key_id)
             self.audit.record(actor, "api_key.revoke", f"api-keys/{key_id}", before.to_dict(),
                               after.to_dict())
@@ -122,7 +121,7 @@ class AccessRepo:
                "created_by": actor, "created_at": iso(now), "expires_at": iso(now + ttl_seconds),
                "used_at": None, "device_id": None}
         with self.database.tx() as db:
-            db.table("enrollment_tokens").insert(row)
+            db.insert("enrollment_tokens", row)
             out = EnrollmentToken.from_row(row)
             self.audit.record(actor, "enrollment_token.create", f"enrollment-tokens/{token_id}",
                               None, out.to_dict())
@@ -130,16 +129,16 @@ class AccessRepo:
 
     def get_token(self, token_id: str) -> EnrollmentToken:
         with self.database.read() as db:
-            rows = list(db.query(f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE id = ?", [token_id]))  # noqa: S608
-        if not rows:
+            row = db.one(f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE id = :id", {"id": token_id})  # noqa: S608
+        if not row:
             raise NotFound(f"enrollment token {token_id!r} not found")
-        return EnrollmentToken.from_row(rows[0])
+        return EnrollmentToken.from_row(row)
 
     def list_tokens(self, cursor: str | None, limit: int, unused_only: bool = False) -> Page[EnrollmentToken]:
-        sql = f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE 1"  # noqa: S608
+        sql = f"SELECT {TOKEN_PUBLIC} FROM enrollment_tokens WHERE TRUE"  # noqa: S608
         if unused_only:
             sql += " AND used_at IS NULL"
-        return self.database.page_of(sql, [], "id", cursor, limit, EnrollmentToken.from_row)
+        return self.database.page_of(sql, {}, "id", cursor, limit, EnrollmentToken.from_row)
 
     def delete_token(self, token_id: str, actor: str) -> None:
         """Withdraw an unused token. Raises NotFound, Conflict (already used)."""
@@ -147,7 +146,7 @@ class AccessRepo:
             before = self.get_token(token_id)
             if before.used_at is not None:
                 raise Conflict(f"enrollment token {token_id!r} was already used by {before.device_id}")
-            db.execute("DELETE FROM enrollment_tokens WHERE id = ?", [token_id])
+            db.execute("DELETE FROM enrollment_tokens WHERE id = :id", {"id": token_id})
             self.audit.record(actor, "enrollment_token.delete", f"enrollment-tokens/{token_id}",
                               before.to_dict(), None)
 
@@ -159,17 +158,18 @@ class AccessRepo:
         """
         now = self.database.now()
         with self.database.tx() as db:
-            rows = list(db.query("SELECT * FROM enrollment_tokens WHERE token_hash = ?", [token_hash]))
-            if not rows:
+            row = db.one("SELECT * FROM enrollment_tokens WHERE token_hash = :h", {"h": token_hash})
+            if not row:
                 raise AuthError("unknown enrollment token")
-            tok = EnrollmentToken.from_row(rows[0])
+            tok = EnrollmentToken.from_row(row)
             if tok.used_at is not None:
                 raise AuthError(f"enrollment token {tok.id} was already used")
             if tok.expires_at <= now:
                 raise AuthError(f"enrollment token {tok.id} expired at {tok.expires_at}")
             cur = db.execute(
-                "UPDATE enrollment_tokens SET used_at = ?, device_id = ? WHERE id = ? AND used_at IS NULL",
-                [now, device_id, tok.id],
+                "UPDATE enrollment_tokens SET used_at = :now, device_id = :device WHERE id = :id "
+                "AND used_at IS NULL",
+                {"now": now, "device": device_id, "id": tok.id},
             )
             if cur.rowcount != 1:
                 raise AuthError(f"enrollment token {tok.id} was already used")

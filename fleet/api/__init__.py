@@ -76,7 +76,7 @@ class BodyLimit:
 
 def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock | None = None,
                collaborators: ApiCollaborators | None = None) -> FastAPI:
-    """Build the API over `store` (opened from `settings.db_path` when not given).
+    """Build the API over `store` (opened from `settings.database` when not given).
 
     A store the app opened itself is closed when the app shuts down; a store passed in
     belongs to the caller (the `FleetService` or a test). `collaborators` are the objects
@@ -86,7 +86,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     owned = store is None
     if store is None:
         kwargs = {"clock": clock} if clock is not None else {}
-        store = Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
+        store = Store(settings.database, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms, **kwargs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

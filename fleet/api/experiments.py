@@ -2,9 +2,10 @@
 
 The experiment driver (a fleet component) sends each matching device the director document
 of its arm; these routes record and read. The recommendation reads pushed observations and,
-when the fleet keeps telemetry (`<data_dir>/telemetry.db`), each device's totals of its arm's
-version, and judges by device with always-valid tests (docs/rollouts.md, "A/B statistics"):
-reading it is safe at any time, and it stores each metric's running test state.
+when the fleet keeps telemetry (`<data_dir>/telemetry.db`, or the PostgreSQL database), each
+device's totals of its arm's version, and judges by device with always-valid tests
+(docs/rollouts.md, "A/B statistics"): reading it is safe at any time, and it stores each
+metric's running test state.
 """
 
 from __future__ import annotations
@@ -154,9 +155,8 @@ def add_observations(experiment_id: str, body: Observations, store: StoreDep,
                     "sequences, or how many more devices")
 def recommendation(experiment_id: str, store: StoreDep, settings: SettingsDep, _: Viewer) -> dict[str, Any]:
     telemetry = None
-    path = settings.data_dir / "telemetry.db"
-    if path.exists():
-        telemetry = TelemetryStore(path)
+    if settings.database_url is not None or settings.telemetry_db_path.exists():
+        telemetry = TelemetryStore(settings.telemetry_database)
     try:
         return ExperimentRepo(store).recommendation(experiment_id, telemetry).to_dict()
     finally:

@@ -80,8 +80,8 @@ def telemetry_context(request: Request) -> TelemetryContext:
         else:
             settings: FleetSettings = app.state.settings
             secure_dir(settings.data_dir)
-            ctx = TelemetryContext(TelemetryStore(settings.telemetry_db_path),
-                                   AlertManager(settings.alerts_db_path),
+            ctx = TelemetryContext(TelemetryStore(settings.telemetry_database),
+                                   AlertManager(settings.alerts_database),
                                    BundleProfiles(app.state.store, app.state.repository),
                                    DriftThresholds(), owned=True)
         app.state.telemetry_context = ctx

@@ -16,6 +16,7 @@ from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.access.auth import create_api_key
 from fleet.db.files import secure_dir
+from fleet.db.migrate import current
 from fleet.devices.enrollment import create_enrollment_token
 from fleet.devices.selector import validate_labels
 from fleet.errors import FleetError, FleetInputError
@@ -26,10 +27,21 @@ console = Console(stderr=True)
 logger = logging.getLogger("edgefleet.fleet.cli")
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                                help="State directory (fleet.db, keys/, repo/); env EDGEFLEET_DATA_DIR.")
+database_option = click.option(
+    "--database", "database_url", default=None, metavar="URL",
+    help="postgresql://user@host:5432/db: every table in that PostgreSQL database instead of SQLite "
+         "files in the data dir; env EDGEFLEET_DATABASE_URL (put a password there or in ~/.pgpass, "
+         "not on the command line).")
 
 
-def _settings(data_dir: Path | None, **overrides: Any) -> FleetSettings:
+def _settings(data_dir: Path | None, database_url: str | None = None, **overrides: Any) -> FleetSettings:
     """Settings from the environment and options; a bad value is a one-line error, not a traceback."""
+    if database_url is not None:
+        if urlsplit(database_url).password is not None:
+            log_event(logger, "fleet.database_password_on_command_line", logging.WARNING,
+                      hint="every local user can read it in /proc/<pid>/cmdline: pass it in "
+                           "EDGEFLEET_DATABASE_URL or ~/.pgpass instead")
+        overrides["database_url"] = database_url
     try:
         return FleetSettings.from_env(data_dir=data_dir, **overrides)
     except ValidationError as exc:  # the messages only: `input` could hold a password
@@ -40,7 +52,10 @@ def _settings(data_dir: Path | None, **overrides: Any) -> FleetSettings:
 
 def _store(settings: FleetSettings) -> Store:
     secure_dir(settings.data_dir)  # 0700 whatever the umask, as `serve` does
-    return Store(settings.db_path, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+    try:
+        return Store(settings.database, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+    except FleetError as exc:  # an unreachable PostgreSQL, a file that is not a database: one line
+        raise click.ClickException(str(exc)) from exc
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -64,6 +79,7 @@ def group() -> None:
 
 @group.command()
 @data_dir_option
+@database_option
 @click.option("--host", default=None, help="Listen address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Listen port (default 8080).")
 @click.option("--broker", "broker_url", default=None,
@@ -75,7 +91,8 @@ def group() -> None:
 @click.option("--broker-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File whose first line is the fleet's broker password; "
                    "env EDGEFLEET_BROKER_PASSWORD_FILE.")
-def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url: str | None,
+def serve(data_dir: Path | None, database_url: str | None, host: str | None, port: int | None,
+          broker_url: str | None,
           device_broker_url: str | None, broker_password_file: Path | None) -> None:
     """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
     timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
@@ -86,7 +103,7 @@ def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url:
         log_event(logger, "fleet.broker_password_on_command_line", logging.WARNING,
                   hint="every local user can read it in /proc/<pid>/cmdline: pass it in "
                        "EDGEFLEET_BROKER_PASSWORD or --broker-password-file instead")
-    settings = _settings(data_dir, host=host, port=port, broker_url=broker_url,
+    settings = _settings(data_dir, database_url, host=host, port=port, broker_url=broker_url,
                          device_broker_url=device_broker_url, broker_password_file=broker_password_file)
     try:
         # The port first: a busy one fails before keys, databases or components are touched.
@@ -99,10 +116,11 @@ def serve(data_dir: Path | None, host: str | None, port: int | None, broker_url:
 
 @group.command("create-admin-key")
 @data_dir_option
+@database_option
 @click.option("--name", default="bootstrap-admin", show_default=True, help="Name recorded with the key.")
-def create_admin_key(data_dir: Path | None, name: str) -> None:
+def create_admin_key(data_dir: Path | None, database_url: str | None, name: str) -> None:
     """Create an admin API key and print it once (store it now: only its hash is kept)."""
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, database_url)
     store = _store(settings)
     try:
         key, plaintext = create_api_key(store, name, "admin", "cli:create-admin-key")
@@ -114,11 +132,13 @@ def create_admin_key(data_dir: Path | None, name: str) -> None:
 
 @group.command("create-token")
 @data_dir_option
+@database_option
 @click.option("--labels", default="", help="Labels the enrolled device gets, e.g. env=prod,region=eu.")
 @click.option("--ttl", "ttl_seconds", type=int, default=None, help="Seconds until the token expires.")
-def create_token(data_dir: Path | None, labels: str, ttl_seconds: int | None) -> None:
+def create_token(data_dir: Path | None, database_url: str | None, labels: str,
+                 ttl_seconds: int | None) -> None:
     """Create a one-time enrollment token and print it once."""
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, database_url)
     ttl = ttl_seconds or settings.limits.token_ttl_seconds
     if not 0 < ttl <= settings.limits.max_token_ttl_seconds:
         raise click.BadParameter(f"must be 1..{settings.limits.max_token_ttl_seconds}", param_hint="--ttl")
@@ -134,23 +154,27 @@ def create_token(data_dir: Path | None, labels: str, ttl_seconds: int | None) ->
 
 @group.command()
 @data_dir_option
-def migrate(data_dir: Path | None) -> None:
+@database_option
+def migrate(data_dir: Path | None, database_url: str | None) -> None:
     """Create or upgrade the fleet database schema (also done at every start)."""
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, database_url)
     store = _store(settings)
     try:
         applied = store.applied_migrations
-        version = max(int(r["version"]) for r in store.db.query("SELECT version FROM schema_migrations"))
+        with store.read() as db:
+            version = current(db.conn, "store")
     finally:
         store.close()
-    click.echo(f"schema at version {version}; applied now: {applied or 'none'}")
+    click.echo(f"schema at revision {version}; applied now: {', '.join(applied) or 'none'}")
 
 
 @group.command("publish-bundle")
 @data_dir_option
+@database_option
 @click.option("--model", "model", default=None, help="Registry model name (default: the bundle's own name).")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -> None:
+def publish_bundle_cmd(data_dir: Path | None, database_url: str | None, model: str | None,
+                       bundle: Path) -> None:
     """Check BUNDLE, add it to the TUF repository and register it as a model version.
 
     Works on DATA_DIR directly (keys and repository are created if absent); the API route
@@ -159,7 +183,7 @@ def publish_bundle_cmd(data_dir: Path | None, model: str | None, bundle: Path) -
     from fleet.components import ensure_trust  # lazy: the service's modules: CLI start-up
     from fleet.registry.publish import publish_bundle  # lazy: CLI start-up
 
-    settings = _settings(data_dir)
+    settings = _settings(data_dir, database_url)
     try:
         name = model or read_manifest(bundle).name
     except EdgefleetError as exc:

@@ -3,7 +3,7 @@
 Each function reads what the store (and, for bundles, the TUF repository) already holds and
 returns the store's typed records, or small frozen records of this module that pair one with
 the figures a page adds (`DeviceSummary`, `ModelSummary`, ...), inside the templates' context
-dicts; nothing here writes. Counts over devices run in SQLite (`json_extract` over the
+dicts; nothing here writes. Counts over devices run in the database (one JSON key of the
 reported state and labels, one GROUP BY each), so the overview costs the same few queries
 whatever the fleet's size.
 
@@ -25,6 +25,7 @@ from agent.contract.manifest import Manifest, Quantization
 from agent.errors import EdgefleetError
 from fleet.db.audit import AuditEntry
 from fleet.db.rows import decode_row
+from fleet.db.sql import json_field, json_pairs
 from fleet.devices.inventory import Device
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError
@@ -80,8 +81,10 @@ class ModelSummary:
     versions: list[VersionSummary]
 
 
-def _grouped(store: Store, expr: str, where: str = "revoked = 0") -> list[dict[str, Any]]:
+def _grouped(store: Store, column: str, key: str, where: str = "revoked = 0") -> list[dict[str, Any]]:
+    """Devices counted by the text at `key` of JSON `column` ('' when absent), largest first."""
     with store.read() as db:
+        expr = f"coalesce({json_field(db.dialect, column, key)}, '')"
         rows = db.execute(f"SELECT {expr} AS k, count(*) AS n FROM devices WHERE {where} "  # noqa: S608
                           "GROUP BY k ORDER BY n DESC, k LIMIT 100").fetchall()
     return [{"key": k, "count": int(n)} for k, n in rows]
@@ -98,21 +101,21 @@ def fleet_counts(store: Store) -> dict[str, Any]:
     """Devices by active bundle, lifecycle state, cohort, label and online flag; rollouts by state."""
     with store.read() as db:
         total, online, revoked = db.execute(
-            "SELECT count(*), coalesce(sum(online = 1 AND revoked = 0), 0), coalesce(sum(revoked), 0) "
-            "FROM devices").fetchone()
+            "SELECT count(*), coalesce(sum(CASE WHEN online = 1 AND revoked = 0 THEN 1 ELSE 0 END), 0), "
+            "coalesce(sum(revoked), 0) FROM devices").one()
         labels = db.execute(
-            "SELECT j.key, j.value, count(*) FROM devices d, json_each(d.labels) j WHERE d.revoked = 0 "
-            "GROUP BY j.key, j.value ORDER BY j.key, j.value LIMIT 100").fetchall()
+            f"SELECT j.key, j.value, count(*) FROM devices d, {json_pairs(db.dialect, 'd.labels', 'j')} "  # noqa: S608
+            "WHERE d.revoked = 0 GROUP BY j.key, j.value ORDER BY j.key, j.value LIMIT 100").fetchall()
         rollouts = db.execute("SELECT state, count(*) FROM rollouts GROUP BY state ORDER BY state").fetchall()
     versions = bundle_versions(store)
-    by_bundle = _grouped(store, "coalesce(json_extract(reported_state, '$.active_bundle'), '')")
+    by_bundle = _grouped(store, "reported_state", "active_bundle")
     for row in by_bundle:
         row["version"] = versions.get(row["key"])
     return {
         "total": int(total), "online": int(online), "offline": int(total) - int(online) - int(revoked),
         "revoked": int(revoked), "by_bundle": by_bundle,
-        "by_state": _grouped(store, "coalesce(json_extract(reported_state, '$.state'), '')"),
-        "by_cohort": _grouped(store, "coalesce(json_extract(labels, '$.cohort'), '')"),
+        "by_state": _grouped(store, "reported_state", "state"),
+        "by_cohort": _grouped(store, "labels", "cohort"),
         "labels": [{"key": k, "value": v, "count": int(n)} for k, v, n in labels],
         "rollouts": [{"state": s, "count": int(n)} for s, n in rollouts],
     }
@@ -143,7 +146,7 @@ def device_rollouts(store: Store, device_id: str) -> list[DeviceRollout]:
             "p.outcome, p.detail, p.from_bundle FROM rollout_devices d "
             "JOIN rollouts r ON r.id = d.rollout_id "
             "LEFT JOIN rollout_progress p ON p.rollout_id = d.rollout_id AND p.device_id = d.device_id "
-            "WHERE d.device_id = ? ORDER BY r.created_at DESC LIMIT 50", [device_id]))
+            "WHERE d.device_id = :device ORDER BY r.created_at DESC LIMIT 50", {"device": device_id}))
     return [record_from_row(DeviceRollout, r, state=RolloutState(r["state"])) for r in rows]
 
 
@@ -195,7 +198,7 @@ class BundleInfo:
 
 
 def _running(store: Store) -> dict[str, int]:
-    rows = _grouped(store, "coalesce(json_extract(reported_state, '$.active_bundle'), '')")
+    rows = _grouped(store, "reported_state", "active_bundle")
     return {r["key"]: r["count"] for r in rows}
 
 
@@ -218,8 +221,8 @@ def models_page(store: Store, bundles: BundleInfo) -> list[ModelSummary]:
 def version_rollouts(store: Store, version_id: str) -> list[Rollout]:
     """The rollouts of a model version, newest first."""
     with store.read() as db:
-        rows = list(db.query("SELECT * FROM rollouts WHERE model_version_id = ? "
-                             "ORDER BY created_at DESC LIMIT 50", [version_id]))
+        rows = db.query("SELECT * FROM rollouts WHERE model_version_id = :vid "
+                        "ORDER BY created_at DESC LIMIT 50", {"vid": version_id})
     return [Rollout.from_row(decode_row(r, ROLLOUT_JSON) or r) for r in rows]
 
 

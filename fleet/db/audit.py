@@ -39,7 +39,7 @@ class AuditRepo:
     def record(self, actor: str, action: str, resource: str, before: Any, after: Any) -> None:
         """Append one entry; call inside the transaction that made the change."""
         with self.database.tx() as db:
-            db.table("audit_log").insert(
+            db.insert("audit_log",
                 {
                     "at": self.database.now(),
                     "actor": actor,
@@ -59,9 +59,9 @@ class AuditRepo:
         action: str | None = None,
     ) -> Page[AuditEntry]:
         """Newest first, optionally filtered by exact resource, actor or action."""
-        sql, params = "SELECT * FROM audit_log WHERE 1", []
+        sql, params = "SELECT * FROM audit_log WHERE TRUE", {}
         for col, val in (("resource", resource), ("actor", actor), ("action", action)):
             if val is not None:
-                sql += f" AND {col} = ?"
-                params.append(val)
+                sql += f" AND {col} = :{col}"
+                params[col] = val
         return self.database.page_of(sql, params, "id", cursor, limit, AuditEntry.from_row, descending=True)

@@ -43,12 +43,13 @@ class IdempotencyRepo:
 
     def get(self, actor: str, key: str) -> StoredResponse | None:
         with self.database.read() as db:
-            rows = list(db.query("SELECT * FROM idempotency_keys WHERE actor = ? AND key = ?", [actor, key]))
-        return StoredResponse.from_row(rows[0]) if rows else None
+            row = db.one("SELECT * FROM idempotency_keys WHERE actor = :actor AND key = :key",
+                         {"actor": actor, "key": key})
+        return StoredResponse.from_row(row) if row else None
 
     def save(self, actor: str, key: str, route: str, request_hash: str, status: int, response: Any) -> None:
         with self.database.tx() as db:
-            db.table("idempotency_keys").insert(
+            db.insert("idempotency_keys",
                 {
                     "actor": actor,
                     "key": key,
@@ -69,21 +70,22 @@ class IdempotencyRepo:
         """
         changed = 0
         with self.database.tx() as db:
-            for row in list(db.query("SELECT actor, key, response FROM idempotency_keys")):
+            for row in db.query("SELECT actor, key, response FROM idempotency_keys"):
                 response = json.loads(row["response"])
                 if not isinstance(response, dict) or not any(map(is_secret, response.values())):
                     continue
                 kept = {k: v for k, v in response.items() if not is_secret(v)}
-                db.execute("UPDATE idempotency_keys SET response = ? WHERE actor = ? AND key = ?",
-                           [dumps(kept), row["actor"], row["key"]])
+                db.execute("UPDATE idempotency_keys SET response = :response "
+                           "WHERE actor = :actor AND key = :key",
+                           {"response": dumps(kept), "actor": row["actor"], "key": row["key"]})
                 changed += 1
         if changed:
-            with self.database.read() as db:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.database.checkpoint()
         return changed
 
     def purge(self, older_than_seconds: float) -> int:
         """Forget keys older than the retention window; returns how many were removed."""
         cutoff = iso(self.database.clock() - older_than_seconds)
         with self.database.tx() as db:
-            return int(db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", [cutoff]).rowcount)
+            return int(db.execute("DELETE FROM idempotency_keys WHERE created_at < :cutoff",
+                                  {"cutoff": cutoff}).rowcount)

@@ -8,7 +8,6 @@ per device per minute would drown the log). Enrollment, label edits and revocati
 from __future__ import annotations
 
 import logging
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,8 +89,8 @@ class DeviceRepo:
         }
         with self.database.tx() as db:
             try:
-                db.table("devices").insert(row)
-            except sqlite3.IntegrityError as exc:
+                db.insert("devices", row)
+            except Conflict as exc:
                 raise Conflict(f"device {device_id!r} already exists") from exc
             out = self.get(device_id)
             self.audit.record(actor, "device.enroll", f"devices/{device_id}", None, out.to_dict())
@@ -100,10 +99,10 @@ class DeviceRepo:
     def get(self, device_id: str) -> Device:
         """Raises NotFound."""
         with self.database.read() as db:
-            rows = list(db.query(f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE id = ?", [device_id]))  # noqa: S608
-        if not rows:
+            row = db.one(f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE id = :id", {"id": device_id})  # noqa: S608
+        if not row:
             raise NotFound(f"device {device_id!r} not found")
-        return Device.from_row(rows[0])
+        return Device.from_row(row)
 
     def list_devices(
         self,
@@ -114,19 +113,20 @@ class DeviceRepo:
         revoked: bool | None = None,
     ) -> Page[Device]:
         """Devices matching the label selector (and flags), ordered by id."""
-        where, params = selector.to_sql("labels")
+        where, selected = selector.to_sql(self.database.dialect, "labels")
+        params: dict[str, Any] = dict(selected)
         sql = f"SELECT {PUBLIC_COLUMNS} FROM devices WHERE ({where})"  # noqa: S608
         if online is not None:
-            sql += " AND online = ?"
-            params.append(int(online))  # type: ignore[arg-type]
+            sql += " AND online = :online"
+            params["online"] = int(online)
         if revoked is not None:
-            sql += " AND revoked = ?"
-            params.append(int(revoked))  # type: ignore[arg-type]
-        return self.database.page_of(sql, list(params), "id", cursor, limit, Device.from_row)
+            sql += " AND revoked = :revoked"
+            params["revoked"] = int(revoked)
+        return self.database.page_of(sql, params, "id", cursor, limit, Device.from_row)
 
     def ids_matching(self, selector: Selector, include_revoked: bool = False) -> list[str]:
         """Every matching device id (for the rollout controller's cohort expansion)."""
-        where, params = selector.to_sql("labels")
+        where, params = selector.to_sql(self.database.dialect, "labels")
         sql = f"SELECT id FROM devices WHERE ({where})" + ("" if include_revoked else " AND revoked = 0")  # noqa: S608
         with self.database.read() as db:
             return [r["id"] for r in db.query(sql + " ORDER BY id", params)]
@@ -134,21 +134,22 @@ class DeviceRepo:
     def is_revoked(self, device_id: str) -> bool:
         """Whether the device is revoked (one primary-key read). Raises NotFound."""
         with self.database.read() as db:
-            row = db.execute("SELECT revoked FROM devices WHERE id = ?", [device_id]).fetchone()
+            row = db.execute("SELECT revoked FROM devices WHERE id = :id", {"id": device_id}).fetchone()
         if row is None:
             raise NotFound(f"device {device_id!r} not found")
         return bool(row[0])
 
     def count(self) -> int:
         with self.database.read() as db:
-            return int(db.execute("SELECT count(*) FROM devices").fetchone()[0])
+            return int(db.scalar("SELECT count(*) FROM devices"))
 
     def set_labels(self, device_id: str, labels: dict[str, str], actor: str) -> Device:
         """Replace a device's labels. Raises NotFound, FleetInputError."""
         labels = validate_labels(labels)
         with self.database.tx() as db:
             before = self.get(device_id)
-            db.execute("UPDATE devices SET labels = ? WHERE id = ?", [dumps(labels), device_id])
+            db.execute("UPDATE devices SET labels = :labels WHERE id = :id", {"labels": dumps(labels),
+                                                                              "id": device_id})
             after = self.get(device_id)
             self.audit.record(actor, "device.labels", f"devices/{device_id}",
                                     {"labels": before.labels}, {"labels": labels})
@@ -160,8 +161,8 @@ class DeviceRepo:
             before = self.get(device_id)
             if before.revoked:
                 raise Conflict(f"device {device_id!r} is already revoked")
-            db.execute("UPDATE devices SET revoked = 1, revoked_at = ?, online = 0 WHERE id = ?",
-                       [self.database.now(), device_id])
+            db.execute("UPDATE devices SET revoked = 1, revoked_at = :at, online = 0 WHERE id = :id",
+                       {"at": self.database.now(), "id": device_id})
             after = self.get(device_id)
             self.audit.record(actor, "device.revoke", f"devices/{device_id}",
                                     {"revoked": False}, {"revoked": True, "reason": reason})
@@ -212,8 +213,9 @@ class DeviceRepo:
             current = self.get(device_id)
             if current.revoked:
                 raise FleetInputError(f"device {device_id!r} is revoked; its report is ignored")
-            sets = ", ".join(f"{k} = ?" for k in updates)
-            db.execute(f"UPDATE devices SET {sets} WHERE id = ?", [*updates.values(), device_id])  # noqa: S608
+            sets = ", ".join(f"{k} = :{k}" for k in updates)  # keys: the fixed column names above
+            db.execute(f"UPDATE devices SET {sets} WHERE id = :device_id",  # noqa: S608
+                       {**updates, "device_id": device_id})
             return self.get(device_id)
 
     def on_reported(self, device_id: str, report: ReportedState) -> None:
@@ -233,7 +235,7 @@ class DeviceRepo:
         """Record that the device went away (Last Will or timeout). Raises NotFound."""
         with self.database.tx() as db:
             self.get(device_id)
-            db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
+            db.execute("UPDATE devices SET online = 0 WHERE id = :id", {"id": device_id})
 
     def broker_credentials(self) -> list[tuple[str, str]]:
         """(username, password hash) of every device that is not revoked, for the broker file."""

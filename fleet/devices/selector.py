@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from fleet.db.sql import json_key, json_text
 from fleet.errors import FleetInputError
 
 Op = Literal["eq", "ne", "in", "notin", "exists", "absent"]
@@ -60,31 +61,28 @@ class Selector:
     def matches(self, labels: dict[str, str]) -> bool:
         return all(r.matches(labels) for r in self.requirements)
 
-    def to_sql(self, column: str = "labels") -> tuple[str, list[str]]:
-        """A WHERE fragment over a JSON text column and its parameters (`"1"` when empty).
+    def to_sql(self, dialect: str, column: str = "labels") -> tuple[str, dict[str, str]]:
+        """A WHERE fragment over a JSON text column and its named parameters (`TRUE` when empty),
+        for `dialect` (`sqlite` or `postgresql`; see `fleet.db.sql.json_text`).
 
-        `column` must be a trusted identifier; keys and values travel as parameters.
+        `column` must be a trusted identifier; keys and values travel as parameters (`sel_*`).
         """
         clauses: list[str] = []
-        params: list[str] = []
-        for r in self.requirements:
-            path = f'$."{r.key}"'
-            expr = f"json_extract({column}, ?)"
+        params: dict[str, str] = {}
+        for i, r in enumerate(self.requirements):
+            params[f"sel_k{i}"] = json_key(dialect, r.key)
+            expr = json_text(dialect, column, f"sel_k{i}")
+            marks = ", ".join(f":sel_v{i}_{j}" for j in range(len(r.values)))
+            params.update({f"sel_v{i}_{j}": v for j, v in enumerate(r.values)})
             if r.op == "exists":
                 clauses.append(f"{expr} IS NOT NULL")
-                params.append(path)
             elif r.op == "absent":
                 clauses.append(f"{expr} IS NULL")
-                params.append(path)
             elif r.op in ("eq", "in"):
-                marks = ", ".join("?" for _ in r.values)
                 clauses.append(f"{expr} IN ({marks})")
-                params += [path, *r.values]
             else:
-                marks = ", ".join("?" for _ in r.values)
                 clauses.append(f"({expr} IS NULL OR {expr} NOT IN ({marks}))")
-                params += [path, path, *r.values]
-        return (" AND ".join(clauses) or "1"), params
+        return (" AND ".join(clauses) or "TRUE"), params
 
     def __str__(self) -> str:
         parts = []

@@ -1,14 +1,13 @@
 """Model registry: models, their immutable versions, and the stage each version is in.
 
 A version's artifact digest, runtime and lineage never change after registration (a
-SQLite trigger refuses it); only its stage moves, and every move is kept in
+database trigger refuses it); only its stage moves, and every move is kept in
 `stage_history` and the audit log.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,8 +84,8 @@ class ModelRepo:
                "created_by": actor}
         with self.database.tx() as db:
             try:
-                db.table("models").insert(row)
-            except sqlite3.IntegrityError as exc:
+                db.insert("models", row)
+            except Conflict as exc:
                 raise Conflict(f"model {name!r} already exists") from exc
             self.audit.record(actor, "model.create", f"models/{name}", None, row)
         return Model.from_row(row)
@@ -94,13 +93,13 @@ class ModelRepo:
     def get_model(self, name: str) -> Model:
         """Raises NotFound."""
         with self.database.read() as db:
-            rows = list(db.query("SELECT * FROM models WHERE name = ?", [name]))
-        if not rows:
+            row = db.one("SELECT * FROM models WHERE name = :name", {"name": name})
+        if not row:
             raise NotFound(f"model {name!r} not found")
-        return Model.from_row(rows[0])
+        return Model.from_row(row)
 
     def list_models(self, cursor: str | None, limit: int) -> Page[Model]:
-        return self.database.page_of("SELECT * FROM models WHERE 1", [], "name", cursor, limit,
+        return self.database.page_of("SELECT * FROM models WHERE TRUE", {}, "name", cursor, limit,
                                      Model.from_row)
 
     # -- versions -------------------------------------------------------------
@@ -138,11 +137,12 @@ class ModelRepo:
         with self.database.tx() as db:
             self.get_model(model)
             try:
-                db.table("model_versions").insert(row)
-            except sqlite3.IntegrityError as exc:
+                db.insert("model_versions", row)
+            except Conflict as exc:
                 raise Conflict(f"version {version!r} of model {model!r} already exists") from exc
-            db.table("stage_history").insert(
-                {"version_id": row["id"], "from_stage": None, "to_stage": "registered", "actor": actor,
+            db.insert(
+                "stage_history", {"version_id": row["id"], "from_stage": None, "to_stage": "registered",
+                                  "actor": actor,
                  "note": "registered", "at": row["created_at"]}
             )
             out = ModelVersion.from_row(row)
@@ -153,10 +153,10 @@ class ModelRepo:
     def get_version(self, model: str, version: str) -> ModelVersion:
         """Raises NotFound."""
         with self.database.read() as db:
-            rows = list(db.query("SELECT * FROM model_versions WHERE id = ?", [version_id(model, version)]))
-        if not rows:
+            row = db.one("SELECT * FROM model_versions WHERE id = :id", {"id": version_id(model, version)})
+        if not row:
             raise NotFound(f"version {version!r} of model {model!r} not found")
-        return ModelVersion.from_row(rows[0])
+        return ModelVersion.from_row(row)
 
     def get_version_by_id(self, vid: str) -> ModelVersion:
         """Look up `<model>:<version>`; raises NotFound."""
@@ -167,12 +167,12 @@ class ModelRepo:
                       stage: str | None = None) -> Page[ModelVersion]:
         """Raises NotFound for an unknown model, FleetInputError for an unknown stage."""
         self.get_model(model)
-        sql, params = "SELECT * FROM model_versions WHERE model_name = ?", [model]
+        sql, params = "SELECT * FROM model_versions WHERE model_name = :model", {"model": model}
         if stage is not None:
             if stage not in STAGES:
                 raise FleetInputError(f"stage {stage!r} must be one of {', '.join(STAGES)}")
-            sql += " AND stage = ?"
-            params.append(stage)
+            sql += " AND stage = :stage"
+            params["stage"] = stage
         return self.database.page_of(sql, params, "id", cursor, limit, ModelVersion.from_row)
 
     def set_stage(self, model: str, version: str, to_stage: str, actor: str, note: str = "") -> ModelVersion:
@@ -188,9 +188,10 @@ class ModelRepo:
                 raise Conflict(f"{before.id} is archived; register a new version instead")
             if before.stage == to_stage:
                 raise Conflict(f"{before.id} is already in stage {to_stage!r}")
-            db.execute("UPDATE model_versions SET stage = ? WHERE id = ?", [to_stage, before.id])
-            db.table("stage_history").insert(
-                {"version_id": before.id, "from_stage": before.stage, "to_stage": to_stage,
+            db.execute("UPDATE model_versions SET stage = :stage WHERE id = :id",
+                       {"stage": to_stage, "id": before.id})
+            db.insert(
+                "stage_history", {"version_id": before.id, "from_stage": before.stage, "to_stage": to_stage,
                  "actor": actor, "note": note, "at": self.database.now()}
             )
             after = self.get_version(model, version)
@@ -205,8 +206,9 @@ class ModelRepo:
         with self.database.tx() as db:
             before = self.get_version(model, version)
             try:
-                db.execute("UPDATE model_versions SET bundle_target = ? WHERE id = ?", [target, before.id])
-            except sqlite3.IntegrityError as exc:
+                db.execute("UPDATE model_versions SET bundle_target = :target WHERE id = :id",
+                           {"target": target, "id": before.id})
+            except Conflict as exc:
                 raise Conflict(f"{before.id} already has bundle target {before.bundle_target!r}") from exc
             self.audit.record(actor, "model_version.bundle", f"models/{model}/versions/{version}",
                               {"bundle_target": before.bundle_target}, {"bundle_target": target})
@@ -215,5 +217,5 @@ class ModelRepo:
     def stage_history(self, model: str, version: str) -> list[StageHistoryEntry]:
         vid = self.get_version(model, version).id
         with self.database.read() as db:
-            rows = list(db.query("SELECT * FROM stage_history WHERE version_id = ? ORDER BY id", [vid]))
+            rows = db.query("SELECT * FROM stage_history WHERE version_id = :vid ORDER BY id", {"vid": vid})
         return [StageHistoryEntry.from_row(r) for r in rows]

@@ -136,21 +136,21 @@ class ExperimentRepo:
                     "state": "running", "created_at": self.store.now(), "created_by": actor,
                     "started_at": self.store.clock()}
         with self.store.tx() as db:
-            db.table("experiments").insert(row)
+            db.insert("experiments", row)
             out = self.get(row["id"])
             self.store.audit.record(actor, "experiment.create", f"experiments/{row['id']}", None, out)
         return out
 
     def get(self, experiment_id: str) -> Row:
         with self.store.read() as db:
-            rows = list(db.query("SELECT * FROM experiments WHERE id = ?", [experiment_id]))
-        out = decode_row(rows[0], self.JSON) if rows else None
+            found = db.one("SELECT * FROM experiments WHERE id = :id", {"id": experiment_id})
+        out = decode_row(found, self.JSON) if found else None
         if out is None:
             raise NotFound(f"experiment {experiment_id!r} not found")
         return out
 
     def list(self, cursor: str | None, limit: int) -> Any:
-        return self.store.page("SELECT * FROM experiments WHERE 1", [], "id", cursor, limit, self.JSON)
+        return self.store.page("SELECT * FROM experiments WHERE TRUE", {}, "id", cursor, limit, self.JSON)
 
     def stop(self, experiment_id: str, actor: str) -> Row:
         """Stop assigning devices (they keep their arm's version). Raises NotFound, Conflict."""
@@ -158,7 +158,7 @@ class ExperimentRepo:
             before = self.get(experiment_id)
             if before["state"] != "running":
                 raise Conflict(f"experiment {experiment_id} is already {before['state']}")
-            db.execute("UPDATE experiments SET state = 'stopped' WHERE id = ?", [experiment_id])
+            db.execute("UPDATE experiments SET state = 'stopped' WHERE id = :id", {"id": experiment_id})
             self.store.audit.record(actor, "experiment.stop", f"experiments/{experiment_id}",
                                     {"state": "running"}, {"state": "stopped"})
             return self.get(experiment_id)
@@ -171,15 +171,17 @@ class ExperimentRepo:
         if not all(math.isfinite(v) for v in values):
             raise FleetInputError("observations must be finite numbers")
         with self.store.tx() as db:
-            db.table("experiment_observations").insert_all(
-                {"experiment_id": experiment_id, "arm": arm, "metric": metric, "value": float(v), "weight": 1}
-                for v in values)
+            db.insert(
+                "experiment_observations", [{"experiment_id": experiment_id, "arm": arm, "metric": metric,
+                                             "value": float(v), "weight": 1}
+                                            for v in values])
         return len(values)
 
     def devices(self, experiment_id: str) -> dict[str, str]:
         with self.store.read() as db:
             return {r["device_id"]: r["arm"] for r in db.query(
-                "SELECT device_id, arm FROM experiment_devices WHERE experiment_id = ?", [experiment_id])}
+                "SELECT device_id, arm FROM experiment_devices WHERE experiment_id = :id",
+                {"id": experiment_id})}
 
     def data(self, exp: Row, telemetry: ExperimentTelemetry | None = None) -> tuple[ArmData, ArmData]:
         """Evidence per arm: pushed observations plus, when given, each device's telemetry totals
@@ -189,7 +191,7 @@ class ExperimentRepo:
         arms = {"a": ArmData(), "b": ArmData()}
         with self.store.read() as db:
             for r in db.query("SELECT arm, metric, value, weight FROM experiment_observations "
-                              "WHERE experiment_id = ?", [exp["id"]]):
+                              "WHERE experiment_id = :id", {"id": exp["id"]}):
                 arms[r["arm"]].samples.setdefault(r["metric"], []).append((r["value"], r["weight"]))
         if telemetry is None:
             return arms["a"], arms["b"]
@@ -210,8 +212,8 @@ class ExperimentRepo:
         """Each metric's running always-valid p-value, confidence sequence and tau so far."""
         with self.store.read() as db:
             return {r["metric"]: SequentialState(r["p_value"], r["ci_low"], r["ci_high"], r["tau"])
-                    for r in db.query("SELECT * FROM experiment_sequential WHERE experiment_id = ?",
-                                      [experiment_id])}
+                    for r in db.query("SELECT * FROM experiment_sequential WHERE experiment_id = :id",
+                                      {"id": experiment_id})}
 
     def recommendation(self, experiment_id: str, telemetry: ExperimentTelemetry | None = None
                        ) -> Recommendation:
@@ -223,11 +225,12 @@ class ExperimentRepo:
             rec = recommend(a, b, exp["metrics"], exp["alpha"], exp["min_samples"],
                             exp.get("min_devices") or DEFAULT_MIN_DEVICES, exp.get("taus") or {},
                             self.sequential_state(experiment_id))
-            db.table("experiment_sequential").upsert_all(
-                ({"experiment_id": experiment_id, "metric": v.metric, "p_value": st.p_value,
+            db.upsert(
+                "experiment_sequential", [{"experiment_id": experiment_id, "metric": v.metric,
+                                           "p_value": st.p_value,
                   "ci_low": st.ci_low, "ci_high": st.ci_high, "tau": st.tau, "updated_at": self.store.clock()}
-                 for v in rec.metrics if (st := v.state()) is not None),
-                pk=("experiment_id", "metric"))
+                                          for v in rec.metrics if (st := v.state()) is not None],
+                key=("experiment_id", "metric"))
         return rec
 
 
@@ -272,8 +275,9 @@ class ExperimentDriver:
                               error=str(exc))
                     return sent
                 with self.store.tx() as db:
-                    db.table("experiment_devices").insert(
-                        {"experiment_id": eid, "device_id": dev, "arm": arm, "assigned_at": self.clock()})
+                    db.insert(
+                        "experiment_devices", {"experiment_id": eid, "device_id": dev, "arm": arm,
+                                               "assigned_at": self.clock()})
                 sent += 1
         return sent
 

@@ -212,17 +212,19 @@ class RolloutRecords:
     # -- runtime ----------------------------------------------------------------------------
     def runtime(self, rollout_id: str) -> RolloutRuntime | None:
         with self.store.read() as db:
-            rows = list(db.query("SELECT * FROM rollout_runtime WHERE rollout_id = ?", [rollout_id]))
-        row = decode_row(rows[0], ("breach",)) if rows else None
+            found = db.one("SELECT * FROM rollout_runtime WHERE rollout_id = :id", {"id": rollout_id})
+        row = decode_row(found, ("breach",)) if found else None
         return RolloutRuntime.from_row(row) if row is not None else None
 
     def init_runtime(self, rollout_id: str, target_bundle: str, target_path: str,
                      now: float) -> RolloutRuntime:
         with self.store.tx() as db:
-            db.table("rollout_runtime").insert(
+            db.upsert(  # a fresh runtime row, as INSERT OR REPLACE made it (every column reset)
+                "rollout_runtime",
                 {"rollout_id": rollout_id, "phase": "forward", "target_bundle": target_bundle,
                  "target_path": target_path, "started_at": now, "stage_started_at": now,
-                 "stage_done_at": None, "breach": "[]", "final_state": None}, replace=True)
+                 "stage_done_at": None, "breach": "[]", "final_state": None,
+                 "shadow_agreement_sum": 0.0, "shadow_compared": 0.0}, key=("rollout_id",))
         out = self.runtime(rollout_id)
         assert out is not None
         return out
@@ -231,17 +233,17 @@ class RolloutRecords:
         """Set `rollout_runtime` columns; `breach` takes a `GateBreach`."""
         if "breach" in fields:
             fields["breach"] = dumps(dataclasses.asdict(fields["breach"]))
-        sets = ", ".join(f"{k} = ?" for k in fields)
+        sets = ", ".join(f"{k} = :{k}" for k in fields)  # keys: column names from the controller
         with self.store.tx() as db:
-            db.execute(f"UPDATE rollout_runtime SET {sets} WHERE rollout_id = ?",  # noqa: S608
-                       [*fields.values(), rollout_id])
+            db.execute(f"UPDATE rollout_runtime SET {sets} WHERE rollout_id = :rollout_id_",  # noqa: S608
+                       {**fields, "rollout_id_": rollout_id})
 
     def add_shadow_agreement(self, rollout_id: str, agreement: float, compared: float) -> None:
         """Fold one shadow report into the rollout's agreement (durable: the gate reads it back)."""
         with self.store.tx() as db:
-            db.execute("UPDATE rollout_runtime SET shadow_agreement_sum = shadow_agreement_sum + ?, "
-                       "shadow_compared = shadow_compared + ? WHERE rollout_id = ?",
-                       [agreement * compared, compared, rollout_id])
+            db.execute("UPDATE rollout_runtime SET shadow_agreement_sum = shadow_agreement_sum + :agreed, "
+                       "shadow_compared = shadow_compared + :compared WHERE rollout_id = :id",
+                       {"agreed": agreement * compared, "compared": compared, "id": rollout_id})
 
     # -- progress ---------------------------------------------------------------------------
     def add_devices(self, rollout_id: str, device_ids: Iterable[str]) -> int:
@@ -250,17 +252,19 @@ class RolloutRecords:
         now = self.store.now()
         with self.store.tx() as db:
             known = {r["device_id"] for r in db.query(
-                "SELECT device_id FROM rollout_progress WHERE rollout_id = ?", [rollout_id])}
+                "SELECT device_id FROM rollout_progress WHERE rollout_id = :id", {"id": rollout_id})}
             for dev in device_ids:
                 if dev in known:
                     continue
-                db.table("rollout_progress").insert(
-                    {"rollout_id": rollout_id, "device_id": dev, "ordinal": ordinal(rollout_id, dev),
+                db.insert(
+                    "rollout_progress", {"rollout_id": rollout_id, "device_id": dev,
+                                         "ordinal": ordinal(rollout_id, dev),
                      "from_bundle": None, "assigned_at": None, "acked": 0, "outcome": None,
                      "revert_at": None, "detail": ""})
-                db.table("rollout_devices").upsert(
-                    {"rollout_id": rollout_id, "device_id": dev, "stage": 0, "status": "pending",
-                     "updated_at": now}, pk=("rollout_id", "device_id"))
+                db.upsert(
+                    "rollout_devices", {"rollout_id": rollout_id, "device_id": dev, "stage": 0,
+                                        "status": "pending",
+                                        "updated_at": now}, key=("rollout_id", "device_id"))
                 added += 1
         return added
 
@@ -274,16 +278,17 @@ class RolloutRecords:
         """
         still_open = ("p.revert_at IS NULL OR p.outcome = 'reverting'" if reverting else "p.outcome IS NULL")
         with self.store.tx() as db:
-            rows = list(db.query(
+            rows = db.query(
                 "SELECT p.device_id, p.assigned_at FROM rollout_progress p "  # noqa: S608
                 "JOIN devices d ON d.id = p.device_id "
-                f"WHERE p.rollout_id = ? AND d.revoked = 1 AND (p.assigned_at IS NULL OR {still_open})",
-                [rollout_id]))
+                f"WHERE p.rollout_id = :id AND d.revoked = 1 AND (p.assigned_at IS NULL OR {still_open})",
+                {"id": rollout_id})
             for r in rows:
-                key = [rollout_id, r["device_id"]]
+                key = {"id": rollout_id, "device": r["device_id"]}
                 if r["assigned_at"] is None:
-                    db.execute("DELETE FROM rollout_progress WHERE rollout_id = ? AND device_id = ?", key)
-                    db.execute("DELETE FROM rollout_devices WHERE rollout_id = ? AND device_id = ?", key)
+                    for table in ("rollout_progress", "rollout_devices"):
+                        db.execute(f"DELETE FROM {table} WHERE rollout_id = :id AND device_id = :device",  # noqa: S608
+                                   key)
                 else:
                     self.update_device(rollout_id, r["device_id"], "skipped", outcome="skipped",
                                        revert_at=now, detail="device revoked")
@@ -295,20 +300,22 @@ class RolloutRecords:
             return [DeviceProgress.from_row(r) for r in db.query(
                 "SELECT p.*, d.status, d.stage FROM rollout_progress p JOIN rollout_devices d "
                 "ON d.rollout_id = p.rollout_id AND d.device_id = p.device_id "
-                "WHERE p.rollout_id = ? ORDER BY p.ordinal", [rollout_id])]
+                "WHERE p.rollout_id = :id ORDER BY p.ordinal", {"id": rollout_id})]
 
     def update_device(self, rollout_id: str, device_id: str, status: str | None = None,
                       stage: int | None = None, **fields: Any) -> None:
         """Update progress columns and (when given) the API-visible status, in one transaction."""
         with self.store.tx() as db:
             if fields:
-                sets = ", ".join(f"{k} = ?" for k in fields)
-                db.execute(f"UPDATE rollout_progress SET {sets} WHERE rollout_id = ? AND device_id = ?",  # noqa: S608
-                           [*fields.values(), rollout_id, device_id])
+                sets = ", ".join(f"{k} = :{k}" for k in fields)  # keys: column names from the controller
+                db.execute(f"UPDATE rollout_progress SET {sets} "  # noqa: S608
+                           "WHERE rollout_id = :rollout_id_ AND device_id = :device_id_",
+                           {**fields, "rollout_id_": rollout_id, "device_id_": device_id})
             if status is not None:
                 if stage is None:
-                    row = db.execute("SELECT stage FROM rollout_devices WHERE rollout_id = ? "
-                                     "AND device_id = ?", [rollout_id, device_id]).fetchone()
+                    row = db.execute("SELECT stage FROM rollout_devices WHERE rollout_id = :id "
+                                     "AND device_id = :device", {"id": rollout_id,
+                                                                 "device": device_id}).fetchone()
                     stage = int(row[0]) if row else 0
                 self.store.rollouts.set_device_status(rollout_id, device_id, stage, status)
 
@@ -319,8 +326,8 @@ class RolloutRecords:
                 "SELECT p.*, rt.phase, rt.target_bundle FROM rollout_progress p "
                 "JOIN rollout_runtime rt ON rt.rollout_id = p.rollout_id "
                 "JOIN rollouts r ON r.id = p.rollout_id "
-                "WHERE p.device_id = ? AND r.state IN ('running', 'paused', 'rolling_back') "
-                "AND (p.assigned_at IS NOT NULL)", [device_id])]
+                "WHERE p.device_id = :device AND r.state IN ('running', 'paused', 'rolling_back') "
+                "AND (p.assigned_at IS NOT NULL)", {"device": device_id})]
 
     def reported_states(self, device_ids: list[str]) -> dict[str, DeviceReport]:
         """The stored reported state and online flag of each listed device (absent if unknown)."""
@@ -328,19 +335,19 @@ class RolloutRecords:
         with self.store.read() as db:
             for i in range(0, len(device_ids), 500):
                 part = device_ids[i:i + 500]
-                marks = ", ".join("?" for _ in part)
-                for r in db.query(f"SELECT id, reported_state, online FROM devices WHERE id IN ({marks})",  # noqa: S608
-                                  part):
+                for r in db.query("SELECT id, reported_state, online FROM devices WHERE id IN :ids",
+                                  {"ids": part}):
                     out[r["id"]] = DeviceReport.from_row(decode_row(r, ("reported_state",)) or {})
         return out
 
     def supersede(self, device_id: str, by_rollout: str) -> None:
         """A newer rollout took this device: close its open entries in other active rollouts."""
         with self.store.read() as db:
-            rows = list(db.query(
+            rows = db.query(
                 "SELECT p.rollout_id FROM rollout_progress p JOIN rollouts r ON r.id = p.rollout_id "
-                "WHERE p.device_id = ? AND p.rollout_id != ? AND p.outcome IS NULL "
-                "AND r.state IN ('running', 'paused', 'rolling_back')", [device_id, by_rollout]))
+                "WHERE p.device_id = :device AND p.rollout_id != :by AND p.outcome IS NULL "
+                "AND r.state IN ('running', 'paused', 'rolling_back')", {"device": device_id,
+                                                                         "by": by_rollout})
         for r in rows:
             self.update_device(r["rollout_id"], device_id, "skipped", outcome="skipped",
                                detail=f"superseded by {by_rollout}")
@@ -363,13 +370,14 @@ class RolloutRecords:
                 raise Conflict(f"rollout {rollout_id} is rolling back; it cannot be promoted")
             if command == "rollback" and ro.state is RolloutState.ROLLING_BACK:
                 raise Conflict(f"rollout {rollout_id} is already rolling back")
-            queued = db.execute("SELECT 1 FROM rollout_commands WHERE rollout_id = ? AND command = ? "
-                                "AND done_at IS NULL", [rollout_id, command]).fetchone()
+            queued = db.execute("SELECT 1 FROM rollout_commands WHERE rollout_id = :id "
+                                "AND command = :command AND done_at IS NULL",
+                                {"id": rollout_id, "command": command}).fetchone()
             if queued:
                 raise Conflict(f"rollout {rollout_id} already has a pending {command}")
             row = {"rollout_id": rollout_id, "command": command, "actor": actor, "note": note,
                    "created_at": self.store.now(), "done_at": None}
-            command_id = db.table("rollout_commands").insert(row).last_pk
+            command_id = db.insert_id("rollout_commands", row)
             self.store.audit.record(actor, f"rollout.{command}", f"rollouts/{rollout_id}",
                                     {"state": ro.state}, {"command": command, "note": note})
         return RolloutCommand.from_row({**row, "id": command_id})
@@ -377,12 +385,13 @@ class RolloutRecords:
     def pending_commands(self, rollout_id: str) -> list[RolloutCommand]:
         with self.store.read() as db:
             return [RolloutCommand.from_row(r) for r in db.query(
-                "SELECT * FROM rollout_commands WHERE rollout_id = ? AND done_at IS NULL ORDER BY id",
-                [rollout_id])]
+                "SELECT * FROM rollout_commands WHERE rollout_id = :id AND done_at IS NULL ORDER BY id",
+                {"id": rollout_id})]
 
     def command_done(self, command_id: int) -> None:
         with self.store.tx() as db:
-            db.execute("UPDATE rollout_commands SET done_at = ? WHERE id = ?", [self.store.now(), command_id])
+            db.execute("UPDATE rollout_commands SET done_at = :at WHERE id = :id",
+                       {"at": self.store.now(), "id": command_id})
 
     def active_rollouts(self) -> list[Rollout]:
         with self.store.read() as db:

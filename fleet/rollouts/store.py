@@ -138,7 +138,7 @@ class RolloutRepo:
                    "strategy": dumps(strategy), "thresholds": dumps(thresholds), "state": "pending",
                    "desired": "run", "stage": 0, "created_at": now, "updated_at": now, "created_by": actor,
                    "history": dumps([{"at": now, "actor": actor, "event": "created"}])}
-            db.table("rollouts").insert(row)
+            db.insert("rollouts", row)
             out = self.get(rid)
             self.store.audit.record(actor, "rollout.create", f"rollouts/{rid}", None, dataclasses.asdict(out))
         out = self.with_warnings(out)
@@ -150,8 +150,8 @@ class RolloutRepo:
     def get(self, rollout_id: str) -> Rollout:
         """Raises NotFound."""
         with self.store.read() as db:
-            rows = list(db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
-        out = decode_row(rows[0], ROLLOUT_JSON) if rows else None
+            found = db.one("SELECT * FROM rollouts WHERE id = :id", {"id": rollout_id})
+        out = decode_row(found, ROLLOUT_JSON) if found else None
         if out is None:
             raise NotFound(f"rollout {rollout_id!r} not found")
         return Rollout.from_row(out)
@@ -159,8 +159,8 @@ class RolloutRepo:
     def with_warnings(self, rollout: Rollout) -> Rollout:
         """`rollout` with what an operator should know about it (for the API's answers)."""
         with self.store.read() as db:
-            total = db.execute("SELECT count(*) FROM rollout_devices WHERE rollout_id = ?",
-                               [rollout.id]).fetchone()[0]
+            total = db.scalar("SELECT count(*) FROM rollout_devices WHERE rollout_id = :id",
+                              {"id": rollout.id})
         return dataclasses.replace(rollout, warnings=self._warnings(rollout, int(total)))
 
     def _warnings(self, rollout: Rollout, devices_total: int) -> tuple[str, ...]:
@@ -177,12 +177,12 @@ class RolloutRepo:
         return () if matching else (EMPTY_COHORT,)
 
     def list(self, cursor: str | None, limit: int, state: str | None = None) -> RecordPage[Rollout]:
-        sql, params = "SELECT * FROM rollouts WHERE 1", []
+        sql, params = "SELECT * FROM rollouts WHERE TRUE", {}
         if state is not None:
             if state not in STATES:
                 raise FleetInputError(f"state {state!r} must be one of {', '.join(STATES)}")
-            sql += " AND state = ?"
-            params.append(state)
+            sql += " AND state = :state"
+            params["state"] = state
         page = self.store.page(sql, params, "id", cursor, limit, ROLLOUT_JSON)
         return RecordPage([Rollout.from_row(r) for r in page.items], page.next_cursor)
 
@@ -211,8 +211,10 @@ class RolloutRepo:
                 raise Conflict(f"rollout {rollout_id} is already asked to {desired}")
             now = self.store.now()
             entry = {"at": now, "actor": actor, "event": f"requested:{action}", "note": note}
-            db.execute("UPDATE rollouts SET desired = ?, updated_at = ?, history = ? WHERE id = ?",
-                       [desired.value, now, self._append_history(before, entry), rollout_id])
+            db.execute("UPDATE rollouts SET desired = :desired, updated_at = :now, history = :history "
+                       "WHERE id = :id",
+                       {"desired": desired.value, "now": now, "history": self._append_history(before, entry),
+                        "id": rollout_id})
             after = self.get(rollout_id)
             self.store.audit.record(actor, f"rollout.{action}", f"rollouts/{rollout_id}",
                                     {"desired": before.desired}, {"desired": desired, "note": note})
@@ -223,8 +225,8 @@ class RolloutRepo:
         rollout = self.get(rollout_id)
         with self.store.read() as db:
             counts = {r["status"]: r["n"] for r in db.query(
-                "SELECT status, count(*) AS n FROM rollout_devices WHERE rollout_id = ? GROUP BY status",
-                [rollout_id])}
+                "SELECT status, count(*) AS n FROM rollout_devices WHERE rollout_id = :id GROUP BY status",
+                {"id": rollout_id})}
         total = sum(counts.values())
         return RolloutStatusSummary(id=rollout_id, state=rollout.state, desired=rollout.desired,
                                     stage=rollout.stage, updated_at=rollout.updated_at,
@@ -238,8 +240,9 @@ class RolloutRepo:
         if rollout.state is not RolloutState.RUNNING:
             return None
         with self.store.read() as db:
-            row = db.execute("SELECT stage_done_at FROM rollout_runtime WHERE rollout_id = ? AND phase = ?",
-                             [rollout.id, "forward"]).fetchone()
+            row = db.execute("SELECT stage_done_at FROM rollout_runtime "
+                             "WHERE rollout_id = :id AND phase = :phase",
+                             {"id": rollout.id, "phase": "forward"}).fetchone()
         if row is None or row[0] is None:
             return None
         try:
@@ -259,8 +262,9 @@ class RolloutRepo:
             before = self.get(rollout_id)
             now = self.store.now()
             entry = {"at": now, "actor": actor, "event": f"state:{new}", "stage": stage, "note": note}
-            db.execute("UPDATE rollouts SET state = ?, stage = ?, updated_at = ?, history = ? WHERE id = ?",
-                       [new.value, stage, now, self._append_history(before, entry), rollout_id])
+            db.execute("UPDATE rollouts SET state = :state, stage = :stage, updated_at = :now, "
+                       "history = :history WHERE id = :id", {"state": new.value, "stage": stage, "now": now,
+                                          "history": self._append_history(before, entry), "id": rollout_id})
             self.store.audit.record(actor, "rollout.state", f"rollouts/{rollout_id}",
                                     {"state": before.state, "stage": before.stage},
                                     {"state": new, "stage": stage, "note": note})
@@ -271,16 +275,16 @@ class RolloutRepo:
         if status not in DEVICE_STATUSES:
             raise FleetInputError(f"device status {status!r} must be one of {', '.join(DEVICE_STATUSES)}")
         with self.store.tx() as db:
-            db.table("rollout_devices").upsert(
-                {"rollout_id": rollout_id, "device_id": device_id, "stage": stage, "status": status,
-                 "updated_at": self.store.now()}, pk=("rollout_id", "device_id"))
+            db.upsert("rollout_devices",
+                      {"rollout_id": rollout_id, "device_id": device_id, "stage": stage, "status": status,
+                       "updated_at": self.store.now()}, key=("rollout_id", "device_id"))
 
     def devices(self, rollout_id: str, cursor: str | None, limit: int,
                 status: str | None = None) -> RecordPage[RolloutDeviceStatus]:
         self.get(rollout_id)
-        sql, params = "SELECT * FROM rollout_devices WHERE rollout_id = ?", [rollout_id]
+        sql, params = "SELECT * FROM rollout_devices WHERE rollout_id = :id", {"id": rollout_id}
         if status is not None:
-            sql += " AND status = ?"
-            params.append(status)
+            sql += " AND status = :status"
+            params["status"] = status
         page = self.store.page(sql, params, "device_id", cursor, limit)
         return RecordPage([record_from_row(RolloutDeviceStatus, r) for r in page.items], page.next_cursor)

@@ -6,7 +6,7 @@ output as `output:<name>`, plus `dataset` and `prediction`) an *episode* opens w
 subject drifts and closes at the first undrifted window; one `drift` alert is sent per
 episode (not one per window), and one `retrain` trigger when the `dataset` or `prediction`
 episode has lasted `persist_windows` consecutive windows. Windows with too few samples
-leave episodes unchanged. Alerts are persisted in SQLite (sqlite-utils) before delivery
+leave episodes unchanged. Alerts are persisted (`fleet.db`: alerts.db, or PostgreSQL) before delivery
 (webhook via httpx POST and/or a command fed the alert JSON on stdin); failed deliveries are
 recorded and retried by `redeliver()`.
 """
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import sqlite_utils
 
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from agent.logs import log_event
-from fleet.db.connection import open_sqlite
+from fleet.db.database import Database
+from fleet.db.session import Db
 from fleet.errors import Conflict, FleetMisuseError, NotFound
 from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, Method, report_drift
 
@@ -79,33 +79,6 @@ class Alert:
     id: int | None = None
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create this module's tables if missing (idempotent)."""
-    if not db.table(ALERTS_TABLE).exists():
-        db.table(ALERTS_TABLE).create(
-            {"id": int, "kind": str, "model": str, "version": str, "cohort": str, "subject": str,
-             "statistic": str, "value": float, "threshold": float, "window_start": float, "window_s": float,
-             "windows": int, "devices": str, "device_count": int, "created_at": float,
-             "delivered": int, "delivery_error": str},
-            pk="id",
-        )
-    if not db.table(EPISODES_TABLE).exists():
-        db.table(EPISODES_TABLE).create(
-            {"model": str, "version": str, "cohort": str, "subject": str, "first_window": float,
-             "last_window": float, "consecutive": int, "retrain_fired": int},
-            pk=("model", "version", "cohort", "subject"),
-        )
-    if not db.table(CURSOR_TABLE).exists():
-        db.table(CURSOR_TABLE).create(
-            {"model": str, "version": str, "cohort": str, "last_window": float},
-            pk=("model", "version", "cohort"),
-        )
-    if not db.table(ACKS_TABLE).exists():  # beside the alerts: an alert row itself never changes
-        db.table(ACKS_TABLE).create(
-            {"alert_id": int, "acked_by": str, "acked_at": float, "note": str}, pk="alert_id",
-        )
-
-
 def _subjects(d: DriftReport) -> list[tuple[str, FeatureDrift | None, bool]]:
     """(subject, deciding feature verdict or None, drifted) for every subject of a window;
     subjects without enough samples are left out."""
@@ -130,7 +103,7 @@ class AlertManager:
 
     def __init__(
         self,
-        db_path: str | Path,
+        location: str | Path,
         config: AlertConfig | None = None,
         clock: Callable[[], float] = time.time,
         http: httpx.Client | None = None,
@@ -139,14 +112,10 @@ class AlertManager:
         self._clock = clock
         self._http = http
         self._lock = threading.RLock()  # evaluate/redeliver may run on different threads
-        try:
-            self.db = sqlite_utils.Database(open_sqlite(db_path))
-            ensure_schema(self.db)
-        except Exception as exc:  # not a usable SQLite file
-            raise FleetMisuseError(f"alerts: cannot open {db_path}: {exc}") from None
+        self.database = Database(location, "alerts", "alerts database")
 
     def close(self) -> None:
-        self.db.close()
+        self.database.close()
 
     def evaluate(
         self, model: str, version: str, cohort: str, profile: ReferenceProfile,
@@ -161,39 +130,41 @@ class AlertManager:
         self, model: str, version: str, cohort: str, profile: ReferenceProfile,
         windows: list[dict[str, Any]], window_s: float,
     ) -> list[Alert]:
-        cursor = self.db.execute(
-            f"SELECT last_window FROM {CURSOR_TABLE} WHERE model = ? AND version = ? AND cohort = ?",  # noqa: S608
-            [model, version, cohort],
-        ).fetchone()
-        last = cursor[0] if cursor else float("-inf")
+        with self.database.read() as db:
+            last = db.scalar(
+                f"SELECT last_window FROM {CURSOR_TABLE} "  # noqa: S608
+                "WHERE model = :model AND version = :version AND cohort = :cohort",
+                {"model": model, "version": version, "cohort": cohort})
+        last = float("-inf") if last is None else last
         fresh = [w for w in windows if w["window_start"] > last and w["cohort"] == cohort]
         alerts: list[Alert] = []
         for w in sorted(fresh, key=lambda x: x["window_start"]):
             report = w["report"]
             assert isinstance(report, TelemetryReport)
             verdict = report_drift(profile, report, self.config.thresholds, self.config.method)
-            with self.db.conn:
-                alerts += self._advance(model, version, cohort, w, verdict, window_s)
-                self.db.table(CURSOR_TABLE).upsert(
-                    {"model": model, "version": version, "cohort": cohort, "last_window": w["window_start"]},
-                    pk=("model", "version", "cohort"),
-                )
+            with self.database.tx() as db:
+                alerts += self._advance(db, model, version, cohort, w, verdict, window_s)
+                db.upsert(CURSOR_TABLE,
+                          {"model": model, "version": version, "cohort": cohort,
+                           "last_window": w["window_start"]},
+                          key=("model", "version", "cohort"))
         for a in alerts:
             self._deliver(a)
         return alerts
 
     def _advance(
-        self, model: str, version: str, cohort: str, w: dict[str, Any], verdict: DriftReport, window_s: float
+        self, db: Db, model: str, version: str, cohort: str, w: dict[str, Any], verdict: DriftReport,
+        window_s: float,
     ) -> list[Alert]:
-        episodes = self.db.table(EPISODES_TABLE)
         fired: list[Alert] = []
+        match = "model = :model AND version = :version AND cohort = :cohort AND subject = :subject"
         for subject, f, drifted in _subjects(verdict):
             key = (model, version, cohort, subject)
-            row = next(iter(episodes.rows_where(
-                "model = ? AND version = ? AND cohort = ? AND subject = ?", list(key))), None)
+            names = {"model": model, "version": version, "cohort": cohort, "subject": subject}
+            row = db.one(f"SELECT * FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
             if not drifted:
                 if row is not None:
-                    episodes.delete(key)
+                    db.execute(f"DELETE FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
                     log_event(log, "drift.episode_closed", model=model, version=version, subject=subject)
                 continue
             if row is None:
@@ -207,14 +178,13 @@ class AlertManager:
                     and row["consecutive"] >= self.config.persist_windows):
                 row["retrain_fired"] = 1
                 fired.append(self._alert("retrain", key, f, verdict, w, window_s, row["consecutive"]))
-            episodes.upsert(row, pk=("model", "version", "cohort", "subject"))
+            db.upsert(EPISODES_TABLE, row, key=("model", "version", "cohort", "subject"))
         for a in fired:
             rec = asdict(a)
             rec.pop("id")
             rec["devices"] = json.dumps(a.devices)
             rec.update(delivered=0, delivery_error="")
-            self.db.table(ALERTS_TABLE).insert(rec)
-            object.__setattr__(a, "id", self.db.execute("SELECT last_insert_rowid()").fetchone()[0])
+            object.__setattr__(a, "id", db.insert_id(ALERTS_TABLE, rec))
         return fired
 
     def _alert(
@@ -259,7 +229,9 @@ class AlertManager:
                 errors.append(f"command: {type(exc).__name__}: {exc}")
         error = "; ".join(errors)
         assert alert.id is not None, "alerts are persisted before delivery"
-        self.db.table(ALERTS_TABLE).update(alert.id, {"delivered": int(not errors), "delivery_error": error})
+        with self.database.tx() as db:
+            db.execute(f"UPDATE {ALERTS_TABLE} SET delivered = :delivered, delivery_error = :error "  # noqa: S608
+                       "WHERE id = :id", {"delivered": int(not errors), "error": error, "id": alert.id})
         log_event(log, f"drift.alert.{alert.kind}", subject=alert.subject, model=alert.model,
                   version=alert.version, cohort=alert.cohort, delivered=not errors, error=error)
         return not errors
@@ -267,18 +239,21 @@ class AlertManager:
     def redeliver(self) -> int:
         """Retry every undelivered alert; returns how many got through."""
         with self._lock:
-            rows = list(self.db.table(ALERTS_TABLE).rows_where("delivered = 0", order_by="id"))
+            with self.database.read() as db:
+                rows = db.query(f"SELECT * FROM {ALERTS_TABLE} WHERE delivered = 0 ORDER BY id")  # noqa: S608
             return sum(self._deliver(self._from_row(r)) for r in rows)
 
     def alerts(self, model: str | None = None, kind: str | None = None) -> list[Alert]:
         """Persisted alerts, oldest first, optionally filtered by model and kind."""
-        where: list[str] = []
-        args: list[str] = []
+        where: list[str] = ["1 = 1"]
+        args: dict[str, str] = {}
         if model is not None:
-            where, args = [*where, "model = ?"], [*args, model]
+            where, args["model"] = [*where, "model = :model"], model
         if kind is not None:
-            where, args = [*where, "kind = ?"], [*args, kind]
-        rows = self.db.table(ALERTS_TABLE).rows_where(" AND ".join(where) or None, args, order_by="id")
+            where, args["kind"] = [*where, "kind = :kind"], kind
+        with self.database.read() as db:
+            rows = db.query(f"SELECT * FROM {ALERTS_TABLE} WHERE {' AND '.join(where)} ORDER BY id",  # noqa: S608
+                            args)
         return [self._from_row(r) for r in rows]
 
     @staticmethod
@@ -288,7 +263,11 @@ class AlertManager:
         return Alert(**fields)
 
     def delivery_state(self, alert_id: int) -> tuple[bool, str]:
-        row = self.db.table(ALERTS_TABLE).get(alert_id)
+        with self.database.read() as db:
+            row = db.one(f"SELECT delivered, delivery_error FROM {ALERTS_TABLE} WHERE id = :id",  # noqa: S608
+                         {"id": alert_id})
+        if row is None:
+            raise NotFound(f"alert {alert_id} does not exist")
         return bool(row["delivered"]), str(row["delivery_error"])
 
     # -- listing and acknowledgement (the fleet API) -------------------------------------
@@ -300,28 +279,28 @@ class AlertManager:
         """Alerts newest first (keyset: ids below `before_id`), each with its delivery state
         and acknowledgement (`acked_by`/`acked_at`/`ack_note`, None when not acknowledged)."""
         where: list[str] = ["1 = 1"]
-        args: list[Any] = []
-        for column, value in (("a.model", model), ("a.version", version), ("a.cohort", cohort),
-                              ("a.kind", kind), ("a.subject", subject)):
+        args: dict[str, Any] = {"limit": max(1, int(limit))}
+        for column, value in (("model", model), ("version", version), ("cohort", cohort),
+                              ("kind", kind), ("subject", subject)):
             if value is not None:
-                where, args = [*where, f"{column} = ?"], [*args, value]
+                where, args[column] = [*where, f"a.{column} = :{column}"], value
         if acked is not None:
             where.append("k.alert_id IS NOT NULL" if acked else "k.alert_id IS NULL")
         if before_id is not None:
-            where, args = [*where, "a.id < ?"], [*args, before_id]
+            where, args["before"] = [*where, "a.id < :before"], before_id
         sql = (f"SELECT a.*, k.acked_by, k.acked_at, k.note AS ack_note FROM {ALERTS_TABLE} a "  # noqa: S608
                f"LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id WHERE {' AND '.join(where)} "
-               "ORDER BY a.id DESC LIMIT ?")
-        with self._lock:
-            rows = list(self.db.query(sql, [*args, max(1, int(limit))]))
+               "ORDER BY a.id DESC LIMIT :limit")
+        with self._lock, self.database.read() as db:
+            rows = db.query(sql, args)
         return [self._public(r) for r in rows]
 
     def get(self, alert_id: int) -> dict[str, Any]:
         """One alert as in `page`. Raises `NotFound`."""
-        with self._lock:
-            rows = list(self.db.query(
+        with self._lock, self.database.read() as db:
+            rows = db.query(
                 f"SELECT a.*, k.acked_by, k.acked_at, k.note AS ack_note FROM {ALERTS_TABLE} a "  # noqa: S608
-                f"LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id WHERE a.id = ?", [alert_id]))
+                f"LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id WHERE a.id = :id", {"id": alert_id})
         if not rows:
             raise NotFound(f"alert {alert_id} does not exist")
         return self._public(rows[0])
@@ -333,9 +312,13 @@ class AlertManager:
             before = self.get(alert_id)
             if before["acked_at"] is not None:
                 raise Conflict(f"alert {alert_id} was already acknowledged by {before['acked_by']}")
-            with self.db.conn:
-                self.db.table(ACKS_TABLE).insert(
-                    {"alert_id": alert_id, "acked_by": actor, "acked_at": self._clock(), "note": note})
+            try:
+                with self.database.tx() as db:
+                    db.insert(ACKS_TABLE,
+                              {"alert_id": alert_id, "acked_by": actor, "acked_at": self._clock(),
+                               "note": note})
+            except Conflict as exc:  # another fleet process acknowledged it in between
+                raise Conflict(f"alert {alert_id} was already acknowledged") from exc
             after = self.get(alert_id)
         log_event(log, "drift.alert.acked", alert_id=alert_id, actor=actor)
         return before, after
@@ -349,9 +332,10 @@ class AlertManager:
 
     def counts(self) -> list[dict[str, Any]]:
         """Alerts per (kind, model, version, cohort): `total`, `undelivered`, `unacked` (metrics)."""
-        with self._lock:
-            return list(self.db.query(
+        with self._lock, self.database.read() as db:
+            return db.query(
                 f"SELECT a.kind, a.model, a.version, a.cohort, count(*) AS total, "  # noqa: S608
-                f"sum(a.delivered = 0) AS undelivered, sum(k.alert_id IS NULL) AS unacked "
+                "sum(CASE WHEN a.delivered = 0 THEN 1 ELSE 0 END) AS undelivered, "
+                "sum(CASE WHEN k.alert_id IS NULL THEN 1 ELSE 0 END) AS unacked "
                 f"FROM {ALERTS_TABLE} a LEFT JOIN {ACKS_TABLE} k ON k.alert_id = a.id "
-                "GROUP BY a.kind, a.model, a.version, a.cohort"))
+                "GROUP BY a.kind, a.model, a.version, a.cohort")

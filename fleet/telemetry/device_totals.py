@@ -21,9 +21,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import sqlite_utils
 
 from agent.contract.telemetry import LATENCY_BUCKETS, TelemetryReport, latency_bucket_upper
+from fleet.db.session import Db
+from fleet.db.sql import SetClause
 
 DEVICE_TOTALS_TABLE = "telemetry_device_totals"
 DEVICE_TOTALS_KEY = ("device_id", "model", "version", "window_start")
@@ -64,19 +65,13 @@ def latency_totals(counts: np.ndarray) -> tuple[int, float]:
 
 
 class DeviceTotalsTable:
-    """The totals table in the telemetry store's database, plus the totals of accepted reports
-    not yet written (keyed like the table). Not thread-safe on its own: the telemetry store
-    calls it under its lock, as it does for its windows."""
+    """The totals of accepted reports not yet written (keyed like `telemetry_device_totals`,
+    which the telemetry revisions of `fleet.db` create), written and read on the telemetry
+    store's connection. Not thread-safe on its own: the telemetry store calls it under its
+    lock, as it does for its windows."""
 
-    def __init__(self, db: sqlite_utils.Database) -> None:
-        self.db = db
+    def __init__(self) -> None:
         self._pending: dict[tuple[str, str, str, float], list[float]] = {}
-        if not db.table(DEVICE_TOTALS_TABLE).exists():
-            table = db.table(DEVICE_TOTALS_TABLE)
-            table.create({"device_id": str, "model": str, "version": str, "window_start": float,
-                          "requests": int, "errors": int, "latency_count": int, "latency_sum_ms": float},
-                         pk=DEVICE_TOTALS_KEY)
-            table.create_index(["model", "version", "window_start"], if_not_exists=True)
 
     def add(self, report: TelemetryReport, window_start: float) -> None:
         """Buffer one deduplicated report's totals in its device's row of `window_start`."""
@@ -88,31 +83,35 @@ class DeviceTotalsTable:
         row[2] += count
         row[3] += total_ms
 
-    def write(self) -> int:
+    def write(self, db: Db) -> int:
         """Add the buffered totals to the stored rows inside the caller's transaction, so they
         commit with the windows and the seen pairs or not at all; returns the rows written. The
         buffer is kept until `clear()`, which the caller runs once the transaction committed (a
         failed flush retries with the windows it still holds)."""
-        sql = (f"INSERT INTO {DEVICE_TOTALS_TABLE} (device_id, model, version, window_start, "  # noqa: S608
-               "requests, errors, latency_count, latency_sum_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-               "ON CONFLICT (device_id, model, version, window_start) DO UPDATE SET "
-               "requests = requests + excluded.requests, errors = errors + excluded.errors, "
-               "latency_count = latency_count + excluded.latency_count, "
-               "latency_sum_ms = latency_sum_ms + excluded.latency_sum_ms")
-        rows = [(*key, int(r[0]), int(r[1]), int(r[2]), float(r[3])) for key, r in self._pending.items()]
-        self.db.conn.executemany(sql, rows)
+        rows = [dict(zip(DEVICE_TOTALS_KEY, key, strict=True), requests=int(r[0]), errors=int(r[1]),
+                     latency_count=int(r[2]), latency_sum_ms=float(r[3])) for key, r in self._pending.items()]
+        db.upsert(DEVICE_TOTALS_TABLE, rows, key=DEVICE_TOTALS_KEY,
+                  update={c: _adds(c) for c in ("requests", "errors", "latency_count", "latency_sum_ms")})
         return len(rows)
 
     def clear(self) -> None:
         self._pending.clear()
 
-    def query(self, model: str, version: str, since: float | None = None) -> list[DeviceVersionTotals]:
+    def query(self, db: Db, model: str, version: str,
+              since: float | None = None) -> list[DeviceVersionTotals]:
         """Each device's sums for `model` `version` over the windows starting at or after
         `since` (all when None), ordered by device id. Written totals only."""
         sql = (f"SELECT device_id, SUM(requests), SUM(errors), SUM(latency_count), "  # noqa: S608
                "SUM(latency_sum_ms), COUNT(*), MIN(window_start), MAX(window_start) "
                f"FROM {DEVICE_TOTALS_TABLE} "
-               "WHERE model = ? AND version = ? AND window_start >= ? GROUP BY device_id ORDER BY device_id")
-        rows = self.db.execute(sql, [model, version, -math.inf if since is None else since]).fetchall()
+               "WHERE model = :model AND version = :version AND window_start >= :since "
+               "GROUP BY device_id ORDER BY device_id")
+        rows = db.execute(sql, {"model": model, "version": version,
+                                "since": -math.inf if since is None else since}).fetchall()
         return [DeviceVersionTotals(r[0], model, version, int(r[1]), int(r[2]), int(r[3]), float(r[4]),
                                     int(r[5]), float(r[6]), float(r[7])) for r in rows]
+
+
+def _adds(column: str) -> SetClause:
+    """ON CONFLICT: the stored total plus the new one."""
+    return lambda table, excluded: table.c[column] + excluded[column]

@@ -7,7 +7,8 @@ QoS 1 redelivers) and merged into one sketch per (model, version, cohort, window
 the window is `window_s` seconds of device time (the report's `interval_end`, clamped to
 the server clock). Merged windows are buffered in memory and written in batches (one
 transaction per `flush`, which also adds each device's totals: fleet/telemetry/device_totals.py,
-since A/B experiments judge by device) to SQLite through sqlite-utils, WAL.
+since A/B experiments judge by device) through the fleet's database layer (`fleet.db`: its own
+SQLite file, WAL, by default; the fleet's PostgreSQL database with `--database`).
 
 Across devices, quantiles of per-device figures (each report's mean latency) have no
 reference edges, so each window also keeps a datasketches KLL sketch of them.
@@ -23,9 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import sqlite_utils
 from datasketches import kll_floats_sketch
 
 from agent.contract.manifest import ReferenceProfile
@@ -43,7 +44,8 @@ from agent.contract.telemetry import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
-from fleet.db.connection import open_sqlite
+from fleet.db.database import Database
+from fleet.db.session import Db
 from fleet.errors import FleetInputError, FleetMisuseError
 from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
@@ -91,20 +93,6 @@ class _Window:
     kll: kll_floats_sketch
 
 
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Create this module's tables and indexes if missing (idempotent)."""
-    if not db.table(WINDOWS_TABLE).exists():
-        db.table(WINDOWS_TABLE).create(
-            {"model": str, "version": str, "cohort": str, "window_start": float, "payload": bytes,
-             "reports": int, "devices": str, "device_count": int, "latency_kll": bytes, "updated_at": float},
-            pk=WINDOW_KEY,
-        )
-    if not db.table(SEEN_TABLE).exists():
-        seen = db.table(SEEN_TABLE)
-        seen.create({"device_id": str, "seq": int, "received_at": float}, pk=("device_id", "seq"))
-        seen.create_index(["received_at"], if_not_exists=True)
-
-
 def histogram_quantile(counts: np.ndarray, q: float) -> float:
     """Quantile (upper bucket bound, seconds) of a merged latency histogram; NaN when empty."""
     total = int(counts.sum())
@@ -115,16 +103,17 @@ def histogram_quantile(counts: np.ndarray, q: float) -> float:
 
 
 class TelemetryStore:
-    """Ingest and query merged telemetry windows in the SQLite file at `db_path`.
+    """Ingest and query merged telemetry windows at `location`: a SQLite file (telemetry.db) or
+    the fleet's `postgresql://` URL (tables of the `telemetry` group of `fleet.db.schema`).
 
     `profiles(model, version)` returns the version's reference profile (reports that do not
     match it, or name an unknown version, are rejected); without it only the encoding is
-    checked. Thread-safe. Raises `FleetMisuseError` when the file is not a database.
+    checked. Thread-safe. Raises `FleetMisuseError` when the database cannot be opened.
     """
 
     def __init__(
         self,
-        db_path: str | Path,
+        location: str | Path,
         config: IngestConfig | None = None,
         profiles: ProfileLookup | None = None,
         clock: Callable[[], float] = time.time,
@@ -138,19 +127,14 @@ class TelemetryStore:
         self._max_seq: dict[str, int] = {}
         self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
         self.counters = IngestCounters()
-        try:
-            # One connection shared by threads (MQTT callbacks, API handlers, gates), always
-            # used under `self._lock`.
-            self.db = sqlite_utils.Database(open_sqlite(db_path))
-            ensure_schema(self.db)
-            self._device_totals = DeviceTotalsTable(self.db)  # written with the windows, in `flush`
-        except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
-            raise FleetMisuseError(f"telemetry store: cannot open {db_path}: {exc}") from None
+        # Used by threads (MQTT callbacks, API handlers, gates), always under `self._lock`.
+        self.database = Database(location, "telemetry", "telemetry store")
+        self._device_totals = DeviceTotalsTable()  # written with the windows, in `flush`
 
     def close(self) -> None:
         with self._lock:
             self.flush()
-            self.db.close()
+            self.database.close()
 
     # -- ingest -----------------------------------------------------------------------
     def _reject(self, reason: str, detail: str) -> str:
@@ -178,13 +162,15 @@ class TelemetryStore:
             return True
         top = self._max_seq.get(device)
         if top is None:
-            sql = f"SELECT MAX(seq) FROM {SEEN_TABLE} WHERE device_id = ?"  # noqa: S608 - constant name
-            found = self.db.execute(sql, [device]).fetchone()[0]
+            sql = f"SELECT MAX(seq) FROM {SEEN_TABLE} WHERE device_id = :device"  # noqa: S608 - constant name
+            with self.database.read() as db:
+                found = db.scalar(sql, {"device": device})
             top = self._max_seq[device] = -1 if found is None else int(found)
         if seq > top:
             return False
-        sql = f"SELECT 1 FROM {SEEN_TABLE} WHERE device_id = ? AND seq = ?"  # noqa: S608 - constant name
-        return self.db.execute(sql, [device, seq]).fetchone() is not None
+        sql = f"SELECT 1 FROM {SEEN_TABLE} WHERE device_id = :device AND seq = :seq"  # noqa: S608 - constant name
+        with self.database.read() as db:
+            return db.scalar(sql, {"device": device, "seq": seq}) is not None
 
     def ingest(self, payload: bytes, cohort: str | None = None) -> str:
         """Ingest one payload; returns "accepted", "duplicate" or "rejected". Never raises for
@@ -242,13 +228,10 @@ class TelemetryStore:
                 return 0
             now = self._clock()
             rows = []
-            with self.db.atomic():  # not `with conn`: sqlite-utils would commit each write on its own
+            with self.database.tx() as db:
+                known = self._stored_windows(db)
                 for (model, version, cohort, start), w in self._pending.items():
-                    stored = self.db.execute(
-                        f"SELECT payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
-                        "WHERE model = ? AND version = ? AND cohort = ? AND window_start = ?",
-                        [model, version, cohort, start],
-                    ).fetchone()
+                    stored = known.get((model, version, cohort, start))
                     report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
                     if stored is not None:
                         try:
@@ -269,19 +252,33 @@ class TelemetryStore:
                         "devices": json.dumps(listed), "device_count": len(devices),
                         "latency_kll": kll.serialize(), "updated_at": now,
                     })
-                self.db.table(WINDOWS_TABLE).upsert_all(rows, pk=WINDOW_KEY)
-                self._device_totals.write()
+                db.upsert(WINDOWS_TABLE, rows, key=WINDOW_KEY)
+                self._device_totals.write(db)
                 seen = self._pending_seen.items()
-                self.db.table(SEEN_TABLE).insert_all(
-                    ({"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen),
-                    pk=("device_id", "seq"), ignore=True, batch_size=500,
-                )
-                self.db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < ?",  # noqa: S608
-                                [now - self.config.seen_retention_s])
+                db.upsert(SEEN_TABLE, [{"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen],
+                          key=("device_id", "seq"), update=())  # a pair seen before stays as it was
+                db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < :cutoff",  # noqa: S608
+                           {"cutoff": now - self.config.seen_retention_s})
             self._pending.clear()
             self._pending_seen.clear()
             self._device_totals.clear()
             return len(rows)
+
+    def _stored_windows(self, db: Db) -> dict[tuple[str, str, str, float], tuple[Any, ...]]:
+        """The stored rows of the buffered windows, one query per (model, version, cohort)
+        rather than one per window: on PostgreSQL each statement is a network round trip."""
+        groups: dict[tuple[str, str, str], list[float]] = {}
+        for model, version, cohort, start in self._pending:
+            groups.setdefault((model, version, cohort), []).append(start)
+        out: dict[tuple[str, str, str, float], tuple[Any, ...]] = {}
+        sql = (f"SELECT window_start, payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
+               "WHERE model = :model AND version = :version AND cohort = :cohort AND window_start IN :starts")
+        for (model, version, cohort), starts in groups.items():
+            for i in range(0, len(starts), 500):  # bounded IN lists, whatever flush_every is
+                part = {"model": model, "version": version, "cohort": cohort, "starts": starts[i:i + 500]}
+                for r in db.execute(sql, part):
+                    out[(model, version, cohort, float(r[0]))] = tuple(r[1:])
+        return out
 
     # -- queries ----------------------------------------------------------------------
     def windows(
@@ -291,16 +288,18 @@ class TelemetryStore:
         """Stored windows in time order (flushes first): each a dict with `window_start`,
         `cohort`, `report` (decoded merged report), `reports`, `devices`, `device_count`."""
         self.flush()
-        sql = f"SELECT * FROM {WINDOWS_TABLE} WHERE model = ? AND version = ?"  # noqa: S608
-        args: list[object] = [model, version]
+        sql = f"SELECT * FROM {WINDOWS_TABLE} WHERE model = :model AND version = :version"  # noqa: S608
+        args: dict[str, object] = {"model": model, "version": version, "cohort": cohort,
+                                   "since": since, "until": until}
         if cohort is not None:
-            sql, args = sql + " AND cohort = ?", [*args, cohort]
+            sql += " AND cohort = :cohort"
         if since is not None:
-            sql, args = sql + " AND window_start >= ?", [*args, since]
+            sql += " AND window_start >= :since"
         if until is not None:
-            sql, args = sql + " AND window_start < ?", [*args, until]
-        with self._lock:
-            rows = list(self.db.query(sql + " ORDER BY window_start, cohort", args))
+            sql += " AND window_start < :until"
+        with self._lock, self.database.read() as db:
+            rows = db.query(sql + " ORDER BY window_start, cohort",
+                            {k: v for k, v in args.items() if v is not None})
         return [{
             "window_start": r["window_start"], "cohort": r["cohort"], "reports": r["reports"],
             "report": decode_report(r["payload"], max_bytes=2**31),
@@ -328,8 +327,8 @@ class TelemetryStore:
                       ) -> list[DeviceVersionTotals]:
         """Per-device sums of a version since `since` (flushes first): experiments judge by device."""
         self.flush()
-        with self._lock:
-            return self._device_totals.query(model, version, since)
+        with self._lock, self.database.read() as db:
+            return self._device_totals.query(db, model, version, since)
 
     def drift(
         self, model: str, version: str, cohort: str | None = None,
@@ -369,11 +368,11 @@ class TelemetryStore:
         (all when None), flushing first: what a periodic evaluator has to look at."""
         self.flush()
         sql = f"SELECT DISTINCT model, version, cohort FROM {WINDOWS_TABLE}"  # noqa: S608 - constant name
-        args: list[object] = []
+        args: dict[str, object] = {}
         if updated_since is not None:
-            sql, args = sql + " WHERE updated_at >= ?", [updated_since]
-        with self._lock:
-            return [(r[0], r[1], r[2]) for r in self.db.execute(sql + " ORDER BY 1, 2, 3", args)]
+            sql, args = sql + " WHERE updated_at >= :since", {"since": updated_since}
+        with self._lock, self.database.read() as db:
+            return [(r[0], r[1], r[2]) for r in db.execute(sql + " ORDER BY 1, 2, 3", args)]
 
     def window_page(
         self, model: str | None = None, version: str | None = None, cohort: str | None = None,
@@ -385,20 +384,22 @@ class TelemetryStore:
         the previous page. Keyset pagination, so a page costs `limit` decodes at most."""
         self.flush()
         where: list[str] = ["1 = 1"]
-        args: list[object] = []
+        args: dict[str, object] = {"limit": max(1, int(limit))}
         for column, value in (("model", model), ("version", version), ("cohort", cohort)):
             if value is not None:
-                where, args = [*where, f"{column} = ?"], [*args, value]
+                where, args[column] = [*where, f"{column} = :{column}"], value
         if since is not None:
-            where, args = [*where, "window_start >= ?"], [*args, since]
+            where, args["since"] = [*where, "window_start >= :since"], since
         if until is not None:
-            where, args = [*where, "window_start < ?"], [*args, until]
+            where, args["until"] = [*where, "window_start < :until"], until
         if after is not None:
-            where, args = [*where, "(window_start, model, version, cohort) > (?, ?, ?, ?)"], [*args, *after]
+            where = [*where, "(window_start, model, version, cohort) "
+                             "> (:a_start, :a_model, :a_version, :a_cohort)"]
+            args.update(zip(("a_start", "a_model", "a_version", "a_cohort"), after, strict=True))
         sql = (f"SELECT * FROM {WINDOWS_TABLE} WHERE {' AND '.join(where)} "  # noqa: S608 - fixed fragments
-               "ORDER BY window_start, model, version, cohort LIMIT ?")
-        with self._lock:
-            rows = list(self.db.query(sql, [*args, max(1, int(limit))]))
+               "ORDER BY window_start, model, version, cohort LIMIT :limit")
+        with self._lock, self.database.read() as db:
+            rows = db.query(sql, args)
         return [{
             "model": r["model"], "version": r["version"], "cohort": r["cohort"],
             "window_start": r["window_start"], "updated_at": r["updated_at"], "reports": r["reports"],

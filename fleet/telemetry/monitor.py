@@ -284,10 +284,10 @@ def alert_config(settings: TelemetrySettings) -> AlertConfig:
 def build_drift_monitor(settings: FleetSettings, store: Store, telemetry: TelemetryStore,
                         clock: Callable[[], float] | None = None,
                         repository: Repository | None = None) -> DriftMonitor:
-    """The monitor `fleet serve` runs: its alert manager over `<data_dir>/alerts.db` (closed when
-    the monitor stops) and profiles from the bundles of `repository` (the service passes its
+    """The monitor `fleet serve` runs: its alert manager over `<data_dir>/alerts.db` or PostgreSQL
+    (closed when the monitor stops) and profiles from the bundles of `repository` (the service passes its
     own; opened from the settings when not given). Raises `FleetMisuseError` (alert database)."""
     now = clock or time.time
-    alerts = AlertManager(settings.alerts_db_path, alert_config(settings.telemetry), clock=now)
+    alerts = AlertManager(settings.alerts_database, alert_config(settings.telemetry), clock=now)
     repo = repository or Repository(settings.repo_dir, KeyStore(settings.keys_dir))
     return DriftMonitor(telemetry, alerts, BundleProfiles(store, repo), settings.telemetry, clock=now)

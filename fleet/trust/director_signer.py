@@ -1,14 +1,18 @@
 """Issues signed director documents with a persisted, strictly increasing sequence per addressee.
 
-The sequence lives in SQLite (one row per `device:<id>` / `cohort:<name>`, bumped inside a
-transaction) so it survives restarts and concurrent issuers: a device refuses any document whose
-sequence is not above the last it accepted, so the fleet must never reuse one.
+The sequence lives in the database (`director_sequences`, one row per `device:<id>` /
+`cohort:<name>`: `<state_dir>/director.sqlite` by default, the fleet's PostgreSQL database with
+`--database`) so it survives restarts and concurrent issuers: a device refuses any document
+whose sequence is not above the last it accepted, so the fleet must never reuse one. Each
+allocation is one atomic statement in its own committed transaction, `INSERT ... ON CONFLICT
+DO UPDATE SET sequence = sequence + 1 RETURNING sequence`: PostgreSQL locks the row for the
+upsert, SQLite runs it under `BEGIN IMMEDIATE`, so several fleet processes never get the same
+number.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,7 +21,9 @@ from typing import Any
 
 from agent.contract.director import DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
-from fleet.db.connection import open_sqlite
+from fleet.db.database import Database
+from fleet.db.schema import director_sequences
+from fleet.db.sql import upsert_statement
 from fleet.errors import FleetInputError
 from fleet.trust.keys import KEYS_FILE, KeyStore
 
@@ -29,14 +35,16 @@ MAX_TTL = timedelta(days=365)
 class DirectorSigner:
     """Signs director documents with the key store's `director` keys.
 
-    A rollout signs one document per device, so the signer keeps one SQLite connection (each
+    A rollout signs one document per device, so the signer keeps its database open (each
     sequence is still its own durable transaction) and reuses the loaded signers until the key
-    store's file changes (a rotation replaces it). Thread-safe.
+    store's file changes (a rotation replaces it). Thread-safe. `database` is a `postgresql://`
+    URL to keep the sequences there; without it they live in `state_dir/director.sqlite`.
     Raises `FleetInputError` for a bad addressee/TTL and `SigningKeyError` if keys are missing.
     """
 
     def __init__(
-        self, keystore: KeyStore, state_dir: Path, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self, keystore: KeyStore, state_dir: Path, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        database: Path | str | None = None,
     ) -> None:
         self.keystore = keystore
         self.state_dir = Path(state_dir)
@@ -44,19 +52,17 @@ class DirectorSigner:
         self.db_path = self.state_dir / "director.sqlite"
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = self._connect()
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS sequences (addressee TEXT PRIMARY KEY, sequence INTEGER)"
-        )
+        self.database = Database(database if database is not None else self.db_path, "director",
+                                 "director sequences", synchronous_full=True)
+        table = director_sequences
+        self._bump = upsert_statement(
+            self.database.dialect, table, ("addressee",), ("addressee", "sequence"),
+            {"sequence": lambda t, _excluded: t.c.sequence + 1}).returning(table.c.sequence)
         self._signers: tuple[tuple[int, int, int], list[Any]] | None = None
-
-    def _connect(self) -> sqlite3.Connection:
-        # Autocommit: `_next_sequence` issues its own BEGIN IMMEDIATE / COMMIT.
-        return open_sqlite(self.db_path, synchronous_full=True, autocommit=True)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self.database.close()
 
     def _director_signers(self) -> list[Any]:
         """The director role's signers, reloaded only when the key store file was replaced."""
@@ -75,32 +81,17 @@ class DirectorSigner:
         return signers
 
     def _next_sequence(self, addressee: str) -> int:
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute(
-                    "SELECT sequence FROM sequences WHERE addressee = ?", (addressee,)
-                ).fetchone()
-                seq = (row[0] if row else 0) + 1
-                db.execute(
-                    "INSERT INTO sequences (addressee, sequence) VALUES (?, ?) "
-                    "ON CONFLICT(addressee) DO UPDATE SET sequence = excluded.sequence",
-                    (addressee, seq),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        """The next sequence of `addressee` (1 for a new one), committed before it is used."""
+        with self.database.tx() as db:
+            seq = db.execute(self._bump, {"addressee": addressee, "sequence": 1}).scalar_one()
         return int(seq)
 
     def last_sequence(self, device_id: str | None = None, cohort: str | None = None) -> int:
         """The last sequence issued to an addressee (0 if none)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT sequence FROM sequences WHERE addressee = ?", (_addressee(device_id, cohort),)
-            ).fetchone()
-        return int(row[0]) if row else 0
+        with self.database.read() as db:
+            seq = db.scalar("SELECT sequence FROM director_sequences WHERE addressee = :a",
+                            {"a": _addressee(device_id, cohort)})
+        return int(seq) if seq is not None else 0
 
     def issue(
         self,

@@ -1,4 +1,4 @@
-"""The fleet's two broker URLs and its broker password sources (`fleet/settings.py`)."""
+"""The fleet's two broker URLs, its broker password sources and its database (`fleet/settings.py`)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,20 @@ def test_the_password_comes_from_the_environment_or_a_file(tmp_path: Path,
     secret.write_text("\n")
     with pytest.raises(ValidationError, match="is empty"):
         FleetSettings.from_env(file_env)
+
+
+@pytest.mark.unit
+def test_the_database_is_sqlite_files_by_default_or_one_postgres_url() -> None:
+    local = FleetSettings.from_env({"EDGEFLEET_DATA_DIR": "/srv/fleet"})
+    assert (local.database, local.telemetry_database, local.alerts_database, local.director_database) == (
+        Path("/srv/fleet/fleet.db"), Path("/srv/fleet/telemetry.db"), Path("/srv/fleet/alerts.db"), None)
+    url = "postgresql://fleet:s3cret@db:5432/fleet"
+    shared = FleetSettings.from_env({"EDGEFLEET_DATABASE_URL": url})
+    places = {shared.database, shared.telemetry_database, shared.alerts_database, shared.director_database}
+    assert places == {url}
+    assert shared.database_shown == "postgresql://fleet:***@db:5432/fleet"
+    assert "s3cret" not in repr(shared) and "s3cret" not in str(shared.model_dump())
+    assert FleetSettings(database_url="postgres://db/fleet").database == "postgresql://db/fleet"
+    for bad in ("sqlite:///x.db", "mysql://db/fleet", "/srv/fleet/fleet.db"):
+        with pytest.raises(ValidationError, match="postgresql://"):
+            FleetSettings(database_url=bad)

@@ -26,6 +26,7 @@ from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
 
 V1, V2 = "mlp-1.0.0", "mlp-2.0.0"
 #: One `machine.run_events` call: from, the events in order, to.
@@ -60,6 +61,7 @@ class World:
     ctl: RolloutController
     metrics: dict[str, VersionMetrics] = field(default_factory=dict)
     transitions: list[Run] = field(default_factory=list)
+    location: Path | str = ""  # where the store lives (a SQLite path or the PostgreSQL URL)
 
     def enroll(self, *devices: str, labels: dict[str, str] | None = None, on: str | None = V1) -> None:
         for dev in devices:
@@ -103,9 +105,11 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+def world(tmp_path: Path, backend: Backend, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    """A controller over a store on each backend (`backend`: SQLite, then PostgreSQL)."""
     clock = FakeClock()
-    store = Store(tmp_path / "fleet.db", clock=clock)
+    location = backend.location("fleet.db")
+    store = Store(location, clock=clock)
     repo = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
     repo.init(root_threshold=1, root_keys=1)
     store.models.create_model("mlp", "", "test")
@@ -115,8 +119,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         path = f"models/mlp/mlp-{version}.efb"
         repo.add_target(blob, path, {"name": "mlp", "version": version})
         store.models.register_version("mlp", version, DIGEST, "onnx", {}, "test", bundle_target=path)
-    signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
-    w = World(tmp_path, clock, store, repo, signer, Recorder(), None)  # type: ignore[arg-type]
+    signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director", database=backend.pg_url)
+    w = World(tmp_path, clock, store, repo, signer, Recorder(), None, location=location)  # type: ignore[arg-type]
     w.ctl = w.new_controller()
     run_events = machine.run_events
 

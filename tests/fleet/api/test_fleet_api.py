@@ -22,6 +22,7 @@ from fleet.settings import FleetSettings, Limits
 from fleet.store import Store
 from tests.support.broker import free_port
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
 
 MUTATING = {"post", "put", "patch", "delete"}
 PUBLIC = {"/health", "/docs", "/openapi.json"}
@@ -52,10 +53,12 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
+def api(tmp_path: Path, backend: Backend) -> Iterator[Api]:
+    """The API over a store on each backend (SQLite in tmp_path, then PostgreSQL)."""
     clock = FakeClock()
-    settings = FleetSettings(data_dir=tmp_path, limits=Limits(max_page_size=20, default_page_size=5))
-    store = Store(settings.db_path, clock=clock)
+    settings = FleetSettings(data_dir=tmp_path, limits=Limits(max_page_size=20, default_page_size=5),
+                             database_url=backend.pg_url)
+    store = Store(settings.database, clock=clock)
     keys = {role: create_api_key(store, role, role, "test")[1] for role in ("admin", "operator", "viewer")}
     with TestClient(create_app(settings, store), raise_server_exceptions=False) as client:
         yield Api(client, store, clock, settings, keys)

@@ -44,15 +44,20 @@ def test_slice_repositories_build_on_fleet_db_not_on_the_store_facade() -> None:
 
 
 @pytest.mark.unit
-def test_only_fleet_db_connects_to_sqlite() -> None:
+def test_only_fleet_db_connects_to_a_database() -> None:
+    """No module outside fleet/db opens SQLite or PostgreSQL itself (one layer, one set of
+    pragmas, one pool); the engine is made in fleet/db/engine.py."""
     callers: set[str] = set()
     for p in FLEET.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "connect" and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "sqlite3"):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(n.split(".")[0] in ("sqlite3", "sqlite_utils", "psycopg", "psycopg2") for n in names):
+                    callers.add(str(p.relative_to(ROOT)))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "create_engine":
                 callers.add(str(p.relative_to(ROOT)))
-    assert callers == {"fleet/db/connection.py"}
+    assert callers == {"fleet/db/engine.py"}
 
 
 @pytest.mark.unit

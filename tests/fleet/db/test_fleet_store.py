@@ -1,28 +1,36 @@
-"""The fleet store: migrations, durability, WAL, immutability, selectors, inventory, tokens."""
+"""The fleet store on SQLite and PostgreSQL: migrations (and adopting the old runner's files), durability,
+WAL, immutability, selectors, inventory, tokens."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.access.auth import hash_secret
-from fleet.db.migrations import MIGRATIONS, migrate
+from fleet.db.migrate import current, head
+from fleet.db.schema import STORE
 from fleet.devices.enrollment import create_enrollment_token, enroll_device, mosquitto_password_hash
 from fleet.devices.selector import parse_selector
-from fleet.errors import AuthError, Conflict, FleetInputError, NotFound
+from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.store import Store
 from tests.support.broker import start_mosquitto
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
+
+DATA = Path(__file__).with_name("data")
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "fleet.db", clock=FakeClock())
+def store(backend: Backend) -> Iterator[Store]:
+    s = Store(backend.location("fleet.db"), clock=FakeClock())
     yield s
     s.close()
 
@@ -31,39 +39,136 @@ def _device(store: Store, device_id: str, labels: dict[str, str]) -> None:
     store.devices.create(device_id, labels, {"agent_version": "0.1.0"}, device_id, "$7$x", "test")
 
 
+STORE_REVISIONS = ["store_0001", "store_0002", "store_0003", "store_0004", "store_0005"]
+
+
+def _schema_diff(store: Store) -> list[object]:
+    """What Alembic's autogenerate would change to make the database match `fleet.db.schema`."""
+    with store.read() as db:
+        return list(compare_metadata(MigrationContext.configure(db.conn), STORE))
+
+
+def _sqlite_shape(path: Path) -> dict[str, object]:
+    """What SQLite enforces of a file's schema, per table: columns (affinity, NOT NULL outside the
+    primary key, default), primary key, foreign keys with their ON DELETE, indexes, triggers.
+    (Alembic's reflection of old inline REFERENCES misses ON DELETE, so it cannot judge this.)"""
+    conn = sqlite3.connect(path)
+    affinity = {"FLOAT": "REAL", "BIGINT": "INTEGER"}
+    out: dict[str, object] = {}
+    skip = ("schema_migrations", "alembic_version", "sqlite_sequence")
+    tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    names = [r[0] for r in tables if r[0] not in skip]
+    for t in sorted(names):
+        cols = [(c[1], affinity.get(c[2], c[2]), bool(c[3]) and not c[5], c[4], c[5])
+                for c in conn.execute(f"PRAGMA table_info({t})")]
+        fks = sorted((f[2], f[3], f[4], f[6]) for f in conn.execute(f"PRAGMA foreign_key_list({t})"))
+        idx = sorted((i[1], i[2]) for i in conn.execute(f"PRAGMA index_list({t})") if i[3] == "c")
+        out[t] = (cols, fks, idx)
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    out["triggers"] = sorted(r[0] for r in triggers)
+    conn.close()
+    return out
+
+
 @pytest.mark.integration
-def test_migrations_are_idempotent_and_recorded(tmp_path: Path) -> None:
-    first = Store(tmp_path / "f.db")
-    assert first.applied_migrations == [v for v, _, _ in MIGRATIONS]
-    assert migrate(first.db) == []
+def test_migrations_run_once_and_make_the_declared_schema(backend: Backend) -> None:
+    first = Store(backend.location())
+    assert first.applied_migrations == STORE_REVISIONS
+    assert _schema_diff(first) == []
     first.close()
-    again = Store(tmp_path / "f.db")
+    again = Store(backend.location())
     assert again.applied_migrations == []
-    rows = list(again.db.query("SELECT version FROM schema_migrations"))
-    assert [r["version"] for r in rows] == [v for v, _, _ in MIGRATIONS]
+    with again.read() as db:
+        assert current(db.conn, "store") == head("store") == STORE_REVISIONS[-1]
     again.close()
 
 
 @pytest.mark.integration
-def test_wal_foreign_keys_and_busy_timeout_are_on(store: Store) -> None:
+@pytest.mark.parametrize("version", [3, 5])
+def test_a_fleet_db_of_the_old_runner_is_adopted_without_losing_a_row(tmp_path: Path, version: int) -> None:
+    """A fleet.db the hand-written runner migrated to `version`: Alembic stamps it there, runs
+    only the missing revisions, and every row (and the immutability triggers) survives."""
+    path = tmp_path / "fleet.db"
+    conn = sqlite3.connect(path)
+    conn.executescript((DATA / f"fleet_db_runner_v{version}.sql").read_text())
+    conn.close()
+    store = Store(path)
+    assert store.applied_migrations == STORE_REVISIONS[version:]
+    fresh = Store(tmp_path / "fresh.db")
+    assert _sqlite_shape(path) == _sqlite_shape(tmp_path / "fresh.db")
+    fresh.close()
+    v = store.models.get_version("m", "1.0.0")
+    assert (v.stage, v.lineage, v.bundle_target) == ("canary", {"metrics": {"acc": 0.9}},
+                                                     "bundles/m-1.0.0.tar")
+    assert store.devices.get("dev-1").labels == {"env": "prod"}
+    assert [e.action for e in store.audit.list(None, 10).items] == ["model.create"]
+    assert store.rollouts.get("ro-1").selector == "env=prod"
+    with pytest.raises(Conflict, match="immutable"):
+        with store.tx() as db:
+            db.execute("UPDATE model_versions SET artifact_digest = 'x' WHERE id = 'm:1.0.0'")
+    store.models.create_model("m2", "", "bob")  # AUTOINCREMENT ids continue after the old rows
+    assert [e.id for e in store.audit.list(None, 10).items] == [2, 1]
+    store.close()
+    assert Store(path).applied_migrations == []
+
+
+@pytest.mark.integration
+def test_a_file_that_is_not_a_database_is_refused_by_name(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.db"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(FleetMisuseError, match="cannot open fleet database"):
+        Store(bad)
+
+
+@pytest.mark.integration
+def test_an_unreachable_postgres_is_refused_without_the_password(tmp_path: Path) -> None:
+    with pytest.raises(FleetMisuseError, match="cannot open fleet database") as caught:
+        Store("postgresql://fleet:s3cret-pw@127.0.0.1:1/fleet?connect_timeout=2")
+    assert "s3cret-pw" not in str(caught.value) and "***" in str(caught.value)
+
+
+@pytest.mark.integration
+def test_wal_foreign_keys_and_busy_timeout_are_on(tmp_path: Path) -> None:
+    store = Store(tmp_path / "fleet.db")
     assert store.pragma("journal_mode") == "wal"
     assert store.pragma("foreign_keys") == 1
     assert store.pragma("busy_timeout") == 5000
-    with pytest.raises(sqlite3.IntegrityError):
+    assert store.pragma("synchronous") == 2  # FULL
+    assert store.pragma("secure_delete") == 1
+    store.close()
+
+
+@pytest.mark.integration
+def test_foreign_keys_are_enforced_as_a_conflict(store: Store) -> None:
+    with pytest.raises(Conflict, match="integrity"):
         with store.tx() as db:
             db.execute("INSERT INTO rollout_devices VALUES ('nope', 'nope', 0, 'pending', 'x')")
 
 
 @pytest.mark.integration
-def test_restart_loses_nothing(tmp_path: Path) -> None:
-    s = Store(tmp_path / "fleet.db")
+def test_a_failed_nested_write_rolls_back_only_its_savepoint(store: Store) -> None:
+    with store.tx():
+        store.models.create_model("m", "", "alice")
+        with pytest.raises(Conflict, match="already exists"):
+            store.models.create_model("m", "", "alice")
+        store.models.create_model("n", "", "alice")  # the outer transaction is still usable
+    assert [m.name for m in store.models.list_models(None, 10).items] == ["m", "n"]
+    with pytest.raises(RuntimeError), store.tx():
+        store.models.create_model("o", "", "alice")
+        raise RuntimeError("boom")
+    assert [m.name for m in store.models.list_models(None, 10).items] == ["m", "n"]
+
+
+@pytest.mark.integration
+def test_restart_loses_nothing(backend: Backend) -> None:
+    s = Store(backend.location())
     s.models.create_model("m", "d", "alice")
     s.models.register_version("m", "1.0.0", DIGEST, "onnx", {"metrics": {"acc": 0.9}}, "alice")
     _device(s, "dev-1", {"env": "prod"})
     s.devices.record_reported_state("dev-1", {"agent_version": "0.2.0", "runtimes": ["onnx"]})
     r = s.rollouts.create("m:1.0.0", "env=prod", {"stages": [1, 10]}, {"max_failure_rate": 0.1}, "alice")
     s.close()
-    s2 = Store(tmp_path / "fleet.db")
+    s2 = Store(backend.location())
     assert s2.models.get_version("m", "1.0.0").lineage == {"metrics": {"acc": 0.9}}
     dev = s2.devices.get("dev-1")
     assert (dev.agent_version, dev.runtimes, dev.online) == ("0.2.0", ["onnx"], True)
@@ -76,7 +181,7 @@ def test_restart_loses_nothing(tmp_path: Path) -> None:
 def test_versions_are_immutable_and_stages_recorded(store: Store) -> None:
     store.models.create_model("m", "", "alice")
     store.models.register_version("m", "1.0.0", DIGEST, "onnx", {}, "alice")
-    with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+    with pytest.raises(Conflict, match="immutable"):
         with store.tx() as db:
             db.execute("UPDATE model_versions SET artifact_digest = 'x' WHERE id = 'm:1.0.0'")
     with pytest.raises(Conflict):
@@ -338,3 +443,58 @@ def test_mlflow_lineage_rejects_bad_metadata() -> None:
         lineage_from_mlmodel({"metadata": {"metrics": {"acc": "high"}}})
     with pytest.raises(FleetInputError, match="hyperparameters"):
         lineage_from_mlmodel({"metadata": {"hyperparameters": [1, 2]}})
+
+
+OPEN_STORE = """
+import sys
+from fleet.store import Store
+store = Store(sys.argv[1])
+print(",".join(store.applied_migrations) or "-")
+store.close()
+"""
+
+
+@pytest.mark.integration
+def test_processes_that_start_together_migrate_once(backend: Backend) -> None:
+    """Three fleet processes open a fresh database at once: one applies the revisions, the others
+    wait (advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite) and find it current."""
+    import subprocess
+    import sys
+
+    location = str(backend.location())
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, location], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    applied = sorted(out.strip() for out, _ in outs)
+    assert applied == ["-", "-", ",".join(STORE_REVISIONS)]
+
+
+@pytest.mark.integration
+def test_the_repository_api_binds_lists_returns_ids_and_upserts(store: Store) -> None:
+    """`fleet.db.session.Db` as repositories use it, the same on both dialects."""
+    store.models.create_model("m", "", "a")  # audit row 1
+    with store.tx() as db:
+        assert db.insert_id("audit_log", {"at": "t", "actor": "a", "action": "x", "resource": "r"}) == 2
+        with pytest.raises(Conflict, match="integrity"), store.tx() as inner:  # a savepoint
+            inner.insert_id("stage_history", {"version_id": "nope", "to_stage": "s", "actor": "a", "at": "t"})
+        assert db.insert_id("audit_log", {"at": "t", "actor": "a", "action": "y", "resource": "r"}) == 3
+    _device(store, "d1", {"env": "prod"})
+    _device(store, "d2", {"env": "dev"})
+    with store.read() as db:
+        assert db.scalar("SELECT count(*) FROM devices WHERE id IN :ids", {"ids": ["d1", "d2", "d9"]}) == 2
+        assert db.query("SELECT id FROM devices WHERE id IN :ids", {"ids": []}) == []
+        row = db.one("SELECT id, online FROM devices WHERE id = :id", {"id": "d1"})
+        assert row == {"id": "d1", "online": 0}
+    rows = [{"experiment_id": "e", "metric": "m", "p_value": 0.5, "ci_low": -1.0, "ci_high": 1.0, "tau": 1.0,
+             "updated_at": 1.0}]
+    with store.tx() as db:
+        db.insert("experiments", {"id": "e", "name": "n", "model_name": "m", "version_a": "a",
+                                  "version_b": "b", "selector": "", "split_b": 0.5, "min_samples": 1,
+                                  "alpha": 0.05, "state": "running", "created_at": "t", "created_by": "a",
+                                  "started_at": 1.0})
+        db.upsert("experiment_sequential", rows, key=("experiment_id", "metric"))
+        db.upsert("experiment_sequential", [{**rows[0], "p_value": 0.1}], key=("experiment_id", "metric"))
+        db.upsert("experiment_sequential", [{**rows[0], "p_value": 0.9}], key=("experiment_id", "metric"),
+                  update=())
+        assert db.scalar("SELECT p_value FROM experiment_sequential WHERE experiment_id = 'e'") == 0.1

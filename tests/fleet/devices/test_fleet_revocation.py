@@ -32,6 +32,7 @@ from fleet.settings import FleetSettings
 from fleet.store import Store
 from tests.support.fakes import FakeClock
 from tests.support.packaged_broker import FLEET_PW, DeviceClient, PackagedBroker, start_packaged_broker
+from tests.support.postgres import Backend
 from tests.support.rollout_world import V1, V2, World
 from tests.support.rollout_world import world as world  # the fixture, re-used
 
@@ -63,9 +64,9 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    store = Store(tmp_path / "data" / "fleet.db", clock=FakeClock())
-    base = FleetSettings(data_dir=tmp_path / "data")
+def fleet(tmp_path: Path, backend: Backend) -> Iterator[Fleet]:
+    base = FleetSettings(data_dir=tmp_path / "data", database_url=backend.pg_url)
+    store = Store(base.database if backend.pg_url else tmp_path / "data" / "fleet.db", clock=FakeClock())
     sync_broker_credentials(store, base.broker_passwd_path)  # the broker needs the file at start
     broker = start_packaged_broker(tmp_path / "broker", base.broker_passwd_path)
     settings = base.model_copy(update={"broker_pid_file": broker.pid_file})

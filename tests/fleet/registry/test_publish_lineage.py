@@ -18,14 +18,16 @@ from fleet.store import Store
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 from tests.support.fakes import FakeClock
+from tests.support.postgres import Backend
 
 MODEL = bytes(range(256)) * 4
 
 
 @pytest.mark.integration
-def test_hyperparameters_and_quantization_figures_reach_the_registry_and_the_api(tmp_path: Path) -> None:
-    settings = FleetSettings(data_dir=tmp_path)
-    store = Store(settings.db_path, clock=FakeClock())
+def test_hyperparameters_and_quantization_figures_reach_the_registry_and_the_api(
+        tmp_path: Path, backend: Backend) -> None:
+    settings = FleetSettings(data_dir=tmp_path, database_url=backend.pg_url)
+    store = Store(settings.database, clock=FakeClock())
     repo = Repository(settings.repo_dir, KeyStore(settings.keys_dir))
     repo.init(root_threshold=1, root_keys=1)
     quant = Quantization(scheme="int8-static", accuracy_delta=0.012, agreement=0.98,

@@ -31,6 +31,7 @@ from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.telemetry.ingest import TelemetryStore
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
 from tests.support.telemetry import T0, small_profile
 
 pytestmark = pytest.mark.integration
@@ -99,9 +100,14 @@ class Fleet:
         return min(z_p, mw_p)
 
 
+def _telemetry(store: Store, tmp_path: Path) -> Path | str:
+    """The telemetry windows beside the store: telemetry.db for SQLite, the same PostgreSQL."""
+    return store.location if store.dialect == "postgresql" else tmp_path / "telemetry.db"
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "fleet.db", clock=FakeClock(now=T0))
+def store(backend: Backend) -> Iterator[Store]:
+    s = Store(backend.location("fleet.db"), clock=FakeClock(now=T0))
     s.models.create_model("mlp", "", "t")
     for v in ("1.0.0", "2.0.0"):
         s.models.register_version("mlp", v, DIGEST, "onnx", {}, "t", bundle_target=f"models/mlp/mlp-{v}.efb")
@@ -120,7 +126,7 @@ def test_an_aa_experiment_with_device_spread_declares_no_winner_however_often_it
     rng = np.random.default_rng(11)
     a = _arm(rng, "1.0.0", "a", 40, 0.05, 0.03, 0.004)  # two arms of the same population
     b = _arm(rng, "2.0.0", "b", 40, 0.05, 0.03, 0.004)
-    fleet, repo, eid = Fleet(tmp_path / "telemetry.db"), ExperimentRepo(store), _experiment(store)
+    fleet, repo, eid = Fleet(_telemetry(store, tmp_path)), ExperimentRepo(store), _experiment(store)
     old_p, stored = 1.0, {m: 1.0 for m in METRICS}
     for _ in range(6):
         fleet.run_window(rng, a, b)
@@ -145,9 +151,9 @@ def test_a_real_lift_over_35_devices_per_arm_picks_b_and_the_verdict_never_flips
     rng = np.random.default_rng(12)
     a = _arm(rng, "1.0.0", "a", 35, 0.08, 0.02, 0.004)
     b = _arm(rng, "2.0.0", "b", 35, 0.05, 0.02, 0.003)  # 3 points fewer errors, 25 % faster
-    fleet, repo, eid = Fleet(tmp_path / "telemetry.db"), ExperimentRepo(store), _experiment(store)
+    fleet, repo, eid = Fleet(_telemetry(store, tmp_path)), ExperimentRepo(store), _experiment(store)
     with store.tx() as db:  # as the driver records them; arm B's devices ran A's version before
-        db.table("experiment_devices").insert_all(
+        db.insert("experiment_devices",
             [{"experiment_id": eid, "device_id": d, "arm": "a", "assigned_at": T0} for d in a.devices]
             + [{"experiment_id": eid, "device_id": d, "arm": "b", "assigned_at": T0} for d in b.devices])
     fleet.run_window(rng, a, replace(b, version="1.0.0"))  # not yet switched: no evidence for A
@@ -186,7 +192,7 @@ def test_fewer_devices_than_min_devices_is_inconclusive_naming_the_devices_neede
     rng = np.random.default_rng(13)
     a = _arm(rng, "1.0.0", "a", 6, 0.10, 0.03, 0.004)
     b = _arm(rng, "2.0.0", "b", 6, 0.03, 0.01, 0.002)  # a large lift, many requests, 6 devices
-    fleet, repo, eid = Fleet(tmp_path / "telemetry.db"), ExperimentRepo(store), _experiment(store)
+    fleet, repo, eid = Fleet(_telemetry(store, tmp_path)), ExperimentRepo(store), _experiment(store)
     for _ in range(5):
         fleet.run_window(rng, a, b)
     rec = repo.recommendation(eid, fleet.telemetry)
@@ -211,7 +217,8 @@ def test_the_api_takes_min_devices_and_taus_and_answers_with_device_level_verdic
     key = create_api_key(store, "op", "operator", "t")[1]
     h = {"Authorization": f"Bearer {key}"}
     body = {"name": "v2", "version_a": "mlp:1.0.0", "version_b": "mlp:2.0.0", "min_samples": 50}
-    with TestClient(create_app(FleetSettings(data_dir=tmp_path), store)) as c:
+    pg_url = str(store.location) if store.dialect == "postgresql" else None
+    with TestClient(create_app(FleetSettings(data_dir=tmp_path, database_url=pg_url), store)) as c:
         for bad in ({"min_devices": 1}, {"taus": {"accuracy": 0.1}}, {"taus": {"error_rate": 0}}):
             assert c.post("/v1/experiments", headers=h, json={**body, **bad}).status_code == 422, bad
         ex = c.post("/v1/experiments", headers=h, json={**body, "min_devices": 12,
@@ -219,7 +226,7 @@ def test_the_api_takes_min_devices_and_taus_and_answers_with_device_level_verdic
         assert ex.status_code == 201, ex.text
         assert (ex.json()["min_devices"], ex.json()["taus"]) == (12, {"error_rate": 0.02})
         eid = ex.json()["id"]
-        fleet = Fleet(tmp_path / "telemetry.db")  # the file the API reads
+        fleet = Fleet(_telemetry(store, tmp_path))  # where the API reads
         for _ in range(3):
             fleet.run_window(rng, a, b)
         fleet.telemetry.close()

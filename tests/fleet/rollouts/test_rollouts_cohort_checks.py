@@ -84,7 +84,7 @@ def test_empty_cohort_is_warned_in_answer_status_and_log(api: Api, caplog: pytes
 def test_a_stored_unparsable_selector_is_reported_not_raised(api: Api) -> None:
     _, body = api.create("site=nowhere")
     with api.store.tx() as db:  # a row stored before selectors got stricter
-        db.execute("UPDATE rollouts SET selector = 'site=' WHERE id = ?", [body["id"]])
+        db.execute("UPDATE rollouts SET selector = 'site=' WHERE id = :id", {"id": body["id"]})
     res = api.client.get(f"/v1/rollouts/{body['id']}/status", headers=api.headers)
     assert res.status_code == 200
     assert res.json()["warnings"][0] == "cohort matches no device"

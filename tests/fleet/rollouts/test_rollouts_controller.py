@@ -200,7 +200,7 @@ def test_a_restarted_controller_resumes_from_the_store(world: World) -> None:
     world.ctl.tick()
     # the fleet process dies: a new store connection and a new controller
     world.store.close()
-    world.store = Store(world.root / "fleet.db", clock=world.clock)
+    world.store = Store(world.location, clock=world.clock)
     sent = {d: len(v) for d, v in world.pub.docs.items()}
     world.ctl = world.new_controller()
     world.clock.advance(31)

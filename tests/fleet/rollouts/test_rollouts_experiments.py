@@ -33,6 +33,7 @@ from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
 
 
 @pytest.mark.unit
@@ -149,9 +150,9 @@ def test_latency_histograms_become_weighted_samples() -> None:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Store, Repository, DirectorSigner]]:
+def setup(tmp_path: Path, backend: Backend) -> Iterator[tuple[Store, Repository, DirectorSigner]]:
     clock = FakeClock()
-    store = Store(tmp_path / "fleet.db", clock=clock)
+    store = Store(backend.location("fleet.db"), clock=clock)
     repo = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
     repo.init(root_threshold=1, root_keys=1)
     store.models.create_model("mlp", "", "t")

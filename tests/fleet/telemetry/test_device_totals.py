@@ -1,4 +1,4 @@
-"""Per-device telemetry totals on a real SQLite file: what ingest adds, what a replay does not add,
+"""Per-device telemetry totals on real SQLite and PostgreSQL: what ingest adds, what a replay does not add,
 that they commit with the windows, and the histogram-bound latency figures."""
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ import pytest
 
 from agent.contract.telemetry import LATENCY_BUCKETS, encode_report, latency_bucket, latency_bucket_upper
 from agent.telemetry import TelemetrySketch
+from fleet.db.session import Db
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.device_totals import DeviceTotalsTable, latency_totals
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from tests.support.postgres import Backend
 
 PROFILE = compute_reference_profile(np.random.default_rng(0).normal(size=(2000, 3)), ["a", "b", "c"],
                                     outputs=np.random.default_rng(1).normal(size=2000))
@@ -50,8 +52,8 @@ def test_latency_totals_count_each_request_at_its_bucket_bound() -> None:
 
 
 @pytest.mark.integration
-def test_each_accepted_report_adds_to_its_device_once(tmp_path: Path) -> None:
-    store = _store(tmp_path / "t.db", flush_every=3)
+def test_each_accepted_report_adds_to_its_device_once(backend: Backend) -> None:
+    store = _store(backend.location("t.db"), flush_every=3)
     a = _reports("dev-a", 9, 0.002, errors_every=5)  # 90 requests, 18 errors, ends 1010..1090
     b = _reports("dev-b", 4, 0.010, errors_every=2, t0=1040.0)  # 40 requests, 20 errors
     assert {store.ingest(p) for p in a + b} == {"accepted"}
@@ -74,7 +76,7 @@ def test_each_accepted_report_adds_to_its_device_once(tmp_path: Path) -> None:
     assert since == {"dev-a": 20, "dev-b": 10}  # reports ending at 1080, 1090; 1080
     assert store.device_totals("m", "9.9.9") == []
     store.close()
-    again = _store(tmp_path / "t.db")  # stored, not only buffered
+    again = _store(backend.location("t.db"))  # stored, not only buffered
     assert [t.requests for t in again.device_totals("m", "1.0.0")] == [90, 40]
     assert again.ingest(a[0]) == "duplicate"
     assert [t.requests for t in again.device_totals("m", "1.0.0")] == [90, 40]
@@ -82,23 +84,24 @@ def test_each_accepted_report_adds_to_its_device_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_totals_commit_with_the_windows_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_totals_commit_with_the_windows_or_not_at_all(backend: Backend, monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
-    store = _store(tmp_path / "t.db")
+    store = _store(backend.location("t.db"))
     for p in _reports("dev-a", 3, 0.002, errors_every=3):
         assert store.ingest(p) == "accepted"
     real = DeviceTotalsTable.write
 
-    def write_then_fail(self: DeviceTotalsTable) -> int:
-        real(self)
+    def write_then_fail(self: DeviceTotalsTable, db: Db) -> int:
+        real(self, db)
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(DeviceTotalsTable, "write", write_then_fail)
     with pytest.raises(RuntimeError):
         store.flush()
     monkeypatch.setattr(DeviceTotalsTable, "write", real)
-    rows = store.db.execute("SELECT COUNT(*) FROM telemetry_windows").fetchone()[0]
-    assert rows == 0 and store.db.execute("SELECT COUNT(*) FROM telemetry_device_totals").fetchone()[0] == 0
+    with store.database.read() as db:
+        rows = db.scalar("SELECT COUNT(*) FROM telemetry_windows")
+        assert rows == 0 and db.scalar("SELECT COUNT(*) FROM telemetry_device_totals") == 0
     # the next flush writes what is still buffered, once
     assert [(t.requests, t.errors) for t in store.device_totals("m", "1.0.0")] == [(30, 10)]
     merged = store.query_windows("m", "1.0.0")

@@ -15,6 +15,7 @@ from fleet.errors import FleetMisuseError
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.alerts import AlertConfig, AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from tests.support.postgres import Backend
 from tests.support.telemetry import WebhookRecorder, webhook_server
 
 RNG = np.random.default_rng(11)
@@ -28,8 +29,8 @@ def webhook() -> Iterator[tuple[str, type[WebhookRecorder]]]:
         yield hook
 
 
-def _windows(tmp_path: Path, shifts: list[float]) -> TelemetryStore:
-    store = TelemetryStore(tmp_path / "telemetry.db", IngestConfig(window_s=60.0),
+def _windows(backend: Backend, shifts: list[float]) -> TelemetryStore:
+    store = TelemetryStore(backend.location("telemetry.db"), IngestConfig(window_s=60.0),
                            profiles=lambda m, v: PROFILE, clock=lambda: 1e6)
     for d in range(3):
         ticks = iter([60.0 * i + 1.0 for i in range(len(shifts) + 1)])
@@ -44,14 +45,14 @@ def _windows(tmp_path: Path, shifts: list[float]) -> TelemetryStore:
 
 @pytest.mark.integration
 def test_alerts_once_per_episode_and_retrain_after_persistent_drift(
-    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
+    backend: Backend, tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
 ) -> None:
     url, hook = webhook
     out = tmp_path / "command.jsonl"
     command = (sys.executable, "-c", f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')")
-    store = _windows(tmp_path, [0.0, 0.0, 0.6, 0.6, 0.6, 0.6, 0.0, 0.6])
+    store = _windows(backend, [0.0, 0.0, 0.6, 0.6, 0.6, 0.6, 0.0, 0.6])
     config = AlertConfig(persist_windows=3, webhook_url=url, command=command)
-    mgr = AlertManager(tmp_path / "alerts.db", config, clock=lambda: 5.0)
+    mgr = AlertManager(backend.location("alerts.db"), config, clock=lambda: 5.0)
     windows = store.windows("m", "1.0.0", cohort="")
     assert len(windows) == 8
     fired = mgr.evaluate("m", "1.0.0", "", PROFILE, windows, 60.0)
@@ -71,20 +72,20 @@ def test_alerts_once_per_episode_and_retrain_after_persistent_drift(
     assert all(mgr.delivery_state(a.id or 0) == (True, "") for a in fired)
     # windows already evaluated are not evaluated again; the state survives a reopen
     mgr.close()
-    again = AlertManager(tmp_path / "alerts.db", AlertConfig(persist_windows=3), clock=lambda: 6.0)
+    again = AlertManager(backend.location("alerts.db"), AlertConfig(persist_windows=3), clock=lambda: 6.0)
     assert again.evaluate("m", "1.0.0", "", PROFILE, windows, 60.0) == []
     assert len(again.alerts(kind="retrain")) == 2 and len(again.alerts(model="m")) == len(fired)
 
 
 @pytest.mark.integration
 def test_failed_delivery_is_recorded_and_retried(
-    tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
+    backend: Backend, tmp_path: Path, webhook: tuple[str, type[WebhookRecorder]]
 ) -> None:
     url, hook = webhook
     hook.status = 503
-    store = _windows(tmp_path, [0.6])
+    store = _windows(backend, [0.6])
     failing = (sys.executable, "-c", "import sys; sys.exit(3)")
-    mgr = AlertManager(tmp_path / "alerts.db", AlertConfig(webhook_url=url, command=failing))
+    mgr = AlertManager(backend.location("alerts.db"), AlertConfig(webhook_url=url, command=failing))
     fired = mgr.evaluate("m", "1.0.0", "", PROFILE, store.windows("m", "1.0.0"), 60.0)
     assert fired and all(a.kind == "drift" for a in fired)
     delivered, error = mgr.delivery_state(fired[0].id or 0)

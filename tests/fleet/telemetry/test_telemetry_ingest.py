@@ -13,6 +13,7 @@ from agent.contract.telemetry import FLAG_ZSTD, encode_report, latency_bucket
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore, histogram_quantile
+from tests.support.postgres import Backend
 
 PROFILE = compute_reference_profile(np.random.default_rng(0).normal(size=(2000, 3)), ["a", "b", "c"],
                                     outputs=np.random.default_rng(1).normal(size=2000))
@@ -38,8 +39,8 @@ def _store(path: Path, **kw: object) -> TelemetryStore:
 
 
 @pytest.mark.integration
-def test_reports_merge_into_windows_and_replays_are_dropped(tmp_path: Path) -> None:
-    store = _store(tmp_path / "t.db", flush_every=4)
+def test_reports_merge_into_windows_and_replays_are_dropped(backend: Backend) -> None:
+    store = _store(backend.location("t.db"), flush_every=4)
     a, b = _payloads("dev-a", 9), _payloads("dev-b", 3, cohort="canary")
     assert [store.ingest(p) for p in a + b] == ["accepted"] * 12
     assert [store.ingest(p) for p in a[:3]] == ["duplicate"] * 3  # replayed offline queue
@@ -58,8 +59,8 @@ def test_reports_merge_into_windows_and_replays_are_dropped(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_bad_payloads_are_counted_and_never_stop_the_ingester(tmp_path: Path) -> None:
-    store = _store(tmp_path / "t.db")
+def test_bad_payloads_are_counted_and_never_stop_the_ingester(backend: Backend) -> None:
+    store = _store(backend.location("t.db"))
     good = _payloads("dev-a", 2)
     rng = np.random.default_rng(2)
     other = compute_reference_profile(rng.normal(size=(500, 3)), ["a", "b", "c"], bins=10)
@@ -79,8 +80,8 @@ def test_bad_payloads_are_counted_and_never_stop_the_ingester(tmp_path: Path) ->
 
 
 @pytest.mark.integration
-def test_windows_and_seen_pairs_survive_a_restart(tmp_path: Path) -> None:
-    db = tmp_path / "t.db"
+def test_windows_and_seen_pairs_survive_a_restart(backend: Backend) -> None:
+    db = backend.location("t.db")
     first = _payloads("dev-a", 6)
     store = _store(db)
     for p in first[:4]:
@@ -94,8 +95,8 @@ def test_windows_and_seen_pairs_survive_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_latency_quantiles_from_histograms_and_across_devices(tmp_path: Path) -> None:
-    store = _store(tmp_path / "t.db")
+def test_latency_quantiles_from_histograms_and_across_devices(backend: Backend) -> None:
+    store = _store(backend.location("t.db"))
     for p in _payloads("dev-a", 3) + _payloads("dev-bb", 3):
         store.ingest(p)
     merged = store.query_windows("m", "1.0.0")
@@ -109,10 +110,10 @@ def test_latency_quantiles_from_histograms_and_across_devices(tmp_path: Path) ->
 
 
 @pytest.mark.integration
-def test_ingest_from_several_threads_and_drift_of_the_merged_windows(tmp_path: Path) -> None:
+def test_ingest_from_several_threads_and_drift_of_the_merged_windows(backend: Backend) -> None:
     import threading
 
-    store = _store(tmp_path / "t.db", flush_every=7)
+    store = _store(backend.location("t.db"), flush_every=7)
     batches = [_payloads(f"dev-{i}", 8) for i in range(4)]
     results: list[str] = []
     lock = threading.Lock()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from agent.errors import DirectorError, UnknownDirectorKeyError
 from fleet.errors import FleetInputError
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
+from tests.support.postgres import Backend
 
 NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 REF = TargetRef(path="models/m/m-1.0.0.efb", length=1234, sha256="a" * 64, name="m", version="1.0.0")
@@ -160,17 +163,23 @@ def test_trust_anchor_parsing(keys: list[Signer]) -> None:
     assert ROOT_DIRECTOR_FIELD.startswith("x-")
 
 
+def _database(backend: Backend) -> str | None:
+    """The director's database: None (its own SQLite file in the state dir) or the PG URL."""
+    return backend.pg_url
+
+
 @pytest.mark.integration
-def test_signer_sequence_persists_and_increases(tmp_path: Path) -> None:
+def test_signer_sequence_persists_and_increases(tmp_path: Path, backend: Backend) -> None:
     store = KeyStore(tmp_path / "keys")
     store.init(root_keys=1, root_threshold=1)
     trust = DirectorTrust(keys={k.keyid: k.public for k in store.role("director").keys}, threshold=1)
-    signer = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    signer = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW, database=_database(backend))
     first = verify_director(signer.issue(REF, device_id="dev-1"), trust, "dev-1", [], 0, NOW)
     second = verify_director(signer.issue(REF, device_id="dev-1"), trust, "dev-1", [], first.sequence, NOW)
     other = verify_director(signer.issue(REF, cohort="canary"), trust, "dev-1", ["canary"], 0, NOW)
     assert (first.sequence, second.sequence, other.sequence) == (1, 2, 1)
-    restarted = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    signer.close()
+    restarted = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW, database=_database(backend))
     assert restarted.last_sequence(device_id="dev-1") == 2
     third = verify_director(restarted.issue(REF, device_id="dev-1"), trust, "dev-1", [], 2, NOW)
     assert third.sequence == 3 and third.expires == NOW + timedelta(days=7)
@@ -181,7 +190,8 @@ def test_signer_sequence_persists_and_increases(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(tmp_path: Path) -> None:
+def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(
+        tmp_path: Path, backend: Backend) -> None:
     """The signer caches its keys; a rotation (the key file replaced) must take effect at once."""
     store = KeyStore(tmp_path / "keys")
     store.init(root_keys=1, root_threshold=1)
@@ -190,7 +200,7 @@ def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(tmp_path: P
         return DirectorTrust(keys={k.keyid: k.public for k in store.role("director").keys}, threshold=1)
 
     old_trust = trust()
-    signer = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    signer = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW, database=_database(backend))
     verify_director(signer.issue(REF, device_id="dev-1"), old_trust, "dev-1", [], 0, NOW)
     store.rotate("director")
     doc = signer.issue(REF, device_id="dev-1")
@@ -198,8 +208,30 @@ def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(tmp_path: P
     with pytest.raises(DirectorError):
         verify_director(doc, old_trust, "dev-1", [], 1, NOW)
     # a second signer on the same state (another fleet worker) never reuses a sequence
-    other = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW)
+    other = DirectorSigner(store, tmp_path / "state", clock=lambda: NOW, database=_database(backend))
     assert verify_director(other.issue(REF, device_id="dev-1"), trust(), "dev-1", [], 2, NOW).sequence == 3
     assert signer.last_sequence(device_id="dev-1") == 3
     signer.close()
     other.close()
+
+
+ALLOCATE = """
+import sys
+from pathlib import Path
+from fleet.trust.director_signer import DirectorSigner
+from fleet.trust.keys import KeyStore
+root, database = Path(sys.argv[1]), sys.argv[2] or None
+signer = DirectorSigner(KeyStore(root / "keys"), root / "state", database=database)
+print(" ".join(str(signer._next_sequence("cohort:all")) for _ in range(40)))
+"""
+
+
+@pytest.mark.integration
+def test_several_processes_never_get_the_same_sequence(tmp_path: Path, backend: Backend) -> None:
+    """Four fleet processes allocating for one addressee at once: every number exactly once."""
+    KeyStore(tmp_path / "keys").init(root_keys=1, root_threshold=1)
+    procs = [subprocess.Popen([sys.executable, "-c", ALLOCATE, str(tmp_path), _database(backend) or ""],
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    got = [int(n) for p in procs for n in p.communicate(timeout=120)[0].split()]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(got) == list(range(1, 161))

@@ -1,0 +1,323 @@
+"""Every table of the fleet, declared once as SQLAlchemy `Table`s (both dialects).
+
+Four groups, one `MetaData` each, because on SQLite each lives in its own file (the fleet
+store, the telemetry windows, the alerts, the director's sequences) while on PostgreSQL all
+four share the one database. The schema is *made* by the Alembic revisions in
+`fleet/db/alembic/versions/` (one branch per group); this module is what the code reads and
+writes through, and a test checks that the migrated database and these declarations agree.
+
+Types are chosen to mean the same on both dialects: TEXT for text and JSON documents (the
+stored bytes are what is hashed and audited), INTEGER for 0/1 flags and counts, BIGINT where a
+number may pass 2^31 (sequences), FLOAT (double precision on PostgreSQL, REAL affinity on
+SQLite) for clock seconds and measurements, BLOB/bytea for sketches.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, LargeBinary, Table, Text
+
+STORE = sa.MetaData()
+TELEMETRY = sa.MetaData()
+ALERTS = sa.MetaData()
+DIRECTOR = sa.MetaData()
+GROUPS: dict[str, sa.MetaData] = {"store": STORE, "telemetry": TELEMETRY, "alerts": ALERTS,
+                                  "director": DIRECTOR}
+
+
+def _d(sql: str) -> sa.TextClause:
+    return sa.text(sql)
+
+
+def _autoid() -> Column[int]:
+    return Column("id", Integer, primary_key=True, autoincrement=True)
+
+
+# -- the fleet store (migrations 1-5 of the old runner) ------------------------------------------
+models = Table(
+    "models", STORE,
+    Column("name", Text, primary_key=True),
+    Column("description", Text, nullable=False, server_default=_d("''")),
+    Column("created_at", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+)
+model_versions = Table(
+    "model_versions", STORE,
+    Column("id", Text, primary_key=True),  # "<model>:<version>"
+    Column("model_name", Text, ForeignKey("models.name", ondelete="RESTRICT"), nullable=False),
+    Column("version", Text, nullable=False),
+    Column("artifact_digest", Text, nullable=False),
+    Column("bundle_target", Text),
+    Column("runtime", Text, sa.CheckConstraint("runtime IN ('onnx', 'tflite')"), nullable=False),
+    Column("lineage", Text, nullable=False, server_default=_d("'{}'")),
+    Column("stage", Text, sa.CheckConstraint(
+        "stage IN ('registered', 'staging', 'canary', 'production', 'archived')"),
+        nullable=False, server_default=_d("'registered'")),
+    Column("created_at", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    sa.UniqueConstraint("model_name", "version"),
+)
+stage_history = Table(
+    "stage_history", STORE,
+    _autoid(),
+    Column("version_id", Text, ForeignKey("model_versions.id", ondelete="CASCADE"), nullable=False),
+    Column("from_stage", Text),
+    Column("to_stage", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("note", Text, nullable=False, server_default=_d("''")),
+    Column("at", Text, nullable=False),
+    sa.Index("stage_history_version", "version_id", "id"),
+    sqlite_autoincrement=True,
+)
+devices = Table(
+    "devices", STORE,
+    Column("id", Text, primary_key=True),
+    Column("labels", Text, nullable=False, server_default=_d("'{}'")),
+    Column("agent_version", Text),
+    Column("runtimes", Text, nullable=False, server_default=_d("'[]'")),
+    Column("architecture", Text),
+    Column("memory_mb", Integer),
+    Column("last_seen", Text),
+    Column("online", Integer, nullable=False, server_default=_d("0")),
+    Column("reported_state", Text),
+    Column("revoked", Integer, nullable=False, server_default=_d("0")),
+    Column("revoked_at", Text),
+    Column("enrolled_at", Text, nullable=False),
+    Column("broker_username", Text, nullable=False, unique=True),
+    Column("broker_password_hash", Text, nullable=False),
+)
+enrollment_tokens = Table(
+    "enrollment_tokens", STORE,
+    Column("id", Text, primary_key=True),
+    Column("token_hash", Text, nullable=False, unique=True),
+    Column("labels", Text, nullable=False, server_default=_d("'{}'")),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("expires_at", Text, nullable=False),
+    Column("used_at", Text),
+    Column("device_id", Text),
+)
+api_keys = Table(
+    "api_keys", STORE,
+    Column("id", Text, primary_key=True),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("role", Text, sa.CheckConstraint("role IN ('admin', 'operator', 'viewer')"), nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("revoked", Integer, nullable=False, server_default=_d("0")),
+    Column("revoked_at", Text),
+)
+audit_log = Table(
+    "audit_log", STORE,
+    _autoid(),
+    Column("at", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("before", Text),
+    Column("after", Text),
+    sa.Index("audit_log_resource", "resource", "id"),
+    sqlite_autoincrement=True,
+)
+idempotency_keys = Table(
+    "idempotency_keys", STORE,
+    Column("actor", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("route", Text, nullable=False),
+    Column("request_hash", Text, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+rollouts = Table(
+    "rollouts", STORE,
+    Column("id", Text, primary_key=True),
+    Column("model_version_id", Text, ForeignKey("model_versions.id", ondelete="RESTRICT"), nullable=False),
+    Column("selector", Text, nullable=False),
+    Column("strategy", Text, nullable=False, server_default=_d("'{}'")),
+    Column("thresholds", Text, nullable=False, server_default=_d("'{}'")),
+    Column("state", Text, nullable=False, server_default=_d("'pending'")),
+    Column("desired", Text, nullable=False, server_default=_d("'run'")),
+    Column("stage", Integer, nullable=False, server_default=_d("0")),
+    Column("created_at", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("history", Text, nullable=False, server_default=_d("'[]'")),
+)
+rollout_devices = Table(
+    "rollout_devices", STORE,
+    Column("rollout_id", Text, ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("stage", Integer, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    sa.Index("rollout_devices_status", "rollout_id", "status"),
+)
+rollout_runtime = Table(
+    "rollout_runtime", STORE,
+    Column("rollout_id", Text, ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    Column("phase", Text, nullable=False),
+    Column("target_bundle", Text, nullable=False),
+    Column("target_path", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("stage_started_at", Float, nullable=False),
+    Column("stage_done_at", Float),
+    Column("breach", Text, nullable=False, server_default=_d("'[]'")),
+    Column("final_state", Text),
+    Column("shadow_agreement_sum", Float, nullable=False, server_default=_d("0")),  # migration 4
+    Column("shadow_compared", Float, nullable=False, server_default=_d("0")),
+)
+rollout_progress = Table(
+    "rollout_progress", STORE,
+    Column("rollout_id", Text, ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", Text, primary_key=True),
+    Column("ordinal", Text, nullable=False),
+    Column("from_bundle", Text),
+    Column("assigned_at", Float),
+    Column("acked", Integer, nullable=False, server_default=_d("0")),
+    Column("outcome", Text),
+    Column("revert_at", Float),
+    Column("detail", Text, nullable=False, server_default=_d("''")),
+    sa.Index("rollout_progress_order", "rollout_id", "ordinal"),
+)
+rollout_commands = Table(
+    "rollout_commands", STORE,
+    _autoid(),
+    Column("rollout_id", Text, ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False),
+    Column("command", Text, sa.CheckConstraint("command IN ('promote', 'rollback', 'cancel')"),
+           nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("note", Text, nullable=False, server_default=_d("''")),
+    Column("created_at", Text, nullable=False),
+    Column("done_at", Text),
+    sqlite_autoincrement=True,
+)
+experiments = Table(
+    "experiments", STORE,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("model_name", Text, nullable=False),
+    Column("version_a", Text, nullable=False),
+    Column("version_b", Text, nullable=False),
+    Column("selector", Text, nullable=False),
+    Column("split_b", Float, nullable=False),
+    Column("metrics", Text, nullable=False, server_default=_d("'[]'")),
+    Column("min_samples", Integer, nullable=False),
+    Column("alpha", Float, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("min_devices", Integer, nullable=False, server_default=_d("10")),  # migration 5
+    Column("taus", Text, nullable=False, server_default=_d("'{}'")),
+)
+experiment_observations = Table(
+    "experiment_observations", STORE,
+    _autoid(),
+    Column("experiment_id", Text, ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("arm", Text, sa.CheckConstraint("arm IN ('a', 'b')"), nullable=False),
+    Column("metric", Text, nullable=False),
+    Column("value", Float, nullable=False),
+    Column("weight", Integer, nullable=False, server_default=_d("1")),
+    sa.Index("experiment_observations_arm", "experiment_id", "metric", "arm"),
+    sqlite_autoincrement=True,
+)
+experiment_devices = Table(
+    "experiment_devices", STORE,
+    Column("experiment_id", Text, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("device_id", Text, primary_key=True),
+    Column("arm", Text, sa.CheckConstraint("arm IN ('a', 'b')"), nullable=False),
+    Column("assigned_at", Float),
+)
+experiment_sequential = Table(
+    "experiment_sequential", STORE,
+    Column("experiment_id", Text, ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True),
+    Column("metric", Text, primary_key=True),
+    Column("p_value", Float, nullable=False),
+    Column("ci_low", Float, nullable=False),
+    Column("ci_high", Float, nullable=False),
+    Column("tau", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------
+telemetry_windows = Table(
+    "telemetry_windows", TELEMETRY,
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    Column("window_start", Float, primary_key=True),
+    Column("payload", LargeBinary),
+    Column("reports", Integer),
+    Column("devices", Text),
+    Column("device_count", Integer),
+    Column("latency_kll", LargeBinary),
+    Column("updated_at", Float),
+)
+telemetry_seen = Table(
+    "telemetry_seen", TELEMETRY,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("received_at", Float),
+    sa.Index("idx_telemetry_seen_received_at", "received_at"),
+)
+telemetry_device_totals = Table(
+    "telemetry_device_totals", TELEMETRY,
+    Column("device_id", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("window_start", Float, primary_key=True),
+    Column("requests", BigInteger),
+    Column("errors", BigInteger),
+    Column("latency_count", BigInteger),
+    Column("latency_sum_ms", Float),
+    sa.Index("idx_telemetry_device_totals_model_version_window_start", "model", "version", "window_start"),
+)
+
+# -- drift alerts (alerts.db on SQLite) ----------------------------------------------------------
+drift_alerts = Table(
+    "drift_alerts", ALERTS,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", Text), Column("model", Text), Column("version", Text), Column("cohort", Text),
+    Column("subject", Text), Column("statistic", Text), Column("value", Float), Column("threshold", Float),
+    Column("window_start", Float), Column("window_s", Float), Column("windows", Integer),
+    Column("devices", Text), Column("device_count", Integer), Column("created_at", Float),
+    Column("delivered", Integer), Column("delivery_error", Text),
+)
+drift_episodes = Table(
+    "drift_episodes", ALERTS,
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("first_window", Float), Column("last_window", Float),
+    Column("consecutive", Integer), Column("retrain_fired", Integer),
+)
+drift_cursor = Table(
+    "drift_cursor", ALERTS,
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    Column("last_window", Float),
+)
+drift_alert_acks = Table(
+    "drift_alert_acks", ALERTS,
+    Column("alert_id", Integer, primary_key=True, autoincrement=False),
+    Column("acked_by", Text), Column("acked_at", Float), Column("note", Text),
+)
+
+# -- director sequences (director.sqlite on SQLite) ----------------------------------------------
+director_sequences = Table(
+    "director_sequences", DIRECTOR,
+    Column("addressee", Text, primary_key=True),
+    Column("sequence", BigInteger, nullable=False),
+)
+
+
+def table(name: str) -> sa.Table:
+    """The declared table called `name`. Raises KeyError for an unknown name."""
+    for md in GROUPS.values():
+        if name in md.tables:
+            return md.tables[name]
+    raise KeyError(f"no table {name!r} in fleet.db.schema")
