@@ -25,8 +25,10 @@ start order:
 The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
 `fleet.periodic.PeriodicRunner`.
 
-`ensure_trust(settings)` creates the keys and the TUF repository under the data directory on
-first start (root: 2 of 3 keys; move them offline afterwards, see docs/trust.md).
+`ensure_trust(settings)` creates the keys, the TUF repository and the device CA (client
+certificates for devices, `fleet/trust/device_ca.py`) under the data directory on first start
+(root: 2 of 3 keys; move them offline afterwards, see docs/trust.md). The `CrlRefresher`
+(`fleet/devices/certificates.py`) keeps the device CRL the broker reads from expiring.
 
 Errors: `broker_config` and `ServeConfig` raise `FleetInputError` for a bad URL or period;
 `ensure_trust` and `build_components` raise `FleetMisuseError` when keys are unreadable or the
@@ -46,6 +48,7 @@ from agent.transport.mqtt_client import MqttConfig
 from fleet.api.deps import ApiCollaborators
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher
+from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
@@ -59,6 +62,7 @@ from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
+from fleet.trust.device_ca import DeviceCA
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -107,6 +111,9 @@ def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> 
     if not repo.initialized:
         repo.init(root_threshold=cfg.root_threshold, root_keys=cfg.root_keys)
         log_event(logger, "fleet.trust_initialised", repo=str(settings.repo_dir))
+    if not DeviceCA.exists(settings.device_ca_dir):  # also for a data directory from before certificates
+        DeviceCA.create(settings.device_ca_dir)
+        log_event(logger, "fleet.device_ca_created", ca=str(settings.device_ca_dir / "ca.crt"))
     return keystore, repo
 
 
@@ -246,6 +253,6 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
     refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher)
-    components += [controller, experiments, refresher]
+    components += [controller, experiments, refresher, CrlRefresher(store, settings)]
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
                       experiments, refresher, components)

@@ -266,12 +266,29 @@ def _m005_experiment_sequential(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m012_device_certificates(db: sqlite_utils.Database) -> None:
+    """Certificate-based device identity (issue 18): how each device authenticates to the broker
+    and the certificate the device CA issued it at enrollment. The CRL lists the serials of
+    revoked devices' certificates, so a certificate is revoked exactly when its device is."""
+    _script(
+        db,
+        """
+        ALTER TABLE devices ADD COLUMN identity TEXT NOT NULL DEFAULT 'password';  -- password | cert
+        ALTER TABLE devices ADD COLUMN cert_serial TEXT;        -- lower-case hex; NULL for passwords
+        ALTER TABLE devices ADD COLUMN cert_fingerprint TEXT;   -- "sha256:<hex>" of the DER certificate
+        ALTER TABLE devices ADD COLUMN cert_not_after TEXT;     -- ISO 8601 UTC
+        CREATE UNIQUE INDEX devices_cert_serial ON devices(cert_serial);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
     (3, "experiment devices", _m003_experiment_devices),
     (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
     (5, "experiment sequential tests", _m005_experiment_sequential),
+    (12, "device certificates", _m012_device_certificates),
 ]
 
 

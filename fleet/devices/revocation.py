@@ -1,7 +1,9 @@
 """Revoking a device end to end: store, broker, retained desired state, inbound traffic.
 
 `revoke_device` is what `POST /v1/devices/{id}/revoke` runs: mark the device revoked
-(audited), rewrite the password file and reload the broker (`fleet/devices/broker_reload.py`), and
+(audited), rewrite the device CRL (a certificate device's serial joins it,
+`fleet/devices/certificates.py`) and the password file and reload the broker
+(`fleet/devices/broker_reload.py`), and
 clear the device's retained `desired` topic so no director document waits there for it.
 Each step after the store's is reported back instead of raised, because the revocation
 itself is already durable and the operator needs to see which parts the broker applied.
@@ -19,6 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from agent.logs import log_event
 from fleet.devices.broker_reload import BrokerReload, apply_broker_credentials
+from fleet.devices.certificates import write_crl
 from fleet.devices.inventory import Device
 from fleet.errors import FleetError, NotFound
 from fleet.rollouts.controller import DesiredPublisher
@@ -61,9 +64,12 @@ def revoke_device(store: Store, settings: FleetSettings, device_id: str, actor: 
     """Revoke `device_id`, apply it at the broker and clear its retained desired document.
 
     Raises NotFound, Conflict (already revoked) from the store, OSError when the password
-    file cannot be written. Broker-reload and publish failures are returned in the result.
+    file or CRL cannot be written, FleetMisuseError when the device CA is unreadable.
+    Broker-reload and publish failures are returned in the result.
     """
     device = store.devices.revoke(device_id, actor, reason)
+    if device.cert_serial is not None:
+        write_crl(store, settings)  # before the reload below, which makes Mosquitto re-read it
     broker = apply_broker_credentials(store, settings)
     cleared, detail = clear_desired(publisher, device_id)
     log_event(logger, "fleet.revocation.done", device=device_id, broker_reloaded=broker.reloaded,
