@@ -309,6 +309,6 @@ def _report(doc: dict[str, Any], config_path: Path, root_path: Path | None, relo
         if root_path is not None:
             click.echo(f"wrote {root_path} (0600): the trusted TUF root")
         click.echo(f"start the agent with: edgefleet agent run --config {config_path}")
-    if reloaded is False:
+    if reloaded is False and mqtt.get("password"):  # a certificate is not in the password file
         click.echo("warning: the fleet did not reload the broker: if Mosquitto uses the fleet's password "
                    "file, this login works only after it is reloaded (the agent keeps retrying)", err=True)

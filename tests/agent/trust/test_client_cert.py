@@ -1,0 +1,35 @@
+"""The device refuses a certificate that is not for its key, its id or from the CA sent with it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from agent.errors import UntrustedDataError
+from agent.trust.client_cert import check_issued, new_key_and_csr
+from fleet.trust.device_ca import DeviceCA, parse_csr
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_issued_certificate_is_checked_before_it_is_kept(tmp_path: Path) -> None:
+    ca = DeviceCA.create(tmp_path / "ca")
+    ours = new_key_and_csr()
+    assert serialization.load_pem_private_key(ours.key_pem, password=None)
+    good = ca.issue(parse_csr(ours.csr_pem), "dev-1", 3600)
+    assert check_issued(good.pem, ca.cert_pem, ours, "dev-1").serial_number == int(good.serial, 16)
+    with pytest.raises(UntrustedDataError, match="names \\['dev-1'\\], not the assigned id 'dev-2'"):
+        check_issued(good.pem, ca.cert_pem, ours, "dev-2")
+    someone_else = ca.issue(parse_csr(new_key_and_csr().csr_pem), "dev-1", 3600)
+    with pytest.raises(UntrustedDataError, match="not for this device's key"):
+        check_issued(someone_else.pem, ca.cert_pem, ours, "dev-1")
+    other_ca = DeviceCA.create(tmp_path / "other")
+    with pytest.raises(UntrustedDataError, match="not signed by the CA sent with it"):
+        check_issued(good.pem, other_ca.cert_pem, ours, "dev-1")
+    with pytest.raises(UntrustedDataError, match="not valid now"):
+        check_issued(good.pem, ca.cert_pem, ours, "dev-1", now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+    with pytest.raises(UntrustedDataError, match="not PEM"):
+        check_issued("junk", ca.cert_pem, ours, "dev-1")
