@@ -63,7 +63,7 @@ class PackagedBroker:
                 wait_port("127.0.0.1", port)
 
 
-def _without_mtls_listener(lines: list[str]) -> list[str]:
+def without_mtls_listener(lines: list[str]) -> list[str]:
     start = lines.index("listener 8884")
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("# ----"))
     while start > 0 and lines[start - 1].startswith("#"):  # its comment block
@@ -78,7 +78,7 @@ def start_packaged_broker(work: Path, device_passwd: Path, tls: BrokerTls | None
     lines = PKG.joinpath("mosquitto.conf").read_text().splitlines()
     drop = r"^(log_dest|log_type)\b"
     if tls is None:
-        lines = _without_mtls_listener(lines)
+        lines = without_mtls_listener(lines)
         drop = (r"^(certfile|keyfile|cafile|crlfile|tls_version|require_certificate|"
                 r"use_identity_as_username|log_dest|log_type)\b")
     conf = "\n".join(line for line in lines if not re.match(drop, line))
