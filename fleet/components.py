@@ -41,11 +41,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 from agent.logs import log_event
-from agent.transport.mqtt_client import MqttConfig
 from fleet.api.deps import ApiCollaborators
+from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher
 from fleet.devices.certificates import CrlRefresher
@@ -83,22 +82,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
             raise FleetInputError("timestamp_refresh_s must be within 1 s .. 12 h (timestamp lives 1 day)")
-
-
-def broker_config(url: str, client_id: str, password: str | None = None) -> MqttConfig:
-    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` to an `MqttConfig`; `password` (from the
-    environment or a file, see `FleetSettings`) is used instead of one in the URL. Raises FleetInputError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise FleetInputError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        return MqttConfig(host=parts.hostname, port=port, client_id=client_id,
-                          username=unquote(parts.username) if parts.username else None,
-                          password=password or (unquote(parts.password) if parts.password else None),
-                          tls=parts.scheme == "mqtts", reconnect_max_s=5.0)
-    except ValueError as exc:
-        raise FleetInputError(f"broker URL {url!r}: {exc}") from None
 
 
 def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> tuple[KeyStore, Repository]:

@@ -140,6 +140,8 @@ class RevokeOut(DeviceOut):
     broker_detail: str
     desired_cleared: bool
     desired_detail: str
+    session_ended: bool = Field(description="A certificate device's open broker session was closed")
+    session_detail: str
 
 
 class LabelsIn(_In):

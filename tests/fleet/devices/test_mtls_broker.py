@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from agent.transport import Message
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
@@ -27,6 +28,7 @@ from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import broker_config, ensure_trust
 from fleet.devices.enrollment import sync_broker_credentials
+from fleet.devices.revocation import revoke_device
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.trust.device_ca import DeviceCA, parse_csr
@@ -105,8 +107,9 @@ def world(tmp_path: Path) -> Iterator[World]:
     ca_dir = settings.device_ca_dir
     tls = BrokerTls(crt, key, server_ca.cert_path, ca_dir / "ca.crt", ca_dir / "crl.pem")
     broker = start_packaged_broker(tmp_path / "broker", settings.broker_passwd_path, tls)
-    settings = settings.model_copy(update={"broker_pid_file": broker.pid_file,
-                                           "device_cert_broker_url": f"mqtts://127.0.0.1:{broker.mtls_port}"})
+    settings = settings.model_copy(update={
+        "broker_pid_file": broker.pid_file, "device_cert_broker_url": f"mqtts://127.0.0.1:{broker.mtls_port}",
+        "broker_url": f"mqtt://fleet@127.0.0.1:{broker.fleet_port}", "broker_password": SecretStr(FLEET_PW)})
     try:
         operator = create_api_key(store, "op", "operator", "t")[1]
         yield World(tmp_path, settings, store, broker, server_ca, operator)
@@ -195,8 +198,9 @@ def test_a_revoked_certificate_is_refused_on_reconnect(world: World) -> None:
         assert out["revoked"] and out["broker_reloaded"], out
         # Measured with Mosquitto 2.0.11: the reload that makes it re-read the CRL does not cut a
         # TLS session already open (unlike a password device's, which the password re-check ends).
-        # The fleet drops what a revoked device sends (fleet/devices/revocation.py); once the
-        # session drops, the device cannot come back (below). This assertion documents that gap.
+        # That is why `revoke_device` ends it itself when a publisher runs (next test); the API
+        # here has none, and says so.
+        assert not out["session_ended"] and "no publisher running" in out["session_detail"]
         time.sleep(1.5)
         assert device.connected and not drops
         assert bystander.connected and bystander.connects == 1
@@ -211,3 +215,36 @@ def test_a_revoked_certificate_is_refused_on_reconnect(world: World) -> None:
     world.broker.restart()
     assert world.probe(dev.cert, dev.key).startswith("tls refused")
     assert world.probe(other.cert, other.key) == "connack 0"
+
+
+class _NoRetained:
+    """The publisher's desired-topic hook (clearing the retained document is tested elsewhere)."""
+
+    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                        document: bytes) -> str:
+        return f"{PREFIX}/v1/devices/{device_id}/desired"
+
+
+def test_revocation_ends_the_open_session_of_a_certificate_device(world: World) -> None:
+    dev, other = world.enroll(), world.enroll()
+    device, bystander = world.transport(dev), world.transport(other)
+    drops: list[str] = []
+    device.add_on_link_down(lambda reason, was_connected: drops.append(reason))
+    try:
+        device.connect(10)
+        bystander.connect(10)
+        done = revoke_device(world.store, world.settings, dev.device_id, "test", "stolen",
+                             publisher=_NoRetained())  # type: ignore[arg-type]
+        assert done.broker.reloaded and done.session_ended, done
+        deadline = time.monotonic() + 10
+        while not drops and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert drops, "the revoked device kept its session"
+        time.sleep(1.0)  # it keeps retrying: every handshake fails against the new CRL
+        assert not device.connected and device.connects == 1
+        assert bystander.connected and bystander.connects == 1
+    finally:
+        device.close()
+        bystander.close()
+    again = revoke_device(world.store, world.settings, other.device_id, "test", publisher=None)
+    assert not again.session_ended and again.broker.reloaded
