@@ -231,3 +231,22 @@ def test_revoking_a_certificate_device_puts_its_serial_on_the_crl(world: World) 
     assert not refresher.due()
     assert [format(r.serial_number, "x") for r in x509.load_pem_x509_crl(crl_path.read_bytes())] == [
         cert_dev["certificate"]["serial"]]
+
+
+@pytest.mark.unit
+def test_certificate_settings_come_from_the_environment_and_first_start_makes_the_ca(tmp_path: Path) -> None:
+    settings = FleetSettings.from_env({"EDGEFLEET_DATA_DIR": str(tmp_path / "d"),
+                                       "EDGEFLEET_DEVICE_CERT_BROKER_URL": "mqtts://b.example:8884",
+                                       "EDGEFLEET_DEVICE_CERT_DAYS": "7", "EDGEFLEET_DEVICE_CRL_DAYS": "10"})
+    assert (settings.device_cert_broker, settings.device_cert_days, settings.device_crl_days) == (
+        "mqtts://b.example:8884", 7.0, 10.0)
+    with pytest.raises(ValueError, match="no credentials"):
+        FleetSettings(device_cert_broker_url="mqtts://u:p@b.example:8884")
+    assert FleetSettings(device_broker_url="mqtt://b:1883").device_cert_broker is None
+    ensure_trust(settings)
+    ca_dir = settings.device_ca_dir
+    assert (mode(ca_dir), mode(ca_dir / "ca.key")) == (0o700, 0o600)
+    assert (ca_dir / "ca.crt").is_file() and (ca_dir / "crl.pem").is_file()
+    before = (ca_dir / "ca.crt").read_bytes()
+    ensure_trust(settings)  # a second start keeps the CA
+    assert (ca_dir / "ca.crt").read_bytes() == before
