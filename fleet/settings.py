@@ -100,6 +100,9 @@ class FleetSettings(BaseModel):
     device_cert_broker_url: str | None = Field(
         default=None, description="mqtts:// URL of the mutual-TLS listener told to devices that enroll "
         "with a certificate (`agent enroll --identity cert`); default: device_broker when it is mqtts://")
+    device_broker_ca_file: Path | None = Field(
+        default=None, description="PEM CA certificate(s) of the broker's server certificate, handed to "
+        "enrolling devices (`broker.ca_pem`) so they can verify an mqtts:// broker without a --ca-file")
     device_cert_days: float = Field(default=90.0, gt=0, le=825,
                                     description="Validity of a device certificate issued at enrollment")
     device_crl_days: float = Field(default=30.0, ge=1, le=365,
@@ -203,7 +206,8 @@ class FleetSettings(BaseModel):
         `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
         `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`, `EDGEFLEET_DEVICE_CERT_BROKER_URL`,
-        `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`), then apply non-None `overrides`.
+        `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`),
+        then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
         """
@@ -233,7 +237,7 @@ class FleetSettings(BaseModel):
         if ENV_PREFIX + "METRICS_PUBLIC" in env:
             values["metrics_public"] = env[ENV_PREFIX + "METRICS_PUBLIC"]
         for field in ("broker_pid_file", "broker_reload_timeout_s", "device_cert_broker_url",
-                      "device_cert_days", "device_crl_days"):
+                      "device_cert_days", "device_crl_days", "device_broker_ca_file"):
             if ENV_PREFIX + field.upper() in env:
                 values[field] = env[ENV_PREFIX + field.upper()]
         if ENV_PREFIX + "BROKER_RELOAD_COMMAND" in env:  # one shell-quoted string, like the telemetry command

@@ -38,7 +38,7 @@ from agent.config import parse_config
 from agent.durable_io import write_durably
 from agent.errors import ConfigError, UntrustedDataError
 from agent.runtimes import available_runtimes
-from agent.trust.client_cert import KeyAndCsr, check_issued, new_key_and_csr
+from agent.trust.client_cert import KeyAndCsr, check_issued, is_pem_certificates, new_key_and_csr
 
 TOKEN_ENV = "EDGEFLEET_ENROLL_TOKEN"  # noqa: S105 - the variable's name, not a secret
 URL_ENV = "EDGEFLEET_URL"
@@ -207,7 +207,8 @@ def private_dir(path: Path) -> None:
 @click.option("--http-port", type=click.IntRange(0, 65535), default=None,
               help="Local inference HTTP port on 127.0.0.1 (default 8780; 0 = any free port).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CA bundle for an mqtts:// broker (default: the system's CAs).")
+              help="CA bundle for an mqtts:// broker (default: the one the fleet hands out, written to "
+                   "broker-ca.crt beside the config, else the system's CAs).")
 @click.option("--fleet-ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CA bundle for an https:// fleet URL (default: the system's CAs).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600), default=30.0, show_default=True,
@@ -228,7 +229,9 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     config_path = config_path.absolute()
     root_path = (root_path or config_path.with_name("root.json")).absolute()
     cert = CertFiles.beside(config_path) if identity == "cert" else None
-    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ())):
+    broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
+    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+                 *(() if ca_file else (broker_ca_path,))):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
     if urlsplit(url).scheme not in ("http", "https"):
@@ -249,10 +252,16 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     answer = post_enroll(url, token.strip(), facts, timeout_s, fleet_ca_file)
     body = answer.body
     enrolled = f"device {body['device_id']} is enrolled: ask an operator to revoke it"
-    doc = build_config(body, root_path, state_dir.absolute(), api, ca_file, cert)
+    broker_ca = body["broker"].get("ca_pem")
+    if ca_file is None and broker_ca is not None and not is_pem_certificates(broker_ca):
+        raise EnrollError(f"the fleet's broker CA (broker.ca_pem) is not a PEM certificate ({enrolled})")
+    use_ca = ca_file or (broker_ca_path if broker_ca is not None else None)  # --ca-file wins
+    doc = build_config(body, root_path, state_dir.absolute(), api, use_ca, cert)
     _validated(doc, f"the fleet's answer ({enrolled})")
     for folder in {config_path.parent, root_path.parent}:
         private_dir(folder)
+    if ca_file is None and broker_ca is not None:
+        write_private(broker_ca_path, broker_ca.encode())
     if cert is not None and pair is not None:
         _write_identity(body, pair, cert, enrolled)
     root = body.get("tuf_root")

@@ -49,6 +49,16 @@ def new_key_and_csr() -> KeyAndCsr:
                      _public_der(key.public_key()))
 
 
+def is_pem_certificates(text: object, max_bytes: int = 64 * 1024) -> bool:
+    """Whether `text` is one or more PEM certificates (a CA bundle the fleet hands out)."""
+    if not isinstance(text, str) or len(text) > max_bytes:
+        return False
+    try:
+        return bool(x509.load_pem_x509_certificates(text.encode()))
+    except ValueError:
+        return False
+
+
 def check_issued(cert_pem: str, ca_pem: str, ours: KeyAndCsr, device_id: str,
                  now: dt.datetime | None = None) -> x509.Certificate:
     """The issued certificate, after checking it against our key, the device id and the CA.

@@ -15,7 +15,7 @@ from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCre
 from fleet.db.paging import Page
 from fleet.db.rows import Row
 from fleet.devices.broker_reload import reload_broker
-from fleet.devices.enrollment import CertRequest, create_enrollment_token, enroll_device
+from fleet.devices.enrollment import CertRequest, create_enrollment_token, enroll_device, load_broker_ca
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.settings import FleetSettings
 from fleet.trust.device_ca import DeviceCA
@@ -81,10 +81,12 @@ def enroll(
     settings: SettingsDep,
 ) -> JSONResponse:
     cert = cert_request(settings, body.csr) if body.csr is not None else None
+    broker_ca = load_broker_ca(settings.device_broker_ca_file)  # before the token: a bad file is 503
     try:
         facts = body.model_dump(exclude={"csr"})
         out = enroll_device(store, token, facts, settings.device_broker,  # no fleet login
-                            settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path, cert)
+                            settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path, cert,
+                            broker_ca)
     except AuthError as exc:
         # One answer for unknown, used and expired tokens, so callers cannot probe them.
         raise AuthError("invalid, used or expired enrollment token") from exc

@@ -189,6 +189,9 @@ class BrokerCredentials(BaseModel):
     url: str
     username: str
     password: str | None = Field(description="The device's broker password; null with a certificate")
+    ca_pem: str | None = Field(default=None, description=(
+        "CA certificate(s) (PEM) of the broker's server certificate, when the fleet is configured "
+        "with one (`device_broker_ca_file`); null: the system's CAs"))
     client_id: str
     topic_prefix: str = Field(description=(
         "Topic root, the agent config's `topic_prefix`: the device's topics are "

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cryptography import x509
+
 from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
 from fleet.db.rows import iso
@@ -114,8 +116,28 @@ class CertRequest:
     broker_url: str  # the mutual-TLS listener (mqtts://), told to the device instead of `broker_url`
 
 
+MAX_BROKER_CA_BYTES = 64 * 1024
+
+
+def load_broker_ca(path: Path | None) -> str | None:
+    """The broker's server CA handed to devices, checked to be PEM certificates. Raises FleetMisuseError."""
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()[: MAX_BROKER_CA_BYTES + 1]
+        if len(raw) > MAX_BROKER_CA_BYTES:
+            raise FleetMisuseError(f"device_broker_ca_file {path} is larger than {MAX_BROKER_CA_BYTES} bytes")
+        x509.load_pem_x509_certificates(raw)
+    except OSError as exc:
+        raise FleetMisuseError(f"cannot read device_broker_ca_file {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise FleetMisuseError(f"device_broker_ca_file {path} holds no PEM certificate") from None
+    return raw.decode("ascii", "replace")
+
+
 def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: str, topic_prefix: str,
-                  repo_dir: Path, passwd_path: Path, cert: CertRequest | None = None) -> dict[str, Any]:
+                  repo_dir: Path, passwd_path: Path, cert: CertRequest | None = None,
+                  broker_ca: str | None = None) -> dict[str, Any]:
     """Exchange a one-time token for a device identity, broker credentials and the TUF root.
 
     The token is consumed and the device created in one transaction, so a token yields at
@@ -158,7 +180,7 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
         # `topic_prefix` is the topic root, as in the agent's config (`<prefix>/v1/devices/<id>/...`
         # is derived from it); the URL never carries the fleet's own broker login to a device.
         "broker": {"url": public_broker_url(broker_url), "username": device_id, "password": password,
-                   "client_id": device_id, "topic_prefix": topic_prefix},
+                   "ca_pem": broker_ca, "client_id": device_id, "topic_prefix": topic_prefix},
         "certificate": certificate,
         "tuf_root": root,
     }

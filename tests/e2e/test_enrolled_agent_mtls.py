@@ -77,7 +77,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         "broker_url": f"mqtt://fleet@127.0.0.1:{broker.fleet_port}", "broker_password": FLEET_PW,
         "device_broker_url": f"mqtt://127.0.0.1:{broker.device_port}",
         "device_cert_broker_url": f"mqtts://127.0.0.1:{broker.mtls_port}",
-        "broker_pid_file": broker.pid_file})
+        "broker_pid_file": broker.pid_file, "device_broker_ca_file": server_ca.cert_path})
     model = make_mlp_onnx(1)
     settings.import_dir.mkdir(parents=True)
     write_bundle(manifest_for("1.0.0", model, 1, FAST), model, settings.import_dir / "mlp-1.0.0.efb")
@@ -101,8 +101,7 @@ def _enroll(world: World, config: Path) -> str:
     sock = Path(tempfile.mkdtemp(prefix="efm-")) / "a.sock"  # AF_UNIX paths are short
     result = CliRunner().invoke(agent_group, [
         "enroll", "--url", world.url, "--token", token, "--identity", "cert", "--config", str(config),
-        "--state-dir", str(world.root / "state"), "--unix-socket", str(sock), "--http-port", "0",
-        "--ca-file", str(world.server_ca.cert_path)])
+        "--state-dir", str(world.root / "state"), "--unix-socket", str(sock), "--http-port", "0"])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and "private key (it never left it)" in result.output
     return load_config(config).device_id
@@ -115,7 +114,10 @@ def test_an_enrolled_agent_updates_over_mutual_tls_until_it_is_revoked(world: Wo
     mqtt = cfg.mqtt
     assert (mqtt.tls, mqtt.port, mqtt.username, mqtt.password) == (True, world.broker.mtls_port, None, None)
     assert (mqtt.cert_file, mqtt.key_file) == (config.with_name("device.crt"), config.with_name("device.key"))
-    for path in (config, mqtt.cert_file, mqtt.key_file, config.with_name("device-ca.crt")):
+    # the broker's server CA came with the enrollment (device_broker_ca_file): no --ca-file needed
+    assert mqtt.ca_file == config.with_name("broker-ca.crt")
+    assert mqtt.ca_file.read_bytes() == world.server_ca.cert_path.read_bytes()
+    for path in (config, mqtt.cert_file, mqtt.key_file, config.with_name("device-ca.crt"), mqtt.ca_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     key_pem = mqtt.key_file.read_bytes()
     assert key_pem.startswith(b"-----BEGIN PRIVATE KEY-----")

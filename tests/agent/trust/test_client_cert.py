@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import UntrustedDataError
-from agent.trust.client_cert import check_issued, new_key_and_csr
+from agent.trust.client_cert import check_issued, is_pem_certificates, new_key_and_csr
 from fleet.trust.device_ca import DeviceCA, parse_csr
 
 pytestmark = pytest.mark.unit
@@ -33,3 +33,10 @@ def test_the_issued_certificate_is_checked_before_it_is_kept(tmp_path: Path) -> 
         check_issued(good.pem, ca.cert_pem, ours, "dev-1", now=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
     with pytest.raises(UntrustedDataError, match="not PEM"):
         check_issued("junk", ca.cert_pem, ours, "dev-1")
+
+
+def test_a_broker_ca_from_the_fleet_must_be_pem_certificates(tmp_path: Path) -> None:
+    ca = DeviceCA.create(tmp_path / "ca").cert_pem
+    assert is_pem_certificates(ca) and is_pem_certificates(ca + ca)
+    for bad in (None, 42, "", "hello", ca.replace("MII", "XXX"), ca * 100):
+        assert not is_pem_certificates(bad)

@@ -198,6 +198,16 @@ def test_csr_enrollment_without_a_tls_listener_or_ca_is_refused_before_the_token
     with world.client(device_cert_broker_url=None, device_broker_url="mqtts://b.example:8883") as c:
         res = _enroll(c, token, {"csr": device_csr()[1]})
         assert res.status_code == 201 and res.json()["broker"]["url"] == "mqtts://b.example:8883"
+    # the broker's CA handed to devices must be a PEM certificate, checked before the token is used
+    (tmp_path / "not-a-ca.pem").write_text("hello")
+    with world.client(device_broker_ca_file=tmp_path / "not-a-ca.pem") as c:
+        res = _enroll(c, token := world.token(c), {})
+        assert res.status_code == 503 and "holds no PEM certificate" in res.text
+    ca_pem = DeviceCA.open(world.settings.device_ca_dir).cert_pem  # any certificate will do here
+    (tmp_path / "broker-ca.pem").write_text(ca_pem)
+    with world.client(device_broker_ca_file=tmp_path / "broker-ca.pem") as c:
+        res = _enroll(c, token, {})
+        assert res.status_code == 201 and res.json()["broker"]["ca_pem"] == ca_pem
     with world.client(data_dir=tmp_path / "elsewhere") as c:
         res = _enroll(c, world.token(c), {"csr": device_csr()[1]})
         assert res.status_code == 503 and "no device CA" in res.text
