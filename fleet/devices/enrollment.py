@@ -5,6 +5,12 @@ Broker credentials are written for Mosquitto: `data_dir/broker/passwd` holds one
 PBKDF2-SHA512 format `mosquitto_passwd` (Mosquitto 2.x) writes — regenerated after every
 enrollment and revocation. Point Mosquitto's `password_file` at it and send SIGHUP (or
 `systemctl reload mosquitto`) to apply; a revoked device can no longer connect.
+
+A device that sends a CSR (`CertRequest`) gets a client certificate from the fleet's device CA
+instead (`fleet/trust/device_ca.py`: CN = the id assigned here, the CSR's subject ignored) and no
+password line: the broker's mutual-TLS listener takes its username from the certificate, and
+revocation goes through the CRL (`fleet/devices/certificates.py`). The CSR is checked before the
+token is consumed, so a broken one does not spend it.
 """
 
 from __future__ import annotations
