@@ -25,8 +25,10 @@ start order:
 The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
 `fleet.periodic.PeriodicRunner`.
 
-`ensure_trust(settings)` creates the keys and the TUF repository under the data directory on
-first start (root: 2 of 3 keys; move them offline afterwards, see docs/trust.md).
+`ensure_trust(settings)` creates the keys, the TUF repository and the device CA (client
+certificates for devices, `fleet/trust/device_ca.py`) under the data directory on first start
+(root: 2 of 3 keys; move them offline afterwards, see docs/trust.md). The `CrlRefresher`
+(`fleet/devices/certificates.py`) keeps the device CRL the broker reads from expiring.
 
 Errors: `broker_config` and `ServeConfig` raise `FleetInputError` for a bad URL or period;
 `ensure_trust` and `build_components` raise `FleetMisuseError` when keys are unreadable or the
@@ -39,13 +41,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 from agent.logs import log_event
-from agent.transport.mqtt_client import MqttConfig
 from fleet.api.deps import ApiCollaborators
+from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher
+from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
@@ -59,6 +61,7 @@ from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
+from fleet.trust.device_ca import DeviceCA
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
@@ -81,22 +84,6 @@ class ServeConfig:
             raise FleetInputError("timestamp_refresh_s must be within 1 s .. 12 h (timestamp lives 1 day)")
 
 
-def broker_config(url: str, client_id: str, password: str | None = None) -> MqttConfig:
-    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://...` to an `MqttConfig`; `password` (from the
-    environment or a file, see `FleetSettings`) is used instead of one in the URL. Raises FleetInputError."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise FleetInputError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
-    try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        return MqttConfig(host=parts.hostname, port=port, client_id=client_id,
-                          username=unquote(parts.username) if parts.username else None,
-                          password=password or (unquote(parts.password) if parts.password else None),
-                          tls=parts.scheme == "mqtts", reconnect_max_s=5.0)
-    except ValueError as exc:
-        raise FleetInputError(f"broker URL {url!r}: {exc}") from None
-
-
 def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> tuple[KeyStore, Repository]:
     """Open the key store and TUF repository under the data directory, creating them if absent.
 
@@ -107,6 +94,9 @@ def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> 
     if not repo.initialized:
         repo.init(root_threshold=cfg.root_threshold, root_keys=cfg.root_keys)
         log_event(logger, "fleet.trust_initialised", repo=str(settings.repo_dir))
+    if not DeviceCA.exists(settings.device_ca_dir):  # also for a data directory from before certificates
+        DeviceCA.create(settings.device_ca_dir)
+        log_event(logger, "fleet.device_ca_created", ca=str(settings.device_ca_dir / "ca.crt"))
     return keystore, repo
 
 
@@ -246,6 +236,6 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
     refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher)
-    components += [controller, experiments, refresher]
+    components += [controller, experiments, refresher, CrlRefresher(store, settings)]
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
                       experiments, refresher, components)

@@ -106,6 +106,27 @@ class FleetSettings(BaseModel):
     broker_pid_file: Path | None = Field(
         default=None, description="Send SIGHUP to the pid in this file after every password-file rewrite")
     broker_reload_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    device_cert_broker_url: str | None = Field(
+        default=None, description="mqtts:// URL of the mutual-TLS listener told to devices that enroll "
+        "with a certificate (`agent enroll --identity cert`); default: device_broker when it is mqtts://")
+    device_broker_ca_file: Path | None = Field(
+        default=None, description="PEM CA certificate(s) of the broker's server certificate, handed to "
+        "enrolling devices (`broker.ca_pem`) so they can verify an mqtts:// broker without a --ca-file")
+    device_cert_days: float = Field(default=90.0, gt=0, le=825,
+                                    description="Validity of a device certificate issued at enrollment")
+    device_crl_days: float = Field(default=30.0, ge=1, le=365,
+                                   description="Next-update horizon of the device CRL (re-signed at half)")
+
+    @field_validator("device_cert_broker_url")
+    @classmethod
+    def _cert_url_is_tls(cls, url: str | None) -> str | None:
+        """A client certificate only means something over TLS, and the URL goes to every device."""
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme != "mqtts" or not parts.hostname or "@" in parts.netloc:
+            raise ValueError(f"{url!r} must look like mqtts://host:port (TLS, no credentials)")
+        return url
 
     @field_validator("device_broker_url")
     @classmethod
@@ -156,6 +177,19 @@ class FleetSettings(BaseModel):
             return self.device_broker_url
         parts = urlsplit(self.broker_url)
         return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+    @property
+    def device_cert_broker(self) -> str | None:
+        """What devices enrolling with a certificate are told: `device_cert_broker_url`, else
+        `device_broker` when it is TLS, else None (certificate enrollment is then refused)."""
+        if self.device_cert_broker_url is not None:
+            return self.device_cert_broker_url
+        return self.device_broker if urlsplit(self.device_broker).scheme == "mqtts" else None
+
+    @property
+    def device_ca_dir(self) -> Path:
+        """The device CA (`fleet/trust/device_ca.py`): key, certificate and CRL."""
+        return self.data_dir / "device-ca"
 
     @property
     def db_path(self) -> Path:
@@ -219,7 +253,9 @@ class FleetSettings(BaseModel):
         `_DEVICE_BROKER_URL`, `_BROKER_PASSWORD`, `_BROKER_PASSWORD_FILE`, `_TOPIC_PREFIX` and
         `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
-        `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`), then apply non-None `overrides`.
+        `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`, `EDGEFLEET_DEVICE_CERT_BROKER_URL`,
+        `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`),
+        then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
         """
@@ -248,7 +284,8 @@ class FleetSettings(BaseModel):
             values["telemetry"] = telemetry
         if ENV_PREFIX + "METRICS_PUBLIC" in env:
             values["metrics_public"] = env[ENV_PREFIX + "METRICS_PUBLIC"]
-        for field in ("broker_pid_file", "broker_reload_timeout_s"):
+        for field in ("broker_pid_file", "broker_reload_timeout_s", "device_cert_broker_url",
+                      "device_cert_days", "device_crl_days", "device_broker_ca_file"):
             if ENV_PREFIX + field.upper() in env:
                 values[field] = env[ENV_PREFIX + field.upper()]
         if ENV_PREFIX + "BROKER_RELOAD_COMMAND" in env:  # one shell-quoted string, like the telemetry command

@@ -216,9 +216,13 @@ def run_command(config_path: Path) -> None:
     """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
     from agent.config import load_config  # lazy: CLI start-up
     from agent.daemon.core import AgentDaemon  # lazy: CLI start-up
+    from agent.trust.client_cert import identity_warnings  # lazy: CLI start-up
 
     try:
-        daemon = AgentDaemon(load_config(config_path))
+        config = load_config(config_path)
+        for event, fields in identity_warnings(config.mqtt.cert_file, config.mqtt.key_file):
+            log_event(_log, event, logging.WARNING, **fields)
+        daemon = AgentDaemon(config)
         threading.Thread(
             target=_trim_heap_when_ready, args=(daemon.ready,), name="agent-heap-trim", daemon=True
         ).start()

@@ -7,6 +7,11 @@ This command exchanges a one-time token at `POST /v1/enroll` (docs/fleet-api.md)
 config that `edgefleet agent run` accepts plus the trusted root next to it, both 0600 in a
 0700 directory, or nothing at all.
 
+With `--identity cert` the device makes an EC P-256 key pair (the private key never leaves
+it), sends a CSR with the token, checks the certificate the fleet's device CA returns
+(`agent/trust/client_cert.py`) and writes key, certificate and CA beside the config (0600);
+the config then logs in to the broker's mutual-TLS listener with that certificate and no password.
+
 Only the standard library speaks HTTP here: the agent must not depend on the fleet's extras.
 Everything that can be checked before the token is spent (an existing config without
 `--force`, the local options) is checked first, because a token works once.
@@ -31,8 +36,9 @@ import click
 from agent import __version__
 from agent.config import parse_config
 from agent.durable_io import write_durably
-from agent.errors import ConfigError
+from agent.errors import ConfigError, UntrustedDataError
 from agent.runtimes import available_runtimes
+from agent.trust.client_cert import KeyAndCsr, check_issued, is_pem_certificates, new_key_and_csr
 
 TOKEN_ENV = "EDGEFLEET_ENROLL_TOKEN"  # noqa: S105 - the variable's name, not a secret
 URL_ENV = "EDGEFLEET_URL"
@@ -42,6 +48,20 @@ _BROKER_SCHEMES = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
 
 class EnrollError(click.ClickException):
     """A one-line enrollment failure (exit 1, no traceback)."""
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """Where `--identity cert` writes the device's key, its certificate and the CA that issued it."""
+
+    key: Path
+    cert: Path
+    ca: Path
+
+    @classmethod
+    def beside(cls, config_path: Path) -> CertFiles:
+        return cls(config_path.with_name("device.key"), config_path.with_name("device.crt"),
+                   config_path.with_name("device-ca.crt"))
 
 
 @dataclass(frozen=True)
@@ -133,13 +153,16 @@ def device_topic_prefix(prefix: str, device_id: str) -> str:
 
 
 def build_config(body: dict[str, Any], root_path: Path, state_dir: Path, api: dict[str, Any],
-                 ca_file: Path | None) -> dict[str, Any]:
-    """The agent config document for this enrollment answer."""
+                 ca_file: Path | None, cert: CertFiles | None = None) -> dict[str, Any]:
+    """The agent config document for this enrollment answer (with `cert`: a client certificate,
+    no username or password: the broker takes the username from the certificate's CN)."""
     broker = body["broker"]
     device_id = str(body["device_id"])
     mqtt: dict[str, Any] = {**broker_settings(str(broker.get("url", ""))),
                             "client_id": broker.get("client_id") or device_id,
                             "username": broker.get("username"), "password": broker.get("password")}
+    if cert is not None:
+        mqtt.update(username=None, password=None, cert_file=str(cert.cert), key_file=str(cert.key))
     if ca_file is not None:
         mqtt["ca_file"] = str(ca_file)
     doc: dict[str, Any] = {
@@ -184,21 +207,31 @@ def private_dir(path: Path) -> None:
 @click.option("--http-port", type=click.IntRange(0, 65535), default=None,
               help="Local inference HTTP port on 127.0.0.1 (default 8780; 0 = any free port).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CA bundle for an mqtts:// broker (default: the system's CAs).")
+              help="CA bundle for an mqtts:// broker (default: the one the fleet hands out, written to "
+                   "broker-ca.crt beside the config, else the system's CAs).")
 @click.option("--fleet-ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CA bundle for an https:// fleet URL (default: the system's CAs).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 600), default=30.0, show_default=True,
               help="Seconds to wait for the fleet.")
+@click.option("--identity", type=click.Choice(["password", "cert"]), default="password", show_default=True,
+              help="How the device logs in to the broker: a password, or a client certificate from the "
+                   "fleet's device CA over a key made here (device.key, device.crt, device-ca.crt "
+                   "beside the config).")
 @click.option("--force", is_flag=True, help="Overwrite an existing config and root.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON (never the password).")
 def enroll_command(url: str, token: str, config_path: Path, root_path: Path | None, state_dir: Path,
                    unix_socket: Path | None, http_port: int | None, ca_file: Path | None,
-                   fleet_ca_file: Path | None, timeout_s: float, force: bool, as_json: bool) -> None:
-    """Enroll this device: exchange a one-time TOKEN at the fleet for an id, broker credentials and
-    the trusted TUF root, and write an agent config and the root (0600, directory 0700)."""
+                   fleet_ca_file: Path | None, timeout_s: float, identity: str, force: bool,
+                   as_json: bool) -> None:
+    """Enroll this device: exchange a one-time TOKEN at the fleet for an id, broker credentials
+    (a password, or with --identity cert a client certificate) and the trusted TUF root, and write
+    an agent config and the root (0600, directory 0700)."""
     config_path = config_path.absolute()
     root_path = (root_path or config_path.with_name("root.json")).absolute()
-    for path in (config_path, root_path):
+    cert = CertFiles.beside(config_path) if identity == "cert" else None
+    broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
+    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+                 *(() if ca_file else (broker_ca_path,))):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
     if urlsplit(url).scheme not in ("http", "https"):
@@ -209,15 +242,28 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     if http_port is not None:
         api["http_port"] = http_port
     # Check the local choices with placeholder credentials before the token is spent.
-    _validated(build_config({"device_id": "enroll-check", "broker": {"url": "mqtt://localhost"}},
-                            root_path, state_dir.absolute(), api, ca_file), "the local options")
-    answer = post_enroll(url, token.strip(), device_facts(), timeout_s, fleet_ca_file)
+    check_url = "mqtts://localhost" if cert else "mqtt://localhost"
+    _validated(build_config({"device_id": "enroll-check", "broker": {"url": check_url}},
+                            root_path, state_dir.absolute(), api, ca_file, cert), "the local options")
+    facts = device_facts()
+    pair = new_key_and_csr() if cert else None
+    if pair is not None:
+        facts["csr"] = pair.csr_pem
+    answer = post_enroll(url, token.strip(), facts, timeout_s, fleet_ca_file)
     body = answer.body
-    doc = build_config(body, root_path, state_dir.absolute(), api, ca_file)
-    _validated(doc, f"the fleet's answer (device {body['device_id']} is enrolled: ask an operator "
-                    "to revoke it)")
+    enrolled = f"device {body['device_id']} is enrolled: ask an operator to revoke it"
+    broker_ca = body["broker"].get("ca_pem")
+    if ca_file is None and broker_ca is not None and not is_pem_certificates(broker_ca):
+        raise EnrollError(f"the fleet's broker CA (broker.ca_pem) is not a PEM certificate ({enrolled})")
+    use_ca = ca_file or (broker_ca_path if broker_ca is not None else None)  # --ca-file wins
+    doc = build_config(body, root_path, state_dir.absolute(), api, use_ca, cert)
+    _validated(doc, f"the fleet's answer ({enrolled})")
     for folder in {config_path.parent, root_path.parent}:
         private_dir(folder)
+    if ca_file is None and broker_ca is not None:
+        write_private(broker_ca_path, broker_ca.encode())
+    if cert is not None and pair is not None:
+        _write_identity(body, pair, cert, enrolled)
     root = body.get("tuf_root")
     if root is not None:
         write_private(root_path, json.dumps(root, indent=1).encode() + b"\n")
@@ -226,6 +272,22 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     if root is None:
         raise EnrollError(f"the fleet has no TUF repository yet, so no root was written: copy the fleet's "
                           f"root.json to {root_path} before `edgefleet agent run --config {config_path}`")
+
+
+def _write_identity(body: dict[str, Any], pair: KeyAndCsr, files: CertFiles, enrolled: str) -> None:
+    """Check the issued certificate against our key, id and the CA sent with it; write all three 0600."""
+    issued = body.get("certificate")
+    if not isinstance(issued, dict) or not isinstance(issued.get("pem"), str) \
+            or not isinstance(issued.get("ca_pem"), str):
+        raise EnrollError(f"the fleet answered without a certificate ({enrolled}; does it support "
+                          "certificate enrollment?)")
+    try:
+        check_issued(issued["pem"], issued["ca_pem"], pair, str(body["device_id"]))
+    except UntrustedDataError as exc:
+        raise EnrollError(f"refusing the fleet's certificate: {exc} ({enrolled})") from None
+    write_private(files.key, pair.key_pem)
+    write_private(files.cert, issued["pem"].encode())
+    write_private(files.ca, issued["ca_pem"].encode())
 
 
 def _validated(doc: dict[str, Any], what: str) -> None:
@@ -239,20 +301,23 @@ def _report(doc: dict[str, Any], config_path: Path, root_path: Path | None, relo
             as_json: bool) -> None:
     mqtt = doc["mqtt"]
     broker = f"{'mqtts' if mqtt['tls'] else 'mqtt'}://{mqtt['host']}:{mqtt['port']}"
+    login = f"certificate {mqtt['cert_file']}" if mqtt.get("cert_file") else str(mqtt["username"])
     if as_json:
         click.echo(json.dumps({"device_id": doc["device_id"], "labels": doc["labels"],
                                "config": str(config_path), "root": str(root_path) if root_path else None,
-                               "broker": broker,
-                               "username": mqtt["username"], "topic_prefix": doc["topic_prefix"],
-                               "broker_reloaded": reloaded}, indent=2))
+                               "broker": broker, "username": mqtt["username"],
+                               "cert_file": mqtt.get("cert_file"), "key_file": mqtt.get("key_file"),
+                               "topic_prefix": doc["topic_prefix"], "broker_reloaded": reloaded}, indent=2))
     else:
         labels = ", ".join(f"{k}={v}" for k, v in doc["labels"].items()) or "none"
         click.echo(f"enrolled as {doc['device_id']} (labels: {labels})")
-        click.echo(f"wrote {config_path} (0600): broker {broker} as {mqtt['username']}, "
+        click.echo(f"wrote {config_path} (0600): broker {broker} as {login}, "
                    f"topic prefix {doc['topic_prefix']}, state in {doc['state_dir']}")
+        if mqtt.get("key_file"):
+            click.echo(f"wrote {mqtt['key_file']} (0600): this device's private key (it never left it)")
         if root_path is not None:
             click.echo(f"wrote {root_path} (0600): the trusted TUF root")
         click.echo(f"start the agent with: edgefleet agent run --config {config_path}")
-    if reloaded is False:
+    if reloaded is False and mqtt.get("password"):  # a certificate is not in the password file
         click.echo("warning: the fleet did not reload the broker: if Mosquitto uses the fleet's password "
                    "file, this login works only after it is reloaded (the agent keeps retrying)", err=True)

@@ -288,6 +288,15 @@ class MqttTransport:
                 logger, "mqtt.disconnected", level=logging.INFO, client=self.config.client_id, reason=str(rc)
             )
             self._link_down(str(rc), True)
+        elif not was and not self._closing.is_set():
+            # Closed before any CONNACK: with TLS 1.3 that is how a broker refuses a client
+            # certificate (after the client's side of the handshake), so say so rather than wait
+            # for the CONNACK timeout and report "no CONNACK".
+            why = f"the broker closed the connection before CONNACK ({rc})"
+            if self.config.cert_file is not None:
+                why += ": is the client certificate revoked, expired or from another CA?"
+            self._last_refusal = why
+            self._link_down(why, False)
 
     def add_on_connect(self, callback: Callable[[bool], None]) -> None:
         with self._lock:

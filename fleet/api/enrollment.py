@@ -15,8 +15,10 @@ from fleet.api.schemas import EnrollIn, EnrollOut, PageOf, TokenCreate, TokenCre
 from fleet.db.paging import Page
 from fleet.db.rows import Row
 from fleet.devices.broker_reload import reload_broker
-from fleet.devices.enrollment import create_enrollment_token, enroll_device
-from fleet.errors import AuthError, FleetInputError
+from fleet.devices.enrollment import CertRequest, create_enrollment_token, enroll_device, load_broker_ca
+from fleet.errors import AuthError, FleetInputError, FleetMisuseError
+from fleet.settings import FleetSettings
+from fleet.trust.device_ca import DeviceCA
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 
@@ -56,8 +58,21 @@ def enrollment_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depen
     return creds.credentials
 
 
+def cert_request(settings: FleetSettings, csr: str) -> CertRequest:
+    """What a CSR enrollment needs from the fleet's set-up.
+
+    Raises FleetMisuseError (503): no device CA, no mutual-TLS URL."""
+    url = settings.device_cert_broker
+    if url is None:
+        raise FleetMisuseError("certificate enrollment needs the broker's mutual-TLS listener: set "
+                               "device_cert_broker_url (EDGEFLEET_DEVICE_CERT_BROKER_URL) to mqtts://host:port")
+    return CertRequest(csr, DeviceCA.open(settings.device_ca_dir), settings.device_cert_days * 86400.0, url)
+
+
 @router.post("/enroll", response_model=EnrollOut, status_code=201,
-             responses={401: {"description": "Token missing, unknown, used or expired"}},
+             responses={401: {"description": "Token missing, unknown, used or expired"},
+                        422: {"description": "Bad facts, or a CSR that is not PEM or whose signature fails"},
+                        503: {"description": "CSR sent but the fleet has no device CA or mutual-TLS URL"}},
              summary="Device: exchange an enrollment token (as Bearer) for identity and credentials")
 def enroll(
     token: Annotated[str, Depends(enrollment_token)],
@@ -65,9 +80,13 @@ def enroll(
     store: StoreDep,
     settings: SettingsDep,
 ) -> JSONResponse:
+    cert = cert_request(settings, body.csr) if body.csr is not None else None
+    broker_ca = load_broker_ca(settings.device_broker_ca_file)  # before the token: a bad file is 503
     try:
-        out = enroll_device(store, token, body.model_dump(), settings.device_broker,  # no fleet login
-                            settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path)
+        facts = body.model_dump(exclude={"csr"})
+        out = enroll_device(store, token, facts, settings.device_broker,  # no fleet login
+                            settings.topic_prefix, settings.repo_dir, settings.broker_passwd_path, cert,
+                            broker_ca)
     except AuthError as exc:
         # One answer for unknown, used and expired tokens, so callers cannot probe them.
         raise AuthError("invalid, used or expired enrollment token") from exc

@@ -134,6 +134,10 @@ class DeviceOut(_Record):
     revoked_at: str | None
     enrolled_at: str
     broker_username: str
+    identity: str = Field(description="How the device logs in to the broker: `password` or `cert`")
+    cert_serial: str | None = Field(description="Serial (hex) of its client certificate (identity `cert`)")
+    cert_fingerprint: str | None = Field(description="`sha256:<hex>` of its client certificate")
+    cert_not_after: str | None = Field(description="When its client certificate expires (ISO 8601 UTC)")
 
 
 class RevokeOut(DeviceOut):
@@ -143,6 +147,8 @@ class RevokeOut(DeviceOut):
     broker_detail: str
     desired_cleared: bool
     desired_detail: str
+    session_ended: bool = Field(description="A certificate device's open broker session was closed")
+    session_detail: str
 
 
 class LabelsIn(_In):
@@ -181,22 +187,38 @@ class EnrollIn(_In):
     architecture: Annotated[str, StringConstraints(max_length=64)] | None = None
     runtimes: Annotated[list[Annotated[str, StringConstraints(max_length=32)]], Field(max_length=16)] = []
     memory_mb: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    csr: Annotated[str, StringConstraints(max_length=16 * 1024)] | None = Field(default=None, description=(
+        "PEM certificate signing request over a key made on the device: ask for a client certificate "
+        "(CN = the assigned device id, whatever the CSR's subject says) instead of a broker password"))
 
 
 class BrokerCredentials(BaseModel):
     url: str
     username: str
-    password: str
+    password: str | None = Field(description="The device's broker password; null with a certificate")
+    ca_pem: str | None = Field(default=None, description=(
+        "CA certificate(s) (PEM) of the broker's server certificate, when the fleet is configured "
+        "with one (`device_broker_ca_file`); null: the system's CAs"))
     client_id: str
     topic_prefix: str = Field(description=(
         "Topic root, the agent config's `topic_prefix`: the device's topics are "
         "`<topic_prefix>/v1/devices/<device_id>/...`"))
 
 
+class DeviceCertificateOut(BaseModel):
+    pem: str = Field(description="The device's client certificate (PEM)")
+    ca_pem: str = Field(description="The fleet's device CA certificate (PEM) that issued it")
+    serial: str = Field(description="Serial number, lower-case hex")
+    fingerprint: str = Field(description="`sha256:<hex>` of the DER certificate")
+    not_after: str = Field(description="Expiry, ISO 8601 UTC")
+
+
 class EnrollOut(BaseModel):
     device_id: str
     labels: dict[str, str]
     broker: BrokerCredentials
+    certificate: DeviceCertificateOut | None = Field(
+        default=None, description="Present when the request carried a CSR")
     tuf_root: dict[str, Any] | None = Field(
         description="Trusted TUF root metadata; null if no repository yet.")
 

@@ -25,6 +25,7 @@ DEVICE_FIELDS: list[Column] = [
     *DEVICE_COLUMNS, ("state", lambda d: (d.get("reported_state") or {}).get("state")),
     ("runtimes", "runtimes"), ("architecture", "architecture"), ("memory MB", "memory_mb"),
     ("enrolled", "enrolled_at"), ("broker user", "broker_username"), ("revoked at", "revoked_at"),
+    ("identity", "identity"), ("certificate", "cert_serial"), ("cert expires", "cert_not_after"),
 ]
 TOKEN_COLUMNS: list[Column] = [("id", "id"), ("labels", "labels"), ("expires", "expires_at"),
                                ("used", "used_at"), ("device", "device_id"), ("by", "created_by")]
@@ -83,7 +84,8 @@ def revoke(s: Session, device_id: str, reason: str) -> None:
         return
     s.show_record(row, [("id", "id"), ("revoked at", "revoked_at"), ("broker reloaded", "broker_reloaded"),
                         ("broker", "broker_detail"), ("desired cleared", "desired_cleared"),
-                        ("desired", "desired_detail")])
+                        ("desired", "desired_detail"), ("session ended", "session_ended"),
+                        ("session", "session_detail")])
     if not row.get("broker_reloaded"):
         s.note("warning: the broker was not reloaded, so it still accepts this device: reload it by hand")
 

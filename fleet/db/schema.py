@@ -85,6 +85,11 @@ devices = Table(
     Column("enrolled_at", Text, nullable=False),
     Column("broker_username", Text, nullable=False, unique=True),
     Column("broker_password_hash", Text, nullable=False),
+    Column("identity", Text, nullable=False, server_default=_d("'password'")),  # password | cert
+    Column("cert_serial", Text),
+    Column("cert_fingerprint", Text),
+    Column("cert_not_after", Text),
+    sa.Index("devices_cert_serial", "cert_serial", unique=True),
 )
 enrollment_tokens = Table(
     "enrollment_tokens", STORE,

@@ -5,6 +5,12 @@ Broker credentials are written for Mosquitto: `data_dir/broker/passwd` holds one
 PBKDF2-SHA512 format `mosquitto_passwd` (Mosquitto 2.x) writes — regenerated after every
 enrollment and revocation. Point Mosquitto's `password_file` at it and send SIGHUP (or
 `systemctl reload mosquitto`) to apply; a revoked device can no longer connect.
+
+A device that sends a CSR (`CertRequest`) gets a client certificate from the fleet's device CA
+instead (`fleet/trust/device_ca.py`: CN = the id assigned here, the CSR's subject ignored) and no
+password line: the broker's mutual-TLS listener takes its username from the certificate, and
+revocation goes through the CRL (`fleet/devices/certificates.py`). The CSR is checked before the
+token is consumed, so a broken one does not spend it.
 """
 
 from __future__ import annotations
@@ -16,14 +22,20 @@ import os
 import re
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from cryptography import x509
+
 from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
+from fleet.db.rows import iso
+from fleet.devices.inventory import CertificateFacts
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.store import Store
+from fleet.trust.device_ca import DeviceCA, parse_csr
 
 MOSQUITTO_ITERATIONS = 101  # mosquitto_passwd's default for the $7$ format
 MOSQUITTO_SALT_BYTES = 12
@@ -100,15 +112,48 @@ def create_enrollment_token(store: Store, labels: dict[str, str], ttl_seconds: f
     return store.access.insert_token(token_id, digest, labels, ttl_seconds, actor), plaintext
 
 
+@dataclass(frozen=True)
+class CertRequest:
+    """A device asking for a client certificate instead of a password (`POST /v1/enroll` with a CSR)."""
+
+    csr_pem: str
+    ca: DeviceCA
+    validity_s: float
+    broker_url: str  # the mutual-TLS listener (mqtts://), told to the device instead of `broker_url`
+
+
+MAX_BROKER_CA_BYTES = 64 * 1024
+
+
+def load_broker_ca(path: Path | None) -> str | None:
+    """The broker's server CA handed to devices, checked to be PEM certificates. Raises FleetMisuseError."""
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()[: MAX_BROKER_CA_BYTES + 1]
+        if len(raw) > MAX_BROKER_CA_BYTES:
+            raise FleetMisuseError(f"device_broker_ca_file {path} is larger than {MAX_BROKER_CA_BYTES} bytes")
+        x509.load_pem_x509_certificates(raw)
+    except OSError as exc:
+        raise FleetMisuseError(f"cannot read device_broker_ca_file {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise FleetMisuseError(f"device_broker_ca_file {path} holds no PEM certificate") from None
+    return raw.decode("ascii", "replace")
+
+
 def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: str, topic_prefix: str,
-                  repo_dir: Path, passwd_path: Path) -> dict[str, Any]:
+                  repo_dir: Path, passwd_path: Path, cert: CertRequest | None = None,
+                  broker_ca: str | None = None) -> dict[str, Any]:
     """Exchange a one-time token for a device identity, broker credentials and the TUF root.
 
     The token is consumed and the device created in one transaction, so a token yields at
     most one device. `broker_url` is the device-facing URL and must carry no credentials (the
-    device logs in with its own). Raises AuthError (token unknown/used/expired),
-    FleetInputError (facts), FleetMisuseError (broken repository root, credentials in the URL).
+    device logs in with its own). With `cert`, the CSR is checked before the token is touched
+    (a broken CSR does not spend it), and the device gets a certificate whose CN is the id
+    assigned here instead of a password. Raises AuthError (token unknown/used/expired),
+    FleetInputError (facts, CSR), FleetMisuseError (broken repository root, credentials in the URL).
     """
+    csr = parse_csr(cert.csr_pem) if cert is not None else None
     if "@" in urlsplit(broker_url).netloc:
         raise FleetMisuseError("the device-facing broker URL carries credentials: refusing to hand them out")
     if not token.startswith(TOKEN_PREFIX):
@@ -118,11 +163,22 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
             raise FleetInputError(f"{key} must be a string")
     root = load_trusted_root(repo_dir)
     device_id = "dev-" + secrets.token_hex(8)
-    password = secrets.token_urlsafe(24)
+    password: str | None = None
+    certificate: dict[str, Any] | None = None
+    facts_of_cert: CertificateFacts | None = None
+    if cert is not None and csr is not None:
+        issued = cert.ca.issue(csr, device_id, cert.validity_s)  # unused if the token is refused below
+        facts_of_cert = CertificateFacts(issued.serial, issued.fingerprint, iso(issued.not_after.timestamp()))
+        certificate = {"pem": issued.pem, "ca_pem": cert.ca.cert_pem, "serial": issued.serial,
+                       "fingerprint": issued.fingerprint, "not_after": facts_of_cert.not_after}
+        broker_url = cert.broker_url
+    else:
+        password = secrets.token_urlsafe(24)
     with store.tx():
         tok = store.access.consume_token(hash_secret(token), device_id)
         device = store.devices.create(device_id, tok.labels, facts, device_id,
-                                      mosquitto_password_hash(password), f"enrollment-token:{tok.id}")
+                                      mosquitto_password_hash(password) if password else "",
+                                      f"enrollment-token:{tok.id}", certificate=facts_of_cert)
     sync_broker_credentials(store, passwd_path)
     return {
         "device_id": device_id,
@@ -130,7 +186,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
         # `topic_prefix` is the topic root, as in the agent's config (`<prefix>/v1/devices/<id>/...`
         # is derived from it); the URL never carries the fleet's own broker login to a device.
         "broker": {"url": public_broker_url(broker_url), "username": device_id, "password": password,
-                   "client_id": device_id, "topic_prefix": topic_prefix},
+                   "ca_pem": broker_ca, "client_id": device_id, "topic_prefix": topic_prefix},
+        "certificate": certificate,
         "tuf_root": root,
     }
 

@@ -22,8 +22,10 @@ from fleet.errors import Conflict, FleetInputError, NotFound
 
 PUBLIC_COLUMNS = (
     "id, labels, agent_version, runtimes, architecture, memory_mb, last_seen, online, "
-    "reported_state, revoked, revoked_at, enrolled_at, broker_username"
+    "reported_state, revoked, revoked_at, enrolled_at, broker_username, identity, cert_serial, "
+    "cert_fingerprint, cert_not_after"
 )
+IDENTITIES = ("password", "cert")
 MAX_REPORTED_STATE_BYTES = 64 * 1024
 logger = logging.getLogger("edgefleet.fleet.inventory")
 
@@ -51,6 +53,19 @@ class Device(Record):
     revoked_at: str | None
     enrolled_at: str
     broker_username: str
+    identity: str  # "password" (a line in the broker's password file) or "cert" (a client certificate)
+    cert_serial: str | None  # the certificate the device CA issued at enrollment (identity "cert")
+    cert_fingerprint: str | None
+    cert_not_after: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFacts:
+    """What the inventory records of an issued certificate (`fleet.trust.device_ca.IssuedCertificate`)."""
+
+    serial: str
+    fingerprint: str
+    not_after: str  # ISO 8601 UTC
 
 
 class DeviceRepo:
@@ -69,8 +84,13 @@ class DeviceRepo:
         broker_username: str,
         broker_password_hash: str,
         actor: str,
+        certificate: CertificateFacts | None = None,
     ) -> Device:
-        """Insert an enrolled device. Raises FleetInputError (labels), Conflict (duplicate id)."""
+        """Insert an enrolled device. Raises FleetInputError (labels), Conflict (duplicate id).
+
+        With `certificate` the device authenticates with it (identity "cert", no password-file
+        line: pass an empty `broker_password_hash`); otherwise with its password.
+        """
         now = self.database.now()
         row = {
             "id": device_id,
@@ -86,6 +106,10 @@ class DeviceRepo:
             "enrolled_at": now,
             "broker_username": broker_username,
             "broker_password_hash": broker_password_hash,
+            "identity": "cert" if certificate else "password",
+            "cert_serial": certificate.serial if certificate else None,
+            "cert_fingerprint": certificate.fingerprint if certificate else None,
+            "cert_not_after": certificate.not_after if certificate else None,
         }
         with self.database.tx() as db:
             try:
@@ -238,10 +262,22 @@ class DeviceRepo:
             db.execute("UPDATE devices SET online = 0 WHERE id = :id", {"id": device_id})
 
     def broker_credentials(self) -> list[tuple[str, str]]:
-        """(username, password hash) of every device that is not revoked, for the broker file."""
+        """(username, password hash) of every password device that is not revoked, for the broker file.
+
+        Certificate devices have no line: a password for them would be a second way in.
+        """
         with self.database.read() as db:
             rows = db.query(
                 "SELECT broker_username, broker_password_hash FROM devices WHERE revoked = 0 "
-                "ORDER BY broker_username"
+                "AND identity = 'password' ORDER BY broker_username"
             )
             return [(r["broker_username"], r["broker_password_hash"]) for r in rows]
+
+    def revoked_certificates(self) -> list[tuple[str, str]]:
+        """(certificate serial, revoked_at) of every revoked certificate device, for the CRL."""
+        with self.database.read() as db:
+            rows = db.query(
+                "SELECT cert_serial, revoked_at FROM devices WHERE revoked = 1 AND cert_serial IS NOT NULL "
+                "ORDER BY cert_serial"
+            )
+            return [(r["cert_serial"], r["revoked_at"]) for r in rows]

@@ -1,9 +1,13 @@
 """The packaged Mosquitto config (`packaging/mosquitto/`) on free loopback ports, and a paho device.
 
-TLS lines are dropped and per-listener settings kept; the device listener checks logins against
-a password file the caller names (the one the fleet writes at enrollment), the fleet listener
-against a file with user `fleet` / `FLEET_PW`. Mosquitto writes a pid file, so the fleet's reload
-hook can SIGHUP it.
+Per-listener settings are kept; the device listener checks logins against a password file the
+caller names (the one the fleet writes at enrollment), the fleet listener against a file with
+user `fleet` / `FLEET_PW`. Mosquitto writes a pid file, so the fleet's reload hook can SIGHUP it.
+
+Without `tls` the TLS lines are dropped and the mutual-TLS listener is left out. With a
+`BrokerTls` every listener keeps its TLS lines: the password device listener and the mutual-TLS
+one serve a server certificate for 127.0.0.1 signed by a test CA, and the mutual-TLS listener
+takes client certificates from the fleet's device CA and checks them against its CRL.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ PKG = ROOT / "packaging" / "mosquitto"
 FLEET_PW = "pw-fleet"
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """Files for the TLS listeners: the server's certificate and key, and the fleet's device CA and CRL."""
+
+    server_cert: Path
+    server_key: Path
+    server_ca: Path
+    device_ca: Path
+    crl: Path
+
+
 @dataclass
 class PackagedBroker:
     device_port: int
@@ -34,16 +49,46 @@ class PackagedBroker:
     pid_file: Path
     log: Path
     proc: subprocess.Popen[bytes]
+    mtls_port: int | None = None
+    conf: Path | None = None
+
+    def restart(self) -> None:
+        """Stop and start again with the same config and ports."""
+        assert self.conf is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = spawn_mosquitto(self.conf, self.log)
+        for port in (self.device_port, self.fleet_port, self.mtls_port):
+            if port is not None:
+                wait_port("127.0.0.1", port)
 
 
-def start_packaged_broker(work: Path, device_passwd: Path) -> PackagedBroker:
-    """The packaged config without TLS, on free loopback ports, devices checked against `device_passwd`."""
+def without_mtls_listener(lines: list[str]) -> list[str]:
+    start = lines.index("listener 8884")
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("# ----"))
+    while start > 0 and lines[start - 1].startswith("#"):  # its comment block
+        start -= 1
+    return lines[:start] + lines[end:]
+
+
+def start_packaged_broker(work: Path, device_passwd: Path, tls: BrokerTls | None = None) -> PackagedBroker:
+    """The packaged config on free loopback ports, password devices checked against `device_passwd`."""
     work.mkdir(parents=True, exist_ok=True)
-    dev_port, fleet_port = free_port(), free_port()
-    conf = "\n".join(
-        line for line in PKG.joinpath("mosquitto.conf").read_text().splitlines()
-        if not re.match(r"^(certfile|keyfile|cafile|tls_version|require_certificate|use_identity_as_username|"
-                        r"log_dest|log_type)\b", line))
+    dev_port, fleet_port, mtls_port = free_port(), free_port(), free_port()
+    lines = PKG.joinpath("mosquitto.conf").read_text().splitlines()
+    drop = r"^(log_dest|log_type)\b"
+    if tls is None:
+        lines = without_mtls_listener(lines)
+        drop = (r"^(certfile|keyfile|cafile|crlfile|tls_version|require_certificate|"
+                r"use_identity_as_username|log_dest|log_type)\b")
+    conf = "\n".join(line for line in lines if not re.match(drop, line))
+    if tls is not None:
+        conf = conf.replace("listener 8884", f"listener {mtls_port} 127.0.0.1")
+        conf = conf.replace("/etc/mosquitto/certs/server.crt", str(tls.server_cert))
+        conf = conf.replace("/etc/mosquitto/certs/server.key", str(tls.server_key))
+        conf = conf.replace("/etc/mosquitto/certs/ca.crt", str(tls.server_ca))
+        conf = conf.replace("/etc/mosquitto/edgefleet-device-ca.crt", str(tls.device_ca))
+        conf = conf.replace("/etc/mosquitto/edgefleet-devices.crl", str(tls.crl))
     conf = conf.replace("listener 8883", f"listener {dev_port} 127.0.0.1")
     conf = conf.replace("listener 1884 127.0.0.1", f"listener {fleet_port} 127.0.0.1")
     conf = conf.replace("persistence true", "persistence false").replace("/var/lib/mosquitto/", f"{work}/")
@@ -58,10 +103,11 @@ def start_packaged_broker(work: Path, device_passwd: Path) -> PackagedBroker:
     (work / "mosquitto.conf").write_text(conf + f"\nlog_dest stdout\npid_file {pid_file}\n" + stay)
     log = work / "mosquitto.log"
     proc = spawn_mosquitto(work / "mosquitto.conf", log)
-    wait_port("127.0.0.1", dev_port)
-    wait_port("127.0.0.1", fleet_port)
+    for port in (dev_port, fleet_port, *([mtls_port] if tls else [])):
+        wait_port("127.0.0.1", port)
     assert pid_file.read_text().strip() == str(proc.pid)
-    return PackagedBroker(dev_port, fleet_port, pid_file, log, proc)
+    return PackagedBroker(dev_port, fleet_port, pid_file, log, proc, mtls_port if tls else None,
+                          work / "mosquitto.conf")
 
 
 class DeviceClient:

@@ -187,3 +187,36 @@ def test_an_enrolled_agent_connects_with_its_credentials_on_the_fleet_topics(tmp
             assert agent.returncode == 0 and "Traceback" not in log, log[-3000:]
         broker.terminate()
         broker.wait(timeout=10)
+
+
+@pytest.mark.integration
+def test_enroll_with_a_certificate_writes_a_private_key_and_no_password(tmp_path: Path) -> None:
+    with running_fleet(tmp_path / "fleet", device_cert_broker_url="mqtts://127.0.0.1:18884") as fleet:
+        config = tmp_path / "etc" / "agent.json"
+        out = enroll("--url", fleet.url, "--token", new_token(fleet, {"site": "lab"}), "--identity", "cert",
+                     *local_options(tmp_path, config))
+        cfg = load_config(config)
+        device = fleet.service.store.devices.get(cfg.device_id)
+        assert device.identity == "cert"
+    mqtt = cfg.mqtt
+    assert (mqtt.host, mqtt.port, mqtt.tls) == ("127.0.0.1", 18884, True)
+    assert (mqtt.username, mqtt.password) == (None, None)  # the broker takes the username from the CN
+    files = [config.with_name(n) for n in ("device.key", "device.crt", "device-ca.crt")]
+    assert [mqtt.key_file, mqtt.cert_file] == files[:2]
+    assert all(mode(f) == 0o600 for f in [config, *files]) and mode(config.parent) == 0o700
+    assert f"as certificate {files[1]}" in out.stdout and "password" not in config.read_text().replace(
+        '"password": null', "")
+    # an existing key is not overwritten without --force, and the token is not spent
+    assert "did not reload the broker" not in out.output  # a certificate needs no password-file reload
+    with running_fleet(tmp_path / "fleet2") as fleet:  # no mutual-TLS listener configured
+        config.unlink()
+        config.with_name("root.json").unlink()
+        token = new_token(fleet)
+        kept = enroll("--url", fleet.url, "--token", token, "--identity", "cert",
+                      *local_options(tmp_path, config), code=1)
+        assert f"{files[0]} exists" in kept.stderr
+        # a fleet without a mutual-TLS listener says so, in one line
+        no_tls = enroll("--url", fleet.url, "--token", token, "--identity", "cert", "--force",
+                        *local_options(tmp_path, tmp_path / "other" / "agent.json"), code=1)
+    assert "(503): certificate enrollment needs the broker's mutual-TLS listener" in no_tls.stderr
+    assert len(no_tls.stderr.strip().splitlines()) == 1

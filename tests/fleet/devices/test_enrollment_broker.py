@@ -80,7 +80,8 @@ def _only_own_credentials(body: dict[str, Any], text: str) -> None:
     assert parts.username is None and parts.password is None and "@" not in parts.netloc
     assert broker["username"] == broker["client_id"] == body["device_id"]
     assert FLEET_PW not in text and "fleet@" not in text and "fleet:" not in text
-    assert set(broker) == {"url", "username", "password", "client_id", "topic_prefix"}
+    assert set(broker) == {"url", "username", "password", "ca_pem", "client_id", "topic_prefix"}
+    assert broker["ca_pem"] is None  # no device_broker_ca_file configured
 
 
 @pytest.mark.integration
