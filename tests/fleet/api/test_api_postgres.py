@@ -19,6 +19,7 @@ import httpx
 import psycopg
 import pytest
 
+from fleet.db import migrate
 from tests.support import postgres as pg
 from tests.support.broker import free_port
 from tests.support.fakes import DIGEST
@@ -115,9 +116,11 @@ def test_fleet_serve_on_postgres_end_to_end(tmp_path: Path, pg_url: str, postgre
         rows = conn.execute(f'SELECT id FROM "{schema}".model_versions').fetchall()
         heads = conn.execute(f'SELECT version_num FROM "{schema}".alembic_version ORDER BY 1').fetchall()
     assert rows == [("m:1.0.0",)]
-    assert [h[0] for h in heads] == ["alerts_0001", "director_0001", "store_0005", "telemetry_0001"]
+    groups = ("alerts", "director", "store", "telemetry")
+    assert [h[0] for h in heads] == sorted(migrate.head(g) for g in groups)
     migrated = _cli(data, env, "migrate")
-    assert migrated.returncode == 0 and "store_0005; applied now: none" in migrated.stdout, migrated.stderr
+    store_head = migrate.head("store")
+    assert migrated.returncode == 0 and f"{store_head}; applied now: none" in migrated.stdout, migrated.stderr
 
 
 def test_an_unreachable_database_is_one_line(tmp_path: Path) -> None:

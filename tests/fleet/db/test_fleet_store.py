@@ -15,6 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleet.access.auth import hash_secret
+from fleet.db import migrate
 from fleet.db.migrate import current, head
 from fleet.db.schema import STORE
 from fleet.devices.enrollment import create_enrollment_token, enroll_device, mosquitto_password_hash
@@ -39,7 +40,9 @@ def _device(store: Store, device_id: str, labels: dict[str, str]) -> None:
     store.devices.create(device_id, labels, {"agent_version": "0.1.0"}, device_id, "$7$x", "test")
 
 
-STORE_REVISIONS = ["store_0001", "store_0002", "store_0003", "store_0004", "store_0005"]
+# every store revision, oldest first (each new revision joins this list by itself)
+STORE_REVISIONS = sorted(
+    r.revision for r in migrate.scripts().walk_revisions() if r.revision.startswith("store_"))
 
 
 def _schema_diff(store: Store) -> list[object]:
