@@ -31,7 +31,7 @@ from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.performance import summarize
 
 NAME = "accuracy_estimate"
-DESCRIPTION = "CBPE accuracy estimate and folded-label accuracy vs exact (3 covariate shifts x 2 window sizes)"
+DESCRIPTION = "CBPE accuracy estimate and folded-label accuracy vs exact (3 shifts x 2 window sizes)"
 
 FEATURES, CLASSES, OVERCONFIDENCE = 4, 3, 1.8
 SHIFTS = (0.5, 1.0, 2.0)
