@@ -129,7 +129,13 @@ class TelemetryTap:
 
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:
         """`FeedbackSink.submit`: match labels, fold them into the serving bundle's sketch."""
-        outcome = self.predictions.match(items)
+        with self._lock:
+            current, sketch = self._bundle, self._sketch
+
+        def accepts(bid: str, label: float) -> bool:  # refused labels leave the row open
+            return sketch is None or bid != current or sketch.performance.accepts(label)
+
+        outcome = self.predictions.match(items, accepts)
         unmatched = {"unknown": outcome.unknown, "expired": outcome.expired,
                      "duplicate": outcome.duplicate, "invalid": outcome.invalid}
         with self._lock:

@@ -116,8 +116,11 @@ class PredictionLog:
             self._next += rows
         return [f"{self.epoch}-{n}" for n in range(first, first + rows)]
 
-    def match(self, items: Sequence[tuple[object, object]]) -> FeedbackOutcome:
+    def match(self, items: Sequence[tuple[object, object]],
+              accepts: Callable[[str, float], bool] | None = None) -> FeedbackOutcome:
         """Match `(prediction_id, label)` pairs. Never raises for bad items: each is counted.
+        `accepts(bundle_id, label)` may refuse a label its model cannot use (a class index out
+        of range): it counts as invalid and leaves the row open for a correct label.
         Raises `MisuseError` only for a batch over `max_batch` (the caller's 413)."""
         if len(items) > self.config.max_batch:
             raise MisuseError(f"{len(items)} labels in one call, the limit is {self.config.max_batch}")
@@ -141,11 +144,11 @@ class PredictionLog:
                 if self._labelled[slot]:
                     out.duplicate += 1
                     continue
-                if label is None:
+                bundle = self._bundles[int(self._bundle[slot])]
+                if label is None or (accepts is not None and not accepts(bundle, label)):
                     out.invalid += 1
                     continue
                 self._labelled[slot] = True
-                bundle = self._bundles[int(self._bundle[slot])]
                 pair = out.pairs.setdefault(bundle, Matched())
                 pair.predicted.append(float(self._pred[slot]))
                 pair.labels.append(label)

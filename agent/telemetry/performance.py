@@ -45,6 +45,12 @@ class PerformanceFolder:
             return np.argmax(out, axis=1).astype(np.float64)
         return out[:, 0].copy()
 
+    def accepts(self, label: float) -> bool:
+        """Whether this model can use `label`: a class index 0..classes-1, or any finite number."""
+        if self.task == "classification":
+            return label == int(label) and 0 <= label < self.classes
+        return bool(np.isfinite(label))
+
     def fold_outputs(self, outputs: np.ndarray) -> None:
         """Fold the calibrated top-class confidence of each row (no-op without calibration,
         or when the rows are not `classes` wide)."""
