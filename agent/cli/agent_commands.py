@@ -173,7 +173,7 @@ def predict(
                 raise click.UsageError(f"{labels_path}: {labels.size} labels for {total} input rows")
             from agent.telemetry.performance import PerformanceFolder  # lazy: only with --labels
 
-            folder = PerformanceFolder(manifest.reference_profile) if labels is not None else None
+            folder = PerformanceFolder(_labelled_profile(manifest)) if labels is not None else None
             predicted: list[np.ndarray] = []
             t0 = time.perf_counter()
             with (
@@ -209,6 +209,20 @@ def predict(
         seconds=round(elapsed, 3),
     )
     click.echo(f"scored {total} rows with {manifest.bundle_id} in {elapsed:.2f}s -> {output_path}", err=True)
+
+
+def _labelled_profile(manifest: Manifest) -> Any:
+    """The bundle's profile, or (a bundle without output profile) one whose task comes from
+    the output tensor's width: several columns are a classifier's scores, one a regression."""
+    from agent.contract.manifest import PerformanceSpec  # lazy: CLI start-up
+
+    profile = manifest.reference_profile
+    if profile.outputs or profile.performance is not None:
+        return profile
+    width = manifest.outputs[0].shape[-1] if len(manifest.outputs[0].shape) > 1 else 1
+    spec = (PerformanceSpec(task="classification", classes=width) if width is not None and 2 <= width <= 256
+            else PerformanceSpec(task="regression"))
+    return profile.model_copy(update={"performance": spec})
 
 
 def _load_labels(path: Path) -> np.ndarray:
