@@ -92,6 +92,8 @@ class PredictionLog:
         self._lock = threading.Lock()
 
     def _bundle_index(self, bundle_id: str) -> int:
+        if self._bundles and self._bundles[-1] == bundle_id:  # the serving bundle: no search
+            return len(self._bundles) - 1
         try:
             return self._bundles.index(bundle_id)
         except ValueError:
@@ -103,17 +105,26 @@ class PredictionLog:
 
     def record(self, bundle_id: str, predicted: np.ndarray) -> list[str]:
         """Remember one batch of predictions (one value per row); returns their ids in row order."""
-        values = np.asarray(predicted, dtype=np.float64).ravel()
+        values = predicted.ravel() if isinstance(predicted, np.ndarray) else np.asarray(predicted).ravel()
         rows = values.size
         with self._lock:
             b = self._bundle_index(bundle_id)
             first = self._next
-            slots = np.arange(first, first + rows) % self.config.capacity
-            self._t[slots] = self._clock()
-            self._pred[slots] = values
-            self._bundle[slots] = b
-            self._labelled[slots] = False
+            if rows == 1:  # the common request: scalar stores cost a tenth of fancy indexing
+                slot = first % self.config.capacity
+                self._t[slot] = self._clock()
+                self._pred[slot] = values[0]
+                self._bundle[slot] = b
+                self._labelled[slot] = False
+            else:
+                slots = np.arange(first, first + rows) % self.config.capacity
+                self._t[slots] = self._clock()
+                self._pred[slots] = values
+                self._bundle[slots] = b
+                self._labelled[slots] = False
             self._next += rows
+        if rows == 1:
+            return [f"{self.epoch}-{first}"]
         return [f"{self.epoch}-{n}" for n in range(first, first + rows)]
 
     def match(self, items: Sequence[tuple[object, object]],

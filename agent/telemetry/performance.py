@@ -39,11 +39,12 @@ class PerformanceFolder:
 
     def predicted(self, outputs: np.ndarray) -> np.ndarray:
         """What each output row predicts: the class index (classifier) or output column 0."""
-        out = np.asarray(outputs, dtype=np.float64)
-        out = out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1, 1)
+        out = outputs if isinstance(outputs, np.ndarray) else np.asarray(outputs)
+        if out.ndim != 2:  # on the serving path (one row a request) every call here counts
+            out = out.reshape(out.shape[0], -1) if out.ndim else out.reshape(1, 1)
         if self.task == "classification":
-            return np.argmax(out, axis=1).astype(np.float64)
-        return out[:, 0].copy()
+            return out.argmax(axis=1)
+        return out[:, 0]
 
     def accepts(self, label: float) -> bool:
         """Whether this model can use `label`: a class index 0..classes-1, or any finite number."""

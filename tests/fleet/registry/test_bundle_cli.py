@@ -110,7 +110,8 @@ def test_build_with_holdout_ships_a_calibration_map(tmp_path: Path) -> None:
     np.save(tmp_path / "bad.npy", np.full(400, 9))
     bad = _cli(*common, "--holdout-data", tmp_path / "hold.npy", "--holdout-labels", tmp_path / "bad.npy")
     assert bad.returncode == 1 and "class indices 0..3" in bad.stderr and "Traceback" not in bad.stderr
-    built = _cli(*common, "--holdout-data", tmp_path / "hold.npy", "--holdout-labels", tmp_path / "labels.npy")
+    labels = tmp_path / "labels.npy"
+    built = _cli(*common, "--holdout-data", tmp_path / "hold.npy", "--holdout-labels", labels)
     assert built.returncode == 0, built.stderr
     shown = _cli("inspect", tmp_path / "b.efb", "--json")
     assert shown.returncode == 0, shown.stderr
