@@ -38,6 +38,9 @@ class LocalApiConfig(StrictStruct, frozen=True, kw_only=True):
     unix_socket: Path = Path("/run/edgefleet/agent.sock")
     max_body_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024 * 1024)] = 8 * 1024 * 1024
     max_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    # Labels sent later (`POST /v1/feedback`) match predictions remembered in a bounded ring.
+    feedback_capacity: Annotated[int, Meta(ge=1, le=10_000_000)] = 65536  # rows remembered (~26 B each)
+    feedback_horizon_s: Annotated[float, Meta(gt=0, le=30 * 86400)] = 86400.0  # later labels expire
 
     def _check(self) -> None:
         if (

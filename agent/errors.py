@@ -120,3 +120,7 @@ class NoModelLoadedError(RuntimeFailure):
 
 class InferenceTimeoutError(RuntimeFailure):
     """A load, warm-up, golden check or request did not finish within its deadline (a hang)."""
+
+
+class FeedbackDisabledError(MisuseError):
+    """Labels were sent to an inference API that does not track predictions (HTTP 404)."""

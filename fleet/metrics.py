@@ -34,6 +34,9 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_drift_share`, `edgefleet_dataset_drift` | gauge | `model`, `version`, `cohort` |
 | `edgefleet_prediction_drift`, `edgefleet_drift_window_start_seconds` | gauge | model, version, cohort |
 | `edgefleet_drift_evaluations_total`, `edgefleet_drift_evaluation_errors_total` | counter | |
+| `edgefleet_model_accuracy` | gauge | `model`, `version`, `cohort`, `kind` (realised, estimated, ...) |
+| `edgefleet_model_mae` | gauge | `model`, `version`, `cohort` |
+| `edgefleet_model_labels` | gauge | `model`, `version`, `cohort`, `outcome` (matched, unknown, ...) |
 | `edgefleet_alerts_total` | counter | `kind` (drift, retrain), `model`, `version`, `cohort` |
 | `edgefleet_alerts_undelivered`, `edgefleet_alerts_unacknowledged` | gauge | `kind` |
 | `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
@@ -315,7 +318,36 @@ def _drift_families(src: MetricSources) -> list[Metric]:
             window.add_metric(labels, g.window_start)
         evaluations.add_metric([], src.drift.evaluations)
         errors.add_metric([], src.drift.evaluation_errors)
-    return [statistic, threshold, detected, share, dataset, prediction, window, evaluations, errors]
+    return [statistic, threshold, detected, share, dataset, prediction, window, evaluations, errors,
+            *_performance_families(src)]
+
+
+def _performance_families(src: MetricSources) -> list[Metric]:
+    """Accuracy (realised from device labels, estimated without them) and MAE of the latest
+    evaluated window per key: bounded like the drift series (no per-class series here; the
+    API has precision and recall per class)."""
+    key = ["model", "version", "cohort"]
+    accuracy = _gauge("edgefleet_model_accuracy", "Accuracy of the latest evaluated window: kind=realised "
+                      "(from labels), estimated (CBPE), estimated_low / estimated_high (95 % band)",
+                      [*key, "kind"])
+    mae = _gauge("edgefleet_model_mae", "Mean absolute error of a regressor in the latest evaluated window",
+                 key)
+    labels_ = _gauge("edgefleet_model_labels", "Labels sent for the latest evaluated window, by outcome "
+                     "(matched, unknown, expired, duplicate, invalid)", [*key, "outcome"])
+    for g in src.drift.snapshot() if src.drift is not None else []:
+        p = g.performance
+        if p is None:
+            continue
+        labels = [g.model, g.version, g.cohort]
+        for kind, value in (("realised", p.accuracy), ("estimated", p.estimated_accuracy),
+                            ("estimated_low", p.estimate_low), ("estimated_high", p.estimate_high)):
+            if value is not None:
+                accuracy.add_metric([*labels, kind], value)
+        if p.mae is not None:
+            mae.add_metric(labels, p.mae)
+        for outcome, n in p.feedback.items():
+            labels_.add_metric([*labels, outcome], n)
+    return [accuracy, mae, labels_]
 
 
 def _as_output(o: Any) -> Any:

@@ -24,6 +24,8 @@ from agent.errors import EdgefleetError, InputValidationError, ManifestError, Mi
 from agent.logs import log_event
 
 if TYPE_CHECKING:  # imported where used: `--help` and `init-config` need no model machinery
+    import numpy as np
+
     from agent.contract.manifest import Manifest
 
 _log = logging.getLogger("edgefleet.cli.agent")
@@ -126,6 +128,14 @@ def _open_model_source(bundle: Path | None, model_dir: Path | None) -> Iterator[
     "--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Runtime intra-op threads."
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option(
+    "--labels",
+    "labels_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ground truth, one per INPUT row (.npy, or text one per line): class indices for a "
+    "classifier, numbers for a regressor. Prints accuracy and the confusion matrix (or MAE) "
+    "as one JSON line on stdout, folded exactly as the agent folds labels sent to its API.",
+)
 def predict(
     bundle: Path | None,
     model_dir: Path | None,
@@ -134,12 +144,15 @@ def predict(
     batch_size: int,
     threads: int,
     progress: bool,
+    labels_path: Path | None,
 ) -> None:
     """Score INPUT (.npy, .csv or .jsonl) offline and write the model's outputs.
 
     Rows are validated against the manifest's input schema; a bad row stops the run with its
     row number and nothing is written.
     """
+    import numpy as np  # lazy: CLI start-up
+
     from agent.runtimes import load_model  # lazy: CLI start-up
     from agent.serving.scoring_files import (  # lazy: CLI start-up
         OutputWriter,
@@ -152,9 +165,16 @@ def predict(
     try:
         file_format(input_path)
         check_output(output_path)
+        labels = _load_labels(labels_path) if labels_path is not None else None
         with _open_model_source(bundle, model_dir) as (manifest, model_path):
             model = load_model(model_path, manifest, threads=threads)
             total = count_rows(input_path)
+            if labels is not None and labels.size != total:
+                raise click.UsageError(f"{labels_path}: {labels.size} labels for {total} input rows")
+            from agent.telemetry.performance import PerformanceFolder  # lazy: only with --labels
+
+            folder = PerformanceFolder(_labelled_profile(manifest)) if labels is not None else None
+            predicted: list[np.ndarray] = []
             t0 = time.perf_counter()
             with (
                 contextlib.closing(model),
@@ -171,6 +191,10 @@ def predict(
                         ) from None
                     writer.write(outputs)
                     advance(len(next(iter(outputs.values()))))
+                    if folder is not None:
+                        predicted.append(folder.predicted(next(iter(outputs.values()))))
+            if folder is not None and labels is not None:
+                _print_label_metrics(folder, np.concatenate(predicted), labels)
     except EdgefleetError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # e.g. the input vanished or became unreadable while scoring
@@ -185,6 +209,55 @@ def predict(
         seconds=round(elapsed, 3),
     )
     click.echo(f"scored {total} rows with {manifest.bundle_id} in {elapsed:.2f}s -> {output_path}", err=True)
+
+
+def _labelled_profile(manifest: Manifest) -> Any:
+    """The bundle's profile, or (a bundle without output profile) one whose task comes from
+    the output tensor's width: several columns are a classifier's scores, one a regression."""
+    from agent.contract.manifest import PerformanceSpec  # lazy: CLI start-up
+
+    profile = manifest.reference_profile
+    if profile.outputs or profile.performance is not None:
+        return profile
+    width = manifest.outputs[0].shape[-1] if len(manifest.outputs[0].shape) > 1 else 1
+    spec = (PerformanceSpec(task="classification", classes=width) if width is not None and 2 <= width <= 256
+            else PerformanceSpec(task="regression"))
+    return profile.model_copy(update={"performance": spec})
+
+
+def _load_labels(path: Path) -> np.ndarray:
+    """Labels from .npy or a text file (one number per line). Raises `MisuseError`."""
+    import numpy as np  # lazy: CLI start-up
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except (OSError, ValueError) as exc:
+        raise MisuseError(f"cannot read labels {path}: {exc}") from None
+    if not np.issubdtype(arr.dtype, np.number):
+        raise MisuseError(f"labels {path}: expected numbers, got {arr.dtype}")
+    return np.asarray(arr, dtype=np.float64).ravel()
+
+
+def _print_label_metrics(folder: Any, predicted: np.ndarray, labels: np.ndarray) -> None:
+    """Fold and print `{"task", "labelled", "invalid", "accuracy"/"mae", "confusion"}` as JSON."""
+    import json  # lazy: only with --labels
+
+    import numpy as np  # lazy: CLI start-up
+
+    invalid = folder.fold_labels(predicted, labels)
+    sketch = folder.snapshot_and_reset()
+    doc: dict[str, Any] = {"task": sketch.task, "labelled": sketch.labelled, "invalid": invalid}
+    if sketch.task == "classification":
+        cm = sketch.confusion
+        doc["accuracy"] = float(np.trace(cm) / cm.sum()) if cm.sum() else None
+        doc["confusion"] = cm.tolist()
+    else:
+        n = sketch.labelled
+        doc["mae"] = sketch.error_abs_sum / n if n else None
+        doc["rmse"] = float(np.sqrt(sketch.error_sq_sum / n)) if n else None
+    click.echo(json.dumps(doc))
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from agent.contract.collect import CollectPolicy
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, utc_timestamp
 from agent.errors import DirectorError, UnknownDirectorKeyError
 
@@ -69,6 +70,7 @@ class DirectorDocument(StrictStruct, frozen=True, kw_only=True):
     shadow: TargetRef | None = None
     rollout_id: Annotated[str, Meta(max_length=128)] | None = None
     reason: Annotated[str, Meta(max_length=1024)] = ""
+    collect: CollectPolicy | None = None  # opt-in data collection (agent.contract.collect); signed
 
     def _check(self) -> None:
         for addressee in (self.device_id, self.cohort):

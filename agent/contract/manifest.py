@@ -73,13 +73,69 @@ class FeatureProfile(StrictStruct, frozen=True, kw_only=True):
             raise ValueError(f"feature {self.name!r}: categorical feature needs a vocabulary")
 
 
+CONFIDENCE_BINS = 20  # equal-width bins of calibrated top-class confidence over [0, 1]
+_Prob = Annotated[float, Meta(ge=0.0, le=1.0)]
+
+
+class Calibration(StrictStruct, frozen=True, kw_only=True):
+    """Map from the model's raw top-class confidence to the probability that it is right.
+
+    Fitted by the bundle pipeline on held-out labelled data (`fleet.registry.calibration`):
+    equal-mass bins of raw confidence, their accuracies made non-decreasing (isotonic, pool
+    adjacent violators), linear between the knots `(knots_x[i], knots_y[i])` and flat beyond.
+    `bin_se[b]` is the standard error of the holdout accuracy among rows whose *calibrated*
+    confidence falls in fixed bin `b` (of `CONFIDENCE_BINS`); the fleet's error band uses it.
+    """
+
+    knots_x: Annotated[list[_Prob], Meta(min_length=1, max_length=64)]
+    knots_y: Annotated[list[_Prob], Meta(min_length=1, max_length=64)]
+    bin_se: Annotated[list[Annotated[float, Meta(ge=0.0, le=1.0)]],
+                      Meta(min_length=CONFIDENCE_BINS, max_length=CONFIDENCE_BINS)]
+    holdout_rows: Annotated[int, Meta(ge=1)]
+    holdout_accuracy: _Prob
+
+    def _check(self) -> None:
+        if len(self.knots_x) != len(self.knots_y):
+            raise ValueError("calibration: knots_x and knots_y differ in length")
+        if any(b < a for a, b in zip(self.knots_x, self.knots_x[1:], strict=False)) or any(
+            b < a for a, b in zip(self.knots_y, self.knots_y[1:], strict=False)
+        ):
+            raise ValueError("calibration: knots must be non-decreasing")
+
+
+class PerformanceSpec(StrictStruct, frozen=True, kw_only=True):
+    """What the model predicts, so the agent can match labels and sketch its confidence.
+
+    `classes` is the number of output columns of a classifier (labels are class indices
+    0..classes-1), 0 for a regressor (labels are numbers compared with output column 0).
+    `scores` says whether a classifier's outputs are probabilities or logits (softmaxed).
+    """
+
+    task: Literal["classification", "regression"]
+    classes: Annotated[int, Meta(ge=0, le=256)] = 0
+    scores: Literal["probabilities", "logits"] = "probabilities"
+    calibration: Calibration | None = None
+
+    def _check(self) -> None:
+        if (self.task == "classification") != (self.classes >= 2):
+            raise ValueError("performance: a classifier needs classes >= 2, a regressor classes = 0")
+        if self.calibration is not None and self.task != "classification":
+            raise ValueError("performance: calibration applies to classifiers only")
+
+
 class ReferenceProfile(StrictStruct, frozen=True, kw_only=True):
-    """Per-feature and per-output binning the agent's telemetry sketches are keyed to."""
+    """Per-feature and per-output binning the agent's telemetry sketches are keyed to.
+
+    `performance` (optional, absent in bundles built before it existed) says how labels and
+    confidence are sketched; it is left out of the profile digest when absent, so reports of
+    old bundles keep their `profile_id`.
+    """
 
     input_name: str | None = None
     features: Annotated[list[FeatureProfile], Meta(max_length=4096)] = field(default_factory=list)
     outputs: Annotated[list[FeatureProfile], Meta(max_length=256)] = field(default_factory=list)
     sample_count: int = 0
+    performance: PerformanceSpec | None = None
 
 
 class GoldenVectors(StrictStruct, frozen=True, kw_only=True):

@@ -30,6 +30,13 @@ import numpy as np
 import zstandard
 
 from agent.contract.manifest import ReferenceProfile
+from agent.contract.performance import (
+    PerformanceSketch,
+    copy_performance,
+    decode_performance,
+    encode_performance,
+    merge_performance_into,
+)
 from agent.errors import MessageError
 
 TELEMETRY_SCHEMA_VERSION = 1
@@ -77,7 +84,10 @@ def category_labels(values: np.ndarray) -> np.ndarray:
 def profile_digest(profile: ReferenceProfile) -> str:
     """Short digest of a reference profile (its canonical JSON): reports carry it as
     `profile_id` so the fleet can tell counts binned by other edges of the same shape."""
-    canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    doc = profile.model_dump(mode="json")
+    if doc.get("performance") is None:  # bundles built before the field keep their digest
+        doc.pop("performance", None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -165,6 +175,7 @@ class TelemetryReport:
     profile_id: str = ""
     resources: Resources = field(default_factory=Resources)
     schema_version: int = TELEMETRY_SCHEMA_VERSION
+    performance: PerformanceSketch | None = None  # labels and confidence; None in older reports
 
 
 # ---------------------------------------------------------------------------- merging
@@ -212,6 +223,10 @@ def merge_into(acc: TelemetryReport, b: TelemetryReport) -> None:
     for x, y in pairs:
         if type(x) is not type(y) or x.counts.shape != y.counts.shape:
             raise MessageError("cannot merge sketches binned differently (profile mismatch)")
+    if acc.performance is not None and b.performance is not None:
+        merge_performance_into(acc.performance, b.performance)  # checks shapes before changing
+    elif b.performance is not None:  # a report without the field counts as zero
+        acc.performance = copy_performance(b.performance)
     for x, y in pairs:
         x.counts += y.counts
         x.nan_count += y.nan_count
@@ -249,7 +264,8 @@ def merge_reports(a: TelemetryReport, b: TelemetryReport) -> TelemetryReport:
         return replace(x, counts=x.counts.astype(np.int64))
 
     acc = replace(a, features=[own(x) for x in a.features], outputs=[own(x) for x in a.outputs],
-                  latency_counts=a.latency_counts.astype(np.int64))
+                  latency_counts=a.latency_counts.astype(np.int64),
+                  performance=None if a.performance is None else copy_performance(a.performance))
     merge_into(acc, b)
     return acc
 
@@ -268,6 +284,8 @@ def merge_reports(a: TelemetryReport, b: TelemetryReport) -> TelemetryReport:
 # 20 mean/M2 per numeric sketch [4|8, bytes] (float32 unless out of its range)
 # 21 per categorical sketch [unseen labels, their counts, error]
 # 22 latency [sum_s, max_s]  23 resources [rss_max_bytes, cpu_user_s, cpu_system_s]
+# 24 (optional, present only when the report has one) performance: see
+#    agent.contract.performance.encode_performance. Reports without it still decode.
 BODY_FIELDS = 24
 
 
@@ -334,6 +352,8 @@ def encode_report(report: TelemetryReport) -> bytes:
         extras, [report.latency_sum_s, report.latency_max_s],
         [report.resources.rss_max_bytes, report.resources.cpu_user_s, report.resources.cpu_system_s],
     ]
+    if report.performance is not None:
+        body.append(encode_performance(report.performance))
     raw = cbor2.dumps(body, canonical=True)
     if len(raw) >= ZSTD_MIN_BYTES:
         whole = _zstd(raw)
@@ -482,7 +502,9 @@ def decode_report(
         raise MessageError(f"report: malformed CBOR ({type(exc).__name__})") from None
     if fp.tell() != len(raw):
         raise MessageError("report: trailing bytes after the CBOR body")
-    b = _list(body, "report", n=BODY_FIELDS)
+    if not isinstance(body, list) or len(body) not in (BODY_FIELDS, BODY_FIELDS + 1):
+        raise MessageError(f"report: expected a list of {BODY_FIELDS} or {BODY_FIELDS + 1} fields")
+    b = body
     if b[0] != TELEMETRY_SCHEMA_VERSION:
         raise MessageError(f"report: unsupported schema_version {b[0]!r}")
     sketches, latency_counts = _sketches(b, max_decompressed)
@@ -506,6 +528,7 @@ def decode_report(
             _int(res[0], "resources.rss"), _float(res[1], "resources.cpu_user", finite=True),
             _float(res[2], "resources.cpu_system", finite=True),
         ),
+        performance=decode_performance(b[BODY_FIELDS]) if len(b) > BODY_FIELDS else None,
     )
     if not report.device_id or report.interval_end < report.interval_start:
         raise MessageError("report: empty device_id or interval ends before it starts")

@@ -50,6 +50,7 @@ from agent.lifecycle.machine import State
 from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
 from agent.serving.model_holder import ModelHolder
+from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from agent.telemetry.queue import QueueConfig, ReportQueue
 from agent.transport import Delivery, Message
 from agent.transport.mqtt_client import MqttTransport
@@ -138,7 +139,11 @@ class AgentDaemon:
             self.state_dir / "telemetry.sqlite",
             QueueConfig(max_reports=c.telemetry_queue_reports, max_bytes=c.telemetry_queue_bytes),
         )
-        self.tap = TelemetryTap(self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "")
+        self.tap = TelemetryTap(
+            self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "",
+            PredictionLog(FeedbackConfig(capacity=c.api.feedback_capacity, horizon_s=c.api.feedback_horizon_s,
+                                         max_batch=c.api.max_batch)),
+        )
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self._servers: list[Any] = []
 
@@ -191,10 +196,10 @@ class AgentDaemon:
         limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
         if api.unix_enabled:
             api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-            self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits).start())
+            self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits, self.tap).start())
         if api.http_enabled:
             self._servers.append(
-                HttpInferenceServer(self.served, api.http_host, api.http_port, limits).start()
+                HttpInferenceServer(self.served, api.http_host, api.http_port, limits, self.tap).start()
             )
 
     @property

@@ -23,6 +23,7 @@ from agent.errors import EdgefleetError, InputValidationError, MisuseError, NoMo
 from agent.logs import log_event
 from agent.runtimes import load_model
 from agent.serving.model_holder import LoadedModel, ModelHolder
+from agent.telemetry.feedback import PredictionLog
 from agent.telemetry.queue import ReportQueue
 from agent.telemetry.sketch import TelemetrySketch
 
@@ -50,9 +51,17 @@ class ModelCatalog:
 
 
 class TelemetryTap:
-    """Folds served requests into the sketch of the serving bundle; bounded, thread-safe."""
+    """Folds served requests into the sketch of the serving bundle; bounded, thread-safe.
 
-    def __init__(self, queue: ReportQueue, catalog: ModelCatalog, device_id: str, cohort: str) -> None:
+    It is also the local API's `FeedbackSink`: served rows are remembered in `predictions`
+    (a bounded ring) and labels sent later are matched there and folded into the serving
+    bundle's sketch (a label for a bundle no longer served counts as expired: its interval
+    was already reported).
+    """
+
+    def __init__(self, queue: ReportQueue, catalog: ModelCatalog, device_id: str, cohort: str,
+                 predictions: PredictionLog | None = None) -> None:
+        self.predictions = predictions or PredictionLog()
         self.queue = queue
         self.catalog = catalog
         self.device_id = device_id
@@ -107,6 +116,43 @@ class TelemetryTap:
                         log, "telemetry.fold_skipped", logging.WARNING, bundle=bundle_id, error=str(exc)
                     )
                 sketch.record_rejected()
+
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray]) -> list[str] | None:
+        """`FeedbackSink.record`: one prediction id per served row (None: not a one-output model)."""
+        bid = str(model.get("bundle_id") or "")
+        y = _single(outputs)
+        with self._lock:
+            sketch = self._sketch_for(bid) if bid else None
+        if sketch is None or y is None:
+            return None
+        return self.predictions.record(bid, sketch.performance.predicted(y))
+
+    def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:
+        """`FeedbackSink.submit`: match labels, fold them into the serving bundle's sketch."""
+        with self._lock:
+            current, sketch = self._bundle, self._sketch
+
+        def accepts(bid: str, label: float) -> bool:  # refused labels leave the row open
+            return sketch is None or bid != current or sketch.performance.accepts(label)
+
+        outcome = self.predictions.match(items, accepts)
+        unmatched = {"unknown": outcome.unknown, "expired": outcome.expired,
+                     "duplicate": outcome.duplicate, "invalid": outcome.invalid}
+        with self._lock:
+            sketch = self._sketch if self._bundle is not None else None
+            for bid, pairs in outcome.pairs.items():
+                if sketch is not None and bid == self._bundle:
+                    invalid = sketch.fold_labels(np.asarray(pairs.predicted), np.asarray(pairs.labels))
+                    outcome.matched -= invalid
+                    outcome.invalid += invalid
+                else:
+                    outcome.matched -= len(pairs.labels)
+                    outcome.expired += len(pairs.labels)
+                    unmatched["expired"] += len(pairs.labels)
+            if sketch is not None:
+                for what, n in unmatched.items():
+                    sketch.count_feedback(what, n)
+        return outcome.counts()
 
     def rejected(self, bundle_id: str) -> None:
         with self._lock:

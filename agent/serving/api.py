@@ -28,6 +28,7 @@ import numpy as np
 
 from agent.errors import (
     EdgefleetError,
+    FeedbackDisabledError,
     InputValidationError,
     MessageError,
     NoModelLoadedError,
@@ -114,6 +115,21 @@ class PredictorSlot:
         return current.info()
 
 
+@runtime_checkable
+class FeedbackSink(Protocol):
+    """Where prediction ids come from and labels go (the daemon's telemetry tap is one).
+
+    `record` is called after every successful prediction with the serving model's info and
+    its outputs, and returns one id per row (None: this model's predictions are not tracked).
+    `submit` matches `(prediction_id, label)` pairs and returns the outcome counts (`matched`,
+    `unknown`, `expired`, `duplicate`, `invalid`); it never raises for bad items.
+    """
+
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray]) -> list[str] | None: ...
+
+    def submit(self, items: list[tuple[object, object]]) -> dict[str, int]: ...
+
+
 @dataclass(frozen=True)
 class ApiLimits:
     """Bounds on what one request may cost the device."""
@@ -135,6 +151,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     """HTTP-style status and a short error code for an exception raised while serving."""
     if isinstance(exc, RequestTooLargeError):
         return 413, "too_large"
+    if isinstance(exc, FeedbackDisabledError):
+        return 404, "feedback_disabled"
     if isinstance(exc, InputValidationError):
         return 400, "invalid_input"
     if isinstance(exc, MessageError):
@@ -158,9 +176,12 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
 class InferenceService:
     """Decode, bound, predict, encode: the part of a request both transports share."""
 
-    def __init__(self, predictor: Predictor, limits: ApiLimits | None = None) -> None:
+    def __init__(
+        self, predictor: Predictor, limits: ApiLimits | None = None, feedback: FeedbackSink | None = None
+    ) -> None:
         self.predictor = predictor
         self.limits = limits or ApiLimits()
+        self.feedback = feedback
 
     def check_body_size(self, size: int) -> None:
         """Raises `RequestTooLargeError` if a body of `size` bytes is over the limit."""
@@ -180,6 +201,14 @@ class InferenceService:
 
         Raises `RequestTooLargeError`, `InputValidationError`, `NoModelLoadedError`, `RuntimeFailure`.
         """
+        outputs, model, _ = self.predict_ids(inputs)
+        return outputs, model
+
+    def predict_ids(
+        self, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str] | None]:
+        """`predict` plus one prediction id per row (None without a feedback sink or when the
+        model's predictions are not tracked). Raises as `predict`."""
         for name, arr in inputs.items():
             if arr.ndim:
                 self._check_batch(name, arr.shape[0])
@@ -187,7 +216,42 @@ class InferenceService:
         target: Predictor = snapshot() if snapshot is not None else self.predictor
         outputs = target.predict(inputs)
         info = target.info()
-        return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}
+        ids = self.feedback.record(info, outputs) if self.feedback is not None else None
+        return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}, ids
+
+    def submit_feedback(self, labels: Any) -> dict[str, int]:
+        """Match a batch of labels: `labels` is a list of `{"prediction_id": str, "label": number}`.
+
+        Raises `MessageError` (400) when the batch is not such a list, `RequestTooLargeError`
+        (413) over `max_batch` items, `FeedbackDisabledError` (404) when this service has no sink.
+        Unknown, expired, duplicate ids and unusable labels are counted, not refused.
+        """
+        if self.feedback is None:
+            raise FeedbackDisabledError("this agent does not track predictions (no feedback sink)")
+        if not isinstance(labels, list):
+            raise MessageError('feedback must be {"labels": [{"prediction_id": "...", "label": 1}, ...]}')
+        if len(labels) > self.limits.max_batch:
+            raise RequestTooLargeError(
+                f"{len(labels)} labels in one call, the limit is {self.limits.max_batch}"
+            )
+        items: list[tuple[object, object]] = []
+        for i, item in enumerate(labels):
+            if not isinstance(item, dict) or "prediction_id" not in item or "label" not in item:
+                raise MessageError(f'feedback item {i}: expected {{"prediction_id": "...", "label": ...}}')
+            items.append((item["prediction_id"], item["label"]))
+        return self.feedback.submit(items)
+
+    def decode_feedback_json(self, body: bytes) -> Any:
+        """The `labels` list of a JSON feedback body. Raises `MessageError`."""
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MessageError(f"body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or "labels" not in doc:
+            raise MessageError(
+                'body must be a JSON object {"labels": [{"prediction_id": "...", "label": 1}]}'
+            )
+        return doc["labels"]
 
     def model_info(self) -> dict[str, Any]:
         """The served model's info. Raises `NoModelLoadedError` if there is none."""
@@ -227,11 +291,15 @@ class InferenceService:
         return arrays
 
     @staticmethod
-    def encode_json(outputs: Mapping[str, np.ndarray], model: dict[str, str]) -> bytes:
-        """The JSON response `{"outputs": {...}, "model": {name, version}}`."""
-        return json.dumps(
-            {"outputs": {k: v.tolist() for k, v in outputs.items()}, "model": model}, separators=(",", ":")
-        ).encode()
+    def encode_json(
+        outputs: Mapping[str, np.ndarray], model: dict[str, str], ids: list[str] | None = None
+    ) -> bytes:
+        """The JSON response `{"outputs": {...}, "model": {name, version}}`, plus
+        `"prediction_ids": [...]` (one per row) when predictions are tracked."""
+        doc: dict[str, Any] = {"outputs": {k: v.tolist() for k, v in outputs.items()}, "model": model}
+        if ids is not None:
+            doc["prediction_ids"] = ids
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     # --- npy -----------------------------------------------------------------------------
     def single_input_name(self) -> str:
@@ -274,12 +342,14 @@ _decoded_heads: dict[bytes, tuple[dict[str, Any], list[tuple[str, np.dtype[Any],
 
 
 def encode_frame(
-    header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None, cache_key: Hashable | None = None
+    header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None, cache_key: Hashable | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """One framed message: prefix, JSON header (with array descriptors added) and raw payload.
 
     `cache_key` must identify `header` completely (without its arrays); headers are then
-    encoded once per key and array layout.
+    encoded once per key and array layout. `extra` holds per-message header fields (the
+    prediction ids) spliced into the cached header, so the cache still pays.
     """
     parts: list[bytes] = []
     descs: list[tuple[str, str, tuple[int, ...]]] = []
@@ -300,6 +370,8 @@ def encode_frame(
             if len(_encoded_heads) >= _HEAD_CACHE_MAX:
                 _encoded_heads.clear()
             _encoded_heads[key] = head
+    if extra:
+        head = head[:-1] + b"," + json.dumps(extra, separators=(",", ":")).encode()[1:]
     payload = parts[0] if len(parts) == 1 else b"".join(parts)
     return FRAME.pack(MAGIC, len(head), len(payload)) + head + payload
 

@@ -63,6 +63,7 @@ class UnixInferenceClient:
         self._sock: socket.socket | None = None
         self._stream: Any = None
         self.last_model: dict[str, Any] = {}
+        self.last_prediction_ids: list[str] = []
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -109,7 +110,14 @@ class UnixInferenceClient:
         arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in inputs.items()}
         reply, out = self.call({"op": "predict"}, arrays, cache_key="predict")
         self.last_model = reply.get("model", {})
+        self.last_prediction_ids = list(reply.get("prediction_ids") or [])
         return out
+
+    def feedback(self, labels: Mapping[str, Any]) -> dict[str, int]:
+        """Send labels for earlier predictions (`{prediction_id: label}`); returns the counts
+        (`matched`, `unknown`, `expired`, `duplicate`, `invalid`)."""
+        body = [{"prediction_id": k, "label": v} for k, v in labels.items()]
+        return dict(self.call({"op": "feedback", "labels": body})[0]["feedback"])
 
     def info(self) -> dict[str, Any]:
         """The served model's info (name, version, runtime, inputs, outputs)."""
@@ -144,6 +152,7 @@ class HttpInferenceClient:
         self.host, self.port, self.timeout = host, port, timeout
         self._conn: http.client.HTTPConnection | None = None
         self.last_model: dict[str, Any] = {}
+        self.last_prediction_ids: list[str] = []
 
     def request(
         self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"
@@ -184,7 +193,13 @@ class HttpInferenceClient:
         body = json.dumps({"inputs": {k: np.asarray(v).tolist() for k, v in inputs.items()}}).encode()
         doc = self._json("POST", "/v1/predict", body)
         self.last_model = doc.get("model", {})
+        self.last_prediction_ids = list(doc.get("prediction_ids") or [])
         return {k: np.asarray(v) for k, v in doc["outputs"].items()}
+
+    def feedback(self, labels: Mapping[str, Any]) -> dict[str, int]:
+        """Send labels for earlier predictions (`{prediction_id: label}`); returns the counts."""
+        body = json.dumps({"labels": [{"prediction_id": k, "label": v} for k, v in labels.items()]})
+        return dict(self._json("POST", "/v1/feedback", body.encode())["feedback"])
 
     def predict_npy(self, x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Send one array as `.npy` (single-input models); returns the output (or a dict for npz)."""
@@ -197,6 +212,9 @@ class HttpInferenceClient:
             "name": headers.get("x-model-name", ""),
             "version": headers.get("x-model-version", ""),
         }
+        first, count = headers.get("x-prediction-id", ""), int(headers.get("x-prediction-count", "0") or 0)
+        epoch, _, n = first.rpartition("-")
+        self.last_prediction_ids = [f"{epoch}-{int(n) + i}" for i in range(count)] if n.isdigit() else []
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             return loaded

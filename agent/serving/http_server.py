@@ -5,7 +5,8 @@ extra) uvicorn parses with h11 in pure Python, and a raw-ASGI no-op echo took 22
 keep-alive round trip against 231 µs for this server's no-op echo, so uvicorn buys nothing
 here and would add two dependencies to every device.
 
-Routes: `GET /v1/health`, `GET /v1/model`, `POST /v1/predict` (JSON or `application/x-npy`).
+Routes: `GET /v1/health`, `GET /v1/model`, `POST /v1/predict` (JSON or `application/x-npy`),
+`POST /v1/feedback` (JSON labels for earlier prediction ids).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 
 from agent.errors import MessageError, RequestTooLargeError
 from agent.logs import log_event
-from agent.serving.api import ApiLimits, InferenceService, Predictor, error_body
+from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 
 _log = logging.getLogger("edgefleet.inference_api.http")
-ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST"}
+ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST", "/v1/feedback": "POST"}
 
 
 class _Server(ThreadingHTTPServer):
@@ -113,22 +114,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, doc)
 
     def do_POST(self) -> None:
-        if self._route("POST") is None:
+        path = self._route("POST")
+        if path is None:
             return
         service = self.server.service
         try:
             body = self._read_body(service)
             ctype = (self.headers.get("Content-Type") or "application/json").split(";", 1)[0].strip().lower()
-            if ctype == "application/x-npy":
+            if path == "/v1/feedback" and ctype == "application/json":
+                counts = service.submit_feedback(service.decode_feedback_json(body))
+                self._send_json(200, {"feedback": counts})
+            elif path == "/v1/feedback":
+                raise MessageError(f"Content-Type {ctype!r}: feedback is application/json")
+            elif ctype == "application/x-npy":
                 arr = service.decode_npy(body)
-                outputs, model = service.predict({service.single_input_name(): arr})
+                outputs, model, ids = service.predict_ids({service.single_input_name(): arr})
                 out, out_type = service.encode_npy(outputs)
-                self._send(
-                    200, out, out_type, {"X-Model-Name": model["name"], "X-Model-Version": model["version"]}
-                )
+                headers = {"X-Model-Name": model["name"], "X-Model-Version": model["version"]}
+                if ids:  # ids of one batch are consecutive: <epoch>-<n> .. <epoch>-<n + count - 1>
+                    headers |= {"X-Prediction-Id": ids[0], "X-Prediction-Count": str(len(ids))}
+                self._send(200, out, out_type, headers)
             elif ctype == "application/json":
-                outputs, model = service.predict(service.decode_json(body))
-                self._send(200, service.encode_json(outputs, model))
+                outputs, model, ids = service.predict_ids(service.decode_json(body))
+                self._send(200, service.encode_json(outputs, model, ids))
             else:
                 self._send_json(
                     415,
@@ -167,9 +175,10 @@ class HttpInferenceServer:
     """Serves a `Predictor` over HTTP on `host:port` (port 0 = pick a free one) until `stop()`."""
 
     def __init__(
-        self, predictor: Predictor, host: str = "127.0.0.1", port: int = 0, limits: ApiLimits | None = None
+        self, predictor: Predictor, host: str = "127.0.0.1", port: int = 0, limits: ApiLimits | None = None,
+        feedback: FeedbackSink | None = None,
     ) -> None:
-        self.service = InferenceService(predictor, limits)
+        self.service = InferenceService(predictor, limits, feedback)
         self.host = host
         self._requested_port = port
         self._server: _Server | None = None

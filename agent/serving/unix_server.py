@@ -22,6 +22,7 @@ from agent.logs import log_event
 from agent.serving.api import (
     FRAME,
     ApiLimits,
+    FeedbackSink,
     InferenceService,
     Predictor,
     decode_frame_body,
@@ -46,8 +47,11 @@ def _read_exact(stream: Any, n: int) -> bytes | None:
 class UnixInferenceServer:
     """Serves a `Predictor` on a Unix socket path (mode 0660) until `stop()`."""
 
-    def __init__(self, predictor: Predictor, path: Path, limits: ApiLimits | None = None) -> None:
-        self.service = InferenceService(predictor, limits)
+    def __init__(
+        self, predictor: Predictor, path: Path, limits: ApiLimits | None = None,
+        feedback: FeedbackSink | None = None,
+    ) -> None:
+        self.service = InferenceService(predictor, limits, feedback)
         self.limits = self.service.limits
         self.path = path
         self._sock: socket.socket | None = None
@@ -164,11 +168,16 @@ class UnixInferenceServer:
     def _dispatch(self, header: dict[str, Any], arrays: dict[str, Any]) -> bytes:
         op = header.get("op", "predict")
         if op == "predict":
-            outputs, model = self.service.predict(arrays)
+            outputs, model, ids = self.service.predict_ids(arrays)
             header = {"status": 200, "model": model}
-            return encode_frame(header, outputs, cache_key=("predict", model["name"], model["version"]))
+            extra = {"prediction_ids": ids} if ids is not None else None
+            return encode_frame(header, outputs, cache_key=("predict", model["name"], model["version"]),
+                                extra=extra)
+        if op == "feedback":
+            counts = self.service.submit_feedback(header.get("labels"))
+            return encode_frame({"status": 200, "feedback": counts})
         if op == "model":
             return encode_frame({"status": 200, "model": self.service.model_info()})
         if op == "health":
             return encode_frame({"status": 200, "health": self.service.health()})
-        raise MessageError(f"unknown op {op!r}; expected predict, model or health")
+        raise MessageError(f"unknown op {op!r}; expected predict, feedback, model or health")

@@ -37,6 +37,7 @@ from agent.contract.telemetry import (
     profile_digest,
 )
 from agent.errors import MisuseError
+from agent.telemetry.performance import PerformanceFolder
 
 ResourceProbe = Callable[[], tuple[int, float, float]]
 
@@ -172,8 +173,10 @@ class _Tensor:
     `buffer_rows` at a time, so the per-call cost is a row copy, not a sort and ~20 searches.
     """
 
-    def __init__(self, profiles: list[FeatureProfile], k: int, buffer_rows: int) -> None:
+    def __init__(self, profiles: list[FeatureProfile], k: int, buffer_rows: int,
+                 on_fold: Callable[[np.ndarray], None] | None = None) -> None:
         self.width = len(profiles)
+        self.on_fold = on_fold
         self.numeric = _NumericBlock([(j, p) for j, p in enumerate(profiles) if p.kind == "numeric"])
         self.categorical = [
             _CategoricalColumn(j, p, k) for j, p in enumerate(profiles) if p.kind == "categorical"
@@ -214,6 +217,8 @@ class _Tensor:
             self.numeric.fold(data)
         for col in self.categorical:
             col.fold(data)
+        if self.on_fold is not None:
+            self.on_fold(data)
 
     def snapshot(self) -> list[FeatureSketch]:
         self.flush()
@@ -253,7 +258,8 @@ class TelemetrySketch:
             raise MisuseError("telemetry: device_id must not be empty")
         self._lock = threading.Lock()
         self._inputs = _Tensor(list(profile.features), frequent_k, buffer_rows)
-        self._outputs = _Tensor(list(profile.outputs), frequent_k, buffer_rows)
+        self.performance = PerformanceFolder(profile)
+        self._outputs = _Tensor(list(profile.outputs), frequent_k, buffer_rows, self.performance.fold_outputs)
         self.device_id, self.model, self.version = device_id, model, version
         self.cohort = cohort
         self.profile_id = profile_id if profile_id is not None else profile_digest(profile)
@@ -303,6 +309,16 @@ class TelemetrySketch:
         with self._lock:
             self._rejected += n
 
+    def fold_labels(self, predicted: np.ndarray, labels: np.ndarray) -> int:
+        """Fold matched (prediction, label) pairs; returns the invalid ones (skipped, counted)."""
+        with self._lock:
+            return self.performance.fold_labels(predicted, labels)
+
+    def count_feedback(self, outcome: str, n: int = 1) -> None:
+        """Count labels that matched nothing (`unknown`, `expired`, `duplicate`, `invalid`)."""
+        with self._lock:
+            self.performance.count(outcome, n)
+
     def snapshot_and_reset(self) -> TelemetryReport:
         """The report of the interval since the last snapshot; starts a new interval."""
         with self._lock:
@@ -317,6 +333,7 @@ class TelemetrySketch:
                 rejected=self._rejected, cohort=self.cohort, profile_id=self.profile_id,
                 resources=Resources(max(rss, self._rss_max), max(0.0, cpu_u - self._cpu_u),
                                     max(0.0, cpu_s - self._cpu_s)),
+                performance=self.performance.snapshot_and_reset(),  # after the outputs' flush
             )
             self._next_seq += 1
             self._start, self._cpu_u, self._cpu_s, self._rss_max = now, cpu_u, cpu_s, 0

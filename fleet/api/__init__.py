@@ -23,6 +23,7 @@ from fleet.api import (
     keys,
     metrics_route,
     models,
+    performance,
     rollout_commands,
     rollouts,
     telemetry,
@@ -112,7 +113,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     install_error_handlers(app)
     document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit, telemetry):
+                   keys, audit, telemetry, performance):
         app.include_router(module.router)
     metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app

@@ -55,6 +55,17 @@ def _load_npy(path: Path | None, what: str) -> np.ndarray | None:
     help="Golden input rows (.npy); default: seeded rows of the reference data.",
 )
 @click.option(
+    "--holdout-data",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Held-out rows (.npy) with --holdout-labels: fits the confidence calibration map "
+         "the fleet estimates accuracy from without labels (classifiers).",
+)
+@click.option(
+    "--holdout-labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Class indices (.npy, one per --holdout-data row).",
+)
+@click.option(
     "--quantize",
     type=click.Choice(["none", "dynamic", "static"]),
     default=None,
@@ -85,6 +96,8 @@ def build_command(
     reference_data: Path | None,
     no_profile: bool,
     golden_inputs: Path | None,
+    holdout_data: Path | None,
+    holdout_labels: Path | None,
     quantize: str | None,
     output_kind: str | None,
     allow_larger_int8: bool,
@@ -97,6 +110,8 @@ def build_command(
     """
     if no_profile and reference_data is not None:
         raise click.UsageError("--no-profile and --reference-data exclude each other")
+    if (holdout_data is None) != (holdout_labels is None):
+        raise click.UsageError("--holdout-data and --holdout-labels go together")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fleet.registry.builder import (  # lazy: pydantic, onnx: `build` only
@@ -117,6 +132,8 @@ def build_command(
             meta = meta.model_copy(update={"quantization_gate": merged})
         ref = _load_npy(reference_data, "reference data")
         golden = _load_npy(golden_inputs, "golden inputs")
+        hold = _load_npy(holdout_data, "holdout data")
+        hold_labels = _load_npy(holdout_labels, "holdout labels")
         with Progress(
             TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
         ) as bar:
@@ -126,7 +143,7 @@ def build_command(
                 bar.update(task, description=step, completed=fraction)
 
             path = build_bundle(model, meta, out, reference_data=ref, golden_inputs=golden, progress=progress,
-                                no_profile=no_profile)
+                                no_profile=no_profile, holdout_data=hold, holdout_labels=hold_labels)
     except GateFailed as exc:
         figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(exc.figures.items()))
         raise click.ClickException(f"{exc.reason} ({figures})") from None
@@ -162,6 +179,8 @@ def _summary(manifest: Manifest, sha256: str, size: int) -> dict[str, Any]:
         "lineage": manifest.lineage.model_dump(),
         "golden_vectors": len(next(iter(manifest.golden.inputs.values()), [])),
         "profiled_features": len(manifest.reference_profile.features),
+        "performance": None if manifest.reference_profile.performance is None
+        else manifest.reference_profile.performance.model_dump(),
         "created_at": manifest.created_at,
     }
 

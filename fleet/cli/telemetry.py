@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.contract.manifest import ReferenceProfile
+from agent.contract.performance import PerformanceSketch, copy_performance, merge_performance_into
 from agent.contract.telemetry import NumericSketch, TelemetryReport, decode_report
 from agent.errors import MessageError
 from fleet.errors import FleetInputError
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.drift import report_drift
 from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
+from fleet.telemetry.performance import summarize
 
 out = Console()
 err = Console(stderr=True)
@@ -198,6 +201,65 @@ def decode(payload: Path) -> None:
         "outputs": len(rep.outputs),
     }
     out.print_json(json.dumps(_clean(summary)))
+
+
+@group.command()
+@db_option
+@click.option("--model", required=True)
+@click.option("--version", "version", required=True)
+@click.option("--cohort", default=None, help="Only this cohort (default: all merged).")
+@click.option("--since-hours", type=float, default=None, help="Only windows of the last N hours.")
+@click.option("--profile", "profile_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="The version's manifest (or profile) JSON: needed for the label-free "
+              "estimate (its calibration map's error band).")
+@click.option("--per-window", is_flag=True, help="One row per window instead of the whole range.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def performance(db: Path, model: str, version: str, cohort: str | None, since_hours: float | None,
+                profile_path: Path | None, per_window: bool, as_json: bool) -> None:
+    """Realised accuracy (or MAE) from device labels beside the estimated accuracy (CBPE)."""
+    prof = _load_profile(profile_path) if profile_path is not None else None
+    store = _store(db)
+    rows = store.windows(model, version, cohort, _since(since_hours))
+    store.close()
+    if not rows:
+        raise click.ClickException(f"no telemetry for {model} {version}")
+    groups: dict[float | None, PerformanceSketch | None] = {}
+    for w in rows:
+        rep = w["report"]
+        assert isinstance(rep, TelemetryReport)
+        key = float(str(w["window_start"])) if per_window else None
+        acc = groups.get(key)
+        if rep.performance is None:
+            groups.setdefault(key, None)
+        elif acc is None:
+            groups[key] = copy_performance(rep.performance)
+        else:
+            try:
+                merge_performance_into(acc, rep.performance)
+            except MessageError as exc:
+                raise click.ClickException(f"windows do not merge: {exc}") from None
+    docs = []
+    for key, sketch in groups.items():
+        summary = summarize(sketch, prof)
+        docs.append({"window_start": key, **(asdict(summary) if summary is not None else {"task": None})})
+    if as_json:
+        out.print_json(json.dumps(_clean({"model": model, "version": version, "items": docs})))
+        return
+    table = Table("window (UTC)", "task", "labelled", "accuracy", "MAE", "estimated", "95 % band",
+                  "unknown", "expired")
+    for d in docs:
+        stamp = "all" if d["window_start"] is None else time.strftime(
+            "%Y-%m-%d %H:%M", time.gmtime(d["window_start"]))
+        fb = d.get("feedback") or {}
+        band = "-" if d.get("estimate_low") is None else f"{d['estimate_low']:.3f}-{d['estimate_high']:.3f}"
+        table.add_row(stamp, str(d.get("task") or "-"), str(d.get("labelled", 0)), _fmt(d.get("accuracy")),
+                      _fmt(d.get("mae")), _fmt(d.get("estimated_accuracy")), band,
+                      str(fb.get("unknown", 0)), str(fb.get("expired", 0)))
+    out.print(table)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m fleet.cli.telemetry`

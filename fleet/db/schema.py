@@ -267,6 +267,30 @@ telemetry_seen = Table(
     Column("received_at", Float),
     sa.Index("idx_telemetry_seen_received_at", "received_at"),
 )
+dataset_chunks = Table(  # uploads in flight (issue 13): a redelivered chunk is a duplicate key
+    "dataset_chunks", TELEMETRY,
+    Column("device_id", Text, primary_key=True),
+    Column("upload_id", Text, primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("total", Integer, nullable=False),
+    Column("sha256", Text, nullable=False),
+    Column("policy_id", Text, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+dataset_versions = Table(
+    "dataset_versions", TELEMETRY,
+    Column("dataset_id", Text, primary_key=True),
+    Column("policy_id", Text, nullable=False),
+    Column("device_id", Text, nullable=False),
+    Column("sha256", Text, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("columns", Integer, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("provenance", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("archive", LargeBinary, nullable=False),
+)
 telemetry_device_totals = Table(
     "telemetry_device_totals", TELEMETRY,
     Column("device_id", Text, primary_key=True),

@@ -38,6 +38,7 @@ from agent.contract.manifest import (
 from agent.errors import ManifestError, MisuseError
 from agent.logs import log_event
 from fleet.errors import FleetInputError, FleetMisuseError, FleetResourceError
+from fleet.registry.calibration import performance_spec
 from fleet.registry.model_runner import Runner, describe_model, make_runner
 from fleet.registry.profile import compute_reference_profile
 from fleet.registry.quantize import QuantizationGate, QuantizeMode, quantize_onnx
@@ -155,8 +156,15 @@ def build_bundle(
     golden_inputs: np.ndarray | None = None,
     progress: Progress | None = None,
     no_profile: bool = False,
+    holdout_data: np.ndarray | None = None,
+    holdout_labels: np.ndarray | None = None,
 ) -> Path:
     """Describe, optionally quantize, run, profile and write the bundle `out`.
+
+    `holdout_data` (held-out rows, never the training data) with `holdout_labels` (class
+    indices) fits the calibration map of a classifier's top-class confidence that the fleet
+    estimates accuracy from without labels (`fleet.registry.calibration`); it goes into the
+    reference profile's `performance` spec, so it needs `reference_data` too.
 
     Without `reference_data` the build is refused unless `no_profile` says so: the bundle then
     has no reference profile (drift monitoring does nothing for it) and cannot be quantized (a
@@ -207,6 +215,16 @@ def build_bundle(
     profile = None
     if reference is not None:
         profile = _profile(metadata, runner, inputs, outputs, reference, report)
+    if holdout_data is not None:
+        if profile is None or len(inputs) != 1:
+            raise FleetInputError("--holdout-data needs --reference-data and a single-input model")
+        report("calibrating confidence on holdout data", 0.85)
+        hold = np.asarray(holdout_data)
+        name, out_name, dtype = inputs[0].name, outputs[0].name, inputs[0].dtype
+        chunks = [runner({name: hold[i : i + PROFILE_BATCH_ROWS].astype(dtype)})[out_name]
+                  for i in range(0, hold.shape[0], PROFILE_BATCH_ROWS)]
+        spec = performance_spec(np.concatenate(chunks), holdout_labels)
+        profile = profile.model_copy(update={"performance": spec})
     report("writing bundle", 0.9)
     fields: dict[str, Any] = {
         "name": metadata.name,

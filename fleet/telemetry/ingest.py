@@ -30,6 +30,7 @@ import numpy as np
 from datasketches import kll_floats_sketch
 
 from agent.contract.manifest import ReferenceProfile
+from agent.contract.performance import check_performance_shape
 from agent.contract.telemetry import (
     MAX_DECOMPRESSED_BYTES,
     MAX_REPORT_BYTES,
@@ -191,6 +192,13 @@ class TelemetryStore:
                     return self._reject("profile_mismatch", str(exc))
                 if report.profile_id and report.profile_id != shape[2]:
                     return self._reject("profile_mismatch", f"profile_id {report.profile_id} != {shape[2]}")
+                if report.performance is not None:
+                    prof = self._profiles(report.model, report.version)
+                    try:
+                        if prof is not None:
+                            check_performance_shape(report.performance, prof)
+                    except MessageError as exc:
+                        return self._reject("performance_mismatch", str(exc))
             if self._seen(report.device_id, report.seq):
                 self.counters.duplicates += 1
                 return "duplicate"

@@ -46,6 +46,7 @@ from fleet.store import Store
 from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
 from fleet.telemetry.drift import DriftReport, report_drift
 from fleet.telemetry.ingest import TelemetryStore
+from fleet.telemetry.performance import PerformanceSummary, summarize
 from fleet.trust.keys import KeyStore
 from fleet.trust.repository import Repository
 
@@ -131,6 +132,7 @@ class DriftGauge:
     cohort: str
     window_start: float
     report: DriftReport
+    performance: PerformanceSummary | None = None  # labels / estimated accuracy of that window
 
     @property
     def series(self) -> int:
@@ -241,7 +243,8 @@ class DriftMonitor:
             return previous  # same window: the verdict cannot have changed
         cfg = self.alerts.config
         verdict = report_drift(profile, latest["report"], cfg.thresholds, cfg.method)
-        return DriftGauge(model, version, cohort, float(latest["window_start"]), verdict)
+        perf = summarize(latest["report"].performance, profile)
+        return DriftGauge(model, version, cohort, float(latest["window_start"]), verdict, perf)
 
     def drift_score(self, model: str, version: str, since: float) -> float | None:
         """Share of drifted input features over the windows since `since` (rollout gates'

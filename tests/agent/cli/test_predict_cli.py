@@ -115,3 +115,34 @@ def test_an_output_directory_that_does_not_exist_is_a_one_line_error(tmp_path: P
     errors = [line for line in res.stderr.splitlines() if "Error:" in line]
     assert errors == [f"Error: cannot write {out}: directory /nonexistent/dir does not exist"]
     assert "runtime.loaded" not in res.stderr  # refused before the model was even loaded
+
+
+@pytest.mark.integration
+def test_labels_file_prints_accuracy_and_confusion(tmp_path: Path) -> None:
+    np.save(tmp_path / "in.npy", X)
+    pred = REF.argmax(axis=1)
+    truth = np.where(np.arange(300) % 4 == 0, (pred + 1) % 4, pred)  # a quarter wrong
+    np.savetxt(tmp_path / "labels.txt", truth, fmt="%d")
+    res = _cli("--model-dir", _model_dir(tmp_path), tmp_path / "in.npy", "-o", tmp_path / "out.npy",
+               "--labels", tmp_path / "labels.txt")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc["task"] == "classification" and doc["labelled"] == 300 and doc["invalid"] == 0
+    assert doc["accuracy"] == pytest.approx(0.75)
+    expected = np.zeros((4, 4), int)
+    np.add.at(expected, (truth, pred), 1)
+    assert doc["confusion"] == expected.tolist()
+
+
+@pytest.mark.integration
+def test_labels_file_of_the_wrong_length_or_kind_is_a_clear_error(tmp_path: Path) -> None:
+    np.save(tmp_path / "in.npy", X)
+    np.save(tmp_path / "short.npy", np.zeros(299))
+    model_dir = _model_dir(tmp_path)
+    res = _cli("--model-dir", model_dir, tmp_path / "in.npy", "-o", tmp_path / "out.npy",
+               "--labels", tmp_path / "short.npy")
+    assert res.returncode == 2 and "299 labels for 300 input rows" in res.stderr
+    (tmp_path / "words.txt").write_text("cat\ndog\n")
+    res = _cli("--model-dir", model_dir, tmp_path / "in.npy", "-o", tmp_path / "out2.npy",
+               "--labels", tmp_path / "words.txt")
+    assert res.returncode == 1 and "cannot read labels" in res.stderr and "Traceback" not in res.stderr

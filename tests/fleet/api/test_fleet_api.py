@@ -26,7 +26,7 @@ from tests.support.postgres import Backend
 
 MUTATING = {"post", "put", "patch", "delete"}
 PUBLIC = {"/health", "/docs", "/openapi.json"}
-NEEDS_QUERY = {"/v1/drift/compare"}  # required query parameters: 422 without them
+NEEDS_QUERY = {"/v1/drift/compare", "/v1/telemetry/performance"}  # required query: 422 without them
 
 
 @dataclass

@@ -134,3 +134,26 @@ def test_inspect_json_feeds_telemetry_drift_through_a_pipe(tmp_path: Path) -> No
     assert empty.returncode == 1 and "profile is empty" in empty.stderr and "Traceback" not in empty.stderr
     junk = subprocess.run(f"echo '[1, 2]' | {drift}", shell=True, capture_output=True, text=True, timeout=120)
     assert junk.returncode == 1 and "standard input: not a reference profile" in junk.stderr
+
+def test_build_with_holdout_ships_a_calibration_map(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    (tmp_path / "m.onnx").write_bytes(make_mlp_onnx(0))
+    np.save(tmp_path / "ref.npy", rng.standard_normal((300, 32)).astype(np.float32))
+    np.save(tmp_path / "hold.npy", rng.standard_normal((400, 32)).astype(np.float32))
+    np.save(tmp_path / "labels.npy", rng.integers(0, 4, 400))
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "mlp", "version": "1.0.0"}))
+    common = ["build", tmp_path / "m.onnx", "--metadata", tmp_path / "meta.json", "--reference-data",
+              tmp_path / "ref.npy", "-o", tmp_path / "b.efb"]
+    lonely = _cli(*common, "--holdout-data", tmp_path / "hold.npy")
+    assert lonely.returncode == 2 and "go together" in lonely.stderr
+    np.save(tmp_path / "bad.npy", np.full(400, 9))
+    bad = _cli(*common, "--holdout-data", tmp_path / "hold.npy", "--holdout-labels", tmp_path / "bad.npy")
+    assert bad.returncode == 1 and "class indices 0..3" in bad.stderr and "Traceback" not in bad.stderr
+    labels = tmp_path / "labels.npy"
+    built = _cli(*common, "--holdout-data", tmp_path / "hold.npy", "--holdout-labels", labels)
+    assert built.returncode == 0, built.stderr
+    shown = _cli("inspect", tmp_path / "b.efb", "--json")
+    assert shown.returncode == 0, shown.stderr
+    perf = json.loads(shown.stdout)["performance"]
+    assert perf["task"] == "classification" and perf["classes"] == 4 and perf["scores"] == "logits"
+    assert perf["calibration"]["holdout_rows"] == 400 and len(perf["calibration"]["bin_se"]) == 20

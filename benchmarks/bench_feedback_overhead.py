@@ -1,0 +1,74 @@
+"""What prediction ids cost the serving path, and what matching labels costs.
+
+In one process, the daemon's serving glue (`ServedModel` + `TelemetryTap`) over the real MLP
+32-64-64-4 (onnxruntime, batch 1) with a calibrated 4-class profile; `InferenceService.predict_ids`
+with the tap as feedback sink (ids recorded per request) against the same service without a
+sink (the baseline, same run), interleaved in rounds so load hits both alike; medians. Then
+`TelemetryTap.submit` of 1,000-label batches: microseconds per label, matched and folded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.serving.api import InferenceService
+from agent.serving.model_holder import ModelHolder
+from agent.telemetry.queue import ReportQueue
+from fleet.registry.calibration import performance_spec
+from fleet.registry.profile import compute_reference_profile
+from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
+
+NAME = "feedback_overhead"
+DESCRIPTION = "per-request cost of prediction ids (in-process serving glue) and per-label matching cost"
+
+ROUNDS, PER_ROUND = 15, 400
+
+
+def run() -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        model = make_mlp_onnx(0)
+        (d / "m.onnx").write_bytes(model)
+        x = np.random.default_rng(0).standard_normal((4000, 32)).astype(np.float32)
+        out = mlp_reference(x, mlp_weights(0))
+        profile = compute_reference_profile(x, [f"f{i}" for i in range(32)], outputs=out)
+        profile = profile.model_copy(update={"performance": performance_spec(out, out.argmax(axis=1))})
+        manifest = mlp_manifest(model).model_copy(update={"reference_profile": profile})
+        catalog, holder = ModelCatalog(1), ModelHolder()
+        holder.swap(catalog.load(d / "m.onnx", manifest, 1), manifest.bundle_id, keep_previous=False)
+        queue = ReportQueue(d / "q.sqlite")
+        tap = TelemetryTap(queue, catalog, "dev", "c")
+        served = ServedModel(holder, catalog, tap)
+        services = {"ids": InferenceService(served, feedback=tap), "baseline": InferenceService(served)}
+        row = {"x": x[:1]}
+        times: dict[str, list[float]] = {k: [] for k in services}
+        for _ in range(ROUNDS):
+            for name, svc in services.items():
+                t0 = time.perf_counter()
+                for _ in range(PER_ROUND):
+                    svc.predict_ids(row)
+                times[name].append((time.perf_counter() - t0) / PER_ROUND * 1e6)
+        ids: list[str] = []
+        for i in range(0, 4000, 500):
+            _, _, got = services["ids"].predict_ids({"x": x[i : i + 500]})
+            ids += got or []
+        t0 = time.perf_counter()
+        for i in range(0, 4000, 1000):
+            tap.submit([(pid, 1) for pid in ids[i : i + 1000]])
+        per_label = (time.perf_counter() - t0) / 4000 * 1e6
+        tap.flush(manifest.bundle_id)
+        holder.close()
+        queue.close()
+    ids_us, base_us = statistics.median(times["ids"]), statistics.median(times["baseline"])
+    return {
+        "predict_with_ids_us": ids_us,
+        "predict_baseline_us": base_us,
+        "prediction_id_overhead_us": ids_us - base_us,
+        "feedback_us_per_label": per_label,
+    }
