@@ -53,9 +53,25 @@ class FleetDatabase:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite_utils.Database]:
-        """A write transaction (nested calls become savepoints); rolls back on any exception."""
-        with self._lock, self.db.atomic():
-            yield self.db
+        """A write transaction (nested calls become savepoints); rolls back on any exception.
+
+        The outermost one is `BEGIN IMMEDIATE`: with several fleet processes on one file
+        (docs/scaling.md), a deferred transaction that read first and then writes fails at
+        once with "database is locked" when another process wrote meanwhile; an immediate
+        one waits for the write lock (busy timeout) before it reads anything."""
+        with self._lock:
+            if self.db.conn.in_transaction:
+                with self.db.atomic():
+                    yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     @contextmanager
     def read(self) -> Iterator[sqlite_utils.Database]:

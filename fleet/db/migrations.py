@@ -266,12 +266,41 @@ def _m005_experiment_sequential(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m006_cluster(db: sqlite_utils.Database) -> None:
+    """Several fleet processes on one database (issue 11): the leader lease of the rollout
+    controller and drift monitor (`fleet.cluster.lease`), and device events stored once per
+    (device, seq) whichever ingest worker got them (`fleet.delivery.event_log`), so the
+    controller (possibly in another process) applies each exactly once."""
+    _script(
+        db,
+        """
+        CREATE TABLE leases (
+            name TEXT PRIMARY KEY,                  -- e.g. "controller"
+            holder TEXT NOT NULL DEFAULT '',        -- process id of the holder ('' = never held)
+            fencing_token INTEGER NOT NULL DEFAULT 0,  -- +1 at every change of holder
+            expires_at REAL NOT NULL DEFAULT 0      -- clock seconds
+        );
+        CREATE TABLE device_events (
+            device_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            payload BLOB NOT NULL,                  -- the event as received (validated JSON)
+            received_at REAL NOT NULL,
+            handled_at REAL,                        -- applied by the controller
+            handled_token INTEGER,                  -- the leader's fencing token when applied
+            PRIMARY KEY (device_id, seq)
+        );
+        CREATE INDEX device_events_open ON device_events(handled_at, received_at);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
     (3, "experiment devices", _m003_experiment_devices),
     (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
     (5, "experiment sequential tests", _m005_experiment_sequential),
+    (6, "leader lease and device events", _m006_cluster),
 ]
 
 

@@ -15,6 +15,11 @@ Why this shape: the pure functions of `fleet.rollouts.machine` (and, per device,
 `fleet.rollouts.device_verdicts`) decide; this module does the I/O. Every state change goes
 through the table and is written with what it implies (runtime phase, stage clock, consumed
 command) in one transaction, before the work it leads to, so a restarted fleet resumes.
+
+Several fleet processes (docs/scaling.md): only the leader ticks (`Leadership.is_leader`), and
+every transaction of a tick first checks the leader's fencing token (`Leadership.fence`), so a
+stale leader's writes roll back. Device events then come from the database (`EventLog`, written
+by whichever ingest worker got them) and are marked handled in the transaction applying them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
@@ -31,6 +37,8 @@ from typing import Any, Protocol
 from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
 from agent.logs import log_event
+from fleet.cluster.lease import LeaseLost
+from fleet.delivery.event_log import EventLog
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.periodic import PeriodicRunner
@@ -74,6 +82,22 @@ class TargetSource(Protocol):
     def load(self, role: str) -> Any: ...
 
 
+class Leadership(Protocol):
+    """What the controller needs of `fleet.cluster.leader.LeaderElector`."""
+
+    def is_leader(self) -> bool: ...
+
+    def fence(self) -> int: ...
+
+
+class _Always:
+    def is_leader(self) -> bool:
+        return True
+
+    def fence(self) -> int:
+        return 0
+
+
 class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
@@ -106,8 +130,11 @@ class RolloutController:
 
     def __init__(self, store: Store, repository: TargetSource, signer: DirectorIssuer,
                  publisher: DesiredPublisher | None, clock: Callable[[], float] = time.time,
-                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None) -> None:
+                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None,
+                 leadership: Leadership | None = None, event_log: EventLog | None = None) -> None:
         self.store = store
+        self.leadership: Leadership = leadership or _Always()
+        self.event_log = event_log  # None: events arrive through `on_event` (one process)
         self.records = RolloutRecords(store)
         self.repository = repository
         self.signer = signer
@@ -145,16 +172,35 @@ class RolloutController:
         self._events.append((device_id, event))
         self._wake.set()
 
+    def wake(self) -> None:
+        """Tick soon (an event was stored, the lease was acquired)."""
+        self._wake.set()
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """A store transaction that first checks the leader's fencing token (`LeaseLost`)."""
+        with self.store.tx():
+            self.leadership.fence()
+            yield
+
     # -- one pass -------------------------------------------------------------------------------
     def tick(self) -> None:
         """Apply queued events, then drive every active rollout once (thread-safe)."""
+        if not self.leadership.is_leader():
+            return
         with self._tick_lock:
-            self._apply_events()
-            for ro in self.records.active_rollouts():
-                try:
-                    self._drive(ro)
-                except FleetError as exc:
-                    log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id, error=str(exc))
+            try:
+                self._apply_events()
+                for ro in self.records.active_rollouts():
+                    try:
+                        self._drive(ro)
+                    except LeaseLost:
+                        raise
+                    except FleetError as exc:
+                        log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id,
+                                  error=str(exc))
+            except LeaseLost as exc:  # a newer leader acts now; this tick's last write rolled back
+                log_event(logger, "rollout.not_leader", logging.WARNING, error=str(exc))
 
     def _snapshot(self, ro: Rollout, rt: RolloutRuntime | None,
                   queued: list[RolloutCommand]) -> RolloutSnapshot:
@@ -168,7 +214,7 @@ class RolloutController:
         the runtime columns it implies and the command it consumes. Returns the fresh record."""
         state = machine.run_events(ro.state, decision.events)
         stage = ro.stage if decision.stage is None else decision.stage
-        with self.store.tx():
+        with self._tx():
             fresh = ro
             if (ro.state, ro.stage) != (state, stage):
                 fresh = self.store.rollouts.set_state(ro.id, state, stage, self.config.actor, decision.note)
@@ -266,7 +312,7 @@ class RolloutController:
             self._apply(ro, rt, Decision((RolloutEvent.START_FAILED,), note=f"cannot start: {exc}"), now)
             return None
         started = Decision((RolloutEvent.STARTED,), note=f"{len(devices)} devices, strategy {cfg.kind}")
-        with self.store.tx():
+        with self._tx():
             self._apply(ro, rt, started, now)
             self.records.add_devices(ro.id, devices)
             return self.records.init_runtime(ro.id, _bundle_id(ref), ref.path, now)
@@ -292,7 +338,7 @@ class RolloutController:
         event = machine.breach_event(cfg)
         log_event(logger, "rollout.gate_breach", logging.WARNING, rollout=rid, action=cfg.on_breach,
                   note=note)
-        with self.store.tx():
+        with self._tx():
             self.records.update_runtime(rid, breach=GateBreach(ro.stage, False, items))
             self.store.audit.record(f"{self.config.actor}:gates", "rollout.gate_breach", f"rollouts/{rid}",
                                     None, {"stage": ro.stage, "action": cfg.on_breach, "breaches": items})
@@ -329,7 +375,7 @@ class RolloutController:
             published.append(r.device_id)
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
         # commits leaves them pending: the next tick sends newer documents, which is harmless.
-        with self.store.tx():
+        with self._tx():
             for dev in published:
                 self.records.supersede(dev, rid)
                 self.records.update_device(rid, dev, "assigned", stage=stage, assigned_at=now,
@@ -345,12 +391,13 @@ class RolloutController:
         open_rows = [r for r in rows if r.assigned_at is not None and r.outcome in (None, "timeout")]
         reports = self.records.reported_states([r.device_id for r in open_rows])
         changed = False
-        for r in open_rows:
-            update = forward_update(r, reports.get(r.device_id, NO_REPORT), rt.target_bundle, now, cfg,
-                                    self.config.clock_skew_s)
-            if update is not None:
-                self.records.update_device(rid, r.device_id, update.status, **update.fields)
-                changed = True
+        with self._tx():  # one transaction for the stage's verdicts (and one fence check)
+            for r in open_rows:
+                update = forward_update(r, reports.get(r.device_id, NO_REPORT), rt.target_bundle, now, cfg,
+                                        self.config.clock_skew_s)
+                if update is not None:
+                    self.records.update_device(rid, r.device_id, update.status, **update.fields)
+                    changed = True
         return self.records.progress(rid) if changed else rows
 
     def _apply_events(self) -> None:
@@ -358,6 +405,14 @@ class RolloutController:
             dev, ev = self._events.popleft()
             for e in self.records.open_entries_for(dev):
                 self._apply_event(e, dev, ev)
+        if self.event_log is None:
+            return
+        while batch := self.event_log.open_events():
+            with self._tx():  # applied and marked handled together, under the fencing token
+                for stored in batch:
+                    for e in self.records.open_entries_for(stored.device_id):
+                        self._apply_event(e, stored.device_id, stored.event)
+                self.event_log.mark_handled(((s.device_id, s.seq) for s in batch), self.leadership.fence())
 
     def _apply_event(self, e: OpenEntry, dev: str, ev: Event) -> None:
         if e.phase is not RuntimePhase.ROLLBACK and ev.type == "shadow_report" \
@@ -387,14 +442,15 @@ class RolloutController:
                     continue
                 if not self._send(rid, r.device_id, index[verdict.send_to], f"rollback of {rid}"):
                     return
-            self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)
+            with self._tx():
+                self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)
         end = machine.decide_revert_end(r.outcome for r in self.records.progress(rid))
         if end.events:
             self._apply(ro, rt, end, now)
 
     def _cancel(self, ro: Rollout, rt: RolloutRuntime | None, decision: Decision, now: float) -> None:
         """Stop at once: cancelled (runtime done, command consumed), open devices `skipped`."""
-        with self.store.tx():
+        with self._tx():
             self._apply(ro, rt, decision, now)
             for r in self.records.progress(ro.id):
                 if r.outcome not in FINAL_OUTCOMES:

@@ -9,6 +9,13 @@ the server clock). Merged windows are buffered in memory and written in batches 
 transaction per `flush`, which also adds each device's totals: fleet/telemetry/device_totals.py,
 since A/B experiments judge by device) to SQLite through sqlite-utils, WAL.
 
+Several ingest workers (a shared subscription, docs/scaling.md) may each get a copy of the same
+report: the in-memory check only catches this worker's own repeats, so a report is merged only
+once its (device, seq) row is *claimed* in the database at flush (`INSERT ... ON CONFLICT DO
+NOTHING RETURNING`, one statement per batch, the same on PostgreSQL): the worker whose insert
+won merges it, the other counts a duplicate. The claim, the window merges and the totals
+commit in one transaction, so a crash between them neither loses nor doubles a report.
+
 Across devices, quantiles of per-device figures (each report's mean latency) have no
 reference edges, so each window also keeps a datasketches KLL sketch of them.
 """
@@ -135,6 +142,7 @@ class TelemetryStore:
         self._lock = threading.RLock()
         self._pending: dict[tuple[str, str, str, float], _Window] = {}
         self._pending_seen: dict[tuple[str, int], float] = {}
+        self._batch: list[tuple[tuple[str, str, str, float], TelemetryReport]] = []  # merged at flush
         self._max_seq: dict[str, int] = {}
         self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
         self.counters = IngestCounters()
@@ -212,20 +220,7 @@ class TelemetryStore:
             stamp = min(report.interval_end, now + self.config.max_clock_skew_s)
             start = math.floor(stamp / self.config.window_s) * self.config.window_s
             key = (report.model, report.version, cohort if cohort is not None else report.cohort, start)
-            window = self._pending.get(key)
-            if window is None:
-                window = self._pending[key] = _Window(report, 0, set(), kll_floats_sketch(KLL_K))
-            else:
-                try:
-                    merge_into(window.report, report)  # the decoded first report owns its arrays
-                except MessageError as exc:
-                    return self._reject("profile_mismatch", str(exc))
-            window.reports += 1
-            self._device_totals.add(report, start)  # past the dedup and merge checks: once per report
-            if len(window.devices) < MAX_WINDOW_DEVICES:
-                window.devices.add(report.device_id)
-            if report.requests:
-                window.kll.update(report.latency_sum_s / report.requests)
+            self._batch.append((key, report))  # merged at flush, once its (device, seq) is claimed
             self._pending_seen[(report.device_id, report.seq)] = now
             self._max_seq[report.device_id] = max(self._max_seq.get(report.device_id, -1), report.seq)
             self.counters.accepted += 1
@@ -233,16 +228,62 @@ class TelemetryStore:
                 self.flush()
             return "accepted"
 
+    def _merge(self, key: tuple[str, str, str, float], report: TelemetryReport) -> None:
+        """Merge one claimed report into its pending window (and the device's totals)."""
+        window = self._pending.get(key)
+        if window is None:
+            # a copy owns the merged arrays: the batch's reports stay as received, so a failed
+            # flush can be retried without counting its first report twice
+            first = decode_report(encode_report(report), max_bytes=2**31)
+            window = self._pending[key] = _Window(first, 0, set(), kll_floats_sketch(KLL_K))
+        else:
+            try:
+                merge_into(window.report, report)  # the decoded first report owns its arrays
+            except MessageError as exc:
+                self.counters.accepted -= 1
+                self._reject("profile_mismatch", str(exc))
+                return
+        window.reports += 1
+        self._device_totals.add(report, key[3])  # past the dedup and merge checks: once per report
+        if len(window.devices) < MAX_WINDOW_DEVICES:
+            window.devices.add(report.device_id)
+        if report.requests:
+            window.kll.update(report.latency_sum_s / report.requests)
+
+    def _claim(self) -> set[tuple[str, int]]:
+        """Insert the batch's (device, seq) rows; those another worker stored first are left out
+        of the answer (call inside the flush transaction)."""
+        claimed: set[tuple[str, int]] = set()
+        items = list(self._pending_seen.items())
+        for i in range(0, len(items), 300):  # 3 parameters a row, well under SQLite's limit
+            part = items[i:i + 300]
+            values = ", ".join(["(?, ?, ?)"] * len(part))
+            sql = (f"INSERT INTO {SEEN_TABLE} (device_id, seq, received_at) VALUES {values} "  # noqa: S608
+                   "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq")
+            args = [v for (d, q), t in part for v in (d, q, t)]
+            claimed.update((str(d), int(q)) for d, q in self.db.execute(sql, args).fetchall())
+        return claimed
+
     def flush(self) -> int:
-        """Write buffered windows (merged with what is stored) and seen pairs in one
-        transaction; returns the number of windows written."""
+        """Claim the batch's (device, seq) pairs, merge the reports this worker won and write the
+        windows (merged with what is stored) in one transaction; returns the windows written."""
         with self._lock:
-            if not self._pending:
+            if not self._batch:
                 self._pending_seen.clear()
                 return 0
             now = self._clock()
             rows = []
-            with self.db.atomic():  # not `with conn`: sqlite-utils would commit each write on its own
+            # BEGIN IMMEDIATE: another worker's flush waits (busy timeout) instead of both reading a
+            # window and the second write failing or losing the first one's merge.
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                claimed = self._claim()
+                for key, report in self._batch:
+                    if (report.device_id, report.seq) in claimed:
+                        self._merge(key, report)
+                    else:  # another worker stored it first
+                        self.counters.accepted -= 1
+                        self.counters.duplicates += 1
                 for (model, version, cohort, start), w in self._pending.items():
                     stored = self.db.execute(
                         f"SELECT payload, reports, devices, latency_kll FROM {WINDOWS_TABLE} "  # noqa: S608
@@ -269,17 +310,21 @@ class TelemetryStore:
                         "devices": json.dumps(listed), "device_count": len(devices),
                         "latency_kll": kll.serialize(), "updated_at": now,
                     })
-                self.db.table(WINDOWS_TABLE).upsert_all(rows, pk=WINDOW_KEY)
+                if rows:
+                    self.db.table(WINDOWS_TABLE).upsert_all(rows, pk=WINDOW_KEY)
                 self._device_totals.write()
-                seen = self._pending_seen.items()
-                self.db.table(SEEN_TABLE).insert_all(
-                    ({"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen),
-                    pk=("device_id", "seq"), ignore=True, batch_size=500,
-                )
                 self.db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < ?",  # noqa: S608
                                 [now - self.config.seen_retention_s])
+            except BaseException:
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                self._pending.clear()
+                self._device_totals.clear()
+                raise
+            self.db.execute("COMMIT")
             self._pending.clear()
             self._pending_seen.clear()
+            self._batch.clear()
             self._device_totals.clear()
             return len(rows)
 
