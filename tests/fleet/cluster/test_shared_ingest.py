@@ -80,7 +80,8 @@ def test_the_packaged_acl_lets_the_fleet_user_share_device_topics(tmp_path: Path
     got: list[str] = []
     clients = []
     try:
-        for user, pw, port in (("fleet", FLEET_PW, broker.fleet_port), ("dev1", "pw-dev", broker.device_port)):
+        logins = (("fleet", FLEET_PW, broker.fleet_port), ("dev1", "pw-dev", broker.device_port))
+        for user, pw, port in logins:
             c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
             c.username_pw_set(user, pw)
             c.on_message = lambda c, u, m, who=user: got.append(f"{who}:{m.topic}")
