@@ -270,7 +270,9 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
     if Role.CONTROLLER in roles:
-        elector = LeaderElector(store, ttl_s=settings.cluster.leader_ttl_s, clock=now)
+        lease_db = Store(settings.db_path, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+        elector = LeaderElector(lease_db, ttl_s=settings.cluster.leader_ttl_s, clock=now, owns_store=True,
+                                guarded=store)
         controller = RolloutController(store, repo, signer, publisher, clock=now,
                                        config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
                                        leadership=elector, event_log=events)

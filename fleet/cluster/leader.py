@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from agent.logs import log_event
 from fleet.cluster.lease import LeaseLost, LeaseRepo, LeaseRow, Verdict, decide
+from fleet.db.database import FleetDatabase
 from fleet.errors import FleetInputError
 from fleet.periodic import PeriodicRunner
 from fleet.store import Store
@@ -45,17 +46,24 @@ class LeaderElector:
 
     def __init__(self, store: Store, lease: str = CONTROLLER_LEASE, holder: str | None = None,
                  ttl_s: float = DEFAULT_TTL_S, clock: Callable[[], float] = time.time,
-                 on_acquired: Callable[[], None] | None = None) -> None:
-        """Raises `FleetInputError` for a TTL outside 0.3 .. 600 s."""
+                 on_acquired: Callable[[], None] | None = None, owns_store: bool = False,
+                 guarded: FleetDatabase | None = None) -> None:
+        """`store` should be a connection of the elector's own (`owns_store`: closed at stop): on
+        a shared one, renewals queue behind the controller's long transactions in this process
+        and the lease expires under load. `guarded`: the database of the components it guards
+        (default `store`): `fence()` reads the token there, inside their transaction.
+        Raises `FleetInputError` for a TTL outside 0.3 .. 600 s."""
         if not 0.3 <= ttl_s <= 600:
             raise FleetInputError("leader lease ttl must be within 0.3 .. 600 s")
         self.store = store
         self.repo = LeaseRepo(store)
+        self._fence_repo = LeaseRepo(guarded if guarded is not None else store)
         self.lease = lease
         self.holder = holder or process_identity()
         self.ttl_s = ttl_s
         self.clock = clock
         self.on_acquired = on_acquired
+        self.owns_store = owns_store
         self._lock = threading.Lock()
         self._token: int | None = None
         self._valid_until = 0.0
@@ -78,6 +86,8 @@ class LeaderElector:
                 log_event(logger, "leader.released", lease=self.lease, holder=self.holder, token=token)
             except Exception as exc:  # the lease then expires by itself within the TTL
                 log_event(logger, "leader.release_failed", logging.WARNING, error=str(exc))
+        if self.owns_store:
+            self.store.close()
 
     # -- queries (any thread) --------------------------------------------------------------
     def is_leader(self) -> bool:
@@ -95,7 +105,7 @@ class LeaderElector:
         token = self.token
         if token is None or not self.is_leader():
             raise LeaseLost(f"not the leader of {self.lease!r}")
-        self.repo.check_fence(self.lease, token)
+        self._fence_repo.check_fence(self.lease, token)
         return token
 
     # -- one round -------------------------------------------------------------------------

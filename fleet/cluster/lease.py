@@ -48,11 +48,13 @@ class LeaseDecision:
 
 def decide(row: LeaseRow, me: str, now: float, ttl_s: float) -> LeaseDecision:
     """What `me` should do with the lease at `now` (seconds of the shared clock)."""
-    if row.holder == me and row.expires_at > now:
+    if row.holder == me:
+        # Still ours, even if it expired meanwhile (a slow renewal): any other holder in between
+        # would have changed holder and token, and the swap compares both, so keep the token.
         return LeaseDecision(Verdict.RENEW, LeaseRow(row.name, me, row.fencing_token, now + ttl_s))
-    if row.holder and row.holder != me and row.expires_at > now:
+    if row.holder and row.expires_at > now:
         return LeaseDecision(Verdict.STANDBY, None)
-    # free, expired, or ours but expired (someone may have acted since: new token all the same)
+    # free, or another holder's lease expired: take it with a new token
     return LeaseDecision(Verdict.ACQUIRE, LeaseRow(row.name, me, row.fencing_token + 1, now + ttl_s))
 
 
@@ -93,8 +95,10 @@ class LeaseRepo:
 
     def check_fence(self, name: str, token: int) -> None:
         """Raise `LeaseLost` unless `token` is still the lease's: call inside the transaction of
-        the action it guards, so a stale leader's action rolls back with it."""
-        with self.database.tx() as db:
+        the action it guards, so a stale leader's action rolls back with it. On SQLite that
+        transaction holds the write lock (BEGIN IMMEDIATE), so no acquisition can commit in
+        between; on PostgreSQL the read must be `SELECT ... FOR SHARE` for the same guarantee."""
+        with self.database.read() as db:
             found = db.execute("SELECT fencing_token FROM leases WHERE name = ?", [name]).fetchone()
         if found is None or int(found[0]) != token:
             raise LeaseLost(f"lease {name!r}: token {token} is stale (now {found[0] if found else None})")

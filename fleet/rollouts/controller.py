@@ -65,6 +65,7 @@ from fleet.rollouts.strategies import StrategyConfig, dispatch_quota, stage_targ
 from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.rollouts")
+ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
 
 
 class DesiredPublisher(Protocol):
@@ -102,6 +103,9 @@ class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
               reason: str = "") -> bytes: ...
+
+    def issue_many(self, target: TargetRef, device_ids: list[str], shadow: TargetRef | None = None,
+                   ttl: timedelta = ..., rollout_id: str | None = None, reason: str = "") -> list[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,20 @@ class RolloutController:
             return False
         return True
 
+    def _publish_batch(self, rid: str, devices: list[str], docs: list[bytes]) -> list[str]:
+        """Publish signed documents until the broker fails; returns the devices that got theirs."""
+        assert self.publisher is not None
+        sent: list[str] = []
+        for dev, doc in zip(devices, docs, strict=True):
+            try:
+                self.publisher.publish_desired(device_id=dev, document=doc)
+            except FleetTransportError as exc:
+                log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
+                          error=str(exc))
+                break
+            sent.append(dev)
+        return sent
+
     def _assign(self, rid: str, rt: RolloutRuntime, cfg: StrategyConfig, rows: list[DeviceProgress],
                 stage: int, now: float) -> int:
         """Send `rows` their forward documents (until the broker fails); returns how many went."""
@@ -369,10 +387,15 @@ class RolloutController:
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r.device_id for r in rows])
         published: list[str] = []
-        for r in rows:
-            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow):
+        # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
+        for i in range(0, len(rows), ASSIGN_BATCH):
+            batch = [r.device_id for r in rows[i:i + ASSIGN_BATCH]]
+            docs = self.signer.issue_many(ref, batch, shadow=shadow, ttl=self.config.document_ttl,
+                                          rollout_id=rid, reason=f"rollout {rid} stage {stage}")
+            sent = self._publish_batch(rid, batch, docs)
+            published += sent
+            if len(sent) < len(batch):
                 break
-            published.append(r.device_id)
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
         # commits leaves them pending: the next tick sends newer documents, which is harmless.
         with self._tx():
