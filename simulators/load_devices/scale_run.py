@@ -78,7 +78,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0)
     raise RuntimeError(f"fleet process did not listen on {port} within {timeout} s")
 
 
-def _serve(data_dir: Path, broker: str, role: str, log: Path, ttl_s: float) -> subprocess.Popen[bytes]:
+def serve_process(data_dir: Path, broker: str, role: str, log: Path,
+                  ttl_s: float = 5.0) -> subprocess.Popen[bytes]:
+    """`edgefleet fleet serve --role ROLE` on `data_dir` as a child process; returns once it listens."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFLEET_CLUSTER_LEADER_TTL_S": str(ttl_s),
            "EDGEFLEET_DEVICE_BROKER_URL": broker}
@@ -111,7 +113,8 @@ def run_scale(cfg: ScaleConfig, workdir: Path, host: str, port: int) -> ScaleRes
         register_devices(store, ids)
         for role, count in (("ingest", cfg.ingest_workers), ("controller", cfg.controllers)):
             for i in range(count):
-                procs.append(_serve(data_dir, broker, role, workdir / f"{role}-{i}.log", cfg.leader_ttl_s))
+                log = workdir / f"{role}-{i}.log"
+                procs.append(serve_process(data_dir, broker, role, log, cfg.leader_ttl_s))
         fleet.start()
         if not fleet.wait_connected(max(60.0, cfg.devices / 50)):
             raise RuntimeError(f"only {fleet.stats.connected} of {cfg.devices} load devices connected")
@@ -145,15 +148,21 @@ def run_scale(cfg: ScaleConfig, workdir: Path, host: str, port: int) -> ScaleRes
         return _verdict(store, rid, fleet, cfg, canary_s, failover_s, killed)
     finally:
         fleet.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
         store.close()
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (a clean stop), SIGKILL what has not exited after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _verdict(store: Store, rid: str, fleet: LoadFleet, cfg: ScaleConfig, canary_s: float,
