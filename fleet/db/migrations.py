@@ -270,7 +270,8 @@ def _m006_cluster(db: sqlite_utils.Database) -> None:
     """Several fleet processes on one database (issue 11): the leader lease of the rollout
     controller and drift monitor (`fleet.cluster.lease`), and device events stored once per
     (device, seq) whichever ingest worker got them (`fleet.delivery.event_log`), so the
-    controller (possibly in another process) applies each exactly once."""
+    controller (possibly in another process) applies each exactly once; and an index of rollout
+    progress by device, which fleet-scale stages need (`benchmarks/bench_rollout_scale.py`)."""
     _script(
         db,
         """
@@ -290,6 +291,9 @@ def _m006_cluster(db: sqlite_utils.Database) -> None:
             PRIMARY KEY (device_id, seq)
         );
         CREATE INDEX device_events_open ON device_events(handled_at, received_at);
+        -- a device's entries across rollouts (supersede, events): without it, each lookup scans
+        -- every rollout's progress rows, and a 10,000-device stage costs O(n^2)
+        CREATE INDEX rollout_progress_device ON rollout_progress(device_id);
         """
     )
 
@@ -300,7 +304,7 @@ MIGRATIONS: list[tuple[int, str, Migration]] = [
     (3, "experiment devices", _m003_experiment_devices),
     (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
     (5, "experiment sequential tests", _m005_experiment_sequential),
-    (6, "leader lease and device events", _m006_cluster),
+    (6, "leader lease, device events, progress by device", _m006_cluster),
 ]
 
 

@@ -399,11 +399,9 @@ class RolloutController:
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
         # commits leaves them pending: the next tick sends newer documents, which is harmless.
         with self._tx():
-            for dev in published:
-                self.records.supersede(dev, rid)
-                self.records.update_device(rid, dev, "assigned", stage=stage, assigned_at=now,
-                                           from_bundle=reports.get(dev, NO_REPORT).active_bundle, acked=0,
-                                           detail="")
+            self.records.supersede_many(published, rid)
+            ran = [(dev, reports.get(dev, NO_REPORT).active_bundle) for dev in published]
+            self.records.mark_assigned(rid, ran, stage, now)
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
         return len(published)
 

@@ -251,18 +251,35 @@ class RolloutRecords:
         with self.store.tx() as db:
             known = {r["device_id"] for r in db.query(
                 "SELECT device_id FROM rollout_progress WHERE rollout_id = ?", [rollout_id])}
-            for dev in device_ids:
-                if dev in known:
-                    continue
-                db.table("rollout_progress").insert(
-                    {"rollout_id": rollout_id, "device_id": dev, "ordinal": ordinal(rollout_id, dev),
-                     "from_bundle": None, "assigned_at": None, "acked": 0, "outcome": None,
-                     "revert_at": None, "detail": ""})
-                db.table("rollout_devices").upsert(
-                    {"rollout_id": rollout_id, "device_id": dev, "stage": 0, "status": "pending",
-                     "updated_at": now}, pk=("rollout_id", "device_id"))
-                added += 1
+            new = [dev for dev in dict.fromkeys(device_ids) if dev not in known]
+            # Two statements for the whole cohort (10,000 devices at fleet scale), not two per device.
+            db.conn.executemany(
+                "INSERT INTO rollout_progress (rollout_id, device_id, ordinal, from_bundle, assigned_at, "
+                "acked, outcome, revert_at, detail) VALUES (?, ?, ?, NULL, NULL, 0, NULL, NULL, '')",
+                [(rollout_id, dev, ordinal(rollout_id, dev)) for dev in new])
+            db.conn.executemany(
+                "INSERT INTO rollout_devices (rollout_id, device_id, stage, status, updated_at) "
+                "VALUES (?, ?, 0, 'pending', ?) ON CONFLICT (rollout_id, device_id) DO UPDATE SET "
+                "stage = 0, status = 'pending', updated_at = excluded.updated_at",
+                [(rollout_id, dev, now) for dev in new])
+            added = len(new)
         return added
+
+    def mark_assigned(self, rollout_id: str, assigned: list[tuple[str, str | None]], stage: int,
+                      at: float) -> None:
+        """Record a batch of forward documents sent: (device, bundle it ran) each; the bulk form of
+        `update_device(..., "assigned", stage=..., assigned_at=..., from_bundle=..., acked=0, detail="")`."""
+        now = self.store.now()
+        with self.store.tx() as db:
+            db.conn.executemany(
+                "UPDATE rollout_progress SET assigned_at = ?, from_bundle = ?, acked = 0, detail = '' "
+                "WHERE rollout_id = ? AND device_id = ?",
+                [(at, from_bundle, rollout_id, dev) for dev, from_bundle in assigned])
+            db.conn.executemany(
+                "INSERT INTO rollout_devices (rollout_id, device_id, stage, status, updated_at) "
+                "VALUES (?, ?, ?, 'assigned', ?) ON CONFLICT (rollout_id, device_id) DO UPDATE SET "
+                "stage = excluded.stage, status = excluded.status, updated_at = excluded.updated_at",
+                [(rollout_id, dev, stage, now) for dev, _ in assigned])
 
     def drop_revoked(self, rollout_id: str, now: float, reverting: bool) -> int:
         """Take revoked devices out of the rollout so they get no more director documents.
@@ -336,13 +353,22 @@ class RolloutRecords:
 
     def supersede(self, device_id: str, by_rollout: str) -> None:
         """A newer rollout took this device: close its open entries in other active rollouts."""
+        self.supersede_many([device_id], by_rollout)
+
+    def supersede_many(self, device_ids: list[str], by_rollout: str) -> None:
+        """`supersede` for a batch (one query per 500 devices)."""
+        rows = []
         with self.store.read() as db:
-            rows = list(db.query(
-                "SELECT p.rollout_id FROM rollout_progress p JOIN rollouts r ON r.id = p.rollout_id "
-                "WHERE p.device_id = ? AND p.rollout_id != ? AND p.outcome IS NULL "
-                "AND r.state IN ('running', 'paused', 'rolling_back')", [device_id, by_rollout]))
+            for i in range(0, len(device_ids), 500):
+                part = device_ids[i:i + 500]
+                marks = ", ".join("?" for _ in part)
+                rows += list(db.query(
+                    "SELECT p.rollout_id, p.device_id FROM rollout_progress p "  # noqa: S608 - placeholders
+                    "JOIN rollouts r ON r.id = p.rollout_id "
+                    f"WHERE p.device_id IN ({marks}) AND p.rollout_id != ? AND p.outcome IS NULL "
+                    "AND r.state IN ('running', 'paused', 'rolling_back')", [*part, by_rollout]))
         for r in rows:
-            self.update_device(r["rollout_id"], device_id, "skipped", outcome="skipped",
+            self.update_device(r["rollout_id"], r["device_id"], "skipped", outcome="skipped",
                                detail=f"superseded by {by_rollout}")
 
     # -- commands ---------------------------------------------------------------------------
