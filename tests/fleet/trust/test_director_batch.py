@@ -26,8 +26,8 @@ def test_a_batch_signs_each_device_its_own_next_document(tmp_path: Path) -> None
     docs = signer.issue_many(TARGET, ["d1", "d2", "d3"], rollout_id="r1", reason="stage 0")
     trust = DirectorTrust(keys={s.public_key.keyid: s.public_key for s in keys.signers("director")})
     now = datetime.now(UTC)
-    seqs = [verify_director(doc, trust, dev, [], 0, now).sequence for doc, dev in zip(docs, ["d1", "d2", "d3"],
-                                                                                      strict=True)]
+    pairs = zip(docs, ["d1", "d2", "d3"], strict=True)
+    seqs = [verify_director(doc, trust, dev, [], 0, now).sequence for doc, dev in pairs]
     assert seqs == [2, 1, 1]
     assert [signer.last_sequence(device_id=d) for d in ("d1", "d2", "d3")] == [2, 1, 1]
     with pytest.raises(DirectorError, match="addressed to device"):
