@@ -22,6 +22,7 @@ reference edges, so each window also keeps a datasketches KLL sketch of them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -234,7 +235,7 @@ class TelemetryStore:
         if window is None:
             # a copy owns the merged arrays: the batch's reports stay as received, so a failed
             # flush can be retried without counting its first report twice
-            first = decode_report(encode_report(report), max_bytes=2**31)
+            first = copy.deepcopy(report)
             window = self._pending[key] = _Window(first, 0, set(), kll_floats_sketch(KLL_K))
         else:
             try:
