@@ -24,6 +24,7 @@ from fleet.db.database import FleetDatabase
 
 logger = logging.getLogger(__name__)
 RETENTION_S = 14 * 24 * 3600.0
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class EventLog:
         self.database = database
         self.clock = clock
         self.duplicates = 0
+        self._pruned_at: float | None = None
 
     def record(self, device_id: str, event: Event) -> bool:
         """Store the event; False when (device, seq) is already stored (a redelivery)."""
@@ -78,6 +80,9 @@ class EventLog:
             db.conn.executemany("UPDATE device_events SET handled_at = ?, handled_token = ? "
                            "WHERE device_id = ? AND seq = ? AND handled_at IS NULL",
                            [(now, token, d, s) for d, s in keys])
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            self.prune()
 
     def prune(self, retention_s: float = RETENTION_S) -> int:
         """Forget handled events older than `retention_s` (an older redelivery then passes again)."""

@@ -431,8 +431,14 @@ class RolloutController:
         while batch := self.event_log.open_events():
             with self._tx():  # applied and marked handled together, under the fencing token
                 for stored in batch:
-                    for e in self.records.open_entries_for(stored.device_id):
-                        self._apply_event(e, stored.device_id, stored.event)
+                    try:
+                        for e in self.records.open_entries_for(stored.device_id):
+                            self._apply_event(e, stored.device_id, stored.event)
+                    except LeaseLost:
+                        raise
+                    except FleetError as exc:  # one bad event must not hold back every later one
+                        log_event(logger, "rollout.event_failed", logging.WARNING, device=stored.device_id,
+                                  seq=stored.seq, error=str(exc))
                 self.event_log.mark_handled(((s.device_id, s.seq) for s in batch), self.leadership.fence())
 
     def _apply_event(self, e: OpenEntry, dev: str, ev: Event) -> None:

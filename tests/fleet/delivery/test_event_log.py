@@ -82,3 +82,20 @@ def test_a_tampered_stored_event_is_skipped_not_fatal(tmp_path: Path) -> None:
     with store.read() as db:
         assert db.execute("SELECT handled_token FROM device_events").fetchone()[0] == -1
     store.close()
+
+
+@pytest.mark.integration
+def test_handled_events_are_pruned_after_the_retention(tmp_path: Path) -> None:
+    store = Store(tmp_path / "fleet.db")
+    now = [1000.0]
+    log = EventLog(store, clock=lambda: now[0])
+    log.record("d1", _event(1, 0))
+    log.record("d1", _event(1, 1))
+    log.mark_handled([("d1", 0)], token=1)  # also prunes (nothing old yet)
+    now[0] += 15 * 24 * 3600
+    log.record("d2", _event(2, 0))
+    log.mark_handled([("d2", 0)], token=1)  # an hour has passed: prunes the handled, old d1/0
+    with store.read() as db:
+        left = db.execute("SELECT device_id, seq FROM device_events ORDER BY device_id, seq").fetchall()
+    assert left == [("d1", 1), ("d2", 0)]  # the unhandled one stays, however old
+    store.close()
