@@ -174,9 +174,9 @@ def _verdict(store: Store, rid: str, fleet: LoadFleet, cfg: ScaleConfig, canary_
     with store.read() as db:
         outcomes = dict(db.execute("SELECT outcome, COUNT(*) FROM rollout_progress WHERE rollout_id = ? "
                                    "GROUP BY outcome", [rid]).fetchall())
-        handovers = [(r[0], r[1]) for r in db.execute(
-            "SELECT json_extract(before, '$.holder'), json_extract(after, '$.holder') FROM audit_log "
-            "WHERE action = 'leader.acquired' ORDER BY id").fetchall()]
+
+    entries = reversed(store.audit.list(None, 1000, action="leader.acquired").items)  # oldest first
+    handovers = [((e.before or {}).get("holder"), str(e.after["holder"])) for e in entries]
     succeeded = int(outcomes.get("succeeded", 0))
     lost = cfg.devices - succeeded
     if lost:
