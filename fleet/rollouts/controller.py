@@ -30,9 +30,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
 from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
@@ -43,6 +42,14 @@ from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
+from fleet.rollouts.controller_ports import (  # re-exported: callers import them from here
+    ControllerConfig,
+    DesiredPublisher,
+    DirectorIssuer,
+    Leadership,
+    TargetSource,
+    _Always,
+)
 from fleet.rollouts.device_verdicts import event_update, forward_update, revert_verdict
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
@@ -68,63 +75,8 @@ logger = logging.getLogger("edgefleet.fleet.rollouts")
 ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
 
 
-class DesiredPublisher(Protocol):
-    """What the controller needs of `fleet.delivery.publisher.Publisher`."""
-
-    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                        document: bytes) -> str: ...
-
-
-class TargetSource(Protocol):
-    """What the controller needs of `fleet.trust.repository.Repository`."""
-
-    def target_ref(self, target_path: str) -> TargetRef: ...
-
-    def load(self, role: str) -> Any: ...
-
-
-class Leadership(Protocol):
-    """What the controller needs of `fleet.cluster.leader.LeaderElector`."""
-
-    def is_leader(self) -> bool: ...
-
-    def fence(self) -> int: ...
-
-
-class _Always:
-    def is_leader(self) -> bool:
-        return True
-
-    def fence(self) -> int:
-        return 0
-
-
-class DirectorIssuer(Protocol):
-    def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
-              shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "") -> bytes: ...
-
-    def issue_many(self, target: TargetRef, device_ids: list[str], shadow: TargetRef | None = None,
-                   ttl: timedelta = ..., rollout_id: str | None = None, reason: str = "") -> list[bytes]: ...
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    """Tick period (and the least pause between ticks), the actor name in the audit log,
-    tolerated device clock skew, document TTL."""
-
-    tick_s: float = 0.5
-    min_tick_gap_s: float = 0.1  # capped at tick_s; see `RolloutController.__init__`
-    actor: str = "controller"
-    clock_skew_s: float = 5.0
-    document_ttl: timedelta = timedelta(days=7)
-    max_events: int = 100_000
-
-    def __post_init__(self) -> None:
-        if not 0.01 <= self.tick_s <= 3600:
-            raise FleetInputError("controller tick_s must be within 0.01..3600 s")
-        if not 0 <= self.min_tick_gap_s <= 3600:
-            raise FleetInputError("controller min_tick_gap_s must be within 0..3600 s")
+__all__ = ["ASSIGN_BATCH", "ControllerConfig", "DesiredPublisher", "DirectorIssuer", "Leadership",
+           "RolloutController", "TargetSource"]
 
 
 class RolloutController:
