@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
-from benchmarks.db_url import parse_database
+from benchmarks.db_url import parse_database, probe_postgres
 from fleet.registry.profile import compute_reference_profile
 from simulators.broker import BrokerSettings, start_broker
 from simulators.load_devices.scale_run import serve_process, stop_processes
@@ -98,6 +98,9 @@ def _run_workers(root: Path, workers: int, payloads: list[bytes]) -> float:
 
 def run(database: str | None = None) -> dict[str, float]:
     db = parse_database(database)
+    if database is None and probe_postgres():
+        print("ingest_scale: PostgreSQL answers on 127.0.0.1:5432, but this build's fleet/db opens SQLite "
+              "only: measuring SQLite (the metric names say so)")
     tag = db.backend
     payloads = _payloads()
     # Decoding the device id for the topic is the sender's cost, not the workers': pre-decode once.

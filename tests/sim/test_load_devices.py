@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.contract.protocol import Topics
+from agent.contract.telemetry import decode_report
 from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
@@ -23,6 +24,7 @@ from simulators.load_devices.fleet_setup import (
 )
 from simulators.load_devices.loop import LoadFleet
 from tests.support.broker import Broker, free_port
+from tests.support.telemetry import encoded_reports, small_profile
 
 STRATEGY = {"kind": "canary", "stages": [10, 50, 100], "bake_s": 0, "device_timeout_s": 120}
 
@@ -92,3 +94,17 @@ def test_a_load_device_refuses_stale_foreign_and_malformed_documents() -> None:
     assert set(dev.outbox) == {0, 1}  # accepted + committed wait for their PUBACK
     dev.acked(0)
     assert set(dev.outbox) == {1}
+
+
+@pytest.mark.unit
+def test_a_load_device_sends_telemetry_with_the_agents_encoder_and_keeps_it_until_acked() -> None:
+    payload = encoded_reports(small_profile(), "m", "1", "c", devices=1, shifts=[0.0], rows=20)[0]
+    template = decode_report(payload)
+    dev = LoadDevice("load-00007", Topics("edgefleet"), active="m-1")
+    out = [dev.telemetry(template, 1000.0 + i, 60.0) for i in range(2)]
+    reports = [decode_report(o.payload) for o in out]
+    assert [(r.device_id, r.seq) for r in reports] == [("load-00007", 0), ("load-00007", 1)]
+    assert reports[1].interval_end == 1001.0 and out[0].topic == "edgefleet/v1/devices/load-00007/telemetry"
+    assert set(dev.outbox) == {0, 1}
+    dev.acked(1)
+    assert set(dev.outbox) == {0}  # resent with the same seq on the next connect
