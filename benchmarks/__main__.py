@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(available)}")
     parser.add_argument("--json", type=Path, help="write all metrics as one JSON object to this file")
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
+    parser.add_argument("--database", default=None,
+                        help="database URL for the benchmarks that take one (rollout_scale, ingest_scale, "
+                             "fleet_scale): sqlite:///path or postgresql://...")
     args = parser.parse_args(argv)
     if args.list:
         for name, mod in available.items():
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.names or list(available):
         print(f"== {name}: {available[name].DESCRIPTION}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        result = available[name].run()
+        run = available[name].run
+        takes_db = "database" in inspect.signature(run).parameters
+        result = run(database=args.database) if takes_db else run()
         print(f"   done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         metrics.update(result)
     width = max((len(k) for k in metrics), default=10)

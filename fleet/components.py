@@ -17,10 +17,19 @@ start order:
    then the drift monitor (`fleet/telemetry/monitor.py`), which times ingest, evaluates
    closed windows for drift (alerts, retraining triggers, Prometheus gauges) and gives the
    gates their drift score;
-3. the `RolloutController`, then the A/B `ExperimentDriver`;
+3. the `LeaderElector` (`fleet/cluster/leader.py`), then the `RolloutController`, then the A/B
+   `ExperimentDriver`: they, the drift evaluation and the timestamp refresher act only while
+   this process holds the controller lease;
 4. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
+
+`roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
+components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
+`ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
+database (`fleet/delivery/event_log.py`), `controller` items 3-4 behind the lease. One
+process with every role (the default) subscribes without share groups, as it always did (it
+then also gets the retained reported states at start, which a shared subscription does not).
 
 The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
 `fleet.periodic.PeriodicRunner`.
@@ -38,15 +47,18 @@ alert database cannot be opened.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.logs import log_event
 from fleet.api.deps import ApiCollaborators
+from fleet.cluster.leader import LeaderElector
+from fleet.cluster.roles import ALL_ROLES, Role
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
-from fleet.delivery.dedupe import EventDeduper
-from fleet.delivery.publisher import Publisher
+from fleet.delivery.event_log import DurableEvents, EventLog
+from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
@@ -101,16 +113,18 @@ def ensure_trust(settings: FleetSettings, config: ServeConfig | None = None) -> 
 
 
 class PublisherComponent:
-    """`Publisher` as a service component (it already has start/stop)."""
+    """`Publisher` as a service component (it already has start/stop); `announce`: publish the
+    retained root and timestamp at start (the processes answering requests do)."""
 
     name = "publisher"
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, announce: bool = True) -> None:
         self.publisher = publisher
+        self.announce = announce
 
     def start(self) -> None:
         self.publisher.start()
-        for name in ("root.json", "timestamp.json"):
+        for name in ("root.json", "timestamp.json") if self.announce else ():
             try:
                 self.publisher.publish_metadata(name)
             except FleetError as exc:
@@ -121,18 +135,21 @@ class PublisherComponent:
 
 
 class TimestampRefresher:
-    """Re-sign the TUF timestamp every `interval_s` (job `timestamp-refresher` of its runner)."""
+    """Re-sign the TUF timestamp every `interval_s` (job `timestamp-refresher` of its runner);
+    with several controllers, only the leader does (`active`)."""
 
     name = "timestamp-refresher"
 
-    def __init__(self, repo: Repository, interval_s: float, publisher: Publisher | None = None) -> None:
+    def __init__(self, repo: Repository, interval_s: float, publisher: Publisher | None = None,
+                 active: Callable[[], bool] = lambda: True) -> None:
         self.repo = repo
         self.interval_s = interval_s
         self.publisher = publisher
+        self.active = active
         self.refreshed = 0
         # a failed refresh is logged and retried next period: an expired timestamp freezes the fleet
         self._runner = PeriodicRunner(logger)
-        self._runner.add(self.name, self.refresh, interval_s)
+        self._runner.add(self.name, lambda: self.refresh() if self.active() else None, interval_s)
 
     def refresh(self) -> int:
         """One refresh (and publish); returns the new timestamp version.
@@ -182,7 +199,8 @@ class TelemetryComponent:
 
 @dataclass
 class FleetParts:
-    """Every collaborator `fleet serve` builds, once, and its components in start order."""
+    """Every collaborator `fleet serve` builds, once, and its components in start order
+    (the controller's share is None in a process without the controller role)."""
 
     keystore: KeyStore
     repository: Repository
@@ -191,10 +209,12 @@ class FleetParts:
     telemetry: TelemetryStore
     alerts: AlertManager
     monitor: DriftMonitor
-    controller: RolloutController
-    experiments: ExperimentDriver
-    refresher: TimestampRefresher
+    controller: RolloutController | None
+    experiments: ExperimentDriver | None
+    refresher: TimestampRefresher | None
     components: list[Component]
+    elector: LeaderElector | None = None
+    events: EventLog | None = None
 
     @property
     def api(self) -> ApiCollaborators:
@@ -202,40 +222,65 @@ class FleetParts:
         return ApiCollaborators(repository=self.repository, publisher=self.publisher, monitor=self.monitor)
 
 
+def _publisher(settings: FleetSettings, roles: frozenset[Role]) -> Publisher:
+    """The MQTT side of a process: answers requests (publisher role), subscribes device messages
+    (ingest role), publishes director documents (controller role). Share groups when split."""
+    split = roles != ALL_ROLES
+    password = settings.broker_password.get_secret_value() if settings.broker_password else None
+    client_id = f"fleet-{settings.port}" if not split else \
+        f"fleet-{'-'.join(sorted(r.value for r in roles))}-{os.getpid()}"
+    cluster = settings.cluster
+    options = PublisherSettings(serve_requests=Role.PUBLISHER in roles,
+                                share_group=cluster.publish_share_group if split else None,
+                                ingest_share_group=cluster.ingest_share_group if split else None)
+    return Publisher(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
+                     settings.repo_dir, options)
+
+
 def build_components(settings: FleetSettings, store: Store, with_broker: bool,
                      config: ServeConfig | None = None,
-                     clock: Callable[[], float] | None = None) -> FleetParts:
-    """Everything `fleet serve` runs beside the API, each built once (see the module docstring).
-
-    Raises `FleetInputError` (bad broker URL) and `FleetMisuseError` (keys, alert database).
+                     clock: Callable[[], float] | None = None,
+                     roles: frozenset[Role] = ALL_ROLES) -> FleetParts:
+    """Everything `fleet serve` runs beside the API for `roles`, each built once (see the module
+    docstring). Raises `FleetInputError` (bad broker URL) and `FleetMisuseError` (keys, alert database).
     """
     cfg = config or ServeConfig()
+    now = clock or time.time
     keystore, repo = ensure_trust(settings, cfg)
     signer = DirectorSigner(keystore, settings.data_dir / "director", database=settings.director_database)
-    publisher: Publisher | None = None
     telemetry = TelemetryStore(settings.telemetry_database, IngestConfig(window_s=cfg.telemetry_window_s))
-    ingest = TelemetryComponent(telemetry)
     monitor = build_drift_monitor(settings, store, telemetry, clock, repository=repo)  # alerts, gauges
     metrics = TelemetryMetrics(telemetry, drift=monitor.drift_score)
+    needs_mqtt = bool(roles & {Role.PUBLISHER, Role.INGEST, Role.CONTROLLER})
+    publisher = _publisher(settings, roles) if with_broker and needs_mqtt else None
+    events = EventLog(store, now)
     components: list[Component] = []
-    if with_broker:
-        password = settings.broker_password.get_secret_value() if settings.broker_password else None
-        publisher = Publisher(broker_config(settings.broker_url, f"fleet-{settings.port}", password),
-                              settings.topic_prefix, settings.repo_dir)
-        components.append(PublisherComponent(publisher))
-    components += [ingest, monitor]
-    controller = RolloutController(store, repo, signer, publisher, clock=clock or time.time,
-                                   config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics)
     if publisher is not None:
+        components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
+    components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
+    controller = experiments = refresher = elector = None
+    if Role.CONTROLLER in roles:
+        lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+        elector = LeaderElector(lease_db, ttl_s=settings.cluster.leader_ttl_s, clock=now, owns_store=True,
+                                guarded=store)
+        controller = RolloutController(store, repo, signer, publisher, clock=now,
+                                       config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
+                                       leadership=elector, event_log=events)
+        elector.on_acquired = controller.wake
+        monitor.active = elector.is_leader
+        experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
+        experiments.active = elector.is_leader
+        refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
+        components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+    if publisher is not None and Role.INGEST in roles:
         publisher.on_reported(store.devices.on_reported)
-        publisher.on_reported(controller.on_reported)
+        if controller is not None:
+            publisher.on_reported(controller.on_reported)
         # Events and telemetry from revoked devices (in flight, or before the broker reload) are
         # dropped and counted; reports are refused by `store.devices.on_reported` itself.
-        # Agents send events at least once: a redelivery (same device and seq) is dropped first.
-        publisher.on_event(EventDeduper(RevokedFilter(store, controller.on_event, "event")))
+        # Agents send events at least once: each (device, seq) is stored once, whichever worker got it.
+        wake = controller.wake if controller is not None else None
+        publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
-    experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
-    refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher)
-    components += [controller, experiments, refresher, CrlRefresher(store, settings)]
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
-                      experiments, refresher, components)
+                      experiments, refresher, components, elector, events)

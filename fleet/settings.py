@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.logs import log_event
+from fleet.cluster.roles import ClusterSettings
 from fleet.db.engine import redact
 from fleet.db.files import is_private
 
@@ -99,6 +100,7 @@ class FleetSettings(BaseModel):
     import_dir_override: Path | None = Field(default=None, alias="import_dir")
     limits: Limits = Field(default_factory=Limits)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
     broker_reload_command: tuple[str, ...] | None = Field(
         default=None, min_length=1, max_length=64,
@@ -252,6 +254,7 @@ class FleetSettings(BaseModel):
         """Build settings from `EDGEFLEET_DATA_DIR`, `_DATABASE_URL`, `_HOST`, `_PORT`, `_BROKER_URL`,
         `_DEVICE_BROKER_URL`, `_BROKER_PASSWORD`, `_BROKER_PASSWORD_FILE`, `_TOPIC_PREFIX` and
         `EDGEFLEET_LIMIT_<NAME>` variables (`EDGEFLEET_TELEMETRY_<NAME>` for `TelemetrySettings`,
+        `EDGEFLEET_CLUSTER_<NAME>` for `ClusterSettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
         `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`, `EDGEFLEET_DEVICE_CERT_BROKER_URL`,
         `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`),
@@ -282,6 +285,10 @@ class FleetSettings(BaseModel):
             telemetry["command"] = tuple(shlex.split(telemetry["command"]))
         if telemetry:
             values["telemetry"] = telemetry
+        cluster = {name: env[ENV_PREFIX + "CLUSTER_" + name.upper()] for name in ClusterSettings.model_fields
+                   if ENV_PREFIX + "CLUSTER_" + name.upper() in env}
+        if cluster:
+            values["cluster"] = cluster
         if ENV_PREFIX + "METRICS_PUBLIC" in env:
             values["metrics_public"] = env[ENV_PREFIX + "METRICS_PUBLIC"]
         for field in ("broker_pid_file", "broker_reload_timeout_s", "device_cert_broker_url",

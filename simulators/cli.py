@@ -34,6 +34,7 @@ from rich.console import Console
 
 from fleet.errors import FleetError, FleetMisuseError
 from simulators.broker import AnyBroker, BrokerSettings, EmbeddedBroker, parse_broker_url, start_broker
+from simulators.load_devices.cli import load_command
 from simulators.progress import log_to_file, make_view
 from simulators.report import print_summary, write_html, write_json
 from simulators.scenarios import NOT_AVAILABLE, ScenarioContext, Verdict, get_scenarios, run_scenario
@@ -176,6 +177,9 @@ def _broker_options(command: F) -> F:
 @click.group(name="sim")
 def sim_group() -> None:
     """Run the simulated device swarm and its scenarios (see docs/simulator.md)."""
+
+
+sim_group.add_command(load_command)  # `edgefleet sim load`: load devices (simulators/load_devices)
 
 
 @sim_group.command(name="list")

@@ -176,8 +176,11 @@ class Topics:
         flt = f"{self.root}/repo/requests/+"
         return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
 
-    def all_devices(self, leaf: Literal["reported", "events", "telemetry"]) -> str:
-        return f"{self.root}/devices/+/{leaf}"
+    def all_devices(self, leaf: Literal["reported", "events", "telemetry"],
+                    share_group: str | None = None) -> str:
+        """`.../devices/+/<leaf>`, as `$share/<group>/...` when several ingest workers split the load."""
+        flt = f"{self.root}/devices/+/{leaf}"
+        return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
 
 
 # --- message models ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from agent.contract.bundle import read_manifest
 from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.access.auth import create_api_key
+from fleet.cluster.roles import parse_roles
 from fleet.db.files import secure_dir
 from fleet.db.migrate import current
 from fleet.devices.enrollment import create_enrollment_token
@@ -91,11 +92,16 @@ def group() -> None:
 @click.option("--broker-password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File whose first line is the fleet's broker password; "
                    "env EDGEFLEET_BROKER_PASSWORD_FILE.")
+@click.option("--role", "role_names", multiple=True, default=("all",), show_default=True,
+              help="What this process does: api, publisher, ingest, controller or all (repeat the option "
+                   "or give a comma list). Several processes share the data directory; see docs/scaling.md.")
 def serve(data_dir: Path | None, database_url: str | None, host: str | None, port: int | None,
           broker_url: str | None,
-          device_broker_url: str | None, broker_password_file: Path | None) -> None:
+          device_broker_url: str | None, broker_password_file: Path | None,
+          role_names: tuple[str, ...]) -> None:
     """Serve the admin API, the MQTT publisher (with --broker), the rollout controller and the
-    timestamp refresher over DATA_DIR until interrupted (keys and repository made on first start)."""
+    timestamp refresher over DATA_DIR until interrupted (keys and repository made on first
+    start); `--role` runs a part of them (several processes on one database, docs/scaling.md)."""
     from fleet.components import build_components  # lazy: uvicorn and the service: `serve` only
     from fleet.service import FleetService, bind_listener  # lazy: uvicorn: `serve` only
 
@@ -103,13 +109,17 @@ def serve(data_dir: Path | None, database_url: str | None, host: str | None, por
         log_event(logger, "fleet.broker_password_on_command_line", logging.WARNING,
                   hint="every local user can read it in /proc/<pid>/cmdline: pass it in "
                        "EDGEFLEET_BROKER_PASSWORD or --broker-password-file instead")
+    try:
+        roles = parse_roles(role_names)
+    except FleetInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--role") from exc
     settings = _settings(data_dir, database_url, host=host, port=port, broker_url=broker_url,
                          device_broker_url=device_broker_url, broker_password_file=broker_password_file)
     try:
         # The port first: a busy one fails before keys, databases or components are touched.
         listener = bind_listener(settings.host, settings.port)
         FleetService(settings, listener=listener, component_factory=lambda store: build_components(
-            settings, store, with_broker=broker_url is not None)).run()
+            settings, store, with_broker=broker_url is not None, roles=roles)).run()
     except EdgefleetError as exc:  # an unreachable broker, a busy port, unreadable keys: one line
         raise click.ClickException(str(exc)) from exc
 

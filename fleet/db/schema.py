@@ -185,6 +185,7 @@ rollout_progress = Table(
     Column("revert_at", Float),
     Column("detail", Text, nullable=False, server_default=_d("''")),
     sa.Index("rollout_progress_order", "rollout_id", "ordinal"),
+    sa.Index("rollout_progress_device", "device_id"),  # a device's entries across rollouts (store_0007)
 )
 rollout_commands = Table(
     "rollout_commands", STORE,
@@ -244,6 +245,24 @@ experiment_sequential = Table(
     Column("ci_high", Float, nullable=False),
     Column("tau", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+)
+
+leases = Table(  # the leader lease of the controller and drift monitor (store_0007)
+    "leases", STORE,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False, server_default=_d("''")),
+    Column("fencing_token", BigInteger, nullable=False, server_default=_d("0")),
+    Column("expires_at", Float, nullable=False, server_default=_d("0")),
+)
+device_events = Table(  # each device event once per (device, seq), whichever worker got it
+    "device_events", STORE,
+    Column("device_id", Text, primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("handled_at", Float),
+    Column("handled_token", BigInteger),
+    sa.Index("device_events_open", "handled_at", "received_at"),
 )
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------

@@ -69,7 +69,9 @@ class PublisherSettings(BaseModel):
     queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     workers: Annotated[int, Field(ge=1, le=64)] = 2
     response_expiry_s: Annotated[int, Field(ge=1, le=3600)] = 60
-    share_group: str | None = None  # e.g. "fleet": subscribe via $share/fleet/...
+    share_group: str | None = None  # e.g. "edgefleet-publish": subscribe via $share/edgefleet-publish/...
+    ingest_share_group: str | None = None  # e.g. "edgefleet-ingest": reports, events, telemetry shared
+    serve_requests: bool = True  # False: an ingest worker or a controller (publishes, answers nothing)
     request_log_size: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
     inbound_queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
@@ -151,13 +153,17 @@ class Publisher:
 
         Raises `FleetTransportError` when the broker cannot be reached within `timeout`.
         """
-        self.transport.subscribe(self.topics.all_requests(self.settings.share_group), self._on_request)
+        if self.settings.serve_requests:
+            self.transport.subscribe(self.topics.all_requests(self.settings.share_group), self._on_request)
+        group = self.settings.ingest_share_group
         if self._reported_cbs:
-            self.transport.subscribe(self.topics.all_devices("reported"), self._deferred(self._on_reported))
+            self.transport.subscribe(self.topics.all_devices("reported", group),
+                                     self._deferred(self._on_reported))
         if self._event_cbs:
-            self.transport.subscribe(self.topics.all_devices("events"), self._deferred(self._on_event))
+            self.transport.subscribe(self.topics.all_devices("events", group), self._deferred(self._on_event))
         if self._telemetry_cbs:
-            self.transport.subscribe(self.topics.all_devices("telemetry"), self._deferred(self._on_telemetry))
+            self.transport.subscribe(self.topics.all_devices("telemetry", group),
+                                     self._deferred(self._on_telemetry))
         self._inbound_thread = threading.Thread(
             target=self._inbound_loop, name="publisher-inbound", daemon=True
         )

@@ -163,6 +163,11 @@ class DeviceRepo:
             raise NotFound(f"device {device_id!r} not found")
         return bool(row[0])
 
+    def revoked_ids(self) -> frozenset[str]:
+        """Every revoked device's id (one query; the ingest path's per-message filter caches it)."""
+        with self.database.read() as db:
+            return frozenset(r[0] for r in db.execute("SELECT id FROM devices WHERE revoked = 1"))
+
     def count(self) -> int:
         with self.database.read() as db:
             return int(db.scalar("SELECT count(*) FROM devices"))

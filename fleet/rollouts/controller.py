@@ -15,6 +15,11 @@ Why this shape: the pure functions of `fleet.rollouts.machine` (and, per device,
 `fleet.rollouts.device_verdicts`) decide; this module does the I/O. Every state change goes
 through the table and is written with what it implies (runtime phase, stage clock, consumed
 command) in one transaction, before the work it leads to, so a restarted fleet resumes.
+
+Several fleet processes (docs/scaling.md): only the leader ticks (`Leadership.is_leader`), and
+every transaction of a tick first checks the leader's fencing token (`Leadership.fence`), so a
+stale leader's writes roll back. Device events then come from the database (`EventLog`, written
+by whichever ingest worker got them) and are marked handled in the transaction applying them.
 """
 
 from __future__ import annotations
@@ -23,18 +28,28 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
 
 from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
 from agent.logs import log_event
+from fleet.cluster.lease import LeaseLost
+from fleet.delivery.event_log import EventLog
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
+from fleet.rollouts.controller_ports import (  # re-exported: callers import them from here
+    ControllerConfig,
+    DesiredPublisher,
+    DirectorIssuer,
+    Leadership,
+    TargetSource,
+    _Always,
+)
 from fleet.rollouts.device_verdicts import event_update, forward_update, revert_verdict
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
@@ -57,46 +72,11 @@ from fleet.rollouts.strategies import StrategyConfig, dispatch_quota, stage_targ
 from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.rollouts")
+ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
 
 
-class DesiredPublisher(Protocol):
-    """What the controller needs of `fleet.delivery.publisher.Publisher`."""
-
-    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                        document: bytes) -> str: ...
-
-
-class TargetSource(Protocol):
-    """What the controller needs of `fleet.trust.repository.Repository`."""
-
-    def target_ref(self, target_path: str) -> TargetRef: ...
-
-    def load(self, role: str) -> Any: ...
-
-
-class DirectorIssuer(Protocol):
-    def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
-              shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "") -> bytes: ...
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    """Tick period (and the least pause between ticks), the actor name in the audit log,
-    tolerated device clock skew, document TTL."""
-
-    tick_s: float = 0.5
-    min_tick_gap_s: float = 0.1  # capped at tick_s; see `RolloutController.__init__`
-    actor: str = "controller"
-    clock_skew_s: float = 5.0
-    document_ttl: timedelta = timedelta(days=7)
-    max_events: int = 100_000
-
-    def __post_init__(self) -> None:
-        if not 0.01 <= self.tick_s <= 3600:
-            raise FleetInputError("controller tick_s must be within 0.01..3600 s")
-        if not 0 <= self.min_tick_gap_s <= 3600:
-            raise FleetInputError("controller min_tick_gap_s must be within 0..3600 s")
+__all__ = ["ASSIGN_BATCH", "ControllerConfig", "DesiredPublisher", "DirectorIssuer", "Leadership",
+           "RolloutController", "TargetSource"]
 
 
 class RolloutController:
@@ -106,8 +86,11 @@ class RolloutController:
 
     def __init__(self, store: Store, repository: TargetSource, signer: DirectorIssuer,
                  publisher: DesiredPublisher | None, clock: Callable[[], float] = time.time,
-                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None) -> None:
+                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None,
+                 leadership: Leadership | None = None, event_log: EventLog | None = None) -> None:
         self.store = store
+        self.leadership: Leadership = leadership or _Always()
+        self.event_log = event_log  # None: events arrive through `on_event` (one process)
         self.records = RolloutRecords(store)
         self.repository = repository
         self.signer = signer
@@ -145,16 +128,35 @@ class RolloutController:
         self._events.append((device_id, event))
         self._wake.set()
 
+    def wake(self) -> None:
+        """Tick soon (an event was stored, the lease was acquired)."""
+        self._wake.set()
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """A store transaction that first checks the leader's fencing token (`LeaseLost`)."""
+        with self.store.tx():
+            self.leadership.fence()
+            yield
+
     # -- one pass -------------------------------------------------------------------------------
     def tick(self) -> None:
         """Apply queued events, then drive every active rollout once (thread-safe)."""
+        if not self.leadership.is_leader():
+            return
         with self._tick_lock:
-            self._apply_events()
-            for ro in self.records.active_rollouts():
-                try:
-                    self._drive(ro)
-                except FleetError as exc:
-                    log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id, error=str(exc))
+            try:
+                self._apply_events()
+                for ro in self.records.active_rollouts():
+                    try:
+                        self._drive(ro)
+                    except LeaseLost:
+                        raise
+                    except FleetError as exc:
+                        log_event(logger, "rollout.tick_failed", logging.WARNING, rollout=ro.id,
+                                  error=str(exc))
+            except LeaseLost as exc:  # a newer leader acts now; this tick's last write rolled back
+                log_event(logger, "rollout.not_leader", logging.WARNING, error=str(exc))
 
     def _snapshot(self, ro: Rollout, rt: RolloutRuntime | None,
                   queued: list[RolloutCommand]) -> RolloutSnapshot:
@@ -168,7 +170,7 @@ class RolloutController:
         the runtime columns it implies and the command it consumes. Returns the fresh record."""
         state = machine.run_events(ro.state, decision.events)
         stage = ro.stage if decision.stage is None else decision.stage
-        with self.store.tx():
+        with self._tx():
             fresh = ro
             if (ro.state, ro.stage) != (state, stage):
                 fresh = self.store.rollouts.set_state(ro.id, state, stage, self.config.actor, decision.note)
@@ -266,7 +268,7 @@ class RolloutController:
             self._apply(ro, rt, Decision((RolloutEvent.START_FAILED,), note=f"cannot start: {exc}"), now)
             return None
         started = Decision((RolloutEvent.STARTED,), note=f"{len(devices)} devices, strategy {cfg.kind}")
-        with self.store.tx():
+        with self._tx():
             self._apply(ro, rt, started, now)
             self.records.add_devices(ro.id, devices)
             return self.records.init_runtime(ro.id, _bundle_id(ref), ref.path, now)
@@ -292,7 +294,7 @@ class RolloutController:
         event = machine.breach_event(cfg)
         log_event(logger, "rollout.gate_breach", logging.WARNING, rollout=rid, action=cfg.on_breach,
                   note=note)
-        with self.store.tx():
+        with self._tx():
             self.records.update_runtime(rid, breach=GateBreach(ro.stage, False, items))
             self.store.audit.record(f"{self.config.actor}:gates", "rollout.gate_breach", f"rollouts/{rid}",
                                     None, {"stage": ro.stage, "action": cfg.on_breach, "breaches": items})
@@ -314,6 +316,20 @@ class RolloutController:
             return False
         return True
 
+    def _publish_batch(self, rid: str, devices: list[str], docs: list[bytes]) -> list[str]:
+        """Publish signed documents until the broker fails; returns the devices that got theirs."""
+        assert self.publisher is not None
+        sent: list[str] = []
+        for dev, doc in zip(devices, docs, strict=True):
+            try:
+                self.publisher.publish_desired(device_id=dev, document=doc)
+            except FleetTransportError as exc:
+                log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
+                          error=str(exc))
+                break
+            sent.append(dev)
+        return sent
+
     def _assign(self, rid: str, rt: RolloutRuntime, cfg: StrategyConfig, rows: list[DeviceProgress],
                 stage: int, now: float) -> int:
         """Send `rows` their forward documents (until the broker fails); returns how many went."""
@@ -323,18 +339,21 @@ class RolloutController:
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r.device_id for r in rows])
         published: list[str] = []
-        for r in rows:
-            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow):
+        # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
+        for i in range(0, len(rows), ASSIGN_BATCH):
+            batch = [r.device_id for r in rows[i:i + ASSIGN_BATCH]]
+            docs = self.signer.issue_many(ref, batch, shadow=shadow, ttl=self.config.document_ttl,
+                                          rollout_id=rid, reason=f"rollout {rid} stage {stage}")
+            sent = self._publish_batch(rid, batch, docs)
+            published += sent
+            if len(sent) < len(batch):
                 break
-            published.append(r.device_id)
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
         # commits leaves them pending: the next tick sends newer documents, which is harmless.
-        with self.store.tx():
-            for dev in published:
-                self.records.supersede(dev, rid)
-                self.records.update_device(rid, dev, "assigned", stage=stage, assigned_at=now,
-                                           from_bundle=reports.get(dev, NO_REPORT).active_bundle, acked=0,
-                                           detail="")
+        with self._tx():
+            self.records.supersede_many(published, rid)
+            ran = [(dev, reports.get(dev, NO_REPORT).active_bundle) for dev in published]
+            self.records.mark_assigned(rid, ran, stage, now)
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
         return len(published)
 
@@ -345,12 +364,13 @@ class RolloutController:
         open_rows = [r for r in rows if r.assigned_at is not None and r.outcome in (None, "timeout")]
         reports = self.records.reported_states([r.device_id for r in open_rows])
         changed = False
-        for r in open_rows:
-            update = forward_update(r, reports.get(r.device_id, NO_REPORT), rt.target_bundle, now, cfg,
-                                    self.config.clock_skew_s)
-            if update is not None:
-                self.records.update_device(rid, r.device_id, update.status, **update.fields)
-                changed = True
+        with self._tx():  # one transaction for the stage's verdicts (and one fence check)
+            for r in open_rows:
+                update = forward_update(r, reports.get(r.device_id, NO_REPORT), rt.target_bundle, now, cfg,
+                                        self.config.clock_skew_s)
+                if update is not None:
+                    self.records.update_device(rid, r.device_id, update.status, **update.fields)
+                    changed = True
         return self.records.progress(rid) if changed else rows
 
     def _apply_events(self) -> None:
@@ -358,6 +378,20 @@ class RolloutController:
             dev, ev = self._events.popleft()
             for e in self.records.open_entries_for(dev):
                 self._apply_event(e, dev, ev)
+        if self.event_log is None:
+            return
+        while batch := self.event_log.open_events():
+            with self._tx():  # applied and marked handled together, under the fencing token
+                for stored in batch:
+                    try:
+                        for e in self.records.open_entries_for(stored.device_id):
+                            self._apply_event(e, stored.device_id, stored.event)
+                    except LeaseLost:
+                        raise
+                    except FleetError as exc:  # one bad event must not hold back every later one
+                        log_event(logger, "rollout.event_failed", logging.WARNING, device=stored.device_id,
+                                  seq=stored.seq, error=str(exc))
+                self.event_log.mark_handled(((s.device_id, s.seq) for s in batch), self.leadership.fence())
 
     def _apply_event(self, e: OpenEntry, dev: str, ev: Event) -> None:
         if e.phase is not RuntimePhase.ROLLBACK and ev.type == "shadow_report" \
@@ -387,14 +421,15 @@ class RolloutController:
                     continue
                 if not self._send(rid, r.device_id, index[verdict.send_to], f"rollback of {rid}"):
                     return
-            self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)
+            with self._tx():
+                self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)
         end = machine.decide_revert_end(r.outcome for r in self.records.progress(rid))
         if end.events:
             self._apply(ro, rt, end, now)
 
     def _cancel(self, ro: Rollout, rt: RolloutRuntime | None, decision: Decision, now: float) -> None:
         """Stop at once: cancelled (runtime done, command consumed), open devices `skipped`."""
-        with self.store.tx():
+        with self._tx():
             self._apply(ro, rt, decision, now)
             for r in self.records.progress(ro.id):
                 if r.outcome not in FINAL_OUTCOMES:

@@ -248,10 +248,11 @@ class ExperimentDriver:
         self.tick_s, self.clock = tick_s, clock
         self._runner = PeriodicRunner(logger)
         self._runner.add(self.name, self.tick, tick_s)
+        self.active: Callable[[], bool] = lambda: True  # only the leader assigns (`fleet.cluster.leader`)
 
     def tick(self) -> int:
         """Assign every not-yet-assigned matching device; returns how many documents went out."""
-        if self.publisher is None:
+        if self.publisher is None or not self.active():
             return 0
         sent = 0
         with self.store.read() as db:

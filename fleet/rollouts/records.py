@@ -253,20 +253,35 @@ class RolloutRecords:
         with self.store.tx() as db:
             known = {r["device_id"] for r in db.query(
                 "SELECT device_id FROM rollout_progress WHERE rollout_id = :id", {"id": rollout_id})}
-            for dev in device_ids:
-                if dev in known:
-                    continue
-                db.insert(
-                    "rollout_progress", {"rollout_id": rollout_id, "device_id": dev,
-                                         "ordinal": ordinal(rollout_id, dev),
-                     "from_bundle": None, "assigned_at": None, "acked": 0, "outcome": None,
-                     "revert_at": None, "detail": ""})
-                db.upsert(
-                    "rollout_devices", {"rollout_id": rollout_id, "device_id": dev, "stage": 0,
-                                        "status": "pending",
-                                        "updated_at": now}, key=("rollout_id", "device_id"))
-                added += 1
+            new = [dev for dev in dict.fromkeys(device_ids) if dev not in known]
+            # Two statements for the whole cohort (10,000 devices at fleet scale), not two per device.
+            db.insert("rollout_progress", [
+                {"rollout_id": rollout_id, "device_id": dev, "ordinal": ordinal(rollout_id, dev),
+                 "from_bundle": None, "assigned_at": None, "acked": 0, "outcome": None, "revert_at": None,
+                 "detail": ""} for dev in new])
+            db.upsert("rollout_devices", [
+                {"rollout_id": rollout_id, "device_id": dev, "stage": 0, "status": "pending",
+                 "updated_at": now}
+                for dev in new], key=("rollout_id", "device_id"))
+            added = len(new)
         return added
+
+    def mark_assigned(self, rollout_id: str, assigned: list[tuple[str, str | None]], stage: int,
+                      at: float) -> None:
+        """Record a batch of forward documents sent: (device, bundle it ran) each; the bulk form of
+        `update_device(..., "assigned", stage=..., assigned_at=..., from_bundle=..., acked=0, detail="")`."""
+        now = self.store.now()
+        with self.store.tx() as db:
+            if not assigned:
+                return
+            db.execute(
+                "UPDATE rollout_progress SET assigned_at = :at, from_bundle = :from_bundle, acked = 0, "
+                "detail = '' WHERE rollout_id = :id AND device_id = :device",
+                [{"at": at, "from_bundle": from_bundle, "id": rollout_id, "device": dev}
+                 for dev, from_bundle in assigned])
+            db.upsert("rollout_devices", [
+                {"rollout_id": rollout_id, "device_id": dev, "stage": stage, "status": "assigned",
+                 "updated_at": now} for dev, _ in assigned], key=("rollout_id", "device_id"))
 
     def drop_revoked(self, rollout_id: str, now: float, reverting: bool) -> int:
         """Take revoked devices out of the rollout so they get no more director documents.
@@ -342,14 +357,21 @@ class RolloutRecords:
 
     def supersede(self, device_id: str, by_rollout: str) -> None:
         """A newer rollout took this device: close its open entries in other active rollouts."""
+        self.supersede_many([device_id], by_rollout)
+
+    def supersede_many(self, device_ids: list[str], by_rollout: str) -> None:
+        """`supersede` for a batch (one query per 500 devices)."""
+        rows = []
         with self.store.read() as db:
-            rows = db.query(
-                "SELECT p.rollout_id FROM rollout_progress p JOIN rollouts r ON r.id = p.rollout_id "
-                "WHERE p.device_id = :device AND p.rollout_id != :by AND p.outcome IS NULL "
-                "AND r.state IN ('running', 'paused', 'rolling_back')", {"device": device_id,
-                                                                         "by": by_rollout})
+            for i in range(0, len(device_ids), 500):
+                rows += db.query(
+                    "SELECT p.rollout_id, p.device_id FROM rollout_progress p "
+                    "JOIN rollouts r ON r.id = p.rollout_id "
+                    "WHERE p.device_id IN :ids AND p.rollout_id != :by AND p.outcome IS NULL "
+                    "AND r.state IN ('running', 'paused', 'rolling_back')",
+                    {"ids": device_ids[i:i + 500], "by": by_rollout})
         for r in rows:
-            self.update_device(r["rollout_id"], device_id, "skipped", outcome="skipped",
+            self.update_device(r["rollout_id"], r["device_id"], "skipped", outcome="skipped",
                                detail=f"superseded by {by_rollout}")
 
     # -- commands ---------------------------------------------------------------------------

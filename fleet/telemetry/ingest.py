@@ -10,12 +10,20 @@ transaction per `flush`, which also adds each device's totals: fleet/telemetry/d
 since A/B experiments judge by device) through the fleet's database layer (`fleet.db`: its own
 SQLite file, WAL, by default; the fleet's PostgreSQL database with `--database`).
 
+Several ingest workers (a shared subscription, docs/scaling.md) may each get a copy of the same
+report: the in-memory check only catches this worker's own repeats, so a report is merged only
+once its (device, seq) row is *claimed* in the database at flush (`INSERT ... ON CONFLICT DO
+NOTHING RETURNING`, one statement per batch, the same on PostgreSQL): the worker whose insert
+won merges it, the other counts a duplicate. The claim, the window merges and the totals
+commit in one transaction, so a crash between them neither loses nor doubles a report.
+
 Across devices, quantiles of per-device figures (each report's mean latency) have no
 reference edges, so each window also keeps a datasketches KLL sketch of them.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -45,8 +53,10 @@ from agent.contract.telemetry import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
+from fleet.db import schema
 from fleet.db.database import Database
 from fleet.db.session import Db
+from fleet.db.sql import upsert_statement
 from fleet.errors import FleetInputError, FleetMisuseError
 from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
@@ -60,6 +70,8 @@ MAX_WINDOW_DEVICES = 1000  # device ids listed per window (the count stays exact
 KLL_K = 200
 
 ProfileLookup = Callable[[str, str], ReferenceProfile | None]
+
+FLUSH_LOCK_KEY = 0x7465_6C65  # "tele": PostgreSQL advisory lock serialising window flushes
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class TelemetryStore:
         self._lock = threading.RLock()
         self._pending: dict[tuple[str, str, str, float], _Window] = {}
         self._pending_seen: dict[tuple[str, int], float] = {}
+        self._batch: list[tuple[tuple[str, str, str, float], TelemetryReport]] = []  # merged at flush
         self._max_seq: dict[str, int] = {}
         self._shapes: dict[tuple[str, str], tuple[list[int], list[int], str] | None] = {}
         self.counters = IngestCounters()
@@ -206,20 +219,7 @@ class TelemetryStore:
             stamp = min(report.interval_end, now + self.config.max_clock_skew_s)
             start = math.floor(stamp / self.config.window_s) * self.config.window_s
             key = (report.model, report.version, cohort if cohort is not None else report.cohort, start)
-            window = self._pending.get(key)
-            if window is None:
-                window = self._pending[key] = _Window(report, 0, set(), kll_floats_sketch(KLL_K))
-            else:
-                try:
-                    merge_into(window.report, report)  # the decoded first report owns its arrays
-                except MessageError as exc:
-                    return self._reject("profile_mismatch", str(exc))
-            window.reports += 1
-            self._device_totals.add(report, start)  # past the dedup and merge checks: once per report
-            if len(window.devices) < MAX_WINDOW_DEVICES:
-                window.devices.add(report.device_id)
-            if report.requests:
-                window.kll.update(report.latency_sum_s / report.requests)
+            self._batch.append((key, report))  # merged at flush, once its (device, seq) is claimed
             self._pending_seen[(report.device_id, report.seq)] = now
             self._max_seq[report.device_id] = max(self._max_seq.get(report.device_id, -1), report.seq)
             self.counters.accepted += 1
@@ -227,48 +227,100 @@ class TelemetryStore:
                 self.flush()
             return "accepted"
 
+    def _merge(self, key: tuple[str, str, str, float], report: TelemetryReport) -> None:
+        """Merge one claimed report into its pending window (and the device's totals)."""
+        window = self._pending.get(key)
+        if window is None:
+            # a copy owns the merged arrays: the batch's reports stay as received, so a failed
+            # flush can be retried without counting its first report twice
+            first = copy.deepcopy(report)
+            window = self._pending[key] = _Window(first, 0, set(), kll_floats_sketch(KLL_K))
+        else:
+            try:
+                merge_into(window.report, report)  # the decoded first report owns its arrays
+            except MessageError as exc:
+                self.counters.accepted -= 1
+                self._reject("profile_mismatch", str(exc))
+                return
+        window.reports += 1
+        self._device_totals.add(report, key[3])  # past the dedup and merge checks: once per report
+        if len(window.devices) < MAX_WINDOW_DEVICES:
+            window.devices.add(report.device_id)
+        if report.requests:
+            window.kll.update(report.latency_sum_s / report.requests)
+
+    def _claim(self, db: Db) -> set[tuple[str, int]]:
+        """Insert the batch's (device, seq) rows; those another worker stored first are left out
+        of the answer (call inside the flush transaction): the unique key, not memory, decides
+        which worker counts a report that reached two of them."""
+        claimed: set[tuple[str, int]] = set()
+        items = list(self._pending_seen.items())
+        table = schema.telemetry_seen
+        for i in range(0, len(items), 300):  # 3 parameters a row, well under SQLite's limit
+            rows = [{"device_id": d, "seq": q, "received_at": t} for (d, q), t in items[i:i + 300]]
+            stmt = upsert_statement(db.dialect, table, ("device_id", "seq"), rows[0].keys(), update=())
+            won = db.execute(stmt.values(rows).returning(table.c.device_id, table.c.seq))
+            claimed.update((str(d), int(q)) for d, q in won.fetchall())
+        return claimed
+
     def flush(self) -> int:
-        """Write buffered windows (merged with what is stored) and seen pairs in one
-        transaction; returns the number of windows written."""
+        """Claim the batch's (device, seq) pairs, merge the reports this worker won and write the
+        windows (merged with what is stored) in one transaction; returns the windows written.
+
+        Flushes of several workers are serialised: on SQLite by the write transaction's
+        `BEGIN IMMEDIATE`, on PostgreSQL by a transaction-scoped advisory lock, so two workers
+        never both read a window and the second overwrite the first one's merge."""
         with self._lock:
-            if not self._pending:
+            if not self._batch:
                 self._pending_seen.clear()
                 return 0
             now = self._clock()
             rows = []
-            with self.database.tx() as db:
-                known = self._stored_windows(db)
-                for (model, version, cohort, start), w in self._pending.items():
-                    stored = known.get((model, version, cohort, start))
-                    report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
-                    if stored is not None:
-                        try:
-                            older = decode_report(stored[0], max_bytes=2**31)
-                            merge_into(older, report)
-                            report = older
-                        except MessageError as exc:  # a profile changed under a version: keep the new
-                            log_event(log, "telemetry.window_reset", model=model, version=version,
-                                      error=str(exc))
-                        else:
-                            reports += stored[1]
-                            devices |= set(json.loads(stored[2]))
-                            kll.merge(kll_floats_sketch.deserialize(stored[3]))
-                    listed = sorted(devices)[:MAX_WINDOW_DEVICES]
-                    rows.append({
-                        "model": model, "version": version, "cohort": cohort, "window_start": start,
-                        "payload": encode_report(report), "reports": reports,
-                        "devices": json.dumps(listed), "device_count": len(devices),
-                        "latency_kll": kll.serialize(), "updated_at": now,
-                    })
-                db.upsert(WINDOWS_TABLE, rows, key=WINDOW_KEY)
-                self._device_totals.write(db)
-                seen = self._pending_seen.items()
-                db.upsert(SEEN_TABLE, [{"device_id": d, "seq": s, "received_at": t} for (d, s), t in seen],
-                          key=("device_id", "seq"), update=())  # a pair seen before stays as it was
-                db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < :cutoff",  # noqa: S608
-                           {"cutoff": now - self.config.seen_retention_s})
+            try:
+                with self.database.tx() as db:
+                    if db.dialect == "postgresql":
+                        db.execute("SELECT pg_advisory_xact_lock(:key)", {"key": FLUSH_LOCK_KEY})
+                    claimed = self._claim(db)
+                    for key, report in self._batch:
+                        if (report.device_id, report.seq) in claimed:
+                            self._merge(key, report)
+                        else:  # another worker stored it first
+                            self.counters.accepted -= 1
+                            self.counters.duplicates += 1
+                    known = self._stored_windows(db)
+                    for (model, version, cohort, start), w in self._pending.items():
+                        stored = known.get((model, version, cohort, start))
+                        report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
+                        if stored is not None:
+                            try:
+                                older = decode_report(stored[0], max_bytes=2**31)
+                                merge_into(older, report)
+                                report = older
+                            except MessageError as exc:  # a profile changed under a version: keep the new
+                                log_event(log, "telemetry.window_reset", model=model, version=version,
+                                          error=str(exc))
+                            else:
+                                reports += stored[1]
+                                devices |= set(json.loads(stored[2]))
+                                kll.merge(kll_floats_sketch.deserialize(stored[3]))
+                        listed = sorted(devices)[:MAX_WINDOW_DEVICES]
+                        rows.append({
+                            "model": model, "version": version, "cohort": cohort, "window_start": start,
+                            "payload": encode_report(report), "reports": reports,
+                            "devices": json.dumps(listed), "device_count": len(devices),
+                            "latency_kll": kll.serialize(), "updated_at": now,
+                        })
+                    db.upsert(WINDOWS_TABLE, rows, key=WINDOW_KEY)
+                    self._device_totals.write(db)
+                    db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < :cutoff",  # noqa: S608
+                               {"cutoff": now - self.config.seen_retention_s})
+            except BaseException:
+                self._pending.clear()  # the batch stays: the next flush merges it again
+                self._device_totals.clear()
+                raise
             self._pending.clear()
             self._pending_seen.clear()
+            self._batch.clear()
             self._device_totals.clear()
             return len(rows)
 

@@ -176,6 +176,8 @@ class DriftMonitor:
         self.evaluation_errors = 0
         self.cycles = 0
         self.unprofiled: set[tuple[str, str]] = set()
+        # Several fleet processes: only the leader evaluates and alerts (`fleet.cluster.leader`).
+        self.active: Callable[[], bool] = lambda: True
 
     # -- ingest ----------------------------------------------------------------------------
     def ingest(self, device_id: str, payload: bytes) -> None:
@@ -185,7 +187,9 @@ class DriftMonitor:
     # -- evaluation --------------------------------------------------------------------------
     def run_once(self) -> list[Alert]:
         """One cycle: evaluate every key with fresh closed windows, redeliver, refresh gauges.
-        Returns the alerts fired in this cycle."""
+        Returns the alerts fired in this cycle (none on a standby: `active()` is False)."""
+        if not self.active():
+            return []
         with self._cycle_lock:
             now = self.clock()
             cfg = self.config

@@ -297,3 +297,19 @@ def test_telemetry_and_events_of_revoked_devices_are_dropped_and_counted(world: 
     guard("b", b"sketch-b2")
     guard("never-enrolled", b"x")  # unknown ids pass: the broker ACL already confines them
     assert seen == [("a", b"sketch-a"), ("never-enrolled", b"x")] and guard.refused == 2
+
+
+@pytest.mark.integration
+def test_the_filter_sees_a_revocation_within_its_refresh_period(world: World) -> None:
+    world.enroll("a")
+    now = [0.0]
+    seen: list[str] = []
+    guard = RevokedFilter[bytes](world.store, lambda dev, payload: seen.append(dev), "telemetry",
+                                 refresh_s=1.0, clock=lambda: now[0])
+    guard("a", b"1")
+    world.store.devices.revoke("a", "op")
+    now[0] = 0.5
+    guard("a", b"2")  # the cached set is half a second old: still passes
+    now[0] = 1.0
+    guard("a", b"3")  # re-read: refused
+    assert seen == ["a", "a"] and guard.refused == 1

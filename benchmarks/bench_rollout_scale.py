@@ -1,0 +1,96 @@
+"""Rollout at fleet scale: one 10,000-device all-at-once stage signed, published and recorded.
+
+`rollout_devices_per_min` is the controller's assigning tick (start, cohort, batch signing with
+one sequence transaction per 500 devices, publish to an in-memory recorder, progress rows) over
+`N` devices. Baselines from the same run: `baseline_serial_issue_per_min`, the old way of
+signing (one `DirectorSigner.issue` per device, each its own durable sequence commit) on 2,000
+devices, and `baseline_batch_issue_per_min`, `issue_many` alone (the signing floor of a tick).
+MQTT publishing is measured by the transfer and fleet_scale benchmarks. `--database` picks the
+database (`benchmarks/db_url.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.db_url import parse_database
+from fleet.rollouts.controller import RolloutController
+from fleet.store import Store
+from fleet.trust.director_signer import DirectorSigner
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
+
+NAME = "rollout_scale"
+DESCRIPTION = "rollout controller: one 10,000-device all_at_once stage vs serial and batch signing floors"
+N = int(os.environ.get("EDGEFLEET_BENCH_ROLLOUT_DEVICES", "10000"))
+SERIAL_N = 2000
+DIGEST = "sha256:" + "ab" * 32
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                        document: bytes) -> str:
+        self.count += 1
+        return str(device_id)
+
+
+def run(database: str | None = None) -> dict[str, float]:
+    db = parse_database(database)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = Store(db.path or root / "fleet.db")
+        repo = Repository(root / "repo", KeyStore(root / "keys"))
+        repo.init(root_threshold=1, root_keys=1)
+        store.models.create_model("mlp", "", "bench")
+        for v in ("1.0.0", "2.0.0"):
+            f = root / f"{v}.efb"
+            f.write_bytes(v.encode() * 100)
+            path = f"models/mlp/mlp-{v}.efb"
+            repo.add_target(f, path, {"name": "mlp", "version": v})
+            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "bench", bundle_target=path)
+        devices = [f"dev-{i:05d}" for i in range(N)]
+        now = time.time()
+        with store.tx():
+            for d in devices:
+                store.devices.create(d, {"env": "bench"}, {}, d, "$7$x", "bench")
+                store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
+                                                        "timestamp": now})
+        signer = DirectorSigner(KeyStore(root / "keys"), root / "director")
+        ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")
+        t0 = time.perf_counter()
+        for d in devices[:SERIAL_N]:
+            signer.issue(ref, device_id=f"serial-{d}")
+        serial_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(0, N, 500):
+            signer.issue_many(ref, [f"batch-{d}" for d in devices[i:i + 500]])
+        batch_s = time.perf_counter() - t0
+
+        pub = _Recorder()
+        ctl = RolloutController(store, repo, signer, pub)
+        rid = store.rollouts.create("mlp:2.0.0", "env=bench", {"kind": "all_at_once", "bake_s": 0}, {},
+                                    "bench").id
+        t0 = time.perf_counter()
+        ctl.tick()  # starts the rollout and assigns every device
+        assign_s = time.perf_counter() - t0
+        assert pub.count == N, pub.count
+        with store.read() as conn:
+            assigned = conn.scalar("SELECT COUNT(*) FROM rollout_progress WHERE rollout_id = :id AND "
+                                   "assigned_at IS NOT NULL", {"id": rid})
+        assert assigned == N, assigned
+        store.close()
+        signer.close()
+    tag = "" if db.backend == "sqlite" and database is None else f"_{db.backend}"
+    return {
+        f"rollout_devices_per_min{tag}": N / assign_s * 60,
+        f"rollout_assign_tick_s{tag}": assign_s,
+        "rollout_scale_devices": float(N),
+        "baseline_serial_issue_per_min": SERIAL_N / serial_s * 60,
+        "baseline_batch_issue_per_min": N / batch_s * 60,
+    }
