@@ -6,7 +6,9 @@ postgresql://...`), both through SQLAlchemy 2 Core; the schema is Alembic's (rev
 `fleet/db/alembic/`, run at open, no alembic.ini).
 
 Modules: `engine` turns a path or URL into an engine (SQLite pragmas, psycopg pool, password
-never logged); `database.FleetDatabase` holds the engine, the transactions and the paging;
+never logged); `database.Database` holds an engine, one group of tables and the transactions
+(telemetry, alerts and director sequences open one each); `database.FleetDatabase` is the
+fleet store's, with the clock and the paging;
 `session.Db` is what a repository talks to; `schema` declares every table; `migrate` runs
 Alembic; `sql` holds the few expressions that differ by dialect; `paging` the cursors; `rows`
 the JSON/time encoding and the typed `Record` base; `audit` and `idempotency` the two tables
@@ -20,6 +22,7 @@ The repository-facing API (keep to it; it is all a repository needs)::
     with database.read() as db:        # reads (inside a tx on this thread: the same connection)
         ...
     database.now()                     # ISO-8601 UTC text from the injected clock
+    database.dialect                   # "sqlite" or "postgresql" (for fleet.db.sql helpers)
     database.page_of(sql, params, key, cursor, limit, Record.from_row, descending=False)
     database.page(sql, params, key, cursor, limit, json_cols=(), descending=False)
 

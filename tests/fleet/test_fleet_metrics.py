@@ -40,6 +40,7 @@ from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor
 from tests.support.broker import Broker, free_port
 from tests.support.fakes import DIGEST, FakeClock
+from tests.support.postgres import Backend
 from tests.support.telemetry import MLP_FEATURES, column_shift, encoded_reports, mlp_outputs, publish_mlp
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "edgefleet-dashboard.json"
@@ -258,9 +259,9 @@ def test_public_metrics_route_templates_and_failing_sources(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_rollout_series_cover_unfinished_and_recent_finished_rollouts(tmp_path: Path) -> None:
+def test_rollout_series_cover_unfinished_and_recent_finished_rollouts(backend: Backend) -> None:
     clock = FakeClock()
-    store = Store(tmp_path / "fleet.db", clock=clock)
+    store = Store(backend.location("fleet.db"), clock=clock)
     store.models.create_model("mlp", "", "test")
     store.models.register_version("mlp", "1.0.0", DIGEST, "onnx", {}, "test")
     for i in range(3):

@@ -27,11 +27,13 @@ from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.telemetry.drift import FeatureDrift
 from simulators.cli import demo_command
+from tests.support.postgres import Backend
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[FleetService]:
-    settings = FleetSettings(data_dir=tmp_path)
+def service(tmp_path: Path, backend: Backend) -> Iterator[FleetService]:
+    """The service with its components on each backend (SQLite files, then one PostgreSQL)."""
+    settings = FleetSettings(data_dir=tmp_path, database_url=backend.pg_url)
     svc = FleetService(settings, component_factory=lambda store: build_components(settings, store, False))
     try:
         yield svc
