@@ -60,6 +60,26 @@ class UnknownDirectorKeyError(DirectorError):
     """
 
 
+class DeltaError(UntrustedDataError):
+    """A delta bundle cannot be trusted to rebuild the signed full bundle (the agent falls back)."""
+
+
+class DeltaFormatError(DeltaError):
+    """A delta file is malformed, over a limit, or names another target than the signed one."""
+
+
+class DeltaBaseError(DeltaError):
+    """A delta was made from another base bundle than the one this device runs."""
+
+
+class DeltaResultError(DeltaError):
+    """Applying a delta produced bytes whose length or sha256 differ from the signed full target."""
+
+
+class OfflineImportError(UntrustedDataError):
+    """An offline update file is malformed, unsafe to extract, or over a size limit."""
+
+
 class MessageError(UntrustedDataError):
     """A protocol message is malformed, oversized or not for this device."""
 

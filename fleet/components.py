@@ -49,6 +49,7 @@ from fleet.delivery.publisher import Publisher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.experiments import ExperimentDriver
@@ -75,6 +76,7 @@ class ServeConfig:
     root_keys: int = 3
     root_threshold: int = 2
     telemetry_window_s: float = 60.0  # merged telemetry window (shorter in demos and tests)
+    delta_bases: int = 3  # deltas from the N most common running versions per rollout (0: none)
 
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
@@ -235,7 +237,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher))
     components += [ingest, monitor]
     controller = RolloutController(store, repo, signer, publisher, clock=clock or time.time,
-                                   config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics)
+                                   config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
+                                   deltas=DeltaCatalog(repo, DeltaPolicy(bases=cfg.delta_bases)))
     if publisher is not None:
         publisher.on_reported(store.devices.on_reported)
         publisher.on_reported(controller.on_reported)

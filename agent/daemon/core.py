@@ -64,7 +64,9 @@ log = logging.getLogger("edgefleet.agent")
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
-TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
+TRUST_REFRESH_MIN_S = 5.0
+#: Optional protocol features this agent implements (reported, so the fleet may use them).
+AGENT_FEATURES = ("delta",)  # at most one refresh per this many seconds for such documents
 
 
 class AgentDaemon:
@@ -312,6 +314,7 @@ class AgentDaemon:
             labels=dict(self.config.labels),
             online=online,
             timestamp=time.time(),
+            features=list(AGENT_FEATURES),
         )
 
     def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:

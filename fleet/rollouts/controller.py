@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
-from agent.contract.director import TargetRef
+from agent.contract.director import DeltaRef, TargetRef
 from agent.contract.protocol import Event, ReportedState
 from agent.logs import log_event
 from fleet.devices.selector import parse_selector
@@ -77,7 +77,14 @@ class TargetSource(Protocol):
 class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "") -> bytes: ...
+              reason: str = "", delta: DeltaRef | None = None) -> bytes: ...
+
+
+class DeltaSource(Protocol):
+    """What the controller needs of `fleet.registry.deltas.DeltaCatalog`."""
+
+    def for_devices(self, full: TargetRef, index: dict[str, TargetRef],
+                    active_bundles: list[str | None]) -> dict[str, DeltaRef]: ...
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ class RolloutController:
 
     def __init__(self, store: Store, repository: TargetSource, signer: DirectorIssuer,
                  publisher: DesiredPublisher | None, clock: Callable[[], float] = time.time,
-                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None) -> None:
+                 config: ControllerConfig | None = None, metrics: MetricsSource | None = None,
+                 deltas: DeltaSource | None = None) -> None:
         self.store = store
         self.records = RolloutRecords(store)
         self.repository = repository
@@ -115,6 +123,7 @@ class RolloutController:
         self.clock = clock
         self.config = config or ControllerConfig()
         self.metrics = metrics
+        self.deltas = deltas  # None: devices always fetch full bundles
         self._events: deque[tuple[str, Event]] = deque(maxlen=self.config.max_events)
         self._wake = threading.Event()
         self._tick_lock = threading.Lock()
@@ -301,12 +310,13 @@ class RolloutController:
             self._apply(ro, rt, Decision((event,), note=f"gate breach: {note}"), now)
 
     # -- devices ------------------------------------------------------------------------------------
-    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None) -> bool:
+    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None,
+              delta: DeltaRef | None = None) -> bool:
         """Sign and publish one device's director document; False (logged) if the broker failed."""
         assert self.publisher is not None
         try:
             doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
-                                    rollout_id=rid, reason=reason)
+                                    rollout_id=rid, reason=reason, delta=delta)
             self.publisher.publish_desired(device_id=dev, document=doc)
         except FleetTransportError as exc:
             log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
@@ -322,9 +332,12 @@ class RolloutController:
         ref = self.repository.target_ref(rt.target_path)
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r.device_id for r in rows])
+        deltas = self._deltas(ref, [rep.active_bundle for rep in reports.values()])
         published: list[str] = []
         for r in rows:
-            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow):
+            rep = reports.get(r.device_id, NO_REPORT)
+            delta = deltas.get(rep.active_bundle or "") if "delta" in rep.features else None
+            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow, delta):
                 break
             published.append(r.device_id)
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
@@ -337,6 +350,16 @@ class RolloutController:
                                            detail="")
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
         return len(published)
+
+    def _deltas(self, full: TargetRef, active_bundles: list[str | None]) -> dict[str, DeltaRef]:
+        """Deltas to `full` from what these devices run (built once per base); {} when disabled."""
+        if self.deltas is None:
+            return {}
+        try:
+            return self.deltas.for_devices(full, bundle_index(self.repository), active_bundles)
+        except FleetError as exc:  # an optimisation: never let it stop a rollout
+            log_event(logger, "rollout.deltas_failed", logging.WARNING, target=full.path, error=str(exc))
+            return {}
 
     def _observe(self, rt: RolloutRuntime, cfg: StrategyConfig, now: float) -> list[DeviceProgress]:
         """Fold reported states and timeouts into the forward outcomes; returns fresh rows."""

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.contract.director import DirectorDocument, TargetRef, sign_director
+from agent.contract.director import DeltaRef, DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
 from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError
@@ -111,6 +111,7 @@ class DirectorSigner:
         ttl: timedelta = DEFAULT_TTL,
         rollout_id: str | None = None,
         reason: str = "",
+        delta: DeltaRef | None = None,
     ) -> bytes:
         """Sign a director document telling `device_id` (or `cohort`) to run `target`.
 
@@ -129,6 +130,7 @@ class DirectorSigner:
                 expires=now + ttl,
                 target=target,
                 shadow=shadow,
+                delta=delta,
                 rollout_id=rollout_id,
                 reason=reason,
             )
