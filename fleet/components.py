@@ -76,7 +76,7 @@ class ServeConfig:
     root_keys: int = 3
     root_threshold: int = 2
     telemetry_window_s: float = 60.0  # merged telemetry window (shorter in demos and tests)
-    delta_bases: int = 3  # deltas from the N most common running versions per rollout (0: none)
+    delta_bases: int | None = None  # deltas from the N most common running versions (None: settings')
 
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
@@ -236,9 +236,10 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
                               settings.topic_prefix, settings.repo_dir)
         components.append(PublisherComponent(publisher))
     components += [ingest, monitor]
+    delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
     controller = RolloutController(store, repo, signer, publisher, clock=clock or time.time,
                                    config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
-                                   deltas=DeltaCatalog(repo, DeltaPolicy(bases=cfg.delta_bases)))
+                                   deltas=DeltaCatalog(repo, DeltaPolicy(bases=delta_bases)))
     if publisher is not None:
         publisher.on_reported(store.devices.on_reported)
         publisher.on_reported(controller.on_reported)

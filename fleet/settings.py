@@ -97,6 +97,8 @@ class FleetSettings(BaseModel):
     broker_pid_file: Path | None = Field(
         default=None, description="Send SIGHUP to the pid in this file after every password-file rewrite")
     broker_reload_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    delta_bases: int = Field(default=3, ge=0, le=16, description="Delta bundles per rollout from the N most "
+                             "common versions its devices run (0: devices always fetch full bundles)")
 
     @field_validator("device_broker_url")
     @classmethod

@@ -77,16 +77,19 @@ class OfflineImporter:
         self.event = event
         self.drop_dir = drop_dir
         self.limits = limits or OfflineLimits()
+        self._installed = self._load_marker()  # read once: every reported state asks
+
+    def _load_marker(self) -> str | None:
+        try:
+            doc: Any = json.loads((self.state_dir / MARKER).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return str(doc["bundle"]) if isinstance(doc, dict) and isinstance(doc.get("bundle"), str) else None
 
     # -- what the fleet hears ------------------------------------------------------------------
     def origin_of(self, bundle_id: str | None) -> str:
         """`offline_install` when `bundle_id` is the bundle the last offline import committed."""
-        try:
-            doc: Any = json.loads((self.state_dir / MARKER).read_bytes())
-        except (OSError, ValueError):
-            return ""
-        ours = bool(bundle_id) and isinstance(doc, dict) and doc.get("bundle") == bundle_id
-        return "offline_install" if ours else ""
+        return "offline_install" if bundle_id and bundle_id == self._installed else ""
 
     # -- importing -----------------------------------------------------------------------------
     def _trust(self, pkg: OfflinePackage) -> TrustClient:
@@ -138,6 +141,7 @@ class OfflineImporter:
             raise OfflineImportError(
                 f"offline install of {target.bundle_id} did not commit: {rec.last_error or rec.state}")
         write_durably(self.state_dir / MARKER, json.dumps({"bundle": target.bundle_id}).encode())
+        self._installed = target.bundle_id
         self.event("offline_install", bundle_id=target.bundle_id, previous_bundle_id=rec.previous,
                    reason=f"installed from offline file {Path(path).name}")
         log_event(log, "agent.offline_installed", bundle=target.bundle_id, file=str(path))
