@@ -174,18 +174,22 @@ def _rebuild(header: DeltaHeader, base: Path, body: BinaryIO, out: BinaryIO, lim
     import zstandard  # lazy: only an agent applying a delta needs the zstd extension loaded
 
     sink = _Sink(out, limit)
+    # zstd's window need not exceed what it can refer to (the fleet's is at most twice the larger
+    # of base and output); anything beyond is refused instead of allocated
+    span = 2 * (header.base_length + header.target_length)
+    window = min(MAX_WINDOW_BYTES, 1 << max(20, span.bit_length()))
     try:
         if header.format == "zstd-patch":
             with _mapped(base) as view:
                 dictionary = zstandard.ZstdCompressionDict(
                     memoryview(view), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-                dctx = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=MAX_WINDOW_BYTES)
+                dctx = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=window)
                 with dctx.stream_reader(body, read_across_frames=False) as reader:
                     while data := reader.read(CHUNK):
                         sink.write(data)
                 del reader, dctx, dictionary  # they hold the mapping: release it before it closes
         else:
-            dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
+            dctx = zstandard.ZstdDecompressor(max_window_size=window)
             with dctx.stream_reader(body, read_across_frames=False) as reader, open(base, "rb") as old:
                 for op in header.ops:
                     _apply_op(op, reader, old, sink)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from tuf.api.metadata import Metadata, Snapshot, Timestamp
+
 from agent.contract.director import TargetRef
 from agent.contract.offline import INDEX_NAME, member_names
 from agent.errors import EdgefleetError
@@ -47,6 +49,24 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _roots(meta: Path) -> list[str]:
+    return sorted((p.name for p in meta.glob("*.root.json")), key=lambda n: int(n.split(".", 1)[0]))
+
+
+def _consistent_view(meta: Path) -> tuple[Timestamp, list[str], bytes]:
+    """The timestamp (parsed and as bytes) with the root versions it was published under.
+
+    A running `fleet serve` may publish meanwhile: versioned files are never overwritten, so
+    only a root rotation between the two reads matters, and then the read is repeated.
+    """
+    for _ in range(5):
+        roots = _roots(meta)
+        raw = (meta / "timestamp.json").read_bytes()
+        if _roots(meta) == roots:
+            return Metadata[Timestamp].from_bytes(raw).signed, roots, raw
+    raise FleetInputError("the repository's root keeps changing; try again")
+
+
 def export_offline(repo: Repository, signer: DirectorSigner, target: TargetRef, out: Path,
                    devices: list[str] | None = None, cohort: str | None = None,
                    ttl: timedelta = timedelta(days=7), rollout_id: str | None = None) -> OfflineExport:
@@ -54,11 +74,11 @@ def export_offline(repo: Repository, signer: DirectorSigner, target: TargetRef, 
     if not devices and cohort is None:
         raise FleetInputError("name at least one device or a cohort")
     meta = repo.metadata_dir
-    ts = repo.load("timestamp").signed
+    ts, roots, timestamp = _consistent_view(meta)
     snap_v = ts.snapshot_meta.version
-    targets_v = repo.load("snapshot").signed.meta["targets.json"].version
-    roots = sorted((p.name for p in meta.glob("*.root.json")), key=lambda n: int(n.split(".", 1)[0]))
-    metadata = [*roots, "timestamp.json", f"{snap_v}.snapshot.json", f"{targets_v}.targets.json"]
+    snapshot = Metadata[Snapshot].from_file(str(meta / f"{snap_v}.snapshot.json")).signed
+    targets_v = snapshot.meta["targets.json"].version
+    metadata = [*roots, f"{snap_v}.snapshot.json", f"{targets_v}.targets.json"]
     dirname, _, basename = target.path.rpartition("/")
     target_member = f"targets/{dirname}/{target.sha256}.{basename}".replace("//", "/")
     bundle = repo.targets_dir / dirname / f"{target.sha256}.{basename}"
@@ -72,7 +92,7 @@ def export_offline(repo: Repository, signer: DirectorSigner, target: TargetRef, 
         if cohort is not None:
             docs[f"director/cohort-{cohort}.json"] = signer.issue(
                 target, cohort=cohort, ttl=ttl, rollout_id=rollout_id, reason="offline export")
-        member_names([f"metadata/{m}" for m in metadata], target_member, list(docs))
+        member_names([f"metadata/{m}" for m in (*metadata, "timestamp.json")], target_member, list(docs))
     except (EdgefleetError, ValueError) as exc:
         raise FleetInputError(f"cannot export: {exc}") from exc
     out = Path(out)
@@ -82,6 +102,7 @@ def export_offline(repo: Repository, signer: DirectorSigner, target: TargetRef, 
                 tarfile.TarFile(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             index = json.dumps({"schema_version": 1, "target": target.path}).encode()
             tar.addfile(_member(INDEX_NAME, len(index)), io.BytesIO(index))
+            tar.addfile(_member("metadata/timestamp.json", len(timestamp)), io.BytesIO(timestamp))
             for name in metadata:
                 data = (meta / name).read_bytes()
                 tar.addfile(_member(f"metadata/{name}", len(data)), io.BytesIO(data))
