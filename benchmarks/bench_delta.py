@@ -139,7 +139,9 @@ def run() -> dict[str, float]:
         for i, (kind, model) in enumerate(models.items()):
             full_file, full_ref = publish(f"2.0.{i}", model)
             full_len = full_file.stat().st_size
-            deltas = catalog.ensure(full_ref, [base_ref])
+            t0 = time.perf_counter()
+            deltas = catalog.ensure(full_ref, [base_ref])  # both formats, verified, signed
+            out[f"delta_fleet_build_s_{kind}"] = time.perf_counter() - t0
             delta = deltas.get("mlp-1.0.0")
             out[f"delta_ratio_{kind}"] = (delta.length if delta else full_len) / full_len
             if delta is None:  # not shipped: how large the best delta would have been
