@@ -95,6 +95,7 @@ class AgentConfig(StrictStruct, frozen=True, kw_only=True):
     telemetry_queue_bytes: Annotated[int, Meta(ge=1024, le=1 << 32)] = 8 * 1024 * 1024
     report_interval_s: Annotated[float, Meta(ge=0.1, le=3600)] = 1.0  # state/telemetry ticker period
     watchdog_stall_s: Annotated[float, Meta(ge=1, le=86400)] = 600.0  # longest main-loop step tolerated
+    offline_drop_dir: Path | None = None  # offline update files (*.efo) put here are imported
 
     def _check(self) -> None:
         if not ID_RE.fullmatch(self.device_id):

@@ -60,6 +60,42 @@ class UnknownDirectorKeyError(DirectorError):
     """
 
 
+class DeltaError(UntrustedDataError):
+    """A delta bundle cannot be trusted to rebuild the signed full bundle (the agent falls back)."""
+
+
+class DeltaFormatError(DeltaError):
+    """A delta file is malformed, over a limit, or names another target than the signed one."""
+
+
+class DeltaBaseError(DeltaError):
+    """A delta was made from another base bundle than the one this device runs."""
+
+
+class DeltaResultError(DeltaError):
+    """Applying a delta produced bytes whose length or sha256 differ from the signed full target."""
+
+
+class ReportAuthError(UntrustedDataError):
+    """A device report is not signed by that device's registered key (or is a replay)."""
+
+
+class UnsignedReportError(ReportAuthError):
+    """No (or a malformed) signature header."""
+
+
+class BadReportSignatureError(ReportAuthError):
+    """The signature does not verify with the device's key (another device's key, or modified)."""
+
+
+class ReplayedReportError(ReportAuthError):
+    """The counter is not above the last accepted one: a replayed (or reordered) report."""
+
+
+class OfflineImportError(UntrustedDataError):
+    """An offline update file is malformed, unsafe to extract, or over a size limit."""
+
+
 class MessageError(UntrustedDataError):
     """A protocol message is malformed, oversized or not for this device."""
 

@@ -63,6 +63,7 @@ from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.experiments import ExperimentDriver
@@ -90,6 +91,7 @@ class ServeConfig:
     root_keys: int = 3
     root_threshold: int = 2
     telemetry_window_s: float = 60.0  # merged telemetry window (shorter in demos and tests)
+    delta_bases: int | None = None  # deltas from the N most common running versions (None: settings')
 
     def __post_init__(self) -> None:
         if not 1 <= self.timestamp_refresh_s <= 12 * 3600:
@@ -260,12 +262,14 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
     if Role.CONTROLLER in roles:
+        delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
         elector = LeaderElector(lease_db, ttl_s=settings.cluster.leader_ttl_s, clock=now, owns_store=True,
                                 guarded=store)
         controller = RolloutController(store, repo, signer, publisher, clock=now,
                                        config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
-                                       leadership=elector, event_log=events)
+                                       leadership=elector, event_log=events,
+                                       deltas=DeltaCatalog(repo, DeltaPolicy(bases=delta_bases)))
         elector.on_acquired = controller.wake
         monitor.active = elector.is_leader
         experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)

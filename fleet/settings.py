@@ -130,6 +130,9 @@ class FleetSettings(BaseModel):
             raise ValueError(f"{url!r} must look like mqtts://host:port (TLS, no credentials)")
         return url
 
+    delta_bases: int = Field(default=3, ge=0, le=16, description="Delta bundles per rollout from the N most "
+                             "common versions its devices run (0: devices always fetch full bundles)")
+
     @field_validator("device_broker_url")
     @classmethod
     def _device_url_has_no_credentials(cls, url: str | None) -> str | None:

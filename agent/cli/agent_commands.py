@@ -307,6 +307,26 @@ def run_command(config_path: Path) -> None:
     raise SystemExit(code)
 
 
+@group.command("import")
+@click.argument("offline_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Agent config (JSON; see `edgefleet agent init-config`).")
+def import_command(offline_file: Path, config_path: Path) -> None:
+    """Verify and install an offline update file (from `edgefleet fleet export-offline`), no network.
+
+    Same checks as over MQTT (TUF metadata, director document, golden vectors, probation). The
+    agent must not be running: a running agent imports files put in its `offline_drop_dir`.
+    """
+    from agent.config import load_config  # lazy: CLI start-up
+    from agent.daemon.core import AgentDaemon  # lazy: CLI start-up
+
+    try:
+        result = AgentDaemon(load_config(config_path)).import_offline(offline_file)
+    except EdgefleetError as exc:
+        raise click.ClickException(f"offline import refused: {type(exc).__name__}: {exc}") from None
+    click.echo(f"installed {result.bundle_id} from {offline_file.name} (state {result.state})")
+
+
 def _trim_heap_when_ready(ready: threading.Event) -> None:
     """Once the daemon serves, hand the heap that start-up freed back to the OS (glibc only).
 

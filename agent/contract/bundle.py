@@ -53,6 +53,7 @@ __all__ = [
     "bundle_digest",
     "extract_bundle",
     "read_manifest",
+    "rebuild_bundle",
     "write_bundle",
 ]
 
@@ -298,6 +299,23 @@ def write_bundle(manifest: Manifest, model: bytes | Path, out: Path) -> Path:
         raise
     fsync_dir(out.parent)
     log_event(log, "bundle.written", bundle_id=manifest.bundle_id, path=str(out), size=out.stat().st_size)
+    return out
+
+
+def rebuild_bundle(manifest_bytes: bytes, model: Path, model_file: str, out: Path) -> Path:
+    """Write the archive `write_bundle` would have written from these exact member bytes.
+
+    Why: a device keeps only the extracted slot (manifest and model), yet a delta applies to the
+    bundle file. The format is deterministic (fixed headers, mtime 0), so the slot's members give
+    back the very bytes TUF signed; the caller checks that against the delta's base sha256. Not
+    durable (a scratch file). Raises `OSError`.
+    """
+    size = Path(model).stat().st_size
+    with open(model, "rb") as src, open(out, "xb") as f, tarfile.TarFile(
+        fileobj=f, mode="w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 20
+    ) as tar:
+        tar.addfile(_member(MANIFEST_NAME, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+        tar.addfile(_member(model_file, size), src)
     return out
 
 

@@ -57,6 +57,33 @@ class TargetRef(StrictStruct, frozen=True, kw_only=True):
             raise ValueError("target path must be relative, without '..' or backslashes")
 
 
+class DeltaRef(StrictStruct, frozen=True, kw_only=True):
+    """A delta target that rebuilds `DirectorDocument.target` from the bundle `base_bundle`.
+
+    Optional and advisory: the agent may use it when its active bundle is `base_bundle`, and
+    accepts the result only if it equals the full target's signed length and sha256
+    (`agent.contract.delta`). The fleet names one only for agents that report the `delta`
+    feature, so an older agent (which refuses unknown fields) never sees it.
+    """
+
+    path: Annotated[str, Meta(min_length=1, max_length=512)]
+    length: Annotated[int, Meta(ge=1)]
+    sha256: str
+    base_bundle: Annotated[str, Meta(min_length=1, max_length=200)]
+    base_sha256: str
+    format: Literal["tensor-diff", "zstd-patch"]
+
+    def _check(self) -> None:
+        if not (_HEX64.fullmatch(self.sha256) and _HEX64.fullmatch(self.base_sha256)):
+            raise ValueError("sha256 and base_sha256 must be 64 lowercase hex digits")
+        if self.path.startswith("/") or ".." in self.path.split("/") or "\\" in self.path:
+            raise ValueError("delta path must be relative, without '..' or backslashes")
+
+    def as_target(self) -> TargetRef:
+        """The reference TUF checks the delta file against."""
+        return TargetRef(path=self.path, length=self.length, sha256=self.sha256)
+
+
 class DirectorDocument(StrictStruct, frozen=True, kw_only=True):
     """The signed part of a director document (see docs/trust.md)."""
 
@@ -68,6 +95,7 @@ class DirectorDocument(StrictStruct, frozen=True, kw_only=True):
     expires: datetime
     target: TargetRef
     shadow: TargetRef | None = None
+    delta: DeltaRef | None = None
     rollout_id: Annotated[str, Meta(max_length=128)] | None = None
     reason: Annotated[str, Meta(max_length=1024)] = ""
     collect: CollectPolicy | None = None  # opt-in data collection (agent.contract.collect); signed

@@ -249,6 +249,11 @@ class ReportedState(_Msg, frozen=True, kw_only=True):
     labels: Annotated[dict[ShortText, ShortText], Meta(max_length=64)] = field(default_factory=dict)
     online: bool = True
     timestamp: Timestamp
+    #: What this agent understands beyond protocol v1's core, e.g. `delta` (director documents
+    #: may name a delta target): the fleet adds optional fields only for agents that list them.
+    features: Annotated[list[ShortText], Meta(max_length=16)] = field(default_factory=list)
+    #: How the active bundle arrived when not over the broker: `offline_install` (imported file).
+    install_origin: Annotated[str, Meta(max_length=32)] = ""
 
 
 class Event(_Msg, frozen=True, kw_only=True):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import platform
 import random
 import resource
@@ -29,6 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
@@ -36,6 +38,7 @@ from agent.contract.protocol import ReportedState, Topics, encode_reported
 from agent.daemon.broker_link import BrokerLink
 from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
+from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
 from agent.daemon.process import Notifier, ObservedStore, agent_version
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import (
@@ -65,7 +68,9 @@ log = logging.getLogger("edgefleet.agent")
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
-TRUST_REFRESH_MIN_S = 5.0  # at most one refresh per this many seconds for such documents
+TRUST_REFRESH_MIN_S = 5.0
+#: Optional protocol features this agent implements (reported, so the fleet may use them).
+AGENT_FEATURES = ("delta",)  # at most one refresh per this many seconds for such documents
 
 
 class AgentDaemon:
@@ -146,6 +151,9 @@ class AgentDaemon:
         )
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self._servers: list[Any] = []
+        self.offline = OfflineImporter(self.state_dir, self._bootstrap, self.gate, self.lifecycle,
+                                       self._event, c.offline_drop_dir)
+        self._lock_fd: int | None = None
 
     def _make_fetcher(self) -> MqttFetcher:
         """The MQTT fetcher, built when the first update cycle needs it (`TrustClient` calls this).
@@ -317,6 +325,8 @@ class AgentDaemon:
             labels=dict(self.config.labels),
             online=online,
             timestamp=time.time(),
+            features=list(AGENT_FEATURES),
+            install_origin=self.offline.origin_of(rec.active),
         )
 
     def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:
@@ -427,6 +437,7 @@ class AgentDaemon:
 
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
+        self.offline.poll_drop_dir()
         if self._deferred and self.transport.connected:
             self._retry_deferred()
 
@@ -445,7 +456,7 @@ class AgentDaemon:
     def run(self) -> int:
         """Serve, install, report until stopped. Returns the process exit code (0)."""
         self._install_signals()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_state_dir(self.state_dir)  # `agent import` must not write beside us
         self._preload()
         self._start_api()
         log_event(log, "agent.api_up", serving=self.holder.bundle_id, state=self.lifecycle.record.state)
@@ -497,4 +508,26 @@ class AgentDaemon:
         self.holder.close()
         self.queue.close()
         self.outbox.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
         log_event(log, "agent.stopped")
+
+    def import_offline(self, path: Path) -> ImportResult:
+        """`edgefleet agent import FILE`: apply an offline file with no network (agent not running).
+
+        Events wait in the outbox for the next `agent run`. Raises what
+        `OfflineImporter.import_file` raises, and `MisuseError` when the agent is running.
+        """
+        fd = lock_state_dir(self.state_dir)
+        try:
+            self.lifecycle.start()
+            try:
+                return self.offline.import_file(path)
+            except EdgefleetError as exc:
+                self._event("offline_refused", reason=f"{path.name}: {type(exc).__name__}: {exc}")
+                raise
+        finally:
+            self.outbox.close()
+            self.queue.close()
+            self.transport.close()
+            os.close(fd)

@@ -32,6 +32,7 @@ from agent.errors import (
     TransportError,
     UntrustedDataError,
 )
+from agent.lifecycle.delta_fetch import fetch_by_delta
 from agent.lifecycle.health import Probation, check_golden, fmt_measurements, run_with_deadline
 from agent.lifecycle.machine import Event, Handler, State
 from agent.lifecycle.slots import Extracted, SlotBundle, Slots, is_quarantined, quarantine
@@ -231,6 +232,19 @@ def disk_shortfall(ctx: LifecycleContext, d: DesiredTarget) -> str | None:
     )
 
 
+def _fetch(ctx: LifecycleContext, d: DesiredTarget) -> Path:
+    """The delta the director named for our active bundle if it rebuilds `d`, else the full bundle."""
+    full = _target_ref(d)
+    outcome = fetch_by_delta(ctx.trust, ctx.slots, ctx.record.active, d, full)
+    if outcome is not None and outcome.path is not None:
+        ctx.report("delta_applied", bundle=d.bundle_id, measurements={
+            "fetched_bytes": outcome.fetched_bytes, "full_bytes": d.length, "rebuild_ms": outcome.rebuild_ms})
+        return outcome.path
+    if outcome is not None:
+        ctx.report("delta_fallback", bundle=d.bundle_id, reason=outcome.reason)
+    return ctx.trust.download_target(d.path, full)
+
+
 def handle_downloading(ctx: LifecycleContext) -> Event:
     ctx.apply_pending()
     r = ctx.record
@@ -242,7 +256,7 @@ def handle_downloading(ctx: LifecycleContext) -> Event:
         short = disk_shortfall(ctx, d)
         if short is not None:  # retried like a transport failure: space may be freed meanwhile
             raise MisuseError(short)
-        path = ctx.trust.download_target(d.path, _target_ref(d))
+        path = _fetch(ctx, d)
         # python-tuf writes it without an fsync: durable before the record names it, or a power
         # cut leaves `verifying` a torn file that fails its hash and quarantines a good bundle.
         try:

@@ -30,6 +30,23 @@ MAX_RECORD_BYTES = 1 << 20  # a record is a few KB; anything larger is corruptio
 
 
 @dataclass(frozen=True)
+class DesiredDelta:
+    """A director document's optional delta: rebuilds the target from the bundle `base_bundle`."""
+
+    path: str
+    length: int
+    sha256: str
+    base_bundle: str
+    base_sha256: str
+    format: str
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DesiredDelta:
+        return cls(str(doc["path"]), int(doc["length"]), str(doc["sha256"]), str(doc["base_bundle"]),
+                   str(doc["base_sha256"]), str(doc["format"]))
+
+
+@dataclass(frozen=True)
 class DesiredTarget:
     """What the latest accepted director document asks this device to run.
 
@@ -44,6 +61,7 @@ class DesiredTarget:
     name: str
     version: str
     shadow: DesiredTarget | None = None
+    delta: DesiredDelta | None = None
 
     @property
     def bundle_id(self) -> str:
@@ -56,6 +74,7 @@ class DesiredTarget:
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> DesiredTarget:
         shadow = doc.get("shadow")
+        delta = doc.get("delta")
         return cls(
             sequence=int(doc["sequence"]),
             path=str(doc["path"]),
@@ -64,6 +83,7 @@ class DesiredTarget:
             name=str(doc["name"]),
             version=str(doc["version"]),
             shadow=cls.from_dict(shadow) if shadow else None,
+            delta=DesiredDelta.from_dict(delta) if delta else None,
         )
 
     @classmethod
@@ -75,9 +95,11 @@ class DesiredTarget:
 
         base = ref(doc.target, int(doc.sequence))
         shadow = getattr(doc, "shadow", None)
-        if shadow is None:
-            return base
-        return cls(**{**base.__dict__, "shadow": ref(shadow, int(doc.sequence))})
+        d = getattr(doc, "delta", None)
+        delta = None if d is None else DesiredDelta(
+            d.path, int(d.length), d.sha256, d.base_bundle, d.base_sha256, d.format)
+        return cls(**{**base.__dict__, "shadow": None if shadow is None else ref(shadow, int(doc.sequence)),
+                      "delta": delta})
 
 
 @dataclass

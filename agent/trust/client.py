@@ -119,12 +119,10 @@ class TrustSession:
             raise TrustError(f"target {target_path!r} is not listed in the signed targets metadata")
         return info
 
-    def download_target(self, target_path: str, expected: TargetRef | None = None) -> Path:
-        """Download (or reuse a cached copy of) a TUF-verified target; return its local path.
+    def check_reference(self, target_path: str, expected: TargetRef | None) -> TargetFile:
+        """The signed info of `target_path`; `expected` (if given) must equal its length and sha256.
 
-        If `expected` (a director document's reference) is given, its length and sha256 must
-        equal the TUF-signed ones. Raises `TrustError` (unsigned, mismatch, tampered, too long),
-        `TransportError`/`NotFoundError` (network), `MisuseError` (local storage).
+        Raises `TrustError` when the target is unsigned or the reference disagrees with TUF.
         """
         info = self.target_info(target_path)
         if expected is not None:
@@ -139,6 +137,16 @@ class TrustSession:
                     f"sha256 {expected.sha256[:12]}) does not match the TUF-signed target "
                     f"(length {info.length}, sha256 {(signed_sha or '-')[:12]})"
                 )
+        return info
+
+    def download_target(self, target_path: str, expected: TargetRef | None = None) -> Path:
+        """Download (or reuse a cached copy of) a TUF-verified target; return its local path.
+
+        If `expected` (a director document's reference) is given, its length and sha256 must
+        equal the TUF-signed ones. Raises `TrustError` (unsigned, mismatch, tampered, too long),
+        `TransportError`/`NotFoundError` (network), `MisuseError` (local storage).
+        """
+        info = self.check_reference(target_path, expected)
         cached = self._updater.find_cached_target(info)
         if cached is not None:
             log_event(logger, "trust.target_cached", target=target_path)
@@ -243,6 +251,16 @@ class TrustClient:
         """Refresh, then download a verified target (see `TrustSession.download_target`)."""
         with self.session() as session:
             return session.download_target(target_path, expected)
+
+    def download_delta(self, delta: TargetRef, full: TargetRef) -> Path:
+        """Refresh once, check `full` against TUF, then download the TUF-verified `delta` target.
+
+        The full reference is checked in the same session so a delta is only ever used to
+        rebuild a target this metadata signs. Raises as `TrustSession.download_target`.
+        """
+        with self.session() as session:
+            session.check_reference(full.path, full)
+            return session.download_target(delta.path, delta)
 
     def trusted_root(self) -> Root:
         """The currently trusted root (the anchor in `metadata_dir`, else the bootstrap root)."""

@@ -209,3 +209,58 @@ def publish_bundle_cmd(data_dir: Path | None, database_url: str | None, model: s
         store.close()
     console.print(f"registered {version.id} -> target {version.bundle_target}")
     click.echo(version.id)
+
+
+@group.command("export-offline")
+@data_dir_option
+@click.argument("model_version")
+@click.option("--device", "devices", multiple=True, help="Device id to address (repeatable).")
+@click.option("--selector", default=None, help="Address every device matching this label selector.")
+@click.option("--cohort", default=None, help="Address one cohort document instead of devices.")
+@click.option("--ttl-days", type=int, default=7, show_default=True, help="Director documents' lifetime.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The offline update file to write (e.g. on a USB stick), conventionally *.efo.")
+def export_offline_cmd(data_dir: Path | None, model_version: str, devices: tuple[str, ...],
+                       selector: str | None, cohort: str | None, ttl_days: int, output: Path) -> None:
+    """Write one offline update file for MODEL:VERSION (TUF metadata, director documents, bundle).
+
+    Reads DATA_DIR directly (the repository's files are replaced atomically and director
+    sequences are SQLite transactions, so it is safe beside a running `fleet serve`); devices
+    apply it with `edgefleet agent import FILE` or a watched drop directory.
+    """
+    from datetime import timedelta  # lazy: CLI start-up
+
+    from fleet.components import ensure_trust  # lazy: the service's modules: CLI start-up
+    from fleet.delivery.offline_export import export_offline  # lazy: CLI start-up
+    from fleet.devices.selector import parse_selector  # lazy: CLI start-up
+    from fleet.trust.director_signer import DirectorSigner  # lazy: CLI start-up
+
+    name, sep, version = model_version.partition(":")
+    if not sep or not name or not version:
+        raise click.BadParameter("use MODEL:VERSION, e.g. mlp:2.0.0", param_hint="MODEL_VERSION")
+    if not 1 <= ttl_days <= 365:
+        raise click.BadParameter("must be 1..365", param_hint="--ttl-days")
+    settings = _settings(data_dir)
+    store = _store(settings)
+    try:
+        target_path = store.models.get_version(name, version).bundle_target
+        if not target_path:
+            raise FleetInputError(f"{model_version} has no bundle in the repository")
+        chosen = list(devices)
+        if selector:
+            chosen += [d for d in store.devices.ids_matching(parse_selector(selector)) if d not in chosen]
+        if not chosen and cohort is None:
+            raise FleetInputError("no device matches: give --device, a --selector that matches, or --cohort")
+        keystore, repo = ensure_trust(settings)
+        signer = DirectorSigner(keystore, settings.data_dir / "director")
+        try:
+            result = export_offline(repo, signer, repo.target_ref(target_path), output, chosen, cohort,
+                                    timedelta(days=ttl_days))
+        finally:
+            signer.close()
+    except (FleetError, EdgefleetError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+    console.print(f"wrote {result.path} for {len(result.addressees)} addressee(s); valid until "
+                  f"{result.valid_until:%Y-%m-%d %H:%M} UTC (its TUF timestamp or director documents expire)")

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from agent.contract.director import TargetRef
+from agent.contract.director import DeltaRef, TargetRef
 from agent.contract.protocol import Event, ReportedState
 from agent.logs import log_event
 from fleet.cluster.lease import LeaseLost
@@ -44,6 +44,7 @@ from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
 from fleet.rollouts.controller_ports import (  # re-exported: callers import them from here
     ControllerConfig,
+    DeltaSource,
     DesiredPublisher,
     DirectorIssuer,
     Leadership,
@@ -75,8 +76,8 @@ logger = logging.getLogger("edgefleet.fleet.rollouts")
 ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
 
 
-__all__ = ["ASSIGN_BATCH", "ControllerConfig", "DesiredPublisher", "DirectorIssuer", "Leadership",
-           "RolloutController", "TargetSource"]
+__all__ = ["ASSIGN_BATCH", "ControllerConfig", "DeltaSource", "DesiredPublisher", "DirectorIssuer",
+           "Leadership", "RolloutController", "TargetSource"]
 
 
 class RolloutController:
@@ -87,7 +88,8 @@ class RolloutController:
     def __init__(self, store: Store, repository: TargetSource, signer: DirectorIssuer,
                  publisher: DesiredPublisher | None, clock: Callable[[], float] = time.time,
                  config: ControllerConfig | None = None, metrics: MetricsSource | None = None,
-                 leadership: Leadership | None = None, event_log: EventLog | None = None) -> None:
+                 leadership: Leadership | None = None, event_log: EventLog | None = None,
+                 deltas: DeltaSource | None = None) -> None:
         self.store = store
         self.leadership: Leadership = leadership or _Always()
         self.event_log = event_log  # None: events arrive through `on_event` (one process)
@@ -98,6 +100,7 @@ class RolloutController:
         self.clock = clock
         self.config = config or ControllerConfig()
         self.metrics = metrics
+        self.deltas = deltas  # None: devices always fetch full bundles
         self._events: deque[tuple[str, Event]] = deque(maxlen=self.config.max_events)
         self._wake = threading.Event()
         self._tick_lock = threading.Lock()
@@ -303,12 +306,13 @@ class RolloutController:
             self._apply(ro, rt, Decision((event,), note=f"gate breach: {note}"), now)
 
     # -- devices ------------------------------------------------------------------------------------
-    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None) -> bool:
+    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None,
+              delta: DeltaRef | None = None) -> bool:
         """Sign and publish one device's director document; False (logged) if the broker failed."""
         assert self.publisher is not None
         try:
             doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
-                                    rollout_id=rid, reason=reason)
+                                    rollout_id=rid, reason=reason, delta=delta)
             self.publisher.publish_desired(device_id=dev, document=doc)
         except FleetTransportError as exc:
             log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
@@ -338,12 +342,20 @@ class RolloutController:
         ref = self.repository.target_ref(rt.target_path)
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r.device_id for r in rows])
+        deltas = self._deltas(ref, [rep.active_bundle for rep in reports.values()])
         published: list[str] = []
         # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
         for i in range(0, len(rows), ASSIGN_BATCH):
             batch = [r.device_id for r in rows[i:i + ASSIGN_BATCH]]
+            chosen = {}  # the delta from each device's active bundle, for agents that apply deltas
+            for dev in batch:
+                rep = reports.get(dev, NO_REPORT)
+                delta = deltas.get(rep.active_bundle or "") if "delta" in rep.features else None
+                if delta is not None:
+                    chosen[dev] = delta
             docs = self.signer.issue_many(ref, batch, shadow=shadow, ttl=self.config.document_ttl,
-                                          rollout_id=rid, reason=f"rollout {rid} stage {stage}")
+                                          rollout_id=rid, reason=f"rollout {rid} stage {stage}",
+                                          deltas=chosen)
             sent = self._publish_batch(rid, batch, docs)
             published += sent
             if len(sent) < len(batch):
@@ -356,6 +368,16 @@ class RolloutController:
             self.records.mark_assigned(rid, ran, stage, now)
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
         return len(published)
+
+    def _deltas(self, full: TargetRef, active_bundles: list[str | None]) -> dict[str, DeltaRef]:
+        """Deltas to `full` from what these devices run (built once per base); {} when disabled."""
+        if self.deltas is None:
+            return {}
+        try:
+            return self.deltas.for_devices(full, bundle_index(self.repository), active_bundles)
+        except FleetError as exc:  # an optimisation: never let it stop a rollout
+            log_event(logger, "rollout.deltas_failed", logging.WARNING, target=full.path, error=str(exc))
+            return {}
 
     def _observe(self, rt: RolloutRuntime, cfg: StrategyConfig, now: float) -> list[DeviceProgress]:
         """Fold reported states and timeouts into the forward outcomes; returns fresh rows."""

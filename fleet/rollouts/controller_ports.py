@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from agent.contract.director import TargetRef
+from agent.contract.director import DeltaRef, TargetRef
 from fleet.errors import FleetInputError
 
 
@@ -48,10 +48,18 @@ class _Always:
 class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "") -> bytes: ...
+              reason: str = "", delta: DeltaRef | None = None) -> bytes: ...
 
     def issue_many(self, target: TargetRef, device_ids: list[str], shadow: TargetRef | None = None,
-                   ttl: timedelta = ..., rollout_id: str | None = None, reason: str = "") -> list[bytes]: ...
+                   ttl: timedelta = ..., rollout_id: str | None = None, reason: str = "",
+                   deltas: dict[str, DeltaRef] | None = None) -> list[bytes]: ...
+
+
+class DeltaSource(Protocol):
+    """What the controller needs of `fleet.registry.deltas.DeltaCatalog`."""
+
+    def for_devices(self, full: TargetRef, index: dict[str, TargetRef],
+                    active_bundles: list[str | None]) -> dict[str, DeltaRef]: ...
 
 
 @dataclass(frozen=True)

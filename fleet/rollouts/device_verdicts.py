@@ -48,6 +48,8 @@ def forward_update(row: DeviceProgress, report: DeviceReport, target: str, now: 
             fields["from_bundle"] = known
     if report.state == "idle" and report.active_bundle == target:
         detail = "committed after the timeout" if row.outcome == "timeout" else "committed"
+        if report.install_origin == "offline_install":
+            detail += " (offline install)"
         return DeviceUpdate("succeeded", {**fields, "outcome": "succeeded", "detail": detail})
     if row.outcome is None and now - assigned_at > cfg.device_timeout_s:
         detail = f"no commit within {cfg.device_timeout_s:.0f}s (last state {report.state or 'unknown'})"
@@ -69,6 +71,8 @@ def event_update(entry: OpenEntry, ev: Event, clock_skew_s: float) -> DeviceUpda
         return None  # about another bundle
     if ev.type == "committed":
         return DeviceUpdate("succeeded", {"outcome": "succeeded", "detail": "committed"})
+    if ev.type == "offline_install":  # imported from an offline file, verified like any update
+        return DeviceUpdate("succeeded", {"outcome": "succeeded", "detail": "committed (offline install)"})
     if entry.outcome is not None:
         return None
     if ev.type == "director_accepted":

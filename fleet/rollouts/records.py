@@ -165,13 +165,17 @@ class DeviceReport:
     previous_bundle: str | None = None
     timestamp: float = 0.0  # 0 when the report carries none
     online: bool = False
+    features: tuple[str, ...] = ()  # optional protocol features the agent implements (`delta`)
+    install_origin: str = ""  # `offline_install` when the active bundle came from an imported file
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceReport:
         rep = row.get("reported_state") or {}
         return cls(state=rep.get("state"), active_bundle=rep.get("active_bundle"),
                    previous_bundle=rep.get("previous_bundle"), timestamp=float(rep.get("timestamp") or 0),
-                   online=bool(row.get("online")))
+                   online=bool(row.get("online")),
+                   features=tuple(str(f) for f in rep.get("features") or ()),
+                   install_origin=str(rep.get("install_origin") or ""))
 
 
 #: A device with no stored report (or not in the inventory).

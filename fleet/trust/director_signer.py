@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.contract.director import DirectorDocument, TargetRef, sign_director
+from agent.contract.director import DeltaRef, DirectorDocument, TargetRef, sign_director
 from agent.logs import log_event
 from fleet.db.database import Database
 from fleet.db.schema import director_sequences
@@ -110,9 +110,11 @@ class DirectorSigner:
         ttl: timedelta = DEFAULT_TTL,
         rollout_id: str | None = None,
         reason: str = "",
+        deltas: dict[str, DeltaRef] | None = None,
     ) -> list[bytes]:
         """`issue` for a batch of devices (a stage of a rollout): the sequences are reserved in
-        one transaction, then each document is signed; in the order of `device_ids`.
+        one transaction, then each document is signed; in the order of `device_ids`. `deltas`
+        names, per device, the delta from its active bundle (devices that can apply one).
 
         Why: at fleet scale the per-document commit (synchronous, durable) cost more than the
         signature (`benchmarks/bench_rollout_scale.py`). A crash after the reservation only skips
@@ -130,7 +132,7 @@ class DirectorSigner:
             try:
                 doc = DirectorDocument(device_id=dev, cohort=None, sequence=seq, issued_at=now,
                                        expires=now + ttl, target=target, shadow=shadow, rollout_id=rollout_id,
-                                       reason=reason)
+                                       reason=reason, delta=(deltas or {}).get(dev))
             except ValueError as exc:
                 raise FleetInputError(f"invalid director document: {exc}") from None
             out.append(sign_director(doc, signers))
@@ -154,6 +156,7 @@ class DirectorSigner:
         ttl: timedelta = DEFAULT_TTL,
         rollout_id: str | None = None,
         reason: str = "",
+        delta: DeltaRef | None = None,
     ) -> bytes:
         """Sign a director document telling `device_id` (or `cohort`) to run `target`.
 
@@ -172,6 +175,7 @@ class DirectorSigner:
                 expires=now + ttl,
                 target=target,
                 shadow=shadow,
+                delta=delta,
                 rollout_id=rollout_id,
                 reason=reason,
             )

@@ -1,0 +1,138 @@
+"""Delta targets on the fleet: built from real bundles, signed into a real TUF repository, named in
+director documents only for agents that report the `delta` feature."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.contract.bundle import write_bundle
+from agent.contract.delta import apply_delta, file_sha256
+from agent.contract.director import DirectorTrust, TargetRef, verify_director
+from fleet.registry import deltas as deltas_mod
+from fleet.registry.deltas import DeltaCatalog, DeltaPolicy, most_common_bases
+from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.records import bundle_index
+from fleet.store import Store
+from fleet.trust.director_signer import DirectorSigner
+from fleet.trust.keys import KeyStore
+from fleet.trust.repository import Repository
+from simulators.models import make_mlp_onnx, mlp_manifest
+from tests.support.fakes import DIGEST, FakeClock
+
+
+def _head_retrained(model: bytes) -> bytes:
+    """The same model with only its last layer's weights changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(model)
+    for init in proto.graph.initializer:
+        if init.name == "W2":
+            arr = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array((arr * 1.5 + 0.01).astype(np.float32), "W2"))
+    return bytes(proto.SerializeToString())
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    r = Repository(tmp_path / "repo", KeyStore(tmp_path / "keys"))
+    r.init(root_threshold=1, root_keys=1)
+    big = (32, 256, 256, 4)  # large enough that the untouched layers dominate the bundle
+    base = make_mlp_onnx(0, big)
+    models = (("1.0.0", base), ("2.0.0", _head_retrained(base)), ("3.0.0", make_mlp_onnx(5, big)))
+    for version, model in models:
+        out = tmp_path / f"mlp-{version}.efb"
+        write_bundle(mlp_manifest(model, version=version, sizes=big), model, out)
+        r.add_target(out, f"models/mlp/mlp-{version}.efb", {"name": "mlp", "version": version})
+    return r
+
+
+def _local(repo: Repository, ref: TargetRef) -> Path:
+    dirname, _, name = ref.path.rpartition("/")
+    return repo.targets_dir / dirname / f"{ref.sha256}.{name}"
+
+
+def test_most_common_bases_skip_the_target_and_devices_without_a_bundle() -> None:
+    runs = ["a", "b", "b", None, "t", "c", "c", "c"]
+    assert most_common_bases(runs, "t", 2) == ["c", "b"]
+    assert most_common_bases(runs, "t", 0) == []
+
+
+def test_catalog_signs_a_small_delta_that_rebuilds_the_bundle(repo: Repository, tmp_path: Path) -> None:
+    index = bundle_index(repo)
+    full, base = index["mlp-2.0.0"], index["mlp-1.0.0"]
+    found = DeltaCatalog(repo).for_devices(full, index, ["mlp-1.0.0", "mlp-1.0.0", "mlp-2.0.0", None])
+    delta = found["mlp-1.0.0"]
+    assert delta.base_sha256 == base.sha256 and delta.length < 0.6 * full.length
+    info = repo.load("targets").signed.targets[delta.path]  # a TUF target of its own
+    assert info.length == delta.length and info.hashes["sha256"] == delta.sha256
+    assert info.unrecognized_fields["custom"]["delta_of"] == full.path
+    assert set(bundle_index(repo)) == {"mlp-1.0.0", "mlp-2.0.0", "mlp-3.0.0"}  # not mistaken for a bundle
+    out = tmp_path / "rebuilt.efb"
+    apply_delta(_local(repo, base), _local(repo, delta.as_target()), out,
+                expected_sha256=full.sha256, expected_length=full.length)
+    assert file_sha256(out) == full.sha256
+
+
+def test_delta_over_the_ratio_is_not_published_nor_rebuilt(repo: Repository,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    index = bundle_index(repo)
+    calls: list[str] = []
+    real = deltas_mod.build_delta
+
+    def counting(old: Path, new: Path, level: int = 19) -> Any:
+        calls.append(old.name)
+        return real(old, new, level)
+
+    monkeypatch.setattr(deltas_mod, "build_delta", counting)
+    catalog = DeltaCatalog(repo, DeltaPolicy(max_ratio=0.05))
+    full = index["mlp-3.0.0"]  # an unrelated model: no delta is worth it
+    assert catalog.for_devices(full, index, ["mlp-1.0.0"]) == {}
+    assert catalog.for_devices(full, index, ["mlp-1.0.0"]) == {}
+    assert len(calls) == 1  # judged once, not on every tick
+    disabled = DeltaCatalog(repo, DeltaPolicy(bases=0))
+    assert disabled.for_devices(index["mlp-2.0.0"], index, ["mlp-1.0.0"]) == {}
+
+
+def test_controller_names_the_delta_only_for_agents_that_report_the_feature(
+        repo: Repository, tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = Store(tmp_path / "fleet.db", clock=clock)
+    try:
+        store.models.create_model("mlp", "", "test")
+        for v in ("1.0.0", "2.0.0"):
+            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "test",
+                                          bundle_target=f"models/mlp/mlp-{v}.efb")
+        docs: dict[str, bytes] = {}
+
+        class Pub:
+            def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                                document: bytes) -> str:
+                assert device_id is not None
+                docs[device_id] = document
+                return device_id
+
+        signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
+        ctl = RolloutController(store, repo, signer, Pub(), clock, ControllerConfig(tick_s=0.05),
+                                deltas=DeltaCatalog(repo))
+        for dev, features in (("new-agent", ["delta"]), ("old-agent", [])):
+            store.devices.create(dev, {"env": "prod"}, {}, dev, "$7$x", "test")
+            store.devices.record_reported_state(dev, {"state": "idle", "active_bundle": "mlp-1.0.0",
+                                                      "timestamp": clock.now, "features": features})
+        store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "all_at_once"}, {}, "op")
+        ctl.tick()
+        ctl.tick()
+        assert set(docs) == {"new-agent", "old-agent"}
+        assert "delta" not in json.loads(docs["old-agent"])["signed"]  # an old agent refuses unknown fields
+        trust = DirectorTrust.from_root(repo.load("root").signed)
+        doc = verify_director(docs["new-agent"], trust, "new-agent", [], 0, datetime.now(UTC))
+        assert doc.delta is not None and doc.delta.base_bundle == "mlp-1.0.0"
+        assert doc.target.path == "models/mlp/mlp-2.0.0.efb"
+    finally:
+        store.close()
