@@ -7,7 +7,7 @@ tells what the controller has done since (`state`, `stage`, device counts).
 
 Routes: list `GET /v1/rollouts`, show `GET /v1/rollouts/{id}` + `.../status`, create
 `POST /v1/rollouts`, devices `GET .../devices`, pause|resume|abort `POST .../{verb}` (intent),
-promote|rollback|cancel `POST .../{verb}` (queued commands). There is no ack for rollouts.
+promote|rollback|cancel|approve `POST .../{verb}` (queued commands). There is no ack for rollouts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from fleet.cli.api_output import (
     quote,
 )
 
-STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")
+STATES = ("pending", "running", "paused", "awaiting_approval", "rolling_back", "completed", "aborted",
+          "failed", "cancelled")
 ROLLOUT_COLUMNS: list[Column] = [
     ("id", "id"), ("version", "model_version_id"), ("selector", "selector"), ("state", "state"),
     ("desired", "desired"), ("stage", "stage"), ("updated", "updated_at"),
@@ -37,12 +38,14 @@ _VERBS = {
     "promote": "Advance ROLLOUT_ID to its next stage now (skips the bake time and a gate pause).",
     "rollback": "Send every device ROLLOUT_ID assigned back to the bundle it ran before.",
     "cancel": "Stop ROLLOUT_ID at once from any unfinished state, leaving devices as they are.",
+    "approve": "Approve the stage ROLLOUT_ID awaits (operator role; audited). Paused by an approval "
+               "timeout? Approve, then resume.",
 }
 
 
 @click.group(name="rollouts", context_settings=CONTEXT)
 def group() -> None:
-    """Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback."""
+    """Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback, approve."""
 
 
 @group.command("list")

@@ -266,12 +266,42 @@ def _m005_experiment_sequential(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m010_rollout_approval(db: sqlite_utils.Database) -> None:
+    """Site policies (issue 15): the last stage an operator approved and since when the rollout
+    waits for the current one (its approval timeout counts from there); per device, when it
+    last reported a hold (waiting for its window, or short of resources), from which its
+    install timeout counts again; and `approve` among the queued operator commands."""
+    _script(
+        db,
+        """
+        ALTER TABLE rollout_runtime ADD COLUMN approved_stage INTEGER NOT NULL DEFAULT -1;
+        ALTER TABLE rollout_runtime ADD COLUMN approval_requested_at REAL;
+        ALTER TABLE rollout_progress ADD COLUMN hold_seen_at REAL;
+        -- the `approve` command: the CHECK lives in the table, so the table is rebuilt
+        CREATE TABLE rollout_commands_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+            command TEXT NOT NULL CHECK (command IN ('promote', 'rollback', 'cancel', 'approve')),
+            actor TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            done_at TEXT
+        );
+        INSERT INTO rollout_commands_new (id, rollout_id, command, actor, note, created_at, done_at)
+            SELECT id, rollout_id, command, actor, note, created_at, done_at FROM rollout_commands;
+        DROP TABLE rollout_commands;
+        ALTER TABLE rollout_commands_new RENAME TO rollout_commands;
+        """
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Migration]] = [
     (1, "initial schema", _m001_initial),
     (2, "rollout controller and experiments", _m002_rollout_controller),
     (3, "experiment devices", _m003_experiment_devices),
     (4, "shadow agreement in the rollout runtime", _m004_shadow_agreement),
     (5, "experiment sequential tests", _m005_experiment_sequential),
+    (10, "rollout site policies", _m010_rollout_approval),
 ]
 
 

@@ -30,15 +30,26 @@ from typing import Any, Protocol
 
 from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
+from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
+from fleet.rollouts.approval import decide_approval
 from fleet.rollouts.device_verdicts import event_update, forward_update, revert_verdict
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
-from fleet.rollouts.machine import Decision, Desired, QueuedCommand, RolloutEvent, RolloutSnapshot, Work
+from fleet.rollouts.machine import (
+    Decision,
+    Desired,
+    QueuedCommand,
+    RolloutEvent,
+    RolloutSnapshot,
+    RolloutState,
+    Work,
+)
+from fleet.rollouts.policies import admit_rows, success_breach, windows_for
 from fleet.rollouts.records import (
     FINAL_OUTCOMES,
     NO_REPORT,
@@ -77,7 +88,7 @@ class TargetSource(Protocol):
 class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "") -> bytes: ...
+              reason: str = "", windows: UpdateWindows | None = None) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,9 @@ class RolloutController:
         """Observe, then operator intent, gates, assignments and the stage verdict, in that order."""
         cfg = StrategyConfig.parse(ro.strategy)
         rows = self._observe(rt, cfg, now)
+        if ro.state is RolloutState.PAUSED:  # an approval that arrives after the timeout paused it
+            ro, rt, _ = self._approval(ro, rt, snapshot, cfg, now)
+            snapshot = self._snapshot(ro, rt, self.records.pending_commands(ro.id))
         decision = machine.decide_operator(snapshot, cfg)
         breach = rt.breach
         if decision.acknowledge_breach and breach is not None:
@@ -226,6 +240,7 @@ class RolloutController:
             ro = self._apply(ro, rt, decision, now)
         if decision.work is not Work.FORWARD:
             return
+        snapshot = replace(snapshot, state=ro.state, stage=ro.stage)
         if cfg.include_late_devices and self.records.add_devices(
                 ro.id, self.store.devices.ids_matching(parse_selector(ro.selector))):
             rows = self.records.progress(ro.id)
@@ -235,18 +250,54 @@ class RolloutController:
         if breaches:
             self._breach(ro, rt, cfg, breaches, now)
             return
+        ro, rt, gated = self._approval(ro, rt, snapshot, cfg, now)
+        if gated:
+            return
         assigned = [r.assigned_at for r in rows if r.assigned_at is not None]
         quota = dispatch_quota(cfg, ro.stage, len(rows), len(assigned), now, assigned, counts.succeeded)
+        labels = self.records.labels_of([r.device_id for r in rows]) \
+            if cfg.budget is not None or cfg.windows is not None else {}
         if quota > 0:
-            fresh = [r for r in rows if r.assigned_at is None][:quota]
-            assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now)
+            fresh = admit_rows(cfg.budget, rows, labels, quota)
+            assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now, labels)
         stage_done = len(assigned) >= stage_target(cfg, ro.stage, len(rows)) and all(
             r.outcome in FINAL_OUTCOMES for r in self.records.progress(ro.id) if r.assigned_at is not None)
+        if stage_done and not acked and promote_free(snapshot):
+            short = success_breach(cfg.success_threshold(ro.stage), ro.stage,
+                                   outcome_counts(self.records.progress(ro.id)))
+            if short is not None:
+                self._breach(ro, rt, cfg, [short], now)
+                return
         verdict = machine.judge_stage(snapshot, cfg, stage_done, rt.stage_done_at, now, counts)
         if verdict.done_at != rt.stage_done_at:
             self.records.update_runtime(ro.id, stage_done_at=verdict.done_at)
         if verdict.decision.events:
             self._apply(ro, rt, verdict.decision, now)
+
+    # -- site policies --------------------------------------------------------------------------
+    def _approval(self, ro: Rollout, rt: RolloutRuntime, snapshot: RolloutSnapshot, cfg: StrategyConfig,
+                  now: float) -> tuple[Rollout, RolloutRuntime, bool]:
+        """Hold the stage for its approval, or record one (fresh records, and whether gated)."""
+        step = decide_approval(snapshot, cfg, rt.approved_stage, rt.approval_requested_at, now)
+        if step is None:
+            return ro, rt, False
+        d = step.decision
+        fields: dict[str, Any] = {}
+        if step.approves:
+            fields["approved_stage"] = ro.stage
+        if step.requests:
+            fields["approval_requested_at"] = now
+        if not (d.events or d.consumes or fields):
+            return ro, rt, step.gated
+        if d.events:
+            log_event(logger, "rollout.approval", rollout=ro.id, stage=ro.stage, fired=d.events[0].value)
+        with self.store.tx():
+            if RolloutEvent.APPROVAL_TIMEOUT_PAUSE in d.events and ro.desired is Desired.RUN:
+                self.store.rollouts.request(ro.id, "pause", f"{self.config.actor}:approval", d.note[:1000])
+            ro = self._apply(ro, rt, d, now, **fields)
+        fresh = self.records.runtime(ro.id)
+        assert fresh is not None
+        return ro, fresh, step.gated
 
     # -- start, gates ------------------------------------------------------------------------------
     def _begin(self, ro: Rollout, rt: RolloutRuntime | None, now: float) -> RolloutRuntime | None:
@@ -301,12 +352,13 @@ class RolloutController:
             self._apply(ro, rt, Decision((event,), note=f"gate breach: {note}"), now)
 
     # -- devices ------------------------------------------------------------------------------------
-    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None) -> bool:
+    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None,
+              windows: UpdateWindows | None = None) -> bool:
         """Sign and publish one device's director document; False (logged) if the broker failed."""
         assert self.publisher is not None
         try:
             doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
-                                    rollout_id=rid, reason=reason)
+                                    rollout_id=rid, reason=reason, windows=windows)
             self.publisher.publish_desired(device_id=dev, document=doc)
         except FleetTransportError as exc:
             log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
@@ -315,7 +367,7 @@ class RolloutController:
         return True
 
     def _assign(self, rid: str, rt: RolloutRuntime, cfg: StrategyConfig, rows: list[DeviceProgress],
-                stage: int, now: float) -> int:
+                stage: int, now: float, labels: dict[str, dict[str, str]]) -> int:
         """Send `rows` their forward documents (until the broker fails); returns how many went."""
         if self.publisher is None or not rows:
             return 0
@@ -324,7 +376,8 @@ class RolloutController:
         reports = self.records.reported_states([r.device_id for r in rows])
         published: list[str] = []
         for r in rows:
-            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow):
+            windows = windows_for(cfg.windows, labels.get(r.device_id, {}))
+            if not self._send(rid, r.device_id, ref, f"rollout {rid} stage {stage}", shadow, windows):
                 break
             published.append(r.device_id)
         # One transaction for the batch (a stage can be a thousand devices). A crash before it
@@ -400,6 +453,11 @@ class RolloutController:
                 if r.outcome not in FINAL_OUTCOMES:
                     self.records.update_device(ro.id, r.device_id, "skipped", outcome="skipped",
                                                detail="rollout cancelled; device left as it is")
+
+
+def promote_free(s: RolloutSnapshot) -> bool:
+    """No `promote` is queued (an operator's promote moves on whatever the success threshold says)."""
+    return machine.Command.PROMOTE not in s.commands
 
 
 def _bundle_id(ref: TargetRef) -> str:

@@ -40,7 +40,7 @@ STATES = tuple(s.value for s in RolloutState)
 FINISHED_STATES = tuple(s.value for s in RolloutState if s in machine.FINISHED_STATES)
 ACTIONS = {"pause": Desired.PAUSE, "resume": Desired.RUN, "abort": Desired.ABORT}
 DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
-                   "failed", "rolled_back", "skipped")
+                   "failed", "rolled_back", "skipped", "waiting_for_window", "held", "window_missed")
 MAX_HISTORY = 500
 EMPTY_COHORT = "cohort matches no device"
 logger = logging.getLogger("edgefleet.fleet.rollouts")

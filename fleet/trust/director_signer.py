@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.director import DirectorDocument, TargetRef, sign_director
+from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError
@@ -111,6 +112,7 @@ class DirectorSigner:
         ttl: timedelta = DEFAULT_TTL,
         rollout_id: str | None = None,
         reason: str = "",
+        windows: UpdateWindows | None = None,
     ) -> bytes:
         """Sign a director document telling `device_id` (or `cohort`) to run `target`.
 
@@ -131,6 +133,7 @@ class DirectorSigner:
                 shadow=shadow,
                 rollout_id=rollout_id,
                 reason=reason,
+                windows=windows,
             )
         except ValueError as exc:
             raise FleetInputError(f"invalid director document: {exc}") from None
