@@ -17,6 +17,7 @@ Everything here is pure: an expression, a zone and a clock reading in, a verdict
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -35,6 +36,17 @@ def zone(name: str | None) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+#: The label naming a device's time zone. Label values cannot hold `/`, so `.` stands for it:
+#: `tz=Europe.Berlin`, `tz=America.Argentina.Buenos_Aires` (IANA names have no dots).
+TZ_LABEL = "tz"
+
+
+def zone_of_labels(labels: Mapping[str, str]) -> str | None:
+    """The IANA zone name a device's `tz` label names (not checked; None without the label)."""
+    value = labels.get(TZ_LABEL)
+    return value.replace(".", "/") if value else None
 
 
 def check_cron(expr: str) -> None:

@@ -67,7 +67,7 @@ def show(s: Session, rollout_id: str) -> None:
     status = s.client.get(f"{base}/status")
     combined = {**row, "devices_total": status["devices_total"],
                 "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", []),
-                "baking_until": status.get("baking_until")}
+                "baking_until": status.get("baking_until"), "approval_due": status.get("approval_due")}
     if s.as_json:
         s.json(combined)
         return
@@ -75,9 +75,14 @@ def show(s: Session, rollout_id: str) -> None:
         s.note(f"warning: {warning}")
     if combined["baking_until"]:
         s.note(f"stage {combined.get('stage')} baking until {combined['baking_until']}")
+    if combined["state"] == "awaiting_approval":
+        due = f" (the timeout acts at {combined['approval_due']})" if combined["approval_due"] else ""
+        s.note(f"stage {combined.get('stage')} awaits approval{due}: "
+               f"edgefleet rollouts approve {combined['id']}")
     s.show_record(combined, [*ROLLOUT_COLUMNS, ("strategy", "strategy"), ("thresholds", "thresholds"),
                              ("devices", "devices_total"), ("by status", "devices_by_status"),
                              ("warnings", "warnings"), ("baking until", "baking_until"),
+                             ("approval due", "approval_due"),
                              ("created", "created_at"), ("by", "created_by")])
     s.show_list(row.get("history", []), [("at", "at"), ("event", "event"), ("by", "actor"),
                                          ("note", "note")], "history")

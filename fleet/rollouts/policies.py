@@ -29,7 +29,7 @@ from typing import Annotated, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.contract.windows import UpdateWindows, Window, check_cron, zone
+from agent.contract.windows import UpdateWindows, Window, check_cron, zone, zone_of_labels
 from fleet.errors import FleetInputError
 from fleet.rollouts.gates import Breach, OutcomeCounts
 
@@ -204,8 +204,8 @@ def windows_for(policy: WindowPolicy | None, labels: Mapping[str, str]) -> Updat
     """The windows one device's director document carries (None: no window at all).
 
     A group's own download/activation window replaces the rollout-wide one; the zone is the
-    group's or the rollout's explicit `tz`, else the device's `tz` label, else None (the agent
-    then uses its configured zone).
+    group's or the rollout's explicit `tz`, else the device's `tz` label (`tz=Europe.Berlin`),
+    else None (the agent then uses its configured zone).
     """
     if policy is None:
         return None
@@ -214,7 +214,7 @@ def windows_for(policy: WindowPolicy | None, labels: Mapping[str, str]) -> Updat
     activation = (group.activation if group and group.activation else None) or policy.activation
     if download is None and activation is None:
         return None
-    tz = (group.tz if group else None) or policy.tz or labels.get("tz")
+    tz = (group.tz if group else None) or policy.tz or zone_of_labels(labels)
     return UpdateWindows(download=_window(download), activation=_window(activation), tz=tz)
 
 
@@ -236,11 +236,12 @@ def check_cohort_policies(budget: DisruptionBudget | None, windows: WindowPolicy
                 "(min_available must be below the group size and max_unavailable above 0)"))
     if windows is not None:
         for dev, labels in devices:
-            tz = labels.get("tz")
+            tz = zone_of_labels(labels)
             if tz is None:
                 continue
             try:
                 zone(tz)
             except ValueError:
-                raise PolicyError(("body", "strategy", "windows"),
-                                  f"device {dev} has the label tz={tz!r}, which is not a time zone") from None
+                raise PolicyError(("body", "strategy", "windows"), (
+                    f"device {dev} has the label tz={labels['tz']!r}, which names no time zone "
+                    f"({tz!r}; write Europe/Berlin as tz=Europe.Berlin)")) from None
