@@ -246,6 +246,9 @@ class ReportedState(_Msg, frozen=True, kw_only=True):
     labels: Annotated[dict[ShortText, ShortText], Meta(max_length=64)] = field(default_factory=dict)
     online: bool = True
     timestamp: Timestamp
+    # Why the update waits on the device: `waiting_for_window` or `held: <why>` (absent: it does
+    # not). Sent only while holding, so a fleet older than this field refuses only those reports.
+    hold: Annotated[str, Meta(max_length=256)] | None = None
 
 
 class Event(_Msg, frozen=True, kw_only=True):

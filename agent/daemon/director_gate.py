@@ -64,7 +64,8 @@ def desired_from(doc: DirectorDocument, local: int) -> DesiredTarget:
         return DesiredTarget(local, t.path, t.length, t.sha256, t.name, t.version)
 
     return DesiredTarget(
-        local, base.path, base.length, base.sha256, base.name, base.version, shadow=renumber(base.shadow)
+        local, base.path, base.length, base.sha256, base.name, base.version, shadow=renumber(base.shadow),
+        windows=base.windows,
     )
 
 

@@ -44,6 +44,8 @@ class DesiredTarget:
     name: str
     version: str
     shadow: DesiredTarget | None = None
+    # The director document's maintenance windows (`UpdateWindows` as a dict; None: any time).
+    windows: dict[str, Any] | None = None
 
     @property
     def bundle_id(self) -> str:
@@ -64,6 +66,7 @@ class DesiredTarget:
             name=str(doc["name"]),
             version=str(doc["version"]),
             shadow=cls.from_dict(shadow) if shadow else None,
+            windows=dict(doc["windows"]) if doc.get("windows") else None,
         )
 
     @classmethod
@@ -74,6 +77,9 @@ class DesiredTarget:
             return cls(seq, t.path, int(t.length), t.sha256, t.name, t.version)
 
         base = ref(doc.target, int(doc.sequence))
+        windows = getattr(doc, "windows", None)
+        if windows is not None:
+            base = cls(**{**base.__dict__, "windows": windows.model_dump(mode="json", exclude_none=True)})
         shadow = getattr(doc, "shadow", None)
         if shadow is None:
             return base
@@ -101,6 +107,8 @@ class StateRecord:
     download_path: str | None = None
     last_error: str | None = None
     last_measurements: dict[str, float] = field(default_factory=dict)
+    hold: str | None = None  # why the update waits (`waiting_for_window`, `held: low_memory ...`)
+    holds: int = 0  # resource holds in a row (their backoff)
     updated_at: float = 0.0
 
     def to_json(self) -> bytes:
