@@ -36,6 +36,25 @@ class ApprovalStep:
     requests: bool = False
     gated: bool = False
 
+    @property
+    def writes(self) -> bool:
+        """Something to persist (a state change, a consumed command or an approval column)."""
+        return bool(self.decision.events or self.decision.consumes or self.approves or self.requests)
+
+    @property
+    def pauses(self) -> bool:
+        """The approval timed out into `paused`: the controller records a `pause` intent too."""
+        return E.APPROVAL_TIMEOUT_PAUSE in self.decision.events
+
+    def runtime(self, stage: int, now: float) -> dict[str, float | int]:
+        """The `rollout_runtime` columns it sets: the approved stage, or when the wait began."""
+        out: dict[str, float | int] = {}
+        if self.approves:
+            out["approved_stage"] = stage
+        if self.requests:
+            out["approval_requested_at"] = now
+        return out
+
 
 def decide_approval(s: RolloutSnapshot, cfg: StrategyConfig, approved_stage: int,
                     requested_at: float | None, now: float) -> ApprovalStep | None:

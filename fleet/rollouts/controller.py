@@ -40,15 +40,7 @@ from fleet.rollouts.approval import decide_approval
 from fleet.rollouts.device_verdicts import event_update, forward_update, revert_verdict
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
-from fleet.rollouts.machine import (
-    Decision,
-    Desired,
-    QueuedCommand,
-    RolloutEvent,
-    RolloutSnapshot,
-    RolloutState,
-    Work,
-)
+from fleet.rollouts.machine import Decision, Desired, QueuedCommand, RolloutEvent, RolloutSnapshot, Work
 from fleet.rollouts.policies import admit_rows, success_breach, windows_for
 from fleet.rollouts.records import (
     FINAL_OUTCOMES,
@@ -228,7 +220,7 @@ class RolloutController:
         """Observe, then operator intent, gates, assignments and the stage verdict, in that order."""
         cfg = StrategyConfig.parse(ro.strategy)
         rows = self._observe(rt, cfg, now)
-        if ro.state is RolloutState.PAUSED:  # an approval that arrives after the timeout paused it
+        if ro.state is machine.RolloutState.PAUSED:  # an approval that arrived after its timeout
             ro, rt, _ = self._approval(ro, rt, snapshot, cfg, now)
             snapshot = self._snapshot(ro, rt, self.records.pending_commands(ro.id))
         decision = machine.decide_operator(snapshot, cfg)
@@ -279,22 +271,14 @@ class RolloutController:
                   now: float) -> tuple[Rollout, RolloutRuntime, bool]:
         """Hold the stage for its approval, or record one (fresh records, and whether gated)."""
         step = decide_approval(snapshot, cfg, rt.approved_stage, rt.approval_requested_at, now)
-        if step is None:
-            return ro, rt, False
-        d = step.decision
-        fields: dict[str, Any] = {}
-        if step.approves:
-            fields["approved_stage"] = ro.stage
-        if step.requests:
-            fields["approval_requested_at"] = now
-        if not (d.events or d.consumes or fields):
-            return ro, rt, step.gated
-        if d.events:
-            log_event(logger, "rollout.approval", rollout=ro.id, stage=ro.stage, fired=d.events[0].value)
+        if step is None or not step.writes:
+            return ro, rt, step is not None and step.gated
+        log_event(logger, "rollout.approval", rollout=ro.id, stage=ro.stage, note=step.decision.note)
         with self.store.tx():
-            if RolloutEvent.APPROVAL_TIMEOUT_PAUSE in d.events and ro.desired is Desired.RUN:
-                self.store.rollouts.request(ro.id, "pause", f"{self.config.actor}:approval", d.note[:1000])
-            ro = self._apply(ro, rt, d, now, **fields)
+            if step.pauses and ro.desired is Desired.RUN:  # resumed with the ordinary `resume`
+                self.store.rollouts.request(ro.id, "pause", f"{self.config.actor}:approval",
+                                            step.decision.note[:1000])
+            ro = self._apply(ro, rt, step.decision, now, **step.runtime(ro.stage, now))
         fresh = self.records.runtime(ro.id)
         assert fresh is not None
         return ro, fresh, step.gated
