@@ -17,6 +17,7 @@ Everything here is pure: an expression, a zone and a clock reading in, a verdict
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -49,6 +50,7 @@ def zone_of_labels(labels: Mapping[str, str]) -> str | None:
     return value.replace(".", "/") if value else None
 
 
+@functools.lru_cache(maxsize=512)  # a rollout signs the same few expressions into every document
 def check_cron(expr: str) -> None:
     """Raise `ValueError` unless `expr` is a five-field cron expression croniter accepts."""
     from croniter import croniter  # lazy: only devices and rollouts with windows need it

@@ -247,9 +247,9 @@ class RolloutController:
             return
         assigned = [r.assigned_at for r in rows if r.assigned_at is not None]
         quota = dispatch_quota(cfg, ro.stage, len(rows), len(assigned), now, assigned, counts.succeeded)
-        labels = self.records.labels_of([r.device_id for r in rows]) \
-            if cfg.budget is not None or cfg.windows is not None else {}
-        if quota > 0:
+        if quota > 0:  # labels only when someone may start: budgets group by them, windows per group
+            labels = self.records.labels_of([r.device_id for r in rows]) \
+                if cfg.budget is not None or cfg.windows is not None else {}
             fresh = admit_rows(cfg.budget, rows, labels, quota)
             assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now, labels)
         stage_done = len(assigned) >= stage_target(cfg, ro.stage, len(rows)) and all(
