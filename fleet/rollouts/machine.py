@@ -223,7 +223,8 @@ def decide_operator(s: RolloutSnapshot, cfg: StrategyConfig) -> Decision:
     """
     promote = s.commands.get(Command.PROMOTE)
     pausing = s.desired is Desired.PAUSE and s.state in (S.RUNNING, S.AWAITING_APPROVAL)
-    if promote is not None and s.stage < stage_count(cfg) - 1:
+    awaiting = s.state is S.AWAITING_APPROVAL  # a promote waits for the approval (never skips one)
+    if promote is not None and s.stage < stage_count(cfg) - 1 and not awaiting:
         events = (E.PAUSE_REQUESTED, E.STAGE_ADVANCED) if pausing else (E.STAGE_ADVANCED,)
         return Decision(events, note=f"promoted by {promote.actor}", stage=s.stage + 1, consumes=promote)
     if s.desired is Desired.PAUSE:

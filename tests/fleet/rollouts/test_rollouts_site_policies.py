@@ -12,7 +12,18 @@ import pytest
 from pydantic import ValidationError
 
 from fleet.db.rows import iso
+from fleet.rollouts.approval import decide_approval
 from fleet.rollouts.gates import OutcomeCounts
+from fleet.rollouts.machine import (
+    Command,
+    Decision,
+    Desired,
+    QueuedCommand,
+    RolloutSnapshot,
+    RolloutState,
+    Work,
+    decide_operator,
+)
 from fleet.rollouts.policies import (
     DisruptionBudget,
     PolicyError,
@@ -104,6 +115,16 @@ def test_windows_resolve_per_label_group_and_zone() -> None:
     assert windows_for(None, {"site": "x"}) is None
     with pytest.raises(PolicyError, match=r"tz='Mars\.Olympus'"):
         check_cohort_policies(None, cfg.windows, [("d1", {"tz": "Mars.Olympus"})])
+
+
+@pytest.mark.unit
+def test_a_promote_queued_as_the_rollout_began_to_wait_does_not_skip_the_approval() -> None:
+    cfg = StrategyConfig.parse({"stages": [10, 50, 100], "approval": {"stages": [1]}})
+    waiting = RolloutSnapshot(state=RolloutState.AWAITING_APPROVAL, desired=Desired.RUN, stage=1,
+                              started=True, commands={Command.PROMOTE: QueuedCommand(1, "op")})
+    assert decide_operator(waiting, cfg) == Decision(work=Work.FORWARD)
+    step = decide_approval(waiting, cfg, approved_stage=0, requested_at=0.0, now=10.0)
+    assert step is not None and step.gated and step.decision.events == ()
 
 
 # -- scenarios -----------------------------------------------------------------------------------
