@@ -9,10 +9,11 @@ step needs plus a margin (`ResourcePolicy`); short, it *holds*: it says why
 after a backoff, and carries on by itself once the resources are back.
 
 What a step needs: the download, the bundle twice on disk (as `disk_shortfall` counts it)
-plus the disk margin, and the memory margin; the activation, the bundle manifest's
-`compatibility.min_memory_mb` plus the memory margin (the new model loads beside the old
-one). The CPU check, when `max_load_per_cpu` is configured, is the one-minute load average
-per CPU against it.
+plus the disk margin, and the memory margin (a disk too small to ever hold that is no reason
+to wait: the download's own disk check fails the update with `disk full`, as it should); the
+activation, the bundle manifest's `compatibility.min_memory_mb` plus the memory margin (the
+new model loads beside the old one). The CPU check, when `max_load_per_cpu` is configured,
+is the one-minute load average per CPU against it.
 
 The probe is injected (`LifecycleContext.probe`): tests play a device low on memory without
 exhausting the machine; `probe_system` is the real one (statvfs, /proc/meminfo, loadavg).
@@ -36,6 +37,7 @@ class Resources:
     free_disk_bytes: int | None = None
     free_memory_mb: float | None = None
     load_per_cpu: float | None = None
+    total_disk_bytes: int | None = None  # a step that needs more than the whole disk never holds
 
 
 #: Reads the free resources for the state directory's disk.
@@ -72,22 +74,26 @@ def _meminfo_available_mb() -> float | None:
 
 def probe_system(path: Path) -> Resources:
     """The real probe: free disk of `path`, available memory, one-minute load per CPU."""
+    disk: int | None = None
+    total: int | None = None
     try:
-        disk: int | None = shutil.disk_usage(path).free
+        usage = shutil.disk_usage(path)
+        disk, total = usage.free, usage.total
     except OSError:
-        disk = None
+        pass
     try:
         load: float | None = os.getloadavg()[0] / (os.cpu_count() or 1)
     except OSError:
         load = None
-    return Resources(disk, _meminfo_available_mb(), load)
+    return Resources(disk, _meminfo_available_mb(), load, total)
 
 
 def shortfall(policy: ResourcePolicy, free: Resources, disk_bytes: int = 0,
               memory_mb: float = 0.0) -> str | None:
     """Why the step cannot run now (`low_disk ...`, `low_memory ...`, `high_cpu ...`), or None."""
     need_disk = disk_bytes + int(policy.disk_margin_mb * MB)
-    if free.free_disk_bytes is not None and disk_bytes and free.free_disk_bytes < need_disk:
+    fits_at_all = free.total_disk_bytes is None or need_disk <= free.total_disk_bytes
+    if free.free_disk_bytes is not None and disk_bytes and free.free_disk_bytes < need_disk and fits_at_all:
         return f"low_disk ({free.free_disk_bytes // MB} MB free, {need_disk // MB} MB needed)"
     need_mem = memory_mb + policy.memory_margin_mb
     if free.free_memory_mb is not None and free.free_memory_mb < need_mem:

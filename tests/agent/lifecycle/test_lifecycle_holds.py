@@ -95,6 +95,8 @@ def test_shortfall_names_the_resource_and_cpu_is_checked_only_when_configured() 
     assert shortfall(policy, Resources(free_memory_mb=100), memory_mb=50) == \
         "low_memory (100 MB free, 114 MB needed)"
     assert shortfall(policy, Resources(free_disk_bytes=1 << 20), disk_bytes=1 << 20).startswith("low_disk")
+    tiny = Resources(free_disk_bytes=1 << 20, total_disk_bytes=2 << 20)  # never fits: fails, not waits
+    assert shortfall(policy, tiny, disk_bytes=1 << 20) is None
     assert shortfall(policy, Resources(load_per_cpu=50.0)) is None
     assert shortfall(replace(policy, max_load_per_cpu=2.0), Resources(load_per_cpu=3.0)) == \
         "high_cpu (load 3.00 per CPU, limit 2)"
