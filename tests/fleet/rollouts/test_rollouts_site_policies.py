@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fleet.db.rows import iso
@@ -295,3 +297,27 @@ def test_held_devices_show_apart_and_their_timeout_restarts_when_they_resume(wor
     world.report("d1", "idle", V2)
     world.ctl.tick()
     assert world.devices(rid) == {"d1": "succeeded"}
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(groups=st.lists(st.integers(0, 5), min_size=0, max_size=40),
+       busy=st.dictionaries(st.integers(0, 5), st.integers(0, 4), max_size=6),
+       cap=st.one_of(st.integers(1, 5), st.sampled_from(["10%", "50%", "100%"])),
+       quota=st.integers(0, 50))
+def test_admit_never_passes_a_budget_and_leaves_no_place_unused(groups: list[int], busy: dict[int, int],
+                                                                  cap: int | str, quota: int) -> None:
+    budget = DisruptionBudget(group_by=["site"], max_unavailable=cap)
+    waiting = [(f"d{i}", f"g{g}") for i, g in enumerate(groups)]
+    in_flight = {f"g{g}": n for g, n in busy.items()}
+    sizes = Counter(g for _, g in waiting) + Counter(in_flight)
+    chosen = admit(budget, waiting, sizes, in_flight, quota)
+    assert len(chosen) <= quota and len(set(chosen)) == len(chosen)
+    group = dict(waiting)
+    after = Counter(in_flight) + Counter(group[d] for d in chosen)
+    for g, n in after.items():
+        assert n <= max(budget.allowed(sizes[g]), in_flight.get(g, 0))  # never more than allowed
+    if len(chosen) < quota:  # every group with a device left waiting is full
+        for d, g in waiting:
+            assert d in chosen or after[g] >= budget.allowed(sizes[g])
+    assert chosen == [d for d, _ in waiting if d in set(chosen)]  # in canary order
