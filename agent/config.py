@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from agent.contract.protocol import DEFAULT_CHUNK_SIZE, ID_RE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, validate_prefix
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
+from agent.contract.windows import zone
 from agent.errors import ConfigError, MisuseError
 from agent.transport.mqtt_client import MqttConfig
 
@@ -74,6 +75,19 @@ class LifecycleOverrides(StrictStruct, frozen=True, kw_only=True):
     retry_base_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
     retry_max_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
     probation_max_wait_s: Annotated[float, Meta(gt=0, le=86400)] | None = None
+    # Maintenance windows without a zone are read in this IANA zone (else the `tz` label, else UTC).
+    timezone: Annotated[str, Meta(max_length=64)] | None = None
+    # Resource-aware updates (agent/lifecycle/resources.py): margins beyond a step's need, CPU ceiling,
+    # and the backoff of a hold.
+    memory_margin_mb: Annotated[float, Meta(ge=0, le=1_000_000)] = 64.0
+    disk_margin_mb: Annotated[float, Meta(ge=0, le=1_000_000)] = 16.0
+    max_load_per_cpu: Annotated[float, Meta(gt=0, le=1000)] | None = None  # off unless set
+    hold_base_s: Annotated[float, Meta(gt=0, le=86400)] = 30.0
+    hold_max_s: Annotated[float, Meta(gt=0, le=86400)] = 600.0
+
+    def _check(self) -> None:
+        if self.timezone is not None:
+            zone(self.timezone)  # ValueError: unknown time zone
 
 
 class AgentConfig(StrictStruct, frozen=True, kw_only=True):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from agent.contract.collect import CollectPolicy
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, utc_timestamp
+from agent.contract.windows import UpdateWindows
 from agent.errors import DirectorError, UnknownDirectorKeyError
 
 # securesystemslib is imported where keys and signatures are handled, not here: its signer
@@ -99,6 +100,10 @@ class DirectorDocument(StrictStruct, frozen=True, kw_only=True):
     rollout_id: Annotated[str, Meta(max_length=128)] | None = None
     reason: Annotated[str, Meta(max_length=1024)] = ""
     collect: CollectPolicy | None = None  # opt-in data collection (agent.contract.collect); signed
+
+    # When the device may download and activate (agent/contract/windows.py); absent = any time.
+    # Only documents of rollouts with windows carry it, so older agents keep taking the rest.
+    windows: UpdateWindows | None = None
 
     def _check(self) -> None:
         for addressee in (self.device_id, self.cohort):

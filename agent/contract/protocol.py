@@ -255,6 +255,10 @@ class ReportedState(_Msg, frozen=True, kw_only=True):
     #: How the active bundle arrived when not over the broker: `offline_install` (imported file).
     install_origin: Annotated[str, Meta(max_length=32)] = ""
 
+    # Why the update waits on the device: `waiting_for_window` or `held: <why>` (absent: it does
+    # not). Sent only while holding, so a fleet older than this field refuses only those reports.
+    hold: Annotated[str, Meta(max_length=256)] | None = None
+
 
 class Event(_Msg, frozen=True, kw_only=True):
     """Device -> fleet: something happened (installed, rolled_back, health_failed, ...)."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.contract.protocol import ReportedState, Topics, encode_reported
+from agent.contract.windows import zone_of_labels
 from agent.daemon.broker_link import BrokerLink
 from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
@@ -50,6 +51,7 @@ from agent.errors import (
 )
 from agent.lifecycle import Lifecycle, LifecycleConfig
 from agent.lifecycle.machine import State
+from agent.lifecycle.resources import ResourcePolicy
 from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
 from agent.serving.model_holder import ModelHolder
@@ -129,6 +131,14 @@ class AgentDaemon:
                 retry_base_s=lo.retry_base_s,
                 retry_max_s=lo.retry_max_s,
                 probation_max_wait_s=lo.probation_max_wait_s,
+                timezone=lo.timezone or zone_of_labels(c.labels),
+                resources=ResourcePolicy(
+                    memory_margin_mb=lo.memory_margin_mb,
+                    disk_margin_mb=lo.disk_margin_mb,
+                    max_load_per_cpu=lo.max_load_per_cpu,
+                    hold_base_s=lo.hold_base_s,
+                    hold_max_s=lo.hold_max_s,
+                ),
             ),
             self.holder,
             self.trust,
@@ -327,6 +337,8 @@ class AgentDaemon:
             timestamp=time.time(),
             features=list(AGENT_FEATURES),
             install_origin=self.offline.origin_of(rec.active),
+
+            hold=rec.hold,
         )
 
     def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:
@@ -479,7 +491,7 @@ class AgentDaemon:
     def _note_crash(self) -> None:
         """A record outside `idle` at start means the last run died mid-update: say so."""
         rec = self.lifecycle.record
-        if rec.state == State.IDLE.value:
+        if rec.state == State.IDLE.value or rec.hold:  # a held update was resting, not working
             return
         reason = f"agent restarted during {rec.state} (crash, kill or power loss)"
         if not rec.last_error:

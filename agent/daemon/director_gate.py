@@ -66,6 +66,8 @@ def desired_from(doc: DirectorDocument, local: int) -> DesiredTarget:
     return DesiredTarget(
         local, base.path, base.length, base.sha256, base.name, base.version, shadow=renumber(base.shadow),
         delta=base.delta,
+
+        windows=base.windows,
     )
 
 

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 from agent.contract.bundle import extract_bundle
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
+from agent.contract.strict import ValidationError
+from agent.contract.windows import UpdateWindows
 from agent.durable_io import fsync_dir, fsync_file
 from agent.errors import (
     EdgefleetError,
@@ -34,7 +36,9 @@ from agent.errors import (
 )
 from agent.lifecycle.delta_fetch import fetch_by_delta
 from agent.lifecycle.health import Probation, check_golden, fmt_measurements, run_with_deadline
+from agent.lifecycle.holds import Hold, Step, apply_hold, resource_hold, window_hold
 from agent.lifecycle.machine import Event, Handler, State
+from agent.lifecycle.resources import ResourcePolicy, ResourceProbe, probe_system
 from agent.lifecycle.slots import Extracted, SlotBundle, Slots, is_quarantined, quarantine
 from agent.lifecycle.state_store import DesiredTarget, StateRecord
 from agent.logs import log_event
@@ -83,6 +87,10 @@ class LifecycleConfig:
     probation_max_wait_s: float | None = None  # default: max(10 x probation_seconds, 60 s)
     # Left free beyond an update's own peak, for the state record, events and telemetry.
     disk_reserve_bytes: int = 256 * 1024
+    # Maintenance windows without a zone of their own are read in this one (None: UTC).
+    timezone: str | None = None
+    # Free disk / memory / CPU an update needs before its download and its activation (holds).
+    resources: ResourcePolicy = field(default_factory=ResourcePolicy)
 
     def __post_init__(self) -> None:
         if self.runtime_threads < 1 or self.load_timeout_s <= 0 or self.max_entries < 1:
@@ -116,6 +124,7 @@ class LifecycleContext:
     rollback_flag: threading.Event = field(default_factory=threading.Event)
     health_failed_at: float | None = None  # perf_counter() when a failure was seen
     shadow_retry_at: float = 0.0  # transport backoff for the shadow download (not persisted)
+    probe: ResourceProbe = probe_system  # what is free now (tests inject a device short of memory)
     _pending: DesiredTarget | None = None
     _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -196,6 +205,8 @@ def handle_idle(ctx: LifecycleContext) -> Event:
         return Event.NO_CHANGE
     if is_quarantined(r, d.bundle_id, d.sequence) or ctx.clock() < r.retry_at:
         return Event.NO_CHANGE
+    if not ctx.slots.has(d.bundle_id) and held(ctx, d, "download"):
+        return Event.NO_CHANGE  # outside the download window, or short of resources
     r.candidate = d.bundle_id
     r.last_error = None
     r.last_measurements = {}
@@ -314,7 +325,35 @@ def handle_staged(ctx: LifecycleContext) -> Event:
     if r.desired is None or r.desired.bundle_id != r.staged:
         r.last_error = "superseded by a newer desired target"
         return Event.SUPERSEDED
+    if (r.hold and ctx.clock() < r.retry_at) or held(ctx, r.desired, "activation"):
+        return Event.HOLD  # verified and on disk; activated in its window, with resources to spare
     return Event.DONE
+
+
+def _windows(d: DesiredTarget) -> UpdateWindows | None:
+    """The document's windows (verified with it; a record that no longer parses means none)."""
+    try:
+        return UpdateWindows.model_validate(d.windows) if d.windows else None
+    except ValidationError:
+        return None
+
+
+def held(ctx: LifecycleContext, d: DesiredTarget, step: Step) -> bool:
+    """Whether `step` of `d` must wait: outside its window, or the device short of resources.
+
+    Records the hold (or its end) and reports it; see `agent.lifecycle.holds`.
+    """
+    now = ctx.clock()
+    hold: Hold | None = window_hold(_windows(d), step, ctx.config.timezone, now)
+    if hold is None:
+        disk = 2 * d.length if step == "download" else 0
+        memory = 0.0
+        if step == "activation" and ctx.slots.has(d.bundle_id):
+            with contextlib.suppress(EdgefleetError, OSError):
+                memory = float(ctx.slots.open(d.bundle_id).manifest.compatibility.min_memory_mb)
+        hold = resource_hold(ctx.config.resources, ctx.probe(ctx.config.state_dir), ctx.record.holds, now,
+                             disk, memory)
+    return apply_hold(ctx.record, hold, ctx.report, d.bundle_id)
 
 
 def handle_activating(ctx: LifecycleContext) -> Event:

@@ -59,6 +59,7 @@ class Event(StrEnum):
     ROLLBACK_REQUESTED = "rollback_requested"
     LOOP_DETECTED = "loop_detected"
     DONE = "done"
+    HOLD = "hold"  # the update waits here (window, resources): see agent/lifecycle/holds.py
 
 
 S, E = State, Event
@@ -89,6 +90,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType(
         (S.STAGED, E.SUPERSEDED): S.FAILED,  # a newer desired target arrived meanwhile
         (S.STAGED, E.CRASH_RECOVERED): S.STAGED,
         (S.STAGED, E.LOOP_DETECTED): S.ROLLING_BACK,
+        (S.STAGED, E.HOLD): S.STAGED,  # outside the activation window, or short of resources
         # load + warm beside the old model, golden vectors, swap
         (S.ACTIVATING, E.GOLDEN_OK): S.PROBATION,
         (S.ACTIVATING, E.LOAD_FAILED): S.ROLLING_BACK,
@@ -205,13 +207,15 @@ class Machine:
                   bundle=self.record.candidate or self.record.active)
         if nxt is S.IDLE:
             self.record.crash_recoveries = 0
+        if nxt is not state and event is not E.HOLD:
+            self.record.hold = None  # a hold lasts while the machine rests where it was set
         self.record.state = nxt.value
         return nxt
 
     def resume(self) -> State:
         """Call once at start: a record outside `idle` means we crashed mid-update."""
         state = self.state
-        if state in STABLE_STATES:
+        if state in STABLE_STATES or self.record.hold:  # a held update was resting, not working
             return state
         self.record.crash_recoveries += 1
         event = (
@@ -228,7 +232,7 @@ class Machine:
     def step(self) -> State:
         """Save, run the current state's handler, apply the table. Returns the new state."""
         state = self.state
-        if state in LOOP_GUARDED:
+        if state in LOOP_GUARDED and not self.record.hold:  # a resting hold is one entry
             key = f"{state.value}:{self.record.candidate}"
             self.record.attempts[key] = self.record.attempts.get(key, 0) + 1
             if self.record.attempts[key] > self.limits.max_entries:
@@ -259,7 +263,7 @@ class Machine:
         for _ in range(max_steps):
             before = self.state
             after = self.step()
-            if after in STABLE_STATES and before in STABLE_STATES:
+            if (after in STABLE_STATES and before in STABLE_STATES) or (after is before and self.record.hold):
                 self._persist()
                 return after
         raise MisuseError(f"lifecycle did not settle in {max_steps} steps (state {self.state.value})")

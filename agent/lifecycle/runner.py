@@ -120,7 +120,7 @@ class Lifecycle:
             now = time.monotonic()
             if (
                 woken
-                or self.machine.state is not State.IDLE
+                or (self.machine.state is not State.IDLE and not self.record.hold)  # a hold rests
                 or self._timer_due()
                 or now - last_step >= idle_recheck_s
             ):

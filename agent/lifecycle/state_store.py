@@ -63,6 +63,9 @@ class DesiredTarget:
     shadow: DesiredTarget | None = None
     delta: DesiredDelta | None = None
 
+    # The director document's maintenance windows (`UpdateWindows` as a dict; None: any time).
+    windows: dict[str, Any] | None = None
+
     @property
     def bundle_id(self) -> str:
         """`name-version`, the same identity as `Manifest.bundle_id`."""
@@ -84,6 +87,8 @@ class DesiredTarget:
             version=str(doc["version"]),
             shadow=cls.from_dict(shadow) if shadow else None,
             delta=DesiredDelta.from_dict(delta) if delta else None,
+
+            windows=dict(doc["windows"]) if doc.get("windows") else None,
         )
 
     @classmethod
@@ -94,6 +99,9 @@ class DesiredTarget:
             return cls(seq, t.path, int(t.length), t.sha256, t.name, t.version)
 
         base = ref(doc.target, int(doc.sequence))
+        windows = getattr(doc, "windows", None)
+        if windows is not None:
+            base = cls(**{**base.__dict__, "windows": windows.model_dump(mode="json", exclude_none=True)})
         shadow = getattr(doc, "shadow", None)
         d = getattr(doc, "delta", None)
         delta = None if d is None else DesiredDelta(
@@ -123,6 +131,8 @@ class StateRecord:
     download_path: str | None = None
     last_error: str | None = None
     last_measurements: dict[str, float] = field(default_factory=dict)
+    hold: str | None = None  # why the update waits (`waiting_for_window`, `held: low_memory ...`)
+    holds: int = 0  # resource holds in a row (their backoff)
     updated_at: float = 0.0
 
     def to_json(self) -> bytes:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import Paging, RepositoryDep, StoreDep, idempotent_create
@@ -21,16 +22,50 @@ from fleet.api.schemas import (
     RolloutOut,
     RolloutStatus,
 )
+from fleet.devices.selector import parse_selector
 from fleet.rollouts.compatibility import check_cohort
 from fleet.rollouts.gates import GateThresholds
+from fleet.rollouts.policies import POLICY_FIELDS, PolicyError, check_cohort_policies
+from fleet.rollouts.records import RolloutRecords
 from fleet.rollouts.store import STATES
 from fleet.rollouts.strategies import StrategyConfig
+from fleet.store import Store
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 _CONFLICT: dict[int | str, dict[str, Any]] = {
    409: {"description": "Refused: finished rollout, same intent, idempotency key reused, or the cohort "
                         "serves another model or schema (without `allow_model_change`)"},
 }
+_POLICY: dict[int | str, dict[str, Any]] = {400: {"description": (
+    "A site policy that cannot work: a disruption budget that would starve a group, a malformed cron "
+    "expression, an unknown time zone (`loc` names it)")}}
+
+
+def _policy_refusal(problems: list[tuple[tuple[str | int, ...], str]]) -> HTTPException:
+    return HTTPException(400, detail=[{"loc": list(loc), "msg": msg, "type": "invalid_policy"}
+                                      for loc, msg in problems])
+
+
+def check_policies(body: RolloutCreate, store: Store) -> None:
+    """Refuse (400) site policies that are malformed or can never let this cohort progress.
+
+    The rest of a bad strategy is left to `StrategyConfig.parse` (422 like any invalid field).
+    """
+    try:
+        cfg = StrategyConfig.model_validate(body.strategy or {})
+    except ValidationError as exc:
+        problems = [(("body", "strategy", *e["loc"]), e["msg"]) for e in exc.errors()
+                    if e["loc"] and e["loc"][0] in POLICY_FIELDS]
+        if problems:
+            raise _policy_refusal(problems) from None
+        return
+    if cfg.budget is None and cfg.windows is None:
+        return
+    devices = store.devices.ids_matching(parse_selector(body.selector))
+    try:
+        check_cohort_policies(cfg.budget, cfg.windows, RolloutRecords(store).labels_of(devices).items())
+    except PolicyError as exc:
+        raise _policy_refusal([(exc.loc, str(exc))]) from None
 
 
 @router.get("", response_model=PageOf[RolloutOut], summary="List rollouts")
@@ -42,10 +77,11 @@ def list_rollouts(_: Viewer, store: StoreDep, page: Paging, state: str | None = 
 list_rollouts.__doc__ = f"`state` is one of {', '.join(STATES)}."
 
 
-@router.post("", response_model=RolloutOut, status_code=201, responses=_CONFLICT,
+@router.post("", response_model=RolloutOut, status_code=201, responses={**_CONFLICT, **_POLICY},
              summary="Create a rollout (recorded as pending; the controller starts it)")
 def create_rollout(body: RolloutCreate, request: Request, store: StoreDep, repository: RepositoryDep,
                    who: Operator) -> JSONResponse:
+    check_policies(body, store)  # 400: a budget that starves a group, a bad cron or time zone
     StrategyConfig.parse(body.strategy)  # refuse a plan the controller could not run (422)
     GateThresholds.parse(body.thresholds)
     if not body.allow_model_change:  # 409 when the cohort serves another model or schema

@@ -271,10 +271,16 @@ class RolloutStatus(BaseModel):
     stage: int
     updated_at: str
     devices_total: int
-    devices_by_status: dict[str, int]
+    devices_by_status: dict[str, int] = Field(description=(
+        "Devices per status; `held` (short of disk, memory or CPU: the device holds the update) and "
+        "`waiting_for_window` (outside its maintenance window) are apart from the failures, and so "
+        "is `window_missed` (no window opened within `window_timeout_s`)"))
     warnings: list[str] = Field(default=[], description="As in the rollout, e.g. `cohort matches no device`.")
     baking_until: str | None = Field(default=None, description="While the current stage bakes (every "
                                      "device final, `bake_s` not over): when the bake ends, ISO-8601 UTC")
+    approval_due: str | None = Field(default=None, description=(
+        "While the rollout is `awaiting_approval`: when the approval timeout pauses or aborts it "
+        "(`strategy.approval.on_timeout`), ISO-8601 UTC; approve with POST .../approve"))
 
 
 class RolloutDeviceOut(BaseModel):

@@ -45,10 +45,10 @@ EXIT_AUTH = 4
 EXIT_NOT_FOUND = 5
 EXIT_CONFLICT = 6
 EXIT_INVALID = 7
-_STATUS_EXIT = {401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT,
-                413: EXIT_INVALID, 422: EXIT_INVALID}
-_STATUS_WORDS = {401: "not authorised", 403: "forbidden", 404: "not found", 409: "refused",
-                 413: "too large", 422: "invalid input"}
+_STATUS_EXIT = {400: EXIT_INVALID, 401: EXIT_AUTH, 403: EXIT_AUTH, 404: EXIT_NOT_FOUND,
+                409: EXIT_CONFLICT, 413: EXIT_INVALID, 422: EXIT_INVALID}
+_STATUS_WORDS = {400: "refused input", 401: "not authorised", 403: "forbidden", 404: "not found",
+                 409: "refused", 413: "too large", 422: "invalid input"}
 
 
 class ApiError(click.ClickException):

@@ -7,7 +7,7 @@ tells what the controller has done since (`state`, `stage`, device counts).
 
 Routes: list `GET /v1/rollouts`, show `GET /v1/rollouts/{id}` + `.../status`, create
 `POST /v1/rollouts`, devices `GET .../devices`, pause|resume|abort `POST .../{verb}` (intent),
-promote|rollback|cancel `POST .../{verb}` (queued commands). There is no ack for rollouts.
+promote|rollback|cancel|approve `POST .../{verb}` (queued commands). There is no ack for rollouts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from fleet.cli.api_output import (
     quote,
 )
 
-STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed", "cancelled")
+STATES = ("pending", "running", "paused", "awaiting_approval", "rolling_back", "completed", "aborted",
+          "failed", "cancelled")
 ROLLOUT_COLUMNS: list[Column] = [
     ("id", "id"), ("version", "model_version_id"), ("selector", "selector"), ("state", "state"),
     ("desired", "desired"), ("stage", "stage"), ("updated", "updated_at"),
@@ -37,12 +38,14 @@ _VERBS = {
     "promote": "Advance ROLLOUT_ID to its next stage now (skips the bake time and a gate pause).",
     "rollback": "Send every device ROLLOUT_ID assigned back to the bundle it ran before.",
     "cancel": "Stop ROLLOUT_ID at once from any unfinished state, leaving devices as they are.",
+    "approve": "Approve the stage ROLLOUT_ID awaits (operator role; audited). Paused by an approval "
+               "timeout? Approve, then resume.",
 }
 
 
 @click.group(name="rollouts", context_settings=CONTEXT)
 def group() -> None:
-    """Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback."""
+    """Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback, approve."""
 
 
 @group.command("list")
@@ -64,7 +67,7 @@ def show(s: Session, rollout_id: str) -> None:
     status = s.client.get(f"{base}/status")
     combined = {**row, "devices_total": status["devices_total"],
                 "devices_by_status": status["devices_by_status"], "warnings": status.get("warnings", []),
-                "baking_until": status.get("baking_until")}
+                "baking_until": status.get("baking_until"), "approval_due": status.get("approval_due")}
     if s.as_json:
         s.json(combined)
         return
@@ -72,9 +75,14 @@ def show(s: Session, rollout_id: str) -> None:
         s.note(f"warning: {warning}")
     if combined["baking_until"]:
         s.note(f"stage {combined.get('stage')} baking until {combined['baking_until']}")
+    if combined["state"] == "awaiting_approval":
+        due = f" (the timeout acts at {combined['approval_due']})" if combined["approval_due"] else ""
+        s.note(f"stage {combined.get('stage')} awaits approval{due}: "
+               f"edgefleet rollouts approve {combined['id']}")
     s.show_record(combined, [*ROLLOUT_COLUMNS, ("strategy", "strategy"), ("thresholds", "thresholds"),
                              ("devices", "devices_total"), ("by status", "devices_by_status"),
                              ("warnings", "warnings"), ("baking until", "baking_until"),
+                             ("approval due", "approval_due"),
                              ("created", "created_at"), ("by", "created_by")])
     s.show_list(row.get("history", []), [("at", "at"), ("event", "event"), ("by", "actor"),
                                          ("note", "note")], "history")

@@ -21,7 +21,8 @@ _STOPS = ((0.0, (247, 251, 255)), (0.5, (253, 224, 168)), (1.0, (241, 105, 19)),
 UNKNOWN_FILL = "#d9d9d9"
 STATUS_FILLS = {"succeeded": "#2ca25f", "installed": "#74c476", "probation": "#a1d99b", "assigned": "#6baed6",
                 "downloading": "#9ecae1", "pending": "#d9d9d9", "failed": "#de2d26", "rolled_back": "#fb6a4a",
-                "skipped": "#969696"}
+                "skipped": "#969696", "waiting_for_window": "#c6dbef", "held": "#fdd0a2",
+                "window_missed": "#bdbdbd"}
 
 
 def severity_fill(value: float | None) -> str:

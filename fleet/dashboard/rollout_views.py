@@ -2,7 +2,8 @@
 
 Actions run the exact calls of their API routes (`store.rollouts.request` for pause, resume
 and abort as `POST /v1/rollouts/{id}/pause|resume|abort`; `RolloutRecords.command` for promote
-and rollback as `POST /v1/rollouts/{id}/promote|rollback`), with the same principal, so the
+rollback and approve as `POST /v1/rollouts/{id}/promote|rollback|approve`), with the same
+principal (approving needs the operator role, like every action), so the
 audit log records them the same way and the same transitions are refused (Conflict, 409).
 `allowed_actions` only decides which buttons to show; the store still has the last word.
 
@@ -29,8 +30,10 @@ from fleet.rollouts.store import STATES, Rollout, RolloutStatusSummary
 from fleet.rollouts.strategies import StrategyConfig
 from fleet.store import Store
 
-ACTIONS = ("pause", "resume", "promote", "abort", "rollback")
+ACTIONS = ("approve", "pause", "resume", "promote", "abort", "rollback")
 ACTION_TEXT = {
+    "approve": "Let the stage that waits for approval start (audited with your name). Paused because the "
+               "approval timed out? Approve, then resume.",
     "pause": "The controller stops assigning devices; devices already updating finish. Resume continues.",
     "resume": "The controller continues from the current stage (a gate breach of this stage counts as "
               "acknowledged).",
@@ -56,12 +59,14 @@ def allowed_actions(rollout: Rollout, pending: set[str]) -> list[str]:
     state, desired = rollout.state, rollout.desired
     finished = state in FINISHED_STATES
     out: list[str] = []
+    if state is RolloutState.AWAITING_APPROVAL and "approve" not in pending:
+        out.append("approve")
     if not finished and desired is Desired.RUN:
         out.append("pause")
     if not finished and desired is Desired.PAUSE:
         out.append("resume")
-    if not finished and state is not RolloutState.ROLLING_BACK and "promote" not in pending \
-            and desired is not Desired.ABORT:
+    if not finished and state not in (RolloutState.ROLLING_BACK, RolloutState.AWAITING_APPROVAL) \
+            and "promote" not in pending and desired is not Desired.ABORT:
         out.append("promote")
     if not finished and desired is not Desired.ABORT:
         out.append("abort")
@@ -77,7 +82,7 @@ def perform(store: Store, rollout_id: str, action: str, actor: str, note: str) -
         raise FleetInputError(f"action {action!r} must be one of {', '.join(ACTIONS)}")
     if action in INTENTS:
         store.rollouts.request(rollout_id, action, actor, note)
-    else:  # promote, rollback: commands queued for the controller
+    else:  # approve, promote, rollback: commands queued for the controller
         RolloutRecords(store).command(rollout_id, action, actor, note)
 
 
@@ -127,4 +132,6 @@ def rollout_detail(store: Store, rollout_id: str) -> dict[str, Any]:
         "pending": sorted(pending), "actions": allowed_actions(rollout, pending),
         "target_bundle": runtime.target_bundle if runtime is not None else None,
         "phase": runtime.phase.value if runtime is not None else None,
+        "approval": strategy.approval, "budget": strategy.budget, "windows": strategy.windows,
+        "success_threshold": strategy.success_threshold(rollout.stage),
     }

@@ -172,6 +172,8 @@ rollout_runtime = Table(
     Column("final_state", Text),
     Column("shadow_agreement_sum", Float, nullable=False, server_default=_d("0")),  # migration 4
     Column("shadow_compared", Float, nullable=False, server_default=_d("0")),
+    Column("approved_stage", Integer, nullable=False, server_default=_d("-1")),  # store_0008
+    Column("approval_requested_at", Float),
 )
 rollout_progress = Table(
     "rollout_progress", STORE,
@@ -184,6 +186,7 @@ rollout_progress = Table(
     Column("outcome", Text),
     Column("revert_at", Float),
     Column("detail", Text, nullable=False, server_default=_d("''")),
+    Column("hold_seen_at", Float),  # store_0008
     sa.Index("rollout_progress_order", "rollout_id", "ordinal"),
     sa.Index("rollout_progress_device", "device_id"),  # a device's entries across rollouts (store_0007)
 )
@@ -191,7 +194,7 @@ rollout_commands = Table(
     "rollout_commands", STORE,
     _autoid(),
     Column("rollout_id", Text, ForeignKey("rollouts.id", ondelete="CASCADE"), nullable=False),
-    Column("command", Text, sa.CheckConstraint("command IN ('promote', 'rollback', 'cancel')"),
+    Column("command", Text, sa.CheckConstraint("command IN ('promote', 'rollback', 'cancel', 'approve')"),
            nullable=False),
     Column("actor", Text, nullable=False),
     Column("note", Text, nullable=False, server_default=_d("''")),

@@ -35,6 +35,7 @@ from typing import Any
 
 from agent.contract.director import DeltaRef, TargetRef
 from agent.contract.protocol import Event, ReportedState
+from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.cluster.lease import LeaseLost
 from fleet.delivery.event_log import EventLog
@@ -42,6 +43,7 @@ from fleet.devices.selector import parse_selector
 from fleet.errors import FleetError, FleetInputError, FleetTransportError
 from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
+from fleet.rollouts.approval import decide_approval
 from fleet.rollouts.controller_ports import (  # re-exported: callers import them from here
     ControllerConfig,
     DeltaSource,
@@ -55,6 +57,7 @@ from fleet.rollouts.device_verdicts import event_update, forward_update, revert_
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
 from fleet.rollouts.machine import Decision, Desired, QueuedCommand, RolloutEvent, RolloutSnapshot, Work
+from fleet.rollouts.policies import admit_rows, success_breach, windows_for
 from fleet.rollouts.records import (
     FINAL_OUTCOMES,
     NO_REPORT,
@@ -222,6 +225,9 @@ class RolloutController:
         """Observe, then operator intent, gates, assignments and the stage verdict, in that order."""
         cfg = StrategyConfig.parse(ro.strategy)
         rows = self._observe(rt, cfg, now)
+        if ro.state is machine.RolloutState.PAUSED:  # an approval that arrived after its timeout
+            ro, rt, _ = self._approval(ro, rt, snapshot, cfg, now)
+            snapshot = self._snapshot(ro, rt, self.records.pending_commands(ro.id))
         decision = machine.decide_operator(snapshot, cfg)
         breach = rt.breach
         if decision.acknowledge_breach and breach is not None:
@@ -231,6 +237,7 @@ class RolloutController:
             ro = self._apply(ro, rt, decision, now)
         if decision.work is not Work.FORWARD:
             return
+        snapshot = replace(snapshot, state=ro.state, stage=ro.stage)
         if cfg.include_late_devices and self.records.add_devices(
                 ro.id, self.store.devices.ids_matching(parse_selector(ro.selector))):
             rows = self.records.progress(ro.id)
@@ -240,18 +247,46 @@ class RolloutController:
         if breaches:
             self._breach(ro, rt, cfg, breaches, now)
             return
+        ro, rt, gated = self._approval(ro, rt, snapshot, cfg, now)
+        if gated:
+            return
         assigned = [r.assigned_at for r in rows if r.assigned_at is not None]
         quota = dispatch_quota(cfg, ro.stage, len(rows), len(assigned), now, assigned, counts.succeeded)
-        if quota > 0:
-            fresh = [r for r in rows if r.assigned_at is None][:quota]
-            assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now)
+        if quota > 0:  # labels only when someone may start: budgets group by them, windows per group
+            labels = self.records.labels_of([r.device_id for r in rows]) \
+                if cfg.budget is not None or cfg.windows is not None else {}
+            fresh = admit_rows(cfg.budget, rows, labels, quota)
+            assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now, labels)
         stage_done = len(assigned) >= stage_target(cfg, ro.stage, len(rows)) and all(
             r.outcome in FINAL_OUTCOMES for r in self.records.progress(ro.id) if r.assigned_at is not None)
+        if stage_done and not acked and promote_free(snapshot):
+            short = success_breach(cfg.success_threshold(ro.stage), ro.stage,
+                                   outcome_counts(self.records.progress(ro.id)))
+            if short is not None:
+                self._breach(ro, rt, cfg, [short], now)
+                return
         verdict = machine.judge_stage(snapshot, cfg, stage_done, rt.stage_done_at, now, counts)
         if verdict.done_at != rt.stage_done_at:
             self.records.update_runtime(ro.id, stage_done_at=verdict.done_at)
         if verdict.decision.events:
             self._apply(ro, rt, verdict.decision, now)
+
+    # -- site policies --------------------------------------------------------------------------
+    def _approval(self, ro: Rollout, rt: RolloutRuntime, snapshot: RolloutSnapshot, cfg: StrategyConfig,
+                  now: float) -> tuple[Rollout, RolloutRuntime, bool]:
+        """Hold the stage for its approval, or record one (fresh records, and whether gated)."""
+        step = decide_approval(snapshot, cfg, rt.approved_stage, rt.approval_requested_at, now)
+        if step is None or not step.writes:
+            return ro, rt, step is not None and step.gated
+        log_event(logger, "rollout.approval", rollout=ro.id, stage=ro.stage, note=step.decision.note)
+        with self.store.tx():
+            if step.pauses and ro.desired is Desired.RUN:  # resumed with the ordinary `resume`
+                self.store.rollouts.request(ro.id, "pause", f"{self.config.actor}:approval",
+                                            step.decision.note[:1000])
+            ro = self._apply(ro, rt, step.decision, now, **step.runtime(ro.stage, now))
+        fresh = self.records.runtime(ro.id)
+        assert fresh is not None
+        return ro, fresh, step.gated
 
     # -- start, gates ------------------------------------------------------------------------------
     def _begin(self, ro: Rollout, rt: RolloutRuntime | None, now: float) -> RolloutRuntime | None:
@@ -307,12 +342,12 @@ class RolloutController:
 
     # -- devices ------------------------------------------------------------------------------------
     def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None,
-              delta: DeltaRef | None = None) -> bool:
+              delta: DeltaRef | None = None, windows: UpdateWindows | None = None) -> bool:
         """Sign and publish one device's director document; False (logged) if the broker failed."""
         assert self.publisher is not None
         try:
             doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
-                                    rollout_id=rid, reason=reason, delta=delta)
+                                    rollout_id=rid, reason=reason, delta=delta, windows=windows)
             self.publisher.publish_desired(device_id=dev, document=doc)
         except FleetTransportError as exc:
             log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
@@ -335,7 +370,7 @@ class RolloutController:
         return sent
 
     def _assign(self, rid: str, rt: RolloutRuntime, cfg: StrategyConfig, rows: list[DeviceProgress],
-                stage: int, now: float) -> int:
+                stage: int, now: float, labels: dict[str, dict[str, str]]) -> int:
         """Send `rows` their forward documents (until the broker fails); returns how many went."""
         if self.publisher is None or not rows:
             return 0
@@ -347,15 +382,19 @@ class RolloutController:
         # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
         for i in range(0, len(rows), ASSIGN_BATCH):
             batch = [r.device_id for r in rows[i:i + ASSIGN_BATCH]]
+            windows: dict[str, UpdateWindows] = {}  # each device's maintenance windows, if any
             chosen = {}  # the delta from each device's active bundle, for agents that apply deltas
             for dev in batch:
                 rep = reports.get(dev, NO_REPORT)
                 delta = deltas.get(rep.active_bundle or "") if "delta" in rep.features else None
                 if delta is not None:
                     chosen[dev] = delta
+                timed = windows_for(cfg.windows, labels.get(dev, {}))
+                if timed is not None:
+                    windows[dev] = timed
             docs = self.signer.issue_many(ref, batch, shadow=shadow, ttl=self.config.document_ttl,
                                           rollout_id=rid, reason=f"rollout {rid} stage {stage}",
-                                          deltas=chosen)
+                                          deltas=chosen, windows=windows)
             sent = self._publish_batch(rid, batch, docs)
             published += sent
             if len(sent) < len(batch):
@@ -457,6 +496,11 @@ class RolloutController:
                 if r.outcome not in FINAL_OUTCOMES:
                     self.records.update_device(ro.id, r.device_id, "skipped", outcome="skipped",
                                                detail="rollout cancelled; device left as it is")
+
+
+def promote_free(s: RolloutSnapshot) -> bool:
+    """No `promote` is queued (an operator's promote moves on whatever the success threshold says)."""
+    return machine.Command.PROMOTE not in s.commands
 
 
 def _bundle_id(ref: TargetRef) -> str:

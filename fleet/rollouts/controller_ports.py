@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from agent.contract.director import DeltaRef, TargetRef
+from agent.contract.windows import UpdateWindows
 from fleet.errors import FleetInputError
 
 
@@ -48,11 +49,13 @@ class _Always:
 class DirectorIssuer(Protocol):
     def issue(self, target: TargetRef, device_id: str | None = None, cohort: str | None = None,
               shadow: TargetRef | None = None, ttl: timedelta = ..., rollout_id: str | None = None,
-              reason: str = "", delta: DeltaRef | None = None) -> bytes: ...
+              reason: str = "", delta: DeltaRef | None = None,
+              windows: UpdateWindows | None = None) -> bytes: ...
 
     def issue_many(self, target: TargetRef, device_ids: list[str], shadow: TargetRef | None = None,
                    ttl: timedelta = ..., rollout_id: str | None = None, reason: str = "",
-                   deltas: dict[str, DeltaRef] | None = None) -> list[bytes]: ...
+                   deltas: dict[str, DeltaRef] | None = None,
+                   windows: dict[str, UpdateWindows] | None = None) -> list[bytes]: ...
 
 
 class DeltaSource(Protocol):

@@ -18,6 +18,10 @@ from agent.contract.protocol import Event
 from fleet.rollouts.records import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
 from fleet.rollouts.strategies import StrategyConfig
 
+#: The reported `hold` of a device waiting for its maintenance window (others: `held: <why>`).
+WAITING_FOR_WINDOW = "waiting_for_window"
+#: How stale `hold_seen_at` may get before it is written again (one write per held device per step).
+HOLD_SEEN_STEP_S = 30.0
 #: Agent lifecycle state -> the device's status while its outcome is open.
 PROGRESS_STATUS = {"downloading": "downloading", "verifying": "downloading", "staged": "installed",
                    "activating": "installed", "probation": "probation", "committed": "probation"}
@@ -51,14 +55,44 @@ def forward_update(row: DeviceProgress, report: DeviceReport, target: str, now: 
         if report.install_origin == "offline_install":
             detail += " (offline install)"
         return DeviceUpdate("succeeded", {**fields, "outcome": "succeeded", "detail": detail})
-    if row.outcome is None and now - assigned_at > cfg.device_timeout_s:
+    fresh = report.timestamp >= assigned_at - clock_skew_s  # a report since the document
+    if row.outcome is None and fresh and report.hold:
+        return hold_update(row, report.hold, now, cfg, fields)
+    since = max(assigned_at, row.hold_seen_at or 0.0)  # a hold that ended restarts the clock
+    if row.outcome is None and now - since > cfg.device_timeout_s:
         detail = f"no commit within {cfg.device_timeout_s:.0f}s (last state {report.state or 'unknown'})"
         return DeviceUpdate("failed", {**fields, "outcome": "timeout", "detail": detail})
     status = None
-    if row.outcome is None and report.timestamp >= assigned_at - clock_skew_s:  # a report since
+    if row.outcome is None and fresh:
         progress = PROGRESS_STATUS.get(str(report.state))
         status = progress if progress and progress != row.status else None
     return DeviceUpdate(status, fields) if status or fields else None
+
+
+def hold_update(row: DeviceProgress, hold: str, now: float, cfg: StrategyConfig,
+                fields: dict[str, Any]) -> DeviceUpdate | None:
+    """A device that holds its update (`waiting_for_window`, `held: low_memory`, ...).
+
+    It is not timing out: it said why it waits. Past `window_timeout_s` since the document a
+    device still waiting for its window has `window_missed` (not a failure); one still held
+    for resources times out, with the reason.
+    """
+    assert row.assigned_at is not None
+    waiting = hold.startswith(WAITING_FOR_WINDOW)
+    if now - row.assigned_at > cfg.window_timeout_s:
+        if waiting:
+            return DeviceUpdate("window_missed", {**fields, "outcome": "window_missed", "detail": (
+                f"no window opened within {cfg.window_timeout_s:.0f}s")})
+        return DeviceUpdate("failed", {**fields, "outcome": "timeout", "detail": (
+            f"{hold} for more than {cfg.window_timeout_s:.0f}s")[:1000]})
+    status = "waiting_for_window" if waiting else "held"
+    fields = dict(fields)
+    if row.hold_seen_at is None or now - row.hold_seen_at >= HOLD_SEEN_STEP_S:
+        fields["hold_seen_at"] = now
+    if status != row.status or row.detail != hold[:1000]:
+        fields["detail"] = hold[:1000]
+    changed = status if status != row.status else None
+    return DeviceUpdate(changed, fields) if changed or fields else None
 
 
 def event_update(entry: OpenEntry, ev: Event, clock_skew_s: float) -> DeviceUpdate | None:

@@ -65,9 +65,11 @@ class OutcomeCounts:
     install_failed: int = 0
     timeout: int = 0
     local_rollback: int = 0
+    window_missed: int = 0  # no window opened in time: neither a success nor a failure
 
     @property
     def finished(self) -> int:
+        """Devices with a verdict on the bundle (a missed window says nothing about it)."""
         return self.succeeded + self.install_failed + self.timeout + self.local_rollback
 
 

@@ -36,6 +36,7 @@ class RolloutState(StrEnum):
     ABORTED = "aborted"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    AWAITING_APPROVAL = "awaiting_approval"  # a stage that `requires_approval` waits for an operator
 
 
 class RolloutEvent(StrEnum):
@@ -53,6 +54,10 @@ class RolloutEvent(StrEnum):
     ROLLBACK_REQUESTED = "rollback_requested"
     REVERT_FINISHED = "revert_finished"
     CANCEL_REQUESTED = "cancel_requested"
+    APPROVAL_REQUIRED = "approval_required"
+    APPROVED = "approved"
+    APPROVAL_TIMEOUT_PAUSE = "approval_timeout_pause"
+    APPROVAL_TIMEOUT_ABORT = "approval_timeout_abort"
 
 
 class Desired(StrEnum):
@@ -69,6 +74,7 @@ class Command(StrEnum):
     PROMOTE = "promote"
     ROLLBACK = "rollback"
     CANCEL = "cancel"
+    APPROVE = "approve"
 
 
 S, E = RolloutState, RolloutEvent
@@ -102,6 +108,17 @@ TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = MappingP
         # finished, but a `rollback` command reopens it
         (S.COMPLETED, E.ROLLBACK_REQUESTED): S.ROLLING_BACK,
         (S.COMPLETED, E.CANCEL_REQUESTED): S.CANCELLED,  # a cancel queued as the last stage ended
+        # approval gates (fleet/rollouts/approval.py): the stage starts only once approved
+        (S.RUNNING, E.APPROVAL_REQUIRED): S.AWAITING_APPROVAL,
+        (S.AWAITING_APPROVAL, E.APPROVED): S.RUNNING,
+        (S.AWAITING_APPROVAL, E.APPROVAL_TIMEOUT_PAUSE): S.PAUSED,  # approve, then resume
+        (S.AWAITING_APPROVAL, E.APPROVAL_TIMEOUT_ABORT): S.ROLLING_BACK,
+        (S.AWAITING_APPROVAL, E.PAUSE_REQUESTED): S.PAUSED,
+        (S.AWAITING_APPROVAL, E.GATE_BREACH_PAUSE): S.PAUSED,  # earlier stages' metrics still count
+        (S.AWAITING_APPROVAL, E.GATE_BREACH_ABORT): S.ROLLING_BACK,
+        (S.AWAITING_APPROVAL, E.ABORT_REQUESTED): S.ROLLING_BACK,
+        (S.AWAITING_APPROVAL, E.ROLLBACK_REQUESTED): S.ROLLING_BACK,
+        (S.AWAITING_APPROVAL, E.CANCEL_REQUESTED): S.CANCELLED,
     }
 )
 
@@ -205,8 +222,9 @@ def decide_operator(s: RolloutSnapshot, cfg: StrategyConfig) -> Decision:
     next stage, one state change); the last stage's promote waits for `judge_stage`.
     """
     promote = s.commands.get(Command.PROMOTE)
-    pausing = s.desired is Desired.PAUSE and s.state is S.RUNNING
-    if promote is not None and s.stage < stage_count(cfg) - 1:
+    pausing = s.desired is Desired.PAUSE and s.state in (S.RUNNING, S.AWAITING_APPROVAL)
+    awaiting = s.state is S.AWAITING_APPROVAL  # a promote waits for the approval (never skips one)
+    if promote is not None and s.stage < stage_count(cfg) - 1 and not awaiting:
         events = (E.PAUSE_REQUESTED, E.STAGE_ADVANCED) if pausing else (E.STAGE_ADVANCED,)
         return Decision(events, note=f"promoted by {promote.actor}", stage=s.stage + 1, consumes=promote)
     if s.desired is Desired.PAUSE:

@@ -8,7 +8,8 @@ when recorded; the controller marks them done when it acts. Reads return typed r
 (`RolloutRuntime`, `DeviceProgress`, `OpenEntry`, `RolloutCommand`, `DeviceReport`), so
 the controller's decisions work on fields, not on row keys.
 
-Errors: `RolloutRecords.command` raises NotFound, FleetInputError and Conflict.
+Errors: `RolloutRecords.command` raises NotFound, FleetInputError and Conflict (also an
+`approve` of a rollout that awaits no approval, and a `promote` of one that does).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 COMMANDS = tuple(c.value for c in Command)
 FINAL_OUTCOMES = ("succeeded", "install_failed", "local_rollback", "timeout", "reverted",
-                  "revert_failed", "skipped")
+                  "revert_failed", "skipped", "window_missed")
 
 
 class RuntimePhase(StrEnum):
@@ -48,6 +49,7 @@ class RuntimePhase(StrEnum):
 #: The runtime phase each state the controller enters implies (the rest have no runtime yet).
 PHASE_OF_STATE: Mapping[RolloutState, RuntimePhase] = MappingProxyType({
     RolloutState.RUNNING: RuntimePhase.FORWARD, RolloutState.PAUSED: RuntimePhase.FORWARD,
+    RolloutState.AWAITING_APPROVAL: RuntimePhase.FORWARD,
     RolloutState.ROLLING_BACK: RuntimePhase.ROLLBACK, RolloutState.COMPLETED: RuntimePhase.DONE,
     RolloutState.ABORTED: RuntimePhase.DONE, RolloutState.CANCELLED: RuntimePhase.DONE})
 
@@ -76,6 +78,8 @@ class RolloutRuntime:
     final_state: str | None
     shadow_agreement_sum: float = 0.0  # sum of label agreement x rows compared (migration 4)
     shadow_compared: float = 0.0  # rows compared by the devices' shadow reports
+    approved_stage: int = -1  # the last stage an operator approved (migration 10)
+    approval_requested_at: float | None = None  # when the rollout began awaiting approval
 
     @property
     def shadow_agreement(self) -> float | None:
@@ -115,6 +119,7 @@ class DeviceProgress:
     detail: str
     status: str
     stage: int
+    hold_seen_at: float | None = None  # last report of a hold (window or resources), migration 10
 
     @classmethod
     def from_row(cls, row: Row) -> DeviceProgress:
@@ -168,6 +173,8 @@ class DeviceReport:
     features: tuple[str, ...] = ()  # optional protocol features the agent implements (`delta`)
     install_origin: str = ""  # `offline_install` when the active bundle came from an imported file
 
+    hold: str | None = None  # `waiting_for_window` or `held: <why>` while the agent holds the update
+
     @classmethod
     def from_row(cls, row: Row) -> DeviceReport:
         rep = row.get("reported_state") or {}
@@ -175,7 +182,8 @@ class DeviceReport:
                    previous_bundle=rep.get("previous_bundle"), timestamp=float(rep.get("timestamp") or 0),
                    online=bool(row.get("online")),
                    features=tuple(str(f) for f in rep.get("features") or ()),
-                   install_origin=str(rep.get("install_origin") or ""))
+                   install_origin=str(rep.get("install_origin") or ""),
+                   hold=str(rep["hold"]) if rep.get("hold") else None)
 
 
 #: A device with no stored report (or not in the inventory).
@@ -192,7 +200,7 @@ def outcome_counts(rows: list[DeviceProgress]) -> OutcomeCounts:
     c = Counter(r.outcome for r in rows if r.assigned_at is not None)
     return OutcomeCounts(assigned=sum(r.assigned_at is not None for r in rows), succeeded=c["succeeded"],
                          install_failed=c["install_failed"], timeout=c["timeout"],
-                         local_rollback=c["local_rollback"])
+                         local_rollback=c["local_rollback"], window_missed=c["window_missed"])
 
 
 def bundle_index(repository: Any) -> dict[str, TargetRef]:
@@ -345,7 +353,8 @@ class RolloutRecords:
                 "SELECT p.*, rt.phase, rt.target_bundle FROM rollout_progress p "
                 "JOIN rollout_runtime rt ON rt.rollout_id = p.rollout_id "
                 "JOIN rollouts r ON r.id = p.rollout_id "
-                "WHERE p.device_id = :device AND r.state IN ('running', 'paused', 'rolling_back') "
+                "WHERE p.device_id = :device "
+                "AND r.state IN ('running', 'paused', 'awaiting_approval', 'rolling_back') "
                 "AND (p.assigned_at IS NOT NULL)", {"device": device_id})]
 
     def reported_states(self, device_ids: list[str]) -> dict[str, DeviceReport]:
@@ -357,6 +366,17 @@ class RolloutRecords:
                 for r in db.query("SELECT id, reported_state, online FROM devices WHERE id IN :ids",
                                   {"ids": part}):
                     out[r["id"]] = DeviceReport.from_row(decode_row(r, ("reported_state",)) or {})
+        return out
+
+    def labels_of(self, device_ids: list[str]) -> dict[str, dict[str, str]]:
+        """The fleet-set labels of each listed device (for budgets and windows; absent if unknown)."""
+        out: dict[str, dict[str, str]] = {}
+        with self.store.read() as db:
+            for i in range(0, len(device_ids), 500):
+                part = {"ids": device_ids[i:i + 500]}
+                for r in db.query("SELECT id, labels FROM devices WHERE id IN :ids", part):
+                    labels = decode_row(r, ("labels",)) or {}
+                    out[r["id"]] = {str(k): str(v) for k, v in (labels.get("labels") or {}).items()}
         return out
 
     def supersede(self, device_id: str, by_rollout: str) -> None:
@@ -372,7 +392,7 @@ class RolloutRecords:
                     "SELECT p.rollout_id, p.device_id FROM rollout_progress p "
                     "JOIN rollouts r ON r.id = p.rollout_id "
                     "WHERE p.device_id IN :ids AND p.rollout_id != :by AND p.outcome IS NULL "
-                    "AND r.state IN ('running', 'paused', 'rolling_back')",
+                    "AND r.state IN ('running', 'paused', 'awaiting_approval', 'rolling_back')",
                     {"ids": device_ids[i:i + 500], "by": by_rollout})
         for r in rows:
             self.update_device(r["rollout_id"], r["device_id"], "skipped", outcome="skipped",
@@ -396,6 +416,10 @@ class RolloutRecords:
                 raise Conflict(f"rollout {rollout_id} is rolling back; it cannot be promoted")
             if command == "rollback" and ro.state is RolloutState.ROLLING_BACK:
                 raise Conflict(f"rollout {rollout_id} is already rolling back")
+            if command == "promote" and ro.state is RolloutState.AWAITING_APPROVAL:
+                raise Conflict(f"rollout {rollout_id} awaits approval of stage {ro.stage}; approve it")
+            if command == "approve" and ro.state not in (RolloutState.AWAITING_APPROVAL, RolloutState.PAUSED):
+                raise Conflict(f"rollout {rollout_id} is {ro.state}, not awaiting approval")
             queued = db.execute("SELECT 1 FROM rollout_commands WHERE rollout_id = :id "
                                 "AND command = :command AND done_at IS NULL",
                                 {"id": rollout_id, "command": command}).fetchone()
@@ -422,7 +446,8 @@ class RolloutRecords:
     def active_rollouts(self) -> list[Rollout]:
         with self.store.read() as db:
             ids = [r["id"] for r in db.query(
-                "SELECT id FROM rollouts WHERE state IN ('pending', 'running', 'paused', 'rolling_back') "
+                "SELECT id FROM rollouts "
+                "WHERE state IN ('pending', 'running', 'paused', 'awaiting_approval', 'rolling_back') "
                 "OR (state = 'completed' AND id IN "
                 "(SELECT rollout_id FROM rollout_commands WHERE done_at IS NULL)) ORDER BY created_at, id")]
         return [self.store.rollouts.get(i) for i in ids]

@@ -40,7 +40,7 @@ STATES = tuple(s.value for s in RolloutState)
 FINISHED_STATES = tuple(s.value for s in RolloutState if s in machine.FINISHED_STATES)
 ACTIONS = {"pause": Desired.PAUSE, "resume": Desired.RUN, "abort": Desired.ABORT}
 DEVICE_STATUSES = ("pending", "assigned", "downloading", "installed", "probation", "succeeded",
-                   "failed", "rolled_back", "skipped")
+                   "failed", "rolled_back", "skipped", "waiting_for_window", "held", "window_missed")
 MAX_HISTORY = 500
 EMPTY_COHORT = "cohort matches no device"
 logger = logging.getLogger("edgefleet.fleet.rollouts")
@@ -105,6 +105,7 @@ class RolloutStatusSummary:
     devices_by_status: dict[str, int]
     warnings: tuple[str, ...] = ()
     baking_until: str | None = None  # ISO time the current stage's bake ends (None when not baking)
+    approval_due: str | None = None  # awaiting approval: when its timeout pauses or aborts (ISO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +233,8 @@ class RolloutRepo:
                                     stage=rollout.stage, updated_at=rollout.updated_at,
                                     devices_total=total, devices_by_status=counts,
                                     warnings=self._warnings(rollout, total),
-                                    baking_until=self._baking_until(rollout))
+                                    baking_until=self._baking_until(rollout),
+                                    approval_due=self._approval_due(rollout))
 
     def _baking_until(self, rollout: Rollout) -> str | None:
         """When the bake of a running rollout's current stage ends: its devices are all final
@@ -251,6 +253,21 @@ class RolloutRepo:
             return None
         until = float(row[0]) + bake_s
         return iso(until) if bake_s > 0 and until > self.store.clock() else None
+
+    def _approval_due(self, rollout: Rollout) -> str | None:
+        """When the approval timeout of a rollout that awaits approval fires (None otherwise)."""
+        if rollout.state is not RolloutState.AWAITING_APPROVAL:
+            return None
+        with self.store.read() as db:
+            row = db.execute("SELECT approval_requested_at FROM rollout_runtime WHERE rollout_id = :id",
+                             {"id": rollout.id}).fetchone()
+        try:
+            policy = StrategyConfig.parse(rollout.strategy).approval
+        except FleetInputError:
+            return None
+        if row is None or row[0] is None or policy is None:
+            return None
+        return iso(float(row[0]) + policy.timeout_s)
 
     # -- controller side (round 2 writes through these) -------------------------
     def set_state(self, rollout_id: str, state: str, stage: int, actor: str, note: str = "") -> Rollout:

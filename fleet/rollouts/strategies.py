@@ -14,6 +14,9 @@ Why cumulative counts rather than device lists: devices that enroll after the st
 the selector join the cohort; the stage's count is recomputed from the current cohort size,
 so a late device is assigned as soon as its stage's share allows it.
 
+The site policies (disruption budget, approval, success threshold, windows) are fields of
+the same document; their models and decisions live in `fleet.rollouts.policies`.
+
 Errors: `StrategyConfig.parse` raises `FleetInputError` naming the bad field.
 """
 
@@ -26,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.errors import FleetInputError
+from fleet.rollouts.policies import ApprovalPolicy, DisruptionBudget, WindowPolicy
 
 DEFAULT_CANARY_STAGES = (5.0, 25.0, 100.0)
 MINUTE_S = 60.0
@@ -52,6 +56,13 @@ class StrategyConfig(BaseModel):
     on_breach: Literal["pause", "abort"] = "pause"
     include_late_devices: bool = True
     shadow_model_version_id: Annotated[str, Field(max_length=200)] | None = None
+    # site policies (fleet/rollouts/policies.py)
+    budget: DisruptionBudget | None = None
+    approval: ApprovalPolicy | None = None
+    success_threshold_pct: Annotated[float, Field(gt=0, le=100)] | Annotated[
+        list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1, max_length=20)] | None = None
+    windows: WindowPolicy | None = None
+    window_timeout_s: Annotated[float, Field(gt=0, le=30 * 86400)] = 86400.0  # then `window_missed`
 
     @model_validator(mode="after")
     def _consistent(self) -> StrategyConfig:
@@ -61,6 +72,11 @@ class StrategyConfig(BaseModel):
             raise ValueError("the last stage must be 100 (the whole cohort)")
         if self.max_per_minute < self.base_per_minute:
             raise ValueError("max_per_minute must be at least base_per_minute")
+        stages = len(self.stages) if self.kind == "canary" else 1
+        if self.approval is not None and max(self.approval.stages) >= stages:
+            raise ValueError(f"approval.stages must name stages 0..{stages - 1} of this strategy")
+        if isinstance(self.success_threshold_pct, list) and len(self.success_threshold_pct) != stages:
+            raise ValueError(f"success_threshold_pct as a list needs one value per stage ({stages})")
         if self.kind == "all_at_once" and "bake_s" not in self.model_fields_set:
             return self.model_copy(update={"bake_s": 0.0})  # one stage: nothing to bake before
         if self.kind == "exponential" and self.increase_after_succeeded is None \
@@ -77,6 +93,13 @@ class StrategyConfig(BaseModel):
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'strategy'}: {e['msg']}"
                                  for e in exc.errors())
             raise FleetInputError(f"invalid rollout strategy: {problems}") from None
+
+    def success_threshold(self, stage: int) -> float | None:
+        """The committed percentage `stage` needs before the rollout moves on (None: no threshold)."""
+        t = self.success_threshold_pct
+        if isinstance(t, list):
+            return t[min(max(stage, 0), len(t) - 1)] or None
+        return t
 
     @property
     def stage_percents(self) -> tuple[float, ...]:

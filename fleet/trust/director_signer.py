@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.director import DeltaRef, DirectorDocument, TargetRef, sign_director
+from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.db.database import Database
 from fleet.db.schema import director_sequences
@@ -111,10 +112,12 @@ class DirectorSigner:
         rollout_id: str | None = None,
         reason: str = "",
         deltas: dict[str, DeltaRef] | None = None,
+        windows: dict[str, UpdateWindows] | None = None,
     ) -> list[bytes]:
         """`issue` for a batch of devices (a stage of a rollout): the sequences are reserved in
         one transaction, then each document is signed; in the order of `device_ids`. `deltas`
-        names, per device, the delta from its active bundle (devices that can apply one).
+        names, per device, the delta from its active bundle (devices that can apply one), `windows`
+        its maintenance windows.
 
         Why: at fleet scale the per-document commit (synchronous, durable) cost more than the
         signature (`benchmarks/bench_rollout_scale.py`). A crash after the reservation only skips
@@ -132,7 +135,8 @@ class DirectorSigner:
             try:
                 doc = DirectorDocument(device_id=dev, cohort=None, sequence=seq, issued_at=now,
                                        expires=now + ttl, target=target, shadow=shadow, rollout_id=rollout_id,
-                                       reason=reason, delta=(deltas or {}).get(dev))
+                                       reason=reason, delta=(deltas or {}).get(dev),
+                                       windows=(windows or {}).get(dev))
             except ValueError as exc:
                 raise FleetInputError(f"invalid director document: {exc}") from None
             out.append(sign_director(doc, signers))
@@ -157,6 +161,7 @@ class DirectorSigner:
         rollout_id: str | None = None,
         reason: str = "",
         delta: DeltaRef | None = None,
+        windows: UpdateWindows | None = None,
     ) -> bytes:
         """Sign a director document telling `device_id` (or `cohort`) to run `target`.
 
@@ -178,6 +183,7 @@ class DirectorSigner:
                 delta=delta,
                 rollout_id=rollout_id,
                 reason=reason,
+                windows=windows,
             )
         except ValueError as exc:
             raise FleetInputError(f"invalid director document: {exc}") from None

@@ -20,6 +20,7 @@ from securesystemslib.signer import CryptoSigner
 from agent.cli.agent_commands import group
 from agent.config import EXAMPLE_CONFIG, load_config, parse_config
 from agent.contract.director import DirectorDocument, DirectorTrust, TargetRef, sign_director
+from agent.contract.windows import UpdateWindows, Window
 from agent.daemon.director_gate import DirectorGate
 from agent.errors import ConfigError, DirectorError, MisuseError
 
@@ -59,6 +60,8 @@ def test_comment_lines_only_whole_lines() -> None:
         ({"limits": {"chunk_size": 128 * 1024}, "mqtt": {"max_message_bytes": 128 * 1024}}, "chunk_size"),
         ({"limits": {"chunk_size": 100}}, "limits.chunk_size"),
         ({"telemetry_interval_s": 0}, "telemetry_interval_s"),
+        ({"lifecycle": {"timezone": "Europe/Atlantis"}}, "unknown time zone 'Europe/Atlantis'"),
+        ({"lifecycle": {"max_load_per_cpu": 0}}, "lifecycle.max_load_per_cpu"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(changes: dict[str, object], message: str) -> None:
@@ -123,6 +126,18 @@ def test_gate_numbers_documents_per_addressee_and_refuses_replays(tmp_path: Path
     with pytest.raises(DirectorError, match="not one of ours"):
         g.accept("cohort:other", doc(9, device=None, cohort="other"), 2)
     assert json.loads((tmp_path / "director.json").read_text())["local"] == 2
+
+
+@pytest.mark.integration
+def test_gate_hands_the_documents_windows_to_the_lifecycle(tmp_path: Path) -> None:
+    windows = UpdateWindows(download=Window(cron="0 0 * * *", duration_s=3600), tz="Europe/Berlin")
+    signed = sign_director(DirectorDocument(device_id="gw-1", sequence=7, issued_at=NOW - timedelta(hours=1),
+                                            expires=NOW + timedelta(days=1), target=REF, windows=windows),
+                           [SIGNER])
+    target = gate(tmp_path).accept("device:gw-1", signed, 0)
+    assert target is not None and target.windows == {"download": {"cron": "0 0 * * *", "duration_s": 3600},
+                                                     "tz": "Europe/Berlin"}
+    assert target.sequence == 1  # renumbered locally, windows kept
 
 
 @pytest.mark.integration

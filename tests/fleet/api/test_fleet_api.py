@@ -401,6 +401,7 @@ def test_rollout_routes_store_intent_only(api: Api) -> None:
         "stage": 0,
         "updated_at": status["updated_at"],
         "baking_until": None,
+        "approval_due": None,
         "devices_total": 0,
         "devices_by_status": {},
         "warnings": [],  # not started, but its selector matches the enrolled device

@@ -312,3 +312,21 @@ def test_every_command_has_help(name: str) -> None:
         result = CliRunner().invoke(group, [command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.stdout, (name, command, result.output)
         assert "--json" in result.stdout and "--url" in result.stdout
+
+
+@pytest.mark.integration
+def test_rollout_approve_by_role_and_policy_refusals(fleet: RunningFleet, tmp_path: Path) -> None:
+    env = fleet.env()
+    cli(models.group, "publish", str(bundle(tmp_path, "1.0.0")), env=env)
+    rid = as_json(rollouts.group, "create", "mlp:1.0.0", "--selector", "env=prod", "--strategy",
+                  '{"approval": {"stages": [0], "timeout_s": 600}}', env=env)["id"]
+    one_line_error(cli(rollouts.group, "approve", rid, env=env, code=EXIT_CONFLICT), "not awaiting approval")
+    fleet.service.store.rollouts.set_state(rid, "awaiting_approval", 0, "controller")
+    one_line_error(cli(rollouts.group, "approve", rid, env=fleet.env("viewer"), code=EXIT_AUTH), "403")
+    shown = cli(rollouts.group, "show", rid, env=env)
+    assert f"stage 0 awaits approval: edgefleet rollouts approve {rid}" in shown.stderr
+    approved = cli(rollouts.group, "approve", rid, "--note", "go", env=env)
+    assert "approve: recorded" in approved.stderr
+    one_line_error(cli(rollouts.group, "create", "mlp:1.0.0", "--selector", "env=prod", "--strategy",
+                       '{"windows": {"activation": {"cron": "0 2 * *", "duration_s": 600}}}', env=env,
+                       code=EXIT_INVALID), "400", "cron")

@@ -240,3 +240,36 @@ def test_severity_puts_every_method_on_one_scale_with_one_at_the_threshold() -> 
 def test_the_demo_offers_serve() -> None:
     res = CliRunner().invoke(demo_command, ["--help"])
     assert res.exit_code == 0 and "--serve" in res.output and "login key" in res.output
+
+
+@pytest.mark.integration
+def test_a_rollout_awaiting_approval_shows_it_and_only_an_operator_approves(service: FleetService) -> None:
+    store = service.store
+    store.models.create_model("m", "", "test")
+    store.models.register_version("m", "1.0.0", "sha256:" + "0" * 64, "onnx", {}, "test")
+    rid = store.rollouts.create("m:1.0.0", "", {"kind": "canary", "stages": [50, 100],
+                                                "approval": {"stages": [0], "timeout_s": 600},
+                                                "budget": {"group_by": ["site"], "max_unavailable": 1}},
+                                {}, "test").id
+    records = RolloutRecords(store)
+    records.init_runtime(rid, "m-1.0.0", "m/m-1.0.0.tar", 1000.0)
+    records.update_runtime(rid, approval_requested_at=1000.0)
+    store.rollouts.set_state(rid, "awaiting_approval", 0, "controller")
+    operator = TestClient(service.app)
+    _login(operator, create_api_key(store, "op", "operator", "test")[1])
+    viewer = TestClient(service.app)
+    _login(viewer, create_api_key(store, "view", "viewer", "test")[1])
+    detail = operator.get(f"/ui/rollouts/{rid}").text
+    assert "Stage 1 waits for an operator's approval" in detail and "will pause at" in detail
+    assert 'data-action="approve"' in detail and 'data-action="promote"' not in detail
+    assert "disruption budget per site: at most 1 unavailable" in detail
+    assert "Approve rollout" in operator.get(f"/ui/rollouts/{rid}/confirm/approve").text
+    assert 'data-action="approve"' not in viewer.get(f"/ui/rollouts/{rid}").text
+    res = viewer.post(f"/ui/rollouts/{rid}/approve", data={"csrf": _csrf(viewer)})
+    assert res.status_code == 403 and records.pending_commands(rid) == []
+    res = operator.post(f"/ui/rollouts/{rid}/approve", data={"csrf": _csrf(operator), "note": "go"},
+                        follow_redirects=False)
+    assert res.status_code == 303
+    assert [(c.command, c.note) for c in records.pending_commands(rid)] == [("approve", "go")]
+    entry = store.audit.list(None, 1, action="rollout.approve").items[0]
+    assert entry.actor.endswith(":op")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.errors import FleetMisuseError
-from fleet.rollouts.gates import OutcomeCounts
+from fleet.rollouts.gates import OutcomeCounts, VersionMetrics
 from fleet.rollouts.machine import (
     FINISHED_STATES,
     INITIAL_STATE,
@@ -70,7 +70,7 @@ def test_terminal_states_have_no_transitions_and_the_store_agrees() -> None:
     assert TERMINAL_STATES | {S.COMPLETED} == FINISHED_STATES
     # what the API and the metrics call states and finished states is the machine's
     assert STATES == ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed",
-                      "cancelled")
+                      "cancelled", "awaiting_approval")
     assert set(STORE_FINISHED) == {s.value for s in FINISHED_STATES}
 
 
@@ -281,6 +281,7 @@ def test_the_controller_fires_every_pair_of_the_table_and_nothing_else(world: Wo
     del world.ctl.records.pending_commands
     world.ctl.tick()
     assert world.state(rid)[0] == "cancelled"
+    _approval_paths(world, records)
 
     fired = {pair for run in world.transitions for pair in _pairs(run)}
     assert fired == set(TRANSITIONS), f"not fired: {set(TRANSITIONS) - fired}"
@@ -288,3 +289,37 @@ def test_the_controller_fires_every_pair_of_the_table_and_nothing_else(world: Wo
                for e in world.store.audit.list(None, 1000, action="rollout.state", actor="controller").items]
     through_table = {(src.value, dst.value) for src, _, dst in world.transitions}
     assert len(written) > 30 and set(written) <= through_table
+
+
+def _approval_paths(world: World, records: RolloutRecords) -> None:
+    """Approval gates: approved, timed out (pause, abort), and what an awaiting rollout may do."""
+    # a gate breach while awaiting the approval of stage 1 (stage 0's metrics still count)
+    plan = {"kind": "canary", "stages": [50, 100], "bake_s": 0, "approval": {"stages": [1]}}
+    gated = {n: world.rollout({**plan, "on_breach": n}, selector=_group(world, f"g{n}", f"g{n}-1", f"g{n}-2"))
+             for n in ("pause", "abort")}
+    world.ctl.tick()
+    world.commit_all([d for r in gated.values() for d in world.assigned(r)])
+    world.ctl.tick()
+    world.ctl.tick()
+    assert {world.state(r) for r in gated.values()} == {("awaiting_approval", 1)}
+    world.metrics["mlp-2.0.0"] = VersionMetrics(drift_score=0.9)
+    world.ctl.tick()
+    del world.metrics["mlp-2.0.0"]
+    assert [world.state(r)[0] for r in gated.values()] == ["paused", "rolling_back"]
+    # stage 0 waits: approved, timeouts, and operator intent while awaiting
+    wait = {"kind": "canary", "stages": [50, 100], "approval": {"stages": [0], "timeout_s": 600}}
+    plans = {n: wait for n in ("approve", "t-pause", "a-pause", "a-abort", "a-rollback", "a-cancel")}
+    plans["t-abort"] = {**wait, "approval": {"stages": [0], "timeout_s": 600, "on_timeout": "abort"}}
+    ids = {n: world.rollout(p, selector=_group(world, n, f"{n}-1")) for n, p in plans.items()}
+    world.ctl.tick()
+    assert {world.state(r) for r in ids.values()} == {("awaiting_approval", 0)}
+    records.command(ids["approve"], "approve", "op")
+    world.store.rollouts.request(ids["a-pause"], "pause", "op")
+    world.store.rollouts.request(ids["a-abort"], "abort", "op")
+    records.command(ids["a-rollback"], "rollback", "op")
+    records.command(ids["a-cancel"], "cancel", "op")
+    world.clock.advance(601)
+    world.ctl.tick()
+    assert {n: world.state(r)[0] for n, r in ids.items()} == {
+        "approve": "running", "t-pause": "paused", "t-abort": "rolling_back", "a-pause": "paused",
+        "a-abort": "rolling_back", "a-rollback": "rolling_back", "a-cancel": "cancelled"}

@@ -20,6 +20,7 @@ from agent.contract.director import (
     sign_director,
     verify_director,
 )
+from agent.contract.windows import UpdateWindows, Window
 from agent.errors import DirectorError, UnknownDirectorKeyError
 from fleet.errors import FleetInputError
 from fleet.trust.director_signer import DirectorSigner
@@ -213,6 +214,20 @@ def test_signer_picks_up_a_rotated_director_key_and_shares_sequences(
     assert signer.last_sequence(device_id="dev-1") == 3
     signer.close()
     other.close()
+
+
+@pytest.mark.unit
+def test_windows_are_signed_with_the_document_and_a_widened_window_is_refused(keys: list[Signer]) -> None:
+    windows = UpdateWindows(activation=Window(cron="0 2 * * *", duration_s=7200), tz="Europe/Berlin")
+    data = sign_director(_doc(windows=windows), keys[:1])
+    assert verify_director(data, _trust(keys[:1]), "dev-1", [], 4, NOW).windows == windows
+    envelope = json.loads(data)
+    envelope["signed"]["windows"]["activation"]["cron"] = "* * * * *"  # "any time", said by no one
+    with pytest.raises(DirectorError, match=r"bad director signature .* modified"):
+        verify_director(json.dumps(envelope).encode(), _trust(keys[:1]), "dev-1", [], 4, NOW)
+    envelope["signed"]["windows"]["activation"]["cron"] = "0 2 * * * *"  # six fields
+    with pytest.raises(DirectorError, match="malformed cron expression"):
+        verify_director(json.dumps(envelope).encode(), _trust(keys[:1]), "dev-1", [], 4, NOW)
 
 
 ALLOCATE = """
