@@ -29,7 +29,7 @@ def test_roles_parse_from_repeats_and_comma_lists() -> None:
     ({Role.API}, ["telemetry-ingest"]),
     ({Role.INGEST}, ["telemetry-ingest"]),
     ({Role.CONTROLLER}, ["telemetry-ingest", "leader-elector", "drift-monitor", "rollout-controller",
-                         "experiment-driver", "timestamp-refresher"]),
+                         "experiment-driver", "timestamp-refresher", "crl-refresher"]),
 ])
 def test_each_role_builds_only_its_components(tmp_path: Path, roles: set[Role], names: list[str]) -> None:
     settings = FleetSettings(data_dir=tmp_path)
