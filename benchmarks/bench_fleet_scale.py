@@ -1,7 +1,9 @@
 """10,000 load devices through a canary 10/50/100 % on a fleet of several processes.
 
 Two `fleet serve --role ingest` workers and two `--role controller` processes share one data
-directory and a private Mosquitto; the load devices (`simulators/load_devices`, one selector
+directory, one database (`--database`: SQLite files by default; with a PostgreSQL URL a scratch
+database per drill, `benchmarks/db_url.py`; the metric names then end in `_pg`) and a private
+Mosquitto; the load devices (`simulators/load_devices`, one selector
 loop in this process) answer the director documents like agents would. Once the 50 % stage
 runs, the lease holder is killed with SIGKILL (`simulators/load_devices/scale_run.py`).
 Figures: `fleet_scale_devices`, `fleet_scale_passed` (1 when every device committed the new
@@ -15,10 +17,11 @@ devices (`fleet_scale_200_canary_s`). `EDGEFLEET_BENCH_FLEET_DEVICES` changes th
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.db_url import parse_database
+from benchmarks.db_url import BenchDatabase, parse_database
 from simulators.broker import BrokerSettings, start_broker
 from simulators.load_devices.scale_run import ScaleConfig, ScaleResult, run_scale
 
@@ -27,24 +30,29 @@ DESCRIPTION = "10,000 load devices, canary 10/50/100 %, 2 ingest workers, 2 cont
 DEVICES = int(os.environ.get("EDGEFLEET_BENCH_FLEET_DEVICES", "10000"))
 
 
-def _drill(devices: int) -> ScaleResult:
+def _drill(devices: int, bench_db: BenchDatabase) -> ScaleResult:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         broker = start_broker(root / "broker", BrokerSettings(persistence=False), prefer_embedded=False)
         try:
-            return run_scale(ScaleConfig(devices=devices, install_s=1.0, leader_ttl_s=5.0, timeout_s=1800),
-                             root, broker.host, broker.port)
+            with bench_db.scratch(root) as location:
+                url = location if isinstance(location, str) else None  # SQLite: files in root/fleet
+                cfg = ScaleConfig(devices=devices, install_s=1.0, leader_ttl_s=5.0, timeout_s=1800,
+                                  database=url)
+                return run_scale(cfg, root, broker.host, broker.port)
         finally:
             broker.stop()
 
 
 def run(database: str | None = None) -> dict[str, float]:
-    parse_database(database)  # SQLite only in this build (refuses a PostgreSQL URL with a sentence)
-    small = _drill(200)
-    big = _drill(DEVICES)
+    db = parse_database(database)
+    print(f"fleet_scale: {db.backend}, {DEVICES} devices", file=sys.stderr, flush=True)
+    small = _drill(200, db)
+    big = _drill(DEVICES, db)
     if big.problems:
         print(f"fleet_scale problems: {big.problems}")
-    return {
+    tag = "" if db.backend == "sqlite" else "_pg"
+    figures = {
         "fleet_scale_devices": float(big.devices),
         "fleet_scale_passed": 1.0 if big.passed else 0.0,
         "fleet_scale_canary_s": big.canary_s,
@@ -54,3 +62,4 @@ def run(database: str | None = None) -> dict[str, float]:
         "fleet_scale_200_canary_s": small.canary_s,
         "fleet_scale_200_passed": 1.0 if small.passed else 0.0,
     }
+    return {f"{k}{tag}": v for k, v in figures.items()}

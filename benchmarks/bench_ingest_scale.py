@@ -7,14 +7,16 @@ worker is a real `fleet serve --role ingest` process on the shared subscription
 (device, seq) rows over time, between 10 % and 90 % of the reports (the last partial batch
 waits for the periodic flush, which is not ingest work). Baseline from the same run:
 `decode_report` alone over the same payloads (`ingest_*_decode_floor_reports_per_s`).
-Metric names say the backend: `ingest_pg_*` on PostgreSQL, `ingest_sqlite_*` on SQLite
-(the default until the PostgreSQL backend lands; `--database`, `benchmarks/db_url.py`).
+Metric names say the backend: `ingest_pg_*` on PostgreSQL (the default when a server answers on
+127.0.0.1:5432: a scratch database per run, created and dropped here), `ingest_sqlite_*` on
+SQLite (`--database sqlite:///...`, or no server); `benchmarks/db_url.py`. Stored rows are
+counted through the fleet's database layer, so the count is the same query on both.
 Goals (issue 11): one worker >= 0.7 of the decode floor, two workers >= 1.6 x one.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
-from benchmarks.db_url import parse_database, probe_postgres
+from benchmarks.db_url import DEFAULT_PG, BenchDatabase, parse_database, probe_postgres
+from fleet.db.database import Database
 from fleet.registry.profile import compute_reference_profile
 from simulators.broker import BrokerSettings, start_broker
 from simulators.load_devices.scale_run import serve_process, stop_processes
@@ -52,33 +55,49 @@ def _payloads() -> list[bytes]:
     return out
 
 
-def _stored(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=10) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM telemetry_seen").fetchone()[0])
-    except sqlite3.OperationalError:  # not created yet
-        return 0
+def _stored(telemetry: Database) -> int:
+    with telemetry.read() as db:
+        return int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
 
 
-def _run_workers(root: Path, workers: int, payloads: list[bytes]) -> float:
+def _run_workers(root: Path, workers: int, payloads: list[tuple[str, bytes]],
+                 bench_db: BenchDatabase) -> float:
+    """Reports/s stored by `workers` ingest processes on a fresh database (scratch on PostgreSQL)."""
     broker = start_broker(root / "broker", BrokerSettings(persistence=False), prefer_embedded=False)
     data = root / "fleet"
-    procs = []
+    data.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        url = f"mqtt://{broker.host}:{broker.port}"
-        procs = [serve_process(data, url, "ingest", root / f"ingest-{i}.log") for i in range(workers)]
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sender", protocol=mqtt.MQTTv5)
-        client.max_inflight_messages_set(1000)
-        client.max_queued_messages_set(0)
-        client.connect(broker.host, broker.port)
-        client.loop_start()
-        for p in payloads:  # device id in the topic: the one in the report
-            client.publish(f"edgefleet/v1/devices/{decode_report(p).device_id}/telemetry", p, qos=1)
+        with bench_db.scratch(data) as location:
+            url = location if isinstance(location, str) else None  # SQLite: the files in data/
+            telemetry = Database(url or data / "telemetry.db", "telemetry", "telemetry store")
+            try:
+                broker_url = f"mqtt://{broker.host}:{broker.port}"
+                procs = [serve_process(data, broker_url, "ingest", root / f"ingest-{i}.log", database=url)
+                         for i in range(workers)]
+                return _measure(broker.host, broker.port, payloads, telemetry)
+            finally:
+                stop_processes(procs)
+                telemetry.close()
+    finally:
+        broker.stop()
+
+
+def _measure(host: str, port: int, payloads: list[tuple[str, bytes]], telemetry: Database) -> float:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sender", protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        for topic, p in payloads:
+            client.publish(topic, p, qos=1)
         n = len(payloads)
         marks: dict[str, float] = {}
+        count = 0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            count = _stored(data / "telemetry.db")
+            count = _stored(telemetry)
             now = time.monotonic()
             if "lo" not in marks and count >= 0.1 * n:
                 marks["lo"], marks["lo_n"] = now, count
@@ -86,32 +105,29 @@ def _run_workers(root: Path, workers: int, payloads: list[bytes]) -> float:
                 marks["hi"], marks["hi_n"] = now, count
                 break
             time.sleep(0.05)
+    finally:
         client.loop_stop()
         client.disconnect()
-        if "hi" not in marks:
-            raise RuntimeError(f"only {count} of {n} reports stored in time")
-        return (marks["hi_n"] - marks["lo_n"]) / max(1e-9, marks["hi"] - marks["lo"])
-    finally:
-        stop_processes(procs)
-        broker.stop()
+    if "hi" not in marks:
+        raise RuntimeError(f"only {count} of {n} reports stored in time")
+    return (marks["hi_n"] - marks["lo_n"]) / max(1e-9, marks["hi"] - marks["lo"])
 
 
 def run(database: str | None = None) -> dict[str, float]:
-    db = parse_database(database)
     if database is None and probe_postgres():
-        print("ingest_scale: PostgreSQL answers on 127.0.0.1:5432, but this build's fleet/db opens SQLite "
-              "only: measuring SQLite (the metric names say so)")
+        database = DEFAULT_PG  # a scratch database per run, dropped afterwards
+    db = parse_database(database)
     tag = db.backend
     payloads = _payloads()
     # Decoding the device id for the topic is the sender's cost, not the workers': pre-decode once.
     t0 = time.perf_counter()
-    for p in payloads:
-        decode_report(p)
+    topics = [f"edgefleet/v1/devices/{decode_report(p).device_id}/telemetry" for p in payloads]
     decode_rate = len(payloads) / (time.perf_counter() - t0)
+    messages = list(zip(topics, payloads, strict=True))
     rates = {}
     for workers in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
-            rates[workers] = _run_workers(Path(tmp), workers, payloads)
+            rates[workers] = _run_workers(Path(tmp), workers, messages, db)
     return {
         f"ingest_{tag}_reports_per_s_1": rates[1],
         f"ingest_{tag}_reports_per_s_2": rates[2],

@@ -6,7 +6,8 @@ one sequence transaction per 500 devices, publish to an in-memory recorder, prog
 signing (one `DirectorSigner.issue` per device, each its own durable sequence commit) on 2,000
 devices, and `baseline_batch_issue_per_min`, `issue_many` alone (the signing floor of a tick).
 MQTT publishing is measured by the transfer and fleet_scale benchmarks. `--database` picks the
-database (`benchmarks/db_url.py`).
+database (`benchmarks/db_url.py`): on PostgreSQL the fleet store and the director sequences
+share the one (scratch) database, as `fleet serve --database` has them; the metrics get `_pg`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class _Recorder:
 
 def run(database: str | None = None) -> dict[str, float]:
     db = parse_database(database)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, db.scratch(Path(tmp)) as location:
         root = Path(tmp)
-        store = Store(db.path or root / "fleet.db")
+        store = Store(location)
+        director_db = location if db.backend == "pg" else None  # SQLite: its own file, as in production
         repo = Repository(root / "repo", KeyStore(root / "keys"))
         repo.init(root_threshold=1, root_keys=1)
         store.models.create_model("mlp", "", "bench")
@@ -61,7 +63,7 @@ def run(database: str | None = None) -> dict[str, float]:
                 store.devices.create(d, {"env": "bench"}, {}, d, "$7$x", "bench")
                 store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
                                                         "timestamp": now})
-        signer = DirectorSigner(KeyStore(root / "keys"), root / "director")
+        signer = DirectorSigner(KeyStore(root / "keys"), root / "director", database=director_db)
         ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")
         t0 = time.perf_counter()
         for d in devices[:SERIAL_N]:

@@ -2,7 +2,8 @@
 
 `run_scale(cfg, workdir, host, port)` prepares a data directory (two bundles, `cfg.devices` load
 devices registered), starts `cfg.ingest_workers` processes `fleet serve --role ingest` and
-`cfg.controllers` processes `fleet serve --role controller` on it, connects the load devices
+`cfg.controllers` processes `fleet serve --role controller` on it (and on `cfg.database`, a
+PostgreSQL URL, when given), connects the load devices
 (one selector loop in this process), creates a canary and, when `cfg.kill_leader_at_stage` is
 reached, kills the lease holder with SIGKILL. It then waits for the rollout to complete and
 checks what matters: every device committed the new bundle exactly once, every progress row
@@ -19,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from fleet.settings import FleetSettings
 from fleet.store import Store
@@ -44,6 +47,7 @@ class ScaleConfig:
     kill_leader_at_stage: int | None = 1  # stage index; None: no fault
     leader_ttl_s: float = 2.0
     timeout_s: float = 900.0
+    database: str | None = None  # postgresql:// URL shared by every process; None: SQLite in workdir
 
 
 @dataclass
@@ -79,11 +83,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0)
 
 
 def serve_process(data_dir: Path, broker: str, role: str, log: Path,
-                  ttl_s: float = 5.0) -> subprocess.Popen[bytes]:
-    """`edgefleet fleet serve --role ROLE` on `data_dir` as a child process; returns once it listens."""
+                  ttl_s: float = 5.0, database: str | None = None) -> subprocess.Popen[bytes]:
+    """`edgefleet fleet serve --role ROLE` on `data_dir` as a child process; returns once it listens.
+    `database`: a `postgresql://` URL (through the environment, so a password never shows in
+    the process list); None: the SQLite files in `data_dir`."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFLEET_CLUSTER_LEADER_TTL_S": str(ttl_s),
            "EDGEFLEET_DEVICE_BROKER_URL": broker}
+    env.pop("EDGEFLEET_DATABASE_URL", None)
+    if database is not None:
+        env["EDGEFLEET_DATABASE_URL"] = database
     out = log.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "fleet", "serve", "--data-dir", str(data_dir),
                              "--port", str(port), "--broker", broker, "--role", role],
@@ -102,9 +111,10 @@ def run_scale(cfg: ScaleConfig, workdir: Path, host: str, port: int) -> ScaleRes
     """Run the drill (see the module docstring); the processes are stopped whatever happens."""
     data_dir = workdir / "fleet"
     broker = f"mqtt://{host}:{port}"
-    settings = FleetSettings(data_dir=data_dir, broker_url=broker, device_broker_url=broker)
+    settings = FleetSettings(data_dir=data_dir, broker_url=broker, device_broker_url=broker,
+                             database_url=SecretStr(cfg.database) if cfg.database else None)
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_path)
+    store = Store(settings.database)
     procs: list[subprocess.Popen[bytes]] = []
     ids = device_ids(cfg.devices)
     fleet = LoadFleet(host, port, settings.topic_prefix, ids, active="loadmlp-1.0.0", install_s=cfg.install_s)
@@ -114,7 +124,7 @@ def run_scale(cfg: ScaleConfig, workdir: Path, host: str, port: int) -> ScaleRes
         for role, count in (("ingest", cfg.ingest_workers), ("controller", cfg.controllers)):
             for i in range(count):
                 log = workdir / f"{role}-{i}.log"
-                procs.append(serve_process(data_dir, broker, role, log, cfg.leader_ttl_s))
+                procs.append(serve_process(data_dir, broker, role, log, cfg.leader_ttl_s, cfg.database))
         fleet.start()
         if not fleet.wait_connected(max(60.0, cfg.devices / 50)):
             raise RuntimeError(f"only {fleet.stats.connected} of {cfg.devices} load devices connected")
