@@ -47,7 +47,8 @@ alert database cannot be opened.
 from __future__ import annotations
 
 import logging
-import os
+import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,14 +230,27 @@ def _publisher(settings: FleetSettings, roles: frozenset[Role]) -> Publisher:
     (ingest role), publishes director documents (controller role). Share groups when split."""
     split = roles != ALL_ROLES
     password = settings.broker_password.get_secret_value() if settings.broker_password else None
-    client_id = f"fleet-{settings.port}" if not split else \
-        f"fleet-{'-'.join(sorted(r.value for r in roles))}-{os.getpid()}"
+    client_id = f"fleet-{settings.port}" if not split else _member_client_id(roles, settings.port)
     cluster = settings.cluster
     options = PublisherSettings(serve_requests=Role.PUBLISHER in roles,
                                 share_group=cluster.publish_share_group if split else None,
                                 ingest_share_group=cluster.ingest_share_group if split else None)
     return Publisher(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
                      settings.repo_dir, options)
+
+
+def _member_client_id(roles: frozenset[Role], port: int) -> str:
+    """`fleet-<roles>-<host>-<port>`: stable across restarts of one process slot, unique per slot.
+
+    Why not the pid: the broker keeps a persistent session per client id (1 h expiry), and
+    Mosquitto 2.0 keeps handing a share group's messages round-robin to a member whose session
+    is offline, queuing them there (measured: after a SIGKILL, every other message went to the
+    dead member's session). A replacement started on the same host and port resumes that
+    session and gets the backlog; a pid-named one would leave it stranded until expiry."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-") or "host"
+    head = f"fleet-{'-'.join(sorted(r.value for r in roles))}"
+    tail = f"-{port}"
+    return f"{head}-{host[:max(1, 64 - len(head) - len(tail) - 1)]}{tail}"
 
 
 def build_components(settings: FleetSettings, store: Store, with_broker: bool,

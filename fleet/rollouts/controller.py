@@ -76,6 +76,12 @@ from fleet.rollouts.strategies import StrategyConfig, dispatch_quota, stage_targ
 from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.rollouts")
+# Stored device events applied per transaction. The transaction holds the lease row FOR SHARE on
+# PostgreSQL (the fence), which also holds off the elector's own renewal: 5,000 events a batch
+# took longer than the lease TTL there (about 20 s on a loaded 2-core machine), so the lease
+# lapsed inside every batch, the final fence raised LeaseLost, the batch rolled back and the
+# next tick began the same batch again (fleet_scale with 10,000 devices never finished).
+EVENT_BATCH = 500
 ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
 
 
@@ -441,7 +447,7 @@ class RolloutController:
                 self._apply_event(e, dev, ev)
         if self.event_log is None:
             return
-        while batch := self.event_log.open_events():
+        while batch := self.event_log.open_events(EVENT_BATCH):
             with self._tx():  # applied and marked handled together, under the fencing token
                 for stored in batch:
                     try:

@@ -83,11 +83,13 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0)
 
 
 def serve_process(data_dir: Path, broker: str, role: str, log: Path,
-                  ttl_s: float = 5.0, database: str | None = None) -> subprocess.Popen[bytes]:
+                  ttl_s: float = 5.0, database: str | None = None,
+                  port: int | None = None) -> subprocess.Popen[bytes]:
     """`edgefleet fleet serve --role ROLE` on `data_dir` as a child process; returns once it listens.
     `database`: a `postgresql://` URL (through the environment, so a password never shows in
-    the process list); None: the SQLite files in `data_dir`."""
-    port = _free_port()
+    the process list); None: the SQLite files in `data_dir`. `port`: the HTTP port (a free one by
+    default; a restart on the same port resumes the process's MQTT session)."""
+    port = port or _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEFLEET_CLUSTER_LEADER_TTL_S": str(ttl_s),
            "EDGEFLEET_DEVICE_BROKER_URL": broker}
     env.pop("EDGEFLEET_DATABASE_URL", None)

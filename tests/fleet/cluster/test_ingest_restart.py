@@ -1,0 +1,71 @@
+"""An ingest worker killed with SIGKILL and started again in its slot (same host and port)
+resumes its MQTT session: what the broker queued for it while it was dead is stored, once.
+
+Why this matters: Mosquitto keeps handing a share group's messages round-robin to a member
+whose persistent session is offline, queuing them in that session; with a client id that
+changed on every start (the pid), half the reports sent after a worker died stayed stranded
+there until the session expired (1 h)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.contract.telemetry import decode_report
+from fleet.db.database import Database
+from simulators.load_devices.scale_run import serve_process, stop_processes
+from tests.support.broker import Broker
+from tests.support.telemetry import encoded_reports, small_profile
+
+
+def _stored(telemetry: Database) -> tuple[int, int]:
+    with telemetry.read() as db:
+        seen = int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
+        merged = int(db.scalar("SELECT COALESCE(SUM(reports), 0) FROM telemetry_windows") or 0)
+    return seen, merged
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Broker, tmp_path: Path) -> None:
+    data = tmp_path / "fleet"
+    data.mkdir()
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    telemetry = Database(data / "telemetry.db", "telemetry", "telemetry store")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    first = serve_process(data, url, "ingest", tmp_path / "a.log", port=port)
+    procs = [first, serve_process(data, url, "ingest", tmp_path / "b.log")]
+    reports = encoded_reports(small_profile(), "m", "1", "c", devices=60, shifts=[0.0, 0.0], rows=20)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="restart-sender", protocol=mqtt.MQTTv5)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+    try:
+        time.sleep(2.0)  # both subscribed (serve_process returns when the API listens)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        time.sleep(1.0)  # the broker has seen the connection drop
+        sent = [sender.publish(f"edgefleet/v1/devices/{decode_report(r).device_id}/telemetry", r, qos=1)
+                for r in reports]
+        for info in sent:
+            info.wait_for_publish(10)
+        time.sleep(1.0)
+        assert _stored(telemetry)[0] < len(reports)  # the dead member's share is waiting for it
+        procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
+        deadline = time.monotonic() + 60
+        while _stored(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _stored(telemetry) == (len(reports), len(reports))  # every report, merged once
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        stop_processes([p for p in procs if p.poll() is None])
+        telemetry.close()
