@@ -9,6 +9,7 @@ there until the session expired (1 h)."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import time
@@ -34,7 +35,12 @@ def _stored(telemetry: Database) -> tuple[int, int]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Broker, tmp_path: Path) -> None:
+def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Broker, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A prefix of its own: the workers' sessions outlive the test (1 h expiry) and stay members
+    # of the share group, so on the shared topics they would take other tests' reports.
+    prefix = f"restart-{secrets.token_hex(4)}"
+    monkeypatch.setenv("EDGEFLEET_TOPIC_PREFIX", prefix)
     data = tmp_path / "fleet"
     data.mkdir()
     url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
@@ -53,7 +59,7 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         time.sleep(1.0)  # the broker has seen the connection drop
-        sent = [sender.publish(f"edgefleet/v1/devices/{decode_report(r).device_id}/telemetry", r, qos=1)
+        sent = [sender.publish(f"{prefix}/v1/devices/{decode_report(r).device_id}/telemetry", r, qos=1)
                 for r in reports]
         for info in sent:
             info.wait_for_publish(10)
