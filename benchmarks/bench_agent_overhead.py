@@ -148,6 +148,11 @@ def run() -> dict[str, float]:
         "bare_socket_echo_us": med["bare_socket_echo"],
         "agent_overhead_unix_us": med["unix_agent"] - med["raw_run"],
         "agent_unix_vs_echo_ratio": med["unix_agent"] / med["unix_echo"],
+        # The physical floor of a local call: one socket round trip plus the model itself.
+        "agent_unix_vs_floor_ratio": med["unix_agent"] / (med["bare_socket_echo"] + med["raw_run"]),
+        "agent_unix_p99_us": float(np.percentile(samples["unix_agent"], 99)) / 1000.0,
+        "raw_run_p99_us": float(np.percentile(samples["raw_run"], 99)) / 1000.0,
+        "bare_socket_echo_p99_us": float(np.percentile(samples["bare_socket_echo"], 99)) / 1000.0,
         "agent_http_rtt_us": med["http_agent"],
         "echo_http_rtt_us": med["http_echo"],
         "agent_overhead_http_us": med["http_agent"] - med["raw_run"],
