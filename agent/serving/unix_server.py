@@ -198,16 +198,13 @@ class UnixInferenceServer:
         if rd.end - rd.start < total:
             rd.fill(total)
         at = rd.take(total) + wire.HEADER.size
-        desc = bytes(rd.view[at:at + desc_len])
-        layout, need = wire.parse_desc(desc, n_arrays)
-        if need != payload_len:
-            # The frame was read whole, so the stream is still in sync: answer and keep going.
-            conn.sendall(wire.error_frame(400, "bad_request", (
-                f"payload is {payload_len} bytes, the descriptors need {need}"), False))
-            return True
-        arrays = wire.views(layout, rd.buf, at + desc_len)
+        # From here the frame was read whole, so the stream is still in sync: errors are
+        # answered on a connection that stays open.
         try:
-            outputs, model, ids = self.service.predict_ids(arrays)
+            layout, need = wire.parse_desc(bytes(rd.view[at:at + desc_len]), n_arrays)
+            if need != payload_len:
+                raise MessageError(f"payload is {payload_len} bytes, the descriptors need {need}")
+            outputs, model, ids = self.service.predict_ids(wire.views(layout, rd.buf, at + desc_len))
         except OSError:
             raise
         except Exception as exc:
