@@ -28,11 +28,25 @@ from agent.serving.wire import raise_for_error
 __all__ = ["InferenceClient", "raise_for_error"]
 
 
-class InferenceClient:
-    """One persistent connection to the Unix-socket API. Transport failures raise `TransportError`."""
+#: How long a client polls for its reply before sleeping in `recv` (0 = always sleep). A reply
+#: usually comes within this; waking a sleeping thread costs more than the whole request on
+#: a VM (see "Where the time goes" in docs/inference-api.md). Set 0 for many client threads in
+#: one process on few cores: their polling would take CPU from the server.
+DEFAULT_SPIN_US = 300.0
 
-    def __init__(self, path: Path | str, timeout: float = 10.0, limits: ApiLimits | None = None) -> None:
+
+class InferenceClient:
+    """One persistent connection to the Unix-socket API. Transport failures raise `TransportError`.
+
+    `spin_us`: poll this long for a reply before blocking (see `DEFAULT_SPIN_US`).
+    """
+
+    def __init__(
+        self, path: Path | str, timeout: float = 10.0, limits: ApiLimits | None = None,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
         self.path = str(path)
+        self.spin_us = spin_us
         self.timeout = timeout
         self.limits = limits or ApiLimits(max_body_bytes=1 << 30, max_header_bytes=1 << 24)
         self._sock: socket.socket | None = None
@@ -60,7 +74,7 @@ class InferenceClient:
             raise TransportError(f"cannot connect to {self.path}: {exc}") from exc
         sock.settimeout(None)
         wire.set_kernel_timeouts(sock, self.timeout)
-        self._sock, self._reader = sock, wire.FrameReader(sock)
+        self._sock, self._reader = sock, wire.FrameReader(sock, spin_us=self.spin_us)
         return sock, self._reader
 
     def _fill(self, rd: wire.FrameReader, n: int) -> None:

@@ -117,11 +117,21 @@ def run() -> dict[str, float]:
                 while got < len(frame):
                     got += len(bare.recv(65536))
 
+            def bare_rtt_polling() -> None:  # the same, polling for the reply as our client does
+                bare.sendall(frame)
+                got = 0
+                while got < len(frame):
+                    try:
+                        got += len(bare.recv(65536, socket.MSG_DONTWAIT))
+                    except BlockingIOError:
+                        continue
+
             targets: dict[str, Callable[[], object]] = {
                 "raw_run": lambda: session.run(None, {"x": x}),
                 "unix_agent": lambda: ua.predict({"x": x}),
                 "unix_echo": lambda: ue.predict({"x": x}),
                 "bare_socket_echo": bare_rtt,
+                "bare_socket_echo_polling": bare_rtt_polling,
                 "http_agent": lambda: ha.predict({"x": x}),
                 "http_echo": lambda: he.predict({"x": x}),
                 "http_npy_agent": lambda: ha.predict_npy(x),
@@ -150,6 +160,9 @@ def run() -> dict[str, float]:
         "agent_unix_vs_echo_ratio": med["unix_agent"] / med["unix_echo"],
         # The physical floor of a local call: one socket round trip plus the model itself.
         "agent_unix_vs_floor_ratio": med["unix_agent"] / (med["bare_socket_echo"] + med["raw_run"]),
+        "bare_socket_echo_polling_us": med["bare_socket_echo_polling"],
+        "agent_unix_vs_polling_floor_ratio": med["unix_agent"]
+        / (med["bare_socket_echo_polling"] + med["raw_run"]),
         "agent_unix_p99_us": float(np.percentile(samples["unix_agent"], 99)) / 1000.0,
         "raw_run_p99_us": float(np.percentile(samples["raw_run"], 99)) / 1000.0,
         "bare_socket_echo_p99_us": float(np.percentile(samples["bare_socket_echo"], 99)) / 1000.0,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -244,8 +245,9 @@ class FrameReader:
     larger than it, up to the limits checked before receiving.
     """
 
-    def __init__(self, conn: socket.socket, size: int = 64 * 1024) -> None:
+    def __init__(self, conn: socket.socket, size: int = 64 * 1024, spin_us: float = 0.0) -> None:
         self.conn = conn
+        self.spin_ns = int(spin_us * 1000)
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
@@ -264,13 +266,26 @@ class FrameReader:
                     self.view = memoryview(self.buf)
                 self.buf[:have] = pending
                 self.start, self.end = 0, have
-            got = self.conn.recv_into(self.view[self.end:])
+            got = self._spin() if self.spin_ns else None
+            if got is None:
+                got = self.conn.recv_into(self.view[self.end:])
             if not got:
                 if self.end == self.start:
                     return False
                 raise MessageError(f"connection closed mid-frame ({self.end - self.start} of {n} bytes)")
             self.end += got
         return True
+
+    def _spin(self) -> int | None:
+        """Poll without blocking for up to `spin_ns`; None when nothing came (then block)."""
+        deadline = time.perf_counter_ns() + self.spin_ns
+        view = self.view[self.end:]
+        while True:
+            try:
+                return self.conn.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if time.perf_counter_ns() > deadline:
+                    return None
 
     def take(self, n: int) -> int:
         """Consume `n` available bytes; returns the offset of the first one in `buf`."""
