@@ -28,11 +28,13 @@ from agent.serving.wire import raise_for_error
 __all__ = ["InferenceClient", "raise_for_error"]
 
 
-#: How long a client polls for its reply before sleeping in `recv` (0 = always sleep). A reply
-#: usually comes within this; waking a sleeping thread costs more than the whole request on
-#: a VM (see "Where the time goes" in docs/inference-api.md). Set 0 for many client threads in
-#: one process on few cores: their polling would take CPU from the server.
-DEFAULT_SPIN_US = 300.0
+#: How long a client polls for its reply before sleeping in `recv`, by default (0 = always
+#: sleep). Polling cuts a round trip by a third on an idle machine (waking a sleeping thread
+#: costs more than the request, see "Where the time goes" in docs/inference-api.md) but
+#: costs the server CPU on a busy one, and many polling threads of one process on few cores
+#: lower throughput: opt in per client (`spin_us=300`) for a latency-critical caller.
+DEFAULT_SPIN_US = 0.0
+POLLING_SPIN_US = 300.0
 
 
 class InferenceClient:
