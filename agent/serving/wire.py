@@ -8,8 +8,9 @@ reused buffer bring a request to a few dictionary look-ups. Both frames are serv
 socket (the magic tells them apart); EFI1 stays for the rare JSON operations (model, health,
 feedback) and for older clients.
 
-This module holds only layout: it imports numpy and the agent's errors, nothing of the
-servers, so the client (`agent.inference_client`) stays light. Layout (all little-endian):
+This module holds the layout and the socket plumbing both ends share (`FrameReader`, kernel
+timeouts): it imports numpy and the agent's errors, nothing of the servers, so the client
+(`agent.inference_client`) stays light. Layout (all little-endian):
 
     header  <4sBBHHHIII  24 bytes: magic "EFB1", kind, flags, status, n_arrays, reserved (0),
                          meta_len, desc_len, payload_len
@@ -164,11 +165,6 @@ def parse_error_meta(meta: bytes) -> tuple[str, str]:
         raise MessageError("error meta block does not match its lengths")
     at = ERROR_META.size
     return meta[at:at + c].decode(errors="replace"), meta[at + c:].decode(errors="replace")
-
-
-def model_meta(name: str, version: str) -> bytes:
-    """The constant part of a predict reply's meta (appended after `REPLY_META`)."""
-    return name.encode()[:0xFFFF] + version.encode()[:0xFFFF]
 
 
 def expand_ids(first: str, count: int) -> list[str]:

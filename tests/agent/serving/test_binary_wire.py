@@ -172,6 +172,11 @@ def test_client_maps_error_frames_and_survives_them(server: UnixInferenceServer)
         np.testing.assert_allclose(wide, REF[:1], atol=1e-5)
         assert client.health()["ready"] is True  # JSON frames on the same connection
         assert client.last_model == {"name": "mlp", "version": "1.0.0"}
+    with InferenceClient(server.path, spin_us=300) as polling:  # polls for replies before sleeping
+        for rows in (1, 4):
+            np.testing.assert_allclose(polling.predict({"x": X[:rows]})["logits"], REF[:rows], atol=1e-5)
+        with pytest.raises(InputValidationError):
+            polling.predict({"x": X[:1, :31]})
 
 
 def test_pipelined_and_large_frames(sockdir: Path) -> None:
@@ -226,3 +231,16 @@ def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(sockdir: Path)
             t.join(timeout=60)
     assert failures == []
     assert len(counts) == 8 and min(counts) >= 20
+
+
+def test_idle_connections_are_closed_by_the_kernel_timeout(sockdir: Path) -> None:
+    path, manifest = _model(sockdir)
+    limits = ApiLimits(idle_timeout_s=0.3)
+    with UnixInferenceServer(load_model(path, manifest), sockdir / "i.sock", limits) as srv:
+        with _connect(srv.path) as s:
+            s.sendall(_request(X[:1].tolist()))
+            assert _reply(s)[2] == 200
+            s.settimeout(10)
+            assert s.recv(1) == b""  # closed after 0.3 s idle (the recv would otherwise wait 10 s)
+        with InferenceClient(srv.path) as client:  # the server itself is fine
+            assert client.predict({"x": X[:1]})["logits"].shape == (1, 4)
