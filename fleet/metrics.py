@@ -62,6 +62,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
 from fleet.rollouts.store import FINISHED_STATES, STATES
+from fleet.telemetry.alert_records import KINDS
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
 
 if TYPE_CHECKING:
@@ -324,14 +325,15 @@ def _as_output(o: Any) -> Any:
 
 
 def _alert_families(src: MetricSources) -> list[Metric]:
-    total = _counter("edgefleet_alerts", "Drift alerts (kind=drift) and retraining triggers (kind=retrain)",
+    total = _counter("edgefleet_alerts", "Alerts by kind (drift, retrain, error_rate, latency, offline, "
+                     "rollout_gate); escalations count as alerts",
                      ["kind", "model", "version", "cohort"])
     undelivered = _gauge("edgefleet_alerts_undelivered",
                          "Alerts whose webhook/command delivery failed so far", ["kind"])
     unacked = _gauge("edgefleet_alerts_unacknowledged", "Alerts no operator acknowledged yet", ["kind"])
     if src.alerts is not None:
-        pending: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
-        open_: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
+        pending: TallyCounter[str] = TallyCounter(dict.fromkeys(KINDS, 0))
+        open_: TallyCounter[str] = TallyCounter(dict.fromkeys(KINDS, 0))
         for r in src.alerts.counts():
             total.add_metric([r["kind"], r["model"], r["version"], r["cohort"]], r["total"])
             pending[r["kind"]] += r["undelivered"] or 0
