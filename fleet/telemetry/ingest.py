@@ -7,7 +7,8 @@ QoS 1 redelivers) and merged into one sketch per (model, version, cohort, window
 the window is `window_s` seconds of device time (the report's `interval_end`, clamped to
 the server clock). Merged windows are buffered in memory and written in batches (one
 transaction per `flush`, which also adds each device's totals: fleet/telemetry/device_totals.py,
-since A/B experiments judge by device) to SQLite through sqlite-utils, WAL.
+since A/B experiments judge by device, and the serving figures /metrics and the health watch
+read: fleet/telemetry/serving.py) to SQLite through sqlite-utils, WAL.
 
 Across devices, quantiles of per-device figures (each report's mean latency) have no
 reference edges, so each window also keeps a datasketches KLL sketch of them.
@@ -45,6 +46,8 @@ from agent.errors import MessageError
 from agent.logs import log_event
 from fleet.db.connection import open_sqlite
 from fleet.errors import FleetInputError, FleetMisuseError
+from fleet.telemetry import serving
+from fleet.telemetry.alert_rules import ServingSample
 from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
 
@@ -143,6 +146,7 @@ class TelemetryStore:
             # used under `self._lock`.
             self.db = sqlite_utils.Database(open_sqlite(db_path))
             ensure_schema(self.db)
+            serving.ensure_schema(self.db)  # serving figures, written with the windows in `flush`
             self._device_totals = DeviceTotalsTable(self.db)  # written with the windows, in `flush`
         except Exception as exc:  # sqlite3.DatabaseError and friends: not a usable file
             raise FleetMisuseError(f"telemetry store: cannot open {db_path}: {exc}") from None
@@ -262,6 +266,8 @@ class TelemetryStore:
                             reports += stored[1]
                             devices |= set(json.loads(stored[2]))
                             kll.merge(kll_floats_sketch.deserialize(stored[3]))
+                    serving.write_window(self.db, (model, version, cohort, start), w.report, report,
+                                         len(devices), now)
                     listed = sorted(devices)[:MAX_WINDOW_DEVICES]
                     rows.append({
                         "model": model, "version": version, "cohort": cohort, "window_start": start,
@@ -330,6 +336,20 @@ class TelemetryStore:
         self.flush()
         with self._lock:
             return self._device_totals.query(model, version, since)
+
+    def serving_totals(self, updated_since: float, limit: int) -> list[serving.ServingTotals]:
+        """Serving figures per (model, version, cohort) since the store began, of the `limit`
+        keys written most recently at or after `updated_since` (flushes first; /metrics)."""
+        self.flush()
+        with self._lock:
+            return serving.totals(self.db, updated_since, limit)
+
+    def serving_samples(self, since: float, until: float) -> dict[tuple[str, str], list[ServingSample]]:
+        """(model, cohort) -> per-version serving figures of the windows starting in [since,
+        until) (flushes first; the health watch's regression rules)."""
+        self.flush()
+        with self._lock:
+            return serving.samples(self.db, since, until)
 
     def drift(
         self, model: str, version: str, cohort: str | None = None,
