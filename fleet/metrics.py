@@ -13,7 +13,10 @@ metric objects are unregistered and handed to the collector. The sources are the
 A source that fails to answer (a locked database, a component mid-stop) does not fail the
 scrape: its families are left out and `edgefleet_scrape_errors_total{source}` counts it.
 Label cardinality is bounded: rollout series cover unfinished rollouts plus the
-`RECENT_ROLLOUTS` most recent finished ones; drift series are capped by the monitor.
+`RECENT_ROLLOUTS` most recent finished ones; drift series are capped by the monitor; model
+serving series are per (model, version, cohort), never per device, for the keys with
+telemetry within `SERVING_LOOKBACK_S`, at most `MetricSources.max_serving_series` of them
+(fleet/telemetry/serving.py keeps the figures; counters there are exact across restarts).
 
 Metric names (every one is exported even when it has no samples yet):
 
@@ -34,8 +37,13 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_drift_share`, `edgefleet_dataset_drift` | gauge | `model`, `version`, `cohort` |
 | `edgefleet_prediction_drift`, `edgefleet_drift_window_start_seconds` | gauge | model, version, cohort |
 | `edgefleet_drift_evaluations_total`, `edgefleet_drift_evaluation_errors_total` | counter | |
-| `edgefleet_alerts_total` | counter | `kind` (drift, retrain), `model`, `version`, `cohort` |
+| `edgefleet_alerts_total` | counter | `kind` (see fleet/telemetry/alerts.py), `model`, `version`, `cohort` |
 | `edgefleet_alerts_undelivered`, `edgefleet_alerts_unacknowledged` | gauge | `kind` |
+| `edgefleet_model_requests_total`, `_errors_total`, `_rejected_total` | counter | model, version, cohort |
+| `edgefleet_model_latency_seconds` | histogram | model, version, cohort (le: 2^k µs, 32 µs .. 33.5 s) |
+| `edgefleet_model_cpu_seconds_total` | counter | model, version, cohort (user + system) |
+| `edgefleet_model_rss_max_bytes`, `edgefleet_model_devices_reporting` | gauge | model, version, cohort |
+| `edgefleet_model_devices` | gauge | `bundle` (the active bundle devices report), `online` |
 | `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
 | `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
 | `edgefleet_mqtt_malformed_total` | counter | `kind` (report, event, request): dropped device messages |
@@ -64,6 +72,7 @@ from agent.logs import log_event
 from fleet.rollouts.store import FINISHED_STATES, STATES
 from fleet.telemetry.alert_records import KINDS
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
+from fleet.telemetry.serving_metrics import serving_families
 
 if TYPE_CHECKING:
     from fleet.store import Store
@@ -73,6 +82,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgefleet.fleet.metrics")
 
 RECENT_ROLLOUTS = 20
+SERVING_LOOKBACK_S = 24 * 3600.0
 REFUSAL_STATUSES = (400, 404, 416, 429, 503)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf)
 UNMATCHED_ROUTE = "<unmatched>"
@@ -146,6 +156,8 @@ class MetricSources:
     publisher: Any | None = None  # fleet.delivery.publisher.Publisher: bytes_sent, chunks_sent, refused
     ingest_timer: IngestTimer | None = None
     api: ApiMetrics | None = None
+    max_serving_series: int = 500
+    clock: Callable[[], float] = time.time
 
 
 def sources_of(store: Store, api: ApiMetrics | None = None, publisher: Any | None = None,
@@ -185,8 +197,8 @@ class FleetCollector(Collector):
         src = self._sources()
         sections: list[tuple[str, Callable[[MetricSources], list[Metric]]]] = [
             ("devices", _device_families), ("rollouts", _rollout_families),
-            ("telemetry", _telemetry_families), ("drift", _drift_families), ("alerts", _alert_families),
-            ("publisher", _publisher_families),
+            ("telemetry", _telemetry_families), ("serving", _serving_families), ("drift", _drift_families),
+            ("alerts", _alert_families), ("publisher", _publisher_families),
         ]
         for name, build in sections:
             try:
@@ -285,6 +297,12 @@ def _telemetry_families(src: MetricSources) -> list[Metric]:
         for reason, n in sorted(dict(c.reasons).items()):
             rejected.add_metric([reason], n)
     return [reports, rejected]
+
+
+def _serving_families(src: MetricSources) -> list[Metric]:
+    totals = src.telemetry.serving_totals(src.clock() - SERVING_LOOKBACK_S, src.max_serving_series) \
+        if src.telemetry is not None else []
+    return serving_families(totals, src.store)
 
 
 def _drift_families(src: MetricSources) -> list[Metric]:

@@ -169,6 +169,21 @@ def test_scrape_shows_fleet_rollouts_telemetry_drift_alerts_publisher_and_api(se
     assert _value(fam, "edgefleet_alerts_total", kind="drift", cohort="b") >= 2
     assert _value(fam, "edgefleet_alerts_undelivered", kind="drift") == 0  # no webhook: nothing to deliver
 
+    # model serving, per version x cohort (the reports: 1 request of 2 ms each, no RSS measured)
+    key = {"model": "mlp", "version": "1.0.0", "cohort": "b"}
+    assert _value(fam, "edgefleet_model_requests_total", **key) == REPORTS
+    assert _value(fam, "edgefleet_model_errors_total", **key) == 0
+    assert _value(fam, "edgefleet_model_rejected_total", **key) == 0
+    assert _value(fam, "edgefleet_model_latency_seconds_count", **key) == REPORTS
+    assert _value(fam, "edgefleet_model_latency_seconds_sum", **key) == pytest.approx(REPORTS * 0.002)
+    buckets = {float(lab["le"]): v for lab, v in _samples(fam, "edgefleet_model_latency_seconds_bucket")}
+    assert buckets[0.002048] == REPORTS and buckets[0.001024] == 0 and buckets[math.inf] == REPORTS
+    assert _value(fam, "edgefleet_model_devices_reporting", **key) == 2
+    assert _value(fam, "edgefleet_model_rss_max_bytes", **key) == 0
+    assert _value(fam, "edgefleet_model_cpu_seconds_total", **key) == 0
+    assert _value(fam, "edgefleet_model_devices", bundle="none", online="true") == 1
+    assert not [lab for lab, _ in _samples(fam, "edgefleet_model_requests_total") if "device" in lab]
+
     assert _value(fam, "edgefleet_publisher_chunks_total") >= 1
     assert _value(fam, "edgefleet_publisher_bytes_total") >= 100
     assert _value(fam, "edgefleet_publisher_refusals_total", status="404") >= 1
