@@ -110,10 +110,10 @@ def offline_observation(devices: Iterable[DeviceSeen], now: float, offline_after
                        evidence={"devices_offline": float(len(gone))})
 
 
-def gate_observations(stops: Iterable[GateStop], open_subjects: Iterable[str], now: float
+def gate_observations(stops: Iterable[GateStop], open_episodes: Iterable[tuple[str, str, str]], now: float
                       ) -> list[Observation]:
     """Firing for each rollout a gate stopped; not firing (ending it) for every open episode
-    whose rollout is no longer stopped."""
+    (rollout id, model, version: its key) whose rollout is no longer stopped."""
     out: list[Observation] = []
     seen: set[str] = set()
     for s in stops:
@@ -123,8 +123,8 @@ def gate_observations(stops: Iterable[GateStop], open_subjects: Iterable[str], n
         out.append(Observation(
             "rollout_gate", s.rollout_id, True, now, model, version, "", action, float(s.stage), math.nan,
             members=(f"stage {s.stage}",), detail=f"{action} by a gate: {s.detail}", clear_after=1))
-    out += [Observation("rollout_gate", rid, False, now, clear_after=1)
-            for rid in open_subjects if rid not in seen]
+    out += [Observation("rollout_gate", rid, False, now, model, version, clear_after=1)
+            for rid, model, version in open_episodes if rid not in seen]
     return out
 
 
@@ -180,7 +180,8 @@ class HealthWatch:
         if self.store is not None and cfg.offline_after_s > 0:
             out.append(offline_observation(devices_seen(self.store), now, cfg.offline_after_s))
         if self.store is not None and cfg.gate_alerts:
-            open_ = [e["subject"] for e in self.alerts.open_episodes("rollout_gate")]
+            open_ = [(e["subject"], e["model"], e["version"])
+                     for e in self.alerts.open_episodes("rollout_gate")]
             out += gate_observations(gate_stops(self.store), open_, now)
         return out
 
