@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.cli.rollouts import STATES as CLI_STATES
 from fleet.errors import FleetMisuseError
 from fleet.rollouts.gates import OutcomeCounts
 from fleet.rollouts.machine import (
@@ -74,6 +75,7 @@ def test_terminal_states_have_no_transitions_and_the_store_agrees() -> None:
     assert STATES == ("pending", "running", "paused", "rolling_back", "completed", "aborted", "rolled_back",
                       "failed", "cancelled")
     assert set(STORE_FINISHED) == {s.value for s in FINISHED_STATES}
+    assert CLI_STATES == STATES  # `rollouts list --state` offers exactly these
 
 
 @pytest.mark.unit
