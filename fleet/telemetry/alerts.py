@@ -351,7 +351,7 @@ class AlertManager:
                 self.db.table(ACKS_TABLE).insert(
                     {"alert_id": alert_id, "acked_by": actor, "acked_at": self._clock(), "note": note})
             after = self.get(alert_id)
-        log_event(log, "drift.alert.acked", alert_id=alert_id, actor=actor)
+        log_event(log, "alert.acked", alert_id=alert_id, actor=actor)
         return before, after
 
     @staticmethod
