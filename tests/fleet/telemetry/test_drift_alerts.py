@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.errors import FleetMisuseError
 from fleet.registry.profile import compute_reference_profile
+from fleet.telemetry.alert_delivery import deliver, strict_json
 from fleet.telemetry.alerts import AlertConfig, AlertManager
 from fleet.telemetry.drift import DriftThresholds
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
@@ -148,3 +151,19 @@ def test_bad_configuration_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"not sqlite" * 200)
     with pytest.raises(FleetMisuseError):
         AlertManager(bad)
+
+
+@pytest.mark.integration
+def test_delivery_sends_strict_json_without_nan_or_infinity(tmp_path: Path) -> None:
+    out = tmp_path / "got.json"
+    strict = (sys.executable, "-c", "import json, sys; doc = json.loads(sys.stdin.read(), parse_constant="
+              f"lambda c: sys.exit(4)); open({str(out)!r}, 'w').write(json.dumps(doc))")
+    body = {"value": float("nan"), "evidence": {"z": float("inf"), "n": 3.0},
+            "features": [1.0, float("-inf")]}
+    assert deliver(body, None, strict, 5.0, 30.0) == []
+    assert json.loads(out.read_text()) == {"value": None, "evidence": {"z": None, "n": 3.0},
+                                           "features": [1.0, None]}
+    # what Python's json.dumps writes by default is refused by that receiver: the check can fail
+    refused = subprocess.run(strict, input=json.dumps(body), text=True, capture_output=True, check=False)
+    assert refused.returncode == 4
+    assert strict_json({"a": (float("nan"),)}) == {"a": [None]}

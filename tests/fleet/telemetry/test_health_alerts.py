@@ -8,6 +8,8 @@ and an injected clock decides what is closed and who is offline.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,7 +160,11 @@ def test_a_rollout_paused_by_a_gate_alerts_once_and_the_episode_ends_on_resume(
                         {"min_requests": 100, "max_latency_p95_ratio": 1.2})
     world.metrics[V1] = VersionMetrics(requests=500, errors=1, latency_p95_ms=1.0)
     world.metrics[V2] = VersionMetrics(requests=500, errors=1, latency_p95_ms=3.0)
-    alerts = AlertManager(tmp_path / "alerts.db", clock=world.clock)
+    # the command parses strict JSON (no NaN: a gate alert has no threshold) and keeps what it got
+    out = tmp_path / "gate.json"
+    strict = (sys.executable, "-c", "import json, sys; doc = json.loads(sys.stdin.read(), parse_constant="
+              f"lambda c: sys.exit(4)); open({str(out)!r}, 'w').write(json.dumps(doc))")
+    alerts = AlertManager(tmp_path / "alerts.db", AlertConfig(command=strict), clock=world.clock)
     telemetry = TelemetryStore(tmp_path / "telemetry.db", clock=world.clock)
     watch = HealthWatch(telemetry, alerts, world.store, HealthConfig(offline_after_s=0), world.clock)
     world.ctl.tick()
@@ -170,6 +176,9 @@ def test_a_rollout_paused_by_a_gate_alerts_once_and_the_episode_ends_on_resume(
     assert [(a.kind, a.subject, a.statistic, a.model, a.version, a.features) for a in fired] == [
         ("rollout_gate", rid, "paused", "mlp", "2.0.0", ["stage 0"])]
     assert "latency p95" in fired[0].detail
+    assert alerts.delivery_state(fired[0].id or 0) == (True, "")
+    sent = json.loads(out.read_text())
+    assert sent["threshold"] is None and sent["kind"] == "rollout_gate" and sent["subject"] == rid
     assert watch.run_once() == []  # still paused: the same episode
     world.store.rollouts.request(rid, "resume", "op")  # acknowledges the breach
     world.metrics[V2] = VersionMetrics(requests=500, errors=1, latency_p95_ms=1.0)
