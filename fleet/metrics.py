@@ -162,14 +162,16 @@ class MetricSources:
 
 def sources_of(store: Store, api: ApiMetrics | None = None, publisher: Any | None = None,
                monitor: DriftMonitor | None = None, telemetry: TelemetryStore | None = None,
-               alerts: AlertManager | None = None) -> MetricSources:
+               alerts: AlertManager | None = None, max_serving_series: int = 500) -> MetricSources:
     """The collector's sources from the service's collaborators: the drift monitor brings its
     telemetry store, alert manager and ingest timer; `telemetry`/`alerts` (the stores the API
     opened itself when it runs alone) fill in only without a monitor."""
     if monitor is not None:
         return MetricSources(store=store, telemetry=monitor.telemetry, alerts=monitor.alerts, drift=monitor,
-                             publisher=publisher, ingest_timer=monitor.ingest_timer, api=api)
-    return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api)
+                             publisher=publisher, ingest_timer=monitor.ingest_timer, api=api,
+                             max_serving_series=max_serving_series)
+    return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api,
+                         max_serving_series=max_serving_series)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -221,7 +222,7 @@ class DriftMonitor:
             if self.health is not None:
                 try:
                     fired += self.health.run_once()
-                except EdgefleetError as exc:  # a store mid-stop, a bad row: the next cycle retries
+                except (EdgefleetError, sqlite3.Error) as exc:  # a bad row, a locked store: retried
                     self.evaluation_errors += 1
                     log_event(log, "health.cycle_failed", logging.WARNING, error=str(exc))
             redelivered = self.alerts.redeliver()
