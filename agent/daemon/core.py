@@ -194,7 +194,8 @@ class AgentDaemon:
             self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits).start())
         if api.http_enabled:
             self._servers.append(
-                HttpInferenceServer(self.served, api.http_host, api.http_port, limits).start()
+                HttpInferenceServer(self.served, api.http_host, api.http_port, limits,
+                                    metrics=self.tap.metrics_text).start()
             )
 
     @property

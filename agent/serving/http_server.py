@@ -5,7 +5,8 @@ extra) uvicorn parses with h11 in pure Python, and a raw-ASGI no-op echo took 22
 keep-alive round trip against 231 µs for this server's no-op echo, so uvicorn buys nothing
 here and would add two dependencies to every device.
 
-Routes: `GET /v1/health`, `GET /v1/model`, `POST /v1/predict` (JSON or `application/x-npy`).
+Routes: `GET /v1/health`, `GET /v1/model`, `POST /v1/predict` (JSON or `application/x-npy`), and
+`GET /metrics` (Prometheus text: agent/telemetry/exposition.py) when the daemon wires one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -24,7 +26,8 @@ from agent.logs import log_event
 from agent.serving.api import ApiLimits, InferenceService, Predictor, error_body
 
 _log = logging.getLogger("edgefleet.inference_api.http")
-ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST"}
+ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST", "/metrics": "GET"}
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Server(ThreadingHTTPServer):
@@ -104,6 +107,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             return
         service = self.server.service
+        if path == "/metrics":
+            if service.metrics is None:
+                self._send_json(404, {"error": {"code": "not_found", "message": "no metrics on this server"}})
+            else:
+                self._send(200, service.metrics(), METRICS_TYPE)
+            return
         try:
             doc = service.health() if path == "/v1/health" else service.model_info()
         except Exception as exc:
@@ -167,9 +176,10 @@ class HttpInferenceServer:
     """Serves a `Predictor` over HTTP on `host:port` (port 0 = pick a free one) until `stop()`."""
 
     def __init__(
-        self, predictor: Predictor, host: str = "127.0.0.1", port: int = 0, limits: ApiLimits | None = None
+        self, predictor: Predictor, host: str = "127.0.0.1", port: int = 0, limits: ApiLimits | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
-        self.service = InferenceService(predictor, limits)
+        self.service = InferenceService(predictor, limits, metrics)
         self.host = host
         self._requested_port = port
         self._server: _Server | None = None
