@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
 from agent.errors import EdgefleetError
 from agent.logs import log_event
+from fleet.db.session import DatabaseError
 from fleet.errors import FleetError
 from fleet.periodic import PeriodicRunner
 from fleet.settings import FleetSettings, TelemetrySettings
@@ -228,7 +228,7 @@ class DriftMonitor:
             if self.health is not None:
                 try:
                     fired += self.health.run_once()
-                except (EdgefleetError, sqlite3.Error) as exc:  # a bad row, a locked store: retried
+                except (EdgefleetError, DatabaseError) as exc:  # a bad row, a locked store: retried
                     self.evaluation_errors += 1
                     log_event(log, "health.cycle_failed", logging.WARNING, error=str(exc))
             redelivered = self.alerts.redeliver()
