@@ -169,7 +169,12 @@ class AlertManager:
             key = (model, version, cohort, subject)
             names = {"model": model, "version": version, "cohort": cohort, "subject": subject}
             row = db.one(f"SELECT * FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
-            step = step_episode(_episode(row), drifted, at, self.config.clear_windows, members)
+            episode = _episode(row)
+            if episode is not None and row is not None and row["members"] is None:
+                # opened before episodes kept their members (alerts_0001): what it names now is
+                # what it named then as far as anyone knows, so no escalation on the first window
+                episode = replace(episode, members=members)
+            step = step_episode(episode, drifted, at, self.config.clear_windows, members)
             if step.ended:
                 db.execute(f"DELETE FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
                 log_event(log, "drift.episode_closed", model=model, version=version, cohort=cohort,

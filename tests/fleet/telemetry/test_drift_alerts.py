@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -142,6 +143,42 @@ def test_failed_delivery_is_recorded_and_retried(
                                                               webhook_timeout_s=2.0))
     got = unreachable.evaluate("m", "1.0.0", "", PROFILE, store.windows("m", "1.0.0"), 60.0)
     assert not unreachable.delivery_state(got[0].id or 0)[0]
+
+
+@pytest.mark.integration
+def test_an_alerts_db_of_the_drift_only_fleet_is_upgraded_and_its_alerts_read_back(tmp_path: Path) -> None:
+    # an alerts.db as the pre-Alembic fleet left it (no alembic_version): drift_alerts without
+    # the episode columns, one alert and one open drift episode in it
+    path = tmp_path / "alerts.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE drift_alerts (id INTEGER PRIMARY KEY, kind TEXT, model TEXT, version TEXT, "
+            "cohort TEXT, subject TEXT, statistic TEXT, value FLOAT, threshold FLOAT, window_start FLOAT, "
+            "window_s FLOAT, windows INTEGER, devices TEXT, device_count INTEGER, created_at FLOAT, "
+            "delivered INTEGER, delivery_error TEXT);"
+            "CREATE TABLE drift_episodes (model TEXT, version TEXT, cohort TEXT, subject TEXT, "
+            "first_window FLOAT, last_window FLOAT, consecutive INTEGER, retrain_fired INTEGER, "
+            "PRIMARY KEY (model, version, cohort, subject));"
+            "INSERT INTO drift_alerts VALUES (7, 'drift', 'm', '1.0.0', '', 'a', 'psi', 0.4, 0.2, 0.0, 60.0, "
+            "1, '[\"d0\"]', 1, 1.0, 1, '');"
+            "INSERT INTO drift_episodes VALUES ('m', '1.0.0', '', 'a', 0.0, 0.0, 1, 0);")
+    conn.close()
+    mgr = AlertManager(path, AlertConfig(clear_windows=1), clock=lambda: 5.0)
+    (old,) = mgr.alerts()
+    assert (old.id, old.episode, old.escalation, old.features, old.evidence, old.devices) == (
+        7, 7, 0, [], {}, ["d0"])
+    assert mgr.page()[0]["episode"] == 7 and mgr.delivery_state(7) == (True, "")
+    # the episode the old fleet left open goes on: feature `a` drifting again is no new alert
+    store = _windows(Backend("sqlite", tmp_path), [0.6])
+    fired = mgr.evaluate("m", "1.0.0", "", PROFILE, store.windows("m", "1.0.0"), 60.0)
+    assert "a" not in {a.subject for a in fired} and {"b", "dataset"} <= {a.subject for a in fired}
+    assert all(a.episode == a.id for a in fired)
+    mgr.close()
+    with sqlite3.connect(path) as conn:
+        assert {r[1] for r in conn.execute("PRAGMA table_info(drift_episodes)")} >= {"clear_streak", "alert_id"}
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("alerts_0002",)
+    conn.close()
+    store.close()
 
 
 @pytest.mark.integration
