@@ -175,7 +175,8 @@ def test_an_alerts_db_of_the_drift_only_fleet_is_upgraded_and_its_alerts_read_ba
     assert all(a.episode == a.id for a in fired)
     mgr.close()
     with sqlite3.connect(path) as conn:
-        assert {r[1] for r in conn.execute("PRAGMA table_info(drift_episodes)")} >= {"clear_streak", "alert_id"}
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(drift_episodes)")}
+        assert columns >= {"clear_streak", "alert_id"}
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("alerts_0002",)
     conn.close()
     store.close()
