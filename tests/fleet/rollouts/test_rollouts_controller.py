@@ -430,7 +430,7 @@ def test_a_rollback_cut_by_a_restart_still_ends_rolled_back_and_an_abort_aborted
     assert RolloutRecords(world.store).runtime(back).final_state == "rolled_back"  # persisted on entry
     # the fleet process dies mid-revert: the new controller reads how the phase began
     world.store.close()
-    world.store = Store(world.root / "fleet.db", clock=world.clock)
+    world.store = Store(world.location, clock=world.clock)
     world.ctl = world.new_controller()
     world.ctl.tick()
     world.commit_all(["a", "b"], V1)
