@@ -23,6 +23,7 @@ from agent.errors import EdgefleetError, InputValidationError, MisuseError, NoMo
 from agent.logs import log_event
 from agent.runtimes import load_model
 from agent.serving.model_holder import LoadedModel, ModelHolder
+from agent.telemetry.exposition import ServingCounts, render
 from agent.telemetry.feedback import PredictionLog
 from agent.telemetry.queue import ReportQueue
 from agent.telemetry.sketch import TelemetrySketch
@@ -77,6 +78,8 @@ class TelemetryTap:
         self._pending_y: list[np.ndarray] = []
         self._pending_latency: list[float] = []
         self._pending_rows = 0
+
+        self._totals: dict[str, ServingCounts] = {}  # closed intervals per bundle, for /metrics
 
     def _sketch_for(self, bundle_id: str) -> TelemetrySketch | None:
         """The sketch of `bundle_id` (rotating out the previous bundle's interval). Lock held."""
@@ -205,11 +208,29 @@ class TelemetryTap:
 
     def _flush_locked(self) -> int | None:
         self._fold_pending_locked()
-        if self._sketch is None:
+        if self._sketch is None or self._bundle is None:
             return None
         report = self._sketch.snapshot_and_reset()
+        before = self._totals.get(self._bundle) or ServingCounts(report.model, report.version)
+        self._totals[self._bundle] = before.plus(report.requests, report.errors, report.rejected,
+                                                 report.latency_counts, report.latency_sum_s)
         report.seq = max(report.seq, self.queue.next_seq())  # the queue owns the numbering
         return self.queue.put(report)
+
+    def serving_counts(self) -> list[ServingCounts]:
+        """Per served version since the agent started: the closed intervals plus the open one."""
+        with self._lock:
+            self._fold_pending_locked()  # the batched rows count too
+            totals = dict(self._totals)
+            if self._sketch is not None and self._bundle is not None:
+                sk = self._sketch
+                before = totals.get(self._bundle) or ServingCounts(sk.model, sk.version)
+                totals[self._bundle] = before.plus(*sk.live_counts())
+        return [totals[b] for b in sorted(totals)]
+
+    def metrics_text(self) -> bytes:
+        """`GET /metrics` of the agent's HTTP API (agent/telemetry/exposition.py)."""
+        return render(self.serving_counts(), self.cohort)
 
     def flush(self, serving: str | None) -> int | None:
         """Close the current interval into the queue; returns its sequence (None: nothing served)."""

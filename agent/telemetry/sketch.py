@@ -341,6 +341,12 @@ class TelemetrySketch:
         with self._lock:
             self.performance.count(outcome, n)
 
+    def live_counts(self) -> tuple[int, int, int, np.ndarray, float]:
+        """(requests, errors, rejected, latency histogram copy, latency sum) of the open interval,
+        without closing it: the agent's /metrics adds them to the closed intervals' totals."""
+        with self._lock:
+            return self._requests, self._errors, self._rejected, self._latency.copy(), self._latency_sum
+
     def snapshot_and_reset(self) -> TelemetryReport:
         """The report of the interval since the last snapshot; starts a new interval."""
         with self._lock:

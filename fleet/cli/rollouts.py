@@ -26,7 +26,7 @@ from fleet.cli.api_output import (
 )
 
 STATES = ("pending", "running", "paused", "awaiting_approval", "rolling_back", "completed", "aborted",
-          "failed", "cancelled")
+          "rolled_back", "failed", "cancelled")
 ROLLOUT_COLUMNS: list[Column] = [
     ("id", "id"), ("version", "model_version_id"), ("selector", "selector"), ("state", "state"),
     ("desired", "desired"), ("stage", "stage"), ("updated", "updated_at"),
