@@ -133,6 +133,7 @@ TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = MappingP
 REVERT_END: Mapping[RolloutEvent, RolloutEvent] = MappingProxyType({
     E.GATE_BREACH_ABORT: E.REVERT_FINISHED,
     E.ABORT_REQUESTED: E.REVERT_FINISHED,
+    E.APPROVAL_TIMEOUT_ABORT: E.REVERT_FINISHED,  # nobody approved in time: an abort
     E.ROLLBACK_REQUESTED: E.ROLLBACK_FINISHED,
 })
 

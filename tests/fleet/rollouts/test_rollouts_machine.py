@@ -189,6 +189,7 @@ def test_where_a_rollback_phase_ends_depends_on_the_event_that_entered_it() -> N
     assert revert_final_state([E.ROLLBACK_REQUESTED]) is S.ROLLED_BACK
     assert revert_final_state([E.ABORT_REQUESTED]) is S.ABORTED
     assert revert_final_state([E.GATE_BREACH_ABORT]) is S.ABORTED
+    assert revert_final_state([E.APPROVAL_TIMEOUT_ABORT]) is S.ABORTED
     assert revert_final_state([E.PAUSE_REQUESTED, E.STAGE_ADVANCED]) is None
     # every event that enters the rollback phase says how it ends, and both ends are terminal
     entering = {e for (src, e), dst in TRANSITIONS.items() if dst is S.ROLLING_BACK}
