@@ -84,6 +84,7 @@ def _timed(fn: Callable[[], object], n: int, sink: list[int]) -> None:
 def run() -> dict[str, float]:
     import onnxruntime as ort
 
+    from agent.inference_client import POLLING_SPIN_US
     from agent.serving.client import HttpInferenceClient, UnixInferenceClient
     from simulators.models import make_mlp_onnx
 
@@ -106,6 +107,7 @@ def run() -> dict[str, float]:
             assert proc.stdout is not None
             http_agent_port, http_echo_port = (int(p) for p in proc.stdout.readline().split())
             ua, ue = UnixInferenceClient(d / "agent.sock"), UnixInferenceClient(d / "echo.sock")
+            up = UnixInferenceClient(d / "agent.sock", spin_us=POLLING_SPIN_US)
             ha, he = HttpInferenceClient(port=http_agent_port), HttpInferenceClient(port=http_echo_port)
             bare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             bare.connect(str(d / "bare.sock"))
@@ -117,11 +119,22 @@ def run() -> dict[str, float]:
                 while got < len(frame):
                     got += len(bare.recv(65536))
 
+            def bare_rtt_polling() -> None:  # the same, polling for the reply as our client does
+                bare.sendall(frame)
+                got = 0
+                while got < len(frame):
+                    try:
+                        got += len(bare.recv(65536, socket.MSG_DONTWAIT))
+                    except BlockingIOError:
+                        continue
+
             targets: dict[str, Callable[[], object]] = {
                 "raw_run": lambda: session.run(None, {"x": x}),
                 "unix_agent": lambda: ua.predict({"x": x}),
+                "unix_agent_polling": lambda: up.predict({"x": x}),
                 "unix_echo": lambda: ue.predict({"x": x}),
                 "bare_socket_echo": bare_rtt,
+                "bare_socket_echo_polling": bare_rtt_polling,
                 "http_agent": lambda: ha.predict({"x": x}),
                 "http_echo": lambda: he.predict({"x": x}),
                 "http_npy_agent": lambda: ha.predict_npy(x),
@@ -133,7 +146,7 @@ def run() -> dict[str, float]:
             for _ in range(ROUNDS):
                 for name, fn in targets.items():
                     _timed(fn, PER_ROUND, samples[name])
-            for c in (ua, ue, ha, he):
+            for c in (ua, ue, up, ha, he):
                 c.close()
             bare.close()
         finally:
@@ -148,6 +161,16 @@ def run() -> dict[str, float]:
         "bare_socket_echo_us": med["bare_socket_echo"],
         "agent_overhead_unix_us": med["unix_agent"] - med["raw_run"],
         "agent_unix_vs_echo_ratio": med["unix_agent"] / med["unix_echo"],
+        # The physical floor of a local call: one socket round trip plus the model itself.
+        "agent_unix_vs_floor_ratio": med["unix_agent"] / (med["bare_socket_echo"] + med["raw_run"]),
+        "bare_socket_echo_polling_us": med["bare_socket_echo_polling"],
+        "agent_unix_polling_rtt_us": med["unix_agent_polling"],
+        "agent_unix_polling_p99_us": float(np.percentile(samples["unix_agent_polling"], 99)) / 1000.0,
+        "agent_unix_polling_vs_polling_floor_ratio": med["unix_agent_polling"]
+        / (med["bare_socket_echo_polling"] + med["raw_run"]),
+        "agent_unix_p99_us": float(np.percentile(samples["unix_agent"], 99)) / 1000.0,
+        "raw_run_p99_us": float(np.percentile(samples["raw_run"], 99)) / 1000.0,
+        "bare_socket_echo_p99_us": float(np.percentile(samples["bare_socket_echo"], 99)) / 1000.0,
         "agent_http_rtt_us": med["http_agent"],
         "echo_http_rtt_us": med["http_echo"],
         "agent_overhead_http_us": med["http_agent"] - med["raw_run"],

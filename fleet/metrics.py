@@ -13,7 +13,10 @@ metric objects are unregistered and handed to the collector. The sources are the
 A source that fails to answer (a locked database, a component mid-stop) does not fail the
 scrape: its families are left out and `edgefleet_scrape_errors_total{source}` counts it.
 Label cardinality is bounded: rollout series cover unfinished rollouts plus the
-`RECENT_ROLLOUTS` most recent finished ones; drift series are capped by the monitor.
+`RECENT_ROLLOUTS` most recent finished ones; drift series are capped by the monitor; model
+serving series are per (model, version, cohort), never per device, for the keys with
+telemetry within `SERVING_LOOKBACK_S`, at most `MetricSources.max_serving_series` of them
+(fleet/telemetry/serving.py keeps the figures; counters there are exact across restarts).
 
 Metric names (every one is exported even when it has no samples yet):
 
@@ -37,8 +40,13 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_model_accuracy` | gauge | `model`, `version`, `cohort`, `kind` (realised, estimated, ...) |
 | `edgefleet_model_mae` | gauge | `model`, `version`, `cohort` |
 | `edgefleet_model_labels` | gauge | `model`, `version`, `cohort`, `outcome` (matched, unknown, ...) |
-| `edgefleet_alerts_total` | counter | `kind` (drift, retrain), `model`, `version`, `cohort` |
+| `edgefleet_alerts_total` | counter | `kind` (see fleet/telemetry/alerts.py), `model`, `version`, `cohort` |
 | `edgefleet_alerts_undelivered`, `edgefleet_alerts_unacknowledged` | gauge | `kind` |
+| `edgefleet_model_requests_total`, `_errors_total`, `_rejected_total` | counter | model, version, cohort |
+| `edgefleet_model_latency_seconds` | histogram | model, version, cohort (le: 2^k µs, 32 µs .. 33.5 s) |
+| `edgefleet_model_cpu_seconds_total` | counter | model, version, cohort (user + system) |
+| `edgefleet_model_rss_max_bytes`, `edgefleet_model_devices_reporting` | gauge | model, version, cohort |
+| `edgefleet_model_devices` | gauge | `bundle` (the active bundle devices report), `online` |
 | `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
 | `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
 | `edgefleet_mqtt_malformed_total` | counter | `kind` (report, event, request): dropped device messages |
@@ -66,7 +74,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.logs import log_event
 from fleet.db.sql import json_field
 from fleet.rollouts.store import FINISHED_STATES, STATES
+from fleet.telemetry.alert_records import KINDS
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
+from fleet.telemetry.serving_metrics import serving_families
 
 if TYPE_CHECKING:
     from fleet.store import Store
@@ -76,6 +86,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgefleet.fleet.metrics")
 
 RECENT_ROLLOUTS = 20
+SERVING_LOOKBACK_S = 24 * 3600.0
 REFUSAL_STATUSES = (400, 404, 416, 429, 503)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, math.inf)
 UNMATCHED_ROUTE = "<unmatched>"
@@ -149,18 +160,22 @@ class MetricSources:
     publisher: Any | None = None  # fleet.delivery.publisher.Publisher: bytes_sent, chunks_sent, refused
     ingest_timer: IngestTimer | None = None
     api: ApiMetrics | None = None
+    max_serving_series: int = 500
+    clock: Callable[[], float] = time.time
 
 
 def sources_of(store: Store, api: ApiMetrics | None = None, publisher: Any | None = None,
                monitor: DriftMonitor | None = None, telemetry: TelemetryStore | None = None,
-               alerts: AlertManager | None = None) -> MetricSources:
+               alerts: AlertManager | None = None, max_serving_series: int = 500) -> MetricSources:
     """The collector's sources from the service's collaborators: the drift monitor brings its
     telemetry store, alert manager and ingest timer; `telemetry`/`alerts` (the stores the API
     opened itself when it runs alone) fill in only without a monitor."""
     if monitor is not None:
         return MetricSources(store=store, telemetry=monitor.telemetry, alerts=monitor.alerts, drift=monitor,
-                             publisher=publisher, ingest_timer=monitor.ingest_timer, api=api)
-    return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api)
+                             publisher=publisher, ingest_timer=monitor.ingest_timer, api=api,
+                             max_serving_series=max_serving_series)
+    return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api,
+                         max_serving_series=max_serving_series)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -188,8 +203,8 @@ class FleetCollector(Collector):
         src = self._sources()
         sections: list[tuple[str, Callable[[MetricSources], list[Metric]]]] = [
             ("devices", _device_families), ("rollouts", _rollout_families),
-            ("telemetry", _telemetry_families), ("drift", _drift_families), ("alerts", _alert_families),
-            ("publisher", _publisher_families),
+            ("telemetry", _telemetry_families), ("serving", _serving_families), ("drift", _drift_families),
+            ("alerts", _alert_families), ("publisher", _publisher_families),
         ]
         for name, build in sections:
             try:
@@ -288,6 +303,12 @@ def _telemetry_families(src: MetricSources) -> list[Metric]:
     return [reports, rejected]
 
 
+def _serving_families(src: MetricSources) -> list[Metric]:
+    totals = src.telemetry.serving_totals(src.clock() - SERVING_LOOKBACK_S, src.max_serving_series) \
+        if src.telemetry is not None else []
+    return serving_families(totals, src.store)
+
+
 def _drift_families(src: MetricSources) -> list[Metric]:
     key = ["model", "version", "cohort"]
     statistic = _gauge("edgefleet_drift_statistic", "Deciding drift statistic of a feature or output "
@@ -355,14 +376,15 @@ def _as_output(o: Any) -> Any:
 
 
 def _alert_families(src: MetricSources) -> list[Metric]:
-    total = _counter("edgefleet_alerts", "Drift alerts (kind=drift) and retraining triggers (kind=retrain)",
+    total = _counter("edgefleet_alerts", "Alerts by kind (drift, retrain, error_rate, latency, offline, "
+                     "rollout_gate); escalations count as alerts",
                      ["kind", "model", "version", "cohort"])
     undelivered = _gauge("edgefleet_alerts_undelivered",
                          "Alerts whose webhook/command delivery failed so far", ["kind"])
     unacked = _gauge("edgefleet_alerts_unacknowledged", "Alerts no operator acknowledged yet", ["kind"])
     if src.alerts is not None:
-        pending: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
-        open_: TallyCounter[str] = TallyCounter({"drift": 0, "retrain": 0})
+        pending: TallyCounter[str] = TallyCounter(dict.fromkeys(KINDS, 0))
+        open_: TallyCounter[str] = TallyCounter(dict.fromkeys(KINDS, 0))
         for r in src.alerts.counts():
             total.add_metric([r["kind"], r["model"], r["version"], r["cohort"]], r["total"])
             pending[r["kind"]] += r["undelivered"] or 0

@@ -66,6 +66,21 @@ class TelemetrySettings(BaseModel):
     command_timeout_s: float = Field(default=30.0, gt=0, le=600)
     max_drift_series: int = Field(default=5000, ge=1, le=1_000_000,
                                   description="Cap on per-feature drift gauge series at /metrics")
+    clear_windows: int = Field(default=2, ge=1, le=1000,
+                               description="Consecutive clean windows (or cycles) that end an alert episode")
+    health_window_s: float = Field(default=900.0, ge=60, le=7 * 24 * 3600,
+                                   description="Span of closed windows an error/latency regression compares")
+    min_requests: int = Field(default=200, ge=1, le=10**9,
+                              description="Requests each side needs before a regression is judged")
+    max_error_increase: float = Field(default=0.02, ge=0, le=1,
+                                      description="Failure-rate margin over the baseline version")
+    max_latency_ratio: float = Field(default=1.5, gt=1, le=100,
+                                     description="p95 latency ratio over the baseline version")
+    offline_after_s: float = Field(default=900.0, ge=0, le=90 * 24 * 3600,
+                                   description="Alert on devices offline longer than this (0: never)")
+    gate_alerts: bool = Field(default=True, description="Alert when a gate pauses or aborts a rollout")
+    max_serving_series: int = Field(default=500, ge=1, le=100_000,
+                                    description="Cap on (model, version, cohort) serving series at /metrics")
 
 
 class FleetSettings(BaseModel):

@@ -217,7 +217,8 @@ class AgentDaemon:
             self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits, self.tap).start())
         if api.http_enabled:
             self._servers.append(
-                HttpInferenceServer(self.served, api.http_host, api.http_port, limits, self.tap).start()
+                HttpInferenceServer(self.served, api.http_host, api.http_port, limits, self.tap,
+                                    metrics=self.tap.metrics_text).start()
             )
 
     @property

@@ -20,7 +20,7 @@ import logging
 import math
 import struct
 import sys
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -177,11 +177,13 @@ class InferenceService:
     """Decode, bound, predict, encode: the part of a request both transports share."""
 
     def __init__(
-        self, predictor: Predictor, limits: ApiLimits | None = None, feedback: FeedbackSink | None = None
+        self, predictor: Predictor, limits: ApiLimits | None = None, feedback: FeedbackSink | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.predictor = predictor
         self.limits = limits or ApiLimits()
         self.feedback = feedback
+        self.metrics = metrics  # the agent's Prometheus exposition (HTTP `GET /metrics`), when wired
 
     def check_body_size(self, size: int) -> None:
         """Raises `RequestTooLargeError` if a body of `size` bytes is over the limit."""

@@ -1,4 +1,4 @@
-"""Python clients for the local inference API (Unix socket and HTTP), used by apps, tests and benchmarks.
+"""Python clients for the local inference API (HTTP here; the Unix socket one is `agent.inference_client`).
 
 Both keep one persistent connection and turn error replies back into the agent's error
 classes, so `except InputValidationError` works the same in-process and over either transport.
@@ -7,142 +7,26 @@ Neither is thread-safe: use one client per thread.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import json
 import socket
 from collections.abc import Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from agent.errors import (
-    EdgefleetError,
-    InputValidationError,
-    MessageError,
-    NoModelLoadedError,
-    RequestTooLargeError,
-    RuntimeFailure,
-    TransportError,
-)
-from agent.serving.api import FRAME, ApiLimits, decode_frame_body, encode_frame, parse_prefix
+from agent.errors import TransportError
+from agent.inference_client import InferenceClient
+from agent.serving.wire import raise_for_error
+
+__all__ = ["HttpInferenceClient", "UnixInferenceClient", "raise_for_error"]
 
 
-def raise_for_error(status: int, doc: Mapping[str, Any]) -> None:
-    """Raise the agent error matching an error reply (no-op for 2xx)."""
-    if status < 300:
-        return
-    err = doc.get("error") or {}
-    code, message = str(err.get("code", "")), str(err.get("message", f"status {status}"))
-    cls: type[EdgefleetError]
-    if status == 413:
-        cls = RequestTooLargeError
-    elif status == 400 and code == "invalid_input":
-        cls = InputValidationError
-    elif 400 <= status < 500:
-        cls = MessageError
-    elif status == 503 and code == "no_model":
-        cls = NoModelLoadedError
-    elif status == 503:
-        cls = TransportError
-    else:
-        cls = RuntimeFailure
-    raise cls(f"{message} (HTTP-style status {status}, {code})")
-
-
-class UnixInferenceClient:
-    """Client for the framed Unix-socket API. Transport failures raise `TransportError`."""
-
-    def __init__(self, path: Path | str, timeout: float = 10.0, limits: ApiLimits | None = None) -> None:
-        self.path = str(path)
-        self.timeout = timeout
-        self.limits = limits or ApiLimits(max_body_bytes=1 << 30, max_header_bytes=1 << 24)
-        self._sock: socket.socket | None = None
-        self._stream: Any = None
-        self.last_model: dict[str, Any] = {}
-        self.last_prediction_ids: list[str] = []
-
-    def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"cannot connect to {self.path}: {exc}") from exc
-        self._sock, self._stream = sock, sock.makefile("rb", buffering=64 * 1024)
-
-    def _read(self, n: int) -> bytes:
-        data = self._stream.read(n) if n else b""
-        if len(data) != n:
-            self.close()
-            raise TransportError("the server closed the connection mid-reply")
-        return bytes(data)
-
-    def call(
-        self, header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None, cache_key: Any = None
-    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Send one frame and return the reply's header and arrays; error replies raise."""
-        if self._sock is None:
-            self._connect()
-        assert self._sock is not None
-        try:
-            # The server may have answered (busy, too large) and closed: read its reply anyway.
-            with contextlib.suppress(OSError):
-                self._sock.sendall(encode_frame(header, arrays, cache_key))
-            head_len, payload_len = parse_prefix(self._read(FRAME.size), self.limits)
-            reply, out = decode_frame_body(self._read(head_len), self._read(payload_len))
-        except OSError as exc:
-            self.close()
-            raise TransportError(f"inference socket failed: {exc}") from exc
-        if reply.get("close"):
-            self.close()
-        status = int(reply.get("status", 500))
-        if status >= 300:
-            raise_for_error(status, reply)
-        return reply, out
-
-    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Outputs by name for `inputs` (arrays or nested lists, batch on axis 0)."""
-        arrays = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in inputs.items()}
-        reply, out = self.call({"op": "predict"}, arrays, cache_key="predict")
-        self.last_model = reply.get("model", {})
-        self.last_prediction_ids = list(reply.get("prediction_ids") or [])
-        return out
-
-    def feedback(self, labels: Mapping[str, Any]) -> dict[str, int]:
-        """Send labels for earlier predictions (`{prediction_id: label}`); returns the counts
-        (`matched`, `unknown`, `expired`, `duplicate`, `invalid`)."""
-        body = [{"prediction_id": k, "label": v} for k, v in labels.items()]
-        return dict(self.call({"op": "feedback", "labels": body})[0]["feedback"])
-
-    def info(self) -> dict[str, Any]:
-        """The served model's info (name, version, runtime, inputs, outputs)."""
-        return dict(self.call({"op": "model"})[0]["model"])
-
-    def health(self) -> dict[str, Any]:
-        """`{"status": "ok", "ready": bool, "model": {...} | None}`."""
-        return dict(self.call({"op": "health"})[0]["health"])
-
-    def close(self) -> None:
-        """Close the connection (the next call reconnects)."""
-        if self._stream is not None:
-            with contextlib.suppress(OSError):
-                self._stream.close()
-        if self._sock is not None:
-            self._sock.close()
-        self._sock = self._stream = None
-
-    def __enter__(self) -> UnixInferenceClient:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+#: The Unix-socket client lives in `agent.inference_client` (binary EFB1 predict frames); this
+#: name stays for existing imports.
+UnixInferenceClient = InferenceClient
 
 
 class HttpInferenceClient:

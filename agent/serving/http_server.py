@@ -6,7 +6,8 @@ keep-alive round trip against 231 µs for this server's no-op echo, so uvicorn b
 here and would add two dependencies to every device.
 
 Routes: `GET /v1/health`, `GET /v1/model`, `POST /v1/predict` (JSON or `application/x-npy`),
-`POST /v1/feedback` (JSON labels for earlier prediction ids).
+`POST /v1/feedback` (JSON labels for earlier prediction ids), and `GET /metrics` (Prometheus
+text: agent/telemetry/exposition.py) when the daemon wires one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -25,7 +27,9 @@ from agent.logs import log_event
 from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 
 _log = logging.getLogger("edgefleet.inference_api.http")
-ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST", "/v1/feedback": "POST"}
+ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST", "/v1/feedback": "POST",
+          "/metrics": "GET"}
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Server(ThreadingHTTPServer):
@@ -105,6 +109,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             return
         service = self.server.service
+        if path == "/metrics":
+            if service.metrics is None:
+                self._send_json(404, {"error": {"code": "not_found", "message": "no metrics on this server"}})
+            else:
+                self._send(200, service.metrics(), METRICS_TYPE)
+            return
         try:
             doc = service.health() if path == "/v1/health" else service.model_info()
         except Exception as exc:
@@ -176,9 +186,9 @@ class HttpInferenceServer:
 
     def __init__(
         self, predictor: Predictor, host: str = "127.0.0.1", port: int = 0, limits: ApiLimits | None = None,
-        feedback: FeedbackSink | None = None,
+        feedback: FeedbackSink | None = None, metrics: Callable[[], bytes] | None = None,
     ) -> None:
-        self.service = InferenceService(predictor, limits, feedback)
+        self.service = InferenceService(predictor, limits, feedback, metrics)
         self.host = host
         self._requested_port = port
         self._server: _Server | None = None

@@ -88,6 +88,8 @@ class _Shadow:
     def offer(self, inputs: Tensors, served: Tensors) -> None:
         with self.lock:
             self.offered += 1
+        # Copies: the Unix server's inputs are views of a receive buffer reused by the next request.
+        inputs = {k: np.array(v) for k, v in inputs.items()}
         try:
             self.queue.put_nowait((inputs, served))
         except queue.Full:

@@ -304,6 +304,28 @@ class TelemetrySketch:
                 self._latency_sum += latency_s
                 self._latency_max = max(self._latency_max, latency_s)
 
+    def update_batch(
+        self, batch_inputs: np.ndarray, batch_outputs: np.ndarray, latencies_s: list[float]
+    ) -> None:
+        """Fold several successful calls at once: their input and output rows concatenated,
+        one latency per call. The same counts as one `update` per call, for a fraction of the
+        cost (the serving path batches its bookkeeping this way). Raises as `update`."""
+        x, y = np.asarray(batch_inputs), np.asarray(batch_outputs)
+        for what, arr in (("batch_inputs", x), ("batch_outputs", y)):
+            if arr.dtype.kind not in "biuf":
+                raise MisuseError(f"telemetry: {what} must be a numeric array, not {arr.dtype}")
+        with self._lock:
+            if self._inputs.width:
+                self._inputs.add(x, "batch_inputs")
+            if self._outputs.width:
+                self._outputs.add(y, "batch_outputs")
+            self._requests += len(latencies_s)
+            for latency_s in latencies_s:
+                self._latency[latency_bucket(latency_s)] += 1
+                if math.isfinite(latency_s) and latency_s > 0:
+                    self._latency_sum += latency_s
+                    self._latency_max = max(self._latency_max, latency_s)
+
     def record_rejected(self, n: int = 1) -> None:
         """Count requests refused before inference (input validation, overload)."""
         with self._lock:
@@ -318,6 +340,12 @@ class TelemetrySketch:
         """Count labels that matched nothing (`unknown`, `expired`, `duplicate`, `invalid`)."""
         with self._lock:
             self.performance.count(outcome, n)
+
+    def live_counts(self) -> tuple[int, int, int, np.ndarray, float]:
+        """(requests, errors, rejected, latency histogram copy, latency sum) of the open interval,
+        without closing it: the agent's /metrics adds them to the closed intervals' totals."""
+        with self._lock:
+            return self._requests, self._errors, self._rejected, self._latency.copy(), self._latency_sum
 
     def snapshot_and_reset(self) -> TelemetryReport:
         """The report of the interval since the last snapshot; starts a new interval."""

@@ -35,8 +35,10 @@ def install(app: FastAPI) -> None:
     def sources(api: ApiMetrics) -> MetricSources:
         parts: ApiCollaborators = app.state.collaborators
         ctx = getattr(app.state, "telemetry_context", None)  # stores the telemetry routes opened
+        settings: FleetSettings = app.state.settings
         return sources_of(app.state.store, api, parts.publisher, parts.monitor,
-                          ctx.telemetry if ctx is not None else None, ctx.alerts if ctx is not None else None)
+                          ctx.telemetry if ctx is not None else None, ctx.alerts if ctx is not None else None,
+                          max_serving_series=settings.telemetry.max_serving_series)
 
     metrics = FleetMetrics(sources)
     app.state.metrics = metrics

@@ -179,13 +179,17 @@ class CompareOut(_DriftVerdictOut):
     outputs_compared: bool
 
 
+AlertKind = Literal["drift", "retrain", "error_rate", "latency", "offline", "rollout_gate"]
+
+
 class AlertOut(BaseModel):
     id: int
-    kind: Literal["drift", "retrain"]
+    kind: AlertKind
     model: str
     version: str
     cohort: str
-    subject: str = Field(description="Feature, `output:<name>`, `dataset` or `prediction`")
+    subject: str = Field(description="drift: feature, `output:<name>`, `dataset` or `prediction`; "
+                         "error_rate/latency: the kind; offline: `devices`; rollout_gate: the rollout id")
     statistic: str
     value: float | None
     threshold: float | None
@@ -200,6 +204,13 @@ class AlertOut(BaseModel):
     acked_by: str | None
     acked_at: float | None
     ack_note: str | None
+    episode: int = Field(description="Id of the alert that opened this alert's episode (itself if it did)")
+    escalation: int = Field(0, description="0: opened the episode; n: its n-th escalation")
+    features: list[str] = Field(default_factory=list, description="What the episode names now: drifted "
+                                "features (dataset), offline devices, breached stages")
+    baseline: str = Field("", description="The version a regression was judged against")
+    detail: str = ""
+    evidence: dict[str, float | None] = Field(default_factory=dict)
 
 
 class AckIn(BaseModel):
@@ -382,7 +393,9 @@ def compare(request: Request, _: Viewer, model: Label, baseline: Label, candidat
 
 
 def _alert_out(row: dict[str, Any]) -> AlertOut:
-    return AlertOut.model_validate({**row, "value": _num(row["value"]), "threshold": _num(row["threshold"])})
+    evidence = {k: _num(v) for k, v in (row.get("evidence") or {}).items()}
+    return AlertOut.model_validate({**row, "value": _num(row["value"]), "threshold": _num(row["threshold"]),
+                                    "evidence": evidence})
 
 
 def _alert_page(ctx: TelemetryContext, page: Any, kind: str | None, **filters: Any) -> PageOf[AlertOut]:
@@ -398,11 +411,13 @@ def _alert_page(ctx: TelemetryContext, page: Any, kind: str | None, **filters: A
     return PageOf[AlertOut](items=items, next_cursor=nxt)
 
 
-@router.get("/v1/alerts", response_model=PageOf[AlertOut], summary="Drift alerts and triggers, newest first")
-def list_alerts(request: Request, _: Viewer, page: Paging, kind: Literal["drift", "retrain"] | None = None,
+@router.get("/v1/alerts", response_model=PageOf[AlertOut], summary="Alerts and triggers, newest first")
+def list_alerts(request: Request, _: Viewer, page: Paging, kind: AlertKind | None = None,
                 model: Label | None = None, version: Label | None = None, cohort: Cohort | None = None,
                 subject: Label | None = None, acked: bool | None = None) -> PageOf[AlertOut]:
-    """One `drift` alert per drift episode of a subject; `retrain` entries are the triggers."""
+    """One alert per episode (plus its escalations): `drift` per drifting subject, `retrain` the
+    triggers, `error_rate`/`latency` regressions against the cohort's baseline version, `offline`
+    devices, `rollout_gate` rollouts a gate paused or aborted."""
     return _alert_page(telemetry_context(request), page, kind, model=model, version=version, cohort=cohort,
                        subject=subject, acked=acked)
 

@@ -30,7 +30,8 @@ def _when(key: str) -> Any:
 ALERT_COLUMNS: list[Column] = [
     ("id", "id"), ("kind", "kind"), ("model", "model"), ("version", "version"), ("cohort", "cohort"),
     ("subject", "subject"), ("statistic", "statistic"), ("value", "value"), ("threshold", "threshold"),
-    ("devices", "device_count"), ("raised", _when("created_at")), ("acked by", "acked_by"),
+    ("devices", "device_count"), ("episode", "episode"), ("esc", "escalation"),
+    ("raised", _when("created_at")), ("acked by", "acked_by"),
 ]
 
 
@@ -40,7 +41,8 @@ def group() -> None:
 
 
 @group.command("list")
-@click.option("--kind", default=None, help="Only this kind: drift, or retrain (the retraining triggers).")
+@click.option("--kind", default=None, help="Only this kind: drift, retrain (the retraining triggers), "
+              "error_rate, latency, offline or rollout_gate.")
 @click.option("--model", default=None, help="Only alerts of this model.")
 @click.option("--version", default=None, help="Only alerts of this model version.")
 @click.option("--cohort", default=None, help="Only alerts of this cohort.")

@@ -25,8 +25,8 @@ from fleet.cli.api_output import (
     quote,
 )
 
-STATES = ("pending", "running", "paused", "awaiting_approval", "rolling_back", "completed", "aborted",
-          "failed", "cancelled")
+STATES = ("pending", "running", "paused", "rolling_back", "completed", "aborted", "rolled_back", "failed",
+          "cancelled", "awaiting_approval")
 ROLLOUT_COLUMNS: list[Column] = [
     ("id", "id"), ("version", "model_version_id"), ("selector", "selector"), ("state", "state"),
     ("desired", "desired"), ("stage", "stage"), ("updated", "updated_at"),

@@ -69,8 +69,14 @@ def drift(request: Request, session: Dash, model: Label = "", version: Label = "
     return render(request, "drift.html", page, session=session)
 
 
+KIND_LABELS = (("drift", "drift alerts"), ("retrain", "retraining triggers"),
+               ("error_rate", "error-rate regressions"), ("latency", "latency regressions"),
+               ("offline", "devices offline"), ("rollout_gate", "rollouts stopped by a gate"))
+
+
 @router.get("/alerts", response_class=HTMLResponse)
-def alerts(request: Request, session: Dash, kind: Literal["", "drift", "retrain"] = "",
+def alerts(request: Request, session: Dash,
+           kind: Literal["", "drift", "retrain", "error_rate", "latency", "offline", "rollout_gate"] = "",
            acked: Literal["", "yes", "no"] = "",
            cursor: Annotated[str | None, Query(max_length=256)] = None) -> HTMLResponse:
     """Every alert and retraining trigger, newest first, with its evidence (`GET /v1/alerts`)."""
@@ -79,7 +85,7 @@ def alerts(request: Request, session: Dash, kind: Literal["", "drift", "retrain"
                                      acked=flag)
     here = request.url.path + ("?" + request.url.query if request.url.query else "")
     ctx = {"page": "drift", "alerts": page.items, "next_cursor": page.next_cursor, "kind": kind,
-           "acked": acked, "next_url": here}
+           "kinds": KIND_LABELS, "acked": acked, "next_url": here}
     return render(request, "alerts.html", ctx, session=session)
 
 

@@ -42,6 +42,8 @@ statement over the `fleet.db.schema` tables. Write portable SQL: `WHERE TRUE` (n
 0/1 integer flags, `coalesce`, and `fleet.db.sql.json_text(...)` instead of `json_extract`.
 A unique, foreign-key, check or trigger violation raises `fleet.errors.Conflict` (the database
 seam translates it once): catch `Conflict` around the statement to give it a better message.
+A database that fails as such (locked, connection lost) raises `fleet.db.session.DatabaseError`:
+a periodic loop that retries next cycle catches that, never a driver's exception type.
 Old code written against sqlite_utils (`db.execute(sql, [params])` with `?`, `db.table(t)`)
 ports by renaming binds to `:name`, passing a dict, and `db.table(t).insert(r)` ->
 `db.insert(t, r)`.

@@ -326,6 +326,29 @@ telemetry_device_totals = Table(
     sa.Index("idx_telemetry_device_totals_model_version_window_start", "model", "version", "window_start"),
 )
 
+_SERVING_FIGURES = (  # what fleet/telemetry/serving.py keeps per window and in total
+    ("requests", BigInteger), ("errors", BigInteger), ("rejected", BigInteger), ("latency_sum_s", Float),
+    ("latency_counts", LargeBinary), ("cpu_s", Float), ("rss_max_bytes", BigInteger), ("devices", Integer),
+    ("updated_at", Float),
+)
+telemetry_serving = Table(  # serving figures per merged window (telemetry_0003)
+    "telemetry_serving", TELEMETRY,
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    Column("window_start", Float, primary_key=True),
+    *(Column(n, t) for n, t in _SERVING_FIGURES),
+    sa.Index("idx_telemetry_serving_window_start", "window_start"),
+)
+telemetry_serving_totals = Table(  # the same figures since the store began: /metrics counters
+    "telemetry_serving_totals", TELEMETRY,
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    *(Column(n, t) for n, t in _SERVING_FIGURES),
+    Column("latest_window", Float),
+)
+
 # -- drift alerts (alerts.db on SQLite) ----------------------------------------------------------
 drift_alerts = Table(
     "drift_alerts", ALERTS,
@@ -335,6 +358,9 @@ drift_alerts = Table(
     Column("window_start", Float), Column("window_s", Float), Column("windows", Integer),
     Column("devices", Text), Column("device_count", Integer), Column("created_at", Float),
     Column("delivered", Integer), Column("delivery_error", Text),
+    # alerts_0002: every kind's alerts, grouped into episodes and escalations
+    Column("episode", Integer), Column("escalation", Integer), Column("features", Text),
+    Column("baseline", Text), Column("detail", Text), Column("evidence", Text),
 )
 drift_episodes = Table(
     "drift_episodes", ALERTS,
@@ -344,6 +370,20 @@ drift_episodes = Table(
     Column("subject", Text, primary_key=True),
     Column("first_window", Float), Column("last_window", Float),
     Column("consecutive", Integer), Column("retrain_fired", Integer),
+    # alerts_0002
+    Column("clear_streak", Integer), Column("members", Text), Column("escalations", Integer),
+    Column("alert_id", Integer),
+)
+alert_episodes = Table(  # episodes of the kinds beyond drift (alerts_0002)
+    "alert_episodes", ALERTS,
+    Column("kind", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("version", Text, primary_key=True),
+    Column("cohort", Text, primary_key=True),
+    Column("subject", Text, primary_key=True),
+    Column("first_window", Float), Column("last_window", Float), Column("consecutive", Integer),
+    Column("clear_streak", Integer), Column("members", Text), Column("escalations", Integer),
+    Column("alert_id", Integer),
 )
 drift_cursor = Table(
     "drift_cursor", ALERTS,

@@ -21,6 +21,10 @@ from fleet.db.sql import upsert_statement
 from fleet.errors import Conflict
 
 Params = Mapping[str, Any]
+#: What a statement raises when the database itself fails (locked, connection lost, a driver
+#: error) rather than a constraint (`Conflict`): a loop that retries next cycle catches this,
+#: so it needs no driver's or SQLAlchemy's exception type.
+DatabaseError = sa.exc.DBAPIError
 
 
 def statement(sql: str | Executable, params: Params | None = None) -> Executable:

@@ -189,7 +189,7 @@ class RolloutController:
                 log_event(logger, "rollout.state", rollout=ro.id, state=state.value, stage=stage,
                           note=decision.note)
             if rt is not None:
-                runtime.update(rt.on_entry(state))
+                runtime.update(rt.on_entry(state, decision.events))
                 if stage != ro.stage:  # the next stage's clock starts
                     runtime.update(stage_started_at=now, stage_done_at=None)
                 if runtime:
@@ -490,7 +490,7 @@ class RolloutController:
                     return
             with self._tx():
                 self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)
-        end = machine.decide_revert_end(r.outcome for r in self.records.progress(rid))
+        end = machine.decide_revert_end((r.outcome for r in self.records.progress(rid)), rt.final_state)
         if end.events:
             self._apply(ro, rt, end, now)
 

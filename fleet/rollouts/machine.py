@@ -34,6 +34,7 @@ class RolloutState(StrEnum):
     ROLLING_BACK = "rolling_back"
     COMPLETED = "completed"
     ABORTED = "aborted"
+    ROLLED_BACK = "rolled_back"
     FAILED = "failed"
     CANCELLED = "cancelled"
     AWAITING_APPROVAL = "awaiting_approval"  # a stage that `requires_approval` waits for an operator
@@ -53,6 +54,7 @@ class RolloutEvent(StrEnum):
     ABORT_REQUESTED = "abort_requested"
     ROLLBACK_REQUESTED = "rollback_requested"
     REVERT_FINISHED = "revert_finished"
+    ROLLBACK_FINISHED = "rollback_finished"
     CANCEL_REQUESTED = "cancel_requested"
     APPROVAL_REQUIRED = "approval_required"
     APPROVED = "approved"
@@ -102,8 +104,10 @@ TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = MappingP
         (S.PAUSED, E.ABORT_REQUESTED): S.ROLLING_BACK,
         (S.PAUSED, E.ROLLBACK_REQUESTED): S.ROLLING_BACK,
         (S.PAUSED, E.CANCEL_REQUESTED): S.CANCELLED,
-        # every assigned device is sent back to the bundle it ran before
+        # every assigned device is sent back to the bundle it ran before; how the phase ends
+        # depends on how it began (`REVERT_END`): an abort ends aborted, a rollback rolled back
         (S.ROLLING_BACK, E.REVERT_FINISHED): S.ABORTED,
+        (S.ROLLING_BACK, E.ROLLBACK_FINISHED): S.ROLLED_BACK,
         (S.ROLLING_BACK, E.CANCEL_REQUESTED): S.CANCELLED,
         # finished, but a `rollback` command reopens it
         (S.COMPLETED, E.ROLLBACK_REQUESTED): S.ROLLING_BACK,
@@ -122,9 +126,20 @@ TRANSITIONS: Mapping[tuple[RolloutState, RolloutEvent], RolloutState] = MappingP
     }
 )
 
+#: The event that ends the rollback phase, by the event that entered it. Why not one state per
+#: cause: both phases do the same work (devices go back), only the record they end with differs;
+#: the controller persists the end state on entry (`rollout_runtime.final_state`), so a restart
+#: mid-revert still ends the way it began.
+REVERT_END: Mapping[RolloutEvent, RolloutEvent] = MappingProxyType({
+    E.GATE_BREACH_ABORT: E.REVERT_FINISHED,
+    E.ABORT_REQUESTED: E.REVERT_FINISHED,
+    E.APPROVAL_TIMEOUT_ABORT: E.REVERT_FINISHED,  # nobody approved in time: an abort
+    E.ROLLBACK_REQUESTED: E.ROLLBACK_FINISHED,
+})
+
 INITIAL_STATE = S.PENDING
 #: No way out: the controller never looks at these rollouts again.
-TERMINAL_STATES: frozenset[RolloutState] = frozenset({S.ABORTED, S.FAILED, S.CANCELLED})
+TERMINAL_STATES: frozenset[RolloutState] = frozenset({S.ABORTED, S.ROLLED_BACK, S.FAILED, S.CANCELLED})
 #: The rollout acts no more by itself; the API refuses intent (only `rollback` of a completed one).
 FINISHED_STATES: frozenset[RolloutState] = TERMINAL_STATES | {S.COMPLETED}
 
@@ -209,7 +224,8 @@ def decide_intent(s: RolloutSnapshot) -> Decision:
         return Decision((E.ROLLBACK_REQUESTED,), note=f"rollback by {rollback.actor}: {rollback.note}",
                         consumes=rollback)
     if rollback is not None:
-        return Decision((E.ROLLBACK_REQUESTED,), note=f"abort by {rollback.actor}", consumes=rollback)
+        return Decision((E.ROLLBACK_REQUESTED,), note=f"rollback by {rollback.actor}: {rollback.note}",
+                        consumes=rollback)
     if s.desired is Desired.ABORT:
         return Decision((E.ABORT_REQUESTED,), note="abort by operator")
     return Decision(work=Work.FORWARD)
@@ -268,14 +284,26 @@ def judge_stage(s: RolloutSnapshot, cfg: StrategyConfig, stage_done: bool, done_
     return StageVerdict(done_at, advance)
 
 
-def decide_revert_end(outcomes: Iterable[str | None]) -> Decision:
-    """The rollback phase ends once every device is back, failed to return, or was skipped."""
+def revert_final_state(events: Iterable[RolloutEvent]) -> RolloutState | None:
+    """Where a rollback phase entered by `events` ends (`REVERT_END`); None when they do not
+    enter one (the controller stores it on entry)."""
+    end = None
+    for event in events:
+        end = REVERT_END.get(event, end)
+    return None if end is None else transition(S.ROLLING_BACK, end)
+
+
+def decide_revert_end(outcomes: Iterable[str | None], final_state: str | None = None) -> Decision:
+    """The rollback phase ends once every device is back, failed to return, or was skipped, in
+    the state recorded when it began (`final_state`; a phase recorded before rollbacks had a
+    state of their own has none and ends `aborted`, as it would have then)."""
     seen = list(outcomes)
     if not all(o in ("reverted", "revert_failed", "skipped") for o in seen):
         return Decision()
     note = (f"{seen.count('reverted')} devices back on their previous bundle, "
             f"{seen.count('revert_failed')} failed to return")
-    return Decision((E.REVERT_FINISHED,), note=note)
+    ends = [e for (src, e), dst in TRANSITIONS.items() if src is S.ROLLING_BACK and dst.value == final_state]
+    return Decision((ends[0] if ends else E.REVERT_FINISHED,), note=note)
 
 
 # -- docs -----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from agent.contract.director import TargetRef
 from fleet.db.rows import Row, decode_row, dumps
 from fleet.errors import Conflict, FleetInputError
 from fleet.rollouts.gates import OutcomeCounts
-from fleet.rollouts.machine import Command, RolloutEvent, RolloutState, transition
+from fleet.rollouts.machine import Command, RolloutEvent, RolloutState, revert_final_state
 from fleet.rollouts.store import FINISHED_STATES, Rollout, record_from_row
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ PHASE_OF_STATE: Mapping[RolloutState, RuntimePhase] = MappingProxyType({
     RolloutState.RUNNING: RuntimePhase.FORWARD, RolloutState.PAUSED: RuntimePhase.FORWARD,
     RolloutState.AWAITING_APPROVAL: RuntimePhase.FORWARD,
     RolloutState.ROLLING_BACK: RuntimePhase.ROLLBACK, RolloutState.COMPLETED: RuntimePhase.DONE,
-    RolloutState.ABORTED: RuntimePhase.DONE, RolloutState.CANCELLED: RuntimePhase.DONE})
+    RolloutState.ABORTED: RuntimePhase.DONE, RolloutState.ROLLED_BACK: RuntimePhase.DONE,
+    RolloutState.CANCELLED: RuntimePhase.DONE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +94,16 @@ class RolloutRuntime:
             if isinstance(raw, dict) else None
         return record_from_row(cls, row, phase=RuntimePhase(row["phase"]), breach=breach)
 
-    def on_entry(self, state: RolloutState) -> dict[str, Any]:
-        """The columns entering `state` changes: the phase, and for a rollback where it ends."""
+    def on_entry(self, state: RolloutState, events: Iterable[RolloutEvent] = ()) -> dict[str, Any]:
+        """The columns entering `state` by `events` changes: the phase, and for a rollback
+        phase where it ends (`machine.REVERT_END`: aborted or rolled_back)."""
         phase = PHASE_OF_STATE.get(state)
         fields: dict[str, Any] = {}
         if phase is not None and phase is not self.phase:
             fields["phase"] = phase.value
-        if phase is RuntimePhase.ROLLBACK:
-            fields["final_state"] = transition(state, RolloutEvent.REVERT_FINISHED).value
+            final = revert_final_state(events) if phase is RuntimePhase.ROLLBACK else None
+            if final is not None:
+                fields["final_state"] = final.value
         return fields
 
 

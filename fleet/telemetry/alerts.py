@@ -1,25 +1,38 @@
-"""Drift alerts and retraining triggers, evaluated over merged telemetry windows.
+"""Alerts and retraining triggers: episodes over observations, persisted, delivered, acknowledged.
 
-Each window of a (model, version, cohort) is tested against the reference profile
-(`fleet.telemetry.drift.report_drift`) once, in time order. Per subject (each input feature, each
-output as `output:<name>`, plus `dataset` and `prediction`) an *episode* opens when the
-subject drifts and closes at the first undrifted window; one `drift` alert is sent per
-episode (not one per window), and one `retrain` trigger when the `dataset` or `prediction`
-episode has lasted `persist_windows` consecutive windows. Windows with too few samples
-leave episodes unchanged. Alerts are persisted (`fleet.db`: alerts.db, or PostgreSQL) before delivery
-(webhook via httpx POST and/or a command fed the alert JSON on stdin); failed deliveries are
-recorded and retried by `redeliver()`.
+Kinds: `drift` (a subject of a model version's windows drifted), `retrain` (the `dataset` or
+`prediction` drift episode lasted `persist_windows` windows), `error_rate` and `latency` (a
+version serves worse than its cohort's baseline version), `offline` (devices silent beyond a
+threshold) and `rollout_gate` (a gate paused or aborted a rollout); fleet/telemetry/health.py
+observes the last four. Whatever the kind, one alert is sent per *episode*, not per window or
+cycle (fleet/telemetry/alert_rules.py, `step_episode`): an episode ends after
+`clear_windows` consecutive clean observations, so a flapping condition stays one episode, and
+observations without enough evidence leave it as it is.
+
+Drift: each window of a (model, version, cohort) is tested against the reference profile
+(`fleet.telemetry.drift.report_drift`) once, in time order. Subjects are each input feature,
+each output as `output:<name>`, `dataset` and `prediction`; each has its own episode. The
+`dataset` episode remembers the drifted features its alerts named (`features`): when a later
+window drifts on features the episode has not named yet, it *escalates*: a new `drift` alert
+with the same `episode` and a higher `escalation`, naming the whole current set (why the same
+episode: see alert_rules.py). The other kinds' subjects: `error_rate`/`latency` per (model,
+candidate version, cohort), `devices` for `offline` (its members are the devices: one alert
+names every device that went silent at once, an escalation the ones that followed), and the
+rollout id for `rollout_gate` (members: the stages that breached).
+
+Alerts are persisted (`fleet.db`: alerts.db, or PostgreSQL) before delivery
+(fleet/telemetry/alert_delivery.py: webhook and/or command); failed deliveries are recorded and
+retried by `redeliver()`; an operator acknowledges each alert once (`ack`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,76 +43,68 @@ from agent.contract.telemetry import TelemetryReport
 from agent.logs import log_event
 from fleet.db.database import Database
 from fleet.db.session import Db
-from fleet.errors import Conflict, FleetMisuseError, NotFound
-from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, Method, report_drift
+from fleet.errors import Conflict, NotFound
+from fleet.telemetry.alert_delivery import deliver
+from fleet.telemetry.alert_records import (
+    ACKS_TABLE,
+    ALERTS_TABLE,
+    CURSOR_TABLE,
+    EPISODES_TABLE,
+    HEALTH_EPISODES_TABLE,
+    KINDS,
+    Alert,
+    AlertConfig,
+    Observation,
+)
+from fleet.telemetry.alert_rules import Episode, step_episode
+from fleet.telemetry.drift import DriftReport, FeatureDrift, report_drift
 
 log = logging.getLogger("edgefleet.fleet.alerts")
 
-ALERTS_TABLE = "drift_alerts"
-EPISODES_TABLE = "drift_episodes"
-CURSOR_TABLE = "drift_cursor"
-ACKS_TABLE = "drift_alert_acks"
+__all__ = ["KINDS", "Alert", "AlertConfig", "AlertManager", "Observation"]  # the records, re-exported
 
-
-@dataclass(frozen=True)
-class AlertConfig:
-    """When to trigger retraining, and where alerts go (webhook URL and/or argv command)."""
-
-    persist_windows: int = 3
-    webhook_url: str | None = None
-    command: tuple[str, ...] = ()
-    webhook_timeout_s: float = 5.0
-    command_timeout_s: float = 30.0
-    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
-    method: Method = "auto"
-
-    def __post_init__(self) -> None:
-        if self.persist_windows < 1 or self.webhook_timeout_s <= 0 or self.command_timeout_s <= 0:
-            raise FleetMisuseError("alerts: persist_windows >= 1 and positive timeouts required")
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One drift alert or retraining trigger, as persisted and delivered."""
-
-    kind: str  # "drift" | "retrain"
-    model: str
-    version: str
-    cohort: str
-    subject: str  # feature name, "output:<name>", "dataset" or "prediction"
-    statistic: str
-    value: float
-    threshold: float
-    window_start: float
-    window_s: float
-    windows: int
-    devices: list[str]
-    device_count: int
-    created_at: float
-    id: int | None = None
-
-
-def _subjects(d: DriftReport) -> list[tuple[str, FeatureDrift | None, bool]]:
-    """(subject, deciding feature verdict or None, drifted) for every subject of a window;
-    subjects without enough samples are left out."""
-    out: list[tuple[str, FeatureDrift | None, bool]] = []
-    for f in d.features:
-        if f.method != "insufficient":
-            out.append((f.name, f, f.drifted))
-    for o in d.outputs:
-        if o.method != "insufficient":
-            out.append((f"output:{o.name}", o, o.drifted))
-    if any(f.method != "insufficient" for f in d.features):
-        out.append(("dataset", None, d.dataset_drift))
-    if any(o.method != "insufficient" for o in d.outputs):
-        out.append(("prediction", None, d.prediction_drift))
+def _subjects(d: DriftReport) -> list[tuple[str, FeatureDrift | None, bool, frozenset[str]]]:
+    """(subject, deciding verdict or None, drifted, members) for every subject of a window;
+    subjects without enough samples are left out (their episodes stay as they are)."""
+    out: list[tuple[str, FeatureDrift | None, bool, frozenset[str]]] = []
+    judged = [f for f in d.features if f.method != "insufficient"]
+    outputs = [o for o in d.outputs if o.method != "insufficient"]
+    out += [(f.name, f, f.drifted, frozenset({f.name})) for f in judged]
+    out += [(f"output:{o.name}", o, o.drifted, frozenset({f"output:{o.name}"})) for o in outputs]
+    if judged:
+        out.append(("dataset", None, d.dataset_drift, frozenset(f.name for f in judged if f.drifted)))
+    if outputs:
+        out.append(("prediction", None, d.prediction_drift,
+                    frozenset(f"output:{o.name}" for o in outputs if o.drifted)))
     return out
 
 
+def _decoded(r: dict[str, Any]) -> dict[str, Any]:
+    """The JSON columns of an alert row, decoded (rows written before a column existed: defaults)."""
+    return {"devices": json.loads(r["devices"]), "features": json.loads(r.get("features") or "[]"),
+            "evidence": json.loads(r.get("evidence") or "{}"), "escalation": int(r.get("escalation") or 0),
+            "baseline": r.get("baseline") or "", "detail": r.get("detail") or "",
+            "episode": r.get("episode") if r.get("episode") is not None else r["id"]}
+
+
+def _episode(row: dict[str, Any] | None) -> Episode | None:
+    if row is None:
+        return None
+    return Episode(float(row["first_window"]), float(row["last_window"]), int(row["consecutive"]),
+                   int(row.get("clear_streak") or 0), frozenset(json.loads(row.get("members") or "[]")),
+                   int(row.get("escalations") or 0), row.get("alert_id"))
+
+
+def _episode_row(e: Episode) -> dict[str, Any]:
+    return {"first_window": e.opened_at, "last_window": e.last_seen, "consecutive": e.consecutive,
+            "clear_streak": e.clear_streak, "members": json.dumps(sorted(e.members)),
+            "escalations": e.escalations, "alert_id": e.alert_id}
+
+
 class AlertManager:
-    """Evaluate windows, keep episode state and deliver alerts. `http` is an optional
-    httpx client (tests and services pass their own). Raises `FleetMisuseError` when the
-    database cannot be opened."""
+    """Evaluate windows and observations, keep episode state and deliver alerts. `http` is an
+    optional httpx client (tests and services pass their own). Raises `FleetMisuseError` when
+    the database cannot be opened."""
 
     def __init__(
         self,
@@ -111,12 +116,13 @@ class AlertManager:
         self.config = config or AlertConfig()
         self._clock = clock
         self._http = http
-        self._lock = threading.RLock()  # evaluate/redeliver may run on different threads
+        self._lock = threading.RLock()  # evaluate/observe/redeliver may run on different threads
         self.database = Database(location, "alerts", "alerts database")
 
     def close(self) -> None:
         self.database.close()
 
+    # -- drift ------------------------------------------------------------------------------
     def evaluate(
         self, model: str, version: str, cohort: str, profile: ReferenceProfile,
         windows: list[dict[str, Any]], window_s: float,
@@ -157,39 +163,44 @@ class AlertManager:
         window_s: float,
     ) -> list[Alert]:
         fired: list[Alert] = []
+        at = float(w["window_start"])
         match = "model = :model AND version = :version AND cohort = :cohort AND subject = :subject"
-        for subject, f, drifted in _subjects(verdict):
+        for subject, f, drifted, members in _subjects(verdict):
             key = (model, version, cohort, subject)
             names = {"model": model, "version": version, "cohort": cohort, "subject": subject}
             row = db.one(f"SELECT * FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
-            if not drifted:
-                if row is not None:
-                    db.execute(f"DELETE FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
-                    log_event(log, "drift.episode_closed", model=model, version=version, subject=subject)
+            episode = _episode(row)
+            if episode is not None and row is not None and row["members"] is None:
+                # opened before episodes kept their members (alerts_0001): what it names now is
+                # what it named then as far as anyone knows, so no escalation on the first window
+                episode = replace(episode, members=members)
+            step = step_episode(episode, drifted, at, self.config.clear_windows, members)
+            if step.ended:
+                db.execute(f"DELETE FROM {EPISODES_TABLE} WHERE {match}", names)  # noqa: S608
+                log_event(log, "drift.episode_closed", model=model, version=version, cohort=cohort,
+                          subject=subject)
+            if step.episode is None:
                 continue
-            if row is None:
-                row = {"model": model, "version": version, "cohort": cohort, "subject": subject,
-                       "first_window": w["window_start"], "last_window": w["window_start"],
-                       "consecutive": 0, "retrain_fired": 0}
-                fired.append(self._alert("drift", key, f, verdict, w, window_s, 1))
-            row["consecutive"] += 1
-            row["last_window"] = w["window_start"]
-            if (subject in ("dataset", "prediction") and not row["retrain_fired"]
-                    and row["consecutive"] >= self.config.persist_windows):
-                row["retrain_fired"] = 1
-                fired.append(self._alert("retrain", key, f, verdict, w, window_s, row["consecutive"]))
-            db.upsert(EPISODES_TABLE, row, key=("model", "version", "cohort", "subject"))
-        for a in fired:
-            rec = asdict(a)
-            rec.pop("id")
-            rec["devices"] = json.dumps(a.devices)
-            rec.update(delivered=0, delivery_error="")
-            object.__setattr__(a, "id", db.insert_id(ALERTS_TABLE, rec))
+            ep, retrain_fired = step.episode, bool(row and row["retrain_fired"])
+            if step.opened or step.escalated:
+                alert = self._persist(db, self._alert("drift", key, f, verdict, w, window_s, ep.consecutive,
+                                                  ep, sorted(members), step.escalated))
+                fired.append(alert)
+                if step.opened:
+                    ep = replace(ep, alert_id=alert.id)
+            if (subject in ("dataset", "prediction") and not retrain_fired
+                    and ep.consecutive >= self.config.persist_windows):
+                retrain_fired = True
+                fired.append(self._persist(db, self._alert("retrain", key, f, verdict, w, window_s,
+                                                       ep.consecutive, ep, sorted(members), frozenset())))
+            db.upsert(EPISODES_TABLE, {**names, "retrain_fired": int(retrain_fired), **_episode_row(ep)},
+                      key=("model", "version", "cohort", "subject"))
         return fired
 
     def _alert(
         self, kind: str, key: tuple[str, str, str, str], f: FeatureDrift | None, verdict: DriftReport,
-        w: dict[str, Any], window_s: float, windows: int,
+        w: dict[str, Any], window_s: float, windows: int, ep: Episode, features: list[str],
+        escalated: frozenset[str],
     ) -> Alert:
         model, version, cohort, subject = key
         if f is not None:
@@ -199,41 +210,84 @@ class AlertManager:
             threshold = self.config.thresholds.dataset_drift_share
         else:
             statistic, value, threshold = "outputs_drifted", sum(o.drifted for o in verdict.outputs), 1.0
+        detail = f"newly drifted in this episode: {', '.join(sorted(escalated))}" if escalated else ""
         return Alert(kind, model, version, cohort, subject, statistic, float(value), float(threshold),
                      float(w["window_start"]), window_s, windows, list(w["devices"]), int(w["device_count"]),
-                     self._clock())
+                     self._clock(), episode=ep.alert_id, escalation=ep.escalations if escalated else 0,
+                     features=features, detail=detail)
+
+    # -- the other kinds ----------------------------------------------------------------------
+    def observe(self, observations: list[Observation]) -> list[Alert]:
+        """Step each observation's episode (`alert_episodes`); persist and deliver an alert for
+        every episode that opened or escalated; returns them."""
+        fired: list[Alert] = []
+        with self._lock:
+            with self.database.tx() as db:
+                for o in observations:
+                    fired += self._observe_one(db, o)
+            for a in fired:
+                self._deliver(a)
+        return fired
+
+    def _observe_one(self, db: Db, o: Observation) -> list[Alert]:
+        key = {"kind": o.kind, "model": o.model, "version": o.version, "cohort": o.cohort,
+               "subject": o.subject}
+        match = " AND ".join(f"{k} = :{k}" for k in key)
+        row = db.one(f"SELECT * FROM {HEALTH_EPISODES_TABLE} WHERE {match}", key)  # noqa: S608
+        step = step_episode(_episode(row), o.firing, o.at, o.clear_after or self.config.clear_windows,
+                            o.members)
+        if step.ended:
+            db.execute(f"DELETE FROM {HEALTH_EPISODES_TABLE} WHERE {match}", key)  # noqa: S608
+            log_event(log, "alert.episode_closed", logging.INFO, **key)
+        if step.episode is None:
+            return []
+        ep, fired = step.episode, []
+        if step.opened or step.escalated:
+            new = f"; new: {', '.join(sorted(step.escalated))}" if step.escalated else ""
+            alert = self._persist(db, Alert(
+                o.kind, o.model, o.version, o.cohort, o.subject, o.statistic, o.value, o.threshold, o.at,
+                o.window_s, ep.consecutive, list(o.devices), len(o.devices), self._clock(),
+                episode=ep.alert_id, escalation=ep.escalations if step.escalated else 0,
+                features=sorted(o.members), baseline=o.baseline, detail=o.detail + new,
+                evidence=dict(o.evidence)))
+            fired.append(alert)
+            if step.opened:
+                ep = replace(ep, alert_id=alert.id)
+        db.upsert(HEALTH_EPISODES_TABLE, key | _episode_row(ep), key=tuple(key))
+        return fired
+
+    def open_episodes(self, kind: str) -> list[dict[str, Any]]:
+        """The open episodes of a non-drift kind (subject, model, version, cohort, members)."""
+        with self._lock, self.database.read() as db:
+            rows = db.query(f"SELECT * FROM {HEALTH_EPISODES_TABLE} WHERE kind = :kind "  # noqa: S608
+                            "ORDER BY model, version, cohort, subject", {"kind": kind})
+        return [{**r, "members": json.loads(r["members"] or "[]")} for r in rows]
+
+    # -- persistence and delivery -------------------------------------------------------------
+    def _persist(self, db: Db, a: Alert) -> Alert:
+        """Insert the alert (inside the caller's transaction); it names its own episode when it
+        opened one."""
+        rec = asdict(a)
+        rec.pop("id")
+        rec.update(devices=json.dumps(a.devices), features=json.dumps(a.features),
+                   evidence=json.dumps(a.evidence), episode=a.episode, delivered=0, delivery_error="")
+        alert_id = db.insert_id(ALERTS_TABLE, rec)
+        if a.episode is None:  # it opened its episode: the episode is named after it
+            db.execute(f"UPDATE {ALERTS_TABLE} SET episode = :id WHERE id = :id", {"id": alert_id})  # noqa: S608
+        row = db.one(f"SELECT * FROM {ALERTS_TABLE} WHERE id = :id", {"id": alert_id})  # noqa: S608
+        assert row is not None
+        return self._from_row(row)
 
     def _deliver(self, alert: Alert) -> bool:
-        body = asdict(alert)
-        errors: list[str] = []
-        if self.config.webhook_url:
-            try:
-                client = self._http or httpx.Client(timeout=self.config.webhook_timeout_s)
-                try:
-                    timeout = self.config.webhook_timeout_s
-                    resp = client.post(self.config.webhook_url, json=body, timeout=timeout)
-                    if resp.status_code >= 300:
-                        errors.append(f"webhook answered {resp.status_code}")
-                finally:
-                    if self._http is None:
-                        client.close()
-            except httpx.HTTPError as exc:
-                errors.append(f"webhook: {type(exc).__name__}: {exc}")
-        if self.config.command:
-            try:
-                done = subprocess.run(list(self.config.command), input=json.dumps(body), text=True,
-                                      capture_output=True, timeout=self.config.command_timeout_s, check=False)
-                if done.returncode != 0:
-                    errors.append(f"command exited {done.returncode}: {done.stderr[-200:]}")
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                errors.append(f"command: {type(exc).__name__}: {exc}")
+        errors = deliver(asdict(alert), self.config.webhook_url, self.config.command,
+                         self.config.webhook_timeout_s, self.config.command_timeout_s, self._http)
         error = "; ".join(errors)
         assert alert.id is not None, "alerts are persisted before delivery"
         with self.database.tx() as db:
             db.execute(f"UPDATE {ALERTS_TABLE} SET delivered = :delivered, delivery_error = :error "  # noqa: S608
                        "WHERE id = :id", {"delivered": int(not errors), "error": error, "id": alert.id})
-        log_event(log, f"drift.alert.{alert.kind}", subject=alert.subject, model=alert.model,
-                  version=alert.version, cohort=alert.cohort, delivered=not errors, error=error)
+        log_event(log, f"alert.{alert.kind}", subject=alert.subject, model=alert.model, version=alert.version,
+                  cohort=alert.cohort, escalation=alert.escalation, delivered=not errors, error=error)
         return not errors
 
     def redeliver(self) -> int:
@@ -259,7 +313,7 @@ class AlertManager:
     @staticmethod
     def _from_row(r: dict[str, Any]) -> Alert:
         fields = {k: r[k] for k in Alert.__dataclass_fields__}
-        fields["devices"] = json.loads(r["devices"])
+        fields.update(_decoded(r))
         return Alert(**fields)
 
     def delivery_state(self, alert_id: int) -> tuple[bool, str]:
@@ -320,13 +374,13 @@ class AlertManager:
             except Conflict as exc:  # another fleet process acknowledged it in between
                 raise Conflict(f"alert {alert_id} was already acknowledged") from exc
             after = self.get(alert_id)
-        log_event(log, "drift.alert.acked", alert_id=alert_id, actor=actor)
+        log_event(log, "alert.acked", alert_id=alert_id, actor=actor)
         return before, after
 
     @staticmethod
     def _public(r: dict[str, Any]) -> dict[str, Any]:
         out = dict(r)
-        out["devices"] = json.loads(out["devices"])
+        out.update(_decoded(r))
         out["delivered"] = bool(out["delivered"])
         return out
 

@@ -7,7 +7,8 @@ QoS 1 redelivers) and merged into one sketch per (model, version, cohort, window
 the window is `window_s` seconds of device time (the report's `interval_end`, clamped to
 the server clock). Merged windows are buffered in memory and written in batches (one
 transaction per `flush`, which also adds each device's totals: fleet/telemetry/device_totals.py,
-since A/B experiments judge by device) through the fleet's database layer (`fleet.db`: its own
+since A/B experiments judge by device, and the serving figures /metrics and the health watch
+read: fleet/telemetry/serving.py) through the fleet's database layer (`fleet.db`: its own
 SQLite file, WAL, by default; the fleet's PostgreSQL database with `--database`).
 
 Several ingest workers (a shared subscription, docs/scaling.md) may each get a copy of the same
@@ -58,6 +59,8 @@ from fleet.db.database import Database
 from fleet.db.session import Db
 from fleet.db.sql import upsert_statement
 from fleet.errors import FleetInputError, FleetMisuseError
+from fleet.telemetry import serving
+from fleet.telemetry.alert_rules import ServingSample
 from fleet.telemetry.device_totals import DeviceTotalsTable, DeviceVersionTotals
 from fleet.telemetry.drift import DriftReport, DriftThresholds, Method, report_drift
 
@@ -306,6 +309,8 @@ class TelemetryStore:
                                 reports += stored[1]
                                 devices |= set(json.loads(stored[2]))
                                 kll.merge(kll_floats_sketch.deserialize(stored[3]))
+                        serving.write_window(db, (model, version, cohort, start), w.report, report,
+                                             len(devices), now)
                         listed = sorted(devices)[:MAX_WINDOW_DEVICES]
                         rows.append({
                             "model": model, "version": version, "cohort": cohort, "window_start": start,
@@ -392,6 +397,20 @@ class TelemetryStore:
         self.flush()
         with self._lock, self.database.read() as db:
             return self._device_totals.query(db, model, version, since)
+
+    def serving_totals(self, updated_since: float, limit: int) -> list[serving.ServingTotals]:
+        """Serving figures per (model, version, cohort) since the store began, of the `limit`
+        keys written most recently at or after `updated_since` (flushes first; /metrics)."""
+        self.flush()
+        with self._lock, self.database.read() as db:
+            return serving.totals(db, updated_since, limit)
+
+    def serving_samples(self, since: float, until: float) -> dict[tuple[str, str], list[ServingSample]]:
+        """(model, cohort) -> per-version serving figures of the windows starting in [since,
+        until) (flushes first; the health watch's regression rules)."""
+        self.flush()
+        with self._lock, self.database.read() as db:
+            return serving.samples(db, since, until)
 
     def drift(
         self, model: str, version: str, cohort: str | None = None,

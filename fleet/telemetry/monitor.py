@@ -12,6 +12,9 @@ window's verdict per key is kept for the Prometheus drift gauges (`snapshot()`).
 Reference profiles come from the published bundles (`BundleProfiles`: version row -> TUF
 target -> bundle manifest), cached because versions are immutable.
 
+Each cycle also runs the health watch (fleet/telemetry/health.py: error-rate and latency
+regressions, devices offline, rollouts stopped by a gate) into the same alert manager.
+
 The monitor also times telemetry ingest (`ingest(device_id, payload)`, `IngestTimer`), so the
 publisher's telemetry callback can go through it; `/metrics` exports the timer's histogram.
 The background cycle is a job of a `fleet.periodic.PeriodicRunner`.
@@ -39,12 +42,15 @@ from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
 from agent.errors import EdgefleetError
 from agent.logs import log_event
+from fleet.db.session import DatabaseError
 from fleet.errors import FleetError
 from fleet.periodic import PeriodicRunner
 from fleet.settings import FleetSettings, TelemetrySettings
 from fleet.store import Store
+from fleet.telemetry.alert_rules import RegressionRule
 from fleet.telemetry.alerts import Alert, AlertConfig, AlertManager
 from fleet.telemetry.drift import DriftReport, report_drift
+from fleet.telemetry.health import HealthConfig, HealthWatch
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.performance import PerformanceSummary, summarize
 from fleet.trust.keys import KeyStore
@@ -157,8 +163,10 @@ class DriftMonitor:
         config: TelemetrySettings | None = None,
         clock: Callable[[], float] = time.time,
         owns_alerts: bool = True,
+        health: HealthWatch | None = None,
     ) -> None:
         self.telemetry = telemetry
+        self.health = health
         self.alerts = alerts
         self.profiles = profiles
         self.config = config or TelemetrySettings()
@@ -217,6 +225,12 @@ class DriftMonitor:
                 if series + gauge.series <= cfg.max_drift_series:
                     gauges[(model, version, cohort)] = gauge
                     series += gauge.series
+            if self.health is not None:
+                try:
+                    fired += self.health.run_once()
+                except (EdgefleetError, DatabaseError) as exc:  # a bad row, a locked store: retried
+                    self.evaluation_errors += 1
+                    log_event(log, "health.cycle_failed", logging.WARNING, error=str(exc))
             redelivered = self.alerts.redeliver()
             with self._lock:
                 self._gauges = gauges
@@ -285,7 +299,15 @@ def alert_config(settings: TelemetrySettings) -> AlertConfig:
     """The `AlertConfig` the settings describe."""
     return AlertConfig(persist_windows=settings.persist_windows, webhook_url=settings.webhook_url,
                        command=tuple(settings.command), webhook_timeout_s=settings.webhook_timeout_s,
-                       command_timeout_s=settings.command_timeout_s)
+                       command_timeout_s=settings.command_timeout_s, clear_windows=settings.clear_windows)
+
+
+def health_config(settings: TelemetrySettings) -> HealthConfig:
+    """The `HealthConfig` the settings describe."""
+    rule = RegressionRule(min_requests=settings.min_requests, max_error_increase=settings.max_error_increase,
+                          max_latency_ratio=settings.max_latency_ratio)
+    return HealthConfig(window_s=settings.health_window_s, settle_s=settings.settle_s, rule=rule,
+                        offline_after_s=settings.offline_after_s, gate_alerts=settings.gate_alerts)
 
 
 def build_drift_monitor(settings: FleetSettings, store: Store, telemetry: TelemetryStore,
@@ -297,4 +319,6 @@ def build_drift_monitor(settings: FleetSettings, store: Store, telemetry: Teleme
     now = clock or time.time
     alerts = AlertManager(settings.alerts_database, alert_config(settings.telemetry), clock=now)
     repo = repository or Repository(settings.repo_dir, KeyStore(settings.keys_dir))
-    return DriftMonitor(telemetry, alerts, BundleProfiles(store, repo), settings.telemetry, clock=now)
+    health = HealthWatch(telemetry, alerts, store, health_config(settings.telemetry), clock=now)
+    return DriftMonitor(telemetry, alerts, BundleProfiles(store, repo), settings.telemetry, clock=now,
+                        health=health)

@@ -41,7 +41,7 @@ from fleet.telemetry.monitor import DriftMonitor
 from tests.support.broker import Broker, free_port
 from tests.support.fakes import DIGEST, FakeClock
 from tests.support.postgres import Backend
-from tests.support.telemetry import MLP_FEATURES, column_shift, encoded_reports, mlp_outputs, publish_mlp
+from tests.support.telemetry import MLP_FEATURES, T0, column_shift, encoded_reports, mlp_outputs, publish_mlp
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "edgefleet-dashboard.json"
 PREFIX = "ef-metrics"
@@ -170,6 +170,21 @@ def test_scrape_shows_fleet_rollouts_telemetry_drift_alerts_publisher_and_api(se
     assert _value(fam, "edgefleet_alerts_total", kind="drift", cohort="b") >= 2
     assert _value(fam, "edgefleet_alerts_undelivered", kind="drift") == 0  # no webhook: nothing to deliver
 
+    # model serving, per version x cohort (the reports: 1 request of 2 ms each, no RSS measured)
+    key = {"model": "mlp", "version": "1.0.0", "cohort": "b"}
+    assert _value(fam, "edgefleet_model_requests_total", **key) == REPORTS
+    assert _value(fam, "edgefleet_model_errors_total", **key) == 0
+    assert _value(fam, "edgefleet_model_rejected_total", **key) == 0
+    assert _value(fam, "edgefleet_model_latency_seconds_count", **key) == REPORTS
+    assert _value(fam, "edgefleet_model_latency_seconds_sum", **key) == pytest.approx(REPORTS * 0.002)
+    buckets = {float(lab["le"]): v for lab, v in _samples(fam, "edgefleet_model_latency_seconds_bucket")}
+    assert buckets[0.002048] == REPORTS and buckets[0.001024] == 0 and buckets[math.inf] == REPORTS
+    assert _value(fam, "edgefleet_model_devices_reporting", **key) == 2
+    assert _value(fam, "edgefleet_model_rss_max_bytes", **key) == 0
+    assert _value(fam, "edgefleet_model_cpu_seconds_total", **key) == 0
+    assert _value(fam, "edgefleet_model_devices", bundle="none", online="true") == 1
+    assert not [lab for lab, _ in _samples(fam, "edgefleet_model_requests_total") if "device" in lab]
+
     assert _value(fam, "edgefleet_publisher_chunks_total") >= 1
     assert _value(fam, "edgefleet_publisher_bytes_total") >= 100
     assert _value(fam, "edgefleet_publisher_refusals_total", status="404") >= 1
@@ -290,4 +305,41 @@ def test_rollout_series_cover_unfinished_and_recent_finished_rollouts(backend: B
     assert {lab["outcome"]: v for lab, v in _samples(fam, "edgefleet_rollout_outcomes")} == {
         "succeeded": 1, "install_failed": 1}
     assert not _samples(fam, "edgefleet_telemetry_reports_total")  # no ingest in this process
+    store.close()
+
+
+@pytest.mark.integration
+def test_serving_series_are_per_version_and_cohort_bounded_and_exact_across_a_restart(
+        backend: Backend, tmp_path: Path) -> None:
+    store = Store(backend.location("fleet.db"))
+    profile = publish_mlp(FleetSettings(data_dir=tmp_path / "fleet"), store, "1.0.0", tmp_path)
+    clock = FakeClock(T0 + 10_000)
+    telemetry = TelemetryStore(backend.location("telemetry.db"), clock=clock)
+    for i, cohort in enumerate(("a", "b", "c")):  # 3 devices each: series per cohort, not per device
+        clock.advance(10)  # written in this order: c is the most recent key
+        for payload in encoded_reports(profile, "mlp", "1.0.0", cohort, 3, [0.0, 0.0], mlp_outputs, seed=i):
+            assert telemetry.ingest(payload) == "accepted"
+        telemetry.flush()
+
+    def scrape(limit: int) -> list[Any]:
+        sources = MetricSources(store=store, telemetry=telemetry, max_serving_series=limit, clock=clock)
+        return list(text_string_to_metric_families(FleetMetrics(lambda api: sources).render().decode()))
+
+    fam = scrape(500)
+    counted = {lab["cohort"]: v for lab, v in _samples(fam, "edgefleet_model_requests_total")}
+    assert counted == {"a": 6, "b": 6, "c": 6}  # 3 devices x 2 windows, one request each
+    latency = _samples(fam, "edgefleet_model_latency_seconds_count")
+    assert {lab["cohort"] for lab, _ in latency} == {"a", "b", "c"}
+    capped = scrape(2)
+    assert {lab["cohort"] for lab, _ in _samples(capped, "edgefleet_model_requests_total")} == {"b", "c"}
+    # a replayed report adds nothing; a restarted store reads the same totals back
+    again = encoded_reports(profile, "mlp", "1.0.0", "a", 3, [0.0, 0.0], mlp_outputs, seed=0)[0]
+    assert telemetry.ingest(again) == "duplicate"
+    telemetry.close()
+    telemetry = TelemetryStore(backend.location("telemetry.db"), clock=clock)
+    assert {lab["cohort"]: v for lab, v in _samples(scrape(500), "edgefleet_model_requests_total")} == counted
+    # hours later, nothing was heard from these keys: they leave the exposition
+    clock.advance(2 * 86_400)
+    assert not _samples(scrape(500), "edgefleet_model_requests_total")
+    telemetry.close()
     store.close()

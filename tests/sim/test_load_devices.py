@@ -60,8 +60,9 @@ def test_two_hundred_load_devices_follow_a_canary_to_the_end(mosquitto: Broker, 
         assert service.store.rollouts.get(rid).state.value == "completed"
         assert all(d.applied == ["loadmlp-2.0.0"] for d in fleet.devices)  # each committed once
         with service.store.read() as db:
-            rows = db.execute("SELECT outcome, COUNT(*) FROM rollout_progress WHERE rollout_id = ? "
-                              "GROUP BY outcome", [rid]).fetchall()
+            rows = [tuple(r) for r in db.execute(
+                "SELECT outcome, COUNT(*) FROM rollout_progress WHERE rollout_id = :id GROUP BY outcome",
+                {"id": rid}).fetchall()]
             events = db.execute("SELECT COUNT(*), COUNT(handled_at) FROM device_events").fetchone()
         assert rows == [("succeeded", len(ids))]
         assert events[0] == events[1] >= 2 * len(ids)  # accepted + committed, each stored and applied once

@@ -15,6 +15,7 @@ from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.settings import FleetSettings, Limits
 from fleet.store import Store
+from fleet.telemetry.alerts import AlertManager, Observation
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, build_drift_monitor
 from fleet.trust.keys import KeyStore
@@ -189,6 +190,10 @@ def test_alerts_triggers_and_acknowledgement(world: World) -> None:
     assert {t["id"] for t in triggers} == {a["id"] for a in alerts if a["kind"] == "retrain"}
     drift_b = world.get("/v1/alerts", kind="drift", cohort="b", subject="feat3")["items"]
     assert len(drift_b) == 1 and drift_b[0]["acked_at"] is None
+    # each alert names its episode; the dataset alert of c names every drifted feature
+    (dataset_c,) = world.get("/v1/alerts", kind="drift", cohort="c", subject="dataset")["items"]
+    assert dataset_c["episode"] == dataset_c["id"] and dataset_c["escalation"] == 0
+    assert dataset_c["features"] == sorted(MLP_FEATURES) and dataset_c["baseline"] == ""
 
     target = triggers[0]["id"]
     url = f"/v1/alerts/{target}/ack"
@@ -217,3 +222,37 @@ def test_every_telemetry_route_needs_a_key(world: World) -> None:
         res = world.client.get(url)
         assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer", url
         assert world.client.get(url, headers={"Authorization": "Bearer efk_nope"}).status_code == 401
+
+
+@pytest.mark.integration
+def test_alerts_beyond_drift_are_listed_filtered_and_acknowledged(tmp_path: Any) -> None:
+    settings = FleetSettings(data_dir=tmp_path / "fleet")
+    store = Store(settings.db_path, clock=FakeClock())
+    operator = create_api_key(store, "operator", "operator", "test")[1]
+    alerts = AlertManager(settings.alerts_db_path, clock=lambda: T0)
+    evidence = {"candidate_failure_rate": 0.2, "baseline_failure_rate": 0.01, "z": float("inf")}
+    alerts.observe([
+        Observation("error_rate", "error_rate", True, T0, "mlp", "2.0.0", "eu", "failure_rate", 0.2, 0.03,
+                    baseline="1.0.0", detail="2.0.0 fails 20%", evidence=evidence),
+        Observation("offline", "devices", True, T0, statistic="offline_s", value=901.0, threshold=900.0,
+                    members=("d1", "d2"), devices=("d1", "d2"))])
+    alerts.observe([Observation("offline", "devices", True, T0 + 60, members=("d1", "d2", "d3"),
+                                devices=("d1", "d2", "d3"))])
+    alerts.close()
+    h = {"Authorization": f"Bearer {operator}"}
+    with TestClient(create_app(settings, store), raise_server_exceptions=False) as client:
+        listed = client.get("/v1/alerts", headers=h).json()["items"]
+        assert [(a["kind"], a["escalation"]) for a in listed] == [
+            ("offline", 1), ("offline", 0), ("error_rate", 0)]
+        escalated, offline, regression = listed
+        assert escalated["episode"] == offline["id"] and escalated["features"] == ["d1", "d2", "d3"]
+        assert escalated["detail"].endswith("new: d3")
+        assert regression["baseline"] == "1.0.0"
+        assert regression["evidence"]["z"] is None  # inf: not a JSON number
+        assert regression["evidence"]["candidate_failure_rate"] == 0.2
+        only = client.get("/v1/alerts", params={"kind": "offline"}, headers=h).json()["items"]
+        assert [a["id"] for a in only] == [escalated["id"], offline["id"]]
+        assert client.get("/v1/alerts", params={"kind": "bogus"}, headers=h).status_code == 422
+        acked = client.post(f"/v1/alerts/{regression['id']}/ack", json={"note": "rolled back"}, headers=h)
+        assert acked.status_code == 200 and acked.json()["kind"] == "error_rate"
+    store.close()

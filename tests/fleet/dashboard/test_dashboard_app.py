@@ -25,6 +25,7 @@ from fleet.dashboard.sessions import SessionStore
 from fleet.rollouts.records import GateBreach, RolloutRecords
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
+from fleet.telemetry.alerts import AlertManager, Observation
 from fleet.telemetry.drift import FeatureDrift
 from simulators.cli import demo_command
 from tests.support.postgres import Backend
@@ -197,6 +198,32 @@ def test_every_page_renders_the_stores_records(service: FleetService) -> None:
     page("/ui/audit?action=rollout.promote", rid)
     page("/ui/alerts", "No alerts")
     page("/ui/drift", "none yet")
+
+
+@pytest.mark.integration
+def test_a_rolled_back_rollout_and_alerts_beyond_drift_are_shown_as_such(service: FleetService) -> None:
+    store = service.store
+    rid = _rollout(service)
+    store.rollouts.set_state(rid, "running", 0, "controller")
+    store.rollouts.set_state(rid, "rolling_back", 0, "controller", "rollback by op: regret")
+    store.rollouts.set_state(rid, "rolled_back", 0, "controller", "1 devices back on their previous bundle")
+    alerts = AlertManager(service.settings.alerts_database)
+    alerts.observe([Observation("offline", "devices", True, 1.0, members=("d1",), devices=("d1",),
+                                detail="1 devices offline for more than 900 s")])
+    alerts.observe([Observation("offline", "devices", True, 2.0, members=("d1", "d2"), devices=("d1", "d2"),
+                                detail="2 devices offline for more than 900 s")])
+    alerts.close()
+    client = TestClient(service.app)
+    _login(client, create_api_key(store, "op", "operator", "test")[1])
+    listing = client.get("/ui/rollouts?state=rolled_back")
+    assert listing.status_code == 200 and rid in listing.text and "state-rolled_back" in listing.text
+    detail = client.get(f"/ui/rollouts/{rid}").text
+    assert "rolled_back" in detail and "rollback by op: regret" in detail
+    assert not re.search(r'data-action="(pause|abort|rollback|promote)"', detail)  # terminal: no actions
+    page = client.get("/ui/alerts?kind=offline")
+    assert page.status_code == 200 and "devices offline for more than 900 s" in page.text
+    assert 'data-escalation="1"' in page.text and "new: d2" in page.text
+    assert client.get("/ui/alerts?kind=bogus").status_code in (400, 422)
 
 
 @pytest.mark.unit

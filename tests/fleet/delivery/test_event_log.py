@@ -77,7 +77,7 @@ def test_a_tampered_stored_event_is_skipped_not_fatal(tmp_path: Path) -> None:
     log = EventLog(store)
     log.record("d1", _event(1, 0))
     with store.tx() as db:
-        db.execute("UPDATE device_events SET payload = ? WHERE seq = 0", [b"{not json"])
+        db.execute("UPDATE device_events SET payload = :p WHERE seq = 0", {"p": b"{not json"})
     assert log.open_events() == []  # skipped and marked handled (token -1)
     with store.read() as db:
         assert db.execute("SELECT handled_token FROM device_events").fetchone()[0] == -1

@@ -188,7 +188,15 @@ def test_promote_skips_the_bake_and_rollback_works_after_completion(world: World
     assert {world.pub.last_target(d) for d in "abcd"} == {V1}
     world.commit_all(list("abcd"), V1)
     world.ctl.tick()
-    assert world.state(rid)[0] == "aborted"
+    assert world.state(rid)[0] == "rolled_back"  # recorded as a rollback, not an abort
+    st = world.store.rollouts.get(rid)
+    assert st.history[-1]["event"] == "state:rolled_back"
+    assert any(h.get("note") == "rollback by op: regret" for h in st.history)
+    ends = [e.after for e in world.store.audit.list(None, 100, action="rollout.state",
+                                                    resource=f"rollouts/{rid}").items]
+    assert [a["state"] for a in ends if a["state"] in ("rolled_back", "aborted")] == ["rolled_back"]
+    with pytest.raises(Conflict, match="rolled_back"):
+        records.command(rid, "rollback", "op")  # terminal: nothing reopens it
 
 
 def test_a_restarted_controller_resumes_from_the_store(world: World) -> None:
@@ -407,3 +415,36 @@ def test_shadow_agreement_survives_a_controller_restart(world: World) -> None:
     shadow(restarted, 0.7, 2)  # 200 rows compared in all: (100 x 1.0 + 100 x 0.7) / 200
     ro = world.store.rollouts.get(rid)
     assert ro.state == "paused" and "shadow agreement 0.850" in ro.history[-1]["note"]
+
+
+def test_a_rollback_cut_by_a_restart_still_ends_rolled_back_and_an_abort_aborted(world: World) -> None:
+    world.enroll("a", "b")
+    back = world.rollout({"kind": "all_at_once", "bake_s": 0}, selector="env=prod")
+    world.ctl.tick()
+    world.commit_all(["a", "b"])
+    world.ctl.tick()
+    assert world.state(back)[0] == "completed"
+    RolloutRecords(world.store).command(back, "rollback", "op", "regret")
+    world.ctl.tick()
+    assert world.state(back)[0] == "rolling_back"
+    assert RolloutRecords(world.store).runtime(back).final_state == "rolled_back"  # persisted on entry
+    # the fleet process dies mid-revert: the new controller reads how the phase began
+    world.store.close()
+    world.store = Store(world.location, clock=world.clock)
+    world.ctl = world.new_controller()
+    world.ctl.tick()
+    world.commit_all(["a", "b"], V1)
+    world.ctl.tick()
+    assert world.state(back)[0] == "rolled_back"
+    assert world.store.rollouts.list(None, 10, "rolled_back").items[0].id == back
+    # the same work begun by an abort is recorded as an abort
+    world.enroll("c")
+    stop = world.rollout({"kind": "all_at_once", "bake_s": 0}, selector="env=prod")
+    world.ctl.tick()
+    world.store.rollouts.request(stop, "abort", "op")
+    world.ctl.tick()
+    assert RolloutRecords(world.store).runtime(stop).final_state == "aborted"
+    world.ctl.tick()
+    world.commit_all(["a", "b", "c"], V1)
+    world.ctl.tick()
+    assert world.state(stop)[0] == "aborted"

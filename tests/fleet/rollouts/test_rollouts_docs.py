@@ -26,5 +26,7 @@ def test_the_diagram_has_every_edge_and_ends_in_the_terminal_states() -> None:
     assert diagram.startswith("stateDiagram-v2\n    [*] --> pending\n")
     assert "    completed --> rolling_back: rollback_requested" in diagram
     assert "    running --> rolling_back: gate_breach_abort, abort_requested, rollback_requested" in diagram
-    assert diagram.endswith("    aborted --> [*]\n    failed --> [*]\n    cancelled --> [*]")
+    assert diagram.endswith(
+        "    aborted --> [*]\n    rolled_back --> [*]\n    failed --> [*]\n    cancelled --> [*]")
     assert "| `rolling_back` | `revert_finished` | `aborted` |" in table
+    assert "| `rolling_back` | `rollback_finished` | `rolled_back` |" in table

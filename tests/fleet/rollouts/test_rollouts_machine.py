@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import pytest
 
+from fleet.cli.rollouts import STATES as CLI_STATES
 from fleet.errors import FleetMisuseError
 from fleet.rollouts.gates import OutcomeCounts, VersionMetrics
 from fleet.rollouts.machine import (
     FINISHED_STATES,
     INITIAL_STATE,
+    REVERT_END,
     TERMINAL_STATES,
     TRANSITIONS,
     Command,
@@ -29,6 +31,7 @@ from fleet.rollouts.machine import (
     decide_operator,
     decide_revert_end,
     judge_stage,
+    revert_final_state,
     run_events,
     transition,
 )
@@ -65,13 +68,14 @@ def test_every_unfinished_state_has_a_path_to_a_terminal_state() -> None:
 
 @pytest.mark.unit
 def test_terminal_states_have_no_transitions_and_the_store_agrees() -> None:
-    assert {S.ABORTED, S.FAILED, S.CANCELLED} == TERMINAL_STATES
+    assert {S.ABORTED, S.ROLLED_BACK, S.FAILED, S.CANCELLED} == TERMINAL_STATES
     assert all(src not in TERMINAL_STATES for src, _ in TRANSITIONS)
     assert TERMINAL_STATES | {S.COMPLETED} == FINISHED_STATES
     # what the API and the metrics call states and finished states is the machine's
-    assert STATES == ("pending", "running", "paused", "rolling_back", "completed", "aborted", "failed",
-                      "cancelled", "awaiting_approval")
+    assert STATES == ("pending", "running", "paused", "rolling_back", "completed", "aborted", "rolled_back",
+                      "failed", "cancelled", "awaiting_approval")
     assert set(STORE_FINISHED) == {s.value for s in FINISHED_STATES}
+    assert CLI_STATES == STATES  # `rollouts list --state` offers exactly these
 
 
 @pytest.mark.unit
@@ -122,7 +126,7 @@ def test_intent_cancel_first_then_start_abort_rollback_or_the_phase() -> None:
     assert reopen.note == "rollback by op: why"
     assert decide_intent(_snap(S.PAUSED, Desired.ABORT)).events == (E.ABORT_REQUESTED,)
     both = decide_intent(_snap(S.RUNNING, Desired.ABORT, rollback=OP))
-    assert (both.events, both.consumes, both.note) == ((E.ROLLBACK_REQUESTED,), OP, "abort by op")
+    assert (both.events, both.consumes, both.note) == ((E.ROLLBACK_REQUESTED,), OP, "rollback by op: why")
     assert decide_intent(_snap(S.PAUSED, Desired.PAUSE, promote=OP)).work is Work.FORWARD
 
 
@@ -172,6 +176,25 @@ def test_the_rollback_phase_ends_once_every_device_has_a_revert_outcome() -> Non
     end = decide_revert_end(["reverted", "revert_failed", "skipped", "reverted"])
     assert end.events == (E.REVERT_FINISHED,)
     assert end.note == "2 devices back on their previous bundle, 1 failed to return"
+    # the phase ends the way it began: a rollback as a rollback, an abort (or a phase recorded
+    # before `rolled_back` existed, with no final state) as an abort
+    assert decide_revert_end(["reverted"], "rolled_back").events == (E.ROLLBACK_FINISHED,)
+    assert decide_revert_end(["reverted"], "aborted").events == (E.REVERT_FINISHED,)
+    assert decide_revert_end(["reverted"], None).events == (E.REVERT_FINISHED,)
+    assert decide_revert_end(["reverted"], "bogus").events == (E.REVERT_FINISHED,)
+
+
+@pytest.mark.unit
+def test_where_a_rollback_phase_ends_depends_on_the_event_that_entered_it() -> None:
+    assert revert_final_state([E.ROLLBACK_REQUESTED]) is S.ROLLED_BACK
+    assert revert_final_state([E.ABORT_REQUESTED]) is S.ABORTED
+    assert revert_final_state([E.GATE_BREACH_ABORT]) is S.ABORTED
+    assert revert_final_state([E.APPROVAL_TIMEOUT_ABORT]) is S.ABORTED
+    assert revert_final_state([E.PAUSE_REQUESTED, E.STAGE_ADVANCED]) is None
+    # every event that enters the rollback phase says how it ends, and both ends are terminal
+    entering = {e for (src, e), dst in TRANSITIONS.items() if dst is S.ROLLING_BACK}
+    assert entering == set(REVERT_END)
+    assert {transition(S.ROLLING_BACK, e) for e in REVERT_END.values()} == {S.ABORTED, S.ROLLED_BACK}
 
 
 # -- the controller only moves through the table ------------------------------------------------
@@ -212,7 +235,7 @@ def test_the_controller_fires_every_pair_of_the_table_and_nothing_else(world: Wo
     world.ctl.tick()
     world.commit_all(["a1", "a2"], V1)
     world.ctl.tick()
-    assert world.state(rid)[0] == "aborted"
+    assert world.state(rid)[0] == "rolled_back"
     # pause, promote while paused, resume, a gate pause, abort while paused, cancel while rolling back
     rid = world.rollout({"kind": "canary", "stages": [25, 50, 100], "bake_s": 3600, "device_timeout_s": 300},
                         selector=_group(world, "b", "b1", "b2", "b3", "b4"))

@@ -1,0 +1,227 @@
+"""The Python client of the agent's local inference API (Unix socket), for applications on the gateway.
+
+Why a module of its own at the top of `agent`: an application imports this and nothing of the
+daemon. It needs numpy and the agent's error classes; predict requests go as binary EFB1
+frames (`agent.serving.wire`: fixed header, raw tensors, one `sendmsg`, replies received into
+a reused buffer), the rare JSON operations (model, health, feedback) as EFI1 frames on the same
+connection. Error replies become the agent's errors (`InputValidationError`, ...), so
+`except InputValidationError` works the same in-process and over the socket. Not thread-safe:
+one client per thread (the server runs each connection on its own thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from agent.errors import MessageError, TransportError
+from agent.serving import wire
+from agent.serving.api import FRAME, MAGIC, ApiLimits, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.wire import raise_for_error
+
+__all__ = ["InferenceClient", "raise_for_error"]
+
+
+#: How long a client polls for its reply before sleeping in `recv`, by default (0 = always
+#: sleep). Polling cuts a round trip by a third on an idle machine (waking a sleeping thread
+#: costs more than the request, see "Where the time goes" in docs/inference-api.md) but
+#: costs the server CPU on a busy one, and many polling threads of one process on few cores
+#: lower throughput: opt in per client (`spin_us=300`) for a latency-critical caller.
+DEFAULT_SPIN_US = 0.0
+POLLING_SPIN_US = 300.0
+
+
+class InferenceClient:
+    """One persistent connection to the Unix-socket API. Transport failures raise `TransportError`.
+
+    `spin_us`: poll this long for a reply before blocking (see `DEFAULT_SPIN_US`).
+    """
+
+    def __init__(
+        self, path: Path | str, timeout: float = 10.0, limits: ApiLimits | None = None,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
+        self.path = str(path)
+        self.spin_us = spin_us
+        self.timeout = timeout
+        self.limits = limits or ApiLimits(max_body_bytes=1 << 30, max_header_bytes=1 << 24)
+        self._sock: socket.socket | None = None
+        self._reader: wire.FrameReader | None = None
+        self.last_model: dict[str, Any] = {}
+        self._last_ids: tuple[str, int] = ("", 0)
+        self._heads: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+
+    @property
+    def last_prediction_ids(self) -> list[str]:
+        """Prediction ids of the last predict's rows, in row order (empty when not tracked).
+
+        The reply carries the first id and a count (ids of a batch are consecutive); the list
+        is built only when asked for.
+        """
+        return wire.expand_ids(*self._last_ids)
+
+    def _connect(self) -> tuple[socket.socket, wire.FrameReader]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot connect to {self.path}: {exc}") from exc
+        sock.settimeout(None)
+        wire.set_kernel_timeouts(sock, self.timeout)
+        self._sock, self._reader = sock, wire.FrameReader(sock, spin_us=self.spin_us)
+        return sock, self._reader
+
+    def _fill(self, rd: wire.FrameReader, n: int) -> None:
+        try:
+            ok = rd.fill(n)
+        except MessageError:
+            ok = False
+        if not ok:
+            self.close()
+            raise TransportError("the server closed the connection mid-reply")
+
+    @staticmethod
+    def _send(sock: socket.socket, parts: list[Any], total: int) -> None:
+        # The server may have answered (busy, too large) and closed: the reply is read anyway.
+        with contextlib.suppress(OSError):
+            sent = sock.sendmsg(parts)
+            if sent < total:
+                sock.sendall(b"".join(bytes(p) for p in parts)[sent:])
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Outputs by name for `inputs` (arrays or nested lists, batch on axis 0)."""
+        arrays = {
+            k: v if type(v) is np.ndarray and v.flags.c_contiguous else np.ascontiguousarray(v)
+            for k, v in inputs.items()
+        }
+        key = tuple((k, a.dtype, a.shape) for k, a in arrays.items())
+        cached = self._heads.get(key)
+        if cached is None:  # header + descriptors: the same for every request of this layout
+            desc = wire.describe(arrays)
+            payload_len = sum(a.nbytes for a in arrays.values())
+            pre = wire.HEADER.pack(
+                wire.MAGIC, wire.KIND_PREDICT, 0, 0, len(arrays), 0, 0, len(desc), payload_len
+            ) + desc
+            if len(self._heads) >= 64:
+                self._heads.clear()
+            cached = self._heads[key] = (pre, len(pre) + payload_len)
+        pre, total = cached
+        sock, rd = (self._sock, self._reader) if self._sock is not None and self._reader else self._connect()
+        try:
+            self._send(sock, [pre, *(a.data for a in arrays.values())], total)
+            if rd.end - rd.start < 4:
+                self._fill(rd, 4)
+            if rd.buf[rd.start:rd.start + 4] != wire.MAGIC:
+                self._json_reply(rd)  # busy / refused before the frame was understood: raises
+                raise TransportError("the server answered a predict frame with a JSON frame")
+            return self._binary_reply(rd)
+        except OSError as exc:
+            self.close()
+            raise TransportError(f"inference socket failed: {exc}") from exc
+
+    def _binary_reply(self, rd: wire.FrameReader) -> dict[str, np.ndarray]:
+        if rd.end - rd.start < wire.HEADER.size:
+            self._fill(rd, wire.HEADER.size)
+        fields = wire.HEADER.unpack_from(rd.buf, rd.start)
+        _, kind, flags, status, n, _, meta_len, desc_len, payload_len = fields
+        if meta_len + desc_len > self.limits.max_header_bytes or payload_len > self.limits.max_body_bytes:
+            self.close()
+            raise TransportError("reply frame over the client's limits")
+        total = wire.HEADER.size + meta_len + desc_len + payload_len
+        if rd.end - rd.start < total:
+            self._fill(rd, total)
+        at = rd.take(total) + wire.HEADER.size
+        meta = bytes(rd.view[at:at + meta_len])
+        try:
+            if kind == wire.KIND_ERROR:
+                code, message = wire.parse_error_meta(meta)
+            else:
+                name, version, first, count = wire.parse_reply_meta(meta)
+                layout, need = wire.parse_desc(bytes(rd.view[at + meta_len:at + meta_len + desc_len]), n)
+        except MessageError as exc:
+            self.close()
+            raise TransportError(f"malformed reply frame: {exc}") from exc
+        if kind == wire.KIND_ERROR:
+            if flags & wire.FLAG_CLOSE:
+                self.close()
+            raise_for_error(status if status >= 300 else 500, {"error": {"code": code, "message": message}})
+        if need != payload_len:
+            self.close()
+            raise TransportError("reply payload does not match its descriptors")
+        out = {k: v.copy() for k, v in wire.views(layout, rd.buf, at + meta_len + desc_len).items()}
+        last = self.last_model
+        if last.get("name") != name or last.get("version") != version:
+            self.last_model = {"name": name, "version": version}
+        self._last_ids = (first, count)
+        return out
+
+    def _json_reply(self, rd: wire.FrameReader) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self._fill(rd, FRAME.size)
+        try:
+            head_len, payload_len = parse_prefix(bytes(rd.view[rd.start:rd.start + FRAME.size]), self.limits)
+            self._fill(rd, FRAME.size + head_len + payload_len)
+            at = rd.take(FRAME.size + head_len + payload_len) + FRAME.size
+            reply, out = decode_frame_body(
+                bytes(rd.view[at:at + head_len]), bytes(rd.view[at + head_len:at + head_len + payload_len])
+            )
+        except MessageError as exc:
+            self.close()
+            raise TransportError(f"malformed reply frame: {exc}") from exc
+        if reply.get("close"):
+            self.close()
+        status = int(reply.get("status", 500))
+        raise_for_error(status, reply)
+        return reply, {k: v.copy() for k, v in out.items()}
+
+    def call(
+        self, header: dict[str, Any], arrays: Mapping[str, np.ndarray] | None = None, cache_key: Any = None
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Send one EFI1 (JSON-headed) frame and return the reply's header and arrays; errors raise."""
+        sock, rd = (self._sock, self._reader) if self._sock is not None and self._reader else self._connect()
+        frame = encode_frame(header, arrays, cache_key)
+        try:
+            self._send(sock, [frame], len(frame))
+            self._fill(rd, 4)
+            if rd.buf[rd.start:rd.start + 4] != MAGIC:
+                self._binary_reply(rd)  # an EFB1 error frame: raises
+                raise TransportError("the server answered a JSON frame with a binary one")
+            return self._json_reply(rd)
+        except OSError as exc:
+            self.close()
+            raise TransportError(f"inference socket failed: {exc}") from exc
+
+    def feedback(self, labels: Mapping[str, Any]) -> dict[str, int]:
+        """Send labels for earlier predictions (`{prediction_id: label}`); returns the counts
+        (`matched`, `unknown`, `expired`, `duplicate`, `invalid`)."""
+        body = [{"prediction_id": k, "label": v} for k, v in labels.items()]
+        return dict(self.call({"op": "feedback", "labels": body})[0]["feedback"])
+
+    def info(self) -> dict[str, Any]:
+        """The served model's info (name, version, runtime, inputs, outputs)."""
+        return dict(self.call({"op": "model"})[0]["model"])
+
+    def health(self) -> dict[str, Any]:
+        """`{"status": "ok", "ready": bool, "model": {...} | None}`."""
+        return dict(self.call({"op": "health"})[0]["health"])
+
+    def close(self) -> None:
+        """Close the connection (the next call reconnects)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,124 @@
+"""Predictions per second through the agent's Unix socket with 1, 4 and 16 concurrent clients.
+
+The server runs in its own process (as for applications on the gateway), serving the MLP
+32-64-64-4 (onnxruntime, 1 thread) on EFB1 frames; the clients are threads of this process,
+each with its own connection, batch 1, as fast as they can for a fixed time. The baseline,
+measured in the same run before and after the clients, is raw `InferenceSession.run` in one
+thread of this process: what a single application thread gets without any API at all.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+NAME = "agent_throughput"
+DESCRIPTION = "predictions/s over the Unix socket at 1/4/16 clients vs raw session.run in one thread"
+
+SECONDS = 1.5
+CLIENTS = (1, 4, 16)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(directory: str) -> None:
+    """Server process: the agent's Unix server over the MLP."""
+    from agent.runtimes import load_model
+    from agent.serving.api import ApiLimits
+    from agent.serving.unix_server import UnixInferenceServer
+    from simulators.models import make_mlp_onnx, mlp_manifest
+
+    d = Path(directory)
+    data = make_mlp_onnx(0)
+    (d / "model.onnx").write_bytes(data)
+    UnixInferenceServer(load_model(d / "model.onnx", mlp_manifest(data)), d / "agent.sock",
+                        ApiLimits(max_connections=64)).start()
+    print("ready", flush=True)
+    sys.stdin.read()
+
+
+def _raw_rate(session: object, x: np.ndarray) -> float:
+    run = session.run  # type: ignore[attr-defined]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < SECONDS:
+        for _ in range(100):
+            run(None, {"x": x})
+        n += 100
+    return n / (time.perf_counter() - t0)
+
+
+def _clients(path: Path, k: int, x: np.ndarray, spin_us: float) -> tuple[float, list[int]]:
+    from agent.inference_client import InferenceClient
+
+    counts = [0] * k
+    latencies: list[list[int]] = [[] for _ in range(k)]
+    start, stop = threading.Barrier(k + 1), threading.Event()
+
+    def worker(i: int) -> None:
+        clock = time.perf_counter_ns
+        with InferenceClient(path, spin_us=spin_us) as client:
+            client.predict({"x": x})
+            start.wait()
+            lat = latencies[i]
+            while not stop.is_set():
+                t0 = clock()
+                client.predict({"x": x})
+                lat.append(clock() - t0)
+            counts[i] = len(lat)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(SECONDS)
+    stop.set()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return sum(counts) / elapsed, [v for lat in latencies for v in lat]
+
+
+def run() -> dict[str, float]:
+    import onnxruntime as ort
+
+    from agent.inference_client import DEFAULT_SPIN_US, POLLING_SPIN_US
+    from simulators.models import make_mlp_onnx
+
+    x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ef-tput-", dir="/tmp") as tmp:
+        d = Path(tmp)
+        (d / "local.onnx").write_bytes(make_mlp_onnx(0))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1  # as the agent's OnnxRuntime
+        session = ort.InferenceSession(str(d / "local.onnx"), opts, providers=["CPUExecutionProvider"])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"from benchmarks.bench_agent_throughput import serve; serve({tmp!r})"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            raw = [_raw_rate(session, x)]
+            for k in CLIENTS:
+                # Sleeping clients (the default) and polling ones: many polling threads in one
+                # process on two cores take the CPU the server needs.
+                for spin, tag in ((DEFAULT_SPIN_US, ""), (POLLING_SPIN_US, "_polling")):
+                    rate, lat = _clients(d / "agent.sock", k, x, spin)
+                    out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
+                    out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
+            raw.append(_raw_rate(session, x))
+        finally:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(timeout=10)
+    base = float(np.mean(raw))
+    out["raw_run_one_thread_per_s"] = base
+    out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
+    return out

@@ -1,0 +1,87 @@
+"""The telemetry tap batches served requests before folding them: the interval it reports must
+be the one per-request folding gives (counts, latency histogram, feature sketches), including
+across a bundle change, errors, rejected requests and inputs that do not fit the profile."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.contract.manifest import FeatureProfile, Manifest, ReferenceProfile
+from agent.contract.telemetry import TelemetryReport, decode_report
+from agent.daemon.serving import FOLD_BATCH_ROWS, ModelCatalog, TelemetryTap
+from agent.telemetry.queue import ReportQueue
+from agent.telemetry.sketch import TelemetrySketch
+from simulators.models import make_mlp_onnx, mlp_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def _manifest(version: str) -> Manifest:
+    num = {"kind": "numeric", "edges": [-2.0, 0.0, 2.0]}
+    profile = ReferenceProfile(
+        input_name="x",
+        features=[FeatureProfile(name=f"f{i}", **num) for i in range(32)],  # type: ignore[arg-type]
+        outputs=[FeatureProfile(name=f"logits_{i}", **num) for i in range(4)],  # type: ignore[arg-type]
+    )
+    return mlp_manifest(make_mlp_onnx(0), version=version).model_copy(update={"reference_profile": profile})
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ef-tap-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _reports(queue: ReportQueue) -> list[TelemetryReport]:
+    return [decode_report(body) for _, body in queue.pending()]
+
+
+def _same(a: TelemetryReport, b: TelemetryReport) -> None:
+    fields = ("model", "version", "requests", "errors", "rejected")
+    assert [getattr(a, f) for f in fields] == [getattr(b, f) for f in fields]
+    np.testing.assert_array_equal(a.latency_counts, b.latency_counts)
+    assert a.latency_sum_s == pytest.approx(b.latency_sum_s) and a.latency_max_s == b.latency_max_s
+    for fa, fb in zip(a.features + a.outputs, b.features + b.outputs, strict=True):
+        assert type(fa) is type(fb)
+        np.testing.assert_array_equal(fa.counts, fb.counts)
+        assert (fa.nan_count, fa.min, fa.max) == (fb.nan_count, fb.min, fb.max)  # type: ignore[union-attr]
+        assert fa.sum == pytest.approx(fb.sum, rel=1e-6, abs=1e-6)  # type: ignore[union-attr]
+
+
+def test_batched_folding_reports_what_per_request_folding_would(workdir: Path) -> None:
+    m1, m2 = _manifest("1.0.0"), _manifest("2.0.0")
+    catalog = ModelCatalog(threads=1)
+    catalog.manifests = {m1.bundle_id: m1, m2.bundle_id: m2}
+    queue = ReportQueue(workdir / "t.sqlite")
+    tap = TelemetryTap(queue, catalog, "dev", "c")
+    refs = {bid: TelemetrySketch(m.reference_profile, "dev", m.name, m.version, cohort="c")
+            for bid, m in ((m1.bundle_id, m1), (m2.bundle_id, m2))}
+    rng = np.random.default_rng(1)
+    plan = [(m1.bundle_id, 1 + i % 5) for i in range(FOLD_BATCH_ROWS)] + [(m2.bundle_id, 3)] * 40
+    for i, (bid, rows) in enumerate(plan):
+        x = rng.standard_normal((rows, 32)).astype(np.float32)
+        y = rng.standard_normal((rows, 4)).astype(np.float32)
+        latency = 1e-5 * (1 + i % 17)
+        view = np.frombuffer(bytearray(x.tobytes()), np.float32).reshape(rows, 32)  # like the socket's buffer
+        tap.fold(bid, {"x": view}, {"logits": y}, latency, False)
+        view[:] = 99.0  # the buffer is reused by the next request: the tap must have copied
+        refs[bid].update(x, y, latency, False)
+        if i % 50 == 7:  # an engine failure and a refused request in between
+            tap.fold(bid, {"x": x}, None, 2e-3, True)
+            refs[bid].update(x, None, 2e-3, True)
+            tap.rejected(bid)
+            refs[bid].record_rejected()
+    tap.fold(m2.bundle_id, {"x": np.zeros((2, 31), np.float32)}, {"logits": np.zeros((2, 4))}, 1e-5, False)
+    refs[m2.bundle_id].record_rejected()  # 31 columns: outside the profile, counted as rejected
+    tap.flush(None)
+    got = _reports(queue)
+    assert [r.version for r in got] == ["1.0.0", "2.0.0"]
+    for report, bid in zip(got, (m1.bundle_id, m2.bundle_id), strict=True):
+        _same(report, refs[bid].snapshot_and_reset())
