@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
@@ -26,19 +27,27 @@ DEVICES = 100
 INTERVALS = 50
 
 
-def run() -> dict[str, float]:
+def report_payloads(devices: int = DEVICES,
+                    intervals: int = INTERVALS) -> tuple[ReferenceProfile, list[bytes]]:
+    """The profile and `intervals` encoded one-minute reports of each of `devices` sketching 20
+    normal features (shared with `bench_ingest_scale`, so both measure the same reports)."""
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(20_000, 20)).astype(np.float32)
     prof = compute_reference_profile(ref, [f"f{i}" for i in range(20)], outputs=ref[:, :3].sum(axis=1))
     payloads: list[bytes] = []
-    for d in range(DEVICES):
-        ticks = iter(np.arange(1_700_000_000.0, 1_700_000_000.0 + 60.0 * (INTERVALS + 1), 60.0).tolist())
+    for d in range(devices):
+        ticks = iter(np.arange(1_700_000_000.0, 1_700_000_000.0 + 60.0 * (intervals + 1), 60.0).tolist())
         sk = TelemetrySketch(prof, f"device-{d:04d}", "mlp", "1.0.0", clock=ticks.__next__,
                              resource_probe=lambda: (40_000_000, 0.5, 0.1))
-        for _ in range(INTERVALS):
+        for _ in range(intervals):
             x = rng.normal(size=(100, 20)).astype(np.float32)
             sk.update(x, x[:, :3].sum(axis=1), 0.002)
             payloads.append(encode_report(sk.snapshot_and_reset()))
+    return prof, payloads
+
+
+def run() -> dict[str, float]:
+    prof, payloads = report_payloads()
     t0 = time.perf_counter()
     for p in payloads:
         decode_report(p)

@@ -22,15 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.contract.telemetry import decode_report, encode_report
-from agent.telemetry import TelemetrySketch
+from agent.contract.telemetry import decode_report
+from benchmarks.bench_ingest import report_payloads
 from benchmarks.db_url import DEFAULT_PG, BenchDatabase, parse_database, probe_postgres
 from fleet.db.database import Database
-from fleet.registry.profile import compute_reference_profile
 from simulators.broker import BrokerSettings, start_broker
 from simulators.load_devices.scale_run import serve_process, stop_processes
 
@@ -45,19 +43,7 @@ STALL_S = 30.0  # the end: every report stored, or no new one for this long
 
 
 def _payloads() -> list[bytes]:
-    rng = np.random.default_rng(0)
-    ref = rng.normal(size=(20_000, 20)).astype(np.float32)
-    prof = compute_reference_profile(ref, [f"f{i}" for i in range(20)], outputs=ref[:, :3].sum(axis=1))
-    out: list[bytes] = []
-    for d in range(DEVICES):
-        ticks = iter(np.arange(1_700_000_000.0, 1_700_000_000.0 + 60.0 * (INTERVALS + 1), 60.0).tolist())
-        sk = TelemetrySketch(prof, f"device-{d:04d}", "mlp", "1.0.0", clock=ticks.__next__,
-                             resource_probe=lambda: (40_000_000, 0.5, 0.1))
-        for _ in range(INTERVALS):
-            x = rng.normal(size=(100, 20)).astype(np.float32)
-            sk.update(x, x[:, :3].sum(axis=1), 0.002)
-            out.append(encode_report(sk.snapshot_and_reset()))
-    return out
+    return report_payloads(DEVICES, INTERVALS)[1]
 
 
 def _stored(telemetry: Database) -> int:
