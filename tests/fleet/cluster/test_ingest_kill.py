@@ -1,0 +1,80 @@
+"""An ingest worker killed with SIGKILL mid-stream loses nothing: it acknowledges a report only
+after the flush that stored it committed, so what it had received but not stored is redelivered
+to its session when it starts again in its slot (same host and port, so the same client id), and
+the (device, seq) keys store every report exactly once."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.contract.telemetry import decode_report
+from fleet.db.database import Database
+from simulators.load_devices.scale_run import serve_process, stop_processes
+from tests.support.broker import Broker
+from tests.support.telemetry import encoded_reports, small_profile
+
+
+def _stored(telemetry: Database) -> tuple[int, int]:
+    with telemetry.read() as db:
+        seen = int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
+        merged = int(db.scalar("SELECT COALESCE(SUM(reports), 0) FROM telemetry_windows") or 0)
+    return seen, merged
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = f"kill-{secrets.token_hex(4)}"  # its session outlives the test: topics of its own
+    monkeypatch.setenv("EDGEFLEET_TOPIC_PREFIX", prefix)
+    data = tmp_path / "fleet"
+    data.mkdir()
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    telemetry = Database(data / "telemetry.db", "telemetry", "telemetry store")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    procs = [serve_process(data, url, "ingest", tmp_path / "a.log", port=port)]
+    reports = encoded_reports(small_profile(), "m", "1", "c", devices=200, shifts=[0.0] * 10, rows=5)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-sender-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+
+    def send() -> None:
+        for r in reports:
+            sender.publish(f"{prefix}/v1/devices/{decode_report(r).device_id}/telemetry", r,
+                           qos=1).wait_for_publish(30)
+
+    feeder = threading.Thread(target=send, daemon=True)
+    try:
+        time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
+        feeder.start()
+        deadline = time.monotonic() + 60
+        while _stored(telemetry)[0] < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        at_kill = _stored(telemetry)[0]
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        assert 0 < at_kill < len(reports)  # killed mid-stream
+        feeder.join(60)
+        procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
+        deadline = time.monotonic() + 90
+        while _stored(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _stored(telemetry) == (len(reports), len(reports))  # every report, merged once
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        stop_processes([p for p in procs if p.poll() is None])
+        telemetry.close()
