@@ -20,6 +20,7 @@ from agent.contract.manifest import ReferenceProfile
 from agent.contract.telemetry import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.components import ensure_trust
+from fleet.db.database import Database
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.profile import compute_reference_profile
 from fleet.registry.publish import publish_bundle
@@ -78,6 +79,15 @@ def encoded_reports(
             sketch.update(x, outputs(x), 0.002)
             out.append(encode_report(sketch.snapshot_and_reset()))
     return out
+
+
+def stored_reports(telemetry: Database) -> tuple[int, int]:
+    """(reports claimed in `telemetry_seen`, reports merged into the windows) of a telemetry
+    database: equal, and equal to what was sent, when every report was stored exactly once."""
+    with telemetry.read() as db:
+        seen = int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
+        merged = int(db.scalar("SELECT COALESCE(SUM(reports), 0) FROM telemetry_windows") or 0)
+    return seen, merged
 
 
 def column_shift(n_cols: int, columns: Sequence[int], amount: float) -> np.ndarray:

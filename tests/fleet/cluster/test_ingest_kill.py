@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,15 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.contract.telemetry import decode_report
 from fleet.db.database import Database
 from simulators.load_devices.scale_run import serve_process, stop_processes
-from tests.support.broker import Broker
-from tests.support.telemetry import encoded_reports, small_profile
-
-
-def _stored(telemetry: Database) -> tuple[int, int]:
-    with telemetry.read() as db:
-        seen = int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
-        merged = int(db.scalar("SELECT COALESCE(SUM(reports), 0) FROM telemetry_windows") or 0)
-    return seen, merged
+from tests.support.broker import Broker, free_port
+from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
 @pytest.mark.integration
@@ -41,9 +33,7 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
     data.mkdir()
     url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
     telemetry = Database(data / "telemetry.db", "telemetry", "telemetry store")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     procs = [serve_process(data, url, "ingest", tmp_path / "a.log", port=port)]
     reports = encoded_reports(small_profile(), "m", "1", "c", devices=200, shifts=[0.0] * 10, rows=5)
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-sender-{secrets.token_hex(4)}",
@@ -61,18 +51,18 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
         time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
         feeder.start()
         deadline = time.monotonic() + 60
-        while _stored(telemetry)[0] < 100 and time.monotonic() < deadline:
+        while stored_reports(telemetry)[0] < 100 and time.monotonic() < deadline:
             time.sleep(0.01)
-        at_kill = _stored(telemetry)[0]
+        at_kill = stored_reports(telemetry)[0]
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait()
         assert 0 < at_kill < len(reports)  # killed mid-stream
         feeder.join(60)
         procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
         deadline = time.monotonic() + 90
-        while _stored(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
+        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _stored(telemetry) == (len(reports), len(reports))  # every report, merged once
+        assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, merged once
     finally:
         sender.loop_stop()
         sender.disconnect()

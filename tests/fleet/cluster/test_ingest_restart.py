@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -22,15 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.contract.telemetry import decode_report
 from fleet.db.database import Database
 from simulators.load_devices.scale_run import serve_process, stop_processes
-from tests.support.broker import Broker
-from tests.support.telemetry import encoded_reports, small_profile
-
-
-def _stored(telemetry: Database) -> tuple[int, int]:
-    with telemetry.read() as db:
-        seen = int(db.scalar("SELECT COUNT(*) FROM telemetry_seen") or 0)
-        merged = int(db.scalar("SELECT COALESCE(SUM(reports), 0) FROM telemetry_windows") or 0)
-    return seen, merged
+from tests.support.broker import Broker, free_port
+from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
 @pytest.mark.integration
@@ -45,9 +37,7 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
     data.mkdir()
     url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
     telemetry = Database(data / "telemetry.db", "telemetry", "telemetry store")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     first = serve_process(data, url, "ingest", tmp_path / "a.log", port=port)
     procs = [first, serve_process(data, url, "ingest", tmp_path / "b.log")]
     reports = encoded_reports(small_profile(), "m", "1", "c", devices=60, shifts=[0.0, 0.0], rows=20)
@@ -64,12 +54,12 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
         for info in sent:
             info.wait_for_publish(10)
         time.sleep(1.0)
-        assert _stored(telemetry)[0] < len(reports)  # the dead member's share is waiting for it
+        assert stored_reports(telemetry)[0] < len(reports)  # the dead member's share is waiting for it
         procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
         deadline = time.monotonic() + 60
-        while _stored(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
+        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _stored(telemetry) == (len(reports), len(reports))  # every report, merged once
+        assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, merged once
     finally:
         sender.loop_stop()
         sender.disconnect()
