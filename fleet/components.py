@@ -53,8 +53,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from agent.logs import log_event
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
@@ -237,10 +235,8 @@ def _publisher(settings: FleetSettings, roles: frozenset[Role]) -> Publisher:
     options = PublisherSettings(serve_requests=Role.PUBLISHER in roles,
                                 share_group=cluster.publish_share_group if split else None,
                                 ingest_share_group=cluster.ingest_share_group if split else None)
-    mqtt = broker_config(settings.broker_url, client_id, password)
-    if Role.INGEST in roles:  # acknowledge events and telemetry once stored (docs/scaling.md)
-        mqtt = msgspec.structs.replace(mqtt, manual_ack=True)
-    return Publisher(mqtt, settings.topic_prefix, settings.repo_dir, options)
+    return Publisher(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
+                     settings.repo_dir, options)
 
 
 def _member_client_id(roles: frozenset[Role], port: int) -> str:
@@ -303,7 +299,6 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         # Agents send events at least once: each (device, seq) is stored once, whichever worker got it.
         wake = controller.wake if controller is not None else None
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
-        # timed ingest; each report acknowledged after the flush that committed it
-        publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"), flush=telemetry.flush)
+        publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
                       experiments, refresher, components, elector, events)

@@ -53,7 +53,7 @@ class BrokerSettings:
 
     message_size_limit: int = 1024 * 1024  # bytes; above the largest chunk + headers
     max_queued_messages: int = 100_000
-    max_inflight_messages: int = 1100  # the fleet flushes telemetry at 1,000 unacknowledged
+    max_inflight_messages: int = 64
     persistence: bool = True
     ready_timeout_s: float = 10.0
     # Embedded (iotcore / rumqttd) only: Mosquitto has no equivalent settings here.

@@ -22,9 +22,6 @@ class Message:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    # Set only for a QoS 1 message of a subscription made with `manual_ack=True` on a transport
-    # with manual acknowledgement: pass it to the transport's `ack` once the message is stored.
-    ack_token: tuple[int, int] | None = field(default=None, compare=False)
 
 
 Handler = Callable[[Message], None]

@@ -15,7 +15,6 @@ the broker's Maximum Packet Size when the CONNACK announces one).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import secrets
 import ssl
@@ -74,10 +73,6 @@ class MqttConfig(StrictStruct, frozen=True, kw_only=True):
     reconnect_max_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20
     max_pending_requests: Annotated[int, Meta(ge=1, le=100_000)] = 1024
-    # Off (the agent): paho acknowledges each QoS 1 message when its handler returns. On (a fleet
-    # ingest worker): subscriptions made with `manual_ack=True` get `Message.ack_token` and the
-    # caller acknowledges with `ack()` once it has stored the message; all others still at once.
-    manual_ack: bool = False
 
     def _check(self) -> None:
         try:
@@ -117,7 +112,6 @@ class MqttTransport:
             reconnect_on_failure=False,
         )
         self._client.max_inflight_messages_set(config.max_inflight)
-        self._client.manual_ack_set(config.manual_ack)
         if config.username is not None:
             self._client.username_pw_set(config.username, config.password)
         if config.tls:
@@ -135,8 +129,6 @@ class MqttTransport:
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[Handler, int]] = {}
-        self._caller_acks: set[str] = set()  # filters whose handlers acknowledge (manual_ack)
-        self._generation = 0  # connection number: packet ids (mids) are per connection
         self._pending: dict[bytes, Future[Message]] = {}
         self._on_connect_cbs: list[Callable[[bool], None]] = []
         self._on_link_down_cbs: list[Callable[[str, bool], None]] = []
@@ -145,7 +137,6 @@ class MqttTransport:
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._broker_max_packet: int | None = None
-        self.broker_receive_maximum = 65535  # from the last CONNACK (MQTT v5 default: 65535)
         self._last_refusal: str = ""
         self.connects = 0  # successful CONNACKs, for tests and metrics
         self.messages_in = 0  # every message delivered by the broker, duplicates included
@@ -265,17 +256,11 @@ class MqttTransport:
             return
         self._last_refusal = ""
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props else None
-        # Mosquitto announces its max_inflight_messages here, which is also how many QoS 1
-        # messages it sends this client before waiting for acknowledgements.
-        announced = getattr(props, "ReceiveMaximum", None) if props else None
-        self.broker_receive_maximum = int(announced) if announced else 65535
         with self._lock:
             subs = list(self._subs.items())
             callbacks = list(self._on_connect_cbs)
         for flt, (_handler, qos) in subs:
             client.subscribe(flt, qos=qos)
-        with self._lock:
-            self._generation += 1  # before the session's redeliveries arrive on this connection
         self.connects += 1
         self._connected.set()
         session_present = bool(getattr(flags, "session_present", False))
@@ -379,46 +364,21 @@ class MqttTransport:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         return info
 
-    def subscribe(
-        self, topic_filter: str, handler: Handler, qos: int = 1, *, manual_ack: bool = False
-    ) -> None:
-        """Subscribe `handler`; with `manual_ack` (and `MqttConfig.manual_ack`) the handler's
-        messages carry `ack_token` and stay unacknowledged until `ack()` is called with it."""
-        if manual_ack and not self.config.manual_ack:
-            raise MisuseError("manual_ack subscriptions need MqttConfig(manual_ack=True)")
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
             self._subs[topic_filter] = (handler, qos)
-            if manual_ack:
-                self._caller_acks.add(topic_filter)
-            else:
-                self._caller_acks.discard(topic_filter)
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._subs.pop(topic_filter, None)
-            self._caller_acks.discard(topic_filter)
         if self._connected.is_set():
             self._client.unsubscribe(topic_filter)
-
-    def ack(self, token: tuple[int, int]) -> bool:
-        """Acknowledge (PUBACK) the message of `token` (`Message.ack_token`); False, sending
-        nothing, when it came on an earlier connection: the broker reuses packet ids on the new
-        one and redelivers the message there (a new token), so an old ack could confirm another."""
-        generation, mid = token
-        with self._lock:
-            if generation != self._generation or not self._connected.is_set():
-                return False
-        self._client.ack(mid, 1)
-        return True
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self.messages_in += 1
         self.bytes_in += len(msg.payload)
-        self._dispatch(msg, self.config.manual_ack and msg.qos == 1)
-
-    def _dispatch(self, msg: paho.MQTTMessage, manual: bool) -> None:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props else None
         message = Message(
@@ -433,28 +393,20 @@ class MqttTransport:
             with self._lock:
                 fut = self._pending.pop(message.correlation_data, None)
             if fut is not None:
-                if manual:
-                    self._client.ack(msg.mid, 1)
                 if not fut.done():
                     fut.set_result(message)
                 return
         with self._lock:
-            matched = [
-                (h, flt in self._caller_acks)
+            handlers = [
+                h
                 for flt, (h, _q) in self._subs.items()
                 if paho.topic_matches_sub(_strip_share(flt), msg.topic)
             ]
-            generation = self._generation
-        deferred = manual and any(caller for _h, caller in matched)
-        if deferred:
-            message = dataclasses.replace(message, ack_token=(generation, msg.mid))
-        for handler, _caller in matched:
+        for handler in handlers:
             try:
                 handler(message)
             except Exception:  # one bad message must not stop the network thread
                 logger.exception("handler for %s failed", msg.topic)
-        if manual and not deferred:
-            self._client.ack(msg.mid, 1)  # what paho does on its own without manual_ack
 
     # --- request / response -------------------------------------------------------------
     def request_async(

@@ -74,12 +74,6 @@ class PublisherSettings(BaseModel):
     serve_requests: bool = True  # False: an ingest worker or a controller (publishes, answers nothing)
     request_log_size: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
     inbound_queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
-    # With a manual-ack transport (MqttConfig.manual_ack): flush telemetry and acknowledge it once
-    # this many reports are unacknowledged (capped below the window the broker announces, its
-    # max_inflight_messages, else it would stop sending and ingest wait for the timer) or the
-    # oldest has waited `ack_after_s`.
-    ack_batch: Annotated[int, Field(ge=1, le=65535)] = 1000  # capped at the broker's window - 4
-    ack_after_s: Annotated[float, Field(gt=0, le=60)] = 0.2
 
 
 class TokenBucket:
@@ -146,13 +140,6 @@ class Publisher:
         self._reported_cbs: list[Callable[[str, ReportedState], None]] = []
         self._event_cbs: list[Callable[[str, Event], None]] = []
         self._telemetry_cbs: list[Callable[[str, bytes], None]] = []
-        self._telemetry_flush: Callable[[], object] | None = None
-        # Acknowledgement after storage: only with a transport that acknowledges on request.
-        self._acker = self.transport if isinstance(self.transport, MqttTransport) \
-            and self.transport.config.manual_ack else None
-        self._unacked: list[tuple[int, int]] = []  # telemetry stored in the batch, not yet committed
-        self._unacked_since = 0.0
-        self.ack_flushes = 0  # flushes run to acknowledge telemetry
         # Device -> fleet messages are handled off the MQTT network thread (see `_inbound_loop`).
         self._inbound: queue.Queue[tuple[Callable[[Message], None], Message] | None] = queue.Queue(
             self.settings.inbound_queue_size
@@ -173,10 +160,10 @@ class Publisher:
             self.transport.subscribe(self.topics.all_devices("reported", group),
                                      self._deferred(self._on_reported))
         if self._event_cbs:
-            self._subscribe_stored(self.topics.all_devices("events", group), self._deferred(self._on_event))
+            self.transport.subscribe(self.topics.all_devices("events", group), self._deferred(self._on_event))
         if self._telemetry_cbs:
-            self._subscribe_stored(self.topics.all_devices("telemetry", group),
-                                   self._deferred(self._on_telemetry))
+            self.transport.subscribe(self.topics.all_devices("telemetry", group),
+                                     self._deferred(self._on_telemetry))
         self._inbound_thread = threading.Thread(
             target=self._inbound_loop, name="publisher-inbound", daemon=True
         )
@@ -212,16 +199,9 @@ class Publisher:
         """Call `cb(device_id, event)` for every valid event (register before `start`)."""
         self._event_cbs.append(cb)
 
-    def on_telemetry(self, cb: Callable[[str, bytes], None],
-                     flush: Callable[[], object] | None = None) -> None:
-        """Call `cb(device_id, payload)` for every telemetry message (register before `start`).
-
-        `flush` commits what `cb` buffered (raising if it could not): with a manual-ack transport
-        a report is acknowledged only after a `flush` that began after its `cb` returned has
-        returned; without `flush`, right after `cb` returns."""
+    def on_telemetry(self, cb: Callable[[str, bytes], None]) -> None:
+        """Call `cb(device_id, payload)` for every telemetry message (register before `start`)."""
         self._telemetry_cbs.append(cb)
-        if flush is not None:
-            self._telemetry_flush = flush
 
     # --- desired state and metadata -----------------------------------------------------
     def publish_desired(
@@ -396,69 +376,19 @@ class Publisher:
 
         return enqueue
 
-    def _subscribe_stored(self, topic_filter: str, handler: Callable[[Message], None]) -> None:
-        """Subscribe messages the fleet stores (events, telemetry): acknowledged after storage
-        when the transport can defer acknowledgements, else on arrival."""
-        if self._acker is not None:
-            self._acker.subscribe(topic_filter, handler, manual_ack=True)
-        else:
-            self.transport.subscribe(topic_filter, handler)
-
     def _inbound_loop(self) -> None:
         """Run report, event and telemetry callbacks in arrival order, one at a time.
 
         Why a thread of its own: the callbacks write SQLite and merge sketches; on the network
         thread, a thousand devices' reports would delay every chunk request behind them, and
         devices waiting for chunks time out and ask again (congestion collapse).
-        With deferred acknowledgement it also flushes telemetry when `_ack_window()` reports
-        wait for their ack or the oldest has waited `ack_after_s` (also when no message comes).
         """
-        while True:
-            timeout = None
-            if self._unacked:
-                timeout = max(0.0, self._unacked_since + self.settings.ack_after_s - time.monotonic())
-            try:
-                item = self._inbound.get(timeout=timeout)
-            except queue.Empty:
-                self._ack_telemetry()
-                continue
-            if item is None:
-                return
+        while (item := self._inbound.get()) is not None:
             handler, msg = item
             try:
                 handler(msg)
             except Exception:  # a failing callback must not stop the others
                 logger.exception("publisher inbound handler failed on %s", msg.topic)
-            if self._unacked and (len(self._unacked) >= self._ack_window()
-                                  or time.monotonic() >= self._unacked_since + self.settings.ack_after_s):
-                self._ack_telemetry()
-
-    def _ack_window(self) -> int:
-        """Reports to flush at: `ack_batch`, below the window the broker announced (its
-        Receive Maximum, Mosquitto's max_inflight_messages), so it never stops sending."""
-        assert self._acker is not None
-        return max(1, min(self.settings.ack_batch, self._acker.broker_receive_maximum - 4))
-
-    def _ack(self, msg: Message) -> None:
-        if self._acker is not None and msg.ack_token is not None:
-            self._acker.ack(msg.ack_token)
-
-    def _ack_telemetry(self) -> None:
-        """Commit buffered telemetry, then acknowledge every report ingested before the commit.
-        A failed flush acknowledges nothing: the reports stay buffered (the next flush retries)
-        and unacknowledged (a crash now has the broker redeliver them)."""
-        if self._telemetry_flush is not None:
-            try:
-                self.ack_flushes += 1
-                self._telemetry_flush()
-            except Exception:  # the database is away: retry after ack_after_s
-                logger.exception("telemetry flush before acknowledgement failed")
-                self._unacked_since = time.monotonic()
-                return
-        tokens, self._unacked = self._unacked, []
-        assert self._acker is not None
-        for token in tokens:
-            self._acker.ack(token)
 
     def _device_of(self, msg: Message, kind: TopicKind) -> str | None:
         try:
@@ -480,34 +410,22 @@ class Publisher:
             cb(device, state)
 
     def _on_event(self, msg: Message) -> None:
-        """Decode and hand on one event; acknowledge it once the callbacks returned (they store
-        it), or at once when it is refused (else the broker would redeliver it forever). A
-        callback that raises leaves it unacknowledged: redelivered after a reconnect."""
         device = self._device_of(msg, TopicKind.EVENTS)
         if device is None:
-            self._ack(msg)
             return
         try:
             event = decode_event(msg.payload, device)
         except MessageError as exc:
             self.malformed.note("event", str(exc), device=device)
-            self._ack(msg)
             return
         for cb in self._event_cbs:
             cb(device, event)
-        self._ack(msg)
 
     def _on_telemetry(self, msg: Message) -> None:
-        """Hand on one report; it is acknowledged after the flush that commits it (a refused or
-        duplicate report is acknowledged with the next flush too, within `ack_after_s`)."""
         device = self._device_of(msg, TopicKind.TELEMETRY)
         if device is not None:
             for cb in self._telemetry_cbs:
                 cb(device, msg.payload)
-        if self._acker is not None and msg.ack_token is not None:
-            if not self._unacked:
-                self._unacked_since = time.monotonic()
-            self._unacked.append(msg.ack_token)
 
 
 def _fleet_error(exc: EdgefleetError) -> Exception:
