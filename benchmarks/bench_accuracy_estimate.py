@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.contract.performance import top_confidence
-from agent.contract.telemetry import decode_report, encode_report
+from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
 from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from fleet.registry.calibration import performance_spec

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.metrics import FleetMetrics, MetricSources
 from fleet.registry.profile import compute_reference_profile

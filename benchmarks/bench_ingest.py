@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract.manifest import ReferenceProfile
-from agent.contract.telemetry import decode_report, encode_report
+from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore

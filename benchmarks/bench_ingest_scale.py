@@ -25,7 +25,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from benchmarks.bench_ingest import report_payloads
 from benchmarks.db_url import DEFAULT_PG, BenchDatabase, parse_database, probe_postgres
 from fleet.db.database import Database

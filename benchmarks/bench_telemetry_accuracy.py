@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from agent.contract.telemetry import decode_report, encode_report
+from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.drift import PSI_FLOOR, report_drift

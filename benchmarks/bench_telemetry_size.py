@@ -13,7 +13,7 @@ import numpy as np
 import zstandard
 from datasketches import kll_floats_sketch
 
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.contract.telemetry import TelemetryReport, decode_report, encode_report, merge_reports
+from agent.contract.telemetry import TelemetryReport, merge_reports
+from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.durable_io import fsync_dir
 from agent.errors import MessageError, MisuseError
 from agent.logs import log_event

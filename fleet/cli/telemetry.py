@@ -20,7 +20,8 @@ from rich.table import Table
 
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.performance import PerformanceSketch, copy_performance, merge_performance_into
-from agent.contract.telemetry import NumericSketch, TelemetryReport, decode_report
+from agent.contract.telemetry import NumericSketch, TelemetryReport
+from agent.contract.telemetry_codec import decode_report
 from agent.errors import MessageError
 from fleet.errors import FleetInputError
 from fleet.registry.profile import compute_reference_profile

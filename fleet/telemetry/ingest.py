@@ -41,16 +41,18 @@ from datasketches import kll_floats_sketch
 from agent.contract.manifest import ReferenceProfile
 from agent.contract.performance import check_performance_shape
 from agent.contract.telemetry import (
-    MAX_DECOMPRESSED_BYTES,
-    MAX_REPORT_BYTES,
     TelemetryReport,
-    check_report_shape,
-    decode_report,
-    encode_report,
     latency_bucket_upper,
     merge_into,
     merge_reports,
     profile_digest,
+)
+from agent.contract.telemetry_codec import (
+    MAX_DECOMPRESSED_BYTES,
+    MAX_REPORT_BYTES,
+    check_report_shape,
+    decode_report,
+    encode_report,
 )
 from agent.errors import MessageError
 from agent.logs import log_event

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from agent.contract.director import DirectorDocument
 from agent.contract.protocol import Event, ReportedState, Topics, encode_event, encode_reported
-from agent.contract.telemetry import TelemetryReport, encode_report
+from agent.contract.telemetry import TelemetryReport
+from agent.contract.telemetry_codec import encode_report
 
 #: Reported states an agent walks through while installing (what the controller folds).
 INSTALL_STATES = ("downloading", "verifying", "staged", "activating", "probation")

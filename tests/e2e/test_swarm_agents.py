@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from simulators.broker import ManagedBroker
 from simulators.sim_fleet import SimFleet
 from simulators.swarm import Swarm, SwarmSpec, make_profiles

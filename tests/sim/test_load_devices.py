@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.contract.protocol import Topics
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract.manifest import ReferenceProfile
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.components import ensure_trust
 from fleet.db.database import Database

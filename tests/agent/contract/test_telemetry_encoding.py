@@ -11,16 +11,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.contract.telemetry import (
-    FLAG_ZSTD,
-    LATENCY_BUCKETS,
-    CategoricalSketch,
-    NumericSketch,
-    TelemetryReport,
-    check_report_shape,
-    decode_report,
-    encode_report,
-)
+from agent.contract.telemetry import LATENCY_BUCKETS, CategoricalSketch, NumericSketch, TelemetryReport
+from agent.contract.telemetry_codec import FLAG_ZSTD, check_report_shape, decode_report, encode_report
 from agent.errors import MessageError
 
 

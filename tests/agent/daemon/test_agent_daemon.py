@@ -19,7 +19,7 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 
 from agent.contract.director import canonical_bytes
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from tests.support.agent_world import (
     ROOT,
     Agent,

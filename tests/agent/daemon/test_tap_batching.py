@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from agent.contract.manifest import FeatureProfile, Manifest, ReferenceProfile
-from agent.contract.telemetry import TelemetryReport, decode_report
+from agent.contract.telemetry import TelemetryReport
+from agent.contract.telemetry_codec import decode_report
 from agent.daemon.serving import FOLD_BATCH_ROWS, ModelCatalog, TelemetryTap
 from agent.telemetry.queue import ReportQueue
 from agent.telemetry.sketch import TelemetrySketch

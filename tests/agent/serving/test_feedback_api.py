@@ -23,7 +23,8 @@ from agent.contract.manifest import (
     ReferenceProfile,
 )
 from agent.contract.performance import FEEDBACK_OUTCOMES
-from agent.contract.telemetry import TelemetryReport, decode_report
+from agent.contract.telemetry import TelemetryReport
+from agent.contract.telemetry_codec import decode_report
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import MessageError, RequestTooLargeError
 from agent.serving.api import ApiLimits, PredictorSlot

@@ -25,7 +25,8 @@ from agent.contract.performance import (
     task_of,
     top_confidence,
 )
-from agent.contract.telemetry import decode_report, encode_report, merge_reports, profile_digest
+from agent.contract.telemetry import merge_reports, profile_digest
+from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.errors import MessageError, MisuseError
 from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from agent.telemetry.sketch import TelemetrySketch

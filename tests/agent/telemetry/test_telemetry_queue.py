@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.telemetry import NumericSketch, TelemetryReport, decode_report
+from agent.contract.telemetry import NumericSketch, TelemetryReport
+from agent.contract.telemetry_codec import decode_report
 from agent.errors import MisuseError
 from agent.telemetry import QueueConfig, ReportQueue
 

@@ -11,7 +11,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from agent.transport.mqtt_client import MqttConfig
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.devices.enrollment import mosquitto_password_hash

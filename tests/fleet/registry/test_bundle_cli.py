@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from agent.contract.manifest import ReferenceProfile, json_schema
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.telemetry.ingest import TelemetryStore
 from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights

@@ -21,7 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from scipy import stats
 
-from agent.contract.telemetry import LATENCY_BUCKETS, TelemetryReport, encode_report, latency_bucket
+from agent.contract.telemetry import LATENCY_BUCKETS, TelemetryReport, latency_bucket
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.access.auth import create_api_key
 from fleet.api import create_app

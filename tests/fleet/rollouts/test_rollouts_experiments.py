@@ -249,7 +249,7 @@ def test_recommendation_from_real_telemetry_windows(setup: tuple[Store, Reposito
     """Arm B (2.0.0) fails less and answers faster in device-built telemetry, but on 3 devices
     per arm: no verdict before `min_devices` (10) per arm, and the summary names the devices
     still needed (the per-request tests declared B from these 3 devices)."""
-    from agent.contract.telemetry import encode_report
+    from agent.contract.telemetry_codec import encode_report
     from agent.telemetry import TelemetrySketch
     from fleet.telemetry.ingest import TelemetryStore
     from tests.support.telemetry import T0, small_profile

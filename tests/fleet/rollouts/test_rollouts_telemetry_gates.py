@@ -15,7 +15,7 @@ import pytest
 
 from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.components import ensure_trust
 from fleet.registry.builder import BundleMetadata, build_bundle

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.telemetry import LATENCY_BUCKETS, encode_report, latency_bucket, latency_bucket_upper
+from agent.contract.telemetry import LATENCY_BUCKETS, latency_bucket, latency_bucket_upper
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.db.session import Db
 from fleet.registry.profile import compute_reference_profile

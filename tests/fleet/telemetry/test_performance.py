@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from agent.contract.bundle import read_manifest
 from agent.contract.manifest import CONFIDENCE_BINS, ReferenceProfile
 from agent.contract.performance import PerformanceSketch, empty_sketch
-from agent.contract.telemetry import encode_report
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from fleet.access.auth import create_api_key

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from agent.contract.manifest import ReferenceProfile
-from agent.contract.telemetry import encode_report, latency_bucket, latency_bucket_upper
+from agent.contract.telemetry import latency_bucket, latency_bucket_upper
+from agent.contract.telemetry_codec import encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.telemetry.ingest import TelemetryStore
 

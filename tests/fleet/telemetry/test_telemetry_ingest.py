@@ -9,7 +9,8 @@ import pytest
 import zstandard
 
 from agent.contract.manifest import ReferenceProfile
-from agent.contract.telemetry import FLAG_ZSTD, encode_report, latency_bucket
+from agent.contract.telemetry import latency_bucket
+from agent.contract.telemetry_codec import FLAG_ZSTD, encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore, histogram_quantile
