@@ -39,7 +39,8 @@ from typing import Any
 
 from fleet.errors import FleetMisuseError
 from fleet.registry.builder import BundleMetadata, build_bundle
-from fleet.rollouts.records import DeviceProgress, RolloutRecords
+from fleet.rollouts.record_types import DeviceProgress
+from fleet.rollouts.records import RolloutRecords
 from simulators.datagen import DataGenerator, Schema
 from simulators.faults import tiny_disk
 from simulators.models import make_mlp_onnx

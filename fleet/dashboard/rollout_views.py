@@ -24,7 +24,8 @@ from fleet.dashboard.charts import status_bar
 from fleet.errors import FleetInputError
 from fleet.rollouts.gates import GateThresholds, evaluate
 from fleet.rollouts.machine import FINISHED_STATES, Desired, RolloutState
-from fleet.rollouts.records import RolloutRecords, outcome_counts
+from fleet.rollouts.record_types import outcome_counts
+from fleet.rollouts.records import RolloutRecords
 from fleet.rollouts.store import ACTIONS as INTENTS
 from fleet.rollouts.store import STATES, Rollout, RolloutStatusSummary
 from fleet.rollouts.strategies import StrategyConfig

@@ -28,7 +28,8 @@ from agent.contract.manifest import TensorSpec
 from agent.errors import EdgefleetError
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict
-from fleet.rollouts.records import RolloutRecords, bundle_index
+from fleet.rollouts.record_types import bundle_index
+from fleet.rollouts.records import RolloutRecords
 
 if TYPE_CHECKING:
     from fleet.store import Store

@@ -58,19 +58,19 @@ from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeC
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
 from fleet.rollouts.machine import Decision, Desired, QueuedCommand, RolloutEvent, RolloutSnapshot, Work
 from fleet.rollouts.policies import admit_rows, success_breach, windows_for
-from fleet.rollouts.records import (
+from fleet.rollouts.record_types import (
     FINAL_OUTCOMES,
     NO_REPORT,
     DeviceProgress,
     GateBreach,
     OpenEntry,
     RolloutCommand,
-    RolloutRecords,
     RolloutRuntime,
     RuntimePhase,
     bundle_index,
     outcome_counts,
 )
+from fleet.rollouts.records import RolloutRecords
 from fleet.rollouts.store import Rollout
 from fleet.rollouts.strategies import StrategyConfig, dispatch_quota, stage_target
 from fleet.store import Store

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.contract.protocol import Event
-from fleet.rollouts.records import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
+from fleet.rollouts.record_types import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
 from fleet.rollouts.strategies import StrategyConfig
 
 #: The reported `hold` of a device waiting for its maintenance window (others: `held: <why>`).

@@ -22,7 +22,8 @@ from fleet.components import build_components
 from fleet.dashboard.charts import HeatValue, heat_map, severity_fill, status_bar
 from fleet.dashboard.drift_views import severity
 from fleet.dashboard.sessions import SessionStore
-from fleet.rollouts.records import GateBreach, RolloutRecords
+from fleet.rollouts.record_types import GateBreach
+from fleet.rollouts.records import RolloutRecords
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.telemetry.alerts import AlertManager, Observation

@@ -13,7 +13,7 @@ from agent.contract.protocol import Event
 from fleet.delivery.offline_export import export_offline
 from fleet.errors import FleetInputError
 from fleet.rollouts.device_verdicts import event_update, forward_update
-from fleet.rollouts.records import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
+from fleet.rollouts.record_types import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
 from fleet.rollouts.strategies import StrategyConfig
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore

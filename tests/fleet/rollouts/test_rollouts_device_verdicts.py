@@ -8,7 +8,7 @@ import pytest
 
 from agent.contract.protocol import Event
 from fleet.rollouts.device_verdicts import DeviceUpdate, event_update, forward_update, revert_verdict
-from fleet.rollouts.records import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
+from fleet.rollouts.record_types import DeviceProgress, DeviceReport, OpenEntry, RuntimePhase
 from fleet.rollouts.strategies import StrategyConfig
 
 V1, V2 = "mlp-1.0.0", "mlp-2.0.0"
