@@ -16,47 +16,28 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.windows import Window, is_open, zone
+from benchmarks.rollout_fixture import CountingPublisher, seed_idle_devices, seed_models
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.policies import DisruptionBudget, admit
 from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
-from fleet.trust.repository import Repository
 
 NAME = "rollout_policies"
 DESCRIPTION = "rollout ticks with a per-site budget and windows vs a plain plan; admit and is_open alone"
 N, SITES = 500, 50
-DIGEST = "sha256:" + "ab" * 32
 POLICIES = {"budget": {"group_by": ["site"], "max_unavailable": "100%"},
             "windows": {"activation": {"cron": "0 2 * * *", "duration_s": 7200}, "tz": "Europe/Berlin"}}
-
-
-class _Recorder:
-    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                        document: bytes) -> str:
-        return str(device_id)
 
 
 def _ticks(root: Path, plan: dict[str, Any]) -> tuple[float, float]:
     """(assign tick s, median idle tick s) of one rollout of `plan` over a fresh fleet."""
     store = Store(root / "fleet.db")
-    repo = Repository(root / "repo", KeyStore(root / "keys"))
-    repo.init(root_threshold=1, root_keys=1)
-    store.models.create_model("mlp", "", "bench")
-    for v in ("1.0.0", "2.0.0"):
-        f = root / f"{v}.efb"
-        f.write_bytes(v.encode() * 100)
-        repo.add_target(f, f"models/mlp/mlp-{v}.efb", {"name": "mlp", "version": v})
-        store.models.register_version("mlp", v, DIGEST, "onnx", {}, "bench",
-                                      bundle_target=f"models/mlp/mlp-{v}.efb")
-    now = time.time()
-    for i in range(N):
-        d = f"dev-{i:04d}"
-        store.devices.create(d, {"env": "bench", "site": f"s{i % SITES}"}, {}, d, "$7$x", "bench")
-        store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
-                                                "timestamp": now})
+    repo = seed_models(store, root)
+    seed_idle_devices(store, [f"dev-{i:04d}" for i in range(N)],
+                      lambda i: {"env": "bench", "site": f"s{i % SITES}"})
     signer = DirectorSigner(KeyStore(root / "keys"), root / "director")
-    ctl = RolloutController(store, repo, signer, _Recorder())
+    ctl = RolloutController(store, repo, signer, CountingPublisher())
     store.rollouts.create("mlp:2.0.0", "env=bench", plan, {}, "bench")
     t0 = time.perf_counter()
     ctl.tick()

@@ -18,27 +18,16 @@ import time
 from pathlib import Path
 
 from benchmarks.db_url import parse_database
+from benchmarks.rollout_fixture import CountingPublisher, seed_idle_devices, seed_models
 from fleet.rollouts.controller import RolloutController
 from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
-from fleet.trust.repository import Repository
 
 NAME = "rollout_scale"
 DESCRIPTION = "rollout controller: one 10,000-device all_at_once stage vs serial and batch signing floors"
 N = int(os.environ.get("EDGEFLEET_BENCH_ROLLOUT_DEVICES", "10000"))
 SERIAL_N = 2000
-DIGEST = "sha256:" + "ab" * 32
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                        document: bytes) -> str:
-        self.count += 1
-        return str(device_id)
 
 
 def run(database: str | None = None) -> dict[str, float]:
@@ -47,22 +36,9 @@ def run(database: str | None = None) -> dict[str, float]:
         root = Path(tmp)
         store = Store(location)
         director_db = location if db.backend == "pg" else None  # SQLite: its own file, as in production
-        repo = Repository(root / "repo", KeyStore(root / "keys"))
-        repo.init(root_threshold=1, root_keys=1)
-        store.models.create_model("mlp", "", "bench")
-        for v in ("1.0.0", "2.0.0"):
-            f = root / f"{v}.efb"
-            f.write_bytes(v.encode() * 100)
-            path = f"models/mlp/mlp-{v}.efb"
-            repo.add_target(f, path, {"name": "mlp", "version": v})
-            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "bench", bundle_target=path)
+        repo = seed_models(store, root)
         devices = [f"dev-{i:05d}" for i in range(N)]
-        now = time.time()
-        with store.tx():
-            for d in devices:
-                store.devices.create(d, {"env": "bench"}, {}, d, "$7$x", "bench")
-                store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
-                                                        "timestamp": now})
+        seed_idle_devices(store, devices)
         signer = DirectorSigner(KeyStore(root / "keys"), root / "director", database=director_db)
         ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")
         t0 = time.perf_counter()
@@ -74,7 +50,7 @@ def run(database: str | None = None) -> dict[str, float]:
             signer.issue_many(ref, [f"batch-{d}" for d in devices[i:i + 500]])
         batch_s = time.perf_counter() - t0
 
-        pub = _Recorder()
+        pub = CountingPublisher()
         ctl = RolloutController(store, repo, signer, pub)
         rid = store.rollouts.create("mlp:2.0.0", "env=bench", {"kind": "all_at_once", "bake_s": 0}, {},
                                     "bench").id

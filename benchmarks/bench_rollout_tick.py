@@ -12,50 +12,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.rollout_fixture import CountingPublisher, seed_idle_devices, seed_models
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.records import RolloutRecords
 from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
-from fleet.trust.repository import Repository
 
 NAME = "rollout_tick"
 DESCRIPTION = "rollout controller: assign / idle / commit ticks over 500 devices vs signing and query floors"
 N = 500
-DIGEST = "sha256:" + "ab" * 32
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                        document: bytes) -> str:
-        self.count += 1
-        return str(device_id)
 
 
 def run() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store = Store(root / "fleet.db")
-        repo = Repository(root / "repo", KeyStore(root / "keys"))
-        repo.init(root_threshold=1, root_keys=1)
-        store.models.create_model("mlp", "", "bench")
-        for v in ("1.0.0", "2.0.0"):
-            f = root / f"{v}.efb"
-            f.write_bytes(v.encode() * 100)
-            path = f"models/mlp/mlp-{v}.efb"
-            repo.add_target(f, path, {"name": "mlp", "version": v})
-            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "bench", bundle_target=path)
+        repo = seed_models(store, root)
         devices = [f"dev-{i:04d}" for i in range(N)]
-        now = time.time()
-        for d in devices:
-            store.devices.create(d, {"env": "bench"}, {}, d, "$7$x", "bench")
-            store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
-                                                    "timestamp": now})
+        seed_idle_devices(store, devices)
         signer = DirectorSigner(KeyStore(root / "keys"), root / "director")
-        pub = _Recorder()
+        pub = CountingPublisher()
         ctl = RolloutController(store, repo, signer, pub)
 
         ref = repo.target_ref("models/mlp/mlp-2.0.0.efb")

@@ -9,8 +9,6 @@ each test starts from "every device serves the previous test's result".
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
-from tests.support.agent_world import Agent, wait_until
+from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
 
@@ -119,23 +117,10 @@ class World:
         return "\n".join(f"--- {d}\n{a.tail(8)}" for d, a in self.agents.items())
 
 
-def _agent(world_root: Path, broker: Broker, repo_root: Path, device: str) -> RolloutAgent:
-    sock_dir = Path(tempfile.mkdtemp(prefix="efr-"))
-    state = world_root / "devices" / device
-    state.mkdir(parents=True, exist_ok=True)
-    config = {
-        "device_id": device, "labels": {"site": "lab"}, "state_dir": str(state),
-        "bootstrap_root": str(repo_root / "metadata" / "1.root.json"), "topic_prefix": PREFIX,
-        "mqtt": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
-                 "connect_timeout_s": 2.0},
-        "api": {"http_enabled": False, "unix_socket": str(sock_dir / "a.sock")},
-        "limits": {"chunk_timeout_s": 2.0, "fetch_reconnect_wait_s": 2.0},
-        "lifecycle": {"retry_base_s": 0.5, "retry_max_s": 2.0, "load_timeout_s": 10.0},
-        "telemetry_interval_s": 1.0, "report_interval_s": 0.2,
-    }
-    path = state.parent / f"{device}.json"
-    path.write_text(json.dumps(config))
-    return RolloutAgent(device, path, state, sock_dir / "a.sock", None, state.parent / f"{device}.log")
+def _agent(root: Path, broker: Broker, repo_root: Path, device: str) -> RolloutAgent:
+    """An agent config under the world's root, for `device`."""
+    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
+                              broker.port, {"site": "lab"}, RolloutAgent, topic_prefix=PREFIX)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ with an open window then activates it, one device per site at a time (a disrupti
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.models import make_mlp_onnx
-from tests.support.agent_world import Agent, wait_until
+from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import manifest_for
 
@@ -70,22 +68,9 @@ class World:
 
 
 def _agent(root: Path, broker: Broker, repo_root: Path, device: str, site: str) -> Agent:
-    sock_dir = Path(tempfile.mkdtemp(prefix="efs-"))
-    state = root / "devices" / device
-    state.mkdir(parents=True, exist_ok=True)
-    config = {
-        "device_id": device, "labels": {"env": "lab", "site": site}, "state_dir": str(state),
-        "bootstrap_root": str(repo_root / "metadata" / "1.root.json"), "topic_prefix": PREFIX,
-        "mqtt": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
-                 "connect_timeout_s": 2.0},
-        "api": {"http_enabled": False, "unix_socket": str(sock_dir / "a.sock")},
-        "limits": {"chunk_timeout_s": 2.0, "fetch_reconnect_wait_s": 2.0},
-        "lifecycle": {"retry_base_s": 0.5, "retry_max_s": 2.0, "load_timeout_s": 10.0},
-        "telemetry_interval_s": 1.0, "report_interval_s": 0.2,
-    }
-    path = state.parent / f"{device}.json"
-    path.write_text(json.dumps(config))
-    return Agent(device, path, state, sock_dir / "a.sock", None, state.parent / f"{device}.log")
+    """An agent config under the world's root, for `device`."""
+    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
+                              broker.port, {"env": "lab", "site": site}, Agent, topic_prefix=PREFIX)
 
 
 @pytest.fixture(scope="module")

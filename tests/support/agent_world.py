@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -237,28 +237,33 @@ class Agent:
         )
 
 
-def make_agent(
-    fleet: Fleet,
+A = TypeVar("A", bound=Agent)
+
+
+def write_agent_config(
     device: str,
-    broker_port: int | None = None,
-    http: bool = True,
-    state_dir: Path | None = None,
+    state: Path,
+    root_json: Path,
+    broker_port: int,
+    labels: dict[str, str],
+    agent_cls: type[A],
+    http: bool = False,
     **overrides: Any,
-) -> Agent:
-    """Write a config for `device` (short socket path: AF_UNIX paths are limited to 108 bytes)."""
+) -> A:
+    """Write a fast-timing agent config for `device` beside its state dir; returns its handle.
+
+    The socket goes to a short temp dir (AF_UNIX paths are limited to 108 bytes)."""
     sock_dir = Path(tempfile.mkdtemp(prefix="efa-"))
-    state = state_dir or fleet.root / "devices" / device
     state.mkdir(parents=True, exist_ok=True)
     port = free_port() if http else None
     config: dict[str, Any] = {
         "device_id": device,
-        "cohorts": ["lab"],
-        "labels": {"test": "daemon"},
+        "labels": labels,
         "state_dir": str(state),
-        "bootstrap_root": str(fleet.repo.repo.metadata_dir / "1.root.json"),
+        "bootstrap_root": str(root_json),
         "topic_prefix": PREFIX,
         "mqtt": {
-            "port": broker_port or fleet.broker.port,
+            "port": broker_port,
             "reconnect_min_s": 0.05,
             "reconnect_max_s": 0.5,
             "connect_timeout_s": 2.0,
@@ -272,7 +277,21 @@ def make_agent(
     }
     path = state.parent / f"{device}.json"
     path.write_text(json.dumps(config, indent=1))
-    return Agent(device, path, state, sock_dir / "a.sock", port, state.parent / f"{device}.log")
+    return agent_cls(device, path, state, sock_dir / "a.sock", port, state.parent / f"{device}.log")
+
+
+def make_agent(
+    fleet: Fleet,
+    device: str,
+    broker_port: int | None = None,
+    http: bool = True,
+    state_dir: Path | None = None,
+    **overrides: Any,
+) -> Agent:
+    """An agent of the `lab` cohort for `fleet` (see `write_agent_config`)."""
+    return write_agent_config(
+        device, state_dir or fleet.root / "devices" / device, fleet.repo.repo.metadata_dir / "1.root.json",
+        broker_port or fleet.broker.port, {"test": "daemon"}, Agent, http, cohorts=["lab"], **overrides)
 
 
 def clone_state(src: Path, dest: Path) -> None:
