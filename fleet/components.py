@@ -64,6 +64,7 @@ from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.delta_builds import DeltaBuilds
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
@@ -278,18 +279,20 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
+        deltas = DeltaBuilds(DeltaCatalog(repo, DeltaPolicy(bases=delta_bases)))  # built off the tick
         elector = LeaderElector(lease_db, ttl_s=settings.cluster.leader_ttl_s, clock=now, owns_store=True,
                                 guarded=store)
         controller = RolloutController(store, repo, signer, publisher, clock=now,
                                        config=ControllerConfig(tick_s=cfg.controller_tick_s), metrics=metrics,
                                        leadership=elector, event_log=events,
-                                       deltas=DeltaCatalog(repo, DeltaPolicy(bases=delta_bases)))
+                                       deltas=deltas)
         elector.on_acquired = controller.wake
         monitor.active = elector.is_leader
         experiments = ExperimentDriver(store, repo, signer, publisher, tick_s=cfg.controller_tick_s * 2)
         experiments.active = elector.is_leader
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
-        components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+        components += [deltas, elector, monitor, controller, experiments, refresher,
+                       CrlRefresher(store, settings)]
     if publisher is not None and Role.INGEST in roles:
         publisher.on_reported(store.devices.on_reported)
         if controller is not None:

@@ -197,9 +197,21 @@ class DeltaCatalog:
         """Deltas to `full` from the `policy.bases` most common of `active_bundles` (ids in `index`)."""
         if self.policy.bases == 0:
             return {}
-        wanted = most_common_bases(active_bundles, f"{full.name}-{full.version}", self.policy.bases)
-        bases = [index[b] for b in wanted if b in index]
-        return self.ensure(full, bases)
+        return self.ensure(full, self.wanted(full, index, active_bundles))
+
+    def wanted(self, full: TargetRef, index: dict[str, TargetRef],
+               active_bundles: list[str | None]) -> list[TargetRef]:
+        """The `policy.bases` most common of `active_bundles` that `index` knows."""
+        chosen = most_common_bases(active_bundles, f"{full.name}-{full.version}", self.policy.bases)
+        return [index[b] for b in chosen if b in index]
+
+    def missing(self, full: TargetRef, index: dict[str, TargetRef],
+                active_bundles: list[str | None]) -> list[TargetRef]:
+        """The wanted bases with no published delta that were not tried yet (cheap: no build)."""
+        have = self.published(full.path)
+        return [b for b in self.wanted(full, index, active_bundles)
+                if f"{b.name}-{b.version}" not in have and b.path != full.path
+                and (full.sha256, f"{b.name}-{b.version}") not in self._tried]
 
     def published(self, full_path: str) -> dict[str, DeltaRef]:
         """Base bundle id -> delta, for every delta target of `full_path` in the signed targets."""

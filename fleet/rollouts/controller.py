@@ -384,6 +384,8 @@ class RolloutController:
         shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
         reports = self.records.reported_states([r.device_id for r in rows])
         deltas = self._deltas(ref, [rep.active_bundle for rep in reports.values()])
+        if deltas is None:  # being built off the tick: this rollout's devices wait a tick or two
+            return 0
         published: list[str] = []
         # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
         for i in range(0, len(rows), ASSIGN_BATCH):
@@ -414,8 +416,9 @@ class RolloutController:
         log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
         return len(published)
 
-    def _deltas(self, full: TargetRef, active_bundles: list[str | None]) -> dict[str, DeltaRef]:
-        """Deltas to `full` from what these devices run (built once per base); {} when disabled."""
+    def _deltas(self, full: TargetRef, active_bundles: list[str | None]) -> dict[str, DeltaRef] | None:
+        """Deltas to `full` from what these devices run (built once per base); {} when disabled,
+        None while they are being built."""
         if self.deltas is None:
             return {}
         try:

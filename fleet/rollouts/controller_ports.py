@@ -59,10 +59,11 @@ class DirectorIssuer(Protocol):
 
 
 class DeltaSource(Protocol):
-    """What the controller needs of `fleet.registry.deltas.DeltaCatalog`."""
+    """What the controller needs of `fleet.registry.deltas.DeltaCatalog` (or `DeltaBuilds`)."""
 
     def for_devices(self, full: TargetRef, index: dict[str, TargetRef],
-                    active_bundles: list[str | None]) -> dict[str, DeltaRef]: ...
+                    active_bundles: list[str | None]) -> dict[str, DeltaRef] | None:
+        """Base bundle id -> delta; None while they are still being built (assign later)."""
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ director documents only for agents that report the `delta` feature."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from agent.contract.bundle import write_bundle
 from agent.contract.delta import apply_delta, file_sha256
 from agent.contract.director import DirectorTrust, TargetRef, verify_director
 from fleet.registry import deltas as deltas_mod
+from fleet.registry.delta_builds import BuildJob, DeltaBuilds, delta_answer
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy, most_common_bases
 from fleet.rollouts.controller import ControllerConfig, RolloutController
 from fleet.rollouts.record_types import bundle_index
@@ -136,3 +138,72 @@ def test_controller_names_the_delta_only_for_agents_that_report_the_feature(
         assert doc.target.path == "models/mlp/mlp-2.0.0.efb"
     finally:
         store.close()
+
+
+def test_delta_answer_waits_for_a_running_build_only_within_its_time() -> None:
+    from concurrent.futures import Future
+
+    ref = TargetRef(path="models/mlp/mlp-1.0.0.efb", length=1, sha256="0" * 64, name="mlp", version="1.0.0")
+    running: Future[dict[str, Any]] = Future()
+    done: Future[dict[str, Any]] = Future()
+    done.set_result({})
+    assert delta_answer([], None, 0.0, 10.0) == "published"
+    assert delta_answer([], BuildJob(running, ("mlp-1.0.0",), 0.0), 1.0, 10.0) == "wait"  # mid-build
+    assert delta_answer([ref], None, 0.0, 10.0) == "build"
+    assert delta_answer([ref], BuildJob(running, ("mlp-1.0.0",), 0.0), 9.9, 10.0) == "wait"
+    assert delta_answer([ref], BuildJob(running, ("mlp-1.0.0",), 0.0), 10.0, 10.0) == "published"
+    # a finished job for these bases is not retried (what it could not build stays missing) ...
+    assert delta_answer([ref], BuildJob(done, ("mlp-1.0.0",), 0.0), 1.0, 10.0) == "published"
+    # ... but a base that appears later (devices of a later stage) gets a build of its own
+    assert delta_answer([ref], BuildJob(done, ("mlp-0.9.0",), 0.0), 1.0, 10.0) == "build"
+
+
+def test_controller_assigns_after_the_deltas_are_built_off_its_tick(
+        repo: Repository, tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = Store(tmp_path / "fleet.db", clock=clock)
+    builds = DeltaBuilds(DeltaCatalog(repo))
+    builds.start()
+    try:
+        store.models.create_model("mlp", "", "test")
+        for v in ("1.0.0", "2.0.0"):
+            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "test",
+                                          bundle_target=f"models/mlp/mlp-{v}.efb")
+        docs: dict[str, bytes] = {}
+
+        class Pub:
+            def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                                document: bytes) -> str:
+                assert device_id is not None
+                docs[device_id] = document
+                return device_id
+
+        signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
+        ctl = RolloutController(store, repo, signer, Pub(), clock, ControllerConfig(tick_s=0.05),
+                                deltas=builds)
+        store.devices.create("gw", {"env": "prod"}, {}, "gw", "$7$x", "test")
+        store.devices.record_reported_state("gw", {"state": "idle", "active_bundle": "mlp-1.0.0",
+                                                   "timestamp": clock.now, "features": ["delta"]})
+        store.rollouts.create("mlp:2.0.0", "env=prod", {"kind": "all_at_once"}, {}, "op")
+        ctl.tick()
+        assert docs == {}  # the delta is being built: nothing assigned, the tick did not wait for it
+        deadline = time.monotonic() + 60
+        while not docs and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ctl.tick()
+        assert set(docs) == {"gw"}
+        trust = DirectorTrust.from_root(repo.load("root").signed)
+        doc = verify_director(docs["gw"], trust, "gw", [], 0, datetime.now(UTC))
+        assert doc.delta is not None and doc.delta.base_bundle == "mlp-1.0.0"
+        # built once: a later call answers at once from the signed targets
+        index = bundle_index(repo)
+        assert builds.for_devices(index["mlp-2.0.0"], index, ["mlp-1.0.0"]) == {"mlp-1.0.0": doc.delta}
+    finally:
+        builds.stop()
+        store.close()
+
+
+def test_stopped_builds_fall_back_to_building_inline(repo: Repository) -> None:
+    index = bundle_index(repo)
+    found = DeltaBuilds(DeltaCatalog(repo)).for_devices(index["mlp-2.0.0"], index, ["mlp-1.0.0"])
+    assert found is not None and set(found) == {"mlp-1.0.0"}
