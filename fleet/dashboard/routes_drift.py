@@ -18,6 +18,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from fleet.api import alerts as alerts_api
 from fleet.api import telemetry as telemetry_api
 from fleet.api.deps import PageParams
 from fleet.dashboard.drift_views import VerdictCache, heat_view
@@ -52,7 +53,7 @@ def drift(request: Request, session: Dash, model: Label = "", version: Label = "
     ctx = telemetry_api.telemetry_context(request)
     principal = session.principal
     keys = ctx.telemetry.window_keys()
-    recent = telemetry_api.list_alerts(request, principal, PageParams(50, None)).items
+    recent = alerts_api.list_alerts(request, principal, PageParams(50, None)).items
     chosen = _pick(keys, model, version, cohort, [a.model_dump() for a in recent])
     summary = telemetry_api.drift(request, principal, PageParams(100, None), by_cohort=True,
                                   since=time.time() - SUMMARY_SPAN_S)
@@ -60,7 +61,7 @@ def drift(request: Request, session: Dash, model: Label = "", version: Label = "
     alerts: list[Any] = []
     if chosen is not None:
         view = heat_view(ctx, _cache(request), *chosen, feature or None)
-        alerts = telemetry_api.list_alerts(request, principal, PageParams(50, None), model=chosen[0],
+        alerts = alerts_api.list_alerts(request, principal, PageParams(50, None), model=chosen[0],
                                            version=chosen[1], cohort=chosen[2]).items
     series = dict(zip(("model", "version", "cohort"), chosen, strict=True)) if chosen else {}
     here = PREFIX + "/drift" + ("?" + urlencode(series) if series else "")  # an ack comes back here
@@ -81,7 +82,7 @@ def alerts(request: Request, session: Dash,
            cursor: Annotated[str | None, Query(max_length=256)] = None) -> HTMLResponse:
     """Every alert and retraining trigger, newest first, with its evidence (`GET /v1/alerts`)."""
     flag = {"yes": True, "no": False}.get(acked)
-    page = telemetry_api.list_alerts(request, session.principal, PageParams(50, cursor), kind=kind or None,
+    page = alerts_api.list_alerts(request, session.principal, PageParams(50, cursor), kind=kind or None,
                                      acked=flag)
     here = request.url.path + ("?" + request.url.query if request.url.query else "")
     ctx = {"page": "drift", "alerts": page.items, "next_cursor": page.next_cursor, "kind": kind,
@@ -93,8 +94,8 @@ def alerts(request: Request, session: Dash,
 async def ack(request: Request, session: Dash, alert_id: Annotated[int, Path(ge=1)]) -> object:
     """Acknowledge (operator; CSRF-checked) through the API's route function, then go back."""
     form = await checked_form(request, session)
-    body = telemetry_api.AckIn(note=form.get("note", "")[:MAX_NOTE])
-    await run_in_threadpool(telemetry_api.ack_alert, alert_id, body, request, store_of(request),
+    body = alerts_api.AckIn(note=form.get("note", "")[:MAX_NOTE])
+    await run_in_threadpool(alerts_api.ack_alert, alert_id, body, request, store_of(request),
                             session.principal)
     back = safe_next(form.get("next"))
     return redirect(back + ("&" if "?" in back else "?") + f"acked={alert_id}")
