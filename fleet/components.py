@@ -57,6 +57,9 @@ from agent.logs import log_event
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role
+from fleet.collection.driver import CollectionDriver, drift_episode_open
+from fleet.collection.ingest import DatasetIngest
+from fleet.collection.records import CollectionStore
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.event_log import DurableEvents, EventLog
 from fleet.delivery.publisher import Publisher, PublisherSettings
@@ -64,6 +67,7 @@ from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.datasets import DatasetStore
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
@@ -275,6 +279,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
+    datasets = DatasetStore(settings.telemetry_database, now)  # opt-in data collection (issue 13)
+    collections = CollectionStore(datasets.database, now)
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -290,6 +296,9 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         experiments.active = elector.is_leader
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+        components.append(CollectionDriver(collections, store, repo, signer, publisher,  # issue 13
+                                           lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
+                                           tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))
     if publisher is not None and Role.INGEST in roles:
         publisher.on_reported(store.devices.on_reported)
         if controller is not None:
@@ -300,5 +309,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         wake = controller.wake if controller is not None else None
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
+        components.append(DatasetIngest(datasets, collections, now, publisher.transport, publisher.topics,
+                                        settings.cluster.ingest_share_group if roles != ALL_ROLES else None))
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
                       experiments, refresher, components, elector, events)
