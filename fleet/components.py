@@ -222,6 +222,7 @@ class FleetParts:
     components: list[Component]
     elector: LeaderElector | None = None
     events: EventLog | None = None
+    datasets: DatasetStore | None = None  # collected dataset versions (closed by the dataset ingest)
 
     @property
     def api(self) -> ApiCollaborators:
@@ -281,6 +282,11 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
     controller = experiments = refresher = elector = None
     datasets = DatasetStore(settings.telemetry_database, now)  # opt-in data collection (issue 13)
     collections = CollectionStore(datasets.database, now)
+    takes = publisher if publisher is not None and Role.INGEST in roles else None  # subscribes dataset chunks
+    components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
+                                    takes.topics if takes else None,
+                                    settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
+                                    owns_store=True))  # started before, stopped after, the driver
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -309,7 +315,5 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         wake = controller.wake if controller is not None else None
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
-        components.append(DatasetIngest(datasets, collections, now, publisher.transport, publisher.topics,
-                                        settings.cluster.ingest_share_group if roles != ALL_ROLES else None))
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
-                      experiments, refresher, components, elector, events)
+                      experiments, refresher, components, elector, events, datasets)

@@ -132,6 +132,8 @@ class CollectionRunner:
     # --- rows ----------------------------------------------------------------------------------
     def offer(self, bundle_id: str, x: np.ndarray, y: np.ndarray | None) -> None:
         """Served rows of `bundle_id` (and its outputs: top-class confidence for a classifier)."""
+        if self.state is None:  # no policy (the common case): no lock, no copy
+            return
         with self._lock:
             if self.state is None or self.state["phase"] != "collecting" or bundle_id != self.state["bundle"]:
                 return

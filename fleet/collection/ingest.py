@@ -43,9 +43,10 @@ class DatasetIngest:
     def __init__(self, datasets: DatasetStore, collections: CollectionStore,
                  clock: Callable[[], float] = time.time,
                  transport: Transport | None = None, topics: Topics | None = None,
-                 share_group: str | None = None) -> None:
+                 share_group: str | None = None, owns_store: bool = False) -> None:
         self.datasets, self.collections, self.clock = datasets, collections, clock
         self.transport, self.topics, self.share_group = transport, topics, share_group
+        self.owns_store = owns_store  # close the dataset store at stop
         self._queue: queue.Queue[Message | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
 
@@ -104,3 +105,5 @@ class DatasetIngest:
             self._queue.put(None)
             self._thread.join(timeout=5.0)
             self._thread = None
+        if self.owns_store:
+            self.datasets.close()
