@@ -24,6 +24,11 @@ start order:
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
+Opt-in data collection (issue 13, `fleet/collection/`): the `dataset-ingest` component (ingest
+and controller roles; subscribes `.../devices/+/dataset` with the ingest role, owns the
+`DatasetStore`) and, behind the lease, the `collection-driver`, which signs collection
+policies into devices' director documents.
+
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
