@@ -24,6 +24,11 @@ start order:
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
+Opt-in data collection (issue 13, `fleet/collection/`): the `dataset-ingest` component (ingest
+and controller roles; subscribes `.../devices/+/dataset` with the ingest role, owns the
+`DatasetStore`) and, behind the lease, the `collection-driver`, which signs collection
+policies into devices' director documents.
+
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
@@ -57,6 +62,9 @@ from agent.logs import log_event
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role
+from fleet.collection.driver import CollectionDriver, drift_episode_open
+from fleet.collection.ingest import DatasetIngest
+from fleet.collection.records import CollectionStore
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.event_log import DurableEvents, EventLog
 from fleet.delivery.publisher import Publisher, PublisherSettings
@@ -64,6 +72,7 @@ from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.datasets import DatasetStore
 from fleet.registry.delta_builds import DeltaBuilds
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
@@ -219,6 +228,7 @@ class FleetParts:
     components: list[Component]
     elector: LeaderElector | None = None
     events: EventLog | None = None
+    datasets: DatasetStore | None = None  # collected dataset versions (closed by the dataset ingest)
 
     @property
     def api(self) -> ApiCollaborators:
@@ -276,6 +286,15 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
+    datasets = collections = None  # opt-in data collection (issue 13): ingest and controller roles
+    if roles & {Role.INGEST, Role.CONTROLLER}:
+        datasets = DatasetStore(settings.telemetry_database, now)
+        collections = CollectionStore(datasets.database, now)
+        takes = publisher if publisher is not None and Role.INGEST in roles else None  # subscribes chunks
+        components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
+                                        takes.topics if takes else None,
+                                        settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
+                                        owns_store=True))  # started before, stopped after, the driver
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -293,6 +312,10 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [deltas, elector, monitor, controller, experiments, refresher,
                        CrlRefresher(store, settings)]
+        assert collections is not None
+        components.append(CollectionDriver(collections, store, repo, signer, publisher,  # issue 13
+                                           lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
+                                           tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))
     if publisher is not None and Role.INGEST in roles:
         publisher.on_reported(store.devices.on_reported)
         if controller is not None:
@@ -304,4 +327,4 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
-                      experiments, refresher, components, elector, events)
+                      experiments, refresher, components, elector, events, datasets)

@@ -17,6 +17,7 @@ from fleet.api import (
     alerts,
     audit,
     bundles,
+    collections,
     devices,
     enrollment,
     experiments,
@@ -95,6 +96,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
         store.idempotency.purge(settings.limits.idempotency_ttl_seconds)
         forget_stored_secrets(store)  # plaintext an older version kept in replay records
         yield
+        collections.close_stores(app)
         if owned:
             store.close()
 
@@ -114,7 +116,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     install_error_handlers(app)
     document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit, telemetry, alerts, performance):
+                   keys, audit, telemetry, alerts, performance, collections):
         app.include_router(module.router)
     metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app
