@@ -39,6 +39,7 @@ from agent.durable_io import write_durably
 from agent.errors import ConfigError, UntrustedDataError
 from agent.runtimes import available_runtimes
 from agent.trust.client_cert import KeyAndCsr, check_issued, is_pem_certificates, new_key_and_csr
+from agent.trust.wrap_key import create_wrap_key, wrap_key_path
 
 TOKEN_ENV = "EDGEFLEET_ENROLL_TOKEN"  # noqa: S105 - the variable's name, not a secret
 URL_ENV = "EDGEFLEET_URL"
@@ -230,7 +231,8 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     root_path = (root_path or config_path.with_name("root.json")).absolute()
     cert = CertFiles.beside(config_path) if identity == "cert" else None
     broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
-    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+    for path in (config_path, root_path, wrap_key_path(state_dir.absolute()),
+                 *((cert.key, cert.cert, cert.ca) if cert else ()),
                  *(() if ca_file else (broker_ca_path,))):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
@@ -249,6 +251,11 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     pair = new_key_and_csr() if cert else None
     if pair is not None:
         facts["csr"] = pair.csr_pem
+    try:  # bundle encryption: the fleet wraps content keys for this key (agent.trust.wrap_key)
+        facts["wrap_public_key"] = create_wrap_key(state_dir.absolute())
+    except OSError as exc:
+        raise EnrollError(f"cannot write the wrap key under {state_dir}: {exc} "
+                          "(the token was not used)") from None
     answer = post_enroll(url, token.strip(), facts, timeout_s, fleet_ca_file)
     body = answer.body
     enrolled = f"device {body['device_id']} is enrolled: ask an operator to revoke it"
