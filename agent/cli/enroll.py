@@ -231,8 +231,8 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     root_path = (root_path or config_path.with_name("root.json")).absolute()
     cert = CertFiles.beside(config_path) if identity == "cert" else None
     broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
-    for path in (config_path, root_path, wrap_key_path(state_dir.absolute()),
-                 *((cert.key, cert.cert, cert.ca) if cert else ()),
+    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+                 wrap_key_path(state_dir.absolute()),
                  *(() if ca_file else (broker_ca_path,))):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
