@@ -28,7 +28,8 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 _Selector = Annotated[str, StringConstraints(max_length=2000)]
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "The version already exists"},
-    422: {"description": "Not a valid bundle or selector, not sealed, or no device of the cohort has a wrap key"},
+    422: {"description": "Not a valid bundle or selector, not sealed, or no device of the cohort "
+                         "has a wrap key"},
 }
 
 
@@ -65,7 +66,8 @@ def _wrap_out(result: WrapResult) -> WrapOut:
 
 
 @router.post("/{name}/versions/from-bundle/sealed", response_model=SealedVersionOut, status_code=201,
-             responses=_RESPONSES, summary="Register a version from a bundle, published encrypted for a cohort")
+             responses=_RESPONSES,
+             summary="Register a version from a bundle, published encrypted for a cohort")
 async def version_from_bundle_sealed(name: str, body: SealedImport, store: StoreDep, settings: SettingsDep,
                                      repo: RepositoryDep, who: Operator) -> JSONResponse:
     path = confined_file(settings.import_dir, body.path)

@@ -91,7 +91,8 @@ def test_sealed_publish_and_rewrap(tmp_path: Path) -> None:
             (settings.repo_dir / "targets" / "models").rglob("*")) if p.is_file())).hexdigest()
         _device(store, "dev-late", "lab", keys["dev-late"])
         store.devices.revoke("dev-b", "test")
-        res = client.post("/v1/models/mlp/versions/1.0.0/recipients", json={"selector": "site=lab"}, headers=auth)
+        res = client.post("/v1/models/mlp/versions/1.0.0/recipients", json={"selector": "site=lab"},
+                          headers=auth)
         assert res.status_code == 200, res.text
         assert res.json()["devices"] == ["dev-a", "dev-late"]
         assert repo.target_ref(target) == ref
@@ -107,7 +108,8 @@ def test_sealed_publish_and_rewrap(tmp_path: Path) -> None:
                             headers=auth)
         assert empty.status_code == 422 and "has a wrap key" in empty.text
         write_bundle(manifest_for("2.0.0", model, 5), model, settings.import_dir / "mlp-2.0.0.efb")
-        plain = client.post("/v1/models/mlp/versions/from-bundle", json={"path": "mlp-2.0.0.efb"}, headers=auth)
+        plain = client.post("/v1/models/mlp/versions/from-bundle", json={"path": "mlp-2.0.0.efb"},
+                            headers=auth)
         assert plain.status_code == 201, plain.text
         unsealed = client.post("/v1/models/mlp/versions/2.0.0/recipients", json={"selector": "site=lab"},
                                headers=auth)
