@@ -26,7 +26,6 @@ from typing import Any
 from agent.contract.bundle import read_manifest
 from agent.contract.envelope import WrappedKeys, parse_public_key, recipients_target, wrap_content_key
 from agent.contract.sealed import DEFAULT_CHUNK_BYTES, SCHEME, SealedHeader, new_content_key, seal_stream
-from agent.durable_io import fsync_dir, fsync_fd, write_durably
 from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.devices.selector import parse_selector
@@ -35,6 +34,7 @@ from fleet.errors import FleetInputError
 from fleet.registry.publish import REPO_LOCK, publish_bundle
 from fleet.registry.versions import ModelVersion
 from fleet.store import Store
+from fleet.trust.keys import atomic_write
 from fleet.trust.repository import Repository, sha256_file
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,11 @@ def seal_bundle(plain: Path, out: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
             header = seal_stream(src, dst, bundle_id=manifest.bundle_id, plaintext_bytes=size, key=key,
                                  chunk_bytes=chunk_bytes)
             dst.flush()
-            fsync_fd(dst.fileno())
+            os.fsync(dst.fileno())
         Path(tmp_name).replace(out)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    fsync_dir(out.parent)
     return header, key
 
 
@@ -86,7 +85,7 @@ def save_content_key(keys_dir: Path, sealed_sha256: str, key: bytes) -> None:
     if not keys_dir.is_dir():
         keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         keys_dir.chmod(0o700)
-    write_durably(keys_dir / f"{sealed_sha256}.key", key, mode=0o600)
+    atomic_write(keys_dir / f"{sealed_sha256}.key", key, mode=0o600)
 
 
 def load_content_key(keys_dir: Path, sealed_sha256: str) -> bytes:
