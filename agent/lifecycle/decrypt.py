@@ -19,6 +19,7 @@ that cannot be fetched is a `MisuseError` here (the lifecycle fetches again with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -48,6 +49,14 @@ from agent.logs import log_event
 from agent.trust.wrap_key import load_wrap_key
 
 log = logging.getLogger(__name__)
+#: Written into a sealed bundle's extraction directory (so inside its slot): the slot's plaintext
+#: must never be rebuilt into a bundle file elsewhere (`agent.lifecycle.delta_fetch` skips it).
+SEALED_MARKER = "sealed.json"
+
+
+def is_sealed_slot(slot_root: Path) -> bool:
+    """Whether the slot at `slot_root` was installed from a sealed bundle."""
+    return (slot_root / SEALED_MARKER).is_file() or any(slot_root.glob(f"*/{SEALED_MARKER}"))
 
 
 class TargetSource(Protocol):
@@ -130,6 +139,7 @@ class SealingExtractor:
         if out.manifest.bundle_id != header.bundle_id:
             raise BundleEncryptionError(f"sealed header names {header.bundle_id}, its manifest "
                                         f"{out.manifest.bundle_id}")
+        (out.root / SEALED_MARKER).write_text(json.dumps({"sealed_sha256": want}))  # fsynced by the slot
         log_event(log, "bundle.unsealed", bundle=header.bundle_id, sha256=want)
         return ExtractedBundle(out.manifest, out.root, out.model_path, want, size)
 

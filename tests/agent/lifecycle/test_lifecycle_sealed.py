@@ -23,6 +23,8 @@ from agent.contract.sealed import MAGIC, TAG_BYTES, read_header
 from agent.errors import BundleEncryptionError, BundleNotForThisDeviceError, MisuseError
 from agent.lifecycle import DesiredTarget, Lifecycle, LifecycleConfig, SealingExtractor, Slots, State
 from agent.lifecycle.decrypt import sealing_extractor
+from agent.lifecycle.delta_fetch import fetch_by_delta
+from agent.lifecycle.state_store import DesiredDelta
 from agent.serving.model_holder import ModelHolder
 from agent.trust.wrap_key import create_wrap_key, load_wrap_key, wrap_key_path
 from fleet.registry.sealing import seal_bundle
@@ -199,6 +201,18 @@ def test_the_right_recipient_extracts(tmp_path: Path, world: World) -> None:
     slot = Slots(tmp_path / "state").install("mlp-2.0.0", bundle, lambda s, d: ex(
         s, d, expected_sha256=world.v2.ref.sha256, expected_length=len(data)))
     assert slot.model_path.read_bytes() == world.v2.model
+    # a delta from this slot would rebuild its plaintext into downloads/: never offered a chance
+
+    class _NoDelta:
+        def download_delta(self, delta: TargetRef, full: TargetRef) -> Path:
+            raise AssertionError("a sealed slot must not be rebuilt for a delta")
+
+    slots = Slots(tmp_path / "state")
+    delta = DesiredDelta("deltas/x.efd", 10, "0" * 64, "mlp-2.0.0", world.v2.ref.sha256, "bsdiff")
+    d = DesiredTarget(**{**world.v3.ref.__dict__, "delta": delta})
+    assert fetch_by_delta(_NoDelta(), slots, "mlp-2.0.0", d, TargetRef(
+        path=d.path, length=d.length, sha256=d.sha256)) is None
+    assert list(slots.downloads.iterdir()) == []
 
 
 @pytest.mark.integration
