@@ -22,7 +22,8 @@ from fleet.api.bundles import confined_file, initialised
 from fleet.api.deps import RepositoryDep, SettingsDep, StoreDep
 from fleet.api.schemas import VersionOut
 from fleet.errors import FleetInputError
-from fleet.registry.sealing import WrapResult, content_keys_dir, publish_sealed, wrap_for_cohort
+from fleet.registry.sealed_manifest import content_keys_dir
+from fleet.registry.sealing import WrapResult, publish_sealed, wrap_for_cohort
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 _Selector = Annotated[str, StringConstraints(max_length=2000)]

@@ -40,11 +40,6 @@ from fleet.trust.repository import Repository, sha256_file
 log = logging.getLogger(__name__)
 
 
-def content_keys_dir(data_dir: Path) -> Path:
-    """Where the fleet keeps sealed bundles' content keys (secrets, like `keys/`)."""
-    return Path(data_dir) / "content-keys"
-
-
 @dataclass(frozen=True)
 class WrapResult:
     """What one (re-)wrap published."""

@@ -22,7 +22,8 @@ from agent.errors import BundleNotForThisDeviceError
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.devices.wrap_keys import store_wrap_key
-from fleet.registry.sealing import content_keys_dir
+from fleet.registry.sealed_manifest import content_keys_dir, read_published_manifest
+from fleet.rollouts.compatibility import interface_of
 from fleet.settings import FleetSettings
 from fleet.store import Store
 from fleet.trust.keys import KeyStore
@@ -79,6 +80,11 @@ def test_sealed_publish_and_rewrap(tmp_path: Path) -> None:
             info = repo.load("targets").signed.targets[recipients_target(sha)]
             name = f"{info.hashes['sha256']}.{sha}.json"
             return (settings.repo_dir / "targets" / "recipients" / name).read_bytes()
+
+        # the fleet's own readers (drift profile, compatibility) still see the manifest
+        stored = settings.repo_dir / "targets" / "models" / "mlp" / f"{sha}.mlp-1.0.0.efb"
+        assert read_published_manifest(settings.repo_dir, stored) == manifest_for("1.0.0", model, 5)
+        assert interface_of(repo, ref).inputs == ("x:float32[?,32]",)
 
         doc = parse_wrapped_keys(recipients(), sha)
         key_a = unwrap_content_key(doc, keys["dev-a"], "dev-a")
