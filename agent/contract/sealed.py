@@ -24,14 +24,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import struct
-from typing import Annotated, BinaryIO, Literal
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Literal
 
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe
 from agent.errors import BundleEncryptionError, MisuseError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"EFSEAL\x00\x01"
 SCHEME: Literal["edgefleet-seal-v1"] = "edgefleet-seal-v1"
@@ -69,6 +70,13 @@ class SealedHeader(StrictStruct, frozen=True, kw_only=True):
 def is_sealed(head: bytes) -> bool:
     """Whether a file starting with `head` (at least 8 bytes) is a sealed bundle."""
     return head.startswith(MAGIC)
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    # lazy: cryptography costs the idle daemon MBs of RSS; only an install of a sealed bundle needs it
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
 
 
 def _nonce_and_aad(header_digest: bytes, index: int, final: bool) -> tuple[bytes, bytes]:
@@ -113,7 +121,7 @@ class SealedReader(io.RawIOBase):
         self.header, header_bytes = read_header(raw)
         self._sha.update(header_bytes)
         self._digest = hashlib.sha256(header_bytes).digest()
-        self._aead = AESGCM(key)
+        self._aead = _aesgcm(key)
         self._index = 0
         self._left = self.header.plaintext_bytes  # plaintext still to decrypt
         self._buffer = memoryview(b"")
@@ -149,6 +157,8 @@ class SealedReader(io.RawIOBase):
             raise BundleEncryptionError(f"sealed bundle is truncated in chunk {self._index}")
         self._sha.update(sealed)
         nonce, aad = _nonce_and_aad(self._digest, self._index, final)
+        from cryptography.exceptions import InvalidTag  # lazy: see _aesgcm
+
         try:
             plain = self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
@@ -208,7 +218,7 @@ def seal_stream(src: BinaryIO, out: BinaryIO, *, bundle_id: str, plaintext_bytes
     header_bytes = header.to_json()
     out.write(MAGIC + _LEN.pack(len(header_bytes)) + header_bytes)
     digest = hashlib.sha256(MAGIC + _LEN.pack(len(header_bytes)) + header_bytes).digest()
-    aead = AESGCM(key)
+    aead = _aesgcm(key)
     left = plaintext_bytes
     for index in range(header.chunks):
         size = min(left, chunk_bytes)
@@ -225,4 +235,4 @@ def seal_stream(src: BinaryIO, out: BinaryIO, *, bundle_id: str, plaintext_bytes
 
 def new_content_key() -> bytes:
     """A fresh random AES-256 content key (one per sealed bundle)."""
-    return AESGCM.generate_key(bit_length=256)
+    return os.urandom(KEY_BYTES)

@@ -25,9 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
-
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from agent.contract.bundle import (
     DEFAULT_LIMITS,
@@ -37,7 +35,6 @@ from agent.contract.bundle import (
     extract_stream,
 )
 from agent.contract.director import TargetRef
-from agent.contract.envelope import parse_wrapped_keys, recipients_target, unwrap_content_key
 from agent.contract.sealed import SealedReader, is_sealed, read_header
 from agent.errors import (
     BundleEncryptionError,
@@ -46,7 +43,9 @@ from agent.errors import (
     TransportError,
 )
 from agent.logs import log_event
-from agent.trust.wrap_key import load_wrap_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 log = logging.getLogger(__name__)
 #: Written into a sealed bundle's extraction directory (so inside its slot): the slot's plaintext
@@ -88,19 +87,21 @@ class SealingExtractor:
 
     def content_key(self, sealed_sha256: str, bundle_id: str) -> bytes:
         """This device's content key of the sealed file `sealed_sha256`, from its recipients."""
+        from agent.contract import envelope  # lazy: cryptography's X25519 stays out of the idle daemon
+
         try:
-            doc_path = self.trust.download_target(recipients_target(sealed_sha256))
+            doc_path = self.trust.download_target(envelope.recipients_target(sealed_sha256))
             data = doc_path.read_bytes()
         except (TransportError, OSError) as exc:
             raise MisuseError(f"cannot fetch the recipients of {bundle_id}: {exc}") from exc
-        doc = parse_wrapped_keys(data, sealed_sha256)
+        doc = envelope.parse_wrapped_keys(data, sealed_sha256)
         if doc.bundle_id != bundle_id:
             raise BundleEncryptionError(f"recipients document names {doc.bundle_id}, the file {bundle_id}")
         try:
             private = self.private_key()
         except MisuseError as exc:  # no wrap key: this device can open no sealed bundle
             raise BundleNotForThisDeviceError(f"bundle {bundle_id} is encrypted and {exc}") from exc
-        return unwrap_content_key(doc, private, self.device_id)
+        return envelope.unwrap_content_key(doc, private, self.device_id)
 
     def unseal(self, bundle: Path, dest: Path, expected_sha256: str | None,
                expected_length: int | None) -> ExtractedBundle:
@@ -146,4 +147,10 @@ class SealingExtractor:
 
 def sealing_extractor(trust: TargetSource, device_id: str, state_dir: Path) -> SealingExtractor:
     """The daemon's extractor: this device's wrap key from `state_dir` (`agent.trust.wrap_key`)."""
-    return SealingExtractor(trust, device_id, lambda: load_wrap_key(state_dir))
+
+    def private_key() -> X25519PrivateKey:
+        from agent.trust.wrap_key import load_wrap_key  # lazy: cryptography, only for a sealed bundle
+
+        return load_wrap_key(state_dir)
+
+    return SealingExtractor(trust, device_id, private_key)
