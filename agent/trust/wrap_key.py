@@ -5,7 +5,7 @@ the agent's state directory; the public half goes to the fleet in the enrollment
 (`wrap_public_key`, base64 of the raw 32 bytes). It never leaves the device and is never logged.
 
 Errors: `load_wrap_key` raises `MisuseError` (missing, unreadable or not an X25519 key, or
-readable by others); `create_wrap_key` raises `OSError`.
+readable by others); `write_wrap_key` and `create_wrap_key` raise `OSError`.
 """
 
 from __future__ import annotations
@@ -31,15 +31,28 @@ def wrap_key_path(state_dir: Path) -> Path:
     return Path(state_dir) / "keys" / WRAP_KEY_FILE
 
 
-def create_wrap_key(state_dir: Path) -> str:
-    """Make a new key pair (replacing any old one); return the public key as base64."""
+def new_wrap_key() -> tuple[bytes, str]:
+    """A new key pair in memory: (the private key as PKCS#8 PEM, the public key as base64)."""
+    key = X25519PrivateKey.generate()
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    return pem, b64(public_key_raw(key.public_key()))
+
+
+def write_wrap_key(state_dir: Path, pem: bytes) -> Path:
+    """Write the private key 0600 into `<state_dir>/keys/` (0700), replacing any old one."""
     path = wrap_key_path(state_dir)
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.chmod(0o700)
-    key = X25519PrivateKey.generate()
-    write_durably(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()), mode=0o600)
-    return b64(public_key_raw(key.public_key()))
+    write_durably(path, pem, mode=0o600)
+    return path
+
+
+def create_wrap_key(state_dir: Path) -> str:
+    """Make and write a new key pair (replacing any old one); return the public key as base64."""
+    pem, public = new_wrap_key()
+    write_wrap_key(state_dir, pem)
+    return public
 
 
 def load_wrap_key(state_dir: Path) -> X25519PrivateKey:

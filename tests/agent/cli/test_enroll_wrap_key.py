@@ -19,6 +19,7 @@ from agent.config import load_config
 from agent.contract.envelope import public_key_raw
 from agent.trust.wrap_key import load_wrap_key, wrap_key_path
 from fleet.devices.wrap_keys import for_devices
+from tests.support.broker import free_port
 from tests.support.running_fleet import RunningFleet, running_fleet
 
 
@@ -68,3 +69,13 @@ def test_password_enrollment_makes_and_registers_a_wrap_key(tmp_path: Path) -> N
 def test_certificate_enrollment_makes_and_registers_a_wrap_key(tmp_path: Path) -> None:
     with running_fleet(tmp_path / "fleet", device_cert_broker_url="mqtts://127.0.0.1:18884") as fleet:
         _check_key(fleet, tmp_path, _enroll(fleet, tmp_path, "--identity", "cert"))
+
+
+@pytest.mark.integration
+def test_a_failed_enrollment_leaves_no_wrap_key(tmp_path: Path) -> None:
+    result = CliRunner().invoke(agent_group, [
+        "enroll", "--url", f"http://127.0.0.1:{free_port()}", "--token", "eft_x", "--timeout", "2",
+        "--config", str(tmp_path / "etc" / "agent.json"), "--state-dir", str(tmp_path / "state")],
+        env={"EDGEFLEET_ENROLL_TOKEN": ""})
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert not wrap_key_path(tmp_path / "state").exists()
