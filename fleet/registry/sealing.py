@@ -103,9 +103,14 @@ def publish_sealed(store: Store, repo: Repository, keys_dir: Path, bundle: Path,
             _, key = seal_bundle(Path(bundle), sealed, chunk_bytes)
         except EdgefleetError as exc:
             raise FleetInputError(f"bundle {Path(bundle).name} is not valid: {exc}") from None
-        save_content_key(keys_dir, sha256_file(sealed), key)
-        version = publish_bundle(store, repo, Path(bundle), model, actor, create_model, source=source,
-                                 description=description, published=sealed)
+        sha = sha256_file(sealed)
+        save_content_key(keys_dir, sha, key)
+        try:
+            version = publish_bundle(store, repo, Path(bundle), model, actor, create_model, source=source,
+                                     description=description, published=sealed)
+        except BaseException:  # nothing was published: no key to keep
+            (keys_dir / f"{sha}.key").unlink(missing_ok=True)
+            raise
     assert version.bundle_target is not None
     return version, wrap_for_cohort(store, repo, keys_dir, version.bundle_target, selector, actor)
 

@@ -75,6 +75,9 @@ def test_sealed_publish_and_rewrap(tmp_path: Path) -> None:
         files = [p for p in settings.repo_dir.rglob("*") if p.is_file()]
         assert files and not [p for p in files if needle in p.read_bytes()]
         assert not [p for p in content_keys_dir(settings.data_dir).iterdir() if p.stat().st_mode & 0o077]
+        again = client.post("/v1/models/mlp/versions/from-bundle/sealed", json=body, headers=auth)
+        assert again.status_code == 409  # the version exists; no orphan content key is left
+        assert len(list(content_keys_dir(settings.data_dir).iterdir())) == 1
 
         def recipients() -> bytes:
             info = repo.load("targets").signed.targets[recipients_target(sha)]
