@@ -43,6 +43,18 @@ class BundleManifestError(BundleError, ManifestError):
     """The manifest inside a bundle is malformed (catchable as either parent)."""
 
 
+class BundleEncryptionError(BundleError):
+    """An encrypted (sealed) bundle or its wrapped keys failed authentication or are malformed.
+
+    Tampered, truncated or reordered ciphertext chunks, a wrapped key made for another bundle,
+    a recipients document that names another ciphertext. Nothing is installed.
+    """
+
+
+class BundleNotForThisDeviceError(BundleEncryptionError):
+    """An encrypted bundle carries no content key wrapped for this device's key (another cohort)."""
+
+
 class TrustError(UntrustedDataError):
     """TUF verification of metadata or a target failed (signature, expiry, rollback, hash)."""
 

@@ -39,6 +39,7 @@ from agent.durable_io import write_durably
 from agent.errors import ConfigError, UntrustedDataError
 from agent.runtimes import available_runtimes
 from agent.trust.client_cert import KeyAndCsr, check_issued, is_pem_certificates, new_key_and_csr
+from agent.trust.wrap_key import new_wrap_key, wrap_key_path, write_wrap_key
 
 TOKEN_ENV = "EDGEFLEET_ENROLL_TOKEN"  # noqa: S105 - the variable's name, not a secret
 URL_ENV = "EDGEFLEET_URL"
@@ -231,6 +232,7 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     cert = CertFiles.beside(config_path) if identity == "cert" else None
     broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
     for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+                 wrap_key_path(state_dir.absolute()),
                  *(() if ca_file else (broker_ca_path,))):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
@@ -249,6 +251,7 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     pair = new_key_and_csr() if cert else None
     if pair is not None:
         facts["csr"] = pair.csr_pem
+    wrap_pem, facts["wrap_public_key"] = new_wrap_key()  # bundle encryption (agent.trust.wrap_key)
     answer = post_enroll(url, token.strip(), facts, timeout_s, fleet_ca_file)
     body = answer.body
     enrolled = f"device {body['device_id']} is enrolled: ask an operator to revoke it"
@@ -264,6 +267,10 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
         write_private(broker_ca_path, broker_ca.encode())
     if cert is not None and pair is not None:
         _write_identity(body, pair, cert, enrolled)
+    try:
+        write_wrap_key(state_dir.absolute(), wrap_pem)
+    except OSError as exc:
+        raise EnrollError(f"cannot write the wrap key under {state_dir}: {exc} ({enrolled})") from None
     root = body.get("tuf_root")
     if root is not None:
         write_private(root_path, json.dumps(root, indent=1).encode() + b"\n")

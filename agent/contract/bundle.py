@@ -20,7 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -52,6 +52,7 @@ __all__ = [
     "ExtractedBundle",
     "bundle_digest",
     "extract_bundle",
+    "extract_stream",
     "read_manifest",
     "rebuild_bundle",
     "write_bundle",
@@ -119,6 +120,15 @@ def _open_raw(bundle: Path | bytes, limits: BundleLimits) -> Iterator[BinaryIO]:
         raw.close()
 
 
+def _check_dest(dest: Path) -> Path:
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        raise MisuseError(f"extraction destination {dest} already exists")
+    if not dest.parent.is_dir():
+        raise MisuseError(f"extraction destination's parent {dest.parent} is not a directory")
+    return dest
+
+
 def extract_bundle(
     bundle: Path,
     dest: Path,
@@ -138,11 +148,7 @@ def extract_bundle(
     Raises `BundleError` (unsafe, malformed, over a limit, tampered or not the signed file),
     `BundleManifestError` (invalid manifest) or `MisuseError` (`dest` exists, file missing).
     """
-    dest = Path(dest)
-    if dest.exists() or dest.is_symlink():
-        raise MisuseError(f"extraction destination {dest} already exists")
-    if not dest.parent.is_dir():
-        raise MisuseError(f"extraction destination's parent {dest.parent} is not a directory")
+    dest = _check_dest(dest)
     if expected_sha256 is not None:
         expected_sha256 = expected_sha256.removeprefix("sha256:").lower()
     with _open_raw(bundle, limits) as raw:
@@ -150,27 +156,48 @@ def extract_bundle(
             size = os.fstat(raw.fileno()).st_size
             if size != expected_length:
                 raise BundleError(f"bundle is {size} bytes but the signed length is {expected_length}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-        try:
-            with HashingReader(raw, limits.max_bundle_bytes) as reader:
-                manifest, model_path = _extract_members(reader, tmp, limits, durable)
-                reader.drain_zeros(limits.max_trailing_bytes, limits.chunk_bytes)
-                digest = reader.hexdigest()
-            if expected_length is not None and reader.pos != expected_length:
-                raise BundleError(
-                    f"bundle read {reader.pos} bytes but the signed length is {expected_length}"
-                )
+
+        def check(pos: int, digest: str) -> None:
+            if expected_length is not None and pos != expected_length:
+                raise BundleError(f"bundle read {pos} bytes but the signed length is {expected_length}")
             if expected_sha256 is not None and digest != expected_sha256:
                 raise BundleError("bundle sha256 disagrees with the signed hash (tampered or wrong file)")
-            tmp.chmod(0o755)
-            if durable:  # the members' names: an fsync of the parent below covers only `dest`
-                fsync_dir(tmp)
-            tmp.replace(dest)
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(exc, BundleError):
-                log_event(log, "bundle.refused", logging.WARNING, bundle=str(bundle), reason=str(exc))
-            raise
+
+        return extract_stream(raw, dest, limits, durable=durable, check=check, label=str(bundle))
+
+
+def extract_stream(
+    raw: BinaryIO,
+    dest: Path,
+    limits: BundleLimits = DEFAULT_LIMITS,
+    *,
+    durable: bool = True,
+    check: Callable[[int, str], None] | None = None,
+    label: str = "stream",
+) -> ExtractedBundle:
+    """`extract_bundle` over a forward-only stream of plain bundle bytes (e.g. a decrypting one).
+
+    `check(bytes_read, sha256_hex)` runs after the archive was read and before the rename (it
+    raises to refuse). Raises like `extract_bundle`.
+    """
+    dest = _check_dest(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        with HashingReader(raw, limits.max_bundle_bytes) as reader:
+            manifest, model_path = _extract_members(reader, tmp, limits, durable)
+            reader.drain_zeros(limits.max_trailing_bytes, limits.chunk_bytes)
+            digest = reader.hexdigest()
+        if check is not None:
+            check(reader.pos, digest)
+        tmp.chmod(0o755)
+        if durable:  # the members' names: an fsync of the parent below covers only `dest`
+            fsync_dir(tmp)
+        tmp.replace(dest)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, BundleError):
+            log_event(log, "bundle.refused", logging.WARNING, bundle=label, reason=str(exc))
+        raise
     if durable:
         fsync_dir(dest.parent)
     log_event(log, "bundle.extracted", bundle_id=manifest.bundle_id, dest=str(dest), sha256=digest)

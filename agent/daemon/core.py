@@ -50,7 +50,7 @@ from agent.errors import (
     UnknownDirectorKeyError,
     UntrustedDataError,
 )
-from agent.lifecycle import Lifecycle, LifecycleConfig
+from agent.lifecycle import Lifecycle, LifecycleConfig, sealing_extractor
 from agent.lifecycle.machine import State
 from agent.lifecycle.resources import ResourcePolicy
 from agent.lifecycle.state_store import StateRecord
@@ -144,7 +144,7 @@ class AgentDaemon:
             self.holder,
             self.trust,
             emit=self._on_lifecycle_event,
-            load=self.catalog.load,
+            load=self.catalog.load, extract=sealing_extractor(self.trust, c.device_id, self.state_dir),
         )
         self.lifecycle.machine.store = ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
         self.gate = DirectorGate(self.state_dir / "director.json", c.device_id, c.cohorts,

@@ -1,5 +1,6 @@
 """Install / activate / rollback lifecycle of model bundles (see docs/lifecycle.md)."""
 
+from agent.lifecycle.decrypt import SealingExtractor, sealing_extractor
 from agent.lifecycle.install import EventSink, LifecycleConfig, LifecycleContext, TrustSource
 from agent.lifecycle.machine import STABLE_STATES, TRANSITIONS, Event, Machine, State
 from agent.lifecycle.runner import Lifecycle
@@ -16,9 +17,11 @@ __all__ = [
     "LifecycleConfig",
     "LifecycleContext",
     "Machine",
+    "SealingExtractor",
     "Slots",
     "State",
     "StateRecord",
     "StateStore",
     "TrustSource",
+    "sealing_extractor",
 ]

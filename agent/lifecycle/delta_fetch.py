@@ -24,6 +24,7 @@ from agent.contract.bundle_checks import MANIFEST_NAME
 from agent.contract.delta import apply_delta
 from agent.contract.director import TargetRef
 from agent.errors import EdgefleetError, MisuseError
+from agent.lifecycle.decrypt import is_sealed_slot
 from agent.lifecycle.slots import SLOT_FILE, Slots
 from agent.lifecycle.state_store import DesiredTarget
 from agent.logs import log_event
@@ -72,6 +73,8 @@ def fetch_by_delta(
     if delta is None or not isinstance(trust, DeltaTrustSource):
         return None
     if active is None or delta.base_bundle != active or not slots.has(active):
+        return None
+    if is_sealed_slot(slots.path(active)):  # its plaintext is never rebuilt outside the slot
         return None
     ref = TargetRef(path=delta.path, length=delta.length, sha256=delta.sha256)
     base = slots.downloads / f".base-{d.bundle_id}.efb"

@@ -18,7 +18,7 @@ from fleet.devices.broker_reload import reload_broker
 from fleet.devices.enrollment import CertRequest, create_enrollment_token, enroll_device, load_broker_ca
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.settings import FleetSettings
-from fleet.trust.device_ca import DeviceCA
+from fleet.trust.device_ca import DeviceCA, parse_csr
 
 router = APIRouter(prefix="/v1", tags=["enrollment"])
 
@@ -61,7 +61,9 @@ def enrollment_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depen
 def cert_request(settings: FleetSettings, csr: str) -> CertRequest:
     """What a CSR enrollment needs from the fleet's set-up.
 
-    Raises FleetMisuseError (503): no device CA, no mutual-TLS URL."""
+    Raises FleetInputError (422): a malformed CSR, whatever the set-up; FleetMisuseError (503): no
+    device CA, no mutual-TLS URL."""
+    parse_csr(csr)
     url = settings.device_cert_broker
     if url is None:
         raise FleetMisuseError("certificate enrollment needs the broker's mutual-TLS listener: set "

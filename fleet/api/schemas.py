@@ -190,6 +190,9 @@ class EnrollIn(_In):
     csr: Annotated[str, StringConstraints(max_length=16 * 1024)] | None = Field(default=None, description=(
         "PEM certificate signing request over a key made on the device: ask for a client certificate "
         "(CN = the assigned device id, whatever the CSR's subject says) instead of a broker password"))
+    wrap_public_key: Annotated[str, StringConstraints(max_length=64)] | None = Field(default=None, description=(  # noqa: E501
+        "base64 of the raw 32-byte X25519 public key sealed bundles' content keys are wrapped for "
+        "(made on the device; see docs/trust.md, Bundle encryption)"))
 
 
 class BrokerCredentials(BaseModel):

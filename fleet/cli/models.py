@@ -29,6 +29,7 @@ from agent.contract.bundle import read_manifest
 from agent.errors import EdgefleetError
 from fleet.cli.api_client import EXIT_CONFLICT, EXIT_NOT_FOUND, ApiError
 from fleet.cli.api_output import CONTEXT, Column, Session, api_command, limit_option, quote
+from fleet.cli.sealed import publish_sealed_command, rewrap_command
 from fleet.errors import NotFound
 
 STAGES = ("registered", "staging", "canary", "production", "archived")
@@ -246,3 +247,7 @@ def import_mlflow(s: Session, source: str, model: str, version: str, reference_d
 
 if __name__ == "__main__":  # `python -m fleet.cli.models ...`, also without the installed entry point
     group(prog_name="edgefleet models")
+
+
+group.add_command(publish_sealed_command)  # bundle encryption (fleet.cli.sealed)
+group.add_command(rewrap_command)

@@ -267,6 +267,13 @@ device_events = Table(  # each device event once per (device, seq), whichever wo
     Column("handled_token", BigInteger),
     sa.Index("device_events_open", "handled_at", "received_at"),
 )
+device_wrap_keys = Table(  # each device's X25519 key sealed bundles are wrapped for (store_0009)
+    "device_wrap_keys", STORE,
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("public_key", Text, nullable=False),  # base64 of the raw 32 bytes
+    Column("key_id", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------
 telemetry_windows = Table(

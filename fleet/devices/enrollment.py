@@ -33,6 +33,7 @@ from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
 from fleet.db.rows import iso
 from fleet.devices.inventory import CertificateFacts
+from fleet.devices.wrap_keys import check_public_key, store_wrap_key
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.store import Store
 from fleet.trust.device_ca import DeviceCA, parse_csr
@@ -161,6 +162,9 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     for key in ("agent_version", "architecture"):
         if facts.get(key) is not None and not isinstance(facts[key], str):
             raise FleetInputError(f"{key} must be a string")
+    wrap_key = facts.get("wrap_public_key")
+    if wrap_key is not None:  # bundle encryption (fleet.devices.wrap_keys): checked before the token is spent
+        check_public_key(wrap_key)
     root = load_trusted_root(repo_dir)
     device_id = "dev-" + secrets.token_hex(8)
     password: str | None = None
@@ -179,6 +183,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
         device = store.devices.create(device_id, tok.labels, facts, device_id,
                                       mosquitto_password_hash(password) if password else "",
                                       f"enrollment-token:{tok.id}", certificate=facts_of_cert)
+        if wrap_key is not None:
+            store_wrap_key(store, device_id, wrap_key)
     sync_broker_credentials(store, passwd_path)
     return {
         "device_id": device_id,

@@ -44,12 +44,14 @@ def target_path_for(name: str, version: str) -> str:
 
 def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, actor: str,
                    create_model: bool = True, *, source: dict[str, Any] | None = None,
-                   description: str | None = None) -> ModelVersion:
+                   description: str | None = None, published: Path | None = None) -> ModelVersion:
     """Check `bundle`, publish it as a TUF target and register it as a version of `model`
     (or attach it to that version when it was registered without a bundle).
 
     `source` adds to the lineage's `source` record (an MLflow run), `description` is the
-    model's when it is created here. Raises `FleetInputError` (not a valid bundle, bundle of
+    model's when it is created here. `published` is the file put in the repository instead of
+    `bundle` (its sealed form, `fleet.registry.sealing`: the checks run on the plain bundle).
+    Raises `FleetInputError` (not a valid bundle, bundle of
     another model), `NotFound` (no such model and `create_model` is false) and `Conflict` (the
     version has a bundle, or records another artifact).
     """
@@ -81,13 +83,14 @@ def publish_bundle(store: Store, repo: Repository, bundle: Path, model: str, act
                        "version")
     path = target_path_for(model, manifest.version)
     with REPO_LOCK:
-        repo.add_target(Path(bundle), path, {"name": manifest.name, "version": manifest.version})
+        repo.add_target(Path(published or bundle), path, {"name": manifest.name, "version": manifest.version})
     if existing is not None:
         return store.models.set_bundle_target(model, manifest.version, path, actor)
     # Everything the manifest says about lineage and quantization (the gate's figures included):
     # versions are immutable, so what is not copied now is lost to the registry for good.
     lineage: dict[str, Any] = {
-        "source": {**(source or {}), "bundle_sha256": sha256_file(Path(bundle)), "bundle_target": path},
+        "source": {**(source or {}), "bundle_sha256": sha256_file(Path(published or bundle)),
+                   "bundle_target": path},
         "metrics": dict(manifest.lineage.metrics),
         "hyperparameters": dict(manifest.lineage.hyperparameters),
         "quantization": manifest.quantization.model_dump(mode="json"),

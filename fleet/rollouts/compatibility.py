@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.contract.bundle import read_manifest
 from agent.contract.director import TargetRef
 from agent.contract.manifest import TensorSpec
 from agent.errors import EdgefleetError
 from fleet.devices.selector import parse_selector
 from fleet.errors import Conflict
+from fleet.registry.sealed_manifest import read_published_manifest
 from fleet.rollouts.record_types import bundle_index
 from fleet.rollouts.records import RolloutRecords
 
@@ -58,7 +58,7 @@ def interface_of(repository: Repository, ref: TargetRef) -> ModelInterface:
     dirname, _, basename = ref.path.rpartition("/")
     path = Path(repository.targets_dir) / dirname / f"{ref.sha256}.{basename}"
     try:
-        manifest = read_manifest(path)
+        manifest = read_published_manifest(repository.repo_dir, path)  # a sealed one too
     except (EdgefleetError, OSError):
         return ModelInterface(ref.name)
     return ModelInterface(ref.name, _tensors(manifest.inputs), _tensors(manifest.outputs))

@@ -38,13 +38,13 @@ from typing import Any, cast
 
 from prometheus_client import Histogram
 
-from agent.contract.bundle import read_manifest
 from agent.contract.manifest import ReferenceProfile
 from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.db.session import DatabaseError
 from fleet.errors import FleetError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.sealed_manifest import read_published_manifest
 from fleet.settings import FleetSettings, TelemetrySettings
 from fleet.store import Store
 from fleet.telemetry.alert_rules import RegressionRule
@@ -117,7 +117,7 @@ class BundleProfiles:
         if path is None:
             return None
         try:
-            profile = read_manifest(path).reference_profile
+            profile = read_published_manifest(self.repository.repo_dir, path).reference_profile
         except EdgefleetError as exc:
             log_event(log, "drift.profile_unreadable", logging.WARNING, model=model, version=version,
                       error=str(exc))
