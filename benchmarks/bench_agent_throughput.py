@@ -27,17 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve(directory: str) -> None:
-    """Server process: the agent's Unix server over the MLP."""
+    """Server process: the agent's Unix server over the MLP, as configured by default
+    (`agent.sock`, a thread per connection) and with micro-batching on (`batched.sock`)."""
     from agent.runtimes import load_model
     from agent.serving.api import ApiLimits
+    from agent.serving.batch_loop import BatchConfig
     from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest
 
     d = Path(directory)
     data = make_mlp_onnx(0)
     (d / "model.onnx").write_bytes(data)
-    UnixInferenceServer(load_model(d / "model.onnx", mlp_manifest(data)), d / "agent.sock",
-                        ApiLimits(max_connections=64)).start()
+    model = load_model(d / "model.onnx", mlp_manifest(data))
+    UnixInferenceServer(model, d / "agent.sock", ApiLimits(max_connections=64)).start()
+    UnixInferenceServer(model, d / "batched.sock", ApiLimits(max_connections=64),
+                        batching=BatchConfig()).start()
     print("ready", flush=True)
     sys.stdin.read()
 
@@ -109,8 +113,10 @@ def run() -> dict[str, float]:
             for k in CLIENTS:
                 # Sleeping clients (the default) and polling ones: many polling threads in one
                 # process on two cores take the CPU the server needs.
-                for spin, tag in ((DEFAULT_SPIN_US, ""), (POLLING_SPIN_US, "_polling")):
-                    rate, lat = _clients(d / "agent.sock", k, x, spin)
+                for sock, spin, tag in (("agent.sock", DEFAULT_SPIN_US, ""),
+                                        ("agent.sock", POLLING_SPIN_US, "_polling"),
+                                        ("batched.sock", DEFAULT_SPIN_US, "_batched")):
+                    rate, lat = _clients(d / sock, k, x, spin)
                     out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
                     out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
             raw.append(_raw_rate(session, x))
@@ -121,4 +127,7 @@ def run() -> dict[str, float]:
     base = float(np.mean(raw))
     out["raw_run_one_thread_per_s"] = base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
+    out["agent_throughput_batched_vs_raw_ratio"] = (
+        out[f"agent_throughput_{CLIENTS[-1]}_clients_batched_per_s"] / base
+    )
     return out

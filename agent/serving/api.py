@@ -211,12 +211,32 @@ class InferenceService:
     ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str] | None]:
         """`predict` plus one prediction id per row (None without a feedback sink or when the
         model's predictions are not tracked). Raises as `predict`."""
+        self.check_rows(inputs)
+        return self.run_on(self.target(), inputs)
+
+    def check_rows(self, inputs: dict[str, np.ndarray]) -> None:
+        """Raises `RequestTooLargeError` if an input has more rows than `max_batch`."""
         for name, arr in inputs.items():
             if arr.ndim:
                 self._check_batch(name, arr.shape[0])
+
+    def target(self) -> Predictor:
+        """The model one request (or one micro-batch) runs on: a swappable holder's `snapshot()`,
+        else the predictor itself. Raises `NoModelLoadedError` when nothing is served."""
         snapshot = getattr(self.predictor, "snapshot", None)  # a swappable holder pins one model
-        target: Predictor = snapshot() if snapshot is not None else self.predictor
-        outputs = target.predict(inputs)
+        return snapshot() if snapshot is not None else self.predictor
+
+    def run_on(
+        self, target: Predictor, inputs: dict[str, np.ndarray], calls: int = 1
+    ) -> tuple[dict[str, np.ndarray], dict[str, str], list[str] | None]:
+        """Run `target` (from `target()`) on checked inputs, then record prediction ids.
+
+        `calls` > 1: the inputs are that many requests concatenated on axis 0 (micro-batching);
+        a predictor offering `predict_batched(inputs, calls)` is told so (its telemetry then
+        counts the requests, not the batch). Raises as `predict`.
+        """
+        batched = getattr(target, "predict_batched", None) if calls > 1 else None
+        outputs = batched(inputs, calls) if batched is not None else target.predict(inputs)
         info = target.info()
         ids = self.feedback.record(info, outputs) if self.feedback is not None else None
         return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}, ids
