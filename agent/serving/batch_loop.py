@@ -194,23 +194,24 @@ class BatchLoop:
 
     # -- connections ----------------------------------------------------------------------
     def _accept(self, now: float) -> None:
-        try:
-            sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._stopping = True
-            return
-        if len(self._conns) >= self.limits.max_connections:
-            busy = {"status": 503, "error": {"code": "busy", "message": "too many connections"}}
-            with contextlib.suppress(OSError):
-                sock.sendall(encode_frame(busy))
-            sock.close()
-            return
-        sock.setblocking(False)
-        c = _Conn(sock, now)
-        self._conns[sock.fileno()] = c
-        self._sel.register(sock, selectors.EVENT_READ, None)
+        """Accept every connection waiting; beyond `max_connections` answer busy and close."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._stopping = True
+                return
+            if len(self._conns) >= self.limits.max_connections:
+                busy = {"status": 503, "error": {"code": "busy", "message": "too many connections"}}
+                with contextlib.suppress(OSError):
+                    sock.sendall(encode_frame(busy))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self._conns[sock.fileno()] = _Conn(sock, now)
+            self._sel.register(sock, selectors.EVENT_READ, None)
 
     def _close(self, c: _Conn) -> None:
         fd = c.sock.fileno()
