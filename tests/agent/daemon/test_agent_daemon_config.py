@@ -196,7 +196,10 @@ def test_init_config_then_status_on_a_fresh_device(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_window_us", [None, 0.0], ids=["threads", "micro-batching"])
+def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(
+    tmp_path: Path, batch_window_us: float | None
+) -> None:
     from fleet.trust.keys import KeyStore
     from fleet.trust.repository import Repository
 
@@ -215,7 +218,8 @@ def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(tmp_path: Path
             state_dir=str(tmp_path / "state"),
             bootstrap_root=str(repo.metadata_dir / "1.root.json"),
             mqtt={"port": dead_port},
-            api={"http_enabled": False, "unix_socket": str(short / "a.sock")},
+            api={"http_enabled": False, "unix_socket": str(short / "a.sock"),
+                 "unix_batch_window_us": batch_window_us},
             report_interval_s=0.1,
         )
     )
