@@ -22,7 +22,8 @@ import numpy as np
 
 from agent.errors import MessageError, TransportError
 from agent.serving import wire
-from agent.serving.api import FRAME, MAGIC, ApiLimits, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.api import ApiLimits
+from agent.serving.efi1 import FRAME, MAGIC, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.wire import raise_for_error
 
 __all__ = ["InferenceClient", "raise_for_error"]

@@ -12,9 +12,8 @@ server pays no wake-ups of its own.
 Off by default (`BatchConfig` None in `UnixInferenceServer`): for a single client it adds a
 `epoll_wait` per request and nothing else. Rules that keep it correct:
 
-- only models whose every input has a dynamic first dimension are batched, and only requests
-  with the same names, dtypes and trailing dimensions; a batch whose outputs are not one row
-  per input row, or that fails, is re-run request by request (each gets its own verdict);
+- which requests share a run, and what each gets back, is decided in
+  `agent.serving.batch_run` (stacking rules, re-runs one by one, ids per request);
 - at most one request per connection per batch, so each connection's replies keep their
   order (pipelined frames wait in the buffer for the next batch);
 - one model per batch (`InferenceService.target()`), so a swap mid-batch is seen by the next;
@@ -38,17 +37,9 @@ from typing import Any
 import numpy as np
 
 from agent.errors import MessageError, MisuseError
-from agent.serving import wire
-from agent.serving.api import (
-    FRAME,
-    ApiLimits,
-    InferenceService,
-    Predictor,
-    decode_frame_body,
-    encode_frame,
-    error_body,
-    parse_prefix,
-)
+from agent.serving import batch_run, wire
+from agent.serving.api import ApiLimits, InferenceService, error_body
+from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 
 #: Answers one decoded EFI1 frame (JSON header and arrays) with a whole reply frame.
 JsonDispatch = Callable[[dict[str, Any], dict[str, np.ndarray]], bytes]
@@ -83,35 +74,6 @@ class _Conn:
         self.closing = False  # close once `out` is sent (after a fatal error frame)
 
 
-class _Request:
-    __slots__ = ("arrays", "conn", "key", "rows")
-
-    def __init__(self, conn: _Conn, arrays: dict[str, np.ndarray]) -> None:
-        self.conn = conn
-        self.arrays = arrays
-        key: list[Any] = []
-        rows = -1
-        for name, arr in arrays.items():
-            if not arr.ndim or (rows >= 0 and arr.shape[0] != rows):
-                rows = -2
-                break
-            rows = arr.shape[0]
-            key.append((name, arr.dtype, arr.shape[1:]))
-        self.rows = rows
-        self.key: tuple[Any, ...] | None = tuple(key) if rows > 0 else None  # None: runs alone
-
-
-def batchable(target: Predictor) -> bool:
-    """Whether the model's every input has a dynamic first dimension (so rows can be stacked)."""
-    try:
-        inputs = target.info().get("inputs") or []
-    except Exception:
-        return False
-    return bool(inputs) and all(
-        isinstance(spec, dict) and next(iter(spec.get("shape") or [0])) is None for spec in inputs
-    )
-
-
 class BatchLoop:
     """Serves every connection of `listener` on the calling thread until `stop()`."""
 
@@ -130,7 +92,7 @@ class BatchLoop:
         self._wake_r, self._wake_w = socket.socketpair()
         self._conns: dict[int, _Conn] = {}
         self._backlog: list[_Conn] = []
-        self._pending: list[_Request] = []
+        self._pending: list[batch_run.Request] = []
         self._stopping = False
 
     def stop(self) -> None:
@@ -346,7 +308,7 @@ class BatchLoop:
             self._send(c, [frame], len(frame))
             return False
         c.busy = True
-        self._pending.append(_Request(c, arrays))
+        self._pending.append(batch_run.Request(c, arrays))
         return True
 
     def _parse_json(self, c: _Conn) -> bool:
@@ -381,77 +343,14 @@ class BatchLoop:
     # -- batches ----------------------------------------------------------------------------
     def _run_batch(self) -> None:
         pending, self._pending = self._pending, []
-        try:
-            target = self.service.target()
-        except Exception as exc:
-            for r in pending:
-                self._error(r, exc)
-        else:
-            groups: dict[Any, list[_Request]] = {}
-            stack = batchable(target) if len(pending) > 1 else False
-            for i, r in enumerate(pending):
-                groups.setdefault(r.key if stack and r.key is not None else i, []).append(r)
-            for group in groups.values():
-                chunk: list[_Request] = []
-                rows = 0
-                for r in group:
-                    if chunk and rows + r.rows > self.config.max_rows:
-                        self._run_group(target, chunk)
-                        chunk, rows = [], 0
-                    chunk.append(r)
-                    rows += r.rows
-                self._run_group(target, chunk)
+        replies, batches, batched = batch_run.run(self.service, pending, self.config.max_rows, self.replies)
+        self.batches += batches
+        self.batched_requests += batched
+        for c, parts, total in replies:
+            if c.sock.fileno() >= 0:
+                self._send(c, parts, total)
         for r in pending:
-            c = r.conn
+            c = r.owner
             c.busy = False
             if c.end - c.start >= 4 and not c.out and not c.closing:
                 self._backlog.append(c)  # a pipelined frame is already here
-
-    def _run_group(self, target: Predictor, group: list[_Request]) -> None:
-        if len(group) == 1:
-            self._run_one(target, group[0])
-            return
-        names = list(group[0].arrays)
-        stacked = {n: np.concatenate([r.arrays[n] for r in group]) for n in names}
-        total = sum(r.rows for r in group)
-        try:
-            outputs, model, ids = self.service.run_on(target, stacked, len(group))
-            if any(not a.ndim or a.shape[0] != total for a in outputs.values()):
-                raise MessageError("outputs are not one row per input row")  # re-run one by one
-        except Exception:
-            for r in group:
-                self._run_one(target, r)
-            return
-        self.batches += 1
-        self.batched_requests += len(group)
-        at = 0
-        for r in group:
-            end = at + r.rows
-            out = {k: v[at:end] for k, v in outputs.items()}
-            first = ids[at] if ids else ""
-            self._reply(r.conn, out, model, first, r.rows if ids else 0)
-            at = end
-
-    def _run_one(self, target: Predictor, r: _Request) -> None:
-        try:
-            outputs, model, ids = self.service.run_on(target, r.arrays)
-        except Exception as exc:
-            self._error(r, exc)
-            return
-        self._reply(r.conn, outputs, model, ids[0] if ids else "", len(ids) if ids else 0)
-
-    def _reply(self, c: _Conn, outputs: dict[str, np.ndarray], model: dict[str, str], first: str,
-               count: int) -> None:
-        try:
-            parts, total = self.replies.parts(outputs, model["name"], model["version"], first, count)
-        except MessageError as exc:
-            frame = wire.error_frame(500, "runtime_failure", str(exc), False)
-            parts, total = [frame], len(frame)
-        if c.sock.fileno() >= 0:
-            self._send(c, parts, total)
-
-    def _error(self, r: _Request, exc: BaseException) -> None:
-        status, doc = error_body(exc)
-        frame = wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False)
-        if r.conn.sock.fileno() >= 0:
-            self._send(r.conn, [frame], len(frame))

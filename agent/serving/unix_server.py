@@ -2,7 +2,7 @@
 
 Why not HTTP here: parsing HTTP in pure Python costs more than the whole request. Predict
 requests use the fixed binary header of `agent.serving.wire` (cached descriptors, tensors
-viewed in the receive buffer, reply sent with one `sendmsg`); EFI1 (`agent.serving.api`)
+viewed in the receive buffer, reply sent with one `sendmsg`); EFI1 (`agent.serving.efi1`)
 carries the JSON operations and older clients. One thread per connection (bounded) runs the
 request itself, so a persistent client's round trip is one `recv_into` wake-up and one
 `sendmsg` on each side, with no queue or thread hop in between. With `batching` set, one
@@ -26,18 +26,9 @@ import numpy as np
 from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 from agent.serving import wire
-from agent.serving.api import (
-    FRAME,
-    ApiLimits,
-    FeedbackSink,
-    InferenceService,
-    Predictor,
-    decode_frame_body,
-    encode_frame,
-    error_body,
-    parse_prefix,
-)
+from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 from agent.serving.batch_loop import BatchConfig, BatchLoop
+from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.wire import FrameReader, set_kernel_timeouts
 
 _log = logging.getLogger("edgefleet.inference_api.unix")

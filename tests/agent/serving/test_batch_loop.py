@@ -23,8 +23,10 @@ from agent.errors import InputValidationError, MisuseError
 from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
 from agent.runtimes.base import LoadedModel
-from agent.serving.api import FRAME, ApiLimits, PredictorSlot, encode_frame
-from agent.serving.batch_loop import BatchConfig, batchable
+from agent.serving.api import ApiLimits, PredictorSlot
+from agent.serving.batch_loop import BatchConfig
+from agent.serving.batch_run import batchable
+from agent.serving.efi1 import FRAME, encode_frame
 from agent.serving.unix_server import UnixInferenceServer
 from agent.telemetry.feedback import PredictionLog
 from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
