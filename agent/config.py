@@ -42,6 +42,10 @@ class LocalApiConfig(StrictStruct, frozen=True, kw_only=True):
     # Labels sent later (`POST /v1/feedback`) match predictions remembered in a bounded ring.
     feedback_capacity: Annotated[int, Meta(ge=1, le=10_000_000)] = 65536  # rows remembered (~26 B each)
     feedback_horizon_s: Annotated[float, Meta(gt=0, le=30 * 86400)] = 86400.0  # later labels expire
+    # Micro-batching of concurrent Unix-socket predicts (agent/serving/batch_loop.py): None = off
+    # (a thread per connection); a number = one event loop, waiting that long for more requests.
+    unix_batch_window_us: Annotated[float, Meta(ge=0, le=10_000)] | None = None
+    unix_batch_max_rows: Annotated[int, Meta(ge=1, le=4096)] = 64
 
     def _check(self) -> None:
         if (

@@ -22,7 +22,8 @@ import numpy as np
 
 from agent.errors import MessageError, TransportError
 from agent.serving import wire
-from agent.serving.api import FRAME, MAGIC, ApiLimits, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.api import ApiLimits
+from agent.serving.efi1 import FRAME, MAGIC, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.wire import raise_for_error
 
 __all__ = ["InferenceClient", "raise_for_error"]
@@ -56,6 +57,9 @@ class InferenceClient:
         self.last_model: dict[str, Any] = {}
         self._last_ids: tuple[str, int] = ("", 0)
         self._heads: dict[tuple[Any, ...], tuple[bytes, int]] = {}
+        # Reply meta and descriptors seen before -> (name, version, prefix length) and layout:
+        # the same for every reply of one model and output layout (bounded).
+        self._metas: dict[bytes, tuple[str, str]] = {}
 
     @property
     def last_prediction_ids(self) -> list[str]:
@@ -116,7 +120,15 @@ class InferenceClient:
         pre, total = cached
         sock, rd = (self._sock, self._reader) if self._sock is not None and self._reader else self._connect()
         try:
-            self._send(sock, [pre, *(a.data for a in arrays.values())], total)
+            try:  # the server may have answered (busy, too large) and closed: the reply is read anyway
+                if len(arrays) == 1:
+                    sent = sock.sendmsg([pre, next(iter(arrays.values())).data])
+                else:
+                    sent = sock.sendmsg([pre, *(a.data for a in arrays.values())])
+                if sent < total:
+                    sock.sendall(b"".join([pre, *(a.tobytes() for a in arrays.values())])[sent:])
+            except OSError:
+                pass
             if rd.end - rd.start < 4:
                 self._fill(rd, 4)
             if rd.buf[rd.start:rd.start + 4] != wire.MAGIC:
@@ -144,7 +156,7 @@ class InferenceClient:
             if kind == wire.KIND_ERROR:
                 code, message = wire.parse_error_meta(meta)
             else:
-                name, version, first, count = wire.parse_reply_meta(meta)
+                name, version, first, count = self._reply_meta(meta)
                 layout, need = wire.parse_desc(bytes(rd.view[at + meta_len:at + meta_len + desc_len]), n)
         except MessageError as exc:
             self.close()
@@ -156,12 +168,31 @@ class InferenceClient:
         if need != payload_len:
             self.close()
             raise TransportError("reply payload does not match its descriptors")
-        out = {k: v.copy() for k, v in wire.views(layout, rd.buf, at + meta_len + desc_len).items()}
+        at += meta_len + desc_len
+        out = {}
+        for k, dt, shape, items in layout:  # copies: the buffer is reused by the next reply
+            out[k] = np.frombuffer(rd.buf, dt, items, at).reshape(shape).copy()
+            at += items * dt.itemsize
         last = self.last_model
-        if last.get("name") != name or last.get("version") != version:
+        if last.get("version") != version or last.get("name") != name:
             self.last_model = {"name": name, "version": version}
         self._last_ids = (first, count)
         return out
+
+    def _reply_meta(self, meta: bytes) -> tuple[str, str, str, int]:
+        """`wire.parse_reply_meta`, remembering name and version by the bytes before the id
+        (they repeat on every reply). Raises `MessageError`."""
+        if len(meta) >= wire.REPLY_META.size:
+            count, _, _, id_len = wire.REPLY_META.unpack_from(meta)
+            cut = len(meta) - id_len
+            known = self._metas.get(meta[:cut]) if cut >= wire.REPLY_META.size else None
+            if known is not None:  # the key holds every length, so the rest is consistent
+                return known[0], known[1], meta[cut:].decode(errors="replace"), count
+        name, version, first, count = wire.parse_reply_meta(meta)  # validates
+        if len(self._metas) >= 64:
+            self._metas.clear()
+        self._metas[meta[:len(meta) - wire.REPLY_META.unpack_from(meta)[3]]] = (name, version)
+        return name, version, first, count
 
     def _json_reply(self, rd: wire.FrameReader) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._fill(rd, FRAME.size)

@@ -42,11 +42,35 @@ class EchoPredictor:
         }
 
 
+def _daemon_path(d: Path, data: bytes) -> tuple[Any, Any]:
+    """What the daemon serves: the lifecycle's holder, the telemetry tap folding every request
+    and recording one prediction id per row (a classifier's profile, so ids are tracked)."""
+    from agent.contract.manifest import FeatureProfile, PerformanceSpec, ReferenceProfile
+    from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+    from agent.serving.model_holder import ModelHolder
+    from agent.telemetry.queue import ReportQueue
+    from simulators.models import mlp_manifest
+
+    num = {"kind": "numeric", "edges": [-2.0, 0.0, 2.0]}
+    profile = ReferenceProfile(
+        input_name="x",
+        features=[FeatureProfile(name=f"f{i}", **num) for i in range(32)],  # type: ignore[arg-type]
+        outputs=[FeatureProfile(name=f"logits_{i}", **num) for i in range(4)],  # type: ignore[arg-type]
+        performance=PerformanceSpec(task="classification", classes=4, scores="logits"),
+    )
+    manifest = mlp_manifest(data).model_copy(update={"reference_profile": profile})
+    catalog, holder = ModelCatalog(threads=1), ModelHolder()
+    holder.swap(catalog.load(d / "model.onnx", manifest, 1), manifest.bundle_id, keep_previous=False)
+    tap = TelemetryTap(ReportQueue(d / "telemetry.sqlite"), catalog, "bench", "bench")
+    return ServedModel(holder, catalog, tap), tap
+
+
 def serve(directory: str) -> None:
     """Server process: agent and echo servers on both transports plus a bare socket echo."""
     import threading
 
     from agent.runtimes import load_model
+    from agent.serving.batch_loop import BatchConfig
     from agent.serving.http_server import HttpInferenceServer
     from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest
@@ -56,6 +80,9 @@ def serve(directory: str) -> None:
     (d / "model.onnx").write_bytes(data)
     model = load_model(d / "model.onnx", mlp_manifest(data))
     UnixInferenceServer(model, d / "agent.sock").start()
+    UnixInferenceServer(model, d / "batched.sock", batching=BatchConfig()).start()
+    served, tap = _daemon_path(d, data)
+    UnixInferenceServer(served, d / "daemon.sock", feedback=tap).start()
     UnixInferenceServer(EchoPredictor(), d / "echo.sock").start()
     http_agent = HttpInferenceServer(model).start()
     http_echo = HttpInferenceServer(EchoPredictor()).start()
@@ -107,6 +134,7 @@ def run() -> dict[str, float]:
             assert proc.stdout is not None
             http_agent_port, http_echo_port = (int(p) for p in proc.stdout.readline().split())
             ua, ue = UnixInferenceClient(d / "agent.sock"), UnixInferenceClient(d / "echo.sock")
+            ub, ud = UnixInferenceClient(d / "batched.sock"), UnixInferenceClient(d / "daemon.sock")
             up = UnixInferenceClient(d / "agent.sock", spin_us=POLLING_SPIN_US)
             ha, he = HttpInferenceClient(port=http_agent_port), HttpInferenceClient(port=http_echo_port)
             bare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,6 +160,8 @@ def run() -> dict[str, float]:
                 "raw_run": lambda: session.run(None, {"x": x}),
                 "unix_agent": lambda: ua.predict({"x": x}),
                 "unix_agent_polling": lambda: up.predict({"x": x}),
+                "unix_batched": lambda: ub.predict({"x": x}),
+                "unix_daemon": lambda: ud.predict({"x": x}),
                 "unix_echo": lambda: ue.predict({"x": x}),
                 "bare_socket_echo": bare_rtt,
                 "bare_socket_echo_polling": bare_rtt_polling,
@@ -146,7 +176,9 @@ def run() -> dict[str, float]:
             for _ in range(ROUNDS):
                 for name, fn in targets.items():
                     _timed(fn, PER_ROUND, samples[name])
-            for c in (ua, ue, up, ha, he):
+            if not ud.last_prediction_ids:
+                raise RuntimeError("the daemon path recorded no prediction ids")
+            for c in (ua, ue, up, ub, ud, ha, he):
                 c.close()
             bare.close()
         finally:
@@ -169,6 +201,14 @@ def run() -> dict[str, float]:
         "agent_unix_polling_vs_polling_floor_ratio": med["unix_agent_polling"]
         / (med["bare_socket_echo_polling"] + med["raw_run"]),
         "agent_unix_p99_us": float(np.percentile(samples["unix_agent"], 99)) / 1000.0,
+        # The micro-batching loop at one client (what it costs when there is nothing to batch)
+        # and the daemon's path (holder, telemetry tap, one prediction id per row) on threads.
+        "agent_unix_batched_rtt_us": med["unix_batched"],
+        "agent_unix_batched_vs_floor_ratio": med["unix_batched"] / (med["bare_socket_echo"] + med["raw_run"]),
+        "agent_unix_batched_p99_us": float(np.percentile(samples["unix_batched"], 99)) / 1000.0,
+        "agent_unix_daemon_rtt_us": med["unix_daemon"],
+        "agent_unix_daemon_vs_floor_ratio": med["unix_daemon"] / (med["bare_socket_echo"] + med["raw_run"]),
+        "agent_unix_daemon_p99_us": float(np.percentile(samples["unix_daemon"], 99)) / 1000.0,
         "raw_run_p99_us": float(np.percentile(samples["raw_run"], 99)) / 1000.0,
         "bare_socket_echo_p99_us": float(np.percentile(samples["bare_socket_echo"], 99)) / 1000.0,
         "agent_http_rtt_us": med["http_agent"],

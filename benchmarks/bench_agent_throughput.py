@@ -5,6 +5,9 @@ The server runs in its own process (as for applications on the gateway), serving
 each with its own connection, batch 1, as fast as they can for a fixed time. The baseline,
 measured in the same run before and after the clients, is raw `InferenceSession.run` in one
 thread of this process: what a single application thread gets without any API at all.
+Beside it, in the same run: the server with micro-batching on (`agent.serving.batch_loop`)
+and a bare echo (one epoll thread, no framing, no model) driven by the same number of client
+threads, the ceiling the socket and the client process set whatever the server does.
 """
 
 from __future__ import annotations
@@ -27,19 +30,82 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def serve(directory: str) -> None:
-    """Server process: the agent's Unix server over the MLP."""
+    """Server process: the agent's Unix server over the MLP, as configured by default
+    (`agent.sock`, a thread per connection) and with micro-batching on (`batched.sock`)."""
     from agent.runtimes import load_model
     from agent.serving.api import ApiLimits
+    from agent.serving.batch_loop import BatchConfig
     from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest
 
     d = Path(directory)
     data = make_mlp_onnx(0)
     (d / "model.onnx").write_bytes(data)
-    UnixInferenceServer(load_model(d / "model.onnx", mlp_manifest(data)), d / "agent.sock",
-                        ApiLimits(max_connections=64)).start()
+    model = load_model(d / "model.onnx", mlp_manifest(data))
+    UnixInferenceServer(model, d / "agent.sock", ApiLimits(max_connections=64)).start()
+    UnixInferenceServer(model, d / "batched.sock", ApiLimits(max_connections=64),
+                        batching=BatchConfig()).start()
+    threading.Thread(target=_bare_echo, args=(d / "bare.sock",), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()
+
+
+def _bare_echo(path: Path) -> None:
+    """The transport's ceiling: one thread echoing every connection's bytes (epoll), no framing."""
+    import selectors
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            if sock is listener:
+                conn, _ = listener.accept()
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            data = sock.recv(65536)  # type: ignore[union-attr]
+            if data:
+                sock.sendall(data)  # type: ignore[union-attr]
+            else:
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+
+
+def _bare_clients(path: Path, k: int) -> float:
+    """Round trips/s of `k` threads each echoing a 200-byte message (about a batch-1 request)."""
+    import socket
+
+    counts = [0] * k
+    start, stop = threading.Barrier(k + 1), threading.Event()
+
+    def worker(i: int) -> None:
+        frame = b"\0" * 200
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            start.wait()
+            n = 0
+            while not stop.is_set():
+                s.sendall(frame)
+                got = 0
+                while got < len(frame):
+                    got += len(s.recv(65536))
+                n += 1
+            counts[i] = n
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(SECONDS)
+    stop.set()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
 
 
 def _raw_rate(session: object, x: np.ndarray) -> float:
@@ -109,10 +175,13 @@ def run() -> dict[str, float]:
             for k in CLIENTS:
                 # Sleeping clients (the default) and polling ones: many polling threads in one
                 # process on two cores take the CPU the server needs.
-                for spin, tag in ((DEFAULT_SPIN_US, ""), (POLLING_SPIN_US, "_polling")):
-                    rate, lat = _clients(d / "agent.sock", k, x, spin)
+                for sock, spin, tag in (("agent.sock", DEFAULT_SPIN_US, ""),
+                                        ("agent.sock", POLLING_SPIN_US, "_polling"),
+                                        ("batched.sock", DEFAULT_SPIN_US, "_batched")):
+                    rate, lat = _clients(d / sock, k, x, spin)
                     out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
                     out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
+                out[f"bare_echo_{k}_clients_per_s"] = _bare_clients(d / "bare.sock", k)
             raw.append(_raw_rate(session, x))
         finally:
             if proc.stdin is not None:
@@ -121,4 +190,13 @@ def run() -> dict[str, float]:
     base = float(np.mean(raw))
     out["raw_run_one_thread_per_s"] = base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
+    out["agent_throughput_batched_vs_raw_ratio"] = (
+        out[f"agent_throughput_{CLIENTS[-1]}_clients_batched_per_s"] / base
+    )
+    # The same clients through a bare echo (no model, no framing): what the socket itself allows.
+    out["bare_echo_vs_raw_ratio"] = out[f"bare_echo_{CLIENTS[-1]}_clients_per_s"] / base
+    top = CLIENTS[-1]
+    out["agent_throughput_batched_vs_bare_echo_ratio"] = (
+        out[f"agent_throughput_{top}_clients_batched_per_s"] / out[f"bare_echo_{top}_clients_per_s"]
+    )
     return out

@@ -209,6 +209,7 @@ class AgentDaemon:
 
     def _start_api(self) -> None:
         from agent.serving.api import ApiLimits  # lazy: the API's modules load when it starts
+        from agent.serving.batch_loop import BatchConfig  # lazy: with the Unix server
         from agent.serving.http_server import HttpInferenceServer  # lazy: http.server only when enabled
         from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
 
@@ -216,7 +217,11 @@ class AgentDaemon:
         limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
         if api.unix_enabled:
             api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-            self._servers.append(UnixInferenceServer(self.served, api.unix_socket, limits, self.tap).start())
+            batching = (None if api.unix_batch_window_us is None
+                        else BatchConfig(api.unix_batch_window_us, api.unix_batch_max_rows))
+            self._servers.append(
+                UnixInferenceServer(self.served, api.unix_socket, limits, self.tap, batching).start()
+            )
         if api.http_enabled:
             self._servers.append(
                 HttpInferenceServer(self.served, api.http_host, api.http_port, limits, self.tap,

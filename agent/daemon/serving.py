@@ -109,11 +109,13 @@ class TelemetryTap:
         outputs: dict[str, np.ndarray] | None,
         latency_s: float,
         error: bool,
+        calls: int = 1,
     ) -> None:
         """Fold one served request. Successful single-tensor requests are batched (copied, so
         the Unix server may reuse its receive buffer) and folded `FOLD_BATCH_ROWS` rows at a
         time, or when the interval is flushed or the bundle changes: folding costs about the
-        same for 1 row as for 256, so per request it is a copy and an append."""
+        same for 1 row as for 256, so per request it is a copy and an append. `calls` > 1: the
+        rows are that many requests micro-batched together (each counted, with this latency)."""
         x = _single(inputs) if not error and outputs is not None else None
         y = _single(outputs) if x is not None else None
         if x is not None and y is not None and x.ndim == 2:
@@ -126,7 +128,10 @@ class TelemetryTap:
                     self._fold_pending_locked()
                 self._pending_x.append(x.copy())
                 self._pending_y.append(y.copy())
-                self._pending_latency.append(latency_s)
+                if calls == 1:
+                    self._pending_latency.append(latency_s)
+                else:
+                    self._pending_latency.extend([latency_s] * calls)
                 self._pending_rows += x.shape[0]
                 if self._pending_rows >= FOLD_BATCH_ROWS:
                     self._fold_pending_locked()
@@ -262,6 +267,11 @@ class ServedModel:
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Raises `NoModelLoadedError`, `InputValidationError`, `RuntimeFailure`."""
+        return self.predict_batched(inputs, 1)
+
+    def predict_batched(self, inputs: dict[str, np.ndarray], calls: int) -> dict[str, np.ndarray]:
+        """`predict` of `calls` requests stacked on axis 0 by the Unix server's micro-batching:
+        telemetry counts `calls` requests (each with the batch's latency). Raises as `predict`."""
         bid = self.holder.bundle_id
         if bid is None:
             raise NoModelLoadedError("no verified model is installed yet")
@@ -277,7 +287,7 @@ class ServedModel:
                 self.tap.fold(bid, inputs, None, time.perf_counter() - t0, True)
             raise
         if self.tap is not None:
-            self.tap.fold(bid, inputs, out, time.perf_counter() - t0, False)
+            self.tap.fold(bid, inputs, out, time.perf_counter() - t0, False, calls)
         return out
 
     def info(self) -> dict[str, Any]:

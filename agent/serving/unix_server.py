@@ -2,10 +2,12 @@
 
 Why not HTTP here: parsing HTTP in pure Python costs more than the whole request. Predict
 requests use the fixed binary header of `agent.serving.wire` (cached descriptors, tensors
-viewed in the receive buffer, reply sent with one `sendmsg`); EFI1 (`agent.serving.api`)
+viewed in the receive buffer, reply sent with one `sendmsg`); EFI1 (`agent.serving.efi1`)
 carries the JSON operations and older clients. One thread per connection (bounded) runs the
 request itself, so a persistent client's round trip is one `recv_into` wake-up and one
-`sendmsg` on each side, with no queue or thread hop in between.
+`sendmsg` on each side, with no queue or thread hop in between. With `batching` set, one
+event-loop thread serves every connection instead and runs concurrent requests as one batch
+(`agent.serving.batch_loop`; off by default).
 """
 
 from __future__ import annotations
@@ -21,20 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import MessageError, MisuseError, RequestTooLargeError
+from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 from agent.serving import wire
-from agent.serving.api import (
-    FRAME,
-    ApiLimits,
-    FeedbackSink,
-    InferenceService,
-    Predictor,
-    decode_frame_body,
-    encode_frame,
-    error_body,
-    parse_prefix,
-)
+from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
+from agent.serving.batch_loop import BatchConfig, BatchLoop
+from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.wire import FrameReader, set_kernel_timeouts
 
 _log = logging.getLogger("edgefleet.inference_api.unix")
@@ -45,9 +39,11 @@ class UnixInferenceServer:
 
     def __init__(
         self, predictor: Predictor, path: Path, limits: ApiLimits | None = None,
-        feedback: FeedbackSink | None = None,
+        feedback: FeedbackSink | None = None, batching: BatchConfig | None = None,
     ) -> None:
         self.service = InferenceService(predictor, limits, feedback)
+        self.batching = batching
+        self.loop: BatchLoop | None = None
         self.limits = self.service.limits
         self.path = path
         self._sock: socket.socket | None = None
@@ -56,7 +52,7 @@ class UnixInferenceServer:
         self._conns_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._stopping = threading.Event()
-        self._reply_cache: dict[tuple[Any, ...], tuple[bytes, int, int, bytes, int]] = {}
+        self._replies = wire.ReplyTemplates()
 
     def start(self) -> UnixInferenceServer:
         """Bind (replacing a stale socket file, never a regular file) and start accepting.
@@ -72,14 +68,22 @@ class UnixInferenceServer:
         self.path.chmod(0o660)
         sock.listen(self.limits.max_connections)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept_loop, name="inference-unix-accept", daemon=True)
+        if self.batching is not None:  # one event-loop thread for every connection
+            self.loop = BatchLoop(sock, self.service, self.batching, self._dispatch, self._replies)
+            target, name = self.loop.run, "inference-unix-batch"
+        else:
+            target, name = self._accept_loop, "inference-unix-accept"
+        self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
-        log_event(_log, "inference.unix.listening", path=str(self.path))
+        log_event(_log, "inference.unix.listening", path=str(self.path),
+                  batching=self.batching is not None)
         return self
 
     def stop(self) -> None:
         """Stop accepting, close every connection and remove the socket file."""
         self._stopping.set()
+        if self.loop is not None:
+            self.loop.stop()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -179,21 +183,9 @@ class UnixInferenceServer:
         """
         if rd.end - rd.start < wire.HEADER.size and not rd.fill(wire.HEADER.size):
             raise MessageError("connection closed mid-frame")
-        _, kind, _, _, n_arrays, reserved, meta_len, desc_len, payload_len = wire.HEADER.unpack_from(
-            rd.buf, rd.start
+        n_arrays, desc_len, payload_len = wire.check_request(
+            rd.buf, rd.start, self.limits.max_header_bytes, self.limits.max_body_bytes
         )
-        if kind != wire.KIND_PREDICT or reserved or meta_len:
-            raise MessageError(
-                f"EFB1 request must be kind 1 (predict) with reserved 0 and no meta, got kind {kind}"
-            )
-        if desc_len > self.limits.max_header_bytes:
-            raise RequestTooLargeError(
-                f"descriptor block is {desc_len} bytes, the limit is {self.limits.max_header_bytes}"
-            )
-        if payload_len > self.limits.max_body_bytes:
-            raise RequestTooLargeError(
-                f"frame payload is {payload_len} bytes, the limit is {self.limits.max_body_bytes}"
-            )
         total = wire.HEADER.size + desc_len + payload_len
         if rd.end - rd.start < total:
             rd.fill(total)
@@ -218,31 +210,14 @@ class UnixInferenceServer:
         self, conn: socket.socket, outputs: dict[str, np.ndarray], model: dict[str, str],
         ids: list[str] | None,
     ) -> None:
-        """Header, meta, descriptors and the output tensors in one `sendmsg` (no join, no tobytes).
-
-        Everything but the prediction id is the same for every reply of one model and output
-        layout, so it is built once and kept (bounded).
-        """
-        key = (model["name"], model["version"], tuple((k, a.dtype, a.shape) for k, a in outputs.items()))
-        tpl = self._reply_cache.get(key)
-        if tpl is None:
-            if len(self._reply_cache) >= 64:
-                self._reply_cache.clear()
-            name, version = key[0].encode()[:0xFFFF], key[1].encode()[:0xFFFF]
-            desc = wire.describe(outputs)
-            tpl = (name + version, len(name), len(version), desc, sum(a.nbytes for a in outputs.values()))
-            self._reply_cache[key] = tpl
-        named, name_len, version_len, desc, payload_len = tpl
-        first = ids[0].encode() if ids else b""
-        head = wire.HEADER.pack(
-            wire.MAGIC, wire.KIND_REPLY, 0, 200, len(outputs), 0,
-            wire.REPLY_META.size + len(named) + len(first), len(desc), payload_len,
-        ) + wire.REPLY_META.pack(len(ids) if ids else 0, name_len, version_len, len(first))
-        bufs = [a.data if a.flags.c_contiguous else np.ascontiguousarray(a).data for a in outputs.values()]
-        sent = conn.sendmsg([head, named, first, desc, *bufs])
-        total = len(head) + len(named) + len(first) + len(desc) + payload_len
+        """The reply in one `sendmsg` (`wire.ReplyTemplates`); the rest with `sendall` if the
+        socket buffer could not take it at once."""
+        parts, total = self._replies.parts(
+            outputs, model["name"], model["version"], ids[0] if ids else "", len(ids) if ids else 0
+        )
+        sent = conn.sendmsg(parts)
         if sent < total:  # a large reply the socket buffer could not take at once
-            conn.sendall(b"".join([head, named, first, desc, *(bytes(b) for b in bufs)])[sent:])
+            conn.sendall(b"".join(bytes(p) for p in parts)[sent:])
 
     def _dispatch(self, header: dict[str, Any], arrays: dict[str, Any]) -> bytes:
         op = header.get("op", "predict")

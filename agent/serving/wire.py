@@ -117,6 +117,24 @@ def parse_desc(desc: bytes, n_arrays: int) -> tuple[Layout, int]:
     return result
 
 
+def check_request(buf: Any, at: int, max_desc: int, max_payload: int) -> tuple[int, int, int]:
+    """`(n_arrays, desc_len, payload_len)` of the predict request header at `buf[at:]`.
+
+    Raises `MessageError` for another kind, reserved bits or meta, `RequestTooLargeError` for a
+    descriptor block or payload over the limits (both before the rest of the frame is read).
+    """
+    _, kind, _, _, n_arrays, reserved, meta_len, desc_len, payload_len = HEADER.unpack_from(buf, at)
+    if kind != KIND_PREDICT or reserved or meta_len:
+        raise MessageError(
+            f"EFB1 request must be kind 1 (predict) with reserved 0 and no meta, got kind {kind}"
+        )
+    if desc_len > max_desc:
+        raise RequestTooLargeError(f"descriptor block is {desc_len} bytes, the limit is {max_desc}")
+    if payload_len > max_payload:
+        raise RequestTooLargeError(f"frame payload is {payload_len} bytes, the limit is {max_payload}")
+    return n_arrays, desc_len, payload_len
+
+
 def views(layout: Layout, payload: Any, offset: int = 0) -> dict[str, np.ndarray]:
     """Read-only arrays over `payload` (no copy; valid as long as the buffer is not reused)."""
     arrays: dict[str, np.ndarray] = {}
@@ -147,6 +165,40 @@ def describe(arrays: Mapping[str, np.ndarray]) -> bytes:
             _descs.clear()
         _descs[key] = desc
     return desc
+
+
+class ReplyTemplates:
+    """Predict replies as `sendmsg` parts: header, meta, descriptors and the output tensors
+    (no join, no tobytes). Everything but the prediction id is the same for every reply of one
+    model and output layout, so it is built once and kept (bounded). Not thread-safe: one per
+    serving thread, or shared where a race only rebuilds an entry."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], tuple[bytes, int, int, bytes, int]] = {}
+
+    def parts(
+        self, outputs: Mapping[str, np.ndarray], name: str, version: str, first: str, count: int
+    ) -> tuple[list[Any], int]:
+        """The parts of one reply and their total size. Raises `MessageError` for an output
+        dtype the wire does not carry."""
+        key = (name, version, tuple((k, a.dtype, a.shape) for k, a in outputs.items()))
+        tpl = self._cache.get(key)
+        if tpl is None:
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            n, v = name.encode()[:0xFFFF], version.encode()[:0xFFFF]
+            desc = describe(outputs)
+            tpl = (n + v, len(n), len(v), desc, sum(a.nbytes for a in outputs.values()))
+            self._cache[key] = tpl
+        named, name_len, version_len, desc, payload_len = tpl
+        raw_first = first.encode()
+        head = HEADER.pack(
+            MAGIC, KIND_REPLY, 0, 200, len(outputs), 0,
+            REPLY_META.size + len(named) + len(raw_first), len(desc), payload_len,
+        ) + REPLY_META.pack(count, name_len, version_len, len(raw_first))
+        bufs = [a.data if a.flags.c_contiguous else np.ascontiguousarray(a).data for a in outputs.values()]
+        total = len(head) + len(named) + len(raw_first) + len(desc) + payload_len
+        return [head, named, raw_first, desc, *bufs], total
 
 
 def error_frame(status: int, code: str, message: str, close: bool) -> bytes:

@@ -62,12 +62,21 @@ def test_comment_lines_only_whole_lines() -> None:
         ({"telemetry_interval_s": 0}, "telemetry_interval_s"),
         ({"lifecycle": {"timezone": "Europe/Atlantis"}}, "unknown time zone 'Europe/Atlantis'"),
         ({"lifecycle": {"max_load_per_cpu": 0}}, "lifecycle.max_load_per_cpu"),
+        ({"api": {"unix_batch_window_us": -1}}, "api.unix_batch_window_us"),
+        ({"api": {"unix_batch_max_rows": 0}}, "api.unix_batch_max_rows"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match="<config>") as info:
         parse_config(cfg(**changes))
     assert message in str(info.value)
+
+
+@pytest.mark.unit
+def test_micro_batching_is_off_by_default_and_opt_in() -> None:
+    assert parse_config(cfg()).api.unix_batch_window_us is None
+    c = parse_config(cfg(api={"unix_batch_window_us": 0, "unix_batch_max_rows": 16}))
+    assert (c.api.unix_batch_window_us, c.api.unix_batch_max_rows) == (0, 16)
 
 
 @pytest.mark.unit
@@ -187,7 +196,10 @@ def test_init_config_then_status_on_a_fresh_device(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_window_us", [None, 0.0], ids=["threads", "micro-batching"])
+def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(
+    tmp_path: Path, batch_window_us: float | None
+) -> None:
     from fleet.trust.keys import KeyStore
     from fleet.trust.repository import Repository
 
@@ -206,7 +218,8 @@ def test_run_without_broker_notifies_systemd_and_stops_on_sigterm(tmp_path: Path
             state_dir=str(tmp_path / "state"),
             bootstrap_root=str(repo.metadata_dir / "1.root.json"),
             mqtt={"port": dead_port},
-            api={"http_enabled": False, "unix_socket": str(short / "a.sock")},
+            api={"http_enabled": False, "unix_socket": str(short / "a.sock"),
+                 "unix_batch_window_us": batch_window_us},
             report_interval_s=0.1,
         )
     )

@@ -86,3 +86,24 @@ def test_batched_folding_reports_what_per_request_folding_would(workdir: Path) -
     assert [r.version for r in got] == ["1.0.0", "2.0.0"]
     for report, bid in zip(got, (m1.bundle_id, m2.bundle_id), strict=True):
         _same(report, refs[bid].snapshot_and_reset())
+
+
+def test_a_micro_batch_counts_as_its_requests(workdir: Path) -> None:
+    """The Unix server's micro-batching folds N stacked requests at once (`calls`): the interval
+    counts N requests with the batch's latency each, as N separate folds would."""
+    m1 = _manifest("1.0.0")
+    catalog = ModelCatalog(threads=1)
+    catalog.manifests = {m1.bundle_id: m1}
+    queue = ReportQueue(workdir / "t.sqlite")
+    tap = TelemetryTap(queue, catalog, "dev", "c")
+    ref = TelemetrySketch(m1.reference_profile, "dev", m1.name, m1.version, cohort="c")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    y = rng.standard_normal((5, 4)).astype(np.float32)
+    tap.fold(m1.bundle_id, {"x": x}, {"logits": y}, 3e-4, False, 5)
+    for i in range(5):
+        ref.update(x[i:i + 1], y[i:i + 1], 3e-4, False)
+    tap.flush(None)
+    (report,) = _reports(queue)
+    assert report.requests == 5
+    _same(report, ref.snapshot_and_reset())

@@ -1,6 +1,7 @@
 """The binary EFB1 predict frame over a real Unix socket and a real MLP: the documented byte
 layout spoken with nothing but `socket` and `struct`, its bad paths, pipelining, large frames,
-and concurrent clients across swaps and rollbacks of the daemon's holder."""
+and concurrent clients across swaps and rollbacks of the daemon's holder; each served both
+by a thread per connection (the default) and by the micro-batching event loop."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from agent.errors import InputValidationError, RequestTooLargeError
 from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
 from agent.serving.api import ApiLimits, PredictorSlot
+from agent.serving.batch_loop import BatchConfig
 from agent.serving.client import UnixInferenceClient
 from agent.serving.model_holder import ModelHolder
 from agent.serving.unix_server import UnixInferenceServer
@@ -51,10 +53,17 @@ def _model(d: Path, seed: int = 0, version: str = "1.0.0") -> tuple[Path, Manife
     return path, mlp_manifest(data, version=version)
 
 
+@pytest.fixture(params=[None, BatchConfig(), BatchConfig(window_us=200, max_rows=8)],
+                ids=["threads", "batching", "batching-window"])
+def batching(request: pytest.FixtureRequest) -> BatchConfig | None:
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-def server(sockdir: Path) -> Iterator[UnixInferenceServer]:
+def server(sockdir: Path, batching: BatchConfig | None) -> Iterator[UnixInferenceServer]:
     path, manifest = _model(sockdir)
-    with UnixInferenceServer(PredictorSlot(load_model(path, manifest)), sockdir / "w.sock", LIMITS) as srv:
+    with UnixInferenceServer(PredictorSlot(load_model(path, manifest)), sockdir / "w.sock", LIMITS,
+                             batching=batching) as srv:
         yield srv
 
 
@@ -179,11 +188,11 @@ def test_client_maps_error_frames_and_survives_them(server: UnixInferenceServer)
             polling.predict({"x": X[:1, :31]})
 
 
-def test_pipelined_and_large_frames(sockdir: Path) -> None:
+def test_pipelined_and_large_frames(sockdir: Path, batching: BatchConfig | None) -> None:
     path, manifest = _model(sockdir)
     big = ApiLimits(max_body_bytes=1 << 20, max_batch=5000)
     x = np.random.default_rng(9).standard_normal((3000, 32)).astype(np.float32)  # 384 KB: over the buffer
-    with UnixInferenceServer(load_model(path, manifest), sockdir / "b.sock", big) as srv:
+    with UnixInferenceServer(load_model(path, manifest), sockdir / "b.sock", big, batching=batching) as srv:
         with _connect(srv.path) as s:
             s.sendall(_request(X[:1].tolist()) + _request(X[:2].tolist()))  # two frames in one write
             assert struct.unpack_from("<2I", _reply(s)[4], 4) == (1, 4)
@@ -194,7 +203,9 @@ def test_pipelined_and_large_frames(sockdir: Path) -> None:
             np.testing.assert_allclose(client.predict({"x": X[:1]})["logits"], REF[:1], atol=1e-5)
 
 
-def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(sockdir: Path) -> None:
+def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(
+    sockdir: Path, batching: BatchConfig | None
+) -> None:
     catalog = ModelCatalog(threads=1)
     holder = ModelHolder()
     p0, m0 = _model(sockdir, 0, "1.0.0")
@@ -204,7 +215,8 @@ def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(sockdir: Path)
     failures: list[str] = []
     counts: list[int] = []
     stop = threading.Event()
-    with UnixInferenceServer(ServedModel(holder, catalog, None), sockdir / "c.sock", LIMITS) as srv:
+    with UnixInferenceServer(ServedModel(holder, catalog, None), sockdir / "c.sock", LIMITS,
+                             batching=batching) as srv:
 
         def hammer(rows: int) -> None:
             n = 0
@@ -233,10 +245,13 @@ def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(sockdir: Path)
     assert len(counts) == 8 and min(counts) >= 20
 
 
-def test_idle_connections_are_closed_by_the_kernel_timeout(sockdir: Path) -> None:
+def test_idle_connections_are_closed_by_the_kernel_timeout(
+    sockdir: Path, batching: BatchConfig | None
+) -> None:
     path, manifest = _model(sockdir)
     limits = ApiLimits(idle_timeout_s=0.3)
-    with UnixInferenceServer(load_model(path, manifest), sockdir / "i.sock", limits) as srv:
+    model = load_model(path, manifest)
+    with UnixInferenceServer(model, sockdir / "i.sock", limits, batching=batching) as srv:
         with _connect(srv.path) as s:
             s.sendall(_request(X[:1].tolist()))
             assert _reply(s)[2] == 200
