@@ -11,9 +11,10 @@ Reported states and events, which rollouts wait for, stay on the publisher's con
 acknowledged on arrival as before; only telemetry waits here. The window is the CONNECT Receive
 Maximum this connection sends (`window`), and the stream flushes at `flush_at` held reports
 (half the window by default, so the broker keeps sending while a flush runs) or when the oldest
-has waited `flush_after_s`. A flush that fails acknowledges nothing; it is retried every
-`retry_s`, and meanwhile the window fills and the broker holds the rest of the telemetry for this
-worker (or hands it to the share group's other members), while control traffic flows on.
+has waited `flush_after_s` (1 s: each flush has a fixed cost, several statements under a
+lock the workers share, so fewer, larger flushes go faster). A flush that fails acknowledges
+nothing and is retried every `retry_s`; meanwhile the window fills and the broker queues the rest
+of this worker's share of the telemetry in its session, while control traffic flows on.
 
 The share group is `<ingest group>-telemetry`, not the ingest group: a fleet client of an older
 release still has a telemetry subscription in its persistent session in the ingest group, and
@@ -47,7 +48,7 @@ class StreamSettings:
 
     window: int = 2000  # CONNECT Receive Maximum: unacknowledged reports the broker sends at most
     flush_at: int = 1000  # held acknowledgements that trigger a flush; <= window
-    flush_after_s: float = 0.2
+    flush_after_s: float = 1.0  # a flush has a fixed cost (several statements, a lock shared by workers)
     retry_s: float = 0.5  # after a failed flush
 
     def __post_init__(self) -> None:
