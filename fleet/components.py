@@ -27,10 +27,11 @@ start order:
 
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
-`ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
-database (`fleet/delivery/event_log.py`), `controller` items 3-4 behind the lease. One
-process with every role (the default) subscribes without share groups, as it always did (it
-then also gets the retained reported states at start, which a shared subscription does not).
+`ingest` the telemetry store fed from `$share/<ingest group>-telemetry/...` with events (from
+`$share/<ingest group>/...`) stored once in the database (`fleet/delivery/event_log.py`),
+`controller` items 3-4 behind the lease. One process with every role (the default) subscribes
+without share groups, as it always did (it then also gets the retained reported states at
+start, which a shared subscription does not).
 
 The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
 `fleet.periodic.PeriodicRunner`.
