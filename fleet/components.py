@@ -10,13 +10,14 @@ start order:
 
 1. the MQTT publisher (only when a broker is given): serves the TUF repository in chunks,
    publishes director documents, and hands reported states to the inventory
-   (`store.devices.on_reported`) and to the controller, events to the controller, and
-   telemetry to the telemetry ingest;
+   (`store.devices.on_reported`) and to the controller, and events to the controller;
 2. the telemetry ingest's store (flushed periodically, closed at stop) whose merged windows
    feed the rollout gates (`TelemetryMetrics`);
    then the drift monitor (`fleet/telemetry/monitor.py`), which times ingest, evaluates
    closed windows for drift (alerts, retraining triggers, Prometheus gauges) and gives the
-   gates their drift score;
+   gates their drift score; then (ingest role) the `TelemetryStream`: telemetry on an MQTT
+   connection of its own, each report acknowledged after the flush that stored it
+   (`fleet/telemetry/acked_stream.py`), so the publisher's connection never waits on it;
 3. the `LeaderElector` (`fleet/cluster/leader.py`), then the `RolloutController`, then the A/B
    `ExperimentDriver`: they, the drift evaluation and the timestamp refresher act only while
    this process holds the controller lease;
@@ -31,10 +32,11 @@ policies into devices' director documents.
 
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
-`ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
-database (`fleet/delivery/event_log.py`), `controller` items 3-4 behind the lease. One
-process with every role (the default) subscribes without share groups, as it always did (it
-then also gets the retained reported states at start, which a shared subscription does not).
+`ingest` the telemetry store fed from `$share/<ingest group>-telemetry/...` with events (from
+`$share/<ingest group>/...`) stored once in the database (`fleet/delivery/event_log.py`),
+`controller` items 3-4 behind the lease. One process with every role (the default) subscribes
+without share groups, as it always did (it then also gets the retained reported states at
+start, which a shared subscription does not).
 
 The periodic work (timestamp refresh, telemetry flush, drift evaluation) runs as jobs of
 `fleet.periodic.PeriodicRunner`.
@@ -82,6 +84,7 @@ from fleet.rollouts.gates import TelemetryMetrics
 from fleet.service import Component
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry.acked_stream import TelemetryStream, retire_legacy_subscription
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
@@ -250,7 +253,24 @@ def _publisher(settings: FleetSettings, roles: frozenset[Role]) -> Publisher:
                      settings.repo_dir, options)
 
 
-def _member_client_id(roles: frozenset[Role], port: int) -> str:
+def _ingest_group(settings: FleetSettings, roles: frozenset[Role]) -> str | None:
+    return settings.cluster.ingest_share_group if roles != ALL_ROLES else None
+
+
+def _telemetry_stream(settings: FleetSettings, roles: frozenset[Role], ingest: Callable[[str, bytes], None],
+                      flush: Callable[[], object]) -> TelemetryStream:
+    """The ingest role's telemetry connection: client id `<fleet client id>-telemetry` (stable per
+    slot: a restart gets what it held unacknowledged), share group `<ingest group>-telemetry`."""
+    split = roles != ALL_ROLES
+    password = settings.broker_password.get_secret_value() if settings.broker_password else None
+    client_id = f"fleet-{settings.port}-telemetry" if not split else _member_client_id(roles, settings.port,
+                                                                                      "-telemetry")
+    group = _ingest_group(settings, roles)
+    return TelemetryStream(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
+                           f"{group}-telemetry" if group else None, ingest, flush)
+
+
+def _member_client_id(roles: frozenset[Role], port: int, suffix: str = "") -> str:
     """`fleet-<roles>-<host>-<port>`: stable across restarts of one process slot, unique per slot.
 
     Why not the pid: the broker keeps a persistent session per client id (1 h expiry), and
@@ -260,7 +280,7 @@ def _member_client_id(roles: frozenset[Role], port: int) -> str:
     session and gets the backlog; a pid-named one would leave it stranded until expiry."""
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip(".-") or "host"
     head = f"fleet-{'-'.join(sorted(r.value for r in roles))}"
-    tail = f"-{port}"
+    tail = f"-{port}{suffix}"
     return f"{head}-{host[:max(1, 64 - len(head) - len(tail) - 1)]}{tail}"
 
 
@@ -325,6 +345,10 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         # Agents send events at least once: each (device, seq) is stored once, whichever worker got it.
         wake = controller.wake if controller is not None else None
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
-        publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
+        # Telemetry on a connection of its own, acknowledged once stored (fleet/telemetry/acked_stream.py)
+        stream = _telemetry_stream(settings, roles, RevokedFilter(store, monitor.ingest, "telemetry"),
+                                   telemetry.flush)
+        retire_legacy_subscription(publisher.transport, settings.topic_prefix, _ingest_group(settings, roles))
+        components.append(stream)  # after the telemetry store: stopped (final flush, acks) before it
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
                       experiments, refresher, components, elector, events, datasets)

@@ -4,7 +4,8 @@
   database and the repository), so any number run behind a load balancer.
 - `publisher`: answers device requests (chunked bundles, TUF metadata) on the shared
   subscription `$share/<publish group>/.../repo/requests/+`; any number.
-- `ingest`: reported state, events and telemetry on `$share/<ingest group>/.../devices/+/...`;
+- `ingest`: reported state and events on `$share/<ingest group>/.../devices/+/...`, telemetry on
+  `$share/<ingest group>-telemetry/...` (a connection of its own: `fleet.telemetry.acked_stream`);
   any number, deduplicated in the database (events by (device, seq): `fleet.delivery.event_log`;
   telemetry by (device, seq): `fleet.telemetry.ingest`).
 - `controller`: the rollout controller, the A/B experiment driver, the drift monitor's

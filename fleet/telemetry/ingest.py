@@ -283,7 +283,7 @@ class TelemetryStore:
                 self._pending_seen.clear()
                 return 0
             now = self._clock()
-            rows = []
+            rows, served = [], []  # the windows' rows; their serving figures (fleet/telemetry/serving.py)
             try:
                 with self.database.tx() as db:
                     if db.dialect == "postgresql":
@@ -296,8 +296,8 @@ class TelemetryStore:
                             self.counters.accepted -= 1
                             self.counters.duplicates += 1
                     known = self._stored_windows(db)
-                    for (model, version, cohort, start), w in self._pending.items():
-                        stored = known.get((model, version, cohort, start))
+                    for k, w in self._pending.items():
+                        (model, version, cohort, start), stored = k, known.get(k)
                         report, reports, devices, kll = w.report, w.reports, set(w.devices), w.kll
                         if stored is not None:
                             try:
@@ -311,8 +311,7 @@ class TelemetryStore:
                                 reports += stored[1]
                                 devices |= set(json.loads(stored[2]))
                                 kll.merge(kll_floats_sketch.deserialize(stored[3]))
-                        serving.write_window(db, (model, version, cohort, start), w.report, report,
-                                             len(devices), now)
+                        served.append(serving.WindowWrite(k, w.report, report, len(devices)))
                         listed = sorted(devices)[:MAX_WINDOW_DEVICES]
                         rows.append({
                             "model": model, "version": version, "cohort": cohort, "window_start": start,
@@ -320,6 +319,7 @@ class TelemetryStore:
                             "devices": json.dumps(listed), "device_count": len(devices),
                             "latency_kll": kll.serialize(), "updated_at": now,
                         })
+                    serving.write_windows(db, served, now)  # one batch, as the windows
                     db.upsert(WINDOWS_TABLE, rows, key=WINDOW_KEY)
                     self._device_totals.write(db)
                     db.execute(f"DELETE FROM {SEEN_TABLE} WHERE received_at < :cutoff",  # noqa: S608

@@ -1,0 +1,117 @@
+"""An MQTT transport that acknowledges a QoS 1 message only when told to, in a window it sets.
+
+Why: an ingest worker that acknowledges a report on arrival and dies (SIGKILL) before storing it
+has lost it: the device's outbox dropped it at the PUBACK. Acknowledging after the commit moves
+the loss window to a redelivery (the broker resends unacknowledged messages when the session
+resumes), which the (device, seq) claim deduplicates.
+
+Why a window of its own: the broker sends a client at most its *outgoing window* of
+unacknowledged QoS 1 messages, then nothing at all on that connection until one is acknowledged.
+Mosquitto 2 sizes that window from the client's CONNECT Receive Maximum when the client sends one
+(measured on 2.0.11: 20, 500, 50 for Receive Maximum absent / 500 / 50, whatever the broker's
+`max_inflight_messages`), else from `max_inflight_messages` (default 20). The CONNACK's Receive
+Maximum is the other direction (what the broker accepts from the client), so it says nothing
+about this window. This transport therefore sends `receive_maximum` itself, and its user flushes
+well before that many acknowledgements are held, so the window never fills under a working
+database; when the database is away it fills and stops only this connection, which carries
+telemetry alone (`fleet/telemetry/acked_stream.py`), never reported states or events.
+
+A token is (connection number, packet id): packet ids are per connection, and after a reconnect
+the broker resends what was unacknowledged under new ids, so an acknowledgement for an id of an
+earlier connection is not sent (it could confirm another message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.transport import Message
+from agent.transport.mqtt_client import MqttConfig, MqttTransport
+
+logger = logging.getLogger(__name__)
+
+AckToken = tuple[int, int]  # (connection number, MQTT packet id)
+AckedHandler = Callable[[Message, AckToken | None], None]
+
+
+class AckedTransport(MqttTransport):
+    """`MqttTransport` whose `subscribe_acked` handlers get each QoS 1 message with a token and
+    acknowledge it with `ack(token)`; the broker sends at most `receive_maximum` unacknowledged.
+    Messages no acked subscription matches are acknowledged at once (nothing is held by mistake)."""
+
+    def __init__(self, config: MqttConfig, receive_maximum: int) -> None:
+        if not 1 <= receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be within 1..65535")
+        super().__init__(config)
+        self.receive_maximum = receive_maximum
+        self._client.manual_ack_set(True)
+        self._acked: dict[str, AckedHandler] = {}
+        self._generation = 0
+        self.acks_sent = 0
+        self.stale_acks = 0  # tokens of an earlier connection: not sent, the message was resent
+
+    def subscribe_acked(self, topic_filter: str, handler: AckedHandler, qos: int = 1) -> None:
+        with self._lock:
+            self._acked[topic_filter] = handler
+        self.subscribe(topic_filter, lambda _m: None, qos)  # re-sent on every connect
+
+    def ack(self, token: AckToken) -> bool:
+        """PUBACK the message of `token`; False (nothing sent) when its connection is gone."""
+        generation, mid = token
+        with self._lock:  # held while queueing the PUBACK: no reconnect in between
+            if generation != self._generation or not self._connected.is_set():
+                self.stale_acks += 1
+                return False
+            self._client.ack(mid, 1)
+            self.acks_sent += 1
+        return True
+
+    def _connect_once(self, first: bool) -> None:
+        if not first:  # paho reuses the first CONNECT's properties, Receive Maximum included
+            super()._connect_once(first)
+            return
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        props.ReceiveMaximum = self.receive_maximum
+        self._client.connect(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=self.config.clean_start,
+            properties=props,
+        )
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self._lock:  # before this connection's (re)deliveries, which follow on this thread
+            self._generation += 1
+        super()._on_connect(client, userdata, flags, rc, props)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [
+                h for flt, h in self._acked.items() if paho.topic_matches_sub(_filter_of(flt), msg.topic)
+            ]
+            token = (self._generation, msg.mid) if msg.qos == 1 else None
+        if not handlers:
+            super()._on_message(client, userdata, msg)
+            if msg.qos == 1:
+                client.ack(msg.mid, 1)  # what paho does on its own without manual acks
+            return
+        self.messages_in += 1
+        self.bytes_in += len(msg.payload)
+        message = Message(topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain))
+        for handler in handlers:
+            try:
+                handler(message, token)
+            except Exception:  # one bad message must not stop the network thread
+                logger.exception("acked handler for %s failed", msg.topic)
+
+
+def _filter_of(topic_filter: str) -> str:
+    return topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter

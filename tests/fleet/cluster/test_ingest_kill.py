@@ -1,0 +1,72 @@
+"""An ingest worker killed with SIGKILL mid-stream loses nothing: it acknowledges a report only
+after the flush that stored it committed (fleet/telemetry/acked_stream.py), so what it had
+received but not stored is redelivered to its telemetry session when it starts again in its slot
+(same host and port, so the same client id), and the (device, seq) claim stores each report once.
+(Acknowledged on arrival, as before, runs of this test stored 1,582 and 1,695 of the 2,000.)"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.contract.telemetry import decode_report
+from fleet.db.database import Database
+from simulators.load_devices.scale_run import serve_process, stop_processes
+from tests.support.broker import Broker, free_port
+from tests.support.telemetry import encoded_reports, small_profile, stored_reports
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = f"kill-{secrets.token_hex(4)}"  # its sessions outlive the test: topics of its own
+    monkeypatch.setenv("EDGEFLEET_TOPIC_PREFIX", prefix)
+    data = tmp_path / "fleet"
+    data.mkdir()
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    telemetry = Database(data / "telemetry.db", "telemetry", "telemetry store")
+    port = free_port()
+    procs = [serve_process(data, url, "ingest", tmp_path / "a.log", port=port)]
+    reports = encoded_reports(small_profile(), "m", "1", "c", devices=200, shifts=[0.0] * 10, rows=5)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-sender-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+
+    def send() -> None:
+        for r in reports:
+            sender.publish(f"{prefix}/v1/devices/{decode_report(r).device_id}/telemetry", r,
+                           qos=1).wait_for_publish(30)
+
+    feeder = threading.Thread(target=send, daemon=True)
+    try:
+        time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
+        feeder.start()
+        deadline = time.monotonic() + 60
+        while stored_reports(telemetry)[0] < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        at_kill = stored_reports(telemetry)[0]
+        assert 0 < at_kill < len(reports)  # killed mid-stream
+        feeder.join(60)  # every report acknowledged by the broker: the device's outbox is empty
+        procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
+        deadline = time.monotonic() + 90
+        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(f"stored at kill {at_kill}, after restart {stored_reports(telemetry)} of {len(reports)}")
+        assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, merged once
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        stop_processes([p for p in procs if p.poll() is None])
+        telemetry.close()
