@@ -60,6 +60,7 @@ from fleet.cluster.roles import ALL_ROLES, Role
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.event_log import DurableEvents, EventLog
 from fleet.delivery.publisher import Publisher, PublisherSettings
+from fleet.delivery.report_verify import ReportVerifier
 from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
@@ -291,7 +292,13 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
     if publisher is not None and Role.INGEST in roles:
-        publisher.on_reported(store.devices.on_reported)
+        # Only reports signed by the device's key pass (issue 14; `report_signatures: optional` also
+        # lets unsigned ones of keyless devices in, marked unsigned so rollouts ignore them).
+        gate = ReportVerifier(store.report_keys, settings.topic_prefix, settings.report_signatures,
+                              on_offline=store.devices.mark_offline)
+        publisher.inbound_check = gate
+        publisher.on_reported(lambda device, state: store.devices.on_reported(device, state,
+                                                                              gate.last_signed))
         if controller is not None:
             publisher.on_reported(controller.on_reported)
         # Events and telemetry from revoked devices (in flight, or before the broker reload) are

@@ -89,6 +89,7 @@ devices = Table(
     Column("cert_serial", Text),
     Column("cert_fingerprint", Text),
     Column("cert_not_after", Text),
+    Column("reported_signed", Integer, nullable=False, server_default=_d("0")),  # store_0009: by its key
     sa.Index("devices_cert_serial", "cert_serial", unique=True),
 )
 enrollment_tokens = Table(
@@ -266,6 +267,15 @@ device_events = Table(  # each device event once per (device, seq), whichever wo
     Column("handled_at", Float),
     Column("handled_token", BigInteger),
     sa.Index("device_events_open", "handled_at", "received_at"),
+)
+device_report_keys = Table(  # each device's report key and the last counter accepted per kind (store_0009)
+    "device_report_keys", STORE,
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("public_key", Text, nullable=False),  # base64 of the raw 32-byte Ed25519 public key
+    Column("registered_at", Float, nullable=False),
+    Column("registered_by", Text, nullable=False),
+    *(Column(f"{kind}_counter", BigInteger, nullable=False, server_default=_d("0"))
+      for kind in ("reported", "events", "telemetry")),
 )
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------

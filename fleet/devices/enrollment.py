@@ -33,6 +33,7 @@ from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
 from fleet.db.rows import iso
 from fleet.devices.inventory import CertificateFacts
+from fleet.devices.report_keys import parse_public_key
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.store import Store
 from fleet.trust.device_ca import DeviceCA, parse_csr
@@ -154,6 +155,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     FleetInputError (facts, CSR), FleetMisuseError (broken repository root, credentials in the URL).
     """
     csr = parse_csr(cert.csr_pem) if cert is not None else None
+    report_key = facts.get("report_public_key")  # checked before the token is spent
+    report_key = parse_public_key(report_key) if report_key is not None else None
     if "@" in urlsplit(broker_url).netloc:
         raise FleetMisuseError("the device-facing broker URL carries credentials: refusing to hand them out")
     if not token.startswith(TOKEN_PREFIX):
@@ -179,6 +182,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
         device = store.devices.create(device_id, tok.labels, facts, device_id,
                                       mosquitto_password_hash(password) if password else "",
                                       f"enrollment-token:{tok.id}", certificate=facts_of_cert)
+        if report_key is not None:  # the device's report signing key (issue 14), audited with the device
+            store.report_keys.register(device_id, report_key, f"enrollment-token:{tok.id}", audited=False)
     sync_broker_credentials(store, passwd_path)
     return {
         "device_id": device_id,

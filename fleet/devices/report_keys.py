@@ -1,0 +1,114 @@
+"""Device report keys: each device's Ed25519 public key and the last report counter accepted.
+
+A device registers its key at enrollment (`report_public_key`, `fleet.devices.enrollment`); an
+operator registers or rotates one for a device enrolled before keys (`PUT
+/v1/devices/{id}/report-key`, audited). The replay state is the highest counter accepted per
+(device, kind) in `device_report_keys` (store_0009), advanced by one conditional UPDATE per
+accepted report, so several ingest workers on one database (SQLite or PostgreSQL) accept each
+counter at most once: the worker whose UPDATE matched a row won; the others see a replay.
+Registering a key resets the counters (the new key has signed nothing yet).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections.abc import Callable
+
+from agent.contract.report_auth import KINDS
+from fleet.db.audit import AuditRepo
+from fleet.db.database import FleetDatabase
+from fleet.errors import FleetInputError, NotFound
+
+KEY_BYTES = 32
+
+
+def parse_public_key(text: object) -> bytes:
+    """A base64 raw Ed25519 public key (32 bytes) as bytes. Raises FleetInputError."""
+    if not isinstance(text, str):
+        raise FleetInputError("report_public_key must be a base64 string")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FleetInputError("report_public_key is not base64") from None
+    if len(raw) != KEY_BYTES:
+        raise FleetInputError(f"report_public_key must be a raw {KEY_BYTES}-byte Ed25519 key, "
+                              f"not {len(raw)} bytes")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey  # lazy: with a key only
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise FleetInputError("report_public_key is not an Ed25519 public key") from None
+    return raw
+
+
+class ReportKeyRepo:
+    """`device_report_keys`: register/rotate (audited), look up (cached), advance counters."""
+
+    def __init__(self, database: FleetDatabase, audit: AuditRepo, cache_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.database = database
+        self.audit = audit
+        self.cache_s = cache_s
+        self.clock = clock
+        self._cache: dict[str, tuple[float, bytes | None]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, device_id: str, public_key: bytes, actor: str, audited: bool = True) -> None:
+        """Set the device's report key (replacing any), reset its counters. Raises NotFound."""
+        encoded = base64.b64encode(public_key).decode()
+        with self.database.tx() as db:
+            if db.scalar("SELECT id FROM devices WHERE id = :id", {"id": device_id}) is None:
+                raise NotFound(f"device {device_id!r} not found")
+            before = db.scalar("SELECT public_key FROM device_report_keys WHERE device_id = :id",
+                               {"id": device_id})
+            row = {"device_id": device_id, "public_key": encoded, "registered_at": time.time(),
+                   "registered_by": actor, **{f"{k}_counter": 0 for k in KINDS}}
+            db.upsert("device_report_keys", row, key=["device_id"])
+            if audited:
+                self.audit.record(actor, "device.report_key", f"device:{device_id}",
+                                  {"report_public_key": before}, {"report_public_key": encoded})
+        with self._lock:
+            self._cache.pop(device_id, None)
+
+    def key_of(self, device_id: str, fresh: bool = False) -> bytes | None:
+        """The device's raw public key, or None; cached `cache_s` (`fresh`: read the database)."""
+        now = self.clock()
+        with self._lock:
+            hit = self._cache.get(device_id)
+        if hit is not None and not fresh and now - hit[0] < self.cache_s:
+            return hit[1]
+        with self.database.read() as db:
+            text = db.scalar("SELECT public_key FROM device_report_keys WHERE device_id = :id",
+                             {"id": device_id})
+        key = base64.b64decode(text) if text is not None else None
+        with self._lock:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[device_id] = (now, key)
+        return key
+
+    def advance(self, device_id: str, kind: str, counter: int) -> int | None:
+        """Accept `counter` for (device, kind): None when it was above the stored one (now stored),
+        else the stored counter (a replay or duplicate; nothing changed)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown report kind {kind!r}")
+        column = f"{kind}_counter"  # one of three fixed names
+        with self.database.tx() as db:
+            cur = db.execute(f"UPDATE device_report_keys SET {column} = :c "  # noqa: S608
+                             f"WHERE device_id = :d AND {column} < :c", {"c": counter, "d": device_id})
+            if cur.rowcount == 1:
+                return None
+            stored = db.scalar(f"SELECT {column} FROM device_report_keys WHERE device_id = :d",  # noqa: S608
+                               {"d": device_id})
+        return int(stored) if stored is not None else -1
+
+    def last_counters(self, device_id: str) -> dict[str, int]:
+        """The highest accepted counter per kind (all 0 for a fresh key; empty without a key)."""
+        with self.database.read() as db:
+            row = db.one("SELECT reported_counter, events_counter, telemetry_counter FROM device_report_keys "
+                         "WHERE device_id = :d", {"d": device_id})
+        return {} if row is None else {k: int(row[f"{k}_counter"]) for k in KINDS}
