@@ -238,8 +238,8 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     cert = CertFiles.beside(config_path) if identity == "cert" else None
     broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
     report_key_path = state_dir.absolute() / KEY_FILE
-    for path in (config_path, root_path, report_key_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
-                 *(() if ca_file else (broker_ca_path,))):
+    for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
+                 *(() if ca_file else (broker_ca_path,)), report_key_path):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
     if urlsplit(url).scheme not in ("http", "https"):

@@ -158,7 +158,7 @@ class ReportVerifier:
         if reason == "duplicate":
             logger.debug("duplicate signed report dropped: %s", error)
         else:
-            self.log.note(f"signed_{reason}", str(error), device=device, topic_kind=kind)
+            self.log.note(f"report_{reason}", str(error), device=device, topic_kind=kind)
         return False
 
     def refused(self) -> dict[tuple[str, str], int]:
