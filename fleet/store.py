@@ -41,3 +41,7 @@ class Store(FleetDatabase):
         self.report_keys = ReportKeyRepo(self, self.audit)
         self.access = AccessRepo(self, self.audit)
         self.rollouts = RolloutRepo(self)
+
+    def close(self) -> None:
+        self.report_keys.close()
+        super().close()

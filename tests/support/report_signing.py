@@ -13,9 +13,13 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as Properties_
+
 from agent.contract.report_auth import HEADER, new_device_key, sign_report
 from agent.daemon.report_signer import KEY_FILE
 from agent.durable_io import write_durably
+from fleet.errors import NotFound
 from fleet.store import Store
 
 Properties = tuple[tuple[str, str], ...]
@@ -45,6 +49,12 @@ class DeviceKey:
         """User properties carrying the signature of `payload` as `kind` (`reported`, `events`, ...)."""
         return ((HEADER, self.header(kind, payload, counter, device_id)),)
 
+    def paho_properties(self, kind: str, payload: bytes) -> Properties_:
+        """The same as paho PUBLISH properties, for tests that publish with a raw paho client."""
+        props = Properties_(PacketTypes.PUBLISH)
+        props.UserProperty = list(self.props(kind, payload))
+        return props
+
     def register(self, store: Store, actor: str = "test") -> DeviceKey:
         store.report_keys.register(self.device_id, self.public, actor, audited=False)
         return self
@@ -54,3 +64,16 @@ class DeviceKey:
         state_dir.mkdir(parents=True, exist_ok=True)
         write_durably(state_dir / KEY_FILE, self.private, mode=0o600)
         return self
+
+
+def enroll_keys(store: Store, device_ids: list[str],
+                labels: dict[str, str] | None = None) -> dict[str, DeviceKey]:
+    """Create each device (if new) in `store` and register a fresh report key; the keys by id."""
+    keys = {}
+    for dev in device_ids:
+        try:
+            store.devices.get(dev)
+        except NotFound:
+            store.devices.create(dev, dict(labels or {}), {}, dev, "$7$x", "test")
+        keys[dev] = DeviceKey(dev).register(store)
+    return keys
