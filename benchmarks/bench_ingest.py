@@ -100,7 +100,8 @@ def _signed(prof: ReferenceProfile, payloads: list[bytes]) -> dict[str, float]:
     topics = Topics("bench")
     messages = [Message(topics.telemetry(dev), p, user_properties=((HEADER, h),))
                 for dev, p, h in zip(devices, payloads, headers, strict=True)]
-    full, check = [], []
+    full: list[float] = []
+    check: list[float] = []
     for _ in range(3):
         with tempfile.TemporaryDirectory() as tmp:
             for timed, out in ((True, full), (False, check)):
