@@ -277,6 +277,14 @@ device_report_keys = Table(  # each device's report key and the last counter acc
     *(Column(f"{kind}_counter", BigInteger, nullable=False, server_default=_d("0"))
       for kind in ("reported", "events", "telemetry")),
 )
+device_report_seen = Table(  # counters claimed per (device, kind) above its floor (store_0009)
+    "device_report_seen", STORE,
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("counter", BigInteger, primary_key=True),
+    Column("received_at", Float, nullable=False),
+    sa.Index("device_report_seen_received", "received_at"),
+)
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------
 telemetry_windows = Table(

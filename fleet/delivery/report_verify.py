@@ -113,18 +113,17 @@ class ReportVerifier:
                 return self._refuse(kind, "bad_signature", device, again)
         except UnsignedReportError as exc:
             return self._refuse(kind, "unsigned", device, exc)
-        stored = self.keys.advance(device, kind, counter)
-        if stored is None:
+        refused = self.keys.advance(device, kind, counter)
+        if refused is None:
             self.last_signed = True
             return True
-        if kind == "reported" and counter < stored and self._is_offline(msg, device):
-            self.stale_wills += 1  # the Last Will, signed at connect: offline, nothing else
+        if kind == "reported" and self._is_offline(msg, device):
+            self.stale_wills += 1  # the (retained) Last Will again: offline, nothing else
             if self.on_offline is not None:
                 self.on_offline(device)
             return False
-        reason = "duplicate" if counter == stored else "replayed"
-        return self._refuse(kind, reason, device, f"{kind} report from {device!r} replayed: counter "
-                            f"{counter} is not above {stored}")
+        return self._refuse(kind, refused, device, f"{kind} report from {device!r} {refused}: counter "
+                            f"{counter} was accepted before (or is too old)")
 
     def _keyless(self, kind: str, device: str, msg: Message, header: str | None) -> bool:
         if header is not None:

@@ -1,18 +1,23 @@
-"""Device report keys: each device's Ed25519 public key and the last report counter accepted.
+"""Device report keys: each device's Ed25519 public key and the report counters it used.
 
 A device registers its key at enrollment (`report_public_key`, `fleet.devices.enrollment`); an
 operator registers or rotates one for a device enrolled before keys (`PUT
-/v1/devices/{id}/report-key`, audited). The replay state is the highest counter accepted per
-(device, kind) in `device_report_keys` (store_0009), advanced by one conditional UPDATE per
-accepted report, so several ingest workers on one database (SQLite or PostgreSQL) accept each
-counter at most once: the worker whose UPDATE matched a row won; the others see a replay.
-Registering a key resets the counters (the new key has signed nothing yet).
+/v1/devices/{id}/report-key`, audited). The replay state is in the database (store_0009), so
+several ingest workers on one database (SQLite or PostgreSQL) accept each counter at most once:
+every accepted counter is *claimed* in `device_report_seen` (primary key device, kind, counter:
+`INSERT ... ON CONFLICT DO NOTHING`, the worker whose insert won accepts), above a per-(device,
+kind) floor in `device_report_keys`. Why claims and not "above the highest so far": a shared
+subscription hands one device's messages to several workers round-robin, so they are *processed*
+out of order; a strict high-water mark dropped every report a slower worker handled after a faster
+one (measured: half the reports of `tests/fleet/cluster/test_ingest_restart.py`). Claims older than
+`RETENTION_S` are folded into the floor (raised to the highest of them) and deleted, so a report
+delayed longer than that, or replayed later, is refused. Registering a key resets floor and claims.
 
-Cost: one committed UPDATE per report. With the store's durable commits (SQLite `synchronous =
+Cost: one committed INSERT per report. With the store's durable commits (SQLite `synchronous =
 FULL`, an fsync each) that quartered ingest throughput, so counter advances commit
 asynchronously: on SQLite through a second connection pool with `synchronous = NORMAL` (WAL: a
 commit survives a process crash, not always a power cut), on PostgreSQL with `SET LOCAL
-synchronous_commit = off` (the same). After a power cut of the fleet's host the advances of the
+synchronous_commit = off` (the same). After a power cut of the fleet's host the claims of the
 last moments may be forgotten, so a replay of exactly those reports could pass once; the event
 log and telemetry ingest still drop them as duplicates of their (device, seq).
 """
@@ -34,6 +39,8 @@ from fleet.db.database import Database, FleetDatabase
 from fleet.errors import FleetInputError, NotFound
 
 KEY_BYTES = 32
+RETENTION_S = 600.0  # claimed counters kept this long; older ones fold into the per-kind floor
+PRUNE_EVERY_S = 60.0
 
 
 def parse_public_key(text: object) -> bytes:
@@ -68,7 +75,7 @@ class ReportKeyRepo:
     """`device_report_keys`: register/rotate (audited), look up (cached), advance counters."""
 
     def __init__(self, database: FleetDatabase, audit: AuditRepo, cache_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retention_s: float = RETENTION_S) -> None:
         self.database = database
         self.audit = audit
         self.cache_s = cache_s
@@ -76,6 +83,8 @@ class ReportKeyRepo:
         self._cache: dict[str, tuple[float, bytes | None]] = {}
         self._lock = threading.Lock()
         self._fast: Database | None = None  # SQLite: the counters' own pool, commits without fsync
+        self.retention_s = retention_s
+        self._pruned_at: float | None = None
 
     def _counters(self) -> Database:
         if self.database.dialect != "sqlite":
@@ -105,6 +114,7 @@ class ReportKeyRepo:
             row = {"device_id": device_id, "public_key": encoded, "registered_at": time.time(),
                    "registered_by": actor, **{f"{k}_counter": 0 for k in KINDS}}
             db.upsert("device_report_keys", row, key=["device_id"])
+            db.execute("DELETE FROM device_report_seen WHERE device_id = :id", {"id": device_id})
             if audited:
                 self.audit.record(actor, "device.report_key", f"device:{device_id}",
                                   {"report_public_key": before}, {"report_public_key": encoded})
@@ -128,26 +138,54 @@ class ReportKeyRepo:
             self._cache[device_id] = (now, key)
         return key
 
-    def advance(self, device_id: str, kind: str, counter: int) -> int | None:
-        """Accept `counter` for (device, kind): None when it was above the stored one (now stored),
-        else the stored counter (a replay or duplicate; nothing changed)."""
+    def advance(self, device_id: str, kind: str, counter: int) -> str | None:
+        """Claim `counter` for (device, kind): None when it is new (now claimed), else why not:
+        `duplicate` (the highest claimed counter again), `replayed` (claimed before, or at or
+        below the forgotten floor). Nothing changes when it is refused."""
         if kind not in KINDS:
             raise ValueError(f"unknown report kind {kind!r}")
         column = f"{kind}_counter"  # one of three fixed names
+        now = time.time()
         with self._counters().tx() as db:
             if db.dialect == "postgresql":
                 db.execute("SET LOCAL synchronous_commit = off")
-            cur = db.execute(f"UPDATE device_report_keys SET {column} = :c "  # noqa: S608
-                             f"WHERE device_id = :d AND {column} < :c", {"c": counter, "d": device_id})
+            claim = ("INSERT INTO device_report_seen (device_id, kind, counter, received_at) "  # noqa: S608
+                     f"SELECT :d, :k, :c, :t WHERE :c > (SELECT {column} FROM device_report_keys "
+                     "WHERE device_id = :d) ON CONFLICT (device_id, kind, counter) DO NOTHING")
+            # new and above the floor, whichever worker races: the primary key decides
+            cur = db.execute(claim, {"d": device_id, "k": kind, "c": counter, "t": now})
             if cur.rowcount == 1:
-                return None
-            stored = db.scalar(f"SELECT {column} FROM device_report_keys WHERE device_id = :d",  # noqa: S608
-                               {"d": device_id})
-        return int(stored) if stored is not None else -1
+                refused = None
+            else:
+                top = db.scalar("SELECT MAX(counter) FROM device_report_seen WHERE device_id = :d "
+                                "AND kind = :k", {"d": device_id, "k": kind})
+                refused = "duplicate" if top is not None and int(top) == counter else "replayed"
+        if self._pruned_at is None or now - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = now
+            self.prune(now - self.retention_s)
+        return refused
+
+    def prune(self, cutoff: float) -> int:
+        """Forget counters claimed before `cutoff`, raising each (device, kind) floor to the highest
+        of them: a report that old is then refused as replayed, whether seen or not."""
+        with self._counters().tx() as db:
+            for kind in KINDS:
+                column = f"{kind}_counter"
+                old = ("(SELECT MAX(s.counter) FROM device_report_seen s WHERE s.device_id = "
+                       "device_report_keys.device_id AND s.kind = :k AND s.received_at < :cut)")
+                db.execute(f"UPDATE device_report_keys SET {column} = {old} "  # noqa: S608
+                           f"WHERE {old} > {column}", {"k": kind, "cut": cutoff})
+            cur = db.execute("DELETE FROM device_report_seen WHERE received_at < :cut", {"cut": cutoff})
+            return int(cur.rowcount)
 
     def last_counters(self, device_id: str) -> dict[str, int]:
         """The highest accepted counter per kind (all 0 for a fresh key; empty without a key)."""
         with self.database.read() as db:
             row = db.one("SELECT reported_counter, events_counter, telemetry_counter FROM device_report_keys "
                          "WHERE device_id = :d", {"d": device_id})
-        return {} if row is None else {k: int(row[f"{k}_counter"]) for k in KINDS}
+            if row is None:
+                return {}
+            seen = {r["kind"]: int(r["top"]) for r in db.query(
+                "SELECT kind, MAX(counter) AS top FROM device_report_seen WHERE device_id = :d GROUP BY kind",
+                {"d": device_id})}
+        return {k: max(int(row[f"{k}_counter"]), seen.get(k, 0)) for k in KINDS}

@@ -183,15 +183,21 @@ def test_a_restarted_agent_keeps_signing_above_its_old_counters(rig: Rig, tmp_pa
 
 
 @pytest.mark.integration
-def test_a_stale_signed_last_will_only_marks_the_device_offline(rig: Rig) -> None:
+def test_a_replayed_signed_last_will_only_marks_the_device_offline(rig: Rig) -> None:
     will = _state("", 0.5, online=False)
     will_props = rig.a.props("reported", will)  # signed at connect: counter 1
     live = _state("mlp-2.0.0", 5.0)
     rig.send("dev-a", "reported", live, rig.a.props("reported", live))
     _wait(lambda: rig.store.devices.get("dev-a").online, "the live report")
-    rig.send("dev-a", "reported", will, will_props)  # the broker publishes the will
+    rig.send("dev-a", "reported", will, will_props)  # the broker publishes the will: a new counter
     _wait(lambda: not rig.store.devices.get("dev-a").online, "offline")
+    back = _state("mlp-2.0.0", 6.0)
+    rig.send("dev-a", "reported", back, rig.a.props("reported", back))
+    _wait(lambda: rig.store.devices.get("dev-a").online, "back online")
+    rig.send("dev-a", "reported", will, will_props)  # the retained will replayed
+    _wait(lambda: not rig.store.devices.get("dev-a").online, "offline again")
     assert rig.active() == "mlp-2.0.0" and rig.gate.stale_wills == 1  # its content was dropped
+    assert rig.refused("reported", "replayed") == 0  # counted as a will, not a refusal
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,30 @@ def test_two_ingest_workers_accept_each_counter_once(backend: Backend) -> None:
         for t in threads:
             t.join()
         assert sorted(c for c, _ in wins) == list(range(1, 41))  # each counter accepted exactly once
-        assert two.report_keys.advance("d", "events", 40) == 40  # a replay of the last one: refused
+        assert two.report_keys.advance("d", "events", 40) == "duplicate"  # the last one again: refused
+        assert two.report_keys.advance("d", "events", 7) == "replayed"
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.integration
+def test_counters_may_arrive_out_of_order_but_each_only_once_and_old_ones_fold_into_the_floor(
+        backend: Backend) -> None:
+    store = Store(backend.location())
+    try:
+        store.devices.create("d", {}, {}, "d", "$7$x", "test")
+        DeviceKey("d").register(store)
+        keys = store.report_keys
+        # two workers of a shared subscription: 5 handled before 3
+        assert keys.advance("d", "telemetry", 5) is None and keys.advance("d", "telemetry", 3) is None
+        assert keys.advance("d", "telemetry", 3) == "replayed"
+        assert keys.advance("d", "telemetry", 5) == "duplicate"
+        assert keys.advance("d", "reported", 3) is None  # kinds are apart
+        assert keys.last_counters("d") == {"reported": 3, "events": 0, "telemetry": 5}
+        assert keys.prune(cutoff=time.time() + 1) == 3  # everything claimed so far is "old" now
+        assert keys.last_counters("d") == {"reported": 3, "events": 0, "telemetry": 5}  # now the floors
+        assert keys.advance("d", "telemetry", 4) == "replayed"  # never seen, but below the floor
+        assert keys.advance("d", "telemetry", 6) is None
+    finally:
+        store.close()

@@ -1,10 +1,10 @@
 """Store migration 9: signed device reports (issue 14).
 
 Each device's Ed25519 report key (registered at enrollment, or by an operator for a device
-enrolled before keys) and, per message kind, the highest report counter the fleet accepted from
-it; and per device whether its stored reported state was signed. Ingest workers advance a
-counter with a conditional UPDATE (`... WHERE <kind>_counter < :counter`), so a replayed report
-is refused whichever worker gets it (`fleet.devices.report_keys`).
+enrolled before keys) with a per-kind counter floor; the counters accepted since (claimed with
+`INSERT ... ON CONFLICT DO NOTHING`, so a replayed report is refused whichever ingest worker
+gets it: `fleet.devices.report_keys`); and per device whether its stored reported state was
+signed.
 """
 
 from __future__ import annotations
@@ -32,8 +32,17 @@ def upgrade() -> None:
         *(sa.Column(f"{kind}_counter", sa.BigInteger, nullable=False, server_default=sa.text("0"))
           for kind in ("reported", "events", "telemetry")),
     )
+    op.create_table(
+        "device_report_seen",
+        sa.Column("device_id", sa.Text, sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("kind", sa.Text, primary_key=True),
+        sa.Column("counter", sa.BigInteger, primary_key=True),
+        sa.Column("received_at", sa.Float, nullable=False),
+    )
+    op.create_index("device_report_seen_received", "device_report_seen", ["received_at"])
 
 
 def downgrade() -> None:
+    op.drop_table("device_report_seen")
     op.drop_table("device_report_keys")
     op.drop_column("devices", "reported_signed")
