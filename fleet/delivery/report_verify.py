@@ -4,11 +4,12 @@ Every reported state, event and telemetry report reaches the fleet through the p
 inbound thread (`Publisher.inbound_check`); this runs first and lets a message on only when it
 carries an `efsig` signature (`agent.contract.report_auth`) by the key registered for the
 device its topic names (`fleet.devices.report_keys`), over that topic kind and that payload,
-with a counter above the last one accepted for that device and kind. So a neighbour with a
+with a counter not accepted before for that device and kind. So a neighbour with a
 misconfigured ACL cannot report for another device (its key is not that device's), a broker
 cannot alter or invent a report, and a replayed report is dropped; nothing is changed by a
-refused message. The counter is advanced in the database (one conditional UPDATE), so several
-ingest workers refuse a replay whichever of them gets it.
+refused message. Each accepted counter is claimed in the database (`fleet.devices.report_keys`:
+a unique key, out-of-order arrival allowed), so several ingest workers refuse a replay whichever
+of them gets it.
 
 Refused messages are counted by kind and reason (`edgefleet_reports_refused_total`) and logged
 with a rate limit (`fleet.delivery.malformed.MalformedLog`); reasons: `unsigned`, `unknown_key`
