@@ -56,6 +56,7 @@ def ensure_key(state_dir: Path) -> tuple[bytes, bool]:
     if path.exists():
         return public_key_of(path.read_bytes(), path), False
     private, public = report_auth.new_device_key()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_durably(path, private, mode=0o600)
     return public, True
 
