@@ -5,6 +5,12 @@ each) are encoded up front; the timed part is `TelemetryStore.ingest` for each p
 the final `flush` into a fresh SQLite file (WAL, batched writes every 1,000 reports).
 Baseline in the same run: `decode_report` alone over the same payloads.
 Goal: `ingest_reports_per_s` >= 5,000.
+
+Signed reports (issue 14): the same payloads, each signed as its device (`sign_us_per_report`,
+the load devices' signer: what a device pays), then let through the fleet's check
+(`fleet.delivery.report_verify.ReportVerifier`: Ed25519 verify + one conditional UPDATE of the
+device's counter in a fleet SQLite store) before `ingest`: `ingest_verified_reports_per_s`,
+beside `ingest_reports_per_s` of the same run, and the check alone (`verify_reports_per_s`).
 """
 
 from __future__ import annotations
@@ -16,10 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract.manifest import ReferenceProfile
+from agent.contract.protocol import Topics
+from agent.contract.report_auth import HEADER
 from agent.contract.telemetry_codec import decode_report, encode_report
 from agent.telemetry import TelemetrySketch
+from agent.transport import Message
+from fleet.delivery.report_verify import ReportVerifier
 from fleet.registry.profile import compute_reference_profile
+from fleet.store import Store
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from simulators.device_keys import sim_device_public_key
+from simulators.load_devices.signing import LoadSigner
 
 NAME = "ingest"
 DESCRIPTION = "telemetry reports decoded + checked + deduplicated + merged + persisted per second"
@@ -66,9 +79,55 @@ def run() -> dict[str, float]:
             assert merged is not None and merged.requests == len(payloads)
             assert len(store.windows("mlp", "1.0.0")) == INTERVALS
             store.close()
+    signed = _signed(prof, payloads)
     return {
+        **signed,
         "ingest_reports_per_s": float(max(rates)),
         "ingest_reports_per_s_median": float(np.median(rates)),
         "decode_only_reports_per_s": len(payloads) / decode_s,
         "ingest_report_bytes_mean": float(np.mean([len(p) for p in payloads])),
+    }
+
+
+def _signed(prof: ReferenceProfile, payloads: list[bytes]) -> dict[str, float]:
+    """Sign every report as its device, then time check + ingest, and the check alone (best of 3)."""
+    per_device = len(payloads) // DEVICES
+    devices = [f"device-{i // per_device:04d}" for i in range(len(payloads))]
+    signer = LoadSigner()
+    t0 = time.perf_counter()
+    headers = [signer.header(dev, "telemetry", p) for dev, p in zip(devices, payloads, strict=True)]
+    sign_s = time.perf_counter() - t0
+    topics = Topics("bench")
+    messages = [Message(topics.telemetry(dev), p, user_properties=((HEADER, h),))
+                for dev, p, h in zip(devices, payloads, headers, strict=True)]
+    full: list[float] = []
+    check: list[float] = []
+    for _ in range(3):
+        with tempfile.TemporaryDirectory() as tmp:
+            for timed, out in ((True, full), (False, check)):
+                fleet = Store(Path(tmp) / f"fleet-{timed}.db")
+                for dev in sorted(set(devices)):
+                    fleet.devices.create(dev, {}, {}, dev, "-", "bench")
+                    fleet.report_keys.register(dev, sim_device_public_key(dev), "bench", audited=False)
+                gate = ReportVerifier(fleet.report_keys, "bench")
+                store = TelemetryStore(Path(tmp) / f"telemetry-{timed}.db",
+                                       IngestConfig(window_s=60.0, flush_every=1000),
+                                       profiles=lambda m, v: prof, clock=lambda: 1_700_010_000.0)
+                t0 = time.perf_counter()
+                passed = 0
+                for m in messages:
+                    if gate(m):
+                        passed += 1
+                        if timed:
+                            store.ingest(m.payload)
+                store.flush()
+                out.append(len(messages) / (time.perf_counter() - t0))
+                assert passed == len(messages) and sum(gate.refused().values()) == 0
+                assert all(gate(m) is False for m in messages[:10])  # replays: refused
+                store.close()
+                fleet.close()
+    return {
+        "sign_us_per_report": sign_s / len(payloads) * 1e6,
+        "ingest_verified_reports_per_s": float(max(full)),
+        "verify_reports_per_s": float(max(check)),
     }

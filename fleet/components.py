@@ -61,6 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.logs import log_event
+from agent.transport import Message
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role
@@ -70,6 +71,7 @@ from fleet.collection.records import CollectionStore
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.event_log import DurableEvents, EventLog
 from fleet.delivery.publisher import Publisher, PublisherSettings
+from fleet.delivery.report_verify import ReportVerifier
 from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
@@ -258,7 +260,7 @@ def _ingest_group(settings: FleetSettings, roles: frozenset[Role]) -> str | None
 
 
 def _telemetry_stream(settings: FleetSettings, roles: frozenset[Role], ingest: Callable[[str, bytes], None],
-                      flush: Callable[[], object]) -> TelemetryStream:
+                      flush: Callable[[], object], check: Callable[[Message], bool]) -> TelemetryStream:
     """The ingest role's telemetry connection: client id `<fleet client id>-telemetry` (stable per
     slot: a restart gets what it held unacknowledged), share group `<ingest group>-telemetry`."""
     split = roles != ALL_ROLES
@@ -267,7 +269,7 @@ def _telemetry_stream(settings: FleetSettings, roles: frozenset[Role], ingest: C
                                                                                       "-telemetry")
     group = _ingest_group(settings, roles)
     return TelemetryStream(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
-                           f"{group}-telemetry" if group else None, ingest, flush)
+                           f"{group}-telemetry" if group else None, ingest, flush, check=check)
 
 
 def _member_client_id(roles: frozenset[Role], port: int, suffix: str = "") -> str:
@@ -337,7 +339,13 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
                                            lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
                                            tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))
     if publisher is not None and Role.INGEST in roles:
-        publisher.on_reported(store.devices.on_reported)
+        # Only reports signed by the device's key pass (issue 14; `report_signatures: optional` also
+        # lets unsigned ones of keyless devices in, marked unsigned so rollouts ignore them).
+        gate = ReportVerifier(store.report_keys, settings.topic_prefix, settings.report_signatures,
+                              on_offline=store.devices.mark_offline)
+        publisher.inbound_check = gate
+        publisher.on_reported(lambda device, state: store.devices.on_reported(device, state,
+                                                                              gate.last_signed))
         if controller is not None:
             publisher.on_reported(controller.on_reported)
         # Events and telemetry from revoked devices (in flight, or before the broker reload) are
@@ -347,7 +355,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         # Telemetry on a connection of its own, acknowledged once stored (fleet/telemetry/acked_stream.py)
         stream = _telemetry_stream(settings, roles, RevokedFilter(store, monitor.ingest, "telemetry"),
-                                   telemetry.flush)
+                                   telemetry.flush, gate)  # telemetry is signed too: the same gate
         retire_legacy_subscription(publisher.transport, settings.topic_prefix, _ingest_group(settings, roles))
         components.append(stream)  # after the telemetry store: stopped (final flush, acks) before it
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,

@@ -50,6 +50,7 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_publisher_chunks_total`, `edgefleet_publisher_bytes_total` | counter | |
 | `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
 | `edgefleet_mqtt_malformed_total` | counter | `kind` (report, event, request): dropped device messages |
+| `edgefleet_reports_refused_total` | counter | `kind`, `reason` (unsigned, bad_signature, replayed, ...) |
 | `edgefleet_api_requests_total` | counter | `method`, `route` (template), `status` |
 | `edgefleet_api_request_duration_seconds` | histogram | `method`, `route` |
 | `edgefleet_scrape_errors_total` | counter | `source` |
@@ -73,6 +74,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
 from fleet.db.sql import json_field
+from fleet.delivery.report_verify import report_families
 from fleet.rollouts.store import FINISHED_STATES, STATES
 from fleet.telemetry.alert_records import KINDS
 from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
@@ -409,7 +411,7 @@ def _publisher_families(src: MetricSources) -> list[Metric]:
             refused.add_metric([str(status)], counts.get(status, 0))
         for kind, n in (p.malformed.counts() if hasattr(p, "malformed") else {}).items():
             malformed.add_metric([kind], n)
-    return [chunks, sent, refused, malformed]
+    return [chunks, sent, refused, malformed, *report_families(getattr(p, "inbound_check", None))]
 
 
 class FleetMetrics:

@@ -17,7 +17,7 @@ import logging
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -117,6 +117,9 @@ class FleetSettings(BaseModel):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
+    report_signatures: Literal["required", "optional"] = Field(
+        default="required", description="Device reports must be signed by the device's key (docs/trust.md); "
+        "optional: a migration aid that also accepts (and counts) unsigned reports of devices without a key")
     broker_reload_command: tuple[str, ...] | None = Field(
         default=None, min_length=1, max_length=64,
         description="argv run after every password-file rewrite, e.g. systemctl reload mosquitto")
@@ -275,7 +278,8 @@ class FleetSettings(BaseModel):
         `EDGEFLEET_CLUSTER_<NAME>` for `ClusterSettings`,
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
         `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`, `EDGEFLEET_DEVICE_CERT_BROKER_URL`,
-        `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`),
+        `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`,
+        `EDGEFLEET_REPORT_SIGNATURES`),
         then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
@@ -283,7 +287,8 @@ class FleetSettings(BaseModel):
         env = dict(os.environ if environ is None else environ)
         values: dict[str, Any] = {}
         for field in ("data_dir", "host", "port", "broker_url", "device_broker_url", "topic_prefix",
-                      "import_dir", "broker_password", "broker_password_file", "database_url"):
+                      "import_dir", "broker_password", "broker_password_file", "database_url",
+                      "report_signatures"):
             raw = env.get(ENV_PREFIX + field.upper())
             if raw is not None:
                 values[field] = raw

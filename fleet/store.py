@@ -18,6 +18,7 @@ from fleet.db.audit import AuditRepo
 from fleet.db.database import Clock, FleetDatabase
 from fleet.db.idempotency import IdempotencyRepo
 from fleet.devices.inventory import DeviceRepo
+from fleet.devices.report_keys import ReportKeyRepo
 from fleet.registry.versions import ModelRepo
 from fleet.rollouts.store import RolloutRepo
 
@@ -37,5 +38,10 @@ class Store(FleetDatabase):
         self.idempotency = IdempotencyRepo(self)
         self.models = ModelRepo(self, self.audit)
         self.devices = DeviceRepo(self, self.audit)
+        self.report_keys = ReportKeyRepo(self, self.audit)
         self.access = AccessRepo(self, self.audit)
         self.rollouts = RolloutRepo(self)
+
+    def close(self) -> None:
+        self.report_keys.close()
+        super().close()

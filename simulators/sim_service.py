@@ -28,6 +28,7 @@ from fleet.errors import FleetTransportError
 from fleet.service import FleetService
 from fleet.settings import FleetSettings, TelemetrySettings
 from simulators.datagen import Schema, default_schema
+from simulators.device_keys import sim_device_public_key
 from simulators.sim_fleet import MODEL_NAME, build_mlp_bundle
 from simulators.swarm_device import DeviceProfile
 
@@ -130,6 +131,8 @@ class ServiceFleet:
             self.service.store.devices.create(
                 p.device_id, labels, facts, p.device_id, "$7$unused", "simulator"
             )
+            self.service.store.report_keys.register(p.device_id, sim_device_public_key(p.device_id),
+                                                    "simulator", audited=False)
 
     def rollout(
         self, version: str, strategy: dict[str, Any], thresholds: dict[str, float] | None = None

@@ -37,6 +37,7 @@ import numpy as np
 from agent.logs import configure_logging, log_event
 from fleet.errors import FleetMisuseError, FleetTransportError
 from simulators.datagen import DataGenerator, DriftSpec, Schema, default_schema, device_seed
+from simulators.device_keys import install_sim_key
 from simulators.models import mlp_reference, mlp_weights
 from simulators.swarm_device import SESSION_POOL, DeviceProfile, SharedTicker, SwarmAgent, agent_config
 from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
@@ -167,6 +168,7 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
             telemetry_interval_s=spec.telemetry_interval_s,
             overrides=spec.agent_overrides,
         )
+        install_sim_key(cfg.state_dir, p.device_id)  # signs its reports (issue 14)
         agent = SwarmAgent(cfg, loop, p)
         threading.Thread(target=agent.run, name=f"agent-{p.device_id}", daemon=True).start()
         agents.append(agent)

@@ -56,7 +56,8 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group(name="agent", cls=_LazyGroup, lazy={"enroll": "agent.cli.enroll:enroll_command"},
+@click.group(name="agent", cls=_LazyGroup, lazy={"enroll": "agent.cli.enroll:enroll_command",
+                                                  "report-key": "agent.cli.report_key:report_key_command"},
              context_settings={"help_option_names": ["-h", "--help"]})
 def group() -> None:
     """Run the device agent, score files offline, inspect local state."""

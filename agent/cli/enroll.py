@@ -12,6 +12,10 @@ it), sends a CSR with the token, checks the certificate the fleet's device CA re
 (`agent/trust/client_cert.py`) and writes key, certificate and CA beside the config (0600);
 the config then logs in to the broker's mutual-TLS listener with that certificate and no password.
 
+Either way the device also makes its Ed25519 report key (`<state dir>/report.key`, 0600; the
+private key never leaves it) and sends only the public half (`report_public_key`): the fleet
+accepts reported state, events and telemetry only when signed by it (docs/trust.md).
+
 Only the standard library speaks HTTP here: the agent must not depend on the fleet's extras.
 Everything that can be checked before the token is spent (an existing config without
 `--force`, the local options) is checked first, because a token works once.
@@ -19,6 +23,7 @@ Everything that can be checked before the token is spent (an existing config wit
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -35,6 +40,8 @@ import click
 
 from agent import __version__
 from agent.config import parse_config
+from agent.contract.report_auth import new_device_key
+from agent.daemon.report_signer import COUNTER_FILE, KEY_FILE
 from agent.durable_io import write_durably
 from agent.errors import ConfigError, UntrustedDataError
 from agent.runtimes import available_runtimes
@@ -231,9 +238,10 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     root_path = (root_path or config_path.with_name("root.json")).absolute()
     cert = CertFiles.beside(config_path) if identity == "cert" else None
     broker_ca_path = config_path.with_name("broker-ca.crt")  # if the fleet hands out the broker's CA
+    report_key_path = state_dir.absolute() / KEY_FILE
     for path in (config_path, root_path, *((cert.key, cert.cert, cert.ca) if cert else ()),
                  wrap_key_path(state_dir.absolute()),
-                 *(() if ca_file else (broker_ca_path,))):
+                 *(() if ca_file else (broker_ca_path,)), report_key_path):
         if path.exists() and not force:
             raise EnrollError(f"{path} exists (use --force to overwrite; the token was not used)")
     if urlsplit(url).scheme not in ("http", "https"):
@@ -252,6 +260,8 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     if pair is not None:
         facts["csr"] = pair.csr_pem
     wrap_pem, facts["wrap_public_key"] = new_wrap_key()  # bundle encryption (agent.trust.wrap_key)
+    report_private, report_public = new_device_key()
+    facts["report_public_key"] = base64.b64encode(report_public).decode()
     answer = post_enroll(url, token.strip(), facts, timeout_s, fleet_ca_file)
     body = answer.body
     enrolled = f"device {body['device_id']} is enrolled: ask an operator to revoke it"
@@ -261,8 +271,10 @@ def enroll_command(url: str, token: str, config_path: Path, root_path: Path | No
     use_ca = ca_file or (broker_ca_path if broker_ca is not None else None)  # --ca-file wins
     doc = build_config(body, root_path, state_dir.absolute(), api, use_ca, cert)
     _validated(doc, f"the fleet's answer ({enrolled})")
-    for folder in {config_path.parent, root_path.parent}:
+    for folder in {config_path.parent, root_path.parent, report_key_path.parent}:
         private_dir(folder)
+    write_private(report_key_path, report_private)  # a new key starts a new counter
+    (report_key_path.parent / COUNTER_FILE).unlink(missing_ok=True)
     if ca_file is None and broker_ca is not None:
         write_private(broker_ca_path, broker_ca.encode())
     if cert is not None and pair is not None:
@@ -322,6 +334,7 @@ def _report(doc: dict[str, Any], config_path: Path, root_path: Path | None, relo
                    f"topic prefix {doc['topic_prefix']}, state in {doc['state_dir']}")
         if mqtt.get("key_file"):
             click.echo(f"wrote {mqtt['key_file']} (0600): this device's private key (it never left it)")
+        click.echo(f"wrote {Path(doc['state_dir']) / KEY_FILE} (0600): this device's report signing key")
         if root_path is not None:
             click.echo(f"wrote {root_path} (0600): the trusted TUF root")
         click.echo(f"start the agent with: edgefleet agent run --config {config_path}")

@@ -1,4 +1,4 @@
-"""Signed device reports (issue 14, part 4; the contract only: not wired into the agent or fleet yet).
+"""Signed device reports (issue 14): the contract the agent signs and the fleet verifies with.
 
 Why: today the broker ACL is the only thing tying a report to its device; a misconfigured ACL
 or a compromised broker could let one device (or the broker) report an install for another
@@ -12,7 +12,8 @@ sha256(payload)`` where `kind` is the topic kind (`reported`, `events`, `telemet
 signature cannot be moved to another device, another topic or another payload. The signature
 travels beside the unchanged payload (an MQTT v5 user property ``efsig: <counter>.<base64 sig>``),
 so the payload formats and an older fleet are unaffected. The counter is strictly increasing per
-device (the agent persists it); the fleet keeps the last one it accepted per device and kind.
+device (the agent persists it); the fleet accepts each (device, kind, counter) once
+(`fleet.devices.report_keys`). The wiring: agent/daemon/report_signer.py, fleet/delivery/report_verify.py.
 Pure: keys, bytes and the last counter in; a counter or a `ReportAuthError` out.
 """
 

@@ -42,6 +42,7 @@ from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
 from agent.daemon.process import Notifier, ObservedStore, agent_version
+from agent.daemon.report_signer import ReportSigner, sign_or_nothing
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.errors import (
     EdgefleetError,
@@ -108,6 +109,7 @@ class AgentDaemon:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise MisuseError(f"cannot read the bootstrap root {c.bootstrap_root}: {exc}") from exc
+        self.signer = ReportSigner.load(self.state_dir, c.device_id)  # None: no key yet, reports unsigned
 
         self.transport = transport if transport is not None else MqttTransport(c.mqtt)
         self.link = BrokerLink(self.state_dir, f"{c.mqtt.host}:{c.mqtt.port}")  # logs + `agent status`
@@ -239,13 +241,10 @@ class AgentDaemon:
 
     # --- MQTT ---------------------------------------------------------------------------
     def _start_mqtt(self) -> None:
-        offline = ReportedState(
-            device_id=self.config.device_id,
-            online=False,
-            timestamp=time.time(),
-            labels=dict(self.config.labels),
-        )
-        self.transport.set_will(self.topics.reported(), encode_reported(offline), retain=True)
+        offline = encode_reported(ReportedState(device_id=self.config.device_id, online=False,
+                                                timestamp=time.time(), labels=dict(self.config.labels)))
+        self.transport.set_will(self.topics.reported(), offline, retain=True,
+                                user_properties=sign_or_nothing(self.signer, "reported", offline))
         self.transport.add_on_connect(self._on_connect)
         self.transport.add_on_link_down(self.link.down)
         self.link.connecting()
@@ -353,12 +352,9 @@ class AgentDaemon:
             return False
         with self._reported_lock:
             try:
-                self.transport.publish(
-                    self.topics.reported(),
-                    encode_reported(self.reported_state(record, online)),
-                    qos=1,
-                    retain=True,
-                )
+                payload = encode_reported(self.reported_state(record, online))
+                self.transport.publish(self.topics.reported(), payload, qos=1, retain=True,
+                                       user_properties=sign_or_nothing(self.signer, "reported", payload))
             except EdgefleetError as exc:
                 log_event(log, "agent.report_failed", logging.DEBUG, error=str(exc))
                 return False
@@ -388,7 +384,8 @@ class AgentDaemon:
             if not self.transport.connected:
                 return None
             try:
-                return self.transport.publish(self.topics.events(), payload, qos=1)
+                return self.transport.publish(self.topics.events(), payload, qos=1,
+                                              user_properties=sign_or_nothing(self.signer, "events", payload))
             except EdgefleetError:
                 return None
 
@@ -400,7 +397,8 @@ class AgentDaemon:
             if not self.transport.connected:
                 return False
             try:
-                self.transport.publish(self.topics.telemetry(), payload, qos=1)
+                self.transport.publish(self.topics.telemetry(), payload, qos=1,
+                                       user_properties=sign_or_nothing(self.signer, "telemetry", payload))
             except EdgefleetError:
                 return False
             return True

@@ -66,9 +66,10 @@ class Transport(Protocol):
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         message_expiry_s: int | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
     ) -> Delivery:
         """Queue one message and return its `Delivery`; raise TransportError when not connected,
-        MisuseError when oversize."""
+        MisuseError when oversize. `user_properties`: MQTT v5 user properties (e.g. `efsig`)."""
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Route matching messages to `handler`; kept across reconnects."""

@@ -147,10 +147,15 @@ class MqttTransport:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def set_will(self, topic: str, payload: bytes, retain: bool = True) -> None:
+    def set_will(self, topic: str, payload: bytes, retain: bool = True,
+                 user_properties: tuple[tuple[str, str], ...] = ()) -> None:
         """Set the Last Will (QoS 1) the broker sends if this client vanishes; used from the next CONNECT."""
         self._check_size(payload)
-        self._client.will_set(topic, payload, qos=1, retain=retain)
+        props: Properties | None = None
+        if user_properties:
+            props = Properties(PacketTypes.WILLMESSAGE)
+            props.UserProperty = list(user_properties)
+        self._client.will_set(topic, payload, qos=1, retain=retain, properties=props)
 
     def connect(self, timeout: float | None = None) -> None:
         """Start the supervisor (idempotent) and wait up to `timeout` s for a CONNACK.
@@ -341,6 +346,7 @@ class MqttTransport:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         message_expiry_s: int | None = None,
+        user_properties: tuple[tuple[str, str], ...] = (),
     ) -> paho.MQTTMessageInfo:
         """Queue one message. Raises MisuseError (oversize) or TransportError (not connected).
 
@@ -351,8 +357,10 @@ class MqttTransport:
         if not self._connected.is_set():
             raise TransportError(f"not connected; cannot publish to {topic}")
         props: Properties | None = None
-        if response_topic or correlation_data or message_expiry_s:
+        if response_topic or correlation_data or message_expiry_s or user_properties:
             props = Properties(PacketTypes.PUBLISH)
+            if user_properties:
+                props.UserProperty = list(user_properties)
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation_data:

@@ -1,4 +1,4 @@
-"""Device inventory routes: list with label selectors, read, relabel, revoke."""
+"""Device inventory routes: list with label selectors, read, relabel, revoke, register a report key."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query
 
 from fleet.access.auth import Operator, Viewer
 from fleet.api.deps import CollaboratorsDep, Paging, SettingsDep, StoreDep
-from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, RevokeIn, RevokeOut
+from fleet.api.schemas import DeviceOut, LabelsIn, PageOf, ReportKeyIn, ReportKeyOut, RevokeIn, RevokeOut
 from fleet.db.paging import Page
 from fleet.devices.inventory import Device
+from fleet.devices.report_keys import parse_public_key
 from fleet.devices.revocation import revoke_device
 from fleet.devices.selector import MAX_SELECTOR_LEN, parse_selector
 
@@ -46,3 +47,12 @@ def set_labels(device_id: str, body: LabelsIn, store: StoreDep, who: Operator) -
 def revoke(device_id: str, body: RevokeIn, store: StoreDep, settings: SettingsDep, who: Operator,
            parts: CollaboratorsDep) -> dict[str, Any]:
     return revoke_device(store, settings, device_id, who.actor, body.reason, parts.publisher).to_dict()
+
+
+@router.put("/{device_id}/report-key", response_model=ReportKeyOut,
+            responses={404: {"description": "No such device"}, 422: {"description": "Not an Ed25519 key"}},
+            summary="Register or rotate a device's report signing key (audited; resets its counters)")
+def set_report_key(device_id: str, body: ReportKeyIn, store: StoreDep, who: Operator) -> dict[str, Any]:
+    store.report_keys.register(device_id, parse_public_key(body.public_key), who.actor)
+    return {"device_id": device_id, "public_key": body.public_key,
+            "counters": store.report_keys.last_counters(device_id)}

@@ -193,6 +193,21 @@ class EnrollIn(_In):
     wrap_public_key: Annotated[str, StringConstraints(max_length=64)] | None = Field(default=None, description=(  # noqa: E501
         "base64 of the raw 32-byte X25519 public key sealed bundles' content keys are wrapped for "
         "(made on the device; see docs/trust.md, Bundle encryption)"))
+    report_public_key: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None, description=(
+        "Base64 of the raw 32-byte Ed25519 public key the device signs its reports with (private key "
+        "kept on the device; docs/trust.md, *Signed device reports*)"))
+
+
+class ReportKeyIn(_In):
+    public_key: Annotated[str, StringConstraints(min_length=40, max_length=64)] = Field(description=(
+        "Base64 of the device's raw 32-byte Ed25519 report key (`edgefleet agent report-key` prints it)"))
+
+
+class ReportKeyOut(BaseModel):
+    device_id: str
+    public_key: str
+    counters: dict[str, int] = Field(description="Highest accepted report counter per kind (0: none yet)")
 
 
 class BrokerCredentials(BaseModel):

@@ -6,8 +6,8 @@ over the API (not `fleet create-token --data-dir`) works from any machine that h
 
 Routes: list `GET /v1/devices`, show `GET /v1/devices/{id}`, label `PUT .../labels`, revoke
 `POST .../revoke`, create-token `POST /v1/enrollment-tokens`, tokens `GET /v1/enrollment-tokens`,
-withdraw-token `DELETE /v1/enrollment-tokens/{id}`. Devices have no create route (enrollment
-creates them) and no pause or resume.
+withdraw-token `DELETE /v1/enrollment-tokens/{id}`, set-report-key `PUT .../report-key`. Devices
+have no create route (enrollment creates them) and no pause or resume.
 """
 
 from __future__ import annotations
@@ -89,6 +89,16 @@ def revoke(s: Session, device_id: str, reason: str) -> None:
     if not row.get("broker_reloaded"):
         s.note("warning: the broker was not reloaded, so it still accepts this device: reload it by hand")
 
+
+@group.command("set-report-key")
+@click.argument("device_id")
+@click.argument("public_key")
+@api_command
+def set_report_key(s: Session, device_id: str, public_key: str) -> None:
+    """Register or rotate DEVICE_ID's report signing key PUBLIC_KEY (base64, from `edgefleet agent
+    report-key` on the device), audited; resets its report counters."""
+    row = s.client.put(f"/v1/devices/{quote(device_id)}/report-key", {"public_key": public_key})
+    s.show_record(row, [("device", "device_id"), ("report key", "public_key")])
 
 @group.command("create-token")
 @click.option("--labels", default="", help="Labels the enrolled device gets, e.g. env=prod,region=eu.")

@@ -89,6 +89,7 @@ devices = Table(
     Column("cert_serial", Text),
     Column("cert_fingerprint", Text),
     Column("cert_not_after", Text),
+    Column("reported_signed", Integer, nullable=False, server_default=_d("0")),  # store_0009: by its key
     sa.Index("devices_cert_serial", "cert_serial", unique=True),
 )
 enrollment_tokens = Table(
@@ -273,6 +274,23 @@ device_wrap_keys = Table(  # each device's X25519 key sealed bundles are wrapped
     Column("public_key", Text, nullable=False),  # base64 of the raw 32 bytes
     Column("key_id", Text, nullable=False),
     Column("created_at", Text, nullable=False),
+)
+device_report_keys = Table(  # each device's report key and the last counter accepted per kind (store_0009)
+    "device_report_keys", STORE,
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("public_key", Text, nullable=False),  # base64 of the raw 32-byte Ed25519 public key
+    Column("registered_at", Float, nullable=False),
+    Column("registered_by", Text, nullable=False),
+    *(Column(f"{kind}_counter", BigInteger, nullable=False, server_default=_d("0"))
+      for kind in ("reported", "events", "telemetry")),
+)
+device_report_seen = Table(  # counters claimed per (device, kind) above its floor (store_0009)
+    "device_report_seen", STORE,
+    Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("counter", BigInteger, primary_key=True),
+    Column("received_at", Float, nullable=False),
+    sa.Index("device_report_seen_received", "received_at"),
 )
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------

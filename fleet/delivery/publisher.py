@@ -146,6 +146,7 @@ class Publisher:
         )
         self._inbound_thread: threading.Thread | None = None
         self.inbound_stalls = 0  # times the network thread waited for room in the inbound queue
+        self.inbound_check: Callable[[Message], bool] | None = None  # e.g. report_verify.ReportVerifier
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -362,7 +363,6 @@ class Publisher:
         self.bytes_sent += len(payload)
         self.chunks_sent += 1
 
-    # --- reports ------------------------------------------------------------------------
     # --- device -> fleet messages -------------------------------------------------------
     def _deferred(self, handler: Callable[[Message], None]) -> Callable[[Message], None]:
         """Wrap `handler` to run on the inbound thread instead of the MQTT network thread."""
@@ -386,7 +386,8 @@ class Publisher:
         while (item := self._inbound.get()) is not None:
             handler, msg = item
             try:
-                handler(msg)
+                if self.inbound_check is None or self.inbound_check(msg):  # signed reports (issue 14)
+                    handler(msg)
             except Exception:  # a failing callback must not stop the others
                 logger.exception("publisher inbound handler failed on %s", msg.topic)
 

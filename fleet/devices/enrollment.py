@@ -33,6 +33,7 @@ from fleet.access.auth import TOKEN_PREFIX, hash_secret, new_secret
 from fleet.access.credentials import EnrollmentToken
 from fleet.db.rows import iso
 from fleet.devices.inventory import CertificateFacts
+from fleet.devices.report_keys import parse_public_key
 from fleet.devices.wrap_keys import check_public_key, store_wrap_key
 from fleet.errors import AuthError, FleetInputError, FleetMisuseError
 from fleet.store import Store
@@ -155,6 +156,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
     FleetInputError (facts, CSR), FleetMisuseError (broken repository root, credentials in the URL).
     """
     csr = parse_csr(cert.csr_pem) if cert is not None else None
+    report_key = facts.get("report_public_key")  # checked before the token is spent
+    report_key = parse_public_key(report_key) if report_key is not None else None
     if "@" in urlsplit(broker_url).netloc:
         raise FleetMisuseError("the device-facing broker URL carries credentials: refusing to hand them out")
     if not token.startswith(TOKEN_PREFIX):
@@ -185,6 +188,8 @@ def enroll_device(store: Store, token: str, facts: dict[str, Any], broker_url: s
                                       f"enrollment-token:{tok.id}", certificate=facts_of_cert)
         if wrap_key is not None:
             store_wrap_key(store, device_id, wrap_key)
+        if report_key is not None:  # the device's report signing key (issue 14), audited with the device
+            store.report_keys.register(device_id, report_key, f"enrollment-token:{tok.id}", audited=False)
     sync_broker_credentials(store, passwd_path)
     return {
         "device_id": device_id,

@@ -197,7 +197,7 @@ class DeviceRepo:
                                     {"revoked": False}, {"revoked": True, "reason": reason})
         return after
 
-    def record_reported_state(self, device_id: str, state: dict[str, Any]) -> Device:
+    def record_reported_state(self, device_id: str, state: dict[str, Any], signed: bool = True) -> Device:
         """Fold a device's reported state (`agent.contract.protocol.ReportedState` as a dict) into
         its inventory row.
 
@@ -205,7 +205,9 @@ class DeviceRepo:
         refused, never trusted. Non-empty `agent_version`, `architecture`, `runtimes` and
         `memory_mb` update their columns; `online` (default True; False from a Last Will) sets the
         flag; the whole document is kept. Labels a device reports are kept in the document only:
-        labels are the fleet's to set. Raises NotFound (unknown device), FleetInputError
+        labels are the fleet's to set. `signed`: verified as the device's own (`fleet.delivery.
+        report_verify`; False only for an unsigned report a fleet in `optional` mode let in, which
+        rollouts then ignore). Raises NotFound (unknown device), FleetInputError
         (revoked device, wrong id, bad types, too big).
         """
         if not isinstance(state, dict):
@@ -220,7 +222,8 @@ class DeviceRepo:
         if not isinstance(online, bool):
             raise FleetInputError(f"reported state of {device_id!r}: online must be a boolean")
         now = self.database.now()
-        updates: dict[str, Any] = {"reported_state": doc, "last_seen": now, "online": int(online)}
+        updates: dict[str, Any] = {"reported_state": doc, "last_seen": now, "online": int(online),
+                                   "reported_signed": int(signed)}
         for key in ("agent_version", "architecture"):
             value = state.get(key)
             if value is not None and not isinstance(value, str):
@@ -247,14 +250,14 @@ class DeviceRepo:
                        {**updates, "device_id": device_id})
             return self.get(device_id)
 
-    def on_reported(self, device_id: str, report: ReportedState) -> None:
+    def on_reported(self, device_id: str, report: ReportedState, signed: bool = True) -> None:
         """Publisher callback (`Publisher.on_reported(store.devices.on_reported)`).
 
         Records the report; a refused one (unknown or revoked device, wrong id) is logged and
         dropped, because raising in the publisher's thread would help no one.
         """
         try:
-            self.record_reported_state(device_id, report.model_dump(mode="json"))
+            self.record_reported_state(device_id, report.model_dump(mode="json"), signed)
         except FleetInputError as exc:
             self.refused_reports += 1
             log_event(logger, "fleet.inventory.report_refused", logging.WARNING, device=device_id,

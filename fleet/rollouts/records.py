@@ -181,13 +181,13 @@ class RolloutRecords:
                 "AND (p.assigned_at IS NOT NULL)", {"device": device_id})]
 
     def reported_states(self, device_ids: list[str]) -> dict[str, DeviceReport]:
-        """The stored reported state and online flag of each listed device (absent if unknown)."""
+        """Stored reported state and online flag per device (absent: unknown, or state unsigned)."""
         out: dict[str, DeviceReport] = {}
         with self.store.read() as db:
             for i in range(0, len(device_ids), 500):
                 part = device_ids[i:i + 500]
-                for r in db.query("SELECT id, reported_state, online FROM devices WHERE id IN :ids",
-                                  {"ids": part}):
+                for r in db.query("SELECT id, reported_state, online FROM devices WHERE id IN :ids "
+                                  "AND reported_signed = 1", {"ids": part}):  # success: signed reports only
                     out[r["id"]] = DeviceReport.from_row(decode_row(r, ("reported_state",)) or {})
         return out
 

@@ -71,12 +71,14 @@ class TelemetryStream:
         ingest: Callable[[str, bytes], object],
         flush: Callable[[], object],
         settings: StreamSettings | None = None,
+        check: Callable[[Message], bool] | None = None,
     ) -> None:
         self.settings = settings or StreamSettings()
         self.topics = Topics(prefix)
         self.topic_filter = self.topics.all_devices("telemetry", share_group)
         self.transport = AckedTransport(config, receive_maximum=self.settings.window)
         self._ingest = ingest
+        self._check = check  # e.g. report_verify.ReportVerifier: False drops (and acks) the message
         self._flush = flush
         self._inbox: queue.Queue[tuple[Message, AckToken | None] | None] = queue.Queue()  # <= window
         self._held: list[AckToken] = []
@@ -141,7 +143,7 @@ class TelemetryStream:
             device = parsed.device_id if parsed.kind is TopicKind.TELEMETRY else None
         except MessageError:
             device = None
-        if device is not None:
+        if device is not None and (self._check is None or self._check(msg)):
             try:
                 self._ingest(device, msg.payload)
             except Exception:  # its own flush failed: the report stays buffered, and held

@@ -14,6 +14,7 @@ from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.publish import publish_bundle
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from simulators.device_keys import sim_device_public_key
 from simulators.models import make_mlp_onnx
 
 MODEL = "loadmlp"
@@ -34,6 +35,7 @@ def register_devices(store: Store, ids: Sequence[str], labels: dict[str, str] | 
         for dev in new:
             store.devices.create(dev, dict(labels or LOAD_LABELS), {"agent_version": "load-device"}, dev,
                                  "-", "sim:load")
+            store.report_keys.register(dev, sim_device_public_key(dev), "sim:load", audited=False)
     return len(new)
 
 

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.contract.protocol import Topics
 from agent.contract.telemetry import TelemetryReport
 from simulators.load_devices.device import LoadDevice, Outgoing
+from simulators.load_devices.signing import LoadSigner
 
 logger = logging.getLogger("edgefleet.sim.load")
 
@@ -64,6 +65,7 @@ class LoadFleet:
         self.connect_batch = connect_batch
         self.keepalive_s = keepalive_s
         self.stats = LoadStats()
+        self.signer = LoadSigner(clock)  # every message signed as the device (issue 14)
         self._sel = selectors.DefaultSelector()
         self._slots = [self._slot(i, LoadDevice(dev, self.topics, active, install_s))
                        for i, dev in enumerate(device_ids)]
@@ -98,7 +100,8 @@ class LoadFleet:
     def _send(self, slot: _Slot, out: Outgoing) -> None:
         if not slot.online:
             return  # events and telemetry stay in the outbox; reported is re-sent on connect
-        info = slot.client.publish(out.topic, out.payload, qos=1, retain=out.retain)
+        props = self.signer.properties(slot.device.device_id, out.topic, out.payload)
+        info = slot.client.publish(out.topic, out.payload, qos=1, retain=out.retain, properties=props)
         self.stats.published += 1
         if out.seq is not None:
             slot.mids[info.mid] = out.seq

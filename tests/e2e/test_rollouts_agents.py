@@ -28,6 +28,7 @@ from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
 from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
+from tests.support.report_signing import DeviceKey
 
 pytestmark = pytest.mark.integration
 DEVICES = ["gw-a", "gw-b", "gw-c", "gw-d"]
@@ -150,6 +151,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for d in DEVICES:
         w.service.store.devices.create(d, {"site": "lab"}, {}, d, "$7$unused", "test")
         w.agents[d] = _agent(root, broker, settings.repo_dir, d)
+        DeviceKey(d).register(w.service.store).install(w.agents[d].state_dir)  # as `agent enroll` does
         w.agents[d].start()
     try:
         rid = w.rollout("1.0.0", {"kind": "all_at_once", "bake_s": 0})  # fresh devices get v1

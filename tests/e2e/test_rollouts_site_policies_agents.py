@@ -27,6 +27,7 @@ from simulators.models import make_mlp_onnx
 from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import manifest_for
+from tests.support.report_signing import DeviceKey
 
 pytestmark = pytest.mark.integration
 DEVICES = {"gw-1": "north", "gw-2": "north", "gw-3": "south"}
@@ -96,6 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for d, site in DEVICES.items():
         service.store.devices.create(d, {"env": "lab", "site": site}, {}, d, "$7$unused", "test")
         w.agents[d] = _agent(root, broker, settings.repo_dir, d, site)
+        DeviceKey(d).register(service.store).install(w.agents[d].state_dir)  # as `agent enroll` does
         w.agents[d].start()
     try:
         rid = w.rollout("1.0.0", {"kind": "all_at_once"})

@@ -41,6 +41,7 @@ from fleet.telemetry.monitor import DriftMonitor
 from tests.support.broker import Broker, free_port
 from tests.support.fakes import DIGEST, FakeClock
 from tests.support.postgres import Backend
+from tests.support.report_signing import enroll_keys
 from tests.support.telemetry import MLP_FEATURES, T0, column_shift, encoded_reports, mlp_outputs, publish_mlp
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "packaging" / "grafana" / "edgefleet-dashboard.json"
@@ -104,11 +105,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, mosquitto: Broker) -> Itera
         # Telemetry and chunk requests as a device sends them, over the broker.
         device.connect(10)
         topics = Topics(PREFIX)
+        key = enroll_keys(service.store, [DEVICE])[DEVICE]  # the fleet takes signed reports only
         start = math.floor(time.time() / 60) * 60 - 600  # three windows, all closed by now
         shift = column_shift(32, [3, 17], 1.5)
         for payload in [*encoded_reports(profile, "mlp", "1.0.0", "b", 2, [shift] * 3, mlp_outputs,
                                          start=start), b"\x00junk"]:
-            device.publish(topics.telemetry(DEVICE), payload)
+            device.publish(topics.telemetry(DEVICE), payload, user_properties=key.props("telemetry", payload))
         for i, path in enumerate(("metadata/1.root.json", "metadata/99.root.json")):
             rid = f"{i + 1:08x}"
             device.publish(topics.requests(DEVICE), encode_request(ObjectRequest(

@@ -27,6 +27,7 @@ from agent.cli.agent_commands import group as agent_group
 from agent.cli.enroll import broker_settings, device_topic_prefix
 from agent.config import load_config, parse_config
 from agent.contract.protocol import Topics
+from agent.daemon.report_signer import ensure_key
 from agent.transport import Message
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
 from tests.support.broker import free_port, spawn_mosquitto, wait_port
@@ -88,6 +89,10 @@ def test_enroll_writes_a_private_working_config_and_the_root(fleet: RunningFleet
     assert f"wrote {root}" in out.stdout
     device = fleet.service.store.devices.get(cfg.device_id)
     assert device.labels == {"site": "lab"} and device.agent_version
+    # The report signing key: made here, 0600 in the state dir; only its public half reached the fleet.
+    report_key = cfg.state_dir / "report.key"
+    assert mode(report_key) == 0o600 and b"PRIVATE KEY" in report_key.read_bytes()
+    assert fleet.service.store.report_keys.key_of(cfg.device_id) == ensure_key(cfg.state_dir)[0]
     # The fleet's answer itself: the topic root (not the device's subtree), a URL without the fleet's login.
     raw = httpx.post(f"{fleet.url}/v1/enroll", json={},
                      headers={"Authorization": f"Bearer {new_token(fleet)}"}, timeout=30).json()["broker"]
@@ -198,6 +203,7 @@ def test_enroll_with_a_certificate_writes_a_private_key_and_no_password(tmp_path
         cfg = load_config(config)
         device = fleet.service.store.devices.get(cfg.device_id)
         assert device.identity == "cert"
+        assert fleet.service.store.report_keys.key_of(cfg.device_id) == ensure_key(cfg.state_dir)[0]
     mqtt = cfg.mqtt
     assert (mqtt.host, mqtt.port, mqtt.tls) == ("127.0.0.1", 18884, True)
     assert (mqtt.username, mqtt.password) == (None, None)  # the broker takes the username from the CN

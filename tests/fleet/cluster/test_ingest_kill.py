@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from fleet.db.database import Database
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port

@@ -20,8 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry_codec import decode_report
 from fleet.db.database import Database
+from fleet.store import Store
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port
+from tests.support.report_signing import enroll_keys
 from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
@@ -41,6 +43,9 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
     first = serve_process(data, url, "ingest", tmp_path / "a.log", port=port)
     procs = [first, serve_process(data, url, "ingest", tmp_path / "b.log")]
     reports = encoded_reports(small_profile(), "m", "1", "c", devices=60, shifts=[0.0, 0.0], rows=20)
+    store = Store(data / "fleet.db")  # the devices and their report keys: the fleet takes signed reports only
+    keys = enroll_keys(store, sorted({decode_report(r).device_id for r in reports}))
+    store.close()
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="restart-sender", protocol=mqtt.MQTTv5)
     sender.connect(mosquitto.host, mosquitto.port)
     sender.loop_start()
@@ -49,8 +54,9 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         time.sleep(1.0)  # the broker has seen the connection drop
-        sent = [sender.publish(f"{prefix}/v1/devices/{decode_report(r).device_id}/telemetry", r, qos=1)
-                for r in reports]
+        sent = [sender.publish(f"{prefix}/v1/devices/{dev}/telemetry", r, qos=1,
+                               properties=keys[dev].paho_properties("telemetry", r))
+                for r, dev in ((r, decode_report(r).device_id) for r in reports)]
         for info in sent:
             info.wait_for_publish(10)
         time.sleep(1.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.contract.protocol import Event, ReportedState, encode_event, encode_reported
-from agent.contract.telemetry import decode_report
+from agent.contract.telemetry_codec import decode_report
 from agent.transport import Message
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
 from fleet.delivery.acked_transport import AckedTransport, AckToken

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "store_0009_wrap"
-down_revision = "store_0008"
+revision = "store_0010"
+down_revision = "store_0009"
 branch_labels = None
 depends_on = None
 
