@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,10 @@ from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.models import make_mlp_onnx
-from tests.support.agent_world import Agent, wait_until
+from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
+from tests.support.report_signing import DeviceKey
 
 pytestmark = pytest.mark.integration
 IN, OUT = "gw-in", "gw-out"
@@ -73,23 +73,10 @@ class World:
         wait_until(done, timeout, f"rollout {rid} {state}")
 
 
-def _agent(world_root: Path, broker: Broker, repo_root: Path, device: str) -> Agent:
-    sock_dir = Path(tempfile.mkdtemp(prefix="efc-"))
-    state = world_root / "devices" / device
-    state.mkdir(parents=True, exist_ok=True)
-    config = {
-        "device_id": device, "state_dir": str(state),
-        "bootstrap_root": str(repo_root / "metadata" / "1.root.json"), "topic_prefix": PREFIX,
-        "mqtt": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
-                 "connect_timeout_s": 2.0},
-        "api": {"http_enabled": False, "unix_socket": str(sock_dir / "a.sock")},
-        "limits": {"chunk_timeout_s": 2.0, "fetch_reconnect_wait_s": 2.0},
-        "lifecycle": {"retry_base_s": 0.5, "retry_max_s": 2.0, "load_timeout_s": 10.0},
-        "telemetry_interval_s": 1.0, "report_interval_s": 0.2,
-    }
-    path = state.parent / f"{device}.json"
-    path.write_text(json.dumps(config))
-    return Agent(device, path, state, sock_dir / "a.sock", None, state.parent / f"{device}.log")
+def _agent(root: Path, broker: Broker, repo_root: Path, device: str) -> Agent:
+    """An agent config under the world's root, for `device`."""
+    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
+                              broker.port, {}, Agent, topic_prefix=PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +99,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for d, site in ((IN, "lab"), (OUT, "other")):
         w.service.store.devices.create(d, {"site": site}, {}, d, "$7$unused", "test")
         w.agents[d] = _agent(root, broker, settings.repo_dir, d)
+        DeviceKey(d).register(w.service.store).install(w.agents[d].state_dir)  # as `agent enroll` does
         w.agents[d].start()
     try:
         with w.api as c:

@@ -9,12 +9,9 @@ reports the refusal.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -29,9 +26,10 @@ from fleet.devices.wrap_keys import store_wrap_key
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
-from tests.support.agent_world import Agent, wait_until
+from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
+from tests.support.report_signing import DeviceKey
 
 pytestmark = pytest.mark.integration
 PREFIX = "ef-seal"
@@ -76,22 +74,9 @@ def _serves(agent: Agent, version: str) -> bool:
 
 
 def _agent(root: Path, broker: Broker, repo_root: Path, device: str, site: str) -> Agent:
-    sock_dir = Path(tempfile.mkdtemp(prefix="efs-"))
-    state = root / "devices" / device
-    state.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {
-        "device_id": device, "labels": {"site": site}, "state_dir": str(state),
-        "bootstrap_root": str(repo_root / "metadata" / "1.root.json"), "topic_prefix": PREFIX,
-        "mqtt": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
-                 "connect_timeout_s": 2.0},
-        "api": {"http_enabled": False, "unix_socket": str(sock_dir / "a.sock")},
-        "limits": {"chunk_timeout_s": 2.0, "fetch_reconnect_wait_s": 2.0},
-        "lifecycle": {"retry_base_s": 0.5, "retry_max_s": 2.0, "load_timeout_s": 10.0},
-        "telemetry_interval_s": 1.0, "report_interval_s": 0.2,
-    }
-    path = state.parent / f"{device}.json"
-    path.write_text(json.dumps(config))
-    return Agent(device, path, state, sock_dir / "a.sock", None, state.parent / f"{device}.log")
+    """An agent config under the world's root, for `device`."""
+    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
+                              broker.port, {"site": site}, Agent, topic_prefix=PREFIX)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +100,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         agent = _agent(root, broker, settings.repo_dir, device, site)
         public = create_wrap_key(agent.state_dir)  # what `agent enroll` does ...
         store_wrap_key(service.store, device, public)  # ... and what the fleet records of it
+        DeviceKey(device).register(service.store).install(agent.state_dir)  # its report key, likewise
         w.agents[device] = agent.start()
     try:
         with w.api() as c:
