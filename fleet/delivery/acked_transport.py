@@ -105,7 +105,9 @@ class AckedTransport(MqttTransport):
             return
         self.messages_in += 1
         self.bytes_in += len(msg.payload)
-        message = Message(topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain))
+        props = getattr(msg, "properties", None)  # the device's report signature travels in them
+        message = Message(topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain),
+                          user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else ())
         for handler in handlers:
             try:
                 handler(message, token)

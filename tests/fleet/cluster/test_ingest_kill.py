@@ -19,8 +19,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry_codec import decode_report
 from fleet.db.database import Database
+from fleet.store import Store
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port
+from tests.support.report_signing import enroll_keys
 from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
@@ -37,6 +39,9 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
     port = free_port()
     procs = [serve_process(data, url, "ingest", tmp_path / "a.log", port=port)]
     reports = encoded_reports(small_profile(), "m", "1", "c", devices=200, shifts=[0.0] * 10, rows=5)
+    store = Store(data / "fleet.db")  # the devices and their report keys: the fleet takes signed reports only
+    keys = enroll_keys(store, sorted({decode_report(r).device_id for r in reports}))
+    store.close()
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-sender-{secrets.token_hex(4)}",
                          protocol=mqtt.MQTTv5)
     sender.connect(mosquitto.host, mosquitto.port)
@@ -44,8 +49,9 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
 
     def send() -> None:
         for r in reports:
-            sender.publish(f"{prefix}/v1/devices/{decode_report(r).device_id}/telemetry", r,
-                           qos=1).wait_for_publish(30)
+            dev = decode_report(r).device_id
+            sender.publish(f"{prefix}/v1/devices/{dev}/telemetry", r, qos=1,
+                           properties=keys[dev].paho_properties("telemetry", r)).wait_for_publish(30)
 
     feeder = threading.Thread(target=send, daemon=True)
     try:

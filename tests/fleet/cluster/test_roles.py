@@ -28,9 +28,9 @@ def test_roles_parse_from_repeats_and_comma_lists() -> None:
 @pytest.mark.parametrize(("roles", "names"), [
     ({Role.API}, ["telemetry-ingest"]),
     ({Role.INGEST}, ["telemetry-ingest", "dataset-ingest"]),
-    ({Role.CONTROLLER}, ["telemetry-ingest", "dataset-ingest", "leader-elector", "drift-monitor",
-                         "rollout-controller", "experiment-driver", "timestamp-refresher", "crl-refresher",
-                         "collection-driver"]),
+    ({Role.CONTROLLER}, ["telemetry-ingest", "dataset-ingest", "delta-builds", "leader-elector",
+                         "drift-monitor", "rollout-controller", "experiment-driver", "timestamp-refresher",
+                         "crl-refresher", "collection-driver"]),
 ])
 def test_each_role_builds_only_its_components(tmp_path: Path, roles: set[Role], names: list[str]) -> None:
     settings = FleetSettings(data_dir=tmp_path)
