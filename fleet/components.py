@@ -355,7 +355,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         # Telemetry on a connection of its own, acknowledged once stored (fleet/telemetry/acked_stream.py)
         stream = _telemetry_stream(settings, roles, RevokedFilter(store, monitor.ingest, "telemetry"),
-                                   telemetry.flush, gate)  # telemetry is signed too: the same gate
+                                   telemetry.flush,  # telemetry is signed too: the same gate
+                                   lambda msg: gate(msg, redelivery=True))
         retire_legacy_subscription(publisher.transport, settings.topic_prefix, _ingest_group(settings, roles))
         components.append(stream)  # after the telemetry store: stopped (final flush, acks) before it
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,

@@ -95,9 +95,15 @@ class ReportVerifier:
         self.stale_wills = 0
         self._refused: Counter[tuple[str, str]] = Counter()
         self._unsigned: Counter[str] = Counter()
+        self._redelivered: Counter[str] = Counter()  # claimed counters let on again (see __call__)
         self._lock = threading.Lock()
 
-    def __call__(self, msg: Message) -> bool:
+    def __call__(self, msg: Message, redelivery: bool = False) -> bool:
+        """True lets `msg` on. `redelivery=True` (the acked telemetry stream): a telemetry report
+        whose counter was already claimed, but that arrives again, is a broker redelivery of a
+        message a worker received and never acknowledged (it died before the flush that would
+        have stored it), so it goes on to the ingest, whose (device, seq) claim stores it at most
+        once. Without this, a SIGKILLed worker's reports were claimed here and then lost."""
         try:
             parsed = parse_topic(self.prefix, msg.topic)
         except MessageError:
@@ -124,7 +130,11 @@ class ReportVerifier:
         except UnsignedReportError as exc:
             return self._refuse(kind, "unsigned", device, exc)
         refused = self.keys.advance(device, kind, counter)
-        if refused is None:
+        again = refused is not None and redelivery and kind == "telemetry"
+        if refused is None or (again and self.keys.claimed(device, kind, counter)):
+            if refused is not None:
+                with self._lock:
+                    self._redelivered[kind] += 1
             self.last_signed = True
             return True
         if kind == "reported" and self._is_offline(msg, device):

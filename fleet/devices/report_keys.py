@@ -165,6 +165,12 @@ class ReportKeyRepo:
             self.prune(now - self.retention_s)
         return refused
 
+    def claimed(self, device_id: str, kind: str, counter: int) -> bool:
+        """Whether `counter` is claimed for (device, kind) and not yet folded into the floor."""
+        with self._counters().tx() as db:
+            return db.scalar("SELECT COUNT(*) FROM device_report_seen WHERE device_id = :d AND kind = :k "
+                             "AND counter = :c", {"d": device_id, "k": kind, "c": counter}) == 1
+
     def prune(self, cutoff: float) -> int:
         """Forget counters claimed before `cutoff`, raising each (device, kind) floor to the highest
         of them: a report that old is then refused as replayed, whether seen or not."""

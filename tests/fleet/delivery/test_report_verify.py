@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.contract.protocol import Event, ReportedState, Topics, encode_event, encode_reported
 from agent.daemon.report_signer import ReportSigner
+from agent.transport import Message
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
 from fleet.delivery.publisher import Publisher
 from fleet.delivery.report_verify import ReportVerifier
@@ -234,3 +235,32 @@ def test_optional_mode_lets_keyless_devices_in_unsigned_but_never_as_a_success(o
     assert [e.type for _, e in rig.events] == ["director_accepted"]
     assert rig.refused("events", "unsigned_success") == 1 and rig.refused("reported", "unsigned") == 1
     assert rig.gate.accepted_unsigned() == {"reported": 1, "events": 1, "telemetry": 0}
+
+
+def test_a_redelivered_telemetry_report_goes_on_to_the_ingest_but_a_replay_of_reported_state_does_not(
+        backend: Backend) -> None:
+    """The acked telemetry stream: a worker that claimed a report's counter and died before storing
+    it never acknowledged it, so the broker delivers it again. The ingest's (device, seq) claim
+    stores it at most once; a reported state has no such claim, so its replay stays refused."""
+    store = Store(backend.location())
+    try:
+        store.devices.create("dev-a", {"env": "prod"}, {}, "dev-a", "$7$x", "test")
+        key = DeviceKey("dev-a").register(store)
+        gate = ReportVerifier(store.report_keys, "ef-redeliver")
+        topics = Topics("ef-redeliver", "dev-a")
+        report = b"telemetry report bytes"
+        tele = Message(topic=topics.telemetry(), payload=report,
+                       user_properties=key.props("telemetry", report))
+        assert gate(tele, redelivery=True)
+        assert not gate(tele)  # on the publisher's connection, the same message again is refused ...
+        assert gate(tele, redelivery=True)  # ... on the stream it is a redelivery: let on to the ingest
+        state = _state("mlp-1.0.0", 1.0)
+        rep = Message(topic=topics.reported(), payload=state, user_properties=key.props("reported", state))
+        assert gate(rep, redelivery=True) and not gate(rep, redelivery=True)
+        forged = Message(topic=topics.telemetry(), payload=report + b"!",
+                         user_properties=tele.user_properties)
+        assert not gate(forged, redelivery=True)  # a redelivery is still verified first
+        assert gate.refused()[("reported", "duplicate")] == 1
+        assert gate.refused()[("telemetry", "bad_signature")] == 1
+    finally:
+        store.close()
