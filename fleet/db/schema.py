@@ -268,6 +268,39 @@ device_events = Table(  # each device event once per (device, seq), whichever wo
     sa.Index("device_events_open", "handled_at", "received_at"),
 )
 
+training_jobs = Table(  # training jobs (store_0009, fleet/training/jobs.py)
+    "training_jobs", STORE,
+    Column("id", Text, primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("parent_version", Text, nullable=False),
+    Column("cohort", Text, nullable=False, server_default=_d("''")),
+    Column("trigger_alert_id", BigInteger, unique=True),
+    Column("dataset_ids", Text, nullable=False, server_default=_d("'[]'")),
+    Column("state", Text, nullable=False),
+    Column("step", Text, nullable=False, server_default=_d("''")),
+    Column("progress", Float, nullable=False, server_default=_d("0")),
+    Column("attempts", Integer, nullable=False, server_default=_d("0")),
+    Column("worker", Text, nullable=False, server_default=_d("''")),
+    Column("cancel_requested", Integer, nullable=False, server_default=_d("0")),
+    Column("approval", Text),
+    Column("result_version", Text),
+    Column("rollout_id", Text),
+    Column("metrics", Text, nullable=False, server_default=_d("'{}'")),
+    Column("error", Text, nullable=False, server_default=_d("''")),
+    Column("history", Text, nullable=False, server_default=_d("'[]'")),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("created_by", Text, nullable=False),
+    sa.Index("training_jobs_state", "state"),
+)
+training_logs = Table(
+    "training_logs", STORE,
+    Column("job_id", Text, ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("line", Text, nullable=False),
+)
+
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------
 telemetry_windows = Table(
     "telemetry_windows", TELEMETRY,
