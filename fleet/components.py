@@ -20,14 +20,16 @@ start order:
 3. the `LeaderElector` (`fleet/cluster/leader.py`), then the `RolloutController`, then the A/B
    `ExperimentDriver`: they, the drift evaluation and the timestamp refresher act only while
    this process holds the controller lease;
-4. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
+4. the `TrainingWorker` (`fleet/training/worker.py`, only with training policies in the
+   settings), which turns retraining triggers into training jobs and runs them;
+5. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
-database (`fleet/delivery/event_log.py`), `controller` items 3-4 behind the lease. One
+database (`fleet/delivery/event_log.py`), `controller` items 3-5 behind the lease. One
 process with every role (the default) subscribes without share groups, as it always did (it
 then also gets the retained reported states at start, which a shared subscription does not).
 
@@ -64,6 +66,7 @@ from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
 from fleet.periodic import PeriodicRunner
+from fleet.registry.datasets import DatasetStore
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import ControllerConfig, RolloutController
@@ -75,6 +78,7 @@ from fleet.store import Store
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
+from fleet.training.worker import TrainingWorker
 from fleet.trust.device_ca import DeviceCA
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
@@ -290,6 +294,12 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         experiments.active = elector.is_leader
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+        if settings.training.policies:  # retraining (fleet/training, docs/training.md): only when configured
+            datasets = DatasetStore(settings.telemetry_database)
+            training = TrainingWorker(store, repo, store.training, settings.training, settings.data_dir,
+                                      datasets=datasets, alerts=monitor.alerts, clock=now, owns_datasets=True)
+            training.active = elector.is_leader
+            components.append(training)
     if publisher is not None and Role.INGEST in roles:
         publisher.on_reported(store.devices.on_reported)
         if controller is not None:

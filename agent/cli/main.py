@@ -32,9 +32,10 @@ _GROUP_HELP = {
     "rollouts": "Rollouts over the fleet API: list, show, create, pause, resume, abort, promote, rollback.",
     "experiments": "A/B experiments over the fleet API: list, show, create, recommend, stop.",
     "alerts": "Alerts and retraining triggers over the fleet API: list, ack.",
+    "training": "Training jobs over the fleet API: start, list, show, logs, cancel, approve, reject.",
 }
 _ORDER = ["keys", "bundle", "repo", "fleet", "models", "devices", "rollouts", "experiments", "alerts",
-          "agent", "sim", "demo"]
+          "training", "agent", "sim", "demo"]
 
 
 class _PluginGroup(click.Group):

@@ -27,6 +27,7 @@ from fleet.api import (
     rollout_commands,
     rollouts,
     telemetry,
+    training,
 )
 from fleet.api.deps import ApiCollaborators, forget_stored_secrets, install_error_handlers
 from fleet.api.error_shape import document_errors, error_response
@@ -113,7 +114,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     install_error_handlers(app)
     document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit, telemetry, performance):
+                   keys, audit, telemetry, performance, training):
         app.include_router(module.router)
     metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app

@@ -90,6 +90,10 @@ def collected(ctx: StepContext, policy: TrainingPolicy, cohort: str) -> list[Dat
     return found
 
 
+def all_versions(ctx: StepContext) -> list[DatasetVersion]:
+    return [] if ctx.datasets is None else ctx.datasets.versions()
+
+
 def reference_data(ctx: StepContext, policy: TrainingPolicy) -> tuple[np.ndarray, np.ndarray]:
     """The policy's reference `.npz` (`x` rows, `y` labels; a relative path is under data_dir)."""
     path = Path(policy.reference_data)

@@ -30,7 +30,7 @@ from pathlib import Path
 from agent.errors import EdgefleetError
 from agent.logs import log_event
 from fleet.db.session import Db
-from fleet.errors import Conflict, FleetError, GateFailed, NotFound
+from fleet.errors import Conflict, FleetError, FleetInputError, GateFailed, NotFound
 from fleet.periodic import PeriodicRunner
 from fleet.registry.datasets import DatasetStore
 from fleet.registry.publish import REPO_LOCK, target_path_for
@@ -55,10 +55,11 @@ class TrainingWorker:
 
     def __init__(self, store: Store, repository: Repository, jobs: TrainingJobs, settings: TrainingSettings,
                  data_dir: Path, datasets: DatasetStore | None = None, alerts: AlertManager | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owns_datasets: bool = False) -> None:
         self.store, self.repository, self.jobs = store, repository, jobs
         self.settings, self.data_dir, self.datasets, self.alerts = settings, Path(data_dir), datasets, alerts
         self.clock = clock
+        self._owns_datasets = owns_datasets
         self.token = "w-" + secrets.token_hex(6)  # this worker's attempts (a restart has another)
         self.active: Callable[[], bool] = lambda: True
         self.on_event: Callable[[TrainingJob], None] | None = None  # after each state change (tests, sim)
@@ -73,6 +74,8 @@ class TrainingWorker:
 
     def stop(self) -> None:
         self._runner.stop()
+        if self._owns_datasets and self.datasets is not None:
+            self.datasets.close()
 
     def wake(self) -> None:
         self._runner.wake(self.name)
@@ -158,6 +161,10 @@ class TrainingWorker:
         try:
             if work is Work.WAIT_DATA:
                 found = steps.collected(ctx, policy, job.cohort)
+                if job.dataset_ids:  # the operator named them
+                    found = [v for v in steps.all_versions(ctx) if v.dataset_id in set(job.dataset_ids)]
+                    if len(found) != len(job.dataset_ids):
+                        raise FleetInputError("some of the job's dataset_ids are not dataset versions")
                 rows = sum(v.rows for v in found)
                 if rows < policy.min_rows:
                     self.jobs.set_progress(job.id, 0.0, f"waiting for data: {rows}/{policy.min_rows} rows")
