@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agent.contract.bundle import extract_bundle
-from agent.contract.manifest import Lineage
+from agent.contract.manifest import Lineage, parse_manifest
 from agent.errors import EdgefleetError
 from fleet.devices.selector import parse_selector
 from fleet.errors import FleetInputError, GateFailed, NotFound
@@ -214,6 +215,29 @@ def _fill(arg: str, values: dict[str, str]) -> str:
     return arg
 
 
+def inherited(manifest_path: Path) -> dict[str, Any]:
+    """What the new version keeps of its parent's bundle: the health policy, compatibility,
+    golden tolerances and the reference profile's names, vocabularies and bin count (so its
+    drift telemetry and alerts speak of the same features, and devices judge it the same way)."""
+    try:
+        parent = parse_manifest(json.loads(manifest_path.read_bytes()))
+    except (OSError, ValueError, EdgefleetError) as exc:
+        raise FleetInputError(f"the parent's manifest is unreadable: {exc}") from None
+    out: dict[str, Any] = {"health": parent.health, "compatibility": parent.compatibility,
+                           "rtol": parent.golden.rtol, "atol": parent.golden.atol,
+                           "label_agreement_min": parent.golden.label_agreement_min}
+    profile = parent.reference_profile
+    if profile is not None and profile.features:
+        out["feature_names"] = [f.name for f in profile.features]
+        out["output_names"] = [o.name for o in profile.outputs]
+        out["categorical"] = {f.name: list(f.vocabulary) for f in [*profile.features, *profile.outputs]
+                              if f.kind == "categorical"}
+        numeric = [len(f.edges) - 1 for f in profile.features if f.kind == "numeric" and len(f.edges) > 1]
+        if numeric:
+            out["bins"] = max(1, min(max(numeric), 1024))
+    return out
+
+
 def next_version(store: Store, model: str, parent: str) -> str:
     """The parent's next free patch version (`1.2.3` -> `1.2.4`, or later if taken)."""
     major, minor, patch = (int(p) for p in parent.split("+")[0].split("-")[0].split("."))
@@ -235,7 +259,9 @@ def build(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy, version: s
     hold = _npz(root / "holdout.npz")
     lineage = Lineage(training_code_ref=policy.trainer.entry_point or " ".join(policy.trainer.command or ()),
                       dataset_ref=",".join(job.dataset_ids), metrics=trainer_metrics)
-    meta = BundleMetadata(name=job.model, version=version, lineage=lineage, quantize=policy.quantize)
+    keep = inherited(root / "parent" / "manifest.json")
+    meta = BundleMetadata.model_validate({**keep, "name": job.model, "version": version, "lineage": lineage,
+                                          "quantize": policy.quantize})
     bundle = root / f"{job.model}-{version}.efb"
     bundle.unlink(missing_ok=True)
     ctx.progress(0.75, "building bundle")
