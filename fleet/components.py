@@ -59,6 +59,9 @@ from agent.logs import log_event
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role
+from fleet.collection.driver import CollectionDriver, drift_episode_open
+from fleet.collection.ingest import DatasetIngest
+from fleet.collection.records import CollectionStore
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
 from fleet.delivery.event_log import DurableEvents, EventLog
 from fleet.delivery.publisher import Publisher, PublisherSettings
@@ -222,6 +225,7 @@ class FleetParts:
     components: list[Component]
     elector: LeaderElector | None = None
     events: EventLog | None = None
+    datasets: DatasetStore | None = None  # collected dataset versions (closed by the dataset ingest)
 
     @property
     def api(self) -> ApiCollaborators:
@@ -279,6 +283,13 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
+    datasets = DatasetStore(settings.telemetry_database, now)  # opt-in data collection (issue 13)
+    collections = CollectionStore(datasets.database, now)
+    takes = publisher if publisher is not None and Role.INGEST in roles else None  # subscribes dataset chunks
+    components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
+                                    takes.topics if takes else None,
+                                    settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
+                                    owns_store=True))  # started before, stopped after, the driver
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -294,10 +305,13 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         experiments.active = elector.is_leader
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+        components.append(CollectionDriver(collections, store, repo, signer, publisher,  # issue 13
+                                           lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
+                                           tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))
         if settings.training.policies:  # retraining (fleet/training, docs/training.md): only when configured
-            datasets = DatasetStore(settings.telemetry_database)
             training = TrainingWorker(store, repo, store.training, settings.training, settings.data_dir,
-                                      datasets=datasets, alerts=monitor.alerts, clock=now, owns_datasets=True)
+                                      datasets=datasets, collections=collections, alerts=monitor.alerts,
+                                      clock=now)
             training.active = elector.is_leader
             components.append(training)
     if publisher is not None and Role.INGEST in roles:
@@ -311,4 +325,4 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
         publisher.on_telemetry(RevokedFilter(store, monitor.ingest, "telemetry"))  # timed ingest
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
-                      experiments, refresher, components, elector, events)
+                      experiments, refresher, components, elector, events, datasets)

@@ -89,6 +89,7 @@ class TopicKind(enum.StrEnum):
     REPORTED = "reported"
     EVENTS = "events"
     TELEMETRY = "telemetry"
+    DATASET = "dataset"
 
 
 _DEVICE_LEAVES = {
@@ -97,6 +98,7 @@ _DEVICE_LEAVES = {
     "reported": TopicKind.REPORTED,
     "events": TopicKind.EVENTS,
     "telemetry": TopicKind.TELEMETRY,
+    "dataset": TopicKind.DATASET,
 }
 
 
@@ -170,13 +172,17 @@ class Topics:
     def telemetry(self, device_id: str | None = None) -> str:
         return f"{self.root}/devices/{self._dev(device_id)}/telemetry"
 
+    def dataset(self, device_id: str | None = None) -> str:
+        """Chunks of a sample collected under a signed policy (`agent.contract.collect`)."""
+        return f"{self.root}/devices/{self._dev(device_id)}/dataset"
+
     # --- fleet-side wildcard filters ---------------------------------------------------
     def all_requests(self, share_group: str | None = None) -> str:
         """`.../repo/requests/+`, as `$share/<group>/...` when several publishers split the load."""
         flt = f"{self.root}/repo/requests/+"
         return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
 
-    def all_devices(self, leaf: Literal["reported", "events", "telemetry"],
+    def all_devices(self, leaf: Literal["reported", "events", "telemetry", "dataset"],
                     share_group: str | None = None) -> str:
         """`.../devices/+/<leaf>`, as `$share/<group>/...` when several ingest workers split the load."""
         flt = f"{self.root}/devices/+/{leaf}"

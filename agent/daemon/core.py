@@ -37,6 +37,7 @@ from agent.config import AgentConfig
 from agent.contract.protocol import ReportedState, Topics, encode_reported
 from agent.contract.windows import zone_of_labels
 from agent.daemon.broker_link import BrokerLink
+from agent.daemon.collection import CollectionRunner
 from agent.daemon.director_gate import DirectorGate
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
 from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
@@ -146,9 +147,8 @@ class AgentDaemon:
             load=self.catalog.load,
         )
         self.lifecycle.machine.store = ObservedStore(self.lifecycle.store, self._after_save)  # type: ignore[assignment]
-        self.gate = DirectorGate(
-            self.state_dir / "director.json", c.device_id, c.cohorts, self.trust.director_trust
-        )
+        self.gate = DirectorGate(self.state_dir / "director.json", c.device_id, c.cohorts,
+                                 self.trust.director_trust)
         self.outbox = EventOutbox(self.state_dir / "events.sqlite", MAX_PENDING_EVENTS)
         self.queue = ReportQueue(
             self.state_dir / "telemetry.sqlite",
@@ -160,6 +160,8 @@ class AgentDaemon:
                                          max_batch=c.api.max_batch)),
         )
         self.served = ServedModel(self.holder, self.catalog, self.tap)
+        self.collection = CollectionRunner(self.state_dir, c.device_id, c.cohorts, self.trust.director_trust,
+                                           self.transport, self.topics, sink=self.tap)  # issue 13
         self._servers: list[Any] = []
         self.offline = OfflineImporter(self.state_dir, self._bootstrap, self.gate, self.lifecycle,
                                        self._event, c.offline_drop_dir)
@@ -288,11 +290,9 @@ class AgentDaemon:
             log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
             return
         if target is not None:
-            self._event(
-                "director_accepted",
-                bundle_id=target.bundle_id,
-                measurements={"local_sequence": float(target.sequence)},
-            )
+            self.collection.on_document(payload, self.gate.entries[addressee].sequence - 1)
+            self._event("director_accepted", bundle_id=target.bundle_id,
+                        measurements={"local_sequence": float(target.sequence)})
             self.lifecycle.offer_desired(target)
 
     def _retry_deferred(self) -> None:
@@ -406,12 +406,8 @@ class AgentDaemon:
         rep = self.holder.shadow_report()
         if rep.bundle_id is None or rep.offered == 0:
             return
-        self._event(
-            "shadow_report",
-            bundle_id=rep.bundle_id,
-            previous_bundle_id=self.holder.bundle_id,
-            measurements=shadow_measurements(rep),
-        )
+        self._event("shadow_report", bundle_id=rep.bundle_id, previous_bundle_id=self.holder.bundle_id,
+                    measurements=shadow_measurements(rep))
 
     def _ticker(self) -> None:
         """The ticker thread: `tick()` every `report_interval_s`, from a random phase."""
@@ -445,6 +441,7 @@ class AgentDaemon:
                 self._shadow_event()
             self._send_telemetry()
             self._flush_events()
+            self.collection.tick()
         except Exception:
             log.exception("agent ticker failed")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class TelemetryTap:
         self._pending_rows = 0
 
         self._totals: dict[str, ServingCounts] = {}  # closed intervals per bundle, for /metrics
+        self.sample: Callable[[str, np.ndarray, np.ndarray | None], None] | None = None  # data collection
 
     def _sketch_for(self, bundle_id: str) -> TelemetrySketch | None:
         """The sketch of `bundle_id` (rotating out the previous bundle's interval). Lock held."""
@@ -115,6 +117,8 @@ class TelemetryTap:
         x = _single(inputs) if not error and outputs is not None else None
         y = _single(outputs) if x is not None else None
         if x is not None and y is not None and x.ndim == 2:
+            if self.sample is not None:  # a signed collection policy decides what it keeps
+                self.sample(bundle_id, x, y)
             with self._lock:
                 if self._sketch_for(bundle_id) is None:
                     return

@@ -12,8 +12,7 @@ started: `reservoir` keeps a uniform sample of every row offered (Vitter's algor
 JSON file next to a copy of the archive, the first chunk not yet acknowledged: after a restart
 or a lost connection the upload resumes there, and the fleet reassembles and checks the sha256.
 
-Status: library pieces with tests; the daemon does not yet feed its served rows to a collector
-nor publish the chunks (see docs/telemetry.md, *Data collection*).
+The daemon drives them in `agent.daemon.collection` (docs/telemetry.md, *Data collection*).
 """
 
 from __future__ import annotations
@@ -53,6 +52,11 @@ class SampleCollector:
         self._kept = 0
         self.seen = 0
         self._heap: list[tuple[float, int]] = []  # (-confidence, slot): the most confident on top
+
+    @property
+    def kept(self) -> int:
+        """Rows in the sample now."""
+        return self._kept
 
     @property
     def open(self) -> bool:

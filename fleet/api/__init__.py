@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleet.api import (
     audit,
     bundles,
+    collections,
     devices,
     enrollment,
     experiments,
@@ -114,7 +115,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     install_error_handlers(app)
     document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit, telemetry, performance, training):
+                   keys, audit, telemetry, performance, collections, training):
         app.include_router(module.router)
     metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app

@@ -202,6 +202,19 @@ class ApiClient:
             raise ApiError(f"{self.target.url}{path} answered {response.status_code} with a body that "
                            "is not JSON (is this URL the fleet API?)") from None
 
+    def get_bytes(self, path: str) -> bytes:
+        """GET a binary body (a dataset export). Raises ApiError."""
+        if not self.target.api_key:
+            raise ApiError(f"no API key: pass --api-key or set {KEY_ENV}", EXIT_AUTH)
+        try:
+            response = self._http.get(path, headers={"Accept": "application/octet-stream"})
+        except httpx.HTTPError as exc:
+            raise ApiError(f"request to {self.target.url}{path} failed: {_reason(exc)}",
+                           EXIT_CONNECT) from None
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response.content
+
     def _error(self, response: httpx.Response) -> ApiError:
         code = response.status_code
         detail = _detail(response)

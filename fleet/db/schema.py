@@ -346,6 +346,21 @@ dataset_versions = Table(
     Column("created_at", Float, nullable=False),
     Column("archive", LargeBinary, nullable=False),
 )
+collections = Table(  # opt-in data collection requests (fleet/collection, telemetry_0004)
+    "collections", TELEMETRY,
+    Column("collection_id", Text, primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("selector", Text, nullable=False),
+    Column("policy", Text, nullable=False),
+    Column("devices", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("closes_at", Float, nullable=False),
+    Column("applied", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
 telemetry_device_totals = Table(
     "telemetry_device_totals", TELEMETRY,
     Column("device_id", Text, primary_key=True),

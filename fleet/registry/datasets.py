@@ -88,6 +88,11 @@ class DatasetStore:
         self.counters.reasons[reason] = self.counters.reasons.get(reason, 0) + 1
         return "rejected"
 
+    def refuse(self, reason: str) -> str:
+        """Count a chunk refused before it reached the store (e.g. `no_policy`); "rejected"."""
+        with self._lock:
+            return self._reject(reason)
+
     def ingest_chunk(self, device_id: str, payload: bytes) -> str:
         """Store one chunk from `device_id`'s own topic: "partial", "complete", "duplicate" or
         "rejected" (malformed, another device's name, disagreeing with the upload's first chunk,

@@ -43,6 +43,19 @@ class TrainerSpec(BaseModel):
         return self
 
 
+class CollectSpec(BaseModel):
+    """The collection a job starts for its cohort (`fleet.collection`): the signed policy's caps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["reservoir", "low_confidence"] = "reservoir"
+    max_rows: int = Field(default=1000, ge=1, le=100_000, description="per device")
+    max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    only_while_drift: bool = False
+    chunk_bytes: int = Field(default=64 * 1024, ge=1024, le=192 * 1024)
+
+
 class AccuracyGate(BaseModel):
     """When a trained model may become a version: accuracy on the holdout (reference rows the
     trainer never saw plus the held-out share of the collected rows), against the parent's."""
@@ -64,8 +77,10 @@ class TrainingPolicy(BaseModel):
 
     model: str = Field(min_length=1, max_length=128)
     reference_data: str = Field(min_length=1, description="`.npz` with `x` (rows) and `y` (class labels)")
-    collect_policy_id: str = Field(min_length=1, max_length=64,
-                                   description="dataset versions of this collect policy are trained on")
+    collect: CollectSpec | None = Field(default=None, description="start a collection on the trigger's "
+                                        "cohort and train on what it brings (see docs/training.md)")
+    collect_policy_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                          description="or: train on the dataset versions of this collection")
     labeler: str | None = Field(default=None, description="`module:function` x -> labels for collected rows "
                                 "that carry no `y` (run in a subprocess)")
     min_rows: int = Field(default=200, ge=1, le=10_000_000, description="collected rows before training")

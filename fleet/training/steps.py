@@ -19,6 +19,7 @@ before `publish`. Errors: `TrainingFailed` (the user's code, bad output), `Fleet
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,10 +33,12 @@ from typing import Any
 import numpy as np
 
 from agent.contract.bundle import extract_bundle
+from agent.contract.collect import CollectPolicy
 from agent.contract.manifest import Lineage, parse_manifest
 from agent.errors import EdgefleetError
+from fleet.collection.records import CollectionStore
 from fleet.devices.selector import parse_selector
-from fleet.errors import FleetInputError, GateFailed, NotFound
+from fleet.errors import Conflict, FleetInputError, GateFailed, NotFound
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.datasets import DatasetStore, DatasetVersion
 from fleet.registry.model_runner import make_runner
@@ -62,6 +65,7 @@ class StepContext:
     store: Store
     repository: Repository
     datasets: DatasetStore | None
+    collections: CollectionStore | None
     data_dir: Path
     log: Lines
     progress: Callable[[float, str], None]
@@ -80,11 +84,45 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         raise FleetInputError(f"cannot read {path.name}: {exc}") from None
 
 
-def collected(ctx: StepContext, policy: TrainingPolicy, cohort: str) -> list[DatasetVersion]:
-    """The dataset versions the job may train on: the collect policy's, from the cohort's devices."""
+def collection_id(job: TrainingJob) -> str:
+    """The collection a job starts (derived from the job id: a restart finds the same one)."""
+    return "col-" + job.id.removeprefix("tj-")
+
+
+def start_collection(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy) -> None:
+    """Ask the trigger's cohort for a sample on the parent version (once; idempotent)."""
+    if policy.collect is None or ctx.collections is None:
+        return
+    cid = collection_id(job)
+    try:
+        ctx.collections.get(cid)
+        return
+    except NotFound:
+        pass
+    selector = f"cohort={job.cohort}" if job.cohort else ""
+    spec = CollectPolicy(policy_id=cid, **policy.collect.model_dump())
+    with contextlib.suppress(Conflict):  # another worker made it in between
+        ctx.collections.create(job.model, job.parent_version, selector, spec, f"training:{job.id}")
+    ctx.log(f"collection {cid} started on {selector or 'every device'} of {job.model}:"
+            f"{job.parent_version}")
+
+
+def stop_collection(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy) -> None:
+    if policy.collect is not None and ctx.collections is not None:
+        with contextlib.suppress(NotFound):
+            ctx.collections.stop(collection_id(job))
+
+
+def collected(ctx: StepContext, policy: TrainingPolicy, job: TrainingJob) -> list[DatasetVersion]:
+    """The dataset versions the job may train on: its own collection's (or the policy's named
+    collection's), from the cohort's devices."""
     if ctx.datasets is None:
         return []
-    found = ctx.datasets.versions(policy.collect_policy_id)
+    policy_id = collection_id(job) if policy.collect is not None else policy.collect_policy_id
+    if policy_id is None:
+        return []
+    cohort = job.cohort
+    found = ctx.datasets.versions(policy_id)
     if cohort:
         members = set(ctx.store.devices.ids_matching(parse_selector(f"cohort={cohort}")))
         found = [v for v in found if v.device_id in members]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.errors import EdgefleetError
 from agent.logs import log_event
+from fleet.collection.records import CollectionStore
 from fleet.db.session import Db
 from fleet.errors import Conflict, FleetError, FleetInputError, GateFailed, NotFound
 from fleet.periodic import PeriodicRunner
@@ -55,10 +56,12 @@ class TrainingWorker:
 
     def __init__(self, store: Store, repository: Repository, jobs: TrainingJobs, settings: TrainingSettings,
                  data_dir: Path, datasets: DatasetStore | None = None, alerts: AlertManager | None = None,
-                 clock: Callable[[], float] = time.time, owns_datasets: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, owns_datasets: bool = False,
+                 collections: CollectionStore | None = None) -> None:
         self.store, self.repository, self.jobs = store, repository, jobs
         self.settings, self.data_dir, self.datasets, self.alerts = settings, Path(data_dir), datasets, alerts
         self.clock = clock
+        self.collections = collections
         self._owns_datasets = owns_datasets
         self.token = "w-" + secrets.token_hex(6)  # this worker's attempts (a restart has another)
         self.active: Callable[[], bool] = lambda: True
@@ -152,15 +155,16 @@ class TrainingWorker:
             except FleetError:
                 return False
 
-        return steps.StepContext(self.store, self.repository, self.datasets, self.data_dir, line,
-                                 lambda f, t: self.jobs.set_progress(job.id, f, t), cancelled)
+        return steps.StepContext(self.store, self.repository, self.datasets, self.collections, self.data_dir,
+                                 line, lambda f, t: self.jobs.set_progress(job.id, f, t), cancelled)
 
     def _work(self, job: TrainingJob, policy: TrainingPolicy, work: Work) -> TrainingJob:
         buffer: list[str] = []
         ctx = self._context(job, policy, buffer)
         try:
             if work is Work.WAIT_DATA:
-                found = steps.collected(ctx, policy, job.cohort)
+                steps.start_collection(ctx, job, policy)
+                found = steps.collected(ctx, policy, job)
                 if job.dataset_ids:  # the operator named them
                     found = [v for v in steps.all_versions(ctx) if v.dataset_id in set(job.dataset_ids)]
                     if len(found) != len(job.dataset_ids):
@@ -170,6 +174,7 @@ class TrainingWorker:
                     self.jobs.set_progress(job.id, 0.0, f"waiting for data: {rows}/{policy.min_rows} rows")
                     return job
                 ids = [v.dataset_id for v in found]
+                steps.stop_collection(ctx, job, policy)  # enough: the devices stop sampling
                 return self._changed(self.jobs.apply(job.id, (E.DATA_READY,), f"{rows} rows in {len(ids)} "
                                                      "dataset versions", extra={"dataset_ids": ids}))
             if work is Work.TRAIN:
@@ -211,6 +216,9 @@ class TrainingWorker:
                  JobState.BUILDING: E.BUILD_FAILED, JobState.PUBLISHING: E.PUBLISH_FAILED,
                  JobState.AWAITING_APPROVAL: E.REJECTED}.get(job.state, E.CANCEL_REQUESTED)
         out = self._changed(self.jobs.apply(job.id, (event,), why[:500], extra=extra))
+        policy = self.settings.policy(job.model)
+        if policy is not None:
+            steps.stop_collection(self._context(job, policy, []), job, policy)
         if out.state is JobState.FAILED:
             shutil.rmtree(steps.job_dir(self.data_dir, job.id), ignore_errors=True)
         return out

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from agent.contract.collect import CollectPolicy
 from agent.contract.director import DeltaRef, DirectorDocument, TargetRef, sign_director
 from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
@@ -162,8 +163,10 @@ class DirectorSigner:
         reason: str = "",
         delta: DeltaRef | None = None,
         windows: UpdateWindows | None = None,
+        collect: CollectPolicy | None = None,
     ) -> bytes:
-        """Sign a director document telling `device_id` (or `cohort`) to run `target`.
+        """Sign a director document telling `device_id` (or `cohort`) to run `target` (and, with
+        `collect`, to keep a sample of its inputs: `fleet.collection`).
 
         Raises `FleetInputError` (bad ttl or addressee, invalid document).
         """
@@ -184,6 +187,7 @@ class DirectorSigner:
                 rollout_id=rollout_id,
                 reason=reason,
                 windows=windows,
+                collect=collect,
             )
         except ValueError as exc:
             raise FleetInputError(f"invalid director document: {exc}") from None

@@ -21,6 +21,7 @@ from fleet.api import create_app
 from fleet.settings import FleetSettings, Limits
 from fleet.store import Store
 from tests.support.broker import free_port
+from tests.support.datasets import seed_dataset
 from tests.support.fakes import DIGEST, FakeClock
 from tests.support.postgres import Backend
 
@@ -88,7 +89,11 @@ def _seed(api: Api) -> dict[str, str]:
     ex = api.client.post("/v1/experiments", headers=h,
                          json={"name": "ab", "version_a": "m:1.1.0", "version_b": "m:1.2.0"})
     assert ex.status_code == 201, ex.text
+    col = api.client.post("/v1/collections", headers=h, json={"model": "m", "version": "1.0.0"})
+    assert col.status_code == 201, col.text
     return {
+        "collection_id": col.json()["collection_id"],
+        "dataset_id": seed_dataset(api.settings.telemetry_database, col.json()["collection_id"]),
         "experiment_id": ex.json()["id"],
         "name": "m",
         "version": "1.0.0",

@@ -167,6 +167,7 @@ def test_device_writes_only_its_own_topics(broker: AclBroker) -> None:
             tb.reported(),
             tb.events(),
             tb.telemetry(),
+            tb.dataset(),  # another device's dataset topic (issue 13)
             tb.requests(),
             tb.desired(),
             ta.desired(),
@@ -175,13 +176,13 @@ def test_device_writes_only_its_own_topics(broker: AclBroker) -> None:
             ta.metadata("timestamp.json"),
         ):
             a.publish(topic, forged)  # accepted by the client, dropped by the broker
-        for topic in (ta.reported(), ta.events(), ta.telemetry(), ta.requests()):
+        for topic in (ta.reported(), ta.events(), ta.telemetry(), ta.dataset(), ta.requests()):
             a.publish(topic, b"own")
         deadline = time.monotonic() + 5
-        while len(seen.got) < 4 and time.monotonic() < deadline:
+        while len(seen.got) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         _settle()
-        assert seen.topics() == {ta.reported(), ta.events(), ta.telemetry(), ta.requests()}
+        assert seen.topics() == {ta.reported(), ta.events(), ta.telemetry(), ta.dataset(), ta.requests()}
         assert {m.payload for m in seen.got} == {b"own"}
         a.publish(ta.reported(), b"", retain=True)
     finally:

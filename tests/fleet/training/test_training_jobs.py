@@ -16,6 +16,7 @@ import pytest
 
 from agent.contract.collect import CollectPolicy
 from agent.telemetry.collect import ChunkUploader, SampleCollector
+from fleet.collection.records import CollectionStore
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.datasets import DatasetStore
 from fleet.registry.publish import publish_bundle
@@ -52,7 +53,8 @@ class World:
         base.update(policy)
         settings = TrainingSettings(policies=(TrainingPolicy.model_validate(base),))
         return TrainingWorker(self.store, self.repo, self.store.training, settings, self.root,
-                              datasets=self.datasets, clock=self.clock)
+                              datasets=self.datasets, clock=self.clock,
+                              collections=CollectionStore(self.datasets.database, self.clock))
 
     def versions(self) -> list[str]:
         return [v.version for v in self.store.models.list_versions("mlp", None, 100).items]
@@ -218,6 +220,30 @@ def test_a_trigger_starts_one_job_and_only_for_a_model_with_a_policy(world: Worl
     v = world.store.models.get_version("mlp", "1.0.1")
     assert v.lineage["source"]["trigger_alert_id"] == jobs[0].trigger_alert_id
     alerts.close()
+
+
+@pytest.mark.integration
+def test_a_job_asks_its_cohort_for_a_sample_and_trains_on_what_comes_back(world: World) -> None:
+    worker = world.worker(collect={"max_rows": 300, "max_seconds": 60}, collect_policy_id=None)
+    jid = _start(world)
+    worker.run_once()
+    job = world.store.training.get(jid)
+    assert job.state is JobState.WAITING_DATA  # the sample of drift-b is not this job's
+    collections = CollectionStore(world.datasets.database, world.clock)
+    (col,) = [c for c in collections.list() if c.created_by == f"training:{jid}"]
+    assert (col.model, col.version, col.selector, col.policy.max_rows) == ("mlp", "1.0.0", "cohort=b", 300)
+    worker.run_once()  # a second look starts no second collection
+    assert len(collections.list()) == 1
+    policy = CollectPolicy(policy_id=col.collection_id, max_rows=300)
+    c = SampleCollector(policy, 32, "dev-b1", world.clock)
+    c.offer(np.random.default_rng(5).normal(loc=1.5, size=(1000, 32)))
+    for _, payload in ChunkUploader(world.root / "up-col", policy, "dev-b1", c.archive()).pending():
+        world.datasets.ingest_chunk("dev-b1", payload)
+    worker.run_once()
+    job = world.store.training.get(jid)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.dataset_ids[0].startswith(col.collection_id)
+    assert collections.get(col.collection_id).status == "stopped"  # enough data: the devices stop
 
 
 def _fire(alerts: AlertManager, model: str, cohort: str) -> None:

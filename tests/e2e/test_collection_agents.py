@@ -1,0 +1,192 @@
+"""Opt-in data collection end to end: the real fleet service (API, publisher, controller role
+with the collection driver, dataset ingest) over SQLite, a private Mosquitto, real agents.
+
+An operator asks the devices labelled `site=lab` that run mlp 1.0.0 for a sample; the driver
+signs the policy into their director documents; the agent samples what it serves, uploads the
+sample in chunks on its own dataset topic; the fleet admits them under the policy and records a
+dataset version, exported as `.npz`. A device outside the selector collects nothing, and a
+chunk on its topic is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+
+from agent.contract.bundle import write_bundle
+from agent.contract.collect import DatasetChunk, encode_chunk
+from agent.contract.protocol import Topics
+from fleet.access.auth import create_api_key
+from fleet.collection.ingest import DatasetIngest
+from fleet.components import ServeConfig, build_components
+from fleet.service import FleetService
+from fleet.settings import FleetSettings
+from simulators.models import make_mlp_onnx
+from tests.support.agent_world import Agent, wait_until
+from tests.support.broker import Broker, free_port, start_mosquitto
+from tests.support.lifecycle_world import X, manifest_for
+
+pytestmark = pytest.mark.integration
+IN, OUT = "gw-in", "gw-out"
+PREFIX = "ef-col"
+
+
+@dataclass
+class World:
+    root: Path
+    broker: Broker
+    settings: FleetSettings
+    service: FleetService
+    key: str
+    agents: dict[str, Agent]
+
+    @property
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=10,
+                            headers={"Authorization": f"Bearer {self.key}"})
+
+    def start_service(self) -> None:
+        cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
+        self.service = FleetService(self.settings, component_factory=lambda store: build_components(
+            self.settings, store, with_broker=True, config=cfg))
+        self.service.start_background()
+
+    def serving(self, device: str) -> str | None:
+        state = (self.service.store.devices.get(device).reported_state or {})
+        return state.get("active_bundle") if state.get("state") == "idle" else None
+
+    def wait_rollout(self, rid: str, state: str, timeout: float) -> None:
+        def done() -> bool:
+            with self.api as c:
+                return bool(c.get(f"/v1/rollouts/{rid}/status").json()["state"] == state)
+
+        wait_until(done, timeout, f"rollout {rid} {state}")
+
+
+def _agent(world_root: Path, broker: Broker, repo_root: Path, device: str) -> Agent:
+    sock_dir = Path(tempfile.mkdtemp(prefix="efc-"))
+    state = world_root / "devices" / device
+    state.mkdir(parents=True, exist_ok=True)
+    config = {
+        "device_id": device, "state_dir": str(state),
+        "bootstrap_root": str(repo_root / "metadata" / "1.root.json"), "topic_prefix": PREFIX,
+        "mqtt": {"port": broker.port, "reconnect_min_s": 0.05, "reconnect_max_s": 0.5,
+                 "connect_timeout_s": 2.0},
+        "api": {"http_enabled": False, "unix_socket": str(sock_dir / "a.sock")},
+        "limits": {"chunk_timeout_s": 2.0, "fetch_reconnect_wait_s": 2.0},
+        "lifecycle": {"retry_base_s": 0.5, "retry_max_s": 2.0, "load_timeout_s": 10.0},
+        "telemetry_interval_s": 1.0, "report_interval_s": 0.2,
+    }
+    path = state.parent / f"{device}.json"
+    path.write_text(json.dumps(config))
+    return Agent(device, path, state, sock_dir / "a.sock", None, state.parent / f"{device}.log")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("collection-agents")
+    broker = start_mosquitto(root / "broker")
+    settings = FleetSettings(data_dir=root / "fleet", port=free_port(), broker_url=broker.url,
+                             topic_prefix=PREFIX)
+    settings.import_dir.mkdir(parents=True)
+    model = make_mlp_onnx(1)
+    write_bundle(manifest_for("1.0.0", model, 1, {"probation_requests": 0, "probation_seconds": 0.3,
+                                                "inference_timeout_s": 2.0, "traffic": "none"}),
+                 model, settings.import_dir / "mlp-1.0.0.efb")
+    w = World(root, broker, settings, None, "", {})  # type: ignore[arg-type]
+    w.start_service()
+    w.key = create_api_key(w.service.store, "ops", "operator", "test")[1]
+    with w.api as c:
+        res = c.post("/v1/models/mlp/versions/from-bundle", json={"path": "mlp-1.0.0.efb"})
+        assert res.status_code == 201, res.text
+    for d, site in ((IN, "lab"), (OUT, "other")):
+        w.service.store.devices.create(d, {"site": site}, {}, d, "$7$unused", "test")
+        w.agents[d] = _agent(root, broker, settings.repo_dir, d)
+        w.agents[d].start()
+    try:
+        with w.api as c:
+            res = c.post("/v1/rollouts", json={"model_version_id": "mlp:1.0.0", "selector": "",
+                                               "strategy": {"kind": "all_at_once", "bake_s": 0}})
+        assert res.status_code == 201, res.text
+        for d in (IN, OUT):
+            wait_until(lambda: w.serving(d) == "mlp-1.0.0", 60, f"{d} serving\n{w.agents[d].tail()}")  # noqa: B023
+        yield w
+    finally:
+        for a in w.agents.values():
+            if a.proc is not None and a.proc.poll() is None:
+                a.stop()
+        w.service.stop()
+        broker.stop()
+
+
+def _ingest(world: World) -> DatasetIngest:
+    return next(c for c in world.service.components if isinstance(c, DatasetIngest))
+
+
+def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world: World) -> None:
+    with world.api as c:
+        assert c.post("/v1/collections", json={"model": "mlp", "version": "9.9.9"}).status_code == 404
+        assert c.post("/v1/collections", json={"model": "mlp", "version": "1.0.0", "max_rows": 0}
+                      ).status_code == 422
+        res = c.post("/v1/collections", json={"model": "mlp", "version": "1.0.0", "selector": "site=lab",
+                                               "max_rows": 20, "max_seconds": 2, "chunk_bytes": 1024})
+        assert res.status_code == 201, res.text
+        cid = res.json()["collection_id"]
+
+        def collecting() -> bool:
+            got = c.get(f"/v1/collections/{cid}").json()
+            return got["applied"] == "collecting"
+
+        wait_until(collecting, 20, "the driver signed the policy out")
+        assert c.get(f"/v1/collections/{cid}").json()["devices"] == [IN]
+        agent_in, agent_out = world.agents[IN], world.agents[OUT]
+        wait_until(lambda: (agent_in.state_dir / "collect" / "active.json").exists(), 20,
+                   f"{IN} accepted the policy\n{agent_in.tail()}")
+        for _ in range(6):  # 48 rows served, at most 20 kept
+            agent_in.predict_unix()
+            agent_out.predict_unix()
+
+        def versions() -> list[dict[str, object]]:
+            found: list[dict[str, object]] = c.get("/v1/datasets", params={"collection": cid}).json()
+            return found
+
+        found = wait_until(versions, 30, f"a dataset version\n{agent_in.tail()}")
+        assert len(found) == 1
+        v = found[0]
+        assert (v["device_id"], v["policy_id"], v["rows"], v["columns"]) == (IN, cid, 20, X.shape[1])
+        assert v["provenance"]["seen"] >= 20  # type: ignore[index]
+        data = c.get(f"/v1/datasets/{v['dataset_id']}/export").content
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            assert z["x"].shape == (20, X.shape[1])
+            assert json.loads(bytes(z["meta"]))["device_id"] == IN
+        assert c.get("/v1/datasets/nope/export").status_code == 404
+        assert json.loads((agent_in.state_dir / "collect" / "active.json").read_bytes())["phase"] == "done"
+        assert not (agent_out.state_dir / "collect").exists()  # no policy: nothing collected
+
+        # a chunk on the other device's own topic, claiming the policy, is refused
+        before = _ingest(world).counters["rejected"]
+        chunk = encode_chunk(DatasetChunk(cid, OUT, "0" * 16, 0, 1, "0" * 64, b"x" * 10))
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="intruder")
+        client.connect(world.broker.host, world.broker.port)
+        client.loop_start()
+        client.publish(Topics(PREFIX).dataset(OUT), chunk, qos=1).wait_for_publish(5)
+        client.publish(Topics(PREFIX).dataset(OUT), b"\xff not cbor", qos=1).wait_for_publish(5)
+        client.loop_stop()
+        client.disconnect()
+        wait_until(lambda: _ingest(world).counters["rejected"] == before + 2, 10, "two refusals")
+        assert _ingest(world).counters["reasons"]["no_policy"] >= 1  # type: ignore[index]
+
+        stopped = c.delete(f"/v1/collections/{cid}")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+        wait_until(lambda: c.get(f"/v1/collections/{cid}").json()["applied"] == "stopped", 20, "withdrawn")
+        actions = [e["action"] for e in c.get("/v1/audit").json()["items"]]
+        assert "collection.create" in actions and "collection.stop" in actions
