@@ -125,3 +125,23 @@ def train(job: TrainerJob) -> dict[str, float]:
                "rows": float(len(x)), "rows_collected": float(len(cx))}
     job.progress(1.0, json.dumps(metrics))
     return metrics
+
+
+def pretrain(reference: Path, out: Path, steps: int = 200, seed: int = 0) -> dict[str, float]:
+    """Fit a fresh MLP (seeded weights) on a reference `.npz` (`x`, `y`) and write its ONNX:
+    the first version of a scenario, accurate where its training data lies and not beyond."""
+    with np.load(reference) as r:
+        x, y = r["x"].astype(np.float32), r["y"].astype(np.int64)
+    layers = fit(mlp_weights(seed), x, y, steps=steps, seed=seed)
+    out.write_bytes(to_onnx(layers, "x", "logits"))
+    return {"train_accuracy": float(np.mean(predict(layers, x) == y))}
+
+
+if __name__ == "__main__":  # `python -m simulators.trainer pretrain REF.npz OUT.onnx [STEPS]`
+    import sys
+
+    if len(sys.argv) not in (4, 5) or sys.argv[1] != "pretrain":
+        print("usage: python -m simulators.trainer pretrain REF.npz OUT.onnx [STEPS]", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(pretrain(Path(sys.argv[2]), Path(sys.argv[3]),
+                              int(sys.argv[4]) if len(sys.argv) == 5 else 200)))

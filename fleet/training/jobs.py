@@ -122,6 +122,17 @@ class TrainingJobs:
             sql, args["model"] = sql + " AND model = :model", model
         return self.database.page_of(sql, args, "id", cursor, limit, TrainingJob.from_row)
 
+    def covering(self, model: str, parent_version: str, cohort: str, since: float) -> TrainingJob | None:
+        """A job already answering a trigger of (model, version, cohort): one of this parent and
+        cohort, or of this cohort created after `since` (the policy's cooldown: the version a job
+        made is not retrained at once), unless it failed or was cancelled (a new trigger retries)."""
+        with self.database.read() as db:
+            row = db.one("SELECT * FROM training_jobs WHERE model = :m AND cohort = :c "
+                         "AND (parent_version = :v OR created_at >= :since) "
+                         "AND state NOT IN ('failed', 'cancelled') ORDER BY created_at DESC LIMIT 1",
+                         {"m": model, "v": parent_version, "c": cohort, "since": since})
+        return None if row is None else TrainingJob.from_row(row)
+
     def unfinished(self) -> list[TrainingJob]:
         done = ", ".join(f"'{s.value}'" for s in TERMINAL_STATES)
         with self.database.read() as db:

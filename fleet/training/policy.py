@@ -17,6 +17,7 @@ from fleet.rollouts.gates import GateThresholds
 from fleet.rollouts.strategies import StrategyConfig
 
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 PLACEHOLDERS = ("{job}", "{reference}", "{train}", "{out}", "{parent_model}")
 
 
@@ -32,12 +33,16 @@ class TrainerSpec(BaseModel):
     command: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=64,
                                             description=f"argv; placeholders {', '.join(PLACEHOLDERS)}")
     timeout_s: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)
+    env: dict[str, str] = Field(default_factory=dict, max_length=64,
+                                description="added to the fleet's environment for the subprocess")
     max_log_lines: int = Field(default=2000, ge=10, le=100_000)
 
     @model_validator(mode="after")
     def _one(self) -> TrainerSpec:
         if (self.entry_point is None) == (self.command is None):
             raise ValueError("give exactly one of entry_point and command")
+        if any(not ENV_RE.match(k) for k in self.env):
+            raise ValueError("env names must be letters, digits and underscores")
         if self.entry_point is not None and not ENTRY_RE.match(self.entry_point):
             raise ValueError("entry_point must look like package.module:function")
         return self
@@ -94,6 +99,11 @@ class TrainingPolicy(BaseModel):
     strategy: dict[str, Any] = Field(default_factory=lambda: {"kind": "canary"},
                                     description="the rollout's strategy document (docs/rollouts.md)")
     thresholds: dict[str, float] = Field(default_factory=dict, description="the rollout's quality gates")
+    profile: Literal["collected", "reference_and_collected"] = Field(
+        default="collected", description="the new bundle's reference profile (its drift baseline): the "
+        "collected rows (the cohort it is made for) or the reference and collected rows together")
+    cooldown_s: float = Field(default=3600.0, ge=0, le=90 * 24 * 3600,
+                              description="a cohort's trigger within this long of its last job starts none")
     max_attempts: int = Field(default=3, ge=1, le=20, description="restarts of a step before the job fails")
 
     @model_validator(mode="after")

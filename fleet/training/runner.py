@@ -60,7 +60,7 @@ def run_step(argv: Sequence[str], cwd: Path, timeout_s: float, on_line: Callable
     try:
         proc = subprocess.Popen(list(argv), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-                                env=env)
+                                env=child_env(env))
     except OSError as exc:
         raise TrainingFailed(f"cannot start the {what} {argv[0]!r}: {exc.strerror or exc}") from None
 
@@ -98,6 +98,16 @@ def run_step(argv: Sequence[str], cwd: Path, timeout_s: float, on_line: Callable
         raise TrainingFailed(f"the {what} exited with status {proc.returncode} "
                              f"(last output: {last or 'none'})")
     return StepResult(proc.returncode, seconds, tuple(tail))
+
+
+def child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The child's environment: `env` (else the fleet's), with relative `PYTHONPATH` entries made
+    absolute (the child runs in the job's directory, where `.` means something else)."""
+    out = dict(os.environ if env is None else env)
+    if out.get("PYTHONPATH"):
+        out["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) if p else p
+                                            for p in out["PYTHONPATH"].split(os.pathsep))
+    return out
 
 
 def _kill(proc: subprocess.Popen[str]) -> None:

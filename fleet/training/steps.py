@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -190,7 +191,8 @@ def _collected_rows(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy, 
             xin, yout = work / f"label-{len(xs)}-x.npz", work / f"label-{len(xs)}-y.npz"
             np.savez(xin, x=x)
             run_step(harness_argv("label", str(xin), str(yout), policy.labeler), work,
-                     policy.trainer.timeout_s, ctx.log, cancelled=ctx.cancelled, what="labeler")
+                     policy.trainer.timeout_s, ctx.log, cancelled=ctx.cancelled, what="labeler",
+                     env=_env(policy))
             y = _npz(yout).get("y")
             if y is None or y.shape != (x.shape[0],):
                 raise TrainingFailed(f"the labeler gave no labels for dataset {did}")
@@ -243,8 +245,12 @@ def train(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy) -> dict[st
                                          spec.parent_model), strict=True))
         argv = [_fill(a, values) for a in policy.trainer.command or ()]
     run_step(argv, work, policy.trainer.timeout_s, ctx.log,
-             lambda f, t: ctx.progress(0.1 + 0.6 * f, t or "training"), ctx.cancelled)
+             lambda f, t: ctx.progress(0.1 + 0.6 * f, t or "training"), ctx.cancelled, env=_env(policy))
     return read_output(root / "out").metrics
+
+
+def _env(policy: TrainingPolicy) -> dict[str, str] | None:
+    return {**os.environ, **policy.trainer.env} if policy.trainer.env else None
 
 
 def _fill(arg: str, values: dict[str, str]) -> str:
@@ -295,6 +301,9 @@ def build(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy, version: s
     out = read_output(root / "out")  # checked again: the directory survived a restart
     rx, _ = reference_data(ctx, policy)
     hold = _npz(root / "holdout.npz")
+    collected_rows = np.concatenate([_npz(root / "train.npz")["x"].astype(np.float32),
+                                     hold["x"][hold["collected"].astype(bool)].astype(np.float32)])
+    profile_rows = collected_rows if policy.profile == "collected" else np.concatenate([rx, collected_rows])
     lineage = Lineage(training_code_ref=policy.trainer.entry_point or " ".join(policy.trainer.command or ()),
                       dataset_ref=",".join(job.dataset_ids), metrics=trainer_metrics)
     keep = inherited(root / "parent" / "manifest.json")
@@ -303,8 +312,9 @@ def build(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy, version: s
     bundle = root / f"{job.model}-{version}.efb"
     bundle.unlink(missing_ok=True)
     ctx.progress(0.75, "building bundle")
-    build_bundle(root / "out" / "model.onnx", meta, bundle, reference_data=rx, holdout_data=hold["x"],
-                 holdout_labels=hold["y"], progress=lambda step, f: ctx.progress(0.75 + 0.15 * f, step))
+    build_bundle(root / "out" / "model.onnx", meta, bundle, reference_data=profile_rows,
+                 holdout_data=hold["x"], holdout_labels=hold["y"],
+                 progress=lambda step, f: ctx.progress(0.75 + 0.15 * f, step))
     ctx.progress(0.92, "accuracy gate")
     with tempfile.TemporaryDirectory(prefix="train-gate-") as scratch:
         built = extract_bundle(bundle, Path(scratch) / "b", durable=False)

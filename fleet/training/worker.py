@@ -99,7 +99,14 @@ class TrainingWorker:
             if alert.id is None or alert.id <= self._seen_alert:
                 continue
             self._seen_alert = alert.id
-            if self.settings.policy(alert.model) is None or self.jobs.by_trigger(alert.id) is not None:
+            policy = self.settings.policy(alert.model)
+            if policy is None or self.jobs.by_trigger(alert.id) is not None:
+                continue
+            since = self.clock() - policy.cooldown_s
+            same = self.jobs.covering(alert.model, alert.version, alert.cohort, since)
+            if same is not None:  # e.g. the prediction subject's trigger of the same drift
+                log_event(log, "training.trigger_covered", trigger=alert.id, job=same.id,
+                          state=same.state.value)
                 continue
             try:
                 job = self.jobs.create(alert.model, alert.version, "retrain-trigger", cohort=alert.cohort,
