@@ -21,6 +21,7 @@ Figures: `trigger_to_canary_s` (the trigger's alert to the canary rollout's crea
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -284,6 +285,7 @@ def _verdict(w: ServiceWorld, probe: AccuracyProbe, job: dict[str, Any] | None, 
         metrics["trigger_to_canary_s"] = _epoch(rollout["created_at"]) - float(trigger["created_at"])
         metrics["drift_to_trigger_s"] = float(trigger["created_at"]) - drift_at
     if job is not None:
+        metrics.update(step_durations(job["history"]))
         for k in ("gate_new_collected", "gate_parent_collected", "gate_new_reference",
                   "gate_parent_reference"):
             if k in job["metrics"]:
@@ -294,6 +296,15 @@ def _verdict(w: ServiceWorld, probe: AccuracyProbe, job: dict[str, Any] | None, 
                if not problems else "; ".join(problems))
     return Verdict("retrain_loop", not problems, details, metrics,
                    x_labels={ACCURACY: "seconds since the baseline began (dots: the loop's events)"})
+
+
+def step_durations(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds the job spent in each state, from its history: `job_<state>_s`."""
+    out: dict[str, float] = {}
+    entered = [(float(h["at"]), str(h["state"])) for h in history if "state" in h]
+    for (at, state), (nxt, _) in itertools.pairwise(entered):
+        out[f"job_{state}_s"] = out.get(f"job_{state}_s", 0.0) + nxt - at
+    return out
 
 
 def _epoch(iso: str) -> float:
