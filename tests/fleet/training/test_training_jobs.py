@@ -208,6 +208,7 @@ def test_a_job_interrupted_mid_training_is_resumed_then_given_up(world: World) -
 def test_a_trigger_starts_one_job_and_only_for_a_model_with_a_policy(world: World) -> None:
     alerts = AlertManager(world.root / "alerts.db", clock=world.clock)
     _fire(alerts, "mlp", "b")
+    _fire(alerts, "mlp", "b", "prediction")  # the same drift's other trigger: covered by the first job
     _fire(alerts, "other-model", "b")
     worker = world.worker(rollout="approval")
     worker.alerts = alerts
@@ -219,6 +220,11 @@ def test_a_trigger_starts_one_job_and_only_for_a_model_with_a_policy(world: Worl
     assert len(jobs) == 1 and jobs[0].trigger_alert_id is not None and jobs[0].cohort == "b"
     v = world.store.models.get_version("mlp", "1.0.1")
     assert v.lineage["source"]["trigger_alert_id"] == jobs[0].trigger_alert_id
+    _fire(alerts, "mlp", "b", version="1.0.1")  # the retrained version, within the cooldown: no loop
+    _fire(alerts, "mlp", "a")  # another cohort is not covered
+    worker2.run_once()
+    jobs = world.store.training.page(None, 10).items
+    assert sorted(j.cohort for j in jobs) == ["a", "b"]
     alerts.close()
 
 
@@ -246,9 +252,10 @@ def test_a_job_asks_its_cohort_for_a_sample_and_trains_on_what_comes_back(world:
     assert collections.get(col.collection_id).status == "stopped"  # enough data: the devices stop
 
 
-def _fire(alerts: AlertManager, model: str, cohort: str) -> None:
+def _fire(alerts: AlertManager, model: str, cohort: str, subject: str = "dataset",
+          version: str = "1.0.0") -> None:
     """A persisted `retrain` trigger, as `AlertManager._advance` writes one."""
-    a = Alert("retrain", model, "1.0.0", cohort, "dataset", "drift_share", 0.5, 0.3, 0.0, 60.0, 3, ["dev-b1"],
+    a = Alert("retrain", model, version, cohort, subject, "drift_share", 0.5, 0.3, 0.0, 60.0, 3, ["dev-b1"],
               1, 0.0)
     with alerts.database.tx() as db:
         alerts._persist(db, a)
