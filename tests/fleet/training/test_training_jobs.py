@@ -260,3 +260,43 @@ def _fire(alerts: AlertManager, model: str, cohort: str, subject: str = "dataset
     with alerts.database.tx() as db:
         alerts._persist(db, a)
 
+
+
+class _Crash(Exception):
+    """The fleet dying at a chosen state change."""
+
+
+@pytest.mark.integration
+def test_a_fleet_that_dies_entering_publishing_publishes_once_after_the_restart(world: World) -> None:
+    first = world.worker()
+
+    def die(job: object) -> None:
+        if getattr(job, "state", None) is JobState.PUBLISHING:
+            raise _Crash
+
+    first.on_event = die
+    jid = _start(world)
+    with pytest.raises(_Crash):
+        first.run_once()
+    assert world.store.training.get(jid).state is JobState.PUBLISHING and world.versions() == ["1.0.0"]
+    world.worker().run_once()  # the restarted fleet
+    job = world.store.training.get(jid)
+    assert job.state is JobState.SUCCEEDED and world.rollouts() == 1
+    assert world.versions() == ["1.0.0", "1.0.1"]
+
+
+@pytest.mark.integration
+def test_a_version_someone_else_registered_meanwhile_fails_the_job_and_is_left_alone(world: World) -> None:
+    worker = world.worker()
+
+    def race(job: object) -> None:
+        if getattr(job, "state", None) is JobState.PUBLISHING:
+            world.store.models.register_version("mlp", "1.0.1", "sha256:" + "0" * 64, "onnx", {}, "alice")
+
+    worker.on_event = race
+    jid = _start(world)
+    worker.run_once()
+    job = world.store.training.get(jid)
+    assert job.state is JobState.FAILED and "not registered by job" in job.error
+    v = world.store.models.get_version("mlp", "1.0.1")
+    assert v.created_by == "alice" and v.bundle_target is None and world.rollouts() == 0
