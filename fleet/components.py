@@ -26,6 +26,11 @@ start order:
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
+Opt-in data collection (issue 13, `fleet/collection/`): the `dataset-ingest` component (ingest
+and controller roles; subscribes `.../devices/+/dataset` with the ingest role, owns the
+`DatasetStore`) and, behind the lease, the `collection-driver`, which signs collection
+policies into devices' director documents.
+
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>/...` with events stored once in the
@@ -283,13 +288,15 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
-    datasets = DatasetStore(settings.telemetry_database, now)  # opt-in data collection (issue 13)
-    collections = CollectionStore(datasets.database, now)
-    takes = publisher if publisher is not None and Role.INGEST in roles else None  # subscribes dataset chunks
-    components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
-                                    takes.topics if takes else None,
-                                    settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
-                                    owns_store=True))  # started before, stopped after, the driver
+    datasets = collections = None  # opt-in data collection (issue 13): ingest and controller roles
+    if roles & {Role.INGEST, Role.CONTROLLER}:
+        datasets = DatasetStore(settings.telemetry_database, now)
+        collections = CollectionStore(datasets.database, now)
+        takes = publisher if publisher is not None and Role.INGEST in roles else None  # subscribes chunks
+        components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
+                                        takes.topics if takes else None,
+                                        settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
+                                        owns_store=True))  # started before, stopped after, the driver
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -305,6 +312,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         experiments.active = elector.is_leader
         refresher = TimestampRefresher(repo, cfg.timestamp_refresh_s, publisher, active=elector.is_leader)
         components += [elector, monitor, controller, experiments, refresher, CrlRefresher(store, settings)]
+        assert collections is not None
         components.append(CollectionDriver(collections, store, repo, signer, publisher,  # issue 13
                                            lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
                                            tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))

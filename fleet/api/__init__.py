@@ -96,6 +96,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
         store.idempotency.purge(settings.limits.idempotency_ttl_seconds)
         forget_stored_secrets(store)  # plaintext an older version kept in replay records
         yield
+        collections.close_stores(app)
         if owned:
             store.close()
 

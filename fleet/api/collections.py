@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.access.auth import Operator, Viewer
@@ -53,6 +53,15 @@ def _stores(request: Request) -> tuple[DatasetStore, CollectionStore]:
             got = (datasets, CollectionStore(datasets.database, time.time))
             app.state.collection_stores = got
     return got
+
+
+def close_stores(app: FastAPI) -> None:
+    """Close the stores `_stores` opened (at the app's shutdown)."""
+    with _LOCK:
+        got: tuple[DatasetStore, CollectionStore] | None = getattr(app.state, "collection_stores", None)
+        app.state.collection_stores = None
+    if got is not None:
+        got[0].close()
 
 
 def _version(v: DatasetVersion) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,6 +129,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         broker.stop()
 
 
+def _answers(agent: Agent) -> bool:
+    try:
+        agent.predict_unix()
+    except Exception:
+        return False
+    return True
+
+
 def _ingest(world: World) -> DatasetIngest:
     return next(c for c in world.service.components if isinstance(c, DatasetIngest))
 
@@ -190,3 +199,34 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         wait_until(lambda: c.get(f"/v1/collections/{cid}").json()["applied"] == "stopped", 20, "withdrawn")
         actions = [e["action"] for e in c.get("/v1/audit").json()["items"]]
         assert "collection.create" in actions and "collection.stop" in actions
+
+
+def test_an_agent_killed_while_sampling_resumes_the_collection_after_restart(world: World) -> None:
+    agent = world.agents[IN]
+    with world.api as c:
+        res = c.post("/v1/collections", json={"model": "mlp", "version": "1.0.0", "selector": "site=lab",
+                                               "max_rows": 5, "max_seconds": 8, "strategy": "low_confidence"})
+        assert res.status_code == 201, res.text
+        cid = res.json()["collection_id"]
+        active = agent.state_dir / "collect" / "active.json"
+
+        def armed() -> bool:
+            return active.exists() and json.loads(active.read_bytes())["policy"]["policy_id"] == cid
+
+        wait_until(armed, 20, f"{IN} accepted the second policy\n{agent.tail()}")
+        agent.predict_unix()
+        agent.stop(signal.SIGKILL)  # mid-sampling: the phase and start time are on disk
+        assert json.loads(active.read_bytes())["phase"] == "collecting"
+        agent.start()
+        wait_until(lambda: _answers(agent), 20, f"{IN} serving again\n{agent.tail()}")
+        for _ in range(3):
+            agent.predict_unix()
+
+        def versions() -> list[dict[str, object]]:
+            found: list[dict[str, object]] = c.get("/v1/datasets", params={"collection": cid}).json()
+            return found
+
+        found = wait_until(versions, 30, f"a dataset version after the restart\n{agent.tail()}")
+        assert found[0]["rows"] == 5
+        assert found[0]["provenance"]["strategy"] == "low_confidence"  # type: ignore[index]
+        assert json.loads(active.read_bytes())["phase"] == "done"

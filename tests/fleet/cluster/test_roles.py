@@ -27,9 +27,10 @@ def test_roles_parse_from_repeats_and_comma_lists() -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize(("roles", "names"), [
     ({Role.API}, ["telemetry-ingest"]),
-    ({Role.INGEST}, ["telemetry-ingest"]),
-    ({Role.CONTROLLER}, ["telemetry-ingest", "leader-elector", "drift-monitor", "rollout-controller",
-                         "experiment-driver", "timestamp-refresher", "crl-refresher"]),
+    ({Role.INGEST}, ["telemetry-ingest", "dataset-ingest"]),
+    ({Role.CONTROLLER}, ["telemetry-ingest", "dataset-ingest", "leader-elector", "drift-monitor",
+                         "rollout-controller", "experiment-driver", "timestamp-refresher", "crl-refresher",
+                         "collection-driver"]),
 ])
 def test_each_role_builds_only_its_components(tmp_path: Path, roles: set[Role], names: list[str]) -> None:
     settings = FleetSettings(data_dir=tmp_path)
@@ -41,7 +42,7 @@ def test_each_role_builds_only_its_components(tmp_path: Path, roles: set[Role], 
         assert (parts.controller is None) == (Role.CONTROLLER not in roles)
         assert (parts.elector is None) == (Role.CONTROLLER not in roles)
         for c in parts.components:
-            if c.name == "leader-elector":
+            if c.name in ("leader-elector", "dataset-ingest"):
                 c.stop()  # closes its own connection
         parts.telemetry.close()
     finally:

@@ -14,11 +14,12 @@ import pytest
 
 from agent.contract.collect import CollectPolicy
 from agent.contract.director import TargetRef
-from fleet.collection.driver import CollectionDriver
+from fleet.collection.driver import CollectionDriver, drift_episode_open
 from fleet.collection.records import CollectionStore, make_policy
 from fleet.devices.selector import Selector
 from fleet.errors import FleetTransportError
 from fleet.registry.datasets import DatasetStore
+from fleet.telemetry.alerts import AlertManager
 from tests.support.fakes import FakeClock
 
 REF = TargetRef(path="models/m/m-1.0.0.efb", length=10, sha256="b" * 64, name="m", version="1.0.0")
@@ -105,3 +106,19 @@ def test_a_broker_failure_after_the_status_is_persisted_is_retried(tmp_path: Pat
     driver.tick()
     assert collections.get("col-3").applied == "stopped"
     assert [p for _, p in signed.sent[-2:]] == [None, None]
+
+
+@pytest.mark.integration
+def test_drift_episode_open_reads_the_alert_managers_open_episodes(tmp_path: Path) -> None:
+    alerts = AlertManager(tmp_path / "alerts.db")
+    try:
+        assert not drift_episode_open(alerts, "m", "1.0.0")
+        with alerts.database.tx() as db:
+            db.insert("drift_episodes", {"model": "m", "version": "1.0.0", "cohort": "lab", "subject": "f0",
+                                         "first_window": 0.0, "last_window": 60.0, "consecutive": 1,
+                                         "retrain_fired": 0, "clear_streak": 0, "members": "[]",
+                                         "escalations": 0, "alert_id": None})
+        assert drift_episode_open(alerts, "m", "1.0.0")
+        assert not drift_episode_open(alerts, "m", "2.0.0")
+    finally:
+        alerts.close()
