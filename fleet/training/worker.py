@@ -117,6 +117,10 @@ class TrainingWorker:
 
     def _changed(self, job: TrainingJob) -> TrainingJob:
         log_event(log, "training.job_state", job=job.id, state=job.state.value, step=job.step)
+        policy = self.settings.policy(job.model)
+        note = job.history[-1].get("note", "") if job.history else ""
+        self.jobs.log(job.id, [f"state {job.state.value}" + (f": {note}" if note else "")],
+                      policy.trainer.max_log_lines if policy else 2000)
         if self.on_event is not None:
             self.on_event(job)
         return job

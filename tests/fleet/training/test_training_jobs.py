@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,3 +301,21 @@ def test_a_version_someone_else_registered_meanwhile_fails_the_job_and_is_left_a
     assert job.state is JobState.FAILED and "not registered by job" in job.error
     v = world.store.models.get_version("mlp", "1.0.1")
     assert v.created_by == "alice" and v.bundle_target is None and world.rollouts() == 0
+
+
+@pytest.mark.integration
+def test_cancelling_a_running_trainer_stops_it_and_registers_nothing(world: World) -> None:
+    slow = "import time; print('fitting', flush=True); time.sleep(60)"
+    worker = world.worker(trainer={"command": [sys.executable, "-c", slow], "timeout_s": 120})
+    jid = _start(world)
+
+    def cancel_when_training(job: object) -> None:
+        if getattr(job, "state", None) is JobState.TRAINING:
+            threading.Timer(1.0, world.store.training.request_cancel, (jid, "alice")).start()
+
+    worker.on_event = cancel_when_training
+    worker.run_once()
+    job = world.store.training.get(jid)
+    assert job.state is JobState.CANCELLED and world.versions() == ["1.0.0"] and world.rollouts() == 0
+    lines = [r["line"] for r in world.store.training.logs(jid)]
+    assert "fitting" in lines and "state cancelled: cancelled by operator" in lines
