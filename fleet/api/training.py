@@ -130,4 +130,10 @@ def reject_job(job_id: str, body: JobNote, store: StoreDep, who: Operator) -> Jo
 
 @router.get("/policies", response_model=list[TrainingPolicy], summary="The configured training policies")
 def list_policies(settings: SettingsDep, _: Viewer) -> list[TrainingPolicy]:
-    return list(settings.training.policies)
+    """The policies as configured, with the trainer's environment values hidden (`***`: they may
+    carry credentials the trainer needs)."""
+    def hidden(p: TrainingPolicy) -> TrainingPolicy:
+        return p.model_copy(update={"trainer": p.trainer.model_copy(
+            update={"env": dict.fromkeys(p.trainer.env, "***")})})
+
+    return [hidden(p) for p in settings.training.policies]

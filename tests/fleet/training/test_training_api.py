@@ -19,7 +19,7 @@ from tests.support.running_fleet import RunningFleet, running_fleet
 
 POLICY = TrainingPolicy.model_validate({
     "model": "mlp", "reference_data": "reference.npz", "collect_policy_id": "drift-b",
-    "trainer": {"entry_point": "simulators.trainer:train"}})
+    "trainer": {"entry_point": "simulators.trainer:train", "env": {"MODEL_STORE_TOKEN": "s3cret"}}})
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_start_list_show_cancel_and_the_refusals(fleet: RunningFleet, tmp_path: 
     assert res.status_code == 401
     policies = httpx.get(f"{fleet.url}/v1/training/policies",
                          headers={"Authorization": f"Bearer {fleet.keys['viewer']}"}).json()
-    assert policies[0]["model"] == "mlp"
+    assert policies[0]["model"] == "mlp" and policies[0]["trainer"]["env"] == {"MODEL_STORE_TOKEN": "***"}
     audit = httpx.get(f"{fleet.url}/v1/audit", headers={"Authorization": f"Bearer {fleet.keys['admin']}"},
                       params={"limit": 50}).json()["items"]
     actions = {a["action"] for a in audit}
