@@ -104,6 +104,9 @@ class TrainingPolicy(BaseModel):
         "collected rows (the cohort it is made for) or the reference and collected rows together")
     cooldown_s: float = Field(default=3600.0, ge=0, le=90 * 24 * 3600,
                               description="a cohort's trigger within this long of its last job starts none")
+    max_trigger_age_s: float = Field(default=86400.0, gt=0, le=90 * 24 * 3600,
+                                     description="older triggers start no job (a policy added today "
+                                     "does not retrain for last month's drift)")
     max_attempts: int = Field(default=3, ge=1, le=20, description="restarts of a step before the job fails")
 
     @model_validator(mode="after")

@@ -100,7 +100,9 @@ class TrainingWorker:
                 continue
             self._seen_alert = alert.id
             policy = self.settings.policy(alert.model)
-            if policy is None or self.jobs.by_trigger(alert.id) is not None:
+            if policy is None or self.clock() - alert.created_at > policy.max_trigger_age_s:
+                continue
+            if self.jobs.by_trigger(alert.id) is not None:
                 continue
             since = self.clock() - policy.cooldown_s
             same = self.jobs.covering(alert.model, alert.version, alert.cohort, since)

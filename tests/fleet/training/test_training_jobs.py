@@ -208,6 +208,9 @@ def test_a_job_interrupted_mid_training_is_resumed_then_given_up(world: World) -
 @pytest.mark.integration
 def test_a_trigger_starts_one_job_and_only_for_a_model_with_a_policy(world: World) -> None:
     alerts = AlertManager(world.root / "alerts.db", clock=world.clock)
+    world.clock.advance(-86401)
+    _fire(alerts, "mlp", "a")  # a day and a second old when the worker looks: too old to act on
+    world.clock.advance(86401)
     _fire(alerts, "mlp", "b")
     _fire(alerts, "mlp", "b", "prediction")  # the same drift's other trigger: covered by the first job
     _fire(alerts, "other-model", "b")
@@ -257,7 +260,7 @@ def _fire(alerts: AlertManager, model: str, cohort: str, subject: str = "dataset
           version: str = "1.0.0") -> None:
     """A persisted `retrain` trigger, as `AlertManager._advance` writes one."""
     a = Alert("retrain", model, version, cohort, subject, "drift_share", 0.5, 0.3, 0.0, 60.0, 3, ["dev-b1"],
-              1, 0.0)
+              1, alerts._clock())
     with alerts.database.tx() as db:
         alerts._persist(db, a)
 
