@@ -12,12 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fleet.registry.quantize import QuantizeMode
-from fleet.rollouts.gates import GateThresholds
-from fleet.rollouts.strategies import StrategyConfig
-
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+QuantizeMode = Literal["none", "dynamic", "static"]  # fleet.registry.quantize's (not imported: numpy)
 PLACEHOLDERS = ("{job}", "{reference}", "{train}", "{out}", "{parent_model}")
 
 
@@ -111,6 +108,10 @@ class TrainingPolicy(BaseModel):
 
     @model_validator(mode="after")
     def _rollout_plan(self) -> TrainingPolicy:
+        # The rollout models pull in numpy, which `fleet.settings` (every CLI start) must not load.
+        from fleet.rollouts.gates import GateThresholds  # lazy: numpy, only when a policy is validated
+        from fleet.rollouts.strategies import StrategyConfig  # lazy: as above
+
         StrategyConfig.model_validate(self.strategy)  # refused now, not when the canary starts
         GateThresholds.model_validate(self.thresholds)
         return self
