@@ -21,7 +21,9 @@ start order:
 3. the `LeaderElector` (`fleet/cluster/leader.py`), then the `RolloutController`, then the A/B
    `ExperimentDriver`: they, the drift evaluation and the timestamp refresher act only while
    this process holds the controller lease;
-4. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
+4. the `TrainingWorker` (`fleet/training/worker.py`, only with training policies in the
+   settings), which turns retraining triggers into training jobs and runs them;
+5. the `TimestampRefresher`, which re-signs `timestamp.json` well before it expires (a
    repository nobody touches would otherwise freeze every device after a day) and
    publishes it retained.
 
@@ -34,7 +36,7 @@ policies into devices' director documents.
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>-telemetry/...` with events (from
 `$share/<ingest group>/...`) stored once in the database (`fleet/delivery/event_log.py`),
-`controller` items 3-4 behind the lease. One process with every role (the default) subscribes
+`controller` items 3-5 behind the lease. One process with every role (the default) subscribes
 without share groups, as it always did (it then also gets the retained reported states at
 start, which a shared subscription does not).
 
@@ -90,6 +92,7 @@ from fleet.telemetry.acked_stream import TelemetryStream, retire_legacy_subscrip
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
+from fleet.training.worker import TrainingWorker
 from fleet.trust.device_ca import DeviceCA
 from fleet.trust.director_signer import DirectorSigner
 from fleet.trust.keys import KeyStore
@@ -338,6 +341,12 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(CollectionDriver(collections, store, repo, signer, publisher,  # issue 13
                                            lambda m, v: drift_episode_open(monitor.alerts, m, v), now,
                                            tick_s=cfg.controller_tick_s * 2, active=elector.is_leader))
+        if settings.training.policies:  # retraining (fleet/training, docs/training.md): only when configured
+            training = TrainingWorker(store, repo, store.training, settings.training, settings.data_dir,
+                                      datasets=datasets, collections=collections, alerts=monitor.alerts,
+                                      clock=now)
+            training.active = elector.is_leader
+            components.append(training)
     if publisher is not None and Role.INGEST in roles:
         # Only reports signed by the device's key pass (issue 14; `report_signatures: optional` also
         # lets unsigned ones of keyless devices in, marked unsigned so rollouts ignore them).

@@ -13,6 +13,7 @@ is not in `/proc/<pid>/cmdline` for every local user to read.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -26,6 +27,7 @@ from agent.logs import log_event
 from fleet.cluster.roles import ClusterSettings
 from fleet.db.engine import redact
 from fleet.db.files import is_private
+from fleet.training.policy import TrainingSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 MAX_PASSWORD_FILE_BYTES = 4096
@@ -116,6 +118,7 @@ class FleetSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)  # docs/training.md
     metrics_public: bool = Field(default=False, description="Serve /metrics without an API key")
     report_signatures: Literal["required", "optional"] = Field(
         default="required", description="Device reports must be signed by the device's key (docs/trust.md); "
@@ -279,7 +282,8 @@ class FleetSettings(BaseModel):
         `EDGEFLEET_METRICS_PUBLIC`, `EDGEFLEET_BROKER_RELOAD_COMMAND` (shell-quoted),
         `EDGEFLEET_BROKER_PID_FILE`, `EDGEFLEET_BROKER_RELOAD_TIMEOUT_S`, `EDGEFLEET_DEVICE_CERT_BROKER_URL`,
         `EDGEFLEET_DEVICE_CERT_DAYS`, `EDGEFLEET_DEVICE_CRL_DAYS`, `EDGEFLEET_DEVICE_BROKER_CA_FILE`,
-        `EDGEFLEET_REPORT_SIGNATURES`),
+        `EDGEFLEET_REPORT_SIGNATURES`,
+        `EDGEFLEET_TRAINING_POLICIES`: a JSON file of `TrainingSettings`),
         then apply non-None `overrides`.
 
         Raises pydantic.ValidationError when a value is invalid (the message names the field).
@@ -321,8 +325,18 @@ class FleetSettings(BaseModel):
         if ENV_PREFIX + "BROKER_RELOAD_COMMAND" in env:  # one shell-quoted string, like the telemetry command
             argv = tuple(shlex.split(env[ENV_PREFIX + "BROKER_RELOAD_COMMAND"]))
             values["broker_reload_command"] = argv or None
+        if ENV_PREFIX + "TRAINING_POLICIES" in env:  # a JSON file: {"tick_s": .., "policies": [..]}
+            values["training"] = _read_json_file(Path(env[ENV_PREFIX + "TRAINING_POLICIES"]))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
+
+
+def _read_json_file(path: Path) -> Any:
+    """A JSON document (the training policies). Raises ValueError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot read training policies {path}: {exc}") from None
 
 
 def _read_password_file(path: Path) -> str:

@@ -2,7 +2,8 @@
 
 `Store` opens the database (`fleet.db.database.FleetDatabase`: connection, lock,
 transactions, paging, migrations) and hands out the repositories: `store.models`,
-`store.devices`, `store.access`, `store.rollouts`, `store.audit`, `store.idempotency`. It
+`store.devices`, `store.access`, `store.rollouts`, `store.training`, `store.audit`,
+`store.idempotency`. It
 sits above the feature slices so that none of them imports it: each slice's repository
 builds on `fleet.db` alone, and this module is the one place that puts them together.
 Every write that an operator causes records an audit row in the same transaction.
@@ -21,6 +22,7 @@ from fleet.devices.inventory import DeviceRepo
 from fleet.devices.report_keys import ReportKeyRepo
 from fleet.registry.versions import ModelRepo
 from fleet.rollouts.store import RolloutRepo
+from fleet.training.jobs import TrainingJobs
 
 __all__ = ["Clock", "Store"]
 
@@ -41,6 +43,7 @@ class Store(FleetDatabase):
         self.report_keys = ReportKeyRepo(self, self.audit)
         self.access = AccessRepo(self, self.audit)
         self.rollouts = RolloutRepo(self)
+        self.training = TrainingJobs(self, self.audit, clock)  # fleet/training (issue 13)
 
     def close(self) -> None:
         self.report_keys.close()

@@ -236,11 +236,14 @@ def service_world(
     prefix: str,
     profiles: list[DeviceProfile] | None = None,
     spec_kwargs: dict[str, Any] | None = None,
+    fleet_kwargs: dict[str, Any] | None = None,
 ) -> Iterator[ServiceWorld]:
-    """`ServiceFleet` + enrolled swarm for one scenario (torn down in reverse order)."""
+    """`ServiceFleet` (`fleet_kwargs`: its window, telemetry and training settings) + enrolled
+    swarm for one scenario (torn down in reverse order)."""
     with contextlib.ExitStack() as stack:
         ctx.progress("starting the fleet service", 0, ctx.devices)
-        fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix).start()
+        fleet = ServiceFleet(ctx.data_dir / "fleet", ctx.broker_host, ctx.broker_port, prefix,
+                             **(fleet_kwargs or {})).start()
         stack.callback(fleet.stop)
         devices = profiles or make_profiles(ctx.devices, COHORTS)
         ctx.progress(f"enrolling {len(devices)} devices", 0, len(devices))

@@ -147,6 +147,7 @@ _SCENARIO_MODULES: tuple[str, ...] = (
     "simulators.scenario_security",
     "simulators.scenario_ab",
     "simulators.scenario_hostile",
+    "simulators.scenario_retrain",
 )
 
 

@@ -27,6 +27,7 @@ from fleet.components import ServeConfig, build_components
 from fleet.errors import FleetTransportError
 from fleet.service import FleetService
 from fleet.settings import FleetSettings, TelemetrySettings
+from fleet.training.policy import TrainingSettings
 from simulators.datagen import Schema, default_schema
 from simulators.device_keys import sim_device_public_key
 from simulators.sim_fleet import MODEL_NAME, build_mlp_bundle
@@ -53,6 +54,7 @@ class ServiceFleet:
         port: int | None = None,
         window_s: float = 60.0,
         telemetry: TelemetrySettings | None = None,
+        training: TrainingSettings | None = None,
     ) -> None:
         self.schema = schema or default_schema()
         self.settings = FleetSettings(
@@ -61,6 +63,7 @@ class ServiceFleet:
             broker_url=f"mqtt://{broker_host}:{broker_port}",
             topic_prefix=prefix,
             telemetry=telemetry or TelemetrySettings(),
+            training=training or TrainingSettings(),
         )
         self.settings.import_dir.mkdir(parents=True, exist_ok=True)
         cfg = ServeConfig(controller_tick_s=tick_s, timestamp_refresh_s=3600, root_keys=1, root_threshold=1,

@@ -108,19 +108,25 @@ class _Traffic:
         self.predictions = 0
         self.truth = mlp_weights(spec.truth_seed) if spec.truth_seed is not None else None
         self.quality: dict[str, list[float]] = {}
+        self.cohort_quality: dict[str, list[float]] = {}  # "<cohort>/<bundle>" -> batch accuracies
         self._lock = threading.Lock()
 
-    def take_quality(self) -> dict[str, list[float]]:
+    def take_quality(self, by_cohort: bool = False) -> dict[str, list[float]]:
         with self._lock:
-            out, self.quality = self.quality, {}
+            if by_cohort:
+                out, self.cohort_quality = self.cohort_quality, {}
+            else:
+                out, self.quality = self.quality, {}
         return out
 
-    def _score(self, bundle: str, x: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    def _score(self, bundle: str, x: np.ndarray, out: dict[str, np.ndarray], cohort: str = "") -> None:
         assert self.truth is not None
         labels = np.argmax(mlp_reference(x, self.truth), axis=1)
         served = np.argmax(next(iter(out.values())), axis=1)
+        accuracy = float(np.mean(served == labels))
         with self._lock:
-            self.quality.setdefault(bundle, []).append(float(np.mean(served == labels)))
+            self.quality.setdefault(bundle, []).append(accuracy)
+            self.cohort_quality.setdefault(f"{cohort}/{bundle}", []).append(accuracy)
 
     def set_drifts(self, drifts: Sequence[DriftSpec]) -> None:
         self.schema = self.schema.with_drifts(*drifts)
@@ -143,7 +149,7 @@ class _Traffic:
                     continue
                 self.predictions += 1
                 if self.truth is not None and bundle is not None:
-                    self._score(bundle, x, out)
+                    self._score(bundle, x, out, a.profile.cohort)
 
 
 def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[DeviceProfile]) -> None:
@@ -206,7 +212,7 @@ def _worker_main(index: int, conn: Connection, spec: SwarmSpec, profiles: list[D
             traffic.set_drifts(arg)
             conn.send(("ok", None))
         elif cmd == "quality":
-            conn.send(("ok", traffic.take_quality()))
+            conn.send(("ok", traffic.take_quality(bool(arg))))
         elif cmd == "traffic":
             (traffic.enabled.set if arg else traffic.enabled.clear)()
             conn.send(("ok", None))
@@ -346,11 +352,13 @@ class Swarm:
         for w in self.workers:
             self._ask(w, "drift", list(drifts))
 
-    def take_quality(self) -> dict[str, list[float]]:
-        """Per bundle, the accuracy of every batch served since the last call (needs `truth_seed`)."""
+    def take_quality(self, by_cohort: bool = False) -> dict[str, list[float]]:
+        """Per bundle (per `<cohort>/<bundle>` with `by_cohort`; each kept apart, taking one
+        leaves the other), the accuracy of every batch served since the last call (needs
+        `truth_seed`)."""
         merged: dict[str, list[float]] = {}
         for w in self.workers:
-            for bundle, values in (self._ask(w, "quality") or {}).items():
+            for bundle, values in (self._ask(w, "quality", by_cohort) or {}).items():
                 merged.setdefault(bundle, []).extend(values)
         return merged
 

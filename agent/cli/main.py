@@ -34,9 +34,10 @@ _GROUP_HELP = {
     "alerts": "Alerts and retraining triggers over the fleet API: list, ack.",
     "collections": "Opt-in data collection over the fleet API: create, list, show, stop.",
     "datasets": "Dataset versions collected from devices over the fleet API: list, show, export.",
+    "training": "Training jobs over the fleet API: start, list, show, logs, cancel, approve, reject.",
 }
 _ORDER = ["keys", "bundle", "repo", "fleet", "models", "devices", "rollouts", "experiments", "alerts",
-          "collections", "datasets", "agent", "sim", "demo"]
+          "collections", "datasets", "training", "agent", "sim", "demo"]
 
 
 class _PluginGroup(click.Group):

@@ -30,6 +30,7 @@ from fleet.api import (
     rollouts,
     sealed_bundles,
     telemetry,
+    training,
 )
 from fleet.api.deps import ApiCollaborators, forget_stored_secrets, install_error_handlers
 from fleet.api.error_shape import document_errors, error_response
@@ -117,7 +118,7 @@ def create_app(settings: FleetSettings, store: Store | None = None, clock: Clock
     install_error_handlers(app)
     document_errors(app)  # the error statuses and their one shape, in /openapi.json
     for module in (health, bundles, models, devices, enrollment, rollouts, rollout_commands, experiments,
-                   keys, audit, telemetry, alerts, performance, collections, sealed_bundles):
+                   keys, audit, telemetry, alerts, performance, collections, sealed_bundles, training):
         app.include_router(module.router)
     metrics_route.install(app)  # GET /metrics and the request metrics middleware
     return app

@@ -1,8 +1,8 @@
 """Geometry and colours of the dashboard's SVG charts, drawn on the server.
 
-Why server-side SVG rather than a charting library: the three charts (a drift heat map, a
-reference-versus-live histogram pair, a stacked status bar) are rectangles whose sizes and
-colours follow from numbers the server already has; drawn here they arrive in the page
+Why server-side SVG rather than a charting library: the charts (a drift heat map, a
+reference-versus-live histogram pair, a stacked status bar, a version's accuracy lines) are
+shapes whose sizes and colours follow from numbers the server already has; drawn here they arrive in the page
 itself, need no script (so the strict CSP holds and htmx can swap them like any HTML), print,
 scale, carry their figures in `<title>` tooltips, and a test can read them from the DOM.
 Everything below is pure arithmetic over lists; the templates (`templates/_charts.html`) only
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Severity colour stops: 0 (no evidence) .. 1 (at the threshold) .. 2 and above (twice it).
@@ -164,3 +164,51 @@ def status_bar(counts: dict[str, int], width: float = 600.0) -> list[Segment]:
         out.append(Segment(x, w, STATUS_FILLS.get(status, "#bcbddc"), f"{status}: {counts[status]}"))
         x += w
     return out
+
+
+LINE_COLOURS = ("#2171b5", "#cb181d", "#238b45", "#6a51a3", "#d94801", "#525252")
+
+
+@dataclass(frozen=True)
+class Line:
+    name: str
+    points: str  # the SVG polyline's "x,y x,y ..."
+    colour: str
+    dashed: bool
+    marks: list[tuple[float, float, str]]  # (x, y, tooltip) per point
+
+
+@dataclass(frozen=True)
+class LineChart:
+    """Lines over a shared x axis (seconds) and a 0..1 y axis (accuracy)."""
+
+    width: float
+    height: float
+    left: float
+    top: float
+    bottom: float
+    lines: list[Line]
+    y_ticks: list[tuple[float, str]]
+    x_ticks: list[tuple[float, str]]
+
+
+def line_chart(series: Sequence[tuple[str, bool, Sequence[tuple[float, float]]]],
+               x_label: Callable[[float], str], width: float = 600.0, height: float = 220.0) -> LineChart:
+    """`series`: (name, dashed, [(x, y in 0..1)]); each name's colour follows its cohort, the
+    part before " (", so a cohort's realised and estimated lines share one."""
+    left, top, right, bottom = 44.0, 12.0, 150.0, 28.0
+    pw, ph = width - left - right, height - top - bottom
+    xs = [x for _, _, pts in series for x, _ in pts]
+    lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    span = hi - lo or 1.0
+    groups: dict[str, str] = {}
+    lines = []
+    for name, dashed, pts in series:
+        colour = groups.setdefault(name.split(" (")[-1], LINE_COLOURS[len(groups) % len(LINE_COLOURS)])
+        coords = [(left + pw * (x - lo) / span, top + ph * (1 - max(0.0, min(y, 1.0)))) for x, y in pts]
+        lines.append(Line(name, " ".join(f"{x:.1f},{y:.1f}" for x, y in coords), colour, dashed,
+                          [(cx, cy, f"{name} {x_label(x)}: {y:.3f}") for (cx, cy), (x, y) in zip(coords, pts,
+                                                                                                    strict=True)]))
+    y_ticks = [(top + ph * (1 - v), f"{v:.2f}") for v in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    x_ticks = [(left + pw * f, x_label(lo + span * f)) for f in (0.0, 0.5, 1.0)] if xs else []
+    return LineChart(width, height, left, top, top + ph, lines, y_ticks, x_ticks)

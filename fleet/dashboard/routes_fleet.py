@@ -12,7 +12,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
+from agent.errors import EdgefleetError
 from fleet.api.telemetry import telemetry_context
+from fleet.dashboard.accuracy_views import accuracy_view
 from fleet.dashboard.security import PREFIX, Dash, render, store_of
 from fleet.dashboard.views import (
     BundleInfo,
@@ -23,6 +25,7 @@ from fleet.dashboard.views import (
     safe_models_page,
     version_detail,
 )
+from fleet.db.session import DatabaseError
 from fleet.devices.selector import MAX_SELECTOR_LEN
 from fleet.errors import FleetError, FleetInputError
 
@@ -104,4 +107,10 @@ def models(request: Request, session: Dash) -> HTMLResponse:
 def model_version(request: Request, session: Dash, name: str, version: str) -> HTMLResponse:
     """One version: lineage, quantization gate figures, bundle, stage history, rollouts."""
     detail = version_detail(store_of(request), _bundles(request), name, version)
-    return render(request, "version.html", {"page": "models", **detail}, session=session)
+    accuracy, accuracy_error = None, ""
+    try:  # the telemetry stores may be unreachable; the rest of the page still shows
+        accuracy = accuracy_view(telemetry_context(request), name, version)
+    except (EdgefleetError, DatabaseError) as exc:
+        accuracy_error = f"accuracy unavailable: {exc}"
+    return render(request, "version.html", {"page": "models", **detail, "accuracy": accuracy,
+                                            "accuracy_error": accuracy_error}, session=session)

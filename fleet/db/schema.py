@@ -268,7 +268,7 @@ device_events = Table(  # each device event once per (device, seq), whichever wo
     Column("handled_token", BigInteger),
     sa.Index("device_events_open", "handled_at", "received_at"),
 )
-device_wrap_keys = Table(  # each device's X25519 key sealed bundles are wrapped for (store_0009)
+device_wrap_keys = Table(  # each device's X25519 key sealed bundles are wrapped for (store_0010)
     "device_wrap_keys", STORE,
     Column("device_id", Text, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
     Column("public_key", Text, nullable=False),  # base64 of the raw 32 bytes
@@ -291,6 +291,39 @@ device_report_seen = Table(  # counters claimed per (device, kind) above its flo
     Column("counter", BigInteger, primary_key=True),
     Column("received_at", Float, nullable=False),
     sa.Index("device_report_seen_received", "received_at"),
+)
+
+training_jobs = Table(  # training jobs (store_0011, fleet/training/jobs.py)
+    "training_jobs", STORE,
+    Column("id", Text, primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("parent_version", Text, nullable=False),
+    Column("cohort", Text, nullable=False, server_default=_d("''")),
+    Column("trigger_alert_id", BigInteger, unique=True),
+    Column("dataset_ids", Text, nullable=False, server_default=_d("'[]'")),
+    Column("state", Text, nullable=False),
+    Column("step", Text, nullable=False, server_default=_d("''")),
+    Column("progress", Float, nullable=False, server_default=_d("0")),
+    Column("attempts", Integer, nullable=False, server_default=_d("0")),
+    Column("worker", Text, nullable=False, server_default=_d("''")),
+    Column("cancel_requested", Integer, nullable=False, server_default=_d("0")),
+    Column("approval", Text),
+    Column("result_version", Text),
+    Column("rollout_id", Text),
+    Column("metrics", Text, nullable=False, server_default=_d("'{}'")),
+    Column("error", Text, nullable=False, server_default=_d("''")),
+    Column("history", Text, nullable=False, server_default=_d("'[]'")),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("created_by", Text, nullable=False),
+    sa.Index("training_jobs_state", "state"),
+)
+training_logs = Table(
+    "training_logs", STORE,
+    Column("job_id", Text, ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("at", Float, nullable=False),
+    Column("line", Text, nullable=False),
 )
 
 # -- telemetry (telemetry.db on SQLite) ----------------------------------------------------------

@@ -130,8 +130,8 @@ class ReportVerifier:
         except UnsignedReportError as exc:
             return self._refuse(kind, "unsigned", device, exc)
         refused = self.keys.advance(device, kind, counter)
-        again = refused is not None and redelivery and kind == "telemetry"
-        if refused is None or (again and self.keys.claimed(device, kind, counter)):
+        redelivered = refused is not None and redelivery and kind == "telemetry"
+        if refused is None or (redelivered and self.keys.claimed(device, kind, counter)):
             if refused is not None:
                 with self._lock:
                     self._redelivered[kind] += 1

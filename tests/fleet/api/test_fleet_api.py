@@ -102,6 +102,7 @@ def _seed(api: Api) -> dict[str, str]:
         "token_id": tok["id"],
         "key_id": key["id"],
         "alert_id": "1",  # no such alert: operators get 404, viewers 403
+        "job_id": api.store.training.create("m", "1.0.0", "test").id,  # training jobs (fleet/training)
     }
 
 

@@ -25,7 +25,7 @@ from click.testing import CliRunner, Result
 
 from agent.cli import main as root
 from agent.contract.bundle import write_bundle
-from fleet.cli import alerts, collections, datasets, devices, experiments, models, rollouts
+from fleet.cli import alerts, collections, datasets, devices, experiments, models, rollouts, training
 from fleet.cli.api_client import (
     EXIT_AUTH,
     EXIT_CONFLICT,
@@ -41,7 +41,7 @@ from tests.support.running_fleet import RunningFleet, running_fleet
 ROOT = Path(__file__).resolve().parents[3]
 GROUPS = {"models": models.group, "devices": devices.group, "rollouts": rollouts.group,
           "experiments": experiments.group, "alerts": alerts.group, "collections": collections.group,
-          "datasets": datasets.group}
+          "datasets": datasets.group, "training": training.group}
 
 
 @pytest.fixture

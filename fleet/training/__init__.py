@@ -1,0 +1,1 @@
+"""Retraining as a pluggable step: training jobs (lifecycle, trainer, bundle pipeline, rollout)."""
