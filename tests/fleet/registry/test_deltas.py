@@ -102,27 +102,33 @@ def test_delta_over_the_ratio_is_not_published_nor_rebuilt(repo: Repository,
     assert disabled.for_devices(index["mlp-2.0.0"], index, ["mlp-1.0.0"]) == {}
 
 
+def _controller(repo: Repository, tmp_path: Path, clock: FakeClock,
+                deltas: DeltaCatalog | DeltaBuilds) -> tuple[Store, RolloutController, dict[str, bytes]]:
+    """A store with mlp 1.0.0 and 2.0.0, and a controller whose publisher keeps each device's document."""
+    store = Store(tmp_path / "fleet.db", clock=clock)
+    store.models.create_model("mlp", "", "test")
+    for v in ("1.0.0", "2.0.0"):
+        store.models.register_version("mlp", v, DIGEST, "onnx", {}, "test",
+                                      bundle_target=f"models/mlp/mlp-{v}.efb")
+    docs: dict[str, bytes] = {}
+
+    class Pub:
+        def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
+                            document: bytes) -> str:
+            assert device_id is not None
+            docs[device_id] = document
+            return device_id
+
+    signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
+    return store, RolloutController(store, repo, signer, Pub(), clock, ControllerConfig(tick_s=0.05),
+                                    deltas=deltas), docs
+
+
 def test_controller_names_the_delta_only_for_agents_that_report_the_feature(
         repo: Repository, tmp_path: Path) -> None:
     clock = FakeClock()
-    store = Store(tmp_path / "fleet.db", clock=clock)
+    store, ctl, docs = _controller(repo, tmp_path, clock, DeltaCatalog(repo))
     try:
-        store.models.create_model("mlp", "", "test")
-        for v in ("1.0.0", "2.0.0"):
-            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "test",
-                                          bundle_target=f"models/mlp/mlp-{v}.efb")
-        docs: dict[str, bytes] = {}
-
-        class Pub:
-            def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                                document: bytes) -> str:
-                assert device_id is not None
-                docs[device_id] = document
-                return device_id
-
-        signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
-        ctl = RolloutController(store, repo, signer, Pub(), clock, ControllerConfig(tick_s=0.05),
-                                deltas=DeltaCatalog(repo))
         for dev, features in (("new-agent", ["delta"]), ("old-agent", [])):
             store.devices.create(dev, {"env": "prod"}, {}, dev, "$7$x", "test")
             store.devices.record_reported_state(dev, {"state": "idle", "active_bundle": "mlp-1.0.0",
@@ -161,26 +167,10 @@ def test_delta_answer_waits_for_a_running_build_only_within_its_time() -> None:
 def test_controller_assigns_after_the_deltas_are_built_off_its_tick(
         repo: Repository, tmp_path: Path) -> None:
     clock = FakeClock()
-    store = Store(tmp_path / "fleet.db", clock=clock)
     builds = DeltaBuilds(DeltaCatalog(repo))
     builds.start()
+    store, ctl, docs = _controller(repo, tmp_path, clock, builds)
     try:
-        store.models.create_model("mlp", "", "test")
-        for v in ("1.0.0", "2.0.0"):
-            store.models.register_version("mlp", v, DIGEST, "onnx", {}, "test",
-                                          bundle_target=f"models/mlp/mlp-{v}.efb")
-        docs: dict[str, bytes] = {}
-
-        class Pub:
-            def publish_desired(self, device_id: str | None = None, cohort: str | None = None, *,
-                                document: bytes) -> str:
-                assert device_id is not None
-                docs[device_id] = document
-                return device_id
-
-        signer = DirectorSigner(KeyStore(tmp_path / "keys"), tmp_path / "director")
-        ctl = RolloutController(store, repo, signer, Pub(), clock, ControllerConfig(tick_s=0.05),
-                                deltas=builds)
         store.devices.create("gw", {"env": "prod"}, {}, "gw", "$7$x", "test")
         store.devices.record_reported_state("gw", {"state": "idle", "active_bundle": "mlp-1.0.0",
                                                    "timestamp": clock.now, "features": ["delta"]})
