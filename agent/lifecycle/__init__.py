@@ -1,7 +1,7 @@
 """Install / activate / rollback lifecycle of model bundles (see docs/lifecycle.md)."""
 
+from agent.lifecycle.context import EventSink, LifecycleConfig, LifecycleContext, TrustSource
 from agent.lifecycle.decrypt import SealingExtractor, sealing_extractor
-from agent.lifecycle.install import EventSink, LifecycleConfig, LifecycleContext, TrustSource
 from agent.lifecycle.machine import STABLE_STATES, TRANSITIONS, Event, Machine, State
 from agent.lifecycle.runner import Lifecycle
 from agent.lifecycle.slots import Slots

@@ -8,17 +8,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.lifecycle.install import (
-    HANDLERS,
+from agent.lifecycle.context import (
     EventSink,
     ExtractFn,
     LifecycleConfig,
     LifecycleContext,
     ModelLoader,
     TrustSource,
-    _default_extract,
-    _default_loader,
+    default_extract,
+    default_loader,
 )
+from agent.lifecycle.install import HANDLERS
 from agent.lifecycle.machine import LoopLimits, Machine, State
 from agent.lifecycle.slots import Slots
 from agent.lifecycle.state_store import DesiredTarget, StateRecord, StateStore
@@ -45,8 +45,8 @@ class Lifecycle:
         holder: ModelHolder,
         trust: TrustSource,
         emit: EventSink | None = None,
-        load: ModelLoader = _default_loader,
-        extract: ExtractFn = _default_extract,
+        load: ModelLoader = default_loader,
+        extract: ExtractFn = default_extract,
         clock: Callable[[], float] = time.time,
         on_save: Callable[[StateRecord], None] | None = None,
     ) -> None:

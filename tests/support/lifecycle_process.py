@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.lifecycle.install import HANDLERS, LifecycleConfig
+from agent.lifecycle.context import LifecycleConfig
+from agent.lifecycle.install import HANDLERS
 from agent.lifecycle.machine import Event, State
 from agent.lifecycle.runner import Lifecycle
 from agent.lifecycle.state_store import DesiredTarget
