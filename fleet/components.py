@@ -311,6 +311,10 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
+    gate = None  # the check of signed device reports (issue 14): every kind, dataset chunks included
+    if publisher is not None and Role.INGEST in roles:
+        gate = ReportVerifier(store.report_keys, settings.topic_prefix, settings.report_signatures,
+                              on_offline=store.devices.mark_offline)
     datasets = collections = None  # opt-in data collection (issue 13): ingest and controller roles
     if roles & {Role.INGEST, Role.CONTROLLER}:
         datasets = DatasetStore(settings.telemetry_database, now)
@@ -319,7 +323,8 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(DatasetIngest(datasets, collections, now, takes.transport if takes else None,
                                         takes.topics if takes else None,
                                         settings.cluster.ingest_share_group if roles != ALL_ROLES else None,
-                                        owns_store=True))  # started before, stopped after, the driver
+                                        owns_store=True,  # started before, stopped after, the driver
+                                        gate=gate if takes else None))  # chunks are signed reports too
     if Role.CONTROLLER in roles:
         delta_bases = settings.delta_bases if cfg.delta_bases is None else cfg.delta_bases
         lease_db = Store(settings.database, clock=now, busy_timeout_ms=settings.limits.sqlite_busy_timeout_ms)
@@ -347,11 +352,9 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
                                       clock=now)
             training.active = elector.is_leader
             components.append(training)
-    if publisher is not None and Role.INGEST in roles:
+    if publisher is not None and gate is not None:
         # Only reports signed by the device's key pass (issue 14; `report_signatures: optional` also
         # lets unsigned ones of keyless devices in, marked unsigned so rollouts ignore them).
-        gate = ReportVerifier(store.report_keys, settings.topic_prefix, settings.report_signatures,
-                              on_offline=store.devices.mark_offline)
         publisher.inbound_check = gate
         publisher.on_reported(lambda device, state: store.devices.on_reported(device, state,
                                                                               gate.last_signed))

@@ -4,12 +4,13 @@ Why: today the broker ACL is the only thing tying a report to its device; a misc
 or a compromised broker could let one device (or the broker) report an install for another
 (Uptane's signed version reports; aktualizr#89). Each device gets its own Ed25519 key (made on
 the device, the public half registered with the fleet at enrollment); every reported state,
-event and telemetry report carries a signature over what it says, for whom, and a per-device
-counter, so the fleet can refuse and count unsigned or wrongly signed reports and drop replays.
+event, telemetry report and dataset chunk carries a signature over what it says, for whom, and
+a per-device counter, so the fleet can refuse and count unsigned or wrongly signed reports and
+drop replays.
 
 What is signed: ``b"efr1\\0" + kind + b"\\0" + device_id + b"\\0" + str(counter) + b"\\0" +
-sha256(payload)`` where `kind` is the topic kind (`reported`, `events`, `telemetry`), so a
-signature cannot be moved to another device, another topic or another payload. The signature
+sha256(payload)`` where `kind` is the topic kind (`reported`, `events`, `telemetry`, `dataset`),
+so a signature cannot be moved to another device, another topic or another payload. The signature
 travels beside the unchanged payload (an MQTT v5 user property ``efsig: <counter>.<base64 sig>``),
 so the payload formats and an older fleet are unaffected. The counter is strictly increasing per
 device (the agent persists it); the fleet accepts each (device, kind, counter) once
@@ -26,7 +27,7 @@ import re
 from agent.errors import BadReportSignatureError, ReplayedReportError, UnsignedReportError
 
 HEADER = "efsig"
-KINDS = ("reported", "events", "telemetry")
+KINDS = ("reported", "events", "telemetry", "dataset")
 _VALUE = re.compile(r"^([0-9]{1,19})\.([A-Za-z0-9+/]{86}==)\Z")
 
 

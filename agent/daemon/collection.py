@@ -19,7 +19,9 @@ Lifecycle, persisted in `<state_dir>/collect/active.json` before acting on it:
 
 Restarts: the phase and start time survive, the in-memory sample does not (a restarted agent
 keeps sampling for the time left, into a fresh sample); an upload resumes at the first chunk
-the broker had not acknowledged (`ChunkUploader`; the fleet drops duplicates by index).
+the broker had not acknowledged (`ChunkUploader`; the fleet drops duplicates by index). Each
+chunk is signed by the device's report key when it is sent (`report_signer`, kind `dataset`),
+so the fleet admits it only from this device, unaltered, once per counter.
 Caps: `SampleCollector` never keeps more than `max_rows` rows nor `max_bytes` of values and
 stops taking rows after `max_seconds`. Labels are not part of the sample yet (see docs).
 """
@@ -41,6 +43,7 @@ import numpy as np
 from agent.contract.collect import CollectPolicy
 from agent.contract.director import DirectorTrust, verify_director
 from agent.contract.protocol import Topics
+from agent.daemon.report_signer import ReportSigner, sign_or_nothing
 from agent.durable_io import write_durably
 from agent.errors import DirectorError, EdgefleetError
 from agent.logs import log_event
@@ -58,9 +61,12 @@ class CollectionRunner:
 
     def __init__(self, state_dir: Path, device_id: str, cohorts: Collection[str],
                  trust: Callable[[], DirectorTrust], transport: Transport, topics: Topics,
-                 clock: Callable[[], float] = time.time, sink: Any = None) -> None:
-        """`sink`: the daemon's `TelemetryTap`, whose served rows are offered here."""
+                 clock: Callable[[], float] = time.time, sink: Any = None,
+                 signer: ReportSigner | None = None) -> None:
+        """`sink`: the daemon's `TelemetryTap`, whose served rows are offered here; `signer`: the
+        device's report key (None: no key yet, chunks go unsigned and a strict fleet drops them)."""
         self.dir = state_dir / "collect"
+        self.signer = signer
         self.device_id, self.cohorts, self._trust = device_id, frozenset(cohorts), trust
         self.transport, self.topics, self.clock = transport, topics, clock
         self._lock = threading.Lock()
@@ -183,11 +189,12 @@ class CollectionRunner:
                 log_event(log, "collect.uploaded", policy=policy.policy_id, chunks=uploader.total)
 
     def _send(self, chunk: bytes) -> bool:
-        """Publish one chunk (QoS 1) and wait for the broker's PUBACK."""
+        """Publish one chunk (QoS 1), signed now with a fresh counter, and wait for the PUBACK."""
         if not self.transport.connected:
             return False
-        try:
-            delivery = self.transport.publish(self.topics.dataset(), chunk, qos=1)
+        try:  # signed per send: a chunk re-sent after a restart must not reuse a counter (a replay)
+            delivery = self.transport.publish(self.topics.dataset(), chunk, qos=1,
+                                              user_properties=sign_or_nothing(self.signer, "dataset", chunk))
         except EdgefleetError:
             return False
         deadline = time.monotonic() + PUBACK_WAIT_S

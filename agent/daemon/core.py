@@ -163,7 +163,7 @@ class AgentDaemon:
         )
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self.collection = CollectionRunner(self.state_dir, c.device_id, c.cohorts, self.trust.director_trust,
-                                           self.transport, self.topics, sink=self.tap)  # issue 13
+                                           self.transport, self.topics, sink=self.tap, signer=self.signer)
         self._servers: list[Any] = []
         self.offline = OfflineImporter(self.state_dir, self._bootstrap, self.gate, self.lifecycle,
                                        self._event, c.offline_drop_dir)

@@ -1,7 +1,17 @@
-"""Dataset chunks from devices: admitted only under an active collection, then assembled.
+"""Dataset chunks from devices: admitted only signed, under an active collection; then assembled.
 
-`DatasetIngest.admit(device_id, payload)` is the one door: the device id is the one in the
-topic (the broker's ACL lets a device write only `.../devices/<its id>/dataset`); the chunk is
+`DatasetIngest.receive(msg)` is the one door for what arrives over MQTT: the chunk must first
+pass the fleet's report gate (`fleet.delivery.report_verify.ReportVerifier`, kind `dataset`):
+signed by the report key registered for the device its topic names, over this payload, with a
+counter not accepted before (so neither a neighbour whose ACL is too wide nor the broker can
+upload for a device, alter a chunk, or replay one). A refused chunk changes nothing; it is
+counted by the gate (`edgefleet_reports_refused_total{kind="dataset",reason}`) and here as
+`report_auth`. `report_signatures: optional` lets unsigned chunks of keyless devices on, as for
+the other kinds. The agent signs each send afresh, so a chunk re-sent after a restart carries a
+new counter and passes (the store drops it as a duplicate if the first copy arrived).
+
+`admit(device_id, payload)` then takes a verified chunk: the device id is the one in the topic
+(the broker's ACL lets a device write only `.../devices/<its id>/dataset`); the chunk is
 decoded (malformed: refused), it must name a collection whose policy went to that device and
 is still collecting (`decisions.admits_chunks`; otherwise refused as `no_policy`), and then
 `DatasetStore.ingest_chunk` keeps it (duplicates by the (device, upload, index) key), checks
@@ -10,7 +20,8 @@ refusal is counted by reason (`counters`), never raised.
 
 As a component it subscribes to `.../devices/+/dataset` on the publisher's MQTT transport (in
 the ingest share group when the roles are split) and works off the network thread: messages
-go through a bounded queue to one worker.
+go through a bounded queue to one worker, which runs the gate and then `admit`. It refuses to
+subscribe without a gate (fail closed).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from agent.logs import log_event
 from agent.transport import Message, Transport
 from fleet.collection.decisions import admits_chunks
 from fleet.collection.records import CollectionStore
-from fleet.errors import NotFound
+from fleet.errors import FleetMisuseError, NotFound
 from fleet.registry.datasets import DatasetStore
 
 logger = logging.getLogger("edgefleet.collection.ingest")
@@ -43,8 +54,13 @@ class DatasetIngest:
     def __init__(self, datasets: DatasetStore, collections: CollectionStore,
                  clock: Callable[[], float] = time.time,
                  transport: Transport | None = None, topics: Topics | None = None,
-                 share_group: str | None = None, owns_store: bool = False) -> None:
+                 share_group: str | None = None, owns_store: bool = False,
+                 gate: Callable[[Message], bool] | None = None) -> None:
+        """`gate`: the fleet's `ReportVerifier` (True lets a chunk on); required with a transport."""
+        if transport is not None and gate is None:
+            raise FleetMisuseError("a dataset ingest that subscribes needs the report signature gate")
         self.datasets, self.collections, self.clock = datasets, collections, clock
+        self.gate = gate
         self.transport, self.topics, self.share_group = transport, topics, share_group
         self.owns_store = owns_store  # close the dataset store at stop
         self._queue: queue.Queue[Message | None] = queue.Queue(QUEUE_SIZE)
@@ -56,8 +72,21 @@ class DatasetIngest:
         return {"chunks": c.chunks, "duplicates": c.duplicates, "rejected": c.rejected,
                 "reasons": dict(c.reasons)}
 
+    def receive(self, msg: Message) -> str | None:
+        """One chunk as received: gate, then `admit`; its result, or None (not a dataset topic)."""
+        try:
+            parsed = parse_topic(self.topics.prefix, msg.topic) if self.topics else None
+        except MessageError:
+            return None
+        if parsed is None or parsed.kind is not TopicKind.DATASET or parsed.device_id is None:
+            return None
+        if self.gate is None or not self.gate(msg):  # counted and logged by the gate, by reason
+            return self.datasets.refuse("report_auth")
+        return self.admit(parsed.device_id, msg.payload)
+
     def admit(self, device_id: str, payload: bytes) -> str:
-        """"partial", "complete", "duplicate" or "rejected" (see the module docstring)."""
+        """A chunk whose signature passed (`receive`): "partial", "complete", "duplicate" or
+        "rejected" (see the module docstring)."""
         try:
             chunk = decode_chunk(payload)
         except MessageError:
@@ -84,13 +113,7 @@ class DatasetIngest:
     def _work(self) -> None:
         while (msg := self._queue.get()) is not None:
             try:
-                parsed = parse_topic(self.topics.prefix, msg.topic) if self.topics else None
-            except MessageError:
-                continue
-            if parsed is None or parsed.kind is not TopicKind.DATASET or parsed.device_id is None:
-                continue
-            try:
-                self.admit(parsed.device_id, msg.payload)
+                self.receive(msg)
             except Exception:  # one bad message must not stop the worker
                 logger.exception("dataset ingest failed on %s", msg.topic)
 

@@ -282,7 +282,7 @@ device_report_keys = Table(  # each device's report key and the last counter acc
     Column("registered_at", Float, nullable=False),
     Column("registered_by", Text, nullable=False),
     *(Column(f"{kind}_counter", BigInteger, nullable=False, server_default=_d("0"))
-      for kind in ("reported", "events", "telemetry")),
+      for kind in ("reported", "events", "telemetry", "dataset")),  # dataset: store_0012
 )
 device_report_seen = Table(  # counters claimed per (device, kind) above its floor (store_0009)
     "device_report_seen", STORE,

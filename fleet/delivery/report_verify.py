@@ -1,10 +1,11 @@
 """The fleet's check of signed device reports (issue 14), at the one seam device messages enter.
 
 Every reported state, event and telemetry report reaches the fleet through the publisher's
-inbound thread (`Publisher.inbound_check`); this runs first and lets a message on only when it
-carries an `efsig` signature (`agent.contract.report_auth`) by the key registered for the
-device its topic names (`fleet.devices.report_keys`), over that topic kind and that payload,
-with a counter not accepted before for that device and kind. So a neighbour with a
+inbound thread (`Publisher.inbound_check`) or the telemetry stream, every dataset chunk through
+the dataset ingest's worker (`fleet.collection.ingest`); this runs first and lets a message on
+only when it carries an `efsig` signature (`agent.contract.report_auth`) by the key registered
+for the device its topic names (`fleet.devices.report_keys`), over that topic kind and that
+payload, with a counter not accepted before for that device and kind. So a neighbour with a
 misconfigured ACL cannot report for another device (its key is not that device's), a broker
 cannot alter or invent a report, and a replayed report is dropped; nothing is changed by a
 refused message. Each accepted counter is claimed in the database (`fleet.devices.report_keys`:
@@ -51,7 +52,8 @@ from fleet.devices.report_keys import ReportKeyRepo
 
 logger = logging.getLogger("edgefleet.fleet.reports")
 Mode = Literal["required", "optional"]
-KINDS = {TopicKind.REPORTED: "reported", TopicKind.EVENTS: "events", TopicKind.TELEMETRY: "telemetry"}
+KINDS = {TopicKind.REPORTED: "reported", TopicKind.EVENTS: "events", TopicKind.TELEMETRY: "telemetry",
+         TopicKind.DATASET: "dataset"}
 REASONS = ("unsigned", "unknown_key", "bad_signature", "replayed", "duplicate", "unsigned_success")
 SUCCESS_EVENTS = frozenset({"committed", "offline_install"})
 
@@ -67,10 +69,10 @@ def signature_of(msg: Message) -> str | None:
 class ReportVerifier:
     """`Publisher.inbound_check`: True lets a device message on to its callbacks.
 
-    Runs on the publisher's inbound thread and on the telemetry stream's worker (one gate for
-    both, so /metrics counts every refusal once); `last_signed` says whether the message this
-    thread just let through was signed (False only for `optional` mode's keyless devices), so it
-    is thread-local. Counters are read by /metrics from other threads (under a lock).
+    Runs on the publisher's inbound thread, on the telemetry stream's worker and on the dataset
+    ingest's worker (one gate for all, so /metrics counts every refusal once); `last_signed` says
+    whether the message this thread just let through was signed (False only for `optional` mode's
+    keyless devices), so it is thread-local. Counters are read by /metrics from other threads (under a lock).
     """
 
     @property

@@ -2,8 +2,9 @@
 
 A device registers its key at enrollment (`report_public_key`, `fleet.devices.enrollment`); an
 operator registers or rotates one for a device enrolled before keys (`PUT
-/v1/devices/{id}/report-key`, audited). The replay state is in the database (store_0009), so
-several ingest workers on one database (SQLite or PostgreSQL) accept each counter at most once:
+/v1/devices/{id}/report-key`, audited). The replay state is in the database (store_0009; the
+`dataset` kind's floor column: store_0012), so several ingest workers on one database (SQLite or
+PostgreSQL) accept each counter at most once:
 every accepted counter is *claimed* in `device_report_seen` (primary key device, kind, counter:
 `INSERT ... ON CONFLICT DO NOTHING`, the worker whose insert won accepts), above a per-(device,
 kind) floor in `device_report_keys`. Why claims and not "above the highest so far": a shared
@@ -144,7 +145,7 @@ class ReportKeyRepo:
         below the forgotten floor). Nothing changes when it is refused."""
         if kind not in KINDS:
             raise ValueError(f"unknown report kind {kind!r}")
-        column = f"{kind}_counter"  # one of three fixed names
+        column = f"{kind}_counter"  # one of the fixed names (KINDS)
         now = time.time()
         with self._counters().tx() as db:
             if db.dialect == "postgresql":
@@ -187,8 +188,9 @@ class ReportKeyRepo:
     def last_counters(self, device_id: str) -> dict[str, int]:
         """The highest accepted counter per kind (all 0 for a fresh key; empty without a key)."""
         with self.database.read() as db:
-            row = db.one("SELECT reported_counter, events_counter, telemetry_counter FROM device_report_keys "
-                         "WHERE device_id = :d", {"d": device_id})
+            columns = ", ".join(f"{k}_counter" for k in KINDS)  # fixed names
+            row = db.one(f"SELECT {columns} FROM device_report_keys WHERE device_id = :d",  # noqa: S608
+                         {"d": device_id})
             if row is None:
                 return {}
             seen = {r["kind"]: int(r["top"]) for r in db.query(

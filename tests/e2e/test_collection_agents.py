@@ -3,9 +3,10 @@ with the collection driver, dataset ingest) over SQLite, a private Mosquitto, re
 
 An operator asks the devices labelled `site=lab` that run mlp 1.0.0 for a sample; the driver
 signs the policy into their director documents; the agent samples what it serves, uploads the
-sample in chunks on its own dataset topic; the fleet admits them under the policy and records a
-dataset version, exported as `.npz`. A device outside the selector collects nothing, and a
-chunk on its topic is refused.
+sample in chunks on its own dataset topic, each signed by its report key; the fleet checks the
+signature, admits them under the policy and records a dataset version, exported as `.npz`. A
+device outside the selector collects nothing, and a chunk on its topic is refused (unsigned:
+by the report gate; signed by that device: by the policy check).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from agent.contract.protocol import Topics
 from fleet.access.auth import create_api_key
 from fleet.collection.ingest import DatasetIngest
 from fleet.components import ServeConfig, build_components
+from fleet.delivery.report_verify import ReportVerifier
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.models import make_mlp_onnx
@@ -49,6 +51,7 @@ class World:
     service: FleetService
     key: str
     agents: dict[str, Agent]
+    device_keys: dict[str, DeviceKey]
 
     @property
     def api(self) -> httpx.Client:
@@ -90,7 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     write_bundle(manifest_for("1.0.0", model, 1, {"probation_requests": 0, "probation_seconds": 0.3,
                                                 "inference_timeout_s": 2.0, "traffic": "none"}),
                  model, settings.import_dir / "mlp-1.0.0.efb")
-    w = World(root, broker, settings, None, "", {})  # type: ignore[arg-type]
+    w = World(root, broker, settings, None, "", {}, {})  # type: ignore[arg-type]
     w.start_service()
     w.key = create_api_key(w.service.store, "ops", "operator", "test")[1]
     with w.api as c:
@@ -99,7 +102,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     for d, site in ((IN, "lab"), (OUT, "other")):
         w.service.store.devices.create(d, {"site": site}, {}, d, "$7$unused", "test")
         w.agents[d] = _agent(root, broker, settings.repo_dir, d)
-        DeviceKey(d).register(w.service.store).install(w.agents[d].state_dir)  # as `agent enroll` does
+        key = DeviceKey(d).register(w.service.store)
+        w.device_keys[d] = key.install(w.agents[d].state_dir)  # as `agent enroll` does
         w.agents[d].start()
     try:
         with w.api as c:
@@ -170,18 +174,28 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         wait_until(lambda: json.loads(done.read_bytes())["phase"] == "done", 20, "the upload marked done")
         assert not (agent_out.state_dir / "collect").exists()  # no policy: nothing collected
 
-        # a chunk on the other device's own topic, claiming the policy, is refused
-        before = _ingest(world).counters["rejected"]
+        # a chunk on the other device's own topic, claiming the policy, is refused: unsigned (or
+        # malformed) by the report gate; signed by that device's own key, by the policy check
+        ingest = _ingest(world)
+        before = ingest.counters["rejected"]
+        gate = ingest.gate
+        assert isinstance(gate, ReportVerifier) and gate.refused()[("dataset", "unsigned")] == 0
         chunk = encode_chunk(DatasetChunk(cid, OUT, "0" * 16, 0, 1, "0" * 64, b"x" * 10))
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="intruder")
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="intruder",
+                             protocol=paho.MQTTv5)
         client.connect(world.broker.host, world.broker.port)
         client.loop_start()
         client.publish(Topics(PREFIX).dataset(OUT), chunk, qos=1).wait_for_publish(5)
         client.publish(Topics(PREFIX).dataset(OUT), b"\xff not cbor", qos=1).wait_for_publish(5)
+        signed = world.device_keys[OUT].paho_properties("dataset", chunk)  # OUT is not among the policy's
+        client.publish(Topics(PREFIX).dataset(OUT), chunk, qos=1, properties=signed).wait_for_publish(5)
         client.loop_stop()
         client.disconnect()
-        wait_until(lambda: _ingest(world).counters["rejected"] == before + 2, 10, "two refusals")
-        assert _ingest(world).counters["reasons"]["no_policy"] >= 1  # type: ignore[index]
+        wait_until(lambda: ingest.counters["rejected"] == before + 3, 10, "three refusals")
+        assert gate.refused()[("dataset", "unsigned")] == 2
+        assert ingest.counters["reasons"]["no_policy"] == 1  # type: ignore[index]
+        assert ingest.counters["reasons"]["report_auth"] == 2  # type: ignore[index]
+        assert gate.refused()[("dataset", "bad_signature")] == 0  # the agent's own chunks all passed
 
         stopped = c.delete(f"/v1/collections/{cid}")
         assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"

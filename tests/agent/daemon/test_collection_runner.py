@@ -15,7 +15,9 @@ from securesystemslib.signer import CryptoSigner, Signer
 from agent.contract.collect import CollectPolicy, decode_chunk
 from agent.contract.director import DirectorDocument, DirectorTrust, TargetRef, sign_director
 from agent.contract.protocol import Topics
+from agent.contract.report_auth import HEADER, verify_report
 from agent.daemon.collection import CollectionRunner
+from agent.daemon.report_signer import ReportSigner, ensure_key
 from agent.errors import TransportError
 from tests.support.fakes import FakeClock
 
@@ -28,18 +30,30 @@ class _Done:
         return True
 
 
-class FakeTransport:
-    """Takes `budget` messages, then refuses (a broker gone mid-upload)."""
+class _Lost:
+    def is_published(self) -> bool:
+        return False
 
-    def __init__(self, budget: int = 10_000) -> None:
-        self.budget = budget
+
+class FakeTransport:
+    """Takes `budget` messages, then refuses (a broker gone mid-upload); `lose_last`: the last
+    one it takes is sent but never acknowledged (the connection drops before the PUBACK)."""
+
+    def __init__(self, budget: int = 10_000, lose_last: bool = False) -> None:
+        self.budget, self.lose_last = budget, lose_last
         self.sent: list[tuple[str, bytes]] = []
+        self.props: list[tuple[tuple[str, str], ...]] = []
         self.connected = True
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> _Done:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1,
+                user_properties: tuple[tuple[str, str], ...] = ()) -> _Done | _Lost:
         if len(self.sent) >= self.budget:
             raise TransportError("broker gone")
         self.sent.append((topic, payload))
+        self.props.append(user_properties)
+        if self.lose_last and len(self.sent) == self.budget:
+            self.connected = False
+            return _Lost()
         return _Done()
 
 
@@ -55,10 +69,11 @@ def _doc(signer: Signer, seq: int, collect: CollectPolicy | None = POLICY) -> by
     return sign_director(doc, [signer])
 
 
-def _runner(tmp: Path, signer: Signer, transport: FakeTransport, clock: FakeClock) -> CollectionRunner:
+def _runner(tmp: Path, signer: Signer, transport: FakeTransport, clock: FakeClock,
+            reports: ReportSigner | None = None) -> CollectionRunner:
     trust = DirectorTrust(keys={signer.public_key.keyid: signer.public_key}, threshold=1)
     return CollectionRunner(tmp, "dev-1", [], lambda: trust, transport, Topics("ef", "dev-1"),  # type: ignore[arg-type]
-                            clock=clock)
+                            clock=clock, signer=reports)
 
 
 def _serve(r: CollectionRunner, n: int, bundle: str = "m-1.0.0") -> None:
@@ -129,3 +144,39 @@ def test_a_document_without_the_policy_withdraws_it(tmp_path: Path, signer: Sign
     clock.advance(100)
     r.tick()
     assert t.sent == []
+
+
+@pytest.mark.integration
+def test_every_chunk_send_is_signed_afresh_even_a_resend_after_restart(tmp_path: Path,
+                                                                       signer: Signer) -> None:
+    public, _ = ensure_key(tmp_path)
+    t, clock = FakeTransport(budget=2, lose_last=True), FakeClock()
+    r = _runner(tmp_path, signer, t, clock, ReportSigner.load(tmp_path, "dev-1"))
+    r.on_document(_doc(signer, 1), 0)
+    _serve(r, 20)
+    clock.advance(11)
+    r.tick()  # chunk 0 acknowledged; chunk 1 sent, its PUBACK lost with the connection
+    assert r.phase == "uploading" and len(t.sent) == 2
+    t2 = FakeTransport()  # restart: a new signer over the same state directory (counters on disk)
+    r2 = _runner(tmp_path, signer, t2, clock, ReportSigner.load(tmp_path, "dev-1"))
+    r2.tick()
+    assert r2.phase == "done"
+    assert decode_chunk(t2.sent[0][1]).index == 1  # chunk 1 again: the broker never acked it
+    counters = []
+    for (_, payload), props in zip(t.sent + t2.sent, t.props + t2.props, strict=True):
+        (name, header), = props
+        assert name == HEADER
+        counters.append(verify_report(public, "dataset", "dev-1", payload, header, last_counter=0))
+    assert counters == sorted(set(counters))  # strictly increasing: the resend is no replay
+    assert t.sent[1][1] == t2.sent[0][1] and t.props[1] != t2.props[0]
+
+
+@pytest.mark.integration
+def test_a_device_without_a_report_key_sends_unsigned_chunks(tmp_path: Path, signer: Signer) -> None:
+    t, clock = FakeTransport(), FakeClock()
+    r = _runner(tmp_path, signer, t, clock)
+    r.on_document(_doc(signer, 1), 0)
+    _serve(r, 5)
+    clock.advance(11)
+    r.tick()
+    assert t.sent and all(p == () for p in t.props)  # a strict fleet refuses these (unsigned)

@@ -234,7 +234,7 @@ def test_optional_mode_lets_keyless_devices_in_unsigned_but_never_as_a_success(o
     assert "dev-b" in RolloutRecords(rig.store).reported_states(["dev-b"])
     assert [e.type for _, e in rig.events] == ["director_accepted"]
     assert rig.refused("events", "unsigned_success") == 1 and rig.refused("reported", "unsigned") == 1
-    assert rig.gate.accepted_unsigned() == {"reported": 1, "events": 1, "telemetry": 0}
+    assert rig.gate.accepted_unsigned() == {"reported": 1, "events": 1, "telemetry": 0, "dataset": 0}
 
 
 def test_a_redelivered_telemetry_report_goes_on_to_the_ingest_but_a_replay_of_reported_state_does_not(

@@ -58,7 +58,8 @@ def test_enrollment_registers_the_devices_public_report_key(api: Api) -> None:
     assert res.status_code == 201, res.text
     device = res.json()["device_id"]
     assert api.store.report_keys.key_of(device) == key.public
-    assert api.store.report_keys.last_counters(device) == {"reported": 0, "events": 0, "telemetry": 0}
+    assert api.store.report_keys.last_counters(device) == {"reported": 0, "events": 0, "telemetry": 0,
+                                                                "dataset": 0}
 
 
 @pytest.mark.integration
@@ -81,7 +82,7 @@ def test_an_operator_registers_and_rotates_a_key_audited_with_counters_reset(api
     assert api.client.put(url, json={"public_key": _b64(first.public)}).status_code == 401
     res = api.client.put(url, json={"public_key": _b64(first.public)}, headers=api.h("operator"))
     assert res.status_code == 200, res.text
-    assert res.json()["counters"] == {"reported": 0, "events": 0, "telemetry": 0}
+    assert res.json()["counters"] == {"reported": 0, "events": 0, "telemetry": 0, "dataset": 0}
     assert api.store.report_keys.advance("old", "reported", 7) is None
     rotated = api.client.put(url, json={"public_key": _b64(second.public)}, headers=api.h("operator"))
     assert rotated.json()["counters"]["reported"] == 0  # the new key has signed nothing yet
@@ -137,10 +138,13 @@ def test_counters_may_arrive_out_of_order_but_each_only_once_and_old_ones_fold_i
         assert keys.advance("d", "telemetry", 3) == "replayed"
         assert keys.advance("d", "telemetry", 5) == "duplicate"
         assert keys.advance("d", "reported", 3) is None  # kinds are apart
-        assert keys.last_counters("d") == {"reported": 3, "events": 0, "telemetry": 5}
-        assert keys.prune(cutoff=time.time() + 1) == 3  # everything claimed so far is "old" now
-        assert keys.last_counters("d") == {"reported": 3, "events": 0, "telemetry": 5}  # now the floors
+        assert keys.advance("d", "dataset", 7) is None  # dataset chunks too (store_0012's floor)
+        expected = {"reported": 3, "events": 0, "telemetry": 5, "dataset": 7}
+        assert keys.last_counters("d") == expected
+        assert keys.prune(cutoff=time.time() + 1) == 4  # everything claimed so far is "old" now
+        assert keys.last_counters("d") == expected  # now the floors
         assert keys.advance("d", "telemetry", 4) == "replayed"  # never seen, but below the floor
+        assert keys.advance("d", "dataset", 6) == "replayed"
         assert keys.advance("d", "telemetry", 6) is None
     finally:
         store.close()
