@@ -21,7 +21,12 @@ Restarts: the phase and start time survive, the in-memory sample does not (a res
 keeps sampling for the time left, into a fresh sample); an upload resumes at the first chunk
 the broker had not acknowledged (`ChunkUploader`; the fleet drops duplicates by index).
 Caps: `SampleCollector` never keeps more than `max_rows` rows nor `max_bytes` of values and
-stops taking rows after `max_seconds`. Labels are not part of the sample yet (see docs).
+stops taking rows after `max_seconds`.
+Labels: rows are offered with their prediction ids (`TelemetryTap.record`); a label matched by
+the feedback log for an id whose row is still in the sample (phase `collecting`, same agent
+run) is attached to it (`on_labels`), and travels in the archive's `labels` column. A label
+that comes after the sample was closed, for a row not kept, or that the feedback log refused
+(unknown id, past its horizon, a duplicate) is not in the sample.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class CollectionRunner:
         self.sent = 0
         if sink is not None:
             sink.sample = self.offer
+            sink.labelled = self.on_labels
 
     # --- persisted state -------------------------------------------------------------------
     @property
@@ -130,8 +136,10 @@ class CollectionRunner:
         shutil.rmtree(self.dir / "upload", ignore_errors=True)
 
     # --- rows ----------------------------------------------------------------------------------
-    def offer(self, bundle_id: str, x: np.ndarray, y: np.ndarray | None) -> None:
-        """Served rows of `bundle_id` (and its outputs: top-class confidence for a classifier)."""
+    def offer(self, bundle_id: str, x: np.ndarray, y: np.ndarray | None, ids: list[str] | None = None
+              ) -> None:
+        """Served rows of `bundle_id` (and its outputs: top-class confidence for a classifier;
+        and their prediction ids, None when the model's predictions are not tracked)."""
         if self.state is None:  # no policy (the common case): no lock, no copy
             return
         with self._lock:
@@ -146,9 +154,20 @@ class CollectionRunner:
             if y is not None and y.ndim == 2 and y.shape[1] > 1 and len(y) == len(x):
                 conf = np.max(y, axis=1)
             try:
-                self._collector.offer(x, conf)
+                self._collector.offer(x, conf, ids)
             except EdgefleetError as exc:  # rows of another width: not this sample
                 log_event(log, "collect.row_skipped", logging.WARNING, error=str(exc))
+
+    def on_labels(self, bundle_id: str, ids: list[str], labels: list[float]) -> None:
+        """Labels the feedback log matched (row-aligned with their prediction ids) for
+        `bundle_id`: attached to the rows the sample still holds."""
+        if self.state is None:
+            return
+        with self._lock:
+            if self._collector is None or self.state is None or self.state["phase"] != "collecting" \
+                    or bundle_id != self.state["bundle"]:
+                return
+            self._collector.label(ids, labels)
 
     # --- ticking --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -166,9 +185,11 @@ class CollectionRunner:
                     return
                 archive = self._collector.archive()
                 ChunkUploader(self.dir / "upload", policy, self.device_id, archive)  # persisted first
-                self._save({**self.state, "phase": "uploading", "rows": self._collector.kept})
+                rows, labelled = self._collector.kept, self._collector.labelled
+                self._save({**self.state, "phase": "uploading", "rows": rows, "labelled": labelled})
                 self._collector = None
-                log_event(log, "collect.sample_closed", policy=policy.policy_id, bytes=len(archive))
+                log_event(log, "collect.sample_closed", policy=policy.policy_id, bytes=len(archive),
+                          rows=rows, labelled=labelled)
             if self.state["phase"] != "uploading":
                 return
             uploader = ChunkUploader(self.dir / "upload", policy, self.device_id)
