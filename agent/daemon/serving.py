@@ -61,7 +61,9 @@ class TelemetryTap:
     It is also the local API's `FeedbackSink`: served rows are remembered in `predictions`
     (a bounded ring) and labels sent later are matched there and folded into the serving
     bundle's sketch (a label for a bundle no longer served counts as expired: its interval
-    was already reported).
+    was already reported). With data collection wired (`sample`, `labelled`), served rows are
+    offered with their ids when `record` issues them, and matched labels of the serving bundle
+    are handed on, so a sample still held can attach them to its rows.
     """
 
     def __init__(self, queue: ReportQueue, catalog: ModelCatalog, device_id: str, cohort: str,
