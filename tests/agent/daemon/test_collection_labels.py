@@ -42,8 +42,8 @@ class FakeTransport:
         self.sent: list[bytes] = []
         self.connected = True
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> _Done:
-        self.sent.append(payload)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, **_: object) -> _Done:
+        self.sent.append(payload)  # (user properties, e.g. a chunk's signature, are not looked at)
         return _Done()
 
 
