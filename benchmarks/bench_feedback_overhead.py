@@ -5,20 +5,26 @@ In one process, the daemon's serving glue (`ServedModel` + `TelemetryTap`) over 
 with the tap as feedback sink (ids recorded per request) against the same service without a
 sink (the baseline, same run), interleaved in rounds so load hits both alike; medians. Then
 `TelemetryTap.submit` of 1,000-label batches: microseconds per label, matched and folded.
+`collecting`: a third service whose tap offers every served row, with its prediction id, to a
+reservoir `SampleCollector` (1,000 rows) under a lock, as the daemon's collection runner does
+while a signed policy is active; its overhead is against the same baseline.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from agent.contract.collect import CollectPolicy
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
 from agent.serving.api import InferenceService
 from agent.serving.model_holder import ModelHolder
+from agent.telemetry.collect import SampleCollector
 from agent.telemetry.queue import ReportQueue
 from fleet.registry.calibration import performance_spec
 from fleet.registry.profile import compute_reference_profile
@@ -45,7 +51,19 @@ def run() -> dict[str, float]:
         queue = ReportQueue(d / "q.sqlite")
         tap = TelemetryTap(queue, catalog, "dev", "c")
         served = ServedModel(holder, catalog, tap)
-        services = {"ids": InferenceService(served, feedback=tap), "baseline": InferenceService(served)}
+        queue_c = ReportQueue(d / "qc.sqlite")
+        tap_c = TelemetryTap(queue_c, catalog, "dev", "c")
+        policy = CollectPolicy(policy_id="bench", max_rows=1000, max_seconds=86400)
+        collector = SampleCollector(policy, 32, "dev")
+        lock = threading.Lock()
+
+        def sample(bid: str, xs: np.ndarray, ys: np.ndarray | None, pids: list[str] | None) -> None:
+            with lock:  # as `CollectionRunner.offer` while a policy is active
+                collector.offer(xs, None if ys is None else np.max(ys, axis=1), pids)
+
+        tap_c.sample = sample
+        services = {"ids": InferenceService(served, feedback=tap), "baseline": InferenceService(served),
+                    "collecting": InferenceService(ServedModel(holder, catalog, tap_c), feedback=tap_c)}
         row = {"x": x[:1]}
         times: dict[str, list[float]] = {k: [] for k in services}
         for _ in range(ROUNDS):
@@ -65,8 +83,12 @@ def run() -> dict[str, float]:
         tap.flush(manifest.bundle_id)
         holder.close()
         queue.close()
+        queue_c.close()
     ids_us, base_us = statistics.median(times["ids"]), statistics.median(times["baseline"])
+    collecting_us = statistics.median(times["collecting"])
     return {
+        "predict_collecting_us": collecting_us,
+        "collecting_overhead_us": collecting_us - base_us,
         "predict_with_ids_us": ids_us,
         "predict_baseline_us": base_us,
         "prediction_id_overhead_us": ids_us - base_us,

@@ -147,6 +147,10 @@ class _Traffic:
                     out = a.served.predict({"x": x})
                 except Exception:  # noqa: S112 - a device mid-swap or unhealthy: not ours to fix
                     continue
+                if a.tap.sample is not None and bundle is not None and len(out) == 1:
+                    # no local API here, so no prediction ids (their ring would grow every device's
+                    # memory): offer the rows to a signed collection policy as the API does, unlabelled
+                    a.tap.sample(bundle, x, next(iter(out.values())), None)
                 self.predictions += 1
                 if self.truth is not None and bundle is not None:
                     self._score(bundle, x, out, a.profile.cohort)

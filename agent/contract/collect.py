@@ -33,7 +33,8 @@ class CollectPolicy(StrictStruct, frozen=True, kw_only=True):
 
     `strategy`: `reservoir` keeps a uniform sample of every row served; `low_confidence` keeps
     the rows whose top-class confidence was lowest (hard examples; needs a classifier).
-    Caps: `max_rows`, `max_bytes` (of kept feature values, 8 bytes each plus 8 for confidence),
+    Caps: `max_rows`, `max_bytes` (of kept feature values, 8 bytes each plus 8 for confidence
+    and 8 for the label),
     `max_seconds` after the device accepted the policy. `only_while_drift`: the fleet keeps the
     policy in the cohort's document only while a drift episode is open (the device obeys the
     document it has; it does not judge drift itself).

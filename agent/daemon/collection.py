@@ -23,7 +23,12 @@ the broker had not acknowledged (`ChunkUploader`; the fleet drops duplicates by 
 chunk is signed by the device's report key when it is sent (`report_signer`, kind `dataset`),
 so the fleet admits it only from this device, unaltered, once per counter.
 Caps: `SampleCollector` never keeps more than `max_rows` rows nor `max_bytes` of values and
-stops taking rows after `max_seconds`. Labels are not part of the sample yet (see docs).
+stops taking rows after `max_seconds`.
+Labels: rows are offered with their prediction ids (`TelemetryTap.record`); a label matched by
+the feedback log for an id whose row is still in the sample (phase `collecting`, same agent
+run) is attached to it (`on_labels`), and travels in the archive's `labels` column. A label
+that comes after the sample was closed, for a row not kept, or that the feedback log refused
+(unknown id, past its horizon, a duplicate) is not in the sample.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class CollectionRunner:
         self.sent = 0
         if sink is not None:
             sink.sample = self.offer
+            sink.labelled = self.on_labels
 
     # --- persisted state -------------------------------------------------------------------
     @property
@@ -136,8 +142,10 @@ class CollectionRunner:
         shutil.rmtree(self.dir / "upload", ignore_errors=True)
 
     # --- rows ----------------------------------------------------------------------------------
-    def offer(self, bundle_id: str, x: np.ndarray, y: np.ndarray | None) -> None:
-        """Served rows of `bundle_id` (and its outputs: top-class confidence for a classifier)."""
+    def offer(self, bundle_id: str, x: np.ndarray, y: np.ndarray | None, ids: list[str] | None = None
+              ) -> None:
+        """Served rows of `bundle_id` (and its outputs: top-class confidence for a classifier;
+        and their prediction ids, None when the model's predictions are not tracked)."""
         if self.state is None:  # no policy (the common case): no lock, no copy
             return
         with self._lock:
@@ -152,9 +160,20 @@ class CollectionRunner:
             if y is not None and y.ndim == 2 and y.shape[1] > 1 and len(y) == len(x):
                 conf = np.max(y, axis=1)
             try:
-                self._collector.offer(x, conf)
+                self._collector.offer(x, conf, ids)
             except EdgefleetError as exc:  # rows of another width: not this sample
                 log_event(log, "collect.row_skipped", logging.WARNING, error=str(exc))
+
+    def on_labels(self, bundle_id: str, ids: list[str], labels: list[float]) -> None:
+        """Labels the feedback log matched (row-aligned with their prediction ids) for
+        `bundle_id`: attached to the rows the sample still holds."""
+        if self.state is None:
+            return
+        with self._lock:
+            if self._collector is None or self.state is None or self.state["phase"] != "collecting" \
+                    or bundle_id != self.state["bundle"]:
+                return
+            self._collector.label(ids, labels)
 
     # --- ticking --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -172,9 +191,11 @@ class CollectionRunner:
                     return
                 archive = self._collector.archive()
                 ChunkUploader(self.dir / "upload", policy, self.device_id, archive)  # persisted first
-                self._save({**self.state, "phase": "uploading", "rows": self._collector.kept})
+                rows, labelled = self._collector.kept, self._collector.labelled
+                self._save({**self.state, "phase": "uploading", "rows": rows, "labelled": labelled})
                 self._collector = None
-                log_event(log, "collect.sample_closed", policy=policy.policy_id, bytes=len(archive))
+                log_event(log, "collect.sample_closed", policy=policy.policy_id, bytes=len(archive),
+                          rows=rows, labelled=labelled)
             if self.state["phase"] != "uploading":
                 return
             uploader = ChunkUploader(self.dir / "upload", policy, self.device_id)

@@ -61,7 +61,9 @@ class TelemetryTap:
     It is also the local API's `FeedbackSink`: served rows are remembered in `predictions`
     (a bounded ring) and labels sent later are matched there and folded into the serving
     bundle's sketch (a label for a bundle no longer served counts as expired: its interval
-    was already reported).
+    was already reported). With data collection wired (`sample`, `labelled`), served rows are
+    offered with their ids when `record` issues them, and matched labels of the serving bundle
+    are handed on, so a sample still held can attach them to its rows.
     """
 
     def __init__(self, queue: ReportQueue, catalog: ModelCatalog, device_id: str, cohort: str,
@@ -81,7 +83,10 @@ class TelemetryTap:
         self._pending_rows = 0
 
         self._totals: dict[str, ServingCounts] = {}  # closed intervals per bundle, for /metrics
-        self.sample: Callable[[str, np.ndarray, np.ndarray | None], None] | None = None  # data collection
+        # data collection (`agent.daemon.collection`): served rows with their prediction ids, and
+        # the labels matched later for ids of the serving bundle
+        self.sample: Callable[[str, np.ndarray, np.ndarray | None, list[str] | None], None] | None = None
+        self.labelled: Callable[[str, list[str], list[float]], None] | None = None
 
     def _sketch_for(self, bundle_id: str) -> TelemetrySketch | None:
         """The sketch of `bundle_id` (rotating out the previous bundle's interval). Lock held."""
@@ -119,8 +124,6 @@ class TelemetryTap:
         x = _single(inputs) if not error and outputs is not None else None
         y = _single(outputs) if x is not None else None
         if x is not None and y is not None and x.ndim == 2:
-            if self.sample is not None:  # a signed collection policy decides what it keeps
-                self.sample(bundle_id, x, y)
             with self._lock:
                 if self._sketch_for(bundle_id) is None:
                     return
@@ -156,15 +159,24 @@ class TelemetryTap:
                     )
                 sketch.record_rejected()
 
-    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray]) -> list[str] | None:
-        """`FeedbackSink.record`: one prediction id per served row (None: not a one-output model)."""
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray] | None = None) -> list[str] | None:
+        """`FeedbackSink.record`: one prediction id per served row (None: not a one-output model).
+        The rows, their outputs and these ids are then offered to `sample` (a signed collection
+        policy decides what it keeps): sampling here, not in `fold`, is what lets a kept row
+        know the id its label will come back with."""
         bid = str(model.get("bundle_id") or "")
         y = _single(outputs)
         with self._lock:
             sketch = self._sketch_for(bid) if bid else None
-        if sketch is None or y is None:
-            return None
-        return self.predictions.record(bid, sketch.performance.predicted(y))
+        ids = None
+        if sketch is not None and y is not None:
+            ids = self.predictions.record(bid, sketch.performance.predicted(y))
+        if self.sample is not None and inputs is not None and bid:
+            x = _single(inputs)
+            if x is not None and y is not None and x.ndim == 2:
+                self.sample(bid, x, y, ids)
+        return ids
 
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:
         """`FeedbackSink.submit`: match labels, fold them into the serving bundle's sketch."""
@@ -191,6 +203,10 @@ class TelemetryTap:
             if sketch is not None:
                 for what, n in unmatched.items():
                     sketch.count_feedback(what, n)
+            current = self._bundle if sketch is not None else None
+        held = outcome.pairs.get(current or "")
+        if self.labelled is not None and current is not None and held is not None:
+            self.labelled(current, held.ids, held.labels)  # rows still held by a sample get them
         return outcome.counts()
 
     def rejected(self, bundle_id: str) -> None:

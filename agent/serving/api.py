@@ -106,13 +106,16 @@ class PredictorSlot:
 class FeedbackSink(Protocol):
     """Where prediction ids come from and labels go (the daemon's telemetry tap is one).
 
-    `record` is called after every successful prediction with the serving model's info and
-    its outputs, and returns one id per row (None: this model's predictions are not tracked).
+    `record` is called after every successful prediction with the serving model's info, its
+    outputs and the inputs it ran on, and returns one id per row (None: this model's
+    predictions are not tracked); the sink may keep inputs (a signed collection policy) with
+    their ids, so a label sent later can join its row.
     `submit` matches `(prediction_id, label)` pairs and returns the outcome counts (`matched`,
     `unknown`, `expired`, `duplicate`, `invalid`); it never raises for bad items.
     """
 
-    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray]) -> list[str] | None: ...
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray] | None = None) -> list[str] | None: ...
 
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]: ...
 
@@ -225,7 +228,7 @@ class InferenceService:
         batched = getattr(target, "predict_batched", None) if calls > 1 else None
         outputs = batched(inputs, calls) if batched is not None else target.predict(inputs)
         info = target.info()
-        ids = self.feedback.record(info, outputs) if self.feedback is not None else None
+        ids = self.feedback.record(info, outputs, inputs) if self.feedback is not None else None
         return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}, ids
 
     def submit_feedback(self, labels: Any) -> dict[str, int]:

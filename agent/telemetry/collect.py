@@ -7,6 +7,9 @@ a `collect` policy, gives None. The collector keeps at most `capacity` rows (the
 `max_rows`, lowered so kept values fit `max_bytes`) and stops taking rows `max_seconds` after it
 started: `reservoir` keeps a uniform sample of every row offered (Vitter's algorithm R, seeded),
 `low_confidence` the rows with the lowest top-class confidence seen (a max-heap on confidence).
+A row offered with its prediction id remembers it while it is kept (a replaced row forgets
+it), and `label(ids, labels)` attaches the labels sent back for kept rows; the archive's
+`labels` column is NaN for rows whose label never came (or came after the sample closed).
 
 `ChunkUploader` cuts the finished `.npz` into the policy's chunk size and remembers, in a small
 JSON file next to a copy of the archive, the first chunk not yet acknowledged: after a restart
@@ -43,12 +46,15 @@ class SampleCollector:
         if width < 1:
             raise MisuseError("collect: rows need at least one column")
         self.policy, self.width, self.device_id = policy, width, device_id
-        self.capacity = max(1, min(policy.max_rows, policy.max_bytes // (8 * width + 8)))
+        self.capacity = max(1, min(policy.max_rows, policy.max_bytes // (8 * width + 16)))
         self._clock = clock
         self.started = clock()
         self._rng = np.random.default_rng(policy.seed)
         self._rows = np.zeros((self.capacity, width), np.float64)
         self._conf = np.full(self.capacity, np.nan)
+        self._labels = np.full(self.capacity, np.nan)
+        self._id_at: list[str | None] = [None] * self.capacity  # prediction id of each kept row
+        self._slot_of: dict[str, int] = {}
         self._kept = 0
         self.seen = 0
         self._heap: list[tuple[float, int]] = []  # (-confidence, slot): the most confident on top
@@ -63,48 +69,78 @@ class SampleCollector:
         """Still taking rows (the time cap has not passed)."""
         return self._clock() - self.started < self.policy.max_seconds
 
-    def offer(self, rows: np.ndarray, confidence: np.ndarray | None = None) -> None:
-        """Consider served rows (and their top-class confidence, needed by `low_confidence`)."""
+    @property
+    def labelled(self) -> int:
+        """Kept rows that have a label."""
+        return int(np.count_nonzero(~np.isnan(self._labels[: self._kept])))
+
+    def offer(self, rows: np.ndarray, confidence: np.ndarray | None = None,
+              ids: list[str] | None = None) -> None:
+        """Consider served rows (and their top-class confidence, needed by `low_confidence`;
+        their prediction ids, one per row, so a later label can join a kept row)."""
         if not self.open:
             return
         x = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
         if x.shape[1] != self.width:
             raise MisuseError(f"collect: rows have {x.shape[1]} columns, the sample {self.width}")
         conf = np.full(len(x), np.nan) if confidence is None else np.asarray(confidence, np.float64)
+        if ids is not None and len(ids) != len(x):
+            ids = None  # not one id per row: keep the rows, link none of them
         for i in range(len(x)):
             self.seen += 1
+            pid = ids[i] if ids is not None else None
             if self.policy.strategy == "low_confidence":
-                self._offer_hard(x[i], float(conf[i]))
+                self._offer_hard(x[i], float(conf[i]), pid)
             elif self._kept < self.capacity:
-                self._store(self._kept, x[i], conf[i])
+                self._store(self._kept, x[i], conf[i], pid)
                 self._kept += 1
             else:
                 j = int(self._rng.integers(0, self.seen))
                 if j < self.capacity:
-                    self._store(j, x[i], conf[i])
+                    self._store(j, x[i], conf[i], pid)
 
-    def _offer_hard(self, row: np.ndarray, conf: float) -> None:
+    def _offer_hard(self, row: np.ndarray, conf: float, pid: str | None) -> None:
         c = 1.0 if math.isnan(conf) else conf
         if self._kept < self.capacity:
-            self._store(self._kept, row, c)
+            self._store(self._kept, row, c, pid)
             heapq.heappush(self._heap, (-c, self._kept))
             self._kept += 1
         elif c < -self._heap[0][0]:
             _, slot = heapq.heapreplace(self._heap, (-c, self._heap[0][1]))
-            self._store(slot, row, c)
+            self._store(slot, row, c, pid)
 
-    def _store(self, slot: int, row: np.ndarray, conf: float) -> None:
+    def _store(self, slot: int, row: np.ndarray, conf: float, pid: str | None) -> None:
         self._rows[slot] = row
         self._conf[slot] = conf
+        self._labels[slot] = np.nan
+        old = self._id_at[slot]
+        if old is not None:
+            del self._slot_of[old]
+        self._id_at[slot] = pid
+        if pid is not None:
+            self._slot_of[pid] = slot
+
+    def label(self, ids: list[str], labels: list[float]) -> int:
+        """Attach labels (row-aligned with `ids`) to the kept rows served under those ids; ids
+        of rows not kept (never sampled, or replaced since) are ignored. Returns rows labelled."""
+        n = 0
+        for pid, value in zip(ids, labels, strict=False):
+            slot = self._slot_of.get(pid)
+            if slot is not None and math.isfinite(value):
+                self._labels[slot] = value
+                n += 1
+        return n
 
     def archive(self) -> bytes:
-        """The sample as `.npz`: `x` (rows kept), `confidence`, and `meta` (JSON: policy,
-        device, rows seen and kept, start and end time)."""
+        """The sample as `.npz`: `x` (rows kept), `confidence`, `labels` (NaN: no label came
+        back while the sample was held) and `meta` (JSON: policy, device, rows seen, kept and
+        labelled, start and end time)."""
         meta = {"policy_id": self.policy.policy_id, "strategy": self.policy.strategy,
                 "device_id": self.device_id, "seen": self.seen, "kept": self._kept,
-                "started": self.started, "ended": self._clock()}
+                "labelled": self.labelled, "started": self.started, "ended": self._clock()}
         buf = io.BytesIO()
         np.savez(buf, x=self._rows[: self._kept], confidence=self._conf[: self._kept],
+                 labels=self._labels[: self._kept],
                  meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8))
         return buf.getvalue()
 

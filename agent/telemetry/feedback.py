@@ -44,10 +44,12 @@ class FeedbackConfig:
 
 @dataclass
 class Matched:
-    """The labels of one bundle matched in one call: predictions and labels, row-aligned."""
+    """The labels of one bundle matched in one call: prediction ids, predictions and labels,
+    row-aligned (the ids let a held collection sample attach its rows' labels)."""
 
     predicted: list[float] = field(default_factory=list)
     labels: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,5 +165,6 @@ class PredictionLog:
                 pair = out.pairs.setdefault(bundle, Matched())
                 pair.predicted.append(float(self._pred[slot]))
                 pair.labels.append(label)
+                pair.ids.append(pid)
                 out.matched += 1
         return out

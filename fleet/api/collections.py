@@ -68,7 +68,7 @@ def _version(v: DatasetVersion) -> dict[str, Any]:
     return {"dataset_id": v.dataset_id, "policy_id": v.policy_id, "device_id": v.device_id,
             "sha256": v.sha256,
             "rows": v.rows, "columns": v.columns, "bytes": v.bytes, "provenance": v.provenance,
-            "created_at": v.created_at}
+            "labelled": v.labelled, "created_at": v.created_at}
 
 
 @router.post("/v1/collections", status_code=201, summary="Ask devices of a cohort to collect a sample")

@@ -14,7 +14,7 @@ from fleet.cli.api_output import CONTEXT, Column, Session, api_command, quote
 
 DATASET_COLUMNS: list[Column] = [
     ("id", "dataset_id"), ("collection", "policy_id"), ("device", "device_id"), ("rows", "rows"),
-    ("columns", "columns"), ("bytes", "bytes"), ("sha256", "sha256"),
+    ("labelled", "labelled"), ("columns", "columns"), ("bytes", "bytes"), ("sha256", "sha256"),
 ]
 DATASET_FIELDS: list[Column] = [*DATASET_COLUMNS, ("provenance", "provenance"), ("created", "created_at")]
 

@@ -5,8 +5,12 @@ A device uploads its `.npz` sample in chunks (`agent.contract.collect`) on its o
 duplicate), and when the last one of an upload is in, concatenates them, checks the sha256
 every chunk named and that the archive holds a 2-D `x` (no pickles), and records a **dataset
 version**: id `<policy>-<device>-<first 12 hex of the digest>`, digest, rows, columns and the
-provenance (policy, device, rows seen and kept, collection start and end). `export_npz` gives
-the archive back. Bad chunks are counted and refused, never raised.
+provenance (policy, device, rows seen, kept and labelled, collection start and end).
+`export_npz` gives the archive back with a `labels` column (float64, NaN for a row whose label
+never reached the device while it held the sample); an archive from an agent before labels
+(no `labels` member) is still admitted, and exported with every label NaN. A `labels` member
+that is not one number per row refuses the archive. Bad chunks are counted and refused, never
+raised.
 
 SQL: the two tables `dataset_chunks` and `dataset_versions` of the telemetry group
 (`fleet.db.schema`, revision `telemetry_0002`): beside the telemetry windows in `telemetry.db`
@@ -48,6 +52,12 @@ class DatasetVersion:
     provenance: dict[str, object]
     created_at: float
 
+    @property
+    def labelled(self) -> int:
+        """Rows that carry a device label (0 for a version from before labels)."""
+        n = self.provenance.get("labelled", 0)
+        return n if isinstance(n, int) else 0
+
 
 @dataclass
 class DatasetCounters:
@@ -57,16 +67,36 @@ class DatasetCounters:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def _check_archive(data: bytes) -> tuple[int, int, dict[str, object]]:
-    """(rows, columns, meta) of a collected `.npz`. Raises `MessageError`."""
+def _check_archive(data: bytes) -> tuple[int, int, int, dict[str, object]]:
+    """(rows, columns, labelled rows, meta) of a collected `.npz`. Raises `MessageError`."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             x, meta = z["x"], json.loads(bytes(z["meta"]).decode())
+            labels = z["labels"] if "labels" in z.files else None
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise MessageError(f"dataset archive: not a collected sample ({exc})") from None
     if x.ndim != 2 or not isinstance(meta, dict):
         raise MessageError("dataset archive: x must be 2-D and meta an object")
-    return int(x.shape[0]), int(x.shape[1]), meta
+    labelled = 0
+    if labels is not None:
+        if labels.shape != (x.shape[0],) or labels.dtype.kind != "f":
+            raise MessageError("dataset archive: labels must be one float per row of x")
+        if np.isinf(labels).any():
+            raise MessageError("dataset archive: labels must be finite or NaN (unknown)")
+        labelled = int(np.count_nonzero(~np.isnan(labels)))
+    return int(x.shape[0]), int(x.shape[1]), labelled, meta
+
+
+def _with_labels(data: bytes) -> bytes:
+    """The archive as it is when it has a `labels` column, else re-written with one of NaN."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        if "labels" in z.files:
+            return data
+        arrays = {k: np.asarray(z[k]) for k in z.files}
+    arrays["labels"] = np.full(arrays["x"].shape[0], np.nan)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
 
 
 class DatasetStore:
@@ -137,11 +167,12 @@ class DatasetStore:
         if len(data) > MAX_ARCHIVE_BYTES or hashlib.sha256(data).hexdigest() != sha256:
             return self._reject("digest_mismatch")
         try:
-            rows, columns, meta = _check_archive(data)
+            rows, columns, labelled, meta = _check_archive(data)
         except MessageError:
             return self._reject("bad_archive")
         provenance = {"policy_id": policy_id, "device_id": device_id, "upload_id": upload_id,
-                      **{k: meta.get(k) for k in ("strategy", "seen", "kept", "started", "ended")}}
+                      **{k: meta.get(k) for k in ("strategy", "seen", "kept", "started", "ended")},
+                      "labelled": labelled}  # counted here, not taken from the device's meta
         dataset_id = f"{policy_id}-{device_id}-{sha256[:12]}"
         db.upsert("dataset_versions", {
             "dataset_id": dataset_id, "policy_id": policy_id, "device_id": device_id, "sha256": sha256,
@@ -165,10 +196,10 @@ class DatasetStore:
                 for r in found]
 
     def export_npz(self, dataset_id: str) -> bytes:
-        """The version's archive (`x`, `confidence`, `meta`). Raises `NotFound`."""
+        """The version's archive (`x`, `confidence`, `labels`, `meta`). Raises `NotFound`."""
         with self.database.read() as db:
             archive = db.scalar("SELECT archive FROM dataset_versions WHERE dataset_id = :id",
                                 {"id": dataset_id})
         if archive is None:
             raise NotFound(f"no dataset version {dataset_id!r}")
-        return bytes(archive)
+        return _with_labels(bytes(archive))

@@ -2,10 +2,10 @@
 
 - `collected`: the dataset versions of the policy's collect policy from the job's cohort
   (`fleet.registry.datasets.DatasetStore`) and their row count;
-- `train`: export and concatenate them, label rows without `y` (the policy's labeler, in a
-  subprocess), split collected and reference rows into train and holdout (seeded by the job
-  id), write the trainer's inputs, run the trainer (`fleet.training.runner`) and check what it
-  wrote (`fleet.training.interface.read_output`);
+- `train`: export and concatenate them, label rows without `y` (the device's label where the
+  sample carries one, else the policy's labeler, in a subprocess), split collected and
+  reference rows into train and holdout (seeded by the job id), write the trainer's inputs,
+  run the trainer (`fleet.training.runner`) and check what it wrote (`fleet.training.interface.read_output`);
 - `build`: the bundle pipeline (`fleet.registry.builder.build_bundle`: quantize and its gate,
   golden vectors, reference profile, confidence calibration on the holdout), then the accuracy
   gate (`fleet.training.gate`) of the built model against the parent on the holdout;
@@ -186,21 +186,42 @@ def _collected_rows(ctx: StepContext, job: TrainingJob, policy: TrainingPolicy, 
         x = z["x"].astype(np.float32)
         y = z.get("y")
         if y is None:
-            if policy.labeler is None:
-                raise FleetInputError(f"dataset {did} has no labels and the policy names no labeler")
-            xin, yout = work / f"label-{len(xs)}-x.npz", work / f"label-{len(xs)}-y.npz"
-            np.savez(xin, x=x)
-            run_step(harness_argv("label", str(xin), str(yout), policy.labeler), work,
-                     policy.trainer.timeout_s, ctx.log, cancelled=ctx.cancelled, what="labeler",
-                     env=_env(policy))
-            y = _npz(yout).get("y")
-            if y is None or y.shape != (x.shape[0],):
-                raise TrainingFailed(f"the labeler gave no labels for dataset {did}")
+            x, y = _label_rows(ctx, policy, work, did, len(xs), x, z.get("labels"))
         xs.append(x)
         ys.append(np.asarray(y).astype(np.int64))
     if not xs:
         raise FleetInputError("the job has no collected dataset")
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def _label_rows(ctx: StepContext, policy: TrainingPolicy, work: Path, did: str, n: int, x: np.ndarray,
+                device: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels of one dataset: the device's labels where it has them (`labels`, NaN
+    for unknown), the policy's labeler for the other rows; without a labeler, only the rows
+    the device labelled (none: `FleetInputError`)."""
+    known = np.zeros(len(x), bool)
+    if device is not None and device.shape == (len(x),):
+        known = np.isfinite(device)
+    y = np.where(known, device if device is not None else 0.0, 0.0)
+    if known.all():
+        return x, y
+    if policy.labeler is None:
+        if not known.any():
+            raise FleetInputError(f"dataset {did} has no labels and the policy names no labeler")
+        ctx.log(f"dataset {did}: {int(known.sum())} rows labelled by devices, {int((~known).sum())} "
+                "unlabelled rows left out (the policy names no labeler)")
+        return x[known], y[known]
+    xin, yout = work / f"label-{n}-x.npz", work / f"label-{n}-y.npz"
+    np.savez(xin, x=x[~known])
+    run_step(harness_argv("label", str(xin), str(yout), policy.labeler), work,
+             policy.trainer.timeout_s, ctx.log, cancelled=ctx.cancelled, what="labeler", env=_env(policy))
+    out = _npz(yout).get("y")
+    if out is None or out.shape != (int((~known).sum()),):
+        raise TrainingFailed(f"the labeler gave no labels for dataset {did}")
+    y[~known] = out
+    if known.any():
+        ctx.log(f"dataset {did}: {int(known.sum())} rows labelled by devices, {len(out)} by the labeler")
+    return x, y
 
 
 def _npz_bytes(data: bytes, what: str) -> dict[str, np.ndarray]:

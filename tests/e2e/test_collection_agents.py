@@ -26,6 +26,7 @@ import pytest
 from agent.contract.bundle import write_bundle
 from agent.contract.collect import DatasetChunk, encode_chunk
 from agent.contract.protocol import Topics
+from agent.serving.client import UnixInferenceClient
 from fleet.access.auth import create_api_key
 from fleet.collection.ingest import DatasetIngest
 from fleet.components import ServeConfig, build_components
@@ -139,7 +140,7 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         assert c.post("/v1/collections", json={"model": "mlp", "version": "1.0.0", "max_rows": 0}
                       ).status_code == 422
         res = c.post("/v1/collections", json={"model": "mlp", "version": "1.0.0", "selector": "site=lab",
-                                               "max_rows": 20, "max_seconds": 2, "chunk_bytes": 1024})
+                                               "max_rows": 20, "max_seconds": 3, "chunk_bytes": 1024})
         assert res.status_code == 201, res.text
         cid = res.json()["collection_id"]
 
@@ -152,9 +153,22 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         agent_in, agent_out = world.agents[IN], world.agents[OUT]
         wait_until(lambda: (agent_in.state_dir / "collect" / "active.json").exists(), 20,
                    f"{IN} accepted the policy\n{agent_in.tail()}")
+        client_in = UnixInferenceClient(agent_in.socket, timeout=5.0)
+        ids: list[str] = []
+        served: dict[tuple[float, ...], int] = {}
         for _ in range(6):  # 48 rows served, at most 20 kept
-            agent_in.predict_unix()
+            logits = np.asarray(client_in.predict({"x": X})["logits"])
+            ids += client_in.last_prediction_ids
+            served.update({tuple(np.float64(r).tolist()): int(k)
+                           for r, k in zip(X, logits.argmax(1), strict=True)})
             agent_out.predict_unix()
+        classes = [int(k) for k in np.asarray(client_in.predict({"x": X})["logits"]).argmax(1)]
+        ids_now = client_in.last_prediction_ids
+        # the application labels every row it was served while the sample is still held
+        labels = {pid: classes[i % len(classes)] for i, pid in enumerate(ids)}
+        labels |= dict(zip(ids_now, classes, strict=True))
+        assert client_in.feedback(labels)["matched"] == len(labels)
+        client_in.close()
 
         def versions() -> list[dict[str, object]]:
             found: list[dict[str, object]] = c.get("/v1/datasets", params={"collection": cid}).json()
@@ -169,6 +183,9 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             assert z["x"].shape == (20, X.shape[1])
             assert json.loads(bytes(z["meta"]))["device_id"] == IN
+            kept, got = z["x"], z["labels"]
+        assert v["labelled"] == 20  # every kept row was labelled before the sample closed
+        assert [int(g) for g in got] == [served[tuple(np.float64(r).tolist())] for r in kept]
         assert c.get("/v1/datasets/nope/export").status_code == 404
         done = agent_in.state_dir / "collect" / "active.json"  # marked once the broker acked the last chunk
         wait_until(lambda: json.loads(done.read_bytes())["phase"] == "done", 20, "the upload marked done")

@@ -70,7 +70,8 @@ class Sink:
     def __init__(self) -> None:
         self.log = PredictionLog(epoch="abcd0123")
 
-    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray]) -> list[str] | None:
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray] | None = None) -> list[str] | None:
         return self.log.record("b", outputs["logits"].argmax(axis=1))
 
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:

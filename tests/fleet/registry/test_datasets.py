@@ -74,7 +74,7 @@ def test_reservoir_is_bounded_uniform_and_stops_at_the_time_cap() -> None:
     assert x.shape == (50, 3) and meta["seen"] == 2000 and meta["kept"] == 50
     assert x[:, 0].max() < 2000 and x[:, 0].mean() > 500  # a sample of all 2,000, not the first 50
     tiny = SampleCollector(CollectPolicy(policy_id="p", max_rows=10_000, max_bytes=1024), 3, "d", clock)
-    assert tiny.capacity == 1024 // 32  # the byte cap binds
+    assert tiny.capacity == 1024 // (8 * 3 + 16)  # the byte cap binds (values, confidence, label)
 
 
 @pytest.mark.unit
