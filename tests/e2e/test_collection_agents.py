@@ -29,7 +29,6 @@ from agent.contract.protocol import Topics
 from agent.serving.client import UnixInferenceClient
 from fleet.access.auth import create_api_key
 from fleet.collection.ingest import DatasetIngest
-from fleet.components import ServeConfig, build_components
 from fleet.delivery.report_verify import ReportVerifier
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
@@ -38,6 +37,7 @@ from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
 from tests.support.report_signing import DeviceKey
+from tests.support.service_world import api_client, rollout_status, start_fleet_service
 
 pytestmark = pytest.mark.integration
 IN, OUT = "gw-in", "gw-out"
@@ -56,14 +56,10 @@ class World:
 
     @property
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=10,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return api_client(self.settings, self.key, timeout=10)
 
     def start_service(self) -> None:
-        cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
-        self.service = FleetService(self.settings, component_factory=lambda store: build_components(
-            self.settings, store, with_broker=True, config=cfg))
-        self.service.start_background()
+        self.service = start_fleet_service(self.settings)
 
     def serving(self, device: str) -> str | None:
         state = (self.service.store.devices.get(device).reported_state or {})
@@ -72,7 +68,7 @@ class World:
     def wait_rollout(self, rid: str, state: str, timeout: float) -> None:
         def done() -> bool:
             with self.api as c:
-                return bool(c.get(f"/v1/rollouts/{rid}/status").json()["state"] == state)
+                return bool(rollout_status(c, rid)["state"] == state)
 
         wait_until(done, timeout, f"rollout {rid} {state}")
 

@@ -28,7 +28,7 @@ from agent.config import load_config
 from agent.contract.bundle import write_bundle
 from agent.daemon.broker_link import BrokerStatus
 from fleet.access.auth import create_api_key
-from fleet.components import ServeConfig, build_components, ensure_trust
+from fleet.components import ensure_trust
 from fleet.devices.enrollment import write_password_file
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
@@ -37,6 +37,7 @@ from tests.support.agent_world import Agent, wait_until
 from tests.support.broker import free_port
 from tests.support.lifecycle_world import FAST, X, manifest_for
 from tests.support.packaged_broker import FLEET_PW, BrokerTls, PackagedBroker, start_packaged_broker
+from tests.support.service_world import start_fleet_service
 from tests.support.tls import ScratchCA, mqtt_tls_probe
 
 pytestmark = pytest.mark.integration
@@ -81,10 +82,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     model = make_mlp_onnx(1)
     settings.import_dir.mkdir(parents=True)
     write_bundle(manifest_for("1.0.0", model, 1, FAST), model, settings.import_dir / "mlp-1.0.0.efb")
-    cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
-    service = FleetService(settings, component_factory=lambda store: build_components(
-        settings, store, with_broker=True, config=cfg))
-    service.start_background()
+    service = start_fleet_service(settings)
     try:
         w = World(tmp_path, settings, service, broker, server_ca,
                   create_api_key(service.store, "ops", "operator", "test")[1])

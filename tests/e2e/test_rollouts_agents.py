@@ -20,7 +20,6 @@ import pytest
 
 from agent.contract.bundle import write_bundle
 from fleet.access.auth import create_api_key
-from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from fleet.store import Store
@@ -29,6 +28,7 @@ from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
 from tests.support.report_signing import DeviceKey
+from tests.support.service_world import agent_logs, api_client, rollout_status, start_fleet_service
 
 pytestmark = pytest.mark.integration
 DEVICES = ["gw-a", "gw-b", "gw-c", "gw-d"]
@@ -64,15 +64,11 @@ class World:
 
     @property
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=10,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return api_client(self.settings, self.key, timeout=10)
 
     def start_service(self) -> None:
         self.settings = self.settings.model_copy(update={"port": free_port()})
-        cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
-        self.service = FleetService(self.settings, component_factory=lambda store: build_components(
-            self.settings, store, with_broker=True, config=cfg))
-        self.service.start_background()
+        self.service = start_fleet_service(self.settings)
 
     def rollout(self, version: str, strategy: dict[str, Any],
                 thresholds: dict[str, float] | None = None) -> str:
@@ -84,8 +80,7 @@ class World:
 
     def status(self, rid: str) -> dict[str, Any]:
         with self.api as c:
-            out: dict[str, Any] = c.get(f"/v1/rollouts/{rid}/status").json()
-            return out
+            return rollout_status(c, rid)
 
     def wait_rollout(self, rid: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
@@ -115,7 +110,7 @@ class World:
             store.close()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {d}\n{a.tail(8)}" for d, a in self.agents.items())
+        return agent_logs(self.agents)
 
 
 def _agent(root: Path, broker: Broker, repo_root: Path, device: str) -> RolloutAgent:

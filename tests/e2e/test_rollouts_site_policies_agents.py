@@ -20,7 +20,6 @@ import pytest
 
 from agent.contract.bundle import write_bundle
 from fleet.access.auth import create_api_key
-from fleet.components import ServeConfig, build_components
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
 from simulators.models import make_mlp_onnx
@@ -28,6 +27,7 @@ from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import manifest_for
 from tests.support.report_signing import DeviceKey
+from tests.support.service_world import agent_logs, api_client, rollout_status, start_fleet_service
 
 pytestmark = pytest.mark.integration
 DEVICES = {"gw-1": "north", "gw-2": "north", "gw-3": "south"}
@@ -46,8 +46,7 @@ class World:
 
     @property
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=10,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return api_client(self.settings, self.key, timeout=10)
 
     def rollout(self, version: str, strategy: dict[str, Any]) -> str:
         with self.api as c:
@@ -58,14 +57,13 @@ class World:
 
     def status(self, rid: str) -> dict[str, Any]:
         with self.api as c:
-            out: dict[str, Any] = c.get(f"/v1/rollouts/{rid}/status").json()
-            return out
+            return rollout_status(c, rid)
 
     def reported(self, device: str) -> dict[str, Any]:
         return self.service.store.devices.get(device).reported_state or {}
 
     def logs(self) -> str:
-        return "\n".join(f"--- {d}\n{a.tail(8)}" for d, a in self.agents.items())
+        return agent_logs(self.agents)
 
 
 def _agent(root: Path, broker: Broker, repo_root: Path, device: str, site: str) -> Agent:
@@ -85,10 +83,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         model = make_mlp_onnx(seed)
         write_bundle(manifest_for(version, model, seed, FAST_HEALTH), model,
                      settings.import_dir / f"mlp-{version}.efb")
-    cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
-    service = FleetService(settings, component_factory=lambda store: build_components(
-        settings, store, with_broker=True, config=cfg))
-    service.start_background()
+    service = start_fleet_service(settings)
     w = World(broker, settings, service, create_api_key(service.store, "ops", "operator", "test")[1], {})
     with w.api as c:
         for version in ("1.0.0", "2.0.0"):

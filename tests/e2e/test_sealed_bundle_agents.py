@@ -21,7 +21,6 @@ from agent.contract.bundle import write_bundle
 from agent.contract.envelope import public_key_raw
 from agent.trust.wrap_key import create_wrap_key, load_wrap_key
 from fleet.access.auth import create_api_key
-from fleet.components import ServeConfig, build_components
 from fleet.devices.wrap_keys import store_wrap_key
 from fleet.service import FleetService
 from fleet.settings import FleetSettings
@@ -30,6 +29,7 @@ from tests.support.agent_world import Agent, wait_until, write_agent_config
 from tests.support.broker import Broker, free_port, start_mosquitto
 from tests.support.lifecycle_world import X, manifest_for
 from tests.support.report_signing import DeviceKey
+from tests.support.service_world import agent_logs, api_client, rollout_status, start_fleet_service
 
 pytestmark = pytest.mark.integration
 PREFIX = "ef-seal"
@@ -47,8 +47,7 @@ class World:
     agents: dict[str, Agent]
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=30,
-                            headers={"Authorization": f"Bearer {self.key}"})
+        return api_client(self.settings, self.key, timeout=30)
 
     def rollout(self, version: str, selector: str) -> str:
         with self.api() as c:
@@ -59,10 +58,10 @@ class World:
 
     def state(self, rid: str) -> str:
         with self.api() as c:
-            return str(c.get(f"/v1/rollouts/{rid}/status").json()["state"])
+            return str(rollout_status(c, rid)["state"])
 
     def logs(self) -> str:
-        return "\n".join(f"--- {d}\n{a.tail(12)}" for d, a in self.agents.items())
+        return agent_logs(self.agents, 12)
 
 
 def _serves(agent: Agent, version: str) -> bool:
@@ -90,10 +89,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         model = make_mlp_onnx(seed)
         write_bundle(manifest_for(version, model, seed, HEALTH), model,
                      settings.import_dir / f"mlp-{version}.efb")
-    cfg = ServeConfig(controller_tick_s=0.1, timestamp_refresh_s=3600)
-    service = FleetService(settings, component_factory=lambda store: build_components(
-        settings, store, with_broker=True, config=cfg))
-    service.start_background()
+    service = start_fleet_service(settings)
     w = World(broker, settings, service, create_api_key(service.store, "ops", "operator", "test")[1], {})
     for device, site in DEVICES.items():
         service.store.devices.create(device, {"site": site}, {}, device, "$7$unused", "test")
