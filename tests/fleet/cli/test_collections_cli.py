@@ -3,19 +3,16 @@ operators create and stop, viewers read and are refused creating, errors are one
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import click
 import pytest
-from click.testing import CliRunner, Result
 
 from agent.contract.bundle import write_bundle
 from fleet.cli import collections, datasets, models
 from fleet.cli.api_client import EXIT_AUTH, EXIT_INVALID, EXIT_NOT_FOUND
 from simulators.models import make_mlp_onnx
+from tests.support.cli_runner import as_json, cli
 from tests.support.lifecycle_world import FAST, manifest_for
 from tests.support.running_fleet import RunningFleet, running_fleet
 
@@ -24,18 +21,6 @@ from tests.support.running_fleet import RunningFleet, running_fleet
 def fleet(tmp_path: Path) -> Iterator[RunningFleet]:
     with running_fleet(tmp_path / "fleet") as f:
         yield f
-
-
-def cli(group: click.Group, *args: str, env: dict[str, str], code: int = 0) -> Result:
-    result = CliRunner().invoke(group, list(args), env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert result.exit_code == code, (args, result.output)
-    return result
-
-
-def as_json(group: click.Group, *args: str, env: dict[str, str]) -> Any:
-    return json.loads(cli(group, *args, "--json", env=env).stdout)
 
 
 @pytest.mark.integration

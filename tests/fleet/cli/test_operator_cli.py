@@ -8,7 +8,6 @@ its exit code and no traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from fleet.cli.api_client import (
 )
 from simulators.models import make_mlp_onnx
 from tests.support.broker import free_port
+from tests.support.cli_runner import as_json, cli
 from tests.support.lifecycle_world import FAST, manifest_for
 from tests.support.running_fleet import RunningFleet, running_fleet
 
@@ -48,19 +48,6 @@ GROUPS = {"models": models.group, "devices": devices.group, "rollouts": rollouts
 def fleet(tmp_path: Path) -> Iterator[RunningFleet]:
     with running_fleet(tmp_path / "fleet") as f:
         yield f
-
-
-def cli(group: click.Group, *args: str, env: dict[str, str], code: int = 0) -> Result:
-    """Run one command in-process; check the exit code and that nothing escaped as a traceback."""
-    result = CliRunner().invoke(group, list(args), env=env)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert result.exit_code == code, (args, result.output)
-    return result
-
-
-def as_json(group: click.Group, *args: str, env: dict[str, str]) -> Any:
-    return json.loads(cli(group, *args, "--json", env=env).stdout)
 
 
 def bundle(tmp_path: Path, version: str, seed: int = 1, hidden: int = 64) -> Path:
