@@ -82,7 +82,8 @@ from fleet.registry.datasets import DatasetStore
 from fleet.registry.delta_builds import DeltaBuilds
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
 from fleet.registry.publish import REPO_LOCK
-from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.controller_ports import ControllerConfig
 from fleet.rollouts.experiments import ExperimentDriver
 from fleet.rollouts.gates import TelemetryMetrics
 from fleet.service import Component

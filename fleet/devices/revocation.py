@@ -35,7 +35,7 @@ from fleet.devices.broker_reload import BrokerReload, apply_broker_credentials
 from fleet.devices.certificates import write_crl
 from fleet.devices.inventory import Device
 from fleet.errors import FleetError
-from fleet.rollouts.controller import DesiredPublisher
+from fleet.rollouts.controller_ports import DesiredPublisher
 from fleet.settings import FleetSettings
 from fleet.store import Store
 

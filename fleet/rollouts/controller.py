@@ -12,7 +12,9 @@ and the bake time has passed. Abort sends every assigned device a NEW document n
 bundle it ran before and waits for each (or `revert_timeout_s`); cancel stops at once.
 
 Why this shape: the pure functions of `fleet.rollouts.machine` (and, per device,
-`fleet.rollouts.device_verdicts`) decide; this module does the I/O. Every state change goes
+`fleet.rollouts.device_verdicts`) decide; this module does the I/O, with two parts of it apart:
+the documents go out through `fleet.rollouts.dispatch` (signer, broker, deltas) and device events
+come in through `fleet.rollouts.event_intake` (memory queue or `EventLog`). Every state change goes
 through the table and is written with what it implies (runtime phase, stage clock, consumed
 command) in one transaction, before the work it leads to, so a restarted fleet resumes.
 
@@ -27,24 +29,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from agent.contract.director import DeltaRef, TargetRef
+from agent.contract.director import TargetRef
 from agent.contract.protocol import Event, ReportedState
-from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.cluster.lease import LeaseLost
 from fleet.delivery.event_log import EventLog
 from fleet.devices.selector import parse_selector
-from fleet.errors import FleetError, FleetInputError, FleetTransportError
+from fleet.errors import FleetError
 from fleet.periodic import PeriodicRunner
 from fleet.rollouts import machine
 from fleet.rollouts.approval import decide_approval
-from fleet.rollouts.controller_ports import (  # re-exported: callers import them from here
+from fleet.rollouts.controller_ports import (
     ControllerConfig,
     DeltaSource,
     DesiredPublisher,
@@ -53,17 +53,18 @@ from fleet.rollouts.controller_ports import (  # re-exported: callers import the
     TargetSource,
     _Always,
 )
-from fleet.rollouts.device_verdicts import event_update, forward_update, revert_verdict
+from fleet.rollouts.device_verdicts import forward_update, revert_verdict
+from fleet.rollouts.dispatch import DocumentDispatch
+from fleet.rollouts.event_intake import DeviceEventIntake
 from fleet.rollouts.gates import Breach, GateThresholds, MetricsSource, OutcomeCounts, evaluate
 from fleet.rollouts.gates import rollout_evidence as gate_evidence
 from fleet.rollouts.machine import Decision, Desired, QueuedCommand, RolloutEvent, RolloutSnapshot, Work
-from fleet.rollouts.policies import admit_rows, success_breach, windows_for
+from fleet.rollouts.policies import admit_rows, success_breach
 from fleet.rollouts.record_types import (
     FINAL_OUTCOMES,
     NO_REPORT,
     DeviceProgress,
     GateBreach,
-    OpenEntry,
     RolloutCommand,
     RolloutRuntime,
     RuntimePhase,
@@ -76,17 +77,6 @@ from fleet.rollouts.strategies import StrategyConfig, dispatch_quota, stage_targ
 from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.rollouts")
-# Stored device events applied per transaction. The transaction holds the lease row FOR SHARE on
-# PostgreSQL (the fence), which also holds off the elector's own renewal: 5,000 events a batch
-# took longer than the lease TTL there (about 20 s on a loaded 2-core machine), so the lease
-# lapsed inside every batch, the final fence raised LeaseLost, the batch rolled back and the
-# next tick began the same batch again (fleet_scale with 10,000 devices never finished).
-EVENT_BATCH = 500
-ASSIGN_BATCH = 500  # documents signed per sequence transaction (and published before the next batch)
-
-
-__all__ = ["ASSIGN_BATCH", "ControllerConfig", "DeltaSource", "DesiredPublisher", "DirectorIssuer",
-           "Leadership", "RolloutController", "TargetSource"]
 
 
 class RolloutController:
@@ -101,16 +91,17 @@ class RolloutController:
                  deltas: DeltaSource | None = None) -> None:
         self.store = store
         self.leadership: Leadership = leadership or _Always()
-        self.event_log = event_log  # None: events arrive through `on_event` (one process)
         self.records = RolloutRecords(store)
         self.repository = repository
-        self.signer = signer
         self.publisher = publisher
         self.clock = clock
         self.config = config or ControllerConfig()
         self.metrics = metrics
-        self.deltas = deltas  # None: devices always fetch full bundles
-        self._events: deque[tuple[str, Event]] = deque(maxlen=self.config.max_events)
+        self.dispatch = DocumentDispatch(store, self.records, repository, signer, publisher, self.config,
+                                         deltas, self._tx)
+        # event_log None: events arrive through `on_event` (one process)
+        self.intake = DeviceEventIntake(self.records, self.leadership, event_log, self.config.clock_skew_s,
+                                        self.config.max_events, self._tx)
         self._wake = threading.Event()
         self._tick_lock = threading.Lock()
         # Coalesced wake-ups: with a thousand devices reporting, a wake arrives before every tick
@@ -137,7 +128,7 @@ class RolloutController:
         self._wake.set()
 
     def on_event(self, device_id: str, event: Event) -> None:
-        self._events.append((device_id, event))
+        self.intake.queue(device_id, event)
         self._wake.set()
 
     def wake(self) -> None:
@@ -158,7 +149,7 @@ class RolloutController:
             return
         with self._tick_lock:
             try:
-                self._apply_events()
+                self.intake.apply()
                 for ro in self.records.active_rollouts():
                     try:
                         self._drive(ro)
@@ -262,7 +253,7 @@ class RolloutController:
             labels = self.records.labels_of([r.device_id for r in rows]) \
                 if cfg.budget is not None or cfg.windows is not None else {}
             fresh = admit_rows(cfg.budget, rows, labels, quota)
-            assigned += [now] * self._assign(ro.id, rt, cfg, fresh, ro.stage, now, labels)
+            assigned += [now] * self.dispatch.assign(ro.id, rt, cfg, fresh, ro.stage, now, labels)
         stage_done = len(assigned) >= stage_target(cfg, ro.stage, len(rows)) and all(
             r.outcome in FINAL_OUTCOMES for r in self.records.progress(ro.id) if r.assigned_at is not None)
         if stage_done and not acked and promote_free(snapshot):
@@ -304,9 +295,9 @@ class RolloutController:
         try:
             cfg = StrategyConfig.parse(ro.strategy)
             GateThresholds.parse(ro.thresholds)
-            ref = self._version_ref(ro.model_version_id)
+            ref = self.dispatch.version_ref(ro.model_version_id)
             if cfg.shadow_model_version_id:
-                self._version_ref(cfg.shadow_model_version_id)
+                self.dispatch.version_ref(cfg.shadow_model_version_id)
             devices = self.store.devices.ids_matching(parse_selector(ro.selector))
         except FleetError as exc:
             self._apply(ro, rt, Decision((RolloutEvent.START_FAILED,), note=f"cannot start: {exc}"), now)
@@ -316,12 +307,6 @@ class RolloutController:
             self._apply(ro, rt, started, now)
             self.records.add_devices(ro.id, devices)
             return self.records.init_runtime(ro.id, _bundle_id(ref), ref.path, now)
-
-    def _version_ref(self, version_id: str) -> TargetRef:
-        version = self.store.models.get_version_by_id(version_id)
-        if not version.bundle_target:
-            raise FleetInputError(f"{version_id} has no bundle in the repository (register it from a bundle)")
-        return self.repository.target_ref(version.bundle_target)
 
     def _gates(self, ro: Rollout, rt: RolloutRuntime, counts: OutcomeCounts,
                rows: list[DeviceProgress]) -> list[Breach]:
@@ -346,87 +331,6 @@ class RolloutController:
                 self.store.rollouts.request(rid, "pause", f"{self.config.actor}:gates", note[:1000])
             self._apply(ro, rt, Decision((event,), note=f"gate breach: {note}"), now)
 
-    # -- devices ------------------------------------------------------------------------------------
-    def _send(self, rid: str, dev: str, ref: TargetRef, reason: str, shadow: TargetRef | None = None,
-              delta: DeltaRef | None = None, windows: UpdateWindows | None = None) -> bool:
-        """Sign and publish one device's director document; False (logged) if the broker failed."""
-        assert self.publisher is not None
-        try:
-            doc = self.signer.issue(ref, device_id=dev, shadow=shadow, ttl=self.config.document_ttl,
-                                    rollout_id=rid, reason=reason, delta=delta, windows=windows)
-            self.publisher.publish_desired(device_id=dev, document=doc)
-        except FleetTransportError as exc:
-            log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
-                      error=str(exc))
-            return False
-        return True
-
-    def _publish_batch(self, rid: str, devices: list[str], docs: list[bytes]) -> list[str]:
-        """Publish signed documents until the broker fails; returns the devices that got theirs."""
-        assert self.publisher is not None
-        sent: list[str] = []
-        for dev, doc in zip(devices, docs, strict=True):
-            try:
-                self.publisher.publish_desired(device_id=dev, document=doc)
-            except FleetTransportError as exc:
-                log_event(logger, "rollout.publish_failed", logging.WARNING, rollout=rid, device=dev,
-                          error=str(exc))
-                break
-            sent.append(dev)
-        return sent
-
-    def _assign(self, rid: str, rt: RolloutRuntime, cfg: StrategyConfig, rows: list[DeviceProgress],
-                stage: int, now: float, labels: dict[str, dict[str, str]]) -> int:
-        """Send `rows` their forward documents (until the broker fails); returns how many went."""
-        if self.publisher is None or not rows:
-            return 0
-        ref = self.repository.target_ref(rt.target_path)
-        shadow = self._version_ref(cfg.shadow_model_version_id) if cfg.shadow_model_version_id else None
-        reports = self.records.reported_states([r.device_id for r in rows])
-        deltas = self._deltas(ref, [rep.active_bundle for rep in reports.values()])
-        if deltas is None:  # being built off the tick: this rollout's devices wait a tick or two
-            return 0
-        published: list[str] = []
-        # Signed in batches: one sequence transaction per batch, not one per device (issue 11).
-        for i in range(0, len(rows), ASSIGN_BATCH):
-            batch = [r.device_id for r in rows[i:i + ASSIGN_BATCH]]
-            windows: dict[str, UpdateWindows] = {}  # each device's maintenance windows, if any
-            chosen = {}  # the delta from each device's active bundle, for agents that apply deltas
-            for dev in batch:
-                rep = reports.get(dev, NO_REPORT)
-                delta = deltas.get(rep.active_bundle or "") if "delta" in rep.features else None
-                if delta is not None:
-                    chosen[dev] = delta
-                timed = windows_for(cfg.windows, labels.get(dev, {}))
-                if timed is not None:
-                    windows[dev] = timed
-            docs = self.signer.issue_many(ref, batch, shadow=shadow, ttl=self.config.document_ttl,
-                                          rollout_id=rid, reason=f"rollout {rid} stage {stage}",
-                                          deltas=chosen, windows=windows)
-            sent = self._publish_batch(rid, batch, docs)
-            published += sent
-            if len(sent) < len(batch):
-                break
-        # One transaction for the batch (a stage can be a thousand devices). A crash before it
-        # commits leaves them pending: the next tick sends newer documents, which is harmless.
-        with self._tx():
-            self.records.supersede_many(published, rid)
-            ran = [(dev, reports.get(dev, NO_REPORT).active_bundle) for dev in published]
-            self.records.mark_assigned(rid, ran, stage, now)
-        log_event(logger, "rollout.assigned", rollout=rid, stage=stage, devices=len(published))
-        return len(published)
-
-    def _deltas(self, full: TargetRef, active_bundles: list[str | None]) -> dict[str, DeltaRef] | None:
-        """Deltas to `full` from what these devices run (built once per base); {} when disabled,
-        None while they are being built."""
-        if self.deltas is None:
-            return {}
-        try:
-            return self.deltas.for_devices(full, bundle_index(self.repository), active_bundles)
-        except FleetError as exc:  # an optimisation: never let it stop a rollout
-            log_event(logger, "rollout.deltas_failed", logging.WARNING, target=full.path, error=str(exc))
-            return {}
-
     def _observe(self, rt: RolloutRuntime, cfg: StrategyConfig, now: float) -> list[DeviceProgress]:
         """Fold reported states and timeouts into the forward outcomes; returns fresh rows."""
         rid = rt.rollout_id
@@ -442,36 +346,6 @@ class RolloutController:
                     self.records.update_device(rid, r.device_id, update.status, **update.fields)
                     changed = True
         return self.records.progress(rid) if changed else rows
-
-    def _apply_events(self) -> None:
-        while self._events:
-            dev, ev = self._events.popleft()
-            for e in self.records.open_entries_for(dev):
-                self._apply_event(e, dev, ev)
-        if self.event_log is None:
-            return
-        while batch := self.event_log.open_events(EVENT_BATCH):
-            with self._tx():  # applied and marked handled together, under the fencing token
-                for stored in batch:
-                    try:
-                        for e in self.records.open_entries_for(stored.device_id):
-                            self._apply_event(e, stored.device_id, stored.event)
-                    except LeaseLost:
-                        raise
-                    except FleetError as exc:  # one bad event must not hold back every later one
-                        log_event(logger, "rollout.event_failed", logging.WARNING, device=stored.device_id,
-                                  seq=stored.seq, error=str(exc))
-                self.event_log.mark_handled(((s.device_id, s.seq) for s in batch), self.leadership.fence())
-
-    def _apply_event(self, e: OpenEntry, dev: str, ev: Event) -> None:
-        if e.phase is not RuntimePhase.ROLLBACK and ev.type == "shadow_report" \
-                and "label_agreement" in ev.measurements:
-            n = max(1.0, ev.measurements.get("compared", 1.0))
-            self.records.add_shadow_agreement(e.rollout_id, ev.measurements["label_agreement"], n)
-            return
-        update = event_update(e, ev, self.config.clock_skew_s)
-        if update is not None:
-            self.records.update_device(e.rollout_id, dev, update.status, **update.fields)
 
     # -- rollback / cancel ------------------------------------------------------------------------
     def _drive_revert(self, ro: Rollout, rt: RolloutRuntime, now: float) -> None:
@@ -489,7 +363,7 @@ class RolloutController:
             if verdict.send_to is not None:
                 if self.publisher is None:
                     continue
-                if not self._send(rid, r.device_id, index[verdict.send_to], f"rollback of {rid}"):
+                if not self.dispatch.send(rid, r.device_id, index[verdict.send_to], f"rollback of {rid}"):
                     return
             with self._tx():
                 self.records.update_device(rid, r.device_id, verdict.update.status, **verdict.update.fields)

@@ -1,7 +1,8 @@
 """What the rollout controller needs of its collaborators, and its configuration.
 
 Kept apart from `fleet.rollouts.controller` so that the slices that share these ports (the A/B
-experiment driver, revocation) and the controller stay small; the controller re-exports them.
+experiment driver, revocation, the controller's `dispatch` and `event_intake` parts) import them
+without the controller; callers import them from here.
 """
 
 from __future__ import annotations

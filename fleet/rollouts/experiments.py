@@ -43,7 +43,7 @@ from fleet.rollouts.records import RolloutRecords
 from fleet.telemetry.device_totals import DeviceVersionTotals
 
 if TYPE_CHECKING:
-    from fleet.rollouts.controller import DesiredPublisher, DirectorIssuer, TargetSource
+    from fleet.rollouts.controller_ports import DesiredPublisher, DirectorIssuer, TargetSource
     from fleet.store import Store
 
 logger = logging.getLogger("edgefleet.fleet.experiments")

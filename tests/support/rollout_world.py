@@ -18,7 +18,8 @@ import pytest
 
 from agent.contract.protocol import Event
 from fleet.rollouts import machine
-from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.controller_ports import ControllerConfig
 from fleet.rollouts.gates import VersionMetrics
 from fleet.rollouts.machine import RolloutEvent, RolloutState
 from fleet.store import Store

@@ -9,7 +9,8 @@ import pytest
 from agent.contract.protocol import Event
 from fleet.cluster.leader import LeaderElector
 from fleet.delivery.event_log import EventLog
-from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.controller_ports import ControllerConfig
 from tests.support.rollout_world import V2, World
 from tests.support.rollout_world import world as world  # the fixture
 

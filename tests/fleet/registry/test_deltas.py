@@ -18,7 +18,8 @@ from agent.contract.director import DirectorTrust, TargetRef, verify_director
 from fleet.registry import deltas as deltas_mod
 from fleet.registry.delta_builds import BuildJob, DeltaBuilds, delta_answer
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy, most_common_bases
-from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.controller_ports import ControllerConfig
 from fleet.rollouts.record_types import bundle_index
 from fleet.store import Store
 from fleet.trust.director_signer import DirectorSigner

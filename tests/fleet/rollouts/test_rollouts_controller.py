@@ -13,7 +13,8 @@ import pytest
 
 from agent.contract.protocol import Event
 from fleet.errors import Conflict
-from fleet.rollouts.controller import ControllerConfig, RolloutController
+from fleet.rollouts.controller import RolloutController
+from fleet.rollouts.controller_ports import ControllerConfig
 from fleet.rollouts.gates import VersionMetrics
 from fleet.rollouts.records import RolloutRecords
 from fleet.store import Store
