@@ -24,7 +24,7 @@ from agent.contract.director import DeltaRef, DirectorDocument, TargetRef, sign_
 from agent.contract.windows import UpdateWindows
 from agent.logs import log_event
 from fleet.db.database import Database
-from fleet.db.schema import director_sequences
+from fleet.db.director_tables import director_sequences
 from fleet.db.sql import upsert_statement
 from fleet.errors import FleetInputError
 from fleet.trust.keys import KEYS_FILE, KeyStore

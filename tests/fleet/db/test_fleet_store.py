@@ -17,7 +17,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fleet.access.auth import hash_secret
 from fleet.db import migrate
 from fleet.db.migrate import current, head
-from fleet.db.schema import STORE
+from fleet.db.store_tables import STORE
 from fleet.devices.enrollment import create_enrollment_token, enroll_device, mosquitto_password_hash
 from fleet.devices.selector import parse_selector
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
