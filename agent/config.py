@@ -21,7 +21,7 @@ from agent.contract.protocol import DEFAULT_CHUNK_SIZE, ID_RE, MAX_CHUNK_SIZE, M
 from agent.contract.strict import Meta, StrictStruct, ValidationError, describe, field
 from agent.contract.windows import zone
 from agent.errors import ConfigError, MisuseError
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 
 MAX_CONFIG_BYTES = 256 * 1024
 _ID_RULE = "use 1-64 of [A-Za-z0-9._-], starting alphanumeric"  # device ids and cohorts

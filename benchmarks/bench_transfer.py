@@ -74,7 +74,8 @@ def _agents(
 ) -> list[tuple[bool, int, float]]:
     """Connect `ids`, wait for `go`, fetch concurrently; returns (ok, bytes_received, seconds) each."""
     from agent.contract.protocol import Topics
-    from agent.transport.mqtt_client import MqttConfig, MqttTransport
+    from agent.transport.mqtt_client import MqttTransport
+    from agent.transport.mqtt_config import MqttConfig
     from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
 
     transports = [MqttTransport(MqttConfig(port=port, client_id=i, connect_timeout_s=60)) for i in ids]
@@ -115,7 +116,7 @@ def _worker(port: int, ids: list[str], spool: str, digest: str, go: MpEvent, out
 
 
 def run() -> dict[str, float]:
-    from agent.transport.mqtt_client import MqttConfig
+    from agent.transport.mqtt_config import MqttConfig
     from fleet.delivery.publisher import Publisher, PublisherSettings
 
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))

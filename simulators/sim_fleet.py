@@ -30,7 +30,7 @@ from agent.contract.bundle import read_manifest, write_bundle
 from agent.contract.director import TargetRef
 from agent.contract.manifest import Manifest
 from agent.contract.protocol import Event, ReportedState
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.dedupe import EventDeduper
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.errors import FleetTransportError

@@ -41,7 +41,8 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import MisuseError, TransportError
 from agent.logs import log_event
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ class LoopTransport(MqttTransport):
             self._loop.call_soon(_close)
             done.wait(5.0)
         self._connected.clear()
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            fut.cancel()
+        self._pending.cancel_all()
 
     def drop_connection(self) -> None:
         """Cut the TCP connection without DISCONNECT (the broker publishes the Last Will); reconnects."""

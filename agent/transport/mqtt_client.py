@@ -10,21 +10,23 @@ Subscriptions are re-sent after every connect (idempotent on the broker), and th
 paho does not check the broker's maximum packet size: an oversize publish gets the client
 disconnected in a loop, so `publish` refuses anything over the configured limit (and over
 the broker's Maximum Packet Size when the CONNACK announces one).
+
+This module holds the connection and its threads; what goes on the wire (properties, size
+limit, received messages, subscription matching) is decided by the pure functions of
+`agent.transport.mqtt_messages`, and requests waiting for an answer are `mqtt_requests`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -39,65 +41,24 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from agent.contract.protocol import validate_id
-from agent.contract.strict import Meta, StrictStruct
 from agent.errors import ConfigError, FetchTimeoutError, MisuseError, TransportError
 from agent.logs import log_event
 from agent.transport import Handler, Message
+from agent.transport.mqtt_config import MqttConfig
+from agent.transport.mqtt_messages import (
+    handlers_for,
+    publish_properties,
+    size_limit,
+    to_message,
+    will_properties,
+)
+from agent.transport.mqtt_requests import PendingRequests
 
 logger = logging.getLogger(__name__)
-
-
-class MqttConfig(StrictStruct, frozen=True, kw_only=True):
-    """Broker connection settings with explicit limits (sizes in bytes, times in seconds).
-
-    Invalid settings raise `agent.contract.strict.ValidationError` (a `ValueError`) at
-    construction. `repr()` masks the password.
-    """
-
-    host: str = "127.0.0.1"
-    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
-    client_id: str
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None  # client certificate (per-device identity)
-    key_file: Path | None = None
-    keepalive_s: Annotated[int, Meta(ge=5, le=3600)] = 30
-    session_expiry_s: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 3600
-    clean_start: bool = False
-    connect_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
-    max_message_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024 * 1024)] = 256 * 1024
-    reconnect_min_s: Annotated[float, Meta(gt=0, le=60)] = 0.2
-    reconnect_max_s: Annotated[float, Meta(gt=0, le=3600)] = 30.0
-    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20
-    max_pending_requests: Annotated[int, Meta(ge=1, le=100_000)] = 1024
-
-    def _check(self) -> None:
-        try:
-            validate_id(self.client_id, "client id")
-        except MisuseError as exc:
-            raise ValueError(str(exc)) from None
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if (self.cert_file or self.ca_file) and not self.tls:
-            raise ValueError("ca_file/cert_file need tls=true")
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{name}={'**********' if name == 'password' and self.password else repr(getattr(self, name))}"
-            for name in self.__struct_fields__
-        )
-        return f"MqttConfig({fields})"
-
-
-def _strip_share(topic_filter: str) -> str:
-    if topic_filter.startswith("$share/"):
-        return topic_filter.split("/", 2)[2]
-    return topic_filter
+# MqttConfig (held by `mqtt_config`) is still imported from here by work in flight elsewhere:
+# fleet/delivery, fleet/telemetry/acked_stream.py, their tests, tests/agent/daemon and
+# benchmarks/bench_agent_footprint.py. Drop it from `__all__` once they import `mqtt_config`.
+__all__ = ["MqttConfig", "MqttTransport"]
 
 
 class MqttTransport:
@@ -129,7 +90,7 @@ class MqttTransport:
         self._client.on_message = self._on_message
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[Handler, int]] = {}
-        self._pending: dict[bytes, Future[Message]] = {}
+        self._pending = PendingRequests(config.max_pending_requests)
         self._on_connect_cbs: list[Callable[[bool], None]] = []
         self._on_link_down_cbs: list[Callable[[str, bool], None]] = []
         self._connected = threading.Event()
@@ -151,10 +112,7 @@ class MqttTransport:
                  user_properties: tuple[tuple[str, str], ...] = ()) -> None:
         """Set the Last Will (QoS 1) the broker sends if this client vanishes; used from the next CONNECT."""
         self._check_size(payload)
-        props: Properties | None = None
-        if user_properties:
-            props = Properties(PacketTypes.WILLMESSAGE)
-            props.UserProperty = list(user_properties)
+        props = will_properties(user_properties)
         self._client.will_set(topic, payload, qos=1, retain=retain, properties=props)
 
     def connect(self, timeout: float | None = None) -> None:
@@ -190,10 +148,7 @@ class MqttTransport:
             self._supervisor.join(timeout=10)
         self._client.loop_stop()
         self._connected.clear()
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            fut.cancel()
+        self._pending.cancel_all()
 
     def _connect_once(self, first: bool) -> None:
         if first:
@@ -330,9 +285,7 @@ class MqttTransport:
 
     # --- publish / subscribe ------------------------------------------------------------
     def _check_size(self, payload: bytes) -> None:
-        limit = self.config.max_message_bytes
-        if self._broker_max_packet:
-            limit = min(limit, int(self._broker_max_packet) - 512)
+        limit = size_limit(self.config.max_message_bytes, self._broker_max_packet)
         if len(payload) > limit:
             raise MisuseError(f"message of {len(payload)} bytes is over the {limit} byte limit")
 
@@ -356,17 +309,7 @@ class MqttTransport:
         self._check_size(payload)
         if not self._connected.is_set():
             raise TransportError(f"not connected; cannot publish to {topic}")
-        props: Properties | None = None
-        if response_topic or correlation_data or message_expiry_s or user_properties:
-            props = Properties(PacketTypes.PUBLISH)
-            if user_properties:
-                props.UserProperty = list(user_properties)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation_data:
-                props.CorrelationData = correlation_data
-            if message_expiry_s:
-                props.MessageExpiryInterval = int(message_expiry_s)
+        props = publish_properties(response_topic, correlation_data, message_expiry_s, user_properties)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
@@ -387,29 +330,11 @@ class MqttTransport:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self.messages_in += 1
         self.bytes_in += len(msg.payload)
-        props = getattr(msg, "properties", None)
-        corr = getattr(props, "CorrelationData", None) if props else None
-        message = Message(
-            topic=msg.topic,
-            payload=bytes(msg.payload),
-            retain=bool(msg.retain),
-            response_topic=getattr(props, "ResponseTopic", None) if props else None,
-            correlation_data=bytes(corr) if corr else None,
-            user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
-        )
-        if message.correlation_data is not None:
-            with self._lock:
-                fut = self._pending.pop(message.correlation_data, None)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(message)
-                return
+        message = to_message(msg)
+        if self._pending.answer(message):
+            return
         with self._lock:
-            handlers = [
-                h
-                for flt, (h, _q) in self._subs.items()
-                if paho.topic_matches_sub(_strip_share(flt), msg.topic)
-            ]
+            handlers = handlers_for(((flt, h) for flt, (h, _q) in self._subs.items()), msg.topic)
         for handler in handlers:
             try:
                 handler(message)
@@ -431,12 +356,8 @@ class MqttTransport:
         Raises TransportError (not connected, too many pending) or MisuseError (oversize).
         Late or duplicate answers after the future resolved or was cancelled are dropped.
         """
-        corr = correlation_data or secrets.token_bytes(8)
-        fut: Future[Message] = Future()
+        corr, fut = self._pending.open(correlation_data)
         with self._lock:
-            if len(self._pending) >= self.config.max_pending_requests:
-                raise TransportError(f"{len(self._pending)} requests pending; limit reached")
-            self._pending[corr] = fut
             need_sub = response_topic not in self._subs
             if need_sub:
                 self._subs[response_topic] = (lambda _m: None, 1)
@@ -456,10 +377,7 @@ class MqttTransport:
         return corr, fut
 
     def cancel_request(self, correlation_data: bytes) -> None:
-        with self._lock:
-            fut = self._pending.pop(correlation_data, None)
-        if fut is not None:
-            fut.cancel()
+        self._pending.cancel(correlation_data)
 
     def request(self, topic: str, payload: bytes, *, response_topic: str, timeout: float) -> Message:
         """Blocking request/response. Raises FetchTimeoutError, TransportError or MisuseError."""

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.contract.protocol import ObjectRequest, Topics, encode_request
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.api.deps import ApiCollaborators

@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 import simulators.broker as broker_mod
 from agent.contract.protocol import MAX_CHUNK_SIZE, Topics
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
 from fleet.delivery.publisher import Publisher
 from fleet.errors import FleetMisuseError

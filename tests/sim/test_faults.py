@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from simulators.broker import ManagedBroker
 from simulators.faults import FaultPlan, FaultProxy, SkewedClock, tiny_disk
 from simulators.swarm_loop import LoopTransport, SwarmLoop

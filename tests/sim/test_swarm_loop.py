@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import FetchTimeoutError, MisuseError
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from simulators.broker import ManagedBroker
 from simulators.swarm_loop import SwarmLoop, backoff_delay, raise_nofile_limit
 

@@ -29,7 +29,8 @@ from agent.config import load_config, parse_config
 from agent.contract.protocol import Topics
 from agent.daemon.report_signer import ensure_key
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from tests.support.broker import free_port, spawn_mosquitto, wait_port
 from tests.support.running_fleet import RunningFleet, running_fleet
 

@@ -16,7 +16,7 @@ from agent.contract.director import DirectorDocument, TargetRef
 from agent.contract.manifest import HealthPolicy
 from agent.contract.protocol import Event
 from agent.contract.strict import describe
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 REF = {"path": "models/m.efb", "length": 10, "sha256": "a" * 64}

@@ -20,7 +20,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
 from agent.contract.protocol import ReportedState, Topics, encode_reported
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from tests.support.broker import Broker, start_mosquitto

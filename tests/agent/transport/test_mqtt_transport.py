@@ -14,7 +14,8 @@ import pytest
 from agent.contract.protocol import Topics, decode_reported
 from agent.errors import FetchTimeoutError, MisuseError, TransportError
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from tests.support.broker import Broker, start_mosquitto
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -73,7 +74,8 @@ def test_last_will_marks_a_vanished_device_offline(mosquitto: Broker) -> None:
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from agent.contract.protocol import ReportedState, Topics, encode_reported
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 t = MqttTransport(MqttConfig(port={mosquitto.port}, client_id={dev!r}))
 topics = Topics("ef-will", {dev!r})
 t.set_will(topics.reported(), encode_reported(ReportedState(state="committed", online=False, timestamp=1.0)))

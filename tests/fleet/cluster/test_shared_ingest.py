@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry_codec import decode_report
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.devices.enrollment import mosquitto_password_hash
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore

@@ -20,7 +20,8 @@ import pytest
 from agent.contract.protocol import ReportedState, Topics, encode_reported
 from agent.errors import TransportError
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from tests.support.broker import free_port, spawn_mosquitto, wait_port
 from tests.support.packaged_broker import without_mtls_listener
 

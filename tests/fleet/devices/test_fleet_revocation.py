@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from agent.contract.protocol import ReportedState
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.api.deps import ApiCollaborators

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import broker_config, ensure_trust

@@ -14,7 +14,8 @@ import pytest
 
 from agent.contract.bundle import write_bundle
 from agent.contract.protocol import Topics
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import TimestampRefresher, broker_config, ensure_trust
