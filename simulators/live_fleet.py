@@ -29,7 +29,8 @@ from simulators.scenario_drift import drift_specs
 from simulators.scenario_world import COHORTS
 from simulators.sim_fleet import MODEL_NAME, wait_for
 from simulators.sim_service import ServiceFleet
-from simulators.swarm import Swarm, SwarmSpec, make_profiles
+from simulators.swarm import Swarm, make_profiles
+from simulators.swarm_records import SwarmSpec
 
 FINAL = FINISHED_STATES  # the states a rollout stops in by itself
 

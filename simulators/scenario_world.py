@@ -22,8 +22,9 @@ from simulators.datagen import Schema, default_schema
 from simulators.scenarios import ScenarioContext
 from simulators.sim_fleet import SimFleet, wait_for
 from simulators.sim_service import ServiceFleet
-from simulators.swarm import Swarm, SwarmSpec, make_profiles
+from simulators.swarm import Swarm, make_profiles
 from simulators.swarm_device import DeviceProfile
+from simulators.swarm_records import SwarmSpec
 
 COHORTS = ("eu", "us")
 

@@ -16,7 +16,8 @@ import pytest
 from agent.contract.telemetry_codec import decode_report
 from simulators.broker import ManagedBroker
 from simulators.sim_fleet import SimFleet
-from simulators.swarm import Swarm, SwarmSpec, make_profiles
+from simulators.swarm import Swarm, make_profiles
+from simulators.swarm_records import SwarmSpec
 
 pytestmark = pytest.mark.integration
 N = 6

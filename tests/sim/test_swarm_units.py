@@ -18,8 +18,9 @@ from simulators.scenarios import (
     get_scenarios,
     run_scenario,
 )
-from simulators.swarm import Swarm, SwarmSpec, make_profiles
+from simulators.swarm import Swarm, make_profiles
 from simulators.swarm_device import DeviceProfile
+from simulators.swarm_records import SwarmSpec
 
 
 @pytest.mark.unit
