@@ -15,93 +15,37 @@ import io
 import json
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from agent.contract.bundle import write_bundle
 from agent.contract.collect import DatasetChunk, encode_chunk
 from agent.contract.protocol import Topics
 from agent.serving.client import UnixInferenceClient
-from fleet.access.auth import create_api_key
 from fleet.collection.ingest import DatasetIngest
 from fleet.delivery.report_verify import ReportVerifier
-from fleet.service import FleetService
-from fleet.settings import FleetSettings
-from simulators.models import make_mlp_onnx
-from tests.support.agent_world import Agent, wait_until, write_agent_config
-from tests.support.broker import Broker, free_port, start_mosquitto
-from tests.support.lifecycle_world import X, manifest_for
-from tests.support.report_signing import DeviceKey
-from tests.support.service_world import api_client, rollout_status, start_fleet_service
+from tests.support.agent_world import Agent, wait_until
+from tests.support.lifecycle_world import X
+from tests.support.service_world import ServiceWorld
 
 pytestmark = pytest.mark.integration
 IN, OUT = "gw-in", "gw-out"
 PREFIX = "ef-col"
 
 
-@dataclass
-class World:
-    root: Path
-    broker: Broker
-    settings: FleetSettings
-    service: FleetService
-    key: str
-    agents: dict[str, Agent]
-    device_keys: dict[str, DeviceKey]
-
-    @property
-    def api(self) -> httpx.Client:
-        return api_client(self.settings, self.key, timeout=10)
-
-    def start_service(self) -> None:
-        self.service = start_fleet_service(self.settings)
-
-    def serving(self, device: str) -> str | None:
-        state = (self.service.store.devices.get(device).reported_state or {})
-        return state.get("active_bundle") if state.get("state") == "idle" else None
-
-    def wait_rollout(self, rid: str, state: str, timeout: float) -> None:
-        def done() -> bool:
-            with self.api as c:
-                return bool(rollout_status(c, rid)["state"] == state)
-
-        wait_until(done, timeout, f"rollout {rid} {state}")
-
-
-def _agent(root: Path, broker: Broker, repo_root: Path, device: str) -> Agent:
-    """An agent config under the world's root, for `device`."""
-    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
-                              broker.port, {}, Agent, topic_prefix=PREFIX)
+class World(ServiceWorld[Agent]):
+    """The fleet service, its broker and two agents: `IN` (site=lab) and `OUT` (site=other)."""
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("collection-agents")
-    broker = start_mosquitto(root / "broker")
-    settings = FleetSettings(data_dir=root / "fleet", port=free_port(), broker_url=broker.url,
-                             topic_prefix=PREFIX)
-    settings.import_dir.mkdir(parents=True)
-    model = make_mlp_onnx(1)
-    write_bundle(manifest_for("1.0.0", model, 1, {"probation_requests": 0, "probation_seconds": 0.3,
-                                                "inference_timeout_s": 2.0, "traffic": "none"}),
-                 model, settings.import_dir / "mlp-1.0.0.efb")
-    w = World(root, broker, settings, None, "", {}, {})  # type: ignore[arg-type]
-    w.start_service()
-    w.key = create_api_key(w.service.store, "ops", "operator", "test")[1]
-    with w.api as c:
-        res = c.post("/v1/models/mlp/versions/from-bundle", json={"path": "mlp-1.0.0.efb"})
-        assert res.status_code == 201, res.text
+    w = World.open(tmp_path_factory.mktemp("collection-agents"), PREFIX, {"1.0.0": (1, 1)},
+                   {"probation_requests": 0, "probation_seconds": 0.3, "inference_timeout_s": 2.0,
+                    "traffic": "none"}, Agent)
+    w.register_bundle("1.0.0")
     for d, site in ((IN, "lab"), (OUT, "other")):
-        w.service.store.devices.create(d, {"site": site}, {}, d, "$7$unused", "test")
-        w.agents[d] = _agent(root, broker, settings.repo_dir, d)
-        key = DeviceKey(d).register(w.service.store)
-        w.device_keys[d] = key.install(w.agents[d].state_dir)  # as `agent enroll` does
-        w.agents[d].start()
+        w.add_agent(d, {"site": site}, agent_labels={})
     try:
         with w.api as c:
             res = c.post("/v1/rollouts", json={"model_version_id": "mlp:1.0.0", "selector": "",
@@ -111,11 +55,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             wait_until(lambda: w.serving(d) == "mlp-1.0.0", 60, f"{d} serving\n{w.agents[d].tail()}")  # noqa: B023
         yield w
     finally:
-        for a in w.agents.values():
-            if a.proc is not None and a.proc.poll() is None:
-                a.stop()
-        w.service.stop()
-        broker.stop()
+        w.close()
 
 
 def _answers(agent: Agent) -> bool:

@@ -10,25 +10,16 @@ each test starts from "every device serves the previous test's result".
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
-from agent.contract.bundle import write_bundle
-from fleet.access.auth import create_api_key
-from fleet.service import FleetService
-from fleet.settings import FleetSettings
 from fleet.store import Store
-from simulators.models import make_mlp_onnx, mlp_reference, mlp_weights
-from tests.support.agent_world import Agent, wait_until, write_agent_config
-from tests.support.broker import Broker, free_port, start_mosquitto
-from tests.support.lifecycle_world import X, manifest_for
-from tests.support.report_signing import DeviceKey
-from tests.support.service_world import agent_logs, api_client, rollout_status, start_fleet_service
+from simulators.models import mlp_reference, mlp_weights
+from tests.support.agent_world import Agent, wait_until
+from tests.support.lifecycle_world import X
+from tests.support.service_world import ServiceWorld
 
 pytestmark = pytest.mark.integration
 DEVICES = ["gw-a", "gw-b", "gw-c", "gw-d"]
@@ -53,47 +44,10 @@ class RolloutAgent(Agent):
         wait_until(ok, 20, f"{self.device} answering with {bundle}")
 
 
-@dataclass
-class World:
-    root: Path
-    broker: Broker
-    settings: FleetSettings
-    service: FleetService
-    key: str
-    agents: dict[str, RolloutAgent]
-
-    @property
-    def api(self) -> httpx.Client:
-        return api_client(self.settings, self.key, timeout=10)
-
-    def start_service(self) -> None:
-        self.settings = self.settings.model_copy(update={"port": free_port()})
-        self.service = start_fleet_service(self.settings)
-
+class World(ServiceWorld[RolloutAgent]):
     def rollout(self, version: str, strategy: dict[str, Any],
                 thresholds: dict[str, float] | None = None) -> str:
-        with self.api as c:
-            res = c.post("/v1/rollouts", json={"model_version_id": f"mlp:{version}", "selector": "site=lab",
-                                               "strategy": strategy, "thresholds": thresholds or {}})
-        assert res.status_code == 201, res.text
-        return str(res.json()["id"])
-
-    def status(self, rid: str) -> dict[str, Any]:
-        with self.api as c:
-            return rollout_status(c, rid)
-
-    def wait_rollout(self, rid: str, state: str, timeout: float = 60.0) -> dict[str, Any]:
-        def done() -> dict[str, Any] | None:
-            s = self.status(rid)
-            return s if s["state"] == state else None
-
-        out: dict[str, Any] = wait_until(done, timeout, f"rollout {rid} {state} (now {self.status(rid)})\n"
-                                         + self.logs())
-        return out
-
-    def serving(self, device: str) -> str | None:
-        state = (self.service.store.devices.get(device).reported_state or {})
-        return state.get("active_bundle") if state.get("state") == "idle" else None
+        return self.create_rollout(version, "site=lab", strategy, thresholds or {})
 
     def wait_all_serving(self, bundle: str, devices: list[str] | None = None, timeout: float = 60.0) -> None:
         for d in devices or DEVICES:
@@ -109,56 +63,26 @@ class World:
         finally:
             store.close()
 
-    def logs(self) -> str:
-        return agent_logs(self.agents)
-
-
-def _agent(root: Path, broker: Broker, repo_root: Path, device: str) -> RolloutAgent:
-    """An agent config under the world's root, for `device`."""
-    return write_agent_config(device, root / "devices" / device, repo_root / "metadata" / "1.root.json",
-                              broker.port, {"site": "lab"}, RolloutAgent, topic_prefix=PREFIX)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("rollouts-agents")
-    broker = start_mosquitto(root / "broker")
-    settings = FleetSettings(data_dir=root / "fleet", port=free_port(), broker_url=broker.url,
-                             topic_prefix=PREFIX)
-    imports = settings.import_dir
-    imports.mkdir(parents=True)
-    for version, (model_seed, golden_seed) in BUNDLES.items():
-        model = make_mlp_onnx(model_seed)
-        manifest = manifest_for(version, model, golden_seed, FAST_HEALTH)
-        write_bundle(manifest, model, imports / f"mlp-{version}.efb")
-    w = World(root, broker, settings, None, "", {})  # type: ignore[arg-type]
-    w.start_service()  # first start: keys and repository are created under the data dir
-    w.key = create_api_key(w.service.store, "ops", "operator", "test")[1]
+    w = World.open(tmp_path_factory.mktemp("rollouts-agents"), PREFIX, BUNDLES, FAST_HEALTH, RolloutAgent)
+    for version in BUNDLES:
+        assert w.register_bundle(version)["bundle_target"] == f"models/mlp/mlp-{version}.efb"
     with w.api as c:
-        for version in BUNDLES:
-            res = c.post("/v1/models/mlp/versions/from-bundle", json={"path": f"mlp-{version}.efb"})
-            assert res.status_code == 201, res.text
-            assert res.json()["bundle_target"] == f"models/mlp/mlp-{version}.efb"
         again = c.post("/v1/models/mlp/versions/from-bundle", json={"path": "mlp-1.0.0.efb"})
         assert again.status_code == 409
         escape = c.post("/v1/models/mlp/versions/from-bundle", json={"path": "../fleet.db"})
         assert escape.status_code == 422
     for d in DEVICES:
-        w.service.store.devices.create(d, {"site": "lab"}, {}, d, "$7$unused", "test")
-        w.agents[d] = _agent(root, broker, settings.repo_dir, d)
-        DeviceKey(d).register(w.service.store).install(w.agents[d].state_dir)  # as `agent enroll` does
-        w.agents[d].start()
+        w.add_agent(d, {"site": "lab"})
     try:
         rid = w.rollout("1.0.0", {"kind": "all_at_once", "bake_s": 0})  # fresh devices get v1
         w.wait_rollout(rid, "completed", 60)
         w.wait_all_serving("mlp-1.0.0")
         yield w
     finally:
-        for a in w.agents.values():
-            if a.proc is not None and a.proc.poll() is None:
-                a.stop()
-        w.service.stop()
-        broker.stop()
+        w.close()
 
 
 def test_a_good_bundle_reaches_every_device_through_canary_stages(world: World) -> None:
