@@ -11,22 +11,18 @@ the time to wrap a content key for 1,000 devices.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.contract.bundle import bundle_digest, extract_bundle, write_bundle
+from agent.contract.bundle import bundle_digest, extract_bundle
 from agent.contract.director import TargetRef
 from agent.contract.envelope import WrappedKeys, wrap_content_key
-from agent.contract.manifest import Manifest, TensorSpec
 from agent.lifecycle.decrypt import SealingExtractor
+from benchmarks.bundle_fixture import random_bundle, timed
 from fleet.registry.sealing import seal_bundle
 
 NAME = "bundle_encrypt"
@@ -35,16 +31,6 @@ DESCRIPTION = "decrypt + install a sealed 7 MB bundle vs plain verify + extract 
 MODEL_BYTES = 7 * 1000 * 1000
 REPEATS = 9
 FLEET = 1000
-
-
-def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 class _Doc:
@@ -58,15 +44,7 @@ class _Doc:
 def run() -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-encrypt-"))
     try:
-        model = os.urandom(MODEL_BYTES)
-        manifest = Manifest(
-            name="bench", version="1.0.0", runtime="onnx", model_file="model.onnx",
-            model_digest="sha256:" + hashlib.sha256(model).hexdigest(), model_size=len(model),
-            inputs=[TensorSpec(name="x", dtype="float32", shape=[None, 32])],
-            outputs=[TensorSpec(name="y", dtype="float32", shape=[None, 4])],
-        )
-        plain = write_bundle(manifest, model, work / "bench.efb")
-        del model
+        manifest, plain = random_bundle(work / "bench.efb", MODEL_BYTES)
         t0 = time.perf_counter()
         _, key = seal_bundle(plain, work / "bench.sealed")
         seal_s = time.perf_counter() - t0
@@ -98,9 +76,9 @@ def run() -> dict[str, float]:
 
         install_plain()
         install_sealed()  # warm the page cache
-        base, base_cpu = _timed(install_plain, REPEATS)
-        enc, enc_cpu = _timed(install_sealed, REPEATS)
-        base2, _ = _timed(install_plain, REPEATS)
+        base, base_cpu = timed(install_plain, REPEATS)
+        enc, enc_cpu = timed(install_sealed, REPEATS)
+        base2, _ = timed(install_plain, REPEATS)
         base = min(base, base2)
         mb = plain.stat().st_size / 1e6
         return {

@@ -9,16 +9,12 @@ with the same chunk size, in the same run.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from agent.contract.bundle import bundle_digest, extract_bundle, write_bundle
-from agent.contract.manifest import Manifest, TensorSpec
+from agent.contract.bundle import bundle_digest, extract_bundle
+from benchmarks.bundle_fixture import random_bundle, timed
 
 NAME = "bundle_verify"
 DESCRIPTION = "verify (whole-file sha256 + length) and safely extract a 20 MB bundle vs plain sha256"
@@ -35,33 +31,10 @@ def _plain_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall time and median CPU time (all threads of this process)."""
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def run() -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
     try:
-        model = os.urandom(MODEL_BYTES)  # a raw model payload: verification cost does not depend on content
-        manifest = Manifest(
-            name="bench",
-            version="1.0.0",
-            runtime="onnx",
-            model_file="model.onnx",
-            model_digest="sha256:" + hashlib.sha256(model).hexdigest(),
-            model_size=len(model),
-            inputs=[TensorSpec(name="x", dtype="float32", shape=[None, 32])],
-            outputs=[TensorSpec(name="y", dtype="float32", shape=[None, 4])],
-        )
-        bundle = write_bundle(manifest, model, work / "bench.efb")
-        del model
+        _, bundle = random_bundle(work / "bench.efb", MODEL_BYTES)
         size = bundle.stat().st_size
         signed_sha, signed_len = bundle_digest(bundle), size
         counter = iter(range(10**6))
@@ -75,10 +48,10 @@ def run() -> dict[str, float]:
 
         _plain_sha256(bundle)  # warm the page cache
         verify(False)
-        base, base_cpu = _timed(lambda: _plain_sha256(bundle), REPEATS)
-        fast, fast_cpu = _timed(lambda: verify(False), REPEATS)
-        base2, base2_cpu = _timed(lambda: _plain_sha256(bundle), REPEATS)
-        durable, _ = _timed(lambda: verify(True), 5)
+        base, base_cpu = timed(lambda: _plain_sha256(bundle), REPEATS)
+        fast, fast_cpu = timed(lambda: verify(False), REPEATS)
+        base2, base2_cpu = timed(lambda: _plain_sha256(bundle), REPEATS)
+        durable, _ = timed(lambda: verify(True), 5)
         baseline, baseline_cpu = min(base, base2), min(base_cpu, base2_cpu)
         mb = size / 1e6
         return {

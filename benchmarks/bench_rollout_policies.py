@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.contract.windows import Window, is_open, zone
-from benchmarks.rollout_fixture import CountingPublisher, seed_idle_devices, seed_models
+from benchmarks.rollout_fixture import CountingPublisher, median_tick_s, seed_idle_devices, seed_models
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.policies import DisruptionBudget, admit
 from fleet.store import Store
@@ -42,13 +42,9 @@ def _ticks(root: Path, plan: dict[str, Any]) -> tuple[float, float]:
     t0 = time.perf_counter()
     ctl.tick()
     assign = time.perf_counter() - t0
-    idle = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        ctl.tick()
-        idle.append(time.perf_counter() - t0)
+    idle = median_tick_s(ctl.tick)
     store.close()
-    return assign, sorted(idle)[2]
+    return assign, idle
 
 
 def run() -> dict[str, float]:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.rollout_fixture import CountingPublisher, seed_idle_devices, seed_models
+from benchmarks.rollout_fixture import CountingPublisher, median_tick_s, seed_idle_devices, seed_models
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.records import RolloutRecords
 from fleet.store import Store
@@ -52,11 +52,7 @@ def run() -> dict[str, float]:
         t0 = time.perf_counter()
         records.reported_states(devices)
         query_s = time.perf_counter() - t0
-        idle = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            ctl.tick()
-            idle.append(time.perf_counter() - t0)
+        idle = median_tick_s(ctl.tick)
 
         for d in devices:
             store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-2.0.0",
@@ -71,7 +67,7 @@ def run() -> dict[str, float]:
         "rollout_assign_tick_s": assign_s,
         "baseline_sign_only_s": sign_s,
         "rollout_assign_per_device_ms": assign_s / N * 1e3,
-        "rollout_idle_tick_ms": sorted(idle)[len(idle) // 2] * 1e3,
+        "rollout_idle_tick_ms": idle * 1e3,
         "baseline_reported_query_ms": query_s * 1e3,
         "rollout_commit_tick_s": commit_s,
     }

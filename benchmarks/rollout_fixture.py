@@ -1,4 +1,5 @@
-"""The fleet the rollout benchmarks drive: two registered bundle versions and idle devices.
+"""The fleet the rollout benchmarks drive (two registered bundle versions, idle devices) and how
+they time its ticks.
 
 `bench_rollout_tick`, `bench_rollout_scale` and `bench_rollout_policies` time the controller
 over this same set-up; the publisher is a counter, so what is timed is the controller's own
@@ -54,3 +55,13 @@ def seed_idle_devices(store: Store, devices: list[str],
             store.devices.create(d, labels(i), {}, d, "$7$x", "bench")
             store.devices.record_reported_state(d, {"state": "idle", "active_bundle": "mlp-1.0.0",
                                                     "timestamp": now})
+
+
+def median_tick_s(tick: Callable[[], object], ticks: int = 5) -> float:
+    """The median time of `ticks` more controller ticks (idle ones once the cohort is assigned)."""
+    times = []
+    for _ in range(ticks):
+        t0 = time.perf_counter()
+        tick()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[ticks // 2]
