@@ -290,7 +290,7 @@ def run_command(config_path: Path) -> None:
     """Run the agent: serve the active model, follow desired state, install, report (until SIGTERM)."""
     from agent.config import load_config  # lazy: CLI start-up
     from agent.daemon.core import AgentDaemon  # lazy: CLI start-up
-    from agent.trust.client_cert import identity_warnings  # lazy: CLI start-up
+    from agent.trust.identity_check import identity_warnings  # lazy: CLI start-up
 
     try:
         config = load_config(config_path)

@@ -13,10 +13,7 @@ Errors: `agent.errors.UntrustedDataError` for a certificate that fails a check.
 from __future__ import annotations
 
 import datetime as dt
-import stat
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,7 +23,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.errors import UntrustedDataError
 
 CSR_SUBJECT = "edgefleet-device"  # the fleet ignores the subject and names the device itself
-EXPIRY_WARNING = dt.timedelta(days=14)  # renewal is manual today: say it early
 
 
 @dataclass(frozen=True)
@@ -96,34 +92,3 @@ def check_issued(cert_pem: str, ca_pem: str, ours: KeyAndCsr, device_id: str,
                                  f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} .. "
                                  f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; check the clock)")
     return cert
-
-
-def identity_warnings(cert_file: Path | None, key_file: Path | None,
-                      now: dt.datetime | None = None) -> list[tuple[str, dict[str, Any]]]:
-    """What `agent run` warns about at start: a private key others can read, a certificate that has
-    expired or expires within `EXPIRY_WARNING` (the broker then refuses it). `(event, fields)` pairs;
-    unreadable files are left to the transport, which refuses them with a ConfigError."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    if key_file is not None:
-        try:
-            loose = stat.S_IMODE(key_file.stat().st_mode) & 0o077
-        except OSError:
-            loose = 0
-        if loose:
-            hint = f"chmod 600 {key_file}: it is the device's identity"
-            out.append(("agent.client_key_readable", {"path": str(key_file), "hint": hint}))
-    if cert_file is not None:
-        try:
-            cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-        except (OSError, ValueError):
-            return out
-        moment = now or dt.datetime.now(dt.UTC)
-        until = cert.not_valid_after_utc
-        fields: dict[str, Any] = {"path": str(cert_file), "not_after": until.isoformat()}
-        if until < moment:
-            fields["hint"] = "the broker refuses it: re-enroll"
-            out.append(("agent.client_certificate_expired", fields))
-        elif until - moment < EXPIRY_WARNING:
-            fields["hint"] = "re-enroll before it expires"
-            out.append(("agent.client_certificate_expiring", fields))
-    return out

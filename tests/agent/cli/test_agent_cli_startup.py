@@ -36,7 +36,8 @@ except Exception as exc:
     print(type(exc).__name__, exc, file=sys.stderr)
 built = "agent.config" in sys.modules
 pydantic = sorted(m for m in sys.modules if m.split(".")[0] == "pydantic")
-print(json.dumps({"calls": calls, "built": built, "pydantic": pydantic}))
+crypto = sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")
+print(json.dumps({"calls": calls, "built": built, "pydantic": pydantic, "cryptography": crypto}))
 """
 
 
@@ -57,6 +58,19 @@ def test_agent_run_scans_no_entry_points(tmp_path: Path) -> None:
     assert result["built"] is True  # the agent's config module was loaded
     assert result["calls"] == []
     assert result["pydantic"] == []
+
+
+@pytest.mark.integration
+def test_agent_run_without_a_client_certificate_loads_no_cryptography(tmp_path: Path) -> None:
+    # The start-up identity check reads a certificate's expiry only when one is configured:
+    # cryptography's Rust extension is ~9 MB RSS (docs/benchmarks.md, agent_footprint).
+    config = tmp_path / "agent.json"
+    config.write_text(json.dumps({"device_id": "dev-1", "state_dir": str(tmp_path / "state"),
+                                  "bootstrap_root": str(tmp_path / "missing-root.json"),
+                                  "api": {"http_enabled": False, "unix_enabled": False}}))
+    result = _run(["agent", "run", "--config", str(config)])  # fails on the missing root, after the check
+    assert result["built"] is True
+    assert result["cryptography"] == []
 
 
 @pytest.mark.integration

@@ -1,8 +1,10 @@
 """An idle agent does not load python-tuf's client, securesystemslib's signer or cryptography.
 
 They cost ~10 MB RSS (docs/benchmarks.md, `agent_footprint`) and are needed only for a new
-director document or an update cycle; these tests keep a stray top-level import from bringing
-them back, and check that the deferred fetcher is built once, when TUF first needs it.
+director document or an update cycle (cryptography also for a device report key or a client
+certificate, loaded then by the code that uses them: docs/agent.md, "Memory"); these tests
+keep a stray top-level import from bringing them back, and check that the deferred fetcher is
+built once, when TUF first needs it.
 """
 
 from __future__ import annotations

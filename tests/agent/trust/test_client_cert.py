@@ -9,7 +9,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import UntrustedDataError
-from agent.trust.client_cert import check_issued, identity_warnings, is_pem_certificates, new_key_and_csr
+from agent.trust.client_cert import check_issued, is_pem_certificates, new_key_and_csr
+from agent.trust.identity_check import identity_warnings
 from fleet.trust.device_ca import DeviceCA, parse_csr
 
 pytestmark = pytest.mark.unit
