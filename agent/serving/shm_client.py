@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.errors import MessageError, TransportError
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame
+from agent.serving.wire import raise_for_error
 from agent.serving.shm_layout import (
     MAGIC_WORD,
     RING_REQUEST,
@@ -74,19 +75,23 @@ class ShmLink:
         """Ask the server for a channel on `sock` (nothing else in flight on it).
 
         Returns None when the server declines (the socket then stays a plain connection);
-        raises `TransportError` when the reply is broken or the socket fails.
+        raises `TransportError` when the reply is broken or the socket fails, and the agent's
+        error when it refuses the connection (busy).
         """
         frame = encode_frame({"op": "shm_open", "request_bytes": request_bytes, "reply_bytes": reply_bytes})
         fds: list[int] = []
         try:
-            sock.sendall(frame)
+            with contextlib.suppress(OSError):  # a busy server answered and closed: read that
+                sock.sendall(frame)
             data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
             data = cls._rest_of_frame(sock, data)
             head_len, payload_len = _prefix(data)
             reply, _ = decode_frame_body(data[FRAME.size:FRAME.size + head_len],
                                          data[FRAME.size + head_len:FRAME.size + head_len + payload_len])
-            if reply.get("status") != 200:
+            status = int(reply.get("status", 500))
+            if status == 400:  # not offered here (an older agent, shared memory off): the socket
                 return None
+            raise_for_error(status, reply)  # busy, and the like: as the socket's first call would
             if len(fds) != 1:
                 raise TransportError("the server accepted shm_open but sent no shared memory")
             size = os.fstat(fds[0]).st_size

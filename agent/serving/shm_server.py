@@ -61,6 +61,8 @@ class ShmConfig:
     spin_us: float = 300.0  # keep polling this long after the last request before sleeping
     stack: bool = False  # run requests of several channels ready at once as one batch
     max_rows: int = 64  # rows of one stacked run
+    # Serve clients of this very process too (tests; a client there must not spin: shm_spin_us=0).
+    same_process: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.spin_us <= 100_000 or self.max_rows < 1:
@@ -224,6 +226,7 @@ class ShmPoller:
                 self._close(ch)
 
     def _close(self, ch: _Channel) -> None:
+        ch.ctl[W_SERVER_PARKED] = 1  # a client about to write rings, and finds the socket closed
         if ch in self._channels:
             self._channels.remove(ch)
         with contextlib.suppress(KeyError, ValueError):
@@ -373,7 +376,7 @@ class ShmOffer:
         client in this very process: its thread and the poller would spin against each other
         for the GIL, so it stays on the socket (which serves it without a thread hop)."""
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        if struct.unpack("3i", creds)[0] == os.getpid():
+        if struct.unpack("3i", creds)[0] == os.getpid() and not self.config.same_process:
             raise MessageError("shared memory is for clients in other processes; stay on the socket")
         most = self.limits.max_body_bytes + self.limits.max_header_bytes + wire.HEADER.size
         return Geometry.for_request(header.get("request_bytes"), header.get("reply_bytes"), most)

@@ -55,7 +55,7 @@ class UnixInferenceServer:
         self.batching = batching
         self._replies = wire.ReplyTemplates()
         if shm is not None and batching is not None:  # stack channels' requests as the loop does
-            shm = ShmConfig(shm.spin_us, True, batching.max_rows)
+            shm = ShmConfig(shm.spin_us, True, batching.max_rows, shm.same_process)
         self.shm = ShmOffer(self.service, shm, self._replies) if shm is not None and shm_supported() else None
         self.loop: BatchLoop | None = None
         self.limits = self.service.limits
