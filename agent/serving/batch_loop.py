@@ -40,7 +40,7 @@ from agent.errors import MessageError, MisuseError
 from agent.serving import batch_run, wire
 from agent.serving.api import ApiLimits, InferenceService, error_body
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
-from agent.serving.shm_server import ShmOffer
+from agent.serving.shm_offer import ShmOffer
 
 #: Answers one decoded EFI1 frame (JSON header and arrays) with a whole reply frame.
 JsonDispatch = Callable[[dict[str, Any], dict[str, np.ndarray]], bytes]

@@ -24,7 +24,6 @@ from typing import Any
 
 from agent.errors import MessageError, TransportError
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame
-from agent.serving.wire import raise_for_error
 from agent.serving.shm_layout import (
     MAGIC_WORD,
     RING_REQUEST,
@@ -37,6 +36,7 @@ from agent.serving.shm_layout import (
     Geometry,
     control_words,
 )
+from agent.serving.wire import raise_for_error
 
 #: How long a client spins for its reply before it sleeps in `recv` (when it is the only
 #: waiter of its process): longer than a small model's run, short next to a slow one's.

@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
-import os
 import selectors
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,12 +33,9 @@ from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 from agent.serving import batch_run, wire
 from agent.serving.api import InferenceService, error_body
-from agent.serving.efi1 import encode_frame
 from agent.serving.shm_layout import (
-    MAGIC_WORD,
     RING_DONE,
     W_CLIENT_PARKED,
-    W_MAGIC,
     W_REP,
     W_REQ,
     W_SERVER_PARKED,
@@ -88,24 +83,6 @@ class _Channel:
         self.known: tuple[bytes, wire.Layout, int, int] | None = None
         # The last reply written whole without ids: its model, the tensors' offset, their layout.
         self.reply_known: tuple[dict[str, str], int, tuple[Any, ...]] | None = None
-
-
-def create_region(geo: Geometry) -> tuple[int, mmap.mmap]:
-    """A fresh anonymous region (`memfd`) of the geometry's size, its magic word written.
-
-    Returns the fd (to send to the client, then close) and the server's mapping.
-    """
-    fd = os.memfd_create("edgefleet-efs1", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, geo.size)
-        region = mmap.mmap(fd, geo.size)
-    except OSError:
-        os.close(fd)
-        raise
-    ctl = control_words(region)
-    ctl[W_MAGIC] = MAGIC_WORD
-    ctl.release()
-    return fd, region
 
 
 class ShmPoller:
@@ -361,48 +338,3 @@ class ShmPoller:
 def _error_parts(exc: BaseException) -> list[Any]:
     status, doc = error_body(exc)
     return [wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False)]
-
-
-class ShmOffer:
-    """What a Unix server needs to offer the channel: answering `shm_open` and the poller."""
-
-    def __init__(self, service: InferenceService, config: ShmConfig, templates: wire.ReplyTemplates) -> None:
-        self.config = config
-        self.limits = service.limits
-        self.poller = ShmPoller(service, config, templates)
-
-    def geometry(self, header: dict[str, Any], sock: socket.socket) -> Geometry:
-        """The areas for an `shm_open` request. Raises `MessageError` for bad sizes, and for a
-        client in this very process: its thread and the poller would spin against each other
-        for the GIL, so it stays on the socket (which serves it without a thread hop)."""
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        if struct.unpack("3i", creds)[0] == os.getpid() and not self.config.same_process:
-            raise MessageError("shared memory is for clients in other processes; stay on the socket")
-        most = self.limits.max_body_bytes + self.limits.max_header_bytes + wire.HEADER.size
-        return Geometry.for_request(header.get("request_bytes"), header.get("reply_bytes"), most)
-
-    def open(self, sock: socket.socket, geo: Geometry, release: Callable[[], None]) -> None:
-        """Create the region, send the reply with its fd, and hand the connection to the poller.
-
-        The connection is closed (and `release` called) when that fails.
-        """
-        try:
-            fd, region = create_region(geo)
-        except OSError as exc:
-            log_event(_log, "inference.shm.open_failed", logging.WARNING, error=str(exc))
-            with contextlib.suppress(OSError):
-                sock.sendall(encode_frame({"status": 503, "error": {
-                    "code": "shm_unavailable", "message": f"no shared memory: {exc}"}}))
-            sock.close()
-            release()
-            return
-        try:
-            socket.send_fds(sock, [encode_frame({"status": 200, "shm": geo.to_doc()})], [fd])
-        except OSError:
-            region.close()
-            sock.close()
-            release()
-            return
-        finally:
-            os.close(fd)
-        self.poller.adopt(sock, region, geo, release)

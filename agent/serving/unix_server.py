@@ -33,7 +33,8 @@ from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predict
 from agent.serving.batch_loop import BatchConfig, BatchLoop
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.shm_layout import supported as shm_supported
-from agent.serving.shm_server import ShmConfig, ShmOffer
+from agent.serving.shm_offer import ShmOffer
+from agent.serving.shm_server import ShmConfig
 from agent.serving.wire import FrameReader, set_kernel_timeouts
 
 _log = logging.getLogger("edgefleet.inference_api.unix")

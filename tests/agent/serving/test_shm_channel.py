@@ -119,8 +119,9 @@ def test_a_server_without_shared_memory_keeps_the_client_on_the_socket(d: Path) 
         with _client(srv.path) as c:
             np.testing.assert_allclose(c.predict({"x": X[:1]})["logits"], REF[:1], atol=1e-5)
             assert not c.on_shared_memory
-        with _client(srv.path, transport="shm") as strict, pytest.raises(TransportError, match="does not offer"):
-            strict.predict({"x": X[:1]})
+        with _client(srv.path, transport="shm") as strict:
+            with pytest.raises(TransportError, match="does not offer"):
+                strict.predict({"x": X[:1]})
     with pytest.raises(MisuseError):
         InferenceClient(d / "x.sock", transport="pigeon")
 
@@ -150,7 +151,7 @@ def _error_of(link: ShmLink) -> tuple[int, str]:
 
 def test_hostile_bytes_in_the_request_area_get_error_frames_not_a_dead_server(d: Path) -> None:
     with _server(d) as srv:
-        s, link = _raw_link(srv.path)
+        _, link = _raw_link(srv.path)
         desc = wire.describe({"x": X[:1]})
         good = wire.HEADER.pack(wire.MAGIC, 1, 0, 0, 1, 0, 0, len(desc), X[:1].nbytes) + desc
         cases = [
