@@ -5,10 +5,12 @@ predict that fits the request area through it; this module holds only the channe
 open handshake (`shm_open`, the region's fd by `SCM_RIGHTS`), writing a request, and waiting
 for its reply (spin, then park on the socket).
 
-Spinning holds the GIL, so a client spins only while no other client of this process is
-waiting for a reply (`_Waiters`): sixteen threads of one application then sleep in `recv`
-and are woken by the server's ring instead of taking turns at the interpreter's switch
-interval.
+A spinning client calls `sched_yield` between looks, which lets a server thread woken on
+the same CPU run at once (without it, the scheduler's habit of waking a peer on the waker's
+CPU made both sides spin out their time slices: 150 µs median instead of 45) and lets go of
+the GIL. Even so, a client spins only while no other client of its process is waiting for a
+reply (`_Waiters`): sixteen threads of one application sleep in `recv` and are woken by the
+server's ring instead of burning the CPU the server needs.
 """
 
 from __future__ import annotations
@@ -163,12 +165,13 @@ class ShmLink:
 
     def _wait(self, seq: int, spin_us: float) -> None:
         ctl = self.ctl
-        if spin_us:
-            clock = time.perf_counter_ns
+        if spin_us:  # yielding: a server thread woken on this CPU gets it at once
+            clock, yield_cpu = time.perf_counter_ns, os.sched_yield
             deadline = clock() + int(spin_us * 1000)
             while ctl[W_REP] != seq:
                 if clock() > deadline:
                     break
+                yield_cpu()
             else:
                 return
         try:

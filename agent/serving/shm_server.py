@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import os
 import selectors
 import socket
 import threading
@@ -150,6 +151,8 @@ class ShmPoller:
                 elif now - last >= spin_ns or not self._channels:
                     self._park()
                     last = clock()
+                else:  # spinning: a client woken on this CPU gets it at once (and the GIL)
+                    os.sched_yield()
                 if now >= next_sweep:  # even while busy: closed peers, idle channels, stale rings
                     self._poll(0)
                     self._sweep()
