@@ -1,19 +1,18 @@
 """The shared-memory channel (EFS1) with a real MLP: what a client gets, what a hostile or
 broken peer gets, and the lifecycle of a channel (fallbacks, closes, idle timeouts, a stopped
-server, swaps under load, stacked runs). Served in this process with `same_process=True` and
-clients that never spin (`shm_spin_us=0`), so the GIL is not fought over; one test runs the
-server in another process with the defaults, spinning on both sides."""
+server, stacked runs; swaps under load are in test_binary_wire.py, on both transports).
+Served in this process with `same_process=True` and clients that never spin
+(`shm_spin_us=0`), so the GIL is not fought over; one test runs the server in another
+process with the defaults, spinning on both sides."""
 
 from __future__ import annotations
 
 import mmap
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.daemon.serving import ModelCatalog, ServedModel
 from agent.errors import InputValidationError, MessageError, MisuseError, RequestTooLargeError, TransportError
 from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
@@ -31,12 +29,12 @@ from agent.serving import shm_layout, wire
 from agent.serving.api import ApiLimits, PredictorSlot
 from agent.serving.batch_loop import BatchConfig
 from agent.serving.efi1 import encode_frame
-from agent.serving.model_holder import ModelHolder
 from agent.serving.shm_client import ShmLink
 from agent.serving.shm_layout import Geometry, write_parts
 from agent.serving.shm_server import ShmConfig
 from agent.serving.unix_server import UnixInferenceServer
-from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
+from simulators.models import mlp_reference, mlp_weights
+from tests.support.serving_wire import mlp_file, socket_dir
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +47,11 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.fixture
 def d() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ef-shm-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with socket_dir("ef-shm-") as path:
+        yield path
 
 
-def _model(d: Path, seed: int = 0, version: str = "1.0.0") -> tuple[Path, Any]:
-    data = make_mlp_onnx(seed)
-    path = d / f"m-{seed}-{version}.onnx"
-    path.write_bytes(data)
-    return path, mlp_manifest(data, version=version)
+_model = mlp_file
 
 
 def _server(d: Path, shm: ShmConfig | None = SHM, limits: ApiLimits = LIMITS,
@@ -278,45 +271,6 @@ def test_parked_sides_are_woken_by_rings_and_a_stopped_server_answers_then_fails
                 c.predict({"x": X[:1]})
     finally:
         srv.stop()
-
-
-def test_concurrent_channels_across_swaps_and_rollbacks_never_fail(d: Path) -> None:
-    catalog, holder = ModelCatalog(threads=1), ModelHolder()
-    p0, m0 = _model(d, 0, "1.0.0")
-    p1, m1 = _model(d, 1, "2.0.0")
-    holder.swap(catalog.load(p0, m0, 1), "mlp-1.0.0", keep_previous=False)
-    refs = {"1.0.0": REF, "2.0.0": mlp_reference(X, mlp_weights(1))}
-    failures: list[str] = []
-    counts: list[int] = []
-    stop = threading.Event()
-    with _server(d, predictor=ServedModel(holder, catalog, None)) as srv:
-
-        def hammer(rows: int) -> None:
-            n = 0
-            with _client(srv.path) as client:
-                while not stop.is_set() or n < 20:
-                    try:
-                        got = client.predict({"x": X[:rows]})["logits"]
-                        if not np.allclose(got, refs[client.last_model["version"]][:rows], atol=1e-5):
-                            failures.append("wrong outputs")
-                        if not client.on_shared_memory:
-                            failures.append("not on shared memory")
-                    except Exception as exc:  # any failed request is the bug this test is for
-                        failures.append(repr(exc))
-                    n += 1
-            counts.append(n)
-
-        threads = [threading.Thread(target=hammer, args=(1 + i % 3,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for _ in range(5):
-            holder.swap(catalog.load(p1, m1, 1), "mlp-2.0.0", keep_previous=True)
-            assert holder.revert()
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    assert failures == []
-    assert len(counts) == 6 and min(counts) >= 20
 
 
 def test_with_batching_on_ready_channels_are_stacked_into_one_run(d: Path) -> None:
