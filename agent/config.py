@@ -46,6 +46,10 @@ class LocalApiConfig(StrictStruct, frozen=True, kw_only=True):
     # (a thread per connection); a number = one event loop, waiting that long for more requests.
     unix_batch_window_us: Annotated[float, Meta(ge=0, le=10_000)] | None = None
     unix_batch_max_rows: Annotated[int, Meta(ge=1, le=4096)] = 64
+    # Shared-memory channels for Unix-socket clients in other processes (agent/serving/shm_server.py;
+    # x86-64 Linux only): the poller spins this long after the last request before it sleeps.
+    unix_shm: bool = True
+    unix_shm_spin_us: Annotated[float, Meta(ge=0, le=100_000)] = 300.0
 
     def _check(self) -> None:
         if (

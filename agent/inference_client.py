@@ -7,6 +7,12 @@ a reused buffer), the rare JSON operations (model, health, feedback) as EFI1 fra
 connection. Error replies become the agent's errors (`InputValidationError`, ...), so
 `except InputValidationError` works the same in-process and over the socket. Not thread-safe:
 one client per thread (the server runs each connection on its own thread).
+
+Where the agent offers it (x86-64 Linux, `agent.serving.shm_layout`), the connection becomes
+a shared-memory channel on the first call (`transport="auto"`, the default): predicts then go
+through the region and the socket is only its doorbell, while the JSON operations and
+frames too large for the region use a second, plain connection. `transport="socket"` keeps
+to the socket; `"shm"` refuses to fall back.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import MessageError, TransportError
+from agent.errors import MessageError, MisuseError, TransportError
 from agent.serving import wire
 from agent.serving.api import ApiLimits
 from agent.serving.efi1 import FRAME, MAGIC, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.shm_client import DEFAULT_SHM_SPIN_US, ShmLink
+from agent.serving.shm_layout import DEFAULT_AREA_BYTES
+from agent.serving.shm_layout import supported as shm_supported
 from agent.serving.wire import raise_for_error
 
 __all__ = ["InferenceClient", "raise_for_error"]
@@ -35,20 +44,35 @@ __all__ = ["InferenceClient", "raise_for_error"]
 #: costs the server CPU on a busy one, and many polling threads of one process on few cores
 #: lower throughput: opt in per client (`spin_us=300`) for a latency-critical caller.
 DEFAULT_SPIN_US = 0.0
+#: Where one output of a known reply layout is: name, dtype, element count, offset, shape.
+_Out = tuple[str, np.dtype[Any], int, int, tuple[int, ...]]
 POLLING_SPIN_US = 300.0
 
 
 class InferenceClient:
     """One persistent connection to the Unix-socket API. Transport failures raise `TransportError`.
 
-    `spin_us`: poll this long for a reply before blocking (see `DEFAULT_SPIN_US`).
+    `spin_us`: poll the socket this long for a reply before blocking (see `DEFAULT_SPIN_US`);
+    `transport`: "auto" (shared memory where offered, else the socket), "socket" or "shm";
+    `shm_spin_us`: on shared memory, spin this long for a reply before sleeping (only while
+    no other client of this process waits); `shm_bytes`: the request and reply areas' size.
     """
 
     def __init__(
         self, path: Path | str, timeout: float = 10.0, limits: ApiLimits | None = None,
-        spin_us: float = DEFAULT_SPIN_US,
+        spin_us: float = DEFAULT_SPIN_US, transport: str = "auto",
+        shm_spin_us: float = DEFAULT_SHM_SPIN_US, shm_bytes: int = DEFAULT_AREA_BYTES,
     ) -> None:
+        if transport not in ("auto", "socket", "shm"):
+            raise MisuseError(f"transport must be auto, socket or shm, not {transport!r}")
         self.path = str(path)
+        self.transport = transport
+        self.shm_spin_us, self.shm_bytes = shm_spin_us, shm_bytes
+        self._link: ShmLink | None = None
+        self._side: InferenceClient | None = None  # plain connection beside an open channel
+        # Bytes before the tensors of the channel's last reply without ids, and where each
+        # output is: name, dtype, element count, offset, shape (see `_shm_reply`).
+        self._fast: tuple[bytes, tuple[_Out, ...]] | None = None
         self.spin_us = spin_us
         self.timeout = timeout
         self.limits = limits or ApiLimits(max_body_bytes=1 << 30, max_header_bytes=1 << 24)
@@ -81,7 +105,34 @@ class InferenceClient:
         sock.settimeout(None)
         wire.set_kernel_timeouts(sock, self.timeout)
         self._sock, self._reader = sock, wire.FrameReader(sock, spin_us=self.spin_us)
+        if self.transport != "socket":
+            self._open_link(sock)
         return sock, self._reader
+
+    def _open_link(self, sock: socket.socket) -> None:
+        """Turn the fresh connection into a shared-memory channel when the agent offers one."""
+        link = None
+        if shm_supported():
+            try:
+                link = ShmLink.open(sock, self.shm_bytes, self.shm_bytes)
+            except TransportError:
+                self.close()
+                raise
+        if link is None and self.transport == "shm":
+            self.close()
+            raise TransportError(f"{self.path} does not offer shared memory (or this machine cannot use it)")
+        self._link = link
+
+    @property
+    def on_shared_memory(self) -> bool:
+        """Whether predicts go through a shared-memory channel (known after the first call)."""
+        return self._link is not None
+
+    def _side_client(self) -> InferenceClient:
+        """A plain socket connection for what does not go through the channel."""
+        if self._side is None:
+            self._side = InferenceClient(self.path, self.timeout, self.limits, self.spin_us, "socket")
+        return self._side
 
     def _fill(self, rd: wire.FrameReader, n: int) -> None:
         try:
@@ -119,6 +170,19 @@ class InferenceClient:
             cached = self._heads[key] = (pre, len(pre) + payload_len)
         pre, total = cached
         sock, rd = (self._sock, self._reader) if self._sock is not None and self._reader else self._connect()
+        link = self._link
+        if link is not None:
+            if total > link.request_room:  # too large for the region: the plain connection
+                side = self._side_client()
+                out = side.predict(arrays)
+                self.last_model, self._last_ids = side.last_model, side._last_ids
+                return out
+            try:
+                link.call(pre, [a.data for a in arrays.values()], self.shm_spin_us)
+            except TransportError:
+                self.close()
+                raise
+            return self._shm_reply(link)
         try:
             try:  # the server may have answered (busy, too large) and closed: the reply is read anyway
                 if len(arrays) == 1:
@@ -139,25 +203,61 @@ class InferenceClient:
             self.close()
             raise TransportError(f"inference socket failed: {exc}") from exc
 
+    def _shm_reply(self, link: ShmLink) -> dict[str, np.ndarray]:
+        """The reply in the channel's area. When its bytes before the tensors are those of the
+        last reply without ids (the server then writes only the tensors), the outputs are read
+        at the offsets known from it; otherwise the frame is decoded and checked in full."""
+        region, at = link.region, link.geo.rep_offset
+        fast = self._fast
+        if fast is not None and region[at:at + len(fast[0])] == fast[0]:
+            self._last_ids = ("", 0)
+            return {k: np.frombuffer(region, dt, n, off).reshape(shape).copy()
+                    for k, dt, n, off, shape in fast[1]}
+        self._fast = None
+        if region[at:at + 4] != wire.MAGIC:
+            self.close()
+            raise TransportError("the shared-memory reply area does not hold an EFB1 frame")
+        out = self._decode_reply(region, at, link.geo.rep_size)
+        if not self._last_ids[1]:  # no ids: the next replies of this layout repeat these bytes
+            meta_len, desc_len = wire.HEADER.unpack_from(region, at)[6:8]
+            off = at + wire.HEADER.size + meta_len + desc_len
+            layout = []
+            for k, a in out.items():
+                layout.append((k, a.dtype, a.size, off, a.shape))
+                off += a.nbytes
+            self._fast = (region[at:at + wire.HEADER.size + meta_len + desc_len], tuple(layout))
+        return out
+
     def _binary_reply(self, rd: wire.FrameReader) -> dict[str, np.ndarray]:
         if rd.end - rd.start < wire.HEADER.size:
             self._fill(rd, wire.HEADER.size)
-        fields = wire.HEADER.unpack_from(rd.buf, rd.start)
-        _, kind, flags, status, n, _, meta_len, desc_len, payload_len = fields
-        if meta_len + desc_len > self.limits.max_header_bytes or payload_len > self.limits.max_body_bytes:
-            self.close()
-            raise TransportError("reply frame over the client's limits")
-        total = wire.HEADER.size + meta_len + desc_len + payload_len
+        total = self._frame_size(rd.buf, rd.start, 1 << 62)
         if rd.end - rd.start < total:
             self._fill(rd, total)
-        at = rd.take(total) + wire.HEADER.size
-        meta = bytes(rd.view[at:at + meta_len])
+        return self._decode_reply(rd.buf, rd.take(total), total)
+
+    def _frame_size(self, buf: Any, at: int, room: int) -> int:
+        """The size of the reply frame at `buf[at:]`, checked against the limits and `room`."""
+        _, _, _, _, _, _, meta_len, desc_len, payload_len = wire.HEADER.unpack_from(buf, at)
+        total = wire.HEADER.size + meta_len + desc_len + payload_len
+        if (meta_len + desc_len > self.limits.max_header_bytes or payload_len > self.limits.max_body_bytes
+                or total > room):
+            self.close()
+            raise TransportError("reply frame over the client's limits")
+        return total
+
+    def _decode_reply(self, buf: Any, at: int, room: int) -> dict[str, np.ndarray]:
+        """Outputs of the whole reply frame at `buf[at:]` (an error frame raises its error)."""
+        self._frame_size(buf, at, room)
+        _, kind, flags, status, n, _, meta_len, desc_len, payload_len = wire.HEADER.unpack_from(buf, at)
+        at += wire.HEADER.size
+        meta = bytes(buf[at:at + meta_len])
         try:
             if kind == wire.KIND_ERROR:
                 code, message = wire.parse_error_meta(meta)
             else:
                 name, version, first, count = self._reply_meta(meta)
-                layout, need = wire.parse_desc(bytes(rd.view[at + meta_len:at + meta_len + desc_len]), n)
+                layout, need = wire.parse_desc(bytes(buf[at + meta_len:at + meta_len + desc_len]), n)
         except MessageError as exc:
             self.close()
             raise TransportError(f"malformed reply frame: {exc}") from exc
@@ -171,7 +271,7 @@ class InferenceClient:
         at += meta_len + desc_len
         out = {}
         for k, dt, shape, items in layout:  # copies: the buffer is reused by the next reply
-            out[k] = np.frombuffer(rd.buf, dt, items, at).reshape(shape).copy()
+            out[k] = np.frombuffer(buf, dt, items, at).reshape(shape).copy()
             at += items * dt.itemsize
         last = self.last_model
         if last.get("version") != version or last.get("name") != name:
@@ -217,6 +317,8 @@ class InferenceClient:
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Send one EFI1 (JSON-headed) frame and return the reply's header and arrays; errors raise."""
         sock, rd = (self._sock, self._reader) if self._sock is not None and self._reader else self._connect()
+        if self._link is not None:  # the channel's socket is its doorbell: the plain connection
+            return self._side_client().call(header, arrays, cache_key)
         frame = encode_frame(header, arrays, cache_key)
         try:
             self._send(sock, [frame], len(frame))
@@ -245,8 +347,13 @@ class InferenceClient:
 
     def close(self) -> None:
         """Close the connection (the next call reconnects)."""
-        if self._sock is not None:
+        link, side, self._link, self._side, self._fast = self._link, self._side, None, None, None
+        if link is not None:
+            link.close()  # closes the socket too
+        elif self._sock is not None:
             self._sock.close()
+        if side is not None:
+            side.close()
         self._sock = self._reader = None
 
     def __enter__(self) -> InferenceClient:

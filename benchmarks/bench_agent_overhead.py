@@ -5,6 +5,12 @@ same run we measure: raw `InferenceSession.run` (batch 1), the agent's Unix-sock
 APIs serving the model, the same server stacks with a no-op "echo" predictor, and a bare
 Unix-socket echo (no framing) as the kernel/process wake-up floor. Targets are interleaved in
 rounds so machine noise hits all of them alike; each figure is a median.
+
+The default client (`InferenceClient`, transport "auto") uses the shared-memory channel where
+the agent offers it (`agent.serving.shm_server`); `*_socket_*` figures are the same calls kept
+on the socket (`transport="socket"`), the fallback path. Spinning trades CPU for latency, so
+the CPU both processes spent per request (`/proc/<pid>/schedstat` of the server, this process's
+own CPU time) is reported beside each round trip.
 """
 
 from __future__ import annotations
@@ -108,6 +114,11 @@ def _timed(fn: Callable[[], object], n: int, sink: list[int]) -> None:
         sink.append(clock() - t0)
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of process `pid` so far, in ns (`/proc/<pid>/schedstat`, all its threads)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
 def run() -> dict[str, float]:
     import onnxruntime as ort
 
@@ -135,7 +146,9 @@ def run() -> dict[str, float]:
             http_agent_port, http_echo_port = (int(p) for p in proc.stdout.readline().split())
             ua, ue = UnixInferenceClient(d / "agent.sock"), UnixInferenceClient(d / "echo.sock")
             ub, ud = UnixInferenceClient(d / "batched.sock"), UnixInferenceClient(d / "daemon.sock")
-            up = UnixInferenceClient(d / "agent.sock", spin_us=POLLING_SPIN_US)
+            us = UnixInferenceClient(d / "agent.sock", transport="socket")
+            ues = UnixInferenceClient(d / "echo.sock", transport="socket")
+            up = UnixInferenceClient(d / "agent.sock", spin_us=POLLING_SPIN_US, transport="socket")
             ha, he = HttpInferenceClient(port=http_agent_port), HttpInferenceClient(port=http_echo_port)
             bare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             bare.connect(str(d / "bare.sock"))
@@ -159,6 +172,8 @@ def run() -> dict[str, float]:
             targets: dict[str, Callable[[], object]] = {
                 "raw_run": lambda: session.run(None, {"x": x}),
                 "unix_agent": lambda: ua.predict({"x": x}),
+                "unix_agent_socket": lambda: us.predict({"x": x}),
+                "unix_echo_socket": lambda: ues.predict({"x": x}),
                 "unix_agent_polling": lambda: up.predict({"x": x}),
                 "unix_batched": lambda: ub.predict({"x": x}),
                 "unix_daemon": lambda: ud.predict({"x": x}),
@@ -171,14 +186,18 @@ def run() -> dict[str, float]:
                 "http_npy_echo": lambda: he.predict_npy(x),
             }
             samples: dict[str, list[int]] = {k: [] for k in targets}
+            cpu: dict[str, int] = dict.fromkeys(targets, 0)
             for fn in targets.values():  # warm up connections, caches and the model
                 _timed(fn, 200, [])
             for _ in range(ROUNDS):
                 for name, fn in targets.items():
+                    c0 = _cpu_ns(proc.pid) + time.process_time_ns()
                     _timed(fn, PER_ROUND, samples[name])
+                    cpu[name] += _cpu_ns(proc.pid) + time.process_time_ns() - c0
             if not ud.last_prediction_ids:
                 raise RuntimeError("the daemon path recorded no prediction ids")
-            for c in (ua, ue, up, ub, ud, ha, he):
+            on_shm = ua.on_shared_memory
+            for c in (ua, ue, us, ues, up, ub, ud, ha, he):
                 c.close()
             bare.close()
         finally:
@@ -186,7 +205,19 @@ def run() -> dict[str, float]:
                 proc.stdin.close()
             proc.wait(timeout=10)
     med = {k: float(np.median(v)) / 1000.0 for k, v in samples.items()}
+    floor = med["bare_socket_echo"] + med["raw_run"]
+    per_call = {k: cpu[k] / 1000.0 / (ROUNDS * PER_ROUND) for k in cpu}
     return {
+        # The default client's path: 1.0 when it went through shared memory (x86-64 Linux).
+        "agent_unix_on_shm": 1.0 if on_shm else 0.0,
+        "agent_unix_socket_rtt_us": med["unix_agent_socket"],
+        "agent_unix_socket_vs_floor_ratio": med["unix_agent_socket"] / floor,
+        "agent_unix_socket_p99_us": float(np.percentile(samples["unix_agent_socket"], 99)) / 1000.0,
+        "echo_unix_socket_rtt_us": med["unix_echo_socket"],
+        # CPU both processes spent per call (spinning is paid in CPU), same calls as the medians.
+        "agent_unix_cpu_us_per_call": per_call["unix_agent"],
+        "agent_unix_socket_cpu_us_per_call": per_call["unix_agent_socket"],
+        "bare_socket_echo_cpu_us_per_call": per_call["bare_socket_echo"],
         "raw_run_us": med["raw_run"],
         "agent_unix_rtt_us": med["unix_agent"],
         "echo_unix_rtt_us": med["unix_echo"],

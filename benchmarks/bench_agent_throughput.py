@@ -5,9 +5,12 @@ The server runs in its own process (as for applications on the gateway), serving
 each with its own connection, batch 1, as fast as they can for a fixed time. The baseline,
 measured in the same run before and after the clients, is raw `InferenceSession.run` in one
 thread of this process: what a single application thread gets without any API at all.
-Beside it, in the same run: the server with micro-batching on (`agent.serving.batch_loop`)
-and a bare echo (one epoll thread, no framing, no model) driven by the same number of client
-threads, the ceiling the socket and the client process set whatever the server does.
+The default client goes through the shared-memory channel where the agent offers it
+(`agent.serving.shm_server`); beside it, in the same run: the same clients kept on the socket
+(`_socket`, the fallback path), the server with micro-batching on (`_batched`: the socket's
+event loop, and the shared-memory poller stacking ready channels into one run), and a bare
+echo (one epoll thread, no framing, no model) driven by the same number of client threads,
+the ceiling the socket and the client process set whatever the server does.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def _raw_rate(session: object, x: np.ndarray) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _clients(path: Path, k: int, x: np.ndarray, spin_us: float) -> tuple[float, list[int]]:
+def _clients(path: Path, k: int, x: np.ndarray, transport: str) -> tuple[float, list[int]]:
     from agent.inference_client import InferenceClient
 
     counts = [0] * k
@@ -127,7 +130,7 @@ def _clients(path: Path, k: int, x: np.ndarray, spin_us: float) -> tuple[float, 
 
     def worker(i: int) -> None:
         clock = time.perf_counter_ns
-        with InferenceClient(path, spin_us=spin_us) as client:
+        with InferenceClient(path, transport=transport) as client:
             client.predict({"x": x})
             start.wait()
             lat = latencies[i]
@@ -153,7 +156,6 @@ def _clients(path: Path, k: int, x: np.ndarray, spin_us: float) -> tuple[float, 
 def run() -> dict[str, float]:
     import onnxruntime as ort
 
-    from agent.inference_client import DEFAULT_SPIN_US, POLLING_SPIN_US
     from simulators.models import make_mlp_onnx
 
     x = np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)
@@ -173,12 +175,10 @@ def run() -> dict[str, float]:
             proc.stdout.readline()
             raw = [_raw_rate(session, x)]
             for k in CLIENTS:
-                # Sleeping clients (the default) and polling ones: many polling threads in one
-                # process on two cores take the CPU the server needs.
-                for sock, spin, tag in (("agent.sock", DEFAULT_SPIN_US, ""),
-                                        ("agent.sock", POLLING_SPIN_US, "_polling"),
-                                        ("batched.sock", DEFAULT_SPIN_US, "_batched")):
-                    rate, lat = _clients(d / sock, k, x, spin)
+                for sock, transport, tag in (("agent.sock", "auto", ""),
+                                             ("agent.sock", "socket", "_socket"),
+                                             ("batched.sock", "auto", "_batched")):
+                    rate, lat = _clients(d / sock, k, x, transport)
                     out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
                     out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
                 out[f"bare_echo_{k}_clients_per_s"] = _bare_clients(d / "bare.sock", k)
@@ -190,6 +190,9 @@ def run() -> dict[str, float]:
     base = float(np.mean(raw))
     out["raw_run_one_thread_per_s"] = base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
+    out["agent_throughput_socket_vs_raw_ratio"] = (
+        out[f"agent_throughput_{CLIENTS[-1]}_clients_socket_per_s"] / base
+    )
     out["agent_throughput_batched_vs_raw_ratio"] = (
         out[f"agent_throughput_{CLIENTS[-1]}_clients_batched_per_s"] / base
     )

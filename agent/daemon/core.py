@@ -213,6 +213,7 @@ class AgentDaemon:
         from agent.serving.api import ApiLimits  # lazy: the API's modules load when it starts
         from agent.serving.batch_loop import BatchConfig  # lazy: with the Unix server
         from agent.serving.http_server import HttpInferenceServer  # lazy: http.server only when enabled
+        from agent.serving.shm_server import ShmConfig  # lazy: with the Unix server
         from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
 
         api = self.config.api
@@ -221,8 +222,9 @@ class AgentDaemon:
             api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
             batching = (None if api.unix_batch_window_us is None
                         else BatchConfig(api.unix_batch_window_us, api.unix_batch_max_rows))
+            shm = ShmConfig(api.unix_shm_spin_us) if api.unix_shm else None
             self._servers.append(
-                UnixInferenceServer(self.served, api.unix_socket, limits, self.tap, batching).start()
+                UnixInferenceServer(self.served, api.unix_socket, limits, self.tap, batching, shm).start()
             )
         if api.http_enabled:
             self._servers.append(

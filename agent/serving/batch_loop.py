@@ -40,6 +40,7 @@ from agent.errors import MessageError, MisuseError
 from agent.serving import batch_run, wire
 from agent.serving.api import ApiLimits, InferenceService, error_body
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.shm_offer import ShmOffer
 
 #: Answers one decoded EFI1 frame (JSON header and arrays) with a whole reply frame.
 JsonDispatch = Callable[[dict[str, Any], dict[str, np.ndarray]], bytes]
@@ -79,9 +80,10 @@ class BatchLoop:
 
     def __init__(
         self, listener: socket.socket, service: InferenceService, config: BatchConfig, dispatch: JsonDispatch,
-        replies: wire.ReplyTemplates,
+        replies: wire.ReplyTemplates, shm: ShmOffer | None = None,
     ) -> None:
         self.listener = listener
+        self.shm = shm
         self.service = service
         self.limits: ApiLimits = service.limits
         self.config = config
@@ -333,12 +335,31 @@ class BatchLoop:
             header, arrays = decode_frame_body(
                 bytes(c.view[at:at + head_len]), bytes(c.view[at + head_len:at + head_len + payload_len])
             )
+            if header.get("op") == "shm_open":
+                self._hand_over(c, header)  # raises MessageError (answered here) when refused
+                return False
             reply = self.dispatch(header, arrays)
         except Exception as exc:
             status, doc = error_body(exc)
             reply = encode_frame({"status": status, **doc})
         self._send(c, [reply], len(reply))
         return not c.closing
+
+    def _hand_over(self, c: _Conn, header: dict[str, Any]) -> None:
+        """Turn the connection into a shared-memory channel served by the offer's poller
+        (which then stacks the channels' requests as this loop does). Raises `MessageError`
+        while the connection is still ours when the channel is not offered or asked wrongly."""
+        if self.shm is None:
+            raise MessageError("this server does not offer shared memory (op shm_open); use the socket")
+        if c.end != c.start or c.out:
+            raise MessageError("shm_open must be the last frame the client sent before the reply")
+        geo = self.shm.geometry(header, c.sock)
+        self._conns.pop(c.sock.fileno(), None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(c.sock)
+        c.closing = True  # nothing more of this loop's for it
+        c.sock.setblocking(True)
+        self.shm.open(c.sock, geo, lambda: None)
 
     # -- batches ----------------------------------------------------------------------------
     def _run_batch(self) -> None:

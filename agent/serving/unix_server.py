@@ -7,7 +7,10 @@ carries the JSON operations and older clients. One thread per connection (bounde
 request itself, so a persistent client's round trip is one `recv_into` wake-up and one
 `sendmsg` on each side, with no queue or thread hop in between. With `batching` set, one
 event-loop thread serves every connection instead and runs concurrent requests as one batch
-(`agent.serving.batch_loop`; off by default).
+(`agent.serving.batch_loop`; off by default). Where the machine allows it
+(`shm_layout.supported()`), a client may turn its connection into a shared-memory channel
+(EFI1 `shm_open`, `agent.serving.shm_server`): the fast path for a local application, with
+the socket kept as its doorbell and as the fallback everywhere else.
 """
 
 from __future__ import annotations
@@ -29,9 +32,16 @@ from agent.serving import wire
 from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 from agent.serving.batch_loop import BatchConfig, BatchLoop
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
+from agent.serving.shm_layout import supported as shm_supported
+from agent.serving.shm_offer import ShmOffer
+from agent.serving.shm_server import ShmConfig
 from agent.serving.wire import FrameReader, set_kernel_timeouts
 
 _log = logging.getLogger("edgefleet.inference_api.unix")
+#: `_handle_one`'s answer when the connection became a shared-memory channel (not closed here).
+_HANDED_OVER = object()
+#: Shared memory is offered by default (where the machine allows it); `shm=None` turns it off.
+DEFAULT_SHM = ShmConfig()
 
 
 class UnixInferenceServer:
@@ -40,9 +50,14 @@ class UnixInferenceServer:
     def __init__(
         self, predictor: Predictor, path: Path, limits: ApiLimits | None = None,
         feedback: FeedbackSink | None = None, batching: BatchConfig | None = None,
+        shm: ShmConfig | None = DEFAULT_SHM,
     ) -> None:
         self.service = InferenceService(predictor, limits, feedback)
         self.batching = batching
+        self._replies = wire.ReplyTemplates()
+        if shm is not None and batching is not None:  # stack channels' requests as the loop does
+            shm = ShmConfig(shm.spin_us, True, batching.max_rows, shm.same_process)
+        self.shm = ShmOffer(self.service, shm, self._replies) if shm is not None and shm_supported() else None
         self.loop: BatchLoop | None = None
         self.limits = self.service.limits
         self.path = path
@@ -52,7 +67,6 @@ class UnixInferenceServer:
         self._conns_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.limits.max_connections)
         self._stopping = threading.Event()
-        self._replies = wire.ReplyTemplates()
 
     def start(self) -> UnixInferenceServer:
         """Bind (replacing a stale socket file, never a regular file) and start accepting.
@@ -68,15 +82,17 @@ class UnixInferenceServer:
         self.path.chmod(0o660)
         sock.listen(self.limits.max_connections)
         self._sock = sock
+        if self.shm is not None:
+            self.shm.poller.start()
         if self.batching is not None:  # one event-loop thread for every connection
-            self.loop = BatchLoop(sock, self.service, self.batching, self._dispatch, self._replies)
+            self.loop = BatchLoop(sock, self.service, self.batching, self._dispatch, self._replies, self.shm)
             target, name = self.loop.run, "inference-unix-batch"
         else:
             target, name = self._accept_loop, "inference-unix-accept"
         self._thread = threading.Thread(target=target, name=name, daemon=True)
         self._thread.start()
         log_event(_log, "inference.unix.listening", path=str(self.path),
-                  batching=self.batching is not None)
+                  batching=self.batching is not None, shm=self.shm is not None)
         return self
 
     def stop(self) -> None:
@@ -94,6 +110,8 @@ class UnixInferenceServer:
                     conn.shutdown(socket.SHUT_RDWR)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.shm is not None:
+            self.shm.poller.stop()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -127,20 +145,26 @@ class UnixInferenceServer:
             self._conns.add(conn)
         set_kernel_timeouts(conn, self.limits.idle_timeout_s)
         reader = FrameReader(conn)
+        kept = True
         try:
-            while True:
-                if not self._handle_one(conn, reader):
+            while kept:
+                kept = self._handle_one(conn, reader)
+                if kept is _HANDED_OVER:  # now a shared-memory channel: the poller closes it
+                    with self._conns_lock:
+                        self._conns.discard(conn)
                     return
         except OSError:
             return
         finally:
-            conn.close()
-            with self._conns_lock:
-                self._conns.discard(conn)
-            self._slots.release()
+            if kept is not _HANDED_OVER:
+                conn.close()
+                with self._conns_lock:
+                    self._conns.discard(conn)
+                self._slots.release()
 
-    def _handle_one(self, conn: socket.socket, rd: FrameReader) -> bool:
-        """Serve one frame (EFB1 binary predict or EFI1 JSON); False when the connection should close.
+    def _handle_one(self, conn: socket.socket, rd: FrameReader) -> Any:
+        """Serve one frame (EFB1 binary predict or EFI1 JSON); False when the connection should
+        close, `_HANDED_OVER` when it became a shared-memory channel.
 
         Runs on the connection's own thread from `recv_into` to `sendmsg`: no queue, no hand-off.
         """
@@ -161,6 +185,11 @@ class UnixInferenceServer:
             payload = bytes(rd.view[at + head_len:at + head_len + payload_len])
             keep_open = True
             header, arrays = decode_frame_body(head, payload)
+            if header.get("op") == "shm_open":
+                geo = self._shm_geometry(header, rd)
+                assert self.shm is not None
+                self.shm.open(conn, geo, self._slots.release)
+                return _HANDED_OVER
             reply = self._dispatch(header, arrays)
         except OSError:
             raise  # the connection itself failed: nothing to reply to
@@ -218,6 +247,16 @@ class UnixInferenceServer:
         sent = conn.sendmsg(parts)
         if sent < total:  # a large reply the socket buffer could not take at once
             conn.sendall(b"".join(bytes(p) for p in parts)[sent:])
+
+    def _shm_geometry(self, header: dict[str, Any], rd: FrameReader) -> Any:
+        """The channel's areas for `shm_open`. Raises `MessageError` (an EFI1 error reply on a
+        connection that stays a socket) when shared memory is not offered here, the sizes are
+        bad, or frames were pipelined behind the request."""
+        if self.shm is None:
+            raise MessageError("this server does not offer shared memory (op shm_open); use the socket")
+        if rd.end != rd.start:
+            raise MessageError("shm_open must be the last frame the client sent before the reply")
+        return self.shm.geometry(header, rd.conn)
 
     def _dispatch(self, header: dict[str, Any], arrays: dict[str, Any]) -> bytes:
         op = header.get("op", "predict")

@@ -64,6 +64,8 @@ def test_comment_lines_only_whole_lines() -> None:
         ({"lifecycle": {"max_load_per_cpu": 0}}, "lifecycle.max_load_per_cpu"),
         ({"api": {"unix_batch_window_us": -1}}, "api.unix_batch_window_us"),
         ({"api": {"unix_batch_max_rows": 0}}, "api.unix_batch_max_rows"),
+        ({"api": {"unix_shm_spin_us": -1}}, "api.unix_shm_spin_us"),
+        ({"api": {"unix_shm": "yes"}}, "api.unix_shm"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(changes: dict[str, object], message: str) -> None:
@@ -77,6 +79,13 @@ def test_micro_batching_is_off_by_default_and_opt_in() -> None:
     assert parse_config(cfg()).api.unix_batch_window_us is None
     c = parse_config(cfg(api={"unix_batch_window_us": 0, "unix_batch_max_rows": 16}))
     assert (c.api.unix_batch_window_us, c.api.unix_batch_max_rows) == (0, 16)
+
+
+@pytest.mark.unit
+def test_shared_memory_is_on_by_default_and_can_be_turned_off() -> None:
+    assert (parse_config(cfg()).api.unix_shm, parse_config(cfg()).api.unix_shm_spin_us) == (True, 300.0)
+    c = parse_config(cfg(api={"unix_shm": False, "unix_shm_spin_us": 0}))
+    assert (c.api.unix_shm, c.api.unix_shm_spin_us) == (False, 0)
 
 
 @pytest.mark.unit

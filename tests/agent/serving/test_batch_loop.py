@@ -30,12 +30,12 @@ from agent.serving.efi1 import FRAME, encode_frame
 from agent.serving.unix_server import UnixInferenceServer
 from agent.telemetry.feedback import PredictionLog
 from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
+from tests.support.serving_wire import HEADER, recv_exact
 
 pytestmark = pytest.mark.integration
 
 X = np.random.default_rng(11).standard_normal((16, 32)).astype(np.float32)
 REF = mlp_reference(X, mlp_weights(0))
-HEADER = "<4sBBHHHIII"
 
 
 class Gated:
@@ -100,14 +100,7 @@ def _request(x: np.ndarray) -> bytes:
     return struct.pack(HEADER, b"EFB1", 1, 0, 0, 1, 0, 0, len(desc), len(payload)) + desc + payload
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
+_recv_exact = recv_exact
 
 
 def _reply(s: socket.socket) -> tuple[int, bytes, np.ndarray | None]:

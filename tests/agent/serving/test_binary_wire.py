@@ -5,10 +5,8 @@ by a thread per connection (the default) and by the micro-batching event loop.""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.manifest import Manifest
 from agent.daemon.serving import ModelCatalog, ServedModel
 from agent.errors import InputValidationError, RequestTooLargeError
 from agent.inference_client import InferenceClient
@@ -25,8 +22,10 @@ from agent.serving.api import ApiLimits, PredictorSlot
 from agent.serving.batch_loop import BatchConfig
 from agent.serving.client import UnixInferenceClient
 from agent.serving.model_holder import ModelHolder
+from agent.serving.shm_server import ShmConfig
 from agent.serving.unix_server import UnixInferenceServer
-from simulators.models import make_mlp_onnx, mlp_manifest, mlp_reference, mlp_weights
+from simulators.models import mlp_reference, mlp_weights
+from tests.support.serving_wire import FLOAT, HEADER, mlp_file, read_reply, recv_exact, socket_dir
 
 pytestmark = pytest.mark.integration
 
@@ -34,23 +33,13 @@ X = np.random.default_rng(5).standard_normal((8, 32)).astype(np.float32)
 REF = mlp_reference(X, mlp_weights(0))
 LIMITS = ApiLimits(max_body_bytes=64 * 1024, max_batch=1000, max_connections=32, idle_timeout_s=10)
 
-# The layout exactly as docs/inference-api.md ("C-compatible protocol") states it.
-HEADER = "<4sBBHHHIII"  # magic, kind, flags, status, n_arrays, reserved, meta_len, desc_len, payload_len
-FLOAT = 1  # ONNX TensorProto FLOAT
-
-
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ef-wire-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with socket_dir("ef-wire-") as d:
+        yield d
 
 
-def _model(d: Path, seed: int = 0, version: str = "1.0.0") -> tuple[Path, Manifest]:
-    data = make_mlp_onnx(seed)
-    path = d / f"m-{seed}-{version}.onnx"
-    path.write_bytes(data)
-    return path, mlp_manifest(data, version=version)
+_model = mlp_file
 
 
 @pytest.fixture(params=[None, BatchConfig(), BatchConfig(window_us=200, max_rows=8)],
@@ -75,23 +64,7 @@ def _request(rows: list[list[float]], name: str = "x", code: int = FLOAT) -> byt
     return struct.pack(HEADER, b"EFB1", 1, 0, 0, 1, 0, 0, len(desc), len(payload)) + desc + payload
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def _reply(s: socket.socket) -> tuple[int, int, int, bytes, bytes, bytes]:
-    """kind, flags, status, meta, desc, payload of one EFB1 reply."""
-    head = _recv_exact(s, struct.calcsize(HEADER))
-    magic, kind, flags, status, _n, _res, meta_len, desc_len, payload_len = struct.unpack(HEADER, head)
-    assert magic == b"EFB1"
-    return (kind, flags, status, _recv_exact(s, meta_len), _recv_exact(s, desc_len),
-            _recv_exact(s, payload_len))
+_recv_exact, _reply = recv_exact, read_reply
 
 
 def _error(meta: bytes) -> tuple[str, str]:
@@ -203,8 +176,9 @@ def test_pipelined_and_large_frames(sockdir: Path, batching: BatchConfig | None)
             np.testing.assert_allclose(client.predict({"x": X[:1]})["logits"], REF[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("shm", [False, True], ids=["socket", "shm"])
 def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(
-    sockdir: Path, batching: BatchConfig | None
+    sockdir: Path, batching: BatchConfig | None, shm: bool
 ) -> None:
     catalog = ModelCatalog(threads=1)
     holder = ModelHolder()
@@ -215,18 +189,23 @@ def test_concurrent_clients_across_swaps_and_rollbacks_never_fail(
     failures: list[str] = []
     counts: list[int] = []
     stop = threading.Event()
+    # shm: channels served in this process (the poller's same_process switch), clients that
+    # never spin, so the test's threads and the poller do not fight for the GIL.
+    channel = ShmConfig(spin_us=200, same_process=True) if shm else None
     with UnixInferenceServer(ServedModel(holder, catalog, None), sockdir / "c.sock", LIMITS,
-                             batching=batching) as srv:
+                             batching=batching, shm=channel) as srv:
 
         def hammer(rows: int) -> None:
             n = 0
-            with InferenceClient(srv.path) as client:
+            with InferenceClient(srv.path, shm_spin_us=0) as client:
                 while not stop.is_set() or n < 20:
                     try:
                         got = client.predict({"x": X[:rows]})["logits"]
                         version = client.last_model["version"]
                         if not np.allclose(got, refs[version][:rows], atol=1e-5):
                             failures.append(f"wrong outputs for {version}")
+                        if client.on_shared_memory != shm:
+                            failures.append(f"on shared memory: {client.on_shared_memory}")
                     except Exception as exc:  # any failed request is the bug this test is for
                         failures.append(repr(exc))
                     n += 1
