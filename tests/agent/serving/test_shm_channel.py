@@ -36,7 +36,10 @@ from agent.serving.unix_server import UnixInferenceServer
 from simulators.models import mlp_reference, mlp_weights
 from tests.support.serving_wire import mlp_file, socket_dir
 
-pytestmark = pytest.mark.integration
+# The channel exists on x86-64 Linux only (agent/serving/shm_layout.py); CI runs there, so
+# these never skip in CI. The socket fallback elsewhere is what test_binary_wire.py covers.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not shm_layout.supported(), reason="shared memory is x86-64 Linux only")]
 
 X = np.random.default_rng(7).standard_normal((8, 32)).astype(np.float32)
 REF = mlp_reference(X, mlp_weights(0))
