@@ -16,6 +16,11 @@ well before that many acknowledgements are held, so the window never fills under
 database; when the database is away it fills and stops only this connection, which carries
 telemetry alone (`fleet/telemetry/acked_stream.py`), never reported states or events.
 
+`end_session()` sends DISCONNECT with Session Expiry Interval 0 (MQTT v5 allows lowering it
+there), so the broker drops this client's session at once; the transport does not reconnect after
+it. A stopped share-group member uses it (`fleet/delivery/acked_stream.py`); `close()` keeps the
+session, as the agent's transport always does.
+
 A token is (connection number, packet id): packet ids are per connection, and after a reconnect
 the broker resends what was unacknowledged under new ids, so an acknowledgement for an id of an
 earlier connection is not sent (it could confirm another message).
@@ -24,6 +29,7 @@ earlier connection is not sent (it could confirm another message).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +61,8 @@ class AckedTransport(MqttTransport):
         self._generation = 0
         self.acks_sent = 0
         self.stale_acks = 0  # tokens of an earlier connection: not sent, the message was resent
+        self._ending = threading.Event()  # end_session() sent DISCONNECT: no reconnect after it
+        self._ended = threading.Event()
 
     def subscribe_acked(self, topic_filter: str, handler: AckedHandler, qos: int = 1) -> None:
         with self._lock:
@@ -71,6 +79,25 @@ class AckedTransport(MqttTransport):
             self._client.ack(mid, 1)
             self.acks_sent += 1
         return True
+
+    def end_session(self, timeout: float = 5.0) -> bool:
+        """DISCONNECT with Session Expiry 0 and stop reconnecting; True once the DISCONNECT was
+        written (paho reports it, then closes the socket). False, nothing sent, when not connected."""
+        with self._lock:
+            if not self._connected.is_set():
+                return False
+            self._ending.set()
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        if self._client.disconnect(properties=props) != paho.MQTT_ERR_SUCCESS:
+            return False
+        return self._ended.wait(timeout)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if self._ending.is_set():
+            self._closing.set()  # before the supervisor sees the link down: it must not reconnect
+            self._ended.set()
+        super()._on_disconnect(client, userdata, flags, rc, props)
 
     def _connect_once(self, first: bool) -> None:
         if not first:  # paho reuses the first CONNECT's properties, Receive Maximum included
