@@ -136,7 +136,8 @@ class AckedStream:
             drained = self.settings.end_session and not self._held
         self.session_ended = drained and self.transport.end_session()
         self.transport.close()
-        log_event(log, "stream.stopped", stream=self.kind, session_ended=self.session_ended, held=self.held)
+        log_event(log, "stream.stopped", stream=self.kind, session_ended=self.session_ended, held=self.held,
+                  drained=drained, flushes=self.flushes, flush_failures=self.flush_failures)
 
     @property
     def held(self) -> int:

@@ -7,7 +7,10 @@ yet another process. The primary key (device_id, seq) makes the first INSERT win
 worker races (`INSERT ... ON CONFLICT DO NOTHING`, portable to PostgreSQL), and the controller
 marks each row handled, with its fencing token, in the transaction that applies it
 (`fleet.rollouts.controller`), so a restart or a new leader neither loses nor repeats one.
-`fleet.delivery.dedupe.EventDeduper` stays as the in-memory filter of a single process.
+An ingest worker stores events from its events stream (`fleet/delivery/event_stream.py`) through
+an `EventBatch`, one transaction per flush, acknowledged after it commits; `DurableEvents` stores
+one at a time for publisher callbacks. `fleet.delivery.dedupe.EventDeduper` stays as the
+in-memory filter of a single process.
 """
 
 from __future__ import annotations
