@@ -10,14 +10,16 @@ start order:
 
 1. the MQTT publisher (only when a broker is given): serves the TUF repository in chunks,
    publishes director documents, and hands reported states to the inventory
-   (`store.devices.on_reported`) and to the controller, and events to the controller;
+   (`store.devices.on_reported`) and to the controller;
 2. the telemetry ingest's store (flushed periodically, closed at stop) whose merged windows
    feed the rollout gates (`TelemetryMetrics`);
    then the drift monitor (`fleet/telemetry/monitor.py`), which times ingest, evaluates
    closed windows for drift (alerts, retraining triggers, Prometheus gauges) and gives the
-   gates their drift score; then (ingest role) the `TelemetryStream`: telemetry on an MQTT
-   connection of its own, each report acknowledged after the flush that stored it
-   (`fleet/telemetry/acked_stream.py`), so the publisher's connection never waits on it;
+   gates their drift score; then (ingest role) the acked streams, `TelemetryStream` and
+   `EventStream`: telemetry and lifecycle events each on an MQTT connection of its own, each
+   message acknowledged after the transaction that stored it (`fleet/delivery/acked_stream.py`),
+   so the publisher's connection never waits on them, and events are stored in the database
+   once (`fleet/delivery/event_log.py`) and wake the in-process controller;
 3. the `LeaderElector` (`fleet/cluster/leader.py`), then the `RolloutController`, then the A/B
    `ExperimentDriver`: they, the drift evaluation and the timestamp refresher act only while
    this process holds the controller lease;
@@ -35,7 +37,7 @@ policies into devices' director documents.
 `roles` (`fleet/cluster/roles.py`) picks the subset a process runs: `api` builds none of the
 components, `publisher` the publisher answering requests on `$share/<publish group>/...`,
 `ingest` the telemetry store fed from `$share/<ingest group>-telemetry/...` with events (from
-`$share/<ingest group>/...`) stored once in the database (`fleet/delivery/event_log.py`),
+`$share/<ingest group>-events/...`) stored once in the database (`fleet/delivery/event_log.py`),
 `controller` items 3-5 behind the lease. One process with every role (the default) subscribes
 without share groups, as it always did (it then also gets the retained reported states at
 start, which a shared subscription does not).
@@ -60,18 +62,22 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from agent.contract.protocol import Event
 from agent.logs import log_event
 from agent.transport import Message
+from agent.transport.mqtt_client import MqttConfig
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role
 from fleet.collection.driver import CollectionDriver, drift_episode_open
 from fleet.collection.ingest import DatasetIngest
 from fleet.collection.records import CollectionStore
+from fleet.delivery.acked_stream import AckedStream, StreamSettings, retire_legacy_subscription
 from fleet.delivery.broker_url import broker_config  # re-exported: `fleet.components.broker_config`
-from fleet.delivery.event_log import DurableEvents, EventLog
+from fleet.delivery.event_log import EventBatch, EventLog
+from fleet.delivery.event_stream import EVENT_SETTINGS, EventStream
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.delivery.report_verify import ReportVerifier
 from fleet.devices.certificates import CrlRefresher
@@ -89,7 +95,7 @@ from fleet.rollouts.gates import TelemetryMetrics
 from fleet.service import Component
 from fleet.settings import FleetSettings
 from fleet.store import Store
-from fleet.telemetry.acked_stream import TelemetryStream, retire_legacy_subscription
+from fleet.telemetry.acked_stream import TelemetryStream
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.ingest import IngestConfig, TelemetryStore
 from fleet.telemetry.monitor import DriftMonitor, build_drift_monitor
@@ -238,11 +244,13 @@ class FleetParts:
     elector: LeaderElector | None = None
     events: EventLog | None = None
     datasets: DatasetStore | None = None  # collected dataset versions (closed by the dataset ingest)
+    streams: tuple[AckedStream, ...] = ()  # the ingest role's acked streams (their counters: /metrics)
 
     @property
     def api(self) -> ApiCollaborators:
         """The API's share (handed to `create_app`)."""
-        return ApiCollaborators(repository=self.repository, publisher=self.publisher, monitor=self.monitor)
+        return ApiCollaborators(repository=self.repository, publisher=self.publisher, monitor=self.monitor,
+                                streams=self.streams)
 
 
 def _publisher(settings: FleetSettings, roles: frozenset[Role]) -> Publisher:
@@ -263,17 +271,33 @@ def _ingest_group(settings: FleetSettings, roles: frozenset[Role]) -> str | None
     return settings.cluster.ingest_share_group if roles != ALL_ROLES else None
 
 
-def _telemetry_stream(settings: FleetSettings, roles: frozenset[Role], ingest: Callable[[str, bytes], None],
-                      flush: Callable[[], object], check: Callable[[Message], bool]) -> TelemetryStream:
-    """The ingest role's telemetry connection: client id `<fleet client id>-telemetry` (stable per
-    slot: a restart gets what it held unacknowledged), share group `<ingest group>-telemetry`."""
-    split = roles != ALL_ROLES
+def _stream_config(settings: FleetSettings, roles: frozenset[Role], kind: str) -> MqttConfig:
+    """An acked stream's connection: client id `<fleet client id>-<kind>` (stable per slot: a
+    restart gets what it held unacknowledged)."""
     password = settings.broker_password.get_secret_value() if settings.broker_password else None
-    client_id = f"fleet-{settings.port}-telemetry" if not split else _member_client_id(roles, settings.port,
-                                                                                      "-telemetry")
+    client_id = f"fleet-{settings.port}-{kind}" if roles == ALL_ROLES else _member_client_id(
+        roles, settings.port, f"-{kind}")
+    return broker_config(settings.broker_url, client_id, password)
+
+
+def _streams(settings: FleetSettings, roles: frozenset[Role], publisher: Publisher,
+             telemetry: tuple[Callable[[str, bytes], None], Callable[[], object]],
+             events: tuple[Callable[[str, Event], None], Callable[[], object]],
+             check: Callable[[Message], bool]) -> list[AckedStream]:
+    """The ingest role's acked streams (share groups `<ingest group>-<kind>`), each given `(ingest,
+    flush)`. Share-group members end their session on a clean stop, once drained; a lone `all`
+    process keeps it, so what devices send while it restarts waits for it (acked_stream.py)."""
     group = _ingest_group(settings, roles)
-    return TelemetryStream(broker_config(settings.broker_url, client_id, password), settings.topic_prefix,
-                           f"{group}-telemetry" if group else None, ingest, flush, check=check)
+    prefix, split = settings.topic_prefix, group is not None
+    for kind in ("telemetry", "events"):  # an older release's session took them on the publisher's
+        retire_legacy_subscription(publisher.transport, prefix, group, kind)
+    return [
+        TelemetryStream(_stream_config(settings, roles, "telemetry"), prefix,
+                        f"{group}-telemetry" if group else None, *telemetry,
+                        StreamSettings(end_session=split), check=check),
+        EventStream(_stream_config(settings, roles, "events"), prefix, f"{group}-events" if group else None,
+                    *events, publisher.malformed, replace(EVENT_SETTINGS, end_session=split), check=check),
+    ]
 
 
 def _member_client_id(roles: frozenset[Role], port: int, suffix: str = "") -> str:
@@ -312,6 +336,7 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
         components.append(PublisherComponent(publisher, announce=Role.PUBLISHER in roles))
     components.append(TelemetryComponent(telemetry))  # flushes what this process ingests; closes it
     controller = experiments = refresher = elector = None
+    streams: list[AckedStream] = []
     gate = None  # the check of signed device reports (issue 14): every kind, dataset chunks included
     if publisher is not None and Role.INGEST in roles:
         gate = ReportVerifier(store.report_keys, settings.topic_prefix, settings.report_signatures,
@@ -363,14 +388,14 @@ def build_components(settings: FleetSettings, store: Store, with_broker: bool,
             publisher.on_reported(controller.on_reported)
         # Events and telemetry from revoked devices (in flight, or before the broker reload) are
         # dropped and counted; reports are refused by `store.devices.on_reported` itself.
-        # Agents send events at least once: each (device, seq) is stored once, whichever worker got it.
-        wake = controller.wake if controller is not None else None
-        publisher.on_event(RevokedFilter(store, DurableEvents(events, wake), "event"))
-        # Telemetry on a connection of its own, acknowledged once stored (fleet/telemetry/acked_stream.py)
-        stream = _telemetry_stream(settings, roles, RevokedFilter(store, monitor.ingest, "telemetry"),
-                                   telemetry.flush,  # telemetry is signed too: the same gate
-                                   lambda msg: gate(msg, redelivery=True))
-        retire_legacy_subscription(publisher.transport, settings.topic_prefix, _ingest_group(settings, roles))
-        components.append(stream)  # after the telemetry store: stopped (final flush, acks) before it
+        # Telemetry and events each on a connection of their own, acknowledged once stored
+        # (fleet/delivery/acked_stream.py); agents send events at least once: each (device, seq)
+        # is stored once, whichever worker got it. Both are signed: the same gate.
+        batch = EventBatch(events, controller.wake if controller is not None else None)
+        streams = _streams(settings, roles, publisher,
+                           (RevokedFilter(store, monitor.ingest, "telemetry"), telemetry.flush),
+                           (RevokedFilter(store, batch.add, "event"), batch.flush),
+                           lambda msg: gate(msg, redelivery=True))
+        components += streams  # after the telemetry store: stopped (final flush, acks) before it
     return FleetParts(keystore, repo, signer, publisher, telemetry, monitor.alerts, monitor, controller,
-                      experiments, refresher, components, elector, events, datasets)
+                      experiments, refresher, components, elector, events, datasets, tuple(streams))

@@ -7,7 +7,10 @@ custom `Collector`, reads them when Prometheus scrapes instead of mirroring ever
 counters (which would drift from the store after a restart). Only two things are measured as
 they happen: API requests (`ApiMetrics`, fed by an ASGI middleware) and ingest latency
 (`fleet.telemetry.monitor.IngestTimer`, owned by the drift monitor that times ingest); their
-metric objects are unregistered and handed to the collector. The sources are the collaborators
+metric objects are unregistered and handed to the collector. The family builders of a source
+live beside it when they are its own: drift (fleet/telemetry/drift_metrics.py), serving
+(fleet/telemetry/serving_metrics.py), signed reports (report_verify.py), acked streams
+(fleet/delivery/acked_stream.py). The sources are the collaborators
 `fleet serve` built once (`sources_of`), never found by scanning the running components.
 
 A source that fails to answer (a locked database, a component mid-stop) does not fail the
@@ -51,6 +54,9 @@ Metric names (every one is exported even when it has no samples yet):
 | `edgefleet_publisher_refusals_total` | counter | `status` (400, 404, 416, 429, 503) |
 | `edgefleet_mqtt_malformed_total` | counter | `kind` (report, event, request): dropped device messages |
 | `edgefleet_reports_refused_total` | counter | `kind`, `reason` (unsigned, bad_signature, replayed, ...) |
+| `edgefleet_ingest_stream_flushes_total`, `_flush_failures_total` | counter | `stream` (telemetry, events) |
+| `edgefleet_ingest_stream_acks_total`, `_stale_acks_total` | counter | `stream` |
+| `edgefleet_ingest_stream_held` | gauge | `stream`: received, not yet acknowledged |
 | `edgefleet_api_requests_total` | counter | `method`, `route` (template), `status` |
 | `edgefleet_api_request_duration_seconds` | histogram | `method`, `route` |
 | `edgefleet_scrape_errors_total` | counter | `source` |
@@ -64,8 +70,8 @@ import threading
 import time
 from collections import Counter as TallyCounter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -74,10 +80,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.logs import log_event
 from fleet.db.sql import json_field
+from fleet.delivery.acked_stream import AckedStream, stream_families
 from fleet.delivery.report_verify import report_families
 from fleet.rollouts.store import FINISHED_STATES, STATES
 from fleet.telemetry.alert_records import KINDS
-from fleet.telemetry.monitor import DriftGauge, DriftMonitor, IngestTimer
+from fleet.telemetry.drift_metrics import DriftSource, drift_families
+from fleet.telemetry.monitor import DriftMonitor, IngestTimer
 from fleet.telemetry.serving_metrics import serving_families
 
 if TYPE_CHECKING:
@@ -139,18 +147,6 @@ class ApiMetricsMiddleware:
             self.metrics.observe(scope.get("method", "GET"), str(template), status, elapsed)
 
 
-class DriftSource(Protocol):
-    """What the collector needs of the drift monitor."""
-
-    def snapshot(self) -> list[DriftGauge]: ...
-
-    @property
-    def evaluations(self) -> int: ...
-
-    @property
-    def evaluation_errors(self) -> int: ...
-
-
 @dataclass
 class MetricSources:
     """Everything the collector reads; any member may be absent (then its families are empty)."""
@@ -162,22 +158,24 @@ class MetricSources:
     publisher: Any | None = None  # fleet.delivery.publisher.Publisher: bytes_sent, chunks_sent, refused
     ingest_timer: IngestTimer | None = None
     api: ApiMetrics | None = None
+    streams: tuple[AckedStream, ...] = ()  # the acked ingest streams (fleet/delivery/acked_stream.py)
     max_serving_series: int = 500
     clock: Callable[[], float] = time.time
 
 
 def sources_of(store: Store, api: ApiMetrics | None = None, publisher: Any | None = None,
                monitor: DriftMonitor | None = None, telemetry: TelemetryStore | None = None,
-               alerts: AlertManager | None = None, max_serving_series: int = 500) -> MetricSources:
+               alerts: AlertManager | None = None, max_serving_series: int = 500,
+               streams: tuple[AckedStream, ...] = ()) -> MetricSources:
     """The collector's sources from the service's collaborators: the drift monitor brings its
     telemetry store, alert manager and ingest timer; `telemetry`/`alerts` (the stores the API
     opened itself when it runs alone) fill in only without a monitor."""
     if monitor is not None:
         return MetricSources(store=store, telemetry=monitor.telemetry, alerts=monitor.alerts, drift=monitor,
                              publisher=publisher, ingest_timer=monitor.ingest_timer, api=api,
-                             max_serving_series=max_serving_series)
+                             streams=streams, max_serving_series=max_serving_series)
     return MetricSources(store=store, telemetry=telemetry, alerts=alerts, publisher=publisher, api=api,
-                         max_serving_series=max_serving_series)
+                         streams=streams, max_serving_series=max_serving_series)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -207,6 +205,7 @@ class FleetCollector(Collector):
             ("devices", _device_families), ("rollouts", _rollout_families),
             ("telemetry", _telemetry_families), ("serving", _serving_families), ("drift", _drift_families),
             ("alerts", _alert_families), ("publisher", _publisher_families),
+            ("streams", lambda src: list(stream_families(src.streams))),
         ]
         for name, build in sections:
             try:
@@ -312,69 +311,7 @@ def _serving_families(src: MetricSources) -> list[Metric]:
 
 
 def _drift_families(src: MetricSources) -> list[Metric]:
-    key = ["model", "version", "cohort"]
-    statistic = _gauge("edgefleet_drift_statistic", "Deciding drift statistic of a feature or output "
-                       "(`output:<name>`) in the latest evaluated window", [*key, "feature", "statistic"])
-    threshold = _gauge("edgefleet_drift_threshold", "Effective (widened) threshold of that statistic",
-                       [*key, "feature", "statistic"])
-    detected = _gauge("edgefleet_drift_detected", "1 when the feature drifted in the latest evaluated window",
-                      [*key, "feature"])
-    share = _gauge("edgefleet_drift_share", "Share of input features that drifted", key)
-    dataset = _gauge("edgefleet_dataset_drift", "1 when the share reaches the dataset drift threshold", key)
-    prediction = _gauge("edgefleet_prediction_drift", "1 when any model output drifted", key)
-    window = _gauge("edgefleet_drift_window_start_seconds", "Start of the latest evaluated window (Unix s)",
-                    key)
-    evaluations = _counter("edgefleet_drift_evaluations", "Windows evaluated for drift since start")
-    errors = _counter("edgefleet_drift_evaluation_errors", "Drift evaluations that failed since start")
-    if src.drift is not None:
-        for g in src.drift.snapshot():
-            labels = [g.model, g.version, g.cohort]
-            for f in [*g.report.features, *[_as_output(o) for o in g.report.outputs]]:
-                if f.method == "insufficient":
-                    continue
-                statistic.add_metric([*labels, f.name, f.method], f.statistic)
-                threshold.add_metric([*labels, f.name, f.method], f.threshold)
-                detected.add_metric([*labels, f.name], float(f.drifted))
-            share.add_metric(labels, g.report.drifted_share)
-            dataset.add_metric(labels, float(g.report.dataset_drift))
-            prediction.add_metric(labels, float(g.report.prediction_drift))
-            window.add_metric(labels, g.window_start)
-        evaluations.add_metric([], src.drift.evaluations)
-        errors.add_metric([], src.drift.evaluation_errors)
-    return [statistic, threshold, detected, share, dataset, prediction, window, evaluations, errors,
-            *_performance_families(src)]
-
-
-def _performance_families(src: MetricSources) -> list[Metric]:
-    """Accuracy (realised from device labels, estimated without them) and MAE of the latest
-    evaluated window per key: bounded like the drift series (no per-class series here; the
-    API has precision and recall per class)."""
-    key = ["model", "version", "cohort"]
-    accuracy = _gauge("edgefleet_model_accuracy", "Accuracy of the latest evaluated window: kind=realised "
-                      "(from labels), estimated (CBPE), estimated_low / estimated_high (95 % band)",
-                      [*key, "kind"])
-    mae = _gauge("edgefleet_model_mae", "Mean absolute error of a regressor in the latest evaluated window",
-                 key)
-    labels_ = _gauge("edgefleet_model_labels", "Labels sent for the latest evaluated window, by outcome "
-                     "(matched, unknown, expired, duplicate, invalid)", [*key, "outcome"])
-    for g in src.drift.snapshot() if src.drift is not None else []:
-        p = g.performance
-        if p is None:
-            continue
-        labels = [g.model, g.version, g.cohort]
-        for kind, value in (("realised", p.accuracy), ("estimated", p.estimated_accuracy),
-                            ("estimated_low", p.estimate_low), ("estimated_high", p.estimate_high)):
-            if value is not None:
-                accuracy.add_metric([*labels, kind], value)
-        if p.mae is not None:
-            mae.add_metric(labels, p.mae)
-        for outcome, n in p.feedback.items():
-            labels_.add_metric([*labels, outcome], n)
-    return [accuracy, mae, labels_]
-
-
-def _as_output(o: Any) -> Any:
-    return replace(o, name=f"output:{o.name}")
+    return drift_families(src.drift)
 
 
 def _alert_families(src: MetricSources) -> list[Metric]:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fleet.access.auth import API_KEY_PREFIX, TOKEN_PREFIX, Principal
 from fleet.api.error_shape import error_response
 from fleet.db.rows import dumps
+from fleet.delivery.acked_stream import AckedStream
 from fleet.delivery.publisher import Publisher
 from fleet.errors import AuthError, Conflict, FleetInputError, FleetMisuseError, NotFound
 from fleet.settings import FleetSettings
@@ -58,6 +59,7 @@ class ApiCollaborators:
     repository: Repository | None = None
     publisher: Publisher | None = None
     monitor: DriftMonitor | None = None  # also brings the telemetry store and the alert manager
+    streams: tuple[AckedStream, ...] = ()  # the ingest role's acked streams (/metrics reads their counters)
 
 
 def get_collaborators(request: Request) -> ApiCollaborators:

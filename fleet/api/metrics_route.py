@@ -38,7 +38,7 @@ def install(app: FastAPI) -> None:
         settings: FleetSettings = app.state.settings
         return sources_of(app.state.store, api, parts.publisher, parts.monitor,
                           ctx.telemetry if ctx is not None else None, ctx.alerts if ctx is not None else None,
-                          max_serving_series=settings.telemetry.max_serving_series)
+                          max_serving_series=settings.telemetry.max_serving_series, streams=parts.streams)
 
     metrics = FleetMetrics(sources)
     app.state.metrics = metrics

@@ -4,8 +4,9 @@
   database and the repository), so any number run behind a load balancer.
 - `publisher`: answers device requests (chunked bundles, TUF metadata) on the shared
   subscription `$share/<publish group>/.../repo/requests/+`; any number.
-- `ingest`: reported state and events on `$share/<ingest group>/.../devices/+/...`, telemetry on
-  `$share/<ingest group>-telemetry/...` (a connection of its own: `fleet.telemetry.acked_stream`);
+- `ingest`: reported state on `$share/<ingest group>/.../devices/+/reported`, telemetry on
+  `$share/<ingest group>-telemetry/...` and events on `$share/<ingest group>-events/...` (each a
+  connection of its own, acknowledged once stored: `fleet.delivery.acked_stream`);
   any number, deduplicated in the database (events by (device, seq): `fleet.delivery.event_log`;
   telemetry by (device, seq): `fleet.telemetry.ingest`).
 - `controller`: the rollout controller, the A/B experiment driver, the drift monitor's

@@ -14,7 +14,13 @@ Maximum is the other direction (what the broker accepts from the client), so it 
 about this window. This transport therefore sends `receive_maximum` itself, and its user flushes
 well before that many acknowledgements are held, so the window never fills under a working
 database; when the database is away it fills and stops only this connection, which carries
-telemetry alone (`fleet/telemetry/acked_stream.py`), never reported states or events.
+one kind of message (telemetry or events: `fleet/delivery/acked_stream.py`), never reported
+states.
+
+`end_session()` sends DISCONNECT with Session Expiry Interval 0 (MQTT v5 allows lowering it
+there), so the broker drops this client's session at once; the transport does not reconnect after
+it. A stopped share-group member uses it (`fleet/delivery/acked_stream.py`); `close()` keeps the
+session, as the agent's transport always does.
 
 A token is (connection number, packet id): packet ids are per connection, and after a reconnect
 the broker resends what was unacknowledged under new ids, so an acknowledgement for an id of an
@@ -24,6 +30,8 @@ earlier connection is not sent (it could confirm another message).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +63,8 @@ class AckedTransport(MqttTransport):
         self._generation = 0
         self.acks_sent = 0
         self.stale_acks = 0  # tokens of an earlier connection: not sent, the message was resent
+        self._ending = threading.Event()  # end_session() sent DISCONNECT: no reconnect after it
+        self._ended = threading.Event()
 
     def subscribe_acked(self, topic_filter: str, handler: AckedHandler, qos: int = 1) -> None:
         with self._lock:
@@ -71,6 +81,41 @@ class AckedTransport(MqttTransport):
             self._client.ack(mid, 1)
             self.acks_sent += 1
         return True
+
+    def end_session(self, timeout: float = 5.0) -> bool:
+        """DISCONNECT with Session Expiry 0 and stop reconnecting; True once the DISCONNECT was
+        written (paho reports it, then closes the socket). False, nothing ended, when it cannot
+        be sent within `timeout`, or when the link dropped meanwhile and the broker redelivered
+        something on the new connection (the caller's worker is done: it would be lost)."""
+        deadline = time.monotonic() + timeout
+        seen = self.messages_in
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        while time.monotonic() < deadline:
+            with self._lock:  # `_on_disconnect` reads `_ending` under it: the link's own drop cannot
+                if self._connected.is_set() and self.messages_in == seen:  # be taken for ours
+                    self._ending.set()
+                    rc = self._client.disconnect(properties=props)
+                    if rc == paho.MQTT_ERR_SUCCESS:
+                        break
+                    self._ending.clear()  # the link is dropping as we speak: let it reconnect, retry
+                    logger.info("end_session: DISCONNECT not queued (%s); retrying", paho.error_string(rc))
+                elif self.messages_in != seen:
+                    return False
+            self._connected.wait(0.1)
+        else:
+            return False
+        if not self._ended.wait(max(0.0, deadline - time.monotonic())):
+            logger.warning("end_session: DISCONNECT not written within %.1fs", timeout)
+            return False
+        return True
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self._lock:
+            if self._ending.is_set():
+                self._closing.set()  # before the supervisor sees the link down: it must not reconnect
+                self._ended.set()
+        super()._on_disconnect(client, userdata, flags, rc, props)
 
     def _connect_once(self, first: bool) -> None:
         if not first:  # paho reuses the first CONNECT's properties, Receive Maximum included

@@ -7,14 +7,17 @@ yet another process. The primary key (device_id, seq) makes the first INSERT win
 worker races (`INSERT ... ON CONFLICT DO NOTHING`, portable to PostgreSQL), and the controller
 marks each row handled, with its fencing token, in the transaction that applies it
 (`fleet.rollouts.controller`), so a restart or a new leader neither loses nor repeats one.
-`fleet.delivery.dedupe.EventDeduper` stays as the in-memory filter of a single process.
+An ingest worker stores events from its events stream (`fleet/delivery/event_stream.py`) through
+an `EventBatch`, one transaction per flush, acknowledged after it commits; `DurableEvents` stores
+one at a time for publisher callbacks. `fleet.delivery.dedupe.EventDeduper` stays as the
+in-memory filter of a single process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agent.contract.protocol import Event, decode_event, encode_event
@@ -46,16 +49,23 @@ class EventLog:
 
     def record(self, device_id: str, event: Event) -> bool:
         """Store the event; False when (device, seq) is already stored (a redelivery)."""
+        return self.record_many([(device_id, event)]) == 1
+
+    def record_many(self, events: Sequence[tuple[str, Event]]) -> int:
+        """Store `events` in one transaction (all or none: raises what the database raises);
+        returns how many were new, the others being stored already (redeliveries)."""
+        new = 0
+        at = self.clock()
         with self.database.tx() as db:
-            cur = db.execute(
-                "INSERT INTO device_events (device_id, seq, payload, received_at) "
-                "VALUES (:device, :seq, :payload, :at) ON CONFLICT (device_id, seq) DO NOTHING",
-                {"device": device_id, "seq": event.seq, "payload": encode_event(event), "at": self.clock()})
-            new = cur.rowcount == 1
-        if not new:
-            self.duplicates += 1
-            log_event(logger, "fleet.event_duplicate", logging.DEBUG, device=device_id, seq=event.seq,
-                      type=event.type)
+            for device_id, event in events:  # one statement each: its rowcount says new or not
+                cur = db.execute(
+                    "INSERT INTO device_events (device_id, seq, payload, received_at) "
+                    "VALUES (:device, :seq, :payload, :at) ON CONFLICT (device_id, seq) DO NOTHING",
+                    {"device": device_id, "seq": event.seq, "payload": encode_event(event), "at": at})
+                new += cur.rowcount == 1
+        self.duplicates += len(events) - new
+        if new < len(events):
+            log_event(logger, "fleet.event_duplicate", logging.DEBUG, duplicates=len(events) - new)
         return new
 
     def open_events(self, limit: int = 5000) -> list[StoredEvent]:
@@ -105,3 +115,27 @@ class DurableEvents:
     def __call__(self, device_id: str, event: Event) -> None:
         if self.log.record(device_id, event) and self.wake is not None:
             self.wake()
+
+
+class EventBatch:
+    """The events stream's buffer (`fleet/delivery/event_stream.py`): `add` holds an event, `flush`
+    stores every held one in one transaction and then `wake()`s the in-process controller. A
+    failed flush raises and keeps them, so the stream acknowledges nothing and retries."""
+
+    def __init__(self, log: EventLog, wake: Callable[[], None] | None = None) -> None:
+        self.log = log
+        self.wake = wake
+        self._held: list[tuple[str, Event]] = []
+
+    def add(self, device_id: str, event: Event) -> None:
+        self._held.append((device_id, event))
+
+    def flush(self) -> int:
+        """Store the held events; returns how many were new."""
+        if not self._held:
+            return 0
+        new = self.log.record_many(self._held)
+        self._held = []
+        if new and self.wake is not None:
+            self.wake()
+        return new

@@ -11,9 +11,9 @@ Pacing keeps the broker's memory flat (Mosquitto silently drops QoS 1 messages p
 `max_pending_per_device` requests queued (beyond that it gets 429 and retries), and the
 request queue is bounded (beyond it: 503). The fetcher's own window already bounds what one
 device asks for. Several publisher workers can split the load with a shared subscription.
-Reported states, events and telemetry are handed to their callbacks on one inbound thread
-(bounded queue, arrival order kept), never on the MQTT network thread, so ingest never
-delays chunk requests.
+Reported states (and, for library users, events and telemetry) are handed to their callbacks
+on one inbound thread (`fleet/delivery/inbound.py`), never on the MQTT network thread, so
+ingest never delays chunk requests.
 
 Errors: `start` raises FleetTransportError when the broker is unreachable;
 `publish_desired` raises FleetMisuseError for a bad addressee and FleetTransportError when
@@ -42,8 +42,6 @@ from agent.contract.protocol import (
     ReportedState,
     TopicKind,
     Topics,
-    decode_event,
-    decode_reported,
     decode_request,
     encode_chunk,
     parse_topic,
@@ -52,6 +50,7 @@ from agent.errors import EdgefleetError, MessageError, MisuseError
 from agent.logs import log_event
 from agent.transport import Message, Transport
 from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from fleet.delivery.inbound import DeviceInbound
 from fleet.delivery.malformed import MalformedLog
 from fleet.errors import FleetMisuseError, FleetTransportError
 
@@ -137,16 +136,8 @@ class Publisher:
         self.chunks_sent = 0
         self.refused: Counter[int] = Counter()
         self.malformed = MalformedLog(logger)  # counted for /metrics, logged with a rate limit
-        self._reported_cbs: list[Callable[[str, ReportedState], None]] = []
-        self._event_cbs: list[Callable[[str, Event], None]] = []
-        self._telemetry_cbs: list[Callable[[str, bytes], None]] = []
-        # Device -> fleet messages are handled off the MQTT network thread (see `_inbound_loop`).
-        self._inbound: queue.Queue[tuple[Callable[[Message], None], Message] | None] = queue.Queue(
-            self.settings.inbound_queue_size
-        )
-        self._inbound_thread: threading.Thread | None = None
-        self.inbound_stalls = 0  # times the network thread waited for room in the inbound queue
-        self.inbound_check: Callable[[Message], bool] | None = None  # e.g. report_verify.ReportVerifier
+        # Device -> fleet messages are handled off the MQTT network thread (fleet/delivery/inbound.py).
+        self.inbound = DeviceInbound(self.topics, self.malformed, self.settings.inbound_queue_size)
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -156,19 +147,7 @@ class Publisher:
         """
         if self.settings.serve_requests:
             self.transport.subscribe(self.topics.all_requests(self.settings.share_group), self._on_request)
-        group = self.settings.ingest_share_group
-        if self._reported_cbs:
-            self.transport.subscribe(self.topics.all_devices("reported", group),
-                                     self._deferred(self._on_reported))
-        if self._event_cbs:
-            self.transport.subscribe(self.topics.all_devices("events", group), self._deferred(self._on_event))
-        if self._telemetry_cbs:
-            self.transport.subscribe(self.topics.all_devices("telemetry", group),
-                                     self._deferred(self._on_telemetry))
-        self._inbound_thread = threading.Thread(
-            target=self._inbound_loop, name="publisher-inbound", daemon=True
-        )
-        self._inbound_thread.start()
+        self.inbound.start(self.transport, self.settings.ingest_share_group)
         for i in range(self.settings.workers):
             t = threading.Thread(target=self._work, name=f"publisher-{i}", daemon=True)
             t.start()
@@ -187,22 +166,28 @@ class Publisher:
             t.join(timeout=10)
         self._workers.clear()
         self.transport.close()
-        if self._inbound_thread is not None:
-            self._inbound.put(None)
-            self._inbound_thread.join(timeout=10)
-            self._inbound_thread = None
+        self.inbound.stop()
 
     def on_reported(self, cb: Callable[[str, ReportedState], None]) -> None:
         """Call `cb(device_id, state)` for every valid reported state (register before `start`)."""
-        self._reported_cbs.append(cb)
+        self.inbound.on_reported(cb)
 
     def on_event(self, cb: Callable[[str, Event], None]) -> None:
         """Call `cb(device_id, event)` for every valid event (register before `start`)."""
-        self._event_cbs.append(cb)
+        self.inbound.on_event(cb)
 
     def on_telemetry(self, cb: Callable[[str, bytes], None]) -> None:
         """Call `cb(device_id, payload)` for every telemetry message (register before `start`)."""
-        self._telemetry_cbs.append(cb)
+        self.inbound.on_telemetry(cb)
+
+    @property
+    def inbound_check(self) -> Callable[[Message], bool] | None:
+        """The gate every device message passes first (e.g. report_verify.ReportVerifier)."""
+        return self.inbound.check
+
+    @inbound_check.setter
+    def inbound_check(self, check: Callable[[Message], bool] | None) -> None:
+        self.inbound.check = check
 
     # --- desired state and metadata -----------------------------------------------------
     def publish_desired(
@@ -362,71 +347,6 @@ class Publisher:
         self._answer(msg, encode_chunk(header, payload))
         self.bytes_sent += len(payload)
         self.chunks_sent += 1
-
-    # --- device -> fleet messages -------------------------------------------------------
-    def _deferred(self, handler: Callable[[Message], None]) -> Callable[[Message], None]:
-        """Wrap `handler` to run on the inbound thread instead of the MQTT network thread."""
-
-        def enqueue(msg: Message) -> None:
-            try:
-                self._inbound.put_nowait((handler, msg))
-            except queue.Full:  # ingest is far behind: hold the network thread (backpressure)
-                self.inbound_stalls += 1
-                self._inbound.put((handler, msg))
-
-        return enqueue
-
-    def _inbound_loop(self) -> None:
-        """Run report, event and telemetry callbacks in arrival order, one at a time.
-
-        Why a thread of its own: the callbacks write SQLite and merge sketches; on the network
-        thread, a thousand devices' reports would delay every chunk request behind them, and
-        devices waiting for chunks time out and ask again (congestion collapse).
-        """
-        while (item := self._inbound.get()) is not None:
-            handler, msg = item
-            try:
-                if self.inbound_check is None or self.inbound_check(msg):  # signed reports (issue 14)
-                    handler(msg)
-            except Exception:  # a failing callback must not stop the others
-                logger.exception("publisher inbound handler failed on %s", msg.topic)
-
-    def _device_of(self, msg: Message, kind: TopicKind) -> str | None:
-        try:
-            parsed = parse_topic(self.topics.prefix, msg.topic)
-        except MessageError:
-            return None
-        return parsed.device_id if parsed.kind is kind else None
-
-    def _on_reported(self, msg: Message) -> None:
-        device = self._device_of(msg, TopicKind.REPORTED)
-        if device is None or not msg.payload:
-            return
-        try:
-            state = decode_reported(msg.payload, device)
-        except MessageError as exc:
-            self.malformed.note("report", str(exc), device=device)
-            return
-        for cb in self._reported_cbs:
-            cb(device, state)
-
-    def _on_event(self, msg: Message) -> None:
-        device = self._device_of(msg, TopicKind.EVENTS)
-        if device is None:
-            return
-        try:
-            event = decode_event(msg.payload, device)
-        except MessageError as exc:
-            self.malformed.note("event", str(exc), device=device)
-            return
-        for cb in self._event_cbs:
-            cb(device, event)
-
-    def _on_telemetry(self, msg: Message) -> None:
-        device = self._device_of(msg, TopicKind.TELEMETRY)
-        if device is not None:
-            for cb in self._telemetry_cbs:
-                cb(device, msg.payload)
 
 
 def _fleet_error(exc: EdgefleetError) -> Exception:

@@ -1,7 +1,8 @@
 """The fleet's check of signed device reports (issue 14), at the one seam device messages enter.
 
-Every reported state, event and telemetry report reaches the fleet through the publisher's
-inbound thread (`Publisher.inbound_check`) or the telemetry stream, every dataset chunk through
+Every reported state reaches the fleet through the publisher's inbound thread
+(`Publisher.inbound_check`), every event and telemetry report through its acked stream
+(`fleet/delivery/acked_stream.py`), every dataset chunk through
 the dataset ingest's worker (`fleet.collection.ingest`); this runs first and lets a message on
 only when it carries an `efsig` signature (`agent.contract.report_auth`) by the key registered
 for the device its topic names (`fleet.devices.report_keys`), over that topic kind and that
@@ -56,6 +57,7 @@ KINDS = {TopicKind.REPORTED: "reported", TopicKind.EVENTS: "events", TopicKind.T
          TopicKind.DATASET: "dataset"}
 REASONS = ("unsigned", "unknown_key", "bad_signature", "replayed", "duplicate", "unsigned_success")
 SUCCESS_EVENTS = frozenset({"committed", "offline_install"})
+REDELIVERABLE = frozenset({"telemetry", "events"})  # kinds acknowledged only once stored (acked streams)
 
 
 def signature_of(msg: Message) -> str | None:
@@ -69,7 +71,7 @@ def signature_of(msg: Message) -> str | None:
 class ReportVerifier:
     """`Publisher.inbound_check`: True lets a device message on to its callbacks.
 
-    Runs on the publisher's inbound thread, on the telemetry stream's worker and on the dataset
+    Runs on the publisher's inbound thread, on the acked streams' workers and on the dataset
     ingest's worker (one gate for all, so /metrics counts every refusal once); `last_signed` says
     whether the message this thread just let through was signed (False only for `optional` mode's
     keyless devices), so it is thread-local. Counters are read by /metrics from other threads (under a lock).
@@ -101,11 +103,12 @@ class ReportVerifier:
         self._lock = threading.Lock()
 
     def __call__(self, msg: Message, redelivery: bool = False) -> bool:
-        """True lets `msg` on. `redelivery=True` (the acked telemetry stream): a telemetry report
-        whose counter was already claimed, but that arrives again, is a broker redelivery of a
-        message a worker received and never acknowledged (it died before the flush that would
-        have stored it), so it goes on to the ingest, whose (device, seq) claim stores it at most
-        once. Without this, a SIGKILLed worker's reports were claimed here and then lost."""
+        """True lets `msg` on. `redelivery=True` (the acked telemetry and events streams): a
+        telemetry report or event whose counter was already claimed, but that arrives again, is a
+        broker redelivery of a message a worker received and never acknowledged (it died before
+        the flush that would have stored it), so it goes on to the store, whose (device, seq) key
+        stores it at most once. Without this, a SIGKILLed worker's messages were claimed here and
+        then lost."""
         try:
             parsed = parse_topic(self.prefix, msg.topic)
         except MessageError:
@@ -132,7 +135,7 @@ class ReportVerifier:
         except UnsignedReportError as exc:
             return self._refuse(kind, "unsigned", device, exc)
         refused = self.keys.advance(device, kind, counter)
-        redelivered = refused is not None and redelivery and kind == "telemetry"
+        redelivered = refused is not None and redelivery and kind in REDELIVERABLE
         if refused is None or (redelivered and self.keys.claimed(device, kind, counter)):
             if refused is not None:
                 with self._lock:

@@ -418,7 +418,7 @@ def test_slow_telemetry_ingest_never_delays_chunk_answers(
             for i in range(5):
                 fetcher.transport.publish(topic, b"report-%d" % i, qos=1)
             deadline = time.monotonic() + 30
-            while pub._inbound.qsize() < 4 and time.monotonic() < deadline:  # 1 stuck, 4 queued
+            while pub.inbound.pending() < 4 and time.monotonic() < deadline:  # 1 stuck, 4 queued
                 time.sleep(0.01)
             assert fetcher.download_bytes("mqtt://repo/metadata/1.root.json", 100) == b'{"signed": {}}'
             assert seen == []  # the answer came while the ingest was still stuck

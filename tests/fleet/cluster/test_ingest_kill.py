@@ -1,8 +1,9 @@
-"""An ingest worker killed with SIGKILL mid-stream loses nothing: it acknowledges a report only
-after the flush that stored it committed (fleet/telemetry/acked_stream.py), so what it had
-received but not stored is redelivered to its telemetry session when it starts again in its slot
-(same host and port, so the same client id), and the (device, seq) claim stores each report once.
-(Acknowledged on arrival, as before, runs of this test stored 1,582 and 1,695 of the 2,000.)"""
+"""An ingest worker killed with SIGKILL mid-stream loses nothing: it acknowledges a report or an
+event only after the transaction that stored it committed (fleet/delivery/acked_stream.py), so
+what it had received but not stored is redelivered to its session when it starts again in its
+slot (same host and port, so the same client ids), and the (device, seq) keys store each once.
+(Acknowledged on arrival, as before, runs of the telemetry test stored 1,582 and 1,695 of the
+2,000.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.contract.protocol import Event, encode_event
 from agent.contract.telemetry_codec import decode_report
 from fleet.db.database import Database
 from fleet.store import Store
@@ -76,3 +78,61 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
         sender.disconnect()
         stop_processes([p for p in procs if p.poll() is None])
         telemetry.close()
+
+
+def _events_stored(store: Store) -> tuple[int, int]:
+    with store.read() as db:
+        row = db.execute("SELECT COUNT(*), COUNT(DISTINCT device_id || ':' || seq) "
+                         "FROM device_events").fetchone()
+    return int(row[0]), int(row[1])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_killed_while_events_stream_loses_no_event(mosquitto: Broker, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = f"kill-ev-{secrets.token_hex(4)}"
+    monkeypatch.setenv("EDGEFLEET_TOPIC_PREFIX", prefix)
+    data = tmp_path / "fleet"
+    data.mkdir()
+    url = f"mqtt://{mosquitto.host}:{mosquitto.port}"
+    port = free_port()
+    procs = [serve_process(data, url, "ingest", tmp_path / "a.log", port=port)]
+    store = Store(data / "fleet.db")
+    devices = [f"ev-{i:03d}" for i in range(200)]
+    keys = enroll_keys(store, devices)  # events are signed reports too
+    events = [(dev, encode_event(Event(type="director_accepted", timestamp=time.time(), seq=seq)))
+              for seq in range(10) for dev in devices]
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-ev-sender-{secrets.token_hex(4)}",
+                         protocol=mqtt.MQTTv5)
+    sender.connect(mosquitto.host, mosquitto.port)
+    sender.loop_start()
+
+    def send() -> None:
+        for dev, payload in events:
+            sender.publish(f"{prefix}/v1/devices/{dev}/events", payload, qos=1,
+                           properties=keys[dev].paho_properties("events", payload)).wait_for_publish(30)
+
+    feeder = threading.Thread(target=send, daemon=True)
+    try:
+        time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
+        feeder.start()
+        deadline = time.monotonic() + 60
+        while _events_stored(store)[0] < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        at_kill = _events_stored(store)[0]
+        assert 0 < at_kill < len(events)  # killed mid-stream
+        feeder.join(60)  # every event acknowledged by the broker: the agents' outboxes are empty
+        procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
+        deadline = time.monotonic() + 90
+        while _events_stored(store) != (len(events), len(events)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print(f"events stored at kill {at_kill}, after restart {_events_stored(store)} of {len(events)}")
+        assert _events_stored(store) == (len(events), len(events))  # every event, stored once
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        stop_processes([p for p in procs if p.poll() is None])
+        store.close()

@@ -26,12 +26,12 @@ from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.components import ensure_trust
 from fleet.errors import FleetInputError
-from fleet.metrics import MetricSources, _performance_families
 from fleet.registry.builder import BundleMetadata, build_bundle
 from fleet.registry.calibration import fit_calibration, isotonic, performance_spec
 from fleet.registry.publish import publish_bundle
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from fleet.telemetry.drift_metrics import performance_families
 from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles, build_drift_monitor
 from fleet.telemetry.performance import estimate, summarize
@@ -173,7 +173,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         exact[cohort] = hits / rows
     monitor = build_drift_monitor(settings, store, telemetry, clock=FakeClock(T0 + 60 * 3 + 30))
     monitor.run_once()
-    monitor_perf = _performance_families(MetricSources(store=store, drift=monitor))
+    monitor_perf = performance_families(monitor)
     monitor.stop()
     telemetry.close()
     with TestClient(create_app(settings, store), raise_server_exceptions=False) as client:
