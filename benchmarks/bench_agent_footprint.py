@@ -137,7 +137,7 @@ def _idle_rss(agent: subprocess.Popen[bytes], sock: Path, online: dict[str, bool
 def run() -> dict[str, float]:
     from agent.contract.bundle import write_bundle
     from agent.daemon.report_signer import ensure_key
-    from agent.transport.mqtt_client import MqttConfig
+    from agent.transport.mqtt_config import MqttConfig
     from fleet.delivery.publisher import Publisher
     from fleet.trust.director_signer import DirectorSigner
     from fleet.trust.keys import KeyStore

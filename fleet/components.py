@@ -67,7 +67,7 @@ from dataclasses import dataclass, replace
 from agent.contract.protocol import Event
 from agent.logs import log_event
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.api.deps import ApiCollaborators
 from fleet.cluster.leader import LeaderElector
 from fleet.cluster.roles import ALL_ROLES, Role

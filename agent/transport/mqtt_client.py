@@ -55,10 +55,7 @@ from agent.transport.mqtt_messages import (
 from agent.transport.mqtt_requests import PendingRequests
 
 logger = logging.getLogger(__name__)
-# MqttConfig (held by `mqtt_config`) is still imported from here by work in flight elsewhere:
-# fleet/delivery, fleet/telemetry/acked_stream.py, their tests, tests/agent/daemon and
-# benchmarks/bench_agent_footprint.py. Drop it from `__all__` once they import `mqtt_config`.
-__all__ = ["MqttConfig", "MqttTransport"]
+__all__ = ["MqttTransport"]
 
 
 class MqttTransport:

@@ -45,7 +45,7 @@ from agent.contract.protocol import TopicKind, Topics, parse_topic
 from agent.errors import EdgefleetError, MessageError
 from agent.logs import log_event
 from agent.transport import Message, Transport
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_transport import AckedTransport, AckToken
 from fleet.errors import FleetMisuseError, FleetTransportError
 

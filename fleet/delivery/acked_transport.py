@@ -40,7 +40,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 
 logger = logging.getLogger(__name__)
 

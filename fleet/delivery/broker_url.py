@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlsplit
 
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.errors import FleetInputError
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from agent.contract.protocol import Event, decode_event
 from agent.errors import MessageError
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_stream import AckedStream, StreamSettings
 from fleet.delivery.malformed import MalformedLog
 

@@ -49,7 +49,8 @@ from agent.contract.protocol import (
 from agent.errors import EdgefleetError, MessageError, MisuseError
 from agent.logs import log_event
 from agent.transport import Message, Transport
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.inbound import DeviceInbound
 from fleet.delivery.malformed import MalformedLog
 from fleet.errors import FleetMisuseError, FleetTransportError

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_stream import AckedStream, StreamSettings, retire_legacy_subscription
 
 __all__ = ["StreamSettings", "TelemetryStream", "retire_legacy_subscription"]

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from agent.cli.agent_commands import group
 from agent.daemon.broker_link import BrokerLink, BrokerStatus
 from agent.errors import TransportError
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from tests.support.agent_world import Fleet, make_agent, running_fleet, wait_until
 from tests.support.broker import free_port
 

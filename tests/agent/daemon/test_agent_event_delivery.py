@@ -20,7 +20,8 @@ import pytest
 from agent.contract.protocol import Event, Topics, encode_event
 from agent.daemon.events import EventOutbox
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.dedupe import EventDeduper
 from simulators.faults import FaultPlan, FaultProxy, parse_publish
 from tests.support.agent_world import make_agent, running_fleet, wait_until

@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.contract.protocol import Event, Topics, encode_event
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_stream import AckedStream, StreamSettings
 from fleet.delivery.event_log import EventBatch, EventLog
 from fleet.delivery.event_stream import EventStream

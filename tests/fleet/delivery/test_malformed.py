@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.contract.protocol import Topics
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.malformed import MalformedLog
 from fleet.delivery.publisher import Publisher
 from fleet.metrics import FleetMetrics, MetricSources

@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.contract.protocol import Event, ReportedState, Topics, encode_event, encode_reported
 from agent.daemon.report_signer import ReportSigner
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.publisher import Publisher
 from fleet.delivery.report_verify import ReportVerifier
 from fleet.metrics import FleetMetrics, MetricSources

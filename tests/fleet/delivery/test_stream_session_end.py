@@ -18,7 +18,8 @@ import pytest
 
 from agent.contract.telemetry_codec import decode_report
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_stream import StreamSettings
 from fleet.delivery.acked_transport import AckedTransport, AckToken
 from fleet.telemetry.acked_stream import TelemetryStream

@@ -16,7 +16,8 @@ import pytest
 from agent.contract.protocol import Event, ReportedState, encode_event, encode_reported
 from agent.contract.telemetry_codec import decode_report
 from agent.transport import Message
-from agent.transport.mqtt_client import MqttConfig, MqttTransport
+from agent.transport.mqtt_client import MqttTransport
+from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_transport import AckedTransport, AckToken
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.errors import FleetMisuseError
