@@ -189,7 +189,7 @@ class ReportKeyRepo:
         """PostgreSQL: the claim as one statement on an autocommit connection of the counters'
         own pool (`synchronous_commit = off` set once per connection, no pre-ping): one round
         trip per report instead of five (ping, SET LOCAL, INSERT, COMMIT, and the process-wide
-        write lock around them), which was most of an ingest worker's CPU per signed report. One
+        write lock around them), which was a third of an ingest worker's CPU per signed report. One
         INSERT ... ON CONFLICT is atomic by itself, so the answer is the one the transaction gave.
         A pooled connection the server dropped is retried once on a fresh one (what pre-ping did)."""
         for attempt in (0, 1):
