@@ -33,8 +33,9 @@ from fleet.errors import FleetInputError, NotFound
 from fleet.settings import FleetSettings
 from fleet.telemetry.alerts import AlertManager
 from fleet.telemetry.drift import DriftReport, DriftThresholds, FeatureDrift, compare_reports, report_drift
-from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
+from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.monitor import BundleProfiles
+from fleet.telemetry.window_queries import histogram_quantile
 
 _CONTEXT_LOCK = threading.Lock()
 

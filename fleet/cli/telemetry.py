@@ -26,8 +26,9 @@ from agent.errors import MessageError
 from fleet.errors import FleetInputError
 from fleet.registry.profile import compute_reference_profile
 from fleet.telemetry.drift import report_drift
-from fleet.telemetry.ingest import TelemetryStore, histogram_quantile
+from fleet.telemetry.ingest import TelemetryStore
 from fleet.telemetry.performance import summarize
+from fleet.telemetry.window_queries import histogram_quantile
 
 out = Console()
 err = Console(stderr=True)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -17,6 +18,7 @@ from fleet.access.auth import create_api_key
 from fleet.api import create_app
 from fleet.settings import FleetSettings
 from fleet.store import Store
+from tests.support import postgres as pg
 from tests.support.postgres import Backend
 from tests.support.report_signing import DeviceKey
 
@@ -148,3 +150,29 @@ def test_counters_may_arrive_out_of_order_but_each_only_once_and_old_ones_fold_i
         assert keys.advance("d", "telemetry", 6) is None
     finally:
         store.close()
+
+
+@pytest.mark.integration
+@pytest.mark.postgres
+def test_a_claim_survives_the_server_dropping_the_claims_pooled_connection(postgres_db: str) -> None:
+    """PostgreSQL claims run on an autocommit pool without pre-ping: a connection the server
+    closed is retried once on a fresh one, and the claims still commit without a WAL flush."""
+    schema = pg.create_schema(postgres_db)
+    store = Store(pg.url(postgres_db, schema))
+    try:
+        store.devices.create("d", {}, {}, "d", "$7$x", "test")
+        DeviceKey("d").register(store)
+        assert store.report_keys.advance("d", "telemetry", 1) is None
+        with psycopg.connect(pg.ADMIN_DSN.replace("dbname=postgres", f"dbname={postgres_db}"),
+                             autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert store.report_keys.advance("d", "telemetry", 2) is None
+        assert store.report_keys.advance("d", "telemetry", 2) == "duplicate"
+        assert store.report_keys.advance("d", "telemetry", 1) == "replayed"
+        with store.report_keys._autocommit_engine().connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        assert store.report_keys.last_counters("d")["telemetry"] == 2
+    finally:
+        store.close()
+        pg.drop_schema(postgres_db, schema)

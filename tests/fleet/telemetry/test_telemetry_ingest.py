@@ -13,7 +13,8 @@ from agent.contract.telemetry import latency_bucket
 from agent.contract.telemetry_codec import FLAG_ZSTD, encode_report
 from agent.telemetry import TelemetrySketch
 from fleet.registry.profile import compute_reference_profile
-from fleet.telemetry.ingest import IngestConfig, TelemetryStore, histogram_quantile
+from fleet.telemetry.ingest import IngestConfig, TelemetryStore
+from fleet.telemetry.window_queries import histogram_quantile
 from tests.support.postgres import Backend
 
 PROFILE = compute_reference_profile(np.random.default_rng(0).normal(size=(2000, 3)), ["a", "b", "c"],
