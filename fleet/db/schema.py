@@ -21,10 +21,9 @@ import sqlalchemy as sa
 from fleet.db.alert_tables import ALERTS
 from fleet.db.director_tables import DIRECTOR
 from fleet.db.store_tables import STORE
-from fleet.db.telemetry_tables import TELEMETRY, telemetry_seen
+from fleet.db.telemetry_tables import TELEMETRY
 
-# `telemetry_seen`: fleet/telemetry/ingest.py reads it as `schema.telemetry_seen`.
-__all__ = ["ALERTS", "DIRECTOR", "GROUPS", "STORE", "TELEMETRY", "table", "telemetry_seen"]
+__all__ = ["ALERTS", "DIRECTOR", "GROUPS", "STORE", "TELEMETRY", "table"]
 
 GROUPS: dict[str, sa.MetaData] = {"store": STORE, "telemetry": TELEMETRY, "alerts": ALERTS,
                                   "director": DIRECTOR}

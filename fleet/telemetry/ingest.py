@@ -58,10 +58,10 @@ from agent.contract.telemetry_codec import (
 )
 from agent.errors import MessageError
 from agent.logs import log_event
-from fleet.db import schema
 from fleet.db.database import Database
 from fleet.db.session import Db
 from fleet.db.sql import upsert_statement
+from fleet.db.telemetry_tables import telemetry_seen
 from fleet.errors import FleetMisuseError
 from fleet.telemetry import serving
 from fleet.telemetry.device_totals import DeviceTotalsTable
@@ -286,7 +286,7 @@ class TelemetryStore(WindowQueries):
             args = {"d": [d for d, _ in keys], "s": [q for _, q in keys],
                     "t": list(self._pending_seen.values())}
             return {(str(d), int(q)) for d, q in db.execute(_CLAIM_PG, args).fetchall()}
-        table = schema.telemetry_seen
+        table = telemetry_seen
         rows = [{"device_id": d, "seq": q, "received_at": t} for (d, q), t in self._pending_seen.items()]
         stmt = upsert_statement(db.dialect, table, ("device_id", "seq"), rows[0].keys(), update=())
         won = db.execute(stmt.returning(table.c.device_id, table.c.seq), rows)
