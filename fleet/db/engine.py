@@ -109,3 +109,22 @@ def create(
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(IMMEDIATE) else "BEGIN")
 
     return engine
+
+
+def autocommit_engine(url: URL, *, pool_size: int = 2, max_overflow: int = 4) -> Engine:
+    """PostgreSQL: a small pool of autocommit connections with `synchronous_commit = off`, for
+    single statements that need neither a transaction nor to wait for the WAL flush (the
+    report-counter claims, fleet/devices/report_keys.py). Nothing connects yet."""
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_size=pool_size,
+                              max_overflow=max_overflow, hide_parameters=True)
+
+    @sa.event.listens_for(engine, "connect")
+    def _synchronous_commit_off(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("SET synchronous_commit = off")
+        finally:
+            cur.close()
+        dbapi_conn.commit()
+
+    return engine

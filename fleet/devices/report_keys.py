@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from agent.contract.report_auth import KINDS
 from fleet.db.audit import AuditRepo
 from fleet.db.database import Database, FleetDatabase
+from fleet.db.engine import autocommit_engine
 from fleet.errors import FleetInputError, NotFound
 
 KEY_BYTES = 32
@@ -77,17 +78,6 @@ def _synchronous_normal(dbapi_conn: Any, _record: Any) -> None:
         cur.execute("PRAGMA synchronous = NORMAL")  # WAL: no fsync per commit; survives a process crash
     finally:
         cur.close()
-
-
-def _synchronous_commit_off(dbapi_conn: Any, _record: Any) -> None:
-    """PostgreSQL: claims commit without waiting for the WAL flush (as the `SET LOCAL` of each
-    claim's transaction had it before); set once per connection of the claims' pool."""
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute("SET synchronous_commit = off")
-    finally:
-        cur.close()
-    dbapi_conn.commit()
 
 
 class ReportKeyRepo:
@@ -207,10 +197,7 @@ class ReportKeyRepo:
     def _autocommit_engine(self) -> sa.Engine:
         with self._lock:
             if self._autocommit is None:
-                engine = sa.create_engine(self.database.engine.url, isolation_level="AUTOCOMMIT",
-                                          pool_size=2, max_overflow=4, hide_parameters=True)
-                sa.event.listen(engine, "connect", _synchronous_commit_off)
-                self._autocommit = engine
+                self._autocommit = autocommit_engine(self.database.engine.url)
             return self._autocommit
 
     def claimed(self, device_id: str, kind: str, counter: int) -> bool:
