@@ -22,6 +22,7 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a whole scenario: in CI's long-test step
 def test_sim_run_rollout_scenarios_writes_passing_verdicts(tmp_path: Path) -> None:
     out, html = tmp_path / "verdicts.json", tmp_path / "report.html"
     res = _cli("sim", "run", "--devices", "6", "--processes", "2", "--scenario", "canary_rollout",

@@ -177,6 +177,7 @@ def test_broker_and_embedded_flags_exclude_each_other() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole scenario: in CI's long-test step
 def test_canary_scenario_passes_on_the_embedded_broker(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     env = {k: v for k, v in os.environ.items() if k != EMBEDDED_ENV}

@@ -13,6 +13,7 @@ from tests.support.broker import Broker
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # a whole scenario: in CI's long-test step
 def test_full_disk_and_clock_skew_on_eight_devices(mosquitto: Broker, tmp_path: Path) -> None:
     (scenario,) = get_scenarios(["full_disk_and_clock_skew"])
     assert scenario.number == 9
