@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ from fleet.store import Store
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port
 from tests.support.report_signing import enroll_keys
+from tests.support.signed_sender import SignedSender, wait_until
 from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
@@ -73,33 +73,19 @@ def test_a_worker_stopped_mid_stream_leaves_its_share_to_the_other(mosquitto: Br
     store = Store(data / "fleet.db")
     keys = enroll_keys(store, sorted({decode_report(r).device_id for r in reports}))
     store.close()
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"stop-sender-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5)
-    sender.connect(mosquitto.host, mosquitto.port)
-    sender.loop_start()
-
-    def send() -> None:
-        for r in reports:
-            dev = decode_report(r).device_id
-            sender.publish(f"{prefix}/v1/devices/{dev}/telemetry", r, qos=1,
-                           properties=keys[dev].paho_properties("telemetry", r)).wait_for_publish(30)
-            time.sleep(0.005)  # a steady stream: it goes on well after the stop (which takes seconds)
-
-    feeder = threading.Thread(target=send, daemon=True)
+    sender = SignedSender(mosquitto, prefix, keys, "stop-sender")
+    # A steady stream: it goes on well after the stop (which takes seconds).
+    feeder = sender.stream([(decode_report(r).device_id, "telemetry", r) for r in reports], pause_s=0.005)
     try:
         time.sleep(1.5)  # both subscribed (serve_process returns when the API listens)
         feeder.start()
-        deadline = time.monotonic() + 60
-        while stored_reports(telemetry)[0] < 200 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: stored_reports(telemetry)[0] >= 200, 60, 0.01)
         stopped.terminate()  # SIGTERM: a clean stop, for good
         assert stopped.wait(60) == 0
         at_stop = stored_reports(telemetry)[0]
         assert at_stop > 0 and feeder.is_alive()  # stopped mid-stream: more is sent after the stop
         feeder.join(60)
-        deadline = time.monotonic() + 60
-        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: stored_reports(telemetry) == (len(reports), len(reports)), 60)
         print(f"stored at stop {at_stop}, then {stored_reports(telemetry)} of {len(reports)}")
         assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, once, by the other
         log = (tmp_path / "a.log").read_text()
@@ -114,7 +100,6 @@ def test_a_worker_stopped_mid_stream_leaves_its_share_to_the_other(mosquitto: Br
         clients = re.findall(r"stream\.started stream=\w+ client=(\S+)", log)
         assert len(clients) == 2 and not any(_session_present(mosquitto, c) for c in clients)
     finally:
-        sender.loop_stop()
-        sender.disconnect()
+        sender.close()
         stop_processes([p for p in procs if p.poll() is None])
         telemetry.close()

@@ -10,13 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.protocol import Event, encode_event
 from agent.contract.telemetry_codec import decode_report
@@ -25,6 +22,7 @@ from fleet.store import Store
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port
 from tests.support.report_signing import enroll_keys
+from tests.support.signed_sender import SignedSender, wait_until
 from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
@@ -44,38 +42,23 @@ def test_a_worker_killed_mid_stream_loses_no_report(mosquitto: Broker, tmp_path:
     store = Store(data / "fleet.db")  # the devices and their report keys: the fleet takes signed reports only
     keys = enroll_keys(store, sorted({decode_report(r).device_id for r in reports}))
     store.close()
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-sender-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5)
-    sender.connect(mosquitto.host, mosquitto.port)
-    sender.loop_start()
-
-    def send() -> None:
-        for r in reports:
-            dev = decode_report(r).device_id
-            sender.publish(f"{prefix}/v1/devices/{dev}/telemetry", r, qos=1,
-                           properties=keys[dev].paho_properties("telemetry", r)).wait_for_publish(30)
-
-    feeder = threading.Thread(target=send, daemon=True)
+    sender = SignedSender(mosquitto, prefix, keys, "kill-sender")
+    feeder = sender.stream([(decode_report(r).device_id, "telemetry", r) for r in reports])
     try:
         time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
         feeder.start()
-        deadline = time.monotonic() + 60
-        while stored_reports(telemetry)[0] < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: stored_reports(telemetry)[0] >= 100, 60, 0.01)
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait()
         at_kill = stored_reports(telemetry)[0]
         assert 0 < at_kill < len(reports)  # killed mid-stream
         feeder.join(60)  # every report acknowledged by the broker: the device's outbox is empty
         procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
-        deadline = time.monotonic() + 90
-        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: stored_reports(telemetry) == (len(reports), len(reports)), 90)
         print(f"stored at kill {at_kill}, after restart {stored_reports(telemetry)} of {len(reports)}")
         assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, merged once
     finally:
-        sender.loop_stop()
-        sender.disconnect()
+        sender.close()
         stop_processes([p for p in procs if p.poll() is None])
         telemetry.close()
 
@@ -103,36 +86,22 @@ def test_a_worker_killed_while_events_stream_loses_no_event(mosquitto: Broker, t
     keys = enroll_keys(store, devices)  # events are signed reports too
     events = [(dev, encode_event(Event(type="director_accepted", timestamp=time.time(), seq=seq)))
               for seq in range(10) for dev in devices]
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"kill-ev-sender-{secrets.token_hex(4)}",
-                         protocol=mqtt.MQTTv5)
-    sender.connect(mosquitto.host, mosquitto.port)
-    sender.loop_start()
-
-    def send() -> None:
-        for dev, payload in events:
-            sender.publish(f"{prefix}/v1/devices/{dev}/events", payload, qos=1,
-                           properties=keys[dev].paho_properties("events", payload)).wait_for_publish(30)
-
-    feeder = threading.Thread(target=send, daemon=True)
+    sender = SignedSender(mosquitto, prefix, keys, "kill-ev-sender")
+    feeder = sender.stream([(dev, "events", payload) for dev, payload in events])
     try:
         time.sleep(1.0)  # subscribed (serve_process returns when the API listens)
         feeder.start()
-        deadline = time.monotonic() + 60
-        while _events_stored(store)[0] < 100 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: _events_stored(store)[0] >= 100, 60, 0.01)
         os.kill(procs[0].pid, signal.SIGKILL)
         procs[0].wait()
         at_kill = _events_stored(store)[0]
         assert 0 < at_kill < len(events)  # killed mid-stream
         feeder.join(60)  # every event acknowledged by the broker: the agents' outboxes are empty
         procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
-        deadline = time.monotonic() + 90
-        while _events_stored(store) != (len(events), len(events)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: _events_stored(store) == (len(events), len(events)), 90)
         print(f"events stored at kill {at_kill}, after restart {_events_stored(store)} of {len(events)}")
         assert _events_stored(store) == (len(events), len(events))  # every event, stored once
     finally:
-        sender.loop_stop()
-        sender.disconnect()
+        sender.close()
         stop_processes([p for p in procs if p.poll() is None])
         store.close()

@@ -14,9 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.telemetry_codec import decode_report
 from fleet.db.database import Database
@@ -24,6 +22,7 @@ from fleet.store import Store
 from simulators.load_devices.scale_run import serve_process, stop_processes
 from tests.support.broker import Broker, free_port
 from tests.support.report_signing import enroll_keys
+from tests.support.signed_sender import SignedSender, wait_until
 from tests.support.telemetry import encoded_reports, small_profile, stored_reports
 
 
@@ -46,28 +45,21 @@ def test_a_restarted_worker_gets_what_was_queued_for_it_while_dead(mosquitto: Br
     store = Store(data / "fleet.db")  # the devices and their report keys: the fleet takes signed reports only
     keys = enroll_keys(store, sorted({decode_report(r).device_id for r in reports}))
     store.close()
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="restart-sender", protocol=mqtt.MQTTv5)
-    sender.connect(mosquitto.host, mosquitto.port)
-    sender.loop_start()
+    sender = SignedSender(mosquitto, prefix, keys, "restart-sender")
     try:
         time.sleep(2.0)  # both subscribed (serve_process returns when the API listens)
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
         time.sleep(1.0)  # the broker has seen the connection drop
-        sent = [sender.publish(f"{prefix}/v1/devices/{dev}/telemetry", r, qos=1,
-                               properties=keys[dev].paho_properties("telemetry", r))
-                for r, dev in ((r, decode_report(r).device_id) for r in reports)]
+        sent = [sender.publish((decode_report(r).device_id, "telemetry", r)) for r in reports]
         for info in sent:
             info.wait_for_publish(10)
         time.sleep(1.0)
         assert stored_reports(telemetry)[0] < len(reports)  # the dead member's share is waiting for it
         procs.append(serve_process(data, url, "ingest", tmp_path / "a2.log", port=port))
-        deadline = time.monotonic() + 60
-        while stored_reports(telemetry) != (len(reports), len(reports)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: stored_reports(telemetry) == (len(reports), len(reports)), 60)
         assert stored_reports(telemetry) == (len(reports), len(reports))  # every report, merged once
     finally:
-        sender.loop_stop()
-        sender.disconnect()
+        sender.close()
         stop_processes([p for p in procs if p.poll() is None])
         telemetry.close()
