@@ -120,6 +120,12 @@ class FeedbackSink(Protocol):
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]: ...
 
 
+# A client that just closed may still hold its slot until the server sees the close (its
+# thread, the poller or the batching loop): a connection over `max_connections` waits this
+# long for a slot before it is answered `busy`, so a close-then-reconnect is not refused.
+SLOT_WAIT_S = 0.25
+
+
 @dataclass(frozen=True)
 class ApiLimits:
     """Bounds on what one request may cost the device."""

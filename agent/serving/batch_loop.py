@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import numpy as np
 
 from agent.errors import MessageError, MisuseError
 from agent.serving import batch_run, wire
-from agent.serving.api import ApiLimits, InferenceService, error_body
+from agent.serving.api import SLOT_WAIT_S, ApiLimits, InferenceService, error_body
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.shm_offer import ShmOffer
 
@@ -46,6 +47,7 @@ from agent.serving.shm_offer import ShmOffer
 JsonDispatch = Callable[[dict[str, Any], dict[str, np.ndarray]], bytes]
 
 _SWEEP_S = 1.0
+_WAIT_POLL_S = 0.01  # how often connections waiting for a slot look again
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ class BatchLoop:
         self._conns: dict[int, _Conn] = {}
         self._backlog: list[_Conn] = []
         self._pending: list[batch_run.Request] = []
+        self._waiting: list[tuple[socket.socket, float]] = []  # over the limit, until a slot frees
+        self._handed = 0  # shared-memory channels handed to the poller and still open
+        self._handed_lock = threading.Lock()
         self._stopping = False
 
     def stop(self) -> None:
@@ -112,7 +117,9 @@ class BatchLoop:
         next_sweep = time.monotonic() + _SWEEP_S
         try:
             while not self._stopping:
-                self._poll(0 if self._backlog else _SWEEP_S)
+                self._poll(0 if self._backlog else _WAIT_POLL_S if self._waiting else _SWEEP_S)
+                if self._waiting:
+                    self._admit_waiting(time.monotonic())
                 backlog, self._backlog = self._backlog, []
                 for c in backlog:
                     if not c.busy and c.sock.fileno() >= 0:
@@ -128,6 +135,8 @@ class BatchLoop:
         finally:
             for c in list(self._conns.values()):
                 self._close(c)
+            for sock, _ in self._waiting:
+                sock.close()
             self._sel.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -158,7 +167,7 @@ class BatchLoop:
 
     # -- connections ----------------------------------------------------------------------
     def _accept(self, now: float) -> None:
-        """Accept every connection waiting; beyond `max_connections` answer busy and close."""
+        """Accept every connection waiting; beyond `max_connections` they wait for a slot."""
         while True:
             try:
                 sock, _ = self.listener.accept()
@@ -167,15 +176,36 @@ class BatchLoop:
             except OSError:
                 self._stopping = True
                 return
-            if len(self._conns) >= self.limits.max_connections:
-                busy = {"status": 503, "error": {"code": "busy", "message": "too many connections"}}
-                with contextlib.suppress(OSError):
-                    sock.sendall(encode_frame(busy))
-                sock.close()
+            if self._waiting or self._free_slots() <= 0:
+                self._waiting.append((sock, now + SLOT_WAIT_S))
                 continue
-            sock.setblocking(False)
-            self._conns[sock.fileno()] = _Conn(sock, now)
-            self._sel.register(sock, selectors.EVENT_READ, None)
+            self._admit(sock, now)
+
+    def _free_slots(self) -> int:
+        return self.limits.max_connections - len(self._conns) - self._handed
+
+    def _admit(self, sock: socket.socket, now: float) -> None:
+        sock.setblocking(False)
+        self._conns[sock.fileno()] = _Conn(sock, now)
+        self._sel.register(sock, selectors.EVENT_READ, None)
+
+    def _admit_waiting(self, now: float) -> None:
+        """Give freed slots to the connections waiting in order; answer busy past their wait."""
+        while self._waiting and self._free_slots() > 0:
+            self._admit(self._waiting.pop(0)[0], now)
+        while self._waiting and self._waiting[0][1] <= now:
+            sock = self._waiting.pop(0)[0]
+            busy = {"status": 503, "error": {"code": "busy", "message": "too many connections"}}
+            with contextlib.suppress(OSError):
+                sock.sendall(encode_frame(busy))
+            sock.close()
+
+    def _channel_closed(self) -> None:
+        """Called by the poller's thread when a channel handed over is closed: its slot frees."""
+        with self._handed_lock:
+            self._handed -= 1
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
 
     def _close(self, c: _Conn) -> None:
         fd = c.sock.fileno()
@@ -359,7 +389,9 @@ class BatchLoop:
             self._sel.unregister(c.sock)
         c.closing = True  # nothing more of this loop's for it
         c.sock.setblocking(True)
-        self.shm.open(c.sock, geo, lambda: None)
+        with self._handed_lock:
+            self._handed += 1  # the channel keeps the connection's slot until it is closed
+        self.shm.open(c.sock, geo, self._channel_closed)
 
     # -- batches ----------------------------------------------------------------------------
     def _run_batch(self) -> None:

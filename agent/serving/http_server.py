@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.errors import MessageError, RequestTooLargeError
 from agent.logs import log_event
-from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
+from agent.serving.api import SLOT_WAIT_S, ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 
 _log = logging.getLogger("edgefleet.inference_api.http")
 ROUTES = {"/v1/health": "GET", "/v1/model": "GET", "/v1/predict": "POST", "/v1/feedback": "POST",
@@ -44,7 +44,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        if not self.slots.acquire(timeout=SLOT_WAIT_S):
             body = b'{"error":{"code":"busy","message":"too many connections"}}'
             with contextlib.suppress(OSError):
                 request.sendall(

@@ -47,7 +47,8 @@ from agent.serving.shm_layout import (
 )
 
 _log = logging.getLogger("edgefleet.inference_api.shm")
-_SWEEP_NS = 1_000_000_000
+_SWEEP_NS = 1_000_000_000  # idle channels
+_POLL_NS = 10_000_000  # closed peers and stale rings, even while spinning
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class ShmPoller:
     def _run(self) -> None:
         clock = time.perf_counter_ns
         spin_ns = int(self.config.spin_us * 1000)
-        last = next_sweep = clock()
+        last = next_sweep = next_poll = clock()
         try:
             while not self._stopping:
                 if self._incoming:
@@ -153,10 +154,12 @@ class ShmPoller:
                     last = clock()
                 else:  # spinning: a client woken on this CPU gets it at once (and the GIL)
                     os.sched_yield()
-                if now >= next_sweep:  # even while busy: closed peers, idle channels, stale rings
+                if now >= next_poll:  # even while busy: closed peers free their slots soon
                     self._poll(0)
-                    self._sweep()
-                    next_sweep = now + _SWEEP_NS
+                    next_poll = now + _POLL_NS
+                    if now >= next_sweep:
+                        self._sweep()
+                        next_sweep = now + _SWEEP_NS
         finally:
             for ch in self._channels + self._incoming:
                 self._close(ch)

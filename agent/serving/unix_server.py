@@ -29,7 +29,7 @@ import numpy as np
 from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 from agent.serving import wire
-from agent.serving.api import ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
+from agent.serving.api import SLOT_WAIT_S, ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
 from agent.serving.batch_loop import BatchConfig, BatchLoop
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.shm_layout import supported as shm_supported
@@ -130,7 +130,7 @@ class UnixInferenceServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            if not self._slots.acquire(blocking=False):
+            if not self._slots.acquire(timeout=SLOT_WAIT_S):
                 busy = {"status": 503, "error": {"code": "busy", "message": "too many connections"}}
                 with contextlib.suppress(OSError):
                     conn.sendall(encode_frame(busy))

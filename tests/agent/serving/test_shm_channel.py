@@ -211,15 +211,28 @@ def test_a_region_that_is_not_efs1_is_refused_by_the_client(d: Path) -> None:
     listener.close()
 
 
-def test_closing_the_client_frees_the_channel_and_its_connection_slot(d: Path) -> None:
+@pytest.mark.parametrize("batching", [None, BatchConfig()], ids=["threads", "batching"])
+def test_closing_the_client_frees_the_channel_and_its_connection_slot(
+    d: Path, batching: BatchConfig | None
+) -> None:
+    """A channel holds its connection's slot until it is closed, under either server loop; a
+    client that closes and reconnects at once is not refused while the server sees the close
+    (a connection over the limit waits `SLOT_WAIT_S` for a slot)."""
     limits = ApiLimits(max_body_bytes=64 * 1024, max_connections=2, idle_timeout_s=10)
-    with _server(d, limits=limits) as srv:
+    with _server(d, limits=limits, batching=batching) as srv:
         assert srv.shm is not None
-        for _ in range(5):  # more channels than slots, one after another
+        for _ in range(8):  # more channels than slots, one after another, reconnecting at once
             with _client(srv.path) as c:
                 c.predict({"x": X[:1]})
                 assert c.on_shared_memory
         _wait_for(lambda: srv.shm is not None and srv.shm.poller.channels == 0)
+        with _client(srv.path) as a, _client(srv.path) as b:  # two channels take both slots
+            a.predict({"x": X[:1]})
+            b.predict({"x": X[:1]})
+            assert a.on_shared_memory and b.on_shared_memory
+            with _client(srv.path, transport="socket") as third:
+                with pytest.raises(TransportError, match="too many connections"):
+                    third.predict({"x": X[:1]})
         with _client(srv.path) as a, _client(srv.path, transport="socket") as b:
             a.predict({"x": X[:1]})
             b.predict({"x": X[:1]})
