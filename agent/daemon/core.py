@@ -5,9 +5,8 @@ It wires the pieces together and owns no policy of its own:
   network is touched; the local API (HTTP on loopback and/or a Unix socket) is up at once;
 - MQTT in the background (`MqttTransport` reconnects by itself) with a retained Last Will
   that marks the device offline; subscriptions to its own and its cohorts' desired topics;
-- every director document is verified (`DirectorGate`: signature against the director keys
-  in the trusted TUF root, per-addressee sequence, expiry, addressee) before the `Lifecycle`
-  sees it; a refused one is reported as an event and changes nothing;
+- every director document is verified (`DirectorIntake`, through the `DirectorGate`) before
+  the `Lifecycle` sees it; a refused one is reported as an event and changes nothing;
 - the `Lifecycle` (main thread) downloads over the `MqttFetcher` through a fresh TUF
   `Updater` per cycle, verifies, stages, activates, runs golden vectors and probation, and
   commits or rolls back by itself;
@@ -29,37 +28,31 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
 from agent.contract.protocol import ReportedState, Topics, encode_reported
-from agent.contract.windows import zone_of_labels
 from agent.daemon.broker_link import BrokerLink
 from agent.daemon.collection import CollectionRunner
 from agent.daemon.director_gate import DirectorGate
+from agent.daemon.director_intake import DirectorIntake
 from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
+from agent.daemon.local_api import LocalApi, start_local_api
 from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
 from agent.daemon.process import Notifier, ObservedStore, agent_version
 from agent.daemon.report_signer import ReportSigner, sign_or_nothing
 from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
-from agent.errors import (
-    EdgefleetError,
-    MisuseError,
-    TransportError,
-    UnknownDirectorKeyError,
-    UntrustedDataError,
-)
-from agent.lifecycle import Lifecycle, LifecycleConfig, sealing_extractor
+from agent.daemon.settings import lifecycle_config
+from agent.errors import EdgefleetError, MisuseError, TransportError
+from agent.lifecycle import Lifecycle, sealing_extractor
 from agent.lifecycle.machine import State
-from agent.lifecycle.resources import ResourcePolicy
 from agent.lifecycle.state_store import StateRecord
 from agent.logs import log_event
 from agent.serving.model_holder import ModelHolder
 from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from agent.telemetry.queue import QueueConfig, ReportQueue
-from agent.transport import Delivery, Message
+from agent.transport import Delivery
 from agent.transport.mqtt_client import MqttTransport
 from agent.trust import TrustClient
 
@@ -72,9 +65,8 @@ log = logging.getLogger("edgefleet.agent")
 _PRELOAD_STATES = frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING, State.STAGED})
 MAX_PENDING_EVENTS = 1000  # events kept on disk while offline
 EVENT_ACK_WAIT_S = 2.0  # on shutdown, how long to wait for the PUBACKs of events just sent
-TRUST_REFRESH_MIN_S = 5.0
 #: Optional protocol features this agent implements (reported, so the fleet may use them).
-AGENT_FEATURES = ("delta",)  # at most one refresh per this many seconds for such documents
+AGENT_FEATURES = ("delta",)
 
 
 class AgentDaemon:
@@ -96,8 +88,6 @@ class AgentDaemon:
         self._next_report: float | None = None  # when `tick` closes the next telemetry interval
         self._event_seq = 0
         self._events_lock = threading.Lock()
-        self._deferred: dict[str, bytes] = {}  # addressee -> document signed by unknown keys
-        self._last_trust_refresh = -TRUST_REFRESH_MIN_S
         self._reported_lock = threading.Lock()
         self._runtimes = tuple(
             name
@@ -123,26 +113,8 @@ class AgentDaemon:
         )
         self.catalog = catalog if catalog is not None else ModelCatalog(c.model_threads)
         self.holder = ModelHolder()
-        lo = c.lifecycle
         self.lifecycle = Lifecycle(
-            LifecycleConfig(
-                state_dir=self.state_dir / "lifecycle",
-                runtime_threads=c.model_threads,
-                load_timeout_s=lo.load_timeout_s,
-                max_entries=lo.max_entries,
-                max_crash_recoveries=lo.max_crash_recoveries,
-                retry_base_s=lo.retry_base_s,
-                retry_max_s=lo.retry_max_s,
-                probation_max_wait_s=lo.probation_max_wait_s,
-                timezone=lo.timezone or zone_of_labels(c.labels),
-                resources=ResourcePolicy(
-                    memory_margin_mb=lo.memory_margin_mb,
-                    disk_margin_mb=lo.disk_margin_mb,
-                    max_load_per_cpu=lo.max_load_per_cpu,
-                    hold_base_s=lo.hold_base_s,
-                    hold_max_s=lo.hold_max_s,
-                ),
-            ),
+            lifecycle_config(c),
             self.holder,
             self.trust,
             emit=self._on_lifecycle_event,
@@ -164,7 +136,8 @@ class AgentDaemon:
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self.collection = CollectionRunner(self.state_dir, c.device_id, c.cohorts, self.trust.director_trust,
                                            self.transport, self.topics, sink=self.tap, signer=self.signer)
-        self._servers: list[Any] = []
+        self.director = DirectorIntake(self.gate, self.lifecycle, self.trust, self.collection, self._event)
+        self.api = LocalApi()
         self.offline = OfflineImporter(self.state_dir, self._bootstrap, self.gate, self.lifecycle,
                                        self._event, c.offline_drop_dir)
         self._lock_fd: int | None = None
@@ -209,37 +182,9 @@ class AgentDaemon:
         self.holder.swap(model, rec.active, keep_previous=False)
         log_event(log, "agent.serving_from_disk", bundle=rec.active, state=rec.state)
 
-    def _start_api(self) -> None:
-        from agent.serving.api import ApiLimits  # lazy: the API's modules load when it starts
-        from agent.serving.batch_loop import BatchConfig  # lazy: with the Unix server
-        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server only when enabled
-        from agent.serving.shm_server import ShmConfig  # lazy: with the Unix server
-        from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
-
-        api = self.config.api
-        limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
-        if api.unix_enabled:
-            api.unix_socket.parent.mkdir(parents=True, exist_ok=True)
-            batching = (None if api.unix_batch_window_us is None
-                        else BatchConfig(api.unix_batch_window_us, api.unix_batch_max_rows))
-            shm = ShmConfig(api.unix_shm_spin_us) if api.unix_shm else None
-            self._servers.append(
-                UnixInferenceServer(self.served, api.unix_socket, limits, self.tap, batching, shm).start()
-            )
-        if api.http_enabled:
-            self._servers.append(
-                HttpInferenceServer(self.served, api.http_host, api.http_port, limits, self.tap,
-                                    metrics=self.tap.metrics_text).start()
-            )
-
     @property
     def http_port(self) -> int | None:
-        from agent.serving.http_server import HttpInferenceServer  # lazy: http.server stays out unless asked
-
-        for s in self._servers:
-            if isinstance(s, HttpInferenceServer):
-                return s.port
-        return None
+        return self.api.http_port
 
     # --- MQTT ---------------------------------------------------------------------------
     def _start_mqtt(self) -> None:
@@ -251,11 +196,11 @@ class AgentDaemon:
         self.transport.add_on_link_down(self.link.down)
         self.link.connecting()
         self.transport.subscribe(
-            self.topics.desired(), self._desired_handler(f"device:{self.config.device_id}")
+            self.topics.desired(), self.director.handler(f"device:{self.config.device_id}")
         )
         for cohort in self.config.cohorts:
             self.transport.subscribe(
-                self.topics.cohort_desired(cohort), self._desired_handler(f"cohort:{cohort}")
+                self.topics.cohort_desired(cohort), self.director.handler(f"cohort:{cohort}")
             )
         with contextlib.suppress(TransportError):
             self.transport.connect(timeout=0.01)  # starts the reconnecting supervisor; never blocks
@@ -265,64 +210,6 @@ class AgentDaemon:
         self.publish_reported()
         self._flush_events()
         self.lifecycle.ctx.wake.set()
-
-    def _desired_handler(self, addressee: str) -> Callable[[Message], None]:
-        def handle(msg: Message) -> None:
-            if msg.payload:  # (an empty payload is a cleared retained topic)
-                self._consider(addressee, msg.payload, may_defer=True)
-
-        return handle
-
-    def _consider(self, addressee: str, payload: bytes, may_defer: bool) -> None:
-        """Verify one director document and hand an accepted one to the lifecycle.
-
-        A document signed only by keys the trusted root does not know may be signed by
-        rotated director keys: it is kept and checked once more after a TUF refresh (done on
-        the lifecycle's thread, never on the MQTT network thread that the fetcher needs).
-        """
-        try:
-            target = self.gate.accept(addressee, payload, self.lifecycle.record.director_sequence)
-        except UntrustedDataError as exc:  # DirectorError, or a trusted root that no longer parses
-            if may_defer and isinstance(exc, UnknownDirectorKeyError):
-                log_event(log, "agent.director_deferred", addressee=addressee, error=str(exc))
-                with self._events_lock:
-                    self._deferred[addressee] = payload
-                self.lifecycle.ctx.wake.set()
-                return
-            log_event(log, "agent.director_refused", logging.WARNING, addressee=addressee, error=str(exc))
-            self._event("director_refused", reason=str(exc))
-            return
-        except MisuseError as exc:
-            log_event(log, "agent.director_ledger_failed", logging.ERROR, error=str(exc))
-            return
-        if target is not None:
-            self.collection.on_document(payload, self.gate.entries[addressee].sequence - 1)
-            self._event("director_accepted", bundle_id=target.bundle_id,
-                        measurements={"local_sequence": float(target.sequence)})
-            self.lifecycle.offer_desired(target)
-
-    def _retry_deferred(self) -> None:
-        """Refresh TUF metadata (a root rotation may bring new director keys), then re-check."""
-        if time.monotonic() - self._last_trust_refresh < TRUST_REFRESH_MIN_S:
-            return  # bounded: documents signed by strangers must not make us refresh in a loop
-        with self._events_lock:
-            deferred, self._deferred = self._deferred, {}
-        if not deferred:
-            return
-        self._last_trust_refresh = time.monotonic()
-        try:
-            self.trust.refresh()
-        except EdgefleetError as exc:
-            log_event(log, "agent.trust_refresh_failed", logging.WARNING, error=str(exc))
-            if not isinstance(exc, TransportError):
-                for addressee, payload in deferred.items():
-                    self._consider(addressee, payload, may_defer=False)
-                return
-            with self._events_lock:  # offline: try again on a later tick
-                self._deferred = {**deferred, **self._deferred}
-            return
-        for addressee, payload in deferred.items():
-            self._consider(addressee, payload, may_defer=False)
 
     def _after_save(self, record: StateRecord) -> None:
         self.publish_reported(record)
@@ -453,8 +340,8 @@ class AgentDaemon:
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
         self.offline.poll_drop_dir()
-        if self._deferred and self.transport.connected:
-            self._retry_deferred()
+        if self.director.has_deferred and self.transport.connected:
+            self.director.retry_deferred()
 
     # --- run ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -473,7 +360,7 @@ class AgentDaemon:
         self._install_signals()
         self._lock_fd = lock_state_dir(self.state_dir)  # `agent import` must not write beside us
         self._preload()
-        self._start_api()
+        self.api = start_local_api(self.config.api, self.served, self.tap)
         log_event(log, "agent.api_up", serving=self.holder.bundle_id, state=self.lifecycle.record.state)
         self._start_mqtt()
         ticker = self._start_ticker()
@@ -507,9 +394,7 @@ class AgentDaemon:
         self.stop_event.set()
         if ticker is not None:
             ticker.join(timeout=5)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                server.stop()
+        self.api.stop()
         with contextlib.suppress(Exception):
             self.tap.flush(self.holder.bundle_id)
             self._send_telemetry()
