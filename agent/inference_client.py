@@ -234,7 +234,7 @@ class InferenceClient:
         total = self._frame_size(rd.buf, rd.start, 1 << 62)
         if rd.end - rd.start < total:
             self._fill(rd, total)
-        return self._decode_reply(rd.buf, rd.take(total), total)
+        return self._decode_checked(rd.buf, rd.take(total))
 
     def _frame_size(self, buf: Any, at: int, room: int) -> int:
         """The size of the reply frame at `buf[at:]`, checked against the limits and `room`."""
@@ -249,6 +249,10 @@ class InferenceClient:
     def _decode_reply(self, buf: Any, at: int, room: int) -> dict[str, np.ndarray]:
         """Outputs of the whole reply frame at `buf[at:]` (an error frame raises its error)."""
         self._frame_size(buf, at, room)
+        return self._decode_checked(buf, at)
+
+    def _decode_checked(self, buf: Any, at: int) -> dict[str, np.ndarray]:
+        """`_decode_reply` for a frame whose size `_frame_size` has already checked."""
         _, kind, flags, status, n, _, meta_len, desc_len, payload_len = wire.HEADER.unpack_from(buf, at)
         at += wire.HEADER.size
         meta = bytes(buf[at:at + meta_len])
