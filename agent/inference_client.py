@@ -54,8 +54,8 @@ class InferenceClient:
 
     `spin_us`: poll the socket this long for a reply before blocking (see `DEFAULT_SPIN_US`);
     `transport`: "auto" (shared memory where offered, else the socket), "socket" or "shm";
-    `shm_spin_us`: on shared memory, spin this long for a reply before sleeping (only while
-    no other client of this process waits); `shm_bytes`: the request and reply areas' size.
+    `shm_spin_us`: on shared memory, spin this long for a reply before sleeping (yielding
+    the CPU and the GIL between looks; 0: never); `shm_bytes`: the request and reply areas' size.
     """
 
     def __init__(

@@ -8,9 +8,13 @@ for its reply (spin, then park on the socket).
 A spinning client calls `sched_yield` between looks, which lets a server thread woken on
 the same CPU run at once (without it, the scheduler's habit of waking a peer on the waker's
 CPU made both sides spin out their time slices: 150 µs median instead of 45) and lets go of
-the GIL. Even so, a client spins only while no other client of its process is waiting for a
-reply (`_Waiters`): sixteen threads of one application sleep in `recv` and are woken by the
-server's ring instead of burning the CPU the server needs.
+the GIL. Every waiting client spins, however many threads of its process wait: the GIL lets
+only one of them look at a time, so the spinners of one process share at most one CPU, and a
+reply that finds its client spinning needs no ring. Measured on 2 cores with 16 client threads
+(docs/benchmarks.md, session 8): when only a process's first waiter spun and the others slept,
+the server's ring (`send`, waking a thread on an idle CPU) took over half of the poller's time
+and both processes idled half the time; 15-22 thousand predictions/s became 35-39 thousand.
+`shm_spin_us=0` (the in-process tests do so) never spins.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import contextlib
 import mmap
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -40,20 +43,9 @@ from agent.serving.shm_layout import (
 )
 from agent.serving.wire import raise_for_error
 
-#: How long a client spins for its reply before it sleeps in `recv` (when it is the only
-#: waiter of its process): longer than a small model's run, short next to a slow one's.
+#: How long a client spins for its reply before it sleeps in `recv`: longer than a small
+#: model's run, short next to a slow one's.
 DEFAULT_SHM_SPIN_US = 1000.0
-
-
-class _Waiters:
-    """How many clients of this process wait for a reply; its lock is also the request's fence."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count = 0
-
-
-_WAITERS = _Waiters()
 
 
 class ShmLink:
@@ -142,18 +134,11 @@ class ShmLink:
         self.seq += 1
         seq = self.seq
         ctl[W_REQ] = seq
-        waiters = _WAITERS
-        with waiters.lock:  # also the fence between our word and the server's parked flag
-            waiters.count += 1
-            alone = waiters.count == 1
-        try:
-            if ctl[W_SERVER_PARKED]:
-                self._ring()
-            if ctl[W_REP] != seq:
-                self._wait(seq, spin_us if alone else 0.0)
-        finally:
-            with waiters.lock:
-                waiters.count -= 1
+        self._fence()  # between our word and the server's parked flag (Dekker)
+        if ctl[W_SERVER_PARKED]:
+            self._ring()
+        if ctl[W_REP] != seq:
+            self._wait(seq, spin_us)
 
     def _ring(self) -> None:
         try:

@@ -328,6 +328,23 @@ def test_a_server_in_another_process_with_the_spinning_defaults(d: Path) -> None
                 rows = 1 + i % 8
                 np.testing.assert_allclose(c.predict({"x": X[:rows]})["logits"], REF[:rows], atol=1e-5)
             assert c.on_shared_memory
+            wrong: list[str] = []
+
+            def spinner(k: int) -> None:  # threads of one process all spin for their replies
+                with InferenceClient(d / "p.sock") as mine:
+                    for i in range(150):
+                        rows = 1 + (i + k) % 8
+                        if not np.allclose(mine.predict({"x": X[:rows]})["logits"], REF[:rows], atol=1e-5):
+                            wrong.append(f"thread {k} call {i}")
+                    if not mine.on_shared_memory:
+                        wrong.append(f"thread {k} on the socket")
+
+            threads = [threading.Thread(target=spinner, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert not any(t.is_alive() for t in threads) and wrong == []
             proc.kill()  # the agent dies: the next call fails instead of spinning forever
             proc.wait(timeout=10)
             with pytest.raises(TransportError):
