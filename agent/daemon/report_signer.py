@@ -107,17 +107,62 @@ class CounterReservation:
             return counter
 
 
+#: RFC 8410 section 7: a PKCS#8 (v1) Ed25519 private key is this DER prefix and the 32-byte seed,
+#: which is exactly what `new_device_key` writes.
+_PKCS8_ED25519_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+
+
+def _plain_seed(private_pem: bytes) -> bytes | None:
+    """The seed of a PEM key in the plain RFC 8410 form, or None for any other form (which
+    cryptography then parses: encrypted, v2 with the public key, another algorithm)."""
+    lines = private_pem.strip().splitlines()
+    if len(lines) < 3 or (lines[0], lines[-1]) != (_PEM_BEGIN, _PEM_END):
+        return None
+    try:
+        der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
+    except ValueError:
+        return None
+    if len(der) != 48 or not der.startswith(_PKCS8_ED25519_PREFIX):
+        return None
+    return der[16:]
+
+
+def signing_function(private_pem: bytes) -> Callable[[bytes], bytes]:
+    """`sign(message) -> 64-byte Ed25519 signature` for the device key `private_pem`.
+
+    An agent signs every report, so the signing library stays loaded for the life of the
+    process: PyNaCl (libsodium) costs it 1.3 MB of RSS where cryptography's module costs 8.0
+    (benchmarks.md, agent_footprint). Ed25519 signatures are deterministic, so both give the
+    same bytes; cryptography stays the fallback for key files in another form and where PyNaCl
+    is not installed. Raises ConfigError when the key is not an Ed25519 private key.
+    """
+    seed = _plain_seed(private_pem)
+    if seed is not None:
+        try:
+            from nacl.signing import SigningKey  # lazy: only on devices with a report key
+        except ImportError:
+            pass
+        else:
+            nacl_key = SigningKey(seed)
+            return lambda message: nacl_key.sign(message).signature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # lazy: as above
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(private_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"the device report key is not a PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError("the device report key is not Ed25519")
+    return key.sign
+
+
 class ReportSigner:
     """Signs this device's messages: `sign(kind, payload)` -> the `efsig` user property."""
 
     def __init__(self, private_pem: bytes, device_id: str, counters: CounterReservation) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # lazy: as above
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        key = load_pem_private_key(private_pem, password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError("the device report key is not Ed25519")
-        self._key = key
+        self._sign = signing_function(private_pem)
         self.device_id = device_id
         self.counters = counters
 
@@ -138,7 +183,7 @@ class ReportSigner:
     def sign(self, kind: str, payload: bytes) -> Properties:
         """The user properties that carry this message's signature (a fresh counter each call)."""
         counter = self.counters.take()
-        sig = self._key.sign(report_auth.signed_bytes(kind, self.device_id, counter, payload))
+        sig = self._sign(report_auth.signed_bytes(kind, self.device_id, counter, payload))
         return ((report_auth.HEADER, f"{counter}.{base64.b64encode(sig).decode()}"),)
 
 

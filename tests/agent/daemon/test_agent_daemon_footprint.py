@@ -1,8 +1,9 @@
 """An idle agent does not load python-tuf's client, securesystemslib's signer or cryptography.
 
 They cost ~10 MB RSS (docs/benchmarks.md, `agent_footprint`) and are needed only for a new
-director document or an update cycle (cryptography also for a device report key or a client
-certificate, loaded then by the code that uses them: docs/agent.md, "Memory"); these tests
+director document or an update cycle (cryptography also for a client certificate, loaded then
+by the code that uses it: docs/agent.md, "Memory"; a device report key is signed with PyNaCl,
+1.3 MB against cryptography's 8); these tests
 keep a stray top-level import from bringing them back, and check that the deferred fetcher is
 built once, when TUF first needs it.
 """
@@ -39,6 +40,27 @@ def test_daemon_import_graph_leaves_tuf_and_cryptography_out() -> None:
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     loaded = set(json.loads(out.stdout))
     assert not [m for m in HEAVY if m in loaded], f"loaded at start: {sorted(loaded)}"
+
+
+SIGN_AS_DEVICE = """
+import json, sys
+from pathlib import Path
+import agent.daemon.core
+from agent.daemon.report_signer import ReportSigner
+signer = ReportSigner.load(Path(sys.argv[1]), "dev-1")
+signer.sign("telemetry", b"report")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "cryptography")))
+"""
+
+
+@pytest.mark.integration
+def test_an_enrolled_device_signs_its_reports_without_loading_cryptography(tmp_path: Path) -> None:
+    from agent.daemon.report_signer import ensure_key
+
+    ensure_key(tmp_path)  # what `edgefleet agent enroll` makes (cryptography, in that command)
+    cmd = [sys.executable, "-c", SIGN_AS_DEVICE, str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(out.stdout) == []
 
 
 @pytest.mark.integration

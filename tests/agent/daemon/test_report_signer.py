@@ -74,3 +74,62 @@ def test_a_restored_older_counter_file_is_overtaken_by_the_clock(tmp_path: Path)
     (tmp_path / COUNTER_FILE).write_text("5\n")  # a backup from long ago
     reservation = CounterReservation(tmp_path / COUNTER_FILE, clock=lambda: 1_700_000_000.0)
     assert reservation.take() == 1_700_000_000_000_000
+
+
+def _pems() -> dict[str, bytes]:
+    """An Ed25519 key in the plain RFC 8410 form (what enrollment writes), the same key in an
+    OpenSSH container, and an RSA key: the last two are not the plain form, so cryptography
+    reads them, and refuses them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    plain = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    openssh = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    return {"plain": plain, "rsa": other, "openssh": openssh}
+
+
+@pytest.mark.unit
+def test_libsodium_and_cryptography_sign_the_same_bytes_for_a_plain_key(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain key is signed by PyNaCl (1.3 MB of RSS, not cryptography's 8): Ed25519 is
+    deterministic, so its signatures are byte for byte cryptography's, which the fleet verifies."""
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from agent.daemon.report_signer import signing_function
+
+    pem = _pems()["plain"]
+    sign = signing_function(pem)
+    assert "nacl.signing" in sys.modules and getattr(sign, "__name__", "") == "<lambda>"  # libsodium
+    key = load_pem_private_key(pem, password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    for message in (b"", b"efr1\0reported\0dev\0" + b"x" * 300):
+        assert sign(message) == key.sign(message)
+    monkeypatch.setitem(sys.modules, "nacl.signing", None)  # PyNaCl missing: cryptography signs
+    fallback = signing_function(pem)
+    assert fallback(b"m") == sign(b"m") and getattr(fallback, "__name__", "") == "sign"
+
+
+@pytest.mark.unit
+def test_a_key_in_another_form_is_read_by_cryptography_or_refused(tmp_path: Path) -> None:
+    from agent.daemon.report_signer import signing_function
+
+    pems = _pems()
+    with pytest.raises(ConfigError, match="not Ed25519"):
+        signing_function(pems["rsa"])
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        signing_function(pems["openssh"])  # another container: never half-parsed by hand
+    truncated = pems["plain"].replace(b"\n-----END", b"AAAA\n-----END")
+    with pytest.raises(ConfigError):
+        signing_function(truncated)  # not the 48-byte form: cryptography gets it, and refuses
+    (tmp_path / KEY_FILE).write_bytes(pems["rsa"])
+    with pytest.raises(ConfigError):
+        ReportSigner.load(tmp_path, "dev-1")
