@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from agent.contract.protocol import (
     Event,
@@ -30,6 +31,7 @@ from agent.errors import MessageError
 from agent.transport import Message, Transport
 from fleet.delivery.malformed import MalformedLog
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -107,28 +109,26 @@ class DeviceInbound:
         return parsed.device_id if parsed.kind is kind else None
 
     def _on_reported(self, msg: Message) -> None:
-        device = self._device_of(msg, TopicKind.REPORTED)
-        if device is None or not msg.payload:
-            return
-        try:
-            state = decode_reported(msg.payload, device)
-        except MessageError as exc:
-            self.malformed.note("report", str(exc), device=device)
-            return
-        for cb in self._reported_cbs:
-            cb(device, state)
+        if msg.payload:  # (an empty payload clears a retained reported state: nothing to say)
+            self._fan_out(msg, TopicKind.REPORTED, "report", decode_reported, self._reported_cbs)
 
     def _on_event(self, msg: Message) -> None:
-        device = self._device_of(msg, TopicKind.EVENTS)
+        self._fan_out(msg, TopicKind.EVENTS, "event", decode_event, self._event_cbs)
+
+    def _fan_out(self, msg: Message, kind: TopicKind, what: str, decode: Callable[[bytes, str], T],
+                 callbacks: list[Callable[[str, T], None]]) -> None:
+        """Decode a message of a device's `kind` topic and hand it to every callback; a payload
+        that does not decode is noted in the malformed log (as `what`) and goes no further."""
+        device = self._device_of(msg, kind)
         if device is None:
             return
         try:
-            event = decode_event(msg.payload, device)
+            decoded = decode(msg.payload, device)
         except MessageError as exc:
-            self.malformed.note("event", str(exc), device=device)
+            self.malformed.note(what, str(exc), device=device)
             return
-        for cb in self._event_cbs:
-            cb(device, event)
+        for cb in callbacks:
+            cb(device, decoded)
 
     def _on_telemetry(self, msg: Message) -> None:
         device = self._device_of(msg, TopicKind.TELEMETRY)
