@@ -76,12 +76,14 @@ class AckedStream:
     `ingest(device, payload)` buffers a message and `flush()` commits the buffer (raising when it
     cannot). Both run on the stream's one worker thread, so a flush that returned has stored
     everything ingested before it began. `check(msg)` (the report signature gate) False drops a
-    message, which is then acknowledged with the rest."""
+    message, which is then acknowledged with the rest. A subclass names its stream: `name` (the
+    service component and its thread) and `kind` (the topic kind, and the metrics' `stream` label)."""
+
+    name: str
+    kind: StreamKind
 
     def __init__(
         self,
-        name: str,
-        kind: StreamKind,
         config: MqttConfig,
         prefix: str,
         share_group: str | None,
@@ -90,13 +92,11 @@ class AckedStream:
         settings: StreamSettings | None = None,
         check: Callable[[Message], bool] | None = None,
     ) -> None:
-        self.name = name  # the service component's name
-        self.kind = kind  # the metrics' `stream` label
         self.settings = settings or StreamSettings()
         self.topics = Topics(prefix)
-        self.topic_filter = self.topics.all_devices(kind, share_group)
+        self.topic_filter = self.topics.all_devices(self.kind, share_group)
         self.transport = AckedTransport(config, receive_maximum=self.settings.window)
-        self._topic_kind = TopicKind(kind)
+        self._topic_kind = TopicKind(self.kind)
         self._ingest = ingest
         self._check = check
         self._flush = flush

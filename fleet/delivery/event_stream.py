@@ -33,6 +33,9 @@ EVENT_SETTINGS = StreamSettings(window=1000, flush_at=200, flush_after_s=0.02, r
 class EventStream(AckedStream):
     """The events stream: `sink(device, event)` gets every valid event, `flush()` stores them."""
 
+    name = "event-stream"
+    kind = "events"
+
     def __init__(
         self,
         config: MqttConfig,
@@ -46,8 +49,7 @@ class EventStream(AckedStream):
     ) -> None:
         self.sink = sink
         self.malformed = malformed
-        super().__init__("event-stream", "events", config, prefix, share_group, self._decode, flush,
-                         settings or EVENT_SETTINGS, check)
+        super().__init__(config, prefix, share_group, self._decode, flush, settings or EVENT_SETTINGS, check)
 
     def _decode(self, device_id: str, payload: bytes) -> None:
         try:

@@ -16,10 +16,6 @@ the broker would hand that session a share of the reports, which it would drop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from agent.transport import Message
-from agent.transport.mqtt_config import MqttConfig
 from fleet.delivery.acked_stream import AckedStream, StreamSettings, retire_legacy_subscription
 
 __all__ = ["StreamSettings", "TelemetryStream", "retire_legacy_subscription"]
@@ -28,16 +24,5 @@ __all__ = ["StreamSettings", "TelemetryStream", "retire_legacy_subscription"]
 class TelemetryStream(AckedStream):
     """The telemetry stream: `ingest(device, payload)` is the store's ingest, `flush` its flush."""
 
-    def __init__(
-        self,
-        config: MqttConfig,
-        prefix: str,
-        share_group: str | None,
-        ingest: Callable[[str, bytes], object],
-        flush: Callable[[], object],
-        settings: StreamSettings | None = None,
-        check: Callable[[Message], bool] | None = None,
-    ) -> None:
-        super().__init__("telemetry-stream", "telemetry", config, prefix, share_group, ingest, flush,
-                         settings, check)
-
+    name = "telemetry-stream"
+    kind = "telemetry"
