@@ -13,7 +13,8 @@ only one of them look at a time, so the spinners of one process share at most on
 reply that finds its client spinning needs no ring. Measured on 2 cores with 16 client threads
 (docs/benchmarks.md, session 8): when only a process's first waiter spun and the others slept,
 the server's ring (`send`, waking a thread on an idle CPU) took over half of the poller's time
-and both processes idled half the time; 15-22 thousand predictions/s became 35-39 thousand.
+and both processes idled half the time; `agent_throughput` at 16 clients went from 27-39
+thousand predictions/s to 58-72 thousand.
 `shm_spin_us=0` (the in-process tests do so) never spins.
 """
 
