@@ -21,7 +21,9 @@ machine's CPUs allow at that cost: the same-run bound on the default path.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,6 +190,30 @@ def _clients(path: Path, k: int, x: np.ndarray, transport: str, cpu: int | None 
     return sum(counts) / elapsed, [v for lat in latencies for v in lat]
 
 
+C_CLIENT = Path(__file__).resolve().parent / "c" / "efs1_client.c"
+
+
+def build_c_client(out_dir: Path) -> Path | None:
+    """Compile the C client (benchmarks/c/efs1_client.c) into `out_dir`; None without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    exe = out_dir / "efs1_client"
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(exe), str(C_CLIENT)], check=True, timeout=120)
+    return exe
+
+
+def _c_clients(exe: Path, path: Path, k: int) -> float:
+    """Predictions/s of `k` threads of the C client, each on its own channel (no GIL)."""
+    seconds = max(1, round(SECONDS))
+    done = subprocess.run([str(exe), str(path), "x", "32", str(k), str(seconds)], capture_output=True,
+                          text=True, check=True, timeout=seconds + 30)
+    doc = json.loads(done.stdout)
+    if doc["errors"]:
+        raise RuntimeError(f"the C client got error frames: {doc['error']}")
+    return float(doc["calls"]) / float(doc["seconds"])
+
+
 def run() -> dict[str, float]:
     import onnxruntime as ort
 
@@ -227,6 +253,11 @@ def run() -> dict[str, float]:
                 rate, lat = _clients(d / "agent.sock", top, x, "auto", cpu=cpus[-1])
                 out[f"agent_throughput_{top}_clients_pinned_per_s"] = rate
                 out[f"agent_throughput_{top}_clients_pinned_p99_us"] = float(np.percentile(lat, 99)) / 1e3
+            exe = build_c_client(d)
+            if exe is not None:  # the same 16 clients in C: what the agent serves without a GIL'd client
+                for sock, tag in (("agent.sock", "_c"), ("batched.sock", "_c_batched")):
+                    out[f"agent_throughput_{CLIENTS[-1]}_clients{tag}_per_s"] = _c_clients(
+                        exe, d / sock, CLIENTS[-1])
             raw.append(_raw_rate(session, x))
         finally:
             if proc.stdin is not None:
@@ -242,6 +273,10 @@ def run() -> dict[str, float]:
     ceiling = len(os.sched_getaffinity(0)) * 1e6 / per_call if per_call > 0 else float("nan")
     out[f"agent_throughput_{top}_clients_cpu_ceiling_per_s"] = ceiling
     out["agent_throughput_cpu_ceiling_vs_raw_ratio"] = ceiling / base
+    for tag in ("_c", "_c_batched"):
+        c_rate = out.get(f"agent_throughput_{top}_clients{tag}_per_s")
+        if c_rate is not None:
+            out[f"agent_throughput{tag}_vs_raw_ratio"] = c_rate / base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
     out["agent_throughput_socket_vs_raw_ratio"] = (
         out[f"agent_throughput_{CLIENTS[-1]}_clients_socket_per_s"] / base
