@@ -191,6 +191,7 @@ static int read_reply(struct channel *ch, int keep) {
     if (h.kind == 3) {
         uint16_t cl, ml;
         memcpy(&cl, meta, 2); memcpy(&ml, meta + 2, 2);
+        if (h.meta_len < 4 || 4u + cl + ml > h.meta_len) { errno = EPROTO; return fail("malformed error frame"); }
         pthread_mutex_lock(&g_lock);
         if (!g_error[0]) {
             snprintf(g_error, sizeof g_error, "%.*s: %.*s", cl, meta + 4, ml, meta + 4 + cl);
@@ -203,10 +204,10 @@ static int read_reply(struct channel *ch, int keep) {
     if (keep) {  /* the first tensor, as float32 (the MLP's logits) */
         const uint8_t *d = meta + h.meta_len;
         uint8_t ndim = d[1];
-        uint16_t nl;
-        memcpy(&nl, d + 2, 2);
+        if (h.desc_len < 4u + 4u * ndim || d[0] != 1) { errno = EPROTO; return fail("unexpected output tensor"); }
         size_t items = 1;
         for (int i = 0; i < ndim; i++) { uint32_t dim; memcpy(&dim, d + 4 + 4 * i, 4); items *= dim; }
+        if (items * 4 > h.payload_len) { errno = EPROTO; return fail("output larger than the payload"); }
         const uint8_t *payload = meta + h.meta_len + h.desc_len;
         pthread_mutex_lock(&g_lock);
         if (!g_first[0]) {
