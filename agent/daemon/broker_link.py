@@ -90,9 +90,9 @@ class BrokerLink:
         with self._lock:
             outage_s = self._clock() - self._status.since if self._status.state != "connected" else 0.0
             self._failures = 0
+        self._set("connected", None, connected=True)  # the file first: a reader of the log sees it
         log_event(log, "agent.broker_connected", broker=self.broker, session_present=session_present,
                   after_s=round(outage_s, 1))
-        self._set("connected", None, connected=True)
 
     def down(self, reason: str, was_connected: bool) -> None:
         """A lost connection (`was_connected`) or a failed attempt; `MqttTransport.add_on_link_down`."""
@@ -101,13 +101,13 @@ class BrokerLink:
             attempts = self._failures
             state = self._status.state
         if was_connected:
-            log_event(log, "agent.broker_lost", logging.WARNING, broker=self.broker, reason=reason)
             self._set("disconnected", reason)
+            log_event(log, "agent.broker_lost", logging.WARNING, broker=self.broker, reason=reason)
             return
+        self._set("connecting" if state == "connecting" else "disconnected", reason, keep_since=True)
         level = logging.WARNING if attempts == 1 else logging.DEBUG  # once per outage, not every retry
         log_event(log, "agent.broker_unreachable", level, broker=self.broker, reason=reason,
                   attempts=attempts)
-        self._set("connecting" if state == "connecting" else "disconnected", reason, keep_since=True)
 
     def stopped(self) -> None:
         self._set("stopped", None)
