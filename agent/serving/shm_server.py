@@ -67,8 +67,8 @@ class ShmConfig:
 
 
 class _Channel:
-    __slots__ = ("ctl", "geo", "known", "last", "private", "region", "release", "rep", "reply_known", "req",
-                 "seen", "sock")
+    __slots__ = ("arrays", "ctl", "geo", "known", "last", "private", "region", "release", "rep",
+                 "reply_known", "req", "seen", "sock")
 
     def __init__(self, sock: socket.socket, region: mmap.mmap, geo: Geometry,
                  release: Callable[[], None]) -> None:
@@ -81,10 +81,15 @@ class _Channel:
         self.private = bytearray(4096)  # the request's payload, copied out of shared memory
         self.seen = 0
         self.last = time.monotonic_ns()
-        # The last request's header and descriptors (bytes), its layout, payload offset and size.
+        # The last request's header and descriptors (bytes), its layout, payload offset and size;
+        # its rows were checked against the limits when it was parsed.
         self.known: tuple[bytes, wire.Layout, int, int] | None = None
-        # The last reply written whole without ids: its model, the tensors' offset, their layout.
-        self.reply_known: tuple[dict[str, str], int, tuple[Any, ...]] | None = None
+        # The input arrays of that layout over `private` (the same objects for every request:
+        # building views per request cost more than the copy into them).
+        self.arrays: dict[str, np.ndarray] | None = None
+        # The last reply written whole without ids: its model, and per output its name, dtype,
+        # shape and an array over the reply area where its tensor goes.
+        self.reply_known: tuple[dict[str, str], tuple[tuple[str, Any, Any, np.ndarray], ...]] | None = None
 
 
 class ShmPoller:
@@ -210,6 +215,7 @@ class ShmPoller:
 
     def _close(self, ch: _Channel) -> None:
         ch.ctl[W_SERVER_PARKED] = 1  # a client about to write rings, and finds the socket closed
+        ch.reply_known = ch.arrays = None  # their arrays export the views released below
         if ch in self._channels:
             self._channels.remove(ch)
         with contextlib.suppress(KeyError, ValueError):
@@ -224,43 +230,47 @@ class ShmPoller:
 
     # -- serving --------------------------------------------------------------------------
     def _serve(self, ready: list[_Channel]) -> None:
-        seqs = [ch.ctl[W_REQ] for ch in ready]
         self.requests += len(ready)
-        if len(ready) == 1 or not self.config.stack:  # each on its own, no stacking rules
-            for ch in ready:
-                self._answer(ch)
-        else:
-            taken: list[batch_run.Request] = []
-            for ch in ready:
-                try:
-                    arrays = self._take(ch)
-                    self.service.check_rows(arrays)
-                    taken.append(batch_run.Request(ch, arrays))
-                except Exception as exc:
-                    self._write(ch, _error_parts(exc))
-            replies, runs, _ = batch_run.run(self.service, taken, self.config.max_rows, self.templates)
-            self.stacked_runs += runs
-            for owner, parts, _total in replies:
-                self._write(owner, parts)
         now = time.monotonic_ns()
-        for ch, seq in zip(ready, seqs, strict=True):
-            ch.seen = seq
-            ch.last = now
-            ch.ctl[W_REP] = seq
-        self._fence()
+        if len(ready) == 1 or not self.config.stack:  # each on its own, answered as soon as done
+            for ch in ready:
+                seq = ch.ctl[W_REQ]
+                self._answer(ch)
+                self._publish(ch, seq, now)
+            return
+        seqs = [ch.ctl[W_REQ] for ch in ready]
+        taken: list[batch_run.Request] = []
         for ch in ready:
-            if ch.ctl[W_CLIENT_PARKED]:
-                try:
-                    ch.sock.send(RING_DONE, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    pass  # the client has rings it has not read: it wakes anyway
-                except OSError:
-                    self._close(ch)
+            try:
+                taken.append(batch_run.Request(ch, self._take(ch)))
+            except Exception as exc:
+                self._write(ch, _error_parts(exc))
+        replies, runs, _ = batch_run.run(self.service, taken, self.config.max_rows, self.templates)
+        self.stacked_runs += runs
+        for owner, parts, _total in replies:
+            self._write(owner, parts)
+        for ch, seq in zip(ready, seqs, strict=True):
+            self._publish(ch, seq, now)
+
+    def _publish(self, ch: _Channel, seq: int, now: int) -> None:
+        """Tell the client its reply (written) is there, ringing if it may be asleep (Dekker)."""
+        ch.seen = seq
+        ch.last = now
+        ch.ctl[W_REP] = seq
+        self._fence()
+        if ch.ctl[W_CLIENT_PARKED]:
+            try:
+                ch.sock.send(RING_DONE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass  # the client has rings it has not read: it wakes anyway
+            except OSError:
+                self._close(ch)
 
     def _answer(self, ch: _Channel) -> None:
         """Run the channel's request and write its reply (outputs, or an error frame)."""
         try:
-            outputs, model, ids = self.service.predict_ids(self._take(ch))
+            service = self.service
+            outputs, model, ids = service.run_on(service.target(), self._take(ch))  # rows: checked by _take
             if not ids and self._fast_reply(ch, model, outputs):
                 return
             parts = self.templates.parts(
@@ -270,42 +280,51 @@ class ShmPoller:
             self._write(ch, _error_parts(exc))
             return
         if self._write(ch, parts) and not ids:
-            outs = tuple((k, a.dtype, a.shape, a.nbytes) for k, a in outputs.items())
-            head = sum(memoryview(p).nbytes for p in parts[:len(parts) - len(outs)])
-            ch.reply_known = (dict(model), head, outs)
+            at = sum(memoryview(p).nbytes for p in parts[:len(parts) - len(outputs)])
+            outs = []
+            for k, a in outputs.items():
+                dst = np.frombuffer(ch.rep, a.dtype, a.size, at).reshape(a.shape)
+                outs.append((k, a.dtype, a.shape, dst))
+                at += a.nbytes
+            ch.reply_known = (dict(model), tuple(outs))
 
     @staticmethod
     def _fast_reply(ch: _Channel, model: dict[str, str], outputs: dict[str, np.ndarray]) -> bool:
         """Write only the tensors when the model and output layout are those of the channel's
         last reply written whole (no prediction ids): everything before them is still there.
-        False (nothing written) otherwise."""
+        False otherwise (tensors may be half written: the caller then writes the whole reply,
+        and the client reads nothing before the reply's sequence word)."""
         known = ch.reply_known
-        if known is None or known[0] != model or len(outputs) != len(known[2]):
+        if known is None or known[0] != model or len(outputs) != len(known[1]):
             return False
-        for (name, dt, shape, _), (key, arr) in zip(known[2], outputs.items(), strict=True):
-            if key != name or arr.dtype != dt or arr.shape != shape or not arr.flags.c_contiguous:
+        for (name, dt, shape, dst), (key, arr) in zip(known[1], outputs.items(), strict=True):
+            if key != name or arr.dtype != dt or arr.shape != shape:
                 return False
-        rep, at = ch.rep, known[1]
-        for (_, _, _, n), arr in zip(known[2], outputs.values(), strict=True):
-            rep[at:at + n] = arr.data.cast("B")
-            at += n
+            dst[...] = arr
         return True
 
     def _take(self, ch: _Channel) -> dict[str, np.ndarray]:
-        """The channel's request, copied out of shared memory and checked, as input arrays
-        (the rows are checked by the service).
+        """The channel's request, copied out of shared memory and checked (header, descriptors,
+        and the rows against the service's batch limit), as input arrays.
 
         Raises `MessageError` / `RequestTooLargeError` (answered with an error frame).
         """
         known = ch.known
         if known is not None and ch.req[:len(known[0])] == known[0]:  # the layout of last time
             _, layout, at, payload_len = known
+            arrays = ch.arrays
         else:
+            ch.arrays = arrays = None
             layout, at, payload_len = self._parse_head(ch)
         if len(ch.private) < payload_len:  # replaced, not resized: old views may still export it
             ch.private = bytearray(max(payload_len, 2 * len(ch.private)))
+            ch.arrays = arrays = None
         ch.private[:payload_len] = ch.req[at:at + payload_len]
-        return wire.views(layout, ch.private)
+        if arrays is None:
+            arrays = wire.views(layout, ch.private)
+            self.service.check_rows(arrays)  # once per layout: the shapes are the layout's
+            ch.arrays = arrays
+        return dict(arrays)  # the arrays are the channel's; the dict is the caller's
 
     def _parse_head(self, ch: _Channel) -> tuple[wire.Layout, int, int]:
         """Check the request's header and descriptors (remembered for the next request).

@@ -88,6 +88,23 @@ def test_predicts_go_through_shared_memory_and_match_the_socket(d: Path) -> None
         assert srv.shm is not None and srv.shm.poller.requests == 4
 
 
+def test_a_repeated_layout_reuses_its_arrays_and_every_request_is_still_checked(d: Path) -> None:
+    """The poller keeps one set of input arrays and one reply layout per channel: the values of
+    each request must still be its own, and a refused layout must be refused every time."""
+    big = np.random.default_rng(2).standard_normal((100, 32)).astype(np.float32)  # outgrows 4 kB
+    with _server(d) as srv, _client(srv.path) as c:
+        for i in range(8):  # the same layout, new values each time
+            np.testing.assert_allclose(c.predict({"x": X[i:i + 1]})["logits"], REF[i:i + 1], atol=1e-5)
+        for _ in range(2):  # a layout over the row limit, twice in a row
+            with pytest.raises(RequestTooLargeError, match="limit is 1000"):
+                c.predict({"x": np.zeros((1001, 32), np.float32)})
+        got = c.predict({"x": big})["logits"]  # a payload larger than the channel's copy area
+        np.testing.assert_allclose(got, mlp_reference(big, mlp_weights(0)), atol=1e-4)
+        np.testing.assert_allclose(c.predict({"x": big[:1]})["logits"], got[:1], atol=1e-6)
+        np.testing.assert_allclose(c.predict({"x": X[3:4]})["logits"], REF[3:4], atol=1e-5)
+        assert c.on_shared_memory and srv.shm is not None and srv.shm.poller.requests == 13
+
+
 def test_bad_inputs_are_refused_and_the_channel_keeps_serving(d: Path) -> None:
     with _server(d) as srv, _client(srv.path) as c:
         with pytest.raises(InputValidationError, match="expected shape"):
