@@ -25,8 +25,9 @@ import mmap
 import os
 import socket
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Sequence
+
+import numpy as np
 
 from agent.errors import MessageError, TransportError
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame
@@ -60,6 +61,10 @@ class ShmLink:
         whole.release()
         self.seq = int(self.ctl[W_REQ])
         self._fence = Fence()
+        # The last request's header and descriptors (still in the area: the server never
+        # writes there) and an array over the area per input of that layout.
+        self._pre = b""
+        self._dst: tuple[np.ndarray, ...] = ()
 
     @property
     def request_room(self) -> int:
@@ -118,20 +123,25 @@ class ShmLink:
             data += more
         return data
 
-    def call(self, pre: bytes, buffers: Iterable[Any], spin_us: float) -> None:
-        """Write one request (`pre`: header and descriptors, then the tensors' buffers) and wait
-        for its reply (the frame at `geo.rep_offset` of `region`).
+    def call(self, pre: bytes, arrays: Sequence[np.ndarray], spin_us: float) -> None:
+        """Write one request (`pre`: header and descriptors; then the tensors, C-contiguous and
+        of the layout `pre` describes) and wait for its reply (the frame at `geo.rep_offset`
+        of `region`). A request of the last request's layout writes only its tensors.
 
         Raises `TransportError` when the server closed the channel or did not answer within
-        the socket's timeout.
+        the socket's timeout; `MessageError` when the request does not fit the area.
         """
-        req, ctl = self.req, self.ctl
-        at = len(pre)
-        req[:at] = pre
-        for buf in buffers:
-            n = buf.nbytes
-            req[at:at + n] = buf.cast("B") if buf.ndim != 1 or buf.format != "B" else buf
-            at += n
+        ctl = self.ctl
+        if pre != self._pre:
+            self._place(pre, arrays)
+        dsts = self._dst
+        if len(dsts) != len(arrays):
+            raise MessageError(f"{len(arrays)} tensors for a layout of {len(dsts)}")
+        if len(dsts) == 1:  # the common case, without a loop
+            dsts[0][...] = arrays[0]
+        else:
+            for i, dst in enumerate(dsts):
+                dst[...] = arrays[i]
         self.seq += 1
         seq = self.seq
         ctl[W_REQ] = seq
@@ -140,6 +150,22 @@ class ShmLink:
             self._ring()
         if ctl[W_REP] != seq:
             self._wait(seq, spin_us)
+
+    def _place(self, pre: bytes, arrays: Sequence[np.ndarray]) -> None:
+        """Write `pre` and build the arrays over the area the tensors of its layout go to."""
+        self._pre, self._dst = b"", ()  # until all is in place
+        at, room = len(pre), self.geo.req_size
+        dst = []
+        for arr in arrays:
+            if at + arr.nbytes > room:
+                raise MessageError(f"the request does not fit the channel's {room} bytes")
+            dst.append(np.frombuffer(self.region, arr.dtype, arr.size, self.geo.req_offset + at)
+                       .reshape(arr.shape))
+            at += arr.nbytes
+        if at > room:
+            raise MessageError(f"the request does not fit the channel's {room} bytes")
+        self.req[:len(pre)] = pre
+        self._pre, self._dst = pre, tuple(dst)
 
     def _ring(self) -> None:
         try:
@@ -177,6 +203,7 @@ class ShmLink:
 
     def close(self) -> None:
         """Close the channel and its socket."""
+        self._pre, self._dst = b"", ()  # their arrays export the region
         with contextlib.suppress(OSError):
             self.sock.close()
         for view in (self.ctl, self.req):

@@ -101,8 +101,30 @@ def test_a_repeated_layout_reuses_its_arrays_and_every_request_is_still_checked(
         got = c.predict({"x": big})["logits"]  # a payload larger than the channel's copy area
         np.testing.assert_allclose(got, mlp_reference(big, mlp_weights(0)), atol=1e-4)
         np.testing.assert_allclose(c.predict({"x": big[:1]})["logits"], got[:1], atol=1e-6)
+        mine = c.predict({"x": X[3:4]})["logits"]
+        np.testing.assert_allclose(mine, REF[3:4], atol=1e-5)
+        mine[:] = 0  # outputs are the caller's arrays, not views of the reply area
         np.testing.assert_allclose(c.predict({"x": X[3:4]})["logits"], REF[3:4], atol=1e-5)
-        assert c.on_shared_memory and srv.shm is not None and srv.shm.poller.requests == 13
+        np.testing.assert_allclose(c.predict({"x": X[5:6]})["logits"], REF[5:6], atol=1e-5)
+        assert not mine.any()
+        assert c.on_shared_memory and srv.shm is not None and srv.shm.poller.requests == 15
+
+
+def test_a_request_the_link_cannot_hold_is_refused_before_anything_is_written(d: Path) -> None:
+    with _server(d) as srv:
+        _, link = _raw_link(srv.path)
+        desc = wire.describe({"x": X[:1]})
+        good = wire.HEADER.pack(wire.MAGIC, 1, 0, 0, 1, 0, 0, len(desc), X[:1].nbytes) + desc
+        huge = np.zeros(link.request_room, np.uint8)
+        seq = link.seq
+        with pytest.raises(MessageError, match="does not fit"):
+            link.call(good, [huge], 0)
+        with pytest.raises(MessageError, match="1 tensors for a layout of 0"):
+            link.call(b"", [X[:1]], 0)
+        assert link.seq == seq  # nothing was sent
+        link.call(good, [X[:1]], 0)
+        assert wire.HEADER.unpack_from(link.region, link.geo.rep_offset)[1] == wire.KIND_REPLY
+        link.close()
 
 
 def test_bad_inputs_are_refused_and_the_channel_keeps_serving(d: Path) -> None:
@@ -180,7 +202,7 @@ def test_hostile_bytes_in_the_request_area_get_error_frames_not_a_dead_server(d:
             link.call(pre, [], 0)
             got_status, got_message = _error_of(link)
             assert got_status == status and message in got_message, (got_status, got_message)
-        link.call(good, [X[:1].data], 0)  # the same channel still serves a good request
+        link.call(good, [X[:1]], 0)  # the same channel still serves a good request
         assert wire.HEADER.unpack_from(link.region, link.geo.rep_offset)[1] == wire.KIND_REPLY
         link.close()
         with _client(srv.path) as c:
