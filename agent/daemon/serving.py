@@ -269,7 +269,10 @@ def _single(tensors: dict[str, np.ndarray] | None) -> np.ndarray | None:
     """The one tensor of a single-tensor model as rows (sketches are keyed to one table)."""
     if not tensors or len(tensors) != 1:
         return None
-    arr = np.asarray(next(iter(tensors.values())))
+    arr = next(iter(tensors.values()))
+    if type(arr) is np.ndarray and arr.ndim == 2:  # the common case, as it is
+        return arr
+    arr = np.asarray(arr)
     return arr.reshape(arr.shape[0], -1) if arr.ndim >= 1 else arr.reshape(1, 1)
 
 

@@ -169,8 +169,10 @@ class ModelHolder:
         self._current: _Serving | None = None
         self._standby: _Serving | None = None
         self._shadow: _Shadow | None = None
-        self._observers: list[Observer] = []
-        self._reject_observers: list[RejectObserver] = []
+        # Tuples, replaced (not mutated) under the lock: a request takes them without a copy.
+        self._observers: tuple[Observer, ...] = ()
+        self._reject_observers: tuple[RejectObserver, ...] = ()
+        self._retiring = 0  # threads in `_retire` waiting for a model to drain
         self._token = 0
         self.drain_timeout_s = drain_timeout_s
         self.last_swap_at = 0.0  # perf_counter() of the last reference swap (for rollback_ms)
@@ -212,10 +214,9 @@ class ModelHolder:
             with self._lock:
                 cur.inflight -= 1
                 cur.started.pop(token, None)
-                if cur.inflight == 0:
+                if cur.inflight == 0 and self._retiring:  # nobody waits in the common case
                     self._drained.notify_all()
-                observers = list(self._observers)
-                rejecters = list(self._reject_observers)
+                observers, rejecters = self._observers, self._reject_observers
             if ok is not None:
                 for obs in observers:
                     obs(cur.bundle_id, latency, ok)
@@ -245,21 +246,25 @@ class ModelHolder:
 
     def add_observer(self, observer: Observer) -> None:
         with self._lock:
-            self._observers.append(observer)
+            self._observers = (*self._observers, observer)
 
     def remove_observer(self, observer: Observer) -> None:
         with self._lock:
             if observer in self._observers:
-                self._observers.remove(observer)
+                rest = list(self._observers)
+                rest.remove(observer)
+                self._observers = tuple(rest)
 
     def add_reject_observer(self, observer: RejectObserver) -> None:
         with self._lock:
-            self._reject_observers.append(observer)
+            self._reject_observers = (*self._reject_observers, observer)
 
     def remove_reject_observer(self, observer: RejectObserver) -> None:
         with self._lock:
             if observer in self._reject_observers:
-                self._reject_observers.remove(observer)
+                rest = list(self._reject_observers)
+                rest.remove(observer)
+                self._reject_observers = tuple(rest)
 
     # -- swapping -------------------------------------------------------------------------
     def swap(self, model: LoadedModel, bundle_id: str, keep_previous: bool = True) -> None:
@@ -312,11 +317,15 @@ class ModelHolder:
     def _retire(self, slot: _Serving) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
         with self._lock:
-            while slot.inflight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._drained.wait(left)
+            self._retiring += 1
+            try:
+                while slot.inflight > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._drained.wait(left)
+            finally:
+                self._retiring -= 1
             drained = slot.inflight == 0
         if drained:
             slot.model.close()

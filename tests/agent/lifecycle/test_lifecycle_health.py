@@ -157,6 +157,49 @@ def test_observers_see_every_request_and_errors(tmp_path: Path) -> None:
     holder.close()
 
 
+class _Gated:
+    """A model whose predict waits for `go` (and says it started): an in-flight request."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model, self.started, self.go, self.closed = model, threading.Event(), threading.Event(), False
+
+    def predict(self, inputs):  # type: ignore[no-untyped-def]
+        self.started.set()
+        assert self.go.wait(30)
+        return self.model.predict(inputs)
+
+    def close(self) -> None:
+        self.closed = True
+        self.model.close()
+
+
+@pytest.mark.integration
+def test_a_retired_model_closes_as_soon_as_its_last_request_ends(tmp_path: Path) -> None:
+    """The swap waits for the old model's in-flight request, and is woken when it ends (not at
+    the drain timeout): requests only notify when someone is retiring a model."""
+    holder = ModelHolder(drain_timeout_s=60)
+    a, _ = _load(tmp_path, 0)
+    b, _ = _load(tmp_path, 1)
+    gated = _Gated(a)
+    holder.swap(gated, "a", keep_previous=False)  # type: ignore[arg-type]
+    seen: list[str] = []
+    holder.add_observer(lambda bid, lat, ok: seen.append(bid))
+    request = threading.Thread(target=holder.predict, args=({"x": X},))
+    request.start()
+    assert gated.started.wait(10)
+    swap = threading.Thread(target=holder.swap, args=(b, "b"), kwargs={"keep_previous": False})
+    swap.start()
+    swap.join(0.3)
+    assert swap.is_alive() and not gated.closed  # waiting for the request on "a"
+    assert holder.predict_tagged({"x": X})[0] == "b"  # new requests go to "b" meanwhile
+    gated.go.set()
+    request.join(10)
+    swap.join(10)  # woken by the request's end, long before the 60 s drain timeout
+    assert not swap.is_alive() and gated.closed
+    assert sorted(seen) == ["a", "b"]
+    holder.close()
+
+
 class _Slow:
     def __init__(self, model: LoadedModel, delay: float) -> None:
         self.model, self.delay = model, delay
