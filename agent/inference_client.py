@@ -44,7 +44,7 @@ __all__ = ["InferenceClient", "raise_for_error"]
 #: costs the server CPU on a busy one, and many polling threads of one process on few cores
 #: lower throughput: opt in per client (`spin_us=300`) for a latency-critical caller.
 DEFAULT_SPIN_US = 0.0
-#: Where one output of a known reply layout is: name, dtype, element count, offset, shape.
+#: One output of a known reply layout: its name and an array over the reply area where it is.
 _Out = tuple[str, np.ndarray]
 POLLING_SPIN_US = 300.0
 

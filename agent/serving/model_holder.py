@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from agent.logs import log_event
 log = logging.getLogger(__name__)
 
 Tensors = dict[str, np.ndarray]
+_T = TypeVar("_T")
 
 
 class LoadedModel(Protocol):
@@ -250,10 +251,7 @@ class ModelHolder:
 
     def remove_observer(self, observer: Observer) -> None:
         with self._lock:
-            if observer in self._observers:
-                rest = list(self._observers)
-                rest.remove(observer)
-                self._observers = tuple(rest)
+            self._observers = _without(self._observers, observer)
 
     def add_reject_observer(self, observer: RejectObserver) -> None:
         with self._lock:
@@ -261,10 +259,7 @@ class ModelHolder:
 
     def remove_reject_observer(self, observer: RejectObserver) -> None:
         with self._lock:
-            if observer in self._reject_observers:
-                rest = list(self._reject_observers)
-                rest.remove(observer)
-                self._reject_observers = tuple(rest)
+            self._reject_observers = _without(self._reject_observers, observer)
 
     # -- swapping -------------------------------------------------------------------------
     def swap(self, model: LoadedModel, bundle_id: str, keep_previous: bool = True) -> None:
@@ -359,3 +354,11 @@ class ModelHolder:
         """Stop shadow mode and close every model."""
         self.set_shadow(None)
         self.clear()
+
+
+def _without(items: tuple[_T, ...], item: _T) -> tuple[_T, ...]:
+    """`items` less the first `item` (unchanged when it is not there)."""
+    if item not in items:
+        return items
+    i = items.index(item)
+    return items[:i] + items[i + 1:]

@@ -142,7 +142,10 @@ def test_observers_see_every_request_and_errors(tmp_path: Path) -> None:
     holder.swap(a, "a", keep_previous=False)
     seen: list[tuple[str, bool]] = []
     rejected: list[str] = []
-    holder.add_observer(lambda b, lat, ok: seen.append((b, ok)))
+    def observer(b: str, lat: float, ok: bool) -> None:
+        seen.append((b, ok))
+
+    holder.add_observer(observer)
     holder.add_reject_observer(rejected.append)
     assert holder.predict_tagged({"x": X})[0] == "a"
     with pytest.raises(InputValidationError):  # not a model error; reject observers see it
@@ -154,6 +157,14 @@ def test_observers_see_every_request_and_errors(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         holder.predict({"x": X})
     assert seen == [("a", True), ("b", False)]
+    holder.remove_observer(observer)
+    holder.remove_reject_observer(rejected.append)
+    holder.remove_observer(observer)  # not there any more: nothing happens
+    holder.swap(_load(tmp_path, 2)[0], "c", keep_previous=False)
+    holder.predict({"x": X})
+    with pytest.raises(InputValidationError):
+        holder.predict({"x": np.zeros((1, 3), np.float32)})
+    assert seen == [("a", True), ("b", False)] and rejected == ["a"]  # removed: told nothing
     holder.close()
 
 
