@@ -81,15 +81,15 @@ class _Channel:
         self.private = bytearray(4096)  # the request's payload, copied out of shared memory
         self.seen = 0
         self.last = time.monotonic_ns()
-        # The last request's header and descriptors (bytes), its layout, payload offset and size;
-        # its rows were checked against the limits when it was parsed.
+        # The last request's header and descriptors (bytes), its layout, payload offset and size.
         self.known: tuple[bytes, wire.Layout, int, int] | None = None
-        # The input arrays of that layout over `private` (the same objects for every request:
-        # building views per request cost more than the copy into them).
+        # The input arrays of that layout over `private`, their rows checked against the limits
+        # when they were built (the same objects for every request: building views per
+        # request cost more than the copy into them).
         self.arrays: dict[str, np.ndarray] | None = None
-        # The last reply written whole without ids: its model, and per output its name, dtype,
-        # shape and an array over the reply area where its tensor goes.
-        self.reply_known: tuple[dict[str, str], tuple[tuple[str, Any, Any, np.ndarray], ...]] | None = None
+        # The last reply written whole without ids: its model, and per output its name and an
+        # array over the reply area where its tensor goes (of the tensor's dtype and shape).
+        self.reply_known: tuple[dict[str, str], tuple[tuple[str, np.ndarray], ...]] | None = None
 
 
 class ShmPoller:
@@ -283,8 +283,7 @@ class ShmPoller:
             at = sum(memoryview(p).nbytes for p in parts[:len(parts) - len(outputs)])
             outs = []
             for k, a in outputs.items():
-                dst = np.frombuffer(ch.rep, a.dtype, a.size, at).reshape(a.shape)
-                outs.append((k, a.dtype, a.shape, dst))
+                outs.append((k, np.frombuffer(ch.rep, a.dtype, a.size, at).reshape(a.shape)))
                 at += a.nbytes
             ch.reply_known = (dict(model), tuple(outs))
 
@@ -297,8 +296,8 @@ class ShmPoller:
         known = ch.reply_known
         if known is None or known[0] != model or len(outputs) != len(known[1]):
             return False
-        for (name, dt, shape, dst), (key, arr) in zip(known[1], outputs.items(), strict=True):
-            if key != name or arr.dtype != dt or arr.shape != shape:
+        for (name, dst), (key, arr) in zip(known[1], outputs.items(), strict=True):
+            if key != name or arr.dtype != dst.dtype or arr.shape != dst.shape:
                 return False
             dst[...] = arr
         return True
