@@ -288,7 +288,6 @@ def run() -> dict[str, float]:
     )
     # The same clients through a bare echo (no model, no framing): what the socket itself allows.
     out["bare_echo_vs_raw_ratio"] = out[f"bare_echo_{CLIENTS[-1]}_clients_per_s"] / base
-    top = CLIENTS[-1]
     out["agent_throughput_batched_vs_bare_echo_ratio"] = (
         out[f"agent_throughput_{top}_clients_batched_per_s"] / out[f"bare_echo_{top}_clients_per_s"]
     )
