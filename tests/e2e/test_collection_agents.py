@@ -157,6 +157,7 @@ def test_a_signed_policy_brings_a_bounded_sample_back_as_a_dataset_version(world
         assert "collection.create" in actions and "collection.stop" in actions
 
 
+@pytest.mark.slow  # kill -9 and restart: the long step (see pyproject's markers)
 def test_an_agent_killed_while_sampling_resumes_the_collection_after_restart(world: World) -> None:
     agent = world.agents[IN]
     with world.api as c:

@@ -57,6 +57,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield fleet
 
 
+@pytest.mark.slow  # kill -9 and restart: the long step (see pyproject's markers)
 def test_sigkill_in_every_lifecycle_state_ends_serving_a_verified_model(fleet: Fleet) -> None:
     # a device provisioned with v1, cloned once per state (cheaper than installing v1 seven times)
     template = make_agent(fleet, "dev-tmpl", http=False).start()
