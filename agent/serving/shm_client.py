@@ -8,13 +8,14 @@ for its reply (spin, then park on the socket).
 A spinning client calls `sched_yield` between looks, which lets a server thread woken on
 the same CPU run at once (without it, the scheduler's habit of waking a peer on the waker's
 CPU made both sides spin out their time slices: 150 µs median instead of 45) and lets go of
-the GIL. Every waiting client spins, however many threads of its process wait: the GIL lets
-only one of them look at a time, so the spinners of one process share at most one CPU, and a
-reply that finds its client spinning needs no ring. Measured on 2 cores with 16 client threads
-(docs/benchmarks.md, session 8): when only a process's first waiter spun and the others slept,
-the server's ring (`send`, waking a thread on an idle CPU) took over half of the poller's time
-and both processes idled half the time; `agent_throughput` at 16 clients went from 27-39
-thousand predictions/s to 58-72 thousand.
+the GIL. A reply that finds its client spinning needs no ring, so no waiting client of a
+process sleeps on the socket while its spin time lasts; but they do not each spin: one of
+them spins for all the process's waiting channels and wakes the others when their replies
+come (`agent.serving.shm_watch`). Session 8 measured why nobody may simply sleep: when only a
+process's first waiter spun and the others slept in `recv`, the server's rings took over half
+of the poller's time. Session 10 measured why not everybody spins: sixteen spinners hand the
+GIL round sixteen ways, and at 16 clients their p99 was 4.3 ms against 2.0 ms with one
+spinner, at the same rate (docs/benchmarks.md).
 `shm_spin_us=0` (the in-process tests do so) never spins.
 """
 
@@ -24,7 +25,6 @@ import contextlib
 import mmap
 import os
 import socket
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,6 +43,7 @@ from agent.serving.shm_layout import (
     Geometry,
     control_words,
 )
+from agent.serving.shm_watch import WATCH, Waiter
 from agent.serving.wire import raise_for_error
 
 #: How long a client spins for its reply before it sleeps in `recv`: longer than a small
@@ -65,6 +66,7 @@ class ShmLink:
         # writes there) and an array over the area per input of that layout.
         self._pre = b""
         self._dst: tuple[np.ndarray, ...] = ()
+        self._waiter = Waiter(self.ctl)
 
     @property
     def request_room(self) -> int:
@@ -177,15 +179,8 @@ class ShmLink:
 
     def _wait(self, seq: int, spin_us: float) -> None:
         ctl = self.ctl
-        if spin_us:  # yielding: a server thread woken on this CPU gets it at once
-            clock, yield_cpu = time.perf_counter_ns, os.sched_yield
-            deadline = clock() + int(spin_us * 1000)
-            while ctl[W_REP] != seq:
-                if clock() > deadline:
-                    break
-                yield_cpu()
-            else:
-                return
+        if spin_us and WATCH.wait(self._waiter, seq, spin_us):  # one spinner for the process
+            return
         try:
             while True:
                 ctl[W_CLIENT_PARKED] = 1
