@@ -46,6 +46,10 @@ __all__ = ["InferenceClient", "raise_for_error"]
 DEFAULT_SPIN_US = 0.0
 #: One output of a known reply layout: its name and an array over the reply area where it is.
 _Out = tuple[str, np.ndarray]
+#: A reply's bytes before its first prediction id, where that id starts and ends in the region,
+#: its bytes from the id's end to the tensors, the ids' count, and each output's name and an
+#: array over the reply area where its tensor is. Without ids the id is empty.
+_KnownReply = tuple[bytes, int, int, bytes, int, tuple[_Out, ...]]
 POLLING_SPIN_US = 300.0
 
 
@@ -70,9 +74,8 @@ class InferenceClient:
         self.shm_spin_us, self.shm_bytes = shm_spin_us, shm_bytes
         self._link: ShmLink | None = None
         self._side: InferenceClient | None = None  # plain connection beside an open channel
-        # Bytes before the tensors of the channel's last reply without ids, and each output's
-        # name and an array over the channel's reply area where it is (see `_shm_reply`).
-        self._fast: tuple[bytes, tuple[_Out, ...]] | None = None
+        # The channel's last reply decoded in full, as `_shm_reply` compares the next one to it.
+        self._fast: _KnownReply | None = None
         self.spin_us = spin_us
         self.timeout = timeout
         self.limits = limits or ApiLimits(max_body_bytes=1 << 30, max_header_bytes=1 << 24)
@@ -208,14 +211,16 @@ class InferenceClient:
             raise TransportError(f"inference socket failed: {exc}") from exc
 
     def _shm_reply(self, link: ShmLink) -> dict[str, np.ndarray]:
-        """The reply in the channel's area. When its bytes before the tensors are those of the
-        last reply without ids (the server then writes only the tensors), the outputs are read
-        at the offsets known from it; otherwise the frame is decoded and checked in full."""
+        """The reply in the channel's area. When all its bytes before the tensors but the first
+        prediction id are those of the last reply (the server then writes only that id and the
+        tensors), the id and the outputs are read at the offsets known from it; otherwise the
+        frame is decoded and checked in full."""
         region, at = link.region, link.geo.rep_offset
         fast = self._fast
-        if fast is not None and region[at:at + len(fast[0])] == fast[0]:
-            self._last_ids = ("", 0)
-            outs = fast[1]
+        if (fast is not None and region[at:at + len(fast[0])] == fast[0]
+                and region[fast[2]:fast[2] + len(fast[3])] == fast[3]):
+            self._last_ids = (region[fast[1]:fast[2]].decode(errors="replace"), fast[4])
+            outs = fast[5]
             if len(outs) == 1:
                 return {outs[0][0]: outs[0][1].copy()}  # copies: the area is the next reply's
             return {k: view.copy() for k, view in outs}
@@ -224,14 +229,16 @@ class InferenceClient:
             self.close()
             raise TransportError("the shared-memory reply area does not hold an EFB1 frame")
         out = self._decode_reply(region, at, link.geo.rep_size)
-        if not self._last_ids[1]:  # no ids: the next replies of this layout repeat these bytes
-            meta_len, desc_len = wire.HEADER.unpack_from(region, at)[6:8]
-            off = at + wire.HEADER.size + meta_len + desc_len
-            layout: list[_Out] = []
-            for k, a in out.items():
-                layout.append((k, np.frombuffer(region, a.dtype, a.size, off).reshape(a.shape)))
-                off += a.nbytes
-            self._fast = (region[at:at + wire.HEADER.size + meta_len + desc_len], tuple(layout))
+        meta_len, desc_len = wire.HEADER.unpack_from(region, at)[6:8]
+        id_len = wire.REPLY_META.unpack_from(region, at + wire.HEADER.size)[3]
+        off = at + wire.HEADER.size + meta_len + desc_len  # the tensors
+        id_end = at + wire.HEADER.size + meta_len  # the id ends the meta block
+        layout: list[_Out] = []
+        for k, a in out.items():
+            layout.append((k, np.frombuffer(region, a.dtype, a.size, off).reshape(a.shape)))
+            off += a.nbytes
+        self._fast = (region[at:id_end - id_len], id_end - id_len, id_end, region[id_end:id_end + desc_len],
+                      self._last_ids[1], tuple(layout))
         return out
 
     def _binary_reply(self, rd: wire.FrameReader) -> dict[str, np.ndarray]:

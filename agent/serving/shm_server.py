@@ -66,6 +66,9 @@ class ShmConfig:
             raise MisuseError("shm: spin_us must be in [0, 100000] and max_rows >= 1")
 
 
+_KnownReply = tuple[dict[str, str], tuple[tuple[str, np.ndarray], ...], int, int, int]
+
+
 class _Channel:
     __slots__ = ("arrays", "ctl", "geo", "known", "last", "private", "region", "release", "rep",
                  "reply_known", "req", "seen", "sock")
@@ -87,9 +90,11 @@ class _Channel:
         # when they were built (the same objects for every request: building views per
         # request cost more than the copy into them).
         self.arrays: dict[str, np.ndarray] | None = None
-        # The last reply written whole without ids: its model, and per output its name and an
-        # array over the reply area where its tensor goes (of the tensor's dtype and shape).
-        self.reply_known: tuple[dict[str, str], tuple[tuple[str, np.ndarray], ...]] | None = None
+        # The last reply written whole: its model, per output its name and an array over the
+        # reply area where its tensor goes (of the tensor's dtype and shape), and where its
+        # prediction ids' first id is in the area, that id's length and the ids' count (0, 0, 0
+        # without ids): a reply of the same layout rewrites only that id and the tensors.
+        self.reply_known: _KnownReply | None = None
 
 
 class ShmPoller:
@@ -271,35 +276,42 @@ class ShmPoller:
         try:
             service = self.service
             outputs, model, ids = service.run_on(service.target(), self._take(ch))  # rows: checked by _take
-            if not ids and self._fast_reply(ch, model, outputs):
+            first, count = (ids[0], len(ids)) if ids else ("", 0)
+            if self._fast_reply(ch, model, outputs, first, count):
                 return
-            parts = self.templates.parts(
-                outputs, model["name"], model["version"], ids[0] if ids else "", len(ids) if ids else 0
-            )[0]
+            parts = self.templates.parts(outputs, model["name"], model["version"], first, count)[0]
         except Exception as exc:
             self._write(ch, _error_parts(exc))
             return
-        if self._write(ch, parts) and not ids:
+        if self._write(ch, parts):  # parts: header, name + version, first id, descriptors, tensors
+            id_at = memoryview(parts[0]).nbytes + memoryview(parts[1]).nbytes
             at = sum(memoryview(p).nbytes for p in parts[:len(parts) - len(outputs)])
             outs = []
             for k, a in outputs.items():
                 outs.append((k, np.frombuffer(ch.rep, a.dtype, a.size, at).reshape(a.shape)))
                 at += a.nbytes
-            ch.reply_known = (dict(model), tuple(outs))
+            ch.reply_known = (dict(model), tuple(outs), id_at, len(parts[2]), count)
 
     @staticmethod
-    def _fast_reply(ch: _Channel, model: dict[str, str], outputs: dict[str, np.ndarray]) -> bool:
-        """Write only the tensors when the model and output layout are those of the channel's
-        last reply written whole (no prediction ids): everything before them is still there.
-        False otherwise (tensors may be half written: the caller then writes the whole reply,
-        and the client reads nothing before the reply's sequence word)."""
+    def _fast_reply(ch: _Channel, model: dict[str, str], outputs: dict[str, np.ndarray],
+                    first: str, count: int) -> bool:
+        """Write only the first prediction id and the tensors when the model, the output
+        layout, the ids' count and the first id's length are those of the channel's last reply
+        written whole: everything else is still there. False otherwise (tensors may be half
+        written: the caller then writes the whole reply, and the client reads nothing before
+        the reply's sequence word)."""
         known = ch.reply_known
-        if known is None or known[0] != model or len(outputs) != len(known[1]):
+        if known is None or known[0] != model or len(outputs) != len(known[1]) or known[4] != count:
+            return False
+        raw = first.encode()
+        if len(raw) != known[3]:
             return False
         for (name, dst), (key, arr) in zip(known[1], outputs.items(), strict=True):
             if key != name or arr.dtype != dst.dtype or arr.shape != dst.shape:
                 return False
             dst[...] = arr
+        if raw:
+            ch.rep[known[2]:known[2] + len(raw)] = raw
         return True
 
     def _take(self, ch: _Channel) -> dict[str, np.ndarray]:

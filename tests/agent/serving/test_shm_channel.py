@@ -110,6 +110,45 @@ def test_a_repeated_layout_reuses_its_arrays_and_every_request_is_still_checked(
         assert c.on_shared_memory and srv.shm is not None and srv.shm.poller.requests == 15
 
 
+class _CountingSink:
+    """Issues consecutive prediction ids from 95, so their length grows (99 -> 100) mid-run."""
+
+    def __init__(self) -> None:
+        self.n = 95
+        self.issued: list[list[str]] = []
+
+    def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray] | None = None) -> list[str] | None:
+        rows = next(iter(outputs.values())).shape[0]
+        ids = [f"ep-{self.n + i}" for i in range(rows)]
+        self.n += rows
+        self.issued.append(ids)
+        return ids
+
+    def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:
+        return {"matched": 0}
+
+
+def test_replies_with_prediction_ids_carry_each_requests_own_ids_and_outputs(d: Path) -> None:
+    """A reply of the last reply's layout gets only its first id and tensors rewritten (both
+    ends): every reply must still carry its own ids, also when an id grows a digit, when the
+    row count changes and back, and after an error frame in between."""
+    sink = _CountingSink()
+    srv = UnixInferenceServer(PredictorSlot(load_model(*_model(d))), d / "s.sock", LIMITS,
+                              feedback=sink, shm=SHM)
+    with srv, _client(srv.path) as c:
+        for i, rows in enumerate((1, 1, 1, 1, 1, 1, 3, 3, 1, 1)):
+            x = X[i % 5:i % 5 + rows]
+            np.testing.assert_allclose(c.predict({"x": x})["logits"], REF[i % 5:i % 5 + rows], atol=1e-5)
+            assert c.last_prediction_ids == sink.issued[-1], i
+            if i == 7:
+                with pytest.raises(RequestTooLargeError):
+                    c.predict({"x": np.zeros((1001, 32), np.float32)})
+        assert [len(ids) for ids in sink.issued] == [1] * 6 + [3, 3] + [1, 1]
+        assert sink.issued[4] == ["ep-99"] and sink.issued[5] == ["ep-100"]
+        assert c.on_shared_memory
+
+
 def test_a_request_the_link_cannot_hold_is_refused_before_anything_is_written(d: Path) -> None:
     with _server(d) as srv:
         _, link = _raw_link(srv.path)
