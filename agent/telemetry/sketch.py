@@ -33,6 +33,7 @@ from agent.contract.telemetry import (
     TelemetryReport,
     category_labels,
     latency_bucket,
+    latency_bucket_counts,
     merge_frequent,
     profile_digest,
 )
@@ -320,11 +321,19 @@ class TelemetrySketch:
             if self._outputs.width:
                 self._outputs.add(y, "batch_outputs")
             self._requests += len(latencies_s)
-            for latency_s in latencies_s:
-                self._latency[latency_bucket(latency_s)] += 1
-                if math.isfinite(latency_s) and latency_s > 0:
-                    self._latency_sum += latency_s
-                    self._latency_max = max(self._latency_max, latency_s)
+            if len(latencies_s) < 8:  # the arrays' set-up costs more than a few calls
+                for latency_s in latencies_s:
+                    self._latency[latency_bucket(latency_s)] += 1
+                    if math.isfinite(latency_s) and latency_s > 0:
+                        self._latency_sum += latency_s
+                        self._latency_max = max(self._latency_max, latency_s)
+                return
+            lat = np.asarray(latencies_s, dtype=np.float64)
+            self._latency += latency_bucket_counts(lat)
+            timed = lat[np.isfinite(lat) & (lat > 0)]
+            if timed.size:  # the sum may differ from one update per call in its last bits
+                self._latency_sum += float(timed.sum())
+                self._latency_max = max(self._latency_max, float(timed.max()))
 
     def record_rejected(self, n: int = 1) -> None:
         """Count requests refused before inference (input validation, overload)."""

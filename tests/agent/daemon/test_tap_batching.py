@@ -107,3 +107,42 @@ def test_a_micro_batch_counts_as_its_requests(workdir: Path) -> None:
     (report,) = _reports(queue)
     assert report.requests == 5
     _same(report, ref.snapshot_and_reset())
+
+
+def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdir: Path) -> None:
+    """`ServedModel.predict_served` names the bundle the holder ran (not whatever is current
+    when the caller asks afterwards), counts telemetry for it, and says plainly when nothing
+    is served."""
+    from agent.daemon.serving import ServedModel
+    from agent.errors import NoModelLoadedError
+    from agent.serving.model_holder import ModelHolder
+
+    data = make_mlp_onnx(0)
+    (workdir / "m.onnx").write_bytes(data)
+    catalog, holder = ModelCatalog(threads=1), ModelHolder()
+    queue = ReportQueue(workdir / "t.sqlite")
+    served = ServedModel(holder, catalog, TelemetryTap(queue, catalog, "dev", "c"))
+    x = np.zeros((1, 32), np.float32)
+    with pytest.raises(NoModelLoadedError, match="no verified model"):
+        served.predict_served({"x": x})
+    m1, m2 = _manifest("1.0.0"), _manifest("2.0.0")
+    holder.swap(catalog.load(workdir / "m.onnx", m1, 1), m1.bundle_id, keep_previous=False)
+    _, info = served.predict_served({"x": x})
+    assert info["bundle_id"] == m1.bundle_id and info["version"] == "1.0.0"
+    assert served.predict_served({"x": x})[1] is info  # built once per bundle
+
+    class SwapDuring:  # a swap that lands while a request of 1.0.0 runs
+        def __init__(self, inner: object) -> None:
+            self.inner = inner
+
+        def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            holder.swap(catalog.load(workdir / "m.onnx", m2, 1), m2.bundle_id, keep_previous=False)
+            return self.inner.predict(inputs)  # type: ignore[attr-defined,no-any-return]
+
+    holder._current.model = SwapDuring(holder._current.model)  # type: ignore[union-attr]
+    _, during = served.predict_served({"x": x})
+    assert during["bundle_id"] == m1.bundle_id  # the bundle that ran it, though 2.0.0 is current
+    assert served.info()["bundle_id"] == m2.bundle_id
+    assert served.predict_served({"x": x})[1]["version"] == "2.0.0"
+    served.tap.flush(None)  # type: ignore[union-attr]
+    assert [(r.version, r.requests) for r in _reports(queue)] == [("1.0.0", 3), ("2.0.0", 1)]

@@ -147,3 +147,44 @@ def test_counts_equal_exact_binning_for_any_values_and_batch_split(data: st.Data
         if finite.size:
             assert s.min == finite.min() and s.max == finite.max()
             assert s.sum == pytest.approx(finite.sum(), abs=1e-9)
+
+
+def _edges() -> list[float]:
+    """Every bucket's lower edge as the scalar function computes it, and its float neighbours."""
+    from agent.contract.telemetry import LATENCY_BUCKETS_PER_OCTAVE, LATENCY_MIN_S
+
+    out = []
+    for i in range(LATENCY_BUCKETS + 2):
+        e = LATENCY_MIN_S * 2.0 ** (i / LATENCY_BUCKETS_PER_OCTAVE)
+        out += [np.nextafter(e, 0.0), e, np.nextafter(e, np.inf)]
+    return out
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                          st.floats(min_value=1e-7, max_value=100.0),
+                          st.sampled_from(_edges())), max_size=300))
+def test_latency_buckets_in_arrays_are_exactly_one_call_per_value(values: list[float]) -> None:
+    from agent.contract.telemetry import latency_bucket_counts
+
+    want = np.zeros(LATENCY_BUCKETS, np.int64)
+    for v in values:
+        want[latency_bucket(v)] += 1
+    np.testing.assert_array_equal(latency_bucket_counts(np.asarray(values, dtype=np.float64)), want)
+
+
+@pytest.mark.unit
+def test_a_batch_of_latencies_folds_as_one_update_per_call() -> None:
+    rng = np.random.default_rng(5)
+    lats = [*np.exp(rng.uniform(-12, 2, 300)).tolist(), 0.0, -1.0, float("nan"), float("inf"), *_edges()]
+    x, y = rng.normal(size=(len(lats), 2)), rng.normal(size=(len(lats), 1))
+    prof = _profile(d=2)
+    one, many = _sketch(prof), _sketch(prof)
+    for i, lat in enumerate(lats):
+        one.update(x[i:i + 1], y[i:i + 1], lat)
+    many.update_batch(x, y, lats)
+    a, b = one.snapshot_and_reset(), many.snapshot_and_reset()
+    np.testing.assert_array_equal(a.latency_counts, b.latency_counts)
+    assert a.requests == b.requests == len(lats)
+    assert a.latency_sum_s == pytest.approx(b.latency_sum_s) and a.latency_max_s == b.latency_max_s
