@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.daemon_fixture import daemon_path
+
 NAME = "agent_overhead"
 DESCRIPTION = "local inference API round trip minus raw session.run (MLP 32-64-64-4, batch 1), Unix and HTTP"
 
@@ -48,29 +50,6 @@ class EchoPredictor:
         }
 
 
-def _daemon_path(d: Path, data: bytes) -> tuple[Any, Any]:
-    """What the daemon serves: the lifecycle's holder, the telemetry tap folding every request
-    and recording one prediction id per row (a classifier's profile, so ids are tracked)."""
-    from agent.contract.manifest import FeatureProfile, PerformanceSpec, ReferenceProfile
-    from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
-    from agent.serving.model_holder import ModelHolder
-    from agent.telemetry.queue import ReportQueue
-    from simulators.models import mlp_manifest
-
-    num = {"kind": "numeric", "edges": [-2.0, 0.0, 2.0]}
-    profile = ReferenceProfile(
-        input_name="x",
-        features=[FeatureProfile(name=f"f{i}", **num) for i in range(32)],  # type: ignore[arg-type]
-        outputs=[FeatureProfile(name=f"logits_{i}", **num) for i in range(4)],  # type: ignore[arg-type]
-        performance=PerformanceSpec(task="classification", classes=4, scores="logits"),
-    )
-    manifest = mlp_manifest(data).model_copy(update={"reference_profile": profile})
-    catalog, holder = ModelCatalog(threads=1), ModelHolder()
-    holder.swap(catalog.load(d / "model.onnx", manifest, 1), manifest.bundle_id, keep_previous=False)
-    tap = TelemetryTap(ReportQueue(d / "telemetry.sqlite"), catalog, "bench", "bench")
-    return ServedModel(holder, catalog, tap), tap
-
-
 def serve(directory: str) -> None:
     """Server process: agent and echo servers on both transports plus a bare socket echo."""
     import threading
@@ -87,7 +66,7 @@ def serve(directory: str) -> None:
     model = load_model(d / "model.onnx", mlp_manifest(data))
     UnixInferenceServer(model, d / "agent.sock").start()
     UnixInferenceServer(model, d / "batched.sock", batching=BatchConfig()).start()
-    served, tap = _daemon_path(d, data)
+    served, tap = daemon_path(d, data)
     UnixInferenceServer(served, d / "daemon.sock", feedback=tap).start()
     UnixInferenceServer(EchoPredictor(), d / "echo.sock").start()
     http_agent = HttpInferenceServer(model).start()

@@ -16,10 +16,12 @@ one core through the GIL anyway, and kept off the agent's core they stop delayin
 by a scheduler tick (the p99 at 16 clients). The same 16 clients in C (`_c`, no GIL), and in C
 kept to one CPU (`_c_pinned`): the agent then has the other CPU to itself, so that figure is
 what the agent's serving thread delivers when the clients cost it nothing, the agent's own
-capacity on this machine. For the default 16 clients the CPU both processes spent per
-prediction is read from /proc (`*_server_cpu_us_per_call`, `*_client_cpu_us_per_call`): both
-include spinning (a poller and clients that wait by spinning use a whole CPU whatever the
-rate), so they show where the CPUs go, not what a prediction needs.
+capacity on this machine. The servers above serve the bare model; `_daemon` is the path the
+agent daemon serves (`benchmarks.daemon_fixture`: the lifecycle's holder, telemetry folded for
+every request and a prediction id per row), at 1 and 16 clients. For the default 16 clients
+the CPU both processes spent per prediction is read from /proc (`*_server_cpu_us_per_call`,
+`*_client_cpu_us_per_call`): both include spinning (a poller and clients that wait by
+spinning use a whole CPU whatever the rate), so they show where the CPUs go, not what a prediction needs.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.daemon_fixture import daemon_path
 from benchmarks.proc_cpu import read_cpu_s
 
 NAME = "agent_throughput"
@@ -63,6 +66,8 @@ def serve(directory: str) -> None:
     UnixInferenceServer(model, d / "agent.sock", ApiLimits(max_connections=64)).start()
     UnixInferenceServer(model, d / "batched.sock", ApiLimits(max_connections=64),
                         batching=BatchConfig()).start()
+    served, tap = daemon_path(d, data)  # what the agent daemon serves: holder, telemetry, ids
+    UnixInferenceServer(served, d / "daemon.sock", ApiLimits(max_connections=64), feedback=tap).start()
     threading.Thread(target=_bare_echo, args=(d / "bare.sock",), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()
@@ -253,6 +258,10 @@ def run() -> dict[str, float]:
                     out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
                     out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
                 out[f"bare_echo_{k}_clients_per_s"] = _bare_clients(d / "bare.sock", k)
+            for k in (1, CLIENTS[-1]):  # the daemon's path: telemetry folded, an id per row
+                rate, lat = _clients(d / "daemon.sock", k, x, "auto")
+                out[f"agent_throughput_{k}_clients_daemon_per_s"] = rate
+                out[f"agent_throughput_{k}_clients_daemon_p99_us"] = float(np.percentile(lat, 99)) / 1e3
             cpus = sorted(os.sched_getaffinity(0))
             if len(cpus) >= 2:  # the client threads on one CPU, the agent free to use the others
                 top = CLIENTS[-1]
@@ -280,6 +289,7 @@ def run() -> dict[str, float]:
         if c_rate is not None:
             out[f"agent_throughput{tag}_vs_raw_ratio"] = c_rate / base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
+    out["agent_throughput_daemon_vs_raw_ratio"] = out[f"agent_throughput_{top}_clients_daemon_per_s"] / base
     out["agent_throughput_socket_vs_raw_ratio"] = (
         out[f"agent_throughput_{CLIENTS[-1]}_clients_socket_per_s"] / base
     )
