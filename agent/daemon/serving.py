@@ -81,6 +81,11 @@ class TelemetryTap:
         self._pending_y: list[np.ndarray] = []
         self._pending_latency: list[float] = []
         self._pending_rows = 0
+        # Per pending row: its prediction's sequence in `predictions` (-1: none issued) and the
+        # log's clock when it was served; rows before `_ids_stored` are in the log already.
+        self._pending_seq: list[int] = []
+        self._pending_t: list[float] = []
+        self._ids_stored = 0
 
         self._totals: dict[str, ServingCounts] = {}  # closed intervals per bundle, for /metrics
         # data collection (`agent.daemon.collection`): served rows with their prediction ids, and
@@ -129,15 +134,7 @@ class TelemetryTap:
                     return
                 if self._pending_x and self._pending_x[0].shape[1] != x.shape[1]:
                     self._fold_pending_locked()
-                self._pending_x.append(x.copy())
-                self._pending_y.append(y.copy())
-                if calls == 1:
-                    self._pending_latency.append(latency_s)
-                else:
-                    self._pending_latency.extend([latency_s] * calls)
-                self._pending_rows += x.shape[0]
-                if self._pending_rows >= FOLD_BATCH_ROWS:
-                    self._fold_pending_locked()
+                self._pend_locked(x, y, latency_s, calls, -1, 0.0)
             return
         with self._lock:
             self._fold_pending_locked()
@@ -159,6 +156,65 @@ class TelemetryTap:
                     )
                 sketch.record_rejected()
 
+    def served(self, bundle_id: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+               latency_s: float, calls: int = 1) -> list[str] | None:
+        """`fold` and `record` of one successful request in one step under one lock (the
+        daemon's serving path). The ids are handed out now; what they stand for goes into
+        `predictions` with the batched rows (`_fold_pending_locked`), or before any label is
+        matched (`submit`), so per request there is no prediction to compute and no ring to
+        write."""
+        x, y = _single(inputs), _single(outputs)
+        if x is None or y is None or x.ndim != 2:
+            self.fold(bundle_id, inputs, outputs, latency_s, False, calls)
+            return self.record({"bundle_id": bundle_id}, outputs, inputs)
+        ids = None
+        with self._lock:
+            if self._sketch_for(bundle_id) is not None:
+                rows = x.shape[0]
+                first = self.predictions.reserve(rows)
+                self._pend_locked(x, y, latency_s, calls, first, self.predictions.now())
+                ids = self.predictions.ids(first, rows)
+        if self.sample is not None and bundle_id:
+            self.sample(bundle_id, x, y, ids)
+        return ids
+
+    def _pend_locked(self, x: np.ndarray, y: np.ndarray, latency_s: float, calls: int,
+                     first: int, t: float) -> None:
+        """Batch one request's rows (copied: the server may reuse its buffers) for folding."""
+        if self._pending_x and self._pending_x[0].shape[1] != x.shape[1]:
+            self._fold_pending_locked()
+        rows = x.shape[0]
+        self._pending_x.append(x.copy())
+        self._pending_y.append(y.copy())
+        if calls == 1:
+            self._pending_latency.append(latency_s)
+        else:
+            self._pending_latency.extend([latency_s] * calls)
+        if rows == 1:
+            self._pending_seq.append(first)
+            self._pending_t.append(t)
+        else:
+            self._pending_seq.extend(range(first, first + rows) if first >= 0 else [-1] * rows)
+            self._pending_t.extend([t] * rows)
+        self._pending_rows += rows
+        if self._pending_rows >= FOLD_BATCH_ROWS:
+            self._fold_pending_locked()
+
+    def _store_ids_locked(self, ys: np.ndarray | None = None) -> None:
+        """Put the pending rows' predictions into `predictions` (those not stored yet). `ys`:
+        all pending output rows, when the caller has them concatenated already."""
+        done = self._ids_stored
+        seq = np.asarray(self._pending_seq[done:], dtype=np.int64)
+        self._ids_stored = len(self._pending_seq)
+        has = seq >= 0
+        if self._sketch is None or self._bundle is None or not has.any():
+            return
+        if ys is None:
+            ys = np.concatenate(self._pending_y)
+        predicted = self._sketch.performance.predicted(ys[done:])
+        times = np.asarray(self._pending_t[done:], dtype=np.float64)
+        self.predictions.fill(self._bundle, seq[has], predicted[has], times[has])
+
     def record(self, model: dict[str, Any], outputs: dict[str, np.ndarray],
                inputs: dict[str, np.ndarray] | None = None) -> list[str] | None:
         """`FeedbackSink.record`: one prediction id per served row (None: not a one-output model).
@@ -179,17 +235,19 @@ class TelemetryTap:
         return ids
 
     def submit(self, items: list[tuple[object, object]]) -> dict[str, int]:
-        """`FeedbackSink.submit`: match labels, fold them into the serving bundle's sketch."""
+        """`FeedbackSink.submit`: match labels, fold them into the serving bundle's sketch.
+        Under the tap's lock, so the ids handed out by `served` are stored before they are
+        looked up and no new ones are issued meanwhile."""
         with self._lock:
+            self._store_ids_locked()
             current, sketch = self._bundle, self._sketch
 
-        def accepts(bid: str, label: float) -> bool:  # refused labels leave the row open
-            return sketch is None or bid != current or sketch.performance.accepts(label)
+            def accepts(bid: str, label: float) -> bool:  # refused labels leave the row open
+                return sketch is None or bid != current or sketch.performance.accepts(label)
 
-        outcome = self.predictions.match(items, accepts)
-        unmatched = {"unknown": outcome.unknown, "expired": outcome.expired,
-                     "duplicate": outcome.duplicate, "invalid": outcome.invalid}
-        with self._lock:
+            outcome = self.predictions.match(items, accepts)
+            unmatched = {"unknown": outcome.unknown, "expired": outcome.expired,
+                         "duplicate": outcome.duplicate, "invalid": outcome.invalid}
             sketch = self._sketch if self._bundle is not None else None
             for bid, pairs in outcome.pairs.items():
                 if sketch is not None and bid == self._bundle:
@@ -219,12 +277,15 @@ class TelemetryTap:
         """Fold the batched requests into the current sketch (they all belong to its bundle)."""
         if not self._pending_x:
             return
-        xs, ys, lats = self._pending_x, self._pending_y, self._pending_latency
+        ys = np.concatenate(self._pending_y)
+        self._store_ids_locked(ys)
+        xs, lats = self._pending_x, self._pending_latency
         self._pending_x, self._pending_y, self._pending_latency, self._pending_rows = [], [], [], 0
+        self._pending_seq, self._pending_t, self._ids_stored = [], [], 0
         if self._sketch is None:
             return
         try:
-            self._sketch.update_batch(np.concatenate(xs), np.concatenate(ys), lats)
+            self._sketch.update_batch(np.concatenate(xs), ys, lats)
         except (MisuseError, ValueError) as exc:  # rows outside the profile's columns: count, do not fail
             if self._bundle is not None and self._bundle not in self._warned:
                 self._warned.add(self._bundle)
@@ -300,10 +361,12 @@ class ServedModel:
         telemetry counts `calls` requests (each with the batch's latency). Raises as `predict`."""
         return self.predict_served(inputs, calls)[0]
 
-    def predict_served(self, inputs: dict[str, np.ndarray], calls: int = 1
-                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Outputs and the info of the bundle that served them (`info()`'s fields, shared by
-        every request of that bundle: read it, do not change it). Raises as `predict`."""
+    def predict_served(self, inputs: dict[str, np.ndarray], calls: int = 1, ids: bool = False
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[str] | None]:
+        """Outputs, the info of the bundle that served them (`info()`'s fields, shared by every
+        request of that bundle: read it, do not change it) and, with `ids`, one prediction id
+        per row from the tap (None: not tracked), issued in the same step as the telemetry.
+        Raises as `predict`."""
         tap = self.tap
         t0 = time.perf_counter()
         try:
@@ -318,9 +381,13 @@ class ServedModel:
             if tap is not None and (bid := self.holder.bundle_id or ""):
                 tap.fold(bid, inputs, None, time.perf_counter() - t0, True)
             raise
+        issued = None
         if tap is not None:
-            tap.fold(bid, inputs, out, time.perf_counter() - t0, False, calls)
-        return out, self._served_info(bid)
+            if ids:
+                issued = tap.served(bid, inputs, out, time.perf_counter() - t0, calls)
+            else:
+                tap.fold(bid, inputs, out, time.perf_counter() - t0, False, calls)
+        return out, self._served_info(bid), issued
 
     def _served_info(self, bid: str) -> dict[str, Any]:
         base = self.catalog.infos.get(bid)

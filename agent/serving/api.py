@@ -230,18 +230,19 @@ class InferenceService:
         `calls` > 1: the inputs are that many requests concatenated on axis 0 (micro-batching);
         a predictor offering `predict_batched(inputs, calls)` is told so (its telemetry then
         counts the requests, not the batch). A predictor offering `predict_served(inputs,
-        calls)` returns its outputs with the info of the model that made them (the daemon's:
-        a swap between the run and a later `info()` would report the wrong model). Raises as
-        `predict`.
+        calls, ids)` returns its outputs with the info of the model that made them (the
+        daemon's: a swap between the run and a later `info()` would report the wrong model)
+        and, when this service has a feedback sink, the prediction ids: such a predictor is its
+        own sink's source (the daemon hands both the same telemetry tap). Raises as `predict`.
         """
         served = getattr(target, "predict_served", None)
-        if served is not None:  # outputs with the info of the model that made them
-            outputs, info = served(inputs, calls)
+        if served is not None:  # the info of the model that ran, and its ids, in one step
+            outputs, info, ids = served(inputs, calls, self.feedback is not None)
         else:
             batched = getattr(target, "predict_batched", None) if calls > 1 else None
             outputs = batched(inputs, calls) if batched is not None else target.predict(inputs)
             info = target.info()
-        ids = self.feedback.record(info, outputs, inputs) if self.feedback is not None else None
+            ids = self.feedback.record(info, outputs, inputs) if self.feedback is not None else None
         return outputs, {"name": str(info.get("name", "")), "version": str(info.get("version", ""))}, ids
 
     def submit_feedback(self, labels: Any) -> dict[str, int]:

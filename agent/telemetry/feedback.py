@@ -136,6 +136,41 @@ class PredictionLog:
             return [f"{self.epoch}-{first}"]
         return [f"{self.epoch}-{n}" for n in range(first, first + rows)]
 
+    def reserve(self, rows: int) -> int:
+        """Take the next `rows` sequence numbers (consecutive) for predictions that `fill`
+        stores later, in a batch: a label for one of them before then counts as expired."""
+        with self._lock:
+            first = self._next
+            cap = self.config.capacity
+            if rows == 1:
+                self._t_a[first % cap] = -math.inf
+            else:
+                self._t[np.arange(first, first + rows) % cap] = -np.inf
+            self._next += rows
+        return first
+
+    def fill(self, bundle_id: str, seqs: np.ndarray, predicted: np.ndarray, times: np.ndarray) -> None:
+        """Store reserved rows: sequence `seqs[i]` predicted `predicted[i]` at `times[i]` (the
+        log's clock). Rows overwritten since they were reserved are left to the newer ones."""
+        with self._lock:
+            b = self._bundle_index(bundle_id)
+            live = seqs >= self._next - self.config.capacity
+            slots = seqs[live] % self.config.capacity
+            self._t[slots] = times[live]
+            self._pred[slots] = np.asarray(predicted, dtype=np.float64).ravel()[live]
+            self._bundle[slots] = b
+            self._labelled[slots] = False
+
+    def ids(self, first: int, rows: int) -> list[str]:
+        """The prediction ids of sequences `first .. first + rows - 1`."""
+        if rows == 1:
+            return [f"{self.epoch}-{first}"]
+        return [f"{self.epoch}-{n}" for n in range(first, first + rows)]
+
+    def now(self) -> float:
+        """The log's clock (what `fill`'s times are read from)."""
+        return self._clock()
+
     def match(self, items: Sequence[tuple[object, object]],
               accepts: Callable[[str, float], bool] | None = None) -> FeedbackOutcome:
         """Match `(prediction_id, label)` pairs. Never raises for bad items: each is counted.

@@ -127,7 +127,7 @@ def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdi
         served.predict_served({"x": x})
     m1, m2 = _manifest("1.0.0"), _manifest("2.0.0")
     holder.swap(catalog.load(workdir / "m.onnx", m1, 1), m1.bundle_id, keep_previous=False)
-    _, info = served.predict_served({"x": x})
+    info = served.predict_served({"x": x})[1]
     assert info["bundle_id"] == m1.bundle_id and info["version"] == "1.0.0"
     assert served.predict_served({"x": x})[1] is info  # built once per bundle
 
@@ -140,9 +140,62 @@ def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdi
             return self.inner.predict(inputs)  # type: ignore[attr-defined,no-any-return]
 
     holder._current.model = SwapDuring(holder._current.model)  # type: ignore[union-attr]
-    _, during = served.predict_served({"x": x})
+    during = served.predict_served({"x": x})[1]
     assert during["bundle_id"] == m1.bundle_id  # the bundle that ran it, though 2.0.0 is current
     assert served.info()["bundle_id"] == m2.bundle_id
     assert served.predict_served({"x": x})[1]["version"] == "2.0.0"
     served.tap.flush(None)  # type: ignore[union-attr]
     assert [(r.version, r.requests) for r in _reports(queue)] == [("1.0.0", 3), ("2.0.0", 1)]
+
+
+def _classifier(version: str) -> Manifest:
+    from agent.contract.manifest import PerformanceSpec
+
+    m = _manifest(version)
+    profile = m.reference_profile.model_copy(
+        update={"performance": PerformanceSpec(task="classification", classes=4, scores="logits")})
+    return m.model_copy(update={"reference_profile": profile})
+
+
+def test_ids_issued_with_the_telemetry_match_their_own_predictions_before_and_after_a_fold(
+        workdir: Path) -> None:
+    """`served` hands out ids at once and stores what they predicted only with the batch: a
+    label sent before the batch is folded, after it, or for rows batched beside rows without
+    ids (`fold`) must still meet its own prediction; an id looked up in the log before it is
+    stored is expired, never somebody else's row."""
+    m = _classifier("1.0.0")
+    catalog = ModelCatalog(threads=1)
+    catalog.manifests = {m.bundle_id: m}
+    tap = TelemetryTap(ReportQueue(workdir / "t.sqlite"), catalog, "dev", "c")
+    rng = np.random.default_rng(4)
+    issued: list[tuple[str, int]] = []
+    for i in range(FOLD_BATCH_ROWS + 40):
+        if i == 100:  # a label mid-batch: the rows so far are stored, the rest later
+            assert tap.submit([(issued[0][0], float(issued[0][1]))])["matched"] == 1
+        x = rng.standard_normal((1, 32)).astype(np.float32)
+        y = rng.standard_normal((1, 4)).astype(np.float32)
+        if i % 7 == 3:  # a request folded without ids, in the same batch
+            tap.fold(m.bundle_id, {"x": x}, {"logits": y}, 1e-4, False)
+            continue
+        ids = tap.served(m.bundle_id, {"x": x}, {"logits": y}, 1e-4)
+        assert ids is not None and len(ids) == 1
+        issued.append((ids[0], int(y.argmax())))
+    stacked = rng.standard_normal((3, 4)).astype(np.float32)
+    three = tap.served(m.bundle_id, {"x": np.zeros((3, 32), np.float32)}, {"logits": stacked}, 1e-4, 3)
+    assert three is not None and len(three) == 3 and len(set(three)) == 3
+    issued += list(zip(three, stacked.argmax(axis=1).tolist(), strict=True))
+    assert len({i for i, _ in issued}) == len(issued)  # every id its own
+
+    pending = tap._pending_rows
+    assert 0 < pending < FOLD_BATCH_ROWS  # the last rows wait for the next fold
+    early = tap.predictions.match([(issued[-1][0], 1)])  # looked up before it was stored
+    assert early.expired == 1 and early.matched == 0
+
+    # labels equal to what each row predicted, for rows folded already and rows still pending
+    got = tap.submit([(pid, float(cls)) for pid, cls in issued[1:-1]])
+    assert got["matched"] == len(issued) - 2 and got["invalid"] == 0
+    tap.flush(None)
+    (report,) = _reports(tap.queue)
+    perf = report.performance
+    assert perf is not None and perf.labelled == len(issued) - 1
+    assert int(np.trace(perf.confusion)) == len(issued) - 1  # each label met its own prediction
