@@ -169,6 +169,19 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return status, {"error": {"code": code, "message": message}}
 
 
+_OFFERS: dict[tuple[type, str], bool] = {}
+
+
+def _offers(obj: object, method: str) -> bool:
+    """Whether `obj`'s class has `method`, remembered per class: `getattr` of a missing
+    attribute raises and catches an AttributeError, a microsecond on every request."""
+    key = (type(obj), method)
+    got = _OFFERS.get(key)
+    if got is None:
+        got = _OFFERS[key] = callable(getattr(type(obj), method, None))
+    return got
+
+
 class InferenceService:
     """Decode, bound, predict, encode: the part of a request both transports share."""
 
@@ -219,8 +232,9 @@ class InferenceService:
     def target(self) -> Predictor:
         """The model one request (or one micro-batch) runs on: a swappable holder's `snapshot()`,
         else the predictor itself. Raises `NoModelLoadedError` when nothing is served."""
-        snapshot = getattr(self.predictor, "snapshot", None)  # a swappable holder pins one model
-        return snapshot() if snapshot is not None else self.predictor
+        if _offers(self.predictor, "snapshot"):  # a swappable holder pins one model
+            return self.predictor.snapshot()  # type: ignore[attr-defined]
+        return self.predictor
 
     def run_on(
         self, target: Predictor, inputs: dict[str, np.ndarray], calls: int = 1
@@ -235,9 +249,9 @@ class InferenceService:
         and, when this service has a feedback sink, the prediction ids: such a predictor is its
         own sink's source (the daemon hands both the same telemetry tap). Raises as `predict`.
         """
-        served = getattr(target, "predict_served", None)
-        if served is not None:  # the info of the model that ran, and its ids, in one step
-            outputs, info, ids = served(inputs, calls, self.feedback is not None)
+        if _offers(target, "predict_served"):  # the info of the model that ran, and its ids
+            outputs, info, ids = target.predict_served(  # type: ignore[attr-defined]
+                inputs, calls, self.feedback is not None)
         else:
             batched = getattr(target, "predict_batched", None) if calls > 1 else None
             outputs = batched(inputs, calls) if batched is not None else target.predict(inputs)

@@ -423,8 +423,29 @@ def test_a_server_in_another_process_with_the_spinning_defaults(d: Path) -> None
             for t in threads:
                 t.join(timeout=60)
             assert not any(t.is_alive() for t in threads) and wrong == []
-            proc.kill()  # the agent dies: the next call fails instead of spinning forever
+            ended: list[str] = []
+            running = threading.Barrier(9)
+
+            def until_it_fails(k: int) -> None:  # waiting on each other's spinner when it dies
+                with InferenceClient(d / "p.sock") as mine:
+                    mine.predict({"x": X[:1]})
+                    running.wait()
+                    try:
+                        while True:
+                            mine.predict({"x": X[:1]})
+                    except TransportError:
+                        ended.append(f"thread {k}")
+
+            threads = [threading.Thread(target=until_it_fails, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            running.wait(timeout=30)
+            time.sleep(0.2)
+            proc.kill()  # the agent dies: every call fails instead of spinning or sleeping forever
             proc.wait(timeout=10)
+            for t in threads:
+                t.join(timeout=30)
+            assert not any(t.is_alive() for t in threads) and len(ended) == 8
             with pytest.raises(TransportError):
                 c.predict({"x": X[:1]})
     finally:
