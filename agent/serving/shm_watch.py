@@ -15,9 +15,10 @@ the reply and goes on, exactly as for a client spinning itself. Measured at 16 c
 
 A waiter whose spin time is up is told to park (it then sleeps in `recv` as before); the
 spinner whose own reply came, or whose spin time is up, hands the role to the next waiter
-still inside its spin time, so the role never lapses while anybody waits. Every decision is
-made under the watch's lock and the thread told is woken under it, so a waiter whose backstop
-timeout fires can always tell whether it was told something.
+still inside its spin time, so the role never lapses while anybody waits. Every decision about
+a waiter is made under the watch's lock and the thread told is woken under it, so a waiter
+whose backstop timeout fires can always tell whether it was told something; a thread alone
+takes and gives back the role without that lock (see `Watch.wait`).
 """
 
 from __future__ import annotations
@@ -60,31 +61,39 @@ class Watch:
     """The waiters of one process and which of them spins for all."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # decisions about waiters: who is told what
+        self._role = threading.Lock()  # held while somebody spins for the process
         self._waiting: list[Waiter] = []
-        self._spinner: Waiter | None = None
+        self._spinner: Waiter | None = None  # who spins now (for reading; the role is `_role`)
+        self.backstops = 0  # waiters that woke by their backstop timeout (none, unless a bug)
 
     def wait(self, me: Waiter, seq: int, spin_us: float) -> bool:
         """Wait for reply `seq` for at most `spin_us`: True when it came, False when the spin
-        time is up (the caller then parks on its socket, after one more look)."""
+        time is up (the caller then parks on its socket, after one more look).
+
+        A thread alone takes the role and gives it back without the watch's lock (two lock
+        round trips cost it 1-2 µs a request): it queues only under the lock, and only while
+        the role is held, and a spinner leaving an empty queue looks again after letting go.
+        """
         clock = time.perf_counter_ns
         me.seq, me.deadline, me.told = seq, clock() + int(spin_us * 1000), WAITING
-        with self._lock:
-            spin = self._spinner is None
-            if spin:
-                self._spinner = me
-            else:
-                self._waiting.append(me)
-        if not spin:
-            try:
-                told = me.sleep(spin_us / 1e6 + BACKSTOP_S)
-            except BaseException:  # KeyboardInterrupt in the main thread: leave the watch
-                self._leave(me)
-                raise
-            if not told and self._leave(me):  # nobody told it anything: look for itself
-                return bool(me.ctl[W_REP] == seq)
-            if me.told != SPIN:
-                return me.told == DONE
+        if not self._role.acquire(False):
+            with self._lock:
+                queued = not self._role.acquire(False)  # not: the spinner left meanwhile
+                if queued:
+                    self._waiting.append(me)
+            if queued:
+                try:
+                    told = me.sleep(spin_us / 1e6 + BACKSTOP_S)
+                except BaseException:  # KeyboardInterrupt in the main thread: leave the watch
+                    self._leave(me)
+                    raise
+                if not told and self._leave(me):  # nobody told it anything: look for itself
+                    self.backstops += 1
+                    return bool(me.ctl[W_REP] == seq)
+                if me.told != SPIN:  # SPIN: the role was handed to this thread
+                    return me.told == DONE
+        self._spinner = me
         return self._spin(me, clock)
 
     def _leave(self, me: Waiter) -> bool:
@@ -134,6 +143,11 @@ class Watch:
             self._waiting[:] = keep
 
     def _hand_over(self, now: int) -> None:
+        if not self._waiting:  # nobody queued: let go of the role, then look again
+            self._spinner = None
+            self._role.release()
+            if not self._waiting or not self._role.acquire(False):
+                return  # nobody, or a newer spinner has them
         with self._lock:
             self._hand_over_locked(now)
 
@@ -150,11 +164,14 @@ class Watch:
                 nxt = w
         self._spinner = nxt
         if nxt is not None:
-            nxt.tell(SPIN)
+            nxt.tell(SPIN)  # the role passes to it (still held)
+        else:
+            self._role.release()
 
     def reset(self) -> None:
         """A forked child starts with nobody waiting (its parent's threads are not in it)."""
         self._lock = threading.Lock()
+        self._role = threading.Lock()
         self._waiting = []
         self._spinner = None
 

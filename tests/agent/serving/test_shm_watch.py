@@ -62,7 +62,8 @@ def test_one_thread_spins_for_all_and_every_waiter_gets_its_own_reply() -> None:
     for t in (*threads, srv):
         t.join(timeout=60)
     assert all(r == [True] * rounds for r in results)
-    assert watch._spinner is None and watch._waiting == []
+    assert watch._spinner is None and watch._waiting == [] and not watch._role.locked()
+    assert watch.backstops == 0  # nobody was forgotten and left to wake by its timeout
     assert len(spinners_seen) > 1  # the role moved from thread to thread
 
 
@@ -109,12 +110,12 @@ def test_the_role_passes_to_a_waiter_when_the_spinners_reply_comes_first() -> No
 
 def test_a_waiter_whose_spinner_is_gone_looks_for_itself_at_its_backstop() -> None:
     watch = Watch()
-    watch._spinner = Waiter(_words())  # a spinner that never hands over (a dead thread)
+    watch._role.acquire()  # a spinner that never hands over (a dead thread)
     me = Waiter(_words())
     me.ctl[W_REP] = 5  # its reply is there, but nobody tells it
     t0 = time.monotonic()
     assert watch.wait(me, 5, 1_000) is True
-    assert time.monotonic() - t0 >= BACKSTOP_S
+    assert time.monotonic() - t0 >= BACKSTOP_S and watch.backstops == 1
     assert me not in watch._waiting
     assert watch.wait(me, 6, 1_000) is False  # and with no reply: park
     assert me not in watch._waiting
@@ -182,3 +183,87 @@ def test_an_interrupted_waiter_leaves_the_watch_and_the_next_wait_is_clean() -> 
     assert watch._spinner is None
     me.ctl[W_REP] = 2  # nobody else waits: it spins for itself and sees its reply
     assert watch.wait(me, 2, 1_000_000) is True
+
+
+def test_rapid_replies_to_many_threads_never_leave_one_to_its_backstop() -> None:
+    """Replies that come at once, to threads that take and give back the role all the time:
+    the windows where a thread queues just as the spinner leaves are hit thousands of times."""
+    import os
+    import sys
+
+    watch = Watch()
+    n, rounds = 6, 1500
+    ctls = [_words() for _ in range(n)]
+    waiters = [Waiter(c) for c in ctls]
+    asked = [0] * n
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        for r in range(1, rounds + 1):
+            asked[i] = r
+            if not watch.wait(waiters[i], r, 5_000_000):
+                bad.append(f"{i}:{r}")
+
+    def server() -> None:
+        while not stop.is_set():
+            for i in range(n):
+                if ctls[i][W_REP] < asked[i]:
+                    ctls[i][W_REP] = asked[i]
+            os.sched_yield()
+
+    srv = threading.Thread(target=server)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the GIL changes hands between nearly any two bytecodes
+    try:
+        srv.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        srv.join(timeout=10)
+    assert bad == [] and not any(t.is_alive() for t in threads)
+    assert watch.backstops == 0 and watch._waiting == [] and not watch._role.locked()
+
+
+class _QueueJustTooLate(list[Waiter]):
+    """A queue that, the first time the leaving spinner finds it empty, lets a thread queue
+    behind its back before the spinner lets go of the role: the one interleaving the
+    spinner's second look exists for."""
+
+    def __init__(self, arrive: object) -> None:
+        super().__init__()
+        self.arrive = arrive
+
+    def __len__(self) -> int:
+        n = super().__len__()
+        if n == 0 and self.arrive is not None:
+            arrive, self.arrive = self.arrive, None
+            arrive()  # type: ignore[operator]
+        return n
+
+
+def test_a_thread_that_queues_as_the_spinner_leaves_is_handed_the_role() -> None:
+    watch = Watch()
+    a, b = Waiter(_words()), Waiter(_words())
+    got: dict[str, bool] = {}
+    queued = threading.Event()
+
+    def b_arrives() -> None:  # runs inside the spinner's emptiness check
+        def waiter_b() -> None:
+            got["b"] = watch.wait(b, 1, 500_000)
+        threading.Thread(target=waiter_b).start()
+        _until(lambda: list.__len__(watch._waiting) == 1)
+        queued.set()
+
+    a.ctl[W_REP] = 1  # a's reply is there at once: it leaves straight away
+    watch._waiting = _QueueJustTooLate(b_arrives)
+    assert watch.wait(a, 1, 5_000_000) is True
+    assert queued.is_set()
+    b.ctl[W_REP] = 1
+    _until(lambda: "b" in got)
+    assert got["b"] is True and watch.backstops == 0  # handed the role, not left to its backstop
