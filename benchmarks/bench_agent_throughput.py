@@ -18,7 +18,8 @@ kept to one CPU (`_c_pinned`): the agent then has the other CPU to itself, so th
 what the agent's serving thread delivers when the clients cost it nothing, the agent's own
 capacity on this machine. The servers above serve the bare model; `_daemon` is the path the
 agent daemon serves (`benchmarks.daemon_fixture`: the lifecycle's holder, telemetry folded for
-every request and a prediction id per row), at 1 and 16 clients. For the default 16 clients
+every request and a prediction id per row), at 1 and 16 clients; `_one_spinner` is the
+default 16 clients with `shm_one_spinner=True` (one waiting thread spins for all). For the default 16 clients
 the CPU both processes spent per prediction is read from /proc (`*_server_cpu_us_per_call`,
 `*_client_cpu_us_per_call`): both include spinning (a poller and clients that wait by
 spinning use a whole CPU whatever the rate), so they show where the CPUs go, not what a prediction needs.
@@ -156,7 +157,7 @@ class CpuWindow:
 
 
 def _clients(path: Path, k: int, x: np.ndarray, transport: str, cpu: int | None = None,
-             meter: CpuWindow | None = None) -> tuple[float, list[int]]:
+             meter: CpuWindow | None = None, one_spinner: bool = False) -> tuple[float, list[int]]:
     """Predictions/s and latencies (ns) of `k` client threads; `cpu`: each thread keeps to
     that CPU (`sched_setaffinity` of the thread itself), as an application confined to one
     core would. `meter`: filled with its processes' CPU over the measured window."""
@@ -170,7 +171,7 @@ def _clients(path: Path, k: int, x: np.ndarray, transport: str, cpu: int | None 
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # pid 0: this thread only
         clock = time.perf_counter_ns
-        with InferenceClient(path, transport=transport) as client:
+        with InferenceClient(path, transport=transport, shm_one_spinner=one_spinner) as client:
             client.predict({"x": x})
             start.wait()
             lat = latencies[i]
@@ -258,6 +259,10 @@ def run() -> dict[str, float]:
                     out[f"agent_throughput_{k}_clients{tag}_per_s"] = rate
                     out[f"agent_throughput_{k}_clients{tag}_p99_us"] = float(np.percentile(lat, 99)) / 1000.0
                 out[f"bare_echo_{k}_clients_per_s"] = _bare_clients(d / "bare.sock", k)
+            rate, lat = _clients(d / "agent.sock", CLIENTS[-1], x, "auto", one_spinner=True)
+            out[f"agent_throughput_{CLIENTS[-1]}_clients_one_spinner_per_s"] = rate
+            out[f"agent_throughput_{CLIENTS[-1]}_clients_one_spinner_p99_us"] = (
+                float(np.percentile(lat, 99)) / 1e3)
             for k in (1, CLIENTS[-1]):  # the daemon's path: telemetry folded, an id per row
                 rate, lat = _clients(d / "daemon.sock", k, x, "auto")
                 out[f"agent_throughput_{k}_clients_daemon_per_s"] = rate

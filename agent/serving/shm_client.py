@@ -8,14 +8,15 @@ for its reply (spin, then park on the socket).
 A spinning client calls `sched_yield` between looks, which lets a server thread woken on
 the same CPU run at once (without it, the scheduler's habit of waking a peer on the waker's
 CPU made both sides spin out their time slices: 150 µs median instead of 45) and lets go of
-the GIL. A reply that finds its client spinning needs no ring, so no waiting client of a
-process sleeps on the socket while its spin time lasts; but they do not each spin: one of
-them spins for all the process's waiting channels and wakes the others when their replies
-come (`agent.serving.shm_watch`). Session 8 measured why nobody may simply sleep: when only a
-process's first waiter spun and the others slept in `recv`, the server's rings took over half
-of the poller's time. Session 10 measured why not everybody spins: sixteen spinners hand the
-GIL round sixteen ways, and at 16 clients their p99 was 4.3 ms against 2.0 ms with one
-spinner, at the same rate (docs/benchmarks.md).
+the GIL. A reply that finds its client spinning needs no ring, so no waiting client sleeps on the
+socket while its spin time lasts, and by default every waiting thread spins for itself.
+Session 8 measured why nobody may simply sleep: when only a process's first waiter spun and
+the others slept in `recv`, the server's rings took over half of the poller's time. With
+`one_spinner` (`InferenceClient(shm_one_spinner=True)`) one waiting thread of the process
+spins for all such channels and wakes the others when their replies come
+(`agent.serving.shm_watch`): sixteen spinners hand the GIL round sixteen ways, and at 16
+clients one spinner halves the p99 (4.6 -> 2.4 ms) but costs about a tenth of the rate and,
+at one client, 1-2 µs a call (session 10, docs/benchmarks.md), so it is not the default.
 `shm_spin_us=0` (the in-process tests do so) never spins.
 """
 
@@ -25,6 +26,7 @@ import contextlib
 import mmap
 import os
 import socket
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,7 +56,8 @@ DEFAULT_SHM_SPIN_US = 1000.0
 class ShmLink:
     """One open channel over the connected socket `sock` (which is from now on its doorbell)."""
 
-    def __init__(self, sock: socket.socket, region: mmap.mmap, geo: Geometry) -> None:
+    def __init__(self, sock: socket.socket, region: mmap.mmap, geo: Geometry,
+                 one_spinner: bool = False) -> None:
         self.sock, self.region, self.geo = sock, region, geo
         self.ctl = control_words(region)
         whole = memoryview(region)
@@ -66,14 +69,15 @@ class ShmLink:
         # writes there) and an array over the area per input of that layout.
         self._pre = b""
         self._dst: tuple[np.ndarray, ...] = ()
-        self._waiter = Waiter(self.ctl)
+        self._waiter = Waiter(self.ctl) if one_spinner else None
 
     @property
     def request_room(self) -> int:
         return self.geo.req_size
 
     @classmethod
-    def open(cls, sock: socket.socket, request_bytes: int, reply_bytes: int) -> ShmLink | None:
+    def open(cls, sock: socket.socket, request_bytes: int, reply_bytes: int,
+             one_spinner: bool = False) -> ShmLink | None:
         """Ask the server for a channel on `sock` (nothing else in flight on it).
 
         Returns None when the server declines (the socket then stays a plain connection);
@@ -112,7 +116,7 @@ class ShmLink:
         if magic != MAGIC_WORD:
             region.close()
             raise TransportError("the shared memory the server sent is not an EFS1 region")
-        return cls(sock, region, geo)
+        return cls(sock, region, geo, one_spinner)
 
     @staticmethod
     def _rest_of_frame(sock: socket.socket, data: bytes) -> bytes:
@@ -179,8 +183,20 @@ class ShmLink:
 
     def _wait(self, seq: int, spin_us: float) -> None:
         ctl = self.ctl
-        if spin_us and WATCH.wait(self._waiter, seq, spin_us):  # one spinner for the process
-            return
+        if spin_us:
+            waiter = self._waiter
+            if waiter is not None:  # one spinner for the process's clients that asked for it
+                if WATCH.wait(waiter, seq, spin_us):
+                    return
+            else:  # yielding: a server thread woken on this CPU gets it at once
+                clock, yield_cpu = time.perf_counter_ns, os.sched_yield
+                deadline = clock() + int(spin_us * 1000)
+                while ctl[W_REP] != seq:
+                    if clock() > deadline:
+                        break
+                    yield_cpu()
+                else:
+                    return
         try:
             while True:
                 ctl[W_CLIENT_PARKED] = 1

@@ -10,8 +10,9 @@ the sequence words of every waiting channel of the process, and wakes the thread
 came (a lock it sleeps on, without the GIL); the others sleep. The channel's own words do not
 change: its CLIENT_PARKED flag stays clear while the process watches it, so the server writes
 the reply and goes on, exactly as for a client spinning itself. Measured at 16 client threads
-(docs/benchmarks.md, session 10): the same rate (the agent's one serving thread sets it), p99
-4.3 ms -> 2.0 ms, and a little less client CPU per prediction.
+(docs/benchmarks.md, session 10): p99 4.6 -> 2.4 ms, but about a tenth less throughput (a
+woken thread is scheduled later than a spinning one sees its reply) and 1-2 µs more per call
+for a thread alone, so clients join it only when asked (`InferenceClient(shm_one_spinner=True)`).
 
 A waiter whose spin time is up is told to park (it then sleeps in `recv` as before); the
 spinner whose own reply came, or whose spin time is up, hands the role to the next waiter

@@ -408,8 +408,8 @@ def test_a_server_in_another_process_with_the_spinning_defaults(d: Path) -> None
             assert c.on_shared_memory
             wrong: list[str] = []
 
-            def spinner(k: int) -> None:  # threads of one process all spin for their replies
-                with InferenceClient(d / "p.sock") as mine:
+            def spinner(k: int) -> None:  # threads of one process each spin, or one for all
+                with InferenceClient(d / "p.sock", shm_one_spinner=k % 2 == 1) as mine:
                     for i in range(150):
                         rows = 1 + (i + k) % 8
                         if not np.allclose(mine.predict({"x": X[:rows]})["logits"], REF[:rows], atol=1e-5):
@@ -427,7 +427,7 @@ def test_a_server_in_another_process_with_the_spinning_defaults(d: Path) -> None
             running = threading.Barrier(9)
 
             def until_it_fails(k: int) -> None:  # waiting on each other's spinner when it dies
-                with InferenceClient(d / "p.sock") as mine:
+                with InferenceClient(d / "p.sock", shm_one_spinner=True) as mine:
                     mine.predict({"x": X[:1]})
                     running.wait()
                     try:
