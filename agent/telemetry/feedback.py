@@ -19,9 +19,9 @@ import math
 import secrets
 import threading
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -86,15 +86,19 @@ class PredictionLog:
         self.epoch = epoch or secrets.token_hex(4)
         self._clock = clock
         n = self.config.capacity
-        # Each column is an `array.array` with a numpy view over the same memory: a one-row
-        # record (every request's) stores through the array, about a fifth of numpy's scalar
-        # store; batches and `match` use the views.
-        self._t_a, self._pred_a = array("d", bytes(8 * n)), array("d", bytes(8 * n))
-        self._bundle_a, self._labelled_a = array("B", bytes(n)), array("B", bytes(n))
-        self._t = np.frombuffer(self._t_a, np.float64)
-        self._pred = np.frombuffer(self._pred_a, np.float64)
-        self._bundle = np.frombuffer(self._bundle_a, np.uint8)
-        self._labelled = np.frombuffer(self._labelled_a, np.bool_)
+        # Each column is a numpy array (zeroed pages the kernel maps only when first written,
+        # so an idle ring costs no RSS) with a memoryview over the same memory: a one-row
+        # record (every request's) stores through the view, about a fifth of numpy's scalar
+        # store; batches and `match` use the arrays.
+        self._t = np.zeros(n, np.float64)
+        self._pred = np.zeros(n, np.float64)
+        self._bundle = np.zeros(n, np.uint8)
+        self._labelled = np.zeros(n, np.bool_)
+        # (typed Any: typeshed's memoryview takes only ints, these take floats and bools too)
+        self._t_a: Any = self._t.data
+        self._pred_a: Any = self._pred.data
+        self._bundle_a: Any = self._bundle.data
+        self._labelled_a: Any = self._labelled.data
         self._bundles: list[str] = []
         self._next = 0
         self._lock = threading.Lock()
@@ -124,7 +128,7 @@ class PredictionLog:
                 self._t_a[slot] = self._clock()
                 self._pred_a[slot] = one
                 self._bundle_a[slot] = b
-                self._labelled_a[slot] = 0
+                self._labelled_a[slot] = False
             else:
                 slots = np.arange(first, first + rows) % self.config.capacity
                 self._t[slots] = self._clock()
