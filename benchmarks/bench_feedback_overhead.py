@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.contract.collect import CollectPolicy
-from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.daemon.served_model import ServedModel
+from agent.daemon.serving import ModelCatalog, TelemetryTap
 from agent.serving.api import InferenceService
 from agent.serving.model_holder import ModelHolder
 from agent.telemetry.collect import SampleCollector

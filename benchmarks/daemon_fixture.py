@@ -12,7 +12,8 @@ def daemon_path(d: Path, data: bytes) -> tuple[Any, Any]:
     """What the daemon serves: the lifecycle's holder, the telemetry tap folding every request
     and recording one prediction id per row (a classifier's profile, so ids are tracked)."""
     from agent.contract.manifest import FeatureProfile, PerformanceSpec, ReferenceProfile
-    from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+    from agent.daemon.served_model import ServedModel
+    from agent.daemon.serving import ModelCatalog, TelemetryTap
     from agent.serving.model_holder import ModelHolder
     from agent.telemetry.queue import ReportQueue
     from simulators.models import mlp_manifest

@@ -42,7 +42,8 @@ from agent.daemon.local_api import LocalApi, start_local_api
 from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
 from agent.daemon.process import Notifier, ObservedStore, agent_version
 from agent.daemon.report_signer import ReportSigner, sign_or_nothing
-from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.daemon.served_model import ServedModel
+from agent.daemon.serving import ModelCatalog, TelemetryTap
 from agent.daemon.settings import lifecycle_config
 from agent.errors import EdgefleetError, MisuseError, TransportError
 from agent.lifecycle import Lifecycle, sealing_extractor

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from agent.config import LocalApiConfig
 
 if TYPE_CHECKING:
-    from agent.daemon.serving import ServedModel, TelemetryTap
+    from agent.daemon.served_model import ServedModel
+    from agent.daemon.serving import TelemetryTap
     from agent.serving.http_server import HttpInferenceServer
     from agent.serving.unix_server import UnixInferenceServer
 

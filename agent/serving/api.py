@@ -57,7 +57,7 @@ class Predictor(Protocol):
 class PredictorSlot:
     """A minimal swappable `Predictor` for embedding the servers without the daemon.
 
-    The daemon serves through `agent.daemon.serving.ServedModel`, which wraps the lifecycle's
+    The daemon serves through `agent.daemon.served_model.ServedModel`, which wraps the lifecycle's
     `agent.serving.model_holder.ModelHolder` (standby, shadow, drain); this slot is for tools and tests that
     only need "the model served right now".
 

@@ -113,7 +113,7 @@ def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdi
     """`ServedModel.predict_served` names the bundle the holder ran (not whatever is current
     when the caller asks afterwards), counts telemetry for it, and says plainly when nothing
     is served."""
-    from agent.daemon.serving import ServedModel
+    from agent.daemon.served_model import ServedModel
     from agent.errors import NoModelLoadedError
     from agent.serving.model_holder import ModelHolder
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.daemon.serving import ModelCatalog, ServedModel
+from agent.daemon.served_model import ServedModel
+from agent.daemon.serving import ModelCatalog
 from agent.errors import InputValidationError, RequestTooLargeError
 from agent.inference_client import InferenceClient
 from agent.runtimes import load_model

@@ -25,7 +25,8 @@ from agent.contract.manifest import (
 from agent.contract.performance import FEEDBACK_OUTCOMES
 from agent.contract.telemetry import TelemetryReport
 from agent.contract.telemetry_codec import decode_report
-from agent.daemon.serving import ModelCatalog, ServedModel, TelemetryTap
+from agent.daemon.served_model import ServedModel
+from agent.daemon.serving import ModelCatalog, TelemetryTap
 from agent.errors import MessageError, RequestTooLargeError
 from agent.serving.api import ApiLimits, PredictorSlot
 from agent.serving.client import HttpInferenceClient, UnixInferenceClient
