@@ -224,12 +224,15 @@ class Agent:
             client.close()
 
     def serves(self, bundle_id: str) -> bool:
-        """True when the Unix API answers with `bundle_id`'s reference outputs."""
+        """True when the Unix API (and the HTTP API, where enabled: the agent starts it just
+        after the Unix one) answers with `bundle_id`'s reference outputs."""
         try:
-            out = self.predict_unix()
+            outs = [self.predict_unix()]
+            if self.http_port is not None:
+                outs.append(self.predict_http())
         except Exception:
             return False
-        return bool(np.allclose(out, reference(bundle_id), atol=1e-4))
+        return all(np.allclose(out, reference(bundle_id), atol=1e-4) for out in outs)
 
     def wait_serving(self, bundle_id: str, timeout: float = 30.0) -> None:
         wait_until(
