@@ -125,7 +125,6 @@ def test_an_offline_device_catches_up_when_it_reconnects(world: World) -> None:
     world.wait_all_serving("mlp-4.0.0")
 
 
-@pytest.mark.slow  # kill -9 and restart: the long step (see pyproject's markers)
 def test_a_fleet_restarted_mid_rollout_resumes_it_and_cancel_stops_one(world: World) -> None:
     world.wait_all_serving("mlp-4.0.0")
     rid = world.rollout("5.0.0", {"kind": "canary", "stages": [25, 100], "bake_s": 3})
