@@ -77,33 +77,57 @@ def groups(pending: list[Request], stack: bool, max_rows: int) -> list[list[Requ
     return out
 
 
-def run(
-    service: InferenceService, pending: list[Request], max_rows: int, templates: wire.ReplyTemplates
-) -> tuple[list[Reply], int, int]:
-    """Run `pending` as few runs as the rules allow; returns every request's reply (a result or
-    an error frame, never an exception), the number of stacked runs and the requests in them."""
-    replies: list[Reply] = []
+class Outcome:
+    """What one request of a batch got: its rows of the outputs with the model and its first
+    prediction id and their count ("", 0 without ids), or the error that refused it."""
+
+    __slots__ = ("count", "error", "first", "model", "outputs", "request")
+
+    def __init__(self, request: Request, outputs: dict[str, np.ndarray] | None, model: dict[str, str],
+                 first: str = "", count: int = 0, error: BaseException | None = None) -> None:
+        self.request, self.outputs, self.model = request, outputs, model
+        self.first, self.count, self.error = first, count, error
+
+
+def outcomes(
+    service: InferenceService, pending: list[Request], max_rows: int
+) -> tuple[list[Outcome], int, int]:
+    """Run `pending` as few runs as the rules allow; returns every request's outcome (never an
+    exception), the number of stacked runs and the requests in them. Each transport writes the
+    outcomes its own way (`run` below for sockets; the shared-memory poller in place)."""
+    done: list[Outcome] = []
     try:
         target = service.target()
     except Exception as exc:
-        return [_error(r, exc) for r in pending], 0, 0
+        return [Outcome(r, None, {}, error=exc) for r in pending], 0, 0
     stack = len(pending) > 1 and batchable(target)
     batches = batched = 0
     for group in groups(pending, stack, max_rows):
-        if len(group) == 1 or not _run_stacked(service, target, group, templates, replies):
-            replies.extend(_run_one(service, target, r, templates) for r in group)
+        if len(group) == 1 or not _run_stacked(service, target, group, done):
+            done.extend(_run_one(service, target, r) for r in group)
         else:
             batches += 1
             batched += len(group)
-    return replies, batches, batched
+    return done, batches, batched
 
 
-def _run_stacked(
-    service: InferenceService, target: Predictor, group: list[Request], templates: wire.ReplyTemplates,
-    replies: list[Reply],
-) -> bool:
+def run(
+    service: InferenceService, pending: list[Request], max_rows: int, templates: wire.ReplyTemplates
+) -> tuple[list[Reply], int, int]:
+    """`outcomes`, each as its reply (a result or an error frame) in `sendmsg` parts."""
+    done, batches, batched = outcomes(service, pending, max_rows)
+    return [reply(o, templates) for o in done], batches, batched
+
+
+def _run_stacked(service: InferenceService, target: Predictor, group: list[Request],
+                 done: list[Outcome]) -> bool:
     """One run for the whole group; False (nothing added) when it must be re-run one by one."""
-    stacked = {n: np.concatenate([r.arrays[n] for r in group]) for n in group[0].arrays}
+    first = group[0].arrays
+    if len(first) == 1:  # the common case: one input tensor
+        name = next(iter(first))
+        stacked = {name: np.concatenate([r.arrays[name] for r in group])}
+    else:
+        stacked = {n: np.concatenate([r.arrays[n] for r in group]) for n in first}
     total = sum(r.rows for r in group)
     try:
         outputs, model, ids = service.run_on(target, stacked, len(group))
@@ -115,29 +139,29 @@ def _run_stacked(
     for r in group:
         end = at + r.rows
         out = {k: v[at:end] for k, v in outputs.items()}
-        replies.append(_reply(r, out, model, ids[at] if ids else "", r.rows if ids else 0, templates))
+        done.append(Outcome(r, out, model, ids[at] if ids else "", r.rows if ids else 0))
         at = end
     return True
 
 
-def _run_one(
-    service: InferenceService, target: Predictor, r: Request, templates: wire.ReplyTemplates
-) -> Reply:
+def _run_one(service: InferenceService, target: Predictor, r: Request) -> Outcome:
     try:
         outputs, model, ids = service.run_on(target, r.arrays)
     except Exception as exc:
-        return _error(r, exc)
-    return _reply(r, outputs, model, ids[0] if ids else "", len(ids) if ids else 0, templates)
+        return Outcome(r, None, {}, error=exc)
+    return Outcome(r, outputs, model, ids[0] if ids else "", len(ids) if ids else 0)
 
 
-def _reply(r: Request, outputs: dict[str, np.ndarray], model: dict[str, str], first: str, count: int,
-           templates: wire.ReplyTemplates) -> Reply:
+def reply(o: Outcome, templates: wire.ReplyTemplates) -> Reply:
+    """The outcome as `sendmsg` parts and their total size (an error frame for an error)."""
+    if o.outputs is None:
+        return _error(o.request, o.error or RuntimeError("no outputs"))
     try:
-        parts, total = templates.parts(outputs, model["name"], model["version"], first, count)
+        parts, total = templates.parts(o.outputs, o.model["name"], o.model["version"], o.first, o.count)
     except MessageError as exc:  # an output dtype the wire does not carry
         frame = wire.error_frame(500, "runtime_failure", str(exc), False)
-        return r.owner, [frame], len(frame)
-    return r.owner, parts, total
+        return o.request.owner, [frame], len(frame)
+    return o.request.owner, parts, total
 
 
 def _error(r: Request, exc: BaseException) -> Reply:

@@ -388,6 +388,49 @@ def test_with_batching_on_ready_channels_are_stacked_into_one_run(d: Path) -> No
             np.testing.assert_allclose(results[i], REF[i:i + 1], atol=1e-5)
 
 
+def test_stacked_replies_carry_each_channels_own_rows_ids_and_errors(d: Path) -> None:
+    """Stacked runs write each reply in place (a repeated layout rewrites only its first id
+    and tensors): every client must get its own rows and ids, also when row counts change,
+    ids grow a digit and a bad request sits in the same pass as good ones."""
+    sink = _CountingSink()
+    slow = _Slow(load_model(*_model(d)), 0.01)
+    srv = UnixInferenceServer(PredictorSlot(slow), d / "s.sock", LIMITS, feedback=sink,
+                              batching=BatchConfig(), shm=SHM)
+    got: dict[int, list[list[str]]] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            with _client(srv.path) as c:
+                mine: list[list[str]] = []
+                for k in range(12):
+                    rows = 1 + (k // 4 + i) % 2  # runs of one layout, then the other
+                    lo = (i + k) % 6
+                    if k % 5 == 4 and i % 2:  # some channels send a bad request now and then
+                        with pytest.raises(InputValidationError):
+                            c.predict({"x": np.zeros((1, 31), np.float32)})
+                    out = c.predict({"x": X[lo:lo + rows]})["logits"]
+                    np.testing.assert_allclose(out, REF[lo:lo + rows], atol=1e-5)
+                    assert c.last_prediction_ids is not None and len(c.last_prediction_ids) == rows
+                    mine.append(list(c.last_prediction_ids))
+                got[i] = mine
+        except BaseException as exc:  # reported below: a thread's assertion would be lost
+            errors.append(exc)
+
+    with srv:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert srv.shm is not None and srv.shm.poller.stacked_runs >= 1
+    assert not errors, errors
+    issued = [i for batch in sink.issued for i in batch]
+    served = [i for mine in got.values() for ids in mine for i in ids]
+    assert sorted(served) == sorted(issued) and len(set(served)) == len(served)
+    assert "ep-99" in served and "ep-100" in served
+
+
 def test_a_server_in_another_process_with_the_spinning_defaults(d: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from agent.runtimes import load_model; "
