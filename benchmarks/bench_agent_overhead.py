@@ -55,7 +55,7 @@ def serve(directory: str) -> None:
     import threading
 
     from agent.runtimes import load_model
-    from agent.serving.batch_loop import BatchConfig
+    from agent.serving.batch_run import BatchConfig
     from agent.serving.http_server import HttpInferenceServer
     from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest

@@ -18,7 +18,8 @@ kept to one CPU (`_c_pinned`): the agent then has the other CPU to itself, so th
 what the agent's serving thread delivers when the clients cost it nothing, the agent's own
 capacity on this machine. The servers above serve the bare model; `_daemon` is the path the
 agent daemon serves (`benchmarks.daemon_fixture`: the lifecycle's holder, telemetry folded for
-every request and a prediction id per row), at 1 and 16 clients; `_one_spinner` is the
+every request and a prediction id per row), at 1 and 16 clients, and with micro-batching on
+at 16 (`_daemon_batched`: stacked runs fold their telemetry once a run); `_one_spinner` is the
 default 16 clients with `shm_one_spinner=True` (one waiting thread spins for all). For the default 16 clients
 the CPU both processes spent per prediction is read from /proc (`*_server_cpu_us_per_call`,
 `*_client_cpu_us_per_call`): both include spinning (a poller and clients that wait by
@@ -56,7 +57,7 @@ def serve(directory: str) -> None:
     (`agent.sock`, a thread per connection) and with micro-batching on (`batched.sock`)."""
     from agent.runtimes import load_model
     from agent.serving.api import ApiLimits
-    from agent.serving.batch_loop import BatchConfig
+    from agent.serving.batch_run import BatchConfig
     from agent.serving.unix_server import UnixInferenceServer
     from simulators.models import make_mlp_onnx, mlp_manifest
 
@@ -69,6 +70,8 @@ def serve(directory: str) -> None:
                         batching=BatchConfig()).start()
     served, tap = daemon_path(d, data)  # what the agent daemon serves: holder, telemetry, ids
     UnixInferenceServer(served, d / "daemon.sock", ApiLimits(max_connections=64), feedback=tap).start()
+    UnixInferenceServer(served, d / "daemon_batched.sock", ApiLimits(max_connections=64), feedback=tap,
+                        batching=BatchConfig()).start()
     threading.Thread(target=_bare_echo, args=(d / "bare.sock",), daemon=True).start()
     print("ready", flush=True)
     sys.stdin.read()
@@ -267,6 +270,10 @@ def run() -> dict[str, float]:
                 rate, lat = _clients(d / "daemon.sock", k, x, "auto")
                 out[f"agent_throughput_{k}_clients_daemon_per_s"] = rate
                 out[f"agent_throughput_{k}_clients_daemon_p99_us"] = float(np.percentile(lat, 99)) / 1e3
+            rate, lat = _clients(d / "daemon_batched.sock", CLIENTS[-1], x, "auto")
+            out[f"agent_throughput_{CLIENTS[-1]}_clients_daemon_batched_per_s"] = rate
+            out[f"agent_throughput_{CLIENTS[-1]}_clients_daemon_batched_p99_us"] = (
+                float(np.percentile(lat, 99)) / 1e3)
             cpus = sorted(os.sched_getaffinity(0))
             if len(cpus) >= 2:  # the client threads on one CPU, the agent free to use the others
                 top = CLIENTS[-1]
@@ -295,6 +302,8 @@ def run() -> dict[str, float]:
             out[f"agent_throughput{tag}_vs_raw_ratio"] = c_rate / base
     out["agent_throughput_vs_raw_ratio"] = out[f"agent_throughput_{CLIENTS[-1]}_clients_per_s"] / base
     out["agent_throughput_daemon_vs_raw_ratio"] = out[f"agent_throughput_{top}_clients_daemon_per_s"] / base
+    out["agent_throughput_daemon_batched_vs_raw_ratio"] = (
+        out[f"agent_throughput_{top}_clients_daemon_batched_per_s"] / base)
     out["agent_throughput_socket_vs_raw_ratio"] = (
         out[f"agent_throughput_{CLIENTS[-1]}_clients_socket_per_s"] / base
     )

@@ -80,6 +80,7 @@ from fleet.delivery.event_log import EventBatch, EventLog
 from fleet.delivery.event_stream import EVENT_SETTINGS, EventStream
 from fleet.delivery.publisher import Publisher, PublisherSettings
 from fleet.delivery.report_verify import ReportVerifier
+from fleet.delivery.timestamp_refresher import TimestampRefresher
 from fleet.devices.certificates import CrlRefresher
 from fleet.devices.revocation import RevokedFilter
 from fleet.errors import FleetError, FleetInputError
@@ -87,7 +88,6 @@ from fleet.periodic import PeriodicRunner
 from fleet.registry.datasets import DatasetStore
 from fleet.registry.delta_builds import DeltaBuilds
 from fleet.registry.deltas import DeltaCatalog, DeltaPolicy
-from fleet.registry.publish import REPO_LOCK
 from fleet.rollouts.controller import RolloutController
 from fleet.rollouts.controller_ports import ControllerConfig
 from fleet.rollouts.experiments import ExperimentDriver
@@ -160,45 +160,6 @@ class PublisherComponent:
 
     def stop(self) -> None:
         self.publisher.stop()
-
-
-class TimestampRefresher:
-    """Re-sign the TUF timestamp every `interval_s` (job `timestamp-refresher` of its runner);
-    with several controllers, only the leader does (`active`)."""
-
-    name = "timestamp-refresher"
-
-    def __init__(self, repo: Repository, interval_s: float, publisher: Publisher | None = None,
-                 active: Callable[[], bool] = lambda: True) -> None:
-        self.repo = repo
-        self.interval_s = interval_s
-        self.publisher = publisher
-        self.active = active
-        self.refreshed = 0
-        # a failed refresh is logged and retried next period: an expired timestamp freezes the fleet
-        self._runner = PeriodicRunner(logger)
-        self._runner.add(self.name, lambda: self.refresh() if self.active() else None, interval_s)
-
-    def refresh(self) -> int:
-        """One refresh (and publish); returns the new timestamp version.
-
-        Raises what `Repository.refresh_timestamp` raises (`FleetMisuseError`: not initialised,
-        keys missing); a failed publish is logged, not raised."""
-        with REPO_LOCK:
-            version = self.repo.refresh_timestamp()
-        self.refreshed += 1
-        if self.publisher is not None:
-            try:
-                self.publisher.publish_metadata("timestamp.json")
-            except FleetError as exc:
-                log_event(logger, "fleet.timestamp_publish_failed", logging.WARNING, error=str(exc))
-        return version
-
-    def start(self) -> None:
-        self._runner.start()
-
-    def stop(self) -> None:
-        self._runner.stop()
 
 
 class TelemetryComponent:

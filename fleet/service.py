@@ -157,10 +157,17 @@ class FleetService:
             log_event(logger, "fleet.stopped")
 
     def start_background(self, ready_timeout: float = 10.0) -> None:
-        """Serve in a daemon thread; returns once the socket listens. Raises RuntimeError otherwise."""
+        """Serve in a daemon thread; returns once the socket listens. Raises `FleetResourceError`
+        when the port is taken (bound before the components start: their outgoing connections
+        take ephemeral ports, and one of them could otherwise land on the API's port, as
+        happened in a test), RuntimeError when the server does not come up."""
+        if self.listener is None or self.listener.fileno() < 0:  # none yet, or closed by a stop
+            self.listener = bind_listener(self.settings.host, self.settings.port)
         self._start_components()
         self._server = self._make_server()
-        self._thread = threading.Thread(target=self._server.run, name="fleet-api", daemon=True)
+        server, sockets = self._server, [self.listener]
+        self._thread = threading.Thread(target=lambda: server.run(sockets=sockets), name="fleet-api",
+                                        daemon=True)
         self._thread.start()
         done = threading.Event()
         for _ in range(int(ready_timeout / 0.02)):

@@ -25,7 +25,6 @@ import heapq
 import itertools
 import logging
 import random
-import resource
 import selectors
 import socket
 import threading
@@ -45,19 +44,6 @@ from agent.transport.mqtt_client import MqttTransport
 from agent.transport.mqtt_config import MqttConfig
 
 logger = logging.getLogger(__name__)
-
-
-def raise_nofile_limit(wanted: int) -> int:
-    """Raise this process's open-file soft limit towards `wanted` (capped by the hard limit).
-
-    Each client holds one socket; returns the new soft limit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if target > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    return soft
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:

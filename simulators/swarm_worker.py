@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import threading
 import time
 from collections.abc import Sequence
@@ -25,10 +26,23 @@ from simulators.datagen import DataGenerator, DriftSpec, device_seed
 from simulators.device_keys import install_sim_key
 from simulators.models import mlp_reference, mlp_weights
 from simulators.swarm_device import SESSION_POOL, DeviceProfile, SharedTicker, SwarmAgent, agent_config
-from simulators.swarm_loop import SwarmLoop, raise_nofile_limit
+from simulators.swarm_loop import SwarmLoop
 from simulators.swarm_records import SwarmSpec, WorkerStats
 
 THREAD_STACK_BYTES = 512 * 1024
+
+
+def raise_nofile_limit(wanted: int) -> int:
+    """Raise this process's open-file soft limit towards `wanted` (capped by the hard limit).
+
+    Each client holds one socket; returns the new soft limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 def _rss_mb() -> float:

@@ -1,5 +1,7 @@
 """The MQTT wire protocol shared by agent and fleet: topic tree, message models, framing.
 
+The topic tree itself is `agent.contract.topics` (imported here, so a caller needs one import).
+
 Everything here is pure (bytes and strings in, models out) so both sides and the tests use
 the same rules. The topic tree is versioned (`<prefix>/v1/...`) so a v2 can run beside it.
 The device id that counts is always the one in the topic (which broker ACLs bind to the
@@ -12,11 +14,9 @@ oversized, wrong-version or misaddressed input; `Topics`/`encode_*` raise
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 import struct
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from agent.contract.strict import (
@@ -27,9 +27,17 @@ from agent.contract.strict import (
     describe,
     field,
 )
+from agent.contract.topics import ID_RE as ID_RE
+from agent.contract.topics import METADATA_NAME_RE as METADATA_NAME_RE
+from agent.contract.topics import PROTOCOL_VERSION as PROTOCOL_VERSION
+from agent.contract.topics import ParsedTopic as ParsedTopic
+from agent.contract.topics import TopicKind as TopicKind
+from agent.contract.topics import Topics as Topics
+from agent.contract.topics import parse_topic as parse_topic
+from agent.contract.topics import validate_id as validate_id
+from agent.contract.topics import validate_prefix as validate_prefix
 from agent.errors import MessageError, MisuseError
 
-PROTOCOL_VERSION = "v1"
 SCHEMA_VERSION = 1
 
 MIN_CHUNK_SIZE = 4 * 1024
@@ -41,28 +49,10 @@ MAX_CHUNK_FRAME = MAX_CHUNK_SIZE + MAX_HEADER_BYTES + 6
 CHUNK_MAGIC = b"EFC1"
 _FRAME_PREFIX = struct.Struct(">4sH")
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PREFIX_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-METADATA_NAME_RE = re.compile(r"^(?:[1-9][0-9]{0,9}\.)?[a-z][a-z0-9_-]{0,63}\.json$")
 OBJECT_PATH_RE = re.compile(
     r"^(?:metadata/[A-Za-z0-9._-]{1,128}|targets/(?:[A-Za-z0-9._-]{1,128}/){0,4}[A-Za-z0-9._-]{1,200})$"
 )
 REQUEST_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
-
-
-def validate_id(value: str, what: str = "device id") -> str:
-    """Return `value` if it is a safe topic segment (no `/ + # $`, 1-64 chars), else raise MisuseError."""
-    if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise MisuseError(f"invalid {what} {value!r}: use 1-64 of [A-Za-z0-9._-], starting alphanumeric")
-    return value
-
-
-def validate_prefix(prefix: str) -> str:
-    """Return `prefix` (1-4 safe segments joined by `/`), else raise MisuseError."""
-    segs = prefix.split("/") if isinstance(prefix, str) else []
-    if not 1 <= len(segs) <= 4 or not all(_PREFIX_SEGMENT_RE.fullmatch(s) for s in segs):
-        raise MisuseError(f"invalid topic prefix {prefix!r}: 1-4 segments of [A-Za-z0-9._-]")
-    return prefix
 
 
 def validate_object_path(path: str) -> str:
@@ -76,117 +66,6 @@ def validate_object_path(path: str) -> str:
     if any(seg in ("", ".", "..") or seg.startswith(".") for seg in path.split("/")):
         raise MessageError(f"object path {path!r} has an unsafe segment")
     return path
-
-
-class TopicKind(enum.StrEnum):
-    """What a topic carries (see docs/protocol.md for QoS and retain of each)."""
-
-    DEVICE_DESIRED = "device_desired"
-    COHORT_DESIRED = "cohort_desired"
-    METADATA = "metadata"
-    REQUEST = "request"
-    RESPONSES = "responses"
-    REPORTED = "reported"
-    EVENTS = "events"
-    TELEMETRY = "telemetry"
-    DATASET = "dataset"
-
-
-_DEVICE_LEAVES = {
-    "desired": TopicKind.DEVICE_DESIRED,
-    "responses": TopicKind.RESPONSES,
-    "reported": TopicKind.REPORTED,
-    "events": TopicKind.EVENTS,
-    "telemetry": TopicKind.TELEMETRY,
-    "dataset": TopicKind.DATASET,
-}
-
-
-@dataclass(frozen=True)
-class ParsedTopic:
-    """A topic split into its kind and the ids it names (device, cohort or metadata file)."""
-
-    kind: TopicKind
-    device_id: str | None = None
-    cohort: str | None = None
-    name: str | None = None
-
-
-def parse_topic(prefix: str, topic: str) -> ParsedTopic:
-    """Split `topic` under `prefix` into kind and ids; raise MessageError for anything else."""
-    base = f"{prefix}/{PROTOCOL_VERSION}/"
-    if not isinstance(topic, str) or not topic.startswith(base) or len(topic) > 512:
-        raise MessageError(f"topic {topic!r} is not under {base!r}")
-    parts = topic[len(base) :].split("/")
-    if any(p == "" or p in ("+", "#") or "$" in p for p in parts):
-        raise MessageError(f"topic {topic!r} has an empty or wildcard level")
-    match parts:
-        case ["devices", dev, leaf] if leaf in _DEVICE_LEAVES and ID_RE.fullmatch(dev):
-            return ParsedTopic(_DEVICE_LEAVES[leaf], device_id=dev)
-        case ["cohorts", cohort, "desired"] if ID_RE.fullmatch(cohort):
-            return ParsedTopic(TopicKind.COHORT_DESIRED, cohort=cohort)
-        case ["repo", "metadata", name] if METADATA_NAME_RE.fullmatch(name):
-            return ParsedTopic(TopicKind.METADATA, name=name)
-        case ["repo", "requests", dev] if ID_RE.fullmatch(dev):
-            return ParsedTopic(TopicKind.REQUEST, device_id=dev)
-    raise MessageError(f"topic {topic!r} is not part of the {PROTOCOL_VERSION} tree")
-
-
-class Topics:
-    """Every topic one device (or the fleet, with `device_id=None`) publishes or subscribes to."""
-
-    def __init__(self, prefix: str, device_id: str | None = None) -> None:
-        self.prefix = validate_prefix(prefix)
-        self.root = f"{prefix}/{PROTOCOL_VERSION}"
-        self.device_id = validate_id(device_id) if device_id is not None else None
-
-    def _dev(self, device_id: str | None) -> str:
-        dev = device_id if device_id is not None else self.device_id
-        if dev is None:
-            raise MisuseError("no device id given and Topics has none")
-        return validate_id(dev)
-
-    def desired(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/desired"
-
-    def cohort_desired(self, cohort: str) -> str:
-        return f"{self.root}/cohorts/{validate_id(cohort, 'cohort')}/desired"
-
-    def metadata(self, name: str) -> str:
-        if not METADATA_NAME_RE.fullmatch(name):
-            raise MisuseError(f"invalid metadata file name {name!r}")
-        return f"{self.root}/repo/metadata/{name}"
-
-    def requests(self, device_id: str | None = None) -> str:
-        return f"{self.root}/repo/requests/{self._dev(device_id)}"
-
-    def responses(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/responses"
-
-    def reported(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/reported"
-
-    def events(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/events"
-
-    def telemetry(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/telemetry"
-
-    def dataset(self, device_id: str | None = None) -> str:
-        """Chunks of a sample collected under a signed policy (`agent.contract.collect`)."""
-        return f"{self.root}/devices/{self._dev(device_id)}/dataset"
-
-    # --- fleet-side wildcard filters ---------------------------------------------------
-    def all_requests(self, share_group: str | None = None) -> str:
-        """`.../repo/requests/+`, as `$share/<group>/...` when several publishers split the load."""
-        flt = f"{self.root}/repo/requests/+"
-        return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
-
-    def all_devices(self, leaf: Literal["reported", "events", "telemetry", "dataset"],
-                    share_group: str | None = None) -> str:
-        """`.../devices/+/<leaf>`, as `$share/<group>/...` when several ingest workers split the load."""
-        flt = f"{self.root}/devices/+/{leaf}"
-        return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
 
 
 # --- message models ----------------------------------------------------------------------

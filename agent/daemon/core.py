@@ -32,19 +32,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig
-from agent.contract.protocol import ReportedState, Topics, encode_reported
+from agent.contract.protocol import ReportedState, Topics
 from agent.daemon.broker_link import BrokerLink
 from agent.daemon.collection import CollectionRunner
 from agent.daemon.director_gate import DirectorGate
 from agent.daemon.director_intake import DirectorIntake
-from agent.daemon.events import EventOutbox, encode_event_bounded, lifecycle_event, shadow_measurements
+from agent.daemon.events import EventOutbox, lifecycle_event, shadow_measurements
 from agent.daemon.local_api import LocalApi, start_local_api
 from agent.daemon.offline_import import ImportResult, OfflineImporter, lock_state_dir
 from agent.daemon.process import Notifier, ObservedStore, agent_version
-from agent.daemon.report_signer import ReportSigner, sign_or_nothing
+from agent.daemon.report_signer import ReportSigner
 from agent.daemon.served_model import ServedModel
 from agent.daemon.serving import ModelCatalog, TelemetryTap
-from agent.daemon.settings import lifecycle_config
+from agent.daemon.settings import fetcher_config, lifecycle_config
+from agent.daemon.uplink import Uplink
 from agent.errors import EdgefleetError, MisuseError, TransportError
 from agent.lifecycle import Lifecycle, sealing_extractor
 from agent.lifecycle.machine import State
@@ -53,7 +54,6 @@ from agent.logs import log_event
 from agent.serving.model_holder import ModelHolder
 from agent.telemetry.feedback import FeedbackConfig, PredictionLog
 from agent.telemetry.queue import QueueConfig, ReportQueue
-from agent.transport import Delivery
 from agent.transport.mqtt_client import MqttTransport
 from agent.trust import TrustClient
 
@@ -87,9 +87,6 @@ class AgentDaemon:
         self._notifier = Notifier()
         self._heartbeat = time.monotonic()
         self._next_report: float | None = None  # when `tick` closes the next telemetry interval
-        self._event_seq = 0
-        self._events_lock = threading.Lock()
-        self._reported_lock = threading.Lock()
         self._runtimes = tuple(
             name
             for mod, name in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"))
@@ -129,6 +126,7 @@ class AgentDaemon:
             self.state_dir / "telemetry.sqlite",
             QueueConfig(max_reports=c.telemetry_queue_reports, max_bytes=c.telemetry_queue_bytes),
         )
+        self.uplink = Uplink(self.transport, self.topics, c.device_id, self.signer, self.outbox, self.queue)
         self.tap = TelemetryTap(
             self.queue, self.catalog, c.device_id, c.cohorts[0] if c.cohorts else "",
             PredictionLog(FeedbackConfig(capacity=c.api.feedback_capacity, horizon_s=c.api.feedback_horizon_s,
@@ -137,10 +135,11 @@ class AgentDaemon:
         self.served = ServedModel(self.holder, self.catalog, self.tap)
         self.collection = CollectionRunner(self.state_dir, c.device_id, c.cohorts, self.trust.director_trust,
                                            self.transport, self.topics, sink=self.tap, signer=self.signer)
-        self.director = DirectorIntake(self.gate, self.lifecycle, self.trust, self.collection, self._event)
+        self.director = DirectorIntake(self.gate, self.lifecycle, self.trust, self.collection,
+                                       self.uplink.event)
         self.api = LocalApi()
         self.offline = OfflineImporter(self.state_dir, self._bootstrap, self.gate, self.lifecycle,
-                                       self._event, c.offline_drop_dir)
+                                       self.uplink.event, c.offline_drop_dir)
         self._lock_fd: int | None = None
 
     def _make_fetcher(self) -> MqttFetcher:
@@ -149,22 +148,9 @@ class AgentDaemon:
         Deferred because importing it loads python-tuf's client, securesystemslib's signer and
         cryptography (~12 MB RSS): an idle agent serving its committed bundle needs none of them.
         """
-        from agent.transport.mqtt_fetcher import FetcherConfig, MqttFetcher  # lazy: tuf+cryptography, ~12 MB
+        from agent.transport.mqtt_fetcher import MqttFetcher  # lazy: tuf+cryptography, ~12 MB
 
-        c = self.config
-        return MqttFetcher(
-            self.transport,
-            self.topics,
-            self.state_dir / "spool",
-            FetcherConfig(
-                chunk_size=c.limits.chunk_size,
-                window=c.limits.fetch_window,
-                chunk_timeout_s=c.limits.chunk_timeout_s,
-                chunk_retries=c.limits.chunk_retries,
-                reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
-                max_object_bytes=c.limits.max_bundle_bytes,
-            ),
-        )
+        return MqttFetcher(self.transport, self.topics, self.state_dir / "spool", fetcher_config(self.config))
 
     # --- serving ------------------------------------------------------------------------
     def _preload(self) -> None:
@@ -189,10 +175,8 @@ class AgentDaemon:
 
     # --- MQTT ---------------------------------------------------------------------------
     def _start_mqtt(self) -> None:
-        offline = encode_reported(ReportedState(device_id=self.config.device_id, online=False,
-                                                timestamp=time.time(), labels=dict(self.config.labels)))
-        self.transport.set_will(self.topics.reported(), offline, retain=True,
-                                user_properties=sign_or_nothing(self.signer, "reported", offline))
+        self.uplink.set_will(ReportedState(device_id=self.config.device_id, online=False,
+                                           timestamp=time.time(), labels=dict(self.config.labels)))
         self.transport.add_on_connect(self._on_connect)
         self.transport.add_on_link_down(self.link.down)
         self.link.connecting()
@@ -209,7 +193,7 @@ class AgentDaemon:
     def _on_connect(self, session_present: bool) -> None:
         self.link.connected(session_present)
         self.publish_reported()
-        self._flush_events()
+        self.uplink.flush_events()
         self.lifecycle.ctx.wake.set()
 
     def _after_save(self, record: StateRecord) -> None:
@@ -238,68 +222,18 @@ class AgentDaemon:
 
     def publish_reported(self, record: StateRecord | None = None, online: bool = True) -> bool:
         """Publish the retained reported state; False when offline (sent again on connect)."""
-        if not self.transport.connected:
-            return False
-        with self._reported_lock:
-            try:
-                payload = encode_reported(self.reported_state(record, online))
-                self.transport.publish(self.topics.reported(), payload, qos=1, retain=True,
-                                       user_properties=sign_or_nothing(self.signer, "reported", payload))
-            except EdgefleetError as exc:
-                log_event(log, "agent.report_failed", logging.DEBUG, error=str(exc))
-                return False
-        return True
+        return self.uplink.publish_reported(lambda: self.reported_state(record, online))
 
-    # --- events -------------------------------------------------------------------------
+    # --- events, telemetry and ticking ----------------------------------------------------
     def _on_lifecycle_event(self, name: str, fields: dict[str, Any]) -> None:
         previous = self.lifecycle.record.previous if name == "activated" else None
-        self._event(**lifecycle_event(name, fields, previous))
-
-    def _event(self, kind: str, **fields: Any) -> None:
-        """Store one event (fields: `encode_event_bounded`'s) and send what is stored."""
-        with self._events_lock:
-            self._event_seq = max(self._event_seq + 1, time.time_ns() // 1000)
-            seq = self._event_seq
-        self.outbox.put(encode_event_bounded(self.config.device_id, kind, seq, **fields))
-        self._flush_events()
-
-    def _flush_events(self) -> None:
-        """Send stored events in order; each stays on disk until the broker's PUBACK (at least once).
-
-        Runs on any thread, the MQTT network thread included (on connect, director events), so
-        it never waits for an acknowledgement: a later flush forgets the acknowledged ones.
-        """
-
-        def send(payload: bytes) -> Delivery | None:
-            if not self.transport.connected:
-                return None
-            try:
-                return self.transport.publish(self.topics.events(), payload, qos=1,
-                                              user_properties=sign_or_nothing(self.signer, "events", payload))
-            except EdgefleetError:
-                return None
-
-        self.outbox.drain(send)
-
-    # --- telemetry and ticking ------------------------------------------------------------
-    def _send_telemetry(self) -> int:
-        def send(seq: int, payload: bytes) -> bool:
-            if not self.transport.connected:
-                return False
-            try:
-                self.transport.publish(self.topics.telemetry(), payload, qos=1,
-                                       user_properties=sign_or_nothing(self.signer, "telemetry", payload))
-            except EdgefleetError:
-                return False
-            return True
-
-        return self.queue.drain(send)
+        self.uplink.event(**lifecycle_event(name, fields, previous))
 
     def _shadow_event(self) -> None:
         rep = self.holder.shadow_report()
         if rep.bundle_id is None or rep.offered == 0:
             return
-        self._event("shadow_report", bundle_id=rep.bundle_id, previous_bundle_id=self.holder.bundle_id,
+        self.uplink.event("shadow_report", bundle_id=rep.bundle_id, previous_bundle_id=self.holder.bundle_id,
                     measurements=shadow_measurements(rep))
 
     def _ticker(self) -> None:
@@ -332,8 +266,8 @@ class AgentDaemon:
                 self._next_report += self.config.telemetry_interval_s
                 self.tap.flush(self.holder.bundle_id)
                 self._shadow_event()
-            self._send_telemetry()
-            self._flush_events()
+            self.uplink.send_telemetry()
+            self.uplink.flush_events()
             self.collection.tick()
         except Exception:
             log.exception("agent ticker failed")
@@ -388,7 +322,7 @@ class AgentDaemon:
         if not rec.last_error:
             rec.last_error = reason  # the resumed handlers report it (e.g. as the rollback reason)
         log_event(log, "agent.crash_recovered", logging.WARNING, state=rec.state, bundle=rec.candidate)
-        self._event("crash_recovered", bundle_id=rec.candidate, reason=reason)
+        self.uplink.event("crash_recovered", bundle_id=rec.candidate, reason=reason)
 
     def _shutdown(self, ticker: threading.Thread | None) -> None:
         self._notifier.notify("STOPPING=1")
@@ -398,9 +332,9 @@ class AgentDaemon:
         self.api.stop()
         with contextlib.suppress(Exception):
             self.tap.flush(self.holder.bundle_id)
-            self._send_telemetry()
+            self.uplink.send_telemetry()
         with contextlib.suppress(Exception):  # unacknowledged events are sent again at the next start
-            self._flush_events()
+            self.uplink.flush_events()
             if self.transport.connected:
                 self.outbox.wait_acknowledged(EVENT_ACK_WAIT_S)
         self.publish_reported(online=False)
@@ -425,7 +359,7 @@ class AgentDaemon:
             try:
                 return self.offline.import_file(path)
             except EdgefleetError as exc:
-                self._event("offline_refused", reason=f"{path.name}: {type(exc).__name__}: {exc}")
+                self.uplink.event("offline_refused", reason=f"{path.name}: {type(exc).__name__}: {exc}")
                 raise
         finally:
             self.outbox.close()

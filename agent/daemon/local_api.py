@@ -48,7 +48,7 @@ def start_local_api(api: LocalApiConfig, served: ServedModel, tap: TelemetryTap)
     out = LocalApi()
     limits = ApiLimits(max_body_bytes=api.max_body_bytes, max_batch=api.max_batch)
     if api.unix_enabled:
-        from agent.serving.batch_loop import BatchConfig  # lazy: with the Unix server
+        from agent.serving.batch_run import BatchConfig  # lazy: with the Unix server
         from agent.serving.shm_server import ShmConfig  # lazy: with the Unix server
         from agent.serving.unix_server import UnixInferenceServer  # lazy: only when enabled
 

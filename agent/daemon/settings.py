@@ -10,6 +10,7 @@ from agent.config import AgentConfig
 from agent.contract.windows import zone_of_labels
 from agent.lifecycle import LifecycleConfig
 from agent.lifecycle.resources import ResourcePolicy
+from agent.transport.fetcher_config import FetcherConfig
 
 
 def lifecycle_config(c: AgentConfig) -> LifecycleConfig:
@@ -33,4 +34,16 @@ def lifecycle_config(c: AgentConfig) -> LifecycleConfig:
             hold_base_s=lo.hold_base_s,
             hold_max_s=lo.hold_max_s,
         ),
+    )
+
+
+def fetcher_config(c: AgentConfig) -> FetcherConfig:
+    """The MQTT fetcher's settings: chunking, window, timeouts and the largest object taken."""
+    return FetcherConfig(
+        chunk_size=c.limits.chunk_size,
+        window=c.limits.fetch_window,
+        chunk_timeout_s=c.limits.chunk_timeout_s,
+        chunk_retries=c.limits.chunk_retries,
+        reconnect_wait_s=c.limits.fetch_reconnect_wait_s,
+        max_object_bytes=c.limits.max_bundle_bytes,
     )

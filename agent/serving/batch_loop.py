@@ -32,14 +32,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.errors import MessageError, MisuseError
+from agent.errors import MessageError
 from agent.serving import batch_run, wire
 from agent.serving.api import SLOT_WAIT_S, ApiLimits, InferenceService, error_body
+from agent.serving.batch_run import BatchConfig
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.shm_offer import ShmOffer
 
@@ -48,18 +48,6 @@ JsonDispatch = Callable[[dict[str, Any], dict[str, np.ndarray]], bytes]
 
 _SWEEP_S = 1.0
 _WAIT_POLL_S = 0.01  # how often connections waiting for a slot look again
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    """Micro-batching of the Unix socket's predict requests (see the module docstring)."""
-
-    window_us: float = 0.0  # wait this long after the first request for more (0: only what is there)
-    max_rows: int = 64  # rows of one batch (requests beyond wait for the next)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.window_us <= 10_000 or self.max_rows < 1:
-            raise MisuseError("batching: window_us must be in [0, 10000] and max_rows >= 1")
 
 
 class _Conn:
@@ -335,8 +323,7 @@ class BatchLoop:
             arrays = wire.views(layout, c.buf, at + desc_len)
             self.service.check_rows(arrays)
         except Exception as exc:
-            status, doc = error_body(exc)
-            frame = wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False)
+            frame = wire.error_frame_of(exc)
             self._send(c, [frame], len(frame))
             return False
         c.busy = True

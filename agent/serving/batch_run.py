@@ -14,13 +14,27 @@ batching correct sit in one place:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.errors import MessageError
+from agent.errors import MessageError, MisuseError
 from agent.serving import wire
-from agent.serving.api import InferenceService, Predictor, error_body
+from agent.serving.api import InferenceService, Predictor
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Micro-batching of the Unix socket's predict requests (`agent.serving.batch_loop`)."""
+
+    window_us: float = 0.0  # wait this long after the first request for more (0: only what is there)
+    max_rows: int = 64  # rows of one batch (requests beyond wait for the next)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.window_us <= 10_000 or self.max_rows < 1:
+            raise MisuseError("batching: window_us must be in [0, 10000] and max_rows >= 1")
+
 
 #: One reply: the request's owner (the loop's connection), `sendmsg` parts, their total size.
 Reply = tuple[Any, list[Any], int]
@@ -165,6 +179,5 @@ def reply(o: Outcome, templates: wire.ReplyTemplates) -> Reply:
 
 
 def _error(r: Request, exc: BaseException) -> Reply:
-    status, doc = error_body(exc)
-    frame = wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False)
+    frame = wire.error_frame_of(exc)
     return r.owner, [frame], len(frame)

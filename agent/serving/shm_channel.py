@@ -26,7 +26,7 @@ import numpy as np
 
 from agent.errors import MessageError
 from agent.serving import wire
-from agent.serving.api import InferenceService, error_body
+from agent.serving.api import InferenceService
 from agent.serving.shm_layout import Geometry, control_words, write_parts
 
 _KnownReply = tuple[dict[str, str], tuple[tuple[str, np.ndarray], ...], int, int, int]
@@ -147,8 +147,7 @@ class ShmChannel:
 
     def write_error(self, exc: BaseException) -> None:
         """Answer with the error frame `exc` maps to (status, code, message)."""
-        status, doc = error_body(exc)
-        self.write([wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False)])
+        self.write([wire.error_frame_of(exc)])
 
     def write(self, parts: list[Any]) -> bool:
         """Write a whole reply (False: it did not fit, an error frame went instead). The

@@ -30,7 +30,8 @@ from agent.errors import MessageError, MisuseError
 from agent.logs import log_event
 from agent.serving import wire
 from agent.serving.api import SLOT_WAIT_S, ApiLimits, FeedbackSink, InferenceService, Predictor, error_body
-from agent.serving.batch_loop import BatchConfig, BatchLoop
+from agent.serving.batch_loop import BatchLoop
+from agent.serving.batch_run import BatchConfig
 from agent.serving.efi1 import FRAME, decode_frame_body, encode_frame, parse_prefix
 from agent.serving.shm_layout import supported as shm_supported
 from agent.serving.shm_offer import ShmOffer
@@ -229,8 +230,7 @@ class UnixInferenceServer:
         except OSError:
             raise
         except Exception as exc:
-            status, doc = error_body(exc)
-            conn.sendall(wire.error_frame(status, doc["error"]["code"], doc["error"]["message"], False))
+            conn.sendall(wire.error_frame_of(exc))
             return True
         self._send_reply(conn, outputs, model, ids)
         return True

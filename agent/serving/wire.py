@@ -43,6 +43,7 @@ from agent.errors import (
     RuntimeFailure,
     TransportError,
 )
+from agent.serving.api import error_body
 
 MAGIC = b"EFB1"
 HEADER = struct.Struct("<4sBBHHHIII")
@@ -206,6 +207,12 @@ def error_frame(status: int, code: str, message: str, close: bool) -> bytes:
     c, m = code.encode()[:0xFFFF], message.encode()[:0xFFFF]
     meta = ERROR_META.pack(len(c), len(m)) + c + m
     return HEADER.pack(MAGIC, KIND_ERROR, FLAG_CLOSE if close else 0, status, 0, 0, len(meta), 0, 0) + meta
+
+
+def error_frame_of(exc: BaseException, close: bool = False) -> bytes:
+    """The error reply for `exc`: status, code and message as `api.error_body` maps them."""
+    status, doc = error_body(exc)
+    return error_frame(status, doc["error"]["code"], doc["error"]["message"], close)
 
 
 def parse_error_meta(meta: bytes) -> tuple[str, str]:

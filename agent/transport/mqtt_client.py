@@ -267,7 +267,9 @@ class MqttTransport:
 
     def _attempt_failed(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
-        self._link_down(f"cannot connect: {error}" if error else "cannot connect", False)
+        why = f"cannot connect: {error}" if error else "cannot connect"
+        self._last_refusal = why  # what `connect` says when it gives up waiting
+        self._link_down(why, False)
 
     def _link_down(self, reason: str, was_connected: bool) -> None:
         if self._closing.is_set():

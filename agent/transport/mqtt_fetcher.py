@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from tuf.api.exceptions import (
@@ -42,9 +42,6 @@ from tuf.api.exceptions import (
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.contract.protocol import (
-    DEFAULT_CHUNK_SIZE,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
     ChunkHeader,
     ObjectRequest,
     Topics,
@@ -52,26 +49,13 @@ from agent.contract.protocol import (
     encode_request,
     validate_object_path,
 )
-from agent.contract.strict import Meta, StrictStruct
 from agent.errors import MessageError, TransportError
 from agent.logs import log_event
 from agent.transport import Message, Transport
+from agent.transport.fetcher_config import FetcherConfig
 
 logger = logging.getLogger(__name__)
 _READ_BLOCK = 64 * 1024
-
-
-class FetcherConfig(StrictStruct, frozen=True, kw_only=True):
-    """Chunking, flow control and limits of the MQTT fetcher (sizes in bytes, times in seconds)."""
-
-    chunk_size: Annotated[int, Meta(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)] = DEFAULT_CHUNK_SIZE
-    window: Annotated[int, Meta(ge=1, le=64)] = 4
-    chunk_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
-    chunk_retries: Annotated[int, Meta(ge=0, le=100)] = 5
-    busy_backoff_s: Annotated[float, Meta(ge=0, le=60)] = 0.2
-    reconnect_wait_s: Annotated[float, Meta(ge=0, le=3600)] = 60.0
-    max_object_bytes: Annotated[int, Meta(ge=1, le=2**40)] = 512 * 1024 * 1024
-    fsync_every_chunks: Annotated[int, Meta(ge=1, le=10_000)] = 32
 
 
 @dataclass

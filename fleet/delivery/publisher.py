@@ -119,6 +119,8 @@ class Publisher:
         settings: PublisherSettings | None = None,
     ) -> None:
         self.transport: Transport = MqttTransport(mqtt) if isinstance(mqtt, MqttConfig) else mqtt
+        cfg = self.transport.config if isinstance(self.transport, MqttTransport) else None
+        self._broker = f"{cfg.host}:{cfg.port}" if cfg is not None else "(an injected transport)"
         try:
             self.topics = Topics(prefix)
         except MisuseError as exc:
@@ -153,6 +155,7 @@ class Publisher:
             t = threading.Thread(target=self._work, name=f"publisher-{i}", daemon=True)
             t.start()
             self._workers.append(t)
+        log_event(logger, "publisher.connecting", broker=self._broker, timeout_s=timeout)
         try:
             self.transport.connect(timeout)
         except EdgefleetError as exc:

@@ -15,7 +15,8 @@ from agent.errors import FetchTimeoutError, MisuseError
 from agent.transport import Message
 from agent.transport.mqtt_config import MqttConfig
 from simulators.broker import ManagedBroker
-from simulators.swarm_loop import SwarmLoop, backoff_delay, raise_nofile_limit
+from simulators.swarm_loop import SwarmLoop, backoff_delay
+from simulators.swarm_worker import raise_nofile_limit
 
 
 def _wait(pred: object, timeout: float = 20.0) -> bool:

@@ -24,8 +24,7 @@ from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
 from agent.runtimes.base import LoadedModel
 from agent.serving.api import ApiLimits, PredictorSlot
-from agent.serving.batch_loop import BatchConfig
-from agent.serving.batch_run import batchable
+from agent.serving.batch_run import BatchConfig, batchable
 from agent.serving.efi1 import FRAME, encode_frame
 from agent.serving.unix_server import UnixInferenceServer
 from agent.telemetry.feedback import PredictionLog

@@ -20,7 +20,7 @@ from agent.errors import InputValidationError, RequestTooLargeError
 from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
 from agent.serving.api import ApiLimits, PredictorSlot
-from agent.serving.batch_loop import BatchConfig
+from agent.serving.batch_run import BatchConfig
 from agent.serving.client import UnixInferenceClient
 from agent.serving.model_holder import ModelHolder
 from agent.serving.shm_layout import supported as shm_supported

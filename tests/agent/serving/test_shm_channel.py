@@ -27,7 +27,7 @@ from agent.inference_client import InferenceClient
 from agent.runtimes import load_model
 from agent.serving import shm_layout, wire
 from agent.serving.api import ApiLimits, PredictorSlot
-from agent.serving.batch_loop import BatchConfig
+from agent.serving.batch_run import BatchConfig
 from agent.serving.efi1 import encode_frame
 from agent.serving.shm_client import ShmLink
 from agent.serving.shm_layout import Geometry, write_parts

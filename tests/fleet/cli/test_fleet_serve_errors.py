@@ -37,4 +37,6 @@ def test_an_unreachable_broker_is_one_line(tmp_path: Path) -> None:
     out = _serve(tmp_path, "--port", str(free_port()), "--broker", "mqtt://127.0.0.1:1")
     assert out.returncode == 1
     assert "Error: publisher cannot reach the broker" in out.stderr
+    assert "Connection refused" in out.stderr  # why, not only that it gave up
+    assert "publisher.connecting" in out.stderr  # said at once, before the wait
     assert "Traceback" not in out.stderr + out.stdout

@@ -18,7 +18,8 @@ from agent.transport.mqtt_client import MqttTransport
 from agent.transport.mqtt_config import MqttConfig
 from fleet.access.auth import create_api_key
 from fleet.api import create_app
-from fleet.components import TimestampRefresher, broker_config, ensure_trust
+from fleet.components import broker_config, ensure_trust
+from fleet.delivery.timestamp_refresher import TimestampRefresher
 from fleet.errors import FleetInputError
 from fleet.settings import FleetSettings
 from fleet.store import Store
