@@ -1,4 +1,5 @@
-"""What the serving tests share: a short socket directory, the MLP on disk, and the EFB1
+"""What the serving tests share: a short socket directory, the MLP on disk (and its manifest with
+a reference profile, plain or as a 4-class classifier, for telemetry), and the EFB1
 frame spoken with nothing but `socket` and `struct` (the layout as docs/inference-api.md
 states it, so a test that uses these checks the documentation too)."""
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.contract.manifest import Manifest
+from agent.contract.manifest import FeatureProfile, Manifest, PerformanceSpec, ReferenceProfile
 from simulators.models import make_mlp_onnx, mlp_manifest
 
 # magic, kind, flags, status, n_arrays, reserved, meta_len, desc_len, payload_len
@@ -37,6 +38,25 @@ def mlp_file(d: Path, seed: int = 0, version: str = "1.0.0") -> tuple[Path, Mani
     path = d / f"m-{seed}-{version}.onnx"
     path.write_bytes(data)
     return path, mlp_manifest(data, version=version)
+
+
+def profiled_mlp_manifest(version: str) -> Manifest:
+    """The MLP's manifest with a reference profile of 32 numeric features and 4 outputs."""
+    num = {"kind": "numeric", "edges": [-2.0, 0.0, 2.0]}
+    profile = ReferenceProfile(
+        input_name="x",
+        features=[FeatureProfile(name=f"f{i}", **num) for i in range(32)],  # type: ignore[arg-type]
+        outputs=[FeatureProfile(name=f"logits_{i}", **num) for i in range(4)],  # type: ignore[arg-type]
+    )
+    return mlp_manifest(make_mlp_onnx(0), version=version).model_copy(update={"reference_profile": profile})
+
+
+def classifier_mlp_manifest(version: str) -> Manifest:
+    """`profiled_mlp_manifest` as a 4-class classifier scored by its logits (labels tracked)."""
+    m = profiled_mlp_manifest(version)
+    profile = m.reference_profile.model_copy(
+        update={"performance": PerformanceSpec(task="classification", classes=4, scores="logits")})
+    return m.model_copy(update={"reference_profile": profile})
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:

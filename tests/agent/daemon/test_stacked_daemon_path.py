@@ -22,8 +22,7 @@ from agent.serving.shm_server import ShmConfig
 from agent.serving.unix_server import UnixInferenceServer
 from agent.telemetry.queue import ReportQueue
 from simulators.models import mlp_reference, mlp_weights
-from tests.agent.daemon.test_tap_batching import _classifier
-from tests.support.serving_wire import mlp_file, socket_dir
+from tests.support.serving_wire import classifier_mlp_manifest, mlp_file, socket_dir
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not shm_layout.supported(), reason="shared memory is x86-64 Linux only")]
@@ -34,7 +33,7 @@ CLIENTS, CALLS = 6, 40
 def test_stacked_requests_on_the_daemons_path_keep_their_ids_labels_and_counts() -> None:
     with socket_dir("ef-stk-") as d:
         path, _ = mlp_file(d)
-        manifest = _classifier("1.0.0")
+        manifest = classifier_mlp_manifest("1.0.0")
         catalog, holder = ModelCatalog(threads=1), ModelHolder()
         holder.swap(catalog.load(path, manifest, 1), manifest.bundle_id, keep_previous=False)
         queue = ReportQueue(d / "t.sqlite")

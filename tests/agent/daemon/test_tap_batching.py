@@ -12,25 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.manifest import FeatureProfile, Manifest, ReferenceProfile
 from agent.contract.telemetry import TelemetryReport
 from agent.contract.telemetry_codec import decode_report
 from agent.daemon.serving import FOLD_BATCH_ROWS, ModelCatalog, TelemetryTap
 from agent.telemetry.queue import ReportQueue
 from agent.telemetry.sketch import TelemetrySketch
-from simulators.models import make_mlp_onnx, mlp_manifest
+from simulators.models import make_mlp_onnx
+from tests.support.serving_wire import classifier_mlp_manifest, profiled_mlp_manifest
 
 pytestmark = pytest.mark.integration
-
-
-def _manifest(version: str) -> Manifest:
-    num = {"kind": "numeric", "edges": [-2.0, 0.0, 2.0]}
-    profile = ReferenceProfile(
-        input_name="x",
-        features=[FeatureProfile(name=f"f{i}", **num) for i in range(32)],  # type: ignore[arg-type]
-        outputs=[FeatureProfile(name=f"logits_{i}", **num) for i in range(4)],  # type: ignore[arg-type]
-    )
-    return mlp_manifest(make_mlp_onnx(0), version=version).model_copy(update={"reference_profile": profile})
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def _same(a: TelemetryReport, b: TelemetryReport) -> None:
 
 
 def test_batched_folding_reports_what_per_request_folding_would(workdir: Path) -> None:
-    m1, m2 = _manifest("1.0.0"), _manifest("2.0.0")
+    m1, m2 = profiled_mlp_manifest("1.0.0"), profiled_mlp_manifest("2.0.0")
     catalog = ModelCatalog(threads=1)
     catalog.manifests = {m1.bundle_id: m1, m2.bundle_id: m2}
     queue = ReportQueue(workdir / "t.sqlite")
@@ -91,7 +81,7 @@ def test_batched_folding_reports_what_per_request_folding_would(workdir: Path) -
 def test_a_micro_batch_counts_as_its_requests(workdir: Path) -> None:
     """The Unix server's micro-batching folds N stacked requests at once (`calls`): the interval
     counts N requests with the batch's latency each, as N separate folds would."""
-    m1 = _manifest("1.0.0")
+    m1 = profiled_mlp_manifest("1.0.0")
     catalog = ModelCatalog(threads=1)
     catalog.manifests = {m1.bundle_id: m1}
     queue = ReportQueue(workdir / "t.sqlite")
@@ -125,7 +115,7 @@ def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdi
     x = np.zeros((1, 32), np.float32)
     with pytest.raises(NoModelLoadedError, match="no verified model"):
         served.predict_served({"x": x})
-    m1, m2 = _manifest("1.0.0"), _manifest("2.0.0")
+    m1, m2 = profiled_mlp_manifest("1.0.0"), profiled_mlp_manifest("2.0.0")
     holder.swap(catalog.load(workdir / "m.onnx", m1, 1), m1.bundle_id, keep_previous=False)
     info = served.predict_served({"x": x})[1]
     assert info["bundle_id"] == m1.bundle_id and info["version"] == "1.0.0"
@@ -148,22 +138,13 @@ def test_served_requests_report_the_bundle_that_served_them_across_a_swap(workdi
     assert [(r.version, r.requests) for r in _reports(queue)] == [("1.0.0", 3), ("2.0.0", 1)]
 
 
-def _classifier(version: str) -> Manifest:
-    from agent.contract.manifest import PerformanceSpec
-
-    m = _manifest(version)
-    profile = m.reference_profile.model_copy(
-        update={"performance": PerformanceSpec(task="classification", classes=4, scores="logits")})
-    return m.model_copy(update={"reference_profile": profile})
-
-
 def test_ids_issued_with_the_telemetry_match_their_own_predictions_before_and_after_a_fold(
         workdir: Path) -> None:
     """`served` hands out ids at once and stores what they predicted only with the batch: a
     label sent before the batch is folded, after it, or for rows batched beside rows without
     ids (`fold`) must still meet its own prediction; an id looked up in the log before it is
     stored is expired, never somebody else's row."""
-    m = _classifier("1.0.0")
+    m = classifier_mlp_manifest("1.0.0")
     catalog = ModelCatalog(threads=1)
     catalog.manifests = {m.bundle_id: m}
     tap = TelemetryTap(ReportQueue(workdir / "t.sqlite"), catalog, "dev", "c")
