@@ -91,16 +91,17 @@ def groups(pending: list[Request], stack: bool, max_rows: int) -> list[list[Requ
     return out
 
 
+@dataclass(slots=True)
 class Outcome:
     """What one request of a batch got: its rows of the outputs with the model and its first
     prediction id and their count ("", 0 without ids), or the error that refused it."""
 
-    __slots__ = ("count", "error", "first", "model", "outputs", "request")
-
-    def __init__(self, request: Request, outputs: dict[str, np.ndarray] | None, model: dict[str, str],
-                 first: str = "", count: int = 0, error: BaseException | None = None) -> None:
-        self.request, self.outputs, self.model = request, outputs, model
-        self.first, self.count, self.error = first, count, error
+    request: Request
+    outputs: dict[str, np.ndarray] | None
+    model: dict[str, str]
+    first: str = ""
+    count: int = 0
+    error: BaseException | None = None
 
 
 def outcomes(
@@ -130,18 +131,13 @@ def run(
 ) -> tuple[list[Reply], int, int]:
     """`outcomes`, each as its reply (a result or an error frame) in `sendmsg` parts."""
     done, batches, batched = outcomes(service, pending, max_rows)
-    return [reply(o, templates) for o in done], batches, batched
+    return [_reply(o, templates) for o in done], batches, batched
 
 
 def _run_stacked(service: InferenceService, target: Predictor, group: list[Request],
                  done: list[Outcome]) -> bool:
     """One run for the whole group; False (nothing added) when it must be re-run one by one."""
-    first = group[0].arrays
-    if len(first) == 1:  # the common case: one input tensor
-        name = next(iter(first))
-        stacked = {name: np.concatenate([r.arrays[name] for r in group])}
-    else:
-        stacked = {n: np.concatenate([r.arrays[n] for r in group]) for n in first}
+    stacked = {n: np.concatenate([r.arrays[n] for r in group]) for n in group[0].arrays}
     total = sum(r.rows for r in group)
     try:
         outputs, model, ids = service.run_on(target, stacked, len(group))
@@ -166,7 +162,7 @@ def _run_one(service: InferenceService, target: Predictor, r: Request) -> Outcom
     return Outcome(r, outputs, model, ids[0] if ids else "", len(ids) if ids else 0)
 
 
-def reply(o: Outcome, templates: wire.ReplyTemplates) -> Reply:
+def _reply(o: Outcome, templates: wire.ReplyTemplates) -> Reply:
     """The outcome as `sendmsg` parts and their total size (an error frame for an error)."""
     if o.outputs is None:
         return _error(o.request, o.error or RuntimeError("no outputs"))
