@@ -105,8 +105,11 @@ class Topics:
             raise MisuseError("no device id given and Topics has none")
         return validate_id(dev)
 
+    def _device_leaf(self, leaf: str, device_id: str | None) -> str:
+        return f"{self.root}/devices/{self._dev(device_id)}/{leaf}"
+
     def desired(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/desired"
+        return self._device_leaf("desired", device_id)
 
     def cohort_desired(self, cohort: str) -> str:
         return f"{self.root}/cohorts/{validate_id(cohort, 'cohort')}/desired"
@@ -120,29 +123,32 @@ class Topics:
         return f"{self.root}/repo/requests/{self._dev(device_id)}"
 
     def responses(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/responses"
+        return self._device_leaf("responses", device_id)
 
     def reported(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/reported"
+        return self._device_leaf("reported", device_id)
 
     def events(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/events"
+        return self._device_leaf("events", device_id)
 
     def telemetry(self, device_id: str | None = None) -> str:
-        return f"{self.root}/devices/{self._dev(device_id)}/telemetry"
+        return self._device_leaf("telemetry", device_id)
 
     def dataset(self, device_id: str | None = None) -> str:
         """Chunks of a sample collected under a signed policy (`agent.contract.collect`)."""
-        return f"{self.root}/devices/{self._dev(device_id)}/dataset"
+        return self._device_leaf("dataset", device_id)
 
     # --- fleet-side wildcard filters ---------------------------------------------------
     def all_requests(self, share_group: str | None = None) -> str:
         """`.../repo/requests/+`, as `$share/<group>/...` when several publishers split the load."""
-        flt = f"{self.root}/repo/requests/+"
-        return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
+        return _shared(f"{self.root}/repo/requests/+", share_group)
 
     def all_devices(self, leaf: Literal["reported", "events", "telemetry", "dataset"],
                     share_group: str | None = None) -> str:
         """`.../devices/+/<leaf>`, as `$share/<group>/...` when several ingest workers split the load."""
-        flt = f"{self.root}/devices/+/{leaf}"
-        return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt
+        return _shared(f"{self.root}/devices/+/{leaf}", share_group)
+
+
+def _shared(flt: str, share_group: str | None) -> str:
+    """`flt` as a shared subscription of `share_group` (the broker splits its messages)."""
+    return f"$share/{validate_id(share_group, 'share group')}/{flt}" if share_group else flt

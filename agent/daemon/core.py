@@ -234,7 +234,7 @@ class AgentDaemon:
         if rep.bundle_id is None or rep.offered == 0:
             return
         self.uplink.event("shadow_report", bundle_id=rep.bundle_id, previous_bundle_id=self.holder.bundle_id,
-                    measurements=shadow_measurements(rep))
+                          measurements=shadow_measurements(rep))
 
     def _ticker(self) -> None:
         """The ticker thread: `tick()` every `report_interval_s`, from a random phase."""

@@ -95,7 +95,7 @@ class MqttTransport:
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._broker_max_packet: int | None = None
-        self._last_refusal: str = ""
+        self._last_failure: str = ""  # why the last attempt failed (refused, closed, unreachable)
         self.connects = 0  # successful CONNACKs, for tests and metrics
         self.messages_in = 0  # every message delivered by the broker, duplicates included
         self.bytes_in = 0  # their payload bytes
@@ -126,7 +126,7 @@ class MqttTransport:
             self._supervisor.start()
         wait = self.config.connect_timeout_s if timeout is None else timeout
         if not self._connected.wait(wait):
-            why = f" (last refusal: {self._last_refusal})" if self._last_refusal else ""
+            why = f" (last failure: {self._last_failure})" if self._last_failure else ""
             raise TransportError(
                 f"not connected to {self.config.host}:{self.config.port} within {wait:.1f}s{why}"
             )
@@ -204,14 +204,14 @@ class MqttTransport:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
         if rc.is_failure:
-            self._last_refusal = str(rc)
+            self._last_failure = str(rc)
             log_event(
                 logger, "mqtt.refused", level=logging.WARNING, reason=str(rc), client=self.config.client_id
             )
             self._lost.set()
             self._link_down(f"refused by the broker: {rc}", False)
             return
-        self._last_refusal = ""
+        self._last_failure = ""
         self._broker_max_packet = getattr(props, "MaximumPacketSize", None) if props else None
         with self._lock:
             subs = list(self._subs.items())
@@ -252,7 +252,7 @@ class MqttTransport:
             why = f"the broker closed the connection before CONNACK ({rc})"
             if self.config.cert_file is not None:
                 why += ": is the client certificate revoked, expired or from another CA?"
-            self._last_refusal = why
+            self._last_failure = why
             self._link_down(why, False)
 
     def add_on_connect(self, callback: Callable[[bool], None]) -> None:
@@ -268,7 +268,7 @@ class MqttTransport:
     def _attempt_failed(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
         why = f"cannot connect: {error}" if error else "cannot connect"
-        self._last_refusal = why  # what `connect` says when it gives up waiting
+        self._last_failure = why  # what `connect` says when it gives up waiting
         self._link_down(why, False)
 
     def _link_down(self, reason: str, was_connected: bool) -> None:
