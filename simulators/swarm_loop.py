@@ -95,7 +95,7 @@ class LoopTransport(MqttTransport):
         if wait <= 0:
             return
         if not self._connected.wait(wait):
-            why = f" (last failure: {self._last_failure})" if self._last_failure else ""
+            why = f" (last refusal: {self._last_failure})" if self._last_failure else ""
             raise TransportError(
                 f"not connected to {self.config.host}:{self.config.port} within {wait:.1f}s{why}"
             )

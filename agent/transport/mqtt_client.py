@@ -126,7 +126,7 @@ class MqttTransport:
             self._supervisor.start()
         wait = self.config.connect_timeout_s if timeout is None else timeout
         if not self._connected.wait(wait):
-            why = f" (last failure: {self._last_failure})" if self._last_failure else ""
+            why = f" (last refusal: {self._last_failure})" if self._last_failure else ""
             raise TransportError(
                 f"not connected to {self.config.host}:{self.config.port} within {wait:.1f}s{why}"
             )
